@@ -1,0 +1,38 @@
+# Two commands do all set-up on a fresh machine with only Python and pip:
+#   make run   - create .venv, install, start the server on the embedded default model
+#   make test  - create .venv, install with [dev], run the whole suite
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip
+HOST   ?= 127.0.0.1
+PORT   ?= 8000
+
+.PHONY: run test install install-dev bench clean
+
+$(VENV)/.base: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade pip
+	$(PIP) install -q -e .
+	touch $@
+
+# torch is pinned on its own first: a bare `torch` requirement would pull a multi-GB CUDA build.
+$(VENV)/.dev: $(VENV)/.base
+	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q torch --index-url https://download.pytorch.org/whl/cpu
+	$(PIP) install -q -e ".[dev]"
+	touch $@
+
+install: $(VENV)/.base
+install-dev: $(VENV)/.dev
+
+run: $(VENV)/.base
+	$(VENV)/bin/tinker-jax serve --host $(HOST) --port $(PORT)
+
+test: $(VENV)/.dev
+	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
+
+bench: $(VENV)/.dev
+	$(VENV)/bin/tinker-jax bench --suite cpu --out benchmarks/cpu-latest.json
+
+clean:
+	rm -rf $(VENV) build *.egg-info

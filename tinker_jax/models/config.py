@@ -1,0 +1,156 @@
+"""ModelConfig: the one place a Hugging Face `config.json` is read.
+
+Families differ only in data (qkv bias, q/k norm, rope scaling, tied embeddings); the decoder reads these
+fields and never the family name.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Mapping
+
+# HF `architectures` entry -> family. Qwen2.5 checkpoints declare Qwen2ForCausalLM.
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": "llama",
+    "Qwen2ForCausalLM": "qwen2",
+    "Qwen3ForCausalLM": "qwen3",
+}
+
+
+class ConfigError(ValueError):
+    """A config.json that cannot describe a supported model; the message names the file and field."""
+
+
+@dataclass(frozen=True)
+class RopeScaling:
+    """Llama 3 frequency-dependent RoPE scaling (`rope_scaling.rope_type == "llama3"`)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    family: str  # "llama" | "qwen2" | "qwen3": for messages and export, never for behaviour
+    architecture: str  # HF class name, written back on export
+    vocab_size: int  # V
+    d_model: int  # D
+    n_layers: int  # L
+    n_heads: int  # N
+    n_kv_heads: int  # K
+    head_dim: int  # H
+    d_ff: int  # F
+    norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    rope_scaling: RopeScaling | None = None
+    qkv_bias: bool = False  # Qwen2 / attention_bias
+    qk_norm: bool = False  # Qwen3: RMSNorm over head_dim on q and k before RoPE
+    tie_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: int | tuple[int, ...] | None = None
+    # The raw dict, kept for export; excluded from hashing so the config can be static jit data.
+    hf_config: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
+
+    @property
+    def n_params(self) -> int:
+        """Parameter count (base model, no LoRA)."""
+        D, N, K, H, F, V = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff, self.vocab_size
+        attn = D * N * H + 2 * D * K * H + N * H * D + (N * H + 2 * K * H if self.qkv_bias else 0)
+        attn += 2 * H if self.qk_norm else 0
+        block = attn + 3 * D * F + 2 * D
+        return self.n_layers * block + V * D * (1 if self.tie_embeddings else 2) + D
+
+    def with_(self, **changes) -> "ModelConfig":
+        return replace(self, **changes)
+
+
+def _get(d: Mapping[str, Any], key: str, source: str, default: Any = ...) -> Any:
+    if key in d and d[key] is not None:
+        return d[key]
+    if default is ...:
+        raise ConfigError(f"{source}: required field '{key}' is missing")
+    return default
+
+
+def _rope_scaling(d: Mapping[str, Any], source: str) -> RopeScaling | None:
+    rs = d.get("rope_scaling")
+    if not rs:
+        return None
+    kind = rs.get("rope_type", rs.get("type"))
+    if kind in (None, "default"):
+        return None
+    if kind != "llama3":
+        raise ConfigError(f"{source}: rope_scaling type '{kind}' is not supported (supported: llama3)")
+    try:
+        return RopeScaling(
+            factor=float(rs["factor"]),
+            low_freq_factor=float(rs["low_freq_factor"]),
+            high_freq_factor=float(rs["high_freq_factor"]),
+            original_max_position_embeddings=int(rs["original_max_position_embeddings"]),
+        )
+    except KeyError as e:
+        raise ConfigError(f"{source}: rope_scaling is missing field {e}") from None
+
+
+def config_from_hf(d: Mapping[str, Any], source: str = "config.json") -> ModelConfig:
+    """Build a ModelConfig from a HF config dict. `source` names the file in error messages."""
+    if not isinstance(d, Mapping):
+        raise ConfigError(f"{source}: expected a JSON object")
+    archs = d.get("architectures") or []
+    arch = next((a for a in archs if a in SUPPORTED_ARCHITECTURES), None)
+    if arch is None:
+        raise ConfigError(
+            f"{source}: unsupported architecture {archs or d.get('model_type')!r}; "
+            f"supported: {', '.join(sorted(SUPPORTED_ARCHITECTURES))}"
+        )
+    family = SUPPORTED_ARCHITECTURES[arch]
+    d_model = int(_get(d, "hidden_size", source))
+    n_heads = int(_get(d, "num_attention_heads", source))
+    head_dim = int(_get(d, "head_dim", source, d_model // n_heads))
+    if family == "qwen2":
+        qkv_bias = True  # Qwen2/2.5 always carry q/k/v biases (no config flag)
+    else:
+        qkv_bias = bool(d.get("attention_bias", False))
+    if d.get("mlp_bias"):
+        raise ConfigError(f"{source}: mlp_bias=true is not supported")
+    rope_params = d.get("rope_parameters") or {}
+    rope_theta = float(d.get("rope_theta") or rope_params.get("rope_theta") or 10000.0)
+    rope_src = d if d.get("rope_scaling") else {"rope_scaling": rope_params}
+    eos = d.get("eos_token_id")
+    return ModelConfig(
+        family=family,
+        architecture=arch,
+        vocab_size=int(_get(d, "vocab_size", source)),
+        d_model=d_model,
+        n_layers=int(_get(d, "num_hidden_layers", source)),
+        n_heads=n_heads,
+        n_kv_heads=int(_get(d, "num_key_value_heads", source, n_heads)),
+        head_dim=head_dim,
+        d_ff=int(_get(d, "intermediate_size", source)),
+        norm_eps=float(_get(d, "rms_norm_eps", source, 1e-6)),
+        rope_theta=rope_theta,
+        max_position_embeddings=int(_get(d, "max_position_embeddings", source, 4096)),
+        rope_scaling=_rope_scaling(rope_src, source),
+        qkv_bias=qkv_bias,
+        qk_norm=family == "qwen3",
+        tie_embeddings=bool(d.get("tie_word_embeddings", False)),
+        bos_token_id=d.get("bos_token_id"),
+        eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
+        hf_config=dict(d),
+    )
+
+
+def load_config(model_dir: str | Path) -> ModelConfig:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise ConfigError(f"{path}: not found (is '{model_dir}' a Hugging Face model directory?)")
+    try:
+        d = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: malformed JSON ({e})") from None
+    return config_from_hf(d, source=str(path))

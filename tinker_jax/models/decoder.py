@@ -1,0 +1,245 @@
+"""One decoder for Llama 3, Qwen2/2.5 and Qwen3 (Flax NNX). Family differences are ModelConfig fields.
+
+Dimension legend: B batch, T query length, S key/cache length, D d_model, N query heads, K kv heads,
+G = N // K, H head_dim, F d_ff, V vocab, R LoRA rank, L layers.
+
+Layers are stacked: every block parameter has a leading [L] axis and the forward pass is one `lax.scan`,
+so compile time does not grow with depth. Numerics follow transformers: RMSNorm and softmax in fp32,
+RoPE tables in fp32 then cast, logits returned in fp32.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tinker_jax.lora import LoraSpec
+from tinker_jax.models.config import ModelConfig
+
+NEG_INF = -1e30  # finite, so fully masked rows (padding) give a uniform softmax instead of NaN
+
+
+class KVCache(NamedTuple):
+    k: jax.Array  # [L, B, S, K, H]; slot index == absolute position
+    v: jax.Array  # [L, B, S, K, H]
+
+    @staticmethod
+    def init(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
+        shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
+        return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+# ----------------------------------------------------------------------------------------------- layers
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias) (+ LoRA). kernel is [in, out] (HF stores [out, in]); role selects LoRA."""
+
+    def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], role: str, *, rngs: nnx.Rngs,
+                 bias: bool = False, lora: LoraSpec | None = None, param_dtype=jnp.float32,
+                 has_kernel: bool = True):
+        init = nnx.initializers.normal(0.02)
+        # has_kernel=False: an adapter-only projection (LoRA on a tied unembedding, whose base is `embed`).
+        self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), param_dtype), axes=axes) if has_kernel else None
+        self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype), axes=axes[1:]) if bias else None
+        self.role = role
+        self.lora_scale = None
+        if lora is not None and lora.targets(role):
+            # PEFT's init: A ~ kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(in), 1/sqrt(in)), B = 0,
+            # so a fresh adapter is an exact no-op. Adapters stay fp32 whatever the base dtype.
+            bound = 1.0 / math.sqrt(d_in)
+            a = jax.random.uniform(rngs.lora(), (d_in, lora.rank), jnp.float32, -bound, bound)
+            self.lora_a = nnx.LoRAParam(a, axes=(axes[0], None))  # [in, R]
+            self.lora_b = nnx.LoRAParam(jnp.zeros((lora.rank, d_out), jnp.float32), axes=(None, axes[1]))
+            self.lora_scale = lora.scale
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        y = x @ self.kernel[...].astype(x.dtype)
+        if self.bias is not None:
+            y = y + self.bias[...].astype(x.dtype)
+        if self.lora_scale is not None:
+            a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
+            y = y + ((x @ a) @ b) * jnp.asarray(self.lora_scale, x.dtype)
+        return y
+
+
+class RMSNorm(nnx.Module):
+    def __init__(self, dim: int, eps: float, axes: tuple[str], param_dtype=jnp.float32):
+        self.scale = nnx.Param(jnp.ones((dim,), param_dtype), axes=axes)
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:
+        # Upcast to fp32 as transformers does: bf16 variance is too coarse and drifts from the reference.
+        x32 = x.astype(jnp.float32)
+        x32 = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.scale[...].astype(x.dtype) * x32.astype(x.dtype)
+
+
+def rope_inv_freq(cfg: ModelConfig) -> np.ndarray:
+    """[H/2] inverse frequencies, with Llama 3 scaling when configured (as transformers computes them)."""
+    H = cfg.head_dim
+    inv = 1.0 / (cfg.rope_theta ** (np.arange(0, H, 2, dtype=np.int64).astype(np.float32) / H))
+    rs = cfg.rope_scaling
+    if rs is None:
+        return inv.astype(np.float32)
+    low_wl = rs.original_max_position_embeddings / rs.low_freq_factor
+    high_wl = rs.original_max_position_embeddings / rs.high_freq_factor
+    wavelen = 2 * math.pi / inv
+    scaled = np.where(wavelen > low_wl, inv / rs.factor, inv)
+    smooth = (rs.original_max_position_embeddings / wavelen - rs.low_freq_factor) / (
+        rs.high_freq_factor - rs.low_freq_factor)
+    smoothed = (1 - smooth) * scaled / rs.factor + smooth * scaled
+    medium = ~(wavelen < high_wl) & ~(wavelen > low_wl)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
+
+
+def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.Array:
+    """x [B,T,*,H] rotated by positions [B,T] (rotate-half convention, as HF)."""
+    freqs = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq)  # [B,T,H/2]
+    emb = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]  # [B,T,1,H]
+    cos, sin = jnp.cos(emb).astype(x.dtype), jnp.sin(emb).astype(x.dtype)
+    x1, x2 = jnp.split(x, 2, axis=-1)
+    return x * cos + jnp.concatenate([-x2, x1], axis=-1) * sin
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraSpec | None, param_dtype):
+        D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+        kw = dict(rngs=rngs, lora=lora, param_dtype=param_dtype, role="attn")
+        self.q = Linear(D, N * H, ("embed", "heads"), bias=cfg.qkv_bias, **kw)
+        self.k = Linear(D, K * H, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
+        self.v = Linear(D, K * H, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
+        self.o = Linear(N * H, D, ("heads", "embed"), **kw)
+        self.q_norm = RMSNorm(H, cfg.norm_eps, ("head_dim",), param_dtype) if cfg.qk_norm else None
+        self.k_norm = RMSNorm(H, cfg.norm_eps, ("head_dim",), param_dtype) if cfg.qk_norm else None
+        self.shape = (N, K, H)
+
+    def __call__(self, x, positions, mask, inv_freq, cache_kv=None):
+        """x [B,T,D], positions [B,T], mask [B,T,S] bool. cache_kv: (k, v) [B,S,K,H] of this layer."""
+        N, K, H = self.shape
+        B, T, _ = x.shape
+        q = self.q(x).reshape(B, T, N, H)
+        k = self.k(x).reshape(B, T, K, H)
+        v = self.v(x).reshape(B, T, K, H)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if cache_kv is not None:
+            # Write this step's k/v at their absolute positions, row by row, then attend over the cache.
+            write = jax.vmap(lambda c, new, pos: c.at[pos].set(new))
+            k = write(cache_kv[0], k.astype(cache_kv[0].dtype), positions)  # [B,S,K,H]
+            v = write(cache_kv[1], v.astype(cache_kv[1].dtype), positions)
+            cache_kv = (k, v)
+            k, v = k.astype(x.dtype), v.astype(x.dtype)
+        qg = q.reshape(B, T, K, N // K, H)  # GQA: G query heads share one kv head
+        scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k) * (1.0 / math.sqrt(H))
+        scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), NEG_INF)
+        probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
+        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N * H)
+        return self.o(out), cache_kv
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraSpec | None, param_dtype):
+        D, F = cfg.d_model, cfg.d_ff
+        kw = dict(rngs=rngs, lora=lora, param_dtype=param_dtype, role="mlp")
+        self.gate = Linear(D, F, ("embed", "mlp"), **kw)
+        self.up = Linear(D, F, ("embed", "mlp"), **kw)
+        self.down = Linear(F, D, ("mlp", "embed"), **kw)
+
+    def __call__(self, x):
+        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))  # SwiGLU
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraSpec | None, param_dtype):
+        self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, ("embed",), param_dtype)
+        self.attn = Attention(cfg, rngs=rngs, lora=lora, param_dtype=param_dtype)
+        self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, ("embed",), param_dtype)
+        self.mlp = MLP(cfg, rngs=rngs, lora=lora, param_dtype=param_dtype)
+
+    def __call__(self, x, positions, mask, inv_freq, cache_kv=None):
+        h, cache_kv = self.attn(self.attn_norm(x), positions, mask, inv_freq, cache_kv)
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), cache_kv
+
+
+# ---------------------------------------------------------------------------------------------- decoder
+
+
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, lora, param_dtype) -> Block:
+    """A Block whose every variable has a leading [L] axis (one independent init per layer)."""
+    keys = jax.random.split(rngs.params(), cfg.n_layers)
+    lora_keys = jax.random.split(jax.random.key(lora.seed if lora else 0), cfg.n_layers)
+
+    def make(key, lora_key):
+        block = Block(cfg, rngs=nnx.Rngs(params=key, lora=lora_key), lora=lora, param_dtype=param_dtype)
+        return nnx.split(block)[1]
+
+    state = jax.vmap(make)(keys, lora_keys)
+    graphdef = nnx.eval_shape(lambda: nnx.split(
+        Block(cfg, rngs=nnx.Rngs(params=0, lora=0), lora=lora, param_dtype=param_dtype))[0])
+    return nnx.merge(graphdef, state)
+
+
+class Decoder(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraSpec | None = None,
+                 param_dtype=jnp.float32, dtype=jnp.float32):
+        self.cfg = cfg
+        self.dtype = dtype  # compute dtype
+        init = nnx.initializers.normal(0.02)
+        self.embed = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.d_model), param_dtype),
+                               axes=("vocab", "embed"))
+        self.blocks = _stacked_blocks(cfg, rngs, lora, param_dtype)
+        self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, ("embed",), param_dtype)
+        # Tied models still get an unembed Linear when LoRA targets it; its kernel is then unused and the
+        # embedding matrix is the base weight (see `logits`).
+        lm_head = None
+        if not cfg.tie_embeddings or (lora is not None and lora.train_unembed):
+            head_rngs = nnx.Rngs(params=rngs.params(), lora=jax.random.fold_in(jax.random.key(lora.seed), 7)
+                                 if lora else 0)
+            lm_head = Linear(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), "unembed", rngs=head_rngs,
+                             lora=lora, param_dtype=param_dtype, has_kernel=not cfg.tie_embeddings)
+        self.lm_head = lm_head
+
+    def __call__(self, tokens, positions, segment_ids=None, cache: KVCache | None = None):
+        """tokens, positions [B,T] int32 -> hidden [B,T,D] (final-normed), cache."""
+        B, T = tokens.shape
+        x = self.embed[...][tokens].astype(self.dtype)
+        if cache is None:
+            seg = jnp.ones((B, T), jnp.int32) if segment_ids is None else segment_ids
+            idx = jnp.arange(T)
+            causal = idx[:, None] >= idx[None, :]  # [T,S]: packed segments are contiguous
+            mask = causal[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
+        else:
+            slots = jnp.arange(cache.k.shape[2])
+            mask = slots[None, None, :] <= positions[:, :, None]  # [B,T,S]
+        graphdef, state = nnx.split(self.blocks)
+        inv_freq = rope_inv_freq(self.cfg)  # numpy at trace time: a compile-time constant
+
+        def layer(h, xs):
+            layer_state, kv = xs
+            h, kv = nnx.merge(graphdef, layer_state)(h, positions, mask, inv_freq, kv)
+            return h, kv
+
+        kv_in = None if cache is None else (cache.k, cache.v)
+        x, kv_out = jax.lax.scan(layer, x, (state, kv_in))
+        new_cache = None if cache is None else KVCache(*kv_out)
+        return self.final_norm(x), new_cache
+
+    def logits(self, hidden: jax.Array) -> jax.Array:
+        """hidden [B,T,D] -> logits [B,T,V] float32."""
+        head = self.lm_head
+        if self.cfg.tie_embeddings:
+            y = hidden @ self.embed[...].astype(hidden.dtype).T
+            if head is not None and head.lora_scale is not None:
+                a, b = head.lora_a[...].astype(hidden.dtype), head.lora_b[...].astype(hidden.dtype)
+                y = y + ((hidden @ a) @ b) * jnp.asarray(head.lora_scale, hidden.dtype)
+        else:
+            y = head(hidden)
+        return y.astype(jnp.float32)

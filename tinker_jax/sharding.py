@@ -1,0 +1,100 @@
+"""Device mesh and logical-axis rules.
+
+Every parameter names its logical axes at construction (NNX metadata `axes`). A rule table maps logical
+axes to mesh axes; FSDP and tensor parallelism are entries of one table, not separate code paths.
+Stacked layers add leading axes that are never sharded.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping
+
+import jax
+import numpy as np
+from flax import nnx
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axis (or tuple of mesh axes); absent or None means replicated.
+DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),  # activations: rows split over data and fsdp
+    "vocab": "tensor",
+    "embed": "fsdp",
+    "heads": "tensor",
+    "kv_heads": "tensor",
+    "mlp": "tensor",
+    "head_dim": None,
+}
+
+
+@dataclass(frozen=True)
+class MeshConfig:
+    data: int = 1
+    fsdp: int = 1
+    tensor: int = 1
+
+    @property
+    def size(self) -> int:
+        return self.data * self.fsdp * self.tensor
+
+    @staticmethod
+    def from_dict(d: Mapping | None) -> "MeshConfig":
+        d = dict(d or {})
+        unknown = set(d) - set(MESH_AXES)
+        if unknown:
+            raise ValueError(f"mesh: unknown axes {sorted(unknown)}; known: {list(MESH_AXES)}")
+        return MeshConfig(**{k: int(v) for k, v in d.items()})
+
+
+def make_mesh(mc: MeshConfig, devices=None) -> Mesh:
+    devices = list(devices if devices is not None else jax.devices())
+    if mc.size > len(devices):
+        raise ValueError(f"mesh: data*fsdp*tensor = {mc.size} but only {len(devices)} devices are visible")
+    grid = np.array(devices[: mc.size]).reshape(mc.data, mc.fsdp, mc.tensor)
+    return Mesh(grid, MESH_AXES)
+
+
+def spec_for(axes: tuple, shape: tuple[int, ...], mesh: Mesh, rules=DEFAULT_RULES) -> P:
+    """PartitionSpec for an array of `shape` whose trailing dims carry logical `axes`.
+
+    A dim that its mesh axes do not divide stays replicated rather than failing (e.g. 2 kv heads on tp=4).
+    """
+    lead = len(shape) - len(axes)  # stacked [L] (or other leading) dims: never sharded
+    out = [None] * lead
+    used: set[str] = set()
+    for dim, name in zip(shape[lead:], axes):
+        mesh_axes = rules.get(name) if name else None
+        if mesh_axes is None:
+            out.append(None)
+            continue
+        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes)
+        mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
+        n = int(np.prod([mesh.shape[a] for a in mesh_axes])) if mesh_axes else 1
+        if not mesh_axes or dim % n:
+            out.append(None)
+            continue
+        used.update(mesh_axes)
+        out.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    return P(*out)
+
+
+def _is_var(x) -> bool:
+    return isinstance(x, nnx.Variable)
+
+
+def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES):
+    """A pytree of NamedSharding matching an nnx.State (or a pure pytree of Variables)."""
+    def one(v):
+        axes = v.get_metadata().get("axes", ()) if _is_var(v) else ()
+        value = v[...] if _is_var(v) else v
+        return NamedSharding(mesh, spec_for(tuple(axes), tuple(value.shape), mesh, rules))
+
+    return jax.tree.map(one, state, is_leaf=_is_var)
+
+
+def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
+    """Rows over the batch mesh axes, everything else replicated."""
+    b = rules["batch"]
+    return NamedSharding(mesh, P(b, *([None] * (ndim - 1))))
