@@ -1,0 +1,249 @@
+"""The direct, in-process Python API: the official SDK's class and method names over the local engine.
+
+A Tinker script runs here by changing only the line that builds the ServiceClient:
+    service_client = tinker_jax.ServiceClient()          # instead of tinker.ServiceClient()
+Every call returns a future with `.result()` (and that can be awaited); every `*_async` twin is a
+coroutine returning the same future, as in the SDK.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+from pathlib import Path
+from typing import Any, Callable, Generic, Sequence, TypeVar
+
+import numpy as np
+import tinker.types as tt
+
+from tinker_jax.config import EngineConfig
+from tinker_jax.engine import Engine
+
+T = TypeVar("T")
+
+
+class APIFuture(Generic[T]):
+    """A result that is computed in the background: `.result(timeout)`, `await fut`, `.done()`."""
+
+    def __init__(self, fut: cf.Future, post: Callable[[Any], T] | None = None):
+        self._fut, self._post = fut, post
+
+    def result(self, timeout: float | None = None) -> T:
+        value = self._fut.result(timeout)
+        return self._post(value) if self._post else value
+
+    def done(self) -> bool:
+        return self._fut.done()
+
+    def __await__(self):
+        value = yield from asyncio.wrap_future(self._fut).__await__()
+        return self._post(value) if self._post else value
+
+
+def _done(value) -> APIFuture:
+    f: cf.Future = cf.Future()
+    f.set_result(value)
+    return APIFuture(f)
+
+
+async def _aio(fut: APIFuture) -> APIFuture:
+    return fut
+
+
+class ServiceClient:
+    """In-process counterpart of `tinker.ServiceClient`.
+
+    data_dir: where checkpoints and the run registry live (default: per-user, see config.default_data_dir).
+    config: a YAML file from configs/ (models, mesh, dtype, sampler), or an EngineConfig.
+    """
+
+    def __init__(self, data_dir: str | Path | None = None, config: str | Path | EngineConfig | None = None,
+                 engine: Engine | None = None):
+        if engine is None:
+            cfg = config if isinstance(config, EngineConfig) else EngineConfig.load(config)
+            if data_dir is not None:
+                from dataclasses import replace
+
+                cfg = replace(cfg, data_dir=Path(data_dir))
+            engine = Engine(cfg)
+        self.engine = engine
+
+    def get_server_capabilities(self) -> tt.GetServerCapabilitiesResponse:
+        return tt.GetServerCapabilitiesResponse(
+            supported_models=[{"model_name": m} for m in self.engine.capabilities()])
+
+    async def get_server_capabilities_async(self):
+        return self.get_server_capabilities()
+
+    def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None,
+                                    train_mlp: bool = True, train_attn: bool = True, train_unembed: bool = True,
+                                    user_metadata: dict[str, str] | None = None, optimizer=None) -> "TrainingClient":
+        mid = self.engine.create_model(base_model, rank=rank, seed=seed, train_mlp=train_mlp,
+                                       train_attn=train_attn, train_unembed=train_unembed,
+                                       user_metadata=user_metadata)
+        return TrainingClient(self, mid)
+
+    async def create_lora_training_client_async(self, *args, **kwargs) -> "TrainingClient":
+        return self.create_lora_training_client(*args, **kwargs)
+
+    def create_full_training_client(self, base_model: str, seed: int | None = None) -> "TrainingClient":
+        """Full-parameter fine-tuning (not in the hosted SDK; also reachable via config `full_finetune: true`)."""
+        return TrainingClient(self, self.engine.create_model(base_model, seed=seed, full_finetune=True))
+
+    def create_training_client_from_state(self, path: str, user_metadata=None) -> "TrainingClient":
+        resp = self.engine.create_model_from_state(path, optimizer=False).result()
+        return TrainingClient(self, resp.model_id)
+
+    async def create_training_client_from_state_async(self, path: str, user_metadata=None):
+        return self.create_training_client_from_state(path)
+
+    def create_training_client_from_state_with_optimizer(self, path: str, user_metadata=None) -> "TrainingClient":
+        resp = self.engine.create_model_from_state(path, optimizer=True).result()
+        return TrainingClient(self, resp.model_id)
+
+    async def create_training_client_from_state_with_optimizer_async(self, path: str, user_metadata=None):
+        return self.create_training_client_from_state_with_optimizer(path)
+
+    def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None,
+                               retry_config=None, record_stability_info: bool = False) -> "SamplingClient":
+        return SamplingClient(self, self.engine.create_sampler(model_path=model_path, base_model=base_model))
+
+    async def create_sampling_client_async(self, *args, **kwargs) -> "SamplingClient":
+        return self.create_sampling_client(*args, **kwargs)
+
+    def close(self):
+        self.engine.shutdown()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class TrainingClient:
+    def __init__(self, service: ServiceClient, model_id: str):
+        self.service, self.model_id = service, model_id
+        self.engine = service.engine
+
+    def result(self, timeout=None) -> "TrainingClient":  # the SDK's creation call returns a future-like
+        return self
+
+    def forward(self, data: list[tt.Datum], loss_fn: str, loss_fn_config=None) -> APIFuture[tt.ForwardBackwardOutput]:
+        return APIFuture(self.engine.forward_backward(self.model_id, data, loss_fn, loss_fn_config, True))
+
+    def forward_backward(self, data: list[tt.Datum], loss_fn: str,
+                         loss_fn_config=None) -> APIFuture[tt.ForwardBackwardOutput]:
+        return APIFuture(self.engine.forward_backward(self.model_id, data, loss_fn, loss_fn_config, False))
+
+    def forward_backward_custom(self, data: list[tt.Datum], loss_fn, *, loss_type_input=None
+                                ) -> APIFuture[tt.ForwardBackwardOutput]:
+        """A client-side loss over logprobs, as the SDK does it: a forward pass for logprobs, the user's loss
+        in torch, then cross_entropy with weights = -dLoss/dlogprob (float, possibly negative)."""
+        import torch
+
+        ce_data = [tt.Datum(model_input=d.model_input, loss_fn_inputs={
+            "target_tokens": d.loss_fn_inputs["target_tokens"],
+            "weights": d.loss_fn_inputs.get("weights") or tt.TensorData.from_numpy(
+                np.zeros(np.asarray(d.loss_fn_inputs["target_tokens"].data).shape, np.float32))}) for d in data]
+        fwd = self.forward(ce_data, "cross_entropy").result()
+        logprobs = [torch.tensor(np.asarray(o["logprobs"].data, np.float32).reshape(o["logprobs"].shape),
+                                 requires_grad=True) for o in fwd.loss_fn_outputs]
+        loss, metrics = loss_fn(data, logprobs)
+        loss.backward()
+        weighted = [tt.Datum(model_input=d.model_input, loss_fn_inputs={
+            "target_tokens": d.loss_fn_inputs["target_tokens"],
+            "weights": tt.TensorData.from_numpy(-lp.grad.numpy().astype(np.float32))})
+            for d, lp in zip(data, logprobs)]
+        out = self.forward_backward(weighted, "cross_entropy").result()
+        surrogate = out.metrics.pop("loss:sum")
+        out.metrics.update({**{k: float(v) for k, v in (metrics or {}).items()}, "loss:sum": float(loss),
+                            "surrogate_loss:sum": surrogate})
+        return _done(out)
+
+    def optim_step(self, optim_params: tt.AdamParams | None = None, *,
+                   adam_params: tt.AdamParams | None = None) -> APIFuture[tt.OptimStepResponse]:
+        params = optim_params or adam_params or tt.AdamParams()
+        return APIFuture(self.engine.optim_step(self.model_id, params))
+
+    def save_state(self, name: str, ttl_seconds: int | None = None, overwrite: bool = False,
+                   user_metadata=None) -> APIFuture[tt.SaveWeightsResponse]:
+        return APIFuture(self.engine.save_state(self.model_id, name, ttl_seconds, user_metadata))
+
+    def load_state(self, path: str) -> APIFuture[tt.LoadWeightsResponse]:
+        return APIFuture(self.engine.load_state(self.model_id, path, optimizer=False))
+
+    def load_state_with_optimizer(self, path: str) -> APIFuture[tt.LoadWeightsResponse]:
+        return APIFuture(self.engine.load_state(self.model_id, path, optimizer=True))
+
+    def save_weights_for_sampler(self, name: str, ttl_seconds: int | None = None,
+                                 user_metadata=None) -> APIFuture[tt.SaveWeightsForSamplerResponse]:
+        return APIFuture(self.engine.save_weights_for_sampler(self.model_id, name, ttl_seconds),
+                         lambda r: tt.SaveWeightsForSamplerResponse(path=r[0]))
+
+    def save_weights_and_get_sampling_client(self, name: str | None = None, retry_config=None,
+                                             record_stability_info: bool = False, kind="snapshot") -> "SamplingClient":
+        _, sampler_id = self.engine.save_weights_for_sampler(self.model_id, None).result()
+        return SamplingClient(self.service, sampler_id)
+
+    def create_sampling_client(self, model_path: str, retry_config=None) -> "SamplingClient":
+        return self.service.create_sampling_client(model_path=model_path)
+
+    def get_info(self) -> tt.GetInfoResponse:
+        return self.engine.get_info(self.model_id)
+
+    def get_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        info = self.engine.model(self.model_id).meta
+        return AutoTokenizer.from_pretrained(str(self.engine.tokenizer_path(info["base_model"])))
+
+    # The SDK's async twins: coroutines that return the same future.
+    async def forward_async(self, *a, **k): return self.forward(*a, **k)
+    async def forward_backward_async(self, *a, **k): return self.forward_backward(*a, **k)
+    async def forward_backward_custom_async(self, *a, **k): return self.forward_backward_custom(*a, **k)
+    async def optim_step_async(self, *a, **k): return self.optim_step(*a, **k)
+    async def save_state_async(self, *a, **k): return self.save_state(*a, **k)
+    async def load_state_async(self, *a, **k): return self.load_state(*a, **k)
+    async def load_state_with_optimizer_async(self, *a, **k): return self.load_state_with_optimizer(*a, **k)
+    async def save_weights_for_sampler_async(self, *a, **k): return self.save_weights_for_sampler(*a, **k)
+    async def save_weights_and_get_sampling_client_async(self, *a, **k):
+        return self.save_weights_and_get_sampling_client(*a, **k)
+    async def create_sampling_client_async(self, *a, **k): return self.create_sampling_client(*a, **k)
+    async def get_info_async(self): return self.get_info()
+
+
+class SamplingClient:
+    def __init__(self, service: ServiceClient, sampler_id: str):
+        self.service, self.sampler_id = service, sampler_id
+        self.engine = service.engine
+
+    def result(self, timeout=None) -> "SamplingClient":
+        return self
+
+    def sample(self, prompt: tt.ModelInput, num_samples: int, sampling_params: tt.SamplingParams,
+               include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
+               **unsupported) -> APIFuture[tt.SampleResponse]:
+        used = {k: v for k, v in unsupported.items() if v not in (None, 0, False)}
+        if used:
+            raise ValueError(f"sample: options not supported by tinker_jax yet: {sorted(used)}")
+        return APIFuture(self.engine.sample(self.sampler_id, prompt, num_samples, sampling_params,
+                                            include_prompt_logprobs, topk_prompt_logprobs))
+
+    async def sample_async(self, *a, **k):
+        return self.sample(*a, **k)
+
+    def compute_logprobs(self, prompt: tt.ModelInput) -> APIFuture[Sequence[float | None]]:
+        fut = self.engine.sample(self.sampler_id, prompt, 1, tt.SamplingParams(max_tokens=1), True, 0)
+        return APIFuture(fut, lambda r: r.prompt_logprobs)
+
+    async def compute_logprobs_async(self, prompt):
+        return self.compute_logprobs(prompt)
+
+    def get_base_model(self) -> str:
+        return self.engine.sampler_base_model(self.sampler_id)
+
+    def get_tokenizer(self):
+        from transformers import AutoTokenizer
+
+        return AutoTokenizer.from_pretrained(str(self.engine.tokenizer_path(self.get_base_model())))

@@ -1,0 +1,127 @@
+"""SQLite registry of training runs and checkpoints (the engine's durable state; the server adds its own tables).
+
+Checkpoint files live under `{data_dir}/checkpoints/{run_id}/{kind}/{name}`; this registry holds what is
+needed to list them, find their run's configuration after a restart, and expire them.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sqlite3
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+KINDS = {"weights": "training", "sampler_weights": "sampler"}
+
+
+def check_name(value: str, field: str) -> str:
+    """Names become path components: letters, digits, . _ : - only; no traversal, no absolute paths."""
+    if not isinstance(value, str) or not NAME_RE.match(value) or ".." in value:
+        raise ValueError(f"{field}: invalid name {value!r} (use letters, digits, '.', '_', ':', '-'; "
+                         "at most 128 characters, no '/' or '..')")
+    return value
+
+
+@dataclass(frozen=True)
+class TinkerPath:
+    run_id: str
+    kind: str  # "weights" | "sampler_weights"
+    name: str
+
+    @staticmethod
+    def parse(path: str, field: str = "path") -> "TinkerPath":
+        if not isinstance(path, str) or not path.startswith("tinker://"):
+            raise ValueError(f"{field}: expected 'tinker://<run_id>/<weights|sampler_weights>/<name>', got {path!r}")
+        parts = path[len("tinker://"):].split("/")
+        if len(parts) != 3 or parts[1] not in KINDS:
+            raise ValueError(f"{field}: expected 'tinker://<run_id>/<weights|sampler_weights>/<name>', got {path!r}")
+        return TinkerPath(check_name(parts[0], f"{field} run id"), parts[1], check_name(parts[2], f"{field} name"))
+
+    def __str__(self) -> str:
+        return f"tinker://{self.run_id}/{self.kind}/{self.name}"
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+  run_id TEXT PRIMARY KEY, base_model TEXT NOT NULL, lora_rank INTEGER, train_attn INTEGER, train_mlp INTEGER,
+  train_unembed INTEGER, full_finetune INTEGER NOT NULL DEFAULT 0, seed INTEGER, created REAL NOT NULL,
+  last_request REAL, user_metadata TEXT, owner TEXT);
+CREATE TABLE IF NOT EXISTS checkpoints (
+  run_id TEXT NOT NULL, kind TEXT NOT NULL, name TEXT NOT NULL, created REAL NOT NULL, size_bytes INTEGER,
+  public INTEGER NOT NULL DEFAULT 0, expires REAL, step INTEGER, user_metadata TEXT,
+  PRIMARY KEY (run_id, kind, name));
+"""
+
+
+class Registry:
+    def __init__(self, db_path: str | Path, data_dir: str | Path):
+        self.data_dir = Path(data_dir)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.executescript(_SCHEMA)
+
+    def _q(self, sql: str, args=()):
+        with self._lock:
+            return self._db.execute(sql, args).fetchall()
+
+    def checkpoint_dir(self, p: TinkerPath) -> Path:
+        return self.data_dir / "checkpoints" / p.run_id / p.kind / p.name
+
+    # ---- runs
+    def add_run(self, run_id: str, base_model: str, *, lora_rank, train_attn, train_mlp, train_unembed,
+                full_finetune: bool, seed, user_metadata=None, owner=None):
+        self._q("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (run_id, base_model, lora_rank, int(train_attn), int(train_mlp), int(train_unembed),
+                 int(full_finetune), seed, time.time(), time.time(), json.dumps(user_metadata or {}), owner))
+
+    def touch_run(self, run_id: str):
+        self._q("UPDATE runs SET last_request=? WHERE run_id=?", (time.time(), run_id))
+
+    def get_run(self, run_id: str) -> dict | None:
+        rows = self._q("SELECT * FROM runs WHERE run_id=?", (run_id,))
+        return dict(rows[0]) if rows else None
+
+    def list_runs(self, limit: int = 20, offset: int = 0) -> tuple[list[dict], int]:
+        rows = self._q("SELECT * FROM runs ORDER BY created DESC LIMIT ? OFFSET ?", (limit, offset))
+        total = self._q("SELECT COUNT(*) AS n FROM runs")[0]["n"]
+        return [dict(r) for r in rows], total
+
+    # ---- checkpoints
+    def add_checkpoint(self, p: TinkerPath, *, size_bytes: int, step: int, ttl_seconds=None, user_metadata=None):
+        expires = time.time() + ttl_seconds if ttl_seconds else None
+        self._q("INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?,?,?,?,?,?)",
+                (p.run_id, p.kind, p.name, time.time(), size_bytes, 0, expires, step,
+                 json.dumps(user_metadata or {})))
+
+    def get_checkpoint(self, p: TinkerPath) -> dict | None:
+        rows = self._q("SELECT * FROM checkpoints WHERE run_id=? AND kind=? AND name=?", (p.run_id, p.kind, p.name))
+        return dict(rows[0]) if rows else None
+
+    def list_checkpoints(self, run_id: str | None = None, limit: int = 1000, offset: int = 0) -> list[dict]:
+        if run_id is None:
+            rows = self._q("SELECT * FROM checkpoints ORDER BY created DESC LIMIT ? OFFSET ?", (limit, offset))
+        else:
+            rows = self._q("SELECT * FROM checkpoints WHERE run_id=? ORDER BY created", (run_id,))
+        return [dict(r) for r in rows]
+
+    def delete_checkpoint(self, p: TinkerPath) -> bool:
+        with self._lock:
+            cur = self._db.execute("DELETE FROM checkpoints WHERE run_id=? AND kind=? AND name=?",
+                                   (p.run_id, p.kind, p.name))
+        return cur.rowcount > 0
+
+    def set_checkpoint(self, p: TinkerPath, **fields):
+        for k, v in fields.items():
+            assert k in ("public", "expires")
+            self._q(f"UPDATE checkpoints SET {k}=? WHERE run_id=? AND kind=? AND name=?", (v, p.run_id, p.kind, p.name))
+
+    def expired(self, now: float | None = None) -> list[TinkerPath]:
+        rows = self._q("SELECT run_id, kind, name FROM checkpoints WHERE expires IS NOT NULL AND expires < ?",
+                       (now or time.time(),))
+        return [TinkerPath(r["run_id"], r["kind"], r["name"]) for r in rows]
