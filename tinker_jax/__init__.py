@@ -1,7 +1,14 @@
 """tinker_jax: the Tinker post-training API on JAX, in-process (ServiceClient) or over REST (server/)."""
 
 __version__ = "0.1.0"
-
-from tinker_jax.client import APIFuture, SamplingClient, ServiceClient, TrainingClient  # noqa: E402
-
 __all__ = ["ServiceClient", "TrainingClient", "SamplingClient", "APIFuture", "__version__"]
+
+
+def __getattr__(name):
+    # Lazy: importing the client pulls in JAX and the SDK's types (seconds); the CLI's light commands
+    # (e.g. init-model's argument checks) should not pay for that.
+    if name in __all__:
+        from tinker_jax import client
+
+        return getattr(client, name)
+    raise AttributeError(f"module 'tinker_jax' has no attribute {name!r}")
