@@ -8,13 +8,14 @@ and optim_step back to back; sampling runs on the sampler's own thread. Every me
 
 from __future__ import annotations
 
+import functools
 import itertools
 import logging
 import queue
 import threading
 import uuid
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable
 
@@ -31,7 +32,7 @@ from tinker_jax.lora import LoraSpec
 from tinker_jax.losses import resolve_config
 from tinker_jax.models.config import load_config
 from tinker_jax.models.decoder import Decoder
-from tinker_jax.models.weights import load_decoder
+from tinker_jax.models.weights import init_lora_state, load_decoder
 from tinker_jax.registry import Registry, TinkerPath, check_name
 from tinker_jax.sharding import batch_sharding, make_mesh, state_shardings
 
@@ -70,6 +71,8 @@ class Engine:
         self.data_dir = Path(config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.registry = Registry(self.data_dir / "engine.db", self.data_dir)
+        if config.compile_cache:
+            enable_compile_cache(self.data_dir / "jax_cache")
         self.mesh = make_mesh(config.mesh) if config.mesh.size > 1 else None
         self._bases: dict[str, BaseModel] = {}
         self._models: dict[str, train.TrainState] = {}
@@ -132,10 +135,15 @@ class Engine:
         """A decoder over the shared base arrays, with freshly initialised (seeded) adapters."""
         if lora is None:  # full fine-tuning trains its own fp32 copy of every weight
             return nnx.merge(*nnx.split(base.decoder))  # TrainState.create copies the weights to fp32
+        param_dtype = jax.tree.leaves(nnx.state(base.decoder))[0].dtype
         make = lambda: Decoder(base.cfg, rngs=nnx.Rngs(0), lora=lora, dtype=base.decoder.dtype,
-                               param_dtype=jax.tree.leaves(nnx.state(base.decoder))[0].dtype)
+                               param_dtype=param_dtype)
         graphdef, _, _ = nnx.split(nnx.eval_shape(make), nnx.LoRAParam, ...)
-        lora_state = jax.jit(lambda: nnx.state(make(), nnx.LoRAParam))()
+        if 0 <= lora.seed < 2**31:  # one compiled initialiser per adapter shape; the seed is traced
+            lora_state = _lora_init_fn(base.cfg, replace(lora, seed=0), base.decoder.dtype, param_dtype)(
+                jnp.int32(lora.seed))
+        else:
+            lora_state = init_lora_state(base.cfg, lora, make_param_dtype, base.decoder.dtype)
         if self.mesh is not None:
             lora_state = jax.device_put(lora_state, state_shardings(lora_state, self.mesh))
         return nnx.merge(graphdef, lora_state, nnx.state(base.decoder))
@@ -273,11 +281,12 @@ class Engine:
         trainable = jax.tree.map(jnp.copy, st.trainable)
         return Snapshot(self.base(st.meta["base_model"]), st.graphdef, trainable, st.frozen, path)
 
-    def save_weights_for_sampler(self, model_id: str, name: str | None, ttl_seconds=None) -> Future:
+    def save_weights_for_sampler(self, model_id: str, name: str | None, ttl_seconds=None,
+                                 user_metadata=None) -> Future:
         """Snapshot the weights; with a name also write a sampler checkpoint. -> (path or None, sampler id)."""
         def op():
             st = self.model(model_id)
-            path = str(self._save(model_id, "sampler_weights", name, ttl_seconds)) if name else None
+            path = str(self._save(model_id, "sampler_weights", name, ttl_seconds, user_metadata)) if name else None
             return path, self._register_snapshot(self._snapshot_of(st, path))
         return self.submit(op)
 
@@ -302,6 +311,12 @@ class Engine:
         base = self.base(base_model)
         graphdef, trainable = nnx.split(base.decoder, nnx.Param)
         return self._register_snapshot(Snapshot(base, graphdef, trainable, nnx.State({}), None))
+
+    def release_sampler(self, sampler_id: str) -> None:
+        """Forget a sampler snapshot (its session ended, or the server evicted it); samples already submitted
+        keep their reference and finish."""
+        with self._lock:
+            self._snapshots.pop(sampler_id, None)
 
     def snapshot(self, sampler_id: str) -> Snapshot:
         snap = self._snapshots.get(sampler_id)
@@ -331,6 +346,23 @@ class Engine:
             fut: Future = Future()
             fut.set_exception(e)
             return fut
+
+
+@functools.lru_cache(maxsize=32)
+def _lora_init_fn(cfg, lora: LoraSpec, dtype, param_dtype):
+    """Jitted seed -> fresh adapter state, cached per (model config, LoRA shape): creating another training
+    client (any seed) compiles nothing new, where a fresh jit per client cost a full compile each time."""
+    return jax.jit(lambda seed: nnx.state(Decoder(cfg, rngs=nnx.Rngs(0), lora=replace(lora, seed=seed),
+                                                  dtype=dtype, param_dtype=param_dtype), nnx.LoRAParam))
+
+
+def enable_compile_cache(path: Path) -> None:
+    """Persist compiled XLA programs so a restarted process skips recompiling the same step shapes."""
+    if jax.config.jax_compilation_cache_dir:  # the process (or the user) already chose one
+        return
+    path.mkdir(parents=True, exist_ok=True)
+    jax.config.update("jax_compilation_cache_dir", str(path))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def checkpoint_kind(kind: str) -> str:

@@ -172,10 +172,10 @@ class Block(nnx.Module):
 # ---------------------------------------------------------------------------------------------- decoder
 
 
-def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, lora, param_dtype) -> Block:
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, lora, param_dtype, lora_key) -> Block:
     """A Block whose every variable has a leading [L] axis (one independent init per layer)."""
     keys = jax.random.split(rngs.params(), cfg.n_layers)
-    lora_keys = jax.random.split(jax.random.key(lora.seed if lora else 0), cfg.n_layers)
+    lora_keys = jax.random.split(lora_key, cfg.n_layers)
 
     def make(key, lora_key):
         block = Block(cfg, rngs=nnx.Rngs(params=key, lora=lora_key), lora=lora, param_dtype=param_dtype)
@@ -189,19 +189,23 @@ def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, lora, param_dtype) -> Bloc
 
 class Decoder(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraSpec | None = None,
-                 param_dtype=jnp.float32, dtype=jnp.float32):
+                 param_dtype=jnp.float32, dtype=jnp.float32, lora_key: jax.Array | None = None):
+        # Adapters are initialised from `lora_key`, by default jax.random.key(lora.seed); passing the key
+        # lets one compiled init serve every seed.
+        if lora_key is None:
+            lora_key = jax.random.key(lora.seed if lora else 0)
         self.cfg = cfg
         self.dtype = dtype  # compute dtype
         init = nnx.initializers.normal(0.02)
         self.embed = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.d_model), param_dtype),
                                axes=("vocab", "embed"))
-        self.blocks = _stacked_blocks(cfg, rngs, lora, param_dtype)
+        self.blocks = _stacked_blocks(cfg, rngs, lora, param_dtype, lora_key)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, ("embed",), param_dtype)
         # Tied models still get an unembed Linear when LoRA targets it; its kernel is then unused and the
         # embedding matrix is the base weight (see `logits`).
         lm_head = None
         if not cfg.tie_embeddings or (lora is not None and lora.train_unembed):
-            head_rngs = nnx.Rngs(params=rngs.params(), lora=jax.random.fold_in(jax.random.key(lora.seed), 7)
+            head_rngs = nnx.Rngs(params=rngs.params(), lora=jax.random.fold_in(lora_key, 7)
                                  if lora else 0)
             lm_head = Linear(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), "unembed", rngs=head_rngs,
                              lora=lora, param_dtype=param_dtype, has_kernel=not cfg.tie_embeddings)

@@ -7,8 +7,9 @@ device placement, so the host never holds the whole model.
 
 from __future__ import annotations
 
+import functools
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -138,11 +139,22 @@ def load_decoder(model_dir: str | Path, *, lora: LoraSpec | None = None, dtype=j
     base_state.replace_by_pure_dict(pure)
     if lora is None:
         return nnx.merge(graphdef, base_state, lora_state)
-    # Adapter init is random (seeded); compute only the LoRA leaves (XLA drops the unused base init).
-    lora_values = jax.jit(lambda: nnx.state(make(), nnx.LoRAParam))()
+    lora_values = init_lora_state(cfg, lora, param_dtype, dtype)
     if shardings_fn:
         lora_values = jax.device_put(lora_values, shardings_fn(lora_values))
     return nnx.merge(graphdef, base_state, lora_values)
+
+
+@functools.lru_cache(maxsize=16)
+def _lora_init_fn(cfg: ModelConfig, lora: LoraSpec, param_dtype, dtype):
+    # Compute only the LoRA leaves (XLA drops the unused base init); one compile serves every seed.
+    return jax.jit(lambda key: nnx.state(Decoder(cfg, rngs=nnx.Rngs(0), lora=lora, param_dtype=param_dtype,
+                                                 dtype=dtype, lora_key=key), nnx.LoRAParam))
+
+
+def init_lora_state(cfg: ModelConfig, lora: LoraSpec, param_dtype=jnp.float32, dtype=jnp.float32) -> nnx.State:
+    """Fresh, seeded adapter weights (nnx.LoRAParam state) for `cfg` under `lora`."""
+    return _lora_init_fn(cfg, replace(lora, seed=0), param_dtype, dtype)(jax.random.key(lora.seed))
 
 
 def _set(d: dict, path, value):

@@ -1,0 +1,503 @@
+"""Export a Decoder to Hugging Face formats and read PEFT adapters back.
+
+- `export_merged_hf`: a full HF model directory with LoRA merged into the base weights
+  (W + scale * A @ B, computed in fp32 and cast back to the base dtype).
+- `export_peft_adapter`: a PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
+- `load_peft_adapter` / `lora_spec_from_peft`: the reverse of `export_peft_adapter`
+  (loading a full HF directory is `weights.load_decoder`).
+
+Hugging Face names come only from `weights.HF_TABLE`: a table row whose Decoder path ends in `kernel` is a
+projection; its HF module name is the HF weight name minus `.weight`, and its Decoder module is the path
+minus `kernel`. Adapter layouts: ours `lora_a` [in, R], `lora_b` [R, out] (with a leading [L] on stacked
+layers); PEFT `lora_A.weight` [R, in], `lora_B.weight` [out, R]; both use scale = lora_alpha / r.
+
+Tied embeddings with an unembed LoRA: the logits are `h @ embed.T + scale * (h @ A) @ B`, and the LoRA does
+not touch the input embedding. PEFT represents this faithfully as a LoRA on `lm_head` (whose base weight HF
+ties to `embed_tokens`); PEFT logs a warning about tied weights on load but computes the same logits, as long
+as `ensure_weight_tying` stays false (it is written false here). Caveat (peft 0.21): PEFT's own
+`merge_and_unload()` on such an adapter adds the delta into the *shared* embed/lm_head tensor, corrupting the
+input embeddings; use `export_merged_hf` instead. A merged export cannot stay tied (the output matrix differs
+from the input one), so it is written untied: `tie_word_embeddings: false` plus an explicit `lm_head.weight`.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+import uuid
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors import safe_open
+from safetensors.numpy import save_file
+
+from tinker_jax.lora import ROLES, LoraSpec
+from tinker_jax.models.config import config_from_hf
+from tinker_jax.models.decoder import Decoder
+from tinker_jax.models.weights import HF_TABLE, HFTensor, iter_hf_tensors
+
+__all__ = [
+    "ConvertError",
+    "export_merged_hf",
+    "export_peft_adapter",
+    "load_peft_adapter",
+    "lora_spec_from_peft",
+    "ADAPTER_CONFIG",
+    "ADAPTER_WEIGHTS",
+]
+
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+DEFAULT_MAX_SHARD_BYTES = 2 * 10**9
+_PEFT_PREFIX = "base_model.model."
+_ST_METADATA = {"format": "pt"}  # transformers refuses safetensors files without a known format
+# Files copied from `tokenizer_dir` into a merged export (never weights or config.json).
+_TOKENIZER_FILES = re.compile(
+    r"^(tokenizer.*|special_tokens_map\.json|added_tokens\.json|vocab\.(json|txt)|merges\.txt|"
+    r"chat_template\.(jinja|json)|.*\.tiktoken|spiece\.model|generation_config\.json|preprocessor_config\.json)$")
+
+
+class ConvertError(ValueError):
+    """An adapter or model that cannot be converted faithfully; the message names the file and field."""
+
+
+# --------------------------------------------------------------------------------- projections <-> HF names
+
+
+@dataclass(frozen=True)
+class _Proj:
+    row: HFTensor  # the HF_TABLE row of this projection's kernel
+    module: str  # HF module name (template with "{i}" for per-layer modules)
+    path: tuple[str, ...]  # Decoder module path
+
+    @property
+    def per_layer(self) -> bool:
+        return "{i}" in self.module
+
+    @property
+    def short(self) -> str:  # PEFT target_modules entry, e.g. "q_proj", "lm_head"
+        return self.module.rsplit(".", 1)[-1]
+
+    def names(self, n_layers: int) -> list[str]:
+        return [self.module.format(i=i) for i in range(n_layers)] if self.per_layer else [self.module]
+
+
+def _projections() -> list[_Proj]:
+    out = []
+    for t in HF_TABLE:
+        if t.path[-1] == "kernel":
+            if not t.hf.endswith(".weight"):
+                raise AssertionError(f"HF_TABLE kernel row {t.hf!r} does not end in '.weight'")
+            out.append(_Proj(t, t.hf[: -len(".weight")], t.path[:-1]))
+    return out
+
+
+def _module_at(model: nnx.Module, path: tuple[str, ...]):
+    for k in path:
+        model = getattr(model, k, None)
+        if model is None:
+            return None
+    return model
+
+
+def _adapted(model: Decoder) -> list[tuple[_Proj, Any]]:
+    """The projections of `model` that carry a LoRA adapter, in HF_TABLE order, with their Linear."""
+    out = []
+    for p in _projections():
+        m = _module_at(model, p.path)
+        if m is not None and getattr(m, "lora_scale", None) is not None:
+            out.append((p, m))
+    return out
+
+
+@functools.lru_cache(maxsize=1)
+def _roles() -> dict[str, str]:
+    """HF module template -> LoRA role, read off an abstract Decoder (the roles live in decoder.py)."""
+    cfg = config_from_hf({
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1,
+        "num_attention_heads": 1, "intermediate_size": 8, "tie_word_embeddings": False,
+    }, source="<role probe>")
+    model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), lora=LoraSpec(rank=1)))
+    roles = {}
+    for p in _projections():
+        m = _module_at(model, p.path)
+        if m is not None:
+            roles[p.module] = m.role
+    return roles
+
+
+def _np(x) -> np.ndarray:
+    return np.asarray(jax.device_get(x))
+
+
+def _lora_rank_alpha(adapted) -> tuple[int, float]:
+    ranks = {int(m.lora_a.shape[-1]) for _, m in adapted}
+    scales = {float(m.lora_scale) for _, m in adapted}
+    if len(ranks) != 1 or len(scales) != 1:
+        raise ConvertError(f"model adapters have mixed ranks {sorted(ranks)} / scales {sorted(scales)}")
+    rank, scale = ranks.pop(), scales.pop()
+    return rank, scale * rank
+
+
+# ------------------------------------------------------------------------------------------ file helpers
+
+
+@contextmanager
+def _atomic_dir(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temp dir beside `out_dir`; on success rename it to `out_dir` (replacing it if `overwrite`)."""
+    out = Path(out_dir)
+    empty = out.is_dir() and not any(out.iterdir())
+    if out.exists() and not empty and not overwrite:
+        raise FileExistsError(f"{out}: already exists and is not empty (pass overwrite=True to replace it)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        os.chmod(tmp, 0o755)
+        yield tmp
+        if empty:
+            out.rmdir()
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
+            os.rename(out, old)
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def _write_safetensors(tensors: Iterator[tuple[str, np.ndarray]], out: Path, max_shard_bytes: int) -> None:
+    """HF layout: `model.safetensors`, or `model-0000k-of-0000n.safetensors` + index when over the limit.
+
+    Streams: at most one shard (plus one tensor) is held on the host at a time.
+    """
+    parts: list[tuple[Path, list[str]]] = []
+    cur: dict[str, np.ndarray] = {}
+    cur_bytes = total = 0
+
+    def flush():
+        nonlocal cur, cur_bytes
+        if cur:
+            f = out / f".shard-{len(parts):05d}.safetensors"
+            save_file(cur, str(f), metadata=_ST_METADATA)
+            parts.append((f, list(cur)))
+            cur, cur_bytes = {}, 0
+
+    for name, x in tensors:
+        x = np.ascontiguousarray(x)
+        if cur and cur_bytes + x.nbytes > max_shard_bytes:
+            flush()
+        cur[name] = x
+        cur_bytes += x.nbytes
+        total += x.nbytes
+    flush()
+    if len(parts) == 1:
+        os.rename(parts[0][0], out / "model.safetensors")
+        return
+    weight_map = {}
+    for k, (f, names) in enumerate(parts):
+        final = f"model-{k + 1:05d}-of-{len(parts):05d}.safetensors"
+        os.rename(f, out / final)
+        weight_map.update({n: final for n in names})
+    _write_json(out / "model.safetensors.index.json", {"metadata": {"total_size": total}, "weight_map": weight_map})
+
+
+# ---------------------------------------------------------------------------------------- merged export
+
+
+def _merged_tensors(model: Decoder) -> Iterator[tuple[str, np.ndarray]]:
+    cfg = model.cfg
+    deltas: dict[str, tuple[np.ndarray, np.ndarray, float, bool]] = {}  # weight name -> A, B, scale, transpose
+    tied_head = None  # (HF name, A, B, scale) of an adapter-only unembedding whose base is `embed`
+    for p, m in _adapted(model):
+        a, b = _np(m.lora_a[...]).astype(np.float32), _np(m.lora_b[...]).astype(np.float32)
+        if m.kernel is None:
+            tied_head = (p.row.hf, a, b, float(m.lora_scale))
+            continue
+        if p.per_layer:
+            for i in range(cfg.n_layers):
+                deltas[p.row.hf.format(i=i)] = (a[i], b[i], float(m.lora_scale), p.row.transpose)
+        else:
+            deltas[p.row.hf] = (a, b, float(m.lora_scale), p.row.transpose)
+    embed_name = next(t.hf for t in HF_TABLE if t.path == ("embed",))
+    for name, x in iter_hf_tensors(model):
+        if name in deltas:
+            a, b, scale, transpose = deltas.pop(name)
+            d = scale * (a @ b)  # [in, out]
+            x = (x.astype(np.float32) + (d.T if transpose else d)).astype(x.dtype)
+        yield name, x
+        if name == embed_name and tied_head is not None:
+            head, a, b, scale = tied_head
+            # HF lm_head.weight is [V, D] == embed [V, D]; the delta (A @ B) is [D, V].
+            yield head, (x.astype(np.float32) + scale * (a @ b).T).astype(x.dtype)
+            tied_head = None
+    if deltas or tied_head is not None:
+        missing = sorted(deltas) + ([tied_head[0]] if tied_head else [])
+        raise AssertionError(f"LoRA adapters with no base weight in iter_hf_tensors: {missing}")
+
+
+def export_merged_hf(model: Decoder, out_dir: str | Path, tokenizer_dir: str | Path | None = None, *,
+                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
+    """Write a full HF model directory with every LoRA merged into its base weight; returns `out_dir`.
+
+    Writes config.json (from `model.cfg.hf_config`; `tie_word_embeddings` becomes false when a tied model has
+    an unembed LoRA, with an explicit `lm_head.weight`), model.safetensors (or shards + index above
+    `max_shard_bytes`) and, from `tokenizer_dir`, the tokenizer files and generation_config.json.
+    The directory appears atomically (temp dir + rename).
+    """
+    cfg = model.cfg
+    if cfg.hf_config is None:
+        raise ConvertError("model.cfg.hf_config is None: build the model with load_config/config_from_hf")
+    hf_config = dict(cfg.hf_config)
+    if cfg.tie_embeddings and any(m.kernel is None for _, m in _adapted(model)):
+        hf_config["tie_word_embeddings"] = False
+    dtype = np.dtype(model.embed[...].dtype).name
+    for key in ("torch_dtype", "dtype"):
+        if key in hf_config or (key == "torch_dtype" and "dtype" not in hf_config):
+            hf_config[key] = dtype
+    tok_files = []
+    if tokenizer_dir is not None:
+        tokenizer_dir = Path(tokenizer_dir)
+        if not tokenizer_dir.is_dir():
+            raise FileNotFoundError(f"tokenizer_dir {tokenizer_dir}: not a directory")
+        tok_files = [f for f in sorted(tokenizer_dir.iterdir()) if f.is_file() and _TOKENIZER_FILES.match(f.name)]
+    with _atomic_dir(out_dir, overwrite) as tmp:
+        _write_json(tmp / "config.json", hf_config)
+        for f in tok_files:
+            shutil.copy2(f, tmp / f.name)
+        _write_safetensors(_merged_tensors(model), tmp, max_shard_bytes)
+    return Path(out_dir)
+
+
+# ------------------------------------------------------------------------------------------ PEFT adapter
+
+
+def _peft_key(module: str, which: str) -> str:
+    return f"{_PEFT_PREFIX}{module}.lora_{which}.weight"
+
+
+def _num(x: float) -> int | float:
+    return int(x) if float(x).is_integer() else float(x)
+
+
+def export_peft_adapter(model: Decoder, out_dir: str | Path, base_model_name_or_path: str, *,
+                        overwrite: bool = False) -> Path:
+    """Write a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors, fp32); returns `out_dir`.
+
+    Loadable with `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out_dir)`.
+    """
+    adapted = _adapted(model)
+    if not adapted:
+        raise ConvertError("model has no LoRA adapters (build it with lora=LoraSpec(...))")
+    rank, alpha = _lora_rank_alpha(adapted)
+    n_layers = model.cfg.n_layers
+    tensors: dict[str, np.ndarray] = {}
+    targets: list[str] = []
+    for p, m in adapted:
+        if p.short not in targets:
+            targets.append(p.short)
+        a, b = _np(m.lora_a[...]).astype(np.float32), _np(m.lora_b[...]).astype(np.float32)
+        layers = [(name, a[i], b[i]) for i, name in enumerate(p.names(n_layers))] if p.per_layer else \
+            [(p.module, a, b)]
+        for name, ai, bi in layers:
+            tensors[_peft_key(name, "A")] = np.ascontiguousarray(ai.T)  # [R, in]
+            tensors[_peft_key(name, "B")] = np.ascontiguousarray(bi.T)  # [out, R]
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+        "inference_mode": True,
+        "r": rank,
+        "lora_alpha": _num(alpha),
+        "lora_dropout": 0.0,
+        "target_modules": targets,
+        "exclude_modules": None,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "use_rslora": False,
+        "use_dora": False,
+        "lora_bias": False,
+        "modules_to_save": None,
+        "init_lora_weights": True,
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "rank_pattern": {},
+        "alpha_pattern": {},
+        "trainable_token_indices": None,
+        "layer_replication": None,
+        "target_parameters": None,
+        # true would make PEFT also put an adapter on embed_tokens for a tied lm_head: not our model.
+        "ensure_weight_tying": False,
+    }
+    with _atomic_dir(out_dir, overwrite) as tmp:
+        _write_json(tmp / ADAPTER_CONFIG, config)
+        save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata=_ST_METADATA)
+    return Path(out_dir)
+
+
+_KEY_RE = re.compile(r"^base_model\.model\.(?P<module>.+)\.lora_(?P<which>[AB])(?:\.[A-Za-z0-9_\-]+)?\.weight$")
+
+
+def _read_adapter_config(adapter_dir: Path) -> dict:
+    path = adapter_dir / ADAPTER_CONFIG
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: not found (is '{adapter_dir}' a PEFT adapter directory?)")
+    try:
+        c = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ConvertError(f"{path}: malformed JSON ({e})") from None
+    if c.get("peft_type", "LORA") != "LORA":
+        raise ConvertError(f"{path}: peft_type {c.get('peft_type')!r} is not supported (only LORA)")
+    if not isinstance(c.get("r"), int) or c["r"] <= 0:
+        raise ConvertError(f"{path}: 'r' must be a positive integer, got {c.get('r')!r}")
+    unsupported = {
+        "use_dora": lambda v: bool(v), "lora_bias": lambda v: bool(v), "bias": lambda v: v not in (None, "none"),
+        "modules_to_save": lambda v: bool(v), "rank_pattern": lambda v: bool(v), "alpha_pattern": lambda v: bool(v),
+        "trainable_token_indices": lambda v: bool(v), "layer_replication": lambda v: bool(v),
+        "target_parameters": lambda v: bool(v),
+    }
+    for key, bad in unsupported.items():
+        if key in c and bad(c[key]):
+            raise ConvertError(f"{path}: {key}={c[key]!r} is not supported by tinker_jax LoRA")
+    return c
+
+
+def _adapter_scale(c: dict) -> float:
+    alpha = float(c.get("lora_alpha", 8))
+    return alpha / math.sqrt(c["r"]) if c.get("use_rslora") else alpha / c["r"]
+
+
+def _adapter_modules(adapter_dir: Path) -> tuple[Path, dict[str, dict[str, str]]]:
+    """adapter_model.safetensors -> {HF module name: {"A": key, "B": key}}."""
+    f = adapter_dir / ADAPTER_WEIGHTS
+    if not f.is_file():
+        other = " (adapter_model.bin is not supported: re-save with safe_serialization=True)" \
+            if (adapter_dir / "adapter_model.bin").is_file() else ""
+        raise FileNotFoundError(f"{f}: not found{other}")
+    modules: dict[str, dict[str, str]] = {}
+    with safe_open(str(f), framework="numpy") as h:
+        for key in h.keys():
+            m = _KEY_RE.match(key)
+            if m is None:
+                raise ConvertError(f"{f}: tensor '{key}' is not a LoRA A/B weight (embedding LoRA, DoRA "
+                                   "magnitudes and trainable tokens are not supported)")
+            modules.setdefault(m["module"], {})[m["which"]] = key
+    for mod, ab in modules.items():
+        if set(ab) != {"A", "B"}:
+            raise ConvertError(f"{f}: module '{mod}' has lora_{next(iter(ab))} but no lora_"
+                               f"{'B' if 'A' in ab else 'A'}")
+    return f, modules
+
+
+def _template_of(module: str) -> str:
+    return re.sub(r"(?<=\.)\d+(?=\.)", "{i}", module, count=1)
+
+
+def lora_spec_from_peft(adapter_dir: str | Path, *, seed: int = 0) -> LoraSpec:
+    """The LoraSpec (rank, alpha, roles) a Decoder needs to hold this PEFT adapter.
+
+    tinker_jax adapts whole roles (attn: q/k/v/o, mlp: gate/up/down, unembed: lm_head), so an adapter that
+    covers only part of a role (e.g. PEFT's q_proj/v_proj default) raises ConvertError. rsLoRA
+    (scale alpha/sqrt(r)) is mapped to the equivalent alpha' = alpha*sqrt(r).
+    """
+    adapter_dir = Path(adapter_dir)
+    c = _read_adapter_config(adapter_dir)
+    f, modules = _adapter_modules(adapter_dir)
+    roles = _roles()
+    templates = {_template_of(m) for m in modules}
+    unknown = sorted(t for t in templates if t not in roles)
+    if unknown:
+        raise ConvertError(f"{f}: LoRA on modules tinker_jax cannot adapt: {unknown} "
+                           f"(supported: {sorted(roles)})")
+    on = {role: sorted(t for t in roles if roles[t] == role and t in templates) for role in ROLES}
+    for role in ROLES:
+        want = sorted(t for t in roles if roles[t] == role)
+        if on[role] and on[role] != want:
+            missing = [t.rsplit(".", 1)[-1] for t in want if t not in on[role]]
+            raise ConvertError(f"{f}: adapter covers only part of the '{role}' role (missing {missing}); "
+                               "tinker_jax adapts all projections of a role or none")
+    scale = _adapter_scale(c)
+    return LoraSpec(rank=c["r"], alpha=scale * c["r"], train_attn=bool(on["attn"]), train_mlp=bool(on["mlp"]),
+                    train_unembed=bool(on["unembed"]), seed=seed)
+
+
+def load_peft_adapter(model: Decoder, adapter_dir: str | Path) -> Decoder:
+    """Fill the LoRA params of `model` (built with a matching LoraSpec) from a PEFT adapter; returns `model`.
+
+    The base weights are untouched. Raises ConvertError when the rank, scale, adapted modules or shapes
+    differ; `lora_spec_from_peft(adapter_dir)` gives the spec to build the model with.
+    """
+    adapter_dir = Path(adapter_dir)
+    c = _read_adapter_config(adapter_dir)
+    f, modules = _adapter_modules(adapter_dir)
+    adapted = _adapted(model)
+    if not adapted:
+        raise ConvertError(f"{adapter_dir}: the model has no LoRA adapters; build it with "
+                           "lora=lora_spec_from_peft(adapter_dir)")
+    rank, alpha = _lora_rank_alpha(adapted)
+    hint = "build the model with lora=lora_spec_from_peft(adapter_dir)"
+    if c["r"] != rank:
+        raise ConvertError(f"{f.parent / ADAPTER_CONFIG}: rank mismatch: adapter r={c['r']}, model LoRA rank="
+                           f"{rank}; {hint}")
+    scale = _adapter_scale(c)
+    if not math.isclose(scale, alpha / rank, rel_tol=1e-6):
+        raise ConvertError(f"{f.parent / ADAPTER_CONFIG}: scale mismatch: adapter lora_alpha={c.get('lora_alpha')}"
+                           f"{' (rsLoRA)' if c.get('use_rslora') else ''} gives scale {scale:g}, model scale is "
+                           f"{alpha / rank:g} (alpha {alpha:g}, rank {rank}); {hint}")
+    n_layers = model.cfg.n_layers
+    expected = {name: (p, m, i) for p, m in adapted
+                for i, name in enumerate(p.names(n_layers))}
+    extra = sorted(set(modules) - set(expected))
+    missing = sorted(set(expected) - set(modules))
+    if extra or missing:
+        msg = []
+        if extra:
+            msg.append(f"adapter has LoRA on {_summarise(extra)} which the model does not adapt")
+        if missing:
+            msg.append(f"model adapts {_summarise(missing)} which the adapter lacks")
+        raise ConvertError(f"{f}: target mismatch: {'; '.join(msg)}; {hint}")
+    with safe_open(str(f), framework="numpy") as h:
+        for p, m in adapted:
+            names = p.names(n_layers)
+            a = np.stack([h.get_tensor(modules[n]["A"]).T for n in names])  # [L?, in, R]
+            b = np.stack([h.get_tensor(modules[n]["B"]).T for n in names])  # [L?, R, out]
+            if not p.per_layer:
+                a, b = a[0], b[0]
+            for var, x, which in ((m.lora_a, a, "A"), (m.lora_b, b, "B")):
+                old = var[...]
+                if tuple(x.shape) != tuple(old.shape):
+                    shape = tuple(old.shape[1:] if p.per_layer else old.shape)[::-1]
+                    raise ConvertError(f"{f}: {p.module} lora_{which} has shape {tuple(x.shape[-2:][::-1])}, "
+                                       f"model expects {shape}")
+                new = x.astype(old.dtype)
+                sharding = getattr(old, "sharding", None)
+                var.set_value(jax.device_put(new, sharding) if sharding is not None else jnp.asarray(new))
+    return model
+
+
+def _summarise(names: list[str]) -> str:
+    """Collapse per-layer names: ['model.layers.0.mlp.up_proj', ...] -> 'model.layers.{0,1}.mlp.up_proj'."""
+    groups: dict[str, list[str]] = {}
+    for n in names:
+        m = re.search(r"(?<=\.)(\d+)(?=\.)", n)
+        groups.setdefault(_template_of(n), []).append(m.group(1) if m else "")
+    parts = [t.replace("{i}", "{" + ",".join(ix) + "}") if "{i}" in t else t for t, ix in groups.items()]
+    return ", ".join(parts)
