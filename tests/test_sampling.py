@@ -1,0 +1,389 @@
+"""Sampler tests against transformers on a tiny random Qwen3 (fp32, CPU).
+
+One module-scoped Sampler serves most tests, so the kernels compile once (prefill: one row bucket and one
+length bucket for prompts of <= 17 tokens; decode: a 32-slot view and the full cache).
+"""
+
+from __future__ import annotations
+
+import string
+import time
+from types import SimpleNamespace
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+import transformers
+from flax import nnx
+from tinker import types
+
+from tinker_jax.lora import LoraSpec
+from tinker_jax.models.decoder import Decoder
+from tinker_jax.models.weights import load_decoder
+from tinker_jax.sampling import Sampler, WeightSnapshot, kernels, make_sampler, snapshot_of, split_decoder
+
+EOS = 2
+MAX_SEQ = 64
+ROWS = 4
+
+
+class CharTokenizer:
+    """Token i decodes to one or two letters, so stop strings can span token boundaries."""
+
+    def decode(self, ids):
+        return "".join(string.ascii_lowercase[i % 26] * (1 + i % 2) for i in ids)
+
+
+def P(**kw) -> types.SamplingParams:
+    kw.setdefault("max_tokens", 12)
+    return types.SamplingParams(**kw)
+
+
+@pytest.fixture(scope="module")
+def hf_dir(tmp_path_factory):
+    torch.manual_seed(0)
+    cfg = transformers.Qwen3Config(vocab_size=512, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=16, intermediate_size=96,
+                                   tie_word_embeddings=True, max_position_embeddings=256, eos_token_id=EOS,
+                                   bos_token_id=1)
+    model = transformers.AutoModelForCausalLM.from_config(cfg).float().eval()
+    with torch.no_grad():  # std 0.2 keeps greedy output from collapsing into one repeated token
+        for name, p in model.named_parameters():
+            p.copy_(1 + 0.1 * torch.randn_like(p) if "norm" in name else 0.2 * torch.randn_like(p))
+    path = tmp_path_factory.mktemp("tiny_qwen3")
+    model.save_pretrained(path)
+    return path, model
+
+
+@pytest.fixture(scope="module")
+def hf(hf_dir):
+    return hf_dir[1]
+
+
+@pytest.fixture(scope="module")
+def snap(hf_dir):
+    return snapshot_of(load_decoder(hf_dir[0]), name="base")
+
+
+@pytest.fixture(scope="module")
+def sampler(snap):
+    # decode_lengths=(32,): short requests attend over a 32-slot view of the cache, longer ones over all of it.
+    s = Sampler(snap.cfg, [EOS], max_batch=ROWS, max_seq_len=MAX_SEQ, prefill_lengths=(16,), prefill_batches=(4,),
+                decode_steps=4, decode_lengths=(32,), max_num_samples=8, max_topk_prompt_logprobs=5,
+                tokenizer=CharTokenizer())
+    s.start()
+    yield s
+    s.stop()
+
+
+def prompt_of(seed: int, n: int) -> list[int]:
+    return np.random.default_rng(seed).integers(3, 512, size=n).tolist()
+
+
+def hf_greedy(hf, prompt, max_tokens):
+    out = hf.generate(torch.tensor([prompt]), max_new_tokens=max_tokens, do_sample=False, eos_token_id=EOS,
+                      pad_token_id=0, attention_mask=torch.ones(1, len(prompt), dtype=torch.long))
+    return out[0, len(prompt):].tolist()
+
+
+def hf_logprobs(hf, tokens, temperature=1.0) -> np.ndarray:
+    """[len(tokens), V] log_softmax(logits / T) of a full forward pass; row i predicts tokens[i + 1]."""
+    with torch.no_grad():
+        logits = hf(torch.tensor([tokens])).logits[0].double()
+    return torch.log_softmax(logits / temperature, -1).numpy()
+
+
+def sampled_lps_ref(hf, prompt, seq, temperature=1.0):
+    lp = hf_logprobs(hf, prompt + seq, temperature)
+    return np.array([lp[len(prompt) - 1 + i, t] for i, t in enumerate(seq)])
+
+
+# -------------------------------------------------------------------------------------------- correctness
+
+
+def test_greedy_matches_transformers_generate(sampler, snap, hf):
+    for seed, n, max_tokens in [(0, 5, 16), (1, 1, 10), (2, 17, 20), (3, 9, 7)]:
+        prompt = prompt_of(seed, n)
+        seq = sampler.sample(snap, prompt, P(max_tokens=max_tokens, temperature=0.0)).sequences[0]
+        ref = hf_greedy(hf, prompt, max_tokens)
+        assert seq.tokens == ref, (n, max_tokens)
+        assert seq.stop_reason == ("stop" if ref[-1] == EOS else "length")
+        np.testing.assert_allclose(seq.logprobs, sampled_lps_ref(hf, prompt, ref), atol=1e-4)
+
+
+def test_sampled_logprobs_and_prompt_logprobs_match_forward(sampler, snap, hf):
+    prompt = prompt_of(10, 12)
+    resp = sampler.sample(snap, prompt, P(max_tokens=20, seed=7, stop=[]), include_prompt_logprobs=True,
+                          topk_prompt_logprobs=3)
+    seq = resp.sequences[0]
+    assert len(seq.tokens) == len(seq.logprobs) == 20 and seq.stop_reason == "length"
+    np.testing.assert_allclose(seq.logprobs, sampled_lps_ref(hf, prompt, seq.tokens), atol=1e-4)
+    lp = hf_logprobs(hf, prompt)
+    assert resp.prompt_logprobs[0] is None and len(resp.prompt_logprobs) == len(prompt)
+    np.testing.assert_allclose(resp.prompt_logprobs[1:], [lp[i - 1, prompt[i]] for i in range(1, len(prompt))],
+                               atol=1e-4)
+    topk = resp.topk_prompt_logprobs
+    assert topk[0] is None and len(topk) == len(prompt)
+    for i in range(1, len(prompt)):
+        ref_ids = np.argsort(-lp[i - 1])[:3]
+        assert [t for t, _ in topk[i]] == ref_ids.tolist()
+        np.testing.assert_allclose([v for _, v in topk[i]], lp[i - 1, ref_ids], atol=1e-4)
+    one = sampler.sample(snap, prompt[:1], P(max_tokens=3), include_prompt_logprobs=True, topk_prompt_logprobs=2)
+    assert one.prompt_logprobs == [None] and one.topk_prompt_logprobs == [None]
+    # compute_logprobs == prompt logprobs of a max_tokens=1 request (protocol doc §4.10)
+    assert sampler.compute_logprobs(snap, prompt)[0] is None
+    np.testing.assert_allclose(sampler.compute_logprobs(snap, prompt)[1:], resp.prompt_logprobs[1:], atol=1e-6)
+
+
+def test_temperature_relation(sampler, snap, hf):
+    """Reported logprob = log_softmax(logits / T)[token] (kernels.py docstring); greedy reports T = 1."""
+    prompt = prompt_of(20, 8)
+    for T in (0.7, 1.6):
+        seq = sampler.sample(snap, prompt, P(max_tokens=10, temperature=T, seed=3, stop=[])).sequences[0]
+        np.testing.assert_allclose(seq.logprobs, sampled_lps_ref(hf, prompt, seq.tokens, T), atol=1e-4)
+        assert np.abs(np.array(seq.logprobs) - sampled_lps_ref(hf, prompt, seq.tokens, 1.0)).max() > 1e-2
+    seq = sampler.sample(snap, prompt, P(max_tokens=10, temperature=0.0)).sequences[0]
+    np.testing.assert_allclose(seq.logprobs, sampled_lps_ref(hf, prompt, seq.tokens, 1.0), atol=1e-4)
+
+
+def test_top_k_and_top_p(sampler, snap, hf):
+    prompt = prompt_of(30, 6)
+    greedy = sampler.sample(snap, prompt, P(max_tokens=10, temperature=0.0, stop=[])).sequences[0].tokens
+    assert sampler.sample(snap, prompt, P(max_tokens=10, top_k=1, seed=1, stop=[])).sequences[0].tokens == greedy
+    for params in (P(max_tokens=10, top_k=3, seed=5, stop=[], temperature=1.5),
+                   P(max_tokens=10, top_p=0.3, seed=6, stop=[], temperature=1.5),
+                   P(max_tokens=10, top_k=4, top_p=0.5, seed=7, stop=[], temperature=1.5)):
+        seq = sampler.sample(snap, prompt, params).sequences[0]
+        lp = hf_logprobs(hf, prompt + seq.tokens, params.temperature)
+        for i, tok in enumerate(seq.tokens):
+            row = lp[len(prompt) - 1 + i]
+            order = np.argsort(-row)
+            k = params.top_k if params.top_k > 0 else len(row)
+            kept = order[:k]
+            probs = np.exp(row[kept] - np.logaddexp.reduce(row[kept]))
+            n_p = int(np.sum(np.cumsum(probs) - probs < params.top_p))
+            assert tok in kept[:n_p].tolist(), (params, i)
+
+
+def test_seeds_and_batch_invariance(sampler, snap, hf):
+    prompt = prompt_of(40, 7)
+    params = P(max_tokens=14, seed=1234, stop=[])
+    alone = sampler.sample(snap, prompt, params).sequences[0]
+    assert sampler.sample(snap, prompt, params).sequences[0].tokens == alone.tokens
+    other = sampler.sample(snap, prompt, P(max_tokens=14, seed=99, stop=[])).sequences[0]
+    assert other.tokens != alone.tokens
+    unseeded = [sampler.sample(snap, prompt, P(max_tokens=14, stop=[])).sequences[0].tokens for _ in range(2)]
+    assert unseeded[0] != unseeded[1]
+    # Same request with other traffic in the batch (it lands in another row, next to other params).
+    noise = [sampler.submit(snap, prompt_of(41 + i, 3 + 2 * i), P(max_tokens=5 + 3 * i, temperature=0.5 + i / 4,
+                                                                   top_k=10 * i, seed=i)) for i in range(3)]
+    crowded = sampler.submit(snap, prompt, params)
+    noise += [sampler.submit(snap, prompt_of(50, 4), P(max_tokens=9, top_p=0.8))]
+    seq = crowded.result(timeout=60).sequences[0]
+    assert seq.tokens == alone.tokens
+    np.testing.assert_allclose(seq.logprobs, alone.logprobs, atol=1e-5)
+    for f in noise:
+        f.result(timeout=60)
+
+
+def test_num_samples_share_prefill(sampler, snap, hf):
+    prompt = prompt_of(60, 10)
+    # 6 samples > 4 rows: two wait for free rows holding the prefill result.
+    greedy = sampler.sample(snap, prompt, P(max_tokens=8, temperature=0.0), num_samples=6)
+    ref = hf_greedy(hf, prompt, 8)
+    assert [s.tokens for s in greedy.sequences] == [ref] * 6
+    assert len({s.sequence_id for s in greedy.sequences}) == 6
+    params = P(max_tokens=8, seed=77, stop=[])
+    many = sampler.sample(snap, prompt, params, num_samples=5)
+    assert len({tuple(s.tokens) for s in many.sequences}) > 1
+    # sample j's key is (seed, j, step): sample 0 of a group equals the single sample with that seed
+    assert many.sequences[0].tokens == sampler.sample(snap, prompt, params).sequences[0].tokens
+    for s in many.sequences:
+        np.testing.assert_allclose(s.logprobs, sampled_lps_ref(hf, prompt, s.tokens), atol=1e-4)
+
+
+def test_continuous_batching_interleaves(sampler, snap, hf):
+    before = dict(sampler.stats)
+    jobs = [(prompt_of(70 + i, 2 + (5 * i) % 15), 3 + (7 * i) % 18) for i in range(10)]
+    futs = [sampler.submit(snap, p, P(max_tokens=m, temperature=0.0)) for p, m in jobs]
+    cancelled = sampler.submit(snap, [5, 6], P(max_tokens=30))
+    cancelled.cancel()  # usually still queued; a cancelled request is dropped without disturbing the others
+    for (prompt, max_tokens), fut in zip(jobs, futs):
+        assert fut.result(timeout=120).sequences[0].tokens == hf_greedy(hf, prompt, max_tokens)
+    assert sampler.stats["rows_joined_running_batch"] > before.get("rows_joined_running_batch", 0)
+    assert sampler.stats["max_live_rows"] == ROWS
+
+
+# ------------------------------------------------------------------------------------------- stopping
+
+
+def test_stop_tokens_strings_and_eos(sampler, snap):
+    prompt = prompt_of(80, 6)
+    base = sampler.sample(snap, prompt, P(max_tokens=20, seed=5, stop=[])).sequences[0].tokens
+    # stop token ids: the stop token is the last returned token (protocol doc §2.6)
+    tok = base[6]
+    seq = sampler.sample(snap, prompt, P(max_tokens=20, seed=5, stop=[tok])).sequences[0]
+    assert seq.tokens == base[: base.index(tok) + 1] and seq.stop_reason == "stop"
+    # stop strings, detected while generating: ends at the token that completes the string
+    tk = CharTokenizer()
+    text = tk.decode(base)
+    stop = text[len(tk.decode(base[:8])) - 1:][:3]
+    end = next(j for j in range(len(base)) if stop in tk.decode(base[: j + 1]))
+    seq = sampler.sample(snap, prompt, P(max_tokens=20, seed=5, stop=[stop, "zzzzzz"])).sequences[0]
+    assert seq.tokens == base[: end + 1] and seq.stop_reason == "stop"
+    assert len(seq.logprobs) == len(seq.tokens)
+    seq = sampler.sample(snap, prompt, P(max_tokens=20, seed=5, stop="zzzzzz")).sequences[0]
+    assert seq.tokens == base and seq.stop_reason == "length"
+    # EOS: stops when stop is None; `[]` or an explicit stop list replaces it (SDK SamplingParams docstring)
+    eos = base[3]
+    with Sampler(snap.cfg, [eos], max_batch=ROWS, max_seq_len=MAX_SEQ, prefill_lengths=(16,),
+                 prefill_batches=(4,), decode_steps=4, max_num_samples=8, max_topk_prompt_logprobs=5) as s2:
+        seq = s2.sample(snap, prompt, P(max_tokens=20, seed=5)).sequences[0]
+        assert seq.tokens == base[: base.index(eos) + 1] and seq.stop_reason == "stop"
+        assert s2.sample(snap, prompt, P(max_tokens=20, seed=5, stop=[])).sequences[0].tokens == base
+        assert s2.sample(snap, prompt, P(max_tokens=20, seed=5, stop=[7])).sequences[0].tokens[:4] == base[:4]
+        with pytest.raises(ValueError, match="^stop: stop strings need a tokenizer"):
+            s2.sample(snap, prompt, P(stop=["ab"]))
+
+
+# ------------------------------------------------------------------------------- snapshots and compiles
+
+
+def _cache_sizes():
+    return kernels.decode._cache_size(), kernels.prefill._cache_size(), kernels.insert_rows._cache_size()
+
+
+def test_no_recompile_for_new_params_or_weights(sampler, snap, hf):
+    prompt = prompt_of(90, 9)
+    sampler.sample(snap, prompt, P(max_tokens=5), include_prompt_logprobs=True)
+    sizes = _cache_sizes()
+    for params in (P(max_tokens=3), P(max_tokens=17, temperature=0.3), P(max_tokens=6, top_k=7, top_p=0.9, seed=1),
+                   P(max_tokens=4, temperature=0.0, stop=["ab", "c"]), P(max_tokens=2, stop=[5, 6, 7])):
+        sampler.sample(snap, prompt, params, num_samples=3, include_prompt_logprobs=True, topk_prompt_logprobs=2)
+        sampler.sample(snap, prompt_of(91, 3), params)
+    assert _cache_sizes() == sizes
+    # A new weight snapshot with the same shapes reuses the compiled programs and serves its own weights.
+    bumped = WeightSnapshot(snap.cfg, snap.graphdef, snap.frozen,
+                            jax.tree.map(lambda x: x * 1.05, snap.trainable), name="bumped")
+    a = sampler.sample(snap, prompt, P(max_tokens=8, seed=3, stop=[])).sequences[0]
+    b = sampler.sample(bumped, prompt, P(max_tokens=8, seed=3, stop=[])).sequences[0]
+    assert _cache_sizes() == sizes
+    assert not np.allclose(a.logprobs, b.logprobs)
+
+
+def test_snapshots_alternate_in_one_sampler(sampler, snap):
+    other = WeightSnapshot(snap.cfg, snap.graphdef, snap.frozen,
+                           jax.tree.map(lambda x: x * 0.95, snap.trainable), name="other")
+    jobs = [(s, prompt_of(100 + i, 4 + i), P(max_tokens=6 + i, seed=i, stop=[])) for i, s in
+            enumerate([snap, other, snap, other, other, snap])]
+    solo = [sampler.sample(*j).sequences[0].tokens for j in jobs]
+    futs = [sampler.submit(*j) for j in jobs]
+    assert [f.result(timeout=60).sequences[0].tokens for f in futs] == solo
+
+
+def _lora_snapshot(snap, seed):
+    """A LoRA snapshot over `snap`'s base weights with random adapters, and the same model merged (W + s*A@B)."""
+    lora = LoraSpec(rank=2, train_unembed=False)
+    abstract = nnx.eval_shape(lambda: Decoder(snap.cfg, rngs=nnx.Rngs(0), lora=lora))
+    graphdef, frozen, trainable = split_decoder(abstract)
+    is_var = lambda x: isinstance(x, nnx.Variable)
+    assert all(isinstance(v, nnx.LoRAParam) for v in jax.tree.leaves(trainable, is_leaf=is_var))
+    assert not any(isinstance(v, nnx.LoRAParam) for v in jax.tree.leaves(frozen, is_leaf=is_var))
+    base = nnx.to_pure_dict(snap.trainable)
+    frozen.replace_by_pure_dict(base)
+    rng = np.random.default_rng(seed)
+    adapters = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype), nnx.to_pure_dict(trainable))
+    trainable.replace_by_pure_dict(adapters)
+    merged = jax.tree.map(lambda x: x, base)
+    for group, names in (("attn", "qkvo"), ("mlp", ("gate", "up", "down"))):
+        for n in names:
+            a, b = adapters["blocks"][group][n]["lora_a"], adapters["blocks"][group][n]["lora_b"]
+            merged["blocks"][group][n]["kernel"] = base["blocks"][group][n]["kernel"] + lora.scale * (a @ b)
+    full = jax.tree.map(lambda x: x, snap.trainable)
+    full.replace_by_pure_dict(merged)
+    return (WeightSnapshot(snap.cfg, graphdef, frozen, trainable, name=f"lora{seed}"),
+            WeightSnapshot(snap.cfg, snap.graphdef, snap.frozen, full, name=f"merged{seed}"))
+
+
+def test_lora_snapshot_samples_like_merged_weights(sampler, snap):
+    prompt = prompt_of(110, 8)
+    lora, merged = _lora_snapshot(snap, 0)
+    params = P(max_tokens=10, seed=4, stop=[])
+    a = sampler.sample(lora, prompt, params, include_prompt_logprobs=True)
+    b = sampler.sample(merged, prompt, params, include_prompt_logprobs=True)
+    base = sampler.sample(snap, prompt, params).sequences[0]
+    assert a.sequences[0].tokens == b.sequences[0].tokens != base.tokens
+    np.testing.assert_allclose(a.sequences[0].logprobs, b.sequences[0].logprobs, atol=1e-4)
+    np.testing.assert_allclose(a.prompt_logprobs[1:], b.prompt_logprobs[1:], atol=1e-4)
+    # The next adapter snapshot (same shapes, new values) reuses the compiled programs.
+    sizes = _cache_sizes()
+    lora2, merged2 = _lora_snapshot(snap, 1)
+    c = sampler.sample(lora2, prompt, params).sequences[0]
+    assert _cache_sizes() == sizes
+    assert c.tokens == sampler.sample(merged2, prompt, params).sequences[0].tokens
+
+
+def test_make_sampler_for_engine_objects(hf_dir, snap, hf):
+    """make_sampler(base, config) and a duck-typed snapshot (graphdef/frozen/trainable + base.cfg), as the
+    engine holds them; EOS ids come from config.json + generation_config.json."""
+    base = SimpleNamespace(cfg=snap.cfg, path=hf_dir[0], decoder=snap.model())
+    conf = SimpleNamespace(max_batch=ROWS, max_seq_len=MAX_SEQ, max_num_samples=8)
+    s = make_sampler(base, conf, prefill_lengths=(16,), prefill_batches=(4,), decode_steps=4,
+                     max_topk_prompt_logprobs=5)
+    try:
+        assert s.eos_token_ids == (EOS,)
+        eng_snap = SimpleNamespace(base=base, graphdef=snap.graphdef, trainable=snap.trainable, frozen=snap.frozen)
+        prompt = prompt_of(120, 6)
+        assert s.sample(eng_snap, prompt, P(max_tokens=9, temperature=0.0)).sequences[0].tokens == \
+            hf_greedy(hf, prompt, 9)
+    finally:
+        s.stop()
+
+
+def test_split_decoder_full(snap):
+    graphdef, frozen, trainable = split_decoder(snap.model())
+    assert not jax.tree.leaves(frozen) and len(jax.tree.leaves(trainable)) == len(jax.tree.leaves(snap.trainable))
+
+
+# ------------------------------------------------------------------------------------------- bad input
+
+
+@pytest.mark.parametrize("field, call", [
+    ("prompt_tokens", lambda s, snap: s.sample(snap, [], P())),
+    ("prompt_tokens", lambda s, snap: s.sample(snap, [1] * MAX_SEQ, P(max_tokens=1))),
+    ("prompt_tokens", lambda s, snap: s.sample(snap, [1, 512], P())),
+    ("max_tokens", lambda s, snap: s.sample(snap, [1] * 60, P(max_tokens=5))),
+    ("max_tokens", lambda s, snap: s.sample(snap, [1, 2], P(max_tokens=0))),
+    ("max_tokens", lambda s, snap: s.sample(snap, [1, 2], types.SamplingParams())),
+    ("top_p", lambda s, snap: s.sample(snap, [1, 2], P(top_p=0.0))),
+    ("top_p", lambda s, snap: s.sample(snap, [1, 2], P(top_p=1.5))),
+    ("temperature", lambda s, snap: s.sample(snap, [1, 2], P(temperature=-0.1))),
+    ("num_samples", lambda s, snap: s.sample(snap, [1, 2], P(), num_samples=9)),
+    ("num_samples", lambda s, snap: s.sample(snap, [1, 2], P(), num_samples=0)),
+    ("stop", lambda s, snap: s.sample(snap, [1, 2], P(stop=[600]))),
+    ("stop", lambda s, snap: s.sample(snap, [1, 2], P(stop=[""]))),
+    ("topk_prompt_logprobs", lambda s, snap: s.sample(snap, [1, 2], P(), topk_prompt_logprobs=6)),
+    ("snapshot", lambda s, snap: s.sample(object(), [1, 2], P())),
+])
+def test_bad_input_fails_only_its_request(sampler, snap, field, call):
+    with pytest.raises(ValueError, match=f"^{field}:"):
+        call(sampler, snap)
+    assert sampler.sample(snap, [3, 4, 5], P(max_tokens=2)).sequences[0].stop_reason in ("stop", "length")
+
+
+def test_stop_fails_outstanding_and_refuses_new(snap):
+    s = Sampler(snap.cfg, [EOS], max_batch=ROWS, max_seq_len=MAX_SEQ, prefill_lengths=(16,), prefill_batches=(4,),
+                decode_steps=4, max_num_samples=8, max_topk_prompt_logprobs=5)
+    futs = [s.submit(snap, prompt_of(i, 5), P(max_tokens=40, stop=[])) for i in range(6)]
+    time.sleep(0.2)
+    s.stop(timeout=60)
+    assert not s._thread.is_alive()
+    for f in futs:  # each either finished or was failed; none hangs
+        try:
+            f.result(timeout=1)
+        except RuntimeError as e:
+            assert "stopped" in str(e)
+    with pytest.raises(RuntimeError, match="stopped"):
+        s.submit(snap, [1, 2], P()).result(timeout=1)

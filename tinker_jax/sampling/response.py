@@ -1,0 +1,40 @@
+"""Assemble `tinker.types.SampleResponse` from per-sample results and the prompt's logprobs."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+from tinker import types
+from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
+
+
+def sequence(tokens: Sequence[int], logprobs: Sequence[float], stop_reason: str, sequence_id: str):
+    return types.SampledSequence(
+        stop_reason=stop_reason,
+        sequence_id=sequence_id,
+        tokens_np=np.asarray(tokens, np.int32),
+        logprobs_np=np.asarray(logprobs, np.float32),
+    )
+
+
+def prompt_logprobs_array(target_lp: np.ndarray | None, prompt_len: int) -> np.ndarray:
+    """[P] float32: NaN at position 0 (no context; the client turns it into None), then log p(prompt[i])."""
+    out = np.full((prompt_len,), np.nan, np.float32)
+    if prompt_len > 1:
+        out[1:] = target_lp[: prompt_len - 1]
+    return out
+
+
+def topk_prompt_logprobs(ids: np.ndarray | None, lps: np.ndarray | None, prompt_len: int, k: int) -> TopkLogprobs:
+    """[P,k] matrices; row 0 is the sentinel (token 0, -99999.0), which the client reads as None (§4.9)."""
+    tid = np.zeros((prompt_len, k), np.int32)
+    tlp = np.full((prompt_len, k), MASK_LOGPROB, np.float32)
+    if prompt_len > 1:
+        tid[1:] = ids[: prompt_len - 1, :k]
+        tlp[1:] = lps[: prompt_len - 1, :k]
+    return TopkLogprobs(token_ids=tid, logprobs=tlp)
+
+
+def sample_response(sequences, prompt_lp: np.ndarray | None, topk: TopkLogprobs | None) -> types.SampleResponse:
+    return types.SampleResponse(sequences=list(sequences), prompt_logprobs_np=prompt_lp, topk_prompt_logprobs_np=topk)
