@@ -88,7 +88,7 @@ def state_shardings(state, mesh: Mesh, rules=DEFAULT_RULES):
     """A pytree of NamedSharding matching an nnx.State (or a pure pytree of Variables)."""
     def one(v):
         axes = v.get_metadata().get("axes", ()) if _is_var(v) else ()
-        value = v[...] if _is_var(v) else v
+        value = v.get_value() if _is_var(v) else v  # not v[...]: abstract (ShapeDtypeStruct) values too
         return NamedSharding(mesh, spec_for(tuple(axes), tuple(value.shape), mesh, rules))
 
     return jax.tree.map(one, state, is_leaf=_is_var)

@@ -127,10 +127,11 @@ def load_decoder(model_dir: str | Path, *, lora: LoraSpec | None = None, dtype=j
         parts = []
         for name in names:
             x = shards.read(name)
+            found = tuple(x.shape)  # as stored (HF layout), like the expected shape in the message
             x = x.T if t.transpose else x
             want = target.shape[1:] if per_layer else target.shape
             if tuple(x.shape) != tuple(want):
-                raise WeightsError(f"{model_dir}: tensor '{name}' has shape {tuple(x.shape)}, "
+                raise WeightsError(f"{model_dir}: tensor '{name}' has shape {found}, "
                                    f"expected {tuple(reversed(want)) if t.transpose else tuple(want)}")
             parts.append(x.astype(param_dtype))
         x = jnp.stack(parts) if per_layer else parts[0]
