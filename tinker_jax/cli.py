@@ -43,9 +43,49 @@ def _run_init_model(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- serve --------------------------------------------------------------------------------------------------
+
+def _add_serve_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", action="append", default=[], metavar="PATH_OR_ALIAS",
+                   help="a local Hugging Face model directory or a configured alias; repeat for several "
+                        "(default: the config's models, else the embedded small-qwen3)")
+    p.add_argument("--config", metavar="YAML", help="engine config, e.g. configs/default.yaml")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs a key)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--data-dir", metavar="DIR", help="checkpoints, registry and server state "
+                                                     "(default: $TINKER_JAX_DATA_DIR or ~/.local/share/tinker_jax)")
+    p.add_argument("--api-key", metavar="KEY", help="accepted X-API-Key (tml-...); also $TINKER_JAX_API_KEYS, "
+                                                    "comma separated")
+
+
+def _run_serve(args: argparse.Namespace) -> int:
+    from tinker_jax.serve import serve
+
+    serve(args.model, args.config, args.host, args.port, args.data_dir, args.api_key)
+    return 0
+
+
+# ---- bench --------------------------------------------------------------------------------------------------
+
+def _add_bench_args(p: argparse.ArgumentParser) -> None:
+    from benchmarks.run import add_arguments
+
+    add_arguments(p)
+
+
+def _run_bench(args: argparse.Namespace) -> int:
+    from benchmarks.run import run_from_args
+
+    return run_from_args(args)
+
+
 SUBCOMMANDS: dict[str, Subcommand] = {
     "init-model": Subcommand("write a freshly initialised Hugging Face model directory from a preset",
                              _add_init_model_args, _run_init_model),
+    "serve": Subcommand("serve the Tinker REST API (the official tinker SDK connects to it unchanged)",
+                        _add_serve_args, _run_serve),
+    "bench": Subcommand("benchmark ours against peers (transformers+peft, ...) in one invocation; table + JSON",
+                        _add_bench_args, _run_bench),
 }
 
 

@@ -1,0 +1,33 @@
+"""POST /client/config (mandatory for SDK >= 0.18: a 404 makes ServiceClient fail) and /client/dynamic_config."""
+
+from fastapi import APIRouter
+
+from server.deps import SettingsDep
+from server.settings import ServerSettings
+
+router = APIRouter()
+
+
+def feature_flags(settings: ServerSettings) -> dict[str, bool]:
+    """Only flags whose server side exists are turned on, so a client never takes a path this server lacks."""
+    flags = {
+        "pjwt_auth_enabled": False,
+        "proto_compress_fwdbwd": settings.proto_compress_fwdbwd,
+        "sample_use_retrieve_futures": settings.sample_use_retrieve_futures,
+        "sample_join_sampling_session": settings.sample_join_sampling_session,
+        "custom_loss_server_side": False,
+    }
+    if settings.use_pyqwest_transport is not None:
+        flags["use_pyqwest_transport"] = settings.use_pyqwest_transport
+    return flags
+
+
+@router.post("/client/config")
+async def client_config(settings: SettingsDep) -> dict[str, bool]:
+    return feature_flags(settings)
+
+
+@router.post("/client/dynamic_config")
+async def client_dynamic_config(settings: SettingsDep) -> dict[str, object]:
+    return {"refresh_interval_sec": 300, "sample_cancel_enabled": settings.sample_cancel_enabled,
+            "sample_cancel_max_batch_size": 64}

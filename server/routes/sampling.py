@@ -1,0 +1,147 @@
+"""Sampling: POST /create_sampling_session, GET /samplers/{id}, POST /join_sampling_session, /asample,
+/cancel_future (wire doc §2.6).
+
+A sampling session is `{session_id}:sample:{n}`; it samples a tinker path, a base model, or (ephemeral, from
+save_weights_for_sampler) a training model's weights at the time of the save. `server.samplers` maps it to the
+engine's weight snapshot. asample answers at once with `sample_sequence_ids` (required from SDK 0.26); the
+result is a `tinker.types.SampleResponse`, served as protobuf. Features the engine lacks are refused with a user
+error, never silently ignored (the SDK raises on some of them, §2.6).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter
+from tinker import types
+from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
+
+from server import wire
+from server.access import owned_sampler, owned_session, readable_checkpoint
+from server.deps import EngineDep, FuturesDep, JsonBody, OwnerDep, SamplersDep, StoreDep
+from server.futures import then
+from server.routes._submit import check_base_model, untyped_future
+
+router = APIRouter()
+
+
+@router.post("/create_sampling_session")
+async def create_sampling_session(body: JsonBody, engine: EngineDep, store: StoreDep, samplers: SamplersDep,
+                                  owner: OwnerDep) -> dict[str, Any]:
+    req = wire.parse_request(types.CreateSamplingSessionRequest, body)
+    owned_session(store, req.session_id, owner, live=True)
+    if req.model_path:  # both given: the path wins
+        readable_checkpoint(engine, store, req.model_path, owner, "model_path")
+        info = await asyncio.to_thread(engine.weights_info, req.model_path)
+        base_model, model_path = info["base_model"], req.model_path
+    elif req.base_model:
+        check_base_model(engine, req.base_model)
+        base_model, model_path = req.base_model, None
+    else:
+        raise ValueError("create_sampling_session: give model_path (tinker://...) or base_model")
+    row = store.create_sampling_session(req.session_id, req.sampling_session_seq_id, base_model=base_model,
+                                        model_path=model_path)
+    await samplers.resolve(row)  # build the snapshot now: errors surface here, and the first sample is quick
+    return {"sampling_session_id": row.sampling_session_id, "type": "create_sampling_session"}
+
+
+@router.get("/samplers/{sampler_id}")
+async def get_sampler(sampler_id: str, store: StoreDep, owner: OwnerDep) -> dict[str, Any]:
+    row = owned_sampler(store, sampler_id, owner)
+    return {"sampler_id": row.sampling_session_id, "base_model": row.base_model or "", "model_path": row.model_path}
+
+
+@router.post("/join_sampling_session")
+async def join_sampling_session(body: JsonBody, store: StoreDep, owner: OwnerDep) -> dict[str, Any]:
+    req = wire.parse_request(types.JoinSamplingSessionRequest, body)
+    owned_sampler(store, req.sampling_session_id, owner)
+    return {"client_counter": store.join_sampling_session(req.sampling_session_id), "type": "join_sampling_session"}
+
+
+def _refuse_unsupported(req: types.SampleRequest) -> None:
+    if req.topk_sample_logprobs:
+        raise ValueError("topk_sample_logprobs: per-token top-k of sampled tokens is not supported by this server")
+    if req.target_prompt_logprobs is not None:
+        raise ValueError("target_prompt_logprobs: not supported by this server")
+    if req.prompt_alt_tokens_k:
+        raise ValueError("prompt_alt_tokens_k: not supported by this server")
+
+
+def _last_n_checker(req: types.SampleRequest, prompt_len: int):
+    """prompt_logprobs_last_n (SDK 0.34+): score only the last N prompt tokens; earlier entries are None (NaN on
+    the wire). Computed in full and masked here, which is exactly what the client checks for."""
+    n = req.prompt_logprobs_last_n
+    if n is None:
+        return None
+    if not (req.prompt_logprobs or req.topk_prompt_logprobs):
+        raise ValueError("prompt_logprobs_last_n: applies to prompt logprobs; set prompt_logprobs")
+    if isinstance(n, bool) or not 1 <= n <= prompt_len - 1:
+        raise ValueError(f"prompt_logprobs_last_n: must be between 1 and len(prompt) - 1 = {prompt_len - 1}, "
+                         f"got {n}")
+
+    def mask(resp: types.SampleResponse) -> types.SampleResponse:
+        cut = prompt_len - n
+        lp = None
+        if resp.prompt_logprobs is not None:
+            lp = np.array([np.nan if x is None else x for x in resp.prompt_logprobs], np.float32)
+            lp[:cut] = np.nan
+        topk = resp.topk_prompt_logprobs_np
+        if topk is not None:
+            ids, lps = np.array(topk.token_ids), np.array(topk.logprobs, np.float32)
+            ids[:cut], lps[:cut] = 0, MASK_LOGPROB
+            topk = TopkLogprobs(token_ids=ids, logprobs=lps)
+        elif resp.topk_prompt_logprobs is not None:  # the list form: rows before the suffix become None
+            topk = None
+            rows = [None if i < cut else row for i, row in enumerate(resp.topk_prompt_logprobs)]
+            return types.SampleResponse(sequences=resp.sequences, prompt_logprobs_np=lp,
+                                        prompt_cache_hit_tokens=resp.prompt_cache_hit_tokens,
+                                        _topk_prompt_logprobs_list=rows)
+        return types.SampleResponse(sequences=resp.sequences, prompt_logprobs_np=lp, topk_prompt_logprobs_np=topk,
+                                    prompt_cache_hit_tokens=resp.prompt_cache_hit_tokens)
+
+    return mask
+
+
+@router.post("/asample")
+async def asample(body: JsonBody, engine: EngineDep, store: StoreDep, futures: FuturesDep, samplers: SamplersDep,
+                  owner: OwnerDep) -> dict[str, Any]:
+    req = wire.parse_request(types.SampleRequest, body)
+    if not req.sampling_session_id:
+        raise ValueError("sampling_session_id: required (this server does not serve the pre-0.3 sessionless form)")
+    row = owned_sampler(store, req.sampling_session_id, owner)
+    if isinstance(req.num_samples, bool) or req.num_samples < 1:
+        raise ValueError(f"num_samples: must be >= 1, got {req.num_samples}")
+    seq_id = req.seq_id if req.seq_id is not None else 0
+    sequence_ids = [f"{row.sampling_session_id}:{seq_id}:{i}" for i in range(req.num_samples)]
+    try:
+        engine_id, lost = await samplers.resolve(row), None
+    except ValueError as e:  # an ephemeral sampler whose weights are gone: the future says why
+        engine_id, lost = None, e
+
+    def start():
+        if lost is not None:
+            raise lost
+        _refuse_unsupported(req)
+        prompt_len = req.prompt.length
+        post = _last_n_checker(req, prompt_len)
+        future = engine.sample(engine_id, req.prompt, req.num_samples, req.sampling_params,
+                               include_prompt_logprobs=bool(req.prompt_logprobs),
+                               topk_prompt_logprobs=int(req.topk_prompt_logprobs or 0))
+        return future if post is None else then(future, post)
+
+    # In a thread: the first sample of a base model builds its sampler.
+    request_id, _ = await asyncio.to_thread(
+        futures.submit, "sample", start,
+        idempotency=None if req.seq_id is None else ("sample", row.sampling_session_id, req.seq_id),
+        session_id=row.session_id, sampling_session_id=row.sampling_session_id, seq_id=seq_id)
+    return untyped_future(request_id, sample_sequence_ids=sequence_ids)
+
+
+@router.post("/cancel_future")
+async def cancel_future(body: JsonBody, futures: FuturesDep) -> dict[str, Any]:
+    request_id = body.get("request_id")
+    if not isinstance(request_id, str):
+        raise ValueError("request_id: must be a string")
+    return {"request_id": request_id, "cancelled": futures.cancel(request_id)}

@@ -1,0 +1,119 @@
+"""Sampling sessions (durable, in the store) -> engine sampler snapshots (in memory, one engine's lifetime).
+
+The store remembers what a sampling session samples from (a tinker path, a base model, or a training model's
+weights at the time of an ephemeral save); the engine holds the weight snapshots. This table links the two and
+bounds the memory snapshots take:
+- Path- and base-model-backed sessions are rebuilt from disk on demand, so they survive a server restart and can be
+  evicted freely.
+- An ephemeral session (`save_weights_and_get_sampling_client`) exists only in memory; after a restart or
+  eviction it fails with a message saying so.
+- Each session keeps at most `max_per_session` snapshots (least recently used evicted first): an RL loop makes a
+  new sampler every step and never says when it drops the old one.
+- A named `save_weights_for_sampler` already builds a snapshot; it is parked under its path, so the
+  `create_sampling_client(path)` that usually follows reuses it instead of reloading the checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import logging
+import threading
+from typing import Any
+
+from server.store import SamplingSessionRow
+
+log = logging.getLogger(__name__)
+
+
+class EngineSamplers:
+    def __init__(self, engine: Any, max_per_session: int = 32):
+        self.engine = engine
+        self.max_per_session = max_per_session
+        self._lock = threading.Lock()
+        self._bound: dict[str, str] = {}  # sampling_session_id -> engine sampler id
+        self._lru: dict[str, collections.OrderedDict[str, None]] = {}  # session_id -> its bound sampler ids
+        self._parked: dict[str, str] = {}  # tinker path -> engine sampler id of its named save, not yet bound
+
+    # --- binding -------------------------------------------------------------------------------------------------
+
+    def bind(self, row: SamplingSessionRow, engine_id: str) -> None:
+        evicted: list[str] = []
+        with self._lock:
+            old = self._bound.get(row.sampling_session_id)
+            self._bound[row.sampling_session_id] = engine_id
+            lru = self._lru.setdefault(row.session_id, collections.OrderedDict())
+            lru[row.sampling_session_id] = None
+            lru.move_to_end(row.sampling_session_id)
+            while len(lru) > self.max_per_session:
+                victim, _ = lru.popitem(last=False)
+                evicted.append(self._bound.pop(victim))
+            if old is not None and old != engine_id:
+                evicted.append(old)
+        for eid in evicted:
+            self._release_engine(eid)
+
+    def park(self, path: str, engine_id: str) -> None:
+        """A named sampler save's snapshot, kept until a sampling session takes it (or the path is replaced)."""
+        with self._lock:
+            old = self._parked.pop(path, None)
+            self._parked[path] = engine_id
+        if old is not None:
+            self._release_engine(old)
+
+    def unpark(self, path: str) -> None:
+        """The checkpoint at `path` was deleted or overwritten: its parked snapshot is stale."""
+        with self._lock:
+            old = self._parked.pop(path, None)
+        if old is not None:
+            self._release_engine(old)
+
+    def _take_parked(self, path: str) -> str | None:
+        with self._lock:
+            return self._parked.pop(path, None)
+
+    def lookup(self, row: SamplingSessionRow) -> str | None:
+        with self._lock:
+            eid = self._bound.get(row.sampling_session_id)
+            if eid is not None:
+                self._lru[row.session_id].move_to_end(row.sampling_session_id)
+            return eid
+
+    async def resolve(self, row: SamplingSessionRow) -> str:
+        """The engine sampler of a sampling session, rebuilding a path/base-model one if needed.
+        ValueError (a user error) when it cannot be rebuilt."""
+        eid = self.lookup(row)
+        if eid is not None:
+            return eid
+        if row.model_path:
+            eid = self._take_parked(row.model_path)
+            if eid is None:
+                eid = await asyncio.to_thread(self.engine.create_sampler, model_path=row.model_path)
+        elif row.base_model and not row.model_id:
+            eid = await asyncio.to_thread(self.engine.create_sampler, base_model=row.base_model)
+        else:
+            raise ValueError(
+                f"sampling_session_id: {row.sampling_session_id!r} sampled the in-memory weights of model "
+                f"{row.model_id!r}, which are gone (the server restarted or the sampler was evicted); save the weights "
+                "again and create a new sampling client")
+        self.bind(row, eid)
+        return eid
+
+    # --- release -------------------------------------------------------------------------------------------------
+
+    def release_session(self, session_id: str) -> int:
+        with self._lock:
+            lru = self._lru.pop(session_id, {})
+            eids = [self._bound.pop(sid) for sid in lru if sid in self._bound]
+        for eid in eids:
+            self._release_engine(eid)
+        return len(eids)
+
+    def _release_engine(self, engine_id: str) -> None:
+        release = getattr(self.engine, "release_sampler", None)
+        if release is None:
+            return
+        try:
+            release(engine_id)
+        except Exception:  # releasing is best effort; a leak is better than a failed request
+            log.exception("releasing engine sampler %s failed", engine_id)

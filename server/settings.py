@@ -1,0 +1,103 @@
+"""Server settings: one frozen dataclass, every knob with a one-line reason."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+# The SDK itself refuses to send keys without this prefix (or a JWT, which we do not issue), so a configured key
+# without it could never authenticate anybody.
+API_KEY_PREFIX = "tml-"
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    data_dir: Path
+    """Where server.sqlite3 (sessions, futures, idempotency keys) lives; the engine keeps its own files beside it."""
+
+    api_keys: tuple[str, ...] = ()
+    """Accepted X-API-Key values. Empty means any key is accepted (local development only)."""
+
+    long_poll_s: float = 25.0
+    """How long retrieve_future holds a pending request before answering try_again; must stay under the
+    SDK's 45 s read timeout or the client backs off exponentially (wire doc §3.4)."""
+
+    retrieve_futures_poll_s: float = 25.0
+    """Default long-poll for retrieve_futures when the request carries no timeout (same 45 s client limit)."""
+
+    max_body_bytes: int = 1 << 30
+    """Cap on a request body after zstd decompression (SkyRL caps at 1 GiB too)."""
+
+    future_ttl_s: float = 3600.0
+    """Finished futures (and their result payloads) are deleted this long after they finish."""
+
+    retrieved_ttl_s: float = 600.0
+    """...or this long after they were first fetched in full, whichever comes first: clients re-poll a finished
+    future only after a lost response, which happens within seconds."""
+
+    prune_interval_s: float = 60.0
+    """How often the background task deletes expired futures and checkpoints past their TTL."""
+
+    session_timeout_s: float = 300.0
+    """A session with no heartbeat for this long is expired and its models and samplers are released (the SDK
+    beats every 10 s from every process holding a client, so this is many missed beats; SkyRL uses 300 s)."""
+
+    session_check_interval_s: float = 30.0
+    """How often the background task looks for expired sessions."""
+
+    max_samplers_per_session: int = 32
+    """Sampler weight snapshots kept in memory per session, least recently used evicted first: an RL loop makes a
+    new sampler every step and never says when it drops the old one. Path-backed samplers reload transparently."""
+
+    # --- client/config feature flags: advertise only what the server implements -------------------------------
+    proto_compress_fwdbwd: bool = True
+    """The zstd request middleware is always on, so clients may compress fwd/bwd bodies (>10x smaller)."""
+
+    sample_use_retrieve_futures: bool = False
+    """Session-level completion polling (/retrieve_futures). asample registers its futures with
+    sampling_session_id and seq_id, so this works; it stays off by default because per-request long-polls are
+    what every SDK version supports and one fewer moving part."""
+
+    sample_join_sampling_session: bool = True
+    """Unpickled SamplingClients ask /join_sampling_session for a clone id instead of drawing a random one."""
+
+    sample_cancel_enabled: bool = True
+    """client/dynamic_config: the SDK calls /cancel_future for abandoned samples, so queued work is dropped."""
+
+    use_pyqwest_transport: bool | None = None
+    """None leaves the SDK's default transport; False forces plain httpx on the client."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "data_dir", Path(self.data_dir))
+        for key in self.api_keys:
+            if not key.startswith(API_KEY_PREFIX) or len(key) <= len(API_KEY_PREFIX):
+                raise ValueError(
+                    f"api key {key[:4]!r}... must start with {API_KEY_PREFIX!r} and have a body: "
+                    "the tinker SDK refuses to send any other key"
+                )
+        if not 0 < self.long_poll_s < 45 or not 0 < self.retrieve_futures_poll_s < 45:
+            raise ValueError("long-poll times must be in (0, 45) s: the SDK's read timeout is 45 s")
+        if self.session_timeout_s <= 0 or self.session_check_interval_s <= 0:
+            raise ValueError("session_timeout_s and session_check_interval_s must be positive")
+
+    @property
+    def db_path(self) -> Path:
+        return self.data_dir / "server.sqlite3"
+
+    @classmethod
+    def from_env(cls, data_dir: Path | str | None = None, **overrides) -> ServerSettings:
+        """TINKER_JAX_DATA_DIR, TINKER_JAX_API_KEYS (comma separated) and TINKER_JAX_SESSION_TIMEOUT_S; keyword
+        overrides win."""
+        keys = tuple(k.strip() for k in os.environ.get("TINKER_JAX_API_KEYS", "").split(",") if k.strip())
+        data_dir = data_dir or os.environ.get("TINKER_JAX_DATA_DIR") or "data"
+        if os.environ.get("TINKER_JAX_SESSION_TIMEOUT_S") and "session_timeout_s" not in overrides:
+            overrides["session_timeout_s"] = float(os.environ["TINKER_JAX_SESSION_TIMEOUT_S"])
+        settings = cls(data_dir=Path(data_dir), api_keys=overrides.pop("api_keys", keys), **overrides)
+        if not settings.api_keys:
+            log.warning("no API keys configured: every X-API-Key is accepted (set TINKER_JAX_API_KEYS)")
+        return settings
+

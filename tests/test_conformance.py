@@ -1,0 +1,377 @@
+"""Conformance: the real tinker SDK (0.38 here; 0.25 through `.venv-sdk025` when present) against uvicorn on a free
+loopback port, with a real Engine over a tiny freshly initialised Qwen3 (`tinker_jax.init_model`, preset
+tiny-qwen3).
+
+Covered: an SFT loop (loss goes down), save_state and resume with the optimizer, sampling (logprobs, stop
+strings, stop tokens, prompt logprobs and top-k), an RL loop with importance_sampling and a new sampler each step,
+checkpoint listing / publish / TTL / deletion through RestClient and the `tinker` CLI, error paths that raise
+RequestFailedError while the server keeps working, and a server restart in the middle (new Engine and app over the
+same data directory; a new client resumes from the tinker:// path).
+
+Tests share one server and run in file order (later ones use what earlier ones trained); shapes are kept to one
+length bucket so the whole file compiles only a handful of programs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any, Iterator
+
+import numpy as np
+import pytest
+import tinker
+import uvicorn
+from tinker import types
+
+from server.app import build_app
+from server.settings import ServerSettings
+import test_conformance_scenarios as sc  # noqa: E402  (tests/ is on sys.path under pytest)
+from tinker_jax.config import EngineConfig, SamplerConfig
+from tinker_jax.engine import Engine
+
+API_KEY = "tml-conformance"
+BASE = "tiny-qwen3"  # served alias of the tiny model
+ROOT = Path(__file__).resolve().parent.parent
+SDK025_VENV = ROOT / ".venv-sdk025"
+SDK025_PYTHON = SDK025_VENV / "bin" / "python"
+HAVE_SDK025 = SDK025_PYTHON.exists() and any(SDK025_VENV.glob("lib/python3*/site-packages/tinker/__init__.py"))
+
+try:
+    from tinker_jax.sampling import make_sampler  # noqa: F401
+
+    HAVE_SAMPLER = True
+except ImportError:  # the JAX sampler is not there yet
+    HAVE_SAMPLER = False
+needs_sampler = pytest.mark.skipif(not HAVE_SAMPLER, reason="tinker_jax.sampling.make_sampler is not available")
+
+pytestmark = [pytest.mark.slow, pytest.mark.filterwarnings("ignore::FutureWarning", "ignore::DeprecationWarning")]
+
+
+class LiveServer:
+    """uvicorn in a thread over a real Engine; `restart()` replaces both, keeping the data dir and port."""
+
+    def __init__(self, engine_config: EngineConfig, settings: ServerSettings):
+        self.engine_config, self.settings = engine_config, settings
+        self.port = _free_port()
+        self.engine: Engine | None = None
+        self.app: Any = None
+        self._uv: uvicorn.Server | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.engine = Engine(self.engine_config)
+        self.app = build_app(self.engine, self.settings)
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", self.port))
+        self._uv = uvicorn.Server(uvicorn.Config(self.app, log_level="warning", lifespan="on"))
+        self._thread = threading.Thread(target=self._uv.run, kwargs={"sockets": [sock]}, daemon=True)
+        self._thread.start()
+        deadline = time.monotonic() + 20
+        while not self._uv.started:
+            assert time.monotonic() < deadline and self._thread.is_alive(), "uvicorn did not start"
+            time.sleep(0.02)
+
+    def stop(self) -> None:
+        if self._uv is not None:
+            self._uv.should_exit = True
+            self._thread.join(30)
+            self._uv = None
+        if self.engine is not None:
+            self.engine.shutdown()
+            self.engine = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def client(self) -> tinker.ServiceClient:
+        return tinker.ServiceClient(base_url=self.base_url, api_key=API_KEY)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory) -> Path:
+    from tinker_jax.init_model import init_model
+
+    return init_model(tmp_path_factory.mktemp("models") / BASE, BASE)
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory) -> Iterator[LiveServer]:
+    data = tmp_path_factory.mktemp("data")
+    cfg = EngineConfig(data_dir=data, models={BASE: str(model_dir)}, max_seq_len=64,
+                       sampler=SamplerConfig(max_batch=4, max_seq_len=32, max_num_samples=4))
+    live = LiveServer(cfg, ServerSettings(data_dir=data, api_keys=(API_KEY,), long_poll_s=5.0))
+    live.start()
+    yield live
+    live.stop()
+
+
+@pytest.fixture(scope="module")
+def service(server) -> Iterator[tinker.ServiceClient]:
+    client = server.client()
+    yield client
+    try:
+        client.holder.close()
+    except Exception:
+        pass
+
+
+@pytest.fixture(scope="module")
+def state() -> dict[str, Any]:
+    """What earlier tests leave for later ones (a trained client, checkpoint paths)."""
+    return {}
+
+
+def _trained(state: dict[str, Any]):
+    if "tc" not in state:
+        pytest.skip("needs the SFT test's training client")
+    return state["tc"]
+
+
+# --- training ----------------------------------------------------------------------------------------------------
+
+
+def test_capabilities_and_sft_loop(server, service, state) -> None:
+    caps = service.create_rest_client().get_server_capabilities().result()
+    assert [m.model_name for m in caps.supported_models] == [BASE]
+    out = sc.scenario_sft(service, BASE)
+    state["tc"], state["model_id"] = out["training_client"], out["model_id"]
+    assert out["model_id"].endswith(":train:0") and out["model_name"] == BASE
+    losses = out["losses"]
+    assert losses[-1] < losses[0] * 0.8, losses  # it learns the fixed batch
+    assert out["forward_loss"] < losses[-1]  # forward (forward_only in the proto) after the last step
+    assert out["forward_logprob_lengths"] == [sc.SEQ_LEN] * sc.N_DATUMS
+
+
+def test_save_state_and_resume_with_optimizer(service, state) -> None:
+    out = sc.scenario_resume(service, _trained(state), "ckpt-a")
+    state["path"] = out["path"]
+    assert out["path"] == f"tinker://{state['model_id']}/weights/ckpt-a"
+    assert out["resumed_model_id"].endswith(":train:1")  # create-via-load names it {session}:train:{seq}
+    assert out["max_logprob_diff"] < 1e-4
+    assert np.isfinite(out["resumed_loss"])
+
+
+def test_errors_fail_the_future_and_the_server_keeps_working(server, service, state) -> None:
+    tc = _trained(state)
+    out = sc.scenario_errors(tc)
+    for label, err in out["errors"].items():
+        assert err is not None and err["category"] == "user", (label, err)
+    assert "vocabulary" in out["errors"]["token_out_of_range"]["message"]
+    assert "no_such_loss" in out["errors"]["unknown_loss"]["message"]
+    assert out["still_works"]
+
+    # A non-Adam optimizer is refused; so is an unknown base model and a path outside the API's name rules.
+    with pytest.raises(tinker.RequestFailedError, match="not supported"):
+        tc.optim_step(types.DimuonParams(learning_rate=1e-3)).result()
+    with pytest.raises((tinker.RequestFailedError, tinker.APIStatusError), match="unknown model"):
+        service.create_lora_training_client(base_model="no/such-model", rank=4).result()
+    with pytest.raises(tinker.RequestFailedError, match="invalid name"):
+        tc.save_state("../escape").result()
+    with pytest.raises(tinker.RequestFailedError, match="not found"):
+        service.create_training_client_from_state(f"tinker://{state['model_id']}/weights/missing").result()
+    tc.forward(sc.sft_datums(), "cross_entropy").result()  # and the model still works
+
+
+# --- sampling ----------------------------------------------------------------------------------------------------
+
+
+@needs_sampler
+def test_sampling_logprobs_stops_and_prompt_topk(service, state, model_dir) -> None:
+    tc = _trained(state)
+    out = sc.scenario_sampling(service, tc, BASE)
+    for seq in out["sequences"]:
+        assert seq["n_logprobs"] == len(seq["tokens"]) > 0
+    assert out["prompt_logprobs"][0] is None and all(x is not None and x < 0 for x in out["prompt_logprobs"][1:])
+
+    sampler = service.create_sampling_client(base_model=BASE)
+    prompt = types.ModelInput.from_ints([40, 41, 42, 43, 44, 45])
+    greedy = types.SamplingParams(max_tokens=8, temperature=0.0, stop=[])
+    free = sampler.sample(prompt, 1, greedy).result().sequences[0]
+    assert free.stop_reason == "length" and len(free.tokens) == 8
+
+    stop_token = free.tokens[3]  # greedy is deterministic: stopping on the 4th token ends right there
+    first = free.tokens.index(stop_token)
+    by_token = sampler.sample(prompt, 1, replace_params(greedy, stop=[stop_token])).result().sequences[0]
+    assert by_token.stop_reason == "stop" and by_token.tokens == free.tokens[:first + 1]
+    assert len(by_token.logprobs) == len(by_token.tokens)
+
+    from transformers import AutoTokenizer  # the sampler matches stop strings on this tokenizer's text
+
+    tok = AutoTokenizer.from_pretrained(str(model_dir))
+    stop_text = next(t for t in (tok.decode([x]) for x in free.tokens[2:]) if t.isascii() and t.strip())
+    expected = next(i for i in range(len(free.tokens)) if stop_text in tok.decode(free.tokens[:i + 1]))
+    by_string = sampler.sample(prompt, 1, replace_params(greedy, stop=[stop_text])).result().sequences[0]
+    assert by_string.stop_reason == "stop" and by_string.tokens == free.tokens[:expected + 1]
+
+    scored = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=1), include_prompt_logprobs=True,
+                            topk_prompt_logprobs=3).result()
+    assert scored.prompt_logprobs[0] is None and len(scored.prompt_logprobs) == prompt.length
+    assert scored.topk_prompt_logprobs[0] is None
+    assert all(len(row) == 3 for row in scored.topk_prompt_logprobs[1:])
+    top1 = [row[0][1] for row in scored.topk_prompt_logprobs[1:]]
+    assert all(t >= p - 1e-5 for t, p in zip(top1, scored.prompt_logprobs[1:]))  # top-1 bounds the actual token
+
+    last2 = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=1), include_prompt_logprobs=True,
+                           prompt_logprobs_last_n=2).result()
+    assert last2.prompt_logprobs[:-2] == [None] * (prompt.length - 2)
+    assert np.allclose(last2.prompt_logprobs[-2:], scored.prompt_logprobs[-2:], atol=1e-5)
+
+    with pytest.raises(tinker.RequestFailedError, match="not supported"):
+        sampler.sample(prompt, 1, types.SamplingParams(max_tokens=2), topk_sample_logprobs=2).result()
+    with pytest.raises(tinker.RequestFailedError, match="vocabulary"):
+        sampler.sample(types.ModelInput.from_ints([1, 10**6]), 1, types.SamplingParams(max_tokens=2)).result()
+
+
+def replace_params(params: types.SamplingParams, **kw) -> types.SamplingParams:
+    return params.model_copy(update=kw)
+
+
+@needs_sampler
+def test_rl_loop_importance_sampling(service, state) -> None:
+    out = sc.scenario_rl(_trained(state), steps=2)
+    assert len(out["mean_reward_per_step"]) == 2
+
+
+@needs_sampler
+def test_named_sampler_checkpoint_and_path_sampler(service, state) -> None:
+    tc = _trained(state)
+    path = tc.save_weights_for_sampler("s1").result().path
+    assert path == f"tinker://{state['model_id']}/sampler_weights/s1"
+    state["sampler_path"] = path
+    sampler = service.create_sampling_client(model_path=path)  # 0.38 also GETs /samplers/{id} here
+    assert sampler.get_base_model() == BASE
+    seq = sampler.sample(types.ModelInput.from_ints([5, 6, 7]), 1, types.SamplingParams(max_tokens=3)).result()
+    assert len(seq.sequences[0].tokens) >= 1
+
+
+# --- REST and CLI ------------------------------------------------------------------------------------------------
+
+
+def test_rest_listing_publish_ttl_delete(server, service, state) -> None:
+    tc = _trained(state)
+    run_id = state["model_id"]
+    out = sc.scenario_rest(service, run_id, state["path"], "doomed", tc)
+    assert out["deleted"] in out["listed"] and out["deleted"] in out["user"]
+    assert out["deleted"] not in out["after_delete"] and state["path"] in out["after_delete"]
+    assert out["run_base_model"] == BASE and out["run_is_lora"]
+
+    rest = service.create_rest_client()
+    ckpts = {c.tinker_path: c for c in rest.list_checkpoints(run_id).result().checkpoints}
+    ckpt = ckpts[state["path"]]
+    assert ckpt.checkpoint_id == "weights/ckpt-a" and ckpt.checkpoint_type == "training" and ckpt.size_bytes > 0
+    run = rest.get_training_run_by_tinker_path(state["path"]).result()
+    assert run.training_run_id == run_id and run.lora_rank == 4 and run.last_checkpoint is not None
+    runs = rest.list_training_runs().result()
+    assert run_id in [r.training_run_id for r in runs.training_runs] and runs.cursor.total_count >= 2
+    info = rest.get_weights_info_by_tinker_path(state["path"]).result()
+    assert (info.base_model, info.is_lora, info.lora_rank) == (BASE, True, 4)
+
+    rest.publish_checkpoint_from_tinker_path(state["path"]).result()
+    assert {c.tinker_path: c for c in rest.list_checkpoints(run_id).result().checkpoints}[state["path"]].public
+    rest.unpublish_checkpoint_from_tinker_path(state["path"]).result()
+    rest.set_checkpoint_ttl_from_tinker_path(state["path"], 7200).result()
+    expires = {c.tinker_path: c for c in rest.list_checkpoints(run_id).result().checkpoints}[state["path"]].expires_at
+    assert expires is not None and expires.timestamp() > time.time() + 7000
+    rest.set_checkpoint_ttl_from_tinker_path(state["path"], None).result()
+    assert {c.tinker_path: c for c in rest.list_checkpoints(run_id).result().checkpoints}[state["path"]].expires_at \
+        is None
+    with pytest.raises(tinker.NotFoundError):
+        rest.delete_checkpoint_from_tinker_path(f"tinker://{run_id}/weights/never-saved").result()
+
+    other = tinker.ServiceClient(base_url=server.base_url, api_key="tml-someone-else")  # not a configured key
+    with pytest.raises(tinker.AuthenticationError):
+        other.create_rest_client().list_training_runs().result()
+
+
+def test_tinker_cli_lists_runs_and_checkpoints(server, state) -> None:
+    if "model_id" not in state:
+        pytest.skip("needs the SFT test's run")
+    env = {**os.environ, "TINKER_BASE_URL": server.base_url, "TINKER_API_KEY": API_KEY, "TINKER_TELEMETRY": "0"}
+    cli = [sys.executable, "-c", "from tinker.cli.__main__ import main; main()"]
+    runs = subprocess.run([*cli, "--format", "json", "run", "list"], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert runs.returncode == 0, runs.stderr
+    assert state["model_id"] in runs.stdout
+    ckpts = subprocess.run([*cli, "--format", "json", "checkpoint", "list", "--run-id", state["model_id"]], env=env,
+                           capture_output=True, text=True, timeout=120)
+    assert ckpts.returncode == 0, ckpts.stderr
+    assert state["path"] in ckpts.stdout
+
+
+# --- restart -----------------------------------------------------------------------------------------------------
+
+
+def test_server_restart_keeps_checkpoints_and_resumes(server, service, state) -> None:
+    tc = _trained(state)
+    data = sc.sft_datums()
+    path = tc.save_state("before-restart").result().path
+    before = sc.logprobs_of(tc.forward(data, "cross_entropy").result())
+    old_sampler = service.create_sampling_client(model_path=state["sampler_path"]) \
+        if HAVE_SAMPLER and "sampler_path" in state else None
+    server.restart()  # new Engine and app over the same data dir; the old client's models are gone
+
+    fresh = server.client()
+    rest = fresh.create_rest_client()
+    listed = {c.tinker_path for c in rest.list_checkpoints(state["model_id"]).result().checkpoints}
+    assert {path, state["path"]} <= listed
+    assert state["model_id"] in {r.training_run_id for r in rest.list_training_runs().result().training_runs}
+    resumed = fresh.create_training_client_from_state_with_optimizer(path)
+    after = sc.logprobs_of(resumed.forward(data, "cross_entropy").result())
+    assert max(np.max(np.abs(np.subtract(a, b))) for a, b in zip(before, after)) < 1e-4
+    fb = resumed.forward_backward(data, "cross_entropy")
+    resumed.optim_step(types.AdamParams(learning_rate=1e-2)).result()
+    assert np.isfinite(fb.result().metrics["loss:sum"])
+    if old_sampler is not None:  # path-backed samplers survive: a new one, and the pre-restart one (rebuilt)
+        s = fresh.create_sampling_client(model_path=state["sampler_path"])
+        prompt, params = types.ModelInput.from_ints([5, 6, 7]), types.SamplingParams(max_tokens=2)
+        assert s.sample(prompt, 1, params).result().sequences
+        assert old_sampler.sample(prompt, 1, params).result().sequences
+    with pytest.raises(tinker.RequestFailedError, match="unknown model"):  # its weights were in memory only
+        tc.forward(data, "cross_entropy").result()
+    state["tc"] = resumed
+
+
+# --- the oldest protobuf-era SDK ---------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(not HAVE_SDK025, reason="no .venv-sdk025 (python3 -m venv .venv-sdk025 && "
+                                                       ".venv-sdk025/bin/pip install 'tinker==0.25.*')")
+def test_sdk_025_scenarios(server) -> None:
+    """The same scenarios through SDK 0.25 (JSON-era fallbacks gone, protobuf mandatory; resume goes through
+    weights_info + create_model + legacy load_weights)."""
+    args = [str(SDK025_PYTHON), str(ROOT / "tests" / "test_conformance_scenarios.py"), server.base_url, API_KEY,
+            BASE] + (["--sampling"] if HAVE_SAMPLER else [])
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TINKER_", "PYTHON"))}
+    env["TINKER_TELEMETRY"] = "0"
+    proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, cwd=str(ROOT))
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out["sdk_version"].startswith("0.25")
+    assert out["sft"]["losses"][-1] < out["sft"]["losses"][0] * 0.8
+    assert out["resume"]["max_logprob_diff"] < 1e-4
+    assert all(e is not None and e["category"] == "user" for e in out["errors"]["errors"].values())
+    assert out["errors"]["still_works"]
+    assert out["rest"]["deleted"] not in out["rest"]["after_delete"]
+    if HAVE_SAMPLER:
+        assert all(s["n_logprobs"] == len(s["tokens"]) for s in out["sampling"]["sequences"])

@@ -1,0 +1,175 @@
+"""server.store and server.futures without HTTP: ids, idempotency, completion order, restart, pruning."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import json
+import threading
+import time
+
+import numpy as np
+import pytest
+from tinker import types
+from tinker.proto import response_conv
+
+from server.errors import ApiError
+from server.futures import FutureRegistry
+from server.store import Store
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = Store(tmp_path / "server.sqlite3")
+    yield s
+    s.close()
+
+
+def test_sessions_and_ids(store: Store) -> None:
+    sid = store.create_session(owner="o", tags=["a"], user_metadata={"k": "v"}, sdk_version="0.38.0")
+    assert ":" not in sid and "/" not in sid  # ids are composed with ':' and split on '/' (§1.8)
+    row = store.get_session(sid)
+    assert (row.owner, row.tags, row.user_metadata, row.finished) == ("o", ["a"], {"k": "v"}, None)
+
+    assert store.model_id_for(sid, 0) == f"{sid}:train:0"  # the client's model_seq_id names the model
+    assert store.model_id_for(sid, 3) == f"{sid}:train:3"
+    assert store.model_id_for(sid) == f"{sid}:train:4"  # without one, the counter continues above
+    assert store.sampler_id_for(sid) == f"{sid}:sample:0"
+    with pytest.raises(KeyError):
+        store.model_id_for("nope", 0)
+
+    # The SDK's X-Idempotency-Key survives its own HTTP retries: a retried create returns the same session.
+    again = store.create_session(owner="o", idempotency_key="k1")
+    assert store.create_session(owner="o", idempotency_key="k1") == again != sid
+
+    assert store.finish_session(sid, "success", None).finish_reason == "success"
+    assert store.finish_session(sid, "errored", "late").finish_reason == "success"  # first reason wins
+    assert store.stale_sessions(older_than_s=-1) == [again]
+
+
+def test_sampling_sessions(store: Store) -> None:
+    sid = store.create_session(owner="o")
+    first = store.create_sampling_session(sid, 2, base_model="B", model_path="tinker://m/sampler_weights/x")
+    assert first.sampling_session_id == f"{sid}:sample:2"
+    assert store.create_sampling_session(sid, 2, base_model="other") == first  # retried create: same sampler
+    assert [store.join_sampling_session(first.sampling_session_id) for _ in range(2)] == [1, 2]
+    with pytest.raises(KeyError):
+        store.join_sampling_session("missing")
+
+
+def test_idempotent_futures_and_completion_cursor(store: Store) -> None:
+    big = 7 * 10**17  # sample seq_ids reach ~1e18 (§1.7)
+    assert store.insert_future("r1", "sample", idempotency=("sample", "S", big), sampling_session_id="S",
+                               clone_id=0) == ("r1", True)
+    assert store.insert_future("r2", "sample", idempotency=("sample", "S", big)) == ("r1", False)
+    assert store.get_future("r2") is None
+    store.insert_future("r3", "optim_step", idempotency=("train", "M", 2))
+    c1 = store.finish_future("r3", "application/json", b"{}")
+    c2 = store.fail_future("r1", "boom", "user")
+    assert 0 < c1 < c2
+    assert store.finish_future("r1", "application/json", b"{}") == 0  # completes once
+    row = store.get_future("r1")
+    assert (row.status, row.error) == ("error", {"error": "boom", "category": "user"})
+    assert [r.request_id for r in store.completions("S", 0, after_cursor=0)] == ["r1"]
+    assert store.completions("S", 0, after_cursor=c2) == []
+
+
+def test_restart_marks_pending_lost_and_prune(tmp_path) -> None:
+    path = tmp_path / "db.sqlite3"
+    s = Store(path)
+    s.insert_future("p", "forward_backward", idempotency=("train", "M", 1))
+    s.insert_future("q", "optim_step")
+    s.finish_future("q", "application/json", b"{}")
+    s.close()
+
+    s = Store(path)  # a new process: the engine that owned "p" is gone
+    assert s.mark_lost() == 1
+    assert s.get_future("p").status == "lost"
+    assert s.insert_future("x", "sample")[1]
+    s.mark_retrieved(["q"])
+    assert s.prune(future_ttl_s=3600, retrieved_ttl_s=-1) == 1  # q was fetched: gone
+    assert s.get_future("q") is None and s.get_future("p") is not None
+    assert s.prune(future_ttl_s=-1, retrieved_ttl_s=3600) == 1  # p finished (lost) long enough ago
+    assert s.insert_future("p2", "forward_backward", idempotency=("train", "M", 1)) == ("p2", True)
+    s.close()
+
+
+def test_registry_long_poll_wakes_on_completion(store: Store) -> None:
+    """retrieve() sleeps on an event (no polling) and wakes as soon as the engine thread finishes the future."""
+
+    async def scenario() -> None:
+        reg = FutureRegistry(store, long_poll_s=5.0)
+        reg.bind_loop(asyncio.get_running_loop())
+        fut: concurrent.futures.Future = concurrent.futures.Future()
+        rid = reg.register(fut, "optim_step", model_id="M")
+        threading.Timer(0.2, fut.set_result, args=(types.OptimStepResponse(metrics={"lr:mean": 1.0}),)).start()
+        t0 = time.monotonic()
+        reply = await reg.retrieve(rid, accept_proto=False)
+        assert 0.15 < time.monotonic() - t0 < 2.0
+        assert json.loads(reply.body) == {"metrics": {"lr:mean": 1.0}}
+
+        slow: concurrent.futures.Future = concurrent.futures.Future()
+        rid2 = reg.register(slow, "forward_backward")
+        reply = await reg.retrieve(rid2, accept_proto=True, timeout=0.1)
+        assert json.loads(reply.body) == {"type": "try_again", "request_id": rid2, "queue_state": "active"}
+
+        slow.set_exception(ValueError("unknown loss_fn 'x'"))
+        reply = await reg.retrieve(rid2, accept_proto=True)
+        assert json.loads(reply.body) == {"error": "unknown loss_fn 'x'", "category": "user"}
+
+        with pytest.raises(ApiError) as err:
+            await reg.retrieve("missing", accept_proto=True)
+        assert err.value.status == 404
+
+    asyncio.run(scenario())
+
+
+def test_registry_submit_dedupes_and_classifies_errors(store: Store) -> None:
+    async def scenario() -> None:
+        reg = FutureRegistry(store)
+        calls = []
+
+        def start() -> concurrent.futures.Future:
+            calls.append(1)
+            f: concurrent.futures.Future = concurrent.futures.Future()
+            f.set_result(types.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord", loss_fn_outputs=[
+                {"logprobs": types.TensorData.from_numpy(np.array([-1.0], np.float32))}], metrics={"loss:sum": 1}))
+            return f
+
+        rid, started = reg.submit("forward_backward", start, idempotency=("train", "M", 1), model_id="M")
+        assert started and reg.submit("forward_backward", start, idempotency=("train", "M", 1)) == (rid, False)
+        assert calls == [1]  # a retried submit does not run twice
+        reply = await reg.retrieve(rid, accept_proto=True)
+        out = response_conv.deserialize_forward_backward_output(reply.body)
+        assert out.metrics == {"loss:sum": 1.0} and reply.content_type == "application/x-protobuf"
+
+        def bad_input() -> concurrent.futures.Future:
+            raise ValueError("data[0]: empty datum")
+
+        def bug() -> concurrent.futures.Future:
+            raise RuntimeError("engine crashed")
+
+        for start_fn, category in ((bad_input, "user"), (bug, "server")):
+            rid, _ = reg.submit("forward_backward", start_fn)
+            assert json.loads((await reg.retrieve(rid, accept_proto=True)).body)["category"] == category
+
+        wrong = concurrent.futures.Future()
+        wrong.set_result({"not": "a ForwardBackwardOutput"})
+        body = json.loads((await reg.retrieve(reg.register(wrong, "forward"), accept_proto=True)).body)
+        assert body["category"] == "server" and "encode" in body["error"]
+
+    asyncio.run(scenario())
+
+
+def test_lost_sample_answers_410(tmp_path) -> None:
+    """A sample whose promise died with the previous process gets 410, which makes the SDK resubmit it."""
+    s = Store(tmp_path / "db.sqlite3")
+    s.insert_future("smp", "sample")
+    s.insert_future("trn", "optim_step")
+    s.mark_lost()
+    reg = FutureRegistry(s)
+    sample = asyncio.run(reg.retrieve("smp", accept_proto=True))
+    train = asyncio.run(reg.retrieve("trn", accept_proto=False))
+    assert sample.status == 410 and train.status == 200
+    assert json.loads(train.body)["category"] == "server"
+    s.close()

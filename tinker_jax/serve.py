@@ -1,0 +1,118 @@
+"""`tinker-jax serve`: the REST server that the unmodified `tinker` SDK talks to.
+
+    tinker-jax serve [--model PATH_OR_ALIAS]... [--config configs/X.yaml] [--host 127.0.0.1] [--port 8000]
+                     [--data-dir DIR] [--api-key KEY]
+
+Models: `--model` names a local Hugging Face directory (served under that exact path string as its base_model
+name, and under its alias too if the config maps an alias to the same directory) or an alias from the config's
+`models:`. Without `--model`, the config's models are served; with neither, the embedded default: the
+`small-qwen3` preset, written by `tinker_jax.init_model` to `{data_dir}/models/small-qwen3` on first start.
+
+Auth: API keys come from `--api-key` and `TINKER_JAX_API_KEYS` (comma separated); they must start with `tml-`
+(the SDK refuses to send anything else). Without a key every request is accepted, which is only allowed when
+binding to a loopback address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+from dataclasses import replace
+from pathlib import Path
+from typing import Mapping, Sequence
+
+from tinker_jax.config import EngineConfig
+
+log = logging.getLogger("tinker_jax.serve")
+
+DEFAULT_PRESET = "small-qwen3"
+
+
+def is_loopback(host: str) -> bool:
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False  # a hostname other than localhost may resolve anywhere
+
+
+def api_keys(api_key: str | None) -> tuple[str, ...]:
+    keys = [api_key] if api_key else []
+    keys += [k.strip() for k in os.environ.get("TINKER_JAX_API_KEYS", "").split(",") if k.strip()]
+    return tuple(dict.fromkeys(keys))
+
+
+def resolve_models(models: Sequence[str], configured: Mapping[str, str]) -> dict[str, str]:
+    """--model values -> {base_model name: directory}. A directory is served under its exact path string (and under
+    any configured alias of the same directory); an alias must be configured."""
+    out: dict[str, str] = {}
+    for m in models:
+        if (Path(m) / "config.json").is_file():
+            out[m] = m
+            target = Path(m).resolve()
+            out.update({alias: path for alias, path in configured.items() if Path(path).resolve() == target})
+        elif m in configured:
+            out[m] = configured[m]
+        else:
+            known = ", ".join(configured) or "none configured"
+            raise ValueError(f"--model {m!r}: not a model directory (no config.json) and not a configured alias "
+                             f"({known})")
+    return out
+
+
+def default_model(data_dir: Path) -> dict[str, str]:
+    """The embedded default model, generated on first start (a freshly initialised `small-qwen3`)."""
+    path = data_dir / "models" / DEFAULT_PRESET
+    if not (path / "config.json").is_file():
+        from tinker_jax.init_model import init_model
+
+        log.info("writing the default model (%s preset) to %s", DEFAULT_PRESET, path)
+        init_model(path, DEFAULT_PRESET, force=path.exists())
+    return {DEFAULT_PRESET: str(path)}
+
+
+def build_config(models: Sequence[str], config: str | None, data_dir: str | None) -> EngineConfig:
+    cfg = EngineConfig.load(config)
+    if data_dir is not None:
+        cfg = replace(cfg, data_dir=Path(os.path.expanduser(data_dir)))
+    if models:
+        served = resolve_models(models, cfg.models)
+    elif cfg.models:
+        served = dict(cfg.models)
+    else:
+        served = default_model(Path(cfg.data_dir))
+    return replace(cfg, models=served)
+
+
+def check_exposure(host: str, keys: Sequence[str]) -> None:
+    if not keys and not is_loopback(host):
+        raise ValueError(f"refusing to listen on {host} without an API key: anyone who can reach it could train, "
+                         "sample and delete checkpoints. Pass --api-key tml-... (or set TINKER_JAX_API_KEYS), or "
+                         "bind to 127.0.0.1")
+
+
+def serve(models: Sequence[str] = (), config: str | None = None, host: str = "127.0.0.1", port: int = 8000,
+          data_dir: str | None = None, api_key: str | None = None) -> None:
+    """Build the engine and serve the REST API until interrupted."""
+    import uvicorn
+
+    from server.app import build_app
+    from server.settings import ServerSettings
+    from tinker_jax.engine import Engine
+
+    keys = api_keys(api_key)
+    check_exposure(host, keys)  # before any slow work
+    ServerSettings(data_dir=Path("."), api_keys=keys)  # validates the keys (tml- prefix) early
+    cfg = build_config(models, config, data_dir)
+    settings = ServerSettings.from_env(data_dir=cfg.data_dir, api_keys=keys)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    log.info("serving %s from %s on http://%s:%d (data in %s; %s)", ", ".join(cfg.models), "config" if config
+             else "the command line", host, port, cfg.data_dir,
+             f"{len(keys)} API key(s)" if keys else "no API key: any X-API-Key accepted")
+    engine = Engine(cfg)
+    try:
+        uvicorn.run(build_app(engine, settings), host=host, port=port, log_level="info")
+    finally:
+        engine.shutdown()
