@@ -8,6 +8,8 @@ PIP     = $(PY) -m pip
 HOST   ?= 127.0.0.1
 PORT   ?= 8000
 
+SDK025 ?= .venv-sdk025
+
 .PHONY: run test install install-dev bench clean
 
 $(VENV)/.base: pyproject.toml
@@ -18,9 +20,15 @@ $(VENV)/.base: pyproject.toml
 
 # torch is pinned on its own first: a bare `torch` requirement would pull a multi-GB CUDA build.
 $(VENV)/.dev: $(VENV)/.base
-	$(PIP) install -q "torch==2.13.0" || $(PIP) install -q torch --index-url https://download.pytorch.org/whl/cpu
+	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -e ".[dev]"
 	touch $@
+
+# The oldest protobuf-era SDK, for the conformance scenarios run against SDK 0.25 (skipped when absent).
+$(SDK025)/.ok:
+	rm -rf $(SDK025)
+	$(PYTHON) -m venv $(SDK025) && $(SDK025)/bin/pip install -q 'tinker==0.25.*' && touch $@ \
+	  || { rm -rf $(SDK025); echo "warning: could not build $(SDK025); the SDK 0.25 conformance test will skip"; }
 
 install: $(VENV)/.base
 install-dev: $(VENV)/.dev
@@ -28,11 +36,11 @@ install-dev: $(VENV)/.dev
 run: $(VENV)/.base
 	$(VENV)/bin/tinker-jax serve --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.dev
+test: $(VENV)/.dev $(SDK025)/.ok
 	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
 
 bench: $(VENV)/.dev
 	$(VENV)/bin/tinker-jax bench --suite cpu --out benchmarks/cpu-latest.json
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) $(SDK025) build *.egg-info
