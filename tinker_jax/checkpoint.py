@@ -16,7 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from tinker_jax.train import TrainState, make_optimizer
+from tinker_jax.train import TrainState, commit, make_optimizer
 
 FORMAT_VERSION = 1
 
@@ -43,14 +43,23 @@ def save(path: str | Path, state: TrainState, *, kind: str, with_optimizer: bool
         items["opt_state"] = jax.tree.leaves(state.opt_state)
     meta = dict(meta, kind=kind, step=state.step, with_optimizer=with_optimizer, format_version=FORMAT_VERSION)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.new")
-    _checkpointer().save(tmp, ocp.args.Composite(state=ocp.args.StandardSave(items), meta=ocp.args.JsonSave(meta)))
-    if path.exists():  # replace an older checkpoint of the same name only once the new one is complete
-        old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
-        path.rename(old)
-        tmp.rename(path)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        tmp.rename(path)
+    try:
+        _checkpointer().save(tmp, ocp.args.Composite(state=ocp.args.StandardSave(items),
+                                                     meta=ocp.args.JsonSave(meta)))
+        if path.exists():  # replace an older checkpoint of the same name only once the new one is complete
+            old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
+            path.rename(old)
+            try:
+                tmp.rename(path)
+            except BaseException:
+                old.rename(path)  # the commit failed: put the previous checkpoint back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # no half-written leftovers (a SIGKILL can still leave one)
+        raise
     return path
 
 
@@ -76,7 +85,7 @@ def restore_into(path: str | Path, state: TrainState, *, with_optimizer: bool) -
     if with_optimizer and not meta.get("with_optimizer"):
         raise CheckpointError(f"checkpoint {path} holds no optimizer state (kind {meta.get('kind')!r})")
     target = {"trainable": _abstract(state.trainable.to_pure_dict())}
-    if with_optimizer:
+    if meta.get("with_optimizer"):  # Orbax must be given every saved item, even for a weights-only load
         target["opt_state"] = _abstract(jax.tree.leaves(state.opt_state))
     try:
         got = _checkpointer().restore(
@@ -91,6 +100,9 @@ def restore_into(path: str | Path, state: TrainState, *, with_optimizer: bool) -
     if with_optimizer:
         state.opt_state = jax.tree.unflatten(jax.tree.structure(state.opt_state), got["opt_state"])
         state.step = int(meta.get("step", 0))
+    else:  # weights only: a fresh optimizer (Adam moments and step count reset)
+        state.opt_state = commit(make_optimizer().init(state.trainable), state.trainable)
+        state.step = 0
     return meta
 
 

@@ -90,19 +90,25 @@ class ServiceClient:
         """Full-parameter fine-tuning (not in the hosted SDK; also reachable via config `full_finetune: true`)."""
         return TrainingClient(self, self.engine.create_model(base_model, seed=seed, full_finetune=True))
 
-    def create_training_client_from_state(self, path: str, user_metadata=None) -> "TrainingClient":
-        resp = self.engine.create_model_from_state(path, optimizer=False).result()
+    # weights_access_token / optimizer: the SDK's parameters, accepted and unused (local checkpoints, AdamW).
+    def create_training_client_from_state(self, path: str, base_model: str | None = None, user_metadata=None,
+                                          weights_access_token=None, optimizer=None) -> "TrainingClient":
+        resp = self.engine.create_model_from_state(path, optimizer=False, base_model=base_model).result()
         return TrainingClient(self, resp.model_id)
 
-    async def create_training_client_from_state_async(self, path: str, user_metadata=None):
-        return self.create_training_client_from_state(path)
+    async def create_training_client_from_state_async(self, path: str, base_model: str | None = None,
+                                                      user_metadata=None, weights_access_token=None, optimizer=None):
+        return self.create_training_client_from_state(path, base_model)
 
-    def create_training_client_from_state_with_optimizer(self, path: str, user_metadata=None) -> "TrainingClient":
-        resp = self.engine.create_model_from_state(path, optimizer=True).result()
+    def create_training_client_from_state_with_optimizer(self, path: str, base_model: str | None = None,
+                                                         user_metadata=None, weights_access_token=None
+                                                         ) -> "TrainingClient":
+        resp = self.engine.create_model_from_state(path, optimizer=True, base_model=base_model).result()
         return TrainingClient(self, resp.model_id)
 
-    async def create_training_client_from_state_with_optimizer_async(self, path: str, user_metadata=None):
-        return self.create_training_client_from_state_with_optimizer(path)
+    async def create_training_client_from_state_with_optimizer_async(self, path: str, base_model: str | None = None,
+                                                                     user_metadata=None, weights_access_token=None):
+        return self.create_training_client_from_state_with_optimizer(path, base_model)
 
     def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None,
                                retry_config=None, record_stability_info: bool = False) -> "SamplingClient":
@@ -170,10 +176,10 @@ class TrainingClient:
                    user_metadata=None) -> APIFuture[tt.SaveWeightsResponse]:
         return APIFuture(self.engine.save_state(self.model_id, name, ttl_seconds, user_metadata))
 
-    def load_state(self, path: str) -> APIFuture[tt.LoadWeightsResponse]:
+    def load_state(self, path: str, weights_access_token=None) -> APIFuture[tt.LoadWeightsResponse]:
         return APIFuture(self.engine.load_state(self.model_id, path, optimizer=False))
 
-    def load_state_with_optimizer(self, path: str) -> APIFuture[tt.LoadWeightsResponse]:
+    def load_state_with_optimizer(self, path: str, weights_access_token=None) -> APIFuture[tt.LoadWeightsResponse]:
         return APIFuture(self.engine.load_state(self.model_id, path, optimizer=True))
 
     def save_weights_for_sampler(self, name: str, ttl_seconds: int | None = None,

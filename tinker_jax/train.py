@@ -45,6 +45,23 @@ def make_optimizer() -> optax.GradientTransformation:
         learning_rate=1e-4, b1=0.9, b2=0.95, eps=1e-12, weight_decay=0.0)
 
 
+def commit(tree, like=None):
+    """Pin every array to a fixed placement: its own, or replicated over `like`'s mesh when it is not laid out on
+    that mesh (e.g. the optimizer's step count). jit keys its cache on whether arguments are committed, and Orbax
+    restores committed arrays (into the live arrays' shardings): a fresh state must be committed the same way,
+    or every resume recompiles (or, on a mesh, mixes one-device and mesh arrays)."""
+    meshes = [x.sharding.mesh for x in jax.tree.leaves(tree if like is None else like)
+              if isinstance(x.sharding, jax.sharding.NamedSharding)]
+
+    def put(x):
+        s = x.sharding
+        if meshes and s.device_set != set(meshes[0].devices.flat):
+            s = jax.sharding.NamedSharding(meshes[0], jax.sharding.PartitionSpec())
+        return jax.device_put(x, s)
+
+    return jax.tree.map(put, tree)
+
+
 @dataclass
 class TrainState:
     """One Tinker training model: weights, optimizer state and the gradient accumulator (all fp32)."""
@@ -63,9 +80,9 @@ class TrainState:
         graphdef, trainable, frozen = split_model(model, full_finetune)
         # fp32 master weights, always a private copy: optim_step donates them, and for full fine-tuning
         # they would otherwise alias the shared base model's arrays.
-        trainable = jax.tree.map(lambda x: jnp.array(x, dtype=jnp.float32, copy=True), trainable)
-        return TrainState(graphdef, trainable, frozen, make_optimizer().init(trainable),
-                          jax.tree.map(jnp.zeros_like, trainable), meta=dict(meta or {}))
+        trainable = commit(jax.tree.map(lambda x: jnp.array(x, dtype=jnp.float32, copy=True), trainable))
+        return TrainState(graphdef, trainable, frozen, commit(make_optimizer().init(trainable), trainable),
+                          commit(jax.tree.map(jnp.zeros_like, trainable), trainable), meta=dict(meta or {}))
 
     def model(self) -> Decoder:
         return merge_model(self.graphdef, self.trainable, self.frozen)

@@ -1,0 +1,345 @@
+"""The direct Python API (tinker_jax.ServiceClient / TrainingClient) against the official SDK's surface, and
+input validation: every bad request fails through its future with a ValueError naming the datum and field,
+and leaves the client (and its accumulated gradient) usable.
+
+All clients here use the tiny-qwen3 init-model preset, LoRA rank 4 and batches of 4 rows x 16 tokens, so the
+whole file compiles one forward_backward, one forward and one optim_step program.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import inspect
+import re
+
+import jax
+import models_util
+import numpy as np
+import pytest
+import tinker
+import tinker.types as tt
+
+import tinker_jax
+from tinker_jax.config import EngineConfig
+
+PRESET = "tiny-qwen3"
+RANK = 4
+METRIC_KEY = re.compile(r"^[A-Za-z0-9_./-]+:(sum|mean|max|min|count)$")
+
+
+# ------------------------------------------------------------------------------------------------ helpers
+
+
+def datum(tokens, targets, **inputs) -> tt.Datum:
+    fields = {"target_tokens": tt.TensorData.from_numpy(np.asarray(targets, np.int64))}
+    fields.update({k: tt.TensorData.from_numpy(np.asarray(v, np.float32)) for k, v in inputs.items()})
+    return tt.Datum(model_input=tt.ModelInput.from_ints([int(t) for t in tokens]), loss_fn_inputs=fields)
+
+
+def random_data(seed: int, lengths=(5, 9, 16, 12), vocab: int = 512, **const_inputs) -> list[tt.Datum]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for n in lengths:
+        toks = rng.integers(0, vocab, n + 1)
+        out.append(datum(toks[:-1], toks[1:], weights=rng.uniform(0.5, 1.5, n),
+                         **{k: np.full(n, v, np.float32) for k, v in const_inputs.items()}))
+    return out
+
+
+def params(tc) -> dict[str, np.ndarray]:
+    """The client's trainable weights as private numpy copies, keyed by path."""
+    st = tc.engine.model(tc.model_id)
+    return {jax.tree_util.keystr(p): np.array(x, copy=True)
+            for p, x in jax.tree_util.tree_leaves_with_path(st.trainable.to_pure_dict())}
+
+
+def assert_params_equal(a: dict, b: dict):
+    assert a.keys() == b.keys()
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k], err_msg=k)
+
+
+def logprobs(out: tt.ForwardBackwardOutput) -> list[np.ndarray]:
+    return [np.asarray(o["logprobs"].to_numpy()) for o in out.loss_fn_outputs]
+
+
+# ------------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def model_dir():
+    return models_util.tiny_model_dir(PRESET)
+
+
+@pytest.fixture(scope="module")
+def svc(model_dir, tmp_path_factory):
+    s = tinker_jax.ServiceClient(data_dir=tmp_path_factory.mktemp("api_data"),
+                                 config=EngineConfig(models={"tiny": str(model_dir)}))
+    yield s
+    s.close()
+
+
+# ------------------------------------------------------------------------------------------------ API surface
+
+# Methods the issue names, with every parameter the official SDK accepts.
+SDK_METHODS = {
+    tinker.ServiceClient: (tinker_jax.ServiceClient, [
+        "create_lora_training_client", "create_lora_training_client_async",
+        "create_training_client_from_state", "create_training_client_from_state_async",
+        "create_training_client_from_state_with_optimizer", "create_training_client_from_state_with_optimizer_async",
+        "get_server_capabilities"]),
+    tinker.TrainingClient: (tinker_jax.TrainingClient, [
+        "forward", "forward_backward", "forward_backward_custom", "optim_step", "save_state", "load_state",
+        "load_state_with_optimizer", "save_weights_for_sampler", "get_info", "get_tokenizer",
+        "forward_async", "forward_backward_async", "forward_backward_custom_async", "optim_step_async",
+        "save_state_async", "load_state_async", "load_state_with_optimizer_async",
+        "save_weights_for_sampler_async", "get_info_async"]),
+}
+
+
+@pytest.mark.parametrize("sdk_cls", list(SDK_METHODS), ids=lambda c: c.__name__)
+def test_method_signatures_accept_every_sdk_parameter(sdk_cls):
+    ours_cls, names = SDK_METHODS[sdk_cls]
+    for name in names:
+        sdk_fn, ours_fn = getattr(sdk_cls, name), getattr(ours_cls, name, None)
+        assert ours_fn is not None, f"{ours_cls.__name__}.{name} is missing"
+        assert inspect.iscoroutinefunction(ours_fn) == name.endswith("_async"), name
+        ours = inspect.signature(ours_fn).parameters
+        if any(p.kind == p.VAR_KEYWORD for p in ours.values()) and \
+                any(p.kind == p.VAR_POSITIONAL for p in ours.values()):
+            continue  # (*a, **k) forwarding twin: checked through its sync method
+        sdk = inspect.signature(sdk_fn).parameters
+        missing = [p for p in sdk if p not in ours]
+        assert not missing, f"{ours_cls.__name__}.{name} lacks SDK parameters {missing}"
+        # Positional order of the SDK's leading parameters is kept (scripts pass them positionally).
+        sdk_pos = [p for p, v in sdk.items() if v.kind == v.POSITIONAL_OR_KEYWORD]
+        ours_pos = [p for p, v in ours.items() if v.kind == v.POSITIONAL_OR_KEYWORD]
+        assert ours_pos[:len(sdk_pos)] == sdk_pos, f"{name}: {ours_pos} vs SDK {sdk_pos}"
+
+
+def test_sync_api_round_trip(svc, model_dir):
+    caps = svc.get_server_capabilities()
+    assert isinstance(caps, tt.GetServerCapabilitiesResponse)
+    assert "tiny" in [m.model_name for m in caps.supported_models]
+
+    tc = svc.create_lora_training_client("tiny", rank=RANK, seed=0, train_mlp=True, train_attn=True,
+                                         train_unembed=True)
+    assert isinstance(tc, tinker_jax.TrainingClient) and tc.result() is tc  # SDK-style creation future
+
+    info = tc.get_info()
+    assert isinstance(info, tt.GetInfoResponse)
+    assert (info.model_id, info.model_name, info.is_lora, info.lora_rank) == (tc.model_id, "tiny", True, RANK)
+    assert info.model_data.arch == "Qwen3ForCausalLM"
+
+    tok = tc.get_tokenizer()
+    ids = tok.encode("hello world, the quick brown fox")
+    assert ids and all(0 <= i < 512 for i in ids)
+    assert tok.decode(ids) == "hello world, the quick brown fox"
+
+    data = random_data(0)
+    fut = tc.forward(data, "cross_entropy")
+    assert isinstance(fut, tinker_jax.APIFuture)
+    fwd = fut.result()
+    assert isinstance(fwd, tt.ForwardBackwardOutput)
+    assert [len(lp) for lp in logprobs(fwd)] == [5, 9, 16, 12]
+    assert all(METRIC_KEY.match(k) for k in fwd.metrics), fwd.metrics
+
+    fb = tc.forward_backward(data, "cross_entropy").result()
+    assert isinstance(fb, tt.ForwardBackwardOutput)
+    for a, b in zip(logprobs(fwd), logprobs(fb)):
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
+    assert fb.metrics["loss:sum"] == pytest.approx(fwd.metrics["loss:sum"], rel=1e-6)
+
+    def custom(ds, lps):
+        loss = sum((-lp * d.loss_fn_inputs["weights"].to_torch()).sum() for d, lp in zip(ds, lps))
+        return loss, {"tokens:sum": float(sum(len(lp) for lp in lps))}
+
+    cu = tc.forward_backward_custom(data, custom).result()
+    assert isinstance(cu, tt.ForwardBackwardOutput)
+    assert cu.metrics["loss:sum"] == pytest.approx(fb.metrics["loss:sum"], rel=1e-5)
+    assert cu.metrics["tokens:sum"] == 42
+    assert all(METRIC_KEY.match(k) for k in cu.metrics), cu.metrics
+
+    before = params(tc)
+    opt = tc.optim_step(tt.AdamParams(learning_rate=1e-3)).result()
+    assert isinstance(opt, tt.OptimStepResponse)
+    assert all(METRIC_KEY.match(k) for k in opt.metrics), opt.metrics
+    after = params(tc)
+    assert any(not np.array_equal(before[k], after[k]) for k in before), "optim_step changed nothing"
+
+    saved = tc.save_state("ckpt-1").result()
+    assert isinstance(saved, tt.SaveWeightsResponse)
+    assert saved.path == f"tinker://{tc.model_id}/weights/ckpt-1"
+    samp = tc.save_weights_for_sampler("samp-1").result()
+    assert isinstance(samp, tt.SaveWeightsForSamplerResponse)
+    assert samp.path == f"tinker://{tc.model_id}/sampler_weights/samp-1"
+
+    # Move away from the checkpoint, then come back with each load flavour.
+    tc.forward_backward(data, "cross_entropy").result()
+    tc.optim_step(tt.AdamParams(learning_rate=1e-3)).result()
+    assert any(not np.array_equal(after[k], v) for k, v in params(tc).items())
+    loaded = tc.load_state(saved.path).result()
+    assert isinstance(loaded, tt.LoadWeightsResponse) and loaded.path == saved.path
+    assert_params_equal(params(tc), after)
+    loaded = tc.load_state_with_optimizer(saved.path).result()
+    assert isinstance(loaded, tt.LoadWeightsResponse)
+    assert_params_equal(params(tc), after)
+
+    for create in (svc.create_training_client_from_state, svc.create_training_client_from_state_with_optimizer):
+        tc2 = create(saved.path)
+        assert isinstance(tc2, tinker_jax.TrainingClient) and tc2.model_id != tc.model_id
+        assert tc2.get_info().lora_rank == RANK and tc2.get_info().model_name == "tiny"
+        assert_params_equal(params(tc2), after)
+    # The SDK's optional parameters are accepted (base_model names the same model here).
+    tc3 = svc.create_training_client_from_state(saved.path, base_model="tiny", user_metadata={"a": "b"})
+    assert_params_equal(params(tc3), after)
+
+
+def test_async_twins(svc):
+    data = random_data(1)
+
+    async def main():
+        tc = await svc.create_lora_training_client_async("tiny", rank=RANK, seed=5)
+        assert isinstance(tc, tinker_jax.TrainingClient)
+        results = {}
+        for name, call in [
+            ("forward", tc.forward_async(data, "cross_entropy")),
+            ("forward_backward", tc.forward_backward_async(data, "cross_entropy")),
+            ("forward_backward_custom", tc.forward_backward_custom_async(
+                data, lambda ds, lps: (sum(-lp.sum() for lp in lps), {}))),
+            ("optim_step", tc.optim_step_async(tt.AdamParams(learning_rate=1e-3))),
+            ("save_state", tc.save_state_async("async-1")),
+            ("save_weights_for_sampler", tc.save_weights_for_sampler_async("async-s1")),
+        ]:
+            assert inspect.iscoroutine(call), name
+            fut = await call
+            assert hasattr(fut, "result"), name  # coroutine -> future ...
+            results[name] = await fut  # ... -> awaited result
+            assert fut.result() == results[name]  # .result() agrees with await
+        path = results["save_state"].path
+        for name, call in [("load_state", tc.load_state_async(path)),
+                           ("load_state_with_optimizer", tc.load_state_with_optimizer_async(path))]:
+            results[name] = await (await call)
+        results["get_info"] = await tc.get_info_async()
+        tc2 = await svc.create_training_client_from_state_async(path)
+        tc3 = await svc.create_training_client_from_state_with_optimizer_async(path)
+        return tc, tc2, tc3, results
+
+    tc, tc2, tc3, r = asyncio.run(main())
+    types = {"forward": tt.ForwardBackwardOutput, "forward_backward": tt.ForwardBackwardOutput,
+             "forward_backward_custom": tt.ForwardBackwardOutput, "optim_step": tt.OptimStepResponse,
+             "save_state": tt.SaveWeightsResponse, "save_weights_for_sampler": tt.SaveWeightsForSamplerResponse,
+             "load_state": tt.LoadWeightsResponse, "load_state_with_optimizer": tt.LoadWeightsResponse,
+             "get_info": tt.GetInfoResponse}
+    for name, cls in types.items():
+        assert isinstance(r[name], cls), (name, type(r[name]))
+    assert r["save_weights_for_sampler"].path == f"tinker://{tc.model_id}/sampler_weights/async-s1"
+    # The async calls did the same work as the sync ones would: forward == forward_backward logprobs, and
+    # the custom loss -sum(lp) equals cross_entropy with unit weights... which here are the datum weights,
+    # so compare against the returned logprobs directly.
+    for a, b in zip(logprobs(r["forward"]), logprobs(r["forward_backward"])):
+        np.testing.assert_allclose(a, b, atol=1e-5)
+    assert r["forward_backward_custom"].metrics["loss:sum"] == pytest.approx(
+        -sum(lp.sum() for lp in logprobs(r["forward"])), rel=1e-5)
+    assert_params_equal(params(tc2), params(tc))
+    assert_params_equal(params(tc3), params(tc))
+
+
+def test_base_model_named_by_local_path(svc, model_dir):
+    data = random_data(2)
+    by_alias = svc.create_lora_training_client("tiny", rank=RANK, seed=0)
+    by_path = svc.create_lora_training_client(str(model_dir), rank=RANK, seed=0)
+    assert by_path.get_info().model_name == str(model_dir)
+    assert by_path.get_tokenizer().encode("abc") == by_alias.get_tokenizer().encode("abc")
+    a = logprobs(by_alias.forward(data, "cross_entropy").result())
+    b = logprobs(by_path.forward(data, "cross_entropy").result())
+    for x, y in zip(a, b):
+        np.testing.assert_array_equal(x, y)
+    with pytest.raises(ValueError, match="unknown model 'no-such-model'"):
+        svc.create_lora_training_client("no-such-model", rank=RANK)
+
+
+# ------------------------------------------------------------------------------------------------ bad input
+
+
+def _bad_cases(seed: int = 9):
+    """(name, data, loss_fn, loss_fn_config, message regex). The bad datum is always datum[1]."""
+    rng = np.random.default_rng(seed)
+
+    def good(n=8, **inputs):
+        toks = rng.integers(0, 512, n + 1)
+        return datum(toks[:-1], toks[1:], **inputs)
+
+    rl = dict(logprobs=np.full(8, -2.0), advantages=np.ones(8))
+    toks = rng.integers(0, 512, 9)
+    return [
+        ("token_out_of_vocab", [good(), datum([*toks[:3], 512, *toks[4:8]], toks[1:])], "cross_entropy", None,
+         r"datum\[1\]\.model_input: token id 512 outside the vocabulary"),
+        ("negative_token", [good(), datum([-1, *toks[1:8]], toks[1:])], "cross_entropy", None,
+         r"datum\[1\]\.model_input: token id -1 outside"),
+        ("target_out_of_vocab", [good(), datum(toks[:8], [*toks[1:8], 9999])], "cross_entropy", None,
+         r"datum\[1\]\.loss_fn_inputs\['target_tokens'\].*outside"),
+        ("weights_length", [good(), good(weights=np.ones(7))], "cross_entropy", None,
+         r"datum\[1\]\.loss_fn_inputs\['weights'\].*does not match model_input length 8"),
+        ("targets_length", [good(), datum(toks[:8], toks[1:6])], "cross_entropy", None,
+         r"datum\[1\]\.loss_fn_inputs\['target_tokens'\].*length 8"),
+        ("missing_advantages", [good(**rl), good(logprobs=np.zeros(8))], "importance_sampling", None,
+         r"datum\[1\]\.loss_fn_inputs: missing \['advantages'\].*importance_sampling"),
+        ("unknown_loss", [good(), good()], "no_such_loss", None, r"unknown loss_fn 'no_such_loss'"),
+        ("unknown_config_key", [good(), good()], "ppo", {"bogus": 1.0},
+         r"unknown loss_fn_config key\(s\) \['bogus'\] for loss_fn 'ppo'"),
+        ("nan_weight", [good(), good(weights=[1, 1, np.nan, 1, 1, 1, 1, 1])], "cross_entropy", None,
+         r"datum\[1\]\.loss_fn_inputs\['weights'\]: contains NaN or inf"),
+        ("inf_weight", [good(), good(weights=[1, 1, 1, 1, 1, 1, 1, np.inf])], "cross_entropy", None,
+         r"datum\[1\]\.loss_fn_inputs\['weights'\]: contains NaN or inf"),
+        ("nan_advantage", [good(**rl), good(logprobs=np.zeros(8), advantages=[0, np.nan, 0, 0, 0, 0, 0, 0])],
+         "importance_sampling", None, r"datum\[1\]\.loss_fn_inputs\['advantages'\]: contains NaN or inf"),
+        ("inf_advantage", [good(**rl), good(logprobs=np.zeros(8), advantages=[-np.inf, 0, 0, 0, 0, 0, 0, 0])],
+         "importance_sampling", None, r"datum\[1\]\.loss_fn_inputs\['advantages'\]: contains NaN or inf"),
+        ("empty_batch", [], "cross_entropy", None, r"empty"),
+        ("empty_datum", [good(), datum([], [])], "cross_entropy", None, r"datum\[1\]\.model_input: empty"),
+        ("too_long", [good(), good(n=513)], "cross_entropy", None,
+         r"datum\[1\]\.model_input: length 513 exceeds the model's limit of 512"),
+    ]
+
+
+BAD_CASES = _bad_cases()
+
+
+@pytest.fixture(scope="module")
+def bad_pair(svc):
+    """Two identical clients; only the first one sees the bad requests."""
+    return (svc.create_lora_training_client("tiny", rank=RANK, seed=21),
+            svc.create_lora_training_client("tiny", rank=RANK, seed=21))
+
+
+@pytest.mark.parametrize("case", BAD_CASES, ids=[c[0] for c in BAD_CASES])
+@pytest.mark.parametrize("method", ["forward_backward", "forward"])
+def test_bad_input_raises_clear_value_error_through_future(bad_pair, case, method):
+    name, data, loss_fn, config, pattern = case
+    fut = getattr(bad_pair[0], method)(data, loss_fn, config)  # the call itself never raises
+    with pytest.raises(ValueError, match=pattern):
+        fut.result(timeout=120)
+
+
+def test_bad_input_leaves_accumulated_gradient_intact(bad_pair):
+    """good batch, then every bad request, then optim_step == good batch then optim_step (bitwise)."""
+    dirty, clean = bad_pair
+    assert_params_equal(params(dirty), params(clean))
+    good = random_data(3)
+    out_dirty = dirty.forward_backward(good, "cross_entropy").result()
+    for name, data, loss_fn, config, _ in BAD_CASES:
+        with pytest.raises(ValueError):
+            dirty.forward_backward(data, loss_fn, config).result(timeout=120)
+    with pytest.raises(ValueError, match="adam_params.learning_rate"):
+        dirty.optim_step(tt.AdamParams(learning_rate=float("nan"))).result()
+    out_clean = clean.forward_backward(good, "cross_entropy").result()
+    assert out_dirty.metrics == out_clean.metrics
+    adam = tt.AdamParams(learning_rate=1e-2)
+    dirty.optim_step(adam).result()
+    clean.optim_step(adam).result()
+    assert_params_equal(params(dirty), params(clean))
+    # ... and the client keeps working afterwards.
+    a = dirty.forward_backward(good, "cross_entropy").result()
+    b = clean.forward_backward(good, "cross_entropy").result()
+    assert a.metrics == b.metrics
