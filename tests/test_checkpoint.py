@@ -215,6 +215,20 @@ def test_crash_during_save_keeps_previous_checkpoint(svc, monkeypatch):
     assert sorted(p.name for p in kind_dir.iterdir()) == ["ck"]
 
 
+def test_overwrite_killed_between_renames_is_recovered(svc):
+    """A SIGKILL after the old checkpoint was moved aside but before the new one took its name: the next
+    reader puts the old one back instead of reporting the checkpoint missing."""
+    tc = svc.create_lora_training_client("tiny", rank=RANK, seed=3)
+    train_step(tc, 1)
+    good = tc.save_state("ow").result().path
+    good_params = params(tc)
+    final = _ckpt_dir(svc, good)
+    final.rename(final.with_name(f".{final.name}.deadbeef.old"))  # the state such a kill leaves behind
+    tc2 = svc.create_training_client_from_state(good)
+    assert_same(params(tc2), good_params)
+    assert sorted(p.name for p in final.parent.iterdir()) == ["ow"]
+
+
 def test_bad_paths_give_clear_errors(svc, run):
     tc = run["tc"]
     sampler_path = tc.save_weights_for_sampler("samp").result().path

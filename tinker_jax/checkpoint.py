@@ -34,10 +34,21 @@ def _abstract(tree):
                         tree)
 
 
+def recover(path: str | Path) -> Path:
+    """Undo an overwrite interrupted between its two renames (old moved aside, new not yet in place)."""
+    path = Path(path)
+    if not path.exists():
+        olds = sorted(path.parent.glob(f".{path.name}.*.old"), key=lambda p: p.stat().st_mtime)
+        if olds:
+            olds[-1].rename(path)
+    return path
+
+
 def save(path: str | Path, state: TrainState, *, kind: str, with_optimizer: bool, meta: dict) -> Path:
     """Write `state` to `path` atomically. kind: "training" (weights + optimizer) or "sampler" (weights)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    recover(path)
     items = {"trainable": state.trainable.to_pure_dict()}
     if with_optimizer:
         items["opt_state"] = jax.tree.leaves(state.opt_state)
@@ -64,7 +75,7 @@ def save(path: str | Path, state: TrainState, *, kind: str, with_optimizer: bool
 
 
 def read_meta(path: str | Path) -> dict:
-    path = Path(path)
+    path = recover(path)
     f = path / "meta" / "metadata"
     if not path.is_dir():
         raise CheckpointError(f"checkpoint {path} does not exist")

@@ -243,7 +243,7 @@ class Engine:
 
     def _meta_of(self, path: str) -> tuple[TinkerPath, dict]:
         p = TinkerPath.parse(path)
-        d = self.registry.checkpoint_dir(p)
+        d = checkpoint.recover(self.registry.checkpoint_dir(p))
         if not d.is_dir():
             raise NotFound(f"path: checkpoint {path} not found")
         return p, checkpoint.read_meta(d)
