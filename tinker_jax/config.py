@@ -25,6 +25,9 @@ class SamplerConfig:
     max_batch: int = 16  # rows decoded together (continuous batching slots)
     max_seq_len: int = 1024  # prompt + generated tokens per row (KV-cache length)
     max_num_samples: int = 64  # cap on num_samples per request
+    max_lora_rank: int = 64  # vllm: largest adapter rank served (rounded up to a rank vLLM accepts)
+    max_loras: int = 4  # vllm: adapters resident on the GPU at once
+    gpu_memory_utilization: float = 0.4  # vllm: its share of GPU memory (JAX training needs the rest)
 
 
 @dataclass(frozen=True)

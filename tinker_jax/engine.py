@@ -71,6 +71,10 @@ class Engine:
         self.data_dir = Path(config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self.registry = Registry(self.data_dir / "engine.db", self.data_dir)
+        if config.sampler.backend == "vllm":  # fail at start, not on the first sample request
+            from tinker_jax.sampling.vllm_backend import require_vllm
+
+            require_vllm()
         if config.compile_cache:
             enable_compile_cache(self.data_dir / "jax_cache")
         self.mesh = make_mesh(config.mesh) if config.mesh.size > 1 else None

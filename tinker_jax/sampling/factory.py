@@ -51,7 +51,15 @@ def make_sampler(base: Any, config: Any = None, **overrides) -> Sampler:
 
     `config` is a SamplerConfig-like object; its max_batch, max_seq_len, max_num_samples (and any other
     Sampler keyword it shares) are used, then `overrides`. The KV cache takes the decoder's compute dtype.
+    `config.backend` "vllm" returns a started vllm_backend.VLLMSampler instead (same public interface).
     """
+    backend = getattr(config, "backend", None) or "jax"
+    if backend == "vllm":
+        from tinker_jax.sampling.vllm_backend import VLLMSampler  # lazy: vllm is the optional `gpu` extra
+
+        return VLLMSampler(base, config, **overrides).start()
+    if backend != "jax":
+        raise ValueError(f"sampler.backend: expected 'jax' or 'vllm', got {backend!r}")
     kw: dict[str, Any] = {}
     for name in ("max_batch", "max_seq_len", "max_num_samples", "prefill_lengths", "prefill_batches",
                  "prefill_token_budget", "decode_steps", "max_topk_prompt_logprobs", "max_stop_tokens"):
