@@ -10,6 +10,7 @@ Two kinds of tests:
 
 from __future__ import annotations
 
+import importlib.util
 import gc
 import sys
 import types as pytypes
@@ -369,3 +370,13 @@ class TestOnGPU:
         text = j.tokenizer.decode(toks[5:8])
         self._compare(pair, snap, types.SamplingParams(max_tokens=24, temperature=0.0, stop=[text]))
         self._compare(pair, snap, types.SamplingParams(max_tokens=24, temperature=0.0, stop=[toks[6]]))
+
+
+@pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")
+def test_engine_with_vllm_backend_fails_at_start_without_vllm(tmp_path):
+    from tinker_jax.config import EngineConfig, SamplerConfig
+    from tinker_jax.engine import Engine
+    from tinker_jax.sampling.vllm_backend import VLLMUnavailable
+
+    with pytest.raises(VLLMUnavailable, match="gpu"):
+        Engine(EngineConfig(data_dir=tmp_path, sampler=SamplerConfig(backend="vllm")))
