@@ -119,8 +119,15 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(H, cfg.norm_eps, ("head_dim",), param_dtype) if cfg.qk_norm else None
         self.shape = (N, K, H)
 
-    def __call__(self, x, positions, mask, inv_freq, cache_kv=None):
-        """x [B,T,D], positions [B,T], mask [B,T,S] bool. cache_kv: (k, v) [B,S,K,H] of this layer."""
+    def __call__(self, x, positions, mask, inv_freq, cache=None):
+        """x [B,T,D], positions [B,T] -> (out [B,T,D], (k, v) [B,T,K,H] of this step).
+
+        No cache: `mask` [B,T,T] is the full attention mask over this chunk.
+        With cache = (k_cache, v_cache) [B,S,K,H] of this layer, *read only*: queries attend to the cache
+        slots where `mask` [B,T,S] is true (the context before this chunk) and, causally, to this chunk's own
+        keys. The caller writes the returned k/v into the cache once for all layers: writing inside the layer
+        loop made XLA copy the whole cache per layer, which dominated decode time.
+        """
         N, K, H = self.shape
         B, T, _ = x.shape
         q = self.q(x).reshape(B, T, N, H)
@@ -129,19 +136,23 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        if cache_kv is not None:
-            # Write this step's k/v at their absolute positions, row by row, then attend over the cache.
-            write = jax.vmap(lambda c, new, pos: c.at[pos].set(new))
-            k = write(cache_kv[0], k.astype(cache_kv[0].dtype), positions)  # [B,S,K,H]
-            v = write(cache_kv[1], v.astype(cache_kv[1].dtype), positions)
-            cache_kv = (k, v)
-            k, v = k.astype(x.dtype), v.astype(x.dtype)
-        qg = q.reshape(B, T, K, N // K, H)  # GQA: G query heads share one kv head
-        scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k) * (1.0 / math.sqrt(H))
+        qg = q.reshape(B, T, K, N // K, H) * (1.0 / math.sqrt(H))  # GQA: G query heads share one kv head
+        scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k)  # this chunk's own keys
+        if cache is not None:  # prepend the cached context's scores; the cache itself is never copied
+            ck, cv = cache
+            causal = jnp.broadcast_to(jnp.tril(jnp.ones((T, T), bool)), (B, T, T))
+            mask = jnp.concatenate([mask, causal], axis=-1)  # [B,T,S+T]
+            scores = jnp.concatenate([jnp.einsum("BTKGH,BSKH->BKGTS", qg, ck.astype(x.dtype)), scores], axis=-1)
         scores = jnp.where(mask[:, None, None], scores.astype(jnp.float32), NEG_INF)
         probs = jax.nn.softmax(scores, axis=-1).astype(x.dtype)
-        out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v).reshape(B, T, N * H)
-        return self.o(out), cache_kv
+        if cache is None:
+            out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+        else:
+            S = ck.shape[1]
+            out = (jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., :S], cv.astype(x.dtype))
+                   + jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., S:], v))
+        out = out.reshape(B, T, N * H)
+        return self.o(out), (k, v)
 
 
 class MLP(nnx.Module):
@@ -163,10 +174,10 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, ("embed",), param_dtype)
         self.mlp = MLP(cfg, rngs=rngs, lora=lora, param_dtype=param_dtype)
 
-    def __call__(self, x, positions, mask, inv_freq, cache_kv=None):
-        h, cache_kv = self.attn(self.attn_norm(x), positions, mask, inv_freq, cache_kv)
+    def __call__(self, x, positions, mask, inv_freq, cache=None):
+        h, kv = self.attn(self.attn_norm(x), positions, mask, inv_freq, cache)
         x = x + h
-        return x + self.mlp(self.mlp_norm(x)), cache_kv
+        return x + self.mlp(self.mlp_norm(x)), kv
 
 
 # ---------------------------------------------------------------------------------------------- decoder
@@ -221,20 +232,30 @@ class Decoder(nnx.Module):
             causal = idx[:, None] >= idx[None, :]  # [T,S]: packed segments are contiguous
             mask = causal[None] & (seg[:, :, None] == seg[:, None, :]) & (seg[:, None, :] != 0)
         else:
+            # The chunk's positions are consecutive per row (prefill: a prompt; decode: T = 1), so the
+            # context is every slot before the chunk's first position; later slots may hold stale rows.
             slots = jnp.arange(cache.k.shape[2])
-            mask = slots[None, None, :] <= positions[:, :, None]  # [B,T,S]
+            mask = jnp.broadcast_to(slots[None, None, :] < positions[:, :1, None], (B, T, cache.k.shape[2]))
         graphdef, state = nnx.split(self.blocks)
         inv_freq = rope_inv_freq(self.cfg)  # numpy at trace time: a compile-time constant
 
-        def layer(h, xs):
-            layer_state, kv = xs
-            h, kv = nnx.merge(graphdef, layer_state)(h, positions, mask, inv_freq, kv)
+        if cache is None:
+            def layer(h, layer_state):
+                return nnx.merge(graphdef, layer_state)(h, positions, mask, inv_freq)[0], None
+
+            x, _ = jax.lax.scan(layer, x, state)
+            return self.final_norm(x), None
+
+        def cached_layer(h, xs):
+            layer_state, ck, cv = xs
+            h, kv = nnx.merge(graphdef, layer_state)(h, positions, mask, inv_freq, (ck, cv))
             return h, kv
 
-        kv_in = None if cache is None else (cache.k, cache.v)
-        x, kv_out = jax.lax.scan(layer, x, (state, kv_in))
-        new_cache = None if cache is None else KVCache(*kv_out)
-        return self.final_norm(x), new_cache
+        x, (k_new, v_new) = jax.lax.scan(cached_layer, x, (state, cache.k, cache.v))  # new: [L,B,T,K,H]
+        rows = jnp.arange(B)[:, None]  # step t of row b goes to slot positions[b, t], in every layer
+        cache = KVCache(cache.k.at[:, rows, positions].set(k_new.astype(cache.k.dtype)),
+                        cache.v.at[:, rows, positions].set(v_new.astype(cache.v.dtype)))
+        return self.final_norm(x), cache
 
     def logits(self, hidden: jax.Array) -> jax.Array:
         """hidden [B,T,D] -> logits [B,T,V] float32."""
