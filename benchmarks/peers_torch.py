@@ -1,0 +1,160 @@
+"""The PyTorch peer: transformers (+ peft for LoRA) on the same HF directory, data and shapes as ours.
+
+Training step = forward, summed next-token cross-entropy over fp32 logits (what ours computes), backward,
+AdamW step, zero_grad. LoRA: peft r / alpha / target modules as given (no dropout). Sampling = `generate`,
+greedy, exactly `max_new_tokens` per row (EOS suppressed by min_new_tokens).
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def sync() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def free_memory() -> None:
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
+def _torch_dtype(dtype: str):
+    import torch
+
+    return {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
+
+
+def load_model(model_dir: Path, dtype: str):
+    import transformers
+    from transformers import AutoModelForCausalLM
+
+    transformers.logging.set_verbosity_error()  # no progress bars / deprecation chatter in the bench log
+    transformers.utils.logging.disable_progress_bar()
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), dtype=_torch_dtype(dtype))
+    except TypeError:  # transformers < 4.56 spells it torch_dtype
+        model = AutoModelForCausalLM.from_pretrained(str(model_dir), torch_dtype=_torch_dtype(dtype))
+    return model.to(device())
+
+
+def lora_model(model, rank: int, alpha: float):
+    from peft import LoraConfig, get_peft_model
+
+    import warnings
+
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # peft calling a deprecated transformers helper
+        return get_peft_model(model, cfg)
+
+
+def _optimizer(params):
+    import torch
+
+    params = [p for p in params if p.requires_grad]
+    kw = {"fused": True} if torch.cuda.is_available() else {}
+    return torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0, **kw)
+
+
+def train_step(model_dir: Path, tokens: np.ndarray, *, lora_rank: int | None, lora_alpha: float, dtype: str
+               ) -> tuple[Callable[[], None], Callable[[], None]]:
+    """-> (one training step: forward, backward, AdamW; release the model)."""
+    import torch
+    import torch.nn.functional as F
+
+    holder = {"model": load_model(model_dir, dtype)}
+    if lora_rank:
+        holder["model"] = lora_model(holder["model"], lora_rank, lora_alpha)
+    model = holder["model"]
+    dev = device()
+    x = torch.as_tensor(tokens[:, :-1], device=dev)
+    y = torch.as_tensor(tokens[:, 1:], device=dev)
+    opt = _optimizer(model.parameters())
+    model.train()
+
+    def step():
+        logits = model(input_ids=x).logits.float()
+        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        sync()
+
+    def close():
+        holder.clear()
+        opt.state.clear()
+        free_memory()
+    return step, close
+
+
+def generate_step(model, prompts: np.ndarray, max_new: int) -> Callable[[], int]:
+    """-> one `generate` call over the whole batch (each row gets exactly max_new tokens); returns tokens made."""
+    import torch
+
+    model.eval()
+    ids = torch.as_tensor(prompts, device=device())
+    mask = torch.ones_like(ids)
+    pad = model.config.pad_token_id if model.config.pad_token_id is not None else 0
+
+    def gen() -> int:
+        with torch.inference_mode():
+            out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new,
+                                 min_new_tokens=max_new, do_sample=False, pad_token_id=pad)
+        sync()
+        return int((out.shape[1] - ids.shape[1]) * out.shape[0])
+    return gen
+
+
+def handoff_step(model_dir: Path, prompt: np.ndarray, *, lora_rank: int, lora_alpha: float, dtype: str
+                 ) -> tuple[Callable[[], float], Callable[[], None]]:
+    """The disk handoff a torch stack does: save the adapter, load base + adapter from disk in a fresh model,
+    generate one token. The step returns its seconds, from the save to the token."""
+    import shutil
+    import tempfile
+
+    import torch
+    from peft import PeftModel
+
+    holder = {"trained": lora_model(load_model(model_dir, dtype), lora_rank, lora_alpha)}
+    ids = torch.as_tensor(prompt[None, :], device=device())
+    tmp = tempfile.mkdtemp(prefix="bench-handoff-")
+
+    def once() -> float:
+        t0 = time.perf_counter()
+        holder["trained"].save_pretrained(tmp)
+        fresh = PeftModel.from_pretrained(load_model(model_dir, dtype), tmp).eval()
+        with torch.inference_mode():
+            fresh.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=1,
+                           do_sample=False, pad_token_id=0)
+        sync()
+        dt = time.perf_counter() - t0
+        del fresh
+        return dt
+
+    def close():
+        holder.clear()
+        shutil.rmtree(tmp, ignore_errors=True)
+        free_memory()
+    return once, close

@@ -1,0 +1,170 @@
+"""Measurements -> report rows (units, peers side by side, goals, MFU)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from benchmarks import models
+from benchmarks.peers import SKYRL, skyrl_tx_status
+from benchmarks.report import make_row
+from benchmarks.suites import Suite
+from benchmarks.timing import Stat
+
+TORCH_LORA = "transformers+peft"
+TORCH_FULL = "transformers"
+TORCH_GEN = "transformers generate"
+TORCH_HANDOFF = "transformers+peft disk reload"  # save adapter, load base + adapter from disk, generate
+IN_PROCESS = "tinker_jax.ServiceClient in-process"
+
+
+def _tput(x: Any, work: float) -> Any:
+    """seconds Stat -> work/s Stat; reason strings pass through."""
+    return x.map(lambda s: work / s) if isinstance(x, Stat) else x
+
+
+def _peak(res) -> tuple[float | None, str]:
+    """The MFU denominator: the larger of the jax and torch matmul medians (the conservative choice)."""
+    vals = {k: res.get(f"peak.{k}") for k in ("jax", "torch")}
+    nums = {k: v.median for k, v in vals.items() if isinstance(v, Stat)}
+    if not nums:
+        return None, "no measured peak"
+    k = max(nums, key=nums.get)
+    return nums[k], f"{k} matmul median"
+
+
+def assemble(suite: Suite, sections, res, facts: dict, meta: dict) -> list[dict]:
+    shape = facts["shape"]
+    skyrl = skyrl_tx_status()
+    rows: list[dict] = []
+    base = {"model": suite.model, "n_params": shape["n_params"], "dtype": suite.dtype,
+            "ours_sampler": {"max_batch": max(suite.sample_batches), "max_seq_len": suite.sampler_seq_len}}
+    peak, peak_src = _peak(res)
+    giga = 1e12 if suite.peak_dtype == "bfloat16" else 1e9
+    unit_flops = "TFLOP/s" if giga == 1e12 else "GFLOP/s"
+
+    if "peak" in sections:
+        rows.append(make_row(
+            f"matmul peak {suite.peak_n}^3 {suite.peak_dtype} (jax)", unit_flops,
+            _scale(res.get("peak.jax"), 1 / giga), {"torch": _scale(res.get("peak.torch"), 1 / giga)}, meta=meta,
+            settings={"n": suite.peak_n, "dtype": suite.peak_dtype, "flops": "2 n^3"}))
+
+    if "train" in sections:
+        mfu_rows = []
+        for s in suite.train:
+            lora = s.mode == "lora"
+            peer = TORCH_LORA if lora else TORCH_FULL
+            ours = _tput(res.get(f"train.{s.label}.ours"), s.tokens)
+            peers = {peer: _tput(res.get(f"train.{s.label}.torch"), s.tokens)}
+            if lora:
+                peers[SKYRL] = skyrl
+            what = f"LoRA r{suite.lora_rank} (attn+MLP)" if lora else "full fine-tune"
+            settings = {**base, "rows": s.rows, "length": s.length, "tokens_per_step": s.tokens,
+                        "step": "forward_backward(cross_entropy) + optim_step (AdamW)",
+                        "lora": {"rank": suite.lora_rank, "alpha": suite.lora_alpha,
+                                 "targets": "q,k,v,o,gate,up,down"} if lora else None,
+                        "warmup": suite.train_warmup, "repeats": suite.train_repeats}
+            goal = ">= 1.5x transformers+peft and >= 3x skyrl-tx" if lora else ">= 1.5x transformers"
+            rows.append(make_row(f"train {what} {s.rows}x{s.length}", "tokens/s", ours, peers, meta=meta,
+                                 settings=settings, goal=goal))
+            if peak:
+                fpt = models.train_flops_per_token(shape, s.length, lora)
+                to_mfu = lambda x: x.map(lambda t: 100.0 * t * fpt / peak) if isinstance(x, Stat) else x  # noqa: E731
+                mfu_rows.append(make_row(
+                    f"MFU train {what} {s.rows}x{s.length}", "% MFU", to_mfu(ours),
+                    {k: to_mfu(v) for k, v in peers.items()}, meta=meta,
+                    settings={**settings, "flops_per_token": fpt, "peak_flops": peak, "peak_source": peak_src,
+                              "formula": ("4N" if lora else "6N") + " + 3x causal attention forward"},
+                    goal=">= 40% on GPU (full fine-tune)" if not lora else None))
+        rows.extend(mfu_rows)
+
+    if "sample" in sections:
+        for b in suite.sample_batches:
+            ours = res.get(f"sample.{b}.ours")
+            returned = None
+            if isinstance(ours, tuple):
+                ours, returned = ours
+            peers = {TORCH_GEN: _tput(res.get(f"sample.{b}.torch"), b * suite.max_new), SKYRL: skyrl}
+            settings = {**base, "batch": b, "prompt_len": suite.prompt_len, "max_new_tokens": suite.max_new,
+                        "decoding": "greedy", "ours_requests": f"{b} x sample(num_samples=1) submitted together",
+                        "ours_tokens_returned_per_run": returned,
+                        "peer_tokens_per_run": b * suite.max_new, "warmup": suite.sample_warmup,
+                        "repeats": suite.sample_repeats}
+            rows.append(make_row(f"decode batch {b}, prompt {suite.prompt_len} +{suite.max_new}", "tokens/s",
+                                 ours, peers, meta=meta, settings=settings, goal=">= 2x skyrl-tx"))
+
+    if "frontdoor" in sections:
+        fd = res.get("frontdoor")
+        rest, local = (fd, fd) if isinstance(fd, str) else (fd["rest"], fd["in_process"])
+        settings = {**base, "rows": suite.frontdoor_rows, "length": suite.frontdoor_length,
+                    "call": "forward_backward(cross_entropy).result()", "rest": "tinker SDK -> uvicorn 127.0.0.1 -> "
+                    "server.app.build_app(engine)", "warmup": suite.frontdoor_warmup,
+                    "repeats": suite.frontdoor_repeats, "order": "remote and in-process calls alternate"}
+        for q in (50, 99):
+            rows.append(_latency_row(f"forward_backward round trip p{q}, SDK + REST", rest, local, q, meta, settings))
+        over = rest if isinstance(rest, str) else (local if isinstance(local, str) else
+                                                   Stat(_paired_diff(rest.samples, local.samples)))
+        rows.append(make_row("front-door overhead (REST - in-process), paired median", "ms", over,
+                             {SKYRL: skyrl}, meta=meta, settings=settings, goal="< 15 ms p50",
+                             higher_is_better=False))
+
+    if "handoff" in sections:
+        ho = res.get("handoff.ours")
+        peer = {TORCH_HANDOFF: res.get("handoff.torch"), SKYRL: skyrl}
+        settings = {**base, "lora_rank": suite.lora_rank, "prompt_len": suite.prompt_len, "sampled_tokens": 1,
+                    "before_each_run": "one untimed forward_backward + optim_step",
+                    "peer_method": "peft save_pretrained(adapter); from_pretrained(base) + PeftModel.from_pretrained; "
+                                   "generate 1 token", "warmup": suite.handoff_warmup,
+                    "repeats": suite.handoff_repeats}
+        for key, what in (("in_memory", "in memory (save_weights_and_get_sampling_client)"),
+                          ("via_path", "via path (save_weights_for_sampler + create_sampling_client)")):
+            rows.append(make_row(f"weight handoff to 1st token, {what}", "s", ho if isinstance(ho, str) else ho[key], peer,
+                                 meta=meta, settings=settings, goal="< 1 s for a 0.6B model", higher_is_better=False))
+
+    if "coldstart" in sections:
+        cs = res.get("coldstart")
+        settings = {**base, "rows": suite.coldstart_rows, "length": suite.coldstart_length,
+                    "lora_rank": suite.lora_rank, "measured": "spawn -> first forward_backward result",
+                    "repeats": suite.coldstart_repeats,
+                    "breakdown_last_run": None if isinstance(cs, str) else cs["breakdown"]}
+        for key, what in (("no_cache", "no compile cache"), ("warm_cache", "warm persistent compile cache")):
+            rows.append(make_row(f"cold start to first forward_backward, {what}", "s",
+                                 cs if isinstance(cs, str) else cs[key], {}, meta=meta, settings=settings,
+                                 higher_is_better=False))
+    return rows
+
+
+def _scale(x: Any, k: float) -> Any:
+    return x.map(lambda v: v * k) if isinstance(x, Stat) else x
+
+
+def _paired_diff(a: list[float], b: list[float]) -> list[float]:
+    return [x - y for x, y in zip(a, b)]
+
+
+def _latency_row(metric: str, rest: Any, local: Any, q: int, meta: dict, settings: dict) -> dict:
+    """p50/p99 over the timed calls. The spread of a percentile is given as the min/max of all calls."""
+    def pct(x):
+        if isinstance(x, str):
+            return x
+        return _Percentile(x, q)
+    return make_row(metric, "ms", pct(rest), {IN_PROCESS: pct(local)}, meta=meta,
+                    settings={**settings, "statistic": f"p{q} over {settings['repeats']} calls"},
+                    goal="overhead < 15 ms p50" if q == 50 else None, higher_is_better=False)
+
+
+class _Percentile(Stat):
+    """A Stat whose reported figure is a percentile instead of the median."""
+
+    def __init__(self, base: Stat, q: float):
+        super().__init__(list(base.samples))
+        self.q = q
+
+    @property
+    def median(self) -> float:  # the reported figure
+        return self.percentile(self.q)
+
+    def spread(self) -> dict:
+        d = Stat(self.samples).spread()
+        d["statistic"] = f"p{self.q:g}"
+        d["value"] = self.percentile(self.q)
+        return d

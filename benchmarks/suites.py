@@ -1,0 +1,110 @@
+"""What each suite measures: model, dtype, shapes, warm-up and repeat counts, time budget.
+
+- cpu: small-qwen3 (~29M params, vocab 8192), fp32, shapes small enough for 2 cores in < 10 minutes.
+- gpu: the Qwen3-0.6B shape with random weights, bf16, the shapes of shared/reference/peer-baselines.md
+  (LoRA r32 alpha 32 on q/k/v/o/gate/up/down at 8x2048 and 16x1024, full FT 8x2048, sampling prompt 128 +256).
+- gpu-dryrun: the gpu suite's code paths at toy size (qwen3-dryrun), on whatever device is there (a CPU in tests).
+- quick: tiny-qwen3, one repeat: a smoke run for tests.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+SECTIONS = ("peak", "train", "sample", "frontdoor", "handoff", "coldstart")
+
+
+@dataclass(frozen=True)
+class TrainShape:
+    mode: str  # "lora" or "full"
+    rows: int
+    length: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.mode}-{self.rows}x{self.length}"
+
+    @property
+    def tokens(self) -> int:
+        return self.rows * self.length
+
+
+@dataclass(frozen=True)
+class Suite:
+    name: str
+    model: str  # a tinker_jax preset or a benchmarks.models.BENCH_PRESETS name
+    dtype: str  # compute dtype, ours and peers
+    train: tuple[TrainShape, ...]
+    lora_rank: int = 32
+    lora_alpha: float = 32.0
+    train_warmup: int = 1
+    train_repeats: int = 5
+    sample_batches: tuple[int, ...] = (1, 16, 64)
+    prompt_len: int = 32
+    max_new: int = 32
+    sample_warmup: int = 1
+    sample_repeats: int = 3
+    frontdoor_rows: int = 1  # small compute, so the contention noise it suffers stays small next to the overhead
+    frontdoor_length: int = 16
+    frontdoor_warmup: int = 3
+    frontdoor_repeats: int = 40
+    handoff_warmup: int = 2  # the 2nd in-memory handoff still compiled a program (6 s) in a trial run
+    handoff_repeats: int = 3
+    coldstart_rows: int = 1
+    coldstart_length: int = 128
+    coldstart_repeats: int = 2
+    peak_n: int = 2048
+    peak_dtype: str = "float32"
+    time_budget_s: float = 600.0
+    # True: ours and the peer alternate step by step (paired; right for a CPU shared with other work).
+    # False: the peer runs first and frees its memory, then ours (needed on one GPU: JAX keeps what it allocates).
+    interleave: bool = True
+    sections: tuple[str, ...] = SECTIONS
+    caveats: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def max_tokens_per_batch(self) -> int:  # one micro-batch per step: no split that the peers do not do
+        return max(8192, *(s.tokens for s in self.train), self.frontdoor_rows * self.frontdoor_length)
+
+    @property
+    def sampler_seq_len(self) -> int:
+        return self.prompt_len + self.max_new + 16
+
+
+SUITES: dict[str, Suite] = {
+    "cpu": Suite(
+        name="cpu", model="small-qwen3", dtype="float32",
+        train=(TrainShape("lora", 8, 128), TrainShape("full", 8, 128)),
+        train_warmup=1, train_repeats=4, time_budget_s=570.0,
+        caveats=("CPU suite: small-qwen3 (~29M params) in fp32 on a CPU; relative figures only, not GPU evidence.",)),
+    "gpu": Suite(
+        name="gpu", model="qwen3-0.6b-shape", dtype="bfloat16",
+        train=(TrainShape("lora", 8, 2048), TrainShape("lora", 16, 1024), TrainShape("full", 8, 2048)),
+        # batch 16 is left out here: each `generate` run of +256 tokens costs the peer ~7 s whatever the batch.
+        train_warmup=2, train_repeats=6, sample_batches=(64, 1), prompt_len=128, max_new=256,
+        sample_warmup=1, sample_repeats=3, handoff_repeats=3, coldstart_rows=1, coldstart_length=512,
+        coldstart_repeats=1, peak_n=8192, peak_dtype="bfloat16", time_budget_s=380.0, interleave=False,
+        sections=("peak", "train", "sample", "handoff", "coldstart"),
+        caveats=("GPU suite: random weights in the Qwen3-0.6B shape, bf16 compute (ours keeps fp32 master weights "
+                 "and Adam state; the torch peer trains its bf16 weights directly).",
+                 "The REST front door is not measured on the GPU machine (no fastapi/uvicorn there).")),
+}
+SUITES["gpu-dryrun"] = replace(
+    SUITES["gpu"], name="gpu-dryrun", model="qwen3-dryrun", dtype="float32",
+    train=(TrainShape("lora", 2, 64), TrainShape("lora", 4, 32), TrainShape("full", 2, 64)),
+    train_warmup=1, train_repeats=1, sample_batches=(4, 1), prompt_len=16, max_new=8, sample_repeats=1,
+    handoff_warmup=1, handoff_repeats=1, coldstart_length=64, coldstart_repeats=1, peak_n=256,
+    peak_dtype="float32", time_budget_s=300.0,
+    caveats=("gpu-dryrun: the GPU suite's code paths at toy size; its figures mean nothing.",))
+SUITES["quick"] = Suite(
+    name="quick", model="tiny-qwen3", dtype="float32", train=(TrainShape("lora", 2, 32),), lora_rank=4,
+    train_warmup=1, train_repeats=1, sample_batches=(2,), prompt_len=8, max_new=4, sample_repeats=1,
+    frontdoor_rows=1, frontdoor_length=16, frontdoor_warmup=1, frontdoor_repeats=2, handoff_repeats=1,
+    coldstart_length=16, coldstart_repeats=1, peak_n=128, time_budget_s=120.0,
+    caveats=("quick: a smoke run on tiny-qwen3 with one repeat; its figures mean nothing.",))
+
+
+def get_suite(name: str) -> Suite:
+    if name not in SUITES:
+        raise ValueError(f"unknown suite {name!r}; known: {', '.join(SUITES)}")
+    return SUITES[name]
