@@ -216,6 +216,15 @@ def test_continuous_batching_interleaves(sampler, snap, hf):
     assert sampler.stats["max_live_rows"] == ROWS
 
 
+def test_lone_request_decodes_a_small_row_bucket(sampler, snap, hf):
+    """With one live request the decode call runs on the smallest row bucket, not on all max_batch rows,
+    and still gives the reference tokens."""
+    prompt = prompt_of(90, 5)
+    assert sampler.sample(snap, prompt, P(max_tokens=6, temperature=0.0)).sequences[0].tokens == \
+        hf_greedy(hf, prompt, 6)
+    assert sampler.stats["last_decode_rows"] == 1 < ROWS
+
+
 # ------------------------------------------------------------------------------------------- stopping
 
 

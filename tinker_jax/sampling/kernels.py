@@ -153,9 +153,9 @@ DYNAMIC = ("tok", "pos", "n_gen", "live")  # returned updated by `decode`
 STATIC = ("max_tokens", "temperature", "top_k", "top_p", "seed", "sample", "stop_ids")
 
 
-@partial(jax.jit, static_argnums=(0,), static_argnames=("n_steps", "view"), donate_argnums=(3,))
+@partial(jax.jit, static_argnums=(0,), static_argnames=("n_steps", "view", "rows"), donate_argnums=(3,))
 def decode(graphdef, frozen, trainable, cache: KVCache, dyn: dict, par: dict, run_mask, *, n_steps: int,
-           view: int | None = None):
+           view: int | None = None, rows: int | None = None):
     """n_steps decode steps for the rows in run_mask (one snapshot's group).
 
     A live row feeds `tok` at `pos`, samples its next token with key (seed, sample, n_gen), and finishes when
@@ -166,13 +166,18 @@ def decode(graphdef, frozen, trainable, cache: KVCache, dyn: dict, par: dict, ru
     [0, view) plus a fresh scratch slot, written back at the end. Attention then reads view + 1 slots per step
     instead of S (the Decoder masks but still reads the whole cache): one copy per call instead of a full-cache
     read per step. None runs on the whole cache (its last slot is the scratch slot).
+
+    rows: when every row of run_mask is below `rows`, only cache rows [0, rows) are decoded (outputs are
+    [n, rows]); a lone request then costs one row of compute instead of max_batch.
     """
     model = nnx.merge(graphdef, frozen, trainable)
+    full_dyn, R = dyn, rows or cache.k.shape[1]
+    dyn, par, run_mask = (jax.tree.map(lambda x: x[:R], t) for t in (dyn, par, run_mask))
     if view is None:
-        work = cache
+        work = KVCache(cache.k[:, :R], cache.v[:, :R])
     else:
-        pad = lambda x: jnp.concatenate([x[:, :, :view], jnp.zeros_like(x[:, :, :1])], axis=2)
-        work = KVCache(pad(cache.k), pad(cache.v))  # [L,B,view+1,K,H]
+        pad = lambda x: jnp.concatenate([x[:, :R, :view], jnp.zeros_like(x[:, :R, :1])], axis=2)
+        work = KVCache(pad(cache.k), pad(cache.v))  # [L,R,view+1,K,H]
     scratch = work.k.shape[2] - 1
 
     def step(carry, _):
@@ -191,7 +196,8 @@ def decode(graphdef, frozen, trainable, cache: KVCache, dyn: dict, par: dict, ru
         return (kv, new), (tok, lp, live)
 
     (work, dyn), (toks, lps, valid) = jax.lax.scan(step, (work, dyn), None, length=n_steps)
-    if view is not None:
-        work = KVCache(cache.k.at[:, :, :view].set(work.k[:, :, :view]),
-                       cache.v.at[:, :, :view].set(work.v[:, :, :view]))
+    if view is not None or R < cache.k.shape[1]:
+        n = view or cache.k.shape[2]
+        work = KVCache(cache.k.at[:, :R, :n].set(work.k[:, :, :n]), cache.v.at[:, :R, :n].set(work.v[:, :, :n]))
+    dyn = jax.tree.map(lambda full, part: full.at[:R].set(part), full_dyn, dyn)
     return work, dyn, toks, lps, valid

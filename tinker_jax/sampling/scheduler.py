@@ -411,13 +411,19 @@ class Sampler:
         # Slots this call can touch: below max(pos) + decode_steps (and below max_seq_len).
         need = int(self._dyn["pos"][run & self._dyn["live"]].max()) + self.decode_steps
         view = next(b for b in self.decode_lengths if b >= min(need, self.max_seq_len))
+        # Row bucket: powers of 4 (1, 4, 16, ...) up to max_batch, covering the highest running row; free rows
+        # are handed out lowest first, so light load decodes a few rows, not max_batch.
+        top = int(np.flatnonzero(run).max()) + 1
+        n_rows = next((b for b in (4 ** i for i in range(16)) if b >= top and b < self.max_batch), self.max_batch)
         cache, dyn, toks, lps, valid = kernels.decode(
             snap.graphdef, snap.frozen, snap.trainable, self._cache, self._dyn, self._par, run,
-            n_steps=self.decode_steps, view=None if view >= self.max_seq_len else view)
+            n_steps=self.decode_steps, view=None if view >= self.max_seq_len else view,
+            rows=None if n_rows >= self.max_batch else n_rows)
         self._cache = cache
         dyn, toks, lps, valid = jax.device_get((dyn, toks, lps, valid))
         self._dyn = {k: np.array(v) for k, v in dyn.items()}
         self.stats["decode_calls"] += 1
+        self.stats["last_decode_rows"] = min(n_rows, self.max_batch)
         self.stats["max_live_rows"] = max(self.stats["max_live_rows"], int(run.sum()))
         for r in np.flatnonzero(run):
             row = rows[r]
