@@ -260,15 +260,17 @@ class Engine:
         return self.submit(op)
 
     def create_model_from_state(self, path: str, optimizer: bool, model_id: str | None = None,
-                                base_model: str | None = None) -> Future:
-        """New training model configured like the checkpoint's run, then loaded from it."""
+                                base_model: str | None = None, user_metadata: dict | None = None) -> Future:
+        """New training model configured like the checkpoint's run (with the new run's own `user_metadata`), then
+        loaded from it."""
         p, meta = self._meta_of(path)
         def op():
             mid = self.create_model(base_model or meta["base_model"], rank=meta.get("lora_rank") or 32,
                                     seed=meta.get("seed"), train_mlp=meta.get("train_mlp", True),
                                     train_attn=meta.get("train_attn", True),
                                     train_unembed=meta.get("train_unembed", True),
-                                    full_finetune=meta.get("full_finetune", False), model_id=model_id)
+                                    full_finetune=meta.get("full_finetune", False), model_id=model_id,
+                                    user_metadata=user_metadata)
             checkpoint.restore_into(self.registry.checkpoint_dir(p), self.model(mid), with_optimizer=optimizer)
             return tt.LoadWeightsResponse(path=path, model_id=mid)
         return self.submit(op)
@@ -282,7 +284,7 @@ class Engine:
     # ------------------------------------------------------------------------------------------ sampling
     def _snapshot_of(self, st: train.TrainState, path: str | None) -> Snapshot:
         # A private copy: later optim_steps (which donate their buffers) never touch a snapshot.
-        trainable = jax.tree.map(jnp.copy, st.trainable)
+        trainable = train.commit(jax.tree.map(jnp.copy, st.trainable), like=st.trainable)
         return Snapshot(self.base(st.meta["base_model"]), st.graphdef, trainable, st.frozen, path)
 
     def save_weights_for_sampler(self, model_id: str, name: str | None, ttl_seconds=None,
