@@ -22,6 +22,7 @@ $(VENV)/.base: pyproject.toml
 $(VENV)/.dev: $(VENV)/.base
 	$(PIP) install -q "torch==2.13.0"
 	$(PIP) install -q -e ".[dev]"
+	$(PIP) install -q --no-deps "tinker-cookbook==0.6.1"
 	touch $@
 
 # The oldest protobuf-era SDK, for the conformance scenarios run against SDK 0.25 (skipped when absent).

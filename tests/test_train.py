@@ -28,6 +28,7 @@ from flax import nnx
 
 import tinker_jax
 from tinker_jax import train
+from tinker_jax.batching import build_batches
 from tinker_jax.config import EngineConfig
 from tinker_jax.lora import TINKER_LORA_ALPHA, LoraSpec
 from tinker_jax.models.config import load_config
@@ -447,3 +448,32 @@ def test_random_shapes_compile_a_bounded_number_of_programs(svc):
     new = train.compile_count() - before
     assert len(buckets) + 1 < len(raw) == 20  # the bound is far below one program per step
     assert new <= len(buckets) + 1, (new, sorted(buckets))
+
+
+# ------------------------------------------------------------------------------------------------ memory savers
+
+
+def test_chunked_unembedding_and_remat_keep_values_and_gradients(svc, monkeypatch):
+    """Logprobs unembedded in small chunks, and per-layer rematerialisation, change memory, not results:
+    same logprobs and same loss gradient as one whole-batch unembedding without remat."""
+    tc = client(svc, seed=5)
+    st = state(tc)
+    st.trainable = jax.tree.map(lambda x: x + 0.01, st.trainable)  # non-zero adapters: real gradients
+    data = random_data(3)
+    (batch,) = build_batches(data, "cross_entropy", vocab_size=512, max_len=512, max_tokens_per_batch=4096)
+    db = train.device_batch(batch)
+
+    def run(chunk, remat):
+        monkeypatch.setattr(train, "LOGIT_CHUNK", chunk)
+        f = lambda tr: train._loss(tr, st.frozen, st.graphdef, db, {}, "cross_entropy", remat)
+        (loss, (lp, _)), g = jax.value_and_grad(f, has_aux=True)(st.trainable)
+        return float(loss), np.asarray(lp), flat(g)
+
+    n = batch.tokens.size
+    ref_loss, ref_lp, ref_g = run(n, False)  # one chunk: the whole [B,T,V] at once
+    for chunk, remat in ((16, False), (n, True), (32, True)):
+        loss, lp, g = run(chunk, remat)
+        assert n // chunk >= 1
+        np.testing.assert_allclose(lp, ref_lp, rtol=0, atol=1e-5)
+        assert loss == pytest.approx(ref_loss, rel=1e-6)
+        assert rel(g, ref_g) < 1e-5

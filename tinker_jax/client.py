@@ -93,7 +93,8 @@ class ServiceClient:
     # weights_access_token / optimizer: the SDK's parameters, accepted and unused (local checkpoints, AdamW).
     def create_training_client_from_state(self, path: str, base_model: str | None = None, user_metadata=None,
                                           weights_access_token=None, optimizer=None) -> "TrainingClient":
-        resp = self.engine.create_model_from_state(path, optimizer=False, base_model=base_model).result()
+        resp = self.engine.create_model_from_state(path, optimizer=False, base_model=base_model,
+                                                   user_metadata=user_metadata).result()
         return TrainingClient(self, resp.model_id)
 
     async def create_training_client_from_state_async(self, path: str, base_model: str | None = None,
@@ -103,7 +104,8 @@ class ServiceClient:
     def create_training_client_from_state_with_optimizer(self, path: str, base_model: str | None = None,
                                                          user_metadata=None, weights_access_token=None
                                                          ) -> "TrainingClient":
-        resp = self.engine.create_model_from_state(path, optimizer=True, base_model=base_model).result()
+        resp = self.engine.create_model_from_state(path, optimizer=True, base_model=base_model,
+                                                   user_metadata=user_metadata).result()
         return TrainingClient(self, resp.model_id)
 
     async def create_training_client_from_state_with_optimizer_async(self, path: str, base_model: str | None = None,

@@ -39,6 +39,7 @@ class EngineConfig:
     max_tokens_per_batch: int = 8192  # padded tokens per training micro-batch
     max_seq_len: int = 4096  # longest training sequence accepted (also capped by the model's own limit)
     full_finetune: bool = False  # train every weight instead of LoRA adapters
+    remat: bool = False  # recompute layer activations in backward (long sequences on GPU/TPU); slower on CPU
     compile_cache: bool = True  # persistent XLA compilation cache under {data_dir}/jax_cache (faster restarts)
     sampler: SamplerConfig = SamplerConfig()
 

@@ -214,7 +214,7 @@ class Engine:
                                     max_len=min(base.cfg.max_position_embeddings, self.config.max_seq_len),
                                     max_tokens_per_batch=self.config.max_tokens_per_batch, row_multiple=rows)
             lps, metrics = train.forward_backward(st, batches, loss_fn, config, forward_only=forward_only,
-                                                  sharding_fn=self._sharding_fn())
+                                                  sharding_fn=self._sharding_fn(), remat=self.config.remat)
             self.registry.touch_run(model_id)
             return tt.ForwardBackwardOutput(
                 loss_fn_output_type="ArrayRecord",

@@ -88,27 +88,45 @@ class TrainState:
         return merge_model(self.graphdef, self.trainable, self.frozen)
 
 
-def target_logprobs(model: Decoder, batch: dict) -> jax.Array:
-    """Log-probabilities of the target tokens: [B,T] (or [B,T,K] for top-K targets), fp32."""
-    hidden, _ = model(batch["tokens"], batch["positions"], segment_ids=batch["mask"].astype(jnp.int32))
-    logits = model.logits(hidden)  # [B,T,V] fp32
-    logz = jax.nn.logsumexp(logits, axis=-1)  # [B,T]
+LOGIT_CHUNK = 2048  # tokens unembedded at a time: only [chunk, V] fp32 logits exist at once
+
+
+def target_logprobs(model: Decoder, batch: dict, remat: bool = False) -> jax.Array:
+    """Log-probabilities of the target tokens: [B,T] (or [B,T,K] for top-K targets), fp32.
+
+    The unembedding runs chunk by chunk under jax.checkpoint, so neither the forward nor the backward pass
+    holds the full [B,T,V] logits (10 GB in fp32 for 16k tokens of a 152k vocabulary).
+    """
+    hidden, _ = model(batch["tokens"], batch["positions"], segment_ids=batch["mask"].astype(jnp.int32),
+                      remat=remat)
     tgt = batch["targets"]
-    if tgt.ndim == 2:
-        return jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0] - logz
-    return jnp.take_along_axis(logits, tgt, axis=-1) - logz[..., None]
+    B, T, D = hidden.shape
+    n = B * T
+    C = LOGIT_CHUNK if n % LOGIT_CHUNK == 0 else n  # bucketed shapes are powers of two
+
+    @jax.checkpoint
+    def chunk(args):
+        h, t = args  # [C,D], [C] or [C,K]
+        logits = model.logits(h[None])[0]  # [C,V] fp32
+        logz = jax.nn.logsumexp(logits, axis=-1)
+        if t.ndim == 1:
+            return jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - logz
+        return jnp.take_along_axis(logits, t, axis=-1) - logz[:, None]
+
+    lp = jax.lax.map(chunk, (hidden.reshape(n // C, C, D), tgt.reshape(n // C, C, *tgt.shape[2:])))
+    return lp.reshape(tgt.shape)
 
 
-def _loss(trainable, frozen, graphdef, batch, config, loss_fn):
-    lp = target_logprobs(merge_model(graphdef, trainable, frozen), batch)
+def _loss(trainable, frozen, graphdef, batch, config, loss_fn, remat=False):
+    lp = target_logprobs(merge_model(graphdef, trainable, frozen), batch, remat)
     loss, metrics = get_loss(loss_fn).fn(lp, batch["inputs"], batch["mask"], config)
     return loss, (lp, metrics)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "loss_fn"), donate_argnames=("grads",))
-def _forward_backward(trainable, frozen, grads, batch, config, *, graphdef, loss_fn):
+@partial(jax.jit, static_argnames=("graphdef", "loss_fn", "remat"), donate_argnames=("grads",))
+def _forward_backward(trainable, frozen, grads, batch, config, *, graphdef, loss_fn, remat=False):
     (loss, (lp, metrics)), g = jax.value_and_grad(_loss, has_aux=True)(
-        trainable, frozen, graphdef, batch, config, loss_fn)
+        trainable, frozen, graphdef, batch, config, loss_fn, remat)
     grads = jax.tree.map(jnp.add, grads, g)
     return grads, loss, lp, metrics
 
@@ -140,7 +158,7 @@ def device_batch(batch: Batch, sharding=None) -> dict:
 
 
 def forward_backward(state: TrainState, batches: list[Batch], loss_fn: str, config: dict,
-                     forward_only: bool = False, sharding_fn=None):
+                     forward_only: bool = False, sharding_fn=None, remat: bool = False):
     """Run the loss over every micro-batch; accumulate gradients unless forward_only.
 
     Returns (per-datum logprobs as numpy arrays, metrics dict with "loss:sum").
@@ -156,7 +174,8 @@ def forward_backward(state: TrainState, batches: list[Batch], loss_fn: str, conf
                                    loss_fn=loss_fn)
         else:
             state.grads, loss, lp, m = _forward_backward(
-                state.trainable, state.frozen, state.grads, db, cfg, graphdef=state.graphdef, loss_fn=loss_fn)
+                state.trainable, state.frozen, state.grads, db, cfg, graphdef=state.graphdef, loss_fn=loss_fn,
+                remat=remat)
         device_results.append((b, loss, lp, m))
     for b, loss, lp, m in device_results:  # one host sync after all micro-batches are queued
         lp = np.asarray(lp)

@@ -159,8 +159,10 @@ async def load_weights(body: JsonBody, engine: EngineDep, store: StoreDep, futur
     def start_create():
         common_checks()
         check_base_model(engine, req.base_model)
+        # The new run carries the request's user_metadata (the cookbook stores its renderer name there on resume).
+        extra = {"user_metadata": req.user_metadata} if req.user_metadata else {}
         return then(engine.create_model_from_state(req.path, req.optimizer, model_id=model_id,
-                                                   base_model=req.base_model),
+                                                   base_model=req.base_model, **extra),
                     lambda r: {"path": req.path, "model_id": r.model_id, "type": "load_weights"})
 
     # Shares create_model's key: both consume the session's model_seq_id.

@@ -222,8 +222,13 @@ class Decoder(nnx.Module):
                              lora=lora, param_dtype=param_dtype, has_kernel=not cfg.tie_embeddings)
         self.lm_head = lm_head
 
-    def __call__(self, tokens, positions, segment_ids=None, cache: KVCache | None = None):
-        """tokens, positions [B,T] int32 -> hidden [B,T,D] (final-normed), cache."""
+    def __call__(self, tokens, positions, segment_ids=None, cache: KVCache | None = None, remat: bool = False):
+        """tokens, positions [B,T] int32 -> hidden [B,T,D] (final-normed), cache.
+
+        remat: recompute each layer's activations in the backward pass, keeping only its matmul outputs
+        (attention scores, [B,N,T,T] per layer, are the first thing that runs a long-sequence GPU step out
+        of memory).
+        """
         B, T = tokens.shape
         x = self.embed[...][tokens].astype(self.dtype)
         if cache is None:
@@ -243,6 +248,8 @@ class Decoder(nnx.Module):
             def layer(h, layer_state):
                 return nnx.merge(graphdef, layer_state)(h, positions, mask, inv_freq)[0], None
 
+            if remat:
+                layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
             x, _ = jax.lax.scan(layer, x, state)
             return self.final_norm(x), None
 
