@@ -165,7 +165,7 @@ class TrainingClient:
             for d, lp in zip(data, logprobs)]
         out = self.forward_backward(weighted, "cross_entropy").result()
         surrogate = out.metrics.pop("loss:sum")
-        out.metrics.update({**{k: float(v) for k, v in (metrics or {}).items()}, "loss:sum": float(loss),
+        out.metrics.update({**{k: float(v) for k, v in (metrics or {}).items()}, "loss:sum": float(loss.detach()),
                             "surrogate_loss:sum": surrogate})
         return _done(out)
 
