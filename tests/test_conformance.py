@@ -66,6 +66,7 @@ class LiveServer:
         self.app: Any = None
         self._uv: uvicorn.Server | None = None
         self._thread: threading.Thread | None = None
+        self.clients: list[tinker.ServiceClient] = []
 
     @property
     def base_url(self) -> str:
@@ -99,7 +100,9 @@ class LiveServer:
         self.start()
 
     def client(self) -> tinker.ServiceClient:
-        return tinker.ServiceClient(base_url=self.base_url, api_key=API_KEY)
+        client = tinker.ServiceClient(base_url=self.base_url, api_key=API_KEY)
+        self.clients.append(client)  # closed at module end, so no heartbeat thread outlives the server
+        return client
 
 
 def _free_port() -> int:
@@ -123,6 +126,11 @@ def server(model_dir, tmp_path_factory) -> Iterator[LiveServer]:
     live = LiveServer(cfg, ServerSettings(data_dir=data, api_keys=(API_KEY,), long_poll_s=5.0))
     live.start()
     yield live
+    for client in live.clients:
+        try:
+            client.close()
+        except Exception:
+            pass
     live.stop()
 
 
@@ -159,7 +167,7 @@ def test_capabilities_and_sft_loop(server, service, state) -> None:
     assert out["model_id"].endswith(":train:0") and out["model_name"] == BASE
     losses = out["losses"]
     assert losses[-1] < losses[0] * 0.8, losses  # it learns the fixed batch
-    assert out["forward_loss"] < losses[-1]  # forward (forward_only in the proto) after the last step
+    assert out["forward_loss"] < losses[-1], (losses, out["forward_loss"])  # forward after the last step
     assert out["forward_logprob_lengths"] == [sc.SEQ_LEN] * sc.N_DATUMS
 
 

@@ -42,9 +42,9 @@ def logprobs_of(out: types.ForwardBackwardOutput) -> list[list[float]]:
     return [np.asarray(o["logprobs"].data, np.float32).tolist() for o in out.loss_fn_outputs]
 
 
-def scenario_sft(service: Any, base_model: str, steps: int = 5, lr: float = 2e-2) -> dict[str, Any]:
+def scenario_sft(service: Any, base_model: str, steps: int = 5, lr: float = 1e-2) -> dict[str, Any]:
     """Supervised loop: forward_backward + optim_step submitted back to back; the loss goes down."""
-    tc = service.create_lora_training_client(base_model=base_model, rank=4)
+    tc = service.create_lora_training_client(base_model=base_model, rank=4, seed=0)  # deterministic
     info = tc.get_info()
     data = sft_datums()
     losses = []
