@@ -33,6 +33,7 @@ from tinker import types
 
 from tinker_jax.models.config import ModelConfig
 from tinker_jax.models.decoder import KVCache
+from tinker_jax.sampling.worker import BackgroundLoop
 from tinker_jax.sampling import kernels, response
 from tinker_jax.sampling.params import Limits, RequestSpec, validate_request
 from tinker_jax.sampling.snapshot import WeightSnapshot
@@ -84,7 +85,7 @@ def _default_lengths(max_seq_len: int, start: int = 16) -> tuple[int, ...]:
     return tuple(out) + (max_seq_len,)
 
 
-class Sampler:
+class Sampler(BackgroundLoop):
     """Continuous-batching sampler for one model architecture (any number of weight snapshots).
 
     Args:
@@ -105,6 +106,8 @@ class Sampler:
       tokenizer: anything with `decode(list[int]) -> str`; needed for stop strings.
       cache_dtype: KV cache dtype.
     """
+
+    _thread_name = "tinker-jax-sampler"
 
     def __init__(self, cfg: ModelConfig, eos_token_ids: Sequence[int] | int | None = None, *, max_batch: int = 8,
                  max_seq_len: int = 4096, prefill_lengths: Sequence[int] | None = None,
@@ -157,15 +160,6 @@ class Sampler:
 
     # ------------------------------------------------------------------------------------------- public
 
-    def start(self) -> "Sampler":
-        with self._cv:
-            if self._stopping:
-                raise RuntimeError("sampler: stopped; build a new one")
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="tinker-jax-sampler", daemon=True)
-                self._thread.start()
-        return self
-
     def stop(self, timeout: float | None = None) -> None:
         """Stop the loop thread; requests not yet finished fail with RuntimeError."""
         with self._cv:
@@ -178,12 +172,6 @@ class Sampler:
             leftover, self._incoming = self._incoming, []
         if thread is None or not thread.is_alive():
             self._fail_in_flight(RuntimeError("sampler: stopped"), extra=leftover, pending=True)
-
-    def __enter__(self) -> "Sampler":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def submit(self, snapshot: WeightSnapshot | Any, prompt_tokens: Sequence[int], params: types.SamplingParams,
                num_samples: int = 1, include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, *,

@@ -48,6 +48,7 @@ from tinker import types
 from tinker.types.topk_logprobs import MASK_LOGPROB
 
 from tinker_jax.convert import ADAPTER_CONFIG, export_merged_hf, export_peft_adapter
+from tinker_jax.sampling.worker import BackgroundLoop
 from tinker_jax.sampling import response
 from tinker_jax.sampling.factory import eos_ids_of
 from tinker_jax.sampling.params import Limits, RequestSpec, validate_request
@@ -225,8 +226,10 @@ class _Request:
     sequence_ids: list[str]
 
 
-class VLLMSampler:
+class VLLMSampler(BackgroundLoop):
     """Same interface as sampling.Sampler (submit / sample / compute_logprobs / start / stop), on vLLM."""
+
+    _thread_name = "tinker-jax-vllm"
 
     def __init__(self, base: Any, config: Any = None, *, cache_dir: str | Path | None = None):
         os.environ.setdefault("VLLM_WORKER_MULTIPROC_METHOD", "spawn")  # JAX may hold CUDA: never fork
@@ -250,15 +253,6 @@ class VLLMSampler:
         self._thread: threading.Thread | None = None
         self._uids = itertools.count()
 
-    def start(self) -> "VLLMSampler":
-        with self._cv:
-            if self._stopping:
-                raise RuntimeError("sampler: stopped; build a new one")
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._run, name="tinker-jax-vllm", daemon=True)
-                self._thread.start()
-        return self
-
     def stop(self, timeout: float | None = None) -> None:
         with self._cv:
             self._stopping = True
@@ -273,12 +267,6 @@ class VLLMSampler:
             self._close_llm()
             if self._own_dir:
                 shutil.rmtree(self.cache_dir, ignore_errors=True)
-
-    def __enter__(self) -> "VLLMSampler":
-        return self.start()
-
-    def __exit__(self, *exc) -> None:
-        self.stop()
 
     def submit(self, snapshot: Any, prompt_tokens: Sequence[int], params: types.SamplingParams, num_samples: int = 1,
                include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, *,
