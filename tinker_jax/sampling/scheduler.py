@@ -33,7 +33,7 @@ from tinker import types
 
 from tinker_jax.models.config import ModelConfig
 from tinker_jax.models.decoder import KVCache
-from tinker_jax.sampling.worker import BackgroundLoop
+from tinker_jax.sampling.base import SamplerBase
 from tinker_jax.sampling import kernels, response
 from tinker_jax.sampling.params import Limits, RequestSpec, validate_request
 from tinker_jax.sampling.snapshot import WeightSnapshot
@@ -85,7 +85,7 @@ def _default_lengths(max_seq_len: int, start: int = 16) -> tuple[int, ...]:
     return tuple(out) + (max_seq_len,)
 
 
-class Sampler(BackgroundLoop):
+class Sampler(SamplerBase):
     """Continuous-batching sampler for one model architecture (any number of weight snapshots).
 
     Args:
@@ -212,20 +212,6 @@ class Sampler(BackgroundLoop):
         if self._thread is None:
             self.start()
         return fut
-
-    def sample(self, snapshot: WeightSnapshot, prompt_tokens: Sequence[int], params: types.SamplingParams,
-               num_samples: int = 1, include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
-               timeout: float | None = None) -> types.SampleResponse:
-        """Synchronous `submit(...).result()`; raises the request's ValueError directly."""
-        return self.submit(snapshot, prompt_tokens, params, num_samples, include_prompt_logprobs,
-                           topk_prompt_logprobs).result(timeout)
-
-    def compute_logprobs(self, snapshot: WeightSnapshot, prompt_tokens: Sequence[int],
-                         timeout: float | None = None) -> list[float | None]:
-        """Tinker's compute_logprobs: prompt logprobs of a max_tokens=1 request (§4.10); None first."""
-        resp = self.sample(snapshot, prompt_tokens, types.SamplingParams(max_tokens=1, temperature=1.0), 1, True,
-                           0, timeout)
-        return resp.prompt_logprobs
 
     # --------------------------------------------------------------------------------------- loop thread
 

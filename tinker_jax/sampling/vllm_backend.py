@@ -48,7 +48,7 @@ from tinker import types
 from tinker.types.topk_logprobs import MASK_LOGPROB
 
 from tinker_jax.convert import ADAPTER_CONFIG, export_merged_hf, export_peft_adapter
-from tinker_jax.sampling.worker import BackgroundLoop
+from tinker_jax.sampling.base import SamplerBase
 from tinker_jax.sampling import response
 from tinker_jax.sampling.factory import eos_ids_of
 from tinker_jax.sampling.params import Limits, RequestSpec, validate_request
@@ -226,7 +226,7 @@ class _Request:
     sequence_ids: list[str]
 
 
-class VLLMSampler(BackgroundLoop):
+class VLLMSampler(SamplerBase):
     """Same interface as sampling.Sampler (submit / sample / compute_logprobs / start / stop), on vLLM."""
 
     _thread_name = "tinker-jax-vllm"
@@ -296,18 +296,6 @@ class VLLMSampler(BackgroundLoop):
             self._cv.notify_all()
         self.start()
         return fut
-
-    def sample(self, snapshot: Any, prompt_tokens: Sequence[int], params: types.SamplingParams, num_samples: int = 1,
-               include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
-               timeout: float | None = None) -> types.SampleResponse:
-        return self.submit(snapshot, prompt_tokens, params, num_samples, include_prompt_logprobs,
-                           topk_prompt_logprobs).result(timeout)
-
-    def compute_logprobs(self, snapshot: Any, prompt_tokens: Sequence[int],
-                         timeout: float | None = None) -> list[float | None]:
-        resp = self.sample(snapshot, prompt_tokens, types.SamplingParams(max_tokens=1, temperature=1.0), 1, True,
-                           0, timeout)
-        return resp.prompt_logprobs
 
     # ------------------------------------------------------------------------------------------ worker
 

@@ -1,0 +1,43 @@
+"""What the JAX and vLLM samplers share: the background-thread lifecycle (start once, no restart after stop,
+context manager) and the synchronous conveniences built on `submit`. Subclasses provide `submit`, `_run`
+(the loop), `stop`, and the `_cv` / `_stopping` / `_thread` state."""
+
+from __future__ import annotations
+
+import threading
+from typing import Any, Sequence
+
+from tinker import types
+
+
+class SamplerBase:
+    _thread_name = "tinker-jax-sampler"
+
+    def start(self):
+        with self._cv:
+            if self._stopping:
+                raise RuntimeError("sampler: stopped; build a new one")
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name=self._thread_name, daemon=True)
+                self._thread.start()
+        return self
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    def sample(self, snapshot: Any, prompt_tokens: Sequence[int], params: types.SamplingParams,
+               num_samples: int = 1, include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
+               timeout: float | None = None) -> types.SampleResponse:
+        """Synchronous `submit(...).result()`; raises the request's ValueError directly."""
+        return self.submit(snapshot, prompt_tokens, params, num_samples, include_prompt_logprobs,
+                           topk_prompt_logprobs).result(timeout)
+
+    def compute_logprobs(self, snapshot: Any, prompt_tokens: Sequence[int],
+                         timeout: float | None = None) -> list[float | None]:
+        """Tinker's compute_logprobs: prompt logprobs of a max_tokens=1 request (§4.10); None first."""
+        resp = self.sample(snapshot, prompt_tokens, types.SamplingParams(max_tokens=1, temperature=1.0), 1, True,
+                           0, timeout)
+        return resp.prompt_logprobs
