@@ -477,3 +477,10 @@ def test_chunked_unembedding_and_remat_keep_values_and_gradients(svc, monkeypatc
         np.testing.assert_allclose(lp, ref_lp, rtol=0, atol=1e-5)
         assert loss == pytest.approx(ref_loss, rel=1e-6)
         assert rel(g, ref_g) < 1e-5
+
+
+def test_seeds_beyond_int32_initialise_adapters(svc):
+    """Any non-negative 64-bit seed works (the SDK passes user seeds through) and seeds differ."""
+    a = flat(state(client(svc, seed=2**40)).trainable)
+    b = flat(state(client(svc, seed=0)).trainable)
+    assert any(not np.array_equal(a[k], b[k]) for k in a if "lora_a" in k)

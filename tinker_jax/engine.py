@@ -8,14 +8,13 @@ and optim_step back to back; sampling runs on the sampler's own thread. Every me
 
 from __future__ import annotations
 
-import functools
 import itertools
 import logging
 import queue
 import threading
 import uuid
 from concurrent.futures import Future
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -30,7 +29,6 @@ from tinker_jax.batching import build_batches, datum_tokens
 from tinker_jax.config import EngineConfig
 from tinker_jax.lora import LoraSpec
 from tinker_jax.losses import resolve_config
-from tinker_jax.models.config import load_config
 from tinker_jax.models.decoder import Decoder
 from tinker_jax.models.weights import init_lora_state, load_decoder
 from tinker_jax.registry import Registry, TinkerPath, check_name
@@ -143,11 +141,8 @@ class Engine:
         make = lambda: Decoder(base.cfg, rngs=nnx.Rngs(0), lora=lora, dtype=base.decoder.dtype,
                                param_dtype=param_dtype)
         graphdef, _, _ = nnx.split(nnx.eval_shape(make), nnx.LoRAParam, ...)
-        if 0 <= lora.seed < 2**31:  # one compiled initialiser per adapter shape; the seed is traced
-            lora_state = _lora_init_fn(base.cfg, replace(lora, seed=0), base.decoder.dtype, param_dtype)(
-                jnp.int32(lora.seed))
-        else:
-            lora_state = init_lora_state(base.cfg, lora, make_param_dtype, base.decoder.dtype)
+        # One compiled initialiser per adapter shape, shared with load_decoder; the seed enters as a key.
+        lora_state = init_lora_state(base.cfg, lora, param_dtype, base.decoder.dtype)
         if self.mesh is not None:
             lora_state = jax.device_put(lora_state, state_shardings(lora_state, self.mesh))
         return nnx.merge(graphdef, lora_state, nnx.state(base.decoder))
@@ -352,14 +347,6 @@ class Engine:
             fut: Future = Future()
             fut.set_exception(e)
             return fut
-
-
-@functools.lru_cache(maxsize=32)
-def _lora_init_fn(cfg, lora: LoraSpec, dtype, param_dtype):
-    """Jitted seed -> fresh adapter state, cached per (model config, LoRA shape): creating another training
-    client (any seed) compiles nothing new, where a fresh jit per client cost a full compile each time."""
-    return jax.jit(lambda seed: nnx.state(Decoder(cfg, rngs=nnx.Rngs(0), lora=replace(lora, seed=seed),
-                                                  dtype=dtype, param_dtype=param_dtype), nnx.LoRAParam))
 
 
 def enable_compile_cache(path: Path) -> None:

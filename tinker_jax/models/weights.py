@@ -155,7 +155,14 @@ def _lora_init_fn(cfg: ModelConfig, lora: LoraSpec, param_dtype, dtype):
 
 def init_lora_state(cfg: ModelConfig, lora: LoraSpec, param_dtype=jnp.float32, dtype=jnp.float32) -> nnx.State:
     """Fresh, seeded adapter weights (nnx.LoRAParam state) for `cfg` under `lora`."""
-    return _lora_init_fn(cfg, replace(lora, seed=0), param_dtype, dtype)(jax.random.key(lora.seed))
+    return _lora_init_fn(cfg, replace(lora, seed=0), param_dtype, dtype)(seed_key(lora.seed))
+
+
+def seed_key(seed: int) -> jax.Array:
+    """A threefry key from all 64 bits of a seed. jax.random.key(seed) keeps only the low 32 bits when x64 is
+    off, so seeds 2**40 and 0 would collide; for seeds below 2**32 this equals jax.random.key(seed)."""
+    seed = int(seed) % 2**64
+    return jax.random.wrap_key_data(np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32), impl="threefry2x32")
 
 
 def _set(d: dict, path, value):
