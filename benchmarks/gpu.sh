@@ -12,16 +12,14 @@
 # The REST front door is not measured here (the GPU machine has no fastapi/uvicorn; nothing here imports server/).
 # Figures left when the time budget runs out are reported as "skipped: ..."; a SIGTERM still writes the JSON.
 #
-# Preparing the machine: it has jax+CUDA, flax, optax, orbax, transformers and torch, but not the `tinker` SDK
-# (tinker_jax uses tinker.types) and maybe not peft (the LoRA peer). On a machine with internet, from the repo root:
-#     F="--python-version 3.12 --only-binary=:all: --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64
-#        --platform manylinux2014_x86_64 --platform any"
-#     pip download tinker==0.38.0 -d .whl $F
-#     pip download peft==0.21.2 accelerate psutil --no-deps -d .whl $F
-#     rm .whl/numpy-* .whl/transformers-*   # present there already; keeps .whl/ near 30 MB
-# (.whl/ is git-ignored: carry it to the GPU machine, e.g. the device runner's carry=[".whl"], 64 MiB at most).
-# This script installs from .whl/ only what is missing: tinker (required) and peft (optional: without it the LoRA
-# peer's figures say "unavailable: ...").
+# Preparing the machine: it has jax+CUDA, flax, optax, orbax, transformers, torch and peft, but not the `tinker`
+# SDK (tinker_jax uses tinker.types) nor pydantic and the SDK's other pure needs. Here, from the repo root:
+#     python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+#       --platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 -d .whl \
+#       tinker==0.38.0 pydantic==2.14.4 pydantic_core==2.50.5 annotated_types==0.8.0 typing_inspection==0.4.5 \
+#       distro==1.9.0 orjson==3.13.0 sniffio==1.3.1 zstandard==0.25.0 typing_extensions==4.16.0
+# (.whl/ is git-ignored, ~9 MB: carry it, e.g. the device runner's carry=[".whl"]). This script installs them
+# with --no-deps into /tmp/tinker-jax-site (prepended to PYTHONPATH), then checks the imports before measuring.
 #
 # Usage: bash benchmarks/gpu.sh [--dry-run] [--out FILE] [extra benchmarks.run arguments, e.g. --only train]
 #   --dry-run   the same code paths at toy size (suite gpu-dryrun) on any device, a CPU included (tested in
@@ -45,20 +43,18 @@ if [ -z "$OUT_FILE" ]; then
 fi
 PY="${PYTHON:-python3}"
 WORK="${TINKER_JAX_BENCH_DIR:-/tmp/tinker-jax-bench}"
-LIMIT="${BENCH_TIMEOUT_S:-440}"  # hard stop (SIGTERM -> the JSON of what was measured), below the 8 minutes
+LIMIT="${BENCH_TIMEOUT_S:-480}"  # hard stop (SIGTERM -> the JSON of what was measured), below the 8 minutes
 
 if ! "$PY" -c "import tinker.types" >/dev/null 2>&1; then
   if [ -d .whl ]; then
-    echo "[gpu.sh] installing the tinker SDK from .whl/" >&2
-    "$PY" -m pip install -q --no-index --find-links .whl tinker
+    echo "[gpu.sh] installing the tinker SDK and its missing needs from .whl/ into /tmp/tinker-jax-site" >&2
+    "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/tinker-jax-site \
+      .whl/*.whl
+    export PYTHONPATH="/tmp/tinker-jax-site${PYTHONPATH:+:$PYTHONPATH}"
   else
     echo "[gpu.sh] the tinker SDK is not importable and there is no .whl/ (see this script's header)" >&2
     exit 2
   fi
-fi
-if ! "$PY" -c "import peft" >/dev/null 2>&1 && [ -d .whl ]; then
-  echo "[gpu.sh] installing peft from .whl/" >&2
-  "$PY" -m pip install -q --no-index --find-links .whl peft || echo "[gpu.sh] no peft: LoRA peer unavailable" >&2
 fi
 
 export XLA_PYTHON_CLIENT_PREALLOCATE=false  # torch and jax share the chip; torch runs first and frees its cache
@@ -66,6 +62,21 @@ export TOKENIZERS_PARALLELISM=false
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 command -v nvidia-smi >/dev/null && nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+
+# Preflight: every import the suite needs, and the versions the JSON will record (a failure here costs seconds).
+"$PY" - <<'PYEOF' || { echo "[gpu.sh] preflight failed" >&2; exit 3; }
+import importlib
+import jax
+for m in ("tinker.types", "tinker_jax.engine", "benchmarks.run", "flax", "optax", "orbax.checkpoint", "torch",
+          "transformers"):
+    importlib.import_module(m)
+try:
+    import peft
+    print("[gpu.sh] peft", peft.__version__)
+except ImportError as e:
+    print("[gpu.sh] no peft (LoRA peer unavailable):", e)
+print("[gpu.sh] jax", jax.__version__, jax.devices())
+PYEOF
 
 timeout -k 30 -s TERM "$LIMIT" "$PY" -m benchmarks.run --suite "$SUITE" --work-dir "$WORK" --out "$OUT_FILE" \
   ${EXTRA[@]+"${EXTRA[@]}"}

@@ -6,7 +6,8 @@ from pathlib import Path
 
 
 def service_client(model_name: str, model_dir: Path, data_dir: Path, *, dtype: str, max_tokens_per_batch: int,
-                   sampler_batch: int, sampler_seq_len: int, compile_cache_dir: Path | None = None):
+                   sampler_batch: int, sampler_seq_len: int, compile_cache_dir: Path | None = None,
+                   remat: bool = False, attention: str = "auto"):
     """A ServiceClient serving `model_dir` as `model_name`. The persistent compile cache, when given, lives in
     `compile_cache_dir` (shared across bench runs) instead of data_dir/jax_cache; it only shortens warm-up."""
     import jax
@@ -20,6 +21,7 @@ def service_client(model_name: str, model_dir: Path, data_dir: Path, *, dtype: s
         jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
     cfg = EngineConfig(data_dir=data_dir, models={model_name: str(model_dir)}, dtype=dtype,
                        max_tokens_per_batch=max_tokens_per_batch, compile_cache=compile_cache_dir is not None,
+                       remat=remat, attention=attention,
                        sampler=SamplerConfig(max_batch=sampler_batch, max_seq_len=sampler_seq_len,
                                              max_num_samples=max(64, sampler_batch)))
     return tinker_jax.ServiceClient(config=cfg)

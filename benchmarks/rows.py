@@ -124,12 +124,39 @@ def assemble(suite: Suite, sections, res, facts: dict, meta: dict) -> list[dict]
         cs = res.get("coldstart")
         settings = {**base, "rows": suite.coldstart_rows, "length": suite.coldstart_length,
                     "lora_rank": suite.lora_rank, "measured": "spawn -> first forward_backward result",
+                    "no_cache_runs": "the first into an empty cache dir (compiles, fills the cache), then fresh "
+                                     "dirs with compile_cache=False",
                     "repeats": suite.coldstart_repeats,
                     "breakdown_last_run": None if isinstance(cs, str) else cs["breakdown"]}
         for key, what in (("no_cache", "no compile cache"), ("warm_cache", "warm persistent compile cache")):
             rows.append(make_row(f"cold start to first forward_backward, {what}", "s",
                                  cs if isinstance(cs, str) else cs[key], {}, meta=meta, settings=settings,
                                  higher_is_better=False))
+    if "attention" in sections:
+        ab = res.get("attention")
+        s = suite.train[0]
+        main_tput = _tput(res.get(f"train.{s.label}.ours"), s.tokens)
+        main, other = ("main", "other") if isinstance(ab, str) else (ab["main"], ab["other"])
+        settings = {**base, "rows": s.rows, "length": s.length, "mode": s.mode, "remat": suite.remat,
+                    "what": "a second engine that differs from the main run only in the training attention kernel",
+                    "repeats": suite.ablation_repeats}
+        rows.append(make_row(
+            f"ablation: train {s.mode} {s.rows}x{s.length} with {other} attention", "tokens/s",
+            ab if isinstance(ab, str) else _tput(ab["other_seconds"], s.tokens),
+            {f"ours, {main} attention (the train row)": main_tput}, meta=meta, settings=settings))
+        diff = ab if isinstance(ab, str) else ab.get("logprob_abs_diff", "not measured: no logprobs captured")
+        rows.append(make_row(
+            f"check: mean |target logprob difference|, {main} vs {other} attention, {s.rows}x{s.length}", "nats",
+            diff if isinstance(diff, str) else Stat([diff["mean"]]), {}, meta=meta,
+            settings={**settings, "max_abs_diff": None if isinstance(diff, str) else diff["max"],
+                      "tokens": None if isinstance(diff, str) else diff["tokens"],
+                      "note": "first forward_backward of each engine, before any optim_step: the same weights"},
+            higher_is_better=False))
+    if "train" in sections:
+        for r in rows:
+            if r["metric"].startswith(("train ", "MFU train ")):
+                r["settings"]["ours_attention"] = facts.get("attention")
+                r["settings"]["ours_remat"] = suite.remat
     return rows
 
 

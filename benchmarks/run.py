@@ -214,6 +214,7 @@ def measure(suite: Suite, work_dir: Path, sections: tuple[str, ...], res: Result
     torch_missing = _import_reason("torch", "transformers")
     peft_missing = torch_missing or _import_reason("peft")
     state: dict[str, Any] = {}  # the engine (ours) and the torch model shared by the sampling runs
+    capture: dict[str, Any] = {}  # ours' first logprobs on suite.train[0] (compared in "attention")
 
     def engine():
         """The one in-process ServiceClient for all of ours (built on first use; a failure is remembered)."""
@@ -229,7 +230,9 @@ def measure(suite: Suite, work_dir: Path, sections: tuple[str, ...], res: Result
                     suite.model, model_dir, engine_dir, dtype=suite.dtype,
                     max_tokens_per_batch=suite.max_tokens_per_batch, sampler_batch=max(suite.sample_batches),
                     sampler_seq_len=suite.sampler_seq_len,
-                    compile_cache_dir=work_dir / "jax_cache" if compile_cache else None)
+                    compile_cache_dir=work_dir / "jax_cache" if compile_cache else None,
+                    remat=suite.remat, attention=suite.attention)
+                facts["attention"] = state["sc"].engine.base(suite.model).attention  # after the cuDNN probe
             except Exception as e:
                 state["sc_error"] = e
                 raise
@@ -255,7 +258,8 @@ def measure(suite: Suite, work_dir: Path, sections: tuple[str, ...], res: Result
                         model_dir, train_tokens[s.label], lora_rank=rank, lora_alpha=suite.lora_alpha,
                         dtype=suite.dtype), peft_missing if lora else torch_missing),
                     "ours": (lambda s=s, rank=rank: train_bench.train_step(
-                        engine(), suite.model, train_tokens[s.label], lora_rank=rank), None),
+                        engine(), suite.model, train_tokens[s.label], lora_rank=rank,
+                        capture=capture if s == suite.train[0] else None), None),
                 }, suite.train_warmup, suite.train_repeats, _seconds))
         if "sample" in sections:
             for b in suite.sample_batches:
@@ -308,7 +312,50 @@ def measure(suite: Suite, work_dir: Path, sections: tuple[str, ...], res: Result
         res.run("coldstart", lambda: measure_coldstart(
             model_dir, work_dir / "coldstart", rows=suite.coldstart_rows, length=suite.coldstart_length,
             rank=suite.lora_rank, dtype=suite.dtype, repeats=suite.coldstart_repeats))
+    if "attention" in sections:
+        res.run("attention", lambda: _attention_ablation(suite, model_dir, work_dir, train_tokens, capture, facts,
+                                                         compile_cache))
     return facts
+
+
+def _attention_ablation(suite: Suite, model_dir: Path, work_dir: Path, train_tokens: dict, capture: dict,
+                        facts: dict, compile_cache: bool) -> dict:
+    """Ours on suite.train[0] again, in a fresh engine whose only difference is the attention kernel (einsum if
+    the main run used a fused one, else "xla"): its step time, and how far its first logprobs (before any update,
+    so the same weights) are from the main run's."""
+    import numpy as np
+
+    from benchmarks import train_bench
+    from benchmarks.ours_client import service_client
+    from benchmarks.timing import Stat, interleave
+
+    main = facts.get("attention")
+    if main is None:
+        return "not measured: the main run built no engine"
+    other = "einsum" if main != "einsum" else "xla"
+    s = suite.train[0]
+    engine_dir = Path(tempfile.mkdtemp(prefix="engine-ablation-", dir=work_dir))
+    sc = service_client(suite.model, model_dir, engine_dir, dtype=suite.dtype,
+                        max_tokens_per_batch=suite.max_tokens_per_batch, sampler_batch=1, sampler_seq_len=64,
+                        compile_cache_dir=work_dir / "jax_cache" if compile_cache else None, remat=suite.remat,
+                        attention=other)
+    try:
+        mine: dict = {}
+        step, close = train_bench.train_step(sc, suite.model, train_tokens[s.label],
+                                             lora_rank=suite.lora_rank if s.mode == "lora" else None, capture=mine)
+        timed, errors = interleave({"step": step}, warmup=1, repeats=suite.ablation_repeats)
+        close()
+        if errors:
+            raise next(iter(errors.values()))
+        out: dict = {"main": main, "other": other, "label": s.label,
+                     "other_seconds": Stat([t for t, _ in timed["step"]])}
+        if "logprobs" in capture and "logprobs" in mine:
+            d = np.concatenate([np.abs(a - b).ravel() for a, b in zip(capture["logprobs"], mine["logprobs"])])
+            out["logprob_abs_diff"] = {"mean": float(d.mean()), "max": float(d.max()), "tokens": int(d.size)}
+        return out
+    finally:
+        sc.close()
+        shutil.rmtree(engine_dir, ignore_errors=True)
 
 
 def _shape_or_none(suite: Suite, work_dir: Path) -> dict | None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-SECTIONS = ("peak", "train", "sample", "frontdoor", "handoff", "coldstart")
+SECTIONS = ("peak", "train", "sample", "frontdoor", "handoff", "coldstart", "attention")
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,9 @@ class Suite:
     coldstart_rows: int = 1
     coldstart_length: int = 128
     coldstart_repeats: int = 2
+    remat: bool = False  # ours: EngineConfig.remat (per-layer rematerialisation in the backward pass)
+    attention: str = "auto"  # ours: EngineConfig.attention (auto: cuDNN flash attention on a GPU in bf16)
+    ablation_repeats: int = 3  # "attention": ours again on suite.train[0] with the other attention kernel
     peak_n: int = 2048
     peak_dtype: str = "float32"
     time_budget_s: float = 600.0
@@ -81,10 +84,10 @@ SUITES: dict[str, Suite] = {
         name="gpu", model="qwen3-0.6b-shape", dtype="bfloat16",
         train=(TrainShape("lora", 8, 2048), TrainShape("lora", 16, 1024), TrainShape("full", 8, 2048)),
         # batch 16 is left out here: each `generate` run of +256 tokens costs the peer ~7 s whatever the batch.
-        train_warmup=2, train_repeats=6, sample_batches=(64, 1), prompt_len=128, max_new=256,
+        train_warmup=1, train_repeats=6, sample_batches=(64, 1), prompt_len=128, max_new=256,
         sample_warmup=1, sample_repeats=3, handoff_repeats=3, coldstart_rows=1, coldstart_length=512,
-        coldstart_repeats=1, peak_n=8192, peak_dtype="bfloat16", time_budget_s=380.0, interleave=False,
-        sections=("peak", "train", "sample", "handoff", "coldstart"),
+        coldstart_repeats=1, peak_n=8192, peak_dtype="bfloat16", time_budget_s=420.0, interleave=False,
+        remat=True, sections=("peak", "train", "sample", "handoff", "coldstart", "attention"),
         caveats=("GPU suite: random weights in the Qwen3-0.6B shape, bf16 compute (ours keeps fp32 master weights "
                  "and Adam state; the torch peer trains its bf16 weights directly).",
                  "The REST front door is not measured on the GPU machine (no fastapi/uvicorn there).")),
@@ -93,7 +96,7 @@ SUITES["gpu-dryrun"] = replace(
     SUITES["gpu"], name="gpu-dryrun", model="qwen3-dryrun", dtype="float32",
     train=(TrainShape("lora", 2, 64), TrainShape("lora", 4, 32), TrainShape("full", 2, 64)),
     train_warmup=1, train_repeats=1, sample_batches=(4, 1), prompt_len=16, max_new=8, sample_repeats=1,
-    handoff_warmup=1, handoff_repeats=1, coldstart_length=64, coldstart_repeats=1, peak_n=256,
+    handoff_warmup=1, handoff_repeats=1, coldstart_length=64, coldstart_repeats=1, peak_n=256, ablation_repeats=1,
     peak_dtype="float32", time_budget_s=300.0,
     caveats=("gpu-dryrun: the GPU suite's code paths at toy size; its figures mean nothing.",))
 SUITES["quick"] = Suite(

@@ -14,9 +14,12 @@ import numpy as np
 from benchmarks.data import datums
 
 
-def train_step(sc, base_model: str, tokens: np.ndarray, *, lora_rank: int | None
+def train_step(sc, base_model: str, tokens: np.ndarray, *, lora_rank: int | None, capture: dict | None = None
                ) -> tuple[Callable[[], None], Callable[[], None]]:
-    """-> (one training step, release the model)."""
+    """-> (one training step, release the model).
+
+    capture: if given, the first step stores its forward_backward logprobs there (under "logprobs", one array
+    per datum): computed before any optim_step, from the seeded adapters, so two engines can be compared."""
     import tinker.types as tt
 
     data = datums(tokens)
@@ -29,6 +32,8 @@ def train_step(sc, base_model: str, tokens: np.ndarray, *, lora_rank: int | None
     def step():
         fb = tc.forward_backward(data, "cross_entropy")
         opt = tc.optim_step(adam)
-        fb.result()
+        out = fb.result()
         opt.result()
+        if capture is not None and "logprobs" not in capture:
+            capture["logprobs"] = [np.asarray(o["logprobs"].to_numpy()) for o in out.loss_fn_outputs]
     return step, lambda: sc.engine.unload_model(tc.model_id)

@@ -484,3 +484,46 @@ def test_seeds_beyond_int32_initialise_adapters(svc):
     a = flat(state(client(svc, seed=2**40)).trainable)
     b = flat(state(client(svc, seed=0)).trainable)
     assert any(not np.array_equal(a[k], b[k]) for k in a if "lora_a" in k)
+
+
+def test_fused_attention_path_equals_einsum_on_right_padded_rows(svc):
+    """attention="xla" (jax.nn.dot_product_attention, causal only: the path cuDNN takes on a GPU) gives the
+    einsum path's logprobs and gradients on rows of different lengths, right-padded as batching pads them."""
+    tc = client(svc, seed=6)
+    st = state(tc)
+    st.trainable = jax.tree.map(lambda x: x + 0.01, st.trainable)
+    (batch,) = build_batches(random_data(4), "cross_entropy", vocab_size=512, max_len=512,
+                             max_tokens_per_batch=4096)
+    assert len(set(batch.lengths)) > 1 and batch.mask.min() == 0  # padding is really there
+    db = train.device_batch(batch)
+
+    def run(attention):
+        f = lambda tr: train._loss(tr, st.frozen, st.graphdef, db, {}, "cross_entropy", False, attention)
+        (loss, (lp, _)), g = jax.value_and_grad(f, has_aux=True)(st.trainable)
+        return float(loss), np.asarray(lp) * batch.mask, flat(g)
+
+    ref_loss, ref_lp, ref_g = run("einsum")
+    loss, lp, g = run("xla")
+    np.testing.assert_allclose(lp, ref_lp, rtol=0, atol=1e-5)
+    assert loss == pytest.approx(ref_loss, rel=1e-6)
+    assert rel(g, ref_g) < 1e-5
+    with pytest.raises(ValueError, match="attention"):
+        run("flash")
+
+
+def test_attention_config_resolves_per_backend(tmp_path):
+    from tinker_jax.config import EngineConfig
+    from tinker_jax.engine import Engine
+    from tinker_jax.models.decoder import probe_attention
+
+    assert EngineConfig().training_attention("cpu") == "einsum"
+    assert EngineConfig(dtype="bfloat16").training_attention("gpu") == "cudnn"
+    assert EngineConfig(dtype="float32").training_attention("gpu") == "einsum"
+    assert EngineConfig(attention="xla").training_attention("gpu") == "xla"
+    with pytest.raises(ValueError, match="config.attention"):
+        EngineConfig.from_dict({"attention": "flash"})
+    with pytest.raises(ValueError, match="cudnn needs a GPU"):  # asked for explicitly: refused at start
+        Engine(EngineConfig(data_dir=tmp_path, attention="cudnn", compile_cache=False))
+    assert probe_attention("xla", 4, 2, 16) is None
+    if jax.default_backend() == "cpu":
+        assert "cuDNN" in probe_attention("cudnn", 4, 2, 16)  # what makes `auto` fall back to einsum

@@ -11,6 +11,8 @@ import yaml
 
 from tinker_jax.sharding import MeshConfig
 
+ATTENTION_CHOICES = ("auto", "einsum", "cudnn", "xla")
+
 
 def default_data_dir() -> Path:
     """Per-user default: $TINKER_JAX_DATA_DIR, else $XDG_DATA_HOME/tinker_jax, else ~/.local/share/tinker_jax."""
@@ -40,6 +42,9 @@ class EngineConfig:
     max_seq_len: int = 4096  # longest training sequence accepted (also capped by the model's own limit)
     full_finetune: bool = False  # train every weight instead of LoRA adapters
     remat: bool = False  # recompute layer activations in backward (long sequences on GPU/TPU); slower on CPU
+    # Training attention kernel: "auto" (cuDNN flash attention on a GPU computing in bfloat16, else "einsum"),
+    # "einsum" (plain XLA, the exact reference), "cudnn" (GPU, bfloat16 only), "xla" (jax.nn.dot_product_attention).
+    attention: str = "auto"
     compile_cache: bool = True  # persistent XLA compilation cache under {data_dir}/jax_cache (faster restarts)
     sampler: SamplerConfig = SamplerConfig()
 
@@ -52,6 +57,8 @@ class EngineConfig:
             raise ValueError(f"config: unknown keys {unknown}; known: {sorted(known)}")
         if d.get("dtype", "float32") not in ("float32", "bfloat16"):
             raise ValueError(f"config.dtype: expected float32 or bfloat16, got {d['dtype']!r}")
+        if d.get("attention", "auto") not in ATTENTION_CHOICES:
+            raise ValueError(f"config.attention: expected one of {ATTENTION_CHOICES}, got {d['attention']!r}")
         if "mesh" in d:
             d["mesh"] = MeshConfig.from_dict(d["mesh"])
         if "sampler" in d:
@@ -78,6 +85,12 @@ class EngineConfig:
         except (OSError, yaml.YAMLError) as e:
             raise ValueError(f"config {path}: {e}") from None
         return EngineConfig.from_dict(d, base_dir=path.parent)
+
+    def training_attention(self, backend: str) -> str:
+        """The attention kernel the training step uses on `backend` (jax.default_backend())."""
+        if self.attention != "auto":
+            return self.attention
+        return "cudnn" if backend == "gpu" and self.dtype == "bfloat16" else "einsum"
 
     def with_models(self, extra: Mapping[str, str]) -> "EngineConfig":
         from dataclasses import replace

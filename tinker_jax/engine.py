@@ -29,7 +29,7 @@ from tinker_jax.batching import build_batches, datum_tokens
 from tinker_jax.config import EngineConfig
 from tinker_jax.lora import LoraSpec
 from tinker_jax.losses import resolve_config
-from tinker_jax.models.decoder import Decoder
+from tinker_jax.models.decoder import Decoder, probe_attention
 from tinker_jax.models.weights import init_lora_state, load_decoder
 from tinker_jax.registry import Registry, TinkerPath, check_name
 from tinker_jax.sharding import batch_sharding, make_mesh, state_shardings
@@ -47,6 +47,7 @@ class BaseModel:
     path: Path
     cfg: Any
     decoder: Decoder  # base weights (no LoRA); LoRA runs share its arrays
+    attention: str = "einsum"  # the training attention kernel for this model (EngineConfig.attention, probed)
 
 
 @dataclass
@@ -76,6 +77,10 @@ class Engine:
         if config.compile_cache:
             enable_compile_cache(self.data_dir / "jax_cache")
         self.mesh = make_mesh(config.mesh) if config.mesh.size > 1 else None
+        self.attention = config.training_attention(jax.default_backend())
+        if self.attention == "cudnn" and (jax.default_backend() != "gpu" or config.dtype != "bfloat16"):
+            raise ValueError(f"config.attention: cudnn needs a GPU and dtype bfloat16 (backend "
+                             f"{jax.default_backend()!r}, dtype {config.dtype!r}); use auto or einsum")
         self._bases: dict[str, BaseModel] = {}
         self._models: dict[str, train.TrainState] = {}
         self._snapshots: dict[str, Snapshot] = {}
@@ -130,8 +135,19 @@ class Engine:
             dtype = jnp.bfloat16 if self.config.dtype == "bfloat16" else jnp.float32
             shard = (lambda st: state_shardings(st, self.mesh)) if self.mesh is not None else None
             dec = load_decoder(path, dtype=dtype, shardings_fn=shard)
-            self._bases[name] = BaseModel(name, Path(path), dec.cfg, dec)
+            self._bases[name] = BaseModel(name, Path(path), dec.cfg, dec, self._attention_for(dec.cfg))
             return self._bases[name]
+
+    def _attention_for(self, cfg) -> str:
+        """The configured kernel; under `auto`, cuDNN only after a small probe with this model's head layout
+        compiles and runs, so a GPU whose cuDNN lacks the kernel trains with einsum instead of failing."""
+        if self.attention != "cudnn" or self.config.attention == "cudnn":
+            return self.attention
+        why = probe_attention("cudnn", cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
+        if why:
+            log.warning("attention: cuDNN flash attention unavailable (%s); training uses einsum attention", why)
+            return "einsum"
+        return "cudnn"
 
     def _new_decoder(self, base: BaseModel, lora: LoraSpec | None) -> Decoder:
         """A decoder over the shared base arrays, with freshly initialised (seeded) adapters."""
@@ -209,7 +225,8 @@ class Engine:
                                     max_len=min(base.cfg.max_position_embeddings, self.config.max_seq_len),
                                     max_tokens_per_batch=self.config.max_tokens_per_batch, row_multiple=rows)
             lps, metrics = train.forward_backward(st, batches, loss_fn, config, forward_only=forward_only,
-                                                  sharding_fn=self._sharding_fn(), remat=self.config.remat)
+                                                  sharding_fn=self._sharding_fn(), remat=self.config.remat,
+                                                  attention=base.attention)
             self.registry.touch_run(model_id)
             return tt.ForwardBackwardOutput(
                 loss_fn_output_type="ArrayRecord",

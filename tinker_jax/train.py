@@ -91,14 +91,14 @@ class TrainState:
 LOGIT_CHUNK = 2048  # tokens unembedded at a time: only [chunk, V] fp32 logits exist at once
 
 
-def target_logprobs(model: Decoder, batch: dict, remat: bool = False) -> jax.Array:
+def target_logprobs(model: Decoder, batch: dict, remat: bool = False, attention: str = "einsum") -> jax.Array:
     """Log-probabilities of the target tokens: [B,T] (or [B,T,K] for top-K targets), fp32.
 
     The unembedding runs chunk by chunk under jax.checkpoint, so neither the forward nor the backward pass
     holds the full [B,T,V] logits (10 GB in fp32 for 16k tokens of a 152k vocabulary).
     """
     hidden, _ = model(batch["tokens"], batch["positions"], segment_ids=batch["mask"].astype(jnp.int32),
-                      remat=remat)
+                      remat=remat, attention=attention)
     tgt = batch["targets"]
     B, T, D = hidden.shape
     n = B * T
@@ -117,23 +117,24 @@ def target_logprobs(model: Decoder, batch: dict, remat: bool = False) -> jax.Arr
     return lp.reshape(tgt.shape)
 
 
-def _loss(trainable, frozen, graphdef, batch, config, loss_fn, remat=False):
-    lp = target_logprobs(merge_model(graphdef, trainable, frozen), batch, remat)
+def _loss(trainable, frozen, graphdef, batch, config, loss_fn, remat=False, attention="einsum"):
+    lp = target_logprobs(merge_model(graphdef, trainable, frozen), batch, remat, attention)
     loss, metrics = get_loss(loss_fn).fn(lp, batch["inputs"], batch["mask"], config)
     return loss, (lp, metrics)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "loss_fn", "remat"), donate_argnames=("grads",))
-def _forward_backward(trainable, frozen, grads, batch, config, *, graphdef, loss_fn, remat=False):
+@partial(jax.jit, static_argnames=("graphdef", "loss_fn", "remat", "attention"), donate_argnames=("grads",))
+def _forward_backward(trainable, frozen, grads, batch, config, *, graphdef, loss_fn, remat=False,
+                      attention="einsum"):
     (loss, (lp, metrics)), g = jax.value_and_grad(_loss, has_aux=True)(
-        trainable, frozen, graphdef, batch, config, loss_fn, remat)
+        trainable, frozen, graphdef, batch, config, loss_fn, remat, attention)
     grads = jax.tree.map(jnp.add, grads, g)
     return grads, loss, lp, metrics
 
 
-@partial(jax.jit, static_argnames=("graphdef", "loss_fn"))
-def _forward(trainable, frozen, batch, config, *, graphdef, loss_fn):
-    loss, (lp, metrics) = _loss(trainable, frozen, graphdef, batch, config, loss_fn)
+@partial(jax.jit, static_argnames=("graphdef", "loss_fn", "attention"))
+def _forward(trainable, frozen, batch, config, *, graphdef, loss_fn, attention="einsum"):
+    loss, (lp, metrics) = _loss(trainable, frozen, graphdef, batch, config, loss_fn, attention=attention)
     return loss, lp, metrics
 
 
@@ -158,8 +159,10 @@ def device_batch(batch: Batch, sharding=None) -> dict:
 
 
 def forward_backward(state: TrainState, batches: list[Batch], loss_fn: str, config: dict,
-                     forward_only: bool = False, sharding_fn=None, remat: bool = False):
+                     forward_only: bool = False, sharding_fn=None, remat: bool = False, attention: str = "einsum"):
     """Run the loss over every micro-batch; accumulate gradients unless forward_only.
+
+    remat and attention select how the step computes (models.decoder.Decoder.__call__), not what it computes.
 
     Returns (per-datum logprobs as numpy arrays, metrics dict with "loss:sum").
     """
@@ -171,11 +174,11 @@ def forward_backward(state: TrainState, batches: list[Batch], loss_fn: str, conf
         db = device_batch(b, sharding_fn(b) if sharding_fn else None)
         if forward_only:
             loss, lp, m = _forward(state.trainable, state.frozen, db, cfg, graphdef=state.graphdef,
-                                   loss_fn=loss_fn)
+                                   loss_fn=loss_fn, attention=attention)
         else:
             state.grads, loss, lp, m = _forward_backward(
                 state.trainable, state.frozen, state.grads, db, cfg, graphdef=state.graphdef, loss_fn=loss_fn,
-                remat=remat)
+                remat=remat, attention=attention)
         device_results.append((b, loss, lp, m))
     for b, loss, lp, m in device_results:  # one host sync after all micro-batches are queued
         lp = np.asarray(lp)

@@ -21,6 +21,7 @@ from flax import nnx
 from tinker_jax.lora import LoraSpec
 from tinker_jax.models.config import ModelConfig
 
+ATTENTION_IMPLS = ("einsum", "cudnn", "xla")
 NEG_INF = -1e30  # finite, so fully masked rows (padding) give a uniform softmax instead of NaN
 
 
@@ -32,6 +33,22 @@ class KVCache(NamedTuple):
     def init(cfg: ModelConfig, batch: int, max_len: int, dtype=jnp.float32) -> "KVCache":
         shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
+
+
+def probe_attention(impl: str, n_heads: int, n_kv_heads: int, head_dim: int) -> str | None:
+    """Compile and run `impl` forward and backward on a small bf16 input with this head layout.
+    -> None if it works, else why not (e.g. no cuDNN, or a cuDNN without this head configuration)."""
+    try:
+        q = jax.random.normal(jax.random.key(0), (1, 128, n_heads, head_dim), jnp.bfloat16)
+        kv = jax.random.normal(jax.random.key(1), (1, 128, n_kv_heads, head_dim), jnp.bfloat16)
+        f = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
+            q, k, v, is_causal=True, implementation=impl).astype(jnp.float32).sum()
+        grads = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, kv, kv)
+        if not all(bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g in grads):
+            return "non-finite gradients"
+        return None
+    except Exception as e:  # noqa: BLE001 - any failure means: do not use this kernel
+        return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
 # ----------------------------------------------------------------------------------------------- layers
@@ -119,10 +136,14 @@ class Attention(nnx.Module):
         self.k_norm = RMSNorm(H, cfg.norm_eps, ("head_dim",), param_dtype) if cfg.qk_norm else None
         self.shape = (N, K, H)
 
-    def __call__(self, x, positions, mask, inv_freq, cache=None):
+    def __call__(self, x, positions, mask, inv_freq, cache=None, attention="einsum"):
         """x [B,T,D], positions [B,T] -> (out [B,T,D], (k, v) [B,T,K,H] of this step).
 
-        No cache: `mask` [B,T,T] is the full attention mask over this chunk.
+        No cache: `mask` [B,T,T] is the full attention mask over this chunk, applied by the einsum path.
+        `attention` "cudnn" or "xla" instead runs jax.nn.dot_product_attention with a plain causal mask (cuDNN's
+        fused flash attention on a GPU: the [B,N,T,T] scores never reach memory). That is exact for the rows that
+        batching builds, one sequence each, right-padded: causality alone keeps every real query off the pads
+        after it; only the pad queries, whose outputs no loss reads, see other keys than with `mask`.
         With cache = (k_cache, v_cache) [B,S,K,H] of this layer, *read only*: queries attend to the cache
         slots where `mask` [B,T,S] is true (the context before this chunk) and, causally, to this chunk's own
         keys. The caller writes the returned k/v into the cache once for all layers: writing inside the layer
@@ -136,6 +157,10 @@ class Attention(nnx.Module):
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        if cache is None and attention != "einsum":
+            out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(H), is_causal=True,
+                                               implementation=attention)  # [B,T,N,H]; GQA handled inside
+            return self.o(out.reshape(B, T, N * H)), (k, v)
         qg = q.reshape(B, T, K, N // K, H) * (1.0 / math.sqrt(H))  # GQA: G query heads share one kv head
         scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k)  # this chunk's own keys
         if cache is not None:  # prepend the cached context's scores; the cache itself is never copied
@@ -174,8 +199,8 @@ class Block(nnx.Module):
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, ("embed",), param_dtype)
         self.mlp = MLP(cfg, rngs=rngs, lora=lora, param_dtype=param_dtype)
 
-    def __call__(self, x, positions, mask, inv_freq, cache=None):
-        h, kv = self.attn(self.attn_norm(x), positions, mask, inv_freq, cache)
+    def __call__(self, x, positions, mask, inv_freq, cache=None, attention="einsum"):
+        h, kv = self.attn(self.attn_norm(x), positions, mask, inv_freq, cache, attention)
         x = x + h
         return x + self.mlp(self.mlp_norm(x)), kv
 
@@ -222,8 +247,13 @@ class Decoder(nnx.Module):
                              lora=lora, param_dtype=param_dtype, has_kernel=not cfg.tie_embeddings)
         self.lm_head = lm_head
 
-    def __call__(self, tokens, positions, segment_ids=None, cache: KVCache | None = None, remat: bool = False):
+    def __call__(self, tokens, positions, segment_ids=None, cache: KVCache | None = None, remat: bool = False,
+                 attention: str = "einsum"):
         """tokens, positions [B,T] int32 -> hidden [B,T,D] (final-normed), cache.
+
+        attention (no cache only): "einsum" (masks from segment_ids; exact reference, packing-capable), or
+        "cudnn" / "xla" (jax.nn.dot_product_attention, causal only: each row must hold one right-padded
+        sequence, as batching builds them). See Attention.__call__.
 
         remat: recompute each layer's activations in the backward pass, keeping only its matmul outputs
         (attention scores, [B,N,T,T] per layer, are the first thing that runs a long-sequence GPU step out
@@ -244,9 +274,11 @@ class Decoder(nnx.Module):
         graphdef, state = nnx.split(self.blocks)
         inv_freq = rope_inv_freq(self.cfg)  # numpy at trace time: a compile-time constant
 
+        if attention not in ATTENTION_IMPLS:
+            raise ValueError(f"attention: expected one of {ATTENTION_IMPLS}, got {attention!r}")
         if cache is None:
             def layer(h, layer_state):
-                return nnx.merge(graphdef, layer_state)(h, positions, mask, inv_freq)[0], None
+                return nnx.merge(graphdef, layer_state)(h, positions, mask, inv_freq, None, attention)[0], None
 
             if remat:
                 layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
