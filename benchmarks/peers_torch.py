@@ -78,6 +78,10 @@ def _optimizer(params):
     return torch.optim.AdamW(params, lr=1e-5, betas=(0.9, 0.95), eps=1e-12, weight_decay=0.0, **kw)
 
 
+# (rows, length, lora) -> how the peer had to split its steps to fit in memory (read by benchmarks.rows)
+MICRO_BATCH_NOTES: dict[tuple[int, int, bool], str] = {}
+
+
 def train_step(model_dir: Path, tokens: np.ndarray, *, lora_rank: int | None, lora_alpha: float, dtype: str
                ) -> tuple[Callable[[], None], Callable[[], None]]:
     """-> (one training step: forward, backward, AdamW; release the model)."""
@@ -93,14 +97,36 @@ def train_step(model_dir: Path, tokens: np.ndarray, *, lora_rank: int | None, lo
     y = torch.as_tensor(tokens[:, 1:], device=dev)
     opt = _optimizer(model.parameters())
     model.train()
+    rows = x.shape[0]
+    plan = {"micro": rows}  # rows per forward/backward; halved on CUDA OOM (gradients accumulate: same step)
 
-    def step():
-        logits = model(input_ids=x).logits.float()
-        loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1), reduction="sum")
-        loss.backward()
+    def attempt():
+        m = plan["micro"]
+        for s in range(0, rows, m):
+            logits = model(input_ids=x[s:s + m]).logits.float()
+            loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), y[s:s + m].reshape(-1), reduction="sum")
+            del logits
+            loss.backward()
+            del loss
         opt.step()
         opt.zero_grad(set_to_none=True)
         sync()
+
+    def step():
+        while True:
+            try:
+                return attempt()
+            except torch.OutOfMemoryError:
+                # e.g. 8x2048 of a 152k vocabulary on an 80 GB card: fp32 logits and their gradient alone are
+                # ~20 GB. Retry the same step in micro-batches, as a user would; the row records the split.
+                opt.zero_grad(set_to_none=True)
+                free_memory()
+                if plan["micro"] == 1:
+                    raise
+                plan["micro"] //= 2
+                MICRO_BATCH_NOTES[(rows, x.shape[1], bool(lora_rank))] = (
+                    f"the peer ran out of GPU memory at {rows} rows per pass and ran each step as "
+                    f"{rows // plan['micro']} micro-batches of {plan['micro']} rows (gradients accumulated)")
 
     def close():
         holder.clear()

@@ -63,6 +63,9 @@ def assemble(suite: Suite, sections, res, facts: dict, meta: dict) -> list[dict]
                         "lora": {"rank": suite.lora_rank, "alpha": suite.lora_alpha,
                                  "targets": "q,k,v,o,gate,up,down"} if lora else None,
                         "warmup": suite.train_warmup, "repeats": suite.train_repeats}
+            from benchmarks.peers_torch import MICRO_BATCH_NOTES
+
+            settings["peer_note"] = MICRO_BATCH_NOTES.get((s.rows, s.length, lora))
             goal = ">= 1.5x transformers+peft and >= 3x skyrl-tx" if lora else ">= 1.5x transformers"
             rows.append(make_row(f"train {what} {s.rows}x{s.length}", "tokens/s", ours, peers, meta=meta,
                                  settings=settings, goal=goal))
