@@ -7,7 +7,7 @@ from pathlib import Path
 
 def service_client(model_name: str, model_dir: Path, data_dir: Path, *, dtype: str, max_tokens_per_batch: int,
                    sampler_batch: int, sampler_seq_len: int, compile_cache_dir: Path | None = None,
-                   remat: bool = False, attention: str = "auto"):
+                   remat: bool = False, attention: str = "auto", **sampler_kw):
     """A ServiceClient serving `model_dir` as `model_name`. The persistent compile cache, when given, lives in
     `compile_cache_dir` (shared across bench runs) instead of data_dir/jax_cache; it only shortens warm-up."""
     import jax
@@ -23,5 +23,5 @@ def service_client(model_name: str, model_dir: Path, data_dir: Path, *, dtype: s
                        max_tokens_per_batch=max_tokens_per_batch, compile_cache=compile_cache_dir is not None,
                        remat=remat, attention=attention,
                        sampler=SamplerConfig(max_batch=sampler_batch, max_seq_len=sampler_seq_len,
-                                             max_num_samples=max(64, sampler_batch)))
+                                             max_num_samples=max(64, sampler_batch), **sampler_kw))
     return tinker_jax.ServiceClient(config=cfg)

@@ -396,3 +396,18 @@ def test_stop_fails_outstanding_and_refuses_new(snap):
             assert "stopped" in str(e)
     with pytest.raises(RuntimeError, match="stopped"):
         s.submit(snap, [1, 2], P()).result(timeout=1)
+
+
+def test_unrolled_decode_and_longer_calls_sample_the_same(sampler, snap):
+    """decode_unroll and decode_steps change how decode runs (configs/gpu-bf16.yaml sets both), not what it
+    samples: the same greedy and seeded sequences and logprobs as the default sampler."""
+    with Sampler(snap.cfg, [EOS], max_batch=ROWS, max_seq_len=MAX_SEQ, prefill_lengths=(16,), prefill_batches=(4,),
+                 decode_steps=16, decode_unroll=True, decode_lengths=(32,), max_num_samples=8,
+                 tokenizer=CharTokenizer()) as other:
+        for seed, params in [(60, P(max_tokens=12, temperature=0.0)), (61, P(max_tokens=12, seed=7, stop=[])),
+                             (62, P(max_tokens=9, temperature=0.7, top_p=0.9, seed=3, stop=[]))]:
+            prompt = prompt_of(seed, 6)
+            a = sampler.sample(snap, prompt, params).sequences[0]
+            b = other.sample(snap, prompt, params).sequences[0]
+            assert a.tokens == b.tokens
+            np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)

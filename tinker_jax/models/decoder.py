@@ -248,12 +248,13 @@ class Decoder(nnx.Module):
         self.lm_head = lm_head
 
     def __call__(self, tokens, positions, segment_ids=None, cache: KVCache | None = None, remat: bool = False,
-                 attention: str = "einsum"):
+                 attention: str = "einsum", unroll: bool = False):
         """tokens, positions [B,T] int32 -> hidden [B,T,D] (final-normed), cache.
 
         attention (no cache only): "einsum" (masks from segment_ids; exact reference, packing-capable), or
         "cudnn" / "xla" (jax.nn.dot_product_attention, causal only: each row must hold one right-padded
         sequence, as batching builds them). See Attention.__call__.
+        unroll (cache only): unroll the layer loop (a decode step is small; a loop costs per-iteration overhead).
 
         remat: recompute each layer's activations in the backward pass, keeping only its matmul outputs
         (attention scores, [B,N,T,T] per layer, are the first thing that runs a long-sequence GPU step out
@@ -290,7 +291,8 @@ class Decoder(nnx.Module):
             h, kv = nnx.merge(graphdef, layer_state)(h, positions, mask, inv_freq, (ck, cv))
             return h, kv
 
-        x, (k_new, v_new) = jax.lax.scan(cached_layer, x, (state, cache.k, cache.v))  # new: [L,B,T,K,H]
+        x, (k_new, v_new) = jax.lax.scan(cached_layer, x, (state, cache.k, cache.v),
+                                         unroll=bool(unroll))  # new: [L,B,T,K,H]
         rows = jnp.arange(B)[:, None]  # step t of row b goes to slot positions[b, t], in every layer
         cache = KVCache(cache.k.at[:, rows, positions].set(k_new.astype(cache.k.dtype)),
                         cache.v.at[:, rows, positions].set(v_new.astype(cache.v.dtype)))

@@ -62,7 +62,8 @@ def make_sampler(base: Any, config: Any = None, **overrides) -> Sampler:
         raise ValueError(f"sampler.backend: expected 'jax' or 'vllm', got {backend!r}")
     kw: dict[str, Any] = {}
     for name in ("max_batch", "max_seq_len", "max_num_samples", "prefill_lengths", "prefill_batches",
-                 "prefill_token_budget", "decode_steps", "max_topk_prompt_logprobs", "max_stop_tokens"):
+                 "prefill_token_budget", "decode_steps", "decode_unroll", "max_topk_prompt_logprobs",
+                 "max_stop_tokens"):
         if config is not None and getattr(config, name, None) is not None:
             kw[name] = getattr(config, name)
     kw.update(overrides)

@@ -75,8 +75,11 @@ def select_tokens(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, t
     # Skip the full-vocabulary sort when no row truncates (the common RL setting).
     cut = jax.lax.cond(jnp.any(needs_cut), lambda s: _truncate(s, top_k, top_p), lambda s: s, scaled)
     cut = jnp.where(needs_cut[:, None], cut, scaled)
-    gumbel = jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys)
-    sampled = jnp.argmax(cut + gumbel, axis=-1)
+    # All-greedy batches (evaluation, benchmarks) skip drawing [B,V] Gumbel noise.
+    sampled = jax.lax.cond(
+        jnp.all(greedy), lambda: jnp.zeros(logits.shape[:1], jnp.int32),
+        lambda: jnp.argmax(cut + jax.vmap(lambda k: jax.random.gumbel(k, (V,), jnp.float32))(keys),
+                           axis=-1).astype(jnp.int32))
     tokens = jnp.where(greedy, jnp.argmax(logits, axis=-1), sampled).astype(jnp.int32)
     logprobs = jnp.take_along_axis(jax.nn.log_softmax(scaled, axis=-1), tokens[:, None], axis=-1)[:, 0]
     return tokens, logprobs
@@ -153,9 +156,10 @@ DYNAMIC = ("tok", "pos", "n_gen", "live")  # returned updated by `decode`
 STATIC = ("max_tokens", "temperature", "top_k", "top_p", "seed", "sample", "stop_ids")
 
 
-@partial(jax.jit, static_argnums=(0,), static_argnames=("n_steps", "view", "rows"), donate_argnums=(3,))
+@partial(jax.jit, static_argnums=(0,), static_argnames=("n_steps", "view", "rows", "unroll"),
+         donate_argnums=(3,))
 def decode(graphdef, frozen, trainable, cache: KVCache, dyn: dict, par: dict, run_mask, *, n_steps: int,
-           view: int | None = None, rows: int | None = None):
+           view: int | None = None, rows: int | None = None, unroll: bool = False):
     """n_steps decode steps for the rows in run_mask (one snapshot's group).
 
     A live row feeds `tok` at `pos`, samples its next token with key (seed, sample, n_gen), and finishes when
@@ -184,7 +188,7 @@ def decode(graphdef, frozen, trainable, cache: KVCache, dyn: dict, par: dict, ru
         kv, d = carry
         live = d["live"] & run_mask
         pos = jnp.where(live, d["pos"], scratch)
-        hidden, kv = model(d["tok"][:, None], pos[:, None], cache=kv)
+        hidden, kv = model(d["tok"][:, None], pos[:, None], cache=kv, unroll=unroll)
         logits = model.logits(hidden)[:, 0]  # [B,V]
         keys = row_keys(par["seed"], par["sample"], d["n_gen"])
         tok, lp = select_tokens(logits, par["temperature"], par["top_k"], par["top_p"], keys)

@@ -97,6 +97,7 @@ class Sampler(SamplerBase):
       prefill_batches: row buckets for one prefill call.
       prefill_token_budget: at most this many (rows x bucket length) tokens per prefill call.
       decode_steps: decode steps per device call (one host round trip).
+      decode_unroll: unroll the decoder's layer loop inside a decode step.
       decode_lengths: cache-length buckets a decode call attends over (the smallest one that holds every
         running row's positions for the call; one compiled decode program each). Default: powers of two from
         256, then max_seq_len.
@@ -112,7 +113,7 @@ class Sampler(SamplerBase):
     def __init__(self, cfg: ModelConfig, eos_token_ids: Sequence[int] | int | None = None, *, max_batch: int = 8,
                  max_seq_len: int = 4096, prefill_lengths: Sequence[int] | None = None,
                  prefill_batches: Sequence[int] = (1, 2, 4, 8), prefill_token_budget: int = 16384,
-                 decode_steps: int = 8, decode_lengths: Sequence[int] | None = None, max_num_samples: int = 128, max_topk_prompt_logprobs: int = 20,
+                 decode_steps: int = 8, decode_unroll: bool = False, decode_lengths: Sequence[int] | None = None, max_num_samples: int = 128, max_topk_prompt_logprobs: int = 20,
                  max_stop_tokens: int = 16, tokenizer: Tokenizer | None = None, cache_dtype=jnp.float32):
         if eos_token_ids is None:
             eos_token_ids = cfg.eos_token_id
@@ -133,6 +134,7 @@ class Sampler(SamplerBase):
         self.prefill_batches = tuple(sorted(set(min(int(b), self.max_batch) for b in prefill_batches)))
         self.prefill_token_budget = int(prefill_token_budget)
         self.decode_steps = int(decode_steps)
+        self.decode_unroll = bool(decode_unroll)
         views = decode_lengths or _default_lengths(self.max_seq_len, start=256)
         self.decode_lengths = tuple(sorted(set(min(int(n), self.max_seq_len) for n in views) | {self.max_seq_len}))
         self.max_topk = int(max_topk_prompt_logprobs)
@@ -391,7 +393,7 @@ class Sampler(SamplerBase):
         n_rows = next((b for b in (4 ** i for i in range(16)) if b >= top and b < self.max_batch), self.max_batch)
         cache, dyn, toks, lps, valid = kernels.decode(
             snap.graphdef, snap.frozen, snap.trainable, self._cache, self._dyn, self._par, run,
-            n_steps=self.decode_steps, view=None if view >= self.max_seq_len else view,
+            n_steps=self.decode_steps, view=None if view >= self.max_seq_len else view, unroll=self.decode_unroll,
             rows=None if n_rows >= self.max_batch else n_rows)
         self._cache = cache
         dyn, toks, lps, valid = jax.device_get((dyn, toks, lps, valid))
