@@ -76,13 +76,15 @@ class Linear(nnx.Module):
             self.lora_scale = lora.scale
 
     def __call__(self, x: jax.Array) -> jax.Array:
+        lead = x.shape[:-1]
+        x = x.reshape(-1, x.shape[-1])  # [*, in] -> [M, in]: XLA:CPU's backward of the 3-D form ran ~2x slower
         y = x @ self.kernel[...].astype(x.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         if self.lora_scale is not None:
             a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
             y = y + ((x @ a) @ b) * jnp.asarray(self.lora_scale, x.dtype)
-        return y
+        return y.reshape(*lead, y.shape[-1])
 
 
 class RMSNorm(nnx.Module):
