@@ -30,3 +30,21 @@ def test_gpu_script_dry_run(tmp_path):
             "MFU train full fine-tune 2x64"} <= metrics
     assert all(r["suite"] == "gpu-dryrun" for r in rows)
     assert "MFU train" in proc.stdout  # the final table is printed
+
+
+@pytest.mark.slow
+def test_gpu_diagnosis_scripts_run_at_toy_size(tmp_path):
+    """benchmarks/gpu_diagnose.py and gpu_decode_ab.py (run by hand on a lent GPU after gpu.sh) at the dry-run
+    size on this CPU: every variant produces a figure or a recorded error, never a crash."""
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": str(ROOT)}
+    diag, ab = tmp_path / "diag.json", tmp_path / "ab.json"
+    for mod, out in (("benchmarks.gpu_diagnose", diag), ("benchmarks.gpu_decode_ab", ab)):
+        proc = subprocess.run([sys.executable, "-m", mod, "--suite", "gpu-dryrun", "--work-dir", str(tmp_path),
+                               "--repeats", "1", "--out", str(out)], env=env, cwd=ROOT, capture_output=True,
+                              text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    variants = json.loads(diag.read_text())["variants"]
+    assert {"fb", "fwd", "optim", "full-fb", "full-optim"} <= set(variants)
+    assert all("median_s" in v for k, v in variants.items() if k in ("fb", "fwd", "optim"))
+    rows = json.loads(ab.read_text())
+    assert len(rows) == 4 and all(r.get("tokens_per_s", 0) > 0 for r in rows), rows
