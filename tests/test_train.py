@@ -420,17 +420,16 @@ def _pow2(n: int, lo: int) -> int:
 def test_random_shapes_compile_a_bounded_number_of_programs(svc):
     """20 steps of random batch size (1..12) and lengths (1..300), with a learning-rate schedule.
 
-    Bound: one forward_backward program per distinct (rows bucket, length bucket) pair actually used (rows and
-    lengths round up to powers of two, lengths to >= 16) plus at most one optim_step program (hyperparameters
-    are traced, so the schedule never recompiles). In general that is <= 5 x 6 + 1 = 31 for these ranges
-    whatever the number of steps; for this fixed draw it is 5 + 1, while shape-exact compilation would need a
-    program per step (20). Any seed passes; seed 23 is simply the cheapest of the first 60 draws (5 programs,
-    typical draws need 6-9), which keeps this test's compile time down.
+    Bound: one forward_backward program per distinct micro-batch shape actually used (rows and lengths round up
+    to powers of two, lengths to >= 16; a batch may split into micro-batches by length) plus at most one
+    optim_step program (hyperparameters are traced, so the schedule never recompiles). The shapes come from a
+    fixed grid (here <= 5 row buckets x 6 length buckets = 30) whatever the number of steps; shape-exact
+    compilation would need a program per micro-batch.
     """
     tc = client(svc, seed=9)
     rng = np.random.default_rng(23)
     before = train.compile_count()
-    buckets, raw = set(), set()
+    shapes, n_micro = set(), 0
     for step in range(20):
         b = int(rng.integers(1, 13))
         lens = rng.integers(1, 301, b)
@@ -439,15 +438,40 @@ def test_random_shapes_compile_a_bounded_number_of_programs(svc):
             toks = rng.integers(0, VOCAB, n + 1)
             data.append(datum(toks[:-1], toks[1:]))
         out = tc.forward_backward(data, "cross_entropy").result()
-        assert [len(lp) for lp in logprobs(out)] == list(lens)
+        assert [len(lp) for lp in logprobs(out)] == list(lens)  # request order, whatever the grouping
         assert np.isfinite(out.metrics["loss:sum"])
         tc.optim_step(tt.AdamParams(learning_rate=1e-3 / (1 + step))).result()
-        T = _pow2(lens.max(), 16)
-        buckets.add((_pow2(min(b, 8192 // T), 1), T))
-        raw.add((b, int(lens.max())))
+        micro = build_batches(data, "cross_entropy", vocab_size=VOCAB, max_len=4096, max_tokens_per_batch=8192)
+        for mb in micro:
+            B, T = mb.tokens.shape
+            assert B == _pow2(B, 1) and T == _pow2(T, 16) and B * T <= 8192
+        shapes.update(mb.tokens.shape for mb in micro)
+        n_micro += len(micro)
     new = train.compile_count() - before
-    assert len(buckets) + 1 < len(raw) == 20  # the bound is far below one program per step
-    assert new <= len(buckets) + 1, (new, sorted(buckets))
+    assert len(shapes) <= 30 and len(shapes) + 1 < n_micro  # programs are reused across steps
+    assert new <= len(shapes) + 1, (new, sorted(shapes))
+
+
+def test_length_groups_cut_padding_and_keep_every_datum():
+    """Datums are grouped longest first; short datums leave a long one's micro-batch when that saves padding."""
+    from tinker_jax.batching import SPLIT_SAVING_TOKENS, length_groups
+
+    groups = length_groups([300] + [30] * 11, 8192)
+    assert [(T, len(i)) for T, i in groups] == [(512, 1), (32, 11)]  # 11 x 480 padded tokens saved
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        lens = rng.integers(1, 1500, int(rng.integers(1, 80))).tolist()
+        groups = length_groups(lens, 8192)
+        assert sorted(i for _, idx in groups for i in idx) == list(range(len(lens)))  # each datum exactly once
+        for T, idx in groups:
+            assert max(lens[i] for i in idx) <= T == _pow2(max(lens[i] for i in idx), 16)
+            assert len(idx) * T <= max(8192, T)
+        padded = sum(_pow2(len(idx), 1) * T for T, idx in groups)
+        T0 = _pow2(max(lens), 16)
+        per = max(1, 8192 // T0)
+        one_shape = -(-len(lens) // per) * _pow2(min(len(lens), per), 1) * T0  # every micro-batch at the max
+        assert padded <= one_shape
+    assert SPLIT_SAVING_TOKENS > 0
 
 
 # ------------------------------------------------------------------------------------------------ memory savers

@@ -1,7 +1,9 @@
 """Datums -> padded numpy batches in a small fixed set of shapes (bucketing), with input validation.
 
-One datum is one row (so per-sequence losses such as GSPO see whole sequences). Row counts and lengths are
-rounded up to powers of two, so a stream of random batch sizes and lengths compiles a handful of programs.
+One datum is one row (so per-sequence losses such as GSPO see whole sequences). Datums are grouped by length,
+longest first, and each micro-batch gets its own length bucket, so short datums do not pay for the longest one.
+Row counts and lengths are rounded up to powers of two, so a stream of random batch sizes and lengths compiles a
+handful of programs.
 Every check names the datum and field at fault and runs before any device work, so a bad request leaves the
 training state untouched.
 """
@@ -17,6 +19,9 @@ from tinker_jax.losses import get_loss
 
 MIN_LEN = 16  # smallest length bucket
 MIN_ROWS = 1
+# A micro-batch ends early, before datums of a smaller length bucket, when that saves more than this many padded
+# tokens: the price of one more micro-batch (its launches, its result) is worth about this much compute.
+SPLIT_SAVING_TOKENS = 2048
 # Optional inputs whose absence means "all ones" (cross_entropy weights, gspo sequence_ratio_mask).
 _FILL_ONES = ("weights", "sequence_ratio_mask")
 
@@ -34,6 +39,7 @@ class Batch:
     targets: np.ndarray  # [B,T] or [B,T,K] int32
     inputs: dict[str, np.ndarray]  # loss_fn_inputs other than target_tokens, float32, shaped like targets/mask
     lengths: list[int]  # real length of each datum (rows beyond len(lengths) are padding rows)
+    index: list[int]  # position of each row's datum in the request (rows follow length order, not request order)
     topk: int  # K for [N,K] targets, 0 for [N]
 
 
@@ -56,7 +62,7 @@ def datum_tokens(datum: tt.Datum, i: int) -> list[int]:
 
 def build_batches(datums: list[tt.Datum], loss_fn: str, *, vocab_size: int, max_len: int,
                   max_tokens_per_batch: int, row_multiple: int = 1) -> list[Batch]:
-    """Validate datums and split them into micro-batches of one shared bucketed shape."""
+    """Validate datums and split them into micro-batches, each of bucketed shape within the token budget."""
     if not datums:
         raise ValueError("data: the batch is empty (no datums)")
     spec = get_loss(loss_fn)
@@ -107,17 +113,40 @@ def build_batches(datums: list[tt.Datum], loss_fn: str, *, vocab_size: int, max_
             if k == "weights" and a.shape != arrs["target_tokens"].shape:
                 raise ValueError(f"datum[{i}].loss_fn_inputs['weights']: shape {a.shape} != target_tokens "
                                  f"shape {arrs['target_tokens'].shape}")
-    T = bucket(max(len(r[0]) for r in rows), MIN_LEN)
-    per = max(row_multiple, (max_tokens_per_batch // T) // row_multiple * row_multiple)
-    B = bucket(min(len(rows), per), max(MIN_ROWS, row_multiple))
     input_keys = sorted({k for _, a in rows for k in a} - {"target_tokens"})
     for k in input_keys:
         if k not in _FILL_ONES and not all(k in a for _, a in rows):
             raise ValueError(f"data: loss_fn_inputs[{k!r}] must be given for every datum or for none")
-    return [_pad(rows[s:s + B], B, T, topk, input_keys) for s in range(0, len(rows), B)]
+    out = []
+    for T, idx in length_groups([len(r[0]) for r in rows], max_tokens_per_batch, row_multiple):
+        B = bucket(len(idx), max(MIN_ROWS, row_multiple))
+        out.append(_pad([rows[i] for i in idx], idx, B, T, topk, input_keys))
+    return out
 
 
-def _pad(rows, B, T, topk, input_keys) -> Batch:
+def length_groups(lengths: list[int], max_tokens_per_batch: int, row_multiple: int = 1
+                  ) -> list[tuple[int, list[int]]]:
+    """-> [(T, datum indices)] per micro-batch. Longest first (a stable sort: ties keep request order); each
+    micro-batch takes the next datums, as many as its own length bucket T allows within the token budget, but
+    stops before a datum of a smaller bucket t when the datums that would follow it (up to the capacity left)
+    would waste more than SPLIT_SAVING_TOKENS of padding at T rather than t."""
+    order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
+    buckets = [bucket(lengths[i], MIN_LEN) for i in order]
+    groups, s = [], 0
+    while s < len(order):
+        T = buckets[s]
+        per = max(row_multiple, (max_tokens_per_batch // T) // row_multiple * row_multiple)
+        e = s + 1
+        while e < len(order) and e - s < per:
+            if buckets[e] < T and (min(per - (e - s), len(order) - e)) * (T - buckets[e]) > SPLIT_SAVING_TOKENS:
+                break
+            e += 1
+        groups.append((T, order[s:e]))
+        s = e
+    return groups
+
+
+def _pad(rows, index, B, T, topk, input_keys) -> Batch:
     tshape = (B, T, topk) if topk else (B, T)
     b = Batch(
         tokens=np.zeros((B, T), np.int32),
@@ -126,6 +155,7 @@ def _pad(rows, B, T, topk, input_keys) -> Batch:
         targets=np.zeros(tshape, np.int32),
         inputs={k: np.zeros(tshape if k == "weights" else (B, T), np.float32) for k in input_keys},
         lengths=[len(r[0]) for r in rows],
+        index=list(index),
         topk=topk,
     )
     for r, (toks, arrs) in enumerate(rows):

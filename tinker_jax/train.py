@@ -164,10 +164,10 @@ def forward_backward(state: TrainState, batches: list[Batch], loss_fn: str, conf
 
     remat and attention select how the step computes (models.decoder.Decoder.__call__), not what it computes.
 
-    Returns (per-datum logprobs as numpy arrays, metrics dict with "loss:sum").
+    Returns (per-datum logprobs as numpy arrays in request order, metrics dict with "loss:sum").
     """
     cfg = {k: jnp.float32(v) for k, v in config.items()}
-    outputs: list[np.ndarray] = []
+    outputs: dict[int, np.ndarray] = {}  # datum index -> logprobs
     metrics: dict[str, float] = {}
     device_results = []
     for b in batches:
@@ -182,13 +182,13 @@ def forward_backward(state: TrainState, batches: list[Batch], loss_fn: str, conf
         device_results.append((b, loss, lp, m))
     for b, loss, lp, m in device_results:  # one host sync after all micro-batches are queued
         lp = np.asarray(lp)
-        outputs.extend(lp[r, :n] for r, n in enumerate(b.lengths))
+        outputs.update((i, lp[r, :n]) for r, (i, n) in enumerate(zip(b.index, b.lengths)))
         metrics["loss:sum"] = metrics.get("loss:sum", 0.0) + float(loss)
         for k, v in m.items():
             metrics[k] = metrics.get(k, 0.0) + float(v)  # loss metrics are ":sum" reductions
     if not forward_only:
         state.pending += 1
-    return outputs, metrics
+    return [outputs[i] for i in range(len(outputs))], metrics
 
 
 def optim_step(state: TrainState, *, learning_rate: float, beta1: float, beta2: float, eps: float,
