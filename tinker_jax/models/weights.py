@@ -120,9 +120,10 @@ def load_decoder(model_dir: str | Path, *, lora: LoraSpec | None = None, dtype=j
     base_sh = shardings_fn(base_state) if shardings_fn else None
     shards = _Shards(model_dir)
     pure = base_state.to_pure_dict()
-    # Host side, numpy: read each HF tensor and transpose it into one [L, ...] host buffer per weight role,
-    # then one transfer per role straight into its placement and one dtype conversion there. (Per-tensor
-    # device ops, as before, compiled a small program per shape: the 0.6B shape took 9 s on a CPU.)
+    # Host side, numpy: copy each HF tensor, as stored, into one [L, ...] host buffer per weight role; then one
+    # transfer per role into its placement, where one program transposes and casts it (_to_device). Per-tensor
+    # device ops compiled a small program per shape (the 0.6B shape took 9 s on a CPU); numpy's own transposes
+    # and bf16 casts were the next largest cost.
     for t in table(cfg):
         target = _get(base_state, t.path)
         per_layer = "{i}" in t.hf
