@@ -9,6 +9,8 @@ from typing import Any, Sequence
 
 from tinker import types
 
+from tinker_jax.sampling.params import RequestSpec, validate_request
+
 
 class SamplerBase:
     _thread_name = "tinker-jax-sampler"
@@ -27,6 +29,18 @@ class SamplerBase:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+    def _request(self, uid: int, prompt_tokens: Sequence[int], params: types.SamplingParams, num_samples: int,
+                 include_prompt_logprobs: bool, topk_prompt_logprobs: int,
+                 sequence_ids: Sequence[str] | None) -> tuple[RequestSpec, list[str]]:
+        """A request's validated spec and its sequence ids (default "<uid>:<i>"); ValueError naming the field.
+        Subclasses provide `limits` and `eos_token_ids`."""
+        spec = validate_request(prompt_tokens, params, num_samples, include_prompt_logprobs, topk_prompt_logprobs,
+                                limits=self.limits, eos_token_ids=self.eos_token_ids)
+        ids = [f"{uid}:{i}" for i in range(spec.num_samples)] if sequence_ids is None else list(sequence_ids)
+        if len(ids) != spec.num_samples:
+            raise ValueError(f"sequence_ids: {len(ids)} ids for num_samples={spec.num_samples}")
+        return spec, ids
 
     def sample(self, snapshot: Any, prompt_tokens: Sequence[int], params: types.SamplingParams,
                num_samples: int = 1, include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,

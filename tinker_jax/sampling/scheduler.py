@@ -35,7 +35,7 @@ from tinker_jax.models.config import ModelConfig
 from tinker_jax.models.decoder import KVCache
 from tinker_jax.sampling.base import SamplerBase
 from tinker_jax.sampling import kernels, response
-from tinker_jax.sampling.params import Limits, RequestSpec, validate_request
+from tinker_jax.sampling.params import Limits, RequestSpec
 from tinker_jax.sampling.snapshot import WeightSnapshot
 from tinker_jax.sampling.stops import StopStrings, Tokenizer
 
@@ -195,11 +195,8 @@ class Sampler(SamplerBase):
             if cfg is not None and cfg != self.cfg:
                 raise ValueError(f"snapshot: model config {cfg.family}/d_model={cfg.d_model} does not match this "
                                  f"sampler's {self.cfg.family}/d_model={self.cfg.d_model}")
-            spec = validate_request(prompt_tokens, params, num_samples, include_prompt_logprobs,
-                                    topk_prompt_logprobs, limits=self.limits, eos_token_ids=self.eos_token_ids)
-            ids = [f"{uid}:{i}" for i in range(spec.num_samples)] if sequence_ids is None else list(sequence_ids)
-            if len(ids) != spec.num_samples:
-                raise ValueError(f"sequence_ids: {len(ids)} ids for num_samples={spec.num_samples}")
+            spec, ids = self._request(uid, prompt_tokens, params, num_samples, include_prompt_logprobs,
+                                      topk_prompt_logprobs, sequence_ids)
         except ValueError as e:
             fut.set_exception(e)
             return fut

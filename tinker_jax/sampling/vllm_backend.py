@@ -51,7 +51,7 @@ from tinker_jax.convert import ADAPTER_CONFIG, export_merged_hf, export_peft_ada
 from tinker_jax.sampling.base import SamplerBase
 from tinker_jax.sampling import response
 from tinker_jax.sampling.factory import eos_ids_of
-from tinker_jax.sampling.params import Limits, RequestSpec, validate_request
+from tinker_jax.sampling.params import Limits, RequestSpec
 
 log = logging.getLogger(__name__)
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
@@ -280,11 +280,8 @@ class VLLMSampler(SamplerBase):
             cfg = getattr(snapshot, "cfg", None) or getattr(getattr(snapshot, "base", None), "cfg", None)
             if cfg is not None and cfg != self.base.cfg:
                 raise ValueError("snapshot: its model config does not match this sampler's base model")
-            spec = validate_request(prompt_tokens, params, num_samples, include_prompt_logprobs,
-                                    topk_prompt_logprobs, limits=self.limits, eos_token_ids=self.eos_token_ids)
-            ids = [f"{uid}:{i}" for i in range(spec.num_samples)] if sequence_ids is None else list(sequence_ids)
-            if len(ids) != spec.num_samples:
-                raise ValueError(f"sequence_ids: {len(ids)} ids for num_samples={spec.num_samples}")
+            spec, ids = self._request(uid, prompt_tokens, params, num_samples, include_prompt_logprobs,
+                                      topk_prompt_logprobs, sequence_ids)
         except ValueError as e:
             fut.set_exception(e)
             return fut
