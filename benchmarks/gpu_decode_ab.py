@@ -12,7 +12,6 @@ import json
 import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 VARIANTS = ({"decode_steps": 8, "decode_unroll": False}, {"decode_steps": 32, "decode_unroll": False},
@@ -31,6 +30,7 @@ def main(argv=None) -> int:
     from benchmarks import data, models, sample_bench
     from benchmarks.ours_client import service_client
     from benchmarks.suites import get_suite
+    from benchmarks.timing import interleave
 
     suite = get_suite(args.suite)
     work = Path(args.work_dir)
@@ -46,15 +46,12 @@ def main(argv=None) -> int:
                             compile_cache_dir=work / "jax_cache", **v)
         try:
             run, close = sample_bench.sample_step(sc, suite.model, prompts, suite.max_new)
-            t0 = time.perf_counter()
-            run()
-            first = time.perf_counter() - t0
-            rates = []
-            for _ in range(args.repeats):
-                t0 = time.perf_counter()
-                n = run()
-                rates.append(n / (time.perf_counter() - t0))
+            timed, errors = interleave({"run": run}, warmup=0, repeats=1 + args.repeats)  # 1st run: compiles
             close()
+            if errors:
+                raise errors["run"]
+            (first, _), *rest = timed["run"]
+            rates = [n / t for t, n in rest]
             row = {**v, "batch": b, "tokens_per_s": statistics.median(rates), "min": min(rates), "max": max(rates),
                    "first_run_s": first}
         except Exception as e:  # noqa: BLE001 - the other variants still run

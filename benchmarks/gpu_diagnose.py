@@ -16,22 +16,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
-
-
-def _time(fn, warmup: int, repeats: int) -> list[float]:
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t0)
-    return out
 
 
 def diagnose(suite_name: str, work_dir: Path, repeats: int = 5, log=print) -> dict:
@@ -39,6 +26,7 @@ def diagnose(suite_name: str, work_dir: Path, repeats: int = 5, log=print) -> di
 
     from benchmarks import data, models
     from benchmarks.suites import get_suite
+    from benchmarks.timing import time_runs
     from tinker_jax import train
     from tinker_jax.batching import build_batches
     from tinker_jax.config import EngineConfig
@@ -60,8 +48,8 @@ def diagnose(suite_name: str, work_dir: Path, repeats: int = 5, log=print) -> di
 
     def run(name, fn):
         try:
-            s = _time(fn, 1, repeats)
-            results[name] = {"median_s": statistics.median(s), "min_s": min(s), "max_s": max(s)}
+            s = time_runs(fn, warmup=1, repeats=repeats)
+            results[name] = {"median_s": s.median, "min_s": min(s.samples), "max_s": max(s.samples)}
         except Exception as e:  # noqa: BLE001 - one variant failing does not stop the others
             results[name] = {"error": f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
         log(f"[diagnose] {name}: {results[name]}")
