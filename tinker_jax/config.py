@@ -9,9 +9,10 @@ from typing import Any, Mapping
 
 import yaml
 
+from tinker_jax.models.decoder import ATTENTION_IMPLS
 from tinker_jax.sharding import MeshConfig
 
-ATTENTION_CHOICES = ("auto", "einsum", "cudnn", "xla")
+ATTENTION_CHOICES = ("auto", *ATTENTION_IMPLS)
 
 
 def default_data_dir() -> Path:
