@@ -21,8 +21,6 @@ import subprocess
 import sys
 import threading
 import time
-import warnings
-from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
