@@ -27,8 +27,8 @@ def diagnose(suite_name: str, work_dir: Path, repeats: int = 5, log=print) -> di
     from benchmarks import data, models
     from benchmarks.suites import get_suite
     from benchmarks.timing import time_runs
-    from tinker_jax import train
-    from tinker_jax.batching import build_batches
+    from tinker_jax.training import step as train
+    from tinker_jax.training.batching import build_batches
     from tinker_jax.config import EngineConfig
     from tinker_jax.engine import Engine
 

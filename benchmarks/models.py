@@ -15,7 +15,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from tinker_jax.tokenizer import ENDOFTEXT, IM_END, special_token_ids
+from tinker_jax.hf.tokenizer import ENDOFTEXT, IM_END, special_token_ids
 
 
 def _qwen3(*, vocab_size: int, hidden: int, layers: int, heads: int, kv_heads: int, head_dim: int, mlp: int,
@@ -50,10 +50,10 @@ def write_bench_model(out: Path, hf_config: dict[str, Any], seed: int = 0) -> Pa
     dict defined here; atomic like init_model."""
     from safetensors.numpy import save_file
 
-    from tinker_jax.init_model import generation_config, init_weights
+    from tinker_jax.hf.init_model import generation_config, init_weights
     from tinker_jax.models.config import config_from_hf
-    from tinker_jax.models.weights import hf_shapes
-    from tinker_jax.tokenizer import save_hf_tokenizer, train_tokenizer
+    from tinker_jax.hf.weights import hf_shapes
+    from tinker_jax.hf.tokenizer import save_hf_tokenizer, train_tokenizer
 
     cfg = config_from_hf(hf_config, source="benchmarks preset")
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -79,7 +79,7 @@ def ensure_model(cache_dir: Path, name: str, seed: int = 0) -> Path:
         return out
     if name in BENCH_PRESETS:
         return write_bench_model(out, BENCH_PRESETS[name], seed)
-    from tinker_jax.init_model import init_model
+    from tinker_jax.hf.init_model import init_model
 
     return init_model(out, name, seed=seed, force=out.exists())
 
@@ -89,7 +89,7 @@ def ensure_model(cache_dir: Path, name: str, seed: int = 0) -> Path:
 def model_shape(model_dir: Path) -> dict[str, int]:
     """N (parameters, tied embedding counted once) and the attention sizes the FLOP formulas need."""
     from tinker_jax.models.config import load_config
-    from tinker_jax.models.weights import hf_shapes
+    from tinker_jax.hf.weights import hf_shapes
 
     cfg = load_config(model_dir)
     n = 0

@@ -427,3 +427,13 @@ def main(argv=None) -> int:
 
 if __name__ == "__main__":
     sys.exit(main())
+
+
+def _command():
+    from tinker_jax.cli import Subcommand
+
+    return Subcommand("benchmark ours against peers (transformers+peft, ...) in one invocation; table + JSON",
+                      add_arguments, run_from_args)
+
+
+COMMAND = _command()  # `tinker-jax bench` (registered in pyproject.toml under tinker_jax.commands)

@@ -13,7 +13,7 @@ from typing import Any
 
 from server.errors import ApiError
 from server.store import ModelRow, SamplingSessionRow, SessionRow, Store
-from tinker_jax.registry import TinkerPath
+from tinker_jax.engine.registry import TinkerPath
 
 
 def owned_session(store: Store, session_id: Any, owner: str, *, live: bool = False) -> SessionRow:

@@ -9,7 +9,7 @@ from typing import Any
 
 from server.samplers import EngineSamplers
 from server.store import Store
-from tinker_jax.registry import TinkerPath
+from tinker_jax.engine.registry import TinkerPath
 
 log = logging.getLogger(__name__)
 

@@ -7,11 +7,20 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinker_jax.config import default_data_dir
+
 log = logging.getLogger(__name__)
 
 # The SDK itself refuses to send keys without this prefix (or a JWT, which we do not issue), so a configured key
 # without it could never authenticate anybody.
 API_KEY_PREFIX = "tml-"
+
+
+def api_keys(api_key: str | None = None) -> tuple[str, ...]:
+    """The accepted keys: `api_key` (the --api-key flag) first, then $TINKER_JAX_API_KEYS (comma separated)."""
+    keys = [api_key] if api_key else []
+    keys += [k.strip() for k in os.environ.get("TINKER_JAX_API_KEYS", "").split(",") if k.strip()]
+    return tuple(dict.fromkeys(keys))
 
 
 @dataclass(frozen=True)
@@ -90,10 +99,10 @@ class ServerSettings:
 
     @classmethod
     def from_env(cls, data_dir: Path | str | None = None, **overrides) -> ServerSettings:
-        """TINKER_JAX_DATA_DIR, TINKER_JAX_API_KEYS (comma separated) and TINKER_JAX_SESSION_TIMEOUT_S; keyword
-        overrides win."""
-        keys = tuple(k.strip() for k in os.environ.get("TINKER_JAX_API_KEYS", "").split(",") if k.strip())
-        data_dir = data_dir or os.environ.get("TINKER_JAX_DATA_DIR") or "data"
+        """TINKER_JAX_DATA_DIR (via tinker_jax.config.default_data_dir), TINKER_JAX_API_KEYS (comma separated) and
+        TINKER_JAX_SESSION_TIMEOUT_S; keyword overrides win."""
+        keys = api_keys()
+        data_dir = data_dir or default_data_dir()
         if os.environ.get("TINKER_JAX_SESSION_TIMEOUT_S") and "session_timeout_s" not in overrides:
             overrides["session_timeout_s"] = float(os.environ["TINKER_JAX_SESSION_TIMEOUT_S"])
         settings = cls(data_dir=Path(data_dir), api_keys=overrides.pop("api_keys", keys), **overrides)

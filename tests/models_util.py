@@ -4,7 +4,7 @@ Test modules import this directly (`import models_util`; pytest puts tests/ on s
 cached per process (`functools.lru_cache`), so every test file asking for a preset shares one directory,
 one loaded Decoder and one transformers reference model.
 
-Checkpoints come from `tinker_jax.init_model.init_model(out_dir, preset, seed=0)`; each preset exercises
+Checkpoints come from `tinker_jax.hf.init_model.init_model(out_dir, preset, seed=0)`; each preset exercises
 one family's differences: tiny-qwen3 = q/k norm + tied embeddings, tiny-llama3 = untied lm_head + llama3
 RoPE scaling, tiny-qwen2 = q/k/v biases (untied).
 
@@ -41,7 +41,7 @@ def _root() -> Path:
 @functools.lru_cache(maxsize=None)
 def tiny_model_dir(preset: str) -> Path:
     """A local HF directory (config.json + model.safetensors + tokenizer) for `preset`, built once."""
-    from tinker_jax.init_model import init_model
+    from tinker_jax.hf.init_model import init_model
 
     return Path(init_model(_root() / preset, preset, seed=0))
 
@@ -61,7 +61,7 @@ def hf_model(preset: str):
 @functools.lru_cache(maxsize=None)
 def jax_model(preset: str):
     """tinker_jax's fp32 Decoder for `preset` on the default device. Shared: callers must not mutate it."""
-    from tinker_jax.models.weights import load_decoder
+    from tinker_jax.hf.weights import load_decoder
 
     return load_decoder(tiny_model_dir(preset))
 

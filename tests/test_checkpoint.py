@@ -15,7 +15,8 @@ import pytest
 import tinker.types as tt
 
 import tinker_jax
-from tinker_jax import checkpoint, train
+from tinker_jax.engine import checkpoints as checkpoint
+from tinker_jax.training import step as train
 from tinker_jax.config import EngineConfig
 
 PRESET = "tiny-qwen3"
@@ -149,7 +150,7 @@ def test_load_state_resets_adam_and_with_optimizer_restores_it(svc, run):
 
 
 def _ckpt_dir(svc, path: str) -> pathlib.Path:
-    from tinker_jax.registry import TinkerPath
+    from tinker_jax.engine.registry import TinkerPath
 
     return svc.engine.registry.checkpoint_dir(TinkerPath.parse(path))
 

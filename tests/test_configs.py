@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from tinker_jax.config import EngineConfig
-from tinker_jax.sharding import MeshConfig
+from tinker_jax.models.sharding import MeshConfig
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
 

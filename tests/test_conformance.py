@@ -1,5 +1,5 @@
 """Conformance: the real tinker SDK (0.38 here; 0.25 through `.venv-sdk025` when present) against uvicorn on a free
-loopback port, with a real Engine over a tiny freshly initialised Qwen3 (`tinker_jax.init_model`, preset
+loopback port, with a real Engine over a tiny freshly initialised Qwen3 (`tinker_jax.hf.init_model`, preset
 tiny-qwen3).
 
 Covered: an SFT loop (loss goes down), save_state and resume with the optimizer, sampling (logprobs, stop
@@ -111,7 +111,7 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory) -> Path:
-    from tinker_jax.init_model import init_model
+    from tinker_jax.hf.init_model import init_model
 
     return init_model(tmp_path_factory.mktemp("models") / BASE, BASE)
 

@@ -12,11 +12,11 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-from tinker_jax.convert import (ConvertError, export_merged_hf, export_peft_adapter,  # noqa: E402
+from tinker_jax.hf.convert import (ConvertError, export_merged_hf, export_peft_adapter,  # noqa: E402
                                 load_peft_adapter, lora_spec_from_peft)
-from tinker_jax.lora import LoraSpec  # noqa: E402
+from tinker_jax.models.lora import LoraSpec  # noqa: E402
 from tinker_jax.models.decoder import Decoder  # noqa: E402
-from tinker_jax.models.weights import load_decoder  # noqa: E402
+from tinker_jax.hf.weights import load_decoder  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore")
 

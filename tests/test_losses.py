@@ -1,4 +1,4 @@
-"""tinker_jax.losses against independent torch-autograd references (float64) on padded random batches.
+"""tinker_jax.training.losses against independent torch-autograd references (float64) on padded random batches.
 
 The references work datum by datum on the real tokens only (the way Tinker's docs write each loss), so they
 share no masking code with the JAX implementation; gradients come from torch autograd.
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from tinker_jax import losses
+from tinker_jax.training import losses
 
 LENGTHS = (13, 7, 0, 10, 1)  # one full row, ragged rows, an all-padding row (bucket filler), a 1-token row
 B, T, K = len(LENGTHS), 13, 3

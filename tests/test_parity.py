@@ -21,7 +21,7 @@ from safetensors.numpy import load_file, save_file
 import models_util as mu
 from tinker_jax.models.config import SUPPORTED_ARCHITECTURES, ConfigError
 from tinker_jax.models.decoder import KVCache
-from tinker_jax.models.weights import WeightsError, iter_hf_tensors, load_decoder
+from tinker_jax.hf.weights import WeightsError, iter_hf_tensors, load_decoder
 
 LOGIT_ATOL = 1e-4
 GRAD_RTOL = 1e-4

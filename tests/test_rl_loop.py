@@ -11,7 +11,7 @@ import tinker.types as tt
 
 import tinker_jax
 from tinker_jax.config import EngineConfig, SamplerConfig
-from tinker_jax.init_model import init_model
+from tinker_jax.hf.init_model import init_model
 
 GOOD = set(range(0, 2048))  # the reward's token set: a quarter of the 8192 ids
 MAX_TOKENS = 8

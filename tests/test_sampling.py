@@ -19,9 +19,9 @@ import transformers
 from flax import nnx
 from tinker import types
 
-from tinker_jax.lora import LoraSpec
+from tinker_jax.models.lora import LoraSpec
 from tinker_jax.models.decoder import Decoder
-from tinker_jax.models.weights import load_decoder
+from tinker_jax.hf.weights import load_decoder
 from tinker_jax.sampling import Sampler, WeightSnapshot, kernels, make_sampler, snapshot_of, split_decoder
 
 EOS = 2

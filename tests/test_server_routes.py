@@ -26,7 +26,7 @@ from tinker.proto import tinker_public_pb2 as pb
 
 from server.app import build_app
 from server.settings import ServerSettings
-from tinker_jax.registry import Registry, TinkerPath, check_name
+from tinker_jax.engine.registry import Registry, TinkerPath, check_name
 
 KEY, OTHER_KEY = "tml-routes", "tml-other"
 BASE = "base-a"
@@ -594,11 +594,12 @@ def test_finish_releases_and_rest_sessions(api: Api) -> None:
     assert api.engine.unloaded == [mid]
 
 
-# --- tinker_jax.serve --------------------------------------------------------------------------------------------
+# --- server.serve -----------------------------------------------------------------------------------------------
 
 
 def test_serve_configuration_rules(tmp_path, monkeypatch) -> None:
-    from tinker_jax import serve
+    from server import serve
+    from server.settings import api_keys
 
     assert serve.is_loopback("127.0.0.1") and serve.is_loopback("localhost") and serve.is_loopback("::1")
     assert not serve.is_loopback("0.0.0.0") and not serve.is_loopback("example.com")
@@ -607,7 +608,7 @@ def test_serve_configuration_rules(tmp_path, monkeypatch) -> None:
     serve.check_exposure("0.0.0.0", ("tml-k",))
     serve.check_exposure("127.0.0.1", ())
     monkeypatch.setenv("TINKER_JAX_API_KEYS", "tml-a, tml-b")
-    assert serve.api_keys("tml-c") == ("tml-c", "tml-a", "tml-b")
+    assert api_keys("tml-c") == ("tml-c", "tml-a", "tml-b")
 
     model = tmp_path / "m"
     model.mkdir()
@@ -619,7 +620,7 @@ def test_serve_configuration_rules(tmp_path, monkeypatch) -> None:
         serve.resolve_models(["missing"], configured)
 
     written = []
-    monkeypatch.setattr("tinker_jax.init_model.init_model",
+    monkeypatch.setattr("tinker_jax.hf.init_model.init_model",
                         lambda out, preset, force=False: written.append((Path(out), preset)))
     cfg = serve.build_config([], None, str(tmp_path / "data"))
     assert cfg.models == {"small-qwen3": str(tmp_path / "data" / "models" / "small-qwen3")}

@@ -15,9 +15,9 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models_util as mu
-from tinker_jax.lora import LoraSpec
-from tinker_jax.models.weights import load_decoder
-from tinker_jax.sharding import DEFAULT_RULES, MeshConfig, batch_sharding, make_mesh, spec_for, state_shardings
+from tinker_jax.models.lora import LoraSpec
+from tinker_jax.hf.weights import load_decoder
+from tinker_jax.models.sharding import DEFAULT_RULES, MeshConfig, batch_sharding, make_mesh, spec_for, state_shardings
 
 MESHES = {"fsdp2xtp4": MeshConfig(fsdp=2, tensor=4), "dp2xfsdp4": MeshConfig(data=2, fsdp=4)}
 

@@ -27,10 +27,10 @@ import torch
 from flax import nnx
 
 import tinker_jax
-from tinker_jax import train
-from tinker_jax.batching import build_batches
+from tinker_jax.training import step as train
+from tinker_jax.training.batching import build_batches
 from tinker_jax.config import EngineConfig
-from tinker_jax.lora import TINKER_LORA_ALPHA, LoraSpec
+from tinker_jax.models.lora import TINKER_LORA_ALPHA, LoraSpec
 from tinker_jax.models.config import load_config
 from tinker_jax.models.decoder import Decoder, Linear
 
@@ -454,7 +454,7 @@ def test_random_shapes_compile_a_bounded_number_of_programs(svc):
 
 def test_length_groups_cut_padding_and_keep_every_datum():
     """Datums are grouped longest first; short datums leave a long one's micro-batch when that saves padding."""
-    from tinker_jax.batching import SPLIT_SAVING_TOKENS, length_groups
+    from tinker_jax.training.batching import SPLIT_SAVING_TOKENS, length_groups
 
     groups = length_groups([300] + [30] * 11, 8192)
     assert [(T, len(i)) for T, i in groups] == [(512, 1), (32, 11)]  # 11 x 480 padded tokens saved

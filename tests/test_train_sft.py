@@ -10,7 +10,7 @@ import tinker.types as tt
 
 import tinker_jax
 from tinker_jax.config import EngineConfig
-from tinker_jax.init_model import init_model
+from tinker_jax.hf.init_model import init_model
 
 SENTENCES = [
     "The quick brown fox jumps over the lazy dog.",

@@ -10,9 +10,9 @@ import pytest
 import tinker.types as tt
 
 import tinker_jax
-from tinker_jax import train
+from tinker_jax.training import step as train
 from tinker_jax.config import EngineConfig
-from tinker_jax.sharding import MeshConfig
+from tinker_jax.models.sharding import MeshConfig
 
 PRESET = "tiny-qwen3"
 RANK = 4

@@ -24,7 +24,7 @@ import pytest
 from flax import nnx
 from tinker import types
 
-from tinker_jax.lora import LoraSpec
+from tinker_jax.models.lora import LoraSpec
 from tinker_jax.models.decoder import Decoder
 from tinker_jax.sampling import make_sampler, make_snapshot, snapshot_of
 from tinker_jax.sampling import vllm_backend as vb
@@ -313,7 +313,7 @@ class TestOnGPU:
 
     @pytest.fixture(scope="class")
     def gpu_base(self):
-        from tinker_jax.models.weights import load_decoder
+        from tinker_jax.hf.weights import load_decoder
 
         d = models_util.tiny_model_dir("small-qwen3")
         dec = load_decoder(d)

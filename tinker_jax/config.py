@@ -10,7 +10,7 @@ from typing import Any, Mapping
 import yaml
 
 from tinker_jax.models.decoder import ATTENTION_IMPLS
-from tinker_jax.sharding import MeshConfig
+from tinker_jax.models.sharding import MeshConfig
 
 ATTENTION_CHOICES = ("auto", *ATTENTION_IMPLS)
 

@@ -28,7 +28,7 @@ from server.futures import then
 from server.lifecycle import delete_checkpoint
 from server.routes._submit import check_base_model, check_optimizer_config, check_seq_id, untyped_future
 from server.store import Store
-from tinker_jax.registry import KINDS, TinkerPath, check_name
+from tinker_jax.engine.registry import KINDS, TinkerPath, check_name
 
 router = APIRouter()
 

@@ -18,7 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tinker_jax.lora import LoraSpec
+from tinker_jax.models.lora import LoraSpec
 from tinker_jax.models.config import ModelConfig
 
 ATTENTION_IMPLS = ("einsum", "cudnn", "xla")

@@ -47,10 +47,10 @@ from flax import nnx
 from tinker import types
 from tinker.types.topk_logprobs import MASK_LOGPROB
 
-from tinker_jax.convert import ADAPTER_CONFIG, export_merged_hf, export_peft_adapter
+from tinker_jax.hf.convert import ADAPTER_CONFIG, export_merged_hf, export_peft_adapter
 from tinker_jax.sampling.base import SamplerBase
 from tinker_jax.sampling import response
-from tinker_jax.sampling.factory import eos_ids_of
+from tinker_jax.hf.model_files import eos_ids_of
 from tinker_jax.sampling.params import Limits, RequestSpec
 
 log = logging.getLogger(__name__)

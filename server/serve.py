@@ -6,7 +6,7 @@
 Models: `--model` names a local Hugging Face directory (served under that exact path string as its base_model
 name, and under its alias too if the config maps an alias to the same directory) or an alias from the config's
 `models:`. Without `--model`, the config's models are served; with neither, the embedded default: the
-`small-qwen3` preset, written by `tinker_jax.init_model` to `{data_dir}/models/small-qwen3` on first start.
+`small-qwen3` preset, written by `tinker_jax.hf.init_model` to `{data_dir}/models/small-qwen3` on first start.
 
 Auth: API keys come from `--api-key` and `TINKER_JAX_API_KEYS` (comma separated); they must start with `tml-`
 (the SDK refuses to send anything else). Without a key every request is accepted, which is only allowed when
@@ -22,6 +22,8 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
+from server.settings import ServerSettings, api_keys
+from tinker_jax.cli import Subcommand
 from tinker_jax.config import EngineConfig
 
 log = logging.getLogger("tinker_jax.serve")
@@ -36,12 +38,6 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False  # a hostname other than localhost may resolve anywhere
-
-
-def api_keys(api_key: str | None) -> tuple[str, ...]:
-    keys = [api_key] if api_key else []
-    keys += [k.strip() for k in os.environ.get("TINKER_JAX_API_KEYS", "").split(",") if k.strip()]
-    return tuple(dict.fromkeys(keys))
 
 
 def resolve_models(models: Sequence[str], configured: Mapping[str, str]) -> dict[str, str]:
@@ -66,7 +62,7 @@ def default_model(data_dir: Path) -> dict[str, str]:
     """The embedded default model, generated on first start (a freshly initialised `small-qwen3`)."""
     path = data_dir / "models" / DEFAULT_PRESET
     if not (path / "config.json").is_file():
-        from tinker_jax.init_model import init_model
+        from tinker_jax.hf.init_model import init_model
 
         log.info("writing the default model (%s preset) to %s", DEFAULT_PRESET, path)
         init_model(path, DEFAULT_PRESET, force=path.exists())
@@ -99,7 +95,6 @@ def serve(models: Sequence[str] = (), config: str | None = None, host: str = "12
     import uvicorn
 
     from server.app import build_app
-    from server.settings import ServerSettings
     from tinker_jax.engine import Engine
 
     keys = api_keys(api_key)
@@ -116,3 +111,27 @@ def serve(models: Sequence[str] = (), config: str | None = None, host: str = "12
         uvicorn.run(build_app(engine, settings), host=host, port=port, log_level="info")
     finally:
         engine.shutdown()
+
+
+# ---- the `tinker-jax serve` subcommand (registered in pyproject.toml under tinker_jax.commands) -----------------
+
+def _add_arguments(p) -> None:
+    p.add_argument("--model", action="append", default=[], metavar="PATH_OR_ALIAS",
+                   help="a local Hugging Face model directory or a configured alias; repeat for several "
+                        "(default: the config's models, else the embedded small-qwen3)")
+    p.add_argument("--config", metavar="YAML", help="engine config, e.g. configs/default.yaml")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1; any other needs a key)")
+    p.add_argument("--port", type=int, default=8000, help="port (default 8000)")
+    p.add_argument("--data-dir", metavar="DIR", help="checkpoints, registry and server state "
+                                                     "(default: $TINKER_JAX_DATA_DIR or ~/.local/share/tinker_jax)")
+    p.add_argument("--api-key", metavar="KEY", help="accepted X-API-Key (tml-...); also $TINKER_JAX_API_KEYS, "
+                                                    "comma separated")
+
+
+def _run(args) -> int:
+    serve(args.model, args.config, args.host, args.port, args.data_dir, args.api_key)
+    return 0
+
+
+COMMAND = Subcommand("serve the Tinker REST API (the official tinker SDK connects to it unchanged)",
+                     _add_arguments, _run)

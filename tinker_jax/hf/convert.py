@@ -42,10 +42,10 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from tinker_jax.lora import ROLES, LoraSpec
+from tinker_jax.models.lora import ROLES, LoraSpec
 from tinker_jax.models.config import config_from_hf
 from tinker_jax.models.decoder import Decoder
-from tinker_jax.models.weights import HF_TABLE, HFTensor, iter_hf_tensors
+from tinker_jax.hf.weights import HF_TABLE, HFTensor, iter_hf_tensors
 
 __all__ = [
     "ConvertError",

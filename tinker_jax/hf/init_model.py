@@ -1,7 +1,7 @@
 """`tinker-jax init-model`: write a freshly initialised Hugging Face model directory from a preset.
 
 The directory holds `config.json`, `generation_config.json`, `model.safetensors` (float32, HF names from
-`tinker_jax.models.weights.hf_shapes`), `tokenizer.json` and `tokenizer_config.json`; transformers'
+`tinker_jax.hf.weights.hf_shapes`), `tokenizer.json` and `tokenizer_config.json`; transformers'
 `AutoModelForCausalLM` / `AutoTokenizer` load it offline.
 
 Weights are a pure function of (preset, seed): each tensor draws from its own
@@ -26,8 +26,8 @@ from typing import Any, Mapping
 import numpy as np
 from safetensors.numpy import save_file
 
-from tinker_jax.presets import INIT_STD, get_preset
-from tinker_jax.tokenizer import ENDOFTEXT, IM_END, save_hf_tokenizer, special_token_ids, train_tokenizer
+from tinker_jax.hf.presets import INIT_STD, get_preset
+from tinker_jax.hf.tokenizer import ENDOFTEXT, IM_END, save_hf_tokenizer, special_token_ids, train_tokenizer
 
 NORM_STD = 0.1
 BIAS_STD = 0.1
@@ -95,7 +95,7 @@ def init_model(out_dir: str | os.PathLike, preset: str, seed: int = 0, force: bo
     _check_target(out, force)  # fail fast, before the (slow) JAX imports
 
     from tinker_jax.models.config import config_from_hf
-    from tinker_jax.models.weights import hf_shapes
+    from tinker_jax.hf.weights import hf_shapes
 
     cfg = config_from_hf(hf_config, source=f"preset {preset!r}")
     tok = train_tokenizer(cfg.vocab_size)

@@ -16,7 +16,7 @@ import jax
 import orbax.checkpoint as ocp
 from flax import nnx
 
-from tinker_jax.train import TrainState, commit, make_optimizer
+from tinker_jax.training.step import TrainState, commit, make_optimizer
 
 FORMAT_VERSION = 1
 

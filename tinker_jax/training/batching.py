@@ -15,7 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import tinker.types as tt
 
-from tinker_jax.losses import get_loss
+from tinker_jax.training.losses import get_loss
 
 MIN_LEN = 16  # smallest length bucket
 MIN_ROWS = 1

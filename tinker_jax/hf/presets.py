@@ -1,7 +1,7 @@
 """Model presets for `tinker-jax init-model`: preset name -> Hugging Face `config.json` dict.
 
 Each dict is a complete, loadable HF config (real `architectures` / `model_type`), written verbatim as
-`config.json`. Token ids come from `tinker_jax.tokenizer.special_token_ids` (Qwen2.5-Instruct conventions:
+`config.json`. Token ids come from `tinker_jax.hf.tokenizer.special_token_ids` (Qwen2.5-Instruct conventions:
 bos = `<|endoftext|>`, eos = `<|im_end|>`, pad = `<|endoftext|>`), so config and tokenizer agree.
 RoPE is stated the transformers-4 way (`rope_theta`, `rope_scaling`), which transformers 4.56+ and 5.x both
 accept and `tinker_jax.models.config.config_from_hf` reads.
@@ -15,7 +15,7 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from tinker_jax.tokenizer import ENDOFTEXT, IM_END, special_token_ids
+from tinker_jax.hf.tokenizer import ENDOFTEXT, IM_END, special_token_ids
 
 
 def _base(arch: str, model_type: str, *, vocab_size: int, hidden_size: int, layers: int, heads: int,

@@ -19,7 +19,7 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from tinker_jax.lora import LoraSpec
+from tinker_jax.models.lora import LoraSpec
 from tinker_jax.models.config import ModelConfig, load_config
 from tinker_jax.models.decoder import Decoder
 

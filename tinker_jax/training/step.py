@@ -18,8 +18,8 @@ import numpy as np
 import optax
 from flax import nnx
 
-from tinker_jax.batching import Batch
-from tinker_jax.losses import get_loss
+from tinker_jax.training.batching import Batch
+from tinker_jax.training.losses import get_loss
 from tinker_jax.models.decoder import Decoder
 
 # Trainable = adapters (LoRA) or every parameter (full fine-tuning); selected by variable type.

@@ -24,15 +24,16 @@ import numpy as np
 import tinker.types as tt
 from flax import nnx
 
-from tinker_jax import checkpoint, train
-from tinker_jax.batching import build_batches, datum_tokens
+from tinker_jax.engine import checkpoints as checkpoint
+from tinker_jax.training import step as train
+from tinker_jax.training.batching import build_batches, datum_tokens
 from tinker_jax.config import EngineConfig
-from tinker_jax.lora import LoraSpec
-from tinker_jax.losses import resolve_config
+from tinker_jax.models.lora import LoraSpec
+from tinker_jax.training.losses import resolve_config
 from tinker_jax.models.decoder import Decoder, probe_attention
-from tinker_jax.models.weights import init_lora_state, load_decoder
-from tinker_jax.registry import Registry, TinkerPath, check_name
-from tinker_jax.sharding import batch_sharding, make_mesh, state_shardings
+from tinker_jax.hf.weights import init_lora_state, load_decoder
+from tinker_jax.engine.registry import Registry, TinkerPath, check_name
+from tinker_jax.models.sharding import batch_sharding, make_mesh, state_shardings
 
 log = logging.getLogger("tinker_jax.engine")
 
