@@ -41,7 +41,7 @@ def _child(args: argparse.Namespace) -> int:
     sc = tinker_jax.ServiceClient(config=cfg)
     tc = sc.create_lora_training_client("bench", rank=args.rank, seed=0, train_unembed=False)
     t_client = time.time()
-    vocab = sc.engine.base("bench").cfg.vocab_size
+    vocab = json.loads((Path(args.model) / "config.json").read_text())["vocab_size"]
     out = tc.forward_backward(datums(token_batch(0, args.rows, args.length, vocab)), "cross_entropy").result()
     t_done = time.time()
     assert np.isfinite(out.metrics["loss:sum"])

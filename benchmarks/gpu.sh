@@ -8,7 +8,11 @@
 #     16x1024, full fine-tuning at 8x2048 -- ours vs transformers(+peft); skyrl-tx recorded as not installed;
 #   - MFU rows: 6N + causal attention (full FT), 4N + attention (LoRA), over the measured peak;
 #   - decode tokens/s, batch 64 and 1 (16 left out for time), prompt 128, +256 tokens, greedy -- ours vs generate;
-#   - weight handoff to the first sampled token; cold start with and without the persistent compile cache.
+#   - weight handoff to the first sampled token; cold start with and without the persistent compile cache;
+#   - tenants (last, in a child process): 8 and 32 LoRA r32 clients at 8x256 tokens each training concurrently vs
+#     one at a time vs one adapter at 8x2048, peak device memory of each, 8 concurrent samplers of different
+#     adapters; in process (tinker_jax.ServiceClient), not through the REST server. Its wall time is mostly
+#     compiling the batch shapes it meets; alone: `bash benchmarks/gpu.sh --only tenants`.
 # The REST front door is not measured here (the GPU machine has no fastapi/uvicorn; nothing here imports server/).
 # Figures left when the time budget runs out are reported as "skipped: ..."; a SIGTERM still writes the JSON.
 #

@@ -155,6 +155,9 @@ def assemble(suite: Suite, sections, res, facts: dict, meta: dict) -> list[dict]
                       "tokens": None if isinstance(diff, str) else diff["tokens"],
                       "note": "first forward_backward of each engine, before any optim_step: the same weights"},
             higher_is_better=False))
+    if "tenants" in sections:
+        tshape = facts.get("tenants_shape") or (shape if (suite.tenants_model or suite.model) == suite.model else {})
+        rows.extend(_tenants_rows(suite, res.get("tenants"), {**base, "n_params": tshape.get("n_params")}, meta))
     if "train" in sections:
         for r in rows:
             if r["metric"].startswith(("train ", "MFU train ")):
@@ -198,3 +201,144 @@ class _Percentile(Stat):
         d["statistic"] = f"p{self.q:g}"
         d["value"] = self.percentile(self.q)
         return d
+
+
+TENANT_DOORS = {"rest": "tinker SDK + REST", "in_process": "in-process tinker_jax client"}
+TURNS = "the same clients one at a time"
+
+
+def _tenants_rows(suite: Suite, tn: Any, base: dict, meta: dict) -> list[dict]:
+    """Rows of the "tenants" section (benchmarks/tenants_bench.py): per client count and front door, aggregate
+    training tokens/s concurrent vs one at a time (and vs one adapter on a large batch, when measured); peak device
+    memory; concurrent samplers of different adapters. `tn` is the child's result, or why there is none."""
+    fail = tn if isinstance(tn, str) else None
+    tn = {} if fail else tn
+    rank, ref = suite.tenants_lora_rank, suite.tenants_ref
+    doors = ("rest", "in_process") if suite.tenants_frontdoor == "rest" else ("in_process",)
+    ref_res = tn.get("ref") or {}
+    ref_door = ref_res.get("frontdoor", doors[0])
+    ref_name = f"one adapter, {ref.rows}x{ref.length}" if ref else None
+    stats = (tn.get("engine_stats") or {}).get("per_phase_kind", {})
+    settings = {**base, "model": suite.tenants_model or suite.model, "front_door": suite.tenants_frontdoor,
+                "lora": {"rank": rank, "alpha": suite.lora_alpha, "targets": "q,k,v,o,gate,up,down"},
+                "rows": suite.tenants_rows, "length": suite.tenants_length, "steps_per_phase": suite.tenants_steps,
+                "warmup_phases": suite.tenants_warmup, "repeats": suite.tenants_repeats,
+                "step": "forward_backward(cross_entropy) + optim_step (AdamW), submitted back to back, both awaited",
+                "concurrent": "every client in its own thread, released together; aggregate tokens / phase wall time",
+                "one_at_a_time": "the clients take turns: each client's step completes before the next one starts",
+                "engine": "a fresh engine in a child process (benchmarks/tenants_bench.py)",
+                "device": tn.get("device"), "attention": (tn.get("engine_stats") or {}).get("attention"),
+                "max_requests_per_batch_whole_run": (tn.get("engine_stats") or {}).get("max_requests_per_batch"),
+                "child_wall_s": tn.get("child_wall_s")}
+
+    def fig(d: dict | None, key: str) -> Any:
+        if fail:
+            return fail
+        if d is None:
+            return "not measured: no result for this configuration"
+        if d.get("error"):
+            return d["error"]
+        return d.get(key, f"not measured: {key} missing")
+
+    out: list[dict] = []
+    configs = {c["n"]: c for c in tn.get("configs", [])}
+    for n in suite.tenants_counts:
+        c = configs.get(n)
+        for door in doors:
+            peers = {TURNS: fig(c, f"{door}.turns.samples")}
+            if ref and door == ref_door:
+                peers[ref_name] = fig(ref_res, "samples") if ref_res or fail else \
+                    "not measured: no reference phase"
+            goal = None
+            if ref and n == max(suite.tenants_counts) and suite.name.startswith("gpu"):
+                goal = f">= 0.8x {ref_name} (the issue: 32 rank-32 adapters at 8x256 tokens each)"
+            st = {k: stats.get(f"{door}.{k}") for k in ("concurrent", "turns")}
+            notes = _tenants_train_notes(st, c or {}, doors)
+            out.append(make_row(
+                f"tenants: {n} LoRA r{rank} clients training concurrently, {suite.tenants_rows}x"
+                f"{suite.tenants_length} tokens each ({TENANT_DOORS[door]})", "tokens/s",
+                fig(c, f"{door}.concurrent.samples"), peers, meta=meta, goal=goal,
+                settings={**settings, "clients": n, "front_door": door,
+                          "work_tokens_per_phase": n * suite.tenants_steps * suite.tenants_rows * suite.tenants_length,
+                          "ref": {"rows": ref.rows, "length": ref.length, "front_door": ref_door} if ref else None,
+                          "create_s": (c or {}).get("create_s"),
+                          "warmup_rounds": (c or {}).get(f"{door}.warmup_rounds"),
+                          "compiles_in_timed_phases": (c or {}).get(f"{door}.compiles_in_timed_phases"),
+                          "step_latency_ms": {k: (c or {}).get(f"{door}.{k}.step_latency_ms")
+                                              for k in ("concurrent", "turns")},
+                          "engine_stats": st, "notes": notes}))
+        mem = fail or (c or {}).get("error") or (c or {}).get("memory") or \
+            "not measured: no result for this configuration"
+        ref_mem = fail or ref_res.get("memory") or "not measured: no reference phase"
+        out.append(make_row(
+            f"tenants: peak device memory, {n} LoRA r{rank} adapters training", "GiB", _gib(mem),
+            {ref_name: _gib(ref_mem)} if ref else {}, meta=meta, higher_is_better=False,
+            goal=("within 10% of one adapter's" if ref and n == max(suite.tenants_counts)
+                  and suite.name.startswith("gpu") else None),
+            settings={**settings, "clients": n, "source": "jax.devices()[0].memory_stats()['peak_bytes_in_use'] "
+                      "after the configuration's phases (a process-wide high-water mark; configurations run in "
+                      "ascending size, the one-adapter reference first)",
+                      "raw": {"adapters": mem if isinstance(mem, dict) else None,
+                              "ref": ref_mem if isinstance(ref_mem, dict) else None}}))
+    if suite.tenants_samplers:
+        smp = tn.get("sampling")
+        if smp is None and not fail:
+            smp = {"error": "not measured: no sampling result (fewer clients than samplers?)"}
+        for door in doors:
+            st = {k: stats.get(f"sample.{door}.{k}") for k in ("concurrent", "turns")}
+            out.append(make_row(
+                f"tenants: {suite.tenants_samplers} samplers of different LoRA r{rank} adapters sampling "
+                f"concurrently, {suite.tenants_num_samples}x +{suite.tenants_max_new} tokens each "
+                f"({TENANT_DOORS[door]})", "tokens/s", fig(smp, f"{door}.concurrent.samples"),
+                {"the same samplers one at a time": fig(smp, f"{door}.turns.samples")}, meta=meta,
+                settings={**settings, "samplers": suite.tenants_samplers, "front_door": door,
+                          "prompt_len": suite.tenants_prompt_len, "num_samples": suite.tenants_num_samples,
+                          "max_new_tokens": suite.tenants_max_new, "decoding": "greedy",
+                          "adapters": "save_weights_and_get_sampling_client() of the last configuration's first "
+                                      "clients, after training",
+                          "tokens_returned_per_phase": (smp or {}).get(f"{door}.tokens_per_phase"),
+                          "warmup_rounds": (smp or {}).get(f"{door}.warmup_rounds"),
+                          "compiles_in_timed_phases": (smp or {}).get(f"{door}.compiles_in_timed_phases"),
+                          "engine_stats": st, "notes": _tenants_sample_notes(st)}))
+    return out
+
+
+def _gib(m: Any) -> Any:
+    if isinstance(m, dict):
+        if "peak_bytes_in_use" not in m:
+            return "unavailable: memory_stats() has no peak_bytes_in_use"
+        return Stat([m["peak_bytes_in_use"] / 2**30])
+    return m
+
+
+def _per(a: int | None, b: int | None) -> str:
+    return f"{a / b:.1f}" if a is not None and b else "-"
+
+
+def _tenants_train_notes(st: dict, c: dict, doors: tuple) -> str | None:
+    cc, tt = st.get("concurrent"), st.get("turns")
+    if not cc or not tt:
+        return None
+    per = _per(cc["requests_batched"], cc["micro_batches"])
+    parts = [f"batching (Engine.stats() deltas over the timed phases): concurrent {cc['requests_batched']} "
+             f"forward_backward requests in {cc['micro_batches']} micro-batches ({per} per micro-batch, "
+             f"{cc['rounds']} scheduler rounds, {cc['optim_steps']} optim steps); one at a time "
+             f"{tt['requests_batched']} in {tt['micro_batches']} ({tt['rounds']} rounds)"]
+    lat = {d: (c.get(f"{d}.turns.step_latency_ms") or {}).get("median") for d in doors}
+    if lat.get("rest") and lat.get("in_process"):
+        share = 100 * (1 - lat["in_process"] / lat["rest"])
+        parts.append(f"one step one at a time (median): {lat['rest']:.1f} ms through the SDK + REST, "
+                     f"{lat['in_process']:.1f} ms in process: the front door adds "
+                     f"{lat['rest'] - lat['in_process']:.1f} ms per step ({share:.0f}%)")
+    return "; ".join(parts)
+
+
+def _tenants_sample_notes(st: dict) -> str | None:
+    cc, tt = st.get("concurrent"), st.get("turns")
+    if not cc or not tt:
+        return None
+    return (f"decode calls: concurrent {cc['sampler.decode_calls']} for {cc['sampler.tokens_generated']} tokens "
+            f"({_per(cc['sampler.tokens_generated'], cc['sampler.decode_calls'])} tokens per call), one at a time "
+            f"{tt['sampler.decode_calls']} for {tt['sampler.tokens_generated']} "
+            f"({_per(tt['sampler.tokens_generated'], tt['sampler.decode_calls'])} per call); prefill calls "
+            f"{cc['sampler.prefill_calls']} vs {tt['sampler.prefill_calls']}")

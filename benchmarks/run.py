@@ -77,7 +77,7 @@ class Results:
             except Exception as e:  # noqa: BLE001 - recorded in the row, the suite goes on
                 self.values[key] = reason(e)
                 self.log(traceback.format_exc(limit=6))
-            self.log(f"[bench] {key}: {_brief(self.values[key])} ({time.monotonic() - t0:.1f} s)")
+            self.log(f"[bench] {key}: {_brief(self.values[key])[:400]} ({time.monotonic() - t0:.1f} s)")
         return self.values[key]
 
     def get(self, key: str, *path) -> Any:
@@ -232,7 +232,6 @@ def measure(suite: Suite, work_dir: Path, sections: tuple[str, ...], res: Result
                     sampler_seq_len=suite.sampler_seq_len,
                     compile_cache_dir=work_dir / "jax_cache" if compile_cache else None,
                     remat=suite.remat, attention=suite.attention)
-                facts["attention"] = state["sc"].engine.base(suite.model).attention  # after the cuDNN probe
             except Exception as e:
                 state["sc_error"] = e
                 raise
@@ -303,7 +302,11 @@ def measure(suite: Suite, work_dir: Path, sections: tuple[str, ...], res: Result
     finally:
         state.pop("hf", None)
         if "sc" in state:
-            state.pop("sc").close()
+            sc = state.pop("sc")
+            attention = _attention_in_use(sc.engine, suite.model)
+            if attention:
+                facts["attention"] = attention
+            sc.close()
         if facts.get("engine_dir"):
             shutil.rmtree(facts["engine_dir"], ignore_errors=True)
     if "coldstart" in sections:
@@ -315,7 +318,45 @@ def measure(suite: Suite, work_dir: Path, sections: tuple[str, ...], res: Result
     if "attention" in sections:
         res.run("attention", lambda: _attention_ablation(suite, model_dir, work_dir, train_tokens, capture, facts,
                                                          compile_cache))
+    if "tenants" in sections:
+        from benchmarks import tenants_bench
+
+        def tenants():
+            spec = _tenants_spec(suite, work_dir, model_dir, compile_cache)
+            facts["tenants_shape"] = models.model_shape(Path(spec.model_dir))
+            return tenants_bench.measure_tenants(spec, work_dir / "tenants", log=log,
+                                                 timeout=max(300.0, res.deadline - time.monotonic()))
+        res.run("tenants", tenants, tenants_bench.unavailable_reason(suite.tenants_frontdoor))
     return facts
+
+
+def _tenants_spec(suite: Suite, work_dir: Path, model_dir: Path, compile_cache: bool):
+    from benchmarks import models
+    from benchmarks.tenants_bench import TenantsSpec
+
+    name = suite.tenants_model or suite.model
+    if name != suite.model:
+        model_dir = models.ensure_model(work_dir / "models", name)
+    ref = suite.tenants_ref
+    return TenantsSpec(
+        model_name=name, model_dir=str(model_dir), dtype=suite.dtype, frontdoor=suite.tenants_frontdoor,
+        counts=tuple(suite.tenants_counts), rows=suite.tenants_rows, length=suite.tenants_length,
+        steps=suite.tenants_steps, rank=suite.tenants_lora_rank, samplers=suite.tenants_samplers,
+        num_samples=suite.tenants_num_samples, prompt_len=suite.tenants_prompt_len, max_new=suite.tenants_max_new,
+        warmup=suite.tenants_warmup, repeats=suite.tenants_repeats,
+        max_tokens_per_batch=max(suite.max_tokens_per_batch, ref.tokens if ref else 0),
+        ref_rows=ref.rows if ref else 0, ref_length=ref.length if ref else 0, remat=suite.remat,
+        attention=suite.attention, compile_cache_dir=str(work_dir / "jax_cache") if compile_cache else None)
+
+
+def _attention_in_use(engine, model: str) -> str | None:
+    """The training attention kernel the engine used for `model` (after its cuDNN probe); None if the model was
+    never loaded (engine.stats() reports a kernel only for loaded models)."""
+    try:
+        s = engine.stats()["models"].get(model)
+    except Exception:  # noqa: BLE001 - a record, never a failure
+        return None
+    return s["attention"] if s and s.get("loaded") else None
 
 
 def _attention_ablation(suite: Suite, model_dir: Path, work_dir: Path, train_tokens: dict, capture: dict,

@@ -5,13 +5,17 @@
   (LoRA r32 alpha 32 on q/k/v/o/gate/up/down at 8x2048 and 16x1024, full FT 8x2048, sampling prompt 128 +256).
 - gpu-dryrun: the gpu suite's code paths at toy size (qwen3-dryrun), on whatever device is there (a CPU in tests).
 - quick: tiny-qwen3, one repeat: a smoke run for tests.
+Section "tenants" (N LoRA clients on one base model, concurrent vs one at a time): cpu tiny-qwen3, 8 clients x
+rank 8 x 2x32 tokens (small batches: the per-call overhead batching removes) through the SDK + REST server (and
+in process); gpu 8 and 32 clients x rank 32 x 8x256 tokens
+in process, against one adapter at 8x2048.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-SECTIONS = ("peak", "train", "sample", "frontdoor", "handoff", "coldstart", "attention")
+SECTIONS = ("peak", "train", "sample", "frontdoor", "handoff", "coldstart", "attention", "tenants")
 
 
 @dataclass(frozen=True)
@@ -56,6 +60,22 @@ class Suite:
     remat: bool = False  # ours: EngineConfig.remat (per-layer rematerialisation in the backward pass)
     attention: str = "auto"  # ours: EngineConfig.attention (auto: cuDNN flash attention on a GPU in bf16)
     ablation_repeats: int = 3  # "attention": ours again on suite.train[0] with the other attention kernel
+    # "tenants" (benchmarks/tenants_bench.py, in a child process): N clients with an adapter each, training and
+    # sampling concurrently vs the same clients one at a time.
+    tenants_model: str | None = None  # None: the suite's model
+    tenants_frontdoor: str = "rest"  # "rest": tinker SDK -> uvicorn on loopback; "in_process": tinker_jax client
+    tenants_counts: tuple[int, ...] = (8,)  # client counts, ascending (peak memory is a high-water mark)
+    tenants_rank: int | None = None  # None: lora_rank
+    tenants_rows: int = 4  # datums per forward_backward, per client
+    tenants_length: int = 64  # tokens per datum
+    tenants_steps: int = 2  # forward_backward + optim_step per client per timed phase
+    tenants_ref: TrainShape | None = None  # one adapter on a large batch, measured first (the GPU goal's baseline)
+    tenants_samplers: int = 8  # concurrent samplers, each of its own adapter (0: no sampling)
+    tenants_num_samples: int = 2  # rows per sample() call
+    tenants_prompt_len: int = 32
+    tenants_max_new: int = 32
+    tenants_warmup: int = 1  # untimed phases of each kind (compiles the batched shapes)
+    tenants_repeats: int = 3  # timed phases of each kind, alternating
     peak_n: int = 2048
     peak_dtype: str = "float32"
     time_budget_s: float = 600.0
@@ -70,6 +90,10 @@ class Suite:
         return max(8192, *(s.tokens for s in self.train), self.frontdoor_rows * self.frontdoor_length)
 
     @property
+    def tenants_lora_rank(self) -> int:
+        return self.tenants_rank or self.lora_rank
+
+    @property
     def sampler_seq_len(self) -> int:
         return self.prompt_len + self.max_new + 16
 
@@ -79,6 +103,10 @@ SUITES: dict[str, Suite] = {
         name="cpu", model="small-qwen3", dtype="float32",
         train=(TrainShape("lora", 8, 128), TrainShape("full", 8, 128)),
         train_warmup=1, train_repeats=4, time_budget_s=570.0,
+        # tenants on tiny-qwen3: small-qwen3 took 4 minutes for this section on 2 cores (its steps are all compute)
+        tenants_model="tiny-qwen3", tenants_rank=8, tenants_counts=(8,), tenants_rows=2, tenants_length=32,
+        tenants_steps=4, tenants_ref=TrainShape("lora", 16, 32), tenants_samplers=8, tenants_num_samples=2,
+        tenants_prompt_len=32, tenants_max_new=32, tenants_warmup=2, tenants_repeats=5,
         caveats=("CPU suite: small-qwen3 (~29M params) in fp32 on a CPU; relative figures only, not GPU evidence.",)),
     "gpu": Suite(
         name="gpu", model="qwen3-0.6b-shape", dtype="bfloat16",
@@ -87,23 +115,33 @@ SUITES: dict[str, Suite] = {
         train_warmup=1, train_repeats=6, sample_batches=(64, 1), prompt_len=128, max_new=256,
         sample_warmup=1, sample_repeats=3, handoff_repeats=3, coldstart_rows=1, coldstart_length=512,
         coldstart_repeats=1, peak_n=8192, peak_dtype="bfloat16", time_budget_s=420.0, interleave=False,
-        remat=True, sections=("peak", "train", "sample", "handoff", "coldstart", "attention"),
+        remat=True, sections=("peak", "train", "sample", "handoff", "coldstart", "attention", "tenants"),
+        # The issue's goal: 32 rank-32 adapters at 8x256 tokens each reach >= 80% of one adapter's tokens/s at
+        # 8x2048, with peak device memory within 10% of one adapter's. In process: no uvicorn on the GPU machine.
+        tenants_frontdoor="in_process", tenants_counts=(8, 32), tenants_rank=32, tenants_rows=8,
+        tenants_length=256, tenants_steps=2, tenants_ref=TrainShape("lora", 8, 2048), tenants_samplers=8,
+        tenants_num_samples=4, tenants_prompt_len=128, tenants_max_new=128, tenants_repeats=3,
         caveats=("GPU suite: random weights in the Qwen3-0.6B shape, bf16 compute (ours keeps fp32 master weights "
                  "and Adam state; the torch peer trains its bf16 weights directly).",
-                 "The REST front door is not measured on the GPU machine (no fastapi/uvicorn there).")),
+                 "The REST front door is not measured on the GPU machine (no fastapi/uvicorn there); the tenants "
+                 "section drives the engine through the in-process tinker_jax.ServiceClient.")),
 }
 SUITES["gpu-dryrun"] = replace(
     SUITES["gpu"], name="gpu-dryrun", model="qwen3-dryrun", dtype="float32",
     train=(TrainShape("lora", 2, 64), TrainShape("lora", 4, 32), TrainShape("full", 2, 64)),
     train_warmup=1, train_repeats=1, sample_batches=(4, 1), prompt_len=16, max_new=8, sample_repeats=1,
     handoff_warmup=1, handoff_repeats=1, coldstart_length=64, coldstart_repeats=1, peak_n=256, ablation_repeats=1,
-    peak_dtype="float32", time_budget_s=300.0,
+    peak_dtype="float32", time_budget_s=300.0, tenants_counts=(2, 4), tenants_rows=2, tenants_length=32,
+    tenants_steps=1, tenants_ref=TrainShape("lora", 2, 64), tenants_samplers=2, tenants_num_samples=2,
+    tenants_prompt_len=16, tenants_max_new=8, tenants_repeats=1,
     caveats=("gpu-dryrun: the GPU suite's code paths at toy size; its figures mean nothing.",))
 SUITES["quick"] = Suite(
     name="quick", model="tiny-qwen3", dtype="float32", train=(TrainShape("lora", 2, 32),), lora_rank=4,
     train_warmup=1, train_repeats=1, sample_batches=(2,), prompt_len=8, max_new=4, sample_repeats=1,
     frontdoor_rows=1, frontdoor_length=16, frontdoor_warmup=1, frontdoor_repeats=2, handoff_repeats=1,
-    coldstart_length=16, coldstart_repeats=1, peak_n=128, time_budget_s=120.0,
+    coldstart_length=16, coldstart_repeats=1, peak_n=128, time_budget_s=120.0, tenants_counts=(2,),
+    tenants_rows=2, tenants_length=16, tenants_steps=1, tenants_samplers=2, tenants_num_samples=1,
+    tenants_prompt_len=8, tenants_max_new=4, tenants_repeats=1,
     caveats=("quick: a smoke run on tiny-qwen3 with one repeat; its figures mean nothing.",))
 
 

@@ -1,10 +1,11 @@
 """Who may touch what. Sessions belong to the API key that created them (its owner tag, `deps.key_tag`); models and
-sampling sessions belong to their session; a checkpoint belongs to its training run's owner and is readable by
-anyone once published. Something that exists but belongs to another key is reported exactly like something that
-does not exist (404 / "unknown ..."), so ids cannot be probed.
+sampling sessions belong to their session; a training run belongs to the key that created it (the engine stores
+that tag with the run: `RunInfo.owner`), and its checkpoints with it, readable by anyone once published. Something
+that exists but belongs to another key is reported exactly like something that does not exist (404 / "not
+found"), so ids cannot be probed.
 
 Runs that were not created through this server (e.g. by the in-process `tinker_jax.ServiceClient` over the same
-data directory) have no owner here and are visible to every key.
+data directory) have no owner and are visible to every key.
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from typing import Any
 
 from server.errors import ApiError
 from server.store import ModelRow, SamplingSessionRow, SessionRow, Store
-from tinker_jax.engine.registry import TinkerPath
+from tinker_jax.engine.api import EngineAPI, RunInfo
+from tinker_jax.engine.registry import KIND_OF_TYPE, TinkerPath
+from tinker_jax.errors import NotFound, UserError
 
 
 def owned_session(store: Store, session_id: Any, owner: str, *, live: bool = False) -> SessionRow:
     """The caller's session, else 404. `live=True` also refuses a finished (closed or expired) session."""
     if not isinstance(session_id, str):
-        raise ValueError(f"session_id: must be a string, got {session_id!r}")
+        raise UserError(f"session_id: must be a string, got {session_id!r}")
     row = store.get_session(session_id)
     if row is None or row.owner != owner:
         raise ApiError(404, f"unknown session {session_id!r}")
@@ -29,8 +32,10 @@ def owned_session(store: Store, session_id: Any, owner: str, *, live: bool = Fal
 
 
 def owned_model(store: Store, model_id: Any, owner: str) -> ModelRow:
+    """A model of one of the caller's sessions, else 404. From the store, which records it when create_model is
+    submitted, so the requests pipelined right behind a create pass before the engine has made the run."""
     if not isinstance(model_id, str) or not model_id:
-        raise ValueError(f"model_id: must be a non-empty string, got {model_id!r}")
+        raise UserError(f"model_id: must be a non-empty string, got {model_id!r}")
     row = store.get_model(model_id)
     if row is None or row.owner != owner:
         raise ApiError(404, f"unknown model_id {model_id!r}")
@@ -39,7 +44,7 @@ def owned_model(store: Store, model_id: Any, owner: str) -> ModelRow:
 
 def owned_sampler(store: Store, sampling_session_id: Any, owner: str) -> SamplingSessionRow:
     if not isinstance(sampling_session_id, str) or not sampling_session_id:
-        raise ValueError(f"sampling_session_id: must be a non-empty string, got {sampling_session_id!r}")
+        raise UserError(f"sampling_session_id: must be a non-empty string, got {sampling_session_id!r}")
     row = store.get_sampling_session(sampling_session_id)
     session = None if row is None else store.get_session(row.session_id)
     if row is None or session is None or session.owner != owner:
@@ -47,39 +52,36 @@ def owned_sampler(store: Store, sampling_session_id: Any, owner: str) -> Samplin
     return row
 
 
-def run_owner(store: Store, run_id: str, owners: dict[str, str] | None = None) -> str | None:
-    if owners is not None:
-        return owners.get(run_id)
-    row = store.get_model(run_id)
-    return None if row is None else row.owner
+def sees(run: RunInfo | None, owner: str) -> bool:
+    """Whether `owner` may see `run` (and its unpublished checkpoints): theirs, or nobody's."""
+    return run is None or run.owner is None or run.owner == owner
 
 
-def can_see_run(store: Store, run_id: str, owner: str, owners: dict[str, str] | None = None) -> bool:
-    found = run_owner(store, run_id, owners)
-    return found is None or found == owner
+def can_see_run(engine: EngineAPI, run_id: str, owner: str) -> bool:
+    return sees(engine.get_run(run_id), owner)
 
 
-def readable_checkpoint(engine: Any, store: Store, path: Any, owner: str, field: str = "path") -> TinkerPath:
-    """Parse and authorize a tinker path for reading (load, sample, weights_info). ValueError (a user error)
-    when malformed, missing, or another key's unpublished checkpoint."""
+def readable_checkpoint(engine: EngineAPI, path: Any, owner: str, field: str = "path") -> TinkerPath:
+    """Parse and authorize a tinker path for reading (load, sample, weights_info). NotFound (a user error) when
+    malformed, missing, or another key's unpublished checkpoint."""
     p = TinkerPath.parse(path, field)  # validates names: no traversal, no absolute paths, exactly 3 parts
-    ckpt = engine.registry.get_checkpoint(p)
-    if ckpt is None or not (can_see_run(store, p.run_id, owner) or ckpt.get("public")):
-        raise ValueError(f"{field}: checkpoint {path} not found")
+    ckpt = engine.get_checkpoint(str(p))
+    if ckpt is None or not (ckpt.public or can_see_run(engine, p.run_id, owner)):
+        raise NotFound(f"{field}: checkpoint {path} not found")
     return p
 
 
-def writable_checkpoint(engine: Any, store: Store, run_id: str, checkpoint_id: str, owner: str,
-                        checkpoint_type: str | None = None) -> TinkerPath:
-    """A REST checkpoint address (`/training_runs/{run_id}/checkpoints/{kind}/{name}`) the caller owns, else 404.
-    A bare name needs `?checkpoint_type=training|sampler` (SkyRL's convention; upstream refuses bare ids)."""
-    kind_of_type = {"training": "weights", "sampler": "sampler_weights"}
+def writable_checkpoint(engine: EngineAPI, run_id: str, checkpoint_id: str, owner: str,
+                        checkpoint_type: str | None = None) -> str:
+    """The tinker path of a REST checkpoint address (`/training_runs/{run_id}/checkpoints/{kind}/{name}`) the caller
+    owns, else 404. A bare name needs `?checkpoint_type=training|sampler` (SkyRL's convention; upstream refuses bare
+    ids)."""
     if "/" not in checkpoint_id:
-        if checkpoint_type not in kind_of_type:
-            raise ValueError(f"checkpoint_id: expected 'weights/<name>' or 'sampler_weights/<name>', got "
-                             f"{checkpoint_id!r} (or pass checkpoint_type=training|sampler)")
-        checkpoint_id = f"{kind_of_type[checkpoint_type]}/{checkpoint_id}"
-    p = TinkerPath.parse(f"tinker://{run_id}/{checkpoint_id}", "checkpoint")
-    if not can_see_run(store, p.run_id, owner) or engine.registry.get_checkpoint(p) is None:
-        raise ApiError(404, f"checkpoint {p} not found")
-    return p
+        if checkpoint_type not in KIND_OF_TYPE:
+            raise UserError(f"checkpoint_id: expected 'weights/<name>' or 'sampler_weights/<name>', got "
+                            f"{checkpoint_id!r} (or pass checkpoint_type=training|sampler)")
+        checkpoint_id = f"{KIND_OF_TYPE[checkpoint_type]}/{checkpoint_id}"
+    path = str(TinkerPath.parse(f"tinker://{run_id}/{checkpoint_id}", "checkpoint"))
+    if not can_see_run(engine, run_id, owner) or engine.get_checkpoint(path) is None:
+        raise ApiError(404, f"checkpoint {path} not found")
+    return path

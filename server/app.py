@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from typing import Any, AsyncIterator
+from typing import AsyncIterator
 
 from fastapi import Depends, FastAPI
 
@@ -24,6 +24,7 @@ from server.routes import (capabilities, checkpoints, client_config, health, mod
 from server.samplers import EngineSamplers
 from server.settings import ServerSettings
 from server.store import Store
+from tinker_jax.engine.api import EngineAPI
 
 log = logging.getLogger(__name__)
 
@@ -34,8 +35,9 @@ AUTHENTICATED_ROUTERS = [client_config.router, capabilities.router, sessions.rou
                          retrieve.router, models.router, training.router, checkpoints.router, sampling.router]
 
 
-def build_app(engine: Any, settings: ServerSettings) -> FastAPI:
-    """`engine` is a `tinker_jax.engine.Engine` (the bootstrap routes only need `capabilities()`)."""
+def build_app(engine: EngineAPI, settings: ServerSettings) -> FastAPI:
+    """`engine` implements `tinker_jax.engine.api.EngineAPI`, the only engine surface the routes use (the bootstrap
+    routes only need `capabilities()`)."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -72,7 +74,7 @@ def build_app(engine: Any, settings: ServerSettings) -> FastAPI:
     return app
 
 
-async def _prune_forever(engine: Any, store: Store, samplers: EngineSamplers, settings: ServerSettings) -> None:
+async def _prune_forever(engine: EngineAPI, store: Store, samplers: EngineSamplers, settings: ServerSettings) -> None:
     """Finished futures hold result payloads (fwd/bwd outputs are MBs), so they cannot live forever; checkpoints
     with a TTL are deleted once it passes."""
     while True:
@@ -86,7 +88,7 @@ async def _prune_forever(engine: Any, store: Store, samplers: EngineSamplers, se
             log.exception("pruning futures or checkpoints failed")
 
 
-async def _expire_sessions_forever(engine: Any, store: Store, samplers: EngineSamplers,
+async def _expire_sessions_forever(engine: EngineAPI, store: Store, samplers: EngineSamplers,
                                    settings: ServerSettings) -> None:
     """Sessions whose clients vanished (no heartbeat for session_timeout_s) release their models and samplers."""
     while True:

@@ -17,13 +17,14 @@ from server.futures import FutureRegistry
 from server.samplers import EngineSamplers
 from server.settings import ServerSettings
 from server.store import Store
+from tinker_jax.engine.api import EngineAPI
 
 
 def get_settings(request: Request) -> ServerSettings:
     return request.app.state.settings
 
 
-def get_engine(request: Request) -> Any:
+def get_engine(request: Request) -> EngineAPI:
     return request.app.state.engine
 
 
@@ -59,7 +60,7 @@ async def json_body(request: Request) -> dict[str, Any]:
 
 
 SettingsDep = Annotated[ServerSettings, Depends(get_settings)]
-EngineDep = Annotated[Any, Depends(get_engine)]
+EngineDep = Annotated[EngineAPI, Depends(get_engine)]
 StoreDep = Annotated[Store, Depends(get_store)]
 FuturesDep = Annotated[FutureRegistry, Depends(get_futures)]
 SamplersDep = Annotated[EngineSamplers, Depends(get_samplers)]

@@ -2,7 +2,8 @@
 
 Submit routes call `register` (or `submit`, which also deduplicates retried submits on their sequence number);
 when the engine future finishes, its result is encoded once (proto for fwd/bwd and sample results, JSON otherwise)
-and stored, or its error is stored as `{"error", "category"}`: ValueError -> "user", anything else -> "server".
+and stored, or its error is stored as `{"error", "category"}`: `UserError` -> "user", anything else -> "server"
+(logged with its traceback; a plain ValueError is a bug too, see tinker_jax.errors).
 `retrieve` long-polls without a busy loop: an asyncio.Event per waited id, set from the engine thread through
 `call_soon_threadsafe` after the store write, so a waiter that re-reads the row after waking always sees the result.
 """
@@ -19,6 +20,7 @@ from typing import Any, Callable
 from server import wire
 from server.errors import ApiError, error_body
 from server.store import FutureRow, Store
+from tinker_jax.errors import Overloaded, UserError
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +73,9 @@ class FutureRegistry:
                seq_id: int | None = None) -> tuple[str, bool]:
         """Run `start()` (which submits to the engine) unless `idempotency=(kind, scope, seq)` was seen before, e.g.
         ("train", model_id, seq_id) or ("sample", sampling_session_id, seq_id). Returns (request_id, started).
-        A ValueError from `start()` becomes a failed future with category "user", so a retry sees the same error."""
+        A UserError from `start()` becomes a failed future with category "user", so a retry sees the same error.
+        `Overloaded` (nothing was queued) is re-raised after forgetting the request and its key: the route answers
+        429 and the SDK's retry of the same seq_id starts afresh, so the request still runs exactly once."""
         clone_id = None if sampling_session_id is None else (seq_id or 0) // CLONE_STRIDE
         request_id, created = self._store.insert_future(
             uuid.uuid4().hex, kind, idempotency=idempotency, session_id=session_id, model_id=model_id,
@@ -81,7 +85,10 @@ class FutureRegistry:
         sampler = None if sampling_session_id is None else (sampling_session_id, clone_id)
         try:
             future = start()
-        except ValueError as e:
+        except Overloaded:
+            self._store.discard_future(request_id)
+            raise
+        except UserError as e:
             self._fail(request_id, str(e), "user", sampler)
         except Exception as e:
             log.exception("submitting %s %s failed", kind, request_id)
@@ -107,7 +114,7 @@ class FutureRegistry:
             self._fail(request_id, "the request was cancelled", "server", sampler)
             return
         exc = future.exception()
-        if isinstance(exc, ValueError):
+        if isinstance(exc, UserError):
             self._fail(request_id, str(exc), "user", sampler)
             return
         if exc is not None:
@@ -208,43 +215,6 @@ class FutureRegistry:
         if self._loop is None:
             self._loop = asyncio.get_running_loop()
         return self._loop
-
-
-def then(future: concurrent.futures.Future, fn: Callable[[Any], Any]) -> concurrent.futures.Future:
-    """A future of `fn(future.result())`; exceptions (fn's own included) pass through. `fn` runs on the thread
-    that completes `future` (the engine's), so it must be quick and thread-safe. Cancelling the returned future
-    cancels `future` too (cancel_future reaches the engine's queue through it)."""
-    out: concurrent.futures.Future = concurrent.futures.Future()
-
-    def done(f: concurrent.futures.Future) -> None:
-        if f.cancelled():
-            out.cancel()
-            out.set_running_or_notify_cancel()
-            return
-        if not out.set_running_or_notify_cancel():
-            return
-        exc = f.exception()
-        if exc is not None:
-            out.set_exception(exc)
-            return
-        try:
-            out.set_result(fn(f.result()))
-        except BaseException as e:  # noqa: BLE001 - delivered through the future
-            out.set_exception(e)
-
-    def propagate_cancel(o: concurrent.futures.Future) -> None:
-        if o.cancelled():
-            future.cancel()
-
-    out.add_done_callback(propagate_cancel)
-    future.add_done_callback(done)
-    return out
-
-
-def failed(exc: BaseException) -> concurrent.futures.Future:
-    future: concurrent.futures.Future = concurrent.futures.Future()
-    future.set_exception(exc)
-    return future
 
 
 def _json_reply(obj: dict[str, Any], status: int = 200) -> Reply:

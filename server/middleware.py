@@ -11,6 +11,7 @@ from typing import Any
 
 from server import wire
 from server.errors import error_body
+from tinker_jax.errors import UserError
 
 _IDENTITY = {b"", b"identity"}
 
@@ -50,7 +51,7 @@ class DecompressRequestMiddleware:
                 break
         try:
             body = wire.decompress(b"".join(chunks), encoding.decode("latin-1"), self.max_bytes)
-        except ValueError as e:
+        except UserError as e:
             status = 415 if "not supported" in str(e) else 413 if "exceeds" in str(e) else 400
             return await _reject(send, status, str(e))
 

@@ -19,15 +19,16 @@ import asyncio
 import collections
 import logging
 import threading
-from typing import Any
 
 from server.store import SamplingSessionRow
+from tinker_jax.engine.api import EngineAPI
+from tinker_jax.errors import NotFound
 
 log = logging.getLogger(__name__)
 
 
 class EngineSamplers:
-    def __init__(self, engine: Any, max_per_session: int = 32):
+    def __init__(self, engine: EngineAPI, max_per_session: int = 32):
         self.engine = engine
         self.max_per_session = max_per_session
         self._lock = threading.Lock()
@@ -81,18 +82,20 @@ class EngineSamplers:
 
     async def resolve(self, row: SamplingSessionRow) -> str:
         """The engine sampler of a sampling session, rebuilding a path/base-model one if needed.
-        ValueError (a user error) when it cannot be rebuilt."""
+        NotFound (a user error) when it cannot be rebuilt; Overloaded when the engine's queue is full."""
         eid = self.lookup(row)
         if eid is not None:
             return eid
         if row.model_path:
             eid = self._take_parked(row.model_path)
             if eid is None:
-                eid = await asyncio.to_thread(self.engine.create_sampler, model_path=row.model_path)
+                eid = await asyncio.to_thread(self.engine.create_sampler, model_path=row.model_path,
+                                              tenant=row.session_id)
         elif row.base_model and not row.model_id:
-            eid = await asyncio.to_thread(self.engine.create_sampler, base_model=row.base_model)
+            eid = await asyncio.to_thread(self.engine.create_sampler, base_model=row.base_model,
+                                          tenant=row.session_id)
         else:
-            raise ValueError(
+            raise NotFound(
                 f"sampling_session_id: {row.sampling_session_id!r} sampled the in-memory weights of model "
                 f"{row.model_id!r}, which are gone (the server restarted or the sampler was evicted); save the weights "
                 "again and create a new sampling client")
@@ -110,10 +113,7 @@ class EngineSamplers:
         return len(eids)
 
     def _release_engine(self, engine_id: str) -> None:
-        release = getattr(self.engine, "release_sampler", None)
-        if release is None:
-            return
         try:
-            release(engine_id)
+            self.engine.release_sampler(engine_id)
         except Exception:  # releasing is best effort; a leak is better than a failed request
             log.exception("releasing engine sampler %s failed", engine_id)

@@ -79,7 +79,8 @@ def build_config(models: Sequence[str], config: str | None, data_dir: str | None
         served = dict(cfg.models)
     else:
         served = default_model(Path(cfg.data_dir))
-    return replace(cfg, models=served)
+    # Remote clients get the served models only, never an arbitrary directory of this machine named by its path.
+    return replace(cfg, models=served, local_paths=False)
 
 
 def check_exposure(host: str, keys: Sequence[str]) -> None:

@@ -251,12 +251,6 @@ class Store:
                                     (session_id,)).fetchall()
         return [r[0] for r in rows]
 
-    def model_owners(self) -> dict[str, str]:
-        """model_id -> owner tag for every model created through this server (the REST listings filter on it)."""
-        with self._lock:
-            rows = self._db.execute("SELECT model_id, owner FROM models").fetchall()
-        return {r[0]: r[1] for r in rows}
-
     # --- sampling sessions ---------------------------------------------------------------------------------------
 
     def create_sampling_session(self, session_id: str, seq: int | None, *, base_model: str | None,
@@ -319,6 +313,13 @@ class Store:
                        " sampling_session_id, clone_id) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?)",
                        (request_id, kind, now, session_id, model_id, sampling_session_id, clone_id))
         return request_id, True
+
+    def discard_future(self, request_id: str) -> None:
+        """Forget a future that never started (the engine refused it, Overloaded) with its idempotency key, so the
+        client's retry of the same seq_id is a new request rather than a replay of the refusal."""
+        with self._tx() as db:
+            if db.execute("DELETE FROM futures WHERE request_id=? AND status='pending'", (request_id,)).rowcount:
+                db.execute("DELETE FROM idempotency WHERE request_id=?", (request_id,))
 
     def finish_future(self, request_id: str, content_type: str, body: bytes) -> int:
         return self._complete(request_id, "status='done', content_type=?, result=?", (content_type, body))

@@ -8,7 +8,7 @@
 This module is also the one-stop import for the codec: the result encoders (`server.wire_results`) and tensor
 helpers (`server.wire_tensors`) are re-exported here.
 
-Every malformed input raises `ValueError` whose message starts with the path of the field at fault
+Every malformed input raises `tinker_jax.errors.UserError` whose message starts with the path of the field at fault
 (`data[3].loss_fn_inputs.weights.shape: ...`), so the HTTP layer can answer 400 with a useful body.
 """
 
@@ -47,6 +47,7 @@ from server.wire_tensors import (  # noqa: F401  (re-exported)
     tensor_from_json,
     tensor_from_proto,
 )
+from tinker_jax.errors import UserError
 
 M = TypeVar("M", bound=pydantic.BaseModel)
 
@@ -59,15 +60,15 @@ def decompress(body: bytes, content_encoding: str | None, max_bytes: int) -> byt
     if encoding in ("identity", ""):
         return body
     if encoding != "zstd":
-        raise ValueError(f"Content-Encoding: {content_encoding!r} is not supported (only zstd)")
+        raise UserError(f"Content-Encoding: {content_encoding!r} is not supported (only zstd)")
     # Stream instead of trusting the frame header: a frame may omit its content size, or lie about it.
     reader = zstandard.ZstdDecompressor().stream_reader(body, read_across_frames=True)
     try:
         out = reader.read(max_bytes + 1)
     except zstandard.ZstdError as e:
-        raise ValueError(f"request body: invalid zstd data ({e})") from None
+        raise UserError(f"request body: invalid zstd data ({e})") from None
     if len(out) > max_bytes:
-        raise ValueError(f"request body: decompressed size exceeds the {max_bytes}-byte limit")
+        raise UserError(f"request body: decompressed size exceeds the {max_bytes}-byte limit")
     return out
 
 
@@ -75,9 +76,9 @@ def parse_json_object(body: bytes, where: str = "request body") -> dict[str, Any
     try:
         obj = json.loads(body or b"{}")
     except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise ValueError(f"{where}: not valid JSON ({e})") from None
+        raise UserError(f"{where}: not valid JSON ({e})") from None
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: must be a JSON object, got {type(obj).__name__}")
+        raise UserError(f"{where}: must be a JSON object, got {type(obj).__name__}")
     return obj
 
 
@@ -107,10 +108,10 @@ def _infer_chunk_type(obj: dict[str, Any]) -> str | None:
 
 def chunk_from_json(obj: Any, where: str) -> Any:
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: must be a chunk object, got {type(obj).__name__}")
+        raise UserError(f"{where}: must be a chunk object, got {type(obj).__name__}")
     kind = obj.get("type") or _infer_chunk_type(obj)
     if kind not in _CHUNKS:
-        raise ValueError(f"{where}.type: unknown chunk type {kind!r} (known: {sorted(_CHUNKS)})")
+        raise UserError(f"{where}.type: unknown chunk type {kind!r} (known: {sorted(_CHUNKS)})")
     return parse_request(_CHUNKS[kind], {**obj, "type": kind}, where)
 
 
@@ -118,7 +119,7 @@ def model_input_from_json(obj: Any, where: str) -> types.ModelInput:
     if isinstance(obj, types.ModelInput):
         return obj
     if not isinstance(obj, dict) or not isinstance(obj.get("chunks"), list):
-        raise ValueError(f"{where}.chunks: a ModelInput needs a list of chunks")
+        raise UserError(f"{where}.chunks: a ModelInput needs a list of chunks")
     chunks = [chunk_from_json(c, f"{where}.chunks[{i}]") for i, c in enumerate(obj["chunks"])]
     return types.ModelInput(chunks=chunks)
 
@@ -138,7 +139,7 @@ def chunk_from_proto(msg: pb.Chunk, where: str) -> Any:
         return parse_request(types.ImageChunk, fields, f"{where}.image")
     if kind == "dmel":
         return types.DmelChunk(dmel=msg.dmel.dmel)
-    raise ValueError(f"{where}: empty chunk (no encoded_text, image or dmel)")
+    raise UserError(f"{where}: empty chunk (no encoded_text, image or dmel)")
 
 
 # --- datums and forward_backward ---------------------------------------------------------------------------------
@@ -155,10 +156,10 @@ class ForwardBackwardCall:
 def datum_from_json(obj: Any, where: str) -> types.Datum:
     """SDK <= 0.24 JSON datum: {"model_input": {"chunks": [...]}, "loss_fn_inputs": {name: TensorData}}."""
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: must be a Datum object")
+        raise UserError(f"{where}: must be a Datum object")
     inputs = obj.get("loss_fn_inputs") or {}
     if not isinstance(inputs, dict):
-        raise ValueError(f"{where}.loss_fn_inputs: must be an object of TensorData")
+        raise UserError(f"{where}.loss_fn_inputs: must be an object of TensorData")
     return types.Datum(
         model_input=model_input_from_json(obj.get("model_input"), f"{where}.model_input"),
         loss_fn_inputs={k: tensor_from_json(v, f"{where}.loss_fn_inputs.{k}") for k, v in inputs.items()},
@@ -182,12 +183,12 @@ def _span(msg: pb.ProvenanceSpan, where: str) -> Any:
     kind = msg.WhichOneof("span")
     cls = {"prompt_tokens": types.PromptProvenanceSpan, "sampled_tokens": types.SampledProvenanceSpan}.get(kind)
     if cls is None:
-        raise ValueError(f"{where}: empty provenance span")
+        raise UserError(f"{where}: empty provenance span")
     arm = getattr(msg, kind)
     try:
         return cls(sequence_id=arm.sequence_id, offset=arm.offset, length=arm.length)
     except ValueError as e:
-        raise ValueError(f"{where}: {e}") from None
+        raise UserError(f"{where}: {e}") from None
 
 
 def loss_fn_config_from_proto(msg: pb.ForwardBackwardRequest) -> dict[str, float | str] | None:
@@ -197,7 +198,7 @@ def loss_fn_config_from_proto(msg: pb.ForwardBackwardRequest) -> dict[str, float
         for key, value in msg.loss_fn_config_v2.items():
             kind = value.WhichOneof("value")
             if kind is None:
-                raise ValueError(f"loss_fn_config_v2.{key}: value has neither number nor text")
+                raise UserError(f"loss_fn_config_v2.{key}: value has neither number nor text")
             out[key] = value.number if kind == "number" else value.text
         return out
     return {k: float(v) for k, v in msg.loss_fn_config.items()} or None
@@ -207,11 +208,11 @@ def _loss_fn_config_from_json(obj: Any, where: str) -> dict[str, float | str] | 
     if obj is None:
         return None
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: must be an object of numbers or strings")
+        raise UserError(f"{where}: must be an object of numbers or strings")
     out: dict[str, float | str] = {}
     for key, value in obj.items():
         if isinstance(value, bool) or not isinstance(value, (int, float, str)):
-            raise ValueError(f"{where}.{key}: must be a number or a string, got {value!r}")
+            raise UserError(f"{where}.{key}: must be a number or a string, got {value!r}")
         out[key] = value if isinstance(value, str) else float(value)
     return out or None
 
@@ -225,7 +226,7 @@ def decode_forward_backward(body: bytes, content_type: str | None, *,
         try:
             msg.ParseFromString(body)
         except Exception as e:  # google.protobuf.message.DecodeError
-            raise ValueError(f"request body: not a valid ForwardBackwardRequest protobuf ({e})") from None
+            raise UserError(f"request body: not a valid ForwardBackwardRequest protobuf ({e})") from None
         fb_input = types.ForwardBackwardInput(
             data=[datum_from_proto(d, f"data[{i}]") for i, d in enumerate(msg.data)],
             loss_fn=msg.loss_fn,
@@ -239,16 +240,16 @@ def decode_forward_backward(body: bytes, content_type: str | None, *,
     key = "forward_input" if "forward_input" in obj else "forward_backward_input"
     fb = obj.get(key)
     if not isinstance(fb, dict):
-        raise ValueError(f"{key}: missing (expected {{data, loss_fn, loss_fn_config}})")
+        raise UserError(f"{key}: missing (expected {{data, loss_fn, loss_fn_config}})")
     if not isinstance(fb.get("data"), list):
-        raise ValueError(f"{key}.data: must be a list of Datum")
+        raise UserError(f"{key}.data: must be a list of Datum")
     if not isinstance(fb.get("loss_fn"), str):
-        raise ValueError(f"{key}.loss_fn: must be a string")
+        raise UserError(f"{key}.loss_fn: must be a string")
     model_id, seq_id = obj.get("model_id"), obj.get("seq_id")
     if not isinstance(model_id, str):
-        raise ValueError("model_id: must be a string")
+        raise UserError("model_id: must be a string")
     if seq_id is not None and not is_int(seq_id):
-        raise ValueError(f"seq_id: must be an integer, got {seq_id!r}")
+        raise UserError(f"seq_id: must be an integer, got {seq_id!r}")
     fb_input = types.ForwardBackwardInput(
         data=[datum_from_json(d, f"{key}.data[{i}]") for i, d in enumerate(fb["data"])],
         loss_fn=fb["loss_fn"],
@@ -269,11 +270,11 @@ def parse_request(model_cls: type[M], data: Any, where: str | None = None) -> M:
     """
     where = where or model_cls.__name__
     if not isinstance(data, dict):
-        raise ValueError(f"{where}: must be a JSON object, got {type(data).__name__}")
+        raise UserError(f"{where}: must be a JSON object, got {type(data).__name__}")
     try:
         return model_cls.model_validate(_prune(model_cls, data, where))
     except pydantic.ValidationError as e:
-        raise ValueError(_describe(e, where)) from None
+        raise UserError(_describe(e, where)) from None
 
 
 def _prune(model_cls: type[pydantic.BaseModel], data: dict[str, Any], where: str) -> dict[str, Any]:

@@ -1,7 +1,9 @@
 """Numeric arrays on the wire (wire doc §4.2, §6): JSON TensorData, proto Tensor (dense or CSR), little-endian
 packing. Shared by request decoding (server.wire) and result encoding (server.wire_results).
 
-Errors are `ValueError`s whose message starts with the path of the field at fault.
+Errors name the path of the field at fault. Decoding a client's tensor raises `UserError`; the encoders' own checks
+(`as_array`, `int32_bytes`) raise ValueError, an engine bug. Result encoding runs under FutureRegistry, which
+reports any exception there as a server error, so the shared checks (`densify_csr`) are right for both.
 """
 
 from __future__ import annotations
@@ -12,6 +14,8 @@ from typing import Any
 import numpy as np
 from tinker import types
 from tinker.proto import tinker_public_pb2 as pb
+
+from tinker_jax.errors import UserError
 
 _PROTO_DTYPES: dict[int, tuple[np.dtype, str]] = {  # proto enum -> (little-endian wire dtype, TensorData dtype)
     pb.DTYPE_FLOAT32: (np.dtype("<f4"), "float32"),
@@ -28,7 +32,7 @@ def _shape(shape: Any, where: str) -> list[int] | None:
     if shape is None:
         return None
     if not isinstance(shape, (list, tuple)) or not all(is_int(d) and d >= 0 for d in shape):
-        raise ValueError(f"{where}.shape: must be a list of non-negative integers, got {shape!r}")
+        raise UserError(f"{where}.shape: must be a list of non-negative integers, got {shape!r}")
     return [int(d) for d in shape]
 
 
@@ -40,7 +44,7 @@ def _reshape(values: np.ndarray, shape: list[int] | None, where: str) -> np.ndar
     if shape is None:
         return values.reshape(-1)
     if math.prod(shape) != values.size:
-        raise ValueError(f"{where}: {values.size} values do not fill shape {shape}")
+        raise UserError(f"{where}: {values.size} values do not fill shape {shape}")
     return values.reshape(shape)
 
 
@@ -48,15 +52,15 @@ def densify_csr(values: np.ndarray, crow: np.ndarray, col: np.ndarray, shape: li
                 pad_value: float, where: str) -> np.ndarray:
     """CSR (values row-major, crow [nrows+1], col [nnz]) -> dense [nrows, ncols]; unlisted cells get `pad_value`."""
     if shape is None or len(shape) != 2:
-        raise ValueError(f"{where}.shape: a sparse CSR tensor needs a 2-D dense shape, got {shape!r}")
+        raise UserError(f"{where}.shape: a sparse CSR tensor needs a 2-D dense shape, got {shape!r}")
     nrows, ncols = shape
     if nrows * ncols > MAX_DENSE_ELEMENTS:  # a few bytes of CSR must not be able to demand gigabytes
-        raise ValueError(f"{where}.shape: {shape} exceeds {MAX_DENSE_ELEMENTS} elements")
+        raise UserError(f"{where}.shape: {shape} exceeds {MAX_DENSE_ELEMENTS} elements")
     nnz = values.size
     if crow.size != nrows + 1 or crow[0] != 0 or crow[-1] != nnz or np.any(np.diff(crow) < 0):
-        raise ValueError(f"{where}.sparse_crow_indices: must be {nrows + 1} non-decreasing offsets from 0 to {nnz}")
+        raise UserError(f"{where}.sparse_crow_indices: must be {nrows + 1} non-decreasing offsets from 0 to {nnz}")
     if col.size != nnz or (nnz and (col.min() < 0 or col.max() >= ncols)):
-        raise ValueError(f"{where}.sparse_col_indices: must be {nnz} column indices in [0, {ncols})")
+        raise UserError(f"{where}.sparse_col_indices: must be {nnz} column indices in [0, {ncols})")
     dense = np.full((nrows, ncols), pad_value, dtype=values.dtype)
     dense[np.repeat(np.arange(nrows), np.diff(crow)), col] = values
     return dense
@@ -65,10 +69,10 @@ def densify_csr(values: np.ndarray, crow: np.ndarray, col: np.ndarray, shape: li
 def tensor_from_json(obj: Any, where: str, pad_value: float = 0) -> types.TensorData:
     """JSON TensorData (§4.2) -> dense `types.TensorData`; CSR cells not listed get `pad_value`."""
     if not isinstance(obj, dict):
-        raise ValueError(f"{where}: must be a TensorData object, got {type(obj).__name__}")
+        raise UserError(f"{where}: must be a TensorData object, got {type(obj).__name__}")
     dtype = obj.get("dtype")
     if dtype not in NUMPY_OF:
-        raise ValueError(f"{where}.dtype: must be 'int64' or 'float32', got {dtype!r}")
+        raise UserError(f"{where}.dtype: must be 'int64' or 'float32', got {dtype!r}")
     values = _json_numbers(obj.get("data"), dtype, f"{where}.data")
     shape = _shape(obj.get("shape"), where)
     crow, col = obj.get("sparse_crow_indices"), obj.get("sparse_col_indices")
@@ -83,22 +87,22 @@ def tensor_from_json(obj: Any, where: str, pad_value: float = 0) -> types.Tensor
 
 def _json_numbers(data: Any, dtype: str, where: str) -> np.ndarray:
     if not isinstance(data, list):
-        raise ValueError(f"{where}: must be a flat list of numbers")
+        raise UserError(f"{where}: must be a flat list of numbers")
     try:
         raw = np.asarray(data)
     except ValueError:
-        raise ValueError(f"{where}: must be a flat list of numbers") from None
+        raise UserError(f"{where}: must be a flat list of numbers") from None
     if raw.size and (raw.ndim != 1 or raw.dtype.kind not in "biuf"):
-        raise ValueError(f"{where}: must be a flat list of numbers")
+        raise UserError(f"{where}: must be a flat list of numbers")
     if dtype == "int64" and raw.dtype.kind == "f" and not np.all(np.mod(raw, 1) == 0):
-        raise ValueError(f"{where}: int64 tensor holds non-integer values")
+        raise UserError(f"{where}: int64 tensor holds non-integer values")
     return raw.astype(NUMPY_OF[dtype])
 
 
 def tensor_from_proto(msg: pb.Tensor, where: str, pad_value: float = 0) -> types.TensorData:
     """proto `Tensor` (dense bytes or CSR) -> dense `types.TensorData`."""
     if msg.dtype not in _PROTO_DTYPES:
-        raise ValueError(f"{where}.dtype: unsupported proto dtype {msg.dtype}")
+        raise UserError(f"{where}.dtype: unsupported proto dtype {msg.dtype}")
     wire_dtype, dtype = _PROTO_DTYPES[msg.dtype]
     shape = list(msg.shape) or None
     kind = msg.WhichOneof("encoding")
@@ -114,7 +118,7 @@ def tensor_from_proto(msg: pb.Tensor, where: str, pad_value: float = 0) -> types
 
 def frombuffer(buf: bytes, dtype: np.dtype, where: str) -> np.ndarray:
     if len(buf) % dtype.itemsize:
-        raise ValueError(f"{where}: {len(buf)} bytes is not a whole number of {dtype.itemsize}-byte values")
+        raise UserError(f"{where}: {len(buf)} bytes is not a whole number of {dtype.itemsize}-byte values")
     return np.frombuffer(buf, dtype=dtype)
 
 

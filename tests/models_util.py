@@ -154,3 +154,18 @@ def ce_grads(model, tokens, positions, targets, weights, segment_ids=None, wrt=n
 def graphdef_rest(model, wrt=nnx.Param):
     graphdef, _, rest = nnx.split(model, wrt, ...)
     return graphdef, rest
+
+
+# ---------------------------------------------------------------------------------------------- comparisons
+
+
+def flat(tree) -> dict[str, np.ndarray]:
+    """Private numpy copies of a pytree's leaves, keyed by path."""
+    return {jax.tree_util.keystr(p): np.array(x, copy=True) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def rel(a: dict, b: dict) -> float:
+    """Global relative difference ||a - b|| / ||b|| over all leaves of two `flat` dicts."""
+    num = sum(float(np.sum((a[k].astype(np.float64) - b[k]) ** 2)) for k in b)
+    den = sum(float(np.sum(b[k].astype(np.float64) ** 2)) for k in b)
+    return (num / den) ** 0.5

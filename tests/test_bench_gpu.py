@@ -1,5 +1,6 @@
 """benchmarks/gpu.sh --dry-run: the GPU suite's code paths (Qwen3 family preset written from a config dict, fp32
-toy size, two-phase peer-then-ours order, MFU rows) on this machine's CPU. No timing assertions."""
+toy size, two-phase peer-then-ours order, MFU rows, the in-process tenants section) on this machine's CPU. No timing
+assertions."""
 
 from __future__ import annotations
 
@@ -21,7 +22,8 @@ def test_gpu_script_dry_run(tmp_path):
     out = tmp_path / "gpu.json"
     env = {**os.environ, "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu", "TINKER_JAX_BENCH_DIR": str(tmp_path)}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--dry-run", "--out", str(out),
-                           "--only", "peak,train"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--only", "peak,train,tenants"], env=env, cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = json.loads(out.read_text())
     report.validate_rows(rows)
@@ -30,6 +32,20 @@ def test_gpu_script_dry_run(tmp_path):
             "MFU train full fine-tune 2x64"} <= metrics
     assert all(r["suite"] == "gpu-dryrun" for r in rows)
     assert "MFU train" in proc.stdout  # the final table is printed
+    # tenants: in process (no uvicorn on the GPU machine), 2 and 4 adapters against one adapter at 2x64
+    by_metric = {r["metric"]: r for r in rows}
+    for n in (2, 4):
+        train = by_metric[f"tenants: {n} LoRA r32 clients training concurrently, 2x32 tokens each "
+                          "(in-process tinker_jax client)"]
+        assert isinstance(train["ours"], float), train["ours"]
+        assert set(train["peers"]) == {"the same clients one at a time", "one adapter, 2x64"}
+        assert all(isinstance(v, float) for v in train["peers"].values()), train["peers"]
+        mem = by_metric[f"tenants: peak device memory, {n} LoRA r32 adapters training"]
+        assert isinstance(mem["ours"], float) or mem["ours"].startswith("unavailable:")
+    assert train["goal"] and mem["goal"]  # the largest configuration carries the issue's goals
+    smp = by_metric["tenants: 2 samplers of different LoRA r32 adapters sampling concurrently, 2x +8 tokens each "
+                    "(in-process tinker_jax client)"]
+    assert isinstance(smp["ours"], float), smp["ours"]
 
 
 @pytest.mark.slow

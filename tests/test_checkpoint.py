@@ -6,10 +6,13 @@ tiny-qwen3, LoRA rank 4, batches of 4 rows x 16 tokens (the shapes test_train*.p
 
 from __future__ import annotations
 
+import os
 import pathlib
+import time
 
 import jax
 import models_util
+from models_util import flat
 import numpy as np
 import pytest
 import tinker.types as tt
@@ -39,22 +42,18 @@ def step_data(step: int) -> list[tt.Datum]:
     return out
 
 
-def state(tc):
-    return tc.engine.model(tc.model_id)
+def state(tc) -> dict:
+    return tc.engine.run_state(tc.model_id)
 
-
-def flat(tree) -> dict[str, np.ndarray]:
-    if hasattr(tree, "to_pure_dict"):
-        tree = tree.to_pure_dict()
-    return {jax.tree_util.keystr(p): np.array(x, copy=True) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def params(tc):
-    return flat(state(tc).trainable)
+    return flat(state(tc)["weights"])
 
 
 def opt_leaves(tc) -> list[np.ndarray]:
-    return [np.array(x, copy=True) for x in jax.tree.leaves(state(tc).opt_state)]
+    st = state(tc)
+    return [np.asarray(st["count"])] + [np.array(x, copy=True) for x in jax.tree.leaves((st["mu"], st["nu"]))]
 
 
 def assert_same(a: dict, b: dict):
@@ -104,7 +103,7 @@ def test_resume_with_optimizer_is_bitwise_identical(run, model_dir, data_dir):
     compiled = train.compile_count()
     with tinker_jax.ServiceClient(data_dir=data_dir, config=EngineConfig(models={"tiny": str(model_dir)})) as fresh:
         tc = fresh.create_training_client_from_state_with_optimizer(run["path"])
-        assert state(tc).step == 2
+        assert state(tc)["step"] == 2
         assert_same(params(tc), run["params"])
         for a, b in zip(opt_leaves(tc), run["opt"]):
             np.testing.assert_array_equal(a, b)
@@ -115,7 +114,7 @@ def test_resume_with_optimizer_is_bitwise_identical(run, model_dir, data_dir):
 
         # Contrast: the same weights without the optimizer state diverge after the first update.
         weights_only = fresh.create_training_client_from_state(run["path"])
-        assert state(weights_only).step == 0
+        assert state(weights_only)["step"] == 0
         other = [train_step(weights_only, step) for step in range(3, 5)]
         assert other[0] == run["losses"][2]  # same weights -> same loss
         assert other[1] != run["losses"][3]  # fresh Adam moments -> a different update
@@ -125,16 +124,15 @@ def test_load_state_resets_adam_and_with_optimizer_restores_it(svc, run):
     tc = svc.create_lora_training_client("tiny", rank=RANK, seed=1)
     for step in (1, 2, 3):
         train_step(tc, step)
-    assert state(tc).step == 3
+    assert state(tc)["step"] == 3 and state(tc)["count"] == 3
     tc.forward_backward(step_data(9), "cross_entropy").result()  # pending gradient: dropped by a load
 
     tc.load_state(run["path"]).result()
     st = state(tc)
-    assert st.step == 0 and st.pending == 0
-    assert int(st.opt_state.count) == 0 and int(st.opt_state.inner_state[0].count) == 0
-    moments = jax.tree.leaves((st.opt_state.inner_state[0].mu, st.opt_state.inner_state[0].nu))
+    assert st["step"] == 0 and st["pending"] == 0 and st["count"] == 0
+    moments = jax.tree.leaves((st["mu"], st["nu"]))
     assert moments and not any(np.any(np.asarray(m)) for m in moments)
-    assert not any(np.any(g) for g in flat(st.grads).values())
+    assert not any(np.any(g) for g in flat(st["grads"]).values())
     assert_same(params(tc), run["params"])
     # From here it behaves exactly like a client created from the checkpoint's weights only.
     ref = svc.create_training_client_from_state(run["path"])
@@ -142,7 +140,7 @@ def test_load_state_resets_adam_and_with_optimizer_restores_it(svc, run):
     assert_same(params(tc), params(ref))
 
     tc.load_state_with_optimizer(run["path"]).result()
-    assert state(tc).step == 2
+    assert state(tc)["step"] == 2
     assert_same(params(tc), run["params"])
     for a, b in zip(opt_leaves(tc), run["opt"]):
         np.testing.assert_array_equal(a, b)
@@ -152,7 +150,7 @@ def test_load_state_resets_adam_and_with_optimizer_restores_it(svc, run):
 def _ckpt_dir(svc, path: str) -> pathlib.Path:
     from tinker_jax.engine.registry import TinkerPath
 
-    return svc.engine.registry.checkpoint_dir(TinkerPath.parse(path))
+    return svc.engine.checkpoint_dir(TinkerPath.parse(path))
 
 
 def test_crash_during_save_keeps_previous_checkpoint(svc, monkeypatch):
@@ -184,24 +182,24 @@ def test_crash_during_save_keeps_previous_checkpoint(svc, monkeypatch):
     monkeypatch.setattr(checkpoint, "_checkpointer", real)
 
     # 2) The write completes but the process dies before the commit (the rename onto the final name).
-    real_rename = pathlib.Path.rename
+    real_rename = os.rename
 
-    def rename(self, target):
-        if self.name.endswith(".new") and pathlib.Path(target).name in ("ck", "ck-new"):  # the commit
+    def rename(src, dst):
+        if str(src).endswith(".new") and pathlib.Path(dst).name in ("ck", "ck-new"):  # the commit
             raise OSError("simulated crash before commit")
-        return real_rename(self, target)
+        return real_rename(src, dst)
 
-    monkeypatch.setattr(pathlib.Path, "rename", rename)
+    monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(OSError, match="simulated crash"):
         tc.save_state("ck").result()
     with pytest.raises(OSError, match="simulated crash"):
         tc.save_state("ck-new").result()
-    monkeypatch.setattr(pathlib.Path, "rename", real_rename)
+    monkeypatch.setattr(os, "rename", real_rename)
 
     # Nothing half-written is visible: the old checkpoint is intact under its name, the new name is absent,
     # the registry lists only the good save, and no temporary directories are left behind.
     assert sorted(p.name for p in kind_dir.iterdir()) == ["ck"]
-    assert [c["name"] for c in svc.engine.registry.list_checkpoints(tc.model_id)] == ["ck"]
+    assert [c.name for c in svc.engine.list_checkpoints(tc.model_id)] == ["ck"]
     tc.load_state(good).result()
     assert_same(params(tc), good_params)
     with pytest.raises(ValueError, match="not found"):
@@ -258,3 +256,82 @@ def test_bad_paths_give_clear_errors(svc, run):
         tc.load_state(path8).result()
     assert_same(params(tc), before)  # ... and the failed load changed nothing
     assert np.isfinite(train_step(tc, 6))  # still usable
+
+
+_CRASH_CHILD = r"""
+import hashlib, sys
+import numpy as np, jax, tinker.types as tt
+import tinker_jax
+from tinker_jax.config import EngineConfig
+
+data_dir, model_dir = sys.argv[1], sys.argv[2]
+svc = tinker_jax.ServiceClient(config=EngineConfig(data_dir=data_dir, models={"tiny": model_dir},
+                                                   compile_cache=False))
+tc = svc.create_lora_training_client("tiny", rank=4, seed=0)
+print("model", tc.model_id, flush=True)
+rng = np.random.default_rng(0)
+for i in range(10_000):
+    toks = rng.integers(0, 512, 17)
+    d = tt.Datum(model_input=tt.ModelInput.from_ints(toks[:-1].tolist()),
+                 loss_fn_inputs={"target_tokens": tt.TensorData.from_numpy(toks[1:].astype(np.int64))})
+    tc.forward_backward([d], "cross_entropy").result()
+    tc.optim_step(tt.AdamParams(learning_rate=1e-2)).result()
+    w = svc.engine.run_state(tc.model_id)["weights"]
+    h = hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(w))).hexdigest()
+    name = f"ck{i % 2}"  # overwrites: a kill can land in the middle of replacing a reported checkpoint
+    print("begin", name, h, flush=True)
+    tc.save_state(name).result()
+    print("saved", name, h, flush=True)
+"""
+
+
+@pytest.mark.slow
+def test_kill_9_during_saves_loses_nothing_reported_saved(model_dir, tmp_path):
+    """A real SIGKILL at a random moment while a process keeps saving (and overwriting) checkpoints: after a
+    restart every checkpoint reported saved loads, holding either the weights reported for it or those of the
+    save that was in flight under that name."""
+    import hashlib
+    import os
+    import random
+    import signal
+    import subprocess
+    import sys
+
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    proc = subprocess.Popen([sys.executable, "-c", _CRASH_CHILD, str(tmp_path), str(model_dir)], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    saved: dict[str, str] = {}
+    in_flight: dict[str, str] = {}
+    model_id = None
+    try:
+        for line in proc.stdout:
+            kind, *rest = line.split()
+            if kind == "model":
+                model_id = rest[0]
+            elif kind == "begin":
+                in_flight[rest[0]] = rest[1]
+            elif kind == "saved":
+                saved[rest[0]] = rest[1]
+                if len(saved) == 2:  # both names saved at least once: the next save overwrites one
+                    break
+        time.sleep(random.uniform(0.0, 0.3))  # somewhere in the next save
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(30)
+    for line in proc.stdout:  # what it printed before dying
+        kind, *rest = line.split()
+        if kind == "begin":
+            in_flight[rest[0]] = rest[1]
+        elif kind == "saved":
+            saved[rest[0]] = rest[1]
+    assert model_id and saved, "the child never reported a save"
+    with tinker_jax.ServiceClient(data_dir=tmp_path, config=EngineConfig(models={"tiny": str(model_dir)},
+                                                                        compile_cache=False)) as svc:
+        for name, h in saved.items():
+            tc = svc.create_training_client_from_state_with_optimizer(f"tinker://{model_id}/weights/{name}")
+            w = svc.engine.run_state(tc.model_id)["weights"]
+            got = hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(w))).hexdigest()
+            assert got in (h, in_flight.get(name)), name
+        # No half-written leftovers are visible after the restart's sweep.
+        kind_dir = tmp_path / "checkpoints" / model_id / "weights"
+        assert sorted(p.name for p in kind_dir.iterdir()) == sorted(saved)

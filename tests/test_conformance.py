@@ -31,10 +31,11 @@ import uvicorn
 from tinker import types
 
 from server.app import build_app
+from server.deps import key_tag
 from server.settings import ServerSettings
 import test_conformance_scenarios as sc  # noqa: E402  (tests/ is on sys.path under pytest)
 from tinker_jax.config import EngineConfig, SamplerConfig
-from tinker_jax.engine import Engine
+from tinker_jax.engine import Engine, EngineAPI
 
 API_KEY = "tml-conformance"
 BASE = "tiny-qwen3"  # served alias of the tiny model
@@ -99,8 +100,16 @@ class LiveServer:
 
     def client(self) -> tinker.ServiceClient:
         client = tinker.ServiceClient(base_url=self.base_url, api_key=API_KEY)
-        self.clients.append(client)  # closed at module end, so no heartbeat thread outlives the server
+        self.clients.append(client)  # closed by close_clients(), so no heartbeat thread outlives the server
         return client
+
+    def close_clients(self) -> None:
+        for client in self.clients:
+            try:
+                client.close("success").result(timeout=10)  # SDK 0.38: finishes the session, stops heartbeats
+            except Exception:  # noqa: BLE001 - a session the test already finished, or the server is gone
+                pass
+        self.clients = []
 
 
 def _free_port() -> int:
@@ -124,11 +133,7 @@ def server(model_dir, tmp_path_factory) -> Iterator[LiveServer]:
     live = LiveServer(cfg, ServerSettings(data_dir=data, api_keys=(API_KEY,), long_poll_s=5.0))
     live.start()
     yield live
-    for client in live.clients:
-        try:
-            client.close()
-        except Exception:
-            pass
+    live.close_clients()
     live.stop()
 
 
@@ -158,6 +163,7 @@ def _trained(state: dict[str, Any]):
 
 
 def test_capabilities_and_sft_loop(server, service, state) -> None:
+    assert isinstance(server.engine, EngineAPI)  # the server reaches the engine only through this contract
     caps = service.create_rest_client().get_server_capabilities().result()
     assert [m.model_name for m in caps.supported_models] == [BASE]
     out = sc.scenario_sft(service, BASE)
@@ -167,6 +173,7 @@ def test_capabilities_and_sft_loop(server, service, state) -> None:
     assert losses[-1] < losses[0] * 0.8, losses  # it learns the fixed batch
     assert out["forward_loss"] < losses[-1], (losses, out["forward_loss"])  # forward after the last step
     assert out["forward_logprob_lengths"] == [sc.SEQ_LEN] * sc.N_DATUMS
+    assert server.engine.get_run(out["model_id"]).owner == key_tag(API_KEY)  # the engine records who owns it
 
 
 def test_save_state_and_resume_with_optimizer(service, state) -> None:

@@ -30,6 +30,7 @@ index does not carry; the cookbook imports tml_renderers only for Inkling/Kimi K
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
 import math
@@ -111,8 +112,14 @@ class Server:
         except OSError:
             return "(no server log)"
 
+    @contextlib.contextmanager
     def rest(self):
-        return tinker.ServiceClient(base_url=self.base_url, api_key=API_KEY).create_rest_client()
+        """A RestClient; its ServiceClient is closed afterwards, so no heartbeat thread outlives the server."""
+        service = tinker.ServiceClient(base_url=self.base_url, api_key=API_KEY)
+        try:
+            yield service.create_rest_client()
+        finally:
+            service.close("success").result(timeout=10)
 
 
 @pytest.fixture(scope="module")
@@ -202,7 +209,8 @@ def _run_id(tinker_path: str) -> str:
 
 
 def _server_checkpoints(server: Server, tinker_path: str) -> set[str]:
-    return {c.tinker_path for c in server.rest().list_checkpoints(_run_id(tinker_path)).result().checkpoints}
+    with server.rest() as rest:
+        return {c.tinker_path for c in rest.list_checkpoints(_run_id(tinker_path)).result().checkpoints}
 
 
 def _finite(x: Any) -> bool:
@@ -274,7 +282,8 @@ def test_chat_sl_local_jsonl_with_resume(cookbook_env, model_dir, tmp_path, monk
     assert _run_id(final["state_path"]) != _run_id(periodic["state_path"])
     assert _run_id(records[1]["state_path"]) == _run_id(final["state_path"])
     assert {final["state_path"], final["sampler_path"]} <= _server_checkpoints(server, final["state_path"])
-    run = server.rest().get_training_run_by_tinker_path(final["state_path"]).result()
+    with server.rest() as rest:
+        run = rest.get_training_run_by_tinker_path(final["state_path"]).result()
     assert run.base_model == str(model_dir)
     assert (run.user_metadata or {}).get("renderer_name") == RENDERER
     metrics = _jsonl(log_path / "metrics.jsonl")

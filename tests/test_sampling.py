@@ -19,10 +19,9 @@ import transformers
 from flax import nnx
 from tinker import types
 
-from tinker_jax.models.lora import LoraSpec
-from tinker_jax.models.decoder import Decoder
+from tinker_jax.models.lora import Adapter, LoraSpec
 from tinker_jax.hf.weights import load_decoder
-from tinker_jax.sampling import Sampler, WeightSnapshot, kernels, make_sampler, snapshot_of, split_decoder
+from tinker_jax.sampling import Sampler, WeightSnapshot, kernels, make_sampler, snapshot_of
 
 EOS = 2
 MAX_SEQ = 64
@@ -274,8 +273,7 @@ def test_no_recompile_for_new_params_or_weights(sampler, snap, hf):
         sampler.sample(snap, prompt_of(91, 3), params)
     assert _cache_sizes() == sizes
     # A new weight snapshot with the same shapes reuses the compiled programs and serves its own weights.
-    bumped = WeightSnapshot(snap.cfg, snap.graphdef, snap.frozen,
-                            jax.tree.map(lambda x: x * 1.05, snap.trainable), name="bumped")
+    bumped = WeightSnapshot(snap.cfg, snap.graphdef, jax.tree.map(lambda x: x * 1.05, snap.params), name="bumped")
     a = sampler.sample(snap, prompt, P(max_tokens=8, seed=3, stop=[])).sequences[0]
     b = sampler.sample(bumped, prompt, P(max_tokens=8, seed=3, stop=[])).sequences[0]
     assert _cache_sizes() == sizes
@@ -283,8 +281,7 @@ def test_no_recompile_for_new_params_or_weights(sampler, snap, hf):
 
 
 def test_snapshots_alternate_in_one_sampler(sampler, snap):
-    other = WeightSnapshot(snap.cfg, snap.graphdef, snap.frozen,
-                           jax.tree.map(lambda x: x * 0.95, snap.trainable), name="other")
+    other = WeightSnapshot(snap.cfg, snap.graphdef, jax.tree.map(lambda x: x * 0.95, snap.params), name="other")
     jobs = [(s, prompt_of(100 + i, 4 + i), P(max_tokens=6 + i, seed=i, stop=[])) for i, s in
             enumerate([snap, other, snap, other, other, snap])]
     solo = [sampler.sample(*j).sequences[0].tokens for j in jobs]
@@ -292,28 +289,26 @@ def test_snapshots_alternate_in_one_sampler(sampler, snap):
     assert [f.result(timeout=60).sequences[0].tokens for f in futs] == solo
 
 
-def _lora_snapshot(snap, seed):
+def _lora_snapshot(snap, seed, rank=2, targets=("q", "k", "v", "o", "gate", "up", "down")):
     """A LoRA snapshot over `snap`'s base weights with random adapters, and the same model merged (W + s*A@B)."""
-    lora = LoraSpec(rank=2, train_unembed=False)
-    abstract = nnx.eval_shape(lambda: Decoder(snap.cfg, rngs=nnx.Rngs(0), lora=lora))
-    graphdef, frozen, trainable = split_decoder(abstract)
-    is_var = lambda x: isinstance(x, nnx.Variable)
-    assert all(isinstance(v, nnx.LoRAParam) for v in jax.tree.leaves(trainable, is_leaf=is_var))
-    assert not any(isinstance(v, nnx.LoRAParam) for v in jax.tree.leaves(frozen, is_leaf=is_var))
-    base = nnx.to_pure_dict(snap.trainable)
-    frozen.replace_by_pure_dict(base)
+    from tinker_jax.models import lora as lora_math
+
+    spec = LoraSpec(rank=rank, targets=targets)
     rng = np.random.default_rng(seed)
-    adapters = jax.tree.map(lambda x: jnp.asarray(rng.normal(0, 0.3, x.shape), x.dtype), nnx.to_pure_dict(trainable))
-    trainable.replace_by_pure_dict(adapters)
+    shapes = lora_math.targeted(lora_math.shapes(snap.cfg, rank), spec)
+    adapters = {n: {k: jnp.asarray(rng.normal(0, 0.3, sh), jnp.float32) for k, sh in w.items()}
+                for n, w in shapes.items()}
+    base = nnx.to_pure_dict(snap.params)
     merged = jax.tree.map(lambda x: x, base)
     for group, names in (("attn", "qkvo"), ("mlp", ("gate", "up", "down"))):
         for n in names:
-            a, b = adapters["blocks"][group][n]["lora_a"], adapters["blocks"][group][n]["lora_b"]
-            merged["blocks"][group][n]["kernel"] = base["blocks"][group][n]["kernel"] + lora.scale * (a @ b)
-    full = jax.tree.map(lambda x: x, snap.trainable)
+            if n in adapters:
+                a, b = adapters[n]["a"], adapters[n]["b"]
+                merged["blocks"][group][n]["kernel"] = base["blocks"][group][n]["kernel"] + spec.scale * (a @ b)
+    full = jax.tree.map(lambda x: x, snap.params)
     full.replace_by_pure_dict(merged)
-    return (WeightSnapshot(snap.cfg, graphdef, frozen, trainable, name=f"lora{seed}"),
-            WeightSnapshot(snap.cfg, snap.graphdef, snap.frozen, full, name=f"merged{seed}"))
+    return (WeightSnapshot(snap.cfg, snap.graphdef, snap.params, Adapter(spec, adapters), name=f"lora{seed}"),
+            WeightSnapshot(snap.cfg, snap.graphdef, full, name=f"merged{seed}"))
 
 
 def test_lora_snapshot_samples_like_merged_weights(sampler, snap):
@@ -334,26 +329,60 @@ def test_lora_snapshot_samples_like_merged_weights(sampler, snap):
     assert c.tokens == sampler.sample(merged2, prompt, params).sequences[0].tokens
 
 
+def test_rows_of_different_adapters_share_decode_calls(sampler, snap):
+    """Rows of the base model and of adapters of two ranks decode in the same device calls (each row with its own
+    adapter) and sample exactly what each would alone."""
+    lora_a, _ = _lora_snapshot(snap, 2)
+    lora_b, _ = _lora_snapshot(snap, 3, rank=4, targets=("q", "v"))
+    jobs = [(s, prompt_of(130 + i, 5 + i), P(max_tokens=6, seed=i, stop=[])) for i, s in
+            enumerate([snap, lora_a, lora_b, lora_a])]
+    solo = [sampler.sample(*j) for j in jobs]
+    calls = sampler.stats["decode_calls"]
+    futs = [sampler.submit(*j) for j in jobs]
+    together = [f.result(timeout=60) for f in futs]
+    for a, b in zip(together, solo):
+        assert a.sequences[0].tokens == b.sequences[0].tokens
+        np.testing.assert_allclose(a.sequences[0].logprobs, b.sequences[0].logprobs, atol=2e-5)
+    assert sampler.stats["decode_calls"] - calls <= 2  # 6 tokens, decode_steps 4: all rows in the same calls
+    assert len({tuple(s.sequences[0].tokens) for s in solo[:3]}) == 3  # the adapters really differ
+
+
+def test_adapter_table_evicts_unused_adapters(hf_dir, snap):
+    """With room for one adapter per rank, requests of another adapter wait until the first one's rows finish,
+    then take its place; results are unchanged."""
+    lora_a, _ = _lora_snapshot(snap, 4)
+    lora_b, _ = _lora_snapshot(snap, 5)
+    with Sampler(snap.cfg, eos_token_ids=EOS, max_batch=ROWS, max_seq_len=MAX_SEQ, prefill_lengths=(16,),
+                 prefill_batches=(1, 4), decode_steps=4, max_adapters=1) as one:
+        jobs = [(s, prompt_of(140 + i, 6), P(max_tokens=5, seed=i, stop=[])) for i, s in
+                enumerate([lora_a, lora_b, lora_a, lora_b])]
+        together = [f.result(timeout=60) for f in [one.submit(*j) for j in jobs]]
+        assert one.stats["adapter_loads"] >= 2
+        assert one.stats_now()["resident_adapters"] == 1
+    for a, j in zip(together, jobs):
+        assert a.sequences[0].tokens == sampler_tokens(hf_dir, j)
+
+
+def sampler_tokens(hf_dir, job):
+    with Sampler(job[0].cfg, eos_token_ids=EOS, max_batch=ROWS, max_seq_len=MAX_SEQ, prefill_lengths=(16,),
+                 prefill_batches=(1, 4), decode_steps=4) as s:
+        return s.sample(*job).sequences[0].tokens
+
+
 def test_make_sampler_for_engine_objects(hf_dir, snap, hf):
-    """make_sampler(base, config) and a duck-typed snapshot (graphdef/frozen/trainable + base.cfg), as the
-    engine holds them; EOS ids come from config.json + generation_config.json."""
+    """make_sampler(base, config) for a base model object as the engine holds it; EOS ids come from config.json
+    + generation_config.json."""
     base = SimpleNamespace(cfg=snap.cfg, path=hf_dir[0], decoder=snap.model())
     conf = SimpleNamespace(max_batch=ROWS, max_seq_len=MAX_SEQ, max_num_samples=8)
     s = make_sampler(base, conf, prefill_lengths=(16,), prefill_batches=(4,), decode_steps=4,
                      max_topk_prompt_logprobs=5)
     try:
         assert s.eos_token_ids == (EOS,)
-        eng_snap = SimpleNamespace(base=base, graphdef=snap.graphdef, trainable=snap.trainable, frozen=snap.frozen)
         prompt = prompt_of(120, 6)
-        assert s.sample(eng_snap, prompt, P(max_tokens=9, temperature=0.0)).sequences[0].tokens == \
+        assert s.sample(snap, prompt, P(max_tokens=9, temperature=0.0)).sequences[0].tokens == \
             hf_greedy(hf, prompt, 9)
     finally:
         s.stop()
-
-
-def test_split_decoder_full(snap):
-    graphdef, frozen, trainable = split_decoder(snap.model())
-    assert not jax.tree.leaves(frozen) and len(jax.tree.leaves(trainable)) == len(jax.tree.leaves(snap.trainable))
 
 
 # ------------------------------------------------------------------------------------------- bad input

@@ -27,6 +27,7 @@ from tinker.lib.client_connection_pool_type import ClientConnectionPoolType
 
 from server.app import build_app
 from server.settings import ServerSettings
+from tinker_jax.errors import UserError
 
 API_KEY = "tml-test"
 LONG_POLL_S = 0.4  # short, so try_again paths run in well under a second
@@ -198,7 +199,7 @@ def test_sdk_future_poller_reads_proto_results_and_errors(server: Server, servic
                                          logprobs_np=np.array([-0.1, -0.2], np.float32))],
         _prompt_logprobs_list=[None, -0.75]))
     opt.set_result(types.OptimStepResponse(metrics={"lr:mean": 1e-4}))
-    bad.set_exception(ValueError("loss_fn_config.beta: unknown key for loss 'ppo'"))
+    bad.set_exception(UserError("loss_fn_config.beta: unknown key for loss 'ppo'"))
 
     out = polls[0].result(timeout=10)
     assert out.metrics == {"loss:sum": 4.0} and out.loss_fn_outputs[0]["logprobs"].tolist() == logprobs.tolist()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
+import shutil
 import threading
 import time
 import uuid
@@ -25,8 +26,13 @@ from tinker.proto import response_conv
 from tinker.proto import tinker_public_pb2 as pb
 
 from server.app import build_app
+from server.deps import key_tag
 from server.settings import ServerSettings
+from tinker_jax.engine.api import EngineAPI
 from tinker_jax.engine.registry import Registry, TinkerPath, check_name
+from tinker_jax.errors import NotFound, Overloaded, UserError
+from tinker_jax.futures import failed, resolved
+from tinker_jax.training.optim import AdamHP, check_adam
 
 KEY, OTHER_KEY = "tml-routes", "tml-other"
 BASE = "base-a"
@@ -34,47 +40,94 @@ VOCAB = 100
 
 
 class FakeEngine:
-    """The Engine surface the routes use, over the real Registry; a single worker thread keeps submission order.
-    `hold` (an Event) pauses the worker so tests can observe queued requests."""
+    """EngineAPI without JAX, over the engine's real Registry; one worker thread keeps submission order.
+    Knobs: `hold` (an Event) pauses the worker so tests can observe queued requests; `refuse` (a count) makes that
+    many next submits raise Overloaded, as a full queue does; `fail_next` (an exception) fails the next request run
+    by the worker with it. `tenants` records the tenant of every accepted submit."""
 
     def __init__(self, data_dir: Path):
         self.registry = Registry(data_dir / "engine.db", data_dir)
         self.models: dict[str, dict[str, Any]] = {}
         self.snapshots: dict[str, str | None] = {}  # sampler id -> base model
         self.calls: list[tuple] = []
+        self.tenants: list[str | None] = []
         self.unloaded: list[str] = []
         self.released: list[str] = []
+        self.refuse = 0
+        self.fail_next: BaseException | None = None
         self.hold = threading.Event()
         self.hold.set()
         self._pool = concurrent.futures.ThreadPoolExecutor(1)
 
-    def capabilities(self) -> list[str]:
-        return [BASE]
+    def _queue(self, fn, tenant: str | None) -> concurrent.futures.Future:
+        if self.refuse:
+            self.refuse -= 1
+            raise Overloaded("too many requests in flight for this session; retry shortly", retry_after_s=0.2)
+        self.tenants.append(tenant)
 
-    def submit(self, fn):
         def run():
             self.hold.wait(10)
+            exc, self.fail_next = self.fail_next, None
+            if exc is not None:
+                raise exc
             return fn()
         return self._pool.submit(run)
 
     def _model(self, model_id: str) -> dict[str, Any]:
         if model_id not in self.models:
-            raise ValueError(f"model_id: unknown model {model_id!r}")
+            raise NotFound(f"model_id: unknown model {model_id!r}")
         return self.models[model_id]
 
-    def create_model(self, base_model, *, rank=32, seed=None, train_mlp=True, train_attn=True, train_unembed=True,
-                     full_finetune=None, model_id=None, user_metadata=None) -> str:
-        if base_model not in self.capabilities():
-            raise ValueError(f"base_model: unknown model {base_model!r}")
-        model_id = check_name(model_id or f"run-{uuid.uuid4().hex[:8]}", "model_id")
-        if model_id in self.models:
-            raise ValueError(f"model_id: {model_id!r} already exists")
+    def _meta(self, path: str) -> dict[str, Any]:
+        p = TinkerPath.parse(path)
+        if self.registry.get_checkpoint(p) is None:
+            raise NotFound(f"path: checkpoint {path} not found")
+        return {"base_model": self.registry.get_run(p.run_id).base_model, "lora_rank": 4}
+
+    # --- discovery and runs
+    def capabilities(self) -> list[str]:
+        return [BASE]
+
+    def tokenizer_path(self, base_model: str) -> Path:
+        return Path("/nonexistent") / base_model
+
+    def _new_run(self, base_model: str, rank: int, model_id: str, user_metadata, owner) -> str:
         self.models[model_id] = {"base_model": base_model, "lora_rank": rank, "step": 0}
-        self.registry.add_run(model_id, base_model, lora_rank=rank, train_attn=train_attn, train_mlp=train_mlp,
-                              train_unembed=train_unembed, full_finetune=False, seed=seed,
-                              user_metadata=user_metadata)
+        self.registry.add_run(model_id, base_model, lora_rank=rank, full_finetune=False, meta={},
+                              user_metadata=user_metadata, owner=owner)
         self.calls.append(("create_model", model_id, rank))
         return model_id
+
+    def create_model(self, base_model, *, rank=32, seed=None, train_mlp=True, train_attn=True, train_unembed=True,
+                     full_finetune=None, model_id=None, user_metadata=None, owner=None, tenant=None):
+        try:
+            if base_model not in self.capabilities():
+                raise NotFound(f"base_model: unknown model {base_model!r}")
+            model_id = check_name(model_id or f"run-{uuid.uuid4().hex[:8]}", "model_id")
+            if model_id in self.models:
+                raise UserError(f"model_id: {model_id!r} already exists")
+        except UserError as e:
+            return failed(e)
+        return self._queue(lambda: self._new_run(base_model, rank, model_id, user_metadata, owner), tenant)
+
+    def create_model_from_state(self, path, optimizer, *, model_id=None, base_model=None, user_metadata=None,
+                                owner=None, tenant=None):
+        try:
+            meta = self._meta(path)
+        except UserError as e:
+            return failed(e)
+
+        def op():
+            mid = self._new_run(base_model or meta["base_model"], meta["lora_rank"], model_id, user_metadata, owner)
+            self.calls.append(("load_state", mid, path, optimizer))
+            return types.LoadWeightsResponse(path=path, model_id=mid)
+        return self._queue(op, tenant)
+
+    def unload_model(self, model_id, *, tenant=None):
+        def op():
+            self.unloaded.append(model_id)
+            self.models.pop(model_id, None)
+        return self._queue(op, tenant)
 
     def get_info(self, model_id):
         m = self._model(model_id)
@@ -82,103 +135,90 @@ class FakeEngine:
                                      lora_rank=m["lora_rank"],
                                      model_data=types.get_info_response.ModelData(model_name=m["base_model"]))
 
-    def unload_model(self, model_id):
-        self.unloaded.append(model_id)
-        self.models.pop(model_id, None)
-
-    def forward_backward(self, model_id, data, loss_fn, loss_fn_config=None, forward_only=False):
+    # --- training
+    def forward_backward(self, model_id, data, loss_fn, loss_fn_config=None, forward_only=False, *, tenant=None):
         def op():
             self._model(model_id)
             if loss_fn not in ("cross_entropy", "importance_sampling"):
-                raise ValueError(f"unknown loss_fn {loss_fn!r}")
+                raise UserError(f"unknown loss_fn {loss_fn!r}")
             outs = []
             for i, d in enumerate(data):
                 toks = [t for c in d.model_input.chunks for t in c.tokens]
                 if any(not 0 <= t < VOCAB for t in toks):
-                    raise ValueError(f"datum[{i}].model_input: token id outside the vocabulary [0, {VOCAB})")
+                    raise UserError(f"datum[{i}].model_input: token id outside the vocabulary [0, {VOCAB})")
                 target = d.loss_fn_inputs["target_tokens"]
                 if target.shape[0] != len(toks):
-                    raise ValueError(f"datum[{i}].loss_fn_inputs['target_tokens']: first dimension does not match")
+                    raise UserError(f"datum[{i}].loss_fn_inputs['target_tokens']: first dimension does not match")
                 outs.append({"logprobs": types.TensorData.from_numpy(np.full(len(toks), -1.0, np.float32))})
             self.calls.append(("forward" if forward_only else "forward_backward", model_id, len(data)))
             return types.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord", loss_fn_outputs=outs,
                                                metrics={"loss:sum": float(len(data))})
-        return self.submit(op)
+        return self._queue(op, tenant)
 
-    def optim_step(self, model_id, adam):
+    def optim_step(self, model_id, adam, *, tenant=None):
+        hp = adam if isinstance(adam, AdamHP) else check_adam(adam)
+
         def op():
             self._model(model_id)["step"] += 1
-            self.calls.append(("optim_step", model_id, adam.learning_rate))
-            return types.OptimStepResponse(metrics={"learning_rate:mean": adam.learning_rate})
-        return self.submit(op)
+            self.calls.append(("optim_step", model_id, hp.learning_rate))
+            return types.OptimStepResponse(metrics={"learning_rate:mean": hp.learning_rate})
+        return self._queue(op, tenant)
 
-    def _save(self, model_id, kind, name, ttl_seconds=None, user_metadata=None) -> TinkerPath:
+    # --- checkpoints
+    def _save(self, model_id, kind, name, ttl_seconds=None, user_metadata=None) -> str:
         p = TinkerPath(model_id, kind, check_name(name, "name"))
         d = self.registry.checkpoint_dir(p)
         d.mkdir(parents=True, exist_ok=True)
         (d / "meta.json").write_text(json.dumps({"base_model": self._model(model_id)["base_model"]}))
         self.registry.add_checkpoint(p, size_bytes=123, step=0, ttl_seconds=ttl_seconds, user_metadata=user_metadata)
-        return p
+        return str(p)
 
-    def save_state(self, model_id, name, ttl_seconds=None, user_metadata=None):
-        return self.submit(lambda: types.SaveWeightsResponse(
-            path=str(self._save(model_id, "weights", name, ttl_seconds, user_metadata))))
+    def save_state(self, model_id, name, ttl_seconds=None, user_metadata=None, *, overwrite=True, tenant=None):
+        if not overwrite and self.get_checkpoint(f"tinker://{model_id}/weights/{name}") is not None:
+            return failed(UserError(f"path: checkpoint tinker://{model_id}/weights/{name} already exists"))
+        return self._queue(lambda: types.SaveWeightsResponse(
+            path=self._save(model_id, "weights", name, ttl_seconds, user_metadata)), tenant)
 
-    def save_weights_for_sampler(self, model_id, name, ttl_seconds=None, user_metadata=None):
-        def op():
-            path = str(self._save(model_id, "sampler_weights", name, ttl_seconds, user_metadata)) if name else None
-            sid = f"fake-sampler-{uuid.uuid4().hex[:6]}"
-            self.snapshots[sid] = self._model(model_id)["base_model"]
-            return path, sid
-        return self.submit(op)
-
-    def _meta(self, path: str) -> dict[str, Any]:
-        p = TinkerPath.parse(path)
-        if self.registry.get_checkpoint(p) is None:
-            raise ValueError(f"path: checkpoint {path} not found")
-        return {"base_model": self.registry.get_run(p.run_id)["base_model"], "lora_rank": 4}
-
-    def load_state(self, model_id, path, optimizer):
+    def load_state(self, model_id, path, optimizer, *, tenant=None):
         def op():
             self._meta(path)
             self.calls.append(("load_state", model_id, path, optimizer))
             return types.LoadWeightsResponse(path=path, model_id=model_id)
-        return self.submit(op)
+        return self._queue(op, tenant)
 
-    def create_model_from_state(self, path, optimizer, model_id=None, base_model=None):
-        meta = self._meta(path)
-
+    def save_weights_for_sampler(self, model_id, name, ttl_seconds=None, user_metadata=None, *, tenant=None):
         def op():
-            mid = self.create_model(base_model or meta["base_model"], rank=meta["lora_rank"], model_id=model_id)
-            self.calls.append(("load_state", mid, path, optimizer))
-            return types.LoadWeightsResponse(path=path, model_id=mid)
-        return self.submit(op)
+            path = self._save(model_id, "sampler_weights", name, ttl_seconds, user_metadata) if name else None
+            sid = f"fake-sampler-{uuid.uuid4().hex[:6]}"
+            self.snapshots[sid] = self._model(model_id)["base_model"]
+            return path, sid
+        return self._queue(op, tenant)
 
-    def weights_info(self, path):
-        meta = self._meta(path)
-        return {"base_model": meta["base_model"], "is_lora": True, "lora_rank": meta["lora_rank"],
-                "train_attn": True, "train_mlp": True, "train_unembed": True}
-
-    def create_sampler(self, model_path=None, base_model=None) -> str:
+    # --- sampling
+    def create_sampler(self, model_path=None, base_model=None, *, tenant=None) -> str:
         base = self._meta(model_path)["base_model"] if model_path else base_model
         sid = f"fake-sampler-{uuid.uuid4().hex[:6]}"
         self.snapshots[sid] = base
         self.calls.append(("create_sampler", model_path, base_model))
         return sid
 
-    def sampler_base_model(self, sampler_id):
-        return self.snapshots[sampler_id]
-
     def release_sampler(self, sampler_id):
         self.released.append(sampler_id)
         self.snapshots.pop(sampler_id, None)
 
-    def sample(self, sampler_id, prompt, num_samples, sampling_params, include_prompt_logprobs=False,
-               topk_prompt_logprobs=0):
-        fut: concurrent.futures.Future = concurrent.futures.Future()
+    def sampler_base_model(self, sampler_id):
         if sampler_id not in self.snapshots:
-            fut.set_exception(ValueError(f"sampling_session_id: unknown sampler {sampler_id!r}"))
-            return fut
+            raise NotFound(f"sampling_session_id: unknown sampler {sampler_id!r}")
+        return self.snapshots[sampler_id]
+
+    def sample(self, sampler_id, prompt, num_samples, sampling_params, include_prompt_logprobs=False,
+               topk_prompt_logprobs=0, *, tenant=None):
+        if sampler_id not in self.snapshots:
+            return failed(NotFound(f"sampling_session_id: unknown sampler {sampler_id!r}"))
+        if self.refuse:
+            self.refuse -= 1
+            raise Overloaded("the sampler is full; retry shortly", retry_after_s=1.5)
+        self.tenants.append(tenant)
         n = prompt.length
         seqs = [types.SampledSequence(stop_reason="length", sequence_id="",
                                       tokens_np=np.arange(sampling_params.max_tokens, dtype=np.int32),
@@ -186,8 +226,57 @@ class FakeEngine:
                 for _ in range(num_samples)]
         plp = np.array([np.nan] + [-1.0 - i for i in range(n - 1)], np.float32) if include_prompt_logprobs else None
         self.calls.append(("sample", sampler_id, num_samples))
-        fut.set_result(types.SampleResponse(sequences=seqs, prompt_logprobs_np=plp))
-        return fut
+        return resolved(types.SampleResponse(sequences=seqs, prompt_logprobs_np=plp))
+
+    # --- runs and checkpoints on record
+    def get_run(self, run_id):
+        return self.registry.get_run(run_id)
+
+    def list_runs(self):
+        return self.registry.list_runs()
+
+    def get_checkpoint(self, path):
+        return self.registry.get_checkpoint(TinkerPath.parse(path))
+
+    def list_checkpoints(self, run_id=None):
+        return self.registry.list_checkpoints(run_id)
+
+    def weights_info(self, path):
+        meta = self._meta(path)
+        return {"base_model": meta["base_model"], "is_lora": True, "lora_rank": meta["lora_rank"],
+                "train_attn": True, "train_mlp": True, "train_unembed": True}
+
+    def set_checkpoint_public(self, path, public):
+        self.registry.set_checkpoint(TinkerPath.parse(path), public=int(public))
+
+    def set_checkpoint_ttl(self, path, ttl_seconds):
+        self.registry.set_checkpoint(TinkerPath.parse(path),
+                                     expires=None if ttl_seconds is None else time.time() + ttl_seconds)
+
+    def delete_checkpoint(self, path, *, tenant=None):
+        p = TinkerPath.parse(path)
+
+        def op():  # on the worker: after every request submitted before it
+            shutil.rmtree(self.registry.checkpoint_dir(p), ignore_errors=True)
+            return self.registry.delete_checkpoint(p)
+        return self._queue(op, None)
+
+    def expire_checkpoints(self):
+        paths = [str(p) for p in self.registry.expired()]
+        for path in paths:
+            self.delete_checkpoint(path)
+        return paths
+
+    def drain(self) -> None:
+        """Wait until every request queued so far has run (tests only)."""
+        self._pool.submit(lambda: None).result(10)
+
+    # --- lifecycle
+    def stats(self):
+        return {"calls": len(self.calls)}
+
+    def shutdown(self):
+        self._pool.shutdown(wait=False)
 
 
 class Api:
@@ -230,7 +319,7 @@ def serving(data_dir: Path, **overrides: Any) -> Iterator[Api]:
     settings = ServerSettings(**{"data_dir": data_dir, "api_keys": (KEY, OTHER_KEY), "long_poll_s": 0.2,
                                  "max_body_bytes": 1 << 20, **overrides})
     app = build_app(engine, settings)
-    with TestClient(app) as http:
+    with TestClient(app, raise_server_exceptions=False) as http:  # a 500 is an answer the tests check
         yield Api(http, engine, app)
 
 
@@ -368,6 +457,76 @@ def test_bad_input_is_4xx_or_user_error_never_500(api: Api) -> None:
     assert api.result(ok.json()["request_id"], accept="application/x-protobuf")
 
 
+def test_fake_engine_implements_the_contract(api: Api) -> None:
+    assert isinstance(api.engine, EngineAPI)
+
+
+def test_overloaded_engine_is_429_and_the_retry_runs_once(api: Api) -> None:
+    """A full engine queue answers 429 with Retry-After and a JSON body, and forgets the request: the SDK's retry of
+    the same seq_id is accepted once the engine has room, and runs exactly once."""
+    sid = api.session()
+    create = {"session_id": sid, "model_seq_id": 0, "base_model": BASE, "lora_config": {"rank": 4}}
+    api.engine.refuse = 1
+    r = api.post("create_model", create)
+    assert r.status_code == 429 and r.headers["Retry-After"] == "1" and "retry" in r.json()["error"], r.text
+    retry = api.post("create_model", create)
+    assert retry.status_code == 200
+    mid = api.result(retry.json()["request_id"])["model_id"]
+
+    step = {"model_id": mid, "seq_id": 1, "adam_params": {"learning_rate": 0.25}}
+    api.engine.refuse = 1
+    assert api.post("optim_step", step).status_code == 429
+    accepted = api.post("optim_step", step).json()
+    assert api.result(accepted["request_id"]) == {"metrics": {"learning_rate:mean": 0.25}}
+    assert api.post("optim_step", step).json() == accepted  # and from now on deduplicated as usual
+    api.engine.drain()
+    assert [c for c in api.engine.calls if c[0] in ("create_model", "optim_step")] == [
+        ("create_model", mid, 4), ("optim_step", mid, 0.25)]
+    assert api.app.state.store.get_future(accepted["request_id"]).status == "done"
+
+    fwd = {"Content-Type": "application/x-protobuf"}  # decoded and submitted in a worker thread
+    api.engine.refuse = 1
+    assert api.post("forward_backward", content=proto_fwdbwd(mid, 2, [1, 2]), headers=fwd).status_code == 429
+    ok = api.post("forward_backward", content=proto_fwdbwd(mid, 2, [1, 2]), headers=fwd).json()
+    api.result(ok["request_id"], accept="application/x-protobuf")
+
+    sampler = api.post("create_sampling_session", {"session_id": sid, "sampling_session_seq_id": 0,
+                                                   "base_model": BASE}).json()["sampling_session_id"]
+    sample = {"sampling_session_id": sampler, "seq_id": 7, "num_samples": 1, "sampling_params": {"max_tokens": 2},
+              "prompt": {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]}}
+    api.engine.refuse = 1
+    busy = api.post("asample", sample)
+    assert busy.status_code == 429 and busy.headers["Retry-After"] == "2"  # 1.5 s, rounded up to whole seconds
+    done = api.post("asample", sample).json()
+    assert len(api.result(done["request_id"])["sequences"]) == 1
+    assert [c[0] for c in api.engine.calls].count("sample") == 1
+    assert set(api.engine.tenants) == {sid}  # every request counted against its session
+
+
+def test_engine_errors_are_user_only_when_the_engine_says_so(api: Api, monkeypatch) -> None:
+    """A UserError from the engine is the client's ("user"); anything else, a plain ValueError included (JAX and
+    numpy raise those for their own bugs), is the server's: category "server", logged, never blamed on the user."""
+    mid = api.model(api.session())
+    for seq, (exc, category) in enumerate([(ValueError("operands could not be broadcast"), "server"),
+                                           (UserError("adam_params.beta1: must be < 1"), "user"),
+                                           (RuntimeError("device lost"), "server")], start=1):
+        api.engine.fail_next = exc
+        r = api.post("optim_step", {"model_id": mid, "seq_id": seq})
+        assert r.status_code == 200
+        err = api.result(r.json()["request_id"])
+        assert err["category"] == category and str(exc) in err["error"], err
+
+    def broken_start(*args, **kwargs):  # raised while submitting, before any future exists
+        raise ValueError("a bug in the engine's front")
+
+    monkeypatch.setattr(api.engine, "optim_step", broken_start)
+    r = api.post("optim_step", {"model_id": mid, "seq_id": 10})
+    assert api.result(r.json()["request_id"])["category"] == "server"
+    monkeypatch.setattr(api.engine, "get_info", broken_start)
+    r = api.post("get_info", {"model_id": mid})  # outside a future: an HTTP 500, not a 400
+    assert r.status_code == 500 and r.json() == {"error": "internal server error (ValueError)", "category": "server"}
+
+
 def test_every_route_needs_the_key(api: Api) -> None:
     for method, path in [("POST", "create_model"), ("POST", "get_info"), ("POST", "forward_backward"),
                          ("POST", "forward"), ("POST", "optim_step"), ("POST", "save_weights"),
@@ -424,6 +583,7 @@ def test_saves_loads_and_create_via_load(api: Api) -> None:
     same_seq = api.post("create_model", {"session_id": sid, "model_seq_id": 1, "base_model": BASE})
     assert same_seq.json()["request_id"] == created["request_id"]
     assert api.post("get_info", {"model_id": f"{sid}:train:1"}).json()["model_id"] == f"{sid}:train:1"
+    assert api.engine.get_run(f"{sid}:train:1").owner == key_tag(KEY)
 
     missing = api.post("load_weights", {**body, "model_seq_id": 2, "path": f"tinker://{mid}/weights/nope"})
     assert "not found" in api.result(missing.json()["request_id"])["error"]
@@ -451,6 +611,10 @@ def test_checkpoint_rest_routing_publish_ttl_delete(api: Api) -> None:
     assert [r.training_run_id for r in runs.training_runs] == [mid] and runs.cursor.total_count == 1
     assert api.request("GET", "training_runs", key=OTHER_KEY).json()["training_runs"] == []  # not theirs
     assert api.request("GET", f"training_runs/{mid}", key=OTHER_KEY).status_code == 404
+    assert api.engine.get_run(mid).owner == key_tag(KEY)  # ownership lives with the run, in the engine
+    local = api.engine.create_model(BASE, model_id="in-process").result()  # no owner: every key's
+    theirs = api.request("GET", "training_runs", key=OTHER_KEY).json()["training_runs"]
+    assert [(r["training_run_id"], r["model_owner"]) for r in theirs] == [(local, "local")]
 
     base = f"training_runs/{mid}/checkpoints/weights/keep"
     assert api.request("POST", f"{base}/publish").status_code == 204
@@ -475,12 +639,16 @@ def test_checkpoint_rest_routing_publish_ttl_delete(api: Api) -> None:
     assert remaining["cursor"] == {"offset": 0, "limit": 10, "total_count": 1}
     assert api.request("GET", f"{base}/archive").status_code == 404
 
-    # TTL expiry: the background pruner deletes it (files too).
-    api.engine.registry.set_checkpoint(TinkerPath(mid, "weights", "keep"), expires=time.time() - 1)
+    # TTL expiry: the background pruner has the engine delete it (files too).
+    keep = f"tinker://{mid}/weights/keep"
+    api.engine.set_checkpoint_ttl(keep, -1)
     from server.lifecycle import expire_checkpoints
 
-    assert [str(p) for p in expire_checkpoints(api.engine, None)] == [f"tinker://{mid}/weights/keep"]
+    assert expire_checkpoints(api.engine, api.app.state.samplers) == [keep]
     assert api.request("GET", f"training_runs/{mid}/checkpoints").json()["checkpoints"] == []
+    api.engine.drain()  # the queued delete has run
+    assert api.engine.get_checkpoint(keep) is None
+    assert not api.engine.registry.checkpoint_dir(TinkerPath.parse(keep)).exists()
 
 
 # --- sampling ----------------------------------------------------------------------------------------------------

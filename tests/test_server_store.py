@@ -16,6 +16,7 @@ from tinker.proto import response_conv
 from server.errors import ApiError
 from server.futures import FutureRegistry
 from server.store import Store
+from tinker_jax.errors import Overloaded, UserError
 
 
 @pytest.fixture
@@ -73,6 +74,14 @@ def test_idempotent_futures_and_completion_cursor(store: Store) -> None:
     assert [r.request_id for r in store.completions("S", 0, after_cursor=0)] == ["r1"]
     assert store.completions("S", 0, after_cursor=c2) == []
 
+    store.insert_future("r4", "optim_step", idempotency=("train", "M", 3))
+    store.discard_future("r4")  # the engine refused it: the retry of seq 3 is a new request
+    assert store.get_future("r4") is None
+    assert store.insert_future("r5", "optim_step", idempotency=("train", "M", 3)) == ("r5", True)
+    store.discard_future("r3")  # only a pending future can be discarded
+    assert store.get_future("r3").status == "done"
+    assert store.insert_future("r6", "optim_step", idempotency=("train", "M", 2)) == ("r3", False)
+
 
 def test_restart_marks_pending_lost_and_prune(tmp_path) -> None:
     path = tmp_path / "db.sqlite3"
@@ -113,7 +122,7 @@ def test_registry_long_poll_wakes_on_completion(store: Store) -> None:
         reply = await reg.retrieve(rid2, accept_proto=True, timeout=0.1)
         assert json.loads(reply.body) == {"type": "try_again", "request_id": rid2, "queue_state": "active"}
 
-        slow.set_exception(ValueError("unknown loss_fn 'x'"))
+        slow.set_exception(UserError("unknown loss_fn 'x'"))
         reply = await reg.retrieve(rid2, accept_proto=True)
         assert json.loads(reply.body) == {"error": "unknown loss_fn 'x'", "category": "user"}
 
@@ -144,14 +153,27 @@ def test_registry_submit_dedupes_and_classifies_errors(store: Store) -> None:
         assert out.metrics == {"loss:sum": 1.0} and reply.content_type == "application/x-protobuf"
 
         def bad_input() -> concurrent.futures.Future:
-            raise ValueError("data[0]: empty datum")
+            raise UserError("data[0]: empty datum")
 
         def bug() -> concurrent.futures.Future:
             raise RuntimeError("engine crashed")
 
-        for start_fn, category in ((bad_input, "user"), (bug, "server")):
+        def value_error_bug() -> concurrent.futures.Future:  # not a UserError: the server's fault
+            raise ValueError("operands could not be broadcast together")
+
+        for start_fn, category in ((bad_input, "user"), (bug, "server"), (value_error_bug, "server")):
             rid, _ = reg.submit("forward_backward", start_fn)
             assert json.loads((await reg.retrieve(rid, accept_proto=True)).body)["category"] == category
+
+        # Overloaded: nothing was queued, so neither the future nor its key is kept; the retry starts afresh.
+        def full() -> concurrent.futures.Future:
+            raise Overloaded("queue full", retry_after_s=2)
+
+        with pytest.raises(Overloaded):
+            reg.submit("forward_backward", full, idempotency=("train", "M", 2), model_id="M")
+        rid, started = reg.submit("forward_backward", start, idempotency=("train", "M", 2), model_id="M")
+        assert started and calls == [1, 1]
+        assert (await reg.retrieve(rid, accept_proto=True)).content_type == "application/x-protobuf"
 
         wrong = concurrent.futures.Future()
         wrong.set_result({"not": "a ForwardBackwardOutput"})

@@ -23,6 +23,7 @@ from tinker.types._pydantic_types.datum import Datum as PydanticDatum
 from tinker.types.topk_logprobs import TopkLogprobs
 
 from server import wire
+from tinker_jax.errors import UserError
 
 # --- helpers -----------------------------------------------------------------------------------------------------
 
@@ -164,18 +165,18 @@ def _proto_with_weights(dense_bytes: bytes, shape: list[int]) -> bytes:
      "application/json", "model_id"),
 ])
 def test_malformed_forward_backward_names_the_field(body: bytes, content_type: str, field: str) -> None:
-    with pytest.raises(ValueError, match="^" + re.escape(field)):
+    with pytest.raises(UserError, match="^" + re.escape(field)):
         wire.decode_forward_backward(body, content_type)
 
 
 def test_decompress_limits() -> None:
     blob = zstandard.ZstdCompressor().compress(b"x" * 1000)
     assert wire.decompress(blob, "zstd", 1000) == b"x" * 1000
-    with pytest.raises(ValueError, match="exceeds"):
+    with pytest.raises(UserError, match="exceeds"):
         wire.decompress(blob, "zstd", 999)
-    with pytest.raises(ValueError, match="invalid zstd"):
+    with pytest.raises(UserError, match="invalid zstd"):
         wire.decompress(b"not zstd", "zstd", 1000)
-    with pytest.raises(ValueError, match="not supported"):
+    with pytest.raises(UserError, match="not supported"):
         wire.decompress(b"", "br", 1000)
     assert wire.decompress(b"raw", None, 1) == b"raw"  # identity is not capped here (the middleware caps it)
 
@@ -227,12 +228,12 @@ def test_parse_request_is_lenient() -> None:
 
 
 def test_parse_request_errors_name_the_field() -> None:
-    with pytest.raises(ValueError, match=r"^CreateModelRequest\.base_model: Field required"):
+    with pytest.raises(UserError, match=r"^CreateModelRequest\.base_model: Field required"):
         wire.parse_request(types.CreateModelRequest, {"session_id": "s", "model_seq_id": 0})
-    with pytest.raises(ValueError, match=r"^SampleRequest\.prompt\.chunks\[0\]\.tokens\[1\]"):
+    with pytest.raises(UserError, match=r"^SampleRequest\.prompt\.chunks\[0\]\.tokens\[1\]"):
         wire.parse_request(types.SampleRequest, {"prompt": {"chunks": [{"tokens": [1, "x"]}]},
                                                  "sampling_params": {}})
-    with pytest.raises(ValueError, match=r"^SampleRequest\.prompt\.chunks: a ModelInput needs"):
+    with pytest.raises(UserError, match=r"^SampleRequest\.prompt\.chunks: a ModelInput needs"):
         wire.parse_request(types.SampleRequest, {"prompt": {"tokens": [1]}, "sampling_params": {}})
 
 

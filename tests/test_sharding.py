@@ -2,8 +2,8 @@
 
 Meshes fsdp=2 x tensor=4 and data=2 x fsdp=4: every parameter must be placed as the logical-axis rules say
 (golden PartitionSpecs for a few, the rule table for all, no matrix left replicated), and the jitted
-forward and cross-entropy gradient (full weights and LoRA) on batch-sharded inputs must equal the
-single-device result.
+forward and cross-entropy gradient (full weights, and LoRA adapter pools with several runs in one batch) on
+batch-sharded inputs must equal the single-device result.
 """
 
 from __future__ import annotations
@@ -15,9 +15,13 @@ from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
 import models_util as mu
-from tinker_jax.models.lora import LoraSpec
+import tinker.types as tt
+from tinker_jax.engine.pools import AdapterPool
 from tinker_jax.hf.weights import load_decoder
-from tinker_jax.models.sharding import DEFAULT_RULES, MeshConfig, batch_sharding, make_mesh, spec_for, state_shardings
+from tinker_jax.models.lora import LoraSpec
+from tinker_jax.models.sharding import (DEFAULT_RULES, MeshConfig, batch_sharding, make_mesh, pool_shardings,
+                                        rows_sharding, spec_for, state_shardings)
+from tinker_jax.training import batching, step
 
 MESHES = {"fsdp2xtp4": MeshConfig(fsdp=2, tensor=4), "dp2xfsdp4": MeshConfig(data=2, fsdp=4)}
 
@@ -64,8 +68,8 @@ def _mesh(name):
     return make_mesh(MESHES[name])
 
 
-def _load(preset, mesh, lora=None):
-    return load_decoder(mu.tiny_model_dir(preset), lora=lora, shardings_fn=lambda st: state_shardings(st, mesh))
+def _load(preset, mesh):
+    return load_decoder(mu.tiny_model_dir(preset), shardings_fn=lambda st: state_shardings(st, mesh))
 
 
 def _variables(model, kind):
@@ -167,37 +171,82 @@ def _assert_grads_close(grads, ref_grads, what):
     assert not bad, f"{what}: relative grad error > {GRAD_RTOL}: {bad}"
 
 
-def _perturb_lora_b(model, seed):
-    """LoRA B starts at zero (a no-op adapter, so dL/dA == 0); give it values so every grad is non-trivial."""
-    rng = np.random.default_rng(seed)
-    for path, var in sorted(_variables(model, nnx.LoRAParam).items()):
-        if path[-1] == "lora_b":
-            old = var[...]
-            new = (0.05 * rng.standard_normal(old.shape)).astype(np.float32)
-            var[...] = jax.device_put(new, old.sharding)
+RUNS = {"a": LoraSpec(4, seed=1), "b": LoraSpec(4, seed=2, targets=("q", "v", "unembed")), "c": LoraSpec(8, seed=3)}
 
 
-# qwen3: tied embeddings, so the unembedding adapter is adapter-only (its base weight is `embed`). One preset
-# for both meshes: the adapter init compiles once per config.
-@pytest.mark.parametrize("mesh_name,preset", [("fsdp2xtp4", "tiny-qwen3"), ("dp2xfsdp4", "tiny-qwen3")])
-def test_sharded_lora_grads_match_single_device(mesh_name, preset):
+def _pools(mesh, cfg):
+    """Rank-4 and rank-8 pools on `mesh` holding runs a, b (rank 4) and c (rank 8), every B perturbed off zero
+    (a fresh B = 0 gives dL/dA == 0) with the same values on every mesh."""
+    pools = {4: AdapterPool(cfg, 4, mesh), 8: AdapterPool(cfg, 8, mesh)}
+    slots = {}
+    for i, (name, spec) in enumerate(RUNS.items()):
+        pool = pools[spec.rank]
+        slots[name] = pool.alloc(name, spec)
+        rng = np.random.default_rng(30 + i)
+        w = pool.read(slots[name], spec).weights
+        w = {n: {"a": ab["a"], "b": (0.05 * rng.standard_normal(ab["b"].shape)).astype(np.float32)}
+             for n, ab in w.items()}
+        pool.write(slots[name], spec, w)
+    return pools, slots
+
+
+def _requests(preset):
+    V = mu.vocab_size(preset)
+    out = {}
+    for i, (name, lens) in enumerate({"a": (10, 7, 3), "b": (9,), "c": (6, 10)}.items()):
+        toks = mu.random_tokens(40 + i, (len(lens), 11), V)
+        data = [tt.Datum(model_input=tt.ModelInput.from_ints(t[:n].tolist()),
+                         loss_fn_inputs={"target_tokens": tt.TensorData.from_numpy(t[1:n + 1].astype(np.int64))})
+                for t, n in zip(toks, lens)]
+        out[name] = batching.validate(data, "cross_entropy", vocab_size=V, max_len=64)
+    return out
+
+
+def _pool_step(mesh, dec, preset):
+    graphdef, base = nnx.split(dec, nnx.Param)
+    pools, slots = _pools(mesh, dec.cfg)
+    reqs = _requests(preset)
+    parts = [batching.Part(reqs[n], RUNS[n].rank, slots[n]) for n in RUNS]
+    rows = mesh.shape["data"] * mesh.shape["fsdp"]
+    (mb,) = batching.plan(parts, 4096, rows)
+    assert [s.mode for s in mb.segments] == ["gather", "uniform"] and mb.shape[0] % rows == 0
+    db = step.device_batch(mb.arrays(), rows_sharding(mesh))
+    ranks = [seg.rank for seg in mb.segments]
+    grads, loss, _, lp = step.lora_forward_backward(
+        base, tuple(pools[r].weights for r in ranks), tuple(pools[r].grads for r in ranks),
+        tuple(pools[r].scale for r in ranks), db, graphdef=graphdef, layout=mb.layout)
+    for r, g in zip(ranks, grads):
+        pools[r].grads = g
+    per_run = {n: jax.tree.map(np.asarray, pools[RUNS[n].rank].read_grads(slots[n], RUNS[n])) for n in RUNS}
+    loss, lp = np.asarray(loss), np.asarray(lp)  # per datum (row layouts differ between meshes)
+    by_datum = {(p, d): (loss[r], lp[r, :n]) for p, d, r, n in mb.rows}
+    return pools, by_datum, per_run
+
+
+# qwen3: tied embeddings, so the unembedding adapter has no base weight of its own (it adds to embed's logits).
+@pytest.mark.parametrize("mesh_name", ["fsdp2xtp4", "dp2xfsdp4"])
+def test_sharded_lora_pools_match_single_device(mesh_name):
+    preset = "tiny-qwen3"
     mesh = _mesh(mesh_name)
-    lora = LoraSpec(rank=4)
-    model = _load(preset, mesh, lora)
-    ref_model = load_decoder(mu.tiny_model_dir(preset), lora=lora)
-    _perturb_lora_b(model, seed=3)
-    _perturb_lora_b(ref_model, seed=3)
-
-    adapters = _variables(model, nnx.LoRAParam)
-    # attn q/k/v/o + mlp gate/up/down (stacked over layers) + the unembedding adapter, each with A and B.
-    assert len(adapters) == 2 * (7 + 1), sorted(adapters)
-    assert ("lm_head", "lora_a") in adapters
-    _assert_placed_by_rules(model, mesh, nnx.LoRAParam)
-    _assert_placed_by_rules(model, mesh, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
-
-    host, dev = _batch(mesh, preset, seed=21)
-    args = ("tokens", "positions", "targets", "weights")
-    loss, grads = mu.ce_grads(model, *(dev[k] for k in args), dev["segment_ids"], wrt=nnx.LoRAParam)
-    ref_loss, ref_grads = mu.ce_grads(ref_model, *(host[k] for k in args), host["segment_ids"], wrt=nnx.LoRAParam)
-    np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
-    _assert_grads_close(grads, ref_grads, f"{mesh_name} {preset} LoRA")
+    pools, out, grads = _pool_step(mesh, _load(preset, mesh), preset)
+    # Adapters follow their base kernel's sharding: a [.., in, R] along the input axis, b along the output axis.
+    for pool in pools.values():
+        want = pool_shardings(pool.weights, mesh)
+        for n, ab in pool.weights.items():
+            for k, x in ab.items():
+                assert x.sharding.is_equivalent_to(want[n][k], x.ndim), f"{n}.{k}: {x.sharding.spec}"
+        assert not pool.weights["q"]["a"].sharding.is_fully_replicated  # embed -> fsdp
+        assert not pool.grads["down"]["b"].sharding.is_fully_replicated
+    _, ref, ref_grads = _pool_step(make_mesh(MeshConfig()), mu.jax_model(preset), preset)
+    assert set(out) == set(ref) and len(out) == 6
+    for key, (loss, lp) in out.items():
+        np.testing.assert_allclose(loss, ref[key][0], rtol=1e-5)
+        np.testing.assert_allclose(lp, ref[key][1], atol=LOGIT_ATOL)
+    for name in RUNS:
+        assert set(grads[name]) == set(RUNS[name].targets)
+        for n in grads[name]:
+            for k in ("a", "b"):
+                r = ref_grads[name][n][k]
+                assert np.abs(r).max() > 0, f"{name} {n}.{k}: zero reference gradient"
+                e = mu.rel_err(grads[name][n][k], r)
+                assert e <= GRAD_RTOL, f"{mesh_name} run {name} {n}.{k}: relative grad error {e:.3g}"

@@ -3,7 +3,8 @@
 - loss semantics: returned logprobs == transformers' log_softmax on the same weights, loss:sum == the NumPy
   loss of the returned logprobs, `forward` accumulates nothing, forward_backward_custom == cross_entropy;
 - LoRA: alpha 32 (scale 32/rank, checked against torch with the adapters merged into the HF weights),
-  train_* flags pick the adapted projections, seeded init, fp32 trainable state under bfloat16 compute;
+  train_* flags pick the adapted projections (and the server config's target_modules narrow them), seeded init,
+  fp32 trainable state under bfloat16 compute;
 - optimizer: gradient accumulation across calls, AdamW (decoupled weight decay, global-norm clipping) against a
   NumPy reference with torch.optim.AdamW semantics;
 - compilation: a stream of random batch sizes and lengths compiles a bounded number of programs.
@@ -20,19 +21,17 @@ import re
 import jax
 import jax.numpy as jnp
 import models_util
+from models_util import flat, rel
 import numpy as np
 import pytest
 import tinker.types as tt
 import torch
-from flax import nnx
 
 import tinker_jax
-from tinker_jax.training import step as train
-from tinker_jax.training.batching import build_batches
 from tinker_jax.config import EngineConfig
 from tinker_jax.models.lora import TINKER_LORA_ALPHA, LoraSpec
-from tinker_jax.models.config import load_config
-from tinker_jax.models.decoder import Decoder, Linear
+from tinker_jax.training import batching
+from tinker_jax.training import step as train
 
 PRESET = "tiny-qwen3"
 RANK = 4
@@ -68,30 +67,19 @@ def inputs_of(d: tt.Datum):
     return np.asarray(toks), {k: v.to_numpy() for k, v in d.loss_fn_inputs.items()}
 
 
-def state(tc) -> train.TrainState:
-    return tc.engine.model(tc.model_id)
+def state(tc) -> dict:
+    """Host copies of the run's adapter, gradient accumulator and Adam state (engine.run_state)."""
+    return tc.engine.run_state(tc.model_id)
 
-
-def flat(tree) -> dict[str, np.ndarray]:
-    """Private numpy copies (optim_step donates the device buffers) keyed by path."""
-    if isinstance(tree, nnx.State):
-        tree = tree.to_pure_dict()
-    return {jax.tree_util.keystr(p): np.array(x, copy=True) for p, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
 def params(tc):
-    return flat(state(tc).trainable)
+    return flat(state(tc)["weights"])
 
 
 def logprobs(out) -> list[np.ndarray]:
     return [np.asarray(o["logprobs"].to_numpy()) for o in out.loss_fn_outputs]
 
-
-def rel(a: dict, b: dict) -> float:
-    """Global relative difference ||a - b|| / ||b|| over all leaves."""
-    num = sum(float(np.sum((a[k].astype(np.float64) - b[k]) ** 2)) for k in b)
-    den = sum(float(np.sum(b[k].astype(np.float64) ** 2)) for k in b)
-    return (num / den) ** 0.5
 
 
 def torch_logprobs(hf, tokens, targets) -> np.ndarray:
@@ -108,23 +96,22 @@ def merged_hf(p: dict[str, np.ndarray], scale: float):
     hf = copy.deepcopy(models_util.hf_model(PRESET))
     with torch.no_grad():
         for l, layer in enumerate(hf.model.layers):
-            for group, mod, names in (("attn", layer.self_attn, "qkvo"), ("mlp", layer.mlp, ("gate", "up", "down"))):
+            for mod, names in ((layer.self_attn, "qkvo"), (layer.mlp, ("gate", "up", "down"))):
                 for name in names:
-                    a = p[f"['blocks']['{group}']['{name}']['lora_a']"][l]
-                    b = p[f"['blocks']['{group}']['{name}']['lora_b']"][l]
+                    a, b = p[f"['{name}']['a']"][l], p[f"['{name}']['b']"][l]
                     getattr(mod, f"{name}_proj").weight += torch.from_numpy(scale * (a @ b).T)
-    a, b = (torch.from_numpy(p[f"['lm_head']['{k}']"]) for k in ("lora_a", "lora_b"))
+    a, b = (torch.from_numpy(p[f"['unembed']['{k}']"]) for k in ("a", "b"))
     hf.lm_head.register_forward_hook(lambda mod, inp, out: out + scale * (inp[0] @ a) @ b)
     return hf
 
 
-def lora_roles(model) -> dict[str, int]:
-    """role -> number of projections that carry nnx.LoRAParam adapters."""
+def lora_roles(targets) -> dict[str, int]:
+    """role -> number of adapted projections."""
+    from tinker_jax.models.lora import BY_NAME
+
     counts = {"attn": 0, "mlp": 0, "unembed": 0}
-    for _, m in nnx.iter_modules(model):
-        if isinstance(m, Linear) and isinstance(getattr(m, "lora_a", None), nnx.LoRAParam):
-            assert isinstance(m.lora_b, nnx.LoRAParam)
-            counts[m.role] += 1
+    for n in targets:
+        counts[BY_NAME[n].role] += 1
     return counts
 
 
@@ -189,7 +176,7 @@ def test_forward_accumulates_no_gradient(svc):
     before = params(tc)
     fwd = tc.forward(data, "cross_entropy").result()
     st = state(tc)
-    assert st.pending == 0 and all(not np.any(g) for g in flat(st.grads).values())
+    assert st["pending"] == 0 and all(not np.any(g) for g in flat(st["grads"]).values())
     # Adam with zero gradients and weight_decay 0 moves nothing: a forward that leaked gradient would.
     tc.optim_step(tt.AdamParams(learning_rate=1e-2)).result()
     after = params(tc)
@@ -218,8 +205,8 @@ def test_custom_loss_matches_cross_entropy(svc):
     assert all(re.match(METRIC_KEY, k) for k in cu.metrics), cu.metrics
     for a, b in zip(logprobs(cu), logprobs(ce)):
         np.testing.assert_allclose(a, b, atol=1e-5)
-    np.testing.assert_allclose(np.concatenate([v.ravel() for v in flat(state(custom_tc).grads).values()]),
-                               np.concatenate([v.ravel() for v in flat(state(ce_tc).grads).values()]),
+    np.testing.assert_allclose(np.concatenate([v.ravel() for v in flat(state(custom_tc)["grads"]).values()]),
+                               np.concatenate([v.ravel() for v in flat(state(ce_tc)["grads"]).values()]),
                                rtol=1e-5, atol=1e-6)
     adam = tt.AdamParams(learning_rate=1e-2)
     custom_tc.optim_step(adam).result()
@@ -238,8 +225,8 @@ def test_custom_loss_matches_cross_entropy(svc):
         toks, x = inputs_of(d)
         ref_data.append(datum(toks, x["target_tokens"], weights=-2 * lp))
     ref_tc.forward_backward(ref_data, "cross_entropy").result()
-    np.testing.assert_allclose(np.concatenate([v.ravel() for v in flat(state(sq_tc).grads).values()]),
-                               np.concatenate([v.ravel() for v in flat(state(ref_tc).grads).values()]),
+    np.testing.assert_allclose(np.concatenate([v.ravel() for v in flat(state(sq_tc)["grads"]).values()]),
+                               np.concatenate([v.ravel() for v in flat(state(ref_tc)["grads"]).values()]),
                                rtol=1e-4, atol=1e-5)
 
 
@@ -249,14 +236,12 @@ def test_custom_loss_matches_cross_entropy(svc):
 def test_lora_scale_is_alpha_32_over_rank_against_merged_torch(svc):
     assert TINKER_LORA_ALPHA == 32
     tc = client(svc, seed=5)
-    for _, m in nnx.iter_modules(state(tc).model()):
-        if isinstance(m, Linear) and m.lora_scale is not None:
-            assert m.lora_scale == 32 / RANK
+    assert state(tc)["spec"].scale == 32 / RANK and state(tc)["spec"].alpha == 32
     data = random_data(5)
     tc.forward_backward(data, "cross_entropy").result()
     tc.optim_step(tt.AdamParams(learning_rate=0.05)).result()  # every B becomes non-zero
     p = params(tc)
-    assert all(np.any(v) for k, v in p.items() if k.endswith("['lora_b']"))
+    assert all(np.any(v) for k, v in p.items() if k.endswith("['b']"))
     lps = logprobs(tc.forward(data, "cross_entropy").result())
     right, wrong = merged_hf(p, 32 / RANK), merged_hf(p, 16 / RANK)  # alpha 32 vs e.g. alpha 16
     worst_right = worst_wrong = 0.0
@@ -268,38 +253,66 @@ def test_lora_scale_is_alpha_32_over_rank_against_merged_torch(svc):
     assert worst_wrong > 100 * worst_right  # the comparison can tell the scales apart
 
 
-def test_lora_flags_select_projections(svc, model_dir):
-    cfg = load_config(model_dir)
+def test_lora_flags_select_projections(svc, model_dir, tmp_path):
     for attn, mlp, unembed in itertools.product((False, True), repeat=3):
         if not (attn or mlp or unembed):
             with pytest.raises(ValueError, match="at least one"):
-                LoraSpec(rank=RANK, train_attn=attn, train_mlp=mlp, train_unembed=unembed)
+                LoraSpec.from_flags(RANK, train_attn=attn, train_mlp=mlp, train_unembed=unembed)
             continue
-        spec = LoraSpec(rank=RANK, train_attn=attn, train_mlp=mlp, train_unembed=unembed)
-        model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), lora=spec))
-        assert lora_roles(model) == {"attn": 4 * attn, "mlp": 3 * mlp, "unembed": 1 * unembed}
+        spec = LoraSpec.from_flags(RANK, train_attn=attn, train_mlp=mlp, train_unembed=unembed)
+        assert lora_roles(spec.targets) == {"attn": 4 * attn, "mlp": 3 * mlp, "unembed": 1 * unembed}
 
-    # Through the client: the TrainState's trainable set is exactly the selected adapters.
+    # Through the client: the run's trainable set is exactly the selected adapters.
     for kw, expected in (({}, {"attn": 4, "mlp": 3, "unembed": 1}),
                          (dict(train_attn=False, train_unembed=False), {"attn": 0, "mlp": 3, "unembed": 0})):
         st = state(client(svc, seed=0, **kw))
-        assert lora_roles(st.model()) == expected
-        keys = set(flat(st.trainable))
+        assert lora_roles(st["spec"].targets) == expected
+        keys = set(flat(st["weights"]))
         assert len(keys) == 2 * sum(expected.values())
-        assert all(k.endswith(("['lora_a']", "['lora_b']")) for k in keys)
-        assert any("['mlp']" in k for k in keys)
-        assert any("['attn']" in k for k in keys) == bool(expected["attn"])
-        assert any("lm_head" in k for k in keys) == bool(expected["unembed"])
-        assert not any("kernel" in k for k in keys)
+        assert all(k.endswith(("['a']", "['b']")) for k in keys)
+        assert any("['gate']" in k for k in keys)
+        assert any("['q']" in k for k in keys) == bool(expected["attn"])
+        assert any("unembed" in k for k in keys) == bool(expected["unembed"])
     with pytest.raises(ValueError, match="at least one"):
         client(svc, seed=0, train_attn=False, train_mlp=False, train_unembed=False)
+
+    # The server config narrows the targets (down to single projections) and sets alpha.
+    cfg = EngineConfig.from_dict({"data_dir": str(tmp_path), "models": {"tiny": str(model_dir)},
+                                  "compile_cache": False,
+                                  "lora": {"alpha": 8, "target_modules": ["q_proj", "v_proj", "lm_head"]}})
+    with tinker_jax.ServiceClient(config=cfg) as qv:
+        tc = qv.create_lora_training_client("tiny", rank=RANK, seed=1)
+        st = state(tc)
+        assert st["spec"].targets == ("q", "v", "unembed") and st["spec"].scale == 8 / RANK
+        assert {k.split("]")[0] + "]" for k in flat(st["weights"])} == {"['q']", "['v']", "['unembed']"}
+        data = random_data(1)
+        tc.forward_backward(data, "cross_entropy").result()
+        tc.optim_step(tt.AdamParams(learning_rate=0.05)).result()
+        st = state(tc)
+        assert all(np.any(v) for k, v in flat(st["weights"]).items() if k.endswith("['b']"))
+        lps = logprobs(tc.forward(data, "cross_entropy").result())
+        # The adapted model equals transformers with the q/v/lm_head adapters merged at scale alpha/rank = 2.
+        p = flat(st["weights"])
+        hf = copy.deepcopy(models_util.hf_model(PRESET))
+        with torch.no_grad():
+            for l, layer in enumerate(hf.model.layers):
+                for name in "qv":
+                    a, b = p[f"['{name}']['a']"][l], p[f"['{name}']['b']"][l]
+                    getattr(layer.self_attn, f"{name}_proj").weight += torch.from_numpy(2.0 * (a @ b).T)
+        a, b = (torch.from_numpy(p[f"['unembed']['{k}']"]) for k in ("a", "b"))
+        hf.lm_head.register_forward_hook(lambda mod, inp, out: out + 2.0 * (inp[0] @ a) @ b)
+        for d, lp in zip(data, lps):
+            toks, x = inputs_of(d)
+            np.testing.assert_allclose(lp, torch_logprobs(hf, toks, x["target_tokens"]), atol=2e-4)
+        with pytest.raises(ValueError, match="at least one"):  # attn off leaves nothing of q, v, lm_head but lm_head
+            qv.create_lora_training_client("tiny", rank=RANK, train_attn=False, train_unembed=False)
 
 
 def test_adapter_init_is_seeded(svc):
     a, a2, b = (params(client(svc, seed=s)) for s in (11, 11, 12))
     for k in a:
         np.testing.assert_array_equal(a[k], a2[k], err_msg=k)
-        if k.endswith("['lora_b']"):
+        if k.endswith("['b']"):
             assert not np.any(a[k]) and not np.any(b[k])  # B = 0: a fresh adapter is a no-op
         else:
             assert not np.array_equal(a[k], b[k]), k
@@ -314,22 +327,22 @@ def test_bfloat16_compute_keeps_trainable_grads_and_moments_fp32(model_dir, tmp_
     with tinker_jax.ServiceClient(config=EngineConfig(data_dir=tmp_path, models={"tiny": str(model_dir)},
                                                       dtype="bfloat16")) as bf:
         tc = bf.create_lora_training_client("tiny", rank=RANK, seed=6)
-        st = state(tc)
-        assert {x.dtype for x in jax.tree.leaves(st.frozen)} == {jnp.dtype(jnp.bfloat16)}
+        assert state(tc)["compute_dtype"] == jnp.bfloat16
+        base = bf.engine._workers["tiny"].base  # the shared base weights are stored in bf16
+        assert {x.dtype for x in jax.tree.leaves(base)} == {jnp.dtype(jnp.bfloat16)}
         out = tc.forward_backward(data, "cross_entropy").result()
         # bf16 compute really ran (close to, but not the same as, fp32)...
         assert out.metrics["loss:sum"] != ref.metrics["loss:sum"]
         assert out.metrics["loss:sum"] == pytest.approx(ref.metrics["loss:sum"], rel=3e-2)
         st = state(tc)
-        assert any(np.any(g) for g in flat(st.grads).values())
+        assert any(np.any(g) for g in flat(st["grads"]).values())
         tc.optim_step(tt.AdamParams(learning_rate=1e-3)).result()
         st = state(tc)
         # ... while the adapters, the gradient accumulator and Adam's moments stay float32.
-        for name, tree in (("trainable", st.trainable), ("grads", st.grads), ("opt_state", st.opt_state)):
-            arrays = [x for x in jax.tree.leaves(tree) if jnp.ndim(x) > 0]
-            assert arrays and {x.dtype for x in arrays} == {jnp.dtype(jnp.float32)}, name
-        mu = st.opt_state.inner_state[0].mu
-        assert any(np.any(np.asarray(m)) for m in jax.tree.leaves(mu))
+        for name in ("weights", "grads", "mu", "nu"):
+            arrays = jax.tree.leaves(st[name])
+            assert arrays and {x.dtype for x in arrays} == {np.dtype(np.float32)}, name
+        assert any(np.any(m) for m in jax.tree.leaves(st["mu"]))
 
 
 # ------------------------------------------------------------------------------------------------ optimizer
@@ -341,19 +354,19 @@ def test_accumulation_over_calls_equals_one_big_batch(svc):
     big = one.forward_backward(data, "cross_entropy").result()
     first = two.forward_backward(data[:4], "cross_entropy").result()
     second = two.forward_backward(data[4:], "cross_entropy").result()
-    assert state(two).pending == 2
+    assert state(two)["pending"] == 2
     assert big.metrics["loss:sum"] == pytest.approx(first.metrics["loss:sum"] + second.metrics["loss:sum"],
                                                     rel=1e-6)
     for a, b in zip(logprobs(big), logprobs(first) + logprobs(second)):
         np.testing.assert_allclose(a, b, rtol=0, atol=1e-5)
-    assert rel(flat(state(two).grads), flat(state(one).grads)) < 1e-6
+    assert rel(flat(state(two)["grads"]), flat(state(one)["grads"])) < 1e-6
     adam = tt.AdamParams(learning_rate=1e-2, weight_decay=0.01)
     one.optim_step(adam).result()
     two.optim_step(adam).result()
     a, b = params(one), params(two)
     assert rel(b, a) < 1e-6
     # The accumulator was consumed: a second step from zero gradients is the same for both and not a repeat.
-    assert not any(np.any(g) for g in flat(state(one).grads).values()) and state(one).pending == 0
+    assert not any(np.any(g) for g in flat(state(one)["grads"]).values()) and state(one)["pending"] == 0
 
 
 def numpy_adamw(p, g, m, v, t, *, lr, b1, b2, eps, wd, clip):
@@ -383,7 +396,7 @@ def test_optim_step_matches_numpy_adamw(svc):
     compiled = None
     for t, hp in enumerate(steps, start=1):
         tc.forward_backward(random_data(100 + t), "cross_entropy").result()
-        g = flat(state(tc).grads)
+        g = flat(state(tc)["grads"])
         gnorm = np.sqrt(sum(np.sum(x.astype(np.float64) ** 2) for x in g.values()))
         if hp["clip"] is None:
             hp["clip"] = 0.25 * gnorm  # clipping active
@@ -441,7 +454,8 @@ def test_random_shapes_compile_a_bounded_number_of_programs(svc):
         assert [len(lp) for lp in logprobs(out)] == list(lens)  # request order, whatever the grouping
         assert np.isfinite(out.metrics["loss:sum"])
         tc.optim_step(tt.AdamParams(learning_rate=1e-3 / (1 + step))).result()
-        micro = build_batches(data, "cross_entropy", vocab_size=VOCAB, max_len=4096, max_tokens_per_batch=8192)
+        rows = batching.validate(data, "cross_entropy", vocab_size=VOCAB, max_len=4096)
+        micro = batching.plan([batching.Part(rows, RANK, 1)], 8192)
         for mb in micro:
             B, T = mb.tokens.shape
             assert B == _pow2(B, 1) and T == _pow2(T, 16) and B * T <= 8192
@@ -454,7 +468,13 @@ def test_random_shapes_compile_a_bounded_number_of_programs(svc):
 
 def test_length_groups_cut_padding_and_keep_every_datum():
     """Datums are grouped longest first; short datums leave a long one's micro-batch when that saves padding."""
-    from tinker_jax.training.batching import SPLIT_SAVING_TOKENS, length_groups
+    from tinker_jax.training.batching import SPLIT_SAVING_TOKENS
+
+    def length_groups(lens, budget):
+        rows = batching.validate([datum(np.zeros(n, int), np.zeros(n, int)) for n in lens], "cross_entropy",
+                                 vocab_size=VOCAB, max_len=4096)
+        return [(mb.shape[1], [d for _, d, _, _ in mb.rows]) for mb in batching.plan([batching.Part(rows, 4, 1)],
+                                                                                      budget)]
 
     groups = length_groups([300] + [30] * 11, 8192)
     assert [(T, len(i)) for T, i in groups] == [(512, 1), (32, 11)]  # 11 x 480 padded tokens saved
@@ -465,7 +485,7 @@ def test_length_groups_cut_padding_and_keep_every_datum():
         assert sorted(i for _, idx in groups for i in idx) == list(range(len(lens)))  # each datum exactly once
         for T, idx in groups:
             assert max(lens[i] for i in idx) <= T == _pow2(max(lens[i] for i in idx), 16)
-            assert len(idx) * T <= max(8192, T)
+            assert _pow2(len(idx), 1) * T <= max(8192, T)
         padded = sum(_pow2(len(idx), 1) * T for T, idx in groups)
         T0 = _pow2(max(lens), 16)
         per = max(1, 8192 // T0)
@@ -477,27 +497,39 @@ def test_length_groups_cut_padding_and_keep_every_datum():
 # ------------------------------------------------------------------------------------------------ memory savers
 
 
+def _loss_fn(svc, tc, data):
+    """The run's loss as a function of its (compact) adapter, with the run's adapter moved off zero, on one
+    micro-batch of `data`: what the engine's step differentiates."""
+    w = svc.engine._workers["tiny"]
+    st = state(tc)
+    pool = w.pools[RANK]
+    spec = st["spec"]
+    (mb,) = batching.plan([batching.Part(batching.validate(data, "cross_entropy", vocab_size=512, max_len=512),
+                                         RANK, st["slot"])], 4096)
+    db = train.device_batch(mb.arrays())
+    weights = (train.take_slots(pool.weights, db["lora"][0]["active"]),)
+    weights = jax.tree.map(lambda x: x + 0.01, weights)  # non-zero adapters: real gradients
+    scales = (jnp.take(pool.scale, db["lora"][0]["active"], axis=0),)
+    assert spec.scale == 32 / RANK
+
+    def run(remat=False, attention="einsum"):
+        f = lambda wt: train._lora_loss(wt, scales, w.base, w.graphdef, db, mb.layout, remat, attention)
+        (loss, (_, _, lp)), g = jax.value_and_grad(f, has_aux=True)(weights)
+        return float(loss), np.asarray(lp), flat(g)
+
+    return mb, run
+
+
 def test_chunked_unembedding_and_remat_keep_values_and_gradients(svc, monkeypatch):
     """Logprobs unembedded in small chunks, and per-layer rematerialisation, change memory, not results:
     same logprobs and same loss gradient as one whole-batch unembedding without remat."""
-    tc = client(svc, seed=5)
-    st = state(tc)
-    st.trainable = jax.tree.map(lambda x: x + 0.01, st.trainable)  # non-zero adapters: real gradients
-    data = random_data(3)
-    (batch,) = build_batches(data, "cross_entropy", vocab_size=512, max_len=512, max_tokens_per_batch=4096)
-    db = train.device_batch(batch)
-
-    def run(chunk, remat):
+    mb, run = _loss_fn(svc, client(svc, seed=5), random_data(3))
+    n = mb.tokens.size
+    monkeypatch.setattr(train, "LOGIT_CHUNK", n)
+    ref_loss, ref_lp, ref_g = run()  # one chunk: the whole [B,T,V] at once
+    for chunk, remat in ((16, False), (n, True), (32, True), (8, False)):  # 8 < T: chunks are pieces of rows
         monkeypatch.setattr(train, "LOGIT_CHUNK", chunk)
-        f = lambda tr: train._loss(tr, st.frozen, st.graphdef, db, {}, "cross_entropy", remat)
-        (loss, (lp, _)), g = jax.value_and_grad(f, has_aux=True)(st.trainable)
-        return float(loss), np.asarray(lp), flat(g)
-
-    n = batch.tokens.size
-    ref_loss, ref_lp, ref_g = run(n, False)  # one chunk: the whole [B,T,V] at once
-    for chunk, remat in ((16, False), (n, True), (32, True)):
-        loss, lp, g = run(chunk, remat)
-        assert n // chunk >= 1
+        loss, lp, g = run(remat)
         np.testing.assert_allclose(lp, ref_lp, rtol=0, atol=1e-5)
         assert loss == pytest.approx(ref_loss, rel=1e-6)
         assert rel(g, ref_g) < 1e-5
@@ -505,34 +537,24 @@ def test_chunked_unembedding_and_remat_keep_values_and_gradients(svc, monkeypatc
 
 def test_seeds_beyond_int32_initialise_adapters(svc):
     """Any non-negative 64-bit seed works (the SDK passes user seeds through) and seeds differ."""
-    a = flat(state(client(svc, seed=2**40)).trainable)
-    b = flat(state(client(svc, seed=0)).trainable)
-    assert any(not np.array_equal(a[k], b[k]) for k in a if "lora_a" in k)
+    a = flat(state(client(svc, seed=2**40))["weights"])
+    b = flat(state(client(svc, seed=0))["weights"])
+    assert any(not np.array_equal(a[k], b[k]) for k in a if k.endswith("['a']"))
 
 
 def test_fused_attention_path_equals_einsum_on_right_padded_rows(svc):
     """attention="xla" (jax.nn.dot_product_attention, causal only: the path cuDNN takes on a GPU) gives the
     einsum path's logprobs and gradients on rows of different lengths, right-padded as batching pads them."""
-    tc = client(svc, seed=6)
-    st = state(tc)
-    st.trainable = jax.tree.map(lambda x: x + 0.01, st.trainable)
-    (batch,) = build_batches(random_data(4), "cross_entropy", vocab_size=512, max_len=512,
-                             max_tokens_per_batch=4096)
-    assert len(set(batch.lengths)) > 1 and batch.mask.min() == 0  # padding is really there
-    db = train.device_batch(batch)
-
-    def run(attention):
-        f = lambda tr: train._loss(tr, st.frozen, st.graphdef, db, {}, "cross_entropy", False, attention)
-        (loss, (lp, _)), g = jax.value_and_grad(f, has_aux=True)(st.trainable)
-        return float(loss), np.asarray(lp) * batch.mask, flat(g)
-
-    ref_loss, ref_lp, ref_g = run("einsum")
-    loss, lp, g = run("xla")
-    np.testing.assert_allclose(lp, ref_lp, rtol=0, atol=1e-5)
+    data = random_data(4)
+    mb, run = _loss_fn(svc, client(svc, seed=6), data)
+    assert len({len(d.model_input.chunks[0].tokens) for d in data}) > 1 and mb.mask.min() == 0  # real padding
+    ref_loss, ref_lp, ref_g = run(attention="einsum")
+    loss, lp, g = run(attention="xla")
+    np.testing.assert_allclose(lp * mb.mask, ref_lp * mb.mask, rtol=0, atol=1e-5)
     assert loss == pytest.approx(ref_loss, rel=1e-6)
     assert rel(g, ref_g) < 1e-5
     with pytest.raises(ValueError, match="attention"):
-        run("flash")
+        run(attention="flash")
 
 
 def test_attention_config_resolves_per_backend(tmp_path):

@@ -48,9 +48,9 @@ def random_data(seed: int, lengths=(5, 9, 16, 12), vocab: int = 512, **const_inp
 
 def params(tc) -> dict[str, np.ndarray]:
     """The client's trainable weights as private numpy copies, keyed by path."""
-    st = tc.engine.model(tc.model_id)
+    st = tc.engine.run_state(tc.model_id)
     return {jax.tree_util.keystr(p): np.array(x, copy=True)
-            for p, x in jax.tree_util.tree_leaves_with_path(st.trainable.to_pure_dict())}
+            for p, x in jax.tree_util.tree_leaves_with_path(st["weights"])}
 
 
 def assert_params_equal(a: dict, b: dict):

@@ -24,9 +24,12 @@ import pytest
 from flax import nnx
 from tinker import types
 
-from tinker_jax.models.lora import LoraSpec
-from tinker_jax.models.decoder import Decoder
-from tinker_jax.sampling import make_sampler, make_snapshot, snapshot_of
+from tinker_jax.errors import UserError
+from tinker_jax.hf.convert import load_peft_adapter
+from tinker_jax.hf.weights import iter_hf_tensors
+from tinker_jax.models import lora
+from tinker_jax.models.lora import Adapter, LoraSpec
+from tinker_jax.sampling import WeightSnapshot, make_sampler, snapshot_of
 from tinker_jax.sampling import vllm_backend as vb
 from tinker_jax.sampling.params import Limits, validate_request
 
@@ -162,31 +165,60 @@ def test_factory_unknown_backend(base):
 # ---------------------------------------------------------------------------------------- export cache
 
 
+NO_UNEMBED = ("attn", "mlp")  # targets vLLM serves as a LoRA (its LoRA does not cover lm_head)
+
+
+def base_params(dec):
+    """The base decoder's params object: what the engine shares between its base and LoRA snapshots."""
+    return nnx.state(dec, nnx.Param)
+
+
 def lora_snapshot(dec, spec: LoraSpec, seed: int):
-    """dec's weights plus a random non-zero LoRA (built without compiling an init)."""
-    abstract = nnx.eval_shape(lambda: Decoder(dec.cfg, rngs=nnx.Rngs(0), lora=spec))
-    graphdef, _, lora_state = nnx.split(abstract, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)), nnx.LoRAParam)
-    model = nnx.merge(graphdef, nnx.state(dec, nnx.Param), lora_state)
+    """dec's (shared) params plus a random non-zero adapter on spec.targets. The shapes come from a fresh
+    `init_adapter` restricted with `lora.targeted`; b is random too, so the adapter is not a no-op."""
+    fresh = lora.targeted(lora.init_adapter(dec.cfg, spec), spec)
     rs = np.random.RandomState(seed)
-    state = nnx.state(model, nnx.LoRAParam)
-    nnx.update(model, jax.tree.map(lambda x: jnp.asarray(0.1 * rs.standard_normal(x.shape), x.dtype), state))
-    return snapshot_of(model)
+    weights = jax.tree.map(lambda x: jnp.asarray(0.1 * rs.standard_normal(x.shape), jnp.float32), fresh)
+    return snapshot_of(dec, adapter=Adapter(spec, weights), params=base_params(dec))
 
 
 def full_snapshot(dec, delta=0.01):
+    """A full fine-tuning snapshot: private params (every base weight + delta), no adapter."""
     s = snapshot_of(dec)
-    return make_snapshot(s.cfg, s.graphdef, s.frozen, jax.tree.map(lambda x: x + delta, s.trainable))
+    return WeightSnapshot(s.cfg, s.graphdef, jax.tree.map(lambda x: x + delta, s.params))
+
+
+def test_base_snapshots_share_the_base_params(base):
+    """What the backend's base/LoRA classification relies on: nnx.state of a decoder returns its own arrays."""
+    first = jax.tree.leaves(base_params(base.decoder))[0]
+    assert jax.tree.leaves(snapshot_of(base.decoder).params)[0] is first
+    assert jax.tree.leaves(full_snapshot(base.decoder).params)[0] is not first
+
+
+def _merged_weights(d):
+    from safetensors.numpy import load_file
+
+    return load_file(str(d / "model.safetensors"))  # tiny models: one shard
 
 
 def test_export_cache_keyed_by_snapshot(base, tmp_path):
     cache = vb.ExportCache(base, tmp_path, max_lora_rank=16)
     assert cache.target(snapshot_of(base.decoder)) == vb.Target("base") and cache.exports == 0
+    # A separately built params object (same structure) is not the base's: no adapter -> merged.
+    own = snapshot_of(base.decoder, params=jax.tree.map(jnp.copy, base_params(base.decoder)))
+    assert cache.target(own).kind == "merged" and cache.exports == 0  # merged exports happen on load
 
-    a = lora_snapshot(base.decoder, LoraSpec(rank=4, train_unembed=False), 1)
+    spec_a = LoraSpec(rank=4, targets=NO_UNEMBED)
+    a = lora_snapshot(base.decoder, spec_a, 1)
     ta = cache.target(a)
     assert ta.kind == "lora" and (ta.path / "adapter_config.json").is_file() and cache.exports == 1
     assert cache.target(a) is ta and cache.exports == 1  # cached: no second export
-    b = lora_snapshot(base.decoder, LoraSpec(rank=4, train_unembed=False), 2)
+    back = load_peft_adapter(ta.path, base.cfg)  # the export is a.adapter, rank/alpha/targets included
+    assert back.spec.rank == 4 and back.spec.alpha == spec_a.alpha and back.spec.targets == spec_a.targets
+    for n, w in a.adapter.numpy().items():
+        for k, x in w.items():
+            np.testing.assert_allclose(np.asarray(back.weights[n][k]), x, rtol=1e-6, atol=1e-7)
+    b = lora_snapshot(base.decoder, LoraSpec(rank=4, targets=NO_UNEMBED), 2)
     tb = cache.target(b)
     assert tb.kind == "lora" and tb.path != ta.path and tb.serial != ta.serial and cache.exports == 2
 
@@ -196,17 +228,34 @@ def test_export_cache_keyed_by_snapshot(base, tmp_path):
     assert not path.exists() and tb.path.exists()  # a collected snapshot's adapter is deleted
 
     # lm_head adapters (vLLM's LoRA does not cover lm_head) and full fine-tuning: merged weights.
-    assert cache.target(lora_snapshot(base.decoder, LoraSpec(rank=4), 3)).kind == "merged"
+    head = lora_snapshot(base.decoder, LoraSpec(rank=4, targets=("attn", "unembed")), 3)
+    th = cache.target(head)
+    assert th.kind == "merged" and th.path is None and cache.exports == 2  # no PEFT export for it
     f1, f2 = full_snapshot(base.decoder), full_snapshot(base.decoder, 0.02)
     t1 = cache.target(f1)
     assert t1.kind == "merged" and cache.target(f1) is t1 and cache.target(f2).serial != t1.serial
     d1 = cache.merged_dir(f1)
-    assert (d1 / "config.json").is_file() and cache.merged_dir(f1) == d1
+    assert (d1 / "config.json").is_file() and cache.merged_dir(f1) == d1 and cache.exports == 3
+    w1, w0 = _merged_weights(d1), dict(iter_hf_tensors(base.decoder))
+    assert set(w1) == set(w0) and all(np.allclose(w1[k], w0[k] + 0.01, atol=1e-6) for k in w0)  # its own params
     d2 = cache.merged_dir(f2)
     assert d2 != d1 and d2.is_dir() and not d1.exists()  # one merged export at a time
 
-    with pytest.raises(ValueError, match="^snapshot: LoRA rank 32 exceeds .* max_lora_rank 16"):
-        cache.target(lora_snapshot(base.decoder, LoraSpec(rank=32, train_unembed=False), 4))
+    # The lm_head adapter's merged export carries the adapter: an explicit, adapted lm_head (the model is tied).
+    dh = cache.merged_dir(head)
+    wh = _merged_weights(dh)
+    spec, aw = head.adapter.spec, head.adapter.numpy()
+    assert "lm_head.weight" in wh and "lm_head.weight" not in w0 and base.cfg.tie_embeddings
+    want = w0["model.embed_tokens.weight"] + lora.merged_delta(aw["unembed"]["a"], aw["unembed"]["b"], spec.scale).T
+    np.testing.assert_allclose(wh["lm_head.weight"], want, rtol=1e-5, atol=1e-6)
+    q0 = w0["model.layers.0.self_attn.q_proj.weight"]
+    assert not np.allclose(wh["model.layers.0.self_attn.q_proj.weight"], q0, atol=1e-4)  # attn merged too
+    np.testing.assert_array_equal(wh["model.layers.0.mlp.up_proj.weight"], w0["model.layers.0.mlp.up_proj.weight"])
+    assert not d2.exists()
+
+    with pytest.raises(UserError, match="^snapshot: LoRA rank 32 exceeds .* max_lora_rank 16"):
+        cache.target(lora_snapshot(base.decoder, LoraSpec(rank=32, targets=NO_UNEMBED), 4))
+    assert sorted(tmp_path.glob("adapter-*")) == [tb.path]  # only b's adapter is on disk: no export for rank 32
 
 
 # ------------------------------------------------------------------- plumbing with a stand-in vllm module
@@ -269,10 +318,17 @@ def test_plumbing_with_stand_in_vllm(base, fake_vllm, tmp_path):
             s.sample(snap, [3], types.SamplingParams(), timeout=60)
         assert len(llm.calls) == 1
 
-        lora = lora_snapshot(base.decoder, LoraSpec(rank=4, train_unembed=False), 5)
+        with pytest.raises(UserError, match="^snapshot: expected a WeightSnapshot"):
+            s.sample(base.decoder, [3], types.SamplingParams(max_tokens=1), timeout=60)
+        assert len(llm.calls) == 1
+        # The engine passes tenant= to every sampler; the vLLM one accepts and ignores it.
+        r = s.submit(snap, [3, 4], types.SamplingParams(max_tokens=1), tenant="t1").result(60)
+        assert r.sequences[0].tokens == [5] and len(llm.calls) == 2 and llm.calls[1][2] == [None]
+
+        lsnap = lora_snapshot(base.decoder, LoraSpec(rank=4, targets=NO_UNEMBED), 5)
         for _ in range(2):
-            assert s.sample(lora, [1, 2], types.SamplingParams(max_tokens=2), timeout=60).sequences[0].tokens == [3, 4]
-        (ra,), (rb,) = llm.calls[1][2], llm.calls[2][2]
+            assert s.sample(lsnap, [1, 2], types.SamplingParams(max_tokens=2), timeout=60).sequences[0].tokens == [3, 4]
+        (ra,), (rb,) = llm.calls[2][2], llm.calls[3][2]
         assert ra == rb and ra.path.endswith(f"adapter-{ra.id}") and s.exports.exports == 1 and len(fake_vllm) == 1
 
         full = full_snapshot(base.decoder)
@@ -355,7 +411,7 @@ class TestOnGPU:
         np.testing.assert_allclose(r.sequences[0].logprobs, np.asarray(ref)[np.arange(len(toks)), toks], atol=2e-3)
 
     def test_lora_snapshot(self, pair, gpu_base):
-        snap = lora_snapshot(gpu_base.decoder, LoraSpec(rank=8, train_unembed=False), 7)
+        snap = lora_snapshot(gpu_base.decoder, LoraSpec(rank=8, targets=NO_UNEMBED), 7)
         self._compare(pair, snap, types.SamplingParams(max_tokens=24, temperature=0.0))
 
     def test_full_finetune_snapshot(self, pair, gpu_base):

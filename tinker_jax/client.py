@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import time
 from pathlib import Path
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
@@ -17,7 +18,8 @@ import numpy as np
 import tinker.types as tt
 
 from tinker_jax.config import EngineConfig
-from tinker_jax.engine import Engine
+from tinker_jax.engine.api import EngineAPI
+from tinker_jax.errors import Overloaded, UserError
 
 T = TypeVar("T")
 
@@ -50,6 +52,17 @@ async def _aio(fut: APIFuture) -> APIFuture:
     return fut
 
 
+def _retrying(call: Callable[[], T]) -> T:
+    """Submit, backing off while the engine's queues are full (what the SDK does on HTTP 429)."""
+    delay = 0.01
+    while True:
+        try:
+            return call()
+        except Overloaded as e:
+            time.sleep(min(delay, e.retry_after_s))
+            delay = min(2 * delay, 1.0)
+
+
 class ServiceClient:
     """In-process counterpart of `tinker.ServiceClient`.
 
@@ -58,8 +71,10 @@ class ServiceClient:
     """
 
     def __init__(self, data_dir: str | Path | None = None, config: str | Path | EngineConfig | None = None,
-                 engine: Engine | None = None):
+                 engine: EngineAPI | None = None):
         if engine is None:
+            from tinker_jax.engine.core import Engine
+
             cfg = config if isinstance(config, EngineConfig) else EngineConfig.load(config)
             if data_dir is not None:
                 from dataclasses import replace
@@ -78,9 +93,9 @@ class ServiceClient:
     def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None,
                                     train_mlp: bool = True, train_attn: bool = True, train_unembed: bool = True,
                                     user_metadata: dict[str, str] | None = None, optimizer=None) -> "TrainingClient":
-        mid = self.engine.create_model(base_model, rank=rank, seed=seed, train_mlp=train_mlp,
-                                       train_attn=train_attn, train_unembed=train_unembed,
-                                       user_metadata=user_metadata)
+        mid = _retrying(lambda: self.engine.create_model(
+            base_model, rank=rank, seed=seed, train_mlp=train_mlp, train_attn=train_attn,
+            train_unembed=train_unembed, full_finetune=False, user_metadata=user_metadata)).result()
         return TrainingClient(self, mid)
 
     async def create_lora_training_client_async(self, *args, **kwargs) -> "TrainingClient":
@@ -88,13 +103,14 @@ class ServiceClient:
 
     def create_full_training_client(self, base_model: str, seed: int | None = None) -> "TrainingClient":
         """Full-parameter fine-tuning (not in the hosted SDK; also reachable via config `full_finetune: true`)."""
-        return TrainingClient(self, self.engine.create_model(base_model, seed=seed, full_finetune=True))
+        return TrainingClient(self, _retrying(lambda: self.engine.create_model(
+            base_model, seed=seed, full_finetune=True)).result())
 
     # weights_access_token / optimizer: the SDK's parameters, accepted and unused (local checkpoints, AdamW).
     def create_training_client_from_state(self, path: str, base_model: str | None = None, user_metadata=None,
                                           weights_access_token=None, optimizer=None) -> "TrainingClient":
-        resp = self.engine.create_model_from_state(path, optimizer=False, base_model=base_model,
-                                                   user_metadata=user_metadata).result()
+        resp = _retrying(lambda: self.engine.create_model_from_state(
+            path, False, base_model=base_model, user_metadata=user_metadata)).result()
         return TrainingClient(self, resp.model_id)
 
     async def create_training_client_from_state_async(self, path: str, base_model: str | None = None,
@@ -104,8 +120,8 @@ class ServiceClient:
     def create_training_client_from_state_with_optimizer(self, path: str, base_model: str | None = None,
                                                          user_metadata=None, weights_access_token=None
                                                          ) -> "TrainingClient":
-        resp = self.engine.create_model_from_state(path, optimizer=True, base_model=base_model,
-                                                   user_metadata=user_metadata).result()
+        resp = _retrying(lambda: self.engine.create_model_from_state(
+            path, True, base_model=base_model, user_metadata=user_metadata)).result()
         return TrainingClient(self, resp.model_id)
 
     async def create_training_client_from_state_with_optimizer_async(self, path: str, base_model: str | None = None,
@@ -138,11 +154,13 @@ class TrainingClient:
         return self
 
     def forward(self, data: list[tt.Datum], loss_fn: str, loss_fn_config=None) -> APIFuture[tt.ForwardBackwardOutput]:
-        return APIFuture(self.engine.forward_backward(self.model_id, data, loss_fn, loss_fn_config, True))
+        return APIFuture(_retrying(lambda: self.engine.forward_backward(self.model_id, data, loss_fn,
+                                                                         loss_fn_config, True)))
 
     def forward_backward(self, data: list[tt.Datum], loss_fn: str,
                          loss_fn_config=None) -> APIFuture[tt.ForwardBackwardOutput]:
-        return APIFuture(self.engine.forward_backward(self.model_id, data, loss_fn, loss_fn_config, False))
+        return APIFuture(_retrying(lambda: self.engine.forward_backward(self.model_id, data, loss_fn,
+                                                                         loss_fn_config, False)))
 
     def forward_backward_custom(self, data: list[tt.Datum], loss_fn, *, loss_type_input=None
                                 ) -> APIFuture[tt.ForwardBackwardOutput]:
@@ -172,26 +190,27 @@ class TrainingClient:
     def optim_step(self, optim_params: tt.AdamParams | None = None, *,
                    adam_params: tt.AdamParams | None = None) -> APIFuture[tt.OptimStepResponse]:
         params = optim_params or adam_params or tt.AdamParams()
-        return APIFuture(self.engine.optim_step(self.model_id, params))
+        return APIFuture(_retrying(lambda: self.engine.optim_step(self.model_id, params)))
 
     def save_state(self, name: str, ttl_seconds: int | None = None, overwrite: bool = False,
                    user_metadata=None) -> APIFuture[tt.SaveWeightsResponse]:
-        return APIFuture(self.engine.save_state(self.model_id, name, ttl_seconds, user_metadata))
+        return APIFuture(_retrying(lambda: self.engine.save_state(self.model_id, name, ttl_seconds, user_metadata)))
 
     def load_state(self, path: str, weights_access_token=None) -> APIFuture[tt.LoadWeightsResponse]:
-        return APIFuture(self.engine.load_state(self.model_id, path, optimizer=False))
+        return APIFuture(_retrying(lambda: self.engine.load_state(self.model_id, path, False)))
 
     def load_state_with_optimizer(self, path: str, weights_access_token=None) -> APIFuture[tt.LoadWeightsResponse]:
-        return APIFuture(self.engine.load_state(self.model_id, path, optimizer=True))
+        return APIFuture(_retrying(lambda: self.engine.load_state(self.model_id, path, True)))
 
     def save_weights_for_sampler(self, name: str, ttl_seconds: int | None = None,
                                  user_metadata=None) -> APIFuture[tt.SaveWeightsForSamplerResponse]:
-        return APIFuture(self.engine.save_weights_for_sampler(self.model_id, name, ttl_seconds),
+        return APIFuture(_retrying(lambda: self.engine.save_weights_for_sampler(self.model_id, name, ttl_seconds,
+                                                                                 user_metadata)),
                          lambda r: tt.SaveWeightsForSamplerResponse(path=r[0]))
 
     def save_weights_and_get_sampling_client(self, name: str | None = None, retry_config=None,
                                              record_stability_info: bool = False, kind="snapshot") -> "SamplingClient":
-        _, sampler_id = self.engine.save_weights_for_sampler(self.model_id, None).result()
+        _, sampler_id = _retrying(lambda: self.engine.save_weights_for_sampler(self.model_id, None)).result()
         return SamplingClient(self.service, sampler_id)
 
     def create_sampling_client(self, model_path: str, retry_config=None) -> "SamplingClient":
@@ -203,8 +222,7 @@ class TrainingClient:
     def get_tokenizer(self):
         from transformers import AutoTokenizer
 
-        info = self.engine.model(self.model_id).meta
-        return AutoTokenizer.from_pretrained(str(self.engine.tokenizer_path(info["base_model"])))
+        return AutoTokenizer.from_pretrained(str(self.engine.tokenizer_path(self.get_info().model_name)))
 
     # The SDK's async twins: coroutines that return the same future.
     async def forward_async(self, *a, **k): return self.forward(*a, **k)
@@ -234,15 +252,16 @@ class SamplingClient:
                **unsupported) -> APIFuture[tt.SampleResponse]:
         used = {k: v for k, v in unsupported.items() if v not in (None, 0, False)}
         if used:
-            raise ValueError(f"sample: options not supported by tinker_jax yet: {sorted(used)}")
-        return APIFuture(self.engine.sample(self.sampler_id, prompt, num_samples, sampling_params,
-                                            include_prompt_logprobs, topk_prompt_logprobs))
+            raise UserError(f"sample: options not supported by tinker_jax yet: {sorted(used)}")
+        return APIFuture(_retrying(lambda: self.engine.sample(self.sampler_id, prompt, num_samples, sampling_params,
+                                                               include_prompt_logprobs, topk_prompt_logprobs)))
 
     async def sample_async(self, *a, **k):
         return self.sample(*a, **k)
 
     def compute_logprobs(self, prompt: tt.ModelInput) -> APIFuture[Sequence[float | None]]:
-        fut = self.engine.sample(self.sampler_id, prompt, 1, tt.SamplingParams(max_tokens=1), True, 0)
+        fut = _retrying(lambda: self.engine.sample(self.sampler_id, prompt, 1, tt.SamplingParams(max_tokens=1),
+                                                   True, 0))
         return APIFuture(fut, lambda r: r.prompt_logprobs)
 
     async def compute_logprobs_async(self, prompt):

@@ -34,6 +34,34 @@ class SamplerConfig:
     decode_steps: int = 8  # jax: decode steps per device call (one host round trip each; stop strings are
     #                        checked between calls)
     decode_unroll: bool = False  # jax: unroll the layer loop of a decode step (more code, fewer loop iterations)
+    max_adapters: int = 16  # jax: LoRA adapters resident per rank at once (rows of different adapters decode
+    #                         together; a request whose adapter finds no free place waits for one)
+
+
+@dataclass(frozen=True)
+class LoraConfig:
+    """What a LoRA run adapts, as the seed's backend offers: rank comes from the client; alpha and the target
+    projections from here. Defaults are the hosted service's: alpha 32 and every projection (the SDK's train_attn /
+    train_mlp / train_unembed flags then select roles among these)."""
+
+    alpha: float = 32.0
+    # q, k, v, o, gate, up, down, unembed (PEFT names q_proj, ..., lm_head and roles attn / mlp also accepted)
+    target_modules: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down", "unembed")
+    max_rank: int = 512  # largest rank a client may ask for
+    initial_slots: int = 4  # adapter slots allocated per rank at first use (grows by doubling)
+    max_slots: int = 64  # adapters trained at once per rank and base model (a create beyond fails, retryably)
+
+    def __post_init__(self):
+        from tinker_jax.models.lora import parse_targets
+
+        object.__setattr__(self, "target_modules", parse_targets(self.target_modules, "config.lora.target_modules"))
+        if not self.target_modules:
+            raise ValueError("config.lora.target_modules: must name at least one projection")
+        if not (isinstance(self.alpha, (int, float)) and self.alpha > 0):
+            raise ValueError(f"config.lora.alpha: must be a positive number, got {self.alpha!r}")
+        for k in ("max_rank", "initial_slots", "max_slots"):
+            if int(getattr(self, k)) < 1:
+                raise ValueError(f"config.lora.{k}: must be >= 1")
 
 
 @dataclass(frozen=True)
@@ -51,6 +79,16 @@ class EngineConfig:
     attention: str = "auto"
     compile_cache: bool = True  # persistent XLA compilation cache under {data_dir}/jax_cache (faster restarts)
     sampler: SamplerConfig = SamplerConfig()
+    lora: LoraConfig = LoraConfig()
+    # Scheduling: forward/forward_backward requests of all runs of a base model are batched per round, up to this
+    # many tokens (split into micro-batches of max_tokens_per_batch); every ready run gets one request in first.
+    round_tokens: int = 32768
+    # How long a round may wait for runs that were active a moment ago but have nothing queued (tenants between two
+    # steps of their loop), so their requests share one batch; 0: never wait. A lone run never waits.
+    batch_window_ms: float = 5.0
+    max_queued_per_tenant: int = 1024  # requests in flight per tenant (REST session); beyond: HTTP 429, retried
+    max_queued: int = 8192  # requests in flight in the whole engine; beyond: HTTP 429, retried
+    local_paths: bool = True  # base_model may name a local HF directory not in `models` (the server turns it off)
 
     @staticmethod
     def from_dict(d: Mapping[str, Any], base_dir: Path | None = None) -> "EngineConfig":
@@ -71,6 +109,14 @@ class EngineConfig:
             if bad:
                 raise ValueError(f"config.sampler: unknown keys {bad}")
             d["sampler"] = SamplerConfig(**s)
+        if "lora" in d:
+            s = dict(d["lora"] or {})
+            bad = sorted(set(s) - {f.name for f in fields(LoraConfig)})
+            if bad:
+                raise ValueError(f"config.lora: unknown keys {bad}")
+            if "target_modules" in s:
+                s["target_modules"] = tuple(s["target_modules"] or ())
+            d["lora"] = LoraConfig(**s)
         if "data_dir" in d:
             d["data_dir"] = Path(os.path.expanduser(str(d["data_dir"])))
         if "models" in d:  # relative model paths are relative to the config file

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
-from tinker import types
+from tinker_jax.engine.api import EngineAPI
+from tinker_jax.errors import UserError
+from tinker_jax.training.optim import AdamHP, check_adam
 
 ADAM_TYPES = ("adam", "adamw")
-_ADAM_FIELDS = tuple(types.AdamParams.model_fields)  # learning_rate, beta1, beta2, eps, weight_decay, grad_clip_norm
 
 
 def untyped_future(request_id: str, **extra: Any) -> dict[str, Any]:
@@ -22,44 +22,38 @@ def check_optimizer_config(config: Any, field: str = "optimizer_config") -> None
         return
     kind = config.get("type") if isinstance(config, dict) else getattr(config, "type", None)
     if kind is not None and kind not in ADAM_TYPES:
-        raise ValueError(f"{field}.type: optimizer {kind!r} is not supported by this server (only 'adamw')")
+        raise UserError(f"{field}.type: optimizer {kind!r} is not supported by this server (only 'adamw')")
 
 
-def adam_params(body: dict[str, Any]) -> types.AdamParams:
+def adam_params(body: dict[str, Any]) -> AdamHP:
     """optim_step parameters from any of the SDK's aliases (`optim_params`, `adam_params`, `optimizer_params`),
     leniently (§1.4): `{}` and nulls mean the SDK defaults; unknown keys are ignored; a non-Adam optimizer is
-    refused."""
-    key = next((k for k in ("optim_params", "adam_params", "optimizer_params") if body.get(k) is not None), None)
-    raw = body.get(key) if key else {}
+    refused. The numbers are checked by the engine's one Adam check."""
+    key = next((k for k in ("optim_params", "adam_params", "optimizer_params") if body.get(k) is not None),
+               "adam_params")
+    raw = body.get(key)
+    raw = {} if raw is None else raw
     if not isinstance(raw, dict):
-        raise ValueError(f"{key}: must be an object, got {type(raw).__name__}")
-    check_optimizer_config(raw, key or "adam_params")
-    values: dict[str, float] = {}
-    for name in _ADAM_FIELDS:
-        value = raw.get(name)
-        if value is None:
-            continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ValueError(f"{key}.{name}: must be a finite number, got {value!r}")
-        values[name] = float(value)
-    params = types.AdamParams(**values)
-    if params.learning_rate < 0 or params.eps < 0 or params.weight_decay < 0 or params.grad_clip_norm < 0:
-        raise ValueError(f"{key}: learning_rate, eps, weight_decay and grad_clip_norm must be >= 0")
-    if not (0 <= params.beta1 < 1 and 0 <= params.beta2 < 1):
-        raise ValueError(f"{key}: beta1 and beta2 must lie in [0, 1)")
-    return params
+        raise UserError(f"{key}: must be an object, got {type(raw).__name__}")
+    check_optimizer_config(raw, key)
+    return check_adam(raw, key)
+
+
+def train_key(model_id: str, seq_id: int | None) -> tuple[str, str, int] | None:
+    """The idempotency key of a training-side submit: the SDK resends the same (model_id, seq_id) on retry (§1.7)."""
+    return None if seq_id is None else ("train", model_id, seq_id)
 
 
 def check_seq_id(value: Any, field: str = "seq_id") -> int | None:
     if value is None:
         return None
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{field}: must be an integer, got {value!r}")
+        raise UserError(f"{field}: must be an integer, got {value!r}")
     return value
 
 
-def check_base_model(engine: Any, name: str | None, field: str = "base_model") -> None:
+def check_base_model(engine: EngineAPI, name: str | None, field: str = "base_model") -> None:
     """Only served models: the engine would also load any local directory named by its path, which a remote
     client must not be able to ask for."""
     if name is not None and name not in set(engine.capabilities()):
-        raise ValueError(f"{field}: unknown model {name!r}; served: {', '.join(map(str, engine.capabilities()))}")
+        raise UserError(f"{field}: unknown model {name!r}; served: {', '.join(map(str, engine.capabilities()))}")

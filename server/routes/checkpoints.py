@@ -20,15 +20,16 @@ from fastapi import APIRouter, Query, Response
 from tinker import types
 
 from server import wire
-from server.access import (can_see_run, owned_model, owned_session, readable_checkpoint, run_owner,
-                           writable_checkpoint)
+from server.access import owned_model, owned_session, readable_checkpoint, sees, writable_checkpoint
 from server.deps import EngineDep, FuturesDep, JsonBody, OwnerDep, SamplersDep, StoreDep
 from server.errors import ApiError
-from server.futures import then
 from server.lifecycle import delete_checkpoint
-from server.routes._submit import check_base_model, check_optimizer_config, check_seq_id, untyped_future
-from server.store import Store
-from tinker_jax.engine.registry import KINDS, TinkerPath, check_name
+from server.routes._submit import (check_base_model, check_optimizer_config, check_seq_id, train_key,
+                                   untyped_future)
+from tinker_jax.engine.api import CheckpointInfo, EngineAPI, RunInfo
+from tinker_jax.engine.registry import KINDS, check_name
+from tinker_jax.errors import UserError
+from tinker_jax.futures import then
 
 router = APIRouter()
 
@@ -39,12 +40,8 @@ def _check_ttl(ttl: Any, field: str = "ttl_seconds") -> int | None:
     if ttl is None:
         return None
     if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 < ttl <= MAX_TTL_S:
-        raise ValueError(f"{field}: must be a whole number of seconds in (0, {MAX_TTL_S}], got {ttl!r}")
+        raise UserError(f"{field}: must be a whole number of seconds in (0, {MAX_TTL_S}], got {ttl!r}")
     return ttl
-
-
-def _train_key(model_id: str, seq_id: int | None) -> tuple[str, str, int] | None:
-    return None if seq_id is None else ("train", model_id, seq_id)
 
 
 # --- saves and loads ---------------------------------------------------------------------------------------------
@@ -52,22 +49,20 @@ def _train_key(model_id: str, seq_id: int | None) -> tuple[str, str, int] | None
 
 @router.post("/save_weights")
 async def save_weights(body: JsonBody, engine: EngineDep, store: StoreDep, futures: FuturesDep,
-                       samplers: SamplersDep, owner: OwnerDep) -> dict[str, Any]:
+                       owner: OwnerDep) -> dict[str, Any]:
     req = wire.parse_request(types.SaveWeightsRequest, body)
-    owned_model(store, req.model_id, owner)
+    model = owned_model(store, req.model_id, owner)
     name = req.path or f"state-{uuid.uuid4().hex[:12]}"
 
     def start():
-        p = TinkerPath(req.model_id, "weights", check_name(name, "path"))
+        check_name(name, "path")  # the engine checks it too, naming its own argument; the client sent "path"
         ttl = _check_ttl(req.ttl_seconds)
-        if not req.overwrite and engine.registry.get_checkpoint(p) is not None:
-            # A failed future, not a 409: the SDK would retry a 409 for five minutes (§1.6).
-            raise ValueError(f"path: checkpoint {p} already exists (save under another name, or overwrite=True)")
-        samplers.unpark(str(p))
-        return then(engine.save_state(req.model_id, name, ttl, req.user_metadata),
+        # overwrite=False and the name taken: a failed future, not a 409, which the SDK would retry for 5 minutes.
+        return then(engine.save_state(req.model_id, name, ttl, req.user_metadata, overwrite=req.overwrite,
+                                      tenant=model.session_id),
                     lambda r: {"path": r.path, "type": "save_weights"})
 
-    request_id, _ = futures.submit("save_weights", start, idempotency=_train_key(req.model_id, req.seq_id),
+    request_id, _ = futures.submit("save_weights", start, idempotency=train_key(req.model_id, req.seq_id),
                                    model_id=req.model_id)
     return untyped_future(request_id, model_id=req.model_id)
 
@@ -87,9 +82,8 @@ async def save_weights_for_sampler(body: JsonBody, engine: EngineDep, store: Sto
         if path is not None:
             out["path"] = path
         if ephemeral or req.sampling_session_seq_id is not None:
-            run = engine.registry.get_run(req.model_id) or {}
             row = store.create_sampling_session(model.session_id, req.sampling_session_seq_id,
-                                                base_model=run.get("base_model"), model_path=path,
+                                                base_model=engine.sampler_base_model(engine_id), model_path=path,
                                                 model_id=req.model_id)
             samplers.bind(row, engine_id)
             out["sampling_session_id"] = row.sampling_session_id
@@ -101,11 +95,12 @@ async def save_weights_for_sampler(body: JsonBody, engine: EngineDep, store: Sto
         ttl = _check_ttl(req.ttl_seconds)
         if not ephemeral:
             check_name(req.path, "path")
-        return then(engine.save_weights_for_sampler(req.model_id, req.path, ttl, user_metadata=req.user_metadata),
+        return then(engine.save_weights_for_sampler(req.model_id, req.path, ttl, user_metadata=req.user_metadata,
+                                                    tenant=model.session_id),
                     finish)
 
     request_id, _ = futures.submit("save_weights_for_sampler", start,
-                                   idempotency=_train_key(req.model_id, req.seq_id), model_id=req.model_id)
+                                   idempotency=train_key(req.model_id, req.seq_id), model_id=req.model_id)
     return untyped_future(request_id, model_id=req.model_id)
 
 
@@ -117,10 +112,10 @@ async def save_weights_external(body: JsonBody, store: StoreDep, futures: Future
     seq_id = check_seq_id(body.get("seq_id"))
 
     def start():
-        raise ValueError("save_weights_external: exporting Hugging Face weights is not supported by this server; "
-                         "use save_state / save_weights_for_sampler, or `tinker-jax` export tools")
+        raise UserError("save_weights_external: exporting Hugging Face weights is not supported by this server; "
+                        "use save_state / save_weights_for_sampler, or `tinker-jax` export tools")
 
-    request_id, _ = futures.submit("save_weights_external", start, idempotency=_train_key(model_id, seq_id),
+    request_id, _ = futures.submit("save_weights_external", start, idempotency=train_key(model_id, seq_id),
                                    model_id=model_id)
     return untyped_future(request_id, model_id=model_id)
 
@@ -130,28 +125,28 @@ async def load_weights(body: JsonBody, engine: EngineDep, store: StoreDep, futur
                        owner: OwnerDep) -> dict[str, Any]:
     """Legacy (`model_id` + `seq_id`): load into an existing model. Create-via-load (`session_id` +
     `model_seq_id`, SDK 0.24.1+ and the only resume path of 0.38): a new model `{session_id}:train:{model_seq_id}`
-    configured like the checkpoint's run, then loaded."""
+    configured like the checkpoint's run, then loaded; the caller owns it."""
     req = wire.parse_request(types.LoadWeightsRequest, body)
 
     def common_checks() -> None:
         check_optimizer_config(body.get("optimizer_config"))
-        readable_checkpoint(engine, store, req.path, owner)
+        readable_checkpoint(engine, req.path, owner)
 
     if req.model_id is not None:
-        owned_model(store, req.model_id, owner)
+        model = owned_model(store, req.model_id, owner)
 
         def start_legacy():
             common_checks()
-            return then(engine.load_state(req.model_id, req.path, optimizer=req.optimizer),
+            return then(engine.load_state(req.model_id, req.path, optimizer=req.optimizer, tenant=model.session_id),
                         lambda r: {"path": req.path, "model_id": req.model_id, "type": "load_weights"})
 
-        request_id, _ = futures.submit("load_weights", start_legacy, idempotency=_train_key(req.model_id, req.seq_id),
+        request_id, _ = futures.submit("load_weights", start_legacy, idempotency=train_key(req.model_id, req.seq_id),
                                        model_id=req.model_id)
         return untyped_future(request_id, model_id=req.model_id)
 
     if req.session_id is None or req.model_seq_id is None:
-        raise ValueError("load_weights: give model_id (load into an existing model) or session_id and model_seq_id "
-                         "(create a model from the checkpoint)")
+        raise UserError("load_weights: give model_id (load into an existing model) or session_id and model_seq_id "
+                        "(create a model from the checkpoint)")
     owned_session(store, req.session_id, owner, live=True)
     model_id = store.model_id_for(req.session_id, req.model_seq_id)
     store.add_model(model_id, req.session_id, owner)
@@ -160,9 +155,9 @@ async def load_weights(body: JsonBody, engine: EngineDep, store: StoreDep, futur
         common_checks()
         check_base_model(engine, req.base_model)
         # The new run carries the request's user_metadata (the cookbook stores its renderer name there on resume).
-        extra = {"user_metadata": req.user_metadata} if req.user_metadata else {}
         return then(engine.create_model_from_state(req.path, req.optimizer, model_id=model_id,
-                                                   base_model=req.base_model, **extra),
+                                                   base_model=req.base_model, user_metadata=req.user_metadata,
+                                                   owner=owner, tenant=req.session_id),
                     lambda r: {"path": req.path, "model_id": r.model_id, "type": "load_weights"})
 
     # Shares create_model's key: both consume the session's model_seq_id.
@@ -173,14 +168,15 @@ async def load_weights(body: JsonBody, engine: EngineDep, store: StoreDep, futur
 
 
 @router.post("/weights_info")
-async def weights_info(body: JsonBody, engine: EngineDep, store: StoreDep, owner: OwnerDep) -> dict[str, Any]:
+async def weights_info(body: JsonBody, engine: EngineDep, owner: OwnerDep) -> dict[str, Any]:
     path = body.get("tinker_path")
-    readable_checkpoint(engine, store, path, owner, "tinker_path")
+    readable_checkpoint(engine, path, owner, "tinker_path")
     info = await asyncio.to_thread(engine.weights_info, path)
     return {k: v for k, v in info.items() if v is not None}
 
 
 # --- REST: training runs and checkpoints -------------------------------------------------------------------------
+# Plain `def` routes: FastAPI runs them in its thread pool, so the engine's registry reads never stall the event loop.
 
 
 def _iso(ts: float | None) -> str | None:
@@ -189,143 +185,125 @@ def _iso(ts: float | None) -> str | None:
 
 def _str_dict(raw: Any) -> dict[str, str] | None:
     """user_metadata is dict[str, str] on the wire (TrainingRun/Checkpoint); stored JSON may hold anything."""
-    if isinstance(raw, str):
-        try:
-            raw = json.loads(raw)
-        except json.JSONDecodeError:
-            return None
     if not isinstance(raw, dict) or not raw:
         return None
     return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in raw.items()}
 
 
-def checkpoint_json(row: dict[str, Any]) -> dict[str, Any]:
-    p = TinkerPath(row["run_id"], row["kind"], row["name"])
+def checkpoint_json(c: CheckpointInfo) -> dict[str, Any]:
     return {
-        "checkpoint_id": f"{p.kind}/{p.name}",
-        "checkpoint_type": KINDS[p.kind],
-        "time": _iso(row["created"]),
-        "tinker_path": str(p),
-        "size_bytes": row.get("size_bytes"),
-        "public": bool(row.get("public")),
-        "user_metadata": _str_dict(row.get("user_metadata")),
-        "expires_at": _iso(row.get("expires")),
+        "checkpoint_id": f"{c.kind}/{c.name}",
+        "checkpoint_type": KINDS[c.kind],
+        "time": _iso(c.created),
+        "tinker_path": c.path,
+        "size_bytes": c.size_bytes,
+        "public": c.public,
+        "user_metadata": _str_dict(c.user_metadata),
+        "expires_at": _iso(c.expires),
     }
 
 
-def _live(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+def _live(ckpts: list[CheckpointInfo]) -> list[CheckpointInfo]:
     now = time.time()
-    return [r for r in rows if r.get("expires") is None or r["expires"] > now]
+    return [c for c in ckpts if c.expires is None or c.expires > now]
 
 
-def training_run_json(engine: Any, store: Store, run: dict[str, Any], owners: dict[str, str]) -> dict[str, Any]:
-    ckpts = _live(engine.registry.list_checkpoints(run["run_id"]))
-    latest = {kind: max((c for c in ckpts if c["kind"] == kind), key=lambda c: c["created"], default=None)
-              for kind in KINDS}
+def training_run_json(engine: EngineAPI, run: RunInfo) -> dict[str, Any]:
+    ckpts = _live(engine.list_checkpoints(run.run_id))  # newest first
+    latest = {kind: next((c for c in ckpts if c.kind == kind), None) for kind in KINDS}
     return {
-        "training_run_id": run["run_id"],
-        "base_model": run["base_model"],
-        "model_owner": run_owner(store, run["run_id"], owners) or "local",
-        "is_lora": not run.get("full_finetune"),
+        "training_run_id": run.run_id,
+        "base_model": run.base_model,
+        "model_owner": run.owner or "local",
+        "is_lora": run.is_lora,
         "corrupted": False,
-        "lora_rank": run.get("lora_rank"),
-        "last_request_time": _iso(run.get("last_request") or run["created"]),
+        "lora_rank": run.lora_rank,
+        "last_request_time": _iso(run.last_request or run.created),
         "last_checkpoint": None if latest["weights"] is None else checkpoint_json(latest["weights"]),
         "last_sampler_checkpoint": None if latest["sampler_weights"] is None else
         checkpoint_json(latest["sampler_weights"]),
-        "user_metadata": _str_dict(run.get("user_metadata")),
+        "user_metadata": _str_dict(run.user_metadata),
     }
-
-
-def _has_public_checkpoint(engine: Any, run_id: str) -> bool:
-    return any(c.get("public") for c in engine.registry.list_checkpoints(run_id))
-
-
-def _visible_run(engine: Any, store: Store, run_id: str, owner: str, access_scope: str) -> dict[str, Any]:
-    run = engine.registry.get_run(run_id)
-    if run is None or not (can_see_run(store, run_id, owner) or
-                           (access_scope == "accessible" and _has_public_checkpoint(engine, run_id))):
-        raise ApiError(404, f"unknown training run {run_id!r}")
-    return run
 
 
 Scope = Literal["owned", "accessible"]
 
 
+def _visible(engine: EngineAPI, run: RunInfo, owner: str, access_scope: Scope) -> bool:
+    """Owned (or nobody's); with access_scope=accessible, also another key's run that published a checkpoint."""
+    return sees(run, owner) or (access_scope == "accessible" and
+                                any(c.public for c in engine.list_checkpoints(run.run_id)))
+
+
+def _visible_run(engine: EngineAPI, run_id: str, owner: str, access_scope: Scope) -> RunInfo:
+    run = engine.get_run(run_id)
+    if run is None or not _visible(engine, run, owner, access_scope):
+        raise ApiError(404, f"unknown training run {run_id!r}")
+    return run
+
+
 @router.get("/training_runs")
-def list_training_runs(engine: EngineDep, store: StoreDep, owner: OwnerDep,
+def list_training_runs(engine: EngineDep, owner: OwnerDep,
                        limit: Annotated[int, Query(ge=0, le=10_000)] = 20, offset: Annotated[int, Query(ge=0)] = 0,
                        access_scope: Scope = "owned", project_id: str | None = None) -> dict[str, Any]:
-    # A plain `def`: FastAPI runs it in its thread pool, so registry reads never stall the event loop.
-    owners = store.model_owners()
-    runs, _ = engine.registry.list_runs(limit=-1, offset=0)  # newest first; filtered here (runs are few)
-    visible = [r for r in runs if can_see_run(store, r["run_id"], owner, owners) or
-               (access_scope == "accessible" and _has_public_checkpoint(engine, r["run_id"]))]
+    visible = [r for r in engine.list_runs() if _visible(engine, r, owner, access_scope)]  # newest first
     page = visible[offset:offset + limit]
-    return {"training_runs": [training_run_json(engine, store, r, owners) for r in page],
+    return {"training_runs": [training_run_json(engine, r) for r in page],
             "cursor": {"offset": offset, "limit": limit, "total_count": len(visible)}}
 
 
 @router.get("/training_runs/{run_id}")
-def get_training_run(run_id: str, engine: EngineDep, store: StoreDep, owner: OwnerDep,
-                     access_scope: Scope = "owned") -> dict[str, Any]:
-    run = _visible_run(engine, store, run_id, owner, access_scope)
-    return training_run_json(engine, store, run, store.model_owners())
+def get_training_run(run_id: str, engine: EngineDep, owner: OwnerDep, access_scope: Scope = "owned") -> dict[str, Any]:
+    return training_run_json(engine, _visible_run(engine, run_id, owner, access_scope))
 
 
 @router.get("/training_runs/{run_id}/checkpoints")
-def list_run_checkpoints(run_id: str, engine: EngineDep, store: StoreDep, owner: OwnerDep) -> dict[str, Any]:
-    _visible_run(engine, store, run_id, owner, "accessible")
-    rows = _live(engine.registry.list_checkpoints(run_id))
-    if not can_see_run(store, run_id, owner):  # someone else's run: only what they published
-        rows = [r for r in rows if r.get("public")]
-    return {"checkpoints": [checkpoint_json(r) for r in rows],
-            "cursor": {"offset": 0, "limit": len(rows), "total_count": len(rows)}}
+def list_run_checkpoints(run_id: str, engine: EngineDep, owner: OwnerDep) -> dict[str, Any]:
+    run = _visible_run(engine, run_id, owner, "accessible")
+    ckpts = _live(engine.list_checkpoints(run_id))
+    if not sees(run, owner):  # someone else's run: only what they published
+        ckpts = [c for c in ckpts if c.public]
+    return {"checkpoints": [checkpoint_json(c) for c in ckpts],
+            "cursor": {"offset": 0, "limit": len(ckpts), "total_count": len(ckpts)}}
 
 
 @router.get("/checkpoints")
-def list_user_checkpoints(engine: EngineDep, store: StoreDep, owner: OwnerDep,
-                          limit: Annotated[int, Query(ge=0, le=10_000)] = 100,
+def list_user_checkpoints(engine: EngineDep, owner: OwnerDep, limit: Annotated[int, Query(ge=0, le=10_000)] = 100,
                           offset: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
-    owners = store.model_owners()
-    rows = [r for r in _live(engine.registry.list_checkpoints(None, limit=-1, offset=0))
-            if can_see_run(store, r["run_id"], owner, owners)]  # newest first
-    return {"checkpoints": [checkpoint_json(r) for r in rows[offset:offset + limit]],
-            "cursor": {"offset": offset, "limit": limit, "total_count": len(rows)}}
+    runs = {r.run_id: r for r in engine.list_runs()}
+    ckpts = [c for c in _live(engine.list_checkpoints()) if sees(runs.get(c.run_id), owner)]  # newest first
+    return {"checkpoints": [checkpoint_json(c) for c in ckpts[offset:offset + limit]],
+            "cursor": {"offset": offset, "limit": limit, "total_count": len(ckpts)}}
 
 
 CheckpointType = Annotated[str | None, Query(pattern="^(training|sampler)$")]
 
 
 @router.post("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/publish", status_code=204)
-def publish_checkpoint(run_id: str, checkpoint_id: str, engine: EngineDep, store: StoreDep, owner: OwnerDep,
+def publish_checkpoint(run_id: str, checkpoint_id: str, engine: EngineDep, owner: OwnerDep,
                        checkpoint_type: CheckpointType = None) -> Response:
-    p = writable_checkpoint(engine, store, run_id, checkpoint_id, owner, checkpoint_type)
-    engine.registry.set_checkpoint(p, public=1)
+    engine.set_checkpoint_public(writable_checkpoint(engine, run_id, checkpoint_id, owner, checkpoint_type), True)
     return Response(status_code=204)
 
 
 @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/publish", status_code=204)
-def unpublish_checkpoint(run_id: str, checkpoint_id: str, engine: EngineDep, store: StoreDep, owner: OwnerDep,
+def unpublish_checkpoint(run_id: str, checkpoint_id: str, engine: EngineDep, owner: OwnerDep,
                          checkpoint_type: CheckpointType = None) -> Response:
-    p = writable_checkpoint(engine, store, run_id, checkpoint_id, owner, checkpoint_type)
-    engine.registry.set_checkpoint(p, public=0)
+    engine.set_checkpoint_public(writable_checkpoint(engine, run_id, checkpoint_id, owner, checkpoint_type), False)
     return Response(status_code=204)
 
 
 @router.put("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/ttl", status_code=204)
-def set_checkpoint_ttl(run_id: str, checkpoint_id: str, body: JsonBody, engine: EngineDep, store: StoreDep,
-                       owner: OwnerDep, checkpoint_type: CheckpointType = None) -> Response:
-    p = writable_checkpoint(engine, store, run_id, checkpoint_id, owner, checkpoint_type)
-    ttl = _check_ttl(body.get("ttl_seconds"))
-    engine.registry.set_checkpoint(p, expires=None if ttl is None else time.time() + ttl)
+def set_checkpoint_ttl(run_id: str, checkpoint_id: str, body: JsonBody, engine: EngineDep, owner: OwnerDep,
+                       checkpoint_type: CheckpointType = None) -> Response:
+    path = writable_checkpoint(engine, run_id, checkpoint_id, owner, checkpoint_type)
+    engine.set_checkpoint_ttl(path, _check_ttl(body.get("ttl_seconds")))
     return Response(status_code=204)
 
 
 @router.get("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/archive")
-def checkpoint_archive(run_id: str, checkpoint_id: str, engine: EngineDep, store: StoreDep,
-                       owner: OwnerDep) -> Response:
-    writable_checkpoint(engine, store, run_id, checkpoint_id, owner)
+def checkpoint_archive(run_id: str, checkpoint_id: str, engine: EngineDep, owner: OwnerDep) -> Response:
+    writable_checkpoint(engine, run_id, checkpoint_id, owner)
     raise ApiError(404, "checkpoint downloads are not served by this server; the files are under the server's "
                         "data directory (checkpoints/{run_id}/{kind}/{name})")
 
@@ -336,9 +314,10 @@ def external_weights_urls(run_id: str, checkpoint_id: str) -> Response:
 
 
 @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}", status_code=204)
-def delete_checkpoint_route(run_id: str, checkpoint_id: str, engine: EngineDep, store: StoreDep,
-                            samplers: SamplersDep, owner: OwnerDep,
-                            checkpoint_type: CheckpointType = None) -> Response:
-    p = writable_checkpoint(engine, store, run_id, checkpoint_id, owner, checkpoint_type)
-    delete_checkpoint(engine, samplers, p)
+def delete_checkpoint_route(run_id: str, checkpoint_id: str, engine: EngineDep, samplers: SamplersDep,
+                            owner: OwnerDep, checkpoint_type: CheckpointType = None) -> Response:
+    path = writable_checkpoint(engine, run_id, checkpoint_id, owner, checkpoint_type)
+    # Waits (on this pool thread) for the requests already submitted on the path, e.g. a save still writing it.
+    if not delete_checkpoint(engine, samplers, path, owner):
+        raise ApiError(404, f"checkpoint {path} not found")  # a concurrent delete got there first
     return Response(status_code=204)

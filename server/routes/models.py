@@ -1,8 +1,8 @@
 """Models: POST /create_model, /get_info, /unload_model (wire doc §2.3).
 
 A model is named `{session_id}:train:{model_seq_id}` (SDK 0.38 derives that name itself on create-via-load, §1.8)
-and is also the engine's training-run id. create_model is a future; it runs on the engine's training queue, so it
-is ordered with everything submitted before it.
+and is also the engine's training-run id; the engine records the caller's key tag as the run's owner. create_model
+is a future: the engine builds the run on its worker for the base model.
 """
 
 from __future__ import annotations
@@ -18,6 +18,8 @@ from server.access import owned_model, owned_session
 from server.deps import EngineDep, FuturesDep, JsonBody, OwnerDep, StoreDep
 from server.errors import ApiError
 from server.routes._submit import check_base_model, check_optimizer_config, untyped_future
+from tinker_jax.errors import NotFound, UserError
+from tinker_jax.futures import then
 
 router = APIRouter()
 
@@ -35,16 +37,13 @@ async def create_model(body: JsonBody, engine: EngineDep, store: StoreDep, futur
         check_optimizer_config(body.get("optimizer_config"))
         check_base_model(engine, req.base_model)
         if lora is not None and lora.rank < 1:
-            raise ValueError(f"lora_config.rank: must be >= 1, got {lora.rank}")
-
-        def op() -> dict[str, Any]:
-            kwargs: dict[str, Any] = {} if lora is None else dict(
-                rank=lora.rank, seed=lora.seed, train_mlp=lora.train_mlp, train_attn=lora.train_attn,
-                train_unembed=lora.train_unembed, full_finetune=False)
-            mid = engine.create_model(req.base_model, model_id=model_id, user_metadata=req.user_metadata, **kwargs)
-            return {"model_id": mid, "type": "create_model"}
-
-        return engine.submit(op)
+            raise UserError(f"lora_config.rank: must be >= 1, got {lora.rank}")
+        kwargs: dict[str, Any] = {} if lora is None else dict(
+            rank=lora.rank, seed=lora.seed, train_mlp=lora.train_mlp, train_attn=lora.train_attn,
+            train_unembed=lora.train_unembed, full_finetune=False)
+        return then(engine.create_model(req.base_model, model_id=model_id, user_metadata=req.user_metadata,
+                                        owner=owner, tenant=req.session_id, **kwargs),
+                    lambda mid: {"model_id": mid, "type": "create_model"})
 
     request_id, _ = futures.submit("create_model", start, idempotency=("create_model", req.session_id,
                                                                       req.model_seq_id),
@@ -58,7 +57,7 @@ async def get_info(body: JsonBody, engine: EngineDep, store: StoreDep, owner: Ow
     owned_model(store, req.model_id, owner)
     try:
         info = await asyncio.to_thread(engine.get_info, req.model_id)
-    except ValueError as e:  # the engine no longer (or not yet) holds it: released, or the server restarted
+    except NotFound as e:  # the engine no longer (or not yet) holds it: released, or the server restarted
         raise ApiError(404, str(e)) from None
     # model_data.model_name must be set: get_tokenizer() asserts it and ephemeral samplers take their base from it.
     return {**info.model_dump(mode="json", exclude_none=True), "type": "get_info"}
@@ -68,12 +67,11 @@ async def get_info(body: JsonBody, engine: EngineDep, store: StoreDep, owner: Ow
 async def unload_model(body: JsonBody, engine: EngineDep, store: StoreDep, futures: FuturesDep,
                        owner: OwnerDep) -> dict[str, Any]:
     req = wire.parse_request(types.UnloadModelRequest, body)
-    owned_model(store, req.model_id, owner)
-
-    def op() -> dict[str, Any]:
-        engine.unload_model(req.model_id)
-        return {"model_id": req.model_id, "type": "unload_model"}
-
-    # On the training queue: requests submitted before the unload still run.
-    request_id, _ = futures.submit("unload_model", lambda: engine.submit(op), model_id=req.model_id)
+    model = owned_model(store, req.model_id, owner)
+    # Queued behind the model's earlier requests, which still run.
+    request_id, _ = futures.submit(
+        "unload_model",
+        lambda: then(engine.unload_model(req.model_id, tenant=model.session_id),
+                     lambda _: {"model_id": req.model_id, "type": "unload_model"}),
+        model_id=req.model_id)
     return untyped_future(request_id, model_id=req.model_id)

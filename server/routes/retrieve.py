@@ -7,6 +7,7 @@ from tinker import types
 
 from server import wire
 from server.deps import FuturesDep, JsonBody
+from tinker_jax.errors import UserError
 
 router = APIRouter()
 
@@ -15,7 +16,7 @@ router = APIRouter()
 async def retrieve_future(request: Request, body: JsonBody, futures: FuturesDep) -> Response:
     request_id = body.get("request_id")
     if not isinstance(request_id, (str, int)) or isinstance(request_id, bool):
-        raise ValueError("request_id: must be a string")
+        raise UserError("request_id: must be a string")
     # SDK >= 0.18.1 asks for proto on fwd/bwd and sample results; older ones get those re-encoded as JSON.
     accept_proto = wire.PROTO_CONTENT_TYPE in request.headers.get("accept", "")
     reply = await futures.retrieve(str(request_id), accept_proto)

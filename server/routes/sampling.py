@@ -21,8 +21,9 @@ from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
 from server import wire
 from server.access import owned_sampler, owned_session, readable_checkpoint
 from server.deps import EngineDep, FuturesDep, JsonBody, OwnerDep, SamplersDep, StoreDep
-from server.futures import then
 from server.routes._submit import check_base_model, untyped_future
+from tinker_jax.errors import UserError
+from tinker_jax.futures import then
 
 router = APIRouter()
 
@@ -33,14 +34,14 @@ async def create_sampling_session(body: JsonBody, engine: EngineDep, store: Stor
     req = wire.parse_request(types.CreateSamplingSessionRequest, body)
     owned_session(store, req.session_id, owner, live=True)
     if req.model_path:  # both given: the path wins
-        readable_checkpoint(engine, store, req.model_path, owner, "model_path")
+        readable_checkpoint(engine, req.model_path, owner, "model_path")
         info = await asyncio.to_thread(engine.weights_info, req.model_path)
         base_model, model_path = info["base_model"], req.model_path
     elif req.base_model:
         check_base_model(engine, req.base_model)
         base_model, model_path = req.base_model, None
     else:
-        raise ValueError("create_sampling_session: give model_path (tinker://...) or base_model")
+        raise UserError("create_sampling_session: give model_path (tinker://...) or base_model")
     row = store.create_sampling_session(req.session_id, req.sampling_session_seq_id, base_model=base_model,
                                         model_path=model_path)
     await samplers.resolve(row)  # build the snapshot now: errors surface here, and the first sample is quick
@@ -62,11 +63,11 @@ async def join_sampling_session(body: JsonBody, store: StoreDep, owner: OwnerDep
 
 def _refuse_unsupported(req: types.SampleRequest) -> None:
     if req.topk_sample_logprobs:
-        raise ValueError("topk_sample_logprobs: per-token top-k of sampled tokens is not supported by this server")
+        raise UserError("topk_sample_logprobs: per-token top-k of sampled tokens is not supported by this server")
     if req.target_prompt_logprobs is not None:
-        raise ValueError("target_prompt_logprobs: not supported by this server")
+        raise UserError("target_prompt_logprobs: not supported by this server")
     if req.prompt_alt_tokens_k:
-        raise ValueError("prompt_alt_tokens_k: not supported by this server")
+        raise UserError("prompt_alt_tokens_k: not supported by this server")
 
 
 def _last_n_checker(req: types.SampleRequest, prompt_len: int):
@@ -76,10 +77,10 @@ def _last_n_checker(req: types.SampleRequest, prompt_len: int):
     if n is None:
         return None
     if not (req.prompt_logprobs or req.topk_prompt_logprobs):
-        raise ValueError("prompt_logprobs_last_n: applies to prompt logprobs; set prompt_logprobs")
+        raise UserError("prompt_logprobs_last_n: applies to prompt logprobs; set prompt_logprobs")
     if isinstance(n, bool) or not 1 <= n <= prompt_len - 1:
-        raise ValueError(f"prompt_logprobs_last_n: must be between 1 and len(prompt) - 1 = {prompt_len - 1}, "
-                         f"got {n}")
+        raise UserError(f"prompt_logprobs_last_n: must be between 1 and len(prompt) - 1 = {prompt_len - 1}, "
+                        f"got {n}")
 
     def mask(resp: types.SampleResponse) -> types.SampleResponse:
         cut = prompt_len - n
@@ -109,15 +110,15 @@ async def asample(body: JsonBody, engine: EngineDep, store: StoreDep, futures: F
                   owner: OwnerDep) -> dict[str, Any]:
     req = wire.parse_request(types.SampleRequest, body)
     if not req.sampling_session_id:
-        raise ValueError("sampling_session_id: required (this server does not serve the pre-0.3 sessionless form)")
+        raise UserError("sampling_session_id: required (this server does not serve the pre-0.3 sessionless form)")
     row = owned_sampler(store, req.sampling_session_id, owner)
     if isinstance(req.num_samples, bool) or req.num_samples < 1:
-        raise ValueError(f"num_samples: must be >= 1, got {req.num_samples}")
+        raise UserError(f"num_samples: must be >= 1, got {req.num_samples}")
     seq_id = req.seq_id if req.seq_id is not None else 0
     sequence_ids = [f"{row.sampling_session_id}:{seq_id}:{i}" for i in range(req.num_samples)]
     try:
         engine_id, lost = await samplers.resolve(row), None
-    except ValueError as e:  # an ephemeral sampler whose weights are gone: the future says why
+    except UserError as e:  # an ephemeral sampler whose weights are gone: the future says why
         engine_id, lost = None, e
 
     def start():
@@ -128,7 +129,7 @@ async def asample(body: JsonBody, engine: EngineDep, store: StoreDep, futures: F
         post = _last_n_checker(req, prompt_len)
         future = engine.sample(engine_id, req.prompt, req.num_samples, req.sampling_params,
                                include_prompt_logprobs=bool(req.prompt_logprobs),
-                               topk_prompt_logprobs=int(req.topk_prompt_logprobs or 0))
+                               topk_prompt_logprobs=int(req.topk_prompt_logprobs or 0), tenant=row.session_id)
         return future if post is None else then(future, post)
 
     # In a thread: the first sample of a base model builds its sampler.
@@ -143,5 +144,5 @@ async def asample(body: JsonBody, engine: EngineDep, store: StoreDep, futures: F
 async def cancel_future(body: JsonBody, futures: FuturesDep) -> dict[str, Any]:
     request_id = body.get("request_id")
     if not isinstance(request_id, str):
-        raise ValueError("request_id: must be a string")
+        raise UserError("request_id: must be a string")
     return {"request_id": request_id, "cancelled": futures.cancel(request_id)}

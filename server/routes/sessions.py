@@ -12,6 +12,7 @@ from server.access import owned_session
 from server.deps import EngineDep, JsonBody, OwnerDep, SamplersDep, StoreDep
 from server.errors import ApiError
 from server.lifecycle import release_session
+from tinker_jax.errors import UserError
 
 router = APIRouter()
 
@@ -47,7 +48,7 @@ async def finish_session(session_id: str, body: JsonBody, store: StoreDep, owner
     reason = body.get("reason")
     reason_type = reason.get("type") if isinstance(reason, dict) else reason
     if reason_type is not None and not isinstance(reason_type, str):
-        raise ValueError(f"reason.type: must be a string, got {reason_type!r}")
+        raise UserError(f"reason.type: must be a string, got {reason_type!r}")
     detail = body.get("detail")
     row = store.finish_session(session_id, reason_type or "unspecified", None if detail is None else str(detail))
     assert row is not None

@@ -17,55 +17,54 @@ from fastapi import APIRouter, Request
 from server import wire
 from server.access import owned_model
 from server.deps import EngineDep, FuturesDep, JsonBody, OwnerDep, StoreDep
-from server.routes._submit import adam_params, check_seq_id, untyped_future
+from server.futures import FutureRegistry
+from server.routes._submit import adam_params, check_seq_id, train_key, untyped_future
 from server.store import Store
+from tinker_jax.engine.api import EngineAPI
 
 router = APIRouter()
 
 
-def _submit_forward_backward(call: wire.ForwardBackwardCall, engine: Any, store: Store, futures: Any,
-                             owner: str) -> dict[str, Any]:
+def _submit_forward_backward(body: bytes, content_type: str | None, forward_only: bool, engine: EngineAPI,
+                             store: Store, futures: FutureRegistry, owner: str) -> dict[str, Any]:
+    """In a thread: decoding a large batch and the engine's validation of it are CPU work."""
+    call = wire.decode_forward_backward(body, content_type, forward_only=forward_only)
     req = call.request
-    owned_model(store, req.model_id, owner)
+    model = owned_model(store, req.model_id, owner)
     fb = req.forward_backward_input
     kind = "forward" if call.forward_only else "forward_backward"
     request_id, _ = futures.submit(
         kind,
         lambda: engine.forward_backward(req.model_id, list(fb.data), fb.loss_fn, fb.loss_fn_config,
-                                        forward_only=call.forward_only),
-        idempotency=None if req.seq_id is None else ("train", req.model_id, req.seq_id), model_id=req.model_id)
+                                        forward_only=call.forward_only, tenant=model.session_id),
+        idempotency=train_key(req.model_id, req.seq_id), model_id=req.model_id)
     return untyped_future(request_id, model_id=req.model_id)
 
 
 @router.post("/forward_backward")
 async def forward_backward(request: Request, engine: EngineDep, store: StoreDep, futures: FuturesDep,
                            owner: OwnerDep) -> dict[str, Any]:
-    body = await request.body()
-    # Decoding a large batch is CPU work: keep it off the event loop.
-    call = await asyncio.to_thread(wire.decode_forward_backward, body, request.headers.get("content-type"))
-    return _submit_forward_backward(call, engine, store, futures, owner)
+    return await asyncio.to_thread(_submit_forward_backward, await request.body(),
+                                   request.headers.get("content-type"), False, engine, store, futures, owner)
 
 
 @router.post("/forward")
 async def forward(request: Request, engine: EngineDep, store: StoreDep, futures: FuturesDep,
                   owner: OwnerDep) -> dict[str, Any]:
-    body = await request.body()
-    call = await asyncio.to_thread(wire.decode_forward_backward, body, request.headers.get("content-type"),
-                                   forward_only=True)
-    return _submit_forward_backward(call, engine, store, futures, owner)
+    return await asyncio.to_thread(_submit_forward_backward, await request.body(),
+                                   request.headers.get("content-type"), True, engine, store, futures, owner)
 
 
 @router.post("/optim_step")
 async def optim_step(body: JsonBody, engine: EngineDep, store: StoreDep, futures: FuturesDep,
                      owner: OwnerDep) -> dict[str, Any]:
     model_id = body.get("model_id")
-    owned_model(store, model_id, owner)
+    model = owned_model(store, model_id, owner)
     seq_id = check_seq_id(body.get("seq_id"))
 
-    def start():
-        return engine.optim_step(model_id, adam_params(body))  # a non-Adam optimizer fails the future ("user")
+    def start():  # a bad or non-Adam optimizer fails the future ("user")
+        return engine.optim_step(model_id, adam_params(body), tenant=model.session_id)
 
     request_id, _ = futures.submit("optim_step", start,
-                                   idempotency=None if seq_id is None else ("train", model_id, seq_id),
-                                   model_id=model_id)
+                                   idempotency=train_key(model_id, seq_id), model_id=model_id)
     return untyped_future(request_id, model_id=model_id)

@@ -1,28 +1,36 @@
-"""Orbax checkpoints of a TrainState: named items `state` (weights, optimizer leaves) and `meta` (JSON).
+"""Orbax checkpoints of one run: named items `state` ({"weights", "opt"}) and `meta` (JSON).
 
-Orbax writes into a temporary directory and renames it on commit, so a process killed mid-save never leaves
-a half-written checkpoint under the final name; overwriting a name swaps directories only after the new
-one is complete. Restores go into a target built from the live state, so shardings and dtypes are kept.
+- LoRA: `weights` is the adapter ({projection: {"a", "b"}}, the projections the run adapts; models.lora);
+  full fine-tuning: every weight of the model (the nnx state as a pure dict).
+- `opt` ({"mu", "nu", "count"}, Adam's moments shaped like `weights` and its step count) is present in training
+  checkpoints and absent in sampler ones.
+The write is atomic (tinker_jax.atomic): a process killed mid-save never leaves a half-written checkpoint under
+the final name, and overwriting a name swaps directories only after the new one is complete. Restores go into
+targets shaped and placed like the live state, so shardings and dtypes are kept.
+
+Format 1 (before stacked adapter pools) stored `trainable` (the nnx pure dict, adapters under
+blocks/{attn,mlp}/<proj>/lora_{a,b} and lm_head/lora_{a,b}) and `opt_state` (optax's AdamW state leaves); it is
+still read.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import uuid
 from pathlib import Path
+from typing import Any
 
 import jax
+import numpy as np
 import orbax.checkpoint as ocp
-from flax import nnx
 
-from tinker_jax.training.step import TrainState, commit, make_optimizer
+from tinker_jax.atomic import atomic_dir, recover
+from tinker_jax.errors import UserError
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 
-class CheckpointError(ValueError):
-    pass
+class CheckpointError(UserError):
+    """A checkpoint that is missing, unreadable, or does not fit the model it is loaded into."""
 
 
 def _checkpointer() -> ocp.Checkpointer:
@@ -34,51 +42,27 @@ def _abstract(tree):
                         tree)
 
 
-def recover(path: str | Path) -> Path:
-    """Undo an overwrite interrupted between its two renames (old moved aside, new not yet in place)."""
+def save(path: str | Path, *, weights: Any, opt: Any | None, meta: dict) -> Path:
+    """Write a checkpoint atomically. `opt` None: a sampler checkpoint (weights only)."""
     path = Path(path)
-    if not path.exists():
-        olds = sorted(path.parent.glob(f".{path.name}.*.old"), key=lambda p: p.stat().st_mtime)
-        if olds:
-            olds[-1].rename(path)
-    return path
-
-
-def save(path: str | Path, state: TrainState, *, kind: str, with_optimizer: bool, meta: dict) -> Path:
-    """Write `state` to `path` atomically. kind: "training" (weights + optimizer) or "sampler" (weights)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    recover(path)
-    items = {"trainable": state.trainable.to_pure_dict()}
-    if with_optimizer:
-        items["opt_state"] = jax.tree.leaves(state.opt_state)
-    meta = dict(meta, kind=kind, step=state.step, with_optimizer=with_optimizer, format_version=FORMAT_VERSION)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.new")
-    try:
+    items = {"weights": weights} if opt is None else {"weights": weights, "opt": opt}
+    meta = dict(meta, with_optimizer=opt is not None, format_version=FORMAT_VERSION)
+    with atomic_dir(path) as tmp:
+        tmp.rmdir()  # Orbax creates the directory itself (and refuses an existing one)
         _checkpointer().save(tmp, ocp.args.Composite(state=ocp.args.StandardSave(items),
                                                      meta=ocp.args.JsonSave(meta)))
-        if path.exists():  # replace an older checkpoint of the same name only once the new one is complete
-            old = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.old")
-            path.rename(old)
-            try:
-                tmp.rename(path)
-            except BaseException:
-                old.rename(path)  # the commit failed: put the previous checkpoint back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)  # no half-written leftovers (a SIGKILL can still leave one)
-        raise
     return path
+
+
+def size_bytes(path: str | Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
 
 
 def read_meta(path: str | Path) -> dict:
     path = recover(path)
     f = path / "meta" / "metadata"
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path} does not exist")
+        raise CheckpointError(f"checkpoint {path.name} does not exist")
     try:
         return json.loads(f.read_text())
     except (OSError, json.JSONDecodeError):
@@ -86,47 +70,90 @@ def read_meta(path: str | Path) -> dict:
         try:
             return _checkpointer().restore(path, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:
-            raise CheckpointError(f"checkpoint {path} is unreadable ({e})") from None
+            raise CheckpointError(f"checkpoint {path.name} is unreadable ({type(e).__name__})") from None
 
 
-def restore_into(path: str | Path, state: TrainState, *, with_optimizer: bool) -> dict:
-    """Load weights (and optimizer state and step if `with_optimizer`) from `path` into `state` in place."""
-    path = Path(path)
+def restore(path: str | Path, like_weights: Any, like_opt: Any | None = None) -> tuple[Any, Any | None, dict]:
+    """Read weights (and, when `like_opt` is given, the optimizer state) shaped and placed like the targets.
+    -> (weights, opt or None, meta). CheckpointError when it has no optimizer state but one was asked for, or does
+    not fit the targets."""
+    path = recover(path)
     meta = read_meta(path)
-    if with_optimizer and not meta.get("with_optimizer"):
-        raise CheckpointError(f"checkpoint {path} holds no optimizer state (kind {meta.get('kind')!r})")
-    target = {"trainable": _abstract(state.trainable.to_pure_dict())}
+    if like_opt is not None and not meta.get("with_optimizer"):
+        raise CheckpointError(f"checkpoint {path.name} holds no optimizer state (kind {meta.get('kind')!r}); load "
+                              "it without the optimizer")
+    if meta.get("format_version", 1) < 2:
+        return (*_restore_v1(path, meta, like_weights, like_opt), meta)
+    target = {"weights": _abstract(like_weights)}
     if meta.get("with_optimizer"):  # Orbax must be given every saved item, even for a weights-only load
-        target["opt_state"] = _abstract(jax.tree.leaves(state.opt_state))
-    try:
-        got = _checkpointer().restore(
-            path, ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path} does not match this model ({type(e).__name__}: {e})") from None
-    trainable = state.trainable
-    trainable.replace_by_pure_dict(got["trainable"])
-    state.trainable = trainable
-    state.grads = jax.tree.map(lambda x: x * 0, state.grads)
-    state.pending = 0
-    if with_optimizer:
-        state.opt_state = jax.tree.unflatten(jax.tree.structure(state.opt_state), got["opt_state"])
-        state.step = int(meta.get("step", 0))
-    else:  # weights only: a fresh optimizer (Adam moments and step count reset)
-        state.opt_state = commit(make_optimizer().init(state.trainable), state.trainable)
-        state.step = 0
-    return meta
+        opt_like = like_opt if like_opt is not None else {"mu": like_weights, "nu": like_weights,
+                                                          "count": np.zeros((), np.int32)}
+        target["opt"] = _abstract(opt_like)
+    got = _restore(path, target)
+    return got["weights"], (got["opt"] if like_opt is not None else None), meta
 
 
-def load_trainable(path: str | Path, like: nnx.State) -> nnx.State:
-    """Just the trained weights (e.g. a sampler checkpoint) shaped like `like`."""
-    target = {"trainable": _abstract(like.to_pure_dict())}
-    if read_meta(path).get("with_optimizer"):  # a training checkpoint: the restore must name every item
-        target["opt_state"] = _abstract(jax.tree.leaves(make_optimizer().init(like)))
+def _restore(path: Path, target: Any) -> Any:
     try:
-        got = _checkpointer().restore(
-            Path(path), ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+        return _checkpointer().restore(path, ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
     except Exception as e:
-        raise CheckpointError(f"checkpoint {path} does not match this model ({type(e).__name__}: {e})") from None
-    out = jax.tree.map(lambda x: x, like)
-    out.replace_by_pure_dict(got["trainable"])
+        raise CheckpointError(f"checkpoint {path.name} does not match this model ({type(e).__name__}: "
+                              f"{str(e).splitlines()[0][:300] if str(e) else ''})") from None
+
+
+# ------------------------------------------------------------------------------------------- format 1
+
+_V1_GROUPS = {"q": "attn", "k": "attn", "v": "attn", "o": "attn", "gate": "mlp", "up": "mlp", "down": "mlp"}
+
+
+def _v1_lora_tree(tree: dict) -> dict:
+    """{projection: {"a", "b"}} -> format 1's nnx layout (blocks/<group>/<proj>/lora_{a,b}, lm_head/lora_{a,b})."""
+    out: dict = {}
+    for name, w in tree.items():
+        node = {"lora_a": w["a"], "lora_b": w["b"]}
+        if name == "unembed":
+            out["lm_head"] = node
+        else:
+            out.setdefault("blocks", {}).setdefault(_V1_GROUPS[name], {})[name] = node
     return out
+
+
+def _v1_lora_back(tree: dict) -> dict:
+    out = {}
+    for group in tree.get("blocks", {}).values():
+        for name, node in group.items():
+            out[name] = {"a": node["lora_a"], "b": node["lora_b"]}
+    if "lm_head" in tree:
+        out["unembed"] = {"a": tree["lm_head"]["lora_a"], "b": tree["lm_head"]["lora_b"]}
+    return out
+
+
+def _restore_v1(path: Path, meta: dict, like_weights: Any, like_opt: Any | None):
+    import optax  # format 1 stored optax's state leaves
+
+    lora = not meta.get("full_finetune", False)
+    trainable_like = _v1_lora_tree(like_weights) if lora else like_weights
+    target = {"trainable": _abstract(trainable_like)}
+    opt_tmpl = None
+    if meta.get("with_optimizer"):
+        opt_tmpl = optax.inject_hyperparams(optax.adamw)(
+            learning_rate=1e-4, b1=0.9, b2=0.95, eps=1e-12, weight_decay=0.0).init(
+            jax.tree.map(lambda x: np.zeros(x.shape, np.float32), trainable_like))
+        target["opt_state"] = [jax.ShapeDtypeStruct(np.shape(x), np.asarray(x).dtype)
+                               for x in jax.tree.leaves(opt_tmpl)]
+    try:
+        got = _checkpointer().restore(path, ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
+    except Exception as e:
+        raise CheckpointError(f"checkpoint {path.name} (format 1) does not match this model ({type(e).__name__})"
+                              ) from None
+    weights = _v1_lora_back(got["trainable"]) if lora else got["trainable"]
+    opt = None
+    if like_opt is not None:
+        state = jax.tree.unflatten(jax.tree.structure(opt_tmpl), got["opt_state"])
+        adam = state.inner_state[0]  # ScaleByAdamState(count, mu, nu)
+        mu, nu = (_v1_lora_back(x) if lora else x for x in (adam.mu, adam.nu))
+        place = lambda tree, like: jax.tree.map(  # noqa: E731
+            lambda x, l: jax.device_put(np.asarray(x, l.dtype), getattr(l, "sharding", None)), tree, like)
+        opt = {"mu": place(mu, like_opt["mu"]), "nu": place(nu, like_opt["nu"]),
+               "count": np.asarray(adam.count, np.int32)}
+    return weights, opt

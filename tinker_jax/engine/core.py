@@ -1,71 +1,68 @@
 """The engine: one core behind both front doors (tinker_jax.ServiceClient and the REST server).
 
-It owns base models, training models (TrainStates), sampler snapshots and the run/checkpoint registry.
-Training requests run on one worker thread in submission order, so a script may submit forward_backward
-and optim_step back to back; sampling runs on the sampler's own thread. Every method takes and returns
-`tinker.types` objects (or futures of them); arrays stay inside.
+A request's path (DESIGN.md has the diagram):
+  front door -> Engine method (validate: a UserError fails the future before any device work; bounds: Overloaded)
+  -> typed Request appended to its base model's log (BaseWorker.submit -> engine.scheduler)
+  -> the worker's next round batches it with other runs' requests -> jitted step on the device
+  -> the result is split per request and its future resolved.
+Each base model has its own log and worker thread (engine.worker), so loading one model or writing a checkpoint
+never stalls another model; nothing here holds a lock across I/O or compilation (the lock guards small dicts).
+Samples go straight to the base model's sampler (continuous batching), which the same worker drives.
 """
 
 from __future__ import annotations
 
+import collections
 import itertools
 import logging
-import queue
+import secrets
+import shutil
 import threading
+import time
 import uuid
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Sequence
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 import tinker.types as tt
-from flax import nnx
 
-from tinker_jax.engine import checkpoints as checkpoint
-from tinker_jax.training import step as train
-from tinker_jax.training.batching import build_batches, datum_tokens
+from tinker_jax import atomic
 from tinker_jax.config import EngineConfig
-from tinker_jax.models.lora import LoraSpec
-from tinker_jax.training.losses import resolve_config
-from tinker_jax.models.decoder import Decoder, probe_attention
-from tinker_jax.hf.weights import init_lora_state, load_decoder
+from tinker_jax.engine import checkpoints, requests as rq
+from tinker_jax.engine.api import CheckpointInfo, EngineAPI, RunInfo
 from tinker_jax.engine.registry import Registry, TinkerPath, check_name
-from tinker_jax.models.sharding import batch_sharding, make_mesh, state_shardings
+from tinker_jax.engine.scheduler import Request
+from tinker_jax.engine.worker import BaseWorker
+from tinker_jax.errors import NotFound, Overloaded, UserError
+from tinker_jax.futures import failed, resolved, then
+from tinker_jax.models.config import load_config
+from tinker_jax.models.decoder import probe_attention
+from tinker_jax.models.lora import LoraSpec
+from tinker_jax.models.sharding import make_mesh
+from tinker_jax.sampling import kernels
+from tinker_jax.sampling.snapshot import WeightSnapshot
+from tinker_jax.training import batching, step
+from tinker_jax.training.optim import AdamHP, check_adam
 
 log = logging.getLogger("tinker_jax.engine")
 
-
-class NotFound(ValueError):
-    """An unknown model, sampler, checkpoint or base model (a user error)."""
+LOCAL = "local"  # the tenant of in-process requests
 
 
 @dataclass
-class BaseModel:
-    name: str
-    path: Path
-    cfg: Any
-    decoder: Decoder  # base weights (no LoRA); LoRA runs share its arrays
-    attention: str = "einsum"  # the training attention kernel for this model (EngineConfig.attention, probed)
+class _Handle:
+    """What the front knows of a run: where it lives and (once created) its adapter spec."""
+
+    run_id: str
+    worker: BaseWorker
+    spec: LoraSpec | None
+    full: bool
+    created: bool = False
 
 
-@dataclass
-class Snapshot:
-    """Immutable weights for sampling: the graph, the base weights and a private copy of the trained ones."""
-
-    base: BaseModel
-    graphdef: Any
-    trainable: nnx.State
-    frozen: nnx.State
-    path: str | None = None
-
-    def model(self) -> Decoder:
-        return train.merge_model(self.graphdef, self.trainable, self.frozen)
-
-
-class Engine:
+class Engine(EngineAPI):
     def __init__(self, config: EngineConfig):
         self.config = config
         self.data_dir = Path(config.data_dir)
@@ -77,69 +74,101 @@ class Engine:
             require_vllm()
         if config.compile_cache:
             enable_compile_cache(self.data_dir / "jax_cache")
-        self.mesh = make_mesh(config.mesh) if config.mesh.size > 1 else None
+        self.mesh = make_mesh(config.mesh)
         self.attention = config.training_attention(jax.default_backend())
         if self.attention == "cudnn" and (jax.default_backend() != "gpu" or config.dtype != "bfloat16"):
             raise ValueError(f"config.attention: cudnn needs a GPU and dtype bfloat16 (backend "
                              f"{jax.default_backend()!r}, dtype {config.dtype!r}); use auto or einsum")
-        self._bases: dict[str, BaseModel] = {}
-        self._models: dict[str, train.TrainState] = {}
-        self._snapshots: dict[str, Snapshot] = {}
-        self._samplers: dict[str, Any] = {}  # base model name -> Sampler
-        self._lock = threading.RLock()
-        self._queue: queue.Queue = queue.Queue()
+        self._lock = threading.Lock()  # guards the dicts below; never held across I/O or device work
+        self._workers: dict[str, BaseWorker] = {}
+        self._handles: dict[str, _Handle] = {}
+        self._snapshots: dict[str, WeightSnapshot] = {}
+        self._path_tail: dict[str, Future] = {}  # checkpoint path -> the last request that touches it
+        self._inflight: collections.Counter = collections.Counter()  # tenant -> requests not finished
+        self._refused = 0  # submits refused with Overloaded so far
         self._ids = itertools.count(1)
-        self._worker = threading.Thread(target=self._run, name="tinker-jax-train", daemon=True)
-        self._worker.start()
+        self._sweep_checkpoints()
 
     # ------------------------------------------------------------------------------------------ plumbing
-    def _run(self):
-        while True:
-            item = self._queue.get()
-            if item is None:
-                return
-            fut, fn = item
-            if not fut.set_running_or_notify_cancel():
-                continue
-            try:
-                fut.set_result(fn())
-            except BaseException as e:  # noqa: BLE001 - delivered to the caller through the future
-                if not isinstance(e, ValueError):
-                    log.exception("engine request failed")
-                fut.set_exception(e)
+    def _sweep_checkpoints(self) -> None:
+        """Start-up recovery: temporaries of commits killed mid-way are removed (checkpoints reported saved are
+        complete directories, never these)."""
+        root = self.data_dir / "checkpoints"
+        if root.is_dir():
+            for kind_dir in root.glob("*/*"):
+                for p in atomic.sweep(kind_dir):
+                    log.info("removed the leftover of an interrupted checkpoint write: %s", p)
 
-    def submit(self, fn: Callable[[], Any]) -> Future:
-        """Run fn on the training worker after everything submitted before it."""
-        fut: Future = Future()
-        self._queue.put((fut, fn))
+    def _worker(self, base_model: str) -> BaseWorker:
+        with self._lock:
+            w = self._workers.get(base_model)
+        if w is not None:
+            return w
+        path = self.config.models.get(base_model) if isinstance(base_model, str) else None
+        if path is None and self.config.local_paths and isinstance(base_model, str) and \
+                (Path(base_model) / "config.json").is_file():
+            path = base_model  # a local HF directory named by its path
+        if path is None:
+            raise NotFound(f"base_model: unknown model {base_model!r}; served: {', '.join(self.config.models)}")
+        cfg = load_config(path)  # config.json only: the weights load on the worker's own thread
+        with self._lock:
+            return self._workers.setdefault(base_model, BaseWorker(self, base_model, Path(path), cfg))
+
+    def _handle(self, model_id: str) -> _Handle:
+        with self._lock:
+            h = self._handles.get(model_id)
+        if h is None:
+            raise NotFound(f"model_id: unknown model {model_id!r}")
+        return h
+
+    def _admit(self, tenant: str) -> None:
+        with self._lock:
+            if self._inflight[tenant] >= self.config.max_queued_per_tenant:
+                self._refused += 1
+                raise Overloaded(f"too many requests in flight for this session ({self._inflight[tenant]}, limit "
+                                 f"{self.config.max_queued_per_tenant}); retry shortly")
+            total = sum(self._inflight.values())
+            if total >= self.config.max_queued:
+                self._refused += 1
+                raise Overloaded(f"the server has {total} requests in flight (limit {self.config.max_queued}); "
+                                 "retry shortly")
+            self._inflight[tenant] += 1
+
+    def _release(self, tenant: str) -> None:
+        with self._lock:
+            self._inflight[tenant] -= 1
+            if self._inflight[tenant] <= 0:
+                del self._inflight[tenant]
+
+    def _bounded(self, tenant: str, fut: Future) -> Future:
+        fut.add_done_callback(lambda _: self._release(tenant))
         return fut
 
-    def shutdown(self):
-        self._queue.put(None)
-        self._worker.join(timeout=30)
-        for s in self._samplers.values():
-            s.stop()
+    def _submit(self, worker: BaseWorker, kind: str, body: Any, *, run: str | None = None,
+                tenant: str | None = None, tokens: int = 0, paths: Sequence[TinkerPath] = ()) -> Future:
+        """Queue one typed request on `worker` (Overloaded, raised, when a bound is reached)."""
+        tenant = tenant or LOCAL
+        self._admit(tenant)
+        fut = self._bounded(tenant, Future())
+        with self._lock:  # checkpoint paths: this request runs after the last one submitted on each path
+            after = tuple(f for f in (self._path_tail.get(str(p)) for p in paths) if f is not None and not f.done())
+            for p in paths:
+                self._path_tail[str(p)] = fut
+        if paths:
+            fut.add_done_callback(lambda f: self._path_done([str(p) for p in paths], f))
+        worker.submit(Request(kind, body, fut, run=run, tenant=tenant, tokens=tokens, after=after))
+        return fut
 
-    # ------------------------------------------------------------------------------------------ models
-    def capabilities(self) -> list[str]:
-        return list(self.config.models)
-
-    def base(self, name: str) -> BaseModel:
+    def _path_done(self, paths: list[str], fut: Future) -> None:
         with self._lock:
-            if name in self._bases:
-                return self._bases[name]
-            path = self.config.models.get(name)
-            if path is None and (Path(name) / "config.json").is_file():
-                path = name  # a local HF directory named by its path
-            if path is None:
-                raise NotFound(f"base_model: unknown model {name!r}; served: {', '.join(self.config.models)}")
-            dtype = jnp.bfloat16 if self.config.dtype == "bfloat16" else jnp.float32
-            shard = (lambda st: state_shardings(st, self.mesh)) if self.mesh is not None else None
-            dec = load_decoder(path, dtype=dtype, shardings_fn=shard)
-            self._bases[name] = BaseModel(name, Path(path), dec.cfg, dec, self._attention_for(dec.cfg))
-            return self._bases[name]
+            for p in paths:
+                if self._path_tail.get(p) is fut:
+                    del self._path_tail[p]
 
-    def _attention_for(self, cfg) -> str:
+    def checkpoint_dir(self, p: TinkerPath) -> Path:
+        return self.registry.checkpoint_dir(p)
+
+    def attention_for(self, cfg) -> str:
         """The configured kernel; under `auto`, cuDNN only after a small probe with this model's head layout
         compiles and runs, so a GPU whose cuDNN lacks the kernel trains with einsum instead of failing."""
         if self.attention != "cudnn" or self.config.attention == "cudnn":
@@ -150,221 +179,312 @@ class Engine:
             return "einsum"
         return "cudnn"
 
-    def _new_decoder(self, base: BaseModel, lora: LoraSpec | None) -> Decoder:
-        """A decoder over the shared base arrays, with freshly initialised (seeded) adapters."""
-        if lora is None:  # full fine-tuning trains its own fp32 copy of every weight
-            return nnx.merge(*nnx.split(base.decoder))  # TrainState.create copies the weights to fp32
-        param_dtype = jax.tree.leaves(nnx.state(base.decoder))[0].dtype
-        make = lambda: Decoder(base.cfg, rngs=nnx.Rngs(0), lora=lora, dtype=base.decoder.dtype,
-                               param_dtype=param_dtype)
-        graphdef, _, _ = nnx.split(nnx.eval_shape(make), nnx.LoRAParam, ...)
-        # One compiled initialiser per adapter shape, shared with load_decoder; the seed enters as a key.
-        lora_state = init_lora_state(base.cfg, lora, param_dtype, base.decoder.dtype)
-        if self.mesh is not None:
-            lora_state = jax.device_put(lora_state, state_shardings(lora_state, self.mesh))
-        return nnx.merge(graphdef, lora_state, nnx.state(base.decoder))
+    # called by workers
+    def run_created(self, run_id: str, spec: LoraSpec | None) -> None:
+        with self._lock:
+            h = self._handles.get(run_id)
+            if h is not None:
+                h.spec, h.full, h.created = spec, spec is None, True
+
+    def run_unloaded(self, run_id: str) -> None:
+        with self._lock:
+            self._handles.pop(run_id, None)
+
+    def shutdown(self) -> None:
+        with self._lock:
+            workers = list(self._workers.values())
+        for w in workers:
+            w.stop()
+
+    # ------------------------------------------------------------------------------------------ discovery
+    def capabilities(self) -> list[str]:
+        return list(self.config.models)
+
+    def tokenizer_path(self, base_model: str) -> Path:
+        return self._worker(base_model).path
+
+    # ------------------------------------------------------------------------------------------ runs
+    def _reserve(self, model_id: str | None, worker: BaseWorker, spec: LoraSpec | None, full: bool) -> str:
+        model_id = check_name(model_id or f"run-{uuid.uuid4().hex[:12]}", "model_id")
+        with self._lock:
+            if model_id in self._handles:
+                raise UserError(f"model_id: {model_id!r} already exists")
+            self._handles[model_id] = _Handle(model_id, worker, spec, full)
+        return model_id
+
+    def _unreserve_on_failure(self, model_id: str, fut: Future) -> Future:
+        def done(f: Future) -> None:
+            if f.cancelled() or f.exception() is not None:
+                with self._lock:
+                    h = self._handles.get(model_id)
+                    if h is not None and not h.created:
+                        del self._handles[model_id]
+        fut.add_done_callback(done)
+        return fut
 
     def create_model(self, base_model: str, *, rank: int = 32, seed: int | None = None, train_mlp: bool = True,
                      train_attn: bool = True, train_unembed: bool = True, full_finetune: bool | None = None,
-                     model_id: str | None = None, user_metadata: dict | None = None) -> str:
-        full = self.config.full_finetune if full_finetune is None else full_finetune
-        seed = int(seed) if seed is not None else int(np.random.randint(0, 2**31 - 1))
-        lora = None if full else LoraSpec(rank=int(rank), train_attn=train_attn, train_mlp=train_mlp,
-                                          train_unembed=train_unembed, seed=seed)
-        base = self.base(base_model)
-        model_id = check_name(model_id or f"run-{uuid.uuid4().hex[:12]}", "model_id")
-        state = train.TrainState.create(self._new_decoder(base, lora), full_finetune=full, meta={
-            "base_model": base_model, "lora_rank": None if full else int(rank), "train_attn": train_attn,
-            "train_mlp": train_mlp, "train_unembed": train_unembed, "full_finetune": full, "seed": seed})
-        with self._lock:
-            if model_id in self._models:
-                raise ValueError(f"model_id: {model_id!r} already exists")
-            self._models[model_id] = state
-        self.registry.add_run(model_id, base_model, lora_rank=state.meta["lora_rank"], train_attn=train_attn,
-                              train_mlp=train_mlp, train_unembed=train_unembed, full_finetune=full, seed=seed,
-                              user_metadata=user_metadata)
-        return model_id
+                     model_id: str | None = None, user_metadata: dict | None = None, owner: str | None = None,
+                     tenant: str | None = None) -> Future:
+        try:
+            full = self.config.full_finetune if full_finetune is None else full_finetune
+            seed = int(seed) if seed is not None else secrets.randbits(32)
+            spec = None if full else LoraSpec.from_flags(
+                rank, train_attn=train_attn, train_mlp=train_mlp, train_unembed=train_unembed,
+                alpha=self.config.lora.alpha, allowed=self.config.lora.target_modules, seed=seed)
+            if spec is not None and spec.rank > self.config.lora.max_rank:
+                raise UserError(f"lora_config.rank: {spec.rank} exceeds this server's limit of "
+                                f"{self.config.lora.max_rank}")
+            worker = self._worker(base_model)
+            model_id = self._reserve(model_id, worker, spec, bool(full))
+        except UserError as e:
+            return failed(e)
+        try:
+            fut = self._submit(worker, "create", rq.CreateRun(spec, user_metadata, owner), run=model_id,
+                               tenant=tenant)
+        except Overloaded:
+            self.run_unloaded(model_id)
+            raise
+        return self._unreserve_on_failure(model_id, fut)
 
-    def model(self, model_id: str) -> train.TrainState:
-        st = self._models.get(model_id)
-        if st is None:
-            raise NotFound(f"model_id: unknown model {model_id!r}")
-        return st
+    def create_model_from_state(self, path: str, optimizer: bool, *, model_id: str | None = None,
+                                base_model: str | None = None, user_metadata: dict | None = None,
+                                owner: str | None = None, tenant: str | None = None) -> Future:
+        try:
+            p = TinkerPath.parse(path)
+            base = base_model or self._base_of_checkpoint(p)
+            worker = self._worker(base)
+            model_id = self._reserve(model_id, worker, None, False)
+        except UserError as e:
+            return failed(e)
+        body = rq.CreateRun(None, user_metadata, owner, from_path=p, with_optimizer=bool(optimizer))
+        try:
+            fut = self._submit(worker, "create", body, run=model_id, tenant=tenant, paths=[p])
+        except Overloaded:
+            self.run_unloaded(model_id)
+            raise
+        return then(self._unreserve_on_failure(model_id, fut),
+                    lambda mid: tt.LoadWeightsResponse(path=path, model_id=mid))
 
-    def unload_model(self, model_id: str) -> None:
-        with self._lock:
-            self._models.pop(model_id, None)
+    def _base_of_checkpoint(self, p: TinkerPath) -> str:
+        run = self.registry.get_run(p.run_id)
+        if run is not None:
+            return run.base_model
+        try:
+            return checkpoints.read_meta(self.checkpoint_dir(p))["base_model"]
+        except (checkpoints.CheckpointError, KeyError):
+            raise NotFound(f"path: checkpoint {p} not found") from None
+
+    def unload_model(self, model_id: str, *, tenant: str | None = None) -> Future:
+        try:
+            h = self._handle(model_id)
+        except NotFound:
+            return resolved(None)  # nothing to release
+        return self._submit(h.worker, "unload", rq.Unload(), run=model_id, tenant=tenant)
 
     def get_info(self, model_id: str) -> tt.GetInfoResponse:
-        st = self.model(model_id)
-        m = st.meta
-        base = self.base(m["base_model"])
+        h = self._handle(model_id)
+        if not h.created:
+            raise NotFound(f"model_id: {model_id!r} is still being created")
+        w = h.worker
         return tt.GetInfoResponse(
-            model_id=model_id, model_name=m["base_model"], is_lora=not m["full_finetune"],
-            lora_rank=m["lora_rank"],
-            model_data=tt.get_info_response.ModelData(arch=base.cfg.architecture, model_name=m["base_model"],
-                                                      tokenizer_id=str(base.path)))
+            model_id=model_id, model_name=w.name, is_lora=h.spec is not None,
+            lora_rank=None if h.spec is None else h.spec.rank,
+            model_data=tt.get_info_response.ModelData(arch=w.cfg.architecture, model_name=w.name,
+                                                      tokenizer_id=str(w.path)))
 
-    def tokenizer_path(self, base_model: str) -> Path:
-        return self.base(base_model).path
+    def run_state(self, model_id: str) -> dict:
+        """Host copies of a run's weights, gradients and Adam state (tests and debugging)."""
+        return self._handle(model_id).worker.run_state(model_id)
 
     # ------------------------------------------------------------------------------------------ training
-    def _sharding_fn(self):
-        if self.mesh is None:
-            return None
-        sh = batch_sharding(self.mesh, 2)
-        return lambda batch: sh
+    def forward_backward(self, model_id: str, data: Sequence[tt.Datum], loss_fn: str,
+                         loss_fn_config: dict | None = None, forward_only: bool = False, *,
+                         tenant: str | None = None) -> Future:
+        try:
+            h = self._handle(model_id)
+            cfg = h.worker.cfg
+            rows = batching.validate(list(data), loss_fn, loss_fn_config, vocab_size=cfg.vocab_size,
+                                     max_len=min(cfg.max_position_embeddings, self.config.max_seq_len))
+        except UserError as e:
+            return failed(e)
+        return self._submit(h.worker, "forward" if forward_only else "forward_backward",
+                            rq.Train(rows, bool(forward_only)), run=model_id, tenant=tenant, tokens=rows.n_tokens)
 
-    def forward_backward(self, model_id: str, data: list[tt.Datum], loss_fn: str,
-                         loss_fn_config: dict | None = None, forward_only: bool = False) -> Future:
-        def op():
-            st = self.model(model_id)
-            base = self.base(st.meta["base_model"])
-            config = resolve_config(loss_fn, loss_fn_config)
-            rows = self.mesh.shape["data"] * self.mesh.shape["fsdp"] if self.mesh is not None else 1
-            batches = build_batches(data, loss_fn, vocab_size=base.cfg.vocab_size,
-                                    max_len=min(base.cfg.max_position_embeddings, self.config.max_seq_len),
-                                    max_tokens_per_batch=self.config.max_tokens_per_batch, row_multiple=rows)
-            lps, metrics = train.forward_backward(st, batches, loss_fn, config, forward_only=forward_only,
-                                                  sharding_fn=self._sharding_fn(), remat=self.config.remat,
-                                                  attention=base.attention)
-            self.registry.touch_run(model_id)
-            return tt.ForwardBackwardOutput(
-                loss_fn_output_type="ArrayRecord",
-                loss_fn_outputs=[{"logprobs": tt.TensorData.from_numpy(np.asarray(lp, np.float32))} for lp in lps],
-                metrics=metrics)
-        return self.submit(op)
-
-    def optim_step(self, model_id: str, adam: tt.AdamParams) -> Future:
-        def op():
-            metrics = train.optim_step(self.model(model_id), learning_rate=adam.learning_rate, beta1=adam.beta1,
-                                       beta2=adam.beta2, eps=adam.eps, weight_decay=adam.weight_decay,
-                                       grad_clip_norm=getattr(adam, "grad_clip_norm", 0.0) or 0.0)
-            return tt.OptimStepResponse(metrics=metrics)
-        return self.submit(op)
+    def optim_step(self, model_id: str, adam: AdamHP | Any, *, tenant: str | None = None) -> Future:
+        try:
+            h = self._handle(model_id)
+            hp = adam if isinstance(adam, AdamHP) else check_adam(adam)
+        except UserError as e:
+            return failed(e)
+        return self._submit(h.worker, "optim_step", rq.OptimStep(hp), run=model_id, tenant=tenant)
 
     # ------------------------------------------------------------------------------------------ checkpoints
-    def _save(self, model_id: str, kind: str, name: str, ttl_seconds=None, user_metadata=None) -> TinkerPath:
-        st = self.model(model_id)
-        p = TinkerPath(model_id, kind, check_name(name, "name"))
-        d = checkpoint.save(self.registry.checkpoint_dir(p), st, kind=checkpoint_kind(kind),
-                            with_optimizer=kind == "weights", meta=st.meta)
-        size = sum(f.stat().st_size for f in d.rglob("*") if f.is_file())
-        self.registry.add_checkpoint(p, size_bytes=size, step=st.step, ttl_seconds=ttl_seconds,
-                                     user_metadata=user_metadata)
-        return p
+    def save_state(self, model_id: str, name: str, ttl_seconds: int | None = None, user_metadata=None, *,
+                   overwrite: bool = True, tenant: str | None = None) -> Future:
+        try:
+            h = self._handle(model_id)
+            p = TinkerPath(model_id, "weights", check_name(name, "name"))
+            if not overwrite and self.registry.get_checkpoint(p) is not None:
+                raise UserError(f"path: checkpoint {p} already exists (save under another name, or overwrite)")
+        except UserError as e:
+            return failed(e)
+        body = rq.Save(p, True, ttl_seconds, user_metadata)
+        return then(self._submit(h.worker, "save", body, run=model_id, tenant=tenant, paths=[p]),
+                    lambda r: tt.SaveWeightsResponse(path=r[0]))
 
-    def save_state(self, model_id: str, name: str, ttl_seconds=None, user_metadata=None) -> Future:
-        return self.submit(lambda: tt.SaveWeightsResponse(
-            path=str(self._save(model_id, "weights", name, ttl_seconds, user_metadata))))
+    def load_state(self, model_id: str, path: str, optimizer: bool, *, tenant: str | None = None) -> Future:
+        try:
+            h = self._handle(model_id)
+            p = TinkerPath.parse(path)
+        except UserError as e:
+            return failed(e)
+        return self._submit(h.worker, "load", rq.Load(p, bool(optimizer)), run=model_id, tenant=tenant, paths=[p])
 
-    def _meta_of(self, path: str) -> tuple[TinkerPath, dict]:
-        p = TinkerPath.parse(path)
-        d = checkpoint.recover(self.registry.checkpoint_dir(p))
-        if not d.is_dir():
-            raise NotFound(f"path: checkpoint {path} not found")
-        return p, checkpoint.read_meta(d)
-
-    def load_state(self, model_id: str, path: str, optimizer: bool) -> Future:
-        def op():
-            p, _ = self._meta_of(path)
-            checkpoint.restore_into(self.registry.checkpoint_dir(p), self.model(model_id), with_optimizer=optimizer)
-            return tt.LoadWeightsResponse(path=path, model_id=model_id)
-        return self.submit(op)
-
-    def create_model_from_state(self, path: str, optimizer: bool, model_id: str | None = None,
-                                base_model: str | None = None, user_metadata: dict | None = None) -> Future:
-        """New training model configured like the checkpoint's run (with the new run's own `user_metadata`), then
-        loaded from it."""
-        p, meta = self._meta_of(path)
-        def op():
-            mid = self.create_model(base_model or meta["base_model"], rank=meta.get("lora_rank") or 32,
-                                    seed=meta.get("seed"), train_mlp=meta.get("train_mlp", True),
-                                    train_attn=meta.get("train_attn", True),
-                                    train_unembed=meta.get("train_unembed", True),
-                                    full_finetune=meta.get("full_finetune", False), model_id=model_id,
-                                    user_metadata=user_metadata)
-            checkpoint.restore_into(self.registry.checkpoint_dir(p), self.model(mid), with_optimizer=optimizer)
-            return tt.LoadWeightsResponse(path=path, model_id=mid)
-        return self.submit(op)
+    def save_weights_for_sampler(self, model_id: str, name: str | None, ttl_seconds: int | None = None,
+                                 user_metadata=None, *, tenant: str | None = None) -> Future:
+        """A snapshot of the weights (in memory); with a name also a sampler checkpoint. -> (path or None, id)."""
+        try:
+            h = self._handle(model_id)
+            p = TinkerPath(model_id, "sampler_weights", check_name(name, "name")) if name else None
+        except UserError as e:
+            return failed(e)
+        body = rq.Save(p, False, ttl_seconds, user_metadata, snapshot=True)
+        fut = self._submit(h.worker, "save", body, run=model_id, tenant=tenant, paths=[p] if p else [])
+        return then(fut, lambda r: (r[0], self._register_snapshot(r[1])))
 
     def weights_info(self, path: str) -> dict:
-        _, meta = self._meta_of(path)
+        p = TinkerPath.parse(path)
+        try:
+            meta = checkpoints.read_meta(self.checkpoint_dir(p))
+        except checkpoints.CheckpointError:
+            raise NotFound(f"path: checkpoint {path} not found") from None
         return {"base_model": meta["base_model"], "is_lora": not meta.get("full_finetune", False),
                 "lora_rank": meta.get("lora_rank"), "train_attn": meta.get("train_attn"),
                 "train_mlp": meta.get("train_mlp"), "train_unembed": meta.get("train_unembed")}
 
+    def get_run(self, run_id: str) -> RunInfo | None:
+        return self.registry.get_run(run_id)
+
+    def list_runs(self) -> list[RunInfo]:
+        return self.registry.list_runs()
+
+    def get_checkpoint(self, path: str) -> CheckpointInfo | None:
+        return self.registry.get_checkpoint(TinkerPath.parse(path))
+
+    def list_checkpoints(self, run_id: str | None = None) -> list[CheckpointInfo]:
+        return self.registry.list_checkpoints(run_id)
+
+    def set_checkpoint_public(self, path: str, public: bool) -> None:
+        self.registry.set_checkpoint(TinkerPath.parse(path), public=int(bool(public)))
+
+    def set_checkpoint_ttl(self, path: str, ttl_seconds: int | None) -> None:
+        self.registry.set_checkpoint(TinkerPath.parse(path),
+                                     expires=None if ttl_seconds is None else time.time() + ttl_seconds)
+
+    def delete_checkpoint(self, path: str, *, tenant: str | None = None) -> Future:
+        """Remove a checkpoint's record and files, after every request submitted before on that path."""
+        try:
+            p = TinkerPath.parse(path)
+            run = self.registry.get_run(p.run_id)
+            worker = self._worker(run.base_model) if run is not None else None
+        except UserError as e:
+            return failed(e)
+        if worker is None:  # a checkpoint of no known run: no device state, nothing to order against
+            return resolved(self.delete_checkpoint_now(p))
+        return self._submit(worker, "delete", rq.DeleteCheckpoint(p), tenant=tenant, paths=[p])
+
+    def delete_checkpoint_now(self, p: TinkerPath) -> bool:
+        """(On the path's turn) the record, then the files. Returns whether the record existed."""
+        existed = self.registry.delete_checkpoint(p)
+        d = self.checkpoint_dir(p)
+        shutil.rmtree(d, ignore_errors=True)
+        for leftover in d.parent.glob(f".{d.name}.*"):
+            shutil.rmtree(leftover, ignore_errors=True)
+        return existed
+
+    def expire_checkpoints(self) -> list[str]:
+        out = []
+        for p in self.registry.expired():
+            try:
+                self.delete_checkpoint(str(p), tenant="ttl")
+            except Overloaded:  # the queues are full: the next pass tries again
+                continue
+            log.info("checkpoint %s expired (TTL); deleting it", p)
+            out.append(str(p))
+        return out
+
     # ------------------------------------------------------------------------------------------ sampling
-    def _snapshot_of(self, st: train.TrainState, path: str | None) -> Snapshot:
-        # A private copy: later optim_steps (which donate their buffers) never touch a snapshot.
-        trainable = train.commit(jax.tree.map(jnp.copy, st.trainable), like=st.trainable)
-        return Snapshot(self.base(st.meta["base_model"]), st.graphdef, trainable, st.frozen, path)
-
-    def save_weights_for_sampler(self, model_id: str, name: str | None, ttl_seconds=None,
-                                 user_metadata=None) -> Future:
-        """Snapshot the weights; with a name also write a sampler checkpoint. -> (path or None, sampler id)."""
-        def op():
-            st = self.model(model_id)
-            path = str(self._save(model_id, "sampler_weights", name, ttl_seconds, user_metadata)) if name else None
-            return path, self._register_snapshot(self._snapshot_of(st, path))
-        return self.submit(op)
-
-    def _register_snapshot(self, snap: Snapshot) -> str:
+    def _register_snapshot(self, snap: WeightSnapshot | None) -> str | None:
+        if snap is None:
+            return None
         sid = f"sampler-{next(self._ids)}-{uuid.uuid4().hex[:8]}"
         with self._lock:
             self._snapshots[sid] = snap
         return sid
 
-    def create_sampler(self, model_path: str | None = None, base_model: str | None = None) -> str:
+    def create_sampler(self, model_path: str | None = None, base_model: str | None = None, *,
+                       tenant: str | None = None) -> str:
+        """A sampler id for a checkpoint's weights or a base model (blocks until the weights are in memory)."""
         if model_path:
-            p, meta = self._meta_of(model_path)
-            base = self.base(meta["base_model"])
-            full = meta.get("full_finetune", False)
-            lora = None if full else LoraSpec(rank=meta["lora_rank"], train_attn=meta["train_attn"],
-                                              train_mlp=meta["train_mlp"], train_unembed=meta["train_unembed"])
-            graphdef, trainable, frozen = train.split_model(self._new_decoder(base, lora), full)
-            trainable = checkpoint.load_trainable(self.registry.checkpoint_dir(p), trainable)
-            return self._register_snapshot(Snapshot(base, graphdef, trainable, frozen, model_path))
-        if not base_model:
-            raise ValueError("create_sampling_session: give model_path or base_model")
-        base = self.base(base_model)
-        graphdef, trainable = nnx.split(base.decoder, nnx.Param)
-        return self._register_snapshot(Snapshot(base, graphdef, trainable, nnx.State({}), None))
+            p = TinkerPath.parse(model_path, "model_path")
+            worker = self._worker(self._base_of_checkpoint(p))
+            fut = self._submit(worker, "open_snapshot", rq.OpenSnapshot(p), tenant=tenant, paths=[p])
+        elif base_model:
+            worker = self._worker(base_model)
+            fut = self._submit(worker, "open_snapshot", rq.OpenSnapshot(None), tenant=tenant)
+        else:
+            raise UserError("create_sampling_session: give model_path or base_model")
+        return self._register_snapshot(fut.result())
 
     def release_sampler(self, sampler_id: str) -> None:
-        """Forget a sampler snapshot (its session ended, or the server evicted it); samples already submitted
-        keep their reference and finish."""
+        """Forget a sampler's snapshot; samples already submitted keep their reference and finish, and its adapter
+        leaves the sampler's tables once no row uses it."""
         with self._lock:
             self._snapshots.pop(sampler_id, None)
 
-    def snapshot(self, sampler_id: str) -> Snapshot:
-        snap = self._snapshots.get(sampler_id)
+    def _snapshot(self, sampler_id: str) -> WeightSnapshot:
+        with self._lock:
+            snap = self._snapshots.get(sampler_id)
         if snap is None:
             raise NotFound(f"sampling_session_id: unknown sampler {sampler_id!r}")
         return snap
 
     def sampler_base_model(self, sampler_id: str) -> str:
-        return self.snapshot(sampler_id).base.name
-
-    def _sampler_for(self, base: BaseModel):
-        from tinker_jax.sampling import make_sampler  # lazy: training-only users never build a sampler
-
-        with self._lock:
-            if base.name not in self._samplers:
-                self._samplers[base.name] = make_sampler(base, self.config.sampler)
-            return self._samplers[base.name]
+        return self._snapshot(sampler_id).base_model
 
     def sample(self, sampler_id: str, prompt: tt.ModelInput, num_samples: int, sampling_params: tt.SamplingParams,
-               include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0) -> Future:
+               include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, *,
+               tenant: str | None = None) -> Future:
         try:
-            snap = self.snapshot(sampler_id)
-            tokens = datum_tokens(tt.Datum(model_input=prompt, loss_fn_inputs={}), 0)
-            return self._sampler_for(snap.base).submit(snap, tokens, sampling_params, num_samples,
-                                                       include_prompt_logprobs, topk_prompt_logprobs)
-        except ValueError as e:
-            fut: Future = Future()
-            fut.set_exception(e)
-            return fut
+            snap = self._snapshot(sampler_id)
+            tokens = batching.datum_tokens(tt.Datum(model_input=prompt, loss_fn_inputs={}), 0)
+            sampler = self._worker(snap.base_model).get_sampler()
+        except (UserError, RuntimeError) as e:
+            return failed(e)
+        tenant = tenant or LOCAL
+        self._admit(tenant)
+        return self._bounded(tenant, sampler.submit(snap, tokens, sampling_params, num_samples,
+                                                     include_prompt_logprobs, topk_prompt_logprobs, tenant=tenant))
+
+    # ------------------------------------------------------------------------------------------ stats
+    def stats(self) -> dict:
+        with self._lock:
+            workers = dict(self._workers)
+            inflight = dict(self._inflight)
+        compiled = step.compile_count() + sum(f._cache_size() for f in (kernels.prefill, kernels.decode))
+        out = {"inflight": inflight, "refused": self._refused, "programs_compiled": compiled, "models": {}}
+        for name, w in workers.items():
+            s = dict(w.stats)
+            s["loaded"] = w.loaded.is_set() and w.load_error is None
+            s["attention"] = w.attention  # the training attention kernel in use (after the cuDNN probe)
+            s["queued"] = len(w.scheduler)
+            s["scheduler_rounds"] = w.scheduler.rounds
+            s["lora_slots_in_use"] = {r: p.in_use() for r, p in w.pools.items()}
+            if w.sampler is not None and hasattr(w.sampler, "stats_now"):
+                s["sampler"] = w.sampler.stats_now()
+            out["models"][name] = s
+        return out
 
 
 def enable_compile_cache(path: Path) -> None:
@@ -375,6 +495,3 @@ def enable_compile_cache(path: Path) -> None:
     jax.config.update("jax_compilation_cache_dir", str(path))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
-
-def checkpoint_kind(kind: str) -> str:
-    return "training" if kind == "weights" else "sampler"

@@ -14,14 +14,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinker_jax.engine.api import CheckpointInfo, RunInfo
+from tinker_jax.errors import UserError
+
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+# The one checkpoint-kind table: the kind in a tinker path -> the SDK's checkpoint_type (and back).
 KINDS = {"weights": "training", "sampler_weights": "sampler"}
+KIND_OF_TYPE = {v: k for k, v in KINDS.items()}
 
 
 def check_name(value: str, field: str) -> str:
     """Names become path components: letters, digits, . _ : - only; no traversal, no absolute paths."""
     if not isinstance(value, str) or not NAME_RE.match(value) or ".." in value:
-        raise ValueError(f"{field}: invalid name {value!r} (use letters, digits, '.', '_', ':', '-'; "
+        raise UserError(f"{field}: invalid name {value!r} (use letters, digits, '.', '_', ':', '-'; "
                          "at most 128 characters, no '/' or '..')")
     return value
 
@@ -35,10 +40,10 @@ class TinkerPath:
     @staticmethod
     def parse(path: str, field: str = "path") -> "TinkerPath":
         if not isinstance(path, str) or not path.startswith("tinker://"):
-            raise ValueError(f"{field}: expected 'tinker://<run_id>/<weights|sampler_weights>/<name>', got {path!r}")
+            raise UserError(f"{field}: expected 'tinker://<run_id>/<weights|sampler_weights>/<name>', got {path!r}")
         parts = path[len("tinker://"):].split("/")
         if len(parts) != 3 or parts[1] not in KINDS:
-            raise ValueError(f"{field}: expected 'tinker://<run_id>/<weights|sampler_weights>/<name>', got {path!r}")
+            raise UserError(f"{field}: expected 'tinker://<run_id>/<weights|sampler_weights>/<name>', got {path!r}")
         return TinkerPath(check_name(parts[0], f"{field} run id"), parts[1], check_name(parts[2], f"{field} name"))
 
     def __str__(self) -> str:
@@ -74,23 +79,27 @@ class Registry:
         return self.data_dir / "checkpoints" / p.run_id / p.kind / p.name
 
     # ---- runs
-    def add_run(self, run_id: str, base_model: str, *, lora_rank, train_attn, train_mlp, train_unembed,
-                full_finetune: bool, seed, user_metadata=None, owner=None):
+    def add_run(self, run_id: str, base_model: str, *, lora_rank: int | None, full_finetune: bool, meta: dict,
+                user_metadata=None, owner=None):
         self._q("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (run_id, base_model, lora_rank, int(train_attn), int(train_mlp), int(train_unembed),
-                 int(full_finetune), seed, time.time(), time.time(), json.dumps(user_metadata or {}), owner))
+                (run_id, base_model, lora_rank, int(bool(meta.get("train_attn", True))),
+                 int(bool(meta.get("train_mlp", True))), int(bool(meta.get("train_unembed", True))),
+                 int(full_finetune), meta.get("seed"), time.time(), time.time(), json.dumps(user_metadata or {}),
+                 owner))
 
-    def touch_run(self, run_id: str):
-        self._q("UPDATE runs SET last_request=? WHERE run_id=?", (time.time(), run_id))
+    def touch_runs(self, run_ids) -> None:
+        """Record a request for each run (one statement for a whole batch)."""
+        now = time.time()
+        with self._lock:
+            self._db.executemany("UPDATE runs SET last_request=? WHERE run_id=?", [(now, r) for r in set(run_ids)])
 
-    def get_run(self, run_id: str) -> dict | None:
+    def get_run(self, run_id: str) -> RunInfo | None:
         rows = self._q("SELECT * FROM runs WHERE run_id=?", (run_id,))
-        return dict(rows[0]) if rows else None
+        return _run(rows[0]) if rows else None
 
-    def list_runs(self, limit: int = 20, offset: int = 0) -> tuple[list[dict], int]:
-        rows = self._q("SELECT * FROM runs ORDER BY created DESC LIMIT ? OFFSET ?", (limit, offset))
-        total = self._q("SELECT COUNT(*) AS n FROM runs")[0]["n"]
-        return [dict(r) for r in rows], total
+    def list_runs(self) -> list[RunInfo]:
+        """Newest first."""
+        return [_run(r) for r in self._q("SELECT * FROM runs ORDER BY created DESC")]
 
     # ---- checkpoints
     def add_checkpoint(self, p: TinkerPath, *, size_bytes: int, step: int, ttl_seconds=None, user_metadata=None):
@@ -99,16 +108,17 @@ class Registry:
                 (p.run_id, p.kind, p.name, time.time(), size_bytes, 0, expires, step,
                  json.dumps(user_metadata or {})))
 
-    def get_checkpoint(self, p: TinkerPath) -> dict | None:
+    def get_checkpoint(self, p: TinkerPath) -> CheckpointInfo | None:
         rows = self._q("SELECT * FROM checkpoints WHERE run_id=? AND kind=? AND name=?", (p.run_id, p.kind, p.name))
-        return dict(rows[0]) if rows else None
+        return _checkpoint(rows[0]) if rows else None
 
-    def list_checkpoints(self, run_id: str | None = None, limit: int = 1000, offset: int = 0) -> list[dict]:
+    def list_checkpoints(self, run_id: str | None = None) -> list[CheckpointInfo]:
+        """Newest first."""
         if run_id is None:
-            rows = self._q("SELECT * FROM checkpoints ORDER BY created DESC LIMIT ? OFFSET ?", (limit, offset))
+            rows = self._q("SELECT * FROM checkpoints ORDER BY created DESC")
         else:
-            rows = self._q("SELECT * FROM checkpoints WHERE run_id=? ORDER BY created", (run_id,))
-        return [dict(r) for r in rows]
+            rows = self._q("SELECT * FROM checkpoints WHERE run_id=? ORDER BY created DESC", (run_id,))
+        return [_checkpoint(r) for r in rows]
 
     def delete_checkpoint(self, p: TinkerPath) -> bool:
         with self._lock:
@@ -125,3 +135,24 @@ class Registry:
         rows = self._q("SELECT run_id, kind, name FROM checkpoints WHERE expires IS NOT NULL AND expires < ?",
                        (now or time.time(),))
         return [TinkerPath(r["run_id"], r["kind"], r["name"]) for r in rows]
+
+
+def _json(raw) -> dict:
+    try:
+        out = json.loads(raw) if raw else {}
+    except json.JSONDecodeError:
+        return {}
+    return out if isinstance(out, dict) else {}
+
+
+def _run(r: sqlite3.Row) -> RunInfo:
+    return RunInfo(run_id=r["run_id"], base_model=r["base_model"],
+                   lora_rank=None if r["full_finetune"] else r["lora_rank"], created=r["created"],
+                   last_request=r["last_request"], owner=r["owner"], user_metadata=_json(r["user_metadata"]))
+
+
+def _checkpoint(r: sqlite3.Row) -> CheckpointInfo:
+    p = TinkerPath(r["run_id"], r["kind"], r["name"])
+    return CheckpointInfo(path=str(p), run_id=p.run_id, kind=p.kind, name=p.name, created=r["created"],
+                          size_bytes=r["size_bytes"], public=bool(r["public"]), expires=r["expires"], step=r["step"],
+                          user_metadata=_json(r["user_metadata"]))

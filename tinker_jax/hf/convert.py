@@ -1,15 +1,16 @@
-"""Export a Decoder to Hugging Face formats and read PEFT adapters back.
+"""Export a Decoder (and a run's LoRA adapter) to Hugging Face formats and read PEFT adapters back.
 
-- `export_merged_hf`: a full HF model directory with LoRA merged into the base weights
+- `export_merged_hf`: a full HF model directory, with an adapter merged into the base weights when given
   (W + scale * A @ B, computed in fp32 and cast back to the base dtype).
 - `export_peft_adapter`: a PEFT LoRA adapter directory (`adapter_config.json` + `adapter_model.safetensors`).
 - `load_peft_adapter` / `lora_spec_from_peft`: the reverse of `export_peft_adapter`
   (loading a full HF directory is `weights.load_decoder`).
 
 Hugging Face names come only from `weights.HF_TABLE`: a table row whose Decoder path ends in `kernel` is a
-projection; its HF module name is the HF weight name minus `.weight`, and its Decoder module is the path
-minus `kernel`. Adapter layouts: ours `lora_a` [in, R], `lora_b` [R, out] (with a leading [L] on stacked
-layers); PEFT `lora_A.weight` [R, in], `lora_B.weight` [out, R]; both use scale = lora_alpha / r.
+projection; its HF module name is the HF weight name minus `.weight`, its Decoder module is the path minus
+`kernel`, and that module's `name` is the projection's name in models.lora. Adapter layouts: ours `a` [in, R],
+`b` [R, out] (with a leading [L] on stacked layers); PEFT `lora_A.weight` [R, in], `lora_B.weight` [out, R]; both
+use scale = lora_alpha / r.
 
 Tied embeddings with an unembed LoRA: the logits are `h @ embed.T + scale * (h @ A) @ B`, and the LoRA does
 not touch the input embedding. PEFT represents this faithfully as a LoRA on `lm_head` (whose base weight HF
@@ -28,12 +29,9 @@ import math
 import os
 import re
 import shutil
-import tempfile
-import uuid
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -42,9 +40,11 @@ from flax import nnx
 from safetensors import safe_open
 from safetensors.numpy import save_file
 
-from tinker_jax.models.lora import ROLES, LoraSpec
-from tinker_jax.models.config import config_from_hf
+from tinker_jax.atomic import atomic_dir
+from tinker_jax.models import lora as lora_math
+from tinker_jax.models.config import ModelConfig, config_from_hf
 from tinker_jax.models.decoder import Decoder
+from tinker_jax.models.lora import Adapter, LoraSpec
 from tinker_jax.hf.weights import HF_TABLE, HFTensor, iter_hf_tensors
 
 __all__ = [
@@ -111,72 +111,28 @@ def _module_at(model: nnx.Module, path: tuple[str, ...]):
     return model
 
 
-def _adapted(model: Decoder) -> list[tuple[_Proj, Any]]:
-    """The projections of `model` that carry a LoRA adapter, in HF_TABLE order, with their Linear."""
-    out = []
-    for p in _projections():
-        m = _module_at(model, p.path)
-        if m is not None and getattr(m, "lora_scale", None) is not None:
-            out.append((p, m))
-    return out
-
-
 @functools.lru_cache(maxsize=1)
-def _roles() -> dict[str, str]:
-    """HF module template -> LoRA role, read off an abstract Decoder (the roles live in decoder.py)."""
+def _names() -> dict[str, str]:
+    """HF module template -> projection name, read off an abstract untied Decoder (the names live in decoder.py)."""
     cfg = config_from_hf({
         "architectures": ["LlamaForCausalLM"], "vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1,
         "num_attention_heads": 1, "intermediate_size": 8, "tie_word_embeddings": False,
-    }, source="<role probe>")
-    model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0), lora=LoraSpec(rank=1)))
-    roles = {}
-    for p in _projections():
-        m = _module_at(model, p.path)
-        if m is not None:
-            roles[p.module] = m.role
-    return roles
+    }, source="<projection probe>")
+    model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+    return {p.module: _module_at(model, p.path).name for p in _projections()}
+
+
+def _adapted(spec: LoraSpec) -> list[tuple[_Proj, str]]:
+    """(HF projection, our projection name) for every projection `spec` adapts, in HF_TABLE order."""
+    names = _names()
+    return [(p, names[p.module]) for p in _projections() if names[p.module] in spec.targets]
 
 
 def _np(x) -> np.ndarray:
     return np.asarray(jax.device_get(x))
 
 
-def _lora_rank_alpha(adapted) -> tuple[int, float]:
-    ranks = {int(m.lora_a.shape[-1]) for _, m in adapted}
-    scales = {float(m.lora_scale) for _, m in adapted}
-    if len(ranks) != 1 or len(scales) != 1:
-        raise ConvertError(f"model adapters have mixed ranks {sorted(ranks)} / scales {sorted(scales)}")
-    rank, scale = ranks.pop(), scales.pop()
-    return rank, scale * rank
-
-
 # ------------------------------------------------------------------------------------------ file helpers
-
-
-@contextmanager
-def _atomic_dir(out_dir: str | Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temp dir beside `out_dir`; on success rename it to `out_dir` (replacing it if `overwrite`)."""
-    out = Path(out_dir)
-    empty = out.is_dir() and not any(out.iterdir())
-    if out.exists() and not empty and not overwrite:
-        raise FileExistsError(f"{out}: already exists and is not empty (pass overwrite=True to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o755)
-        yield tmp
-        if empty:
-            out.rmdir()
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{uuid.uuid4().hex[:8]}")
-            os.rename(out, old)
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def _write_json(path: Path, obj) -> None:
@@ -222,31 +178,32 @@ def _write_safetensors(tensors: Iterator[tuple[str, np.ndarray]], out: Path, max
 # ---------------------------------------------------------------------------------------- merged export
 
 
-def _merged_tensors(model: Decoder) -> Iterator[tuple[str, np.ndarray]]:
+def _merged_tensors(model: Decoder, adapter: Adapter | None) -> Iterator[tuple[str, np.ndarray]]:
     cfg = model.cfg
-    deltas: dict[str, tuple[np.ndarray, np.ndarray, float, bool]] = {}  # weight name -> A, B, scale, transpose
-    tied_head = None  # (HF name, A, B, scale) of an adapter-only unembedding whose base is `embed`
-    for p, m in _adapted(model):
-        a, b = _np(m.lora_a[...]).astype(np.float32), _np(m.lora_b[...]).astype(np.float32)
-        if m.kernel is None:
-            tied_head = (p.row.hf, a, b, float(m.lora_scale))
-            continue
-        if p.per_layer:
-            for i in range(cfg.n_layers):
-                deltas[p.row.hf.format(i=i)] = (a[i], b[i], float(m.lora_scale), p.row.transpose)
-        else:
-            deltas[p.row.hf] = (a, b, float(m.lora_scale), p.row.transpose)
+    deltas: dict[str, tuple[np.ndarray, bool]] = {}  # weight name -> (delta [in, out], transpose)
+    tied_head = None  # (HF name, delta [D, V]) of an unembed adapter on a tied model, whose base is `embed`
+    if adapter is not None:
+        w = adapter.numpy()
+        for p, name in _adapted(adapter.spec):
+            a, b = w[name]["a"], w[name]["b"]
+            if name == "unembed" and cfg.tie_embeddings:
+                tied_head = (p.row.hf, lora_math.merged_delta(a, b, adapter.spec.scale))
+            elif p.per_layer:
+                for i in range(cfg.n_layers):
+                    deltas[p.row.hf.format(i=i)] = (lora_math.merged_delta(a[i], b[i], adapter.spec.scale),
+                                                    p.row.transpose)
+            else:
+                deltas[p.row.hf] = (lora_math.merged_delta(a, b, adapter.spec.scale), p.row.transpose)
     embed_name = next(t.hf for t in HF_TABLE if t.path == ("embed",))
     for name, x in iter_hf_tensors(model):
         if name in deltas:
-            a, b, scale, transpose = deltas.pop(name)
-            d = scale * (a @ b)  # [in, out]
+            d, transpose = deltas.pop(name)
             x = (x.astype(np.float32) + (d.T if transpose else d)).astype(x.dtype)
         yield name, x
         if name == embed_name and tied_head is not None:
-            head, a, b, scale = tied_head
+            head, d = tied_head
             # HF lm_head.weight is [V, D] == embed [V, D]; the delta (A @ B) is [D, V].
-            yield head, (x.astype(np.float32) + scale * (a @ b).T).astype(x.dtype)
+            yield head, (x.astype(np.float32) + d.T).astype(x.dtype)
             tied_head = None
     if deltas or tied_head is not None:
         missing = sorted(deltas) + ([tied_head[0]] if tied_head else [])
@@ -254,11 +211,12 @@ def _merged_tensors(model: Decoder) -> Iterator[tuple[str, np.ndarray]]:
 
 
 def export_merged_hf(model: Decoder, out_dir: str | Path, tokenizer_dir: str | Path | None = None, *,
-                     max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES, overwrite: bool = False) -> Path:
-    """Write a full HF model directory with every LoRA merged into its base weight; returns `out_dir`.
+                     adapter: Adapter | None = None, max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES,
+                     overwrite: bool = False) -> Path:
+    """Write a full HF model directory (with `adapter` merged into its base weights when given); returns `out_dir`.
 
     Writes config.json (from `model.cfg.hf_config`; `tie_word_embeddings` becomes false when a tied model has
-    an unembed LoRA, with an explicit `lm_head.weight`), model.safetensors (or shards + index above
+    an unembed adapter, with an explicit `lm_head.weight`), model.safetensors (or shards + index above
     `max_shard_bytes`) and, from `tokenizer_dir`, the tokenizer files and generation_config.json.
     The directory appears atomically (temp dir + rename).
     """
@@ -266,7 +224,7 @@ def export_merged_hf(model: Decoder, out_dir: str | Path, tokenizer_dir: str | P
     if cfg.hf_config is None:
         raise ConvertError("model.cfg.hf_config is None: build the model with load_config/config_from_hf")
     hf_config = dict(cfg.hf_config)
-    if cfg.tie_embeddings and any(m.kernel is None for _, m in _adapted(model)):
+    if cfg.tie_embeddings and adapter is not None and "unembed" in adapter.spec.targets:
         hf_config["tie_word_embeddings"] = False
     dtype = np.dtype(model.embed[...].dtype).name
     for key in ("torch_dtype", "dtype"):
@@ -278,11 +236,11 @@ def export_merged_hf(model: Decoder, out_dir: str | Path, tokenizer_dir: str | P
         if not tokenizer_dir.is_dir():
             raise FileNotFoundError(f"tokenizer_dir {tokenizer_dir}: not a directory")
         tok_files = [f for f in sorted(tokenizer_dir.iterdir()) if f.is_file() and _TOKENIZER_FILES.match(f.name)]
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         _write_json(tmp / "config.json", hf_config)
         for f in tok_files:
             shutil.copy2(f, tmp / f.name)
-        _write_safetensors(_merged_tensors(model), tmp, max_shard_bytes)
+        _write_safetensors(_merged_tensors(model, adapter), tmp, max_shard_bytes)
     return Path(out_dir)
 
 
@@ -297,28 +255,26 @@ def _num(x: float) -> int | float:
     return int(x) if float(x).is_integer() else float(x)
 
 
-def export_peft_adapter(model: Decoder, out_dir: str | Path, base_model_name_or_path: str, *,
+def export_peft_adapter(adapter: Adapter, cfg: ModelConfig, out_dir: str | Path, base_model_name_or_path: str, *,
                         overwrite: bool = False) -> Path:
     """Write a PEFT LoRA adapter (adapter_config.json + adapter_model.safetensors, fp32); returns `out_dir`.
 
     Loadable with `peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base), out_dir)`.
     """
-    adapted = _adapted(model)
-    if not adapted:
-        raise ConvertError("model has no LoRA adapters (build it with lora=LoraSpec(...))")
-    rank, alpha = _lora_rank_alpha(adapted)
-    n_layers = model.cfg.n_layers
+    spec = adapter.spec
+    rank, alpha = spec.rank, spec.alpha
+    w = adapter.numpy()
     tensors: dict[str, np.ndarray] = {}
     targets: list[str] = []
-    for p, m in adapted:
+    for p, name in _adapted(spec):
         if p.short not in targets:
             targets.append(p.short)
-        a, b = _np(m.lora_a[...]).astype(np.float32), _np(m.lora_b[...]).astype(np.float32)
-        layers = [(name, a[i], b[i]) for i, name in enumerate(p.names(n_layers))] if p.per_layer else \
+        a, b = w[name]["a"], w[name]["b"]
+        layers = [(m, a[i], b[i]) for i, m in enumerate(p.names(cfg.n_layers))] if p.per_layer else \
             [(p.module, a, b)]
-        for name, ai, bi in layers:
-            tensors[_peft_key(name, "A")] = np.ascontiguousarray(ai.T)  # [R, in]
-            tensors[_peft_key(name, "B")] = np.ascontiguousarray(bi.T)  # [out, R]
+        for module, ai, bi in layers:
+            tensors[_peft_key(module, "A")] = np.ascontiguousarray(ai.T)  # [R, in]
+            tensors[_peft_key(module, "B")] = np.ascontiguousarray(bi.T)  # [out, R]
     config = {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -347,7 +303,7 @@ def export_peft_adapter(model: Decoder, out_dir: str | Path, base_model_name_or_
         # true would make PEFT also put an adapter on embed_tokens for a tied lm_head: not our model.
         "ensure_weight_tying": False,
     }
-    with _atomic_dir(out_dir, overwrite) as tmp:
+    with atomic_dir(out_dir, overwrite=overwrite) as tmp:
         _write_json(tmp / ADAPTER_CONFIG, config)
         save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata=_ST_METADATA)
     return Path(out_dir)
@@ -412,85 +368,53 @@ def _template_of(module: str) -> str:
 
 
 def lora_spec_from_peft(adapter_dir: str | Path, *, seed: int = 0) -> LoraSpec:
-    """The LoraSpec (rank, alpha, roles) a Decoder needs to hold this PEFT adapter.
-
-    tinker_jax adapts whole roles (attn: q/k/v/o, mlp: gate/up/down, unembed: lm_head), so an adapter that
-    covers only part of a role (e.g. PEFT's q_proj/v_proj default) raises ConvertError. rsLoRA
-    (scale alpha/sqrt(r)) is mapped to the equivalent alpha' = alpha*sqrt(r).
-    """
+    """The LoraSpec (rank, alpha, adapted projections) of a PEFT adapter. rsLoRA (scale alpha/sqrt(r)) is mapped to
+    the equivalent alpha' = alpha*sqrt(r)."""
     adapter_dir = Path(adapter_dir)
     c = _read_adapter_config(adapter_dir)
     f, modules = _adapter_modules(adapter_dir)
-    roles = _roles()
+    names = _names()
     templates = {_template_of(m) for m in modules}
-    unknown = sorted(t for t in templates if t not in roles)
+    unknown = sorted(t for t in templates if t not in names)
     if unknown:
         raise ConvertError(f"{f}: LoRA on modules tinker_jax cannot adapt: {unknown} "
-                           f"(supported: {sorted(roles)})")
-    on = {role: sorted(t for t in roles if roles[t] == role and t in templates) for role in ROLES}
-    for role in ROLES:
-        want = sorted(t for t in roles if roles[t] == role)
-        if on[role] and on[role] != want:
-            missing = [t.rsplit(".", 1)[-1] for t in want if t not in on[role]]
-            raise ConvertError(f"{f}: adapter covers only part of the '{role}' role (missing {missing}); "
-                               "tinker_jax adapts all projections of a role or none")
+                           f"(supported: {sorted(names)})")
     scale = _adapter_scale(c)
-    return LoraSpec(rank=c["r"], alpha=scale * c["r"], train_attn=bool(on["attn"]), train_mlp=bool(on["mlp"]),
-                    train_unembed=bool(on["unembed"]), seed=seed)
+    return LoraSpec(rank=c["r"], alpha=scale * c["r"], targets=tuple(names[t] for t in templates), seed=seed)
 
 
-def load_peft_adapter(model: Decoder, adapter_dir: str | Path) -> Decoder:
-    """Fill the LoRA params of `model` (built with a matching LoraSpec) from a PEFT adapter; returns `model`.
-
-    The base weights are untouched. Raises ConvertError when the rank, scale, adapted modules or shapes
-    differ; `lora_spec_from_peft(adapter_dir)` gives the spec to build the model with.
-    """
+def load_peft_adapter(adapter_dir: str | Path, cfg: ModelConfig, *, seed: int = 0) -> Adapter:
+    """A PEFT adapter as our Adapter for a model of `cfg` (ConvertError naming the file when modules or shapes do not
+    fit); `lora_spec_from_peft` gives its spec alone."""
     adapter_dir = Path(adapter_dir)
-    c = _read_adapter_config(adapter_dir)
+    spec = lora_spec_from_peft(adapter_dir, seed=seed)
     f, modules = _adapter_modules(adapter_dir)
-    adapted = _adapted(model)
-    if not adapted:
-        raise ConvertError(f"{adapter_dir}: the model has no LoRA adapters; build it with "
-                           "lora=lora_spec_from_peft(adapter_dir)")
-    rank, alpha = _lora_rank_alpha(adapted)
-    hint = "build the model with lora=lora_spec_from_peft(adapter_dir)"
-    if c["r"] != rank:
-        raise ConvertError(f"{f.parent / ADAPTER_CONFIG}: rank mismatch: adapter r={c['r']}, model LoRA rank="
-                           f"{rank}; {hint}")
-    scale = _adapter_scale(c)
-    if not math.isclose(scale, alpha / rank, rel_tol=1e-6):
-        raise ConvertError(f"{f.parent / ADAPTER_CONFIG}: scale mismatch: adapter lora_alpha={c.get('lora_alpha')}"
-                           f"{' (rsLoRA)' if c.get('use_rslora') else ''} gives scale {scale:g}, model scale is "
-                           f"{alpha / rank:g} (alpha {alpha:g}, rank {rank}); {hint}")
-    n_layers = model.cfg.n_layers
-    expected = {name: (p, m, i) for p, m in adapted
-                for i, name in enumerate(p.names(n_layers))}
-    extra = sorted(set(modules) - set(expected))
-    missing = sorted(set(expected) - set(modules))
+    expected = {m for p, _ in _adapted(spec) for m in p.names(cfg.n_layers)}
+    extra = sorted(set(modules) - expected)
+    missing = sorted(expected - set(modules))
     if extra or missing:
         msg = []
         if extra:
-            msg.append(f"adapter has LoRA on {_summarise(extra)} which the model does not adapt")
+            msg.append(f"adapter has LoRA on {_summarise(extra)}, which a {cfg.n_layers}-layer model does not have")
         if missing:
-            msg.append(f"model adapts {_summarise(missing)} which the adapter lacks")
-        raise ConvertError(f"{f}: target mismatch: {'; '.join(msg)}; {hint}")
+            msg.append(f"adapter lacks {_summarise(missing)}")
+        raise ConvertError(f"{f}: target mismatch: {'; '.join(msg)}")
+    want = lora_math.shapes(cfg, spec.rank)
+    weights: dict[str, dict[str, np.ndarray]] = {}
     with safe_open(str(f), framework="numpy") as h:
-        for p, m in adapted:
-            names = p.names(n_layers)
-            a = np.stack([h.get_tensor(modules[n]["A"]).T for n in names])  # [L?, in, R]
-            b = np.stack([h.get_tensor(modules[n]["B"]).T for n in names])  # [L?, R, out]
+        for p, name in _adapted(spec):
+            names = p.names(cfg.n_layers)
+            a = np.stack([h.get_tensor(modules[n]["A"]).T for n in names]).astype(np.float32)  # [L?, in, R]
+            b = np.stack([h.get_tensor(modules[n]["B"]).T for n in names]).astype(np.float32)  # [L?, R, out]
             if not p.per_layer:
                 a, b = a[0], b[0]
-            for var, x, which in ((m.lora_a, a, "A"), (m.lora_b, b, "B")):
-                old = var[...]
-                if tuple(x.shape) != tuple(old.shape):
-                    shape = tuple(old.shape[1:] if p.per_layer else old.shape)[::-1]
-                    raise ConvertError(f"{f}: {p.module} lora_{which} has shape {tuple(x.shape[-2:][::-1])}, "
-                                       f"model expects {shape}")
-                new = x.astype(old.dtype)
-                sharding = getattr(old, "sharding", None)
-                var.set_value(jax.device_put(new, sharding) if sharding is not None else jnp.asarray(new))
-    return model
+            for x, which in ((a, "a"), (b, "b")):
+                if tuple(x.shape) != want[name][which]:
+                    shape = want[name][which][-2:][::-1]
+                    raise ConvertError(f"{f}: {p.module} lora_{which.upper()} has shape {tuple(x.shape[-2:][::-1])}, "
+                                       f"the model expects {shape}")
+            weights[name] = {"a": jnp.asarray(a), "b": jnp.asarray(b)}
+    return Adapter(spec, weights)
 
 
 def _summarise(names: list[str]) -> str:

@@ -17,8 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 import zlib
 from pathlib import Path
 from typing import Any, Mapping
@@ -26,6 +24,7 @@ from typing import Any, Mapping
 import numpy as np
 from safetensors.numpy import save_file
 
+from tinker_jax.atomic import atomic_dir
 from tinker_jax.hf.presets import INIT_STD, get_preset
 from tinker_jax.hf.tokenizer import ENDOFTEXT, IM_END, save_hf_tokenizer, special_token_ids, train_tokenizer
 
@@ -103,28 +102,10 @@ def init_model(out_dir: str | os.PathLike, preset: str, seed: int = 0, force: bo
         raise RuntimeError(f"tokenizer has {tok.get_vocab_size()} ids, config says {cfg.vocab_size}")
     tensors = init_weights(hf_shapes(cfg), seed, INIT_STD.get(preset, 0.02))
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out, overwrite=force) as tmp:
         _write_weights(tmp / "model.safetensors", tensors)
         _write_json(tmp / "config.json", hf_config)
         _write_json(tmp / "generation_config.json", generation_config(hf_config))
         save_hf_tokenizer(tok, tmp, model_max_length=cfg.max_position_embeddings)
-        _set_modes(tmp)  # mkdtemp makes 0700
-        _check_target(out, force)  # re-check: someone may have written OUT meanwhile
-        if out.is_dir() and any(out.iterdir()):  # force: move the old directory aside, then swap
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, old / "d")
-            try:
-                os.replace(tmp, out)
-            except BaseException:
-                os.replace(old / "d", out)
-                raise
-            finally:
-                shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)  # atomic; replaces an empty directory
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        _set_modes(tmp)
     return out

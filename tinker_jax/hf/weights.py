@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -19,7 +19,6 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
-from tinker_jax.models.lora import LoraSpec
 from tinker_jax.models.config import ModelConfig, load_config
 from tinker_jax.models.decoder import Decoder
 
@@ -103,20 +102,18 @@ class _Shards:
         return self._open[f].get_tensor(name)
 
 
-def load_decoder(model_dir: str | Path, *, lora: LoraSpec | None = None, dtype=jnp.float32,
-                 param_dtype=None, shardings_fn=None) -> Decoder:
+def load_decoder(model_dir: str | Path, *, dtype=jnp.float32, param_dtype=None, shardings_fn=None) -> Decoder:
     """Build a Decoder from a local HF directory.
 
-    `param_dtype` (default: `dtype`) is the storage dtype of the base weights; LoRA weights are fp32.
+    `param_dtype` (default: `dtype`) is the storage dtype of the base weights.
     `shardings_fn(state) -> pytree of Sharding` places each tensor as it is read (None: default device).
     """
     model_dir = Path(model_dir)
     cfg = load_config(model_dir)
     param_dtype = param_dtype or dtype
-    make = lambda: Decoder(cfg, rngs=nnx.Rngs(0), lora=lora, param_dtype=param_dtype, dtype=dtype)
+    make = lambda: Decoder(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype)
     abstract = nnx.eval_shape(make)
-    graphdef, base_state, lora_state = nnx.split(abstract, nnx.Param, nnx.LoRAParam) if lora is None else \
-        nnx.split(abstract, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)), nnx.LoRAParam)
+    graphdef, base_state = nnx.split(abstract, nnx.Param)
     base_sh = shardings_fn(base_state) if shardings_fn else None
     shards = _Shards(model_dir)
     pure = base_state.to_pure_dict()
@@ -141,12 +138,7 @@ def load_decoder(model_dir: str | Path, *, lora: LoraSpec | None = None, dtype=j
         sh = _get(base_sh, t.path) if base_sh is not None else None
         _set(pure, t.path, _to_device(buf, t.transpose, np.dtype(param_dtype), sh))
     base_state.replace_by_pure_dict(pure)
-    if lora is None:
-        return nnx.merge(graphdef, base_state, lora_state)
-    lora_values = init_lora_state(cfg, lora, param_dtype, dtype)
-    if shardings_fn:
-        lora_values = jax.device_put(lora_values, shardings_fn(lora_values))
-    return nnx.merge(graphdef, base_state, lora_values)
+    return nnx.merge(graphdef, base_state)
 
 
 def _to_device(buf: np.ndarray, transpose: bool, dtype: np.dtype, sharding=None) -> jax.Array:
@@ -168,25 +160,6 @@ def _finish(x, *, transpose, dtype, out_sharding):
     return jax.lax.with_sharding_constraint(y, out_sharding) if out_sharding is not None else y
 
 
-@functools.lru_cache(maxsize=16)
-def _lora_init_fn(cfg: ModelConfig, lora: LoraSpec, param_dtype, dtype):
-    # Compute only the LoRA leaves (XLA drops the unused base init); one compile serves every seed.
-    return jax.jit(lambda key: nnx.state(Decoder(cfg, rngs=nnx.Rngs(0), lora=lora, param_dtype=param_dtype,
-                                                 dtype=dtype, lora_key=key), nnx.LoRAParam))
-
-
-def init_lora_state(cfg: ModelConfig, lora: LoraSpec, param_dtype=jnp.float32, dtype=jnp.float32) -> nnx.State:
-    """Fresh, seeded adapter weights (nnx.LoRAParam state) for `cfg` under `lora`."""
-    return _lora_init_fn(cfg, replace(lora, seed=0), param_dtype, dtype)(seed_key(lora.seed))
-
-
-def seed_key(seed: int) -> jax.Array:
-    """A threefry key from all 64 bits of a seed. jax.random.key(seed) keeps only the low 32 bits when x64 is
-    off, so seeds 2**40 and 0 would collide; for seeds below 2**32 this equals jax.random.key(seed)."""
-    seed = int(seed) % 2**64
-    return jax.random.wrap_key_data(np.array([seed >> 32, seed & 0xFFFFFFFF], np.uint32), impl="threefry2x32")
-
-
 def _set(d: dict, path, value):
     for k in path[:-1]:
         d = d[k]
@@ -196,7 +169,7 @@ def _set(d: dict, path, value):
 def iter_hf_tensors(model: Decoder) -> Iterator[tuple[str, np.ndarray]]:
     """Yield (HF name, numpy array in HF layout) for every base weight: the inverse of load_decoder."""
     cfg = model.cfg
-    state = nnx.state(model, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)))
+    state = nnx.state(model, nnx.Param)
     for t in table(cfg):
         x = np.asarray(jax.device_get(_get(state, t.path)[...]))
         if "{i}" in t.hf:

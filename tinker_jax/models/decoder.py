@@ -18,8 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from tinker_jax.models.lora import LoraSpec
+from tinker_jax.models import lora as lora_math
 from tinker_jax.models.config import ModelConfig
+from tinker_jax.models.lora import LoraRows
 
 ATTENTION_IMPLS = ("einsum", "cudnn", "xla")
 NEG_INF = -1e30  # finite, so fully masked rows (padding) give a uniform softmax instead of NaN
@@ -51,40 +52,51 @@ def probe_attention(impl: str, n_heads: int, n_kv_heads: int, head_dim: int) -> 
         return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
 
 
+class StaticGraph:
+    """An nnx GraphDef as a static jit argument whose hash is computed once. jit hashes static arguments on every
+    call, and a Decoder's GraphDef hashes its whole structure (a measurable share of a small step's host time);
+    equality falls back to the GraphDefs' own, so equal models still share compiled programs."""
+
+    __slots__ = ("value", "_hash")
+
+    def __init__(self, value):
+        self.value = value.value if isinstance(value, StaticGraph) else value
+        self._hash = hash(self.value)
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, StaticGraph) and (self.value is other.value or self.value == other.value)
+
+
+def merge(graphdef, *states) -> "Decoder":
+    """nnx.merge for a GraphDef or a StaticGraph."""
+    return nnx.merge(graphdef.value if isinstance(graphdef, StaticGraph) else graphdef, *states)
+
+
 # ----------------------------------------------------------------------------------------------- layers
 
 
 class Linear(nnx.Module):
-    """y = x @ kernel (+ bias) (+ LoRA). kernel is [in, out] (HF stores [out, in]); role selects LoRA."""
+    """y = x @ kernel (+ bias) (+ LoRA). kernel is [in, out] (HF stores [out, in]); `name` is the projection's name
+    in models.lora.PROJECTIONS (q, k, v, o, gate, up, down, unembed), which is how adapters find it."""
 
-    def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], role: str, *, rngs: nnx.Rngs,
-                 bias: bool = False, lora: LoraSpec | None = None, param_dtype=jnp.float32,
-                 has_kernel: bool = True):
+    def __init__(self, d_in: int, d_out: int, axes: tuple[str, str], name: str, *, rngs: nnx.Rngs,
+                 bias: bool = False, param_dtype=jnp.float32):
         init = nnx.initializers.normal(0.02)
-        # has_kernel=False: an adapter-only projection (LoRA on a tied unembedding, whose base is `embed`).
-        self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), param_dtype), axes=axes) if has_kernel else None
+        self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), param_dtype), axes=axes)
         self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype), axes=axes[1:]) if bias else None
-        self.role = role
-        self.lora_scale = None
-        if lora is not None and lora.targets(role):
-            # PEFT's init: A ~ kaiming_uniform(a=sqrt(5)) == U(-1/sqrt(in), 1/sqrt(in)), B = 0,
-            # so a fresh adapter is an exact no-op. Adapters stay fp32 whatever the base dtype.
-            bound = 1.0 / math.sqrt(d_in)
-            a = jax.random.uniform(rngs.lora(), (d_in, lora.rank), jnp.float32, -bound, bound)
-            self.lora_a = nnx.LoRAParam(a, axes=(axes[0], None))  # [in, R]
-            self.lora_b = nnx.LoRAParam(jnp.zeros((lora.rank, d_out), jnp.float32), axes=(None, axes[1]))
-            self.lora_scale = lora.scale
+        self.name = name
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        lead = x.shape[:-1]
-        x = x.reshape(-1, x.shape[-1])  # [*, in] -> [M, in]: XLA:CPU's backward of the 3-D form ran ~2x slower
-        y = x @ self.kernel[...].astype(x.dtype)
+    def __call__(self, x: jax.Array, lora: tuple[LoraRows, ...] = ()) -> jax.Array:
+        """x [B,T,in] -> [B,T,out]."""
+        B, T, d_in = x.shape
+        # [B,T,in] -> [M,in]: XLA:CPU's backward of the 3-D form ran ~2x slower
+        y = x.reshape(B * T, d_in) @ self.kernel[...].astype(x.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
-        if self.lora_scale is not None:
-            a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
-            y = y + ((x @ a) @ b) * jnp.asarray(self.lora_scale, x.dtype)
-        return y.reshape(*lead, y.shape[-1])
+        return lora_math.apply(y.reshape(B, T, -1), x, lora, self.name)
 
 
 class RMSNorm(nnx.Module):
@@ -127,19 +139,19 @@ def apply_rope(x: jax.Array, positions: jax.Array, inv_freq: np.ndarray) -> jax.
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraSpec | None, param_dtype):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype):
         D, N, K, H = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
-        kw = dict(rngs=rngs, lora=lora, param_dtype=param_dtype, role="attn")
-        self.q = Linear(D, N * H, ("embed", "heads"), bias=cfg.qkv_bias, **kw)
-        self.k = Linear(D, K * H, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
-        self.v = Linear(D, K * H, ("embed", "kv_heads"), bias=cfg.qkv_bias, **kw)
-        self.o = Linear(N * H, D, ("heads", "embed"), **kw)
+        kw = dict(rngs=rngs, param_dtype=param_dtype)
+        self.q = Linear(D, N * H, ("embed", "heads"), "q", bias=cfg.qkv_bias, **kw)
+        self.k = Linear(D, K * H, ("embed", "kv_heads"), "k", bias=cfg.qkv_bias, **kw)
+        self.v = Linear(D, K * H, ("embed", "kv_heads"), "v", bias=cfg.qkv_bias, **kw)
+        self.o = Linear(N * H, D, ("heads", "embed"), "o", **kw)
         self.q_norm = RMSNorm(H, cfg.norm_eps, ("head_dim",), param_dtype) if cfg.qk_norm else None
         self.k_norm = RMSNorm(H, cfg.norm_eps, ("head_dim",), param_dtype) if cfg.qk_norm else None
         self.shape = (N, K, H)
 
-    def __call__(self, x, positions, mask, inv_freq, cache=None, attention="einsum"):
-        """x [B,T,D], positions [B,T] -> (out [B,T,D], (k, v) [B,T,K,H] of this step).
+    def __call__(self, x, positions, mask, inv_freq, cache=None, attention="einsum", lora=()):
+        """x [B,T,D], positions [B,T] -> (out [B,T,D], (k, v) [B,T,K,H] of this step). `lora`: adapters per rank.
 
         No cache: `mask` [B,T,T] is the full attention mask over this chunk, applied by the einsum path.
         `attention` "cudnn" or "xla" instead runs jax.nn.dot_product_attention with a plain causal mask (cuDNN's
@@ -153,16 +165,16 @@ class Attention(nnx.Module):
         """
         N, K, H = self.shape
         B, T, _ = x.shape
-        q = self.q(x).reshape(B, T, N, H)
-        k = self.k(x).reshape(B, T, K, H)
-        v = self.v(x).reshape(B, T, K, H)
+        q = self.q(x, lora).reshape(B, T, N, H)
+        k = self.k(x, lora).reshape(B, T, K, H)
+        v = self.v(x, lora).reshape(B, T, K, H)
         if self.q_norm is not None:
             q, k = self.q_norm(q), self.k_norm(k)
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         if cache is None and attention != "einsum":
             out = jax.nn.dot_product_attention(q, k, v, scale=1.0 / math.sqrt(H), is_causal=True,
                                                implementation=attention)  # [B,T,N,H]; GQA handled inside
-            return self.o(out.reshape(B, T, N * H)), (k, v)
+            return self.o(out.reshape(B, T, N * H), lora), (k, v)
         qg = q.reshape(B, T, K, N // K, H) * (1.0 / math.sqrt(H))  # GQA: G query heads share one kv head
         scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k)  # this chunk's own keys
         if cache is not None:  # prepend the cached context's scores; the cache itself is never copied
@@ -179,79 +191,70 @@ class Attention(nnx.Module):
             out = (jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., :S], cv.astype(x.dtype))
                    + jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., S:], v))
         out = out.reshape(B, T, N * H)
-        return self.o(out), (k, v)
+        return self.o(out, lora), (k, v)
 
 
 class MLP(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraSpec | None, param_dtype):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype):
         D, F = cfg.d_model, cfg.d_ff
-        kw = dict(rngs=rngs, lora=lora, param_dtype=param_dtype, role="mlp")
-        self.gate = Linear(D, F, ("embed", "mlp"), **kw)
-        self.up = Linear(D, F, ("embed", "mlp"), **kw)
-        self.down = Linear(F, D, ("mlp", "embed"), **kw)
+        kw = dict(rngs=rngs, param_dtype=param_dtype)
+        self.gate = Linear(D, F, ("embed", "mlp"), "gate", **kw)
+        self.up = Linear(D, F, ("embed", "mlp"), "up", **kw)
+        self.down = Linear(F, D, ("mlp", "embed"), "down", **kw)
 
-    def __call__(self, x):
-        return self.down(jax.nn.silu(self.gate(x)) * self.up(x))  # SwiGLU
+    def __call__(self, x, lora=()):
+        return self.down(jax.nn.silu(self.gate(x, lora)) * self.up(x, lora), lora)  # SwiGLU
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraSpec | None, param_dtype):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, ("embed",), param_dtype)
-        self.attn = Attention(cfg, rngs=rngs, lora=lora, param_dtype=param_dtype)
+        self.attn = Attention(cfg, rngs=rngs, param_dtype=param_dtype)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, ("embed",), param_dtype)
-        self.mlp = MLP(cfg, rngs=rngs, lora=lora, param_dtype=param_dtype)
+        self.mlp = MLP(cfg, rngs=rngs, param_dtype=param_dtype)
 
-    def __call__(self, x, positions, mask, inv_freq, cache=None, attention="einsum"):
-        h, kv = self.attn(self.attn_norm(x), positions, mask, inv_freq, cache, attention)
+    def __call__(self, x, positions, mask, inv_freq, cache=None, attention="einsum", lora=()):
+        h, kv = self.attn(self.attn_norm(x), positions, mask, inv_freq, cache, attention, lora)
         x = x + h
-        return x + self.mlp(self.mlp_norm(x)), kv
+        return x + self.mlp(self.mlp_norm(x), lora), kv
 
 
 # ---------------------------------------------------------------------------------------------- decoder
 
 
-def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, lora, param_dtype, lora_key) -> Block:
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, param_dtype) -> Block:
     """A Block whose every variable has a leading [L] axis (one independent init per layer)."""
     keys = jax.random.split(rngs.params(), cfg.n_layers)
-    lora_keys = jax.random.split(lora_key, cfg.n_layers)
 
-    def make(key, lora_key):
-        block = Block(cfg, rngs=nnx.Rngs(params=key, lora=lora_key), lora=lora, param_dtype=param_dtype)
-        return nnx.split(block)[1]
+    def make(key):
+        return nnx.split(Block(cfg, rngs=nnx.Rngs(params=key), param_dtype=param_dtype))[1]
 
-    state = jax.vmap(make)(keys, lora_keys)
-    graphdef = nnx.eval_shape(lambda: nnx.split(
-        Block(cfg, rngs=nnx.Rngs(params=0, lora=0), lora=lora, param_dtype=param_dtype))[0])
+    state = jax.vmap(make)(keys)
+    graphdef = nnx.eval_shape(lambda: nnx.split(Block(cfg, rngs=nnx.Rngs(params=0), param_dtype=param_dtype))[0])
     return nnx.merge(graphdef, state)
 
 
 class Decoder(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, lora: LoraSpec | None = None,
-                 param_dtype=jnp.float32, dtype=jnp.float32, lora_key: jax.Array | None = None):
-        # Adapters are initialised from `lora_key`, by default jax.random.key(lora.seed); passing the key
-        # lets one compiled init serve every seed.
-        if lora_key is None:
-            lora_key = jax.random.key(lora.seed if lora else 0)
+    """The base model: every weight is an nnx.Param. Adapters are not part of it; they enter each call as
+    `lora` (models.lora.LoraRows per rank), so one decoder serves any number of runs."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32):
         self.cfg = cfg
         self.dtype = dtype  # compute dtype
         init = nnx.initializers.normal(0.02)
         self.embed = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.d_model), param_dtype),
                                axes=("vocab", "embed"))
-        self.blocks = _stacked_blocks(cfg, rngs, lora, param_dtype, lora_key)
+        self.blocks = _stacked_blocks(cfg, rngs, param_dtype)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, ("embed",), param_dtype)
-        # Tied models still get an unembed Linear when LoRA targets it; its kernel is then unused and the
-        # embedding matrix is the base weight (see `logits`).
-        lm_head = None
-        if not cfg.tie_embeddings or (lora is not None and lora.train_unembed):
-            head_rngs = nnx.Rngs(params=rngs.params(), lora=jax.random.fold_in(lora_key, 7)
-                                 if lora else 0)
-            lm_head = Linear(cfg.d_model, cfg.vocab_size, ("embed", "vocab"), "unembed", rngs=head_rngs,
-                             lora=lora, param_dtype=param_dtype, has_kernel=not cfg.tie_embeddings)
-        self.lm_head = lm_head
+        # Tied models unembed with the embedding matrix (see `logits`).
+        self.lm_head = None if cfg.tie_embeddings else Linear(
+            cfg.d_model, cfg.vocab_size, ("embed", "vocab"), "unembed", rngs=rngs, param_dtype=param_dtype)
 
     def __call__(self, tokens, positions, segment_ids=None, cache: KVCache | None = None, remat: bool = False,
-                 attention: str = "einsum", unroll: bool = False):
+                 attention: str = "einsum", unroll: bool = False, lora: tuple[LoraRows, ...] = ()):
         """tokens, positions [B,T] int32 -> hidden [B,T,D] (final-normed), cache.
+
+        lora: adapters per rank and the rows that use them (their per-layer weights are scanned with the layers).
 
         attention (no cache only): "einsum" (masks from segment_ids; exact reference, packing-capable), or
         "cudnn" / "xla" (jax.nn.dot_product_attention, causal only: each row must hold one right-padded
@@ -279,35 +282,40 @@ class Decoder(nnx.Module):
 
         if attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention: expected one of {ATTENTION_IMPLS}, got {attention!r}")
+        lora = tuple(lora)
+        lora_layers = tuple(c.per_layer() for c in lora)  # each weight [L,S,...]: sliced per layer by the scan
+
+        def with_layer(weights):
+            return tuple(c.with_weights(w) for c, w in zip(lora, weights))
+
         if cache is None:
-            def layer(h, layer_state):
-                return nnx.merge(graphdef, layer_state)(h, positions, mask, inv_freq, None, attention)[0], None
+            def layer(h, xs):
+                layer_state, lw = xs
+                block = nnx.merge(graphdef, layer_state)
+                return block(h, positions, mask, inv_freq, None, attention, with_layer(lw))[0], None
 
             if remat:
                 layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-            x, _ = jax.lax.scan(layer, x, state)
+            x, _ = jax.lax.scan(layer, x, (state, lora_layers))
             return self.final_norm(x), None
 
         def cached_layer(h, xs):
-            layer_state, ck, cv = xs
-            h, kv = nnx.merge(graphdef, layer_state)(h, positions, mask, inv_freq, (ck, cv))
+            layer_state, ck, cv, lw = xs
+            h, kv = nnx.merge(graphdef, layer_state)(h, positions, mask, inv_freq, (ck, cv), lora=with_layer(lw))
             return h, kv
 
-        x, (k_new, v_new) = jax.lax.scan(cached_layer, x, (state, cache.k, cache.v),
+        x, (k_new, v_new) = jax.lax.scan(cached_layer, x, (state, cache.k, cache.v, lora_layers),
                                          unroll=bool(unroll))  # new: [L,B,T,K,H]
         rows = jnp.arange(B)[:, None]  # step t of row b goes to slot positions[b, t], in every layer
         cache = KVCache(cache.k.at[:, rows, positions].set(k_new.astype(cache.k.dtype)),
                         cache.v.at[:, rows, positions].set(v_new.astype(cache.v.dtype)))
         return self.final_norm(x), cache
 
-    def logits(self, hidden: jax.Array) -> jax.Array:
-        """hidden [B,T,D] -> logits [B,T,V] float32."""
-        head = self.lm_head
-        if self.cfg.tie_embeddings:
-            y = hidden @ self.embed[...].astype(hidden.dtype).T
-            if head is not None and head.lora_scale is not None:
-                a, b = head.lora_a[...].astype(hidden.dtype), head.lora_b[...].astype(hidden.dtype)
-                y = y + ((hidden @ a) @ b) * jnp.asarray(head.lora_scale, hidden.dtype)
-        else:
-            y = head(hidden)
-        return y.astype(jnp.float32)
+    def logits(self, hidden: jax.Array, lora: tuple[LoraRows, ...] = ()) -> jax.Array:
+        """hidden [B,T,D] -> logits [B,T,V] float32. A tied model's unembedding is the embedding matrix; an
+        adapter on `unembed` adds to the logits either way and never touches the input embedding."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden, lora).astype(jnp.float32)
+        B, T, D = hidden.shape
+        y = (hidden.reshape(B * T, D) @ self.embed[...].astype(hidden.dtype).T).reshape(B, T, -1)
+        return lora_math.apply(y, hidden, lora, "unembed").astype(jnp.float32)

@@ -15,6 +15,8 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from tinker_jax.models.lora import axes as lora_axes
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes); absent or None means replicated.
@@ -77,6 +79,8 @@ def spec_for(axes: tuple, shape: tuple[int, ...], mesh: Mesh, rules=DEFAULT_RULE
             continue
         used.update(mesh_axes)
         out.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+    while out and out[-1] is None:  # the canonical form jit gives its outputs: equal specs, no recompiles
+        out.pop()
     return P(*out)
 
 
@@ -98,3 +102,19 @@ def batch_sharding(mesh: Mesh, ndim: int, rules=DEFAULT_RULES) -> NamedSharding:
     """Rows over the batch mesh axes, everything else replicated."""
     b = rules["batch"]
     return NamedSharding(mesh, P(b, *([None] * (ndim - 1))))
+
+
+def rows_sharding(mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+    """Leading (row) axis over the batch mesh axes, every other axis replicated (any rank >= 1)."""
+    return NamedSharding(mesh, P(rules["batch"]))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, P())
+
+
+def pool_shardings(pool: dict, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
+    """Shardings of LoRA weights {projection: {"a", "b"}} (any leading [L] / slot axes unsharded): `a` follows its
+    base kernel's input axis, `b` its output axis (models.lora.axes)."""
+    return {n: {k: NamedSharding(mesh, spec_for(lora_axes(n)[k], tuple(x.shape), mesh, rules)) for k, x in w.items()}
+            for n, w in pool.items()}

@@ -1,6 +1,6 @@
 """Sampling: continuous-batching generation over immutable weight snapshots.
 
-- `snapshot.py`: WeightSnapshot (graphdef, frozen, trainable) and helpers to split a Decoder.
+- `snapshot.py`: WeightSnapshot, the one snapshot type (base params, optionally a LoRA adapter).
 - `params.py`: SamplingParams validation and processing (ValueError names the field).
 - `kernels.py`: jitted prefill / decode / cache-row insertion / token selection.
 - `stops.py`: stop-string detection during generation.
@@ -12,7 +12,6 @@
 from tinker_jax.sampling.factory import make_sampler
 from tinker_jax.sampling.params import Limits, RequestSpec, validate_request
 from tinker_jax.sampling.scheduler import Sampler
-from tinker_jax.sampling.snapshot import WeightSnapshot, make_snapshot, snapshot_of, split_decoder
+from tinker_jax.sampling.snapshot import WeightSnapshot, snapshot_of
 
-__all__ = ["Limits", "RequestSpec", "Sampler", "WeightSnapshot", "make_sampler", "make_snapshot", "snapshot_of",
-           "split_decoder", "validate_request"]
+__all__ = ["Limits", "RequestSpec", "Sampler", "WeightSnapshot", "make_sampler", "snapshot_of", "validate_request"]

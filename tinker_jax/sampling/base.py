@@ -9,6 +9,7 @@ from typing import Any, Sequence
 
 from tinker import types
 
+from tinker_jax.errors import UserError
 from tinker_jax.sampling.params import RequestSpec, validate_request
 
 
@@ -39,7 +40,7 @@ class SamplerBase:
                                 limits=self.limits, eos_token_ids=self.eos_token_ids)
         ids = [f"{uid}:{i}" for i in range(spec.num_samples)] if sequence_ids is None else list(sequence_ids)
         if len(ids) != spec.num_samples:
-            raise ValueError(f"sequence_ids: {len(ids)} ids for num_samples={spec.num_samples}")
+            raise UserError(f"sequence_ids: {len(ids)} ids for num_samples={spec.num_samples}")
         return spec, ids
 
     def sample(self, snapshot: Any, prompt_tokens: Sequence[int], params: types.SamplingParams,

@@ -8,8 +8,9 @@ from tinker_jax.hf.model_files import eos_ids_of, load_tokenizer
 from tinker_jax.sampling.scheduler import Sampler
 
 
-def make_sampler(base: Any, config: Any = None, **overrides) -> Sampler:
-    """Sampler for `base` (anything with `.cfg`, `.path` and `.decoder`, e.g. engine.BaseModel), started.
+def make_sampler(base: Any, config: Any = None, on_submit=None, **overrides) -> Sampler:
+    """Sampler for `base` (anything with `.cfg`, `.path` and `.decoder`), started; or, with `on_submit`, driven by
+    the caller's thread (Sampler.drive: it calls `step()`, `on_submit` wakes it).
 
     `config` is a SamplerConfig-like object; its max_batch, max_seq_len, max_num_samples (and any other
     Sampler keyword it shares) are used, then `overrides`. The KV cache takes the decoder's compute dtype.
@@ -25,7 +26,7 @@ def make_sampler(base: Any, config: Any = None, **overrides) -> Sampler:
     kw: dict[str, Any] = {}
     for name in ("max_batch", "max_seq_len", "max_num_samples", "prefill_lengths", "prefill_batches",
                  "prefill_token_budget", "decode_steps", "decode_unroll", "max_topk_prompt_logprobs",
-                 "max_stop_tokens"):
+                 "max_stop_tokens", "max_adapters"):
         if config is not None and getattr(config, name, None) is not None:
             kw[name] = getattr(config, name)
     kw.update(overrides)
@@ -35,4 +36,5 @@ def make_sampler(base: Any, config: Any = None, **overrides) -> Sampler:
         kw["cache_dtype"] = decoder.dtype
     if "tokenizer" not in kw:
         kw["tokenizer"] = load_tokenizer(path)
-    return Sampler(base.cfg, eos_ids_of(base.cfg, path), **kw).start()
+    sampler = Sampler(base.cfg, eos_ids_of(base.cfg, path), **kw)
+    return sampler.drive(on_submit) if on_submit is not None else sampler.start()

@@ -2,7 +2,10 @@
 
 Shapes are fixed per Sampler (rows B, cache slots S = max_seq_len + 1) or bucketed (prefill rows Bp, prefill
 length T), and every per-request knob (temperature, top_k, top_p, seed, max_tokens, stop ids) is an array, so
-new values never recompile. Weights enter as (graphdef static, frozen, trainable) arguments.
+new values never recompile. Weights enter as (graphdef static, params) arguments; LoRA adapters as per-rank tables
+(`lora`: a tuple of (weights {proj: {"a": [L,S,in,R], "b": ...}}, scale [S,P]) per rank, models.lora) and, per
+row, its table slot per rank (`slots`: a tuple of [B] int32; 0 is the null adapter). Rows of different adapters
+(and rows of the bare base model) therefore share one prefill or decode call.
 
 Cache layout follows the Decoder contract: KVCache k/v [L,B,S,K,H], slot index == absolute position. The
 last slot (S - 1) is a scratch slot: rows that are idle, finished or in another snapshot's group write there,
@@ -25,9 +28,9 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
-from tinker_jax.models.decoder import KVCache
+from tinker_jax.models.decoder import KVCache, merge
+from tinker_jax.models.lora import LoraRows, take_slots
 
 PRNG_IMPL = "threefry2x32"  # fixed, so key data is [2] uint32 whatever jax_default_prng_impl says
 
@@ -94,8 +97,14 @@ def _chunk(T: int, target: int = 256) -> int:
     return max(c for c in range(1, min(T, target) + 1) if T % c == 0)
 
 
-@partial(jax.jit, static_argnums=(0,), static_argnames=("topk", "cache_dtype"))
-def prefill(graphdef, frozen, trainable, tokens, targets, want_logprobs, *, topk: int, cache_dtype):
+def lora_rows(lora: tuple, slots: tuple, rows: int, mode: str) -> tuple[LoraRows, ...]:
+    """The decoder's per-rank LoraRows for rows [0, rows) with table slots `slots` (each [>= rows])."""
+    return tuple(LoraRows(w, scale, s[:rows], 0, rows, mode) for (w, scale), s in zip(lora, slots))
+
+
+@partial(jax.jit, static_argnums=(0,), static_argnames=("topk", "cache_dtype", "mode"))
+def prefill(graphdef, params, lora, slots, tokens, targets, want_logprobs, *, topk: int, cache_dtype,
+            mode: str = "gather"):
     """Run prompt tokens [Bp,T] (prompt[:-1], right-padded) at positions 0..T-1 into a fresh [Bp,T] cache.
 
     targets [Bp,T] = prompt[1:] padded; want_logprobs: bool scalar (a runtime switch, not a recompile).
@@ -103,11 +112,12 @@ def prefill(graphdef, frozen, trainable, tokens, targets, want_logprobs, *, topk
     Padding writes garbage into slots >= its row's length; the decode step that later feeds the last prompt
     token overwrites each such slot before any query can attend to it.
     """
-    model = nnx.merge(graphdef, frozen, trainable)
+    model = merge(graphdef, params)
     Bp, T = tokens.shape
+    rows = lora_rows(lora, slots, Bp, mode)
     cache = KVCache.init(model.cfg, Bp, T, cache_dtype)
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (Bp, T))
-    hidden, cache = model(tokens, positions, cache=cache)  # [Bp,T,D]
+    hidden, cache = model(tokens, positions, cache=cache, lora=rows)  # [Bp,T,D]
 
     def logprobs(_):
         C = _chunk(T)
@@ -116,7 +126,7 @@ def prefill(graphdef, frozen, trainable, tokens, targets, want_logprobs, *, topk
 
         def one(args):
             h, tgt = args
-            logits = model.logits(h)  # [Bp,C,V] fp32
+            logits = model.logits(h, rows)  # [Bp,C,V] fp32
             lse = jax.nn.logsumexp(logits, axis=-1)
             lp = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0] - lse
             if topk:
@@ -157,10 +167,14 @@ STATIC = ("max_tokens", "temperature", "top_k", "top_p", "seed", "sample", "stop
 
 
 @partial(jax.jit, static_argnums=(0,), static_argnames=("n_steps", "view", "rows", "unroll"),
-         donate_argnums=(3,))
-def decode(graphdef, frozen, trainable, cache: KVCache, dyn: dict, par: dict, run_mask, *, n_steps: int,
+         donate_argnums=(4,))
+def decode(graphdef, params, lora, slots, cache: KVCache, dyn: dict, par: dict, run_mask, *, n_steps: int,
            view: int | None = None, rows: int | None = None, unroll: bool = False):
-    """n_steps decode steps for the rows in run_mask (one snapshot's group).
+    """n_steps decode steps for the rows in run_mask (every row of one set of base weights, each with its own
+    adapter). `lora` per rank: (table weights, scale, active [Sa] table slots the rows use); `slots` per rank:
+    each row's index into `active`. The active adapters are gathered once per call, then every step applies them
+    to every row masked to the row's own (a decode row is one token: reading each adapter in use once per step
+    is cheaper than a copy per row, and a step never reads an adapter no row uses).
 
     A live row feeds `tok` at `pos`, samples its next token with key (seed, sample, n_gen), and finishes when
     that token is one of its stop ids or n_gen reaches max_tokens. Returns (cache, dyn, tokens [n,B],
@@ -174,8 +188,10 @@ def decode(graphdef, frozen, trainable, cache: KVCache, dyn: dict, par: dict, ru
     rows: when every row of run_mask is below `rows`, only cache rows [0, rows) are decoded (outputs are
     [n, rows]); a lone request then costs one row of compute instead of max_batch.
     """
-    model = nnx.merge(graphdef, frozen, trainable)
+    model = merge(graphdef, params)
     full_dyn, R = dyn, rows or cache.k.shape[1]
+    compact = tuple((take_slots(w, active), jnp.take(scale, active, axis=0)) for w, scale, active in lora)
+    adapters = lora_rows(compact, slots, R, "dense")
     dyn, par, run_mask = (jax.tree.map(lambda x: x[:R], t) for t in (dyn, par, run_mask))
     if view is None:
         work = KVCache(cache.k[:, :R], cache.v[:, :R])
@@ -188,8 +204,8 @@ def decode(graphdef, frozen, trainable, cache: KVCache, dyn: dict, par: dict, ru
         kv, d = carry
         live = d["live"] & run_mask
         pos = jnp.where(live, d["pos"], scratch)
-        hidden, kv = model(d["tok"][:, None], pos[:, None], cache=kv, unroll=unroll)
-        logits = model.logits(hidden)[:, 0]  # [B,V]
+        hidden, kv = model(d["tok"][:, None], pos[:, None], cache=kv, unroll=unroll, lora=adapters)
+        logits = model.logits(hidden, adapters)[:, 0]  # [B,V]
         keys = row_keys(par["seed"], par["sample"], d["n_gen"])
         tok, lp = select_tokens(logits, par["temperature"], par["top_k"], par["top_p"], keys)
         n_gen = d["n_gen"] + live.astype(jnp.int32)

@@ -27,6 +27,8 @@ from typing import Any, Sequence
 
 from tinker import types
 
+from tinker_jax.errors import UserError
+
 U64 = 1 << 64
 
 
@@ -76,18 +78,18 @@ def parse_stop(stop: Any, eos_token_ids: Sequence[int], vocab_size: int) -> tupl
     try:
         items = list(stop)
     except TypeError:
-        raise ValueError(f"stop: expected a string, a list of strings or a list of token ids, got {stop!r}") from None
+        raise UserError(f"stop: expected a string, a list of strings or a list of token ids, got {stop!r}") from None
     if all(isinstance(s, str) for s in items):
         if any(s == "" for s in items):
-            raise ValueError("stop: stop strings must be non-empty")
+            raise UserError("stop: stop strings must be non-empty")
         return (), tuple(dict.fromkeys(items))
     if all(_is_int(s) for s in items):
         ids = tuple(dict.fromkeys(int(s) for s in items))
         bad = [t for t in ids if not 0 <= t < vocab_size]
         if bad:
-            raise ValueError(f"stop: token ids {bad} are outside the vocabulary [0, {vocab_size})")
+            raise UserError(f"stop: token ids {bad} are outside the vocabulary [0, {vocab_size})")
         return ids, ()
-    raise ValueError(f"stop: expected a string, a list of strings or a list of token ids (not a mix), got {stop!r}")
+    raise UserError(f"stop: expected a string, a list of strings or a list of token ids (not a mix), got {stop!r}")
 
 
 def validate_request(
@@ -102,37 +104,37 @@ def validate_request(
 ) -> RequestSpec:
     """Check one request against the Sampler's limits; return its processed form or raise ValueError."""
     if not isinstance(params, types.SamplingParams):
-        raise ValueError(f"sampling_params: expected tinker.types.SamplingParams, got {type(params).__name__}")
+        raise UserError(f"sampling_params: expected tinker.types.SamplingParams, got {type(params).__name__}")
     try:
         prompt = tuple(int(t) for t in prompt_tokens)
     except (TypeError, ValueError):
-        raise ValueError("prompt_tokens: expected a list of integer token ids") from None
+        raise UserError("prompt_tokens: expected a list of integer token ids") from None
     if not prompt:
-        raise ValueError("prompt_tokens: the prompt is empty")
+        raise UserError("prompt_tokens: the prompt is empty")
     bad = [t for t in prompt if not 0 <= t < limits.vocab_size]
     if bad:
-        raise ValueError(f"prompt_tokens: token ids {bad[:8]} are outside the vocabulary [0, {limits.vocab_size})")
+        raise UserError(f"prompt_tokens: token ids {bad[:8]} are outside the vocabulary [0, {limits.vocab_size})")
     if len(prompt) >= limits.max_seq_len:
-        raise ValueError(f"prompt_tokens: prompt length {len(prompt)} leaves no room to generate within the "
+        raise UserError(f"prompt_tokens: prompt length {len(prompt)} leaves no room to generate within the "
                          f"context of {limits.max_seq_len} tokens")
 
     max_tokens = params.max_tokens
     if max_tokens is None:
-        raise ValueError("max_tokens: required (the number of tokens to generate)")
+        raise UserError("max_tokens: required (the number of tokens to generate)")
     if not _is_int(max_tokens) or max_tokens <= 0:
-        raise ValueError(f"max_tokens: must be a positive integer, got {max_tokens!r}")
+        raise UserError(f"max_tokens: must be a positive integer, got {max_tokens!r}")
     if len(prompt) + max_tokens > limits.max_seq_len:
-        raise ValueError(f"max_tokens: prompt length {len(prompt)} + max_tokens {max_tokens} exceeds the context of "
+        raise UserError(f"max_tokens: prompt length {len(prompt)} + max_tokens {max_tokens} exceeds the context of "
                          f"{limits.max_seq_len} tokens")
 
     temperature = float(params.temperature)
     if not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature: must be a finite number >= 0, got {params.temperature!r}")
+        raise UserError(f"temperature: must be a finite number >= 0, got {params.temperature!r}")
     top_p = float(params.top_p)
     if not (0.0 < top_p <= 1.0):  # also rejects NaN
-        raise ValueError(f"top_p: must lie in (0, 1], got {params.top_p!r}")
+        raise UserError(f"top_p: must lie in (0, 1], got {params.top_p!r}")
     if not _is_int(params.top_k):
-        raise ValueError(f"top_k: must be an integer, got {params.top_k!r}")
+        raise UserError(f"top_k: must be an integer, got {params.top_k!r}")
     top_k = int(params.top_k)
     top_k = 0 if top_k <= 0 or top_k >= limits.vocab_size else top_k
 
@@ -141,19 +143,19 @@ def validate_request(
     elif _is_int(params.seed):
         seed = int(params.seed) % U64
     else:
-        raise ValueError(f"seed: must be an integer, got {params.seed!r}")
+        raise UserError(f"seed: must be an integer, got {params.seed!r}")
 
     stop_ids, stop_strs = parse_stop(params.stop, eos_token_ids, limits.vocab_size)
     if len(stop_ids) > limits.max_stop_tokens:
-        raise ValueError(f"stop: {len(stop_ids)} stop token ids exceed this sampler's limit of "
+        raise UserError(f"stop: {len(stop_ids)} stop token ids exceed this sampler's limit of "
                          f"{limits.max_stop_tokens}")
     if stop_strs and not limits.has_tokenizer:
-        raise ValueError("stop: stop strings need a tokenizer, and this sampler was built without one")
+        raise UserError("stop: stop strings need a tokenizer, and this sampler was built without one")
 
     if not _is_int(num_samples) or not 1 <= num_samples <= limits.max_num_samples:
-        raise ValueError(f"num_samples: must be an integer in [1, {limits.max_num_samples}], got {num_samples!r}")
+        raise UserError(f"num_samples: must be an integer in [1, {limits.max_num_samples}], got {num_samples!r}")
     if not _is_int(topk_prompt_logprobs) or not 0 <= topk_prompt_logprobs <= limits.max_topk_prompt_logprobs:
-        raise ValueError(f"topk_prompt_logprobs: must be an integer in [0, {limits.max_topk_prompt_logprobs}], "
+        raise UserError(f"topk_prompt_logprobs: must be an integer in [0, {limits.max_topk_prompt_logprobs}], "
                          f"got {topk_prompt_logprobs!r}")
 
     return RequestSpec(

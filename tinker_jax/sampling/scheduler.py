@@ -8,12 +8,20 @@ prefill result, and take rows as they free up), and the rows join the running de
 first decode step feeds the last prompt token, so the prefill never needs logits unless prompt logprobs were
 asked for. Finished rows leave and free their slot at the end of the decode call that finished them.
 
-Snapshots. A request names an immutable WeightSnapshot. A decode call runs one snapshot's rows (the others
-write to the cache's scratch slot and keep their state); when rows of several snapshots are resident, calls
-alternate between them round-robin. Nothing here prevents a later per-row adapter batch.
+Snapshots. A request names an immutable WeightSnapshot: base weights (`params`) and, for a LoRA run, an adapter.
+Every row whose snapshot shares one `params` object (the base model, and every LoRA snapshot over it) decodes in
+the same call, each row with its own adapter: adapters are copied once into per-rank tables (`_Table`, in the
+compute dtype; at most `max_adapters` per rank resident, least recently used evicted when no row uses it) and each
+row carries its table slot. Snapshots with their own params (full fine-tuning) decode in calls of their own;
+calls alternate between such groups round-robin. A prefill batch holds requests of one group, one prompt-length
+bucket and one adapter rank (any adapters of that rank).
 
-Threading. `submit` only validates and enqueues; everything else (device calls, row state) belongs to the
-loop thread. A bad request fails only its own future. A device error fails the requests it touched.
+Fairness. Requests are admitted round-robin across tenants (`submit(..., tenant=)`), so a tenant with a thousand
+queued samples does not hold back another's one.
+
+Threading. `submit` only validates and enqueues; `step` (one admission round and one decode call) does the rest on
+one thread: the sampler's own (`start`) or its owner's (an engine worker calls `step` between training rounds).
+A bad request fails only its own future. A device error fails the requests it touched.
 """
 
 from __future__ import annotations
@@ -31,10 +39,12 @@ import jax.numpy as jnp
 import numpy as np
 from tinker import types
 
+from tinker_jax.errors import UserError
+from tinker_jax.models import lora as lora_math
 from tinker_jax.models.config import ModelConfig
 from tinker_jax.models.decoder import KVCache
-from tinker_jax.sampling.base import SamplerBase
 from tinker_jax.sampling import kernels, response
+from tinker_jax.sampling.base import SamplerBase
 from tinker_jax.sampling.params import Limits, RequestSpec
 from tinker_jax.sampling.snapshot import WeightSnapshot
 from tinker_jax.sampling.stops import StopStrings, Tokenizer
@@ -50,6 +60,9 @@ class _Request:
     future: Future
     sequence_ids: list[str]
     stopper: StopStrings | None
+    tenant: str = "local"
+    rank: int = 0  # its adapter's rank (0: none)
+    table_slot: int = 0  # its adapter's slot in the rank's table while admitted (0: the null adapter)
     results: list[Any] = field(default_factory=list)
     placed: int = 0  # samples given a row so far
     done: int = 0
@@ -66,15 +79,50 @@ class _Row:
     logprobs: list[float] = field(default_factory=list)
 
 
-def _snapshot_cfg(snapshot) -> ModelConfig | None:
-    cfg = getattr(snapshot, "cfg", None)
-    return cfg if cfg is not None else getattr(getattr(snapshot, "base", None), "cfg", None)
+def params_key(snapshot: WeightSnapshot) -> int:
+    """Snapshots whose params are the same arrays decode together (identity of the first weight array)."""
+    return id(jax.tree.leaves(snapshot.params)[0])
 
 
-def _snapshot_key(snapshot) -> int:
-    """Round-robin order between resident snapshots (WeightSnapshot.uid grows with creation)."""
-    uid = getattr(snapshot, "uid", None)
-    return uid if isinstance(uid, int) else id(snapshot)
+class _Table:
+    """Adapters of one rank resident in the sampler: {proj: {"a": [L,S,in,R], "b": ...}} in the compute dtype and
+    scales [S,P]. Slot 0 is the null adapter. A slot is held (`users`) by every admitted request of its adapter;
+    an unheld slot keeps its adapter for reuse until another adapter needs the room (least recently used first)."""
+
+    def __init__(self, cfg: ModelConfig, rank: int, capacity: int, dtype):
+        self.cfg, self.rank = cfg, rank
+        shapes = lora_math.shapes(cfg, rank, capacity + 1)
+        self.weights = {n: {k: jnp.zeros(sh, dtype) for k, sh in w.items()} for n, w in shapes.items()}
+        self.scale = jnp.zeros((capacity + 1, len(lora_math.NAMES)), jnp.float32)
+        self.users = [0] * (capacity + 1)
+        self.holder: list[Any] = [None] * (capacity + 1)  # the resident Adapter per slot (kept alive while resident)
+        self.lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # slot order, oldest use first
+
+    def acquire(self, adapter) -> int | None:
+        for slot in range(1, len(self.holder)):
+            if self.holder[slot] is adapter:
+                break
+        else:
+            free = [s for s in range(1, len(self.holder)) if self.users[s] == 0]
+            if not free:
+                return None
+            empty = [s for s in free if self.holder[s] is None]
+            slot = empty[0] if empty else next(s for s in self.lru if s in free)
+            full = lora_math.complete(adapter.weights, self.cfg, self.rank)
+            self.weights = lora_math.put_slot(self.weights, jnp.int32(slot), full)
+            self.scale = self.scale.at[slot].set(jnp.asarray(adapter.spec.scales()))
+            self.holder[slot] = adapter
+        self.users[slot] += 1
+        self.lru[slot] = None
+        self.lru.move_to_end(slot)
+        return slot
+
+    def release(self, slot: int) -> None:
+        if slot:
+            self.users[slot] -= 1
+
+    def resident(self) -> int:
+        return sum(h is not None for h in self.holder)
 
 
 def _default_lengths(max_seq_len: int, start: int = 16) -> tuple[int, ...]:
@@ -105,7 +153,9 @@ class Sampler(SamplerBase):
       max_topk_prompt_logprobs: cap on topk_prompt_logprobs (a static width of the prefill kernel).
       max_stop_tokens: cap on stop token ids per request (a static width of the decode kernel).
       tokenizer: anything with `decode(list[int]) -> str`; needed for stop strings.
-      cache_dtype: KV cache dtype.
+      cache_dtype: KV cache dtype (and the dtype adapters are kept in for sampling).
+      max_adapters: adapters resident per rank at once.
+      on_submit: called (any thread) after a request is queued, e.g. to wake the thread that calls `step`.
     """
 
     _thread_name = "tinker-jax-sampler"
@@ -113,8 +163,10 @@ class Sampler(SamplerBase):
     def __init__(self, cfg: ModelConfig, eos_token_ids: Sequence[int] | int | None = None, *, max_batch: int = 8,
                  max_seq_len: int = 4096, prefill_lengths: Sequence[int] | None = None,
                  prefill_batches: Sequence[int] = (1, 2, 4, 8), prefill_token_budget: int = 16384,
-                 decode_steps: int = 8, decode_unroll: bool = False, decode_lengths: Sequence[int] | None = None, max_num_samples: int = 128, max_topk_prompt_logprobs: int = 20,
-                 max_stop_tokens: int = 16, tokenizer: Tokenizer | None = None, cache_dtype=jnp.float32):
+                 decode_steps: int = 8, decode_unroll: bool = False, decode_lengths: Sequence[int] | None = None,
+                 max_num_samples: int = 128, max_topk_prompt_logprobs: int = 20, max_stop_tokens: int = 16,
+                 tokenizer: Tokenizer | None = None, cache_dtype=jnp.float32, max_adapters: int = 16,
+                 on_submit=None):
         if eos_token_ids is None:
             eos_token_ids = cfg.eos_token_id
         if eos_token_ids is None:
@@ -141,6 +193,10 @@ class Sampler(SamplerBase):
         self.max_stop_tokens = int(max_stop_tokens)
         self.tokenizer = tokenizer
         self.cache_dtype = cache_dtype
+        self.max_adapters = int(max_adapters)
+        self._on_submit = on_submit
+        self._tables: dict[int, _Table] = {}  # rank -> resident adapters
+        self._tenant_turn: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.limits = Limits(cfg.vocab_size, self.max_seq_len, int(max_num_samples), self.max_topk,
                              self.max_stop_tokens, tokenizer is not None)
         if len(self.eos_token_ids) > self.max_stop_tokens:
@@ -156,7 +212,7 @@ class Sampler(SamplerBase):
         self._pending: collections.deque[_Request] = collections.deque()
         self._deferred: collections.deque[_Request] = collections.deque()
         self._rows: list[_Row | None] = [None] * self.max_batch
-        self._last_snapshot_uid = -1
+        self._last_group = -1
         self._reset_device_state()
         self.stats = collections.Counter()
 
@@ -175,42 +231,72 @@ class Sampler(SamplerBase):
         if thread is None or not thread.is_alive():
             self._fail_in_flight(RuntimeError("sampler: stopped"), extra=leftover, pending=True)
 
-    def submit(self, snapshot: WeightSnapshot | Any, prompt_tokens: Sequence[int], params: types.SamplingParams,
+    def submit(self, snapshot: WeightSnapshot, prompt_tokens: Sequence[int], params: types.SamplingParams,
                num_samples: int = 1, include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, *,
-               sequence_ids: Sequence[str] | None = None) -> Future:
+               sequence_ids: Sequence[str] | None = None, tenant: str = "local") -> Future:
         """Enqueue one request; the Future resolves to a tinker.types.SampleResponse.
 
-        `snapshot` is a WeightSnapshot or any object with `graphdef`, `frozen` and `trainable` (and `cfg` or
-        `base.cfg`, checked when present); requests are batched by snapshot identity, so keep it immutable.
-        Invalid requests get a future that already holds a ValueError naming the field (never raised here).
+        Invalid requests get a future that already holds a UserError naming the field (never raised here).
         `sequence_ids` (default "<request>:<i>") become SampledSequence.sequence_id, in sample order.
+        Without an owner calling `step` (see `drive`), the sampler's own thread starts on the first submit.
         """
         fut: Future = Future()
         uid = next(self._uids)
         try:
-            if not all(hasattr(snapshot, a) for a in ("graphdef", "frozen", "trainable")):
-                raise ValueError(f"snapshot: expected a WeightSnapshot (graphdef, frozen, trainable), got "
-                                 f"{type(snapshot).__name__}")
-            cfg = _snapshot_cfg(snapshot)
-            if cfg is not None and cfg != self.cfg:
-                raise ValueError(f"snapshot: model config {cfg.family}/d_model={cfg.d_model} does not match this "
-                                 f"sampler's {self.cfg.family}/d_model={self.cfg.d_model}")
+            if not isinstance(snapshot, WeightSnapshot):
+                raise UserError(f"snapshot: expected a WeightSnapshot, got {type(snapshot).__name__}")
+            if snapshot.cfg != self.cfg:
+                raise UserError(f"snapshot: model config {snapshot.cfg.family}/d_model={snapshot.cfg.d_model} does "
+                                f"not match this sampler's {self.cfg.family}/d_model={self.cfg.d_model}")
             spec, ids = self._request(uid, prompt_tokens, params, num_samples, include_prompt_logprobs,
                                       topk_prompt_logprobs, sequence_ids)
-        except ValueError as e:
+        except UserError as e:
             fut.set_exception(e)
             return fut
         stopper = StopStrings(self.tokenizer, spec.stop_strings) if spec.stop_strings else None
-        req = _Request(uid, snapshot, spec, fut, ids, stopper, results=[None] * spec.num_samples)
+        rank = snapshot.adapter.spec.rank if snapshot.adapter is not None else 0
+        req = _Request(uid, snapshot, spec, fut, ids, stopper, tenant, rank, results=[None] * spec.num_samples)
         with self._cv:
             if self._stopping:
                 fut.set_exception(RuntimeError("sampler: stopped"))
                 return fut
             self._incoming.append(req)
             self._cv.notify_all()
-        if self._thread is None:
+        if self._on_submit is not None:
+            self._on_submit()
+        elif self._thread is None:
             self.start()
         return fut
+
+    def drive(self, on_submit) -> "Sampler":
+        """Let the caller's thread run the loop: it calls `step()` whenever `has_work()`; `on_submit` is called
+        after each submit (to wake it). No thread of the sampler's own is started."""
+        self._on_submit = on_submit
+        return self
+
+    def has_work(self) -> bool:
+        with self._cv:
+            if self._incoming:
+                return True
+        return bool(self._pending or self._deferred or any(r is not None for r in self._rows))
+
+    def step(self) -> None:
+        """One admission round and one decode call (on the thread that owns the loop)."""
+        with self._cv:
+            self._pending.extend(self._incoming)
+            self._incoming = []
+        try:
+            self._admit()
+            self._decode_round()
+        except Exception as e:  # a device failure: fail what was in flight, keep serving the rest
+            log.exception("sampler: step failed")
+            self._fail_in_flight(e)
+            self._reset_device_state()
+
+    def stats_now(self) -> dict:
+        return {**self.stats, "queued": len(self._pending) + len(self._incoming),
+                "running_rows": sum(r is not None for r in self._rows),
+                "resident_adapters": sum(t.resident() for t in self._tables.values())}
 
     # --------------------------------------------------------------------------------------- loop thread
 
@@ -231,15 +317,7 @@ class Sampler(SamplerBase):
                     self._cv.wait()
                 if self._stopping:
                     break
-                self._pending.extend(self._incoming)
-                self._incoming = []
-            try:
-                self._admit()
-                self._decode_round()
-            except Exception as e:  # a device failure: fail what was in flight, keep serving the rest
-                log.exception("sampler: step failed")
-                self._fail_in_flight(e)
-                self._reset_device_state()
+            self.step()
         self._fail_in_flight(RuntimeError("sampler: stopped"), pending=True)
 
     def _fail_in_flight(self, exc: BaseException, extra: Sequence[_Request] = (), pending: bool = False) -> None:
@@ -252,6 +330,7 @@ class Sampler(SamplerBase):
         self._deferred.clear()
         for req in reqs:
             req.kv = None
+            self._release(req)
             if not req.future.done():
                 req.future.set_exception(exc)
 
@@ -278,33 +357,107 @@ class Sampler(SamplerBase):
             except Exception as e:  # fails only this batch; the cache was not touched
                 log.exception("sampler: prefill failed")
                 for req in batch:
+                    self._release(req)
                     req.future.set_exception(e)
                 continue
             self._place(batch, free)
             self._deferred.extend(req for req in batch if req.placed < req.spec.num_samples)
 
+    def _table(self, rank: int) -> _Table:
+        if rank not in self._tables:
+            self._tables[rank] = _Table(self.cfg, rank, self.max_adapters, self.cache_dtype)
+        return self._tables[rank]
+
+    def _acquire(self, req: _Request) -> bool:
+        """Give the request its adapter's table slot (loading it if needed); False when the table is full."""
+        if req.rank == 0 or req.table_slot:
+            return True
+        slot = self._table(req.rank).acquire(req.snapshot.adapter)
+        if slot is None:
+            return False
+        req.table_slot = slot
+        self.stats["adapter_loads"] += 1
+        return True
+
+    def _release(self, req: _Request) -> None:
+        if req.table_slot:
+            self._tables[req.rank].release(req.table_slot)
+            req.table_slot = 0
+
+    def _prefill_key(self, req: _Request) -> tuple:
+        return (params_key(req.snapshot), self._bucket(len(req.spec.prompt) - 1), req.rank)
+
     def _pick_batch(self, n_free: int) -> list[_Request]:
-        while self._pending and not self._pending[0].future.set_running_or_notify_cancel():
-            self._pending.popleft()  # cancelled before it started
-        if not self._pending:
+        """The next prefill batch: the first request of the next tenant in rotation (whose adapter can be made
+        resident), then others with the same weights group, length bucket and adapter rank."""
+        live = collections.deque()
+        for req in self._pending:
+            if not req.future.cancelled():
+                live.append(req)
+        self._pending = live
+        tenants = {r.tenant for r in live}
+        for t in [t for t in self._tenant_turn if t not in tenants]:
+            del self._tenant_turn[t]  # nothing queued: it rejoins at the back
+        for t in tenants:
+            self._tenant_turn.setdefault(t, None)
+        first = None
+        for tenant in list(self._tenant_turn):
+            if tenant not in tenants:
+                continue
+            for req in live:
+                if req.tenant == tenant and self._acquire(req):
+                    first = req
+                    break
+            if first is not None:
+                self._tenant_turn.move_to_end(tenant)
+                break
+        if first is None or not first.future.set_running_or_notify_cancel():
+            if first is not None:
+                self._release(first)
+                self._pending.remove(first)
             return []
-        first = self._pending[0]
-        T = self._bucket(len(first.spec.prompt) - 1)
+        key = self._prefill_key(first)
+        T = key[1]
         fit = [b for b in self.prefill_batches if b * max(T, 1) <= self.prefill_token_budget]
         limit = min(max(fit) if fit else 1, n_free)
-        batch, keep = [], collections.deque()
+        batch, keep = [first], collections.deque()
         for req in self._pending:
-            if (len(batch) < limit and req.snapshot is first.snapshot
-                    and self._bucket(len(req.spec.prompt) - 1) == T
-                    and (req is first or req.future.set_running_or_notify_cancel())):
-                batch.append(req)
+            if req is first:
+                continue
+            if (len(batch) < limit and self._prefill_key(req) == key and self._acquire(req)):
+                if req.future.set_running_or_notify_cancel():
+                    batch.append(req)
+                else:
+                    self._release(req)
             elif not req.future.cancelled():
                 keep.append(req)
         self._pending = keep
         return batch
 
+    def _lora_args(self, rows: Sequence[_Request | None], n: int, compact: bool = False) -> tuple[tuple, tuple]:
+        """Per rank used by `rows` (row i uses rows[i]'s adapter): the tables and [n] per-row slots.
+        compact (decode, "dense" mode): each table also gives the slots in use (`active`, padded to a power of two
+        with the null slot) and rows index into that (rows without an adapter of this rank: past its end, so
+        their one-hot is zero); otherwise rows index the table itself (slot 0: the null adapter)."""
+        ranks = sorted({r.rank for r in rows if r is not None and r.rank})
+        tables, slots = [], []
+        for rank in ranks:
+            t = self._tables[rank]
+            used = sorted({r.table_slot for r in rows if r is not None and r.rank == rank})
+            active = np.zeros(1 << max(0, (len(used) - 1).bit_length()), np.int32)
+            active[: len(used)] = used
+            s = np.zeros(n, np.int32)
+            for i, r in enumerate(rows):
+                if r is not None and r.rank == rank:
+                    s[i] = used.index(r.table_slot) if compact else r.table_slot
+            if compact:  # rows without this rank's adapter: an index past `active`, whose one-hot is all zeros
+                s[[i for i, r in enumerate(rows) if r is None or r.rank != rank]] = len(active)
+            tables.append((t.weights, t.scale, active) if compact else (t.weights, t.scale))
+            slots.append(s)
+        return tuple(tables), tuple(slots)
+
     def _prefill(self, batch: list[_Request]) -> int:
-        """Prefill one batch (same snapshot, same length bucket); returns the padded token count."""
+        """Prefill one batch (same weights group, length bucket and adapter rank); returns the padded token count."""
         T = self._bucket(len(batch[0].spec.prompt) - 1)
         want = any(r.spec.wants_prompt_logprobs for r in batch)
         Bp = next((b for b in self.prefill_batches if b >= len(batch)), len(batch))
@@ -318,8 +471,11 @@ class Sampler(SamplerBase):
                 tokens[i, : len(p) - 1] = p[:-1]
                 targets[i, : len(p) - 1] = p[1:]
             snap = batch[0].snapshot
-            k, v, lp, ids, tlp = kernels.prefill(snap.graphdef, snap.frozen, snap.trainable, tokens, targets,
-                                                 np.bool_(want), topk=self.max_topk, cache_dtype=self.cache_dtype)
+            lora, slots = self._lora_args(batch + [None] * (Bp - len(batch)), Bp)
+            mode = "uniform" if len({r.table_slot for r in batch}) == 1 and len(batch) == Bp else "gather"
+            k, v, lp, ids, tlp = kernels.prefill(snap.graphdef, snap.params, lora, slots, tokens, targets,
+                                                 np.bool_(want), topk=self.max_topk, cache_dtype=self.cache_dtype,
+                                                 mode=mode)
             lp, ids, tlp = jax.device_get((lp, ids, tlp)) if want else (None, None, None)
             for i, req in enumerate(batch):
                 req.kv = (k, v, i)
@@ -376,11 +532,13 @@ class Sampler(SamplerBase):
         live = [r for r in range(self.max_batch) if rows[r] is not None and self._dyn["live"][r]]
         if not live:
             return
-        snaps = {_snapshot_key(rows[r].req.snapshot): rows[r].req.snapshot for r in live}
-        uid = min((u for u in snaps if u > self._last_snapshot_uid), default=min(snaps))  # round-robin
-        self._last_snapshot_uid = uid
-        snap = snaps[uid]
-        run = np.array([rows[r] is not None and rows[r].req.snapshot is snap for r in range(self.max_batch)])
+        groups = {params_key(rows[r].req.snapshot): rows[r].req.snapshot for r in live}
+        order = sorted(groups)
+        key = next((g for g in order if g > self._last_group), order[0])  # round-robin between weight groups
+        self._last_group = key
+        snap = groups[key]
+        run = np.array([rows[r] is not None and params_key(rows[r].req.snapshot) == key
+                        for r in range(self.max_batch)])
         # Slots this call can touch: below max(pos) + decode_steps (and below max_seq_len).
         need = int(self._dyn["pos"][run & self._dyn["live"]].max()) + self.decode_steps
         view = next(b for b in self.decode_lengths if b >= min(need, self.max_seq_len))
@@ -388,8 +546,10 @@ class Sampler(SamplerBase):
         # are handed out lowest first, so light load decodes a few rows, not max_batch.
         top = int(np.flatnonzero(run).max()) + 1
         n_rows = next((b for b in (4 ** i for i in range(16)) if b >= top and b < self.max_batch), self.max_batch)
+        lora, slots = self._lora_args([rows[r].req if run[r] else None for r in range(self.max_batch)],
+                                      self.max_batch, compact=True)
         cache, dyn, toks, lps, valid = kernels.decode(
-            snap.graphdef, snap.frozen, snap.trainable, self._cache, self._dyn, self._par, run,
+            snap.graphdef, snap.params, lora, slots, self._cache, self._dyn, self._par, run,
             n_steps=self.decode_steps, view=None if view >= self.max_seq_len else view, unroll=self.decode_unroll,
             rows=None if n_rows >= self.max_batch else n_rows)
         self._cache = cache
@@ -422,5 +582,7 @@ class Sampler(SamplerBase):
         req = row.req
         req.results[row.sample] = response.sequence(row.tokens, row.logprobs, reason, req.sequence_ids[row.sample])
         req.done += 1
-        if req.done == req.spec.num_samples and not req.future.done():
-            req.future.set_result(response.sample_response(req.results, req.prompt_lp, req.topk))
+        if req.done == req.spec.num_samples:
+            self._release(req)
+            if not req.future.done():
+                req.future.set_result(response.sample_response(req.results, req.prompt_lp, req.topk))

@@ -1,9 +1,13 @@
-"""Weight snapshots: the immutable (graphdef, frozen, trainable) triple a sampling request names.
+"""The one snapshot type: the immutable weights a sampling request names.
 
-Kernels take the two states as jit *arguments* (the graphdef is a static argument), so a new snapshot with
-the same structure and shapes -- the next LoRA or full fine-tuning step -- reuses the compiled programs.
-Frozen and trainable stay separate so that per-row adapters (a batch mixing snapshots that share `frozen`)
-can be added later without changing this contract.
+A snapshot is the decoder's weights (`graphdef`, `params`) plus, for a LoRA run, an `Adapter` over them:
+- a base model: the base weights, no adapter;
+- a LoRA run: the *base model's* params (shared, never copied) and a private copy of the run's adapter;
+- a full fine-tuning run: a private copy of every weight.
+Samplers batch rows of every snapshot that shares one `params` object in the same device call (each row with its
+own adapter); snapshots with their own params (full fine-tuning) decode in calls of their own.
+Kernels take params as jit arguments (the graphdef is static), so the next snapshot of the same shapes reuses
+the compiled programs. Snapshots are never written: later optimizer steps cannot change what a sampler samples.
 """
 
 from __future__ import annotations
@@ -12,11 +16,11 @@ import itertools
 from dataclasses import dataclass, field
 from typing import Any
 
-import jax
 from flax import nnx
 
 from tinker_jax.models.config import ModelConfig
-from tinker_jax.models.decoder import Decoder
+from tinker_jax.models.decoder import Decoder, StaticGraph, merge
+from tinker_jax.models.lora import Adapter
 
 _ids = itertools.count()
 
@@ -24,37 +28,26 @@ _ids = itertools.count()
 @dataclass(frozen=True, eq=False)  # identity semantics: two snapshots are the same only if they are one object
 class WeightSnapshot:
     cfg: ModelConfig
-    graphdef: Any  # nnx.GraphDef of a Decoder (hashable: a static jit argument)
-    frozen: nnx.State  # weights that do not change between snapshots of one model (LoRA: the base)
-    trainable: nnx.State  # LoRA adapters, or every Param for full fine-tuning
-    name: str = ""
+    graphdef: Any  # a Decoder's nnx.GraphDef, as a StaticGraph (a static jit argument hashed once)
+    params: nnx.State  # every nnx.Param the decoder runs with
+    adapter: Adapter | None = None  # LoRA over `params`
+    name: str = ""  # e.g. the tinker path it was saved under
+    base_model: str = ""
     uid: int = field(default_factory=lambda: next(_ids))
 
+    @property
+    def kind(self) -> str:
+        return "lora" if self.adapter is not None else "weights"
+
     def model(self) -> Decoder:
-        """The Decoder these weights describe (for reference computations and tests)."""
-        return nnx.merge(self.graphdef, self.frozen, self.trainable)
+        """The Decoder of these params (without the adapter; for reference computations and tests)."""
+        return merge(self.graphdef, self.params)
 
 
-def split_decoder(decoder: Decoder) -> tuple[Any, nnx.State, nnx.State]:
-    """Decoder -> (graphdef, frozen, trainable).
-
-    LoRA models (any nnx.LoRAParam present): frozen = base Params, trainable = LoRAParams.
-    Otherwise (full fine-tuning or a base model): frozen is empty and trainable holds every Param.
-    """
-    has_lora = bool(jax.tree.leaves(nnx.state(decoder, nnx.LoRAParam)))
-    if has_lora:
-        return nnx.split(decoder, nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam)), nnx.LoRAParam)
-    graphdef, params = nnx.split(decoder, nnx.Param)
-    return graphdef, nnx.State({}), params
-
-
-def snapshot_of(decoder: Decoder, name: str = "") -> WeightSnapshot:
-    """Freeze the decoder's current weights into a snapshot (arrays are immutable; nothing is copied)."""
-    graphdef, frozen, trainable = split_decoder(decoder)
-    return WeightSnapshot(decoder.cfg, graphdef, frozen, trainable, name)
-
-
-def make_snapshot(cfg: ModelConfig, graphdef: Any, frozen: nnx.State, trainable: nnx.State,
-                  name: str = "") -> WeightSnapshot:
-    """A snapshot from a triple the trainer already holds (e.g. after an optimizer step)."""
-    return WeightSnapshot(cfg, graphdef, frozen, trainable, name)
+def snapshot_of(decoder: Decoder, adapter: Adapter | None = None, name: str = "", base_model: str = "",
+                params: nnx.State | None = None) -> WeightSnapshot:
+    """A snapshot of `decoder`'s weights (arrays are immutable; nothing is copied), optionally with an adapter.
+    Pass `params` to share one params object between snapshots (what lets samplers batch them together)."""
+    graphdef, state = nnx.split(decoder, nnx.Param)
+    return WeightSnapshot(decoder.cfg, StaticGraph(graphdef), state if params is None else params, adapter, name,
+                          base_model)

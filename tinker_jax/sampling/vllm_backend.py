@@ -4,13 +4,15 @@ STATUS: implemented, NOT YET RUN. No GPU with vLLM has been available; the code 
 (LLM, SamplingParams, LoRARequest, RequestOutput; `logprobs_mode` needs vLLM >= 0.10.2) and its tests that
 need vLLM and a CUDA GPU are skipped elsewhere. Pick it with `sampler: {backend: vllm}` (the `gpu` extra).
 
-Weights: one `vllm.LLM` per base model (the engine builds one sampler per base). Per snapshot, decided once
-and cached by snapshot identity (`ExportCache`; the export is deleted when the snapshot is collected):
-- the base itself (its Params are the base decoder's arrays): no adapter;
-- LoRA: `export_peft_adapter` into the cache dir, sent as `LoRARequest`; vLLM batches up to `max_loras`
-  adapters of rank <= `max_lora_rank`. An adapter on lm_head (train_unembed) is served as merged weights
-  instead: vLLM's LoRA does not cover lm_head for most families;
-- full fine-tuning: `export_merged_hf` and a *reloaded* LLM. Cost per switch: a full HF export to disk plus
+Weights: one `vllm.LLM` per base model (the engine builds one sampler per base). Per WeightSnapshot, decided
+once and cached by snapshot identity (`ExportCache`; the export is deleted when the snapshot is collected):
+- the base itself (no adapter, and its params are the base decoder's own arrays, compared by the identity of
+  the first leaf as scheduler.params_key does): no adapter;
+- LoRA (an adapter over the base's params): `export_peft_adapter` into the cache dir, sent as `LoRARequest`;
+  vLLM batches up to `max_loras` adapters of rank <= `max_lora_rank`. An adapter on `unembed` (lm_head) is
+  served as merged weights instead: vLLM's LoRA does not cover lm_head for most families;
+- full fine-tuning (params of its own; with an adapter over them too, should one exist): `export_merged_hf` of
+  `snapshot.model()` (adapter merged) and a *reloaded* LLM. Cost per switch: a full HF export to disk plus
   an LLM start (weight load, CUDA graph capture, KV-cache allocation): tens of seconds for a ~1B model,
   minutes for larger ones. Only one merged export is kept; alternating between full-weight snapshots reloads
   every time. (In-memory weight update is not implemented.)
@@ -29,7 +31,6 @@ from __future__ import annotations
 
 import gc
 import itertools
-import json
 import logging
 import os
 import shutil
@@ -47,11 +48,13 @@ from flax import nnx
 from tinker import types
 from tinker.types.topk_logprobs import MASK_LOGPROB
 
-from tinker_jax.hf.convert import ADAPTER_CONFIG, export_merged_hf, export_peft_adapter
-from tinker_jax.sampling.base import SamplerBase
-from tinker_jax.sampling import response
+from tinker_jax.errors import UserError
+from tinker_jax.hf.convert import export_merged_hf, export_peft_adapter
 from tinker_jax.hf.model_files import eos_ids_of
+from tinker_jax.sampling import response
+from tinker_jax.sampling.base import SamplerBase
 from tinker_jax.sampling.params import Limits, RequestSpec
+from tinker_jax.sampling.snapshot import WeightSnapshot
 
 log = logging.getLogger(__name__)
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the max_lora_rank values vLLM accepts
@@ -158,10 +161,16 @@ class Target:
 
 
 class ExportCache:
-    """Snapshot -> how vLLM serves it; exports happen once per snapshot (keyed by identity)."""
+    """WeightSnapshot -> how vLLM serves it; exports happen once per snapshot (keyed by identity).
+
+    `base` has `.path` (the HF directory vLLM loads) and `.decoder` (the base Decoder whose params a base or
+    LoRA snapshot shares); without a decoder every snapshot is served as merged weights."""
 
     def __init__(self, base: Any, root: str | Path, max_lora_rank: int):
         self.base, self.root, self.max_lora_rank = base, Path(root), max_lora_rank
+        decoder = getattr(base, "decoder", None)
+        # The base's first weight array: a snapshot whose params start with this very array shares the base's.
+        self._base_leaf = jax.tree.leaves(nnx.state(decoder, nnx.Param))[0] if decoder is not None else None
         self._entries: dict[int, tuple[weakref.ref, Target]] = {}
         self._ids = itertools.count(1)  # LoRARequest ids: never reused, so vLLM's adapter cache is never stale
         self._merged: tuple[weakref.ref, Path] | None = None
@@ -183,35 +192,37 @@ class ExportCache:
         if path is not None:
             shutil.rmtree(path, ignore_errors=True)
 
-    def _classify(self, snap: Any) -> Target:
-        model = snap.model()
-        if jax.tree.leaves(nnx.state(model, nnx.LoRAParam)):
-            n = next(self._ids)
-            path = export_peft_adapter(model, self.root / f"adapter-{n}", str(self.base.path))
-            self.exports += 1
-            conf = json.loads((path / ADAPTER_CONFIG).read_text())
-            if "lm_head" not in conf["target_modules"]:
-                if conf["r"] > self.max_lora_rank:
-                    shutil.rmtree(path, ignore_errors=True)
-                    raise ValueError(f"snapshot: LoRA rank {conf['r']} exceeds the vLLM sampler's max_lora_rank "
-                                     f"{self.max_lora_rank} (sampler config max_lora_rank)")
-                return Target("lora", path, n)
-            shutil.rmtree(path, ignore_errors=True)
-            return Target("merged", None, n)
-        ours = jax.tree.leaves(nnx.state(model, nnx.Param))
-        base = getattr(self.base, "decoder", None)
-        theirs = jax.tree.leaves(nnx.state(base, nnx.Param)) if base is not None else []
-        same = len(ours) == len(theirs) and all(a is b for a, b in zip(ours, theirs))
-        return Target("base") if same else Target("merged", None, next(self._ids))
+    def shares_base(self, snap: WeightSnapshot) -> bool:
+        """Whether `snap`'s params are the base decoder's own (identity of the first leaf, as params_key)."""
+        leaves = jax.tree.leaves(snap.params)
+        return self._base_leaf is not None and bool(leaves) and leaves[0] is self._base_leaf
 
-    def merged_dir(self, snap: Any) -> Path:
-        """`snap` exported with LoRA merged; replaces the previous merged export (one merged LLM at a time)."""
+    def _classify(self, snap: WeightSnapshot) -> Target:
+        adapter = snap.adapter
+        if not self.shares_base(snap):
+            return Target("merged", None, next(self._ids))  # full fine-tuning (any adapter is merged too)
+        if adapter is None:
+            return Target("base")
+        if "unembed" in adapter.spec.targets:  # vLLM's LoRA does not cover lm_head: merged weights
+            return Target("merged", None, next(self._ids))
+        if adapter.spec.rank > self.max_lora_rank:
+            raise UserError(f"snapshot: LoRA rank {adapter.spec.rank} exceeds the vLLM sampler's max_lora_rank "
+                            f"{self.max_lora_rank} (sampler config max_lora_rank)")
+        n = next(self._ids)
+        path = export_peft_adapter(adapter, snap.cfg, self.root / f"adapter-{n}", str(self.base.path))
+        self.exports += 1
+        return Target("lora", path, n)
+
+    def merged_dir(self, snap: WeightSnapshot) -> Path:
+        """`snap` exported with its adapter (if any) merged; replaces the previous merged export (one merged LLM
+        at a time)."""
         if self._merged is not None and self._merged[0]() is snap:
             return self._merged[1]
         if self._merged is not None:
             shutil.rmtree(self._merged[1], ignore_errors=True)
             self._merged = None
-        path = export_merged_hf(snap.model(), self.root / f"merged-{next(self._ids)}", self.base.path)
+        path = export_merged_hf(snap.model(), self.root / f"merged-{next(self._ids)}", self.base.path,
+                                adapter=snap.adapter)
         self.exports += 1
         self._merged = (weakref.ref(snap), path)
         return path
@@ -270,19 +281,20 @@ class VLLMSampler(SamplerBase):
 
     def submit(self, snapshot: Any, prompt_tokens: Sequence[int], params: types.SamplingParams, num_samples: int = 1,
                include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, *,
-               sequence_ids: Sequence[str] | None = None) -> Future:
-        """Enqueue one request; the Future resolves to a SampleResponse (or holds a ValueError naming the field)."""
+               sequence_ids: Sequence[str] | None = None, tenant: str = "local") -> Future:
+        """Enqueue one request; the Future resolves to a SampleResponse (or holds a UserError naming the field).
+        `tenant` is accepted for the engine's sake and ignored (vLLM schedules its own batch)."""
+        del tenant
         fut: Future = Future()
         uid = next(self._uids)
         try:
-            if not callable(getattr(snapshot, "model", None)):
-                raise ValueError(f"snapshot: expected a snapshot with .model(), got {type(snapshot).__name__}")
-            cfg = getattr(snapshot, "cfg", None) or getattr(getattr(snapshot, "base", None), "cfg", None)
-            if cfg is not None and cfg != self.base.cfg:
-                raise ValueError("snapshot: its model config does not match this sampler's base model")
+            if not isinstance(snapshot, WeightSnapshot):
+                raise UserError(f"snapshot: expected a WeightSnapshot, got {type(snapshot).__name__}")
+            if snapshot.cfg != self.base.cfg:
+                raise UserError("snapshot: its model config does not match this sampler's base model")
             spec, ids = self._request(uid, prompt_tokens, params, num_samples, include_prompt_logprobs,
                                       topk_prompt_logprobs, sequence_ids)
-        except ValueError as e:
+        except UserError as e:
             fut.set_exception(e)
             return fut
         with self._cv:

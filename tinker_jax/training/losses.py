@@ -21,6 +21,8 @@ from typing import Any, Callable, Mapping
 import jax
 import jax.numpy as jnp
 
+from tinker_jax.errors import UserError
+
 sg = jax.lax.stop_gradient
 
 # Tinker's PPO docs fix eps_low = eps_high = 0.2.
@@ -143,11 +145,20 @@ LOSSES: dict[str, LossSpec] = {
 }
 
 
+def input_fill(key: str, config: Mapping[str, float]) -> float:
+    """The value an absent optional loss_fn_input stands for, token by token: all ones for cross_entropy `weights`
+    and gspo's `sequence_ratio_mask`, the config's threshold for per-token clip thresholds; 0 otherwise (rows of
+    another loss in a mixed batch, which never read it)."""
+    if key in _CLIP_INPUTS:
+        return float(config.get(key, 0.0))
+    return 1.0 if key in ("weights", "sequence_ratio_mask") else 0.0
+
+
 def get_loss(name: str) -> LossSpec:
     try:
         return LOSSES[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown loss_fn {name!r}; supported: {', '.join(LOSSES)}") from None
+        raise UserError(f"unknown loss_fn {name!r}; supported: {', '.join(LOSSES)}") from None
 
 
 def resolve_config(name: str, config: Mapping[str, Any] | None) -> dict[str, float]:
@@ -157,17 +168,17 @@ def resolve_config(name: str, config: Mapping[str, Any] | None) -> dict[str, flo
     unknown = sorted(set(config) - set(spec.config_defaults))
     if unknown:
         allowed = ", ".join(spec.config_defaults) or "none"
-        raise ValueError(f"unknown loss_fn_config key(s) {unknown} for loss_fn {name!r}; allowed: {allowed}")
+        raise UserError(f"unknown loss_fn_config key(s) {unknown} for loss_fn {name!r}; allowed: {allowed}")
     out = dict(spec.config_defaults)
     for key, value in config.items():
         try:
             out[key] = float(value)  # loss_fn_config_v2 may carry numbers as text
         except (TypeError, ValueError):
-            raise ValueError(f"loss_fn_config[{key!r}] for {name!r} must be a number, got {value!r}") from None
+            raise UserError(f"loss_fn_config[{key!r}] for {name!r} must be a number, got {value!r}") from None
         if not math.isfinite(out[key]):
-            raise ValueError(f"loss_fn_config[{key!r}] for {name!r} must be finite, got {value!r}")
+            raise UserError(f"loss_fn_config[{key!r}] for {name!r} must be finite, got {value!r}")
     if "clip_low_threshold" in out and out["clip_low_threshold"] > out["clip_high_threshold"]:
-        raise ValueError(
+        raise UserError(
             f"loss_fn_config for {name!r}: clip_low_threshold {out['clip_low_threshold']} > "
             f"clip_high_threshold {out['clip_high_threshold']}"
         )

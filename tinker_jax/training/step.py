@@ -1,214 +1,207 @@
-"""The training step: pure jitted functions over (trainable, frozen) NNX states, and the state they update.
+"""The training step: pure jitted functions of (base weights, adapters or trainable weights, micro-batch).
 
-forward_backward adds the gradient of the summed loss into an fp32 accumulator; optim_step applies AdamW
-(optax, hyperparameters as traced inputs so a learning-rate schedule never recompiles) and zeroes it.
-Everything that varies per call (loss config values, Adam hyperparameters, batch contents) is an array
-argument; only the loss name and the bucketed shapes are static.
+LoRA runs of one base model share the base weights and train in *pools*: per rank, every adapter weight stacked
+over slots ([L, S, in, R]; models.lora), with the gradient accumulator and Adam moments stacked the same way. A
+micro-batch (training.batching.MicroBatch) mixes rows of any runs: each rank segment gathers the slots it uses
+into a compact [L, Sa, ...] copy, the loss is differentiated with respect to that copy only, and its gradient is
+added into the pool's accumulator at those slots (in place: the accumulator is donated). One run's rows depend
+only on its own adapter (rows are independent sequences), so each slot receives exactly its run's gradient.
+
+Losses are computed per row (vmapped over rows, each row with its own loss function and config), so one batch
+may mix cross_entropy, importance_sampling, ppo, ... and report each request's own loss and metrics.
+Full fine-tuning runs keep their own fp32 copy of every weight and step alone (`full_*`).
+
+Everything that varies per call (batch contents, loss config values, Adam hyperparameters, slot indices) is an
+array argument; only the layout (rank segments, loss names, K) and bucketed shapes are static.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import numpy as np
-import optax
-from flax import nnx
 
-from tinker_jax.training.batching import Batch
+from tinker_jax.models.decoder import Decoder, merge
+from tinker_jax.models.lora import LoraRows, add_slots, set_slots, slots_back, slots_first, take_slots
+from tinker_jax.training import optim
+from tinker_jax.training.batching import Layout
 from tinker_jax.training.losses import get_loss
-from tinker_jax.models.decoder import Decoder
-
-# Trainable = adapters (LoRA) or every parameter (full fine-tuning); selected by variable type.
-LORA_FILTER = nnx.LoRAParam
-FROZEN_FILTER = nnx.All(nnx.Param, nnx.Not(nnx.LoRAParam))
-
-
-def split_model(model: Decoder, full_finetune: bool):
-    """-> (graphdef, trainable, frozen)."""
-    if full_finetune:
-        graphdef, trainable = nnx.split(model, nnx.Param)
-        return graphdef, trainable, nnx.State({})
-    graphdef, trainable, frozen = nnx.split(model, LORA_FILTER, FROZEN_FILTER)
-    return graphdef, trainable, frozen
-
-
-def merge_model(graphdef, trainable, frozen) -> Decoder:
-    return nnx.merge(graphdef, trainable, frozen) if len(frozen) else nnx.merge(graphdef, trainable)
-
-
-def make_optimizer() -> optax.GradientTransformation:
-    return optax.inject_hyperparams(optax.adamw)(
-        learning_rate=1e-4, b1=0.9, b2=0.95, eps=1e-12, weight_decay=0.0)
-
-
-def commit(tree, like=None):
-    """Pin every array to a fixed placement: its own, or replicated over `like`'s mesh when it is not laid out on
-    that mesh (e.g. the optimizer's step count). jit keys its cache on whether arguments are committed, and Orbax
-    restores committed arrays (into the live arrays' shardings): a fresh state must be committed the same way,
-    or every resume recompiles (or, on a mesh, mixes one-device and mesh arrays)."""
-    meshes = [x.sharding.mesh for x in jax.tree.leaves(tree if like is None else like)
-              if isinstance(x.sharding, jax.sharding.NamedSharding)]
-
-    def put(x):
-        s = x.sharding
-        if meshes and s.device_set != set(meshes[0].devices.flat):
-            s = jax.sharding.NamedSharding(meshes[0], jax.sharding.PartitionSpec())
-        return jax.device_put(x, s)
-
-    return jax.tree.map(put, tree)
-
-
-@dataclass
-class TrainState:
-    """One Tinker training model: weights, optimizer state and the gradient accumulator (all fp32)."""
-
-    graphdef: Any
-    trainable: nnx.State
-    frozen: nnx.State
-    opt_state: Any
-    grads: nnx.State  # sum of gradients since the last optim_step
-    step: int = 0  # optimizer steps taken
-    pending: int = 0  # forward_backward calls accumulated into `grads`
-    meta: dict = field(default_factory=dict)
-
-    @staticmethod
-    def create(model: Decoder, full_finetune: bool, meta: dict | None = None) -> "TrainState":
-        graphdef, trainable, frozen = split_model(model, full_finetune)
-        # fp32 master weights, always a private copy: optim_step donates them, and for full fine-tuning
-        # they would otherwise alias the shared base model's arrays.
-        trainable = commit(jax.tree.map(lambda x: jnp.array(x, dtype=jnp.float32, copy=True), trainable))
-        return TrainState(graphdef, trainable, frozen, commit(make_optimizer().init(trainable), trainable),
-                          commit(jax.tree.map(jnp.zeros_like, trainable), trainable), meta=dict(meta or {}))
-
-    def model(self) -> Decoder:
-        return merge_model(self.graphdef, self.trainable, self.frozen)
-
 
 LOGIT_CHUNK = 2048  # tokens unembedded at a time: only [chunk, V] fp32 logits exist at once
 
 
-def target_logprobs(model: Decoder, batch: dict, remat: bool = False, attention: str = "einsum") -> jax.Array:
-    """Log-probabilities of the target tokens: [B,T] (or [B,T,K] for top-K targets), fp32.
+# ------------------------------------------------------------------------------------------- forward
 
-    The unembedding runs chunk by chunk under jax.checkpoint, so neither the forward nor the backward pass
-    holds the full [B,T,V] logits (10 GB in fp32 for 16k tokens of a 152k vocabulary).
-    """
-    hidden, _ = model(batch["tokens"], batch["positions"], segment_ids=batch["mask"].astype(jnp.int32),
-                      remat=remat, attention=attention)
-    tgt = batch["targets"]
-    B, T, D = hidden.shape
-    n = B * T
-    C = LOGIT_CHUNK if n % LOGIT_CHUNK == 0 else n  # bucketed shapes are powers of two
+
+def _lora_rows(layout: Layout, weights: tuple, scales: tuple, batch: dict) -> tuple[LoraRows, ...]:
+    """One LoraRows per rank segment: the compact weights [L,Sa,...], their scales [Sa,P], each row's entry."""
+    out = []
+    for (rank, start, size, mode, _), w, scale, seg in zip(layout.segments, weights, scales, batch["lora"]):
+        out.append(LoraRows(w, scale, seg["row_index"], start, size, mode))
+    return tuple(out)
+
+
+def _chunked_logprobs(model: Decoder, h: jax.Array, tgt: jax.Array, c: LoraRows | None) -> jax.Array:
+    """Target logprobs of rows h [n,T,D] (targets [n,T] or [n,T,K]), unembedded LOGIT_CHUNK tokens at a time under
+    jax.checkpoint, so neither pass holds the [n,T,V] logits (10 GB in fp32 for 16k tokens of a 152k vocabulary).
+    A chunk is whole rows, or a piece of one row, so its unembedding adapter rows are known: `c`'s slots."""
+    n, T, D = h.shape
+    C = min(LOGIT_CHUNK, n * T)  # powers of two: C divides n * T
+    rpc, tpc = (C // T, T) if C >= T else (1, C)  # rows per chunk, tokens per row per chunk
+    nr, nt = n // rpc, T // tpc
+    chunked = lambda x: x.reshape(nr, rpc, nt, tpc, *x.shape[2:]).swapaxes(1, 2).reshape(  # noqa: E731
+        nr * nt, rpc, tpc, *x.shape[2:])
+    slots = jnp.zeros((nr * nt, rpc), jnp.int32) if c is None else jnp.repeat(
+        c.slots.reshape(nr, 1, rpc), nt, axis=1).reshape(nr * nt, rpc)
 
     @jax.checkpoint
     def chunk(args):
-        h, t = args  # [C,D], [C] or [C,K]
-        logits = model.logits(h[None])[0]  # [C,V] fp32
+        hc, t, s = args  # [rpc,tpc,D], [rpc,tpc(,K)], [rpc]
+        lora = () if c is None else (LoraRows({"unembed": c.weights["unembed"]}, c.scale, s, 0, rpc, c.mode),)
+        logits = model.logits(hc, lora)  # [rpc,tpc,V] fp32
         logz = jax.nn.logsumexp(logits, axis=-1)
-        if t.ndim == 1:
-            return jnp.take_along_axis(logits, t[:, None], axis=-1)[:, 0] - logz
-        return jnp.take_along_axis(logits, t, axis=-1) - logz[:, None]
+        if t.ndim == 2:
+            return jnp.take_along_axis(logits, t[..., None], axis=-1)[..., 0] - logz
+        return jnp.take_along_axis(logits, t, axis=-1) - logz[..., None]
 
-    lp = jax.lax.map(chunk, (hidden.reshape(n // C, C, D), tgt.reshape(n // C, C, *tgt.shape[2:])))
+    lp = jax.lax.map(chunk, (chunked(h), chunked(tgt), slots))  # [nr*nt, rpc, tpc(,K)]
+    lp = lp.reshape(nr, nt, rpc, tpc, *tgt.shape[2:]).swapaxes(1, 2)
     return lp.reshape(tgt.shape)
 
 
-def _loss(trainable, frozen, graphdef, batch, config, loss_fn, remat=False, attention="einsum"):
-    lp = target_logprobs(merge_model(graphdef, trainable, frozen), batch, remat, attention)
-    loss, metrics = get_loss(loss_fn).fn(lp, batch["inputs"], batch["mask"], config)
-    return loss, (lp, metrics)
+def target_logprobs(model: Decoder, batch: dict, lora: tuple[LoraRows, ...] = (), remat: bool = False,
+                    attention: str = "einsum") -> jax.Array:
+    """Log-probabilities of the target tokens: [B,T] (or [B,T,K] for top-K targets), fp32."""
+    hidden, _ = model(batch["tokens"], batch["positions"], segment_ids=batch["mask"].astype(jnp.int32),
+                      remat=remat, attention=attention, lora=lora)
+    tgt = batch["targets"]
+    if not lora:
+        return _chunked_logprobs(model, hidden, tgt, None)
+    parts = [_chunked_logprobs(model, hidden[c.start:c.start + c.size], tgt[c.start:c.start + c.size], c)
+             for c in lora]
+    return parts[0] if len(parts) == 1 else jnp.concatenate(parts, axis=0)
 
 
-@partial(jax.jit, static_argnames=("graphdef", "loss_fn", "remat", "attention"), donate_argnames=("grads",))
-def _forward_backward(trainable, frozen, grads, batch, config, *, graphdef, loss_fn, remat=False,
-                      attention="einsum"):
-    (loss, (lp, metrics)), g = jax.value_and_grad(_loss, has_aux=True)(
-        trainable, frozen, graphdef, batch, config, loss_fn, remat, attention)
-    grads = jax.tree.map(jnp.add, grads, g)
-    return grads, loss, lp, metrics
+def row_losses(lp: jax.Array, batch: dict, losses: tuple[str, ...]):
+    """Per-row loss sums [B] and per-row metrics {name: [B]}: row b takes loss `losses[loss_id[b]]` with its own
+    config values (each Tinker loss is a sum over tokens, so a batch's loss is the sum of its rows')."""
+    total = jnp.zeros(lp.shape[0], jnp.float32)
+    metrics: dict[str, jax.Array] = {}
+    for i, name in enumerate(losses):
+        spec = get_loss(name)
+        mask = batch["mask"] * (batch["loss_id"] == i)[:, None]  # other losses' rows: all padding here
+        keys = [k for k in (*spec.required_inputs, *spec.optional_inputs) if k in batch["inputs"]]
+        x = {k: batch["inputs"][k] for k in keys}
+        cfg = {k: batch["loss_config"][k] for k in spec.config_defaults}
+
+        def one(lp1, x1, m1, c1, fn=spec.fn):
+            return fn(lp1[None], {k: v[None] for k, v in x1.items()}, m1[None], c1)
+
+        loss, met = jax.vmap(one)(lp, x, mask, cfg)
+        total = total + loss
+        for k, v in met.items():
+            metrics[k] = metrics.get(k, 0.0) + v
+    return total, metrics
 
 
-@partial(jax.jit, static_argnames=("graphdef", "loss_fn", "attention"))
-def _forward(trainable, frozen, batch, config, *, graphdef, loss_fn, attention="einsum"):
-    loss, (lp, metrics) = _loss(trainable, frozen, graphdef, batch, config, loss_fn, attention=attention)
-    return loss, lp, metrics
+# ------------------------------------------------------------------------------------------- LoRA pools
 
 
-@partial(jax.jit, donate_argnames=("trainable", "opt_state", "grads"))
-def _optim_step(trainable, opt_state, grads, hp):
-    """AdamW on the accumulated gradient, after optional global-norm clipping (clip <= 0: off)."""
-    gnorm = optax.global_norm(grads)
-    clip = hp.pop("grad_clip_norm")
-    factor = jnp.where((clip > 0) & (gnorm > clip), clip / jnp.maximum(gnorm, 1e-30), 1.0)
-    grads = jax.tree.map(lambda g: g * factor, grads)
-    opt_state.hyperparams.update(hp)
-    updates, opt_state = make_optimizer().update(grads, opt_state, trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    zeros = jax.tree.map(jnp.zeros_like, grads)
-    return trainable, opt_state, zeros, gnorm
+def _compact(layout: Layout, pools: tuple, scales: tuple, batch: dict):
+    weights = tuple(take_slots(p, seg["active"]) for p, seg in zip(pools, batch["lora"]))
+    scale = tuple(jnp.take(s, seg["active"], axis=0) for s, seg in zip(scales, batch["lora"]))
+    return weights, scale
 
 
-def device_batch(batch: Batch, sharding=None) -> dict:
-    d = {"tokens": batch.tokens, "positions": batch.positions, "mask": batch.mask, "targets": batch.targets,
-         "inputs": batch.inputs}
-    return jax.device_put(d, sharding) if sharding is not None else jax.tree.map(jnp.asarray, d)
+def _lora_loss(weights, scales, base, graphdef, batch, layout, remat, attention):
+    lora = _lora_rows(layout, weights, scales, batch)
+    lp = target_logprobs(merge(graphdef, base), batch, lora, remat, attention)
+    loss, metrics = row_losses(lp, batch, layout.losses)
+    return jnp.sum(loss), (loss, metrics, lp)
 
 
-def forward_backward(state: TrainState, batches: list[Batch], loss_fn: str, config: dict,
-                     forward_only: bool = False, sharding_fn=None, remat: bool = False, attention: str = "einsum"):
-    """Run the loss over every micro-batch; accumulate gradients unless forward_only.
-
-    remat and attention select how the step computes (models.decoder.Decoder.__call__), not what it computes.
-
-    Returns (per-datum logprobs as numpy arrays in request order, metrics dict with "loss:sum").
-    """
-    cfg = {k: jnp.float32(v) for k, v in config.items()}
-    outputs: dict[int, np.ndarray] = {}  # datum index -> logprobs
-    metrics: dict[str, float] = {}
-    device_results = []
-    for b in batches:
-        db = device_batch(b, sharding_fn(b) if sharding_fn else None)
-        if forward_only:
-            loss, lp, m = _forward(state.trainable, state.frozen, db, cfg, graphdef=state.graphdef,
-                                   loss_fn=loss_fn, attention=attention)
-        else:
-            state.grads, loss, lp, m = _forward_backward(
-                state.trainable, state.frozen, state.grads, db, cfg, graphdef=state.graphdef, loss_fn=loss_fn,
-                remat=remat, attention=attention)
-        device_results.append((b, loss, lp, m))
-    for b, loss, lp, m in device_results:  # one host sync after all micro-batches are queued
-        lp = np.asarray(lp)
-        outputs.update((i, lp[r, :n]) for r, (i, n) in enumerate(zip(b.index, b.lengths)))
-        metrics["loss:sum"] = metrics.get("loss:sum", 0.0) + float(loss)
-        for k, v in m.items():
-            metrics[k] = metrics.get(k, 0.0) + float(v)  # loss metrics are ":sum" reductions
-    if not forward_only:
-        state.pending += 1
-    return [outputs[i] for i in range(len(outputs))], metrics
+@partial(jax.jit, static_argnames=("graphdef", "layout", "remat", "attention"), donate_argnames=("grads",))
+def lora_forward_backward(base, pools: tuple, grads: tuple, scales: tuple, batch: dict, *, graphdef,
+                          layout: Layout, remat: bool = False, attention: str = "einsum"):
+    """-> (grads with this batch's gradient added at the slots it used, row losses [B], row metrics, lp).
+    pools / grads / scales: one entry per rank segment of `layout` (the pools of those ranks)."""
+    weights, scale = _compact(layout, pools, scales, batch)
+    (_, (loss, metrics, lp)), g = jax.value_and_grad(_lora_loss, has_aux=True)(
+        weights, scale, base, graphdef, batch, layout, remat, attention)
+    grads = tuple(add_slots(acc, seg["active"], gc) for acc, seg, gc in zip(grads, batch["lora"], g))
+    return grads, loss, metrics, lp
 
 
-def optim_step(state: TrainState, *, learning_rate: float, beta1: float, beta2: float, eps: float,
-               weight_decay: float, grad_clip_norm: float) -> dict[str, float]:
-    for name, v in dict(learning_rate=learning_rate, beta1=beta1, beta2=beta2, eps=eps,
-                        weight_decay=weight_decay, grad_clip_norm=grad_clip_norm).items():
-        if not np.isfinite(v) or v < 0:
-            raise ValueError(f"adam_params.{name}: must be a finite non-negative number, got {v!r}")
-    if not (beta1 < 1 and beta2 < 1):
-        raise ValueError("adam_params.beta1/beta2: must be < 1")
-    hp = {"learning_rate": learning_rate, "b1": beta1, "b2": beta2, "eps": eps, "weight_decay": weight_decay,
-          "grad_clip_norm": grad_clip_norm}
-    hp = {k: jnp.asarray(v, jnp.float32) for k, v in hp.items()}
-    state.trainable, state.opt_state, state.grads, gnorm = _optim_step(
-        state.trainable, state.opt_state, state.grads, hp)
-    state.step += 1
-    state.pending = 0
-    return {"grad_norm:mean": float(gnorm), "learning_rate:mean": float(learning_rate)}
+@partial(jax.jit, static_argnames=("graphdef", "layout", "attention"))
+def lora_forward(base, pools: tuple, scales: tuple, batch: dict, *, graphdef, layout: Layout,
+                 attention: str = "einsum"):
+    """-> (row losses [B], row metrics, lp) with no gradient."""
+    weights, scale = _compact(layout, pools, scales, batch)
+    _, (loss, metrics, lp) = _lora_loss(weights, scale, base, graphdef, batch, layout, False, attention)
+    return loss, metrics, lp
+
+
+@partial(jax.jit, donate_argnames=("pool", "grads", "mu", "nu", "count"))
+def lora_optim_step(pool: dict, grads: dict, mu: dict, nu: dict, count: jax.Array, slots: jax.Array,
+                    hps: jax.Array, valid: jax.Array):
+    """AdamW on `slots` [k] of one pool (hps [k,6], valid [k]: False for padding entries, which must name the
+    null slot 0); every other slot is untouched. Zeroes the slots' gradient accumulators.
+    -> (pool, grads, mu, nu, count, grad_norm [k])."""
+    sel = lambda t: slots_first(take_slots(t, slots))  # noqa: E731 - [k, L, ...]
+    p, g, m, v = sel(pool), sel(grads), sel(mu), sel(nu)
+    c = count[slots]
+    p2, m2, v2, c2, gnorm = jax.vmap(optim.adamw)(p, g, m, v, c, hps)
+    keep = lambda new, old: jax.tree.map(  # noqa: E731
+        lambda a, b: jnp.where(valid.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
+    p2, m2, v2 = keep(p2, p), keep(m2, m), keep(v2, v)
+    c2 = jnp.where(valid, c2, c)
+    put = lambda t, new: set_slots(t, slots, slots_back(new))  # noqa: E731
+    zeros = jax.tree.map(jnp.zeros_like, g)
+    return put(pool, p2), put(grads, zeros), put(mu, m2), put(nu, v2), count.at[slots].set(c2), gnorm
+
+
+# ------------------------------------------------------------------------------------------- full fine-tuning
+
+
+def _full_loss(params, graphdef, batch, layout, remat, attention):
+    lp = target_logprobs(merge(graphdef, params), batch, (), remat, attention)
+    loss, metrics = row_losses(lp, batch, layout.losses)
+    return jnp.sum(loss), (loss, metrics, lp)
+
+
+@partial(jax.jit, static_argnames=("graphdef", "layout", "remat", "attention"), donate_argnames=("grads",))
+def full_forward_backward(params, grads, batch: dict, *, graphdef, layout: Layout, remat: bool = False,
+                          attention: str = "einsum"):
+    (_, (loss, metrics, lp)), g = jax.value_and_grad(_full_loss, has_aux=True)(
+        params, graphdef, batch, layout, remat, attention)
+    return jax.tree.map(jnp.add, grads, g), loss, metrics, lp
+
+
+@partial(jax.jit, static_argnames=("graphdef", "layout", "attention"))
+def full_forward(params, batch: dict, *, graphdef, layout: Layout, attention: str = "einsum"):
+    _, (loss, metrics, lp) = _full_loss(params, graphdef, batch, layout, False, attention)
+    return loss, metrics, lp
+
+
+@partial(jax.jit, donate_argnames=("params", "grads", "mu", "nu"))
+def full_optim_step(params, grads, mu, nu, count, hp):
+    params, mu, nu, count, gnorm = optim.adamw(params, grads, mu, nu, count, hp)
+    return params, jax.tree.map(jnp.zeros_like, grads), mu, nu, count, gnorm
 
 
 def compile_count() -> int:
     """Programs compiled so far by the training step functions (for the recompilation test)."""
-    return sum(f._cache_size() for f in (_forward_backward, _forward, _optim_step))
+    return sum(f._cache_size() for f in (lora_forward_backward, lora_forward, lora_optim_step,
+                                         full_forward_backward, full_forward, full_optim_step))
+
+
+def device_batch(batch: dict, sharding=None) -> Any:
+    """A MicroBatch's arrays on the device (one transfer): rows over the batch mesh axes (`sharding`, for [B,...]
+    arrays); the per-segment slot tables replicated."""
+    if sharding is None:
+        return jax.tree.map(jnp.asarray, batch)
+    replicated = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec())
+    shardings = {k: jax.tree.map(lambda _: replicated if k == "lora" else sharding, v) for k, v in batch.items()}
+    return jax.device_put(batch, shardings)

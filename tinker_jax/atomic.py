@@ -1,0 +1,95 @@
+"""The one atomic-commit helper for directories (checkpoints, HF exports, init-model).
+
+`atomic_dir(out)` yields a temporary directory beside `out`; when the block succeeds it becomes `out` by rename.
+Replacing an existing `out` moves it aside first (`.{name}.{id}.old`), renames the new one in, then deletes the
+old one; if the process dies between the two renames, `recover(out)` (run before every read or write of `out`)
+puts the newest moved-aside copy back. A failure inside the block removes the temporary directory (a SIGKILL can
+still leave one: `sweep(parent)` removes those).
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import uuid
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+
+def _aside(out: Path, suffix: str) -> Path:
+    return out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.{suffix}")
+
+
+def recover(out: str | Path) -> Path:
+    """Undo a replacement interrupted between its two renames (old moved aside, new not yet in place)."""
+    out = Path(out)
+    if not out.exists():
+        olds = sorted(out.parent.glob(f".{out.name}.*.old"), key=lambda p: p.stat().st_mtime)
+        if olds:
+            olds[-1].rename(out)
+    return out
+
+
+@contextmanager
+def atomic_dir(out: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
+    """Yield an empty temporary directory beside `out` that becomes `out` when the block succeeds.
+
+    overwrite=False refuses (FileExistsError) an `out` that exists and is not empty, before and after the block.
+    An empty `out` directory is always replaced.
+    """
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    recover(out)
+
+    def check() -> None:
+        if not overwrite and out.is_dir() and any(out.iterdir()):
+            raise FileExistsError(f"{out}: already exists and is not empty (pass overwrite=True to replace it)")
+        if not overwrite and out.exists() and not out.is_dir():
+            raise FileExistsError(f"{out}: already exists")
+
+    check()
+    tmp = _aside(out, "new")
+    tmp.mkdir(mode=0o755)
+    try:
+        yield tmp
+        check()  # someone may have written `out` meanwhile
+        if out.is_dir() and not any(out.iterdir()):
+            out.rmdir()
+        if out.exists():  # replace only once the new one is complete
+            old = _aside(out, "old")
+            os.rename(out, old)
+            try:
+                os.rename(tmp, out)
+            except BaseException:
+                os.rename(old, out)  # the commit failed: put the previous one back
+                raise
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def sweep(parent: str | Path) -> list[Path]:
+    """Remove what killed commits left in `parent`: temporary `.*.new` directories (and Orbax's temporaries inside
+    them), and `.*.old` ones whose target exists again (a recovered or completed replacement). Only safe while no
+    commit into `parent` is in progress (at start-up). Returns what was removed."""
+    parent = Path(parent)
+    removed = []
+    if not parent.is_dir():
+        return removed
+    for p in parent.iterdir():
+        if not p.name.startswith("."):
+            continue
+        if ".orbax-checkpoint-tmp" in p.name:  # Orbax's own temporary directory inside a killed commit
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+            continue
+        stem, _, suffix = p.name[1:].rpartition(".")
+        target = parent / stem.rpartition(".")[0] if stem else None
+        if suffix == "new" or (suffix == "old" and target is not None and target.exists()):
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p)
+    return removed

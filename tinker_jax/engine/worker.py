@@ -1,0 +1,641 @@
+"""One base model's device loop: it owns that model's device state and executes its request log.
+
+State: the base weights (loaded on this thread at first use, so a load never stalls other models), one
+AdapterPool per LoRA rank, full fine-tuning runs' private weights, and the sampler (driven from here, not from a
+thread of its own). The loop alternates between training rounds (engine.scheduler) and sampler steps; when both
+have work each gets about half the device time (the one that has used less goes next).
+
+Every device call here is one of the pure jitted functions of training.step / sampling.kernels; every request's
+failure is confined to its own future: a UserError is the caller's mistake, anything else is logged with its
+traceback and reported as the engine's fault.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import tinker.types as tt
+from flax import nnx
+
+from tinker_jax import atomic
+from tinker_jax.engine import checkpoints, requests as rq
+from tinker_jax.engine.pools import NULL_SLOT, AdapterPool, FullState, Run
+from tinker_jax.engine.registry import KINDS, TinkerPath
+from tinker_jax.engine.scheduler import Request, Round, Scheduler
+from tinker_jax.errors import NotFound, UserError
+from tinker_jax.hf.weights import load_decoder
+from tinker_jax.models import lora as lora_math
+from tinker_jax.models.config import ModelConfig
+from tinker_jax.models.decoder import StaticGraph, merge
+from tinker_jax.models.lora import Adapter, LoraSpec
+from tinker_jax.models.sharding import pool_shardings, rows_sharding, state_shardings
+from tinker_jax.sampling.snapshot import WeightSnapshot
+from tinker_jax.training import batching, step
+
+log = logging.getLogger("tinker_jax.engine")
+
+_ACTIVE_S = 1.0  # a run that submitted within this long is "active" for the batching window
+_GAP_S = 0.0005  # the batching window ends when no request arrived for this long
+_PROBE_ROUNDS = 16  # while waiting has not been paying off, try it again every this many rounds
+
+
+class Host(Protocol):
+    """What a worker needs of the engine that owns it (engine.core.Engine)."""
+
+    config: Any  # tinker_jax.config.EngineConfig
+    mesh: Any  # jax.sharding.Mesh
+    registry: Any  # engine.registry.Registry
+
+    def checkpoint_dir(self, p: TinkerPath) -> Path: ...
+
+    def attention_for(self, cfg: ModelConfig) -> str: ...
+
+    def run_created(self, run_id: str, spec: LoraSpec | None) -> None: ...
+
+    def run_unloaded(self, run_id: str) -> None: ...
+
+    def delete_checkpoint_now(self, p: TinkerPath) -> bool: ...
+
+
+class BaseWorker:
+    def __init__(self, engine: Host, name: str, path: Path, cfg: ModelConfig):
+        self.engine, self.name, self.path, self.cfg = engine, name, Path(path), cfg
+        self.config = engine.config
+        self.mesh = engine.mesh
+        self.scheduler = Scheduler(self.config.round_tokens)
+        self._cv = threading.Condition()
+        self._stopping = False
+        self._holds = 0  # while > 0 no new round or sampler step starts (hold())
+        self._thread: threading.Thread | None = None
+        self.load_error: BaseException | None = None
+        self.loaded = threading.Event()
+        self.graphdef = self.base = self.dtype = None
+        self.attention = "einsum"
+        self.pools: dict[int, AdapterPool] = {}
+        self.runs: dict[str, Run] = {}
+        self.sampler = None
+        self.stats = collections.Counter()
+        self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tinker-jax-io-{name}")  # writes, in order
+        self._busy = {"train": 0.0, "sample": 0.0}  # seconds used since both last had work (fair split)
+        self._window_score, self._since_probe = 1.0, 0  # batching window: has waiting been paying off
+
+    # --- submission (any thread) -------------------------------------------------------------------------------
+
+    def submit(self, req: Request) -> None:
+        with self._cv:
+            if self._stopping:
+                req.future.set_exception(RuntimeError("engine: shut down"))
+                return
+            self.scheduler.push(req)
+            self._cv.notify_all()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=f"tinker-jax-{self.name}", daemon=True)
+                self._thread.start()
+        for f in req.after:
+            f.add_done_callback(lambda _: self.wake())
+
+    def wake(self) -> None:
+        with self._cv:
+            self._cv.notify_all()
+
+    @contextlib.contextmanager
+    def hold(self):
+        """Start no new round or sampler step inside the block (requests queue up; work in progress finishes).
+        For maintenance and for tests that need several requests in one round."""
+        with self._cv:
+            self._holds += 1
+        try:
+            yield self
+        finally:
+            with self._cv:
+                self._holds -= 1
+                self._cv.notify_all()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+            thread = self._thread
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout)
+        self._io.shutdown(wait=True)  # checkpoint writes in flight finish: nothing reported saved is lost
+        if self.sampler is not None:
+            self.sampler.stop()
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+
+    def _sampler_work(self) -> bool:
+        s = self.sampler
+        return s is not None and self.config.sampler.backend == "jax" and s.has_work()
+
+    def _loop(self) -> None:
+        try:
+            self._load()
+        except BaseException as e:  # noqa: BLE001 - every request of this model fails with the reason
+            log.exception("loading base model %s from %s failed", self.name, self.path)
+            self.load_error = e
+        finally:
+            self.loaded.set()
+        window = self.config.batch_window_ms / 1000.0
+        while True:
+            with self._cv:
+                while not self._stopping and (self._holds or not (self.scheduler.ready() or self._sampler_work())):
+                    self._cv.wait(timeout=1.0)
+                if self._stopping:
+                    break
+                if window > 0 and self.scheduler.stragglers(_ACTIVE_S):
+                    self._batching_window(window)
+                if self._stopping:
+                    break
+                train, sample = self.scheduler.ready(), self._sampler_work()
+                if not (train and sample):
+                    self._busy = {"train": 0.0, "sample": 0.0}  # no banking of idle time
+                rnd = self.scheduler.next_round() if train and (
+                    not sample or self._busy["train"] <= self._busy["sample"]) else None
+            if rnd is not None:
+                t0 = time.perf_counter()
+                self._execute(rnd)
+                dt = time.perf_counter() - t0
+                self._busy["train"] += dt
+                self.stats["train_seconds"] += dt
+            elif sample:
+                t0 = time.perf_counter()
+                self.sampler.step()
+                dt = time.perf_counter() - t0
+                self._busy["sample"] += dt
+                self.stats["sample_seconds"] += dt
+        with self._cv:
+            left = list(self.scheduler.all_requests())
+        for req in left:
+            if not req.future.done():
+                req.future.set_exception(RuntimeError("engine: shut down"))
+
+    def _batching_window(self, window: float) -> None:
+        """Other runs were active a moment ago but have nothing queued: usually tenants about to submit their next
+        step. Waiting a little for them turns many small rounds into one batch. The wait lasts while requests keep
+        arriving (each arrival allows another `_GAP_S`, up to `window`), and only while waiting has been paying
+        off (`_window_score`, an average of whether a wait saw arrivals; re-probed every `_PROBE_ROUNDS` rounds),
+        so one client driving several runs one after another does not pay for it. Called holding `_cv`."""
+        if self._window_score < 0.25 and self._since_probe < _PROBE_ROUNDS:
+            self._since_probe += 1
+            return
+        self._since_probe = 0
+        start, deadline = self.scheduler.pushed, time.monotonic() + window
+        while not self._stopping:
+            seen = self.scheduler.pushed
+            self._cv.wait(timeout=max(0.0, min(_GAP_S, deadline - time.monotonic())))
+            if self.scheduler.pushed == seen or time.monotonic() >= deadline:
+                break
+        self._window_score = 0.8 * self._window_score + 0.2 * (self.scheduler.pushed > start)
+
+    def _load(self) -> None:
+        t0 = time.perf_counter()
+        dtype = jnp.bfloat16 if self.config.dtype == "bfloat16" else jnp.float32
+        dec = load_decoder(self.path, dtype=dtype, shardings_fn=lambda st: state_shardings(st, self.mesh))
+        graphdef, self.base = nnx.split(dec, nnx.Param)
+        self.graphdef = StaticGraph(graphdef)
+        self.dtype = dtype
+        self.attention = self.engine.attention_for(self.cfg)
+        if self.config.sampler.backend == "jax":
+            from tinker_jax.sampling import make_sampler
+
+            self.sampler = make_sampler(self._sampler_base(dec), self.config.sampler, on_submit=self.wake)
+        log.info("base model %s loaded from %s in %.1f s (attention: %s)", self.name, self.path,
+                 time.perf_counter() - t0, self.attention)
+
+    def _sampler_base(self, dec):
+        return _SamplerBase(self.cfg, self.path, dec, self.name)
+
+    def get_sampler(self):
+        """The sampler of this model (built at load; for vLLM, on first use)."""
+        if self.load_error is not None or self.base is None:
+            raise RuntimeError(f"base model {self.name} is not loaded"
+                               + (f" ({type(self.load_error).__name__}: {self.load_error})" if self.load_error else ""))
+        if self.sampler is None and self.config.sampler.backend != "jax":
+            from tinker_jax.sampling import make_sampler
+
+            self.sampler = make_sampler(self._sampler_base(merge(self.graphdef, self.base)), self.config.sampler)
+        return self.sampler
+
+    # --- a round -------------------------------------------------------------------------------------------------
+
+    def _execute(self, rnd: Round) -> None:
+        self.stats["rounds"] += 1
+        for req in rnd.ops + rnd.batch:
+            req.round = rnd.number
+        if self.load_error is not None:  # the server's fault (its model directory), reported as such
+            for req in rnd.ops + rnd.batch:
+                if req.future.set_running_or_notify_cancel():
+                    req.future.set_exception(RuntimeError(
+                        f"base model {self.name} could not be loaded ({type(self.load_error).__name__}: "
+                        f"{self.load_error})"))
+            return
+        optim = [r for r in rnd.ops if r.kind == "optim_step"]
+        for req in rnd.ops:
+            if req.kind != "optim_step":
+                self._run_op(req)
+        if optim:
+            self._optim(optim)
+        for forward_only in (False, True):
+            reqs = [r for r in rnd.batch if r.body.forward_only == forward_only]
+            if reqs:
+                self._train(reqs, forward_only)
+
+    def _run_op(self, req: Request) -> None:
+        if not req.future.set_running_or_notify_cancel():
+            return
+        try:
+            result = getattr(self, f"_op_{req.kind}")(req)
+        except BaseException as e:  # noqa: BLE001 - delivered through the future
+            self._fail(req, e)
+            return
+        if isinstance(result, _OffLoop):
+            self._io.submit(self._finish_off_loop, req, result.fn)
+        else:
+            req.future.set_result(result)
+
+    def _finish_off_loop(self, req: Request, fn) -> None:
+        try:
+            result = fn()
+        except BaseException as e:  # noqa: BLE001 - delivered through the future
+            self._fail(req, e)
+        else:
+            req.future.set_result(result)
+
+    def _fail(self, req: Request, e: BaseException) -> None:
+        if not isinstance(e, UserError):
+            log.error("%s on %s failed", req.kind, req.run or self.name, exc_info=e)
+        if not req.future.done():
+            req.future.set_exception(e)
+
+    def _run(self, req: Request) -> Run:
+        run = self.runs.get(req.run)
+        if run is None:
+            raise NotFound(f"model_id: unknown model {req.run!r}")
+        return run
+
+    # --- runs ------------------------------------------------------------------------------------------------------
+
+    def _pool(self, rank: int) -> AdapterPool:
+        if rank not in self.pools:
+            self.pools[rank] = AdapterPool(self.cfg, rank, self.mesh, self.config.lora.initial_slots,
+                                           self.config.lora.max_slots + 1)
+        return self.pools[rank]
+
+    def _checkpoint(self, path: TinkerPath, field: str = "path") -> tuple[Path, dict]:
+        """A checkpoint's directory and metadata, if it exists and belongs to this base model."""
+        d = self.engine.checkpoint_dir(path)
+        if not atomic.recover(d).is_dir():
+            raise NotFound(f"{field}: checkpoint {path} not found")
+        meta = checkpoints.read_meta(d)
+        if meta.get("base_model") != self.name:
+            raise UserError(f"{field}: checkpoint {path} is of base model {meta.get('base_model')!r}, "
+                            f"not {self.name!r}")
+        return d, meta
+
+    def _op_create(self, req: Request) -> str:
+        body: rq.CreateRun = req.body
+        if req.run in self.runs:
+            raise UserError(f"model_id: {req.run!r} already exists")
+        spec, meta, full = body.spec, None, body.spec is None
+        if body.from_path is not None:  # configured like the checkpoint's run
+            _, meta = self._checkpoint(body.from_path)
+            full = bool(meta.get("full_finetune", False))
+            spec = None if full else LoraSpec.from_meta(meta)
+        run = Run(req.run, self.name, spec)
+        if spec is not None:
+            if spec.rank > self.config.lora.max_rank:
+                raise UserError(f"lora_config.rank: {spec.rank} exceeds this server's limit of "
+                                f"{self.config.lora.max_rank}")
+            run.slot = self._pool(spec.rank).alloc(req.run, spec)
+        else:
+            run.full = FullState.create(self.base, self.mesh)
+        run.meta = {"base_model": self.name, "full_finetune": spec is None,
+                    **(spec.to_meta() if spec is not None else {"lora_rank": None})}
+        self.runs[req.run] = run
+        try:
+            if body.from_path is not None:
+                self._restore(run, body.from_path, body.with_optimizer)
+            self.engine.registry.add_run(req.run, self.name, lora_rank=None if spec is None else spec.rank,
+                                         full_finetune=spec is None, meta=run.meta,
+                                         user_metadata=body.user_metadata, owner=body.owner)
+        except BaseException:
+            self._drop_run(run)
+            raise
+        self.engine.run_created(req.run, spec)
+        return req.run
+
+    def _drop_run(self, run: Run) -> None:
+        self.runs.pop(run.run_id, None)
+        if run.slot is not None:
+            self.pools[run.spec.rank].free(run.slot)
+            run.slot = None
+        run.full = None
+
+    def _op_unload(self, req: Request) -> None:
+        run = self.runs.get(req.run)
+        if run is not None:
+            self._drop_run(run)
+        self.engine.run_unloaded(req.run)
+        return None
+
+    # --- training --------------------------------------------------------------------------------------------------
+
+    def _train(self, reqs: list[Request], forward_only: bool) -> None:
+        live: list[tuple[Request, Run]] = []
+        for req in reqs:
+            if not req.future.set_running_or_notify_cancel():
+                continue
+            run = self.runs.get(req.run)
+            if run is None:
+                self._fail(req, NotFound(f"model_id: unknown model {req.run!r}"))
+                continue
+            live.append((req, run))
+        groups: list[list[tuple[Request, Run]]] = []
+        lora = [x for x in live if x[1].is_lora]
+        if lora:
+            groups.append(lora)
+        by_run: dict[str, list] = {}
+        for x in live:
+            if not x[1].is_lora:
+                by_run.setdefault(x[1].run_id, []).append(x)
+        groups += list(by_run.values())
+        for group in groups:
+            try:
+                self._train_group(group, forward_only)
+            except BaseException as e:  # noqa: BLE001 - a device failure fails this group's requests only
+                log.error("training step on %s failed", self.name, exc_info=e)
+                for req, _ in group:
+                    self._fail(req, e)
+                self._repair_grads()
+
+    def _row_multiple(self) -> int:
+        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+
+    def _train_group(self, group: list[tuple[Request, Run]], forward_only: bool) -> None:
+        parts = [batching.Part(req.body.rows, run.spec.rank if run.is_lora else 0,
+                               run.slot if run.is_lora else 0) for req, run in group]
+        mbs = batching.plan(parts, self.config.max_tokens_per_batch, self._row_multiple())
+        sharding = rows_sharding(self.mesh)
+        outputs = []
+        for mb in mbs:
+            db = step.device_batch(mb.arrays(), sharding)
+            ranks = [seg.rank for seg in mb.segments]
+            if ranks:
+                pools = [self.pools[r] for r in ranks]
+                args = (tuple(p.weights for p in pools), tuple(p.scale for p in pools))
+                if forward_only:
+                    loss, met, lp = step.lora_forward(self.base, args[0], args[1], db, graphdef=self.graphdef,
+                                                      layout=mb.layout, attention=self.attention)
+                else:
+                    grads, loss, met, lp = step.lora_forward_backward(
+                        self.base, args[0], tuple(p.grads for p in pools), args[1], db, graphdef=self.graphdef,
+                        layout=mb.layout, remat=self.config.remat, attention=self.attention)
+                    for p, g in zip(pools, grads):
+                        p.grads = g
+            else:
+                full = group[0][1].full
+                if forward_only:
+                    loss, met, lp = step.full_forward(full.params, db, graphdef=self.graphdef, layout=mb.layout,
+                                                      attention=self.attention)
+                else:
+                    full.grads, loss, met, lp = step.full_forward_backward(
+                        full.params, full.grads, db, graphdef=self.graphdef, layout=mb.layout,
+                        remat=self.config.remat, attention=self.attention)
+            outputs.append((mb, loss, met, lp))
+            self.stats["micro_batches"] += 1
+            self.stats["rows"] += mb.shape[0]
+        # One host sync after every micro-batch is queued; then split each row's results back to its request.
+        fetched = jax.device_get([(loss, met, lp) for _, loss, met, lp in outputs])
+        lps: list[dict[int, np.ndarray]] = [{} for _ in group]
+        sums: list[dict[str, float]] = [{} for _ in group]
+        for (mb, *_), (loss, met, lp) in zip(outputs, fetched):
+            for p, d, r, n in mb.rows:
+                lps[p][d] = np.asarray(lp[r, :n], np.float32)
+                m = sums[p]
+                m["loss:sum"] = m.get("loss:sum", 0.0) + float(loss[r])
+                name = group[p][0].body.rows.loss_fn
+                for k, v in met.get(name, {}).items():
+                    m[k] = m.get(k, 0.0) + float(v[r])
+        for p, (req, run) in enumerate(group):
+            if not forward_only:
+                run.pending += 1
+            n = len(req.body.rows.tokens)
+            out = tt.ForwardBackwardOutput(
+                loss_fn_output_type="ArrayRecord",
+                loss_fn_outputs=[{"logprobs": tt.TensorData.from_numpy(lps[p][d])} for d in range(n)],
+                metrics=sums[p])
+            req.future.set_result(out)
+        self._io.submit(self.engine.registry.touch_runs, [req.run for req, _ in group])  # bookkeeping, off the loop
+        self.stats["requests_batched"] += len(group)
+        self.stats["batches"] += 1
+        self.stats["max_requests_per_batch"] = max(self.stats["max_requests_per_batch"], len(group))
+
+    def _repair_grads(self) -> None:
+        """After a failed step whose donated gradient buffers were consumed: zero accumulators (those runs lose the
+        gradient of calls since their last optimizer step, which their futures already reported as failed)."""
+        for pool in self.pools.values():
+            if any(x.is_deleted() for x in jax.tree.leaves(pool.grads)):
+                pool.grads = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), pool.grads)
+        for run in self.runs.values():
+            if run.full is not None and any(x.is_deleted() for x in jax.tree.leaves(run.full.grads)):
+                run.full.grads = jax.tree.map(jnp.zeros_like, run.full.params)
+
+    def _optim(self, reqs: list[Request]) -> None:
+        by_rank: dict[int, list[tuple[Request, Run]]] = {}
+        for req in reqs:
+            if not req.future.set_running_or_notify_cancel():
+                continue
+            try:
+                run = self._run(req)
+            except UserError as e:
+                self._fail(req, e)
+                continue
+            if run.is_lora:
+                by_rank.setdefault(run.spec.rank, []).append((req, run))
+            else:
+                try:
+                    full = run.full
+                    (full.params, full.grads, full.mu, full.nu, full.count, gnorm) = step.full_optim_step(
+                        full.params, full.grads, full.mu, full.nu, full.count, req.body.hp.array())
+                    self._optim_done(req, run, float(gnorm))
+                except BaseException as e:  # noqa: BLE001
+                    self._fail(req, e)
+        for rank, items in by_rank.items():
+            pool = self.pools[rank]
+            k = batching.bucket(len(items), 1)
+            slots = np.full(k, NULL_SLOT, np.int32)
+            hps = np.zeros((k, 6), np.float32)
+            valid = np.zeros(k, bool)
+            for i, (req, run) in enumerate(items):
+                slots[i], hps[i], valid[i] = run.slot, np.asarray(req.body.hp.array()), True
+            try:
+                (pool.weights, pool.grads, pool.mu, pool.nu, pool.count, gnorm) = step.lora_optim_step(
+                    pool.weights, pool.grads, pool.mu, pool.nu, pool.count, slots, hps, valid)
+                gnorm = np.asarray(gnorm)
+            except BaseException as e:  # noqa: BLE001
+                for req, _ in items:
+                    self._fail(req, e)
+                continue
+            for i, (req, run) in enumerate(items):
+                self._optim_done(req, run, float(gnorm[i]))
+
+    def _optim_done(self, req: Request, run: Run, gnorm: float) -> None:
+        run.step += 1
+        run.pending = 0
+        self.stats["optim_steps"] += 1
+        req.future.set_result(tt.OptimStepResponse(metrics={"grad_norm:mean": gnorm,
+                                                            "learning_rate:mean": req.body.hp.learning_rate}))
+
+    # --- checkpoints and snapshots ---------------------------------------------------------------------------------
+
+    def _state_of(self, run: Run, with_optimizer: bool):
+        """(weights, opt or None) of a run as checkpoints store them; copy them (device_get) before the next step
+        of the run, which may donate full fine-tuning buffers."""
+        if run.is_lora:
+            pool = self.pools[run.spec.rank]
+            weights = pool.read(run.slot, run.spec).weights
+            return weights, (pool.read_opt(run.slot, run.spec) if with_optimizer else None)
+        return run.full.params.to_pure_dict(), (run.full.opt() if with_optimizer else None)
+
+    def _op_save(self, req: Request):
+        """The state is captured here, in the run's order; the disk write happens off the loop (the I/O thread),
+        so other runs keep training meanwhile. The future resolves once the checkpoint is committed and listed;
+        later requests on the same path wait for it (engine path order)."""
+        body: rq.Save = req.body
+        run = self._run(req)
+        snapshot = self._snapshot(run, None if body.path is None else str(body.path)) if body.snapshot else None
+        if body.path is None:
+            return None, snapshot
+        # Host copies: the device memory is free again at once, and the write does not race later steps.
+        # (Multi-host engines will hand Orbax the sharded device arrays instead, each process writing its shards.)
+        weights, opt = jax.device_get(self._state_of(run, body.with_optimizer))
+        meta = {**run.meta, "step": run.step, "kind": KINDS[body.path.kind]}
+        step_now, path, registry, d = run.step, body.path, self.engine.registry, self.engine.checkpoint_dir(body.path)
+
+        def write():
+            checkpoints.save(d, weights=weights, opt=opt, meta=meta)
+            registry.add_checkpoint(path, size_bytes=checkpoints.size_bytes(d), step=step_now,
+                                    ttl_seconds=body.ttl_seconds, user_metadata=body.user_metadata)
+            return str(path), snapshot
+
+        return _OffLoop(write)
+
+    def _snapshot(self, run: Run, name: str | None) -> WeightSnapshot:
+        if run.is_lora:
+            adapter = self.pools[run.spec.rank].read(run.slot, run.spec)
+            return WeightSnapshot(self.cfg, self.graphdef, self.base, adapter, name or "", self.name)
+        params = jax.tree.map(jnp.copy, run.full.params)  # never donated later: optimizer steps cannot touch it
+        return WeightSnapshot(self.cfg, self.graphdef, params, None, name or "", self.name)
+
+    def _restore(self, run: Run, path: TinkerPath, with_optimizer: bool) -> dict:
+        d, meta = self._checkpoint(path)
+        if run.is_lora:
+            try:
+                spec = LoraSpec.from_meta(meta)
+            except (KeyError, TypeError, ValueError):
+                raise UserError(f"path: checkpoint {path} holds full weights; this model is a LoRA run") from None
+            if spec.rank != run.spec.rank or spec.targets != run.spec.targets:
+                raise UserError(f"path: checkpoint {path} does not match this model: a rank-{spec.rank} adapter of "
+                                f"{list(spec.targets)}, this model is rank {run.spec.rank} on {list(run.spec.targets)}")
+            pool = self.pools[run.spec.rank]
+            like = pool.read(run.slot, run.spec).weights
+            like_opt = pool.read_opt(run.slot, run.spec) if with_optimizer else None
+            weights, opt, meta = checkpoints.restore(d, like, like_opt)
+            # The checkpoint's alpha is kept: same rank and projections, scale as trained.
+            spec = LoraSpec(run.spec.rank, spec.alpha, run.spec.targets, run.spec.seed)
+            pool.write(run.slot, spec, weights, opt)
+            run.spec = spec
+        else:
+            if not meta.get("full_finetune", False):
+                raise UserError(f"path: checkpoint {path} is a LoRA adapter; this model is a full fine-tuning run")
+            like = run.full.params.to_pure_dict()
+            like_opt = run.full.opt() if with_optimizer else None
+            weights, opt, meta = checkpoints.restore(d, like, like_opt)
+            run.full.set(weights, opt)
+        run.step = int(meta.get("step", 0)) if with_optimizer else 0
+        run.pending = 0
+        return meta
+
+    def _op_load(self, req: Request):
+        body: rq.Load = req.body
+        run = self._run(req)
+        self._restore(run, body.path, body.with_optimizer)
+        return tt.LoadWeightsResponse(path=str(body.path), model_id=req.run)
+
+    def _op_open_snapshot(self, req: Request) -> WeightSnapshot:
+        body: rq.OpenSnapshot = req.body
+        if body.path is None:
+            return WeightSnapshot(self.cfg, self.graphdef, self.base, None, "", self.name)
+        d, meta = self._checkpoint(body.path, "model_path")
+        if meta.get("full_finetune", False):
+            weights, _, _ = checkpoints.restore(d, _full_like(self.base))
+            params = jax.tree.map(lambda x: x, self.base)  # a State of the same structure, then its own weights
+            params.replace_by_pure_dict(weights)
+            return WeightSnapshot(self.cfg, self.graphdef, params, None, str(body.path), self.name)
+        spec = LoraSpec.from_meta(meta)
+        like = _lora_like(self.cfg, spec, self.mesh)
+        weights, _, _ = checkpoints.restore(d, like)
+        return WeightSnapshot(self.cfg, self.graphdef, self.base, Adapter(spec, weights), str(body.path), self.name)
+
+    def _op_delete(self, req: Request) -> bool:
+        return self.engine.delete_checkpoint_now(req.body.path)
+
+    # --- introspection (tests, stats) ------------------------------------------------------------------------------
+
+    def run_state(self, run_id: str) -> dict:
+        """Host copies of a run's weights, gradient accumulator and Adam state (tests and debugging; call from the
+        worker thread or when the worker is idle)."""
+        run = self.runs.get(run_id)
+        if run is None:
+            raise NotFound(f"model_id: unknown model {run_id!r}")
+        to_np = lambda t: jax.tree.map(lambda x: np.array(x, copy=True), jax.device_get(t))  # noqa: E731
+        if run.is_lora:
+            pool = self.pools[run.spec.rank]
+            opt = pool.read_opt(run.slot, run.spec)
+            return {"weights": to_np(pool.read(run.slot, run.spec).weights),
+                    "grads": to_np(pool.read_grads(run.slot, run.spec)), "mu": to_np(opt["mu"]),
+                    "nu": to_np(opt["nu"]), "count": int(opt["count"]), "step": run.step, "pending": run.pending,
+                    "spec": run.spec, "slot": run.slot, "compute_dtype": self.dtype}
+        f = run.full
+        return {"weights": to_np(f.params.to_pure_dict()), "grads": to_np(f.grads.to_pure_dict()),
+                "mu": to_np(f.mu.to_pure_dict()), "nu": to_np(f.nu.to_pure_dict()), "count": int(f.count),
+                "step": run.step, "pending": run.pending, "spec": None, "slot": None, "compute_dtype": self.dtype}
+
+
+def _full_like(base: nnx.State) -> dict:
+    """Restore targets for a full fine-tuning checkpoint: fp32, placed like the base weights."""
+    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, jnp.float32, sharding=x.sharding),
+                        base.to_pure_dict())
+
+
+def _lora_like(cfg: ModelConfig, spec: LoraSpec, mesh) -> dict:
+    shapes = lora_math.targeted(lora_math.shapes(cfg, spec.rank), spec)
+    abstract = {n: {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in w.items()} for n, w in shapes.items()}
+    sh = pool_shardings(abstract, mesh)
+    return {n: {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh[n][k]) for k, s in w.items()}
+            for n, w in abstract.items()}
+
+
+class _OffLoop:
+    """An op result that finishes on the worker's I/O thread: `fn()` gives the request's result."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+
+class _SamplerBase:
+    """What sampling.make_sampler reads of a base model."""
+
+    def __init__(self, cfg, path, decoder, name):
+        self.cfg, self.path, self.decoder, self.name = cfg, path, decoder, name

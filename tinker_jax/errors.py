@@ -1,0 +1,27 @@
+"""What went wrong, by whose fault. Both front doors map these the same way:
+
+- `UserError` (a ValueError): the client's mistake; the message names the field. HTTP 400, category "user".
+  `NotFound` is one (an unknown model, sampler or checkpoint).
+- `Overloaded`: a queue bound was reached; nothing was queued and retrying later succeeds. HTTP 429, which the
+  SDK retries with backoff (the in-process client retries the same way).
+- anything else: the server's fault. Logged with its traceback, HTTP 500, category "server".
+A plain ValueError is *not* a user error: code below the engine (JAX among it) raises ValueError for its own bugs.
+"""
+
+from __future__ import annotations
+
+
+class UserError(ValueError):
+    """The request is wrong; the message says which field and why."""
+
+
+class NotFound(UserError):
+    """An unknown (or not yours) model, sampler, checkpoint or base model."""
+
+
+class Overloaded(Exception):
+    """A bounded queue is full: retry after `retry_after_s` seconds."""
+
+    def __init__(self, message: str, retry_after_s: float = 1.0):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s

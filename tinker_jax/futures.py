@@ -1,0 +1,49 @@
+"""Small helpers over concurrent.futures.Future, shared by the engine and its front doors."""
+
+from __future__ import annotations
+
+import concurrent.futures
+from typing import Any, Callable
+
+
+def then(future: concurrent.futures.Future, fn: Callable[[Any], Any]) -> concurrent.futures.Future:
+    """A future of `fn(future.result())`; exceptions (fn's own included) pass through. `fn` runs on the thread that
+    completes `future` (an engine worker's), so it must be quick and thread-safe. Cancelling the returned future
+    cancels `future` too (a client's cancel reaches the engine's queue through it)."""
+    out: concurrent.futures.Future = concurrent.futures.Future()
+
+    def done(f: concurrent.futures.Future) -> None:
+        if f.cancelled():
+            out.cancel()
+            out.set_running_or_notify_cancel()
+            return
+        if not out.set_running_or_notify_cancel():
+            return
+        exc = f.exception()
+        if exc is not None:
+            out.set_exception(exc)
+            return
+        try:
+            out.set_result(fn(f.result()))
+        except BaseException as e:  # noqa: BLE001 - delivered through the future
+            out.set_exception(e)
+
+    def propagate_cancel(o: concurrent.futures.Future) -> None:
+        if o.cancelled():
+            future.cancel()
+
+    out.add_done_callback(propagate_cancel)
+    future.add_done_callback(done)
+    return out
+
+
+def failed(exc: BaseException) -> concurrent.futures.Future:
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    future.set_exception(exc)
+    return future
+
+
+def resolved(value: Any) -> concurrent.futures.Future:
+    future: concurrent.futures.Future = concurrent.futures.Future()
+    future.set_result(value)
+    return future
