@@ -48,6 +48,10 @@ class FutureRegistry:
         self._sampler_waiters: dict[tuple[str, int], asyncio.Event] = {}
         # Engine futures still running, by request_id, so cancel_future can reach them (any thread; GIL-atomic ops).
         self._running: dict[str, concurrent.futures.Future] = {}
+        # Encoding a result and writing it to the store happen here, not on the engine's device loop (which
+        # completes the futures): a slow store must not stall training for every tenant. One thread keeps order.
+        self._completions = concurrent.futures.ThreadPoolExecutor(max_workers=1,
+                                                                  thread_name_prefix="tinker-jax-results")
 
     def bind_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
@@ -55,6 +59,7 @@ class FutureRegistry:
     def close(self) -> None:
         """Stop recording completions (the store is about to close; late engine callbacks are dropped)."""
         self._closed = True
+        self._completions.shutdown(wait=True)
 
     # --- submit side ---------------------------------------------------------------------------------------------
 
@@ -95,7 +100,7 @@ class FutureRegistry:
             self._fail(request_id, f"{type(e).__name__}: {e}", "server", sampler)
         else:
             self._running[request_id] = future
-            future.add_done_callback(lambda f: self._on_done(request_id, kind, f, sampler))
+            future.add_done_callback(lambda f: self._hand_off(request_id, kind, f, sampler))
         return request_id, True
 
     def cancel(self, request_id: str) -> bool:
@@ -104,9 +109,19 @@ class FutureRegistry:
         future = self._running.get(request_id)
         return future is not None and future.cancel()
 
+    def _hand_off(self, request_id: str, kind: str, future: concurrent.futures.Future,
+                  sampler: tuple[str, int] | None) -> None:
+        """Runs on the thread that completed the future (the engine's, or this one if it was already done)."""
+        if self._closed:
+            return
+        try:
+            self._completions.submit(self._on_done, request_id, kind, future, sampler)
+        except RuntimeError:  # closing: the store is going away
+            pass
+
     def _on_done(self, request_id: str, kind: str, future: concurrent.futures.Future,
                  sampler: tuple[str, int] | None) -> None:
-        """Runs on the engine's thread (or inline if the future was already done)."""
+        """Runs on the results thread (_hand_off)."""
         self._running.pop(request_id, None)
         if self._closed:
             return

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import concurrent.futures
+import functools
 import logging
 import threading
 
@@ -26,6 +28,8 @@ from tinker_jax.errors import NotFound
 
 log = logging.getLogger(__name__)
 
+MAX_PARKED = 64
+
 
 class EngineSamplers:
     def __init__(self, engine: EngineAPI, max_per_session: int = 32):
@@ -34,7 +38,12 @@ class EngineSamplers:
         self._lock = threading.Lock()
         self._bound: dict[str, str] = {}  # sampling_session_id -> engine sampler id
         self._lru: dict[str, collections.OrderedDict[str, None]] = {}  # session_id -> its bound sampler ids
-        self._parked: dict[str, str] = {}  # tinker path -> engine sampler id of its named save, not yet bound
+        # tinker path -> engine sampler id of its named save, not yet bound; oldest first, at most MAX_PARKED (a loop
+        # saving step-N names for the sampler without ever sampling them must not keep every snapshot)
+        self._parked: collections.OrderedDict[str, str] = collections.OrderedDict()
+        # Building a sampler waits for its weights (a first model load can take minutes): on threads of its own, so
+        # those waits never take the event loop's default pool that request decoding uses.
+        self._builders = concurrent.futures.ThreadPoolExecutor(max_workers=32, thread_name_prefix="tinker-jax-sampler-open")
 
     # --- binding -------------------------------------------------------------------------------------------------
 
@@ -57,10 +66,12 @@ class EngineSamplers:
     def park(self, path: str, engine_id: str) -> None:
         """A named sampler save's snapshot, kept until a sampling session takes it (or the path is replaced)."""
         with self._lock:
-            old = self._parked.pop(path, None)
+            stale = [self._parked.pop(path)] if path in self._parked else []
             self._parked[path] = engine_id
-        if old is not None:
-            self._release_engine(old)
+            while len(self._parked) > MAX_PARKED:
+                stale.append(self._parked.popitem(last=False)[1])
+        for eid in stale:
+            self._release_engine(eid)
 
     def unpark(self, path: str) -> None:
         """The checkpoint at `path` was deleted or overwritten: its parked snapshot is stale."""
@@ -80,6 +91,10 @@ class EngineSamplers:
                 self._lru[row.session_id].move_to_end(row.sampling_session_id)
             return eid
 
+    async def _build(self, **kwargs) -> str:
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._builders, functools.partial(self.engine.create_sampler, **kwargs))
+
     async def resolve(self, row: SamplingSessionRow) -> str:
         """The engine sampler of a sampling session, rebuilding a path/base-model one if needed.
         NotFound (a user error) when it cannot be rebuilt; Overloaded when the engine's queue is full."""
@@ -89,11 +104,9 @@ class EngineSamplers:
         if row.model_path:
             eid = self._take_parked(row.model_path)
             if eid is None:
-                eid = await asyncio.to_thread(self.engine.create_sampler, model_path=row.model_path,
-                                              tenant=row.session_id)
+                eid = await self._build(model_path=row.model_path, tenant=row.session_id)
         elif row.base_model and not row.model_id:
-            eid = await asyncio.to_thread(self.engine.create_sampler, base_model=row.base_model,
-                                          tenant=row.session_id)
+            eid = await self._build(base_model=row.base_model, tenant=row.session_id)
         else:
             raise NotFound(
                 f"sampling_session_id: {row.sampling_session_id!r} sampled the in-memory weights of model "

@@ -138,13 +138,8 @@ def server(model_dir, tmp_path_factory) -> Iterator[LiveServer]:
 
 
 @pytest.fixture(scope="module")
-def service(server) -> Iterator[tinker.ServiceClient]:
-    client = server.client()
-    yield client
-    try:
-        client.holder.close()
-    except Exception:
-        pass
+def service(server) -> tinker.ServiceClient:
+    return server.client()  # closed (session finished, heartbeats stopped) with the server's other clients
 
 
 @pytest.fixture(scope="module")

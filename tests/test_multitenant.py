@@ -437,3 +437,178 @@ def test_several_base_models_each_with_its_own_log(tmp_path):
         stats = svc.engine.stats()["models"]
         assert stats["q"]["micro_batches"] == stats["l"]["micro_batches"] == 1
         assert svc.engine.get_info(l_.model_id).model_data.arch == "LlamaForCausalLM"
+
+
+def test_adapter_pool_slots_grow_free_and_fill_up():
+    """Slots keep their contents when the pool grows; a freed slot comes back zeroed with the new run's fresh
+    adapter; a full pool refuses (retryably) instead of growing past max_slots."""
+    from tinker_jax.engine.pools import AdapterPool
+    from tinker_jax.hf.weights import load_decoder
+    from tinker_jax.models.lora import LoraSpec
+    from tinker_jax.models.sharding import MeshConfig, make_mesh
+
+    cfg = load_decoder(models_util.tiny_model_dir(PRESET)).cfg
+    pool = AdapterPool(cfg, 2, make_mesh(MeshConfig()), capacity=2, max_slots=5)
+    specs = [LoraSpec(2, seed=i, targets=("q", "v") if i % 2 else ("q", "k", "v", "o", "gate", "up", "down",
+                                                                   "unembed")) for i in range(4)]
+    slots = [pool.alloc(f"r{i}", s) for i, s in enumerate(specs[:1])]
+    marked = {n: {k: v + 1.0 for k, v in ab.items()} for n, ab in pool.read(slots[0], specs[0]).weights.items()}
+    pool.write(slots[0], specs[0], marked)
+    first = flat(pool.read(slots[0], specs[0]).weights)
+    slots += [pool.alloc(f"r{i}", s) for i, s in enumerate(specs[1:4], start=1)]  # grows 2 -> 3 -> 4 -> 5
+    assert pool.capacity == 5 and sorted(slots) == [1, 2, 3, 4]
+    for k, v in flat(pool.read(slots[0], specs[0]).weights).items():
+        np.testing.assert_array_equal(v, first[k])  # kept through two growths
+    with pytest.raises(Overloaded, match="LoRA slots"):
+        pool.alloc("r4", specs[0])
+    pool.free(slots[1])
+    again = pool.alloc("r5", specs[3])
+    assert again == slots[1]
+    fresh = flat(lora_targeted_init(cfg, specs[3]))
+    got = flat(pool.read(again, specs[3]).weights)
+    assert set(got) == set(fresh)
+    for k in got:
+        np.testing.assert_array_equal(got[k], fresh[k])
+    assert int(pool.count[again]) == 0 and not any(np.any(x) for x in jax.tree.leaves(pool.read_grads(again, specs[3])))
+
+
+def lora_targeted_init(cfg, spec):
+    from tinker_jax.models import lora as lora_math
+
+    return lora_math.targeted(lora_math.init_adapter(cfg, spec), spec)
+
+
+# ------------------------------------------------------------------------------------------- regressions (review)
+
+
+def test_path_order_survives_cancellation_and_ttl_spares_a_resave(model_dir, tmp_path):
+    """A cancelled request in the middle of a checkpoint path's order does not let a later one skip ahead; a TTL
+    delete decided on an expired record spares the checkpoint when it was saved again meanwhile."""
+    with service(model_dir, tmp_path) as svc:
+        eng = svc.engine
+        a = svc.create_lora_training_client("tiny", rank=4, seed=1)
+        b = svc.create_lora_training_client("tiny", rank=4, seed=2)
+        path = f"tinker://{a.model_id}/weights/x"
+        with worker(svc).hold():
+            save = a.save_state("x")
+            load = b.load_state(path)
+            delete = eng.delete_checkpoint(path)
+            assert load._fut.cancel()  # the load never starts
+        assert save.result().path == path
+        assert delete.result() is True  # it ran after the save (it found the record)...
+        assert eng.get_checkpoint(path) is None and not eng.checkpoint_dir(
+            __import__("tinker_jax.engine.registry", fromlist=["TinkerPath"]).TinkerPath.parse(path)).exists()
+
+        ttl_path = a.save_state("t", ttl_seconds=1).result().path
+        time.sleep(1.2)
+        with worker(svc).hold():
+            again = a.save_state("t")  # saved again, no TTL, before the expiry pass runs
+            assert eng.expire_checkpoints() == [ttl_path]
+        again.result()
+        for _ in range(100):  # the TTL delete runs after the save and finds the record no longer expired
+            if not eng.stats()["inflight"]:
+                break
+            time.sleep(0.05)
+        assert eng.get_checkpoint(ttl_path) is not None
+
+
+def test_failed_step_drops_only_its_runs_partial_gradients(model_dir, tmp_path, monkeypatch):
+    """A forward_backward that fails after an earlier micro-batch of it succeeded leaves no partial gradient
+    behind; a run outside the failed group keeps its accumulated gradient; a run whose earlier (successful)
+    forward_backward lost its gradient gets a clear error at its next optim_step, then trains normally."""
+    from tinker_jax.training import step
+
+    with service(model_dir, tmp_path, max_tokens_per_batch=16) as svc:  # 16 tokens: one datum per micro-batch
+        x = svc.create_lora_training_client("tiny", rank=4, seed=1)
+        y = svc.create_lora_training_client("tiny", rank=4, seed=2)
+        one = run_data(0, 0, "cross_entropy")[:1]
+        two = run_data(1, 0, "cross_entropy")[:2]
+        y.forward_backward(one, "cross_entropy").result()
+        x.forward_backward(one, "cross_entropy").result()  # x's accumulator holds a reported-successful gradient
+        y_before = flat(svc.engine.run_state(y.model_id)["grads"])
+        real, calls = step.device_batch, [0]
+
+        def flaky(*a, **k):
+            calls[0] += 1
+            if calls[0] == 2:
+                raise RuntimeError("injected transfer failure")
+            return real(*a, **k)
+
+        monkeypatch.setattr(step, "device_batch", flaky)
+        with pytest.raises(RuntimeError, match="injected"):
+            x.forward_backward(two, "cross_entropy").result()
+        monkeypatch.setattr(step, "device_batch", real)
+        st = svc.engine.run_state(x.model_id)
+        assert not any(np.any(g) for g in jax.tree.leaves(st["grads"])) and st["pending"] == 0
+        for k, v in flat(svc.engine.run_state(y.model_id)["grads"]).items():
+            np.testing.assert_array_equal(v, y_before[k])  # untouched
+        with pytest.raises(RuntimeError, match="gradient accumulated since the last optim_step was dropped"):
+            x.optim_step(ADAM).result()
+        x.forward_backward(one, "cross_entropy").result()
+        x.optim_step(ADAM).result()  # and then it trains normally
+        y.optim_step(ADAM).result()
+
+
+def test_load_keeps_the_checkpoint_alpha_in_later_saves(model_dir, tmp_path):
+    """A run created from a checkpoint trained with alpha 32 keeps alpha 32 (its scale) even where the server's
+    default alpha is 16, and so do the checkpoints it saves afterwards."""
+    from tinker_jax.engine import checkpoints
+    from tinker_jax.engine.registry import TinkerPath
+
+    with service(model_dir, tmp_path / "a") as svc:
+        path = svc.create_lora_training_client("tiny", rank=4, seed=1).save_state("s").result().path
+    cfg = EngineConfig.from_dict({"data_dir": str(tmp_path / "a"), "models": {"tiny": str(model_dir)},
+                                  "compile_cache": False, "lora": {"alpha": 16}})
+    with tinker_jax.ServiceClient(config=cfg) as svc:
+        tc = svc.create_training_client_from_state(path)
+        assert svc.engine.run_state(tc.model_id)["spec"].alpha == 32
+        again = tc.save_state("s2").result().path
+        meta = checkpoints.read_meta(svc.engine.checkpoint_dir(TinkerPath.parse(again)))
+        assert meta["lora_alpha"] == 32
+
+
+def test_non_finite_target_tokens_and_adapters_are_refused(model_dir, tmp_path):
+    """Fractional or NaN target ids are the client's mistake (a UserError naming the field), and an adapter with
+    NaN weights is refused by the sampler rather than reaching other rows of a shared decode call."""
+    from tinker_jax.models.lora import Adapter
+    from tinker_jax.sampling.snapshot import WeightSnapshot
+
+    bad = tt.Datum(model_input=tt.ModelInput.from_ints([1, 2, 3]),
+                   loss_fn_inputs={"target_tokens": tt.TensorData.from_numpy(np.array([2.7, np.nan, 4.0],
+                                                                                       np.float32))})
+    with service(model_dir, tmp_path) as svc:
+        tc = svc.create_lora_training_client("tiny", rank=4, seed=1)
+        with pytest.raises(UserError, match=r"datum\[0\]\.loss_fn_inputs\['target_tokens'\]: must be whole"):
+            tc.forward_backward([bad], "cross_entropy").result()
+        good = tc.save_weights_and_get_sampling_client()
+        snap = svc.engine._snapshot(good.sampler_id)
+        poisoned = jax.tree.map(lambda x: x * np.nan, snap.adapter.weights)
+        sid = svc.engine._register_snapshot(WeightSnapshot(snap.cfg, snap.graphdef, snap.params,
+                                                           Adapter(snap.adapter.spec, poisoned), "nan", "tiny"))
+        prompt = tt.ModelInput.from_ints([5, 6, 7])
+        params = tt.SamplingParams(max_tokens=4, seed=1)
+        with worker(svc).hold():
+            nan_fut = svc.engine.sample(sid, prompt, 1, params)
+            ok_fut = good.sample(prompt, 1, params)
+        with pytest.raises(UserError, match="NaN or inf"):
+            nan_fut.result(timeout=60)
+        assert np.all(np.isfinite(ok_fut.result(timeout=60).sequences[0].logprobs))
+
+
+def test_a_failed_model_load_is_reported_without_paths_and_retried(model_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in model_dir.iterdir():
+        if not f.name.endswith(".safetensors"):
+            shutil.copy(f, broken / f.name)  # config and tokenizer, but no weights
+    with tinker_jax.ServiceClient(config=EngineConfig(data_dir=tmp_path / "d", models={"m": str(broken)},
+                                                      compile_cache=False)) as svc:
+        with pytest.raises(RuntimeError, match="could not be loaded") as err:
+            svc.create_lora_training_client("m", rank=4)
+        assert str(tmp_path) not in str(err.value)  # the server log has the details, the client no paths
+        for f in model_dir.glob("*.safetensors"):
+            shutil.copy(f, broken / f.name)
+        tc = svc.create_lora_training_client("m", rank=4)  # the next request loads it again
+        assert np.isfinite(tc.forward(run_data(0, 0, "cross_entropy"), "cross_entropy").result().metrics["loss:sum"])

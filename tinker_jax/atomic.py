@@ -21,6 +21,16 @@ def _aside(out: Path, suffix: str) -> Path:
     return out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.{suffix}")
 
 
+def resolve(out: str | Path) -> Path:
+    """Where `out`'s contents are now, without changing anything: `out`, or (an interrupted replacement) the
+    newest moved-aside copy. For readers that may run beside a writer; only the writer's side calls `recover`."""
+    out = Path(out)
+    if out.exists():
+        return out
+    olds = sorted(out.parent.glob(f".{out.name}.*.old"), key=lambda p: p.stat().st_mtime) if out.parent.is_dir() else []
+    return olds[-1] if olds else out
+
+
 def recover(out: str | Path) -> Path:
     """Undo a replacement interrupted between its two renames (old moved aside, new not yet in place)."""
     out = Path(out)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import concurrent.futures as cf
 import time
+import weakref
 from pathlib import Path
 from typing import Any, Callable, Generic, Sequence, TypeVar
 
@@ -205,7 +206,7 @@ class TrainingClient:
     def save_weights_for_sampler(self, name: str, ttl_seconds: int | None = None,
                                  user_metadata=None) -> APIFuture[tt.SaveWeightsForSamplerResponse]:
         return APIFuture(_retrying(lambda: self.engine.save_weights_for_sampler(self.model_id, name, ttl_seconds,
-                                                                                 user_metadata)),
+                                                                                 user_metadata, sampler=False)),
                          lambda r: tt.SaveWeightsForSamplerResponse(path=r[0]))
 
     def save_weights_and_get_sampling_client(self, name: str | None = None, retry_config=None,
@@ -243,6 +244,9 @@ class SamplingClient:
     def __init__(self, service: ServiceClient, sampler_id: str):
         self.service, self.sampler_id = service, sampler_id
         self.engine = service.engine
+        # The engine keeps the sampler's weights (an adapter copy, or a whole model's for full fine-tuning) until
+        # released: an RL loop makes a sampler per step and simply drops the old one.
+        weakref.finalize(self, service.engine.release_sampler, sampler_id)
 
     def result(self, timeout=None) -> "SamplingClient":
         return self

@@ -6,15 +6,28 @@ import concurrent.futures
 from typing import Any, Callable
 
 
+class _Derived(concurrent.futures.Future):
+    """A future computed from another: it can be cancelled only while that one can (it has not started)."""
+
+    def __init__(self, source: concurrent.futures.Future):
+        super().__init__()
+        self._source = source
+
+    def cancel(self) -> bool:
+        if not self._source.cancel():  # already running or done: the work happens, say so
+            return False
+        return super().cancel() or self.cancelled()
+
+
 def then(future: concurrent.futures.Future, fn: Callable[[Any], Any]) -> concurrent.futures.Future:
     """A future of `fn(future.result())`; exceptions (fn's own included) pass through. `fn` runs on the thread that
     completes `future` (an engine worker's), so it must be quick and thread-safe. Cancelling the returned future
-    cancels `future` too (a client's cancel reaches the engine's queue through it)."""
-    out: concurrent.futures.Future = concurrent.futures.Future()
+    cancels `future` (a client's cancel reaches the engine's queue through it), and succeeds only if that does."""
+    out: concurrent.futures.Future = _Derived(future)
 
     def done(f: concurrent.futures.Future) -> None:
         if f.cancelled():
-            out.cancel()
+            concurrent.futures.Future.cancel(out)
             out.set_running_or_notify_cancel()
             return
         if not out.set_running_or_notify_cancel():
@@ -28,11 +41,6 @@ def then(future: concurrent.futures.Future, fn: Callable[[Any], Any]) -> concurr
         except BaseException as e:  # noqa: BLE001 - delivered through the future
             out.set_exception(e)
 
-    def propagate_cancel(o: concurrent.futures.Future) -> None:
-        if o.cancelled():
-            future.cancel()
-
-    out.add_done_callback(propagate_cancel)
     future.add_done_callback(done)
     return out
 

@@ -86,8 +86,8 @@ class EngineAPI(Protocol):
                    ) -> Future: ...  # -> tt.LoadWeightsResponse
 
     def save_weights_for_sampler(self, model_id: str, name: str | None, ttl_seconds: int | None = None,
-                                 user_metadata=None, *, tenant: str | None = None
-                                 ) -> Future: ...  # -> (tinker path or None, sampler id)
+                                 user_metadata=None, *, tenant: str | None = None, sampler: bool = True
+                                 ) -> Future: ...  # -> (tinker path or None, sampler id or None)
 
     # --- sampling ------------------------------------------------------------------------------------------------
     def create_sampler(self, model_path: str | None = None, base_model: str | None = None, *,

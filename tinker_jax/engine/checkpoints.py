@@ -23,6 +23,7 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from tinker_jax import atomic
 from tinker_jax.atomic import atomic_dir, recover
 from tinker_jax.errors import UserError
 
@@ -59,10 +60,13 @@ def size_bytes(path: str | Path) -> int:
 
 
 def read_meta(path: str | Path) -> dict:
-    path = recover(path)
+    """The checkpoint's metadata. Reads only: it may run on any thread (a moved-aside copy of a checkpoint that an
+    interrupted overwrite left is read in place; `recover` puts it back on the path's turn)."""
+    name = Path(path).name
+    path = atomic.resolve(path)
     f = path / "meta" / "metadata"
     if not path.is_dir():
-        raise CheckpointError(f"checkpoint {path.name} does not exist")
+        raise CheckpointError(f"checkpoint {name} does not exist")
     try:
         return json.loads(f.read_text())
     except (OSError, json.JSONDecodeError):
@@ -70,7 +74,7 @@ def read_meta(path: str | Path) -> dict:
         try:
             return _checkpointer().restore(path, ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
         except Exception as e:
-            raise CheckpointError(f"checkpoint {path.name} is unreadable ({type(e).__name__})") from None
+            raise CheckpointError(f"checkpoint {name} is unreadable ({type(e).__name__})") from None
 
 
 def restore(path: str | Path, like_weights: Any, like_opt: Any | None = None) -> tuple[Any, Any | None, dict]:
@@ -93,12 +97,16 @@ def restore(path: str | Path, like_weights: Any, like_opt: Any | None = None) ->
     return got["weights"], (got["opt"] if like_opt is not None else None), meta
 
 
+# What Orbax raises when a checkpoint's tree does not fit the target (the client's mistake); anything else (I/O,
+# device memory) is the server's and propagates as it is.
+_MISMATCH = (ValueError, KeyError, TypeError)
+
+
 def _restore(path: Path, target: Any) -> Any:
     try:
         return _checkpointer().restore(path, ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-    except Exception as e:
-        raise CheckpointError(f"checkpoint {path.name} does not match this model ({type(e).__name__}: "
-                              f"{str(e).splitlines()[0][:300] if str(e) else ''})") from None
+    except _MISMATCH as e:
+        raise CheckpointError(f"checkpoint {path.name} does not match this model ({type(e).__name__})") from None
 
 
 # ------------------------------------------------------------------------------------------- format 1
@@ -143,7 +151,7 @@ def _restore_v1(path: Path, meta: dict, like_weights: Any, like_opt: Any | None)
                                for x in jax.tree.leaves(opt_tmpl)]
     try:
         got = _checkpointer().restore(path, ocp.args.Composite(state=ocp.args.StandardRestore(target)))["state"]
-    except Exception as e:
+    except _MISMATCH as e:
         raise CheckpointError(f"checkpoint {path.name} (format 1) does not match this model ({type(e).__name__})"
                               ) from None
     weights = _v1_lora_back(got["trainable"]) if lora else got["trainable"]

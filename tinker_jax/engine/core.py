@@ -20,6 +20,7 @@ import shutil
 import threading
 import time
 import uuid
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -83,11 +84,15 @@ class Engine(EngineAPI):
         self._workers: dict[str, BaseWorker] = {}
         self._handles: dict[str, _Handle] = {}
         self._snapshots: dict[str, WeightSnapshot] = {}
-        self._path_tail: dict[str, Future] = {}  # checkpoint path -> the last request that touches it
+        self._path_pending: dict[str, list[Future]] = {}  # checkpoint path -> unfinished requests on it, in order
+        self._order_lock = threading.Lock()  # path order + queueing, atomically (taken before _lock, never inside)
         self._inflight: collections.Counter = collections.Counter()  # tenant -> requests not finished
         self._refused = 0  # submits refused with Overloaded so far
         self._ids = itertools.count(1)
         self._sweep_checkpoints()
+        # An engine nobody shut down still stops its workers (and finishes their checkpoint writes) at exit, before
+        # the interpreter tears down the threads that drive the device.
+        weakref.finalize(self, _stop_workers, self._workers)
 
     # ------------------------------------------------------------------------------------------ plumbing
     def _sweep_checkpoints(self) -> None:
@@ -102,6 +107,12 @@ class Engine(EngineAPI):
     def _worker(self, base_model: str) -> BaseWorker:
         with self._lock:
             w = self._workers.get(base_model)
+        if w is not None and w.load_error is not None:  # a failed load is tried again by the next request
+            with self._lock:
+                if self._workers.get(base_model) is w:
+                    del self._workers[base_model]
+            w.stop(timeout=0)
+            w = None
         if w is not None:
             return w
         path = self.config.models.get(base_model) if isinstance(base_model, str) else None
@@ -150,20 +161,29 @@ class Engine(EngineAPI):
         tenant = tenant or LOCAL
         self._admit(tenant)
         fut = self._bounded(tenant, Future())
-        with self._lock:  # checkpoint paths: this request runs after the last one submitted on each path
-            after = tuple(f for f in (self._path_tail.get(str(p)) for p in paths) if f is not None and not f.done())
-            for p in paths:
-                self._path_tail[str(p)] = fut
-        if paths:
-            fut.add_done_callback(lambda f: self._path_done([str(p) for p in paths], f))
-        worker.submit(Request(kind, body, fut, run=run, tenant=tenant, tokens=tokens, after=after))
+        keys = [str(p) for p in paths]
+        # Checkpoint paths: this request runs after every unfinished request submitted before it on each path (all
+        # of them, not only the last: a cancelled request in the middle must not let a later one skip ahead). The
+        # order is taken and the request queued under one lock, so the run's queue and the path order agree even
+        # when several threads submit to one run.
+        with self._order_lock:
+            with self._lock:
+                after = tuple(f for k in keys for f in self._path_pending.get(k, ()) if not f.done())
+                for k in keys:
+                    self._path_pending.setdefault(k, []).append(fut)
+            worker.submit(Request(kind, body, fut, run=run, tenant=tenant, tokens=tokens, after=after))
+        if keys:
+            fut.add_done_callback(lambda f: self._path_done(keys, f))
         return fut
 
-    def _path_done(self, paths: list[str], fut: Future) -> None:
+    def _path_done(self, keys: list[str], fut: Future) -> None:
         with self._lock:
-            for p in paths:
-                if self._path_tail.get(p) is fut:
-                    del self._path_tail[p]
+            for k in keys:
+                pending = [f for f in self._path_pending.get(k, ()) if f is not fut and not f.done()]
+                if pending:
+                    self._path_pending[k] = pending
+                else:
+                    self._path_pending.pop(k, None)
 
     def checkpoint_dir(self, p: TinkerPath) -> Path:
         return self.registry.checkpoint_dir(p)
@@ -192,9 +212,8 @@ class Engine(EngineAPI):
 
     def shutdown(self) -> None:
         with self._lock:
-            workers = list(self._workers.values())
-        for w in workers:
-            w.stop()
+            workers = dict(self._workers)
+        _stop_workers(workers)
 
     # ------------------------------------------------------------------------------------------ discovery
     def capabilities(self) -> list[str]:
@@ -209,6 +228,11 @@ class Engine(EngineAPI):
         with self._lock:
             if model_id in self._handles:
                 raise UserError(f"model_id: {model_id!r} already exists")
+            if spec is not None and sum(1 for h in self._handles.values() if h.worker is worker and h.spec is not None
+                                        and h.spec.rank == spec.rank) >= self.config.lora.max_slots:
+                # Refused before it is queued, so the SDK retries it (429) while other runs finish.
+                raise Overloaded(f"all {self.config.lora.max_slots} LoRA slots of rank {spec.rank} on {worker.name} "
+                                 "are in use; retry when a model is unloaded", retry_after_s=30.0)
             self._handles[model_id] = _Handle(model_id, worker, spec, full)
         return model_id
 
@@ -342,14 +366,15 @@ class Engine(EngineAPI):
         return self._submit(h.worker, "load", rq.Load(p, bool(optimizer)), run=model_id, tenant=tenant, paths=[p])
 
     def save_weights_for_sampler(self, model_id: str, name: str | None, ttl_seconds: int | None = None,
-                                 user_metadata=None, *, tenant: str | None = None) -> Future:
-        """A snapshot of the weights (in memory); with a name also a sampler checkpoint. -> (path or None, id)."""
+                                 user_metadata=None, *, tenant: str | None = None, sampler: bool = True) -> Future:
+        """With a name, a sampler checkpoint; with `sampler` (or without a name) also a sampler of the weights in
+        memory. -> (path or None, sampler id or None)."""
         try:
             h = self._handle(model_id)
             p = TinkerPath(model_id, "sampler_weights", check_name(name, "name")) if name else None
         except UserError as e:
             return failed(e)
-        body = rq.Save(p, False, ttl_seconds, user_metadata, snapshot=True)
+        body = rq.Save(p, False, ttl_seconds, user_metadata, snapshot=sampler or p is None)
         fut = self._submit(h.worker, "save", body, run=model_id, tenant=tenant, paths=[p] if p else [])
         return then(fut, lambda r: (r[0], self._register_snapshot(r[1])))
 
@@ -382,7 +407,7 @@ class Engine(EngineAPI):
         self.registry.set_checkpoint(TinkerPath.parse(path),
                                      expires=None if ttl_seconds is None else time.time() + ttl_seconds)
 
-    def delete_checkpoint(self, path: str, *, tenant: str | None = None) -> Future:
+    def delete_checkpoint(self, path: str, *, tenant: str | None = None, only_if_expired: bool = False) -> Future:
         """Remove a checkpoint's record and files, after every request submitted before on that path."""
         try:
             p = TinkerPath.parse(path)
@@ -391,11 +416,16 @@ class Engine(EngineAPI):
         except UserError as e:
             return failed(e)
         if worker is None:  # a checkpoint of no known run: no device state, nothing to order against
-            return resolved(self.delete_checkpoint_now(p))
-        return self._submit(worker, "delete", rq.DeleteCheckpoint(p), tenant=tenant, paths=[p])
+            return resolved(self.delete_checkpoint_now(p, only_if_expired))
+        return self._submit(worker, "delete", rq.DeleteCheckpoint(p, only_if_expired), tenant=tenant, paths=[p])
 
-    def delete_checkpoint_now(self, p: TinkerPath) -> bool:
-        """(On the path's turn) the record, then the files. Returns whether the record existed."""
+    def delete_checkpoint_now(self, p: TinkerPath, only_if_expired: bool = False) -> bool:
+        """(On the path's turn) the record, then the files. Returns whether the record existed. only_if_expired:
+        nothing happens unless the record is (still) past its TTL, e.g. not saved again since it expired."""
+        if only_if_expired:
+            info = self.registry.get_checkpoint(p)
+            if info is None or info.expires is None or info.expires > time.time():
+                return False
         existed = self.registry.delete_checkpoint(p)
         d = self.checkpoint_dir(p)
         shutil.rmtree(d, ignore_errors=True)
@@ -407,7 +437,7 @@ class Engine(EngineAPI):
         out = []
         for p in self.registry.expired():
             try:
-                self.delete_checkpoint(str(p), tenant="ttl")
+                self.delete_checkpoint(str(p), tenant="ttl", only_if_expired=True)
             except Overloaded:  # the queues are full: the next pass tries again
                 continue
             log.info("checkpoint %s expired (TTL); deleting it", p)
@@ -478,13 +508,19 @@ class Engine(EngineAPI):
             s = dict(w.stats)
             s["loaded"] = w.loaded.is_set() and w.load_error is None
             s["attention"] = w.attention  # the training attention kernel in use (after the cuDNN probe)
-            s["queued"] = len(w.scheduler)
+            with w._cv:  # the worker changes its queues under this lock
+                s["queued"] = len(w.scheduler)
             s["scheduler_rounds"] = w.scheduler.rounds
-            s["lora_slots_in_use"] = {r: p.in_use() for r, p in w.pools.items()}
+            s["lora_slots_in_use"] = {r: p.in_use() for r, p in list(w.pools.items())}
             if w.sampler is not None and hasattr(w.sampler, "stats_now"):
                 s["sampler"] = w.sampler.stats_now()
             out["models"][name] = s
         return out
+
+
+def _stop_workers(workers: dict) -> None:
+    for w in list(workers.values()):
+        w.stop(timeout=10.0)
 
 
 def enable_compile_cache(path: Path) -> None:

@@ -64,6 +64,7 @@ class Unload:
 @dataclass(frozen=True)
 class DeleteCheckpoint:
     path: TinkerPath
+    only_if_expired: bool = False  # a TTL delete: skipped if the checkpoint was saved again since it expired
 
 
 @dataclass(frozen=True)

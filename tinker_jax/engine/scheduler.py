@@ -125,6 +125,10 @@ class Scheduler:
     def next_round(self) -> Round:
         """The next round of work (empty when nothing is ready). Cancelled requests are dropped on the way."""
         self.rounds += 1
+        if self.rounds % 64 == 0:  # forget runs that went quiet (stragglers() does this too, when it is used)
+            now = time.monotonic()
+            for run in [r for r, t in self._arrived.items() if now - t > 60.0]:
+                del self._arrived[run]
         rnd = Round(self.rounds)
         budget = self.round_tokens
         served_tenants: list[str] = []

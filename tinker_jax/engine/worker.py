@@ -47,6 +47,7 @@ log = logging.getLogger("tinker_jax.engine")
 _ACTIVE_S = 1.0  # a run that submitted within this long is "active" for the batching window
 _GAP_S = 0.0005  # the batching window ends when no request arrived for this long
 _PROBE_ROUNDS = 16  # while waiting has not been paying off, try it again every this many rounds
+_MAX_WRITES = 4  # checkpoint writes waiting for the disk (each holds a host copy of a run's state)
 
 
 class Host(Protocol):
@@ -64,7 +65,7 @@ class Host(Protocol):
 
     def run_unloaded(self, run_id: str) -> None: ...
 
-    def delete_checkpoint_now(self, p: TinkerPath) -> bool: ...
+    def delete_checkpoint_now(self, p: TinkerPath, only_if_expired: bool = False) -> bool: ...
 
 
 class BaseWorker:
@@ -83,9 +84,12 @@ class BaseWorker:
         self.attention = "einsum"
         self.pools: dict[int, AdapterPool] = {}
         self.runs: dict[str, Run] = {}
+        self.lost: dict[str, str] = {}  # run id -> why its state is gone (a failed call consumed its pool)
         self.sampler = None
         self.stats = collections.Counter()
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tinker-jax-io-{name}")  # writes, in order
+        self._writes = threading.BoundedSemaphore(_MAX_WRITES)
+        self._sampler_lock = threading.Lock()  # a lazily built (vLLM) sampler is built once
         self._busy = {"train": 0.0, "sample": 0.0}  # seconds used since both last had work (fair split)
         self._window_score, self._since_probe = 1.0, 0  # batching window: has waiting been paying off
 
@@ -93,14 +97,16 @@ class BaseWorker:
 
     def submit(self, req: Request) -> None:
         with self._cv:
-            if self._stopping:
-                req.future.set_exception(RuntimeError("engine: shut down"))
-                return
-            self.scheduler.push(req)
-            self._cv.notify_all()
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._loop, name=f"tinker-jax-{self.name}", daemon=True)
-                self._thread.start()
+            stopped = self._stopping
+            if not stopped:
+                self.scheduler.push(req)
+                self._cv.notify_all()
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._loop, name=f"tinker-jax-{self.name}", daemon=True)
+                    self._thread.start()
+        if stopped:  # outside _cv: the future's callbacks take other locks
+            req.future.set_exception(RuntimeError("engine: shut down"))
+            return
         for f in req.after:
             f.add_done_callback(lambda _: self.wake())
 
@@ -149,8 +155,10 @@ class BaseWorker:
         window = self.config.batch_window_ms / 1000.0
         while True:
             with self._cv:
+                # No timeout: every event that can make work ready notifies (submit, a dependency finishing, a
+                # sample submitted, a hold released, stop), and an idle thread stays asleep through interpreter exit.
                 while not self._stopping and (self._holds or not (self.scheduler.ready() or self._sampler_work())):
-                    self._cv.wait(timeout=1.0)
+                    self._cv.wait()
                 if self._stopping:
                     break
                 if window > 0 and self.scheduler.stragglers(_ACTIVE_S):
@@ -162,18 +170,24 @@ class BaseWorker:
                     self._busy = {"train": 0.0, "sample": 0.0}  # no banking of idle time
                 rnd = self.scheduler.next_round() if train and (
                     not sample or self._busy["train"] <= self._busy["sample"]) else None
-            if rnd is not None:
-                t0 = time.perf_counter()
-                self._execute(rnd)
-                dt = time.perf_counter() - t0
-                self._busy["train"] += dt
-                self.stats["train_seconds"] += dt
-            elif sample:
-                t0 = time.perf_counter()
-                self.sampler.step()
-                dt = time.perf_counter() - t0
-                self._busy["sample"] += dt
-                self.stats["sample_seconds"] += dt
+            try:
+                if rnd is not None:
+                    t0 = time.perf_counter()
+                    self._execute(rnd)
+                    dt = time.perf_counter() - t0
+                    self._busy["train"] += dt
+                    self.stats["train_seconds"] += dt
+                elif sample:
+                    t0 = time.perf_counter()
+                    self.sampler.step()
+                    dt = time.perf_counter() - t0
+                    self._busy["sample"] += dt
+                    self.stats["sample_seconds"] += dt
+            except BaseException as e:  # noqa: BLE001 - a bug escaped a round: fail what it held, keep serving
+                log.exception("engine worker %s: a round failed", self.name)
+                for req in (rnd.ops + rnd.batch) if rnd is not None else ():
+                    if not req.future.done():
+                        req.future.set_exception(e)
         with self._cv:
             left = list(self.scheduler.all_requests())
         for req in left:
@@ -220,11 +234,15 @@ class BaseWorker:
         """The sampler of this model (built at load; for vLLM, on first use)."""
         if self.load_error is not None or self.base is None:
             raise RuntimeError(f"base model {self.name} is not loaded"
-                               + (f" ({type(self.load_error).__name__}: {self.load_error})" if self.load_error else ""))
+                               + (f" ({type(self.load_error).__name__}; the server log has the details)"
+                                  if self.load_error else ""))
         if self.sampler is None and self.config.sampler.backend != "jax":
-            from tinker_jax.sampling import make_sampler
+            with self._sampler_lock:
+                if self.sampler is None:
+                    from tinker_jax.sampling import make_sampler
 
-            self.sampler = make_sampler(self._sampler_base(merge(self.graphdef, self.base)), self.config.sampler)
+                    self.sampler = make_sampler(self._sampler_base(merge(self.graphdef, self.base)),
+                                                self.config.sampler)
         return self.sampler
 
     # --- a round -------------------------------------------------------------------------------------------------
@@ -237,8 +255,8 @@ class BaseWorker:
             for req in rnd.ops + rnd.batch:
                 if req.future.set_running_or_notify_cancel():
                     req.future.set_exception(RuntimeError(
-                        f"base model {self.name} could not be loaded ({type(self.load_error).__name__}: "
-                        f"{self.load_error})"))
+                        f"base model {self.name} could not be loaded ({type(self.load_error).__name__}; the server "
+                        "log has the details)"))
             return
         optim = [r for r in rnd.ops if r.kind == "optim_step"]
         for req in rnd.ops:
@@ -257,10 +275,15 @@ class BaseWorker:
         try:
             result = getattr(self, f"_op_{req.kind}")(req)
         except BaseException as e:  # noqa: BLE001 - delivered through the future
+            for rank in list(self.pools):  # a slot write (create, load, unload) that consumed a pool's buffers
+                self._lose_pool_if_consumed(rank, e)
             self._fail(req, e)
             return
         if isinstance(result, _OffLoop):
-            self._io.submit(self._finish_off_loop, req, result.fn)
+            try:
+                self._io.submit(self._finish_off_loop, req, result.fn)
+            except RuntimeError:  # the I/O thread is shut down (engine stopping): write here, nothing is lost
+                self._finish_off_loop(req, result.fn)
         else:
             req.future.set_result(result)
 
@@ -281,6 +304,8 @@ class BaseWorker:
     def _run(self, req: Request) -> Run:
         run = self.runs.get(req.run)
         if run is None:
+            if req.run in self.lost:
+                raise RuntimeError(self.lost[req.run])
             raise NotFound(f"model_id: unknown model {req.run!r}")
         return run
 
@@ -338,8 +363,11 @@ class BaseWorker:
     def _drop_run(self, run: Run) -> None:
         self.runs.pop(run.run_id, None)
         if run.slot is not None:
-            self.pools[run.spec.rank].free(run.slot)
+            pool = self.pools[run.spec.rank]
+            pool.free(run.slot)
             run.slot = None
+            if not pool.in_use():  # its device memory (4 copies of every slot) goes back
+                del self.pools[run.spec.rank]
         run.full = None
 
     def _op_unload(self, req: Request) -> None:
@@ -356,9 +384,10 @@ class BaseWorker:
         for req in reqs:
             if not req.future.set_running_or_notify_cancel():
                 continue
-            run = self.runs.get(req.run)
-            if run is None:
-                self._fail(req, NotFound(f"model_id: unknown model {req.run!r}"))
+            try:
+                run = self._run(req)
+            except (UserError, RuntimeError) as e:
+                self._fail(req, e)
                 continue
             live.append((req, run))
         groups: list[list[tuple[Request, Run]]] = []
@@ -375,9 +404,10 @@ class BaseWorker:
                 self._train_group(group, forward_only)
             except BaseException as e:  # noqa: BLE001 - a device failure fails this group's requests only
                 log.error("training step on %s failed", self.name, exc_info=e)
+                if not forward_only:  # first, so a client seeing the failure sees the state it leaves
+                    self._drop_partial_grads([run for _, run in group], e)
                 for req, _ in group:
                     self._fail(req, e)
-                self._repair_grads()
 
     def _row_multiple(self) -> int:
         return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
@@ -436,20 +466,51 @@ class BaseWorker:
                 loss_fn_outputs=[{"logprobs": tt.TensorData.from_numpy(lps[p][d])} for d in range(n)],
                 metrics=sums[p])
             req.future.set_result(out)
-        self._io.submit(self.engine.registry.touch_runs, [req.run for req, _ in group])  # bookkeeping, off the loop
+        try:
+            self._io.submit(self.engine.registry.touch_runs, [req.run for req, _ in group])  # bookkeeping, off the loop
+        except RuntimeError:  # shutting down
+            pass
         self.stats["requests_batched"] += len(group)
         self.stats["batches"] += 1
         self.stats["max_requests_per_batch"] = max(self.stats["max_requests_per_batch"], len(group))
 
-    def _repair_grads(self) -> None:
-        """After a failed step whose donated gradient buffers were consumed: zero accumulators (those runs lose the
-        gradient of calls since their last optimizer step, which their futures already reported as failed)."""
-        for pool in self.pools.values():
+    def _drop_partial_grads(self, runs: list[Run], error: BaseException) -> None:
+        """A failed forward_backward group may have added part of its batch (earlier micro-batches) to its runs'
+        accumulators, and a failed call may have consumed a pool's donated accumulator. Those runs' accumulated
+        gradients are cleared and their next optim_step fails saying why, rather than stepping on a partial (or
+        doubled, after a retry) gradient. Runs outside the group keep theirs unless their pool's buffers are gone."""
+        why = (f"the gradient accumulated since the last optim_step was dropped: a training step on the server "
+               f"failed ({type(error).__name__}); run forward_backward again before optim_step")
+        hit = {run.run_id: run for run in runs}
+        for rank, pool in self.pools.items():
             if any(x.is_deleted() for x in jax.tree.leaves(pool.grads)):
-                pool.grads = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), pool.grads)
-        for run in self.runs.values():
-            if run.full is not None and any(x.is_deleted() for x in jax.tree.leaves(run.full.grads)):
+                pool.grads = jax.tree.map(lambda x: jax.device_put(jnp.zeros(x.shape, x.dtype), x.sharding),
+                                          pool.weights)
+                hit.update((r.run_id, r) for r in self.runs.values() if r.is_lora and r.spec.rank == rank)
+        for run in hit.values():
+            if run.is_lora:
+                if not self.pools[run.spec.rank].deleted():
+                    self.pools[run.spec.rank].zero_grads([run.slot])
+            elif run.full is not None:
                 run.full.grads = jax.tree.map(jnp.zeros_like, run.full.params)
+            if run.pending:  # forward_backward calls that reported success lost their gradient: say so
+                run.grads_lost = why
+            run.pending = 0
+
+    def _lose_pool_if_consumed(self, rank: int, error: BaseException) -> None:
+        """A failed call that consumed a pool's donated buffers (an optimizer step, a slot write) leaves nothing to
+        recover: its runs end (each later request says why), and the rank starts over with an empty pool."""
+        pool = self.pools.get(rank)
+        if pool is None or not pool.deleted():
+            return
+        why = (f"this model's training state was lost when a device call failed on the server "
+               f"({type(error).__name__}); create it again from its last checkpoint")
+        for run in [r for r in self.runs.values() if r.is_lora and r.spec.rank == rank]:
+            self.runs.pop(run.run_id, None)
+            self.lost[run.run_id] = why
+        del self.pools[rank]
+        log.error("engine worker %s: the rank-%d adapter pool was consumed by a failed call; its runs are lost",
+                  self.name, rank)
 
     def _optim(self, reqs: list[Request]) -> None:
         by_rank: dict[int, list[tuple[Request, Run]]] = {}
@@ -458,8 +519,12 @@ class BaseWorker:
                 continue
             try:
                 run = self._run(req)
-            except UserError as e:
+            except (UserError, RuntimeError) as e:
                 self._fail(req, e)
+                continue
+            if run.grads_lost is not None:
+                why, run.grads_lost = run.grads_lost, None
+                self._fail(req, RuntimeError(why))
                 continue
             if run.is_lora:
                 by_rank.setdefault(run.spec.rank, []).append((req, run))
@@ -470,6 +535,11 @@ class BaseWorker:
                         full.params, full.grads, full.mu, full.nu, full.count, req.body.hp.array())
                     self._optim_done(req, run, float(gnorm))
                 except BaseException as e:  # noqa: BLE001
+                    if any(x.is_deleted() for x in jax.tree.leaves((run.full.params, run.full.mu))):
+                        self.runs.pop(run.run_id, None)  # its donated weights are gone: nothing to recover
+                        self.lost[run.run_id] = (f"this model's training state was lost when an optimizer step "
+                                                 f"failed on the server ({type(e).__name__}); create it again "
+                                                 "from its last checkpoint")
                     self._fail(req, e)
         for rank, items in by_rank.items():
             pool = self.pools[rank]
@@ -484,6 +554,7 @@ class BaseWorker:
                     pool.weights, pool.grads, pool.mu, pool.nu, pool.count, slots, hps, valid)
                 gnorm = np.asarray(gnorm)
             except BaseException as e:  # noqa: BLE001
+                self._lose_pool_if_consumed(rank, e)
                 for req, _ in items:
                     self._fail(req, e)
                 continue
@@ -519,14 +590,22 @@ class BaseWorker:
             return None, snapshot
         # Host copies: the device memory is free again at once, and the write does not race later steps.
         # (Multi-host engines will hand Orbax the sharded device arrays instead, each process writing its shards.)
-        weights, opt = jax.device_get(self._state_of(run, body.with_optimizer))
+        self._writes.acquire()  # at most _MAX_WRITES host copies wait for the disk; beyond, the loop waits here
+        try:
+            weights, opt = jax.device_get(self._state_of(run, body.with_optimizer))
+        except BaseException:
+            self._writes.release()
+            raise
         meta = {**run.meta, "step": run.step, "kind": KINDS[body.path.kind]}
         step_now, path, registry, d = run.step, body.path, self.engine.registry, self.engine.checkpoint_dir(body.path)
 
         def write():
-            checkpoints.save(d, weights=weights, opt=opt, meta=meta)
-            registry.add_checkpoint(path, size_bytes=checkpoints.size_bytes(d), step=step_now,
-                                    ttl_seconds=body.ttl_seconds, user_metadata=body.user_metadata)
+            try:
+                checkpoints.save(d, weights=weights, opt=opt, meta=meta)
+                registry.add_checkpoint(path, size_bytes=checkpoints.size_bytes(d), step=step_now,
+                                        ttl_seconds=body.ttl_seconds, user_metadata=body.user_metadata)
+            finally:
+                self._writes.release()
             return str(path), snapshot
 
         return _OffLoop(write)
@@ -556,6 +635,8 @@ class BaseWorker:
             spec = LoraSpec(run.spec.rank, spec.alpha, run.spec.targets, run.spec.seed)
             pool.write(run.slot, spec, weights, opt)
             run.spec = spec
+            run.meta.update(spec.to_meta())  # later saves record the scale it now trains with
+            self.engine.run_created(run.run_id, spec)
         else:
             if not meta.get("full_finetune", False):
                 raise UserError(f"path: checkpoint {path} is a LoRA adapter; this model is a full fine-tuning run")
@@ -589,7 +670,7 @@ class BaseWorker:
         return WeightSnapshot(self.cfg, self.graphdef, self.base, Adapter(spec, weights), str(body.path), self.name)
 
     def _op_delete(self, req: Request) -> bool:
-        return self.engine.delete_checkpoint_now(req.body.path)
+        return self.engine.delete_checkpoint_now(req.body.path, req.body.only_if_expired)
 
     # --- introspection (tests, stats) ------------------------------------------------------------------------------
 

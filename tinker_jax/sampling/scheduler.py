@@ -51,6 +51,8 @@ from tinker_jax.sampling.stops import StopStrings, Tokenizer
 
 log = logging.getLogger(__name__)
 
+_MAX_IDLE_TABLES = 4  # adapter tables (one per rank) kept when nothing holds them
+
 
 @dataclass(eq=False)
 class _Request:
@@ -106,6 +108,11 @@ class _Table:
             free = [s for s in range(1, len(self.holder)) if self.users[s] == 0]
             if not free:
                 return None
+            # Dense decode multiplies every resident adapter by each row's one-hot selector: a NaN or inf there would
+            # reach every row of the call (NaN x 0 = NaN), other tenants' and bare base-model rows included.
+            if not all(bool(jnp.all(jnp.isfinite(x))) for x in jax.tree.leaves(adapter.weights)):
+                raise UserError("model weights: this adapter holds NaN or inf values (did training diverge?); it "
+                                "cannot be sampled")
             empty = [s for s in free if self.holder[s] is None]
             slot = empty[0] if empty else next(s for s in self.lru if s in free)
             full = lora_math.complete(adapter.weights, self.cfg, self.rank)
@@ -296,7 +303,7 @@ class Sampler(SamplerBase):
     def stats_now(self) -> dict:
         return {**self.stats, "queued": len(self._pending) + len(self._incoming),
                 "running_rows": sum(r is not None for r in self._rows),
-                "resident_adapters": sum(t.resident() for t in self._tables.values())}
+                "resident_adapters": sum(t.resident() for t in list(self._tables.values()))}
 
     # --------------------------------------------------------------------------------------- loop thread
 
@@ -360,11 +367,23 @@ class Sampler(SamplerBase):
                     self._release(req)
                     req.future.set_exception(e)
                 continue
-            self._place(batch, free)
+            try:
+                self._place(batch, free)
+            except Exception as e:  # the cache is in doubt: fail this batch too, then the step resets the cache
+                for req in batch:
+                    self._release(req)
+                    if not req.future.done():
+                        req.future.set_exception(e)
+                raise
             self._deferred.extend(req for req in batch if req.placed < req.spec.num_samples)
 
     def _table(self, rank: int) -> _Table:
         if rank not in self._tables:
+            # One table per rank in use; a new rank first frees the tables nothing currently holds, so clients
+            # cycling through many ranks do not keep a table (max_adapters adapters) of each resident forever.
+            if len(self._tables) >= _MAX_IDLE_TABLES:
+                for r in [r for r, t in self._tables.items() if not any(t.users)]:
+                    del self._tables[r]
             self._tables[rank] = _Table(self.cfg, rank, self.max_adapters, self.cache_dtype)
         return self._tables[rank]
 
@@ -372,7 +391,12 @@ class Sampler(SamplerBase):
         """Give the request its adapter's table slot (loading it if needed); False when the table is full."""
         if req.rank == 0 or req.table_slot:
             return True
-        slot = self._table(req.rank).acquire(req.snapshot.adapter)
+        try:
+            slot = self._table(req.rank).acquire(req.snapshot.adapter)
+        except UserError as e:  # this adapter cannot be served: only its request fails
+            if not req.future.done():
+                req.future.set_exception(e)
+            return False
         if slot is None:
             return False
         req.table_slot = slot
@@ -392,7 +416,7 @@ class Sampler(SamplerBase):
         resident), then others with the same weights group, length bucket and adapter rank."""
         live = collections.deque()
         for req in self._pending:
-            if not req.future.cancelled():
+            if not req.future.done():  # cancelled, or failed (e.g. its adapter was refused)
                 live.append(req)
         self._pending = live
         tenants = {r.tenant for r in live}

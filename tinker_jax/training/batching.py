@@ -109,6 +109,12 @@ def validate(datums: Sequence[tt.Datum], loss_fn: str, loss_fn_config=None, *, v
             if k == "target_tokens":
                 if a.ndim not in (1, 2) or (a.ndim == 2 and loss_fn != "cross_entropy"):
                     raise UserError(f"datum[{i}].loss_fn_inputs['target_tokens']: shape {a.shape} not supported")
+                if a.dtype.kind == "f" and not np.all(np.isfinite(a) & (a == np.floor(a))):
+                    raise UserError(f"datum[{i}].loss_fn_inputs['target_tokens']: must be whole token ids (got "
+                                    "NaN, inf or a fraction)")
+                if a.dtype.kind not in "iuf":
+                    raise UserError(f"datum[{i}].loss_fn_inputs['target_tokens']: must be token ids, got dtype "
+                                    f"{a.dtype}")
                 if np.any((a < 0) | (a >= vocab_size)):
                     raise UserError(f"datum[{i}].loss_fn_inputs['target_tokens']: ids outside [0, {vocab_size})")
                 a = a.astype(np.int32)
@@ -251,7 +257,7 @@ def plan(parts: Sequence[Part], max_tokens_per_batch: int, row_multiple: int = 1
 def _assemble(parts: Sequence[Part], rows: list[tuple[int, int]], T: int, K: int, row_multiple: int) -> MicroBatch:
     """Pad the given (part, datum) rows into one micro-batch: rows ordered by (rank, slot, submission)."""
     rows = sorted(rows, key=lambda r: (parts[r[0]].rank, parts[r[0]].slot, r))
-    losses = tuple(dict.fromkeys(parts[p].rows.loss_fn for p, _ in rows))
+    losses = tuple(sorted({parts[p].rows.loss_fn for p, _ in rows}))  # sorted: one program per set of losses
     input_keys = sorted({k for p, d in rows for k in parts[p].rows.inputs[d]})
     config_keys = sorted({k for p, _ in rows for k in parts[p].rows.config})
     segments, order = [], []
