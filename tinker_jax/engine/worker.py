@@ -379,17 +379,20 @@ class BaseWorker:
 
     # --- training --------------------------------------------------------------------------------------------------
 
-    def _train(self, reqs: list[Request], forward_only: bool) -> None:
-        live: list[tuple[Request, Run]] = []
+    def _started(self, reqs: list[Request]) -> list[tuple[Request, Run]]:
+        """The requests that start now (not cancelled) with their runs; an unknown or lost run fails its request."""
+        out = []
         for req in reqs:
             if not req.future.set_running_or_notify_cancel():
                 continue
             try:
-                run = self._run(req)
+                out.append((req, self._run(req)))
             except (UserError, RuntimeError) as e:
                 self._fail(req, e)
-                continue
-            live.append((req, run))
+        return out
+
+    def _train(self, reqs: list[Request], forward_only: bool) -> None:
+        live = self._started(reqs)
         groups: list[list[tuple[Request, Run]]] = []
         lora = [x for x in live if x[1].is_lora]
         if lora:
@@ -514,14 +517,7 @@ class BaseWorker:
 
     def _optim(self, reqs: list[Request]) -> None:
         by_rank: dict[int, list[tuple[Request, Run]]] = {}
-        for req in reqs:
-            if not req.future.set_running_or_notify_cancel():
-                continue
-            try:
-                run = self._run(req)
-            except (UserError, RuntimeError) as e:
-                self._fail(req, e)
-                continue
+        for req, run in self._started(reqs):
             if run.grads_lost is not None:
                 why, run.grads_lost = run.grads_lost, None
                 self._fail(req, RuntimeError(why))
