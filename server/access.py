@@ -1,15 +1,23 @@
-"""Who may touch what. Sessions belong to the API key that created them (its owner tag, `deps.key_tag`); models and
-sampling sessions belong to their session; a training run belongs to the key that created it (the engine stores
-that tag with the run: `RunInfo.owner`), and its checkpoints with it, readable by anyone once published. Something
-that exists but belongs to another key is reported exactly like something that does not exist (404 / "not
-found"), so ids cannot be probed.
+"""Who may touch what. Every object a request can name has an owner, the tag of an API key (`deps.key_tag`):
 
-Runs that were not created through this server (e.g. by the in-process `tinker_jax.ServiceClient` over the same
-data directory) have no owner and are visible to every key.
+- sessions: the key that created them; models and sampling sessions: their session's key (the store);
+- futures (request ids): the key that submitted the request (the store's `futures.owner`);
+- training runs: the key that created them, which the engine stores with the run (`RunInfo.owner`); a run's
+  checkpoints are its owner's, and readable (load, sample, list, weights_info) by every key once published.
+
+Something that exists but belongs to another key is reported exactly like something that does not exist (404 /
+"not found", "not cancelled"), so ids cannot be probed.
+
+Fail closed: a run whose owner is unknown (`RunInfo.owner is None`: made by the in-process
+`tinker_jax.ServiceClient` over the same data directory, or re-indexed from disk without owner information) is
+visible to no key when the server has API keys configured; only an administrator (`tinker-jax admin`) can reach it.
+Without API keys (a single-user local server, `ServerSettings.open_access`) such runs are everyone's, as the user
+made them. Published checkpoints stay readable either way.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from server.errors import ApiError
@@ -19,13 +27,21 @@ from tinker_jax.engine.registry import KIND_OF_TYPE, TinkerPath
 from tinker_jax.errors import NotFound, UserError
 
 
+@dataclass(frozen=True)
+class Caller:
+    """Who is asking: the owner tag of their key, and whether ownerless runs are visible (no keys configured)."""
+
+    owner: str
+    sees_unowned: bool = False
+
+
 def owned_session(store: Store, session_id: Any, owner: str, *, live: bool = False) -> SessionRow:
     """The caller's session, else 404. `live=True` also refuses a finished (closed or expired) session."""
     if not isinstance(session_id, str):
         raise UserError(f"session_id: must be a string, got {session_id!r}")
     row = store.get_session(session_id)
     if row is None or row.owner != owner:
-        raise ApiError(404, f"unknown session {session_id!r}")
+        raise ApiError(404, f"session_id: unknown session {session_id!r}")
     if live and row.finished is not None:
         raise ApiError(400, f"session {session_id!r} is finished ({row.finish_reason}); create a new ServiceClient")
     return row
@@ -52,26 +68,28 @@ def owned_sampler(store: Store, sampling_session_id: Any, owner: str) -> Samplin
     return row
 
 
-def sees(run: RunInfo | None, owner: str) -> bool:
-    """Whether `owner` may see `run` (and its unpublished checkpoints): theirs, or nobody's."""
-    return run is None or run.owner is None or run.owner == owner
+def sees(run: RunInfo | None, caller: Caller) -> bool:
+    """Whether `caller` may see `run` (and its unpublished checkpoints): theirs; one without owner only when the
+    server has no API keys. A checkpoint whose run is not on record counts as ownerless."""
+    owner = None if run is None else run.owner
+    return caller.sees_unowned if owner is None else owner == caller.owner
 
 
-def can_see_run(engine: EngineAPI, run_id: str, owner: str) -> bool:
-    return sees(engine.get_run(run_id), owner)
+def can_see_run(engine: EngineAPI, run_id: str, caller: Caller) -> bool:
+    return sees(engine.get_run(run_id), caller)
 
 
-def readable_checkpoint(engine: EngineAPI, path: Any, owner: str, field: str = "path") -> TinkerPath:
-    """Parse and authorize a tinker path for reading (load, sample, weights_info). NotFound (a user error) when
-    malformed, missing, or another key's unpublished checkpoint."""
+def readable_checkpoint(engine: EngineAPI, path: Any, caller: Caller, field: str = "path") -> TinkerPath:
+    """Parse and authorize a tinker path for reading (load, sample, weights_info). NotFound (a user error; 404 over
+    HTTP) when missing or another key's unpublished checkpoint; UserError (400) when malformed."""
     p = TinkerPath.parse(path, field)  # validates names: no traversal, no absolute paths, exactly 3 parts
     ckpt = engine.get_checkpoint(str(p))
-    if ckpt is None or not (ckpt.public or can_see_run(engine, p.run_id, owner)):
+    if ckpt is None or not (ckpt.public or can_see_run(engine, p.run_id, caller)):
         raise NotFound(f"{field}: checkpoint {path} not found")
     return p
 
 
-def writable_checkpoint(engine: EngineAPI, run_id: str, checkpoint_id: str, owner: str,
+def writable_checkpoint(engine: EngineAPI, run_id: str, checkpoint_id: str, caller: Caller,
                         checkpoint_type: str | None = None) -> str:
     """The tinker path of a REST checkpoint address (`/training_runs/{run_id}/checkpoints/{kind}/{name}`) the caller
     owns, else 404. A bare name needs `?checkpoint_type=training|sampler` (SkyRL's convention; upstream refuses bare
@@ -82,6 +100,6 @@ def writable_checkpoint(engine: EngineAPI, run_id: str, checkpoint_id: str, owne
                             f"{checkpoint_id!r} (or pass checkpoint_type=training|sampler)")
         checkpoint_id = f"{KIND_OF_TYPE[checkpoint_type]}/{checkpoint_id}"
     path = str(TinkerPath.parse(f"tinker://{run_id}/{checkpoint_id}", "checkpoint"))
-    if not can_see_run(engine, run_id, owner) or engine.get_checkpoint(path) is None:
+    if not can_see_run(engine, run_id, caller) or engine.get_checkpoint(path) is None:
         raise ApiError(404, f"checkpoint {path} not found")
     return path

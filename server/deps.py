@@ -12,6 +12,7 @@ from typing import Annotated, Any
 from fastapi import Depends, Header, Request
 
 from server import wire
+from server.access import Caller
 from server.errors import ApiError
 from server.futures import FutureRegistry
 from server.samplers import EngineSamplers
@@ -54,8 +55,14 @@ async def require_api_key(request: Request, x_api_key: Annotated[str | None, Hea
     return key_tag(x_api_key)
 
 
+async def caller(request: Request, owner: Annotated[str, Depends(require_api_key)]) -> Caller:
+    """The caller as `server.access` needs it for runs and checkpoints (FastAPI runs the key check once)."""
+    return Caller(owner, sees_unowned=get_settings(request).open_access)
+
+
 async def json_body(request: Request) -> dict[str, Any]:
-    """The request body as a JSON object (already decompressed by the middleware); malformed -> 400."""
+    """The request body as a JSON object (already size-capped, read, decompressed and content-type checked by
+    `server.middleware`); malformed -> 400."""
     return wire.parse_json_object(await request.body())
 
 
@@ -65,4 +72,5 @@ StoreDep = Annotated[Store, Depends(get_store)]
 FuturesDep = Annotated[FutureRegistry, Depends(get_futures)]
 SamplersDep = Annotated[EngineSamplers, Depends(get_samplers)]
 OwnerDep = Annotated[str, Depends(require_api_key)]
+CallerDep = Annotated[Caller, Depends(caller)]
 JsonBody = Annotated[dict[str, Any], Depends(json_body)]

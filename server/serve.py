@@ -11,6 +11,10 @@ name, and under its alias too if the config maps an alias to the same directory)
 Auth: API keys come from `--api-key` and `TINKER_JAX_API_KEYS` (comma separated); they must start with `tml-`
 (the SDK refuses to send anything else). Without a key every request is accepted, which is only allowed when
 binding to a loopback address.
+
+A corrupt server database (`server.sqlite3`) stops the command before anything starts, with exit code 2 and a
+message naming the file and the repair command (`tinker-jax admin reindex`), rather than a traceback from inside
+uvicorn's startup or a server that answers 500 to every request.
 """
 
 from __future__ import annotations
@@ -18,11 +22,13 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import sys
 from dataclasses import replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
 from server.settings import ServerSettings, api_keys
+from server.store import CorruptDatabase, check_file
 from tinker_jax.cli import Subcommand
 from tinker_jax.config import EngineConfig
 
@@ -103,6 +109,7 @@ def serve(models: Sequence[str] = (), config: str | None = None, host: str = "12
     ServerSettings(data_dir=Path("."), api_keys=keys)  # validates the keys (tml- prefix) early
     cfg = build_config(models, config, data_dir)
     settings = ServerSettings.from_env(data_dir=cfg.data_dir, api_keys=keys)
+    check_file(settings.db_path)  # CorruptDatabase: before the (slow) engine is built
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     log.info("serving %s from %s on http://%s:%d (data in %s; %s)", ", ".join(cfg.models), "config" if config
              else "the command line", host, port, cfg.data_dir,
@@ -130,7 +137,11 @@ def _add_arguments(p) -> None:
 
 
 def _run(args) -> int:
-    serve(args.model, args.config, args.host, args.port, args.data_dir, args.api_key)
+    try:
+        serve(args.model, args.config, args.host, args.port, args.data_dir, args.api_key)
+    except CorruptDatabase as e:  # the operator's to repair: the message says how; a traceback would only hide it
+        print(f"tinker-jax serve: error: {e}", file=sys.stderr)
+        return 2
     return 0
 
 

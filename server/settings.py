@@ -39,7 +39,33 @@ class ServerSettings:
     """Default long-poll for retrieve_futures when the request carries no timeout (same 45 s client limit)."""
 
     max_body_bytes: int = 1 << 30
-    """Cap on a request body after zstd decompression (SkyRL caps at 1 GiB too)."""
+    """Cap on a data-bearing request body (forward_backward, forward, asample) after zstd decompression: they are
+    bounded by tokens in the engine, so this only stops absurd uploads (SkyRL caps at 1 GiB too)."""
+
+    max_json_body_bytes: int = 4 << 20
+    """Cap on every other request body (JSON control requests: sessions, saves, loads, REST): the largest the SDK
+    sends is a few KB, so a few MiB is generous and keeps one client from making the server parse 1 GiB of JSON."""
+
+    max_metadata_bytes: int = 8192
+    """Cap on each free-form field that is stored (tags, user_metadata, display names, finish details), measured as
+    JSON: they are labels, and each is written to SQLite on every session, model and checkpoint."""
+
+    max_sessions_per_key: int = 64
+    """Open (unfinished) sessions one API key may hold: each holds heartbeats, sampler snapshots and models; a client
+    that vanishes frees its sessions after session_timeout_s."""
+
+    max_models_per_key: int = 32
+    """Training models one API key may hold in its open sessions: each takes device memory (an adapter slot and its
+    optimizer state, or a full copy of the weights) until its session finishes or expires."""
+
+    max_queued_per_key: int = 2048
+    """Unfinished requests (training, sampling, saves) one API key may have at once, over all its sessions; beyond
+    it a submit gets HTTP 429 and the SDK retries it with backoff. Each session also has the engine's own bound
+    (max_queued_per_tenant), and the whole engine max_queued: this one keeps one key from taking all of that."""
+
+    body_read_timeout_s: float = 60.0
+    """Longest a client may take to send a request body (then 408): a client that sends half a body must not hold a
+    connection and its buffer forever. 60 s is the SDK's own request timeout."""
 
     future_ttl_s: float = 3600.0
     """Finished futures (and their result payloads) are deleted this long after they finish."""
@@ -92,6 +118,16 @@ class ServerSettings:
             raise ValueError("long-poll times must be in (0, 45) s: the SDK's read timeout is 45 s")
         if self.session_timeout_s <= 0 or self.session_check_interval_s <= 0:
             raise ValueError("session_timeout_s and session_check_interval_s must be positive")
+        for name in ("max_body_bytes", "max_json_body_bytes", "max_metadata_bytes", "max_sessions_per_key",
+                     "max_models_per_key", "max_queued_per_key", "body_read_timeout_s"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
+
+    @property
+    def open_access(self) -> bool:
+        """No API keys configured: a single-user local server, where runs without a recorded owner (made by the
+        in-process client over the same data directory) are everyone's. With keys, nothing ownerless is visible."""
+        return not self.api_keys
 
     @property
     def db_path(self) -> Path:

@@ -7,11 +7,17 @@ WAL keeps readers of other processes (a debugging sqlite3 shell) from blocking u
 Ids (wire doc §1.8): models are `{session_id}:train:{n}` because SDK 0.38 derives that name itself on
 create-via-load; samplers follow the docs' `{session_id}:sample:{n}`. Session ids therefore contain no ':' or '/'.
 Sequence numbers are stored as SQLite INTEGER (64-bit): sample seq_ids reach ~1e18 (§1.7).
+
+Every request object has an owner tag (`deps.key_tag`): sessions and models directly, futures in their `owner`
+column (added to older databases at open; their rows keep NULL and answer nobody), sampling sessions through their
+session. At open the file is checked (`PRAGMA quick_check`): a corrupt one raises `CorruptDatabase`, naming the file
+and the repair command, instead of serving errors. `close()` checkpoints the WAL into the main file.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import sqlite3
 import threading
 import time
@@ -19,6 +25,11 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable
+
+from server.limits import LimitReached
+from tinker_jax import dbfile
+
+log = logging.getLogger(__name__)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS sessions (
@@ -51,7 +62,8 @@ CREATE TABLE IF NOT EXISTS futures (
     model_id        TEXT,
     sampling_session_id TEXT,
     clone_id        INTEGER,                -- sample seq_id // 1e9: one retrieve_futures poller per clone
-    cursor          INTEGER                 -- completion order, for retrieve_futures
+    cursor          INTEGER,                -- completion order, for retrieve_futures
+    owner           TEXT                    -- tag of the API key that submitted it (NULL: from an older server)
 );
 CREATE INDEX IF NOT EXISTS futures_by_sampler ON futures (sampling_session_id, clone_id, cursor);
 CREATE INDEX IF NOT EXISTS futures_by_finished ON futures (finished);
@@ -116,6 +128,7 @@ class FutureRow:
     clone_id: int | None
     cursor: int | None
     result_size: int
+    owner: str | None = None
 
 
 @dataclass(frozen=True)
@@ -137,23 +150,59 @@ class SamplingSessionRow:
     created: float
 
 
+class CorruptDatabase(dbfile.DatabaseCorrupt):
+    """The server database fails its integrity check (or is not a database): the server must not start on it. The
+    message is for the operator (the log and the terminal, never a client): it names the file and the repair."""
+
+    def __init__(self, path: Path, detail: str):
+        super().__init__(Path(path), detail)
+        # RuntimeError's text (dbfile's names the file only): replaced with the whole story.
+        self.args = (
+            f"{self.path}: the server database is corrupt ({detail}); the server will not start on it. Stop the "
+            f"server and run `tinker-jax admin reindex --data-dir {self.path.parent}`: it moves the corrupt file "
+            "aside (it holds only short-lived sessions and request results; checkpoints and their owners are kept "
+            "with the checkpoints), then start the server again.",)
+
+    @classmethod
+    def of(cls, e: dbfile.DatabaseCorrupt) -> CorruptDatabase:
+        return e if isinstance(e, cls) else cls(e.path, e.detail)
+
+
 class Store:
     def __init__(self, path: Path | str):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._lock = threading.RLock()
-        self._db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        self._closed = False
+        self._db = _open_checked(self.path)
         self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL: durable across process crashes
         self._db.execute("PRAGMA busy_timeout=30000")
         self._db.executescript(SCHEMA)
+        if "owner" not in {r[1] for r in self._db.execute("PRAGMA table_info(futures)")}:
+            self._db.execute("ALTER TABLE futures ADD COLUMN owner TEXT")  # a database of an older server
         row = self._db.execute("SELECT COALESCE(MAX(cursor), 0) FROM futures").fetchone()
         self._cursor = int(row[0])  # only this process writes, so an in-memory counter stays monotonic
 
     def close(self) -> None:
+        """Fold the WAL into the main file and close: a stopped server leaves one self-contained file."""
         with self._lock:
-            self._db.close()
+            if self._closed:
+                return
+            self._closed = True
+            # A failed merge only warns: the rows are still in the WAL, which SQLite replays at the next open.
+            dbfile.close(self._db, self.path.name)
+
+    def ping(self) -> None:
+        """A trivial query over each table (for /healthz): raises sqlite3.Error when the database does not answer."""
+        with self._lock:
+            for table in ("sessions", "models", "sampling_sessions", "futures", "idempotency"):
+                self._db.execute(f"SELECT 1 FROM {table} LIMIT 1").fetchall()
+
+    def quick_check(self) -> str:
+        """'ok', or SQLite's first complaints (sqlite3.DatabaseError when the check cannot even run)."""
+        with self._lock:
+            return dbfile.quick_check(self._db)
 
     def _tx(self):
         """`with self._tx() as db:` one locked transaction."""
@@ -163,19 +212,25 @@ class Store:
 
     def create_session(self, *, owner: str, tags: Iterable[str] = (), user_metadata: dict[str, Any] | None = None,
                        sdk_version: str | None = None, project_id: str | None = None,
-                       display_name: str | None = None, idempotency_key: str | None = None) -> str:
+                       display_name: str | None = None, idempotency_key: str | None = None,
+                       limit: Limit | None = None) -> str:
         """A new session id; the same one again when `idempotency_key` (the SDK's X-Idempotency-Key, stable across
-        its low-level retries of one call) was seen before, so a retried create does not leak a session."""
+        its low-level retries of one call) was seen before, so a retried create does not leak a session.
+        With `limit`, LimitReached (nothing written) when the owner already has that many open sessions."""
         session_id = uuid.uuid4().hex[:20]
         now = time.time()
         with self._tx() as db:
             if idempotency_key:
-                db.execute("INSERT OR IGNORE INTO idempotency VALUES ('http', ?, 0, ?, ?)",
-                           (idempotency_key, session_id, now))
-                winner = db.execute("SELECT request_id FROM idempotency WHERE kind='http' AND scope=? AND seq=0",
-                                    (idempotency_key,)).fetchone()[0]
-                if winner != session_id:
-                    return winner
+                row = db.execute("SELECT request_id FROM idempotency WHERE kind='http' AND scope=? AND seq=0",
+                                 (idempotency_key,)).fetchone()
+                if row is not None:
+                    return row[0]
+            if limit is not None:
+                open_heartbeats = [r[0] for r in db.execute(
+                    "SELECT last_heartbeat FROM sessions WHERE owner=? AND finished IS NULL", (owner,))]
+                limit.check(len(open_heartbeats), open_heartbeats, now)
+            if idempotency_key:
+                db.execute("INSERT INTO idempotency VALUES ('http', ?, 0, ?, ?)", (idempotency_key, session_id, now))
             db.execute(
                 "INSERT INTO sessions (session_id, owner, created, last_heartbeat, tags, user_metadata, sdk_version,"
                 " project_id, display_name) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -216,10 +271,21 @@ class Store:
                                     " LIMIT ? OFFSET ?", (owner, limit, offset)).fetchall()
         return [r[0] for r in rows]
 
+    def count_open(self, owner: str) -> tuple[int, int]:
+        """(open sessions, models in open sessions) of `owner`."""
+        with self._lock:
+            sessions = self._db.execute("SELECT COUNT(*) FROM sessions WHERE owner=? AND finished IS NULL",
+                                        (owner,)).fetchone()[0]
+            models = self._db.execute("SELECT COUNT(*) FROM models m JOIN sessions s ON s.session_id = m.session_id "
+                                      "WHERE m.owner=? AND s.finished IS NULL", (owner,)).fetchone()[0]
+        return int(sessions), int(models)
+
     def model_id_for(self, session_id: str, model_seq_id: int | None = None) -> str:
         """`{session_id}:train:{n}`. n is the client's model_seq_id when given (0.38 derives the id from it);
-        else the session's next free number. Either way later allocations stay above it."""
-        return f"{session_id}:train:{self._reserve(session_id, 'next_model_seq', model_seq_id)}"
+        else the session's next free number (reserved here). `add_model` keeps later allocations above it."""
+        if model_seq_id is not None:
+            return f"{session_id}:train:{int(model_seq_id)}"
+        return f"{session_id}:train:{self._reserve(session_id, 'next_model_seq', None)}"
 
     def sampler_id_for(self, session_id: str, sampling_session_seq_id: int | None = None) -> str:
         return f"{session_id}:sample:{self._reserve(session_id, 'next_sampler_seq', sampling_session_seq_id)}"
@@ -235,10 +301,28 @@ class Store:
 
     # --- models --------------------------------------------------------------------------------------------------
 
-    def add_model(self, model_id: str, session_id: str, owner: str) -> None:
-        """Record a training model of a session (at submit time, so ownership checks never race the engine)."""
+    def add_model(self, model_id: str, session_id: str, owner: str, limit: Limit | None = None) -> None:
+        """Record a training model of a session (at submit time, so ownership checks never race the engine). With
+        `limit`, LimitReached (nothing written) when the owner's open sessions already hold that many models."""
+        now = time.time()
         with self._tx() as db:
-            db.execute("INSERT OR IGNORE INTO models VALUES (?, ?, ?, ?)", (model_id, session_id, owner, time.time()))
+            if db.execute("SELECT 1 FROM models WHERE model_id=?", (model_id,)).fetchone() is not None:
+                return
+            if limit is not None:
+                heartbeats = [r[0] for r in db.execute(
+                    "SELECT s.last_heartbeat FROM models m JOIN sessions s ON s.session_id = m.session_id "
+                    "WHERE m.owner=? AND s.finished IS NULL", (owner,))]
+                limit.check(len(heartbeats), heartbeats, now)
+            db.execute("INSERT INTO models VALUES (?, ?, ?, ?)", (model_id, session_id, owner, now))
+            n = model_id.rsplit(":", 1)[-1]
+            if n.isdigit():
+                db.execute("UPDATE sessions SET next_model_seq=MAX(next_model_seq, ?) WHERE session_id=?",
+                           (int(n) + 1, session_id))
+
+    def remove_model(self, model_id: str) -> None:
+        """Forget a model whose creation failed (so it neither counts against its key nor answers requests)."""
+        with self._tx() as db:
+            db.execute("DELETE FROM models WHERE model_id=?", (model_id,))
 
     def get_model(self, model_id: str) -> ModelRow | None:
         with self._lock:
@@ -293,7 +377,8 @@ class Store:
 
     # --- futures -------------------------------------------------------------------------------------------------
 
-    def insert_future(self, request_id: str, kind: str, *, idempotency: tuple[str, str, int] | None = None,
+    def insert_future(self, request_id: str, kind: str, *, owner: str,
+                      idempotency: tuple[str, str, int] | None = None,
                       session_id: str | None = None, model_id: str | None = None,
                       sampling_session_id: str | None = None, clone_id: int | None = None) -> tuple[str, bool]:
         """Create a pending future. With `idempotency=(kind, scope, seq)` (e.g. ("train", model_id, seq_id)) a
@@ -310,8 +395,8 @@ class Store:
                 if winner != request_id:
                     return winner, False
             db.execute("INSERT INTO futures (request_id, kind, status, created, session_id, model_id,"
-                       " sampling_session_id, clone_id) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?)",
-                       (request_id, kind, now, session_id, model_id, sampling_session_id, clone_id))
+                       " sampling_session_id, clone_id, owner) VALUES (?, ?, 'pending', ?, ?, ?, ?, ?, ?)",
+                       (request_id, kind, now, session_id, model_id, sampling_session_id, clone_id, owner))
         return request_id, True
 
     def discard_future(self, request_id: str) -> None:
@@ -357,10 +442,11 @@ class Store:
                 (sampling_session_id, clone_id, after_cursor, limit)).fetchall()
         return [_future_row(r) for r in rows]
 
-    def mark_retrieved(self, request_ids: Iterable[str]) -> None:
+    def mark_retrieved(self, request_ids: Iterable[str], owner: str) -> None:
+        """Note the first full fetch (it shortens the future's time to live), of the owner's futures only."""
         with self._tx() as db:
-            db.executemany("UPDATE futures SET retrieved=COALESCE(retrieved, ?) WHERE request_id=?",
-                           [(time.time(), rid) for rid in request_ids])
+            db.executemany("UPDATE futures SET retrieved=COALESCE(retrieved, ?) WHERE request_id=? AND owner=?",
+                           [(time.time(), rid, owner) for rid in request_ids])
 
     def mark_lost(self) -> int:
         """At startup: futures still pending belonged to an engine that is gone. Returns how many."""
@@ -384,7 +470,7 @@ class Store:
 
 
 _FUTURE_COLS_NO_RESULT = ("request_id, kind, status, content_type, NULL AS result_blob, error, created, finished,"
-                          " session_id, model_id, sampling_session_id, clone_id, cursor")
+                          " session_id, model_id, sampling_session_id, clone_id, cursor, owner")
 
 
 def _future_row(row: sqlite3.Row) -> FutureRow:
@@ -395,7 +481,7 @@ def _future_row(row: sqlite3.Row) -> FutureRow:
         error=json.loads(row["error"]) if row["error"] else None,
         created=row["created"], finished=row["finished"], session_id=row["session_id"], model_id=row["model_id"],
         sampling_session_id=row["sampling_session_id"], clone_id=row["clone_id"], cursor=row["cursor"],
-        result_size=row["result_size"] or 0,
+        result_size=row["result_size"] or 0, owner=row["owner"],
     )
 
 
@@ -407,6 +493,53 @@ def _session_row(row: sqlite3.Row) -> SessionRow:
         sdk_version=row["sdk_version"], project_id=row["project_id"], display_name=row["display_name"],
         finished=row["finished"], finish_reason=row["finish_reason"],
     )
+
+
+@dataclass(frozen=True)
+class Limit:
+    """A per-owner count limit, checked inside the transaction that would add one. Objects of sessions that have
+    stopped heartbeating free up by themselves when those sessions expire (`expire_after_s` without a beat); when
+    some do, the refusal says when (HTTP 429), else it is final (400)."""
+
+    what: str  # "open sessions", "models"
+    limit: int
+    knob: str  # the settings field
+    expire_after_s: float
+    silent_after_s: float = 30.0  # the SDK beats every 10 s: three missed beats means the client is gone
+
+    def check(self, count: int, heartbeats: list[float], now: float) -> None:
+        if count < self.limit:
+            return
+        silent = [hb for hb in heartbeats if hb < now - self.silent_after_s]
+        message = (f"this API key already has {count} {self.what}, the limit ({self.knob}={self.limit}); finish "
+                   "sessions you no longer use (ServiceClient.close, or leave a with-block)")
+        if silent:
+            wait = min(silent) + self.expire_after_s - now
+            raise LimitReached(f"{message}; {len(silent)} of its sessions stopped heartbeating and expire within "
+                               f"{max(wait, 0):.0f} s", retry_after_s=max(wait, 1.0))
+        raise LimitReached(message)
+
+
+def check_file(path: Path | str) -> None:
+    """CorruptDatabase (naming the file and the repair command) unless the server database at `path` is missing
+    (a fresh start) or passes `PRAGMA quick_check`. `tinker-jax serve` calls it before starting anything."""
+    try:
+        dbfile.check(path)
+    except dbfile.DatabaseCorrupt as e:
+        raise CorruptDatabase.of(e) from None
+
+
+def _open_checked(path: Path) -> sqlite3.Connection:
+    """Check the file (`check_file`), then connect and switch to WAL. A page that breaks between the check and the
+    first statements below still gives CorruptDatabase, not a bare sqlite3 error."""
+    check_file(path)
+    db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
+    try:
+        db.execute("PRAGMA journal_mode=WAL")
+    except sqlite3.DatabaseError as e:
+        db.close()
+        raise CorruptDatabase(path, str(e)) from None
+    return db
 
 
 class _Transaction:

@@ -237,7 +237,9 @@ def decode_forward_backward(body: bytes, content_type: str | None, *,
         return ForwardBackwardCall(request=request, forward_only=forward_only or msg.forward_only)
 
     obj = parse_json_object(body)
-    key = "forward_input" if "forward_input" in obj else "forward_backward_input"
+    # The legacy /forward sends forward_input; name that one when neither is there.
+    key = "forward_input" if "forward_input" in obj or (forward_only and "forward_backward_input" not in obj) \
+        else "forward_backward_input"
     fb = obj.get(key)
     if not isinstance(fb, dict):
         raise UserError(f"{key}: missing (expected {{data, loss_fn, loss_fn_config}})")

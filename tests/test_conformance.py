@@ -194,6 +194,8 @@ def test_errors_fail_the_future_and_the_server_keeps_working(server, service, st
         tc.optim_step(types.DimuonParams(learning_rate=1e-3)).result()
     with pytest.raises((tinker.RequestFailedError, tinker.APIStatusError), match="unknown model"):
         service.create_lora_training_client(base_model="no/such-model", rank=4).result()
+    with pytest.raises(tinker.RequestFailedError, match="lora_config.rank: 10000 exceeds"):  # issue 16: a limit
+        service.create_lora_training_client(base_model=BASE, rank=10000).result()
     with pytest.raises(tinker.RequestFailedError, match="invalid name"):
         tc.save_state("../escape").result()
     with pytest.raises(tinker.RequestFailedError, match="not found"):

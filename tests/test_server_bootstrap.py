@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
-import socket
 import threading
 import time
 import warnings
@@ -19,17 +18,19 @@ import httpx
 import numpy as np
 import pytest
 import tinker
-import uvicorn
 import zstandard
 from tinker import types
 from tinker.lib.api_future_impl import _APIFuture
 from tinker.lib.client_connection_pool_type import ClientConnectionPoolType
 
 from server.app import build_app
+from server.deps import key_tag
 from server.settings import ServerSettings
+from server_util import uvicorn_thread
 from tinker_jax.errors import UserError
 
 API_KEY = "tml-test"
+OWNER = key_tag(API_KEY)  # futures registered in-process belong to this key, as the routes would record
 LONG_POLL_S = 0.4  # short, so try_again paths run in well under a second
 
 
@@ -38,6 +39,9 @@ class TinyEngine:
 
     def capabilities(self) -> list[str]:
         return ["Qwen/Qwen3-0.6B", "meta-llama/Llama-3.2-1B"]
+
+    def health(self) -> dict:  # /healthz asks
+        return {"ok": True, "problems": []}
 
 
 @dataclass
@@ -63,20 +67,8 @@ def server(tmp_path_factory) -> Iterator[Server]:
     settings = ServerSettings(data_dir=tmp_path_factory.mktemp("data"), api_keys=(API_KEY,),
                               long_poll_s=LONG_POLL_S, retrieve_futures_poll_s=LONG_POLL_S)
     app = build_app(TinyEngine(), settings)
-    sock = socket.socket()
-    sock.bind(("127.0.0.1", 0))
-    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning", lifespan="on"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [sock]}, daemon=True)
-    thread.start()
-    deadline = time.monotonic() + 10
-    while not uv.started:
-        assert time.monotonic() < deadline and thread.is_alive(), "uvicorn did not start"
-        time.sleep(0.01)
-    with httpx.Client(timeout=10) as http:
-        yield Server(f"http://127.0.0.1:{sock.getsockname()[1]}", app, http)
-    uv.should_exit = True
-    thread.join(10)
-    sock.close()
+    with uvicorn_thread(app) as port, httpx.Client(timeout=10) as http:
+        yield Server(f"http://127.0.0.1:{port}", app, http)
 
 
 @pytest.fixture(scope="module")
@@ -158,7 +150,7 @@ def test_client_config_advertises_only_implemented_flags(server: Server) -> None
 
 def test_retrieve_future_long_polls_then_try_again(server: Server) -> None:
     pending: concurrent.futures.Future = concurrent.futures.Future()
-    rid = server.futures.register(pending, "optim_step")
+    rid = server.futures.register(pending, "optim_step", owner=OWNER)
     t0 = time.monotonic()
     resp = post(server, "retrieve_future", {"request_id": rid, "allow_metadata_only": True})
     held = time.monotonic() - t0
@@ -181,9 +173,10 @@ def test_sdk_future_poller_reads_proto_results_and_errors(server: Server, servic
     smp: concurrent.futures.Future = concurrent.futures.Future()
     opt: concurrent.futures.Future = concurrent.futures.Future()
     bad: concurrent.futures.Future = concurrent.futures.Future()
-    ids = [server.futures.register(fwd, "forward_backward"),
-           server.futures.register(smp, "sample", sampling_session_id="S", seq_id=0),
-           server.futures.register(opt, "optim_step"), server.futures.register(bad, "forward_backward")]
+    ids = [server.futures.register(fwd, "forward_backward", owner=OWNER),
+           server.futures.register(smp, "sample", owner=OWNER, sampling_session_id="S", seq_id=0),
+           server.futures.register(opt, "optim_step", owner=OWNER),
+           server.futures.register(bad, "forward_backward", owner=OWNER)]
     polls = [sdk_future(service_client, types.ForwardBackwardOutput, ids[0], "ForwardBackward"),
              sdk_future(service_client, types.SampleResponse, ids[1], "Sample"),
              sdk_future(service_client, types.OptimStepResponse, ids[2], "OptimStep"),
@@ -215,7 +208,7 @@ def test_old_sdk_accept_json_gets_json_results(server: Server) -> None:
     done: concurrent.futures.Future = concurrent.futures.Future()
     done.set_result(types.ForwardBackwardOutput(loss_fn_output_type="ArrayRecord", loss_fn_outputs=[
         {"logprobs": types.TensorData.from_numpy(np.array([-1.0], np.float32))}], metrics={"loss:sum": 1.0}))
-    rid = server.futures.register(done, "forward")
+    rid = server.futures.register(done, "forward", owner=OWNER)
     as_proto = post(server, "retrieve_future", {"request_id": rid},
                     headers={"Accept": "application/x-protobuf, application/json"})  # SDK 0.18.1 - 0.24
     assert as_proto.headers["content-type"] == "application/x-protobuf"
@@ -225,10 +218,13 @@ def test_old_sdk_accept_json_gets_json_results(server: Server) -> None:
 
 def test_retrieve_futures_reports_sampler_completions(server: Server) -> None:
     futs = [concurrent.futures.Future() for _ in range(3)]
-    ids = [server.futures.register(futs[0], "sample", sampling_session_id="R", seq_id=0),
-           server.futures.register(futs[1], "sample", sampling_session_id="R", seq_id=1),
-           server.futures.register(futs[2], "sample", sampling_session_id="R", seq_id=1_000_000_000)]  # clone 1
-    target = {"type": "sampling_session", "sampling_session_id": "R", "cloned_sampler_id": 0}
+    session = server.store.create_session(owner=OWNER)  # retrieve_futures checks the sampler is the caller's
+    r = server.store.create_sampling_session(session, 0, base_model="Qwen/Qwen3-0.6B").sampling_session_id
+    ids = [server.futures.register(futs[0], "sample", owner=OWNER, sampling_session_id=r, seq_id=0),
+           server.futures.register(futs[1], "sample", owner=OWNER, sampling_session_id=r, seq_id=1),
+           server.futures.register(futs[2], "sample", owner=OWNER, sampling_session_id=r,
+                                   seq_id=1_000_000_000)]  # clone 1
+    target = {"type": "sampling_session", "sampling_session_id": r, "cloned_sampler_id": 0}
 
     quick = post(server, "retrieve_futures", {"target": target, "prev_cursor": 0, "timeout": 0})
     assert quick.json()["completions"] == []
@@ -263,8 +259,11 @@ def test_zstd_bodies_and_error_shape(server: Server) -> None:
     brotli = server.http.post(server.url("create_session"), content=body, headers={**headers, "Content-Encoding": "br"})
     assert brotli.status_code == 415
 
-    not_json = server.http.post(server.url("create_session"), content=b"{oops", headers={"X-API-Key": API_KEY})
+    not_json = server.http.post(server.url("create_session"), content=b"{oops",
+                                headers={"X-API-Key": API_KEY, "Content-Type": "application/json"})
     assert not_json.status_code == 400 and not_json.json()["category"] == "user"
+    untyped = server.http.post(server.url("create_session"), content=b"{}", headers={"X-API-Key": API_KEY})
+    assert untyped.status_code == 415 and "Content-Type" in untyped.json()["error"]  # the SDK always sends one
     assert "Traceback" not in not_json.text
     bad_field = post(server, "create_session", {"tags": "not-a-list", "sdk_version": "0.38.0"})
     assert bad_field.status_code == 400 and bad_field.json()["error"].startswith("CreateSessionRequest.tags")

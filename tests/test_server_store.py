@@ -34,10 +34,11 @@ def test_sessions_and_ids(store: Store) -> None:
 
     assert store.model_id_for(sid, 0) == f"{sid}:train:0"  # the client's model_seq_id names the model
     assert store.model_id_for(sid, 3) == f"{sid}:train:3"
-    assert store.model_id_for(sid) == f"{sid}:train:4"  # without one, the counter continues above
+    store.add_model(f"{sid}:train:3", sid, "o")
+    assert store.model_id_for(sid) == f"{sid}:train:4"  # without one, the counter continues above the models
     assert store.sampler_id_for(sid) == f"{sid}:sample:0"
     with pytest.raises(KeyError):
-        store.model_id_for("nope", 0)
+        store.model_id_for("nope")  # allocating needs a session
 
     # The SDK's X-Idempotency-Key survives its own HTTP retries: a retried create returns the same session.
     again = store.create_session(owner="o", idempotency_key="k1")
@@ -60,11 +61,11 @@ def test_sampling_sessions(store: Store) -> None:
 
 def test_idempotent_futures_and_completion_cursor(store: Store) -> None:
     big = 7 * 10**17  # sample seq_ids reach ~1e18 (§1.7)
-    assert store.insert_future("r1", "sample", idempotency=("sample", "S", big), sampling_session_id="S",
+    assert store.insert_future("r1", "sample", owner="o", idempotency=("sample", "S", big), sampling_session_id="S",
                                clone_id=0) == ("r1", True)
-    assert store.insert_future("r2", "sample", idempotency=("sample", "S", big)) == ("r1", False)
+    assert store.insert_future("r2", "sample", owner="o", idempotency=("sample", "S", big)) == ("r1", False)
     assert store.get_future("r2") is None
-    store.insert_future("r3", "optim_step", idempotency=("train", "M", 2))
+    store.insert_future("r3", "optim_step", owner="o", idempotency=("train", "M", 2))
     c1 = store.finish_future("r3", "application/json", b"{}")
     c2 = store.fail_future("r1", "boom", "user")
     assert 0 < c1 < c2
@@ -74,32 +75,34 @@ def test_idempotent_futures_and_completion_cursor(store: Store) -> None:
     assert [r.request_id for r in store.completions("S", 0, after_cursor=0)] == ["r1"]
     assert store.completions("S", 0, after_cursor=c2) == []
 
-    store.insert_future("r4", "optim_step", idempotency=("train", "M", 3))
+    store.insert_future("r4", "optim_step", owner="o", idempotency=("train", "M", 3))
     store.discard_future("r4")  # the engine refused it: the retry of seq 3 is a new request
     assert store.get_future("r4") is None
-    assert store.insert_future("r5", "optim_step", idempotency=("train", "M", 3)) == ("r5", True)
+    assert store.insert_future("r5", "optim_step", owner="o", idempotency=("train", "M", 3)) == ("r5", True)
     store.discard_future("r3")  # only a pending future can be discarded
     assert store.get_future("r3").status == "done"
-    assert store.insert_future("r6", "optim_step", idempotency=("train", "M", 2)) == ("r3", False)
+    assert store.insert_future("r6", "optim_step", owner="o", idempotency=("train", "M", 2)) == ("r3", False)
 
 
 def test_restart_marks_pending_lost_and_prune(tmp_path) -> None:
     path = tmp_path / "db.sqlite3"
     s = Store(path)
-    s.insert_future("p", "forward_backward", idempotency=("train", "M", 1))
-    s.insert_future("q", "optim_step")
+    s.insert_future("p", "forward_backward", owner="o", idempotency=("train", "M", 1))
+    s.insert_future("q", "optim_step", owner="o")
     s.finish_future("q", "application/json", b"{}")
     s.close()
 
     s = Store(path)  # a new process: the engine that owned "p" is gone
     assert s.mark_lost() == 1
     assert s.get_future("p").status == "lost"
-    assert s.insert_future("x", "sample")[1]
-    s.mark_retrieved(["q"])
+    assert s.insert_future("x", "sample", owner="o")[1]
+    s.mark_retrieved(["q"], "other")  # not theirs: no effect
+    assert s.prune(future_ttl_s=3600, retrieved_ttl_s=-1) == 0
+    s.mark_retrieved(["q"], "o")
     assert s.prune(future_ttl_s=3600, retrieved_ttl_s=-1) == 1  # q was fetched: gone
     assert s.get_future("q") is None and s.get_future("p") is not None
     assert s.prune(future_ttl_s=-1, retrieved_ttl_s=3600) == 1  # p finished (lost) long enough ago
-    assert s.insert_future("p2", "forward_backward", idempotency=("train", "M", 1)) == ("p2", True)
+    assert s.insert_future("p2", "forward_backward", owner="o", idempotency=("train", "M", 1)) == ("p2", True)
     s.close()
 
 
@@ -110,25 +113,28 @@ def test_registry_long_poll_wakes_on_completion(store: Store) -> None:
         reg = FutureRegistry(store, long_poll_s=5.0)
         reg.bind_loop(asyncio.get_running_loop())
         fut: concurrent.futures.Future = concurrent.futures.Future()
-        rid = reg.register(fut, "optim_step", model_id="M")
+        rid = reg.register(fut, "optim_step", owner="o", model_id="M")
         threading.Timer(0.2, fut.set_result, args=(types.OptimStepResponse(metrics={"lr:mean": 1.0}),)).start()
         t0 = time.monotonic()
-        reply = await reg.retrieve(rid, accept_proto=False)
+        reply = await reg.retrieve(rid, accept_proto=False, owner="o")
         assert 0.15 < time.monotonic() - t0 < 2.0
         assert json.loads(reply.body) == {"metrics": {"lr:mean": 1.0}}
 
         slow: concurrent.futures.Future = concurrent.futures.Future()
-        rid2 = reg.register(slow, "forward_backward")
-        reply = await reg.retrieve(rid2, accept_proto=True, timeout=0.1)
+        rid2 = reg.register(slow, "forward_backward", owner="o")
+        reply = await reg.retrieve(rid2, accept_proto=True, timeout=0.1, owner="o")
         assert json.loads(reply.body) == {"type": "try_again", "request_id": rid2, "queue_state": "active"}
 
         slow.set_exception(UserError("unknown loss_fn 'x'"))
-        reply = await reg.retrieve(rid2, accept_proto=True)
+        reply = await reg.retrieve(rid2, accept_proto=True, owner="o")
         assert json.loads(reply.body) == {"error": "unknown loss_fn 'x'", "category": "user"}
 
         with pytest.raises(ApiError) as err:
-            await reg.retrieve("missing", accept_proto=True)
+            await reg.retrieve("missing", accept_proto=True, owner="o")
         assert err.value.status == 404
+        with pytest.raises(ApiError) as err:  # another key's request: exactly like an unknown one
+            await reg.retrieve(rid, accept_proto=True, owner="someone else")
+        assert err.value.status == 404 and "unknown request_id" in err.value.message
 
     asyncio.run(scenario())
 
@@ -145,10 +151,11 @@ def test_registry_submit_dedupes_and_classifies_errors(store: Store) -> None:
                 {"logprobs": types.TensorData.from_numpy(np.array([-1.0], np.float32))}], metrics={"loss:sum": 1}))
             return f
 
-        rid, started = reg.submit("forward_backward", start, idempotency=("train", "M", 1), model_id="M")
-        assert started and reg.submit("forward_backward", start, idempotency=("train", "M", 1)) == (rid, False)
+        rid, started = reg.submit("forward_backward", start, owner="o", idempotency=("train", "M", 1), model_id="M")
+        retry = reg.submit("forward_backward", start, owner="o", idempotency=("train", "M", 1))
+        assert started and retry == (rid, False)
         assert calls == [1]  # a retried submit does not run twice
-        reply = await reg.retrieve(rid, accept_proto=True)
+        reply = await reg.retrieve(rid, accept_proto=True, owner="o")
         out = response_conv.deserialize_forward_backward_output(reply.body)
         assert out.metrics == {"loss:sum": 1.0} and reply.content_type == "application/x-protobuf"
 
@@ -162,22 +169,23 @@ def test_registry_submit_dedupes_and_classifies_errors(store: Store) -> None:
             raise ValueError("operands could not be broadcast together")
 
         for start_fn, category in ((bad_input, "user"), (bug, "server"), (value_error_bug, "server")):
-            rid, _ = reg.submit("forward_backward", start_fn)
-            assert json.loads((await reg.retrieve(rid, accept_proto=True)).body)["category"] == category
+            rid, _ = reg.submit("forward_backward", start_fn, owner="o")
+            assert json.loads((await reg.retrieve(rid, accept_proto=True, owner="o")).body)["category"] == category
 
         # Overloaded: nothing was queued, so neither the future nor its key is kept; the retry starts afresh.
         def full() -> concurrent.futures.Future:
             raise Overloaded("queue full", retry_after_s=2)
 
         with pytest.raises(Overloaded):
-            reg.submit("forward_backward", full, idempotency=("train", "M", 2), model_id="M")
-        rid, started = reg.submit("forward_backward", start, idempotency=("train", "M", 2), model_id="M")
+            reg.submit("forward_backward", full, owner="o", idempotency=("train", "M", 2), model_id="M")
+        rid, started = reg.submit("forward_backward", start, owner="o", idempotency=("train", "M", 2), model_id="M")
         assert started and calls == [1, 1]
-        assert (await reg.retrieve(rid, accept_proto=True)).content_type == "application/x-protobuf"
+        assert (await reg.retrieve(rid, accept_proto=True, owner="o")).content_type == "application/x-protobuf"
 
         wrong = concurrent.futures.Future()
         wrong.set_result({"not": "a ForwardBackwardOutput"})
-        body = json.loads((await reg.retrieve(reg.register(wrong, "forward"), accept_proto=True)).body)
+        wrong_id = reg.register(wrong, "forward", owner="o")
+        body = json.loads((await reg.retrieve(wrong_id, accept_proto=True, owner="o")).body)
         assert body["category"] == "server" and "encode" in body["error"]
 
     asyncio.run(scenario())
@@ -186,12 +194,42 @@ def test_registry_submit_dedupes_and_classifies_errors(store: Store) -> None:
 def test_lost_sample_answers_410(tmp_path) -> None:
     """A sample whose promise died with the previous process gets 410, which makes the SDK resubmit it."""
     s = Store(tmp_path / "db.sqlite3")
-    s.insert_future("smp", "sample")
-    s.insert_future("trn", "optim_step")
+    s.insert_future("smp", "sample", owner="o")
+    s.insert_future("trn", "optim_step", owner="o")
     s.mark_lost()
     reg = FutureRegistry(s)
-    sample = asyncio.run(reg.retrieve("smp", accept_proto=True))
-    train = asyncio.run(reg.retrieve("trn", accept_proto=False))
+    sample = asyncio.run(reg.retrieve("smp", accept_proto=True, owner="o"))
+    train = asyncio.run(reg.retrieve("trn", accept_proto=False, owner="o"))
     assert sample.status == 410 and train.status == 200
     assert json.loads(train.body)["category"] == "server"
     s.close()
+
+
+def test_registry_limits_unfinished_requests_per_key(store: Store) -> None:
+    """One key cannot fill the engine's queues: past max_queued_per_key its submits are refused (429, nothing
+    stored, nothing started), another key's still go in, and a finished request frees its place."""
+    reg = FutureRegistry(store, max_queued_per_key=2)
+    pending: list[concurrent.futures.Future] = []
+
+    def start() -> concurrent.futures.Future:
+        pending.append(concurrent.futures.Future())
+        return pending[-1]
+
+    reg.submit("optim_step", start, owner="a", idempotency=("train", "M", 1))
+    reg.submit("optim_step", start, owner="a", idempotency=("train", "M", 2))
+    with pytest.raises(Overloaded, match="max_queued_per_key"):
+        reg.submit("optim_step", start, owner="a", idempotency=("train", "M", 3))
+    assert len(pending) == 2 and reg.queued("a") == 2
+    reg.submit("optim_step", start, owner="b", idempotency=("train", "N", 1))  # another key is not held back
+    assert len(pending) == 3
+
+    def refused() -> concurrent.futures.Future:
+        raise UserError("lora_config.rank: too large")
+
+    pending[0].set_result(types.OptimStepResponse(metrics={}))  # a's first finishes: its place is free again
+    assert reg.queued("a") == 1
+    reg.submit("optim_step", refused, owner="a", idempotency=("train", "M", 3))  # a refusal does not keep a place
+    assert reg.queued("a") == 1
+    _, started = reg.submit("optim_step", start, owner="a", idempotency=("train", "M", 4))
+    assert started and reg.queued("a") == 2 and len(pending) == 4
+    reg.close()

@@ -84,12 +84,16 @@ def atomic_dir(out: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
 
 def sweep(parent: str | Path) -> list[Path]:
     """Remove what killed commits left in `parent`: temporary `.*.new` directories (and Orbax's temporaries inside
-    them), and `.*.old` ones whose target exists again (a recovered or completed replacement). Only safe while no
-    commit into `parent` is in progress (at start-up). Returns what was removed."""
+    them), and `.*.old` ones whose target exists again (a recovered or completed replacement); a replacement
+    interrupted between its renames is first put back (`recover`). Only safe while no commit into `parent` is in
+    progress (at start-up). Returns what was removed."""
     parent = Path(parent)
     removed = []
     if not parent.is_dir():
         return removed
+    for p in list(parent.iterdir()):
+        if p.name.startswith(".") and p.name.endswith(".old"):
+            recover(parent / p.name[1:].rpartition(".")[0].rpartition(".")[0])
     for p in parent.iterdir():
         if not p.name.startswith("."):
             continue

@@ -47,7 +47,7 @@ class LoraConfig:
     alpha: float = 32.0
     # q, k, v, o, gate, up, down, unembed (PEFT names q_proj, ..., lm_head and roles attn / mlp also accepted)
     target_modules: tuple[str, ...] = ("q", "k", "v", "o", "gate", "up", "down", "unembed")
-    max_rank: int = 512  # largest rank a client may ask for
+    max_rank: int = 256  # largest rank a client may ask for (also never above the model's width)
     initial_slots: int = 4  # adapter slots allocated per rank at first use (grows by doubling)
     max_slots: int = 64  # adapters trained at once per rank and base model (a create beyond fails, retryably)
 
@@ -72,6 +72,10 @@ class EngineConfig:
     mesh: MeshConfig = MeshConfig()  # data x fsdp x tensor device mesh
     max_tokens_per_batch: int = 8192  # padded tokens per training micro-batch
     max_seq_len: int = 4096  # longest training sequence accepted (also capped by the model's own limit)
+    max_tokens_per_request: int = 1 << 20  # tokens in one forward / forward_backward request (its host memory)
+    # Disk for the checkpoints of one owner (API key), in bytes; a save past it fails naming the limit. None:
+    # unlimited. In-process runs (no owner) are never limited.
+    checkpoint_quota_bytes: int | None = None
     full_finetune: bool = False  # train every weight instead of LoRA adapters
     remat: bool = False  # recompute layer activations in backward (long sequences on GPU/TPU); slower on CPU
     # Training attention kernel: "auto" (cuDNN flash attention on a GPU computing in bfloat16, else "einsum"),

@@ -2,13 +2,20 @@
 
 from __future__ import annotations
 
-from typing import Any
+import concurrent.futures
+from typing import Any, Callable
 
+from server.store import Store
 from tinker_jax.engine.api import EngineAPI
 from tinker_jax.errors import UserError
 from tinker_jax.training.optim import AdamHP, check_adam
 
 ADAM_TYPES = ("adam", "adamw")
+
+# Sequence numbers (seq_id, model_seq_id, sampling_session_seq_id, completion cursors) are stored as SQLite INTEGER,
+# signed 64-bit, and the store keeps "the next one" (+1) beside some: a larger number would be a 500 from SQLite.
+# The SDK counts up from 0 (sample seq_ids of clone c from c * 1e9, so below 1e18).
+MAX_SEQ = 2**63 - 2
 
 
 def untyped_future(request_id: str, **extra: Any) -> dict[str, Any]:
@@ -41,15 +48,23 @@ def adam_params(body: dict[str, Any]) -> AdamHP:
 
 def train_key(model_id: str, seq_id: int | None) -> tuple[str, str, int] | None:
     """The idempotency key of a training-side submit: the SDK resends the same (model_id, seq_id) on retry (§1.7)."""
+    seq_id = check_seq_id(seq_id)
     return None if seq_id is None else ("train", model_id, seq_id)
 
 
 def check_seq_id(value: Any, field: str = "seq_id") -> int | None:
+    """None, or a sequence number the store can keep (`MAX_SEQ`); UserError naming `field` otherwise."""
     if value is None:
         return None
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise UserError(f"{field}: must be an integer, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_SEQ:
+        raise UserError(f"{field}: must be an integer in [0, 2**63 - 2], got {value!r}")
     return value
+
+
+def check_int64(value: Any, field: str) -> None:
+    """Integers that are stored as they are (e.g. lora_config.seed, kept with the run): signed 64-bit."""
+    if value is not None and not -(2**63) <= value < 2**63:
+        raise UserError(f"{field}: must be a 64-bit integer, got {value!r}")
 
 
 def check_base_model(engine: EngineAPI, name: str | None, field: str = "base_model") -> None:
@@ -57,3 +72,21 @@ def check_base_model(engine: EngineAPI, name: str | None, field: str = "base_mod
     client must not be able to ask for."""
     if name is not None and name not in set(engine.capabilities()):
         raise UserError(f"{field}: unknown model {name!r}; served: {', '.join(map(str, engine.capabilities()))}")
+
+
+def forget_model_on_failure(store: Store, model_id: str, start: Callable[[], concurrent.futures.Future]
+                            ) -> concurrent.futures.Future:
+    """Run `start()` (a create or create-via-load of `model_id`); if it raises or its future fails, drop the store's
+    record of the model: it was never made, so it must not count against its key."""
+    try:
+        future = start()
+    except BaseException:
+        store.remove_model(model_id)
+        raise
+
+    def on_done(f: concurrent.futures.Future) -> None:
+        if f.cancelled() or f.exception() is not None:
+            store.remove_model(model_id)
+
+    future.add_done_callback(on_done)
+    return future

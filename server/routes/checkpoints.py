@@ -20,12 +20,14 @@ from fastapi import APIRouter, Query, Response
 from tinker import types
 
 from server import wire
-from server.access import owned_model, owned_session, readable_checkpoint, sees, writable_checkpoint
-from server.deps import EngineDep, FuturesDep, JsonBody, OwnerDep, SamplersDep, StoreDep
+from server.access import Caller, owned_model, owned_session, readable_checkpoint, sees, writable_checkpoint
+from server.deps import CallerDep, EngineDep, FuturesDep, JsonBody, OwnerDep, SamplersDep, SettingsDep, StoreDep
 from server.errors import ApiError
 from server.lifecycle import delete_checkpoint
-from server.routes._submit import (check_base_model, check_optimizer_config, check_seq_id, train_key,
-                                   untyped_future)
+from server.limits import check_metadata
+from server.routes._submit import (check_base_model, check_optimizer_config, check_seq_id, forget_model_on_failure,
+                                   train_key, untyped_future)
+from server.routes.models import model_limit
 from tinker_jax.engine.api import CheckpointInfo, EngineAPI, RunInfo
 from tinker_jax.engine.registry import KINDS, check_name
 from tinker_jax.errors import UserError
@@ -49,9 +51,10 @@ def _check_ttl(ttl: Any, field: str = "ttl_seconds") -> int | None:
 
 @router.post("/save_weights")
 async def save_weights(body: JsonBody, engine: EngineDep, store: StoreDep, futures: FuturesDep,
-                       owner: OwnerDep) -> dict[str, Any]:
+                       owner: OwnerDep, settings: SettingsDep) -> dict[str, Any]:
     req = wire.parse_request(types.SaveWeightsRequest, body)
     model = owned_model(store, req.model_id, owner)
+    check_metadata(settings.max_metadata_bytes, user_metadata=req.user_metadata)  # stored with the checkpoint
     name = req.path or f"state-{uuid.uuid4().hex[:12]}"
 
     def start():
@@ -62,18 +65,20 @@ async def save_weights(body: JsonBody, engine: EngineDep, store: StoreDep, futur
                                       tenant=model.session_id),
                     lambda r: {"path": r.path, "type": "save_weights"})
 
-    request_id, _ = futures.submit("save_weights", start, idempotency=train_key(req.model_id, req.seq_id),
-                                   model_id=req.model_id)
+    request_id, _ = futures.submit("save_weights", start, owner=owner,
+                                   idempotency=train_key(req.model_id, req.seq_id), model_id=req.model_id)
     return untyped_future(request_id, model_id=req.model_id)
 
 
 @router.post("/save_weights_for_sampler")
 async def save_weights_for_sampler(body: JsonBody, engine: EngineDep, store: StoreDep, futures: FuturesDep,
-                                   samplers: SamplersDep, owner: OwnerDep) -> dict[str, Any]:
+                                   samplers: SamplersDep, owner: OwnerDep, settings: SettingsDep) -> dict[str, Any]:
     """Named (`path`): a sampler checkpoint, answered with its tinker path. Ephemeral (`sampling_session_seq_id`,
     no path): a snapshot in memory, answered with a new sampling session's id and no path (§2.5)."""
     req = wire.parse_request(types.SaveWeightsForSamplerRequest, body)
     model = owned_model(store, req.model_id, owner)
+    check_metadata(settings.max_metadata_bytes, user_metadata=req.user_metadata)
+    check_seq_id(req.sampling_session_seq_id, "sampling_session_seq_id")
     ephemeral = req.path is None
 
     def finish(result: tuple[str | None, str]) -> dict[str, Any]:  # on the engine thread, after the save
@@ -99,7 +104,7 @@ async def save_weights_for_sampler(body: JsonBody, engine: EngineDep, store: Sto
                                                     tenant=model.session_id),
                     finish)
 
-    request_id, _ = futures.submit("save_weights_for_sampler", start,
+    request_id, _ = futures.submit("save_weights_for_sampler", start, owner=owner,
                                    idempotency=train_key(req.model_id, req.seq_id), model_id=req.model_id)
     return untyped_future(request_id, model_id=req.model_id)
 
@@ -115,22 +120,24 @@ async def save_weights_external(body: JsonBody, store: StoreDep, futures: Future
         raise UserError("save_weights_external: exporting Hugging Face weights is not supported by this server; "
                         "use save_state / save_weights_for_sampler, or `tinker-jax` export tools")
 
-    request_id, _ = futures.submit("save_weights_external", start, idempotency=train_key(model_id, seq_id),
-                                   model_id=model_id)
+    request_id, _ = futures.submit("save_weights_external", start, owner=owner,
+                                   idempotency=train_key(model_id, seq_id), model_id=model_id)
     return untyped_future(request_id, model_id=model_id)
 
 
 @router.post("/load_weights")
 async def load_weights(body: JsonBody, engine: EngineDep, store: StoreDep, futures: FuturesDep,
-                       owner: OwnerDep) -> dict[str, Any]:
+                       caller: CallerDep, settings: SettingsDep) -> dict[str, Any]:
     """Legacy (`model_id` + `seq_id`): load into an existing model. Create-via-load (`session_id` +
     `model_seq_id`, SDK 0.24.1+ and the only resume path of 0.38): a new model `{session_id}:train:{model_seq_id}`
-    configured like the checkpoint's run, then loaded; the caller owns it."""
+    configured like the checkpoint's run, then loaded; the caller owns it. A checkpoint the caller may not read
+    fails the future as "not found", exactly like a missing one."""
     req = wire.parse_request(types.LoadWeightsRequest, body)
+    owner = caller.owner
 
     def common_checks() -> None:
         check_optimizer_config(body.get("optimizer_config"))
-        readable_checkpoint(engine, req.path, owner)
+        readable_checkpoint(engine, req.path, caller)
 
     if req.model_id is not None:
         model = owned_model(store, req.model_id, owner)
@@ -140,16 +147,21 @@ async def load_weights(body: JsonBody, engine: EngineDep, store: StoreDep, futur
             return then(engine.load_state(req.model_id, req.path, optimizer=req.optimizer, tenant=model.session_id),
                         lambda r: {"path": req.path, "model_id": req.model_id, "type": "load_weights"})
 
-        request_id, _ = futures.submit("load_weights", start_legacy, idempotency=train_key(req.model_id, req.seq_id),
-                                       model_id=req.model_id)
+        request_id, _ = futures.submit("load_weights", start_legacy, owner=owner,
+                                       idempotency=train_key(req.model_id, req.seq_id), model_id=req.model_id)
         return untyped_future(request_id, model_id=req.model_id)
 
     if req.session_id is None or req.model_seq_id is None:
         raise UserError("load_weights: give model_id (load into an existing model) or session_id and model_seq_id "
                         "(create a model from the checkpoint)")
     owned_session(store, req.session_id, owner, live=True)
+    check_metadata(settings.max_metadata_bytes, user_metadata=req.user_metadata)  # stored with the new run
+    check_seq_id(req.model_seq_id, "model_seq_id")
     model_id = store.model_id_for(req.session_id, req.model_seq_id)
-    store.add_model(model_id, req.session_id, owner)
+
+    def start():  # only for a new (session_id, model_seq_id), as in create_model
+        store.add_model(model_id, req.session_id, owner, model_limit(settings))  # LimitReached: nothing kept
+        return forget_model_on_failure(store, model_id, start_create)
 
     def start_create():
         common_checks()
@@ -161,16 +173,16 @@ async def load_weights(body: JsonBody, engine: EngineDep, store: StoreDep, futur
                     lambda r: {"path": req.path, "model_id": r.model_id, "type": "load_weights"})
 
     # Shares create_model's key: both consume the session's model_seq_id.
-    request_id, _ = futures.submit("load_weights", start_create,
+    request_id, _ = futures.submit("load_weights", start, owner=owner,
                                    idempotency=("create_model", req.session_id, req.model_seq_id),
                                    session_id=req.session_id, model_id=model_id)
     return untyped_future(request_id, model_id=model_id)
 
 
 @router.post("/weights_info")
-async def weights_info(body: JsonBody, engine: EngineDep, owner: OwnerDep) -> dict[str, Any]:
+async def weights_info(body: JsonBody, engine: EngineDep, caller: CallerDep) -> dict[str, Any]:
     path = body.get("tinker_path")
-    readable_checkpoint(engine, path, owner, "tinker_path")
+    readable_checkpoint(engine, path, caller, "tinker_path")
     info = await asyncio.to_thread(engine.weights_info, path)
     return {k: v for k, v in info.items() if v is not None}
 
@@ -229,49 +241,51 @@ def training_run_json(engine: EngineAPI, run: RunInfo) -> dict[str, Any]:
 Scope = Literal["owned", "accessible"]
 
 
-def _visible(engine: EngineAPI, run: RunInfo, owner: str, access_scope: Scope) -> bool:
-    """Owned (or nobody's); with access_scope=accessible, also another key's run that published a checkpoint."""
-    return sees(run, owner) or (access_scope == "accessible" and
+def _visible(engine: EngineAPI, run: RunInfo, caller: Caller, access_scope: Scope) -> bool:
+    """The caller's (`access.sees`: an ownerless run only without API keys); with access_scope=accessible, also a
+    run that published a checkpoint."""
+    return sees(run, caller) or (access_scope == "accessible" and
                                 any(c.public for c in engine.list_checkpoints(run.run_id)))
 
 
-def _visible_run(engine: EngineAPI, run_id: str, owner: str, access_scope: Scope) -> RunInfo:
+def _visible_run(engine: EngineAPI, run_id: str, caller: Caller, access_scope: Scope) -> RunInfo:
     run = engine.get_run(run_id)
-    if run is None or not _visible(engine, run, owner, access_scope):
+    if run is None or not _visible(engine, run, caller, access_scope):
         raise ApiError(404, f"unknown training run {run_id!r}")
     return run
 
 
 @router.get("/training_runs")
-def list_training_runs(engine: EngineDep, owner: OwnerDep,
+def list_training_runs(engine: EngineDep, caller: CallerDep,
                        limit: Annotated[int, Query(ge=0, le=10_000)] = 20, offset: Annotated[int, Query(ge=0)] = 0,
                        access_scope: Scope = "owned", project_id: str | None = None) -> dict[str, Any]:
-    visible = [r for r in engine.list_runs() if _visible(engine, r, owner, access_scope)]  # newest first
+    visible = [r for r in engine.list_runs() if _visible(engine, r, caller, access_scope)]  # newest first
     page = visible[offset:offset + limit]
     return {"training_runs": [training_run_json(engine, r) for r in page],
             "cursor": {"offset": offset, "limit": limit, "total_count": len(visible)}}
 
 
 @router.get("/training_runs/{run_id}")
-def get_training_run(run_id: str, engine: EngineDep, owner: OwnerDep, access_scope: Scope = "owned") -> dict[str, Any]:
-    return training_run_json(engine, _visible_run(engine, run_id, owner, access_scope))
+def get_training_run(run_id: str, engine: EngineDep, caller: CallerDep,
+                     access_scope: Scope = "owned") -> dict[str, Any]:
+    return training_run_json(engine, _visible_run(engine, run_id, caller, access_scope))
 
 
 @router.get("/training_runs/{run_id}/checkpoints")
-def list_run_checkpoints(run_id: str, engine: EngineDep, owner: OwnerDep) -> dict[str, Any]:
-    run = _visible_run(engine, run_id, owner, "accessible")
+def list_run_checkpoints(run_id: str, engine: EngineDep, caller: CallerDep) -> dict[str, Any]:
+    run = _visible_run(engine, run_id, caller, "accessible")
     ckpts = _live(engine.list_checkpoints(run_id))
-    if not sees(run, owner):  # someone else's run: only what they published
+    if not sees(run, caller):  # someone else's run: only what they published
         ckpts = [c for c in ckpts if c.public]
     return {"checkpoints": [checkpoint_json(c) for c in ckpts],
             "cursor": {"offset": 0, "limit": len(ckpts), "total_count": len(ckpts)}}
 
 
 @router.get("/checkpoints")
-def list_user_checkpoints(engine: EngineDep, owner: OwnerDep, limit: Annotated[int, Query(ge=0, le=10_000)] = 100,
+def list_user_checkpoints(engine: EngineDep, caller: CallerDep, limit: Annotated[int, Query(ge=0, le=10_000)] = 100,
                           offset: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
     runs = {r.run_id: r for r in engine.list_runs()}
-    ckpts = [c for c in _live(engine.list_checkpoints()) if sees(runs.get(c.run_id), owner)]  # newest first
+    ckpts = [c for c in _live(engine.list_checkpoints()) if sees(runs.get(c.run_id), caller)]  # newest first
     return {"checkpoints": [checkpoint_json(c) for c in ckpts[offset:offset + limit]],
             "cursor": {"offset": offset, "limit": limit, "total_count": len(ckpts)}}
 
@@ -280,32 +294,33 @@ CheckpointType = Annotated[str | None, Query(pattern="^(training|sampler)$")]
 
 
 @router.post("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/publish", status_code=204)
-def publish_checkpoint(run_id: str, checkpoint_id: str, engine: EngineDep, owner: OwnerDep,
+def publish_checkpoint(run_id: str, checkpoint_id: str, engine: EngineDep, caller: CallerDep,
                        checkpoint_type: CheckpointType = None) -> Response:
-    engine.set_checkpoint_public(writable_checkpoint(engine, run_id, checkpoint_id, owner, checkpoint_type), True)
+    engine.set_checkpoint_public(writable_checkpoint(engine, run_id, checkpoint_id, caller, checkpoint_type), True)
     return Response(status_code=204)
 
 
 @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/publish", status_code=204)
-def unpublish_checkpoint(run_id: str, checkpoint_id: str, engine: EngineDep, owner: OwnerDep,
+def unpublish_checkpoint(run_id: str, checkpoint_id: str, engine: EngineDep, caller: CallerDep,
                          checkpoint_type: CheckpointType = None) -> Response:
-    engine.set_checkpoint_public(writable_checkpoint(engine, run_id, checkpoint_id, owner, checkpoint_type), False)
+    engine.set_checkpoint_public(writable_checkpoint(engine, run_id, checkpoint_id, caller, checkpoint_type), False)
     return Response(status_code=204)
 
 
 @router.put("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/ttl", status_code=204)
-def set_checkpoint_ttl(run_id: str, checkpoint_id: str, body: JsonBody, engine: EngineDep, owner: OwnerDep,
+def set_checkpoint_ttl(run_id: str, checkpoint_id: str, body: JsonBody, engine: EngineDep, caller: CallerDep,
                        checkpoint_type: CheckpointType = None) -> Response:
-    path = writable_checkpoint(engine, run_id, checkpoint_id, owner, checkpoint_type)
+    path = writable_checkpoint(engine, run_id, checkpoint_id, caller, checkpoint_type)
     engine.set_checkpoint_ttl(path, _check_ttl(body.get("ttl_seconds")))
     return Response(status_code=204)
 
 
 @router.get("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/archive")
-def checkpoint_archive(run_id: str, checkpoint_id: str, engine: EngineDep, owner: OwnerDep) -> Response:
-    writable_checkpoint(engine, run_id, checkpoint_id, owner)
-    raise ApiError(404, "checkpoint downloads are not served by this server; the files are under the server's "
-                        "data directory (checkpoints/{run_id}/{kind}/{name})")
+def checkpoint_archive(run_id: str, checkpoint_id: str, engine: EngineDep, caller: CallerDep) -> Response:
+    writable_checkpoint(engine, run_id, checkpoint_id, caller)
+    # Says nothing of where the files are: the server's filesystem layout is not the client's business.
+    raise ApiError(404, "checkpoint downloads are not served by this server; load the checkpoint with "
+                        "create_training_client_from_state or create_sampling_client instead")
 
 
 @router.get("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/external_weights_urls")
@@ -315,9 +330,9 @@ def external_weights_urls(run_id: str, checkpoint_id: str) -> Response:
 
 @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}", status_code=204)
 def delete_checkpoint_route(run_id: str, checkpoint_id: str, engine: EngineDep, samplers: SamplersDep,
-                            owner: OwnerDep, checkpoint_type: CheckpointType = None) -> Response:
-    path = writable_checkpoint(engine, run_id, checkpoint_id, owner, checkpoint_type)
+                            caller: CallerDep, checkpoint_type: CheckpointType = None) -> Response:
+    path = writable_checkpoint(engine, run_id, checkpoint_id, caller, checkpoint_type)
     # Waits (on this pool thread) for the requests already submitted on the path, e.g. a save still writing it.
-    if not delete_checkpoint(engine, samplers, path, owner):
+    if not delete_checkpoint(engine, samplers, path, caller.owner):
         raise ApiError(404, f"checkpoint {path} not found")  # a concurrent delete got there first
     return Response(status_code=204)

@@ -2,7 +2,9 @@
 
 A model is named `{session_id}:train:{model_seq_id}` (SDK 0.38 derives that name itself on create-via-load, §1.8)
 and is also the engine's training-run id; the engine records the caller's key tag as the run's owner. create_model
-is a future: the engine builds the run on its worker for the base model.
+is a future: the engine builds the run on its worker for the base model. The store records the model when the create
+is accepted (refused past `max_models_per_key`, nothing written) and forgets it if the create fails, so a failed
+create neither counts against its key nor answers later requests.
 """
 
 from __future__ import annotations
@@ -15,29 +17,45 @@ from tinker import types
 
 from server import wire
 from server.access import owned_model, owned_session
-from server.deps import EngineDep, FuturesDep, JsonBody, OwnerDep, StoreDep
+from server.deps import EngineDep, FuturesDep, JsonBody, OwnerDep, SettingsDep, StoreDep
 from server.errors import ApiError
-from server.routes._submit import check_base_model, check_optimizer_config, untyped_future
+from server.limits import check_metadata
+from server.routes._submit import (check_base_model, check_int64, check_optimizer_config, check_seq_id,
+                                   forget_model_on_failure, untyped_future)
+from server.settings import ServerSettings
+from server.store import Limit
 from tinker_jax.errors import NotFound, UserError
 from tinker_jax.futures import then
 
 router = APIRouter()
 
 
+def model_limit(settings: ServerSettings) -> Limit:
+    return Limit("models in open sessions", settings.max_models_per_key, "max_models_per_key",
+                 settings.session_timeout_s)
+
+
 @router.post("/create_model")
 async def create_model(body: JsonBody, engine: EngineDep, store: StoreDep, futures: FuturesDep,
-                       owner: OwnerDep) -> dict[str, Any]:
+                       owner: OwnerDep, settings: SettingsDep) -> dict[str, Any]:
     req = wire.parse_request(types.CreateModelRequest, body)
     owned_session(store, req.session_id, owner, live=True)
+    check_metadata(settings.max_metadata_bytes, user_metadata=req.user_metadata)
+    check_seq_id(req.model_seq_id, "model_seq_id")  # names the model and keys its idempotency
     model_id = store.model_id_for(req.session_id, req.model_seq_id)
-    store.add_model(model_id, req.session_id, owner)
     lora = req.lora_config
 
-    def start():
+    def start():  # only for a new (session_id, model_seq_id): a retry gets the first request's future
+        store.add_model(model_id, req.session_id, owner, model_limit(settings))  # LimitReached: nothing kept
+        return forget_model_on_failure(store, model_id, create)
+
+    def create():
         check_optimizer_config(body.get("optimizer_config"))
         check_base_model(engine, req.base_model)
         if lora is not None and lora.rank < 1:
             raise UserError(f"lora_config.rank: must be >= 1, got {lora.rank}")
+        if lora is not None:  # the upper bound of rank is the engine's (its config and the model's width)
+            check_int64(lora.seed, "lora_config.seed")
         kwargs: dict[str, Any] = {} if lora is None else dict(
             rank=lora.rank, seed=lora.seed, train_mlp=lora.train_mlp, train_attn=lora.train_attn,
             train_unembed=lora.train_unembed, full_finetune=False)
@@ -45,8 +63,8 @@ async def create_model(body: JsonBody, engine: EngineDep, store: StoreDep, futur
                                         owner=owner, tenant=req.session_id, **kwargs),
                     lambda mid: {"model_id": mid, "type": "create_model"})
 
-    request_id, _ = futures.submit("create_model", start, idempotency=("create_model", req.session_id,
-                                                                      req.model_seq_id),
+    request_id, _ = futures.submit("create_model", start, owner=owner,
+                                   idempotency=("create_model", req.session_id, req.model_seq_id),
                                    session_id=req.session_id, model_id=model_id)
     return untyped_future(request_id, model_id=model_id)
 
@@ -73,5 +91,5 @@ async def unload_model(body: JsonBody, engine: EngineDep, store: StoreDep, futur
         "unload_model",
         lambda: then(engine.unload_model(req.model_id, tenant=model.session_id),
                      lambda _: {"model_id": req.model_id, "type": "unload_model"}),
-        model_id=req.model_id)
+        owner=owner, model_id=req.model_id)
     return untyped_future(request_id, model_id=req.model_id)

@@ -20,21 +20,29 @@ from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
 
 from server import wire
 from server.access import owned_sampler, owned_session, readable_checkpoint
-from server.deps import EngineDep, FuturesDep, JsonBody, OwnerDep, SamplersDep, StoreDep
-from server.routes._submit import check_base_model, untyped_future
+from server.deps import CallerDep, EngineDep, FuturesDep, JsonBody, OwnerDep, SamplersDep, StoreDep
+from server.routes._submit import check_base_model, check_seq_id, untyped_future
 from tinker_jax.errors import UserError
 from tinker_jax.futures import then
 
 router = APIRouter()
 
+# The reply lists one id per sample (`sample_sequence_ids`), built before the engine sees the request, so the count
+# is bounded here too: far above any engine's own limit (SamplerConfig.max_num_samples, checked by the engine with
+# its value), low enough that a hostile num_samples cannot make the server build a list of 10**18 strings.
+MAX_NUM_SAMPLES = 10_000
+
 
 @router.post("/create_sampling_session")
 async def create_sampling_session(body: JsonBody, engine: EngineDep, store: StoreDep, samplers: SamplersDep,
-                                  owner: OwnerDep) -> dict[str, Any]:
+                                  caller: CallerDep) -> dict[str, Any]:
+    """Nothing free-form is stored: model_path must name a checkpoint the caller may read (else 404) and
+    base_model a served model (else 400), both checked before the store sees them."""
     req = wire.parse_request(types.CreateSamplingSessionRequest, body)
-    owned_session(store, req.session_id, owner, live=True)
+    owned_session(store, req.session_id, caller.owner, live=True)
+    check_seq_id(req.sampling_session_seq_id, "sampling_session_seq_id")
     if req.model_path:  # both given: the path wins
-        readable_checkpoint(engine, req.model_path, owner, "model_path")
+        readable_checkpoint(engine, req.model_path, caller, "model_path")
         info = await asyncio.to_thread(engine.weights_info, req.model_path)
         base_model, model_path = info["base_model"], req.model_path
     elif req.base_model:
@@ -112,8 +120,9 @@ async def asample(body: JsonBody, engine: EngineDep, store: StoreDep, futures: F
     if not req.sampling_session_id:
         raise UserError("sampling_session_id: required (this server does not serve the pre-0.3 sessionless form)")
     row = owned_sampler(store, req.sampling_session_id, owner)
-    if isinstance(req.num_samples, bool) or req.num_samples < 1:
-        raise UserError(f"num_samples: must be >= 1, got {req.num_samples}")
+    check_seq_id(req.seq_id)
+    if isinstance(req.num_samples, bool) or not 1 <= req.num_samples <= MAX_NUM_SAMPLES:
+        raise UserError(f"num_samples: must be between 1 and {MAX_NUM_SAMPLES}, got {req.num_samples}")
     seq_id = req.seq_id if req.seq_id is not None else 0
     sequence_ids = [f"{row.sampling_session_id}:{seq_id}:{i}" for i in range(req.num_samples)]
     try:
@@ -136,13 +145,14 @@ async def asample(body: JsonBody, engine: EngineDep, store: StoreDep, futures: F
     request_id, _ = await asyncio.to_thread(
         futures.submit, "sample", start,
         idempotency=None if req.seq_id is None else ("sample", row.sampling_session_id, req.seq_id),
-        session_id=row.session_id, sampling_session_id=row.sampling_session_id, seq_id=seq_id)
+        owner=owner, session_id=row.session_id, sampling_session_id=row.sampling_session_id, seq_id=seq_id)
     return untyped_future(request_id, sample_sequence_ids=sequence_ids)
 
 
 @router.post("/cancel_future")
-async def cancel_future(body: JsonBody, futures: FuturesDep) -> dict[str, Any]:
+async def cancel_future(body: JsonBody, futures: FuturesDep, owner: OwnerDep) -> dict[str, Any]:
+    """Another key's request is answered like a finished one (`cancelled: false`): ids cannot be probed."""
     request_id = body.get("request_id")
     if not isinstance(request_id, str):
         raise UserError("request_id: must be a string")
-    return {"request_id": request_id, "cancelled": futures.cancel(request_id)}
+    return {"request_id": request_id, "cancelled": futures.cancel(request_id, owner)}

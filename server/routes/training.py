@@ -37,7 +37,7 @@ def _submit_forward_backward(body: bytes, content_type: str | None, forward_only
         kind,
         lambda: engine.forward_backward(req.model_id, list(fb.data), fb.loss_fn, fb.loss_fn_config,
                                         forward_only=call.forward_only, tenant=model.session_id),
-        idempotency=train_key(req.model_id, req.seq_id), model_id=req.model_id)
+        owner=owner, idempotency=train_key(req.model_id, req.seq_id), model_id=req.model_id)
     return untyped_future(request_id, model_id=req.model_id)
 
 
@@ -65,6 +65,6 @@ async def optim_step(body: JsonBody, engine: EngineDep, store: StoreDep, futures
     def start():  # a bad or non-Adam optimizer fails the future ("user")
         return engine.optim_step(model_id, adam_params(body), tenant=model.session_id)
 
-    request_id, _ = futures.submit("optim_step", start,
+    request_id, _ = futures.submit("optim_step", start, owner=owner,
                                    idempotency=train_key(model_id, seq_id), model_id=model_id)
     return untyped_future(request_id, model_id=model_id)

@@ -120,7 +120,11 @@ class EngineAPI(Protocol):
 
     def expire_checkpoints(self) -> list[str]: ...  # deletes submitted (now) for checkpoints past their TTL
 
+    def storage_usage(self, owner: str | None) -> tuple[int, int]: ...  # (checkpoints, bytes) on disk of `owner`
+
     # --- lifecycle -----------------------------------------------------------------------------------------------
+    def health(self) -> dict: ...  # {"ok": bool, "problems": [str]}: the registry answers, no worker is dead
+
     def stats(self) -> dict: ...
 
     def shutdown(self) -> None: ...

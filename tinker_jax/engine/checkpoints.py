@@ -5,7 +5,13 @@
 - `opt` ({"mu", "nu", "count"}, Adam's moments shaped like `weights` and its step count) is present in training
   checkpoints and absent in sampler ones.
 The write is atomic (tinker_jax.atomic): a process killed mid-save never leaves a half-written checkpoint under
-the final name, and overwriting a name swaps directories only after the new one is complete. Restores go into
+the final name, and overwriting a name swaps directories only after the new one is complete.
+
+Each checkpoint also carries its own record, `tinker.json` beside the Orbax items (`RECORD`): its tinker path, the
+owner tag of its run (never a key), when it was created, expires and whether it is published, its step, size and
+user metadata, and its run's configuration. It is committed with the checkpoint, and publish / TTL rewrite it
+(atomically) before the registry; the registry (engine.db) is an index of these records and can always be rebuilt
+from them (engine.index). Restores go into
 targets shaped and placed like the live state, so shardings and dtypes are kept.
 
 Format 1 (before stacked adapter pools) stored `trainable` (the nnx pure dict, adapters under
@@ -16,6 +22,8 @@ still read.
 from __future__ import annotations
 
 import json
+import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +36,8 @@ from tinker_jax.atomic import atomic_dir, recover
 from tinker_jax.errors import UserError
 
 FORMAT_VERSION = 2
+RECORD = "tinker.json"  # the checkpoint's own record (see above)
+RECORD_VERSION = 1
 
 
 class CheckpointError(UserError):
@@ -43,8 +53,9 @@ def _abstract(tree):
                         tree)
 
 
-def save(path: str | Path, *, weights: Any, opt: Any | None, meta: dict) -> Path:
-    """Write a checkpoint atomically. `opt` None: a sampler checkpoint (weights only)."""
+def save(path: str | Path, *, weights: Any, opt: Any | None, meta: dict, record: dict | None = None) -> dict | None:
+    """Write a checkpoint atomically. `opt` None: a sampler checkpoint (weights only). `record` (the checkpoint's
+    own record, without its size) is completed with `size_bytes` and committed with it; returns it."""
     path = Path(path)
     items = {"weights": weights} if opt is None else {"weights": weights, "opt": opt}
     meta = dict(meta, with_optimizer=opt is not None, format_version=FORMAT_VERSION)
@@ -52,11 +63,34 @@ def save(path: str | Path, *, weights: Any, opt: Any | None, meta: dict) -> Path
         tmp.rmdir()  # Orbax creates the directory itself (and refuses an existing one)
         _checkpointer().save(tmp, ocp.args.Composite(state=ocp.args.StandardSave(items),
                                                      meta=ocp.args.JsonSave(meta)))
-    return path
+        if record is not None:
+            record = dict(record, version=RECORD_VERSION, size_bytes=size_bytes(tmp))
+            write_record(tmp, record)
+    return record
 
 
 def size_bytes(path: str | Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and f.name != RECORD)
+
+
+def write_record(path: str | Path, record: dict) -> None:
+    """Replace a checkpoint's record atomically (a temporary file, flushed, then renamed over it)."""
+    path = Path(path)
+    tmp = path / f".{RECORD}.{os.getpid()}.{threading.get_ident()}.tmp"
+    with open(tmp, "w") as f:
+        json.dump(record, f, sort_keys=True)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path / RECORD)
+
+
+def read_record(path: str | Path) -> dict | None:
+    """A checkpoint's record; None when it has none (saved before records existed) or it is unreadable."""
+    try:
+        out = json.loads((Path(path) / RECORD).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    return out if isinstance(out, dict) else None
 
 
 def read_meta(path: str | Path) -> dict:

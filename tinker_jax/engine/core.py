@@ -21,19 +21,19 @@ import threading
 import time
 import uuid
 import weakref
-from concurrent.futures import Future
+from concurrent.futures import Future, wait as futures_wait
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import tinker.types as tt
 
 from tinker_jax import atomic
 from tinker_jax.config import EngineConfig
-from tinker_jax.engine import checkpoints, requests as rq
+from tinker_jax.engine import checkpoints, index, requests as rq
 from tinker_jax.engine.api import CheckpointInfo, EngineAPI, RunInfo
-from tinker_jax.engine.registry import Registry, TinkerPath, check_name
+from tinker_jax.engine.registry import FILE as REGISTRY_FILE, Registry, TinkerPath, check_name
 from tinker_jax.engine.scheduler import Request
 from tinker_jax.engine.worker import BaseWorker
 from tinker_jax.errors import NotFound, Overloaded, UserError
@@ -68,7 +68,8 @@ class Engine(EngineAPI):
         self.config = config
         self.data_dir = Path(config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.registry = Registry(self.data_dir / "engine.db", self.data_dir)
+        # A corrupt registry is set aside here and rebuilt below from the checkpoints' own records.
+        self.registry = Registry.open(self.data_dir / REGISTRY_FILE, self.data_dir)
         if config.sampler.backend == "vllm":  # fail at start, not on the first sample request
             from tinker_jax.sampling.vllm_backend import require_vllm
 
@@ -90,9 +91,10 @@ class Engine(EngineAPI):
         self._refused = 0  # submits refused with Overloaded so far
         self._ids = itertools.count(1)
         self._sweep_checkpoints()
+        self._reindex()
         # An engine nobody shut down still stops its workers (and finishes their checkpoint writes) at exit, before
-        # the interpreter tears down the threads that drive the device.
-        weakref.finalize(self, _stop_workers, self._workers)
+        # the interpreter tears down the threads that drive the device; then the registry merges its WAL.
+        weakref.finalize(self, _stop_workers, self._workers, self.registry)
 
     # ------------------------------------------------------------------------------------------ plumbing
     def _sweep_checkpoints(self) -> None:
@@ -103,6 +105,18 @@ class Engine(EngineAPI):
             for kind_dir in root.glob("*/*"):
                 for p in atomic.sweep(kind_dir):
                     log.info("removed the leftover of an interrupted checkpoint write: %s", p)
+
+    def _reindex(self) -> None:
+        """Make the registry agree with the checkpoints on disk (the disk is the truth: a lost or stale registry
+        comes back whole, owners included)."""
+        report = index.reindex(self.registry, self.data_dir / "checkpoints")
+        if report.changed() or report.unreadable:
+            log.warning("checkpoint registry re-indexed from disk: %s", report.summary())
+        else:
+            log.info("checkpoint registry matches disk: %s", report.summary())
+        if report.unowned:
+            log.warning("%d checkpoints have no recorded owner: with API keys configured no key sees them until "
+                        "`tinker-jax admin chown` gives their run one", report.unowned)
 
     def _worker(self, base_model: str) -> BaseWorker:
         with self._lock:
@@ -213,7 +227,7 @@ class Engine(EngineAPI):
     def shutdown(self) -> None:
         with self._lock:
             workers = dict(self._workers)
-        _stop_workers(workers)
+        _stop_workers(workers, self.registry)
 
     # ------------------------------------------------------------------------------------------ discovery
     def capabilities(self) -> list[str]:
@@ -256,10 +270,9 @@ class Engine(EngineAPI):
             spec = None if full else LoraSpec.from_flags(
                 rank, train_attn=train_attn, train_mlp=train_mlp, train_unembed=train_unembed,
                 alpha=self.config.lora.alpha, allowed=self.config.lora.target_modules, seed=seed)
-            if spec is not None and spec.rank > self.config.lora.max_rank:
-                raise UserError(f"lora_config.rank: {spec.rank} exceeds this server's limit of "
-                                f"{self.config.lora.max_rank}")
             worker = self._worker(base_model)
+            if spec is not None:
+                worker.check_rank(spec.rank)
             model_id = self._reserve(model_id, worker, spec, bool(full))
         except UserError as e:
             return failed(e)
@@ -329,7 +342,8 @@ class Engine(EngineAPI):
             h = self._handle(model_id)
             cfg = h.worker.cfg
             rows = batching.validate(list(data), loss_fn, loss_fn_config, vocab_size=cfg.vocab_size,
-                                     max_len=min(cfg.max_position_embeddings, self.config.max_seq_len))
+                                     max_len=min(cfg.max_position_embeddings, self.config.max_seq_len),
+                                     max_tokens=self.config.max_tokens_per_request)
         except UserError as e:
             return failed(e)
         return self._submit(h.worker, "forward" if forward_only else "forward_backward",
@@ -401,11 +415,41 @@ class Engine(EngineAPI):
         return self.registry.list_checkpoints(run_id)
 
     def set_checkpoint_public(self, path: str, public: bool) -> None:
-        self.registry.set_checkpoint(TinkerPath.parse(path), public=int(bool(public)))
+        p = TinkerPath.parse(path)
+        self._path_turn(p, lambda: self._annotate_now(p, public=bool(public)))
 
     def set_checkpoint_ttl(self, path: str, ttl_seconds: int | None) -> None:
-        self.registry.set_checkpoint(TinkerPath.parse(path),
-                                     expires=None if ttl_seconds is None else time.time() + ttl_seconds)
+        p = TinkerPath.parse(path)
+        self._path_turn(p, lambda: self._annotate_now(
+            p, expires=None if ttl_seconds is None else time.time() + ttl_seconds))
+
+    def _path_turn(self, p: TinkerPath, fn: Callable[[], Any]) -> Any:
+        """Run `fn` in this thread on `p`'s turn: after every unfinished request submitted before on that path, and
+        before any submitted after (so a publish cannot land on a checkpoint that an earlier save is replacing)."""
+        key, turn = str(p), Future()
+        with self._order_lock:
+            with self._lock:
+                after = [f for f in self._path_pending.get(key, ()) if not f.done()]
+                self._path_pending.setdefault(key, []).append(turn)
+        turn.add_done_callback(lambda f: self._path_done([key], f))
+        try:
+            futures_wait(after)
+            result = fn()
+        except BaseException as e:
+            turn.set_exception(e)
+            raise
+        turn.set_result(result)
+        return result
+
+    def _annotate_now(self, p: TinkerPath, **fields: Any) -> None:
+        """Change a checkpoint's published flag or expiry: its own record first (the truth, which a re-index
+        reads), then the registry."""
+        d = atomic.recover(self.checkpoint_dir(p))
+        if self.registry.get_checkpoint(p) is None or not d.is_dir():
+            raise NotFound(f"path: checkpoint {p} not found")
+        record = checkpoints.read_record(d) or index.record_from_registry(self.registry, p, d)
+        checkpoints.write_record(d, {**record, **fields})
+        self.registry.set_checkpoint(p, **{k: int(v) if isinstance(v, bool) else v for k, v in fields.items()})
 
     def delete_checkpoint(self, path: str, *, tenant: str | None = None, only_if_expired: bool = False) -> Future:
         """Remove a checkpoint's record and files, after every request submitted before on that path."""
@@ -415,8 +459,11 @@ class Engine(EngineAPI):
             worker = self._worker(run.base_model) if run is not None else None
         except UserError as e:
             return failed(e)
-        if worker is None:  # a checkpoint of no known run: no device state, nothing to order against
-            return resolved(self.delete_checkpoint_now(p, only_if_expired))
+        if worker is None:  # a checkpoint of no known run: no device state, only earlier annotations to wait for
+            try:
+                return resolved(self._path_turn(p, lambda: self.delete_checkpoint_now(p, only_if_expired)))
+            except Exception as e:  # noqa: BLE001 - a future carries it, as from the worker
+                return failed(e)
         return self._submit(worker, "delete", rq.DeleteCheckpoint(p, only_if_expired), tenant=tenant, paths=[p])
 
     def delete_checkpoint_now(self, p: TinkerPath, only_if_expired: bool = False) -> bool:
@@ -497,7 +544,25 @@ class Engine(EngineAPI):
         return self._bounded(tenant, sampler.submit(snap, tokens, sampling_params, num_samples,
                                                      include_prompt_logprobs, topk_prompt_logprobs, tenant=tenant))
 
-    # ------------------------------------------------------------------------------------------ stats
+    def storage_usage(self, owner: str | None) -> tuple[int, int]:
+        return self.registry.usage(owner)
+
+    # ------------------------------------------------------------------------------------------ health, stats
+    def health(self) -> dict:
+        """Whether the engine can work: its registry answers a query, and no base model's worker thread has died
+        (a model whose load failed is reported too; the next request for it loads it again)."""
+        problems = []
+        try:
+            self.registry.ping()
+        except Exception as e:  # noqa: BLE001 - reported, not raised: health is asked by probes
+            problems.append(f"registry: {type(e).__name__}")
+        with self._lock:
+            workers = dict(self._workers)
+        for name, w in workers.items():
+            if (problem := w.problem()) is not None:
+                problems.append(f"model {name}: {problem}")
+        return {"ok": not problems, "problems": problems}
+
     def stats(self) -> dict:
         with self._lock:
             workers = dict(self._workers)
@@ -518,9 +583,10 @@ class Engine(EngineAPI):
         return out
 
 
-def _stop_workers(workers: dict) -> None:
+def _stop_workers(workers: dict, registry: Registry) -> None:
     for w in list(workers.values()):
         w.stop(timeout=10.0)
+    registry.close()  # after the workers: their last checkpoint writes are indexed first
 
 
 def enable_compile_cache(path: Path) -> None:

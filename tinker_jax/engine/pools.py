@@ -197,7 +197,10 @@ class Run:
     full: FullState | None = None
     step: int = 0  # optimizer steps taken
     pending: int = 0  # forward_backward calls accumulated since the last optimizer step
-    meta: dict = field(default_factory=dict)
+    meta: dict = field(default_factory=dict)  # its configuration as checkpoints record it (base model, LoRA spec)
+    owner: str | None = None  # tag of the API key that created it (server); None: in-process
+    created: float = 0.0
+    user_metadata: dict = field(default_factory=dict)
     grads_lost: str | None = None  # why the accumulated gradient was dropped (a failed step); the next optim fails
 
     @property

@@ -1,12 +1,17 @@
-"""SQLite registry of training runs and checkpoints (the engine's durable state; the server adds its own tables).
+"""SQLite registry of training runs and checkpoints: an index, rebuilt from the checkpoints themselves.
 
-Checkpoint files live under `{data_dir}/checkpoints/{run_id}/{kind}/{name}`; this registry holds what is
-needed to list them, find their run's configuration after a restart, and expire them.
+Checkpoint files live under `{data_dir}/checkpoints/{run_id}/{kind}/{name}`, each with its own record
+(engine.checkpoints.RECORD: owner, TTL, published, its run's configuration). The disk is the source of truth; this
+registry is what lists them fast, finds a run's configuration and owner after a restart, and expires them. At start
+the engine checks the database (`PRAGMA quick_check`), sets a corrupt one aside and re-indexes the checkpoint
+directories it lacks (engine.index); at shutdown the WAL is merged into the database and the connection closed,
+so the file alone is a complete copy.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import re
 import sqlite3
 import threading
@@ -14,6 +19,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from tinker_jax import dbfile
 from tinker_jax.engine.api import CheckpointInfo, RunInfo
 from tinker_jax.errors import UserError
 
@@ -21,6 +27,8 @@ NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 # The one checkpoint-kind table: the kind in a tinker path -> the SDK's checkpoint_type (and back).
 KINDS = {"weights": "training", "sampler_weights": "sampler"}
 KIND_OF_TYPE = {v: k for k, v in KINDS.items()}
+log = logging.getLogger(__name__)
+FILE = "engine.db"  # the registry's file in a data directory
 
 
 def check_name(value: str, field: str) -> str:
@@ -65,14 +73,38 @@ CREATE TABLE IF NOT EXISTS checkpoints (
 class Registry:
     def __init__(self, db_path: str | Path, data_dir: str | Path):
         self.data_dir = Path(data_dir)
+        self.path = Path(db_path)
         self._lock = threading.Lock()
         self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")  # a committed row survives power loss, not only a crash
         self._db.executescript(_SCHEMA)
+
+    @staticmethod
+    def open(db_path: str | Path, data_dir: str | Path) -> "Registry":
+        """Open the registry, first setting aside a database that fails its integrity check (logged; the caller
+        re-indexes the checkpoints from disk: engine.index.reindex)."""
+        db_path = Path(db_path)
+        try:
+            dbfile.check(db_path)
+        except dbfile.DatabaseCorrupt as e:
+            aside = dbfile.set_aside(db_path)
+            log.error("the checkpoint registry is corrupt (%s); set it aside as %s and rebuilding it from the "
+                      "checkpoint directories", e, aside.name)
+        return Registry(db_path, data_dir)
+
+    def close(self) -> None:
+        """Merge the WAL into the database file and close (idempotent)."""
+        with self._lock:
+            if self._db is not None:
+                dbfile.close(self._db, self.path.name)
+                self._db = None
 
     def _q(self, sql: str, args=()):
         with self._lock:
+            if self._db is None:
+                raise RuntimeError("the checkpoint registry is closed (engine shut down)")
             return self._db.execute(sql, args).fetchall()
 
     def checkpoint_dir(self, p: TinkerPath) -> Path:
@@ -80,18 +112,39 @@ class Registry:
 
     # ---- runs
     def add_run(self, run_id: str, base_model: str, *, lora_rank: int | None, full_finetune: bool, meta: dict,
-                user_metadata=None, owner=None):
+                user_metadata=None, owner=None, created: float | None = None):
+        created = created or time.time()
         self._q("INSERT OR REPLACE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
                 (run_id, base_model, lora_rank, int(bool(meta.get("train_attn", True))),
                  int(bool(meta.get("train_mlp", True))), int(bool(meta.get("train_unembed", True))),
-                 int(full_finetune), meta.get("seed"), time.time(), time.time(), json.dumps(user_metadata or {}),
+                 int(full_finetune), meta.get("seed"), created, created, json.dumps(user_metadata or {}),
                  owner))
+
+    def add_run_record(self, run_id: str, run: dict, owner: str | None) -> bool:
+        """Insert a run from a checkpoint's record (re-indexing) unless it is known. Returns whether it was added."""
+        if self.get_run(run_id) is not None:
+            return False
+        with self._lock:
+            cur = self._db.execute(
+                "INSERT OR IGNORE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+                (run_id, run["base_model"], run.get("lora_rank"), int(bool(run.get("train_attn", True))),
+                 int(bool(run.get("train_mlp", True))), int(bool(run.get("train_unembed", True))),
+                 int(bool(run.get("full_finetune", False))), run.get("seed"), run.get("created") or time.time(),
+                 None, json.dumps(run.get("user_metadata") or {}), owner))
+        return cur.rowcount > 0
+
+    def set_run_owner(self, run_id: str, owner: str | None) -> bool:
+        """Give a run an owner (`tinker-jax admin chown`); the caller rewrites its checkpoints' records first."""
+        with self._lock:
+            return self._db.execute("UPDATE runs SET owner=? WHERE run_id=?", (owner, run_id)).rowcount > 0
 
     def touch_runs(self, run_ids) -> None:
         """Record a request for each run (one statement for a whole batch)."""
         now = time.time()
         with self._lock:
-            self._db.executemany("UPDATE runs SET last_request=? WHERE run_id=?", [(now, r) for r in set(run_ids)])
+            if self._db is not None:
+                self._db.executemany("UPDATE runs SET last_request=? WHERE run_id=?",
+                                     [(now, r) for r in set(run_ids)])
 
     def get_run(self, run_id: str) -> RunInfo | None:
         rows = self._q("SELECT * FROM runs WHERE run_id=?", (run_id,))
@@ -102,11 +155,23 @@ class Registry:
         return [_run(r) for r in self._q("SELECT * FROM runs ORDER BY created DESC")]
 
     # ---- checkpoints
-    def add_checkpoint(self, p: TinkerPath, *, size_bytes: int, step: int, ttl_seconds=None, user_metadata=None):
-        expires = time.time() + ttl_seconds if ttl_seconds else None
+    def add_checkpoint(self, p: TinkerPath, *, size_bytes: int, step: int, ttl_seconds=None, user_metadata=None,
+                       created: float | None = None, expires: float | None = None, public: bool = False):
+        if expires is None and ttl_seconds:
+            expires = time.time() + ttl_seconds
         self._q("INSERT OR REPLACE INTO checkpoints VALUES (?,?,?,?,?,?,?,?,?)",
-                (p.run_id, p.kind, p.name, time.time(), size_bytes, 0, expires, step,
+                (p.run_id, p.kind, p.name, created or time.time(), size_bytes, int(bool(public)), expires, step,
                  json.dumps(user_metadata or {})))
+
+    def add_checkpoint_record(self, p: TinkerPath, record: dict) -> None:
+        """Index a checkpoint from its own record (engine.checkpoints.RECORD)."""
+        self.add_checkpoint(p, size_bytes=record.get("size_bytes"), step=record.get("step"),
+                            user_metadata=record.get("user_metadata"), created=record.get("created"),
+                            expires=record.get("expires"), public=bool(record.get("public")))
+
+    def checkpoint_paths(self) -> set[TinkerPath]:
+        return {TinkerPath(r["run_id"], r["kind"], r["name"])
+                for r in self._q("SELECT run_id, kind, name FROM checkpoints")}
 
     def get_checkpoint(self, p: TinkerPath) -> CheckpointInfo | None:
         rows = self._q("SELECT * FROM checkpoints WHERE run_id=? AND kind=? AND name=?", (p.run_id, p.kind, p.name))
@@ -130,6 +195,15 @@ class Registry:
         for k, v in fields.items():
             assert k in ("public", "expires")
             self._q(f"UPDATE checkpoints SET {k}=? WHERE run_id=? AND kind=? AND name=?", (v, p.run_id, p.kind, p.name))
+
+    def usage(self, owner: str | None) -> tuple[int, int]:
+        """(checkpoints, bytes) recorded for runs of `owner`."""
+        rows = self._q("SELECT COUNT(*) AS n, COALESCE(SUM(c.size_bytes), 0) AS b FROM checkpoints c "
+                       "JOIN runs r ON r.run_id = c.run_id WHERE r.owner IS ?", (owner,))
+        return int(rows[0]["n"]), int(rows[0]["b"])
+
+    def ping(self) -> None:
+        self._q("SELECT 1")
 
     def expired(self, now: float | None = None) -> list[TinkerPath]:
         rows = self._q("SELECT run_id, kind, name FROM checkpoints WHERE expires IS NOT NULL AND expires < ?",

@@ -89,6 +89,8 @@ class BaseWorker:
         self.stats = collections.Counter()
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tinker-jax-io-{name}")  # writes, in order
         self._writes = threading.BoundedSemaphore(_MAX_WRITES)
+        self._writing: collections.Counter = collections.Counter()  # owner -> bytes of saves not yet on disk
+        self._quota_lock = threading.Lock()
         self._sampler_lock = threading.Lock()  # a lazily built (vLLM) sampler is built once
         self._busy = {"train": 0.0, "sample": 0.0}  # seconds used since both last had work (fair split)
         self._window_score, self._since_probe = 1.0, 0  # batching window: has waiting been paying off
@@ -126,6 +128,16 @@ class BaseWorker:
             with self._cv:
                 self._holds -= 1
                 self._cv.notify_all()
+
+    def problem(self) -> str | None:
+        """Why this base model cannot work now (health): its loop thread died, or its load failed (the next request
+        loads it again); None when it can."""
+        thread = self._thread
+        if thread is not None and not thread.is_alive() and not self._stopping:
+            return "its worker stopped"
+        if self.load_error is not None:
+            return f"load failed ({type(self.load_error).__name__})"
+        return None
 
     def stop(self, timeout: float = 30.0) -> None:
         with self._cv:
@@ -317,6 +329,14 @@ class BaseWorker:
                                            self.config.lora.max_slots + 1)
         return self.pools[rank]
 
+    def check_rank(self, rank: int) -> None:
+        """The largest LoRA rank served: config lora.max_rank, and never above the model's width (a wider adapter
+        adds parameters and device memory, no expressiveness)."""
+        limit = min(self.config.lora.max_rank, self.cfg.d_model)
+        if rank > limit:
+            raise UserError(f"lora_config.rank: {rank} exceeds this server's limit of {limit} (config "
+                            f"lora.max_rank {self.config.lora.max_rank}, model width {self.cfg.d_model})")
+
     def _checkpoint(self, path: TinkerPath, field: str = "path") -> tuple[Path, dict]:
         """A checkpoint's directory and metadata, if it exists and belongs to this base model."""
         d = self.engine.checkpoint_dir(path)
@@ -337,11 +357,10 @@ class BaseWorker:
             _, meta = self._checkpoint(body.from_path)
             full = bool(meta.get("full_finetune", False))
             spec = None if full else LoraSpec.from_meta(meta)
-        run = Run(req.run, self.name, spec)
+        run = Run(req.run, self.name, spec, owner=body.owner, created=time.time(),
+                  user_metadata=dict(body.user_metadata or {}))
         if spec is not None:
-            if spec.rank > self.config.lora.max_rank:
-                raise UserError(f"lora_config.rank: {spec.rank} exceeds this server's limit of "
-                                f"{self.config.lora.max_rank}")
+            self.check_rank(spec.rank)
             run.slot = self._pool(spec.rank).alloc(req.run, spec)
         else:
             run.full = FullState.create(self.base, self.mesh)
@@ -353,7 +372,7 @@ class BaseWorker:
                 self._restore(run, body.from_path, body.with_optimizer)
             self.engine.registry.add_run(req.run, self.name, lora_rank=None if spec is None else spec.rank,
                                          full_finetune=spec is None, meta=run.meta,
-                                         user_metadata=body.user_metadata, owner=body.owner)
+                                         user_metadata=body.user_metadata, owner=body.owner, created=run.created)
         except BaseException:
             self._drop_run(run)
             raise
@@ -589,22 +608,52 @@ class BaseWorker:
         self._writes.acquire()  # at most _MAX_WRITES host copies wait for the disk; beyond, the loop waits here
         try:
             weights, opt = jax.device_get(self._state_of(run, body.with_optimizer))
+            need = self._reserve_quota(run, body, (weights, opt))
         except BaseException:
             self._writes.release()
             raise
         meta = {**run.meta, "step": run.step, "kind": KINDS[body.path.kind]}
-        step_now, path, registry, d = run.step, body.path, self.engine.registry, self.engine.checkpoint_dir(body.path)
+        path, registry, d = body.path, self.engine.registry, self.engine.checkpoint_dir(body.path)
+        now = time.time()
+        record = {"path": str(path), "run_id": path.run_id, "kind": path.kind, "name": path.name,
+                  "owner": run.owner, "created": now, "public": False, "step": run.step,
+                  "expires": now + body.ttl_seconds if body.ttl_seconds else None,
+                  "user_metadata": dict(body.user_metadata or {}),
+                  "run": {**run.meta, "created": run.created, "user_metadata": run.user_metadata}}
 
         def write():
             try:
-                checkpoints.save(d, weights=weights, opt=opt, meta=meta)
-                registry.add_checkpoint(path, size_bytes=checkpoints.size_bytes(d), step=step_now,
-                                        ttl_seconds=body.ttl_seconds, user_metadata=body.user_metadata)
+                # The record commits with the files; the registry row follows it (the index is rebuilt from
+                # records if it is lost between the two).
+                registry.add_checkpoint_record(path, checkpoints.save(d, weights=weights, opt=opt, meta=meta,
+                                                                      record=record))
             finally:
                 self._writes.release()
+                if need:
+                    with self._quota_lock:
+                        self._writing[run.owner] -= need
             return str(path), snapshot
 
         return _OffLoop(write)
+
+    def _reserve_quota(self, run: Run, body: rq.Save, state) -> int:
+        """Refuse a save of `state` (host copies) that would take the run's owner past config
+        checkpoint_quota_bytes (on disk, plus writes still queued, less the checkpoint it replaces). Returns the
+        bytes it is counted for until written."""
+        quota = self.config.checkpoint_quota_bytes
+        if quota is None or run.owner is None:
+            return 0
+        need = sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(state))
+        replaced = self.engine.registry.get_checkpoint(body.path)
+        on_disk = self.engine.registry.usage(run.owner)[1] - ((replaced.size_bytes or 0) if replaced else 0)
+        with self._quota_lock:  # the I/O thread subtracts finished writes
+            used = on_disk + self._writing[run.owner]
+            if used + need > quota:
+                raise UserError(f"path: saving {body.path} needs about {need} bytes and this key's checkpoints use "
+                                f"{used} of its quota of {quota} bytes (config checkpoint_quota_bytes); delete "
+                                "checkpoints (or give them a TTL) and save again")
+            self._writing[run.owner] += need
+        return need
 
     def _snapshot(self, run: Run, name: str | None) -> WeightSnapshot:
         if run.is_lora:

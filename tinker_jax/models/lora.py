@@ -103,6 +103,9 @@ class LoraSpec:
         if not (isinstance(self.alpha, (int, float)) and math.isfinite(self.alpha) and self.alpha > 0):
             raise UserError(f"lora_alpha: must be a positive number, got {self.alpha!r}")
         object.__setattr__(self, "rank", int(self.rank))
+        # The seed is kept with the run (SQLite INTEGER, the checkpoint record): signed 64-bit, like the SDK's field.
+        if not -(2**63) <= int(self.seed) < 2**63:
+            raise UserError(f"lora_config.seed: must be a 64-bit integer, got {self.seed!r}")
         object.__setattr__(self, "targets", parse_targets(self.targets))
         if not self.targets:
             raise UserError("train_attn/train_mlp/train_unembed: at least one must be true (no projection would "

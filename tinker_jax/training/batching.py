@@ -74,10 +74,16 @@ class RequestRows:
 
 
 def validate(datums: Sequence[tt.Datum], loss_fn: str, loss_fn_config=None, *, vocab_size: int,
-             max_len: int) -> RequestRows:
-    """ValueError naming the datum and field for anything the step could not compute exactly."""
+             max_len: int, max_tokens: int | None = None) -> RequestRows:
+    """ValueError naming the datum and field for anything the step could not compute exactly. `max_tokens`: the
+    most tokens one request may hold (a server's bound on what one call can make it do)."""
     if not datums:
         raise UserError("data: the batch is empty (no datums)")
+    if max_tokens is not None:
+        total = sum(len(getattr(c, "tokens", None) or ()) for d in datums for c in d.model_input.chunks)
+        if total > max_tokens:
+            raise UserError(f"data: {len(datums)} datums of {total} tokens exceed this server's limit of "
+                            f"{max_tokens} tokens per request (config max_tokens_per_request); split the batch")
     spec = get_loss(loss_fn)
     config = resolve_config(loss_fn, loss_fn_config)
     allowed = {"target_tokens", *spec.required_inputs, *spec.optional_inputs}
