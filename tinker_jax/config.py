@@ -9,6 +9,7 @@ from typing import Any, Mapping
 
 import yaml
 
+from tinker_jax.distributed import DistributedConfig
 from tinker_jax.models.decoder import ATTENTION_IMPLS
 from tinker_jax.models.sharding import MeshConfig
 
@@ -93,6 +94,9 @@ class EngineConfig:
     max_queued_per_tenant: int = 1024  # requests in flight per tenant (REST session); beyond: HTTP 429, retried
     max_queued: int = 8192  # requests in flight in the whole engine; beyond: HTTP 429, retried
     local_paths: bool = True  # base_model may name a local HF directory not in `models` (the server turns it off)
+    # Several processes (hosts) as one engine over one global mesh (tinker_jax.distributed): coordinator,
+    # num_processes, process_id, or from_env. Unset: this process alone.
+    distributed: DistributedConfig = DistributedConfig()
 
     @staticmethod
     def from_dict(d: Mapping[str, Any], base_dir: Path | None = None) -> "EngineConfig":
@@ -107,6 +111,8 @@ class EngineConfig:
             raise ValueError(f"config.attention: expected one of {ATTENTION_CHOICES}, got {d['attention']!r}")
         if "mesh" in d:
             d["mesh"] = MeshConfig.from_dict(d["mesh"])
+        if "distributed" in d and not isinstance(d["distributed"], DistributedConfig):
+            d["distributed"] = DistributedConfig.from_dict(d["distributed"])
         if "sampler" in d:
             s = dict(d["sampler"] or {})
             bad = sorted(set(s) - {f.name for f in fields(SamplerConfig)})

@@ -29,9 +29,9 @@ from typing import Any, Callable, Sequence
 import jax
 import tinker.types as tt
 
-from tinker_jax import atomic
+from tinker_jax import atomic, distributed
 from tinker_jax.config import EngineConfig
-from tinker_jax.engine import checkpoints, index, requests as rq
+from tinker_jax.engine import checkpoints, index, replicas, requests as rq
 from tinker_jax.engine.api import CheckpointInfo, EngineAPI, RunInfo
 from tinker_jax.engine.registry import FILE as REGISTRY_FILE, Registry, TinkerPath, check_name
 from tinker_jax.engine.scheduler import Request
@@ -66,10 +66,16 @@ class _Handle:
 class Engine(EngineAPI):
     def __init__(self, config: EngineConfig):
         self.config = config
+        # First: joining the other processes must happen before anything starts the JAX backend.
+        distributed.initialize(config.distributed)
+        self.procs = replicas.Processes() if distributed.multi_process() else None
         self.data_dir = Path(config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        # A corrupt registry is set aside here and rebuilt below from the checkpoints' own records.
-        self.registry = Registry.open(self.data_dir / REGISTRY_FILE, self.data_dir)
+        if self.procs is None or self.procs.leader:
+            # A corrupt registry is set aside here and rebuilt below from the checkpoints' own records.
+            self.registry = Registry.open(self.data_dir / REGISTRY_FILE, self.data_dir)
+        else:  # the leader owns the data dir; a follower's index of what it replayed lives in memory
+            self.registry = Registry(":memory:", self.data_dir)
         if config.sampler.backend == "vllm":  # fail at start, not on the first sample request
             from tinker_jax.sampling.vllm_backend import require_vllm
 
@@ -90,11 +96,18 @@ class Engine(EngineAPI):
         self._inflight: collections.Counter = collections.Counter()  # tenant -> requests not finished
         self._refused = 0  # submits refused with Overloaded so far
         self._ids = itertools.count(1)
-        self._sweep_checkpoints()
-        self._reindex()
+        self._follower: threading.Thread | None = None
+        self._following = threading.Event()  # set: stop following
+        self.follow_error: BaseException | None = None
+        if self.procs is None or self.procs.leader:
+            self._sweep_checkpoints()
+            self._reindex()
+        else:
+            self._follower = threading.Thread(target=self._follow, name="tinker-jax-follower", daemon=True)
+            self._follower.start()
         # An engine nobody shut down still stops its workers (and finishes their checkpoint writes) at exit, before
         # the interpreter tears down the threads that drive the device; then the registry merges its WAL.
-        weakref.finalize(self, _stop_workers, self._workers, self.registry)
+        weakref.finalize(self, _stop_workers, self._workers, self.registry, self.procs, self._following)
 
     # ------------------------------------------------------------------------------------------ plumbing
     def _sweep_checkpoints(self) -> None:
@@ -117,6 +130,25 @@ class Engine(EngineAPI):
         if report.unowned:
             log.warning("%d checkpoints have no recorded owner: with API keys configured no key sees them until "
                         "`tinker-jax admin chown` gives their run one", report.unowned)
+
+    def _follow(self) -> None:
+        """A follower's device loop: run the leader's decisions, in order, until it says stop."""
+        try:
+            while True:
+                msg = self.procs.log.next(self._following)
+                if msg is None or msg[0] == "stop":
+                    return
+                kind, name, *args = msg
+                worker = self._worker(name)
+                if kind == "load":
+                    worker.load_here()
+                elif kind == "round":
+                    worker.replay(*args)
+                else:
+                    raise RuntimeError(f"unknown message from the leader: {kind!r}")
+        except BaseException as e:  # noqa: BLE001 - this process can no longer follow: say so, fail what waits
+            log.exception("process %d stopped following the leader", self.procs.pid)
+            self.follow_error = e
 
     def _worker(self, base_model: str) -> BaseWorker:
         with self._lock:
@@ -173,6 +205,10 @@ class Engine(EngineAPI):
                 tenant: str | None = None, tokens: int = 0, paths: Sequence[TinkerPath] = ()) -> Future:
         """Queue one typed request on `worker` (Overloaded, raised, when a bound is reached)."""
         tenant = tenant or LOCAL
+        if self.procs is not None and (kind not in replicas.SUPPORTED_KINDS or paths):
+            return failed(UserError(f"{kind}{' from a checkpoint' if kind == 'create' else ''}: not supported yet "
+                                    f"when the engine spans several processes ({self.procs.count}); supported: "
+                                    f"{', '.join(replicas.SUPPORTED_KINDS)}"))
         self._admit(tenant)
         fut = self._bounded(tenant, Future())
         keys = [str(p) for p in paths]
@@ -227,7 +263,7 @@ class Engine(EngineAPI):
     def shutdown(self) -> None:
         with self._lock:
             workers = dict(self._workers)
-        _stop_workers(workers, self.registry)
+        _stop_workers(workers, self.registry, self.procs, self._following)
 
     # ------------------------------------------------------------------------------------------ discovery
     def capabilities(self) -> list[str]:
@@ -266,6 +302,9 @@ class Engine(EngineAPI):
                      tenant: str | None = None) -> Future:
         try:
             full = self.config.full_finetune if full_finetune is None else full_finetune
+            if self.procs is not None:  # every process names the run and draws its seed alike
+                drawn_id, drawn_seed = self.procs.draw()
+                model_id, seed = model_id or drawn_id, drawn_seed if seed is None else seed
             seed = int(seed) if seed is not None else secrets.randbits(32)
             spec = None if full else LoraSpec.from_flags(
                 rank, train_attn=train_attn, train_mlp=train_mlp, train_unembed=train_unembed,
@@ -556,6 +595,12 @@ class Engine(EngineAPI):
             self.registry.ping()
         except Exception as e:  # noqa: BLE001 - reported, not raised: health is asked by probes
             problems.append(f"registry: {type(e).__name__}")
+        if self.procs is not None:
+            dead = self.procs.log.dead()
+            if dead:
+                problems.append(f"processes {dead} of the engine stopped: restart the job")
+            if self.follow_error is not None:
+                problems.append(f"this process stopped following the leader ({type(self.follow_error).__name__})")
         with self._lock:
             workers = dict(self._workers)
         for name, w in workers.items():
@@ -583,9 +628,17 @@ class Engine(EngineAPI):
         return out
 
 
-def _stop_workers(workers: dict, registry: Registry) -> None:
+def _stop_workers(workers: dict, registry: Registry, procs: replicas.Processes | None = None,
+                  following: threading.Event | None = None) -> None:
+    if following is not None:
+        following.set()  # a follower stops reading the leader's log
     for w in list(workers.values()):
         w.stop(timeout=10.0)
+    if procs is not None and procs.leader:
+        try:
+            procs.log.publish(("stop",))  # the followers' loops end with the leader's
+        except Exception:  # noqa: BLE001 - the coordination service is already gone
+            pass
     registry.close()  # after the workers: their last checkpoint writes are indexed first
 
 

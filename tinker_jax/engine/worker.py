@@ -27,8 +27,8 @@ import numpy as np
 import tinker.types as tt
 from flax import nnx
 
-from tinker_jax import atomic
-from tinker_jax.engine import checkpoints, requests as rq
+from tinker_jax import atomic, distributed
+from tinker_jax.engine import checkpoints, replicas, requests as rq
 from tinker_jax.engine.pools import NULL_SLOT, AdapterPool, FullState, Run
 from tinker_jax.engine.registry import KINDS, TinkerPath
 from tinker_jax.engine.scheduler import Request, Round, Scheduler
@@ -56,6 +56,7 @@ class Host(Protocol):
     config: Any  # tinker_jax.config.EngineConfig
     mesh: Any  # jax.sharding.Mesh
     registry: Any  # engine.registry.Registry
+    procs: Any  # engine.replicas.Processes, or None on one process
 
     def checkpoint_dir(self, p: TinkerPath) -> Path: ...
 
@@ -94,10 +95,18 @@ class BaseWorker:
         self._sampler_lock = threading.Lock()  # a lazily built (vLLM) sampler is built once
         self._busy = {"train": 0.0, "sample": 0.0}  # seconds used since both last had work (fair split)
         self._window_score, self._since_probe = 1.0, 0  # batching window: has waiting been paying off
+        procs = engine.procs
+        # Several processes: the leader publishes each decision before running it; a follower runs only what the
+        # leader published (replay), and its own calls wait for that (mirrors).
+        self._leader_procs = procs if procs is not None and procs.leader else None
+        self._mirrors = replicas.Mirrors() if procs is not None and not procs.leader else None
 
     # --- submission (any thread) -------------------------------------------------------------------------------
 
     def submit(self, req: Request) -> None:
+        if self._mirrors is not None:  # a follower: the leader's log decides what runs; this call waits for it
+            self._mirrors.claim(req.future)
+            return
         with self._cv:
             stopped = self._stopping
             if not stopped:
@@ -157,13 +166,8 @@ class BaseWorker:
         return s is not None and self.config.sampler.backend == "jax" and s.has_work()
 
     def _loop(self) -> None:
-        try:
-            self._load()
-        except BaseException as e:  # noqa: BLE001 - every request of this model fails with the reason
-            log.exception("loading base model %s from %s failed", self.name, self.path)
-            self.load_error = e
-        finally:
-            self.loaded.set()
+        with self._turn(("load", self.name)):
+            self.load_here()
         window = self.config.batch_window_ms / 1000.0
         while True:
             with self._cv:
@@ -185,7 +189,8 @@ class BaseWorker:
             try:
                 if rnd is not None:
                     t0 = time.perf_counter()
-                    self._execute(rnd)
+                    with self._turn(("round", self.name, rnd.number, _items(rnd))):
+                        self._execute(rnd)
                     dt = time.perf_counter() - t0
                     self._busy["train"] += dt
                     self.stats["train_seconds"] += dt
@@ -205,6 +210,37 @@ class BaseWorker:
         for req in left:
             if not req.future.done():
                 req.future.set_exception(RuntimeError("engine: shut down"))
+
+    def load_here(self) -> None:
+        """Load the base model on this thread (the worker's own, or a follower's device loop)."""
+        try:
+            self._load()
+        except BaseException as e:  # noqa: BLE001 - every request of this model fails with the reason
+            log.exception("loading base model %s from %s failed", self.name, self.path)
+            self.load_error = e
+        finally:
+            self.loaded.set()
+
+    @contextlib.contextmanager
+    def _turn(self, decision: tuple):
+        """On the leader of several processes: publish `decision`, then run its device programs, holding the turn
+        so that every process launches programs in one order. Elsewhere: nothing."""
+        procs = self._leader_procs
+        if procs is None:
+            yield
+            return
+        with procs.turn:
+            procs.log.publish(decision)
+            yield
+
+    def replay(self, number: int, items: list[tuple]) -> None:
+        """A follower runs the leader's round `number`: the same requests (the leader's payloads), in the same
+        order, through the same code; each result also resolves this process's own call of that request."""
+        rnd = Round(number)
+        for kind, body, run, seq, batched in items:
+            req = Request(kind, body, self._mirrors.executed(seq), run=run, seq=seq)
+            (rnd.batch if batched else rnd.ops).append(req)
+        self._execute(rnd)
 
     def _batching_window(self, window: float) -> None:
         """Other runs were active a moment ago but have nothing queued: usually tenants about to submit their next
@@ -468,7 +504,8 @@ class BaseWorker:
             self.stats["micro_batches"] += 1
             self.stats["rows"] += mb.shape[0]
         # One host sync after every micro-batch is queued; then split each row's results back to its request.
-        fetched = jax.device_get([(loss, met, lp) for _, loss, met, lp in outputs])
+        # Rows may live on other processes' devices: gathered (every process, the same point of the same round).
+        fetched = distributed.fetch([(loss, met, lp) for _, loss, met, lp in outputs])
         lps: list[dict[int, np.ndarray]] = [{} for _ in group]
         sums: list[dict[str, float]] = [{} for _ in group]
         for (mb, *_), (loss, met, lp) in zip(outputs, fetched):
@@ -548,7 +585,7 @@ class BaseWorker:
                     full = run.full
                     (full.params, full.grads, full.mu, full.nu, full.count, gnorm) = step.full_optim_step(
                         full.params, full.grads, full.mu, full.nu, full.count, req.body.hp.array())
-                    self._optim_done(req, run, float(gnorm))
+                    self._optim_done(req, run, float(distributed.fetch(gnorm)))
                 except BaseException as e:  # noqa: BLE001
                     if any(x.is_deleted() for x in jax.tree.leaves((run.full.params, run.full.mu))):
                         self.runs.pop(run.run_id, None)  # its donated weights are gone: nothing to recover
@@ -567,7 +604,7 @@ class BaseWorker:
             try:
                 (pool.weights, pool.grads, pool.mu, pool.nu, pool.count, gnorm) = step.lora_optim_step(
                     pool.weights, pool.grads, pool.mu, pool.nu, pool.count, slots, hps, valid)
-                gnorm = np.asarray(gnorm)
+                gnorm = distributed.fetch(gnorm)
             except BaseException as e:  # noqa: BLE001
                 self._lose_pool_if_consumed(rank, e)
                 for req, _ in items:
@@ -765,3 +802,10 @@ class _SamplerBase:
 
     def __init__(self, cfg, path, decoder, name):
         self.cfg, self.path, self.decoder, self.name = cfg, path, decoder, name
+
+
+def _items(rnd: Round) -> list[tuple]:
+    """A round as the leader publishes it: each request's kind, payload, run and place in the log; barriers first,
+    then the batch, each in the round's order (what `replay` rebuilds)."""
+    return [(r.kind, r.body, r.run, r.seq, batched) for batched, reqs in ((False, rnd.ops), (True, rnd.batch))
+            for r in reqs]

@@ -1,0 +1,97 @@
+"""One engine over several processes: the leader's decisions, replayed by every other process (see
+tinker_jax.distributed for the runtime and the log).
+
+- `Processes`: this engine's link to the others: the round log, whether this process leads, the device turn (one
+  order of device programs for the whole mesh), and names and seeds that every process draws alike.
+- `Mirrors`: on a follower, the futures of this process's own engine calls (the in-process API runs the same script
+  on every process), matched to the leader's requests by their position in a base model's log, and resolved by this
+  process's own execution of them: results are equal on every process because every process computed them.
+"""
+
+from __future__ import annotations
+
+import collections
+import itertools
+import random
+import secrets
+import threading
+from concurrent.futures import Future, InvalidStateError
+
+import numpy as np
+
+from tinker_jax import distributed
+
+# What a multi-process engine runs today. Checkpoints, samplers and sampling need every process to write or read its
+# own shards (Orbax multi-process) and the sampler's admissions in the log: not yet (issue 12, in progress).
+SUPPORTED_KINDS = ("create", "forward", "forward_backward", "optim_step", "unload")
+
+
+class Processes:
+    def __init__(self):
+        from jax.experimental import multihost_utils
+
+        self.log = distributed.RoundLog()
+        self.leader = distributed.is_leader()
+        self.pid, self.count = self.log.pid, self.log.count
+        # Every process names runs and draws LoRA seeds alike (a collective, once, at start): model ids and adapter
+        # initialisations must agree or the replicas diverge.
+        self.epoch = int(multihost_utils.broadcast_one_to_all(np.array(secrets.randbits(31), np.int64)))
+        self._names = itertools.count(1)
+        self._names_lock = threading.Lock()
+        # The leader holds this from publishing a decision until its device programs are queued: the processes of a
+        # global mesh must launch the same programs in the same order, whichever base model's thread decided them.
+        self.turn = threading.Lock()
+
+    def draw(self) -> tuple[str, int]:
+        """A run id and a seed, the same on every process for the same call (calls are made in the same order)."""
+        with self._names_lock:
+            n = next(self._names)
+        return f"run-{self.epoch:08x}-{n}", random.Random(f"{self.epoch}/{n}").getrandbits(32)
+
+
+class Mirrors:
+    """Follower side of one base model's log: `claim` (this process's call, in submission order) and `executed`
+    (the leader's request `seq`, replayed here) meet on the same sequence number, in either order."""
+
+    def __init__(self, keep: int = 4096):
+        self._lock = threading.Lock()
+        self._next = itertools.count(1)
+        self._waiting: dict[int, Future] = {}  # claimed, not yet executed
+        self._done: collections.OrderedDict[int, Future] = collections.OrderedDict()  # executed, not yet claimed
+        self._keep = keep  # a follower behind a REST leader never claims anything: keep a bounded tail
+
+    def claim(self, fut: Future) -> None:
+        with self._lock:
+            seq = next(self._next)
+            src = self._done.pop(seq, None)
+            if src is None:
+                self._waiting[seq] = fut
+        if src is not None:
+            _chain(src, fut)
+
+    def executed(self, seq: int) -> Future:
+        """The future the replay of request `seq` resolves: never cancelled by a local caller (every process must run
+        every request the leader ran), its outcome copied to the local call's future."""
+        f: Future = Future()
+        with self._lock:
+            dst = self._waiting.pop(seq, None)
+            if dst is None:
+                self._done[seq] = f
+                while len(self._done) > self._keep:
+                    self._done.popitem(last=False)
+        if dst is not None:
+            _chain(f, dst)
+        return f
+
+
+def _chain(src: Future, dst: Future) -> None:
+    def copy(s: Future) -> None:
+        try:
+            if s.exception() is not None:
+                dst.set_exception(s.exception())
+            else:
+                dst.set_result(s.result())
+        except InvalidStateError:  # the local caller cancelled it
+            pass
+
+    src.add_done_callback(copy)
