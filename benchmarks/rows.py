@@ -158,6 +158,8 @@ def assemble(suite: Suite, sections, res, facts: dict, meta: dict) -> list[dict]
     if "tenants" in sections:
         tshape = facts.get("tenants_shape") or (shape if (suite.tenants_model or suite.model) == suite.model else {})
         rows.extend(_tenants_rows(suite, res.get("tenants"), {**base, "n_params": tshape.get("n_params")}, meta))
+    if "multiprocess" in sections:
+        rows.extend(_multiprocess_rows(suite, res.get("multiprocess"), base, facts, meta))
     if "train" in sections:
         for r in rows:
             if r["metric"].startswith(("train ", "MFU train ")):
@@ -342,3 +344,96 @@ def _tenants_sample_notes(st: dict) -> str | None:
             f"{tt['sampler.decode_calls']} for {tt['sampler.tokens_generated']} "
             f"({_per(tt['sampler.tokens_generated'], tt['sampler.decode_calls'])} per call); prefill calls "
             f"{cc['sampler.prefill_calls']} vs {tt['sampler.prefill_calls']}")
+
+
+def _multiprocess_rows(suite: Suite, mp: Any, base: dict, facts: dict, meta: dict) -> list[dict]:
+    """Rows of the "multiprocess" section (benchmarks/multiprocess_bench.py), per shape: the step's seconds in
+    `mp_processes` processes against one process (same mesh, same devices in all), and the ratio of the medians.
+    `mp` is {"single": result, "multi": result} (either may be a reason string), or why there is none at all."""
+    devices = suite.mp_fsdp * suite.mp_tensor
+    per = devices // max(1, suite.mp_processes)
+    one = f"1 process x {devices} CPU devices, same mesh"
+    variants = {k: (mp if isinstance(mp, str) else mp.get(k, "not measured: no result")) for k in ("single", "multi")}
+    shapes = facts.get("multiprocess_shapes") or {}
+    out: list[dict] = []
+    for name, rows_, length in suite.mp_runs:
+        model = name or suite.model
+        label = f"{model}-{rows_}x{length}"
+
+        def fig(v: Any, key: str = "step_samples", label: str = label) -> Any:
+            if isinstance(v, str):
+                return v
+            run = (v.get("runs") or {}).get(label)
+            return run.get(key, f"not measured: {key} missing") if run else "not measured: no result for this shape"
+
+        def run_of(v: Any, label: str = label) -> dict:
+            return {} if isinstance(v, str) else (v.get("runs") or {}).get(label) or {}
+
+        single, multi = fig(variants["single"]), fig(variants["multi"])
+        s_run, m_run = run_of(variants["single"]), run_of(variants["multi"])
+        followers = [] if isinstance(variants["multi"], str) else variants["multi"].get("followers") or []
+        f_runs = [(f.get("runs") or {}).get(label) or {} for f in followers]
+        notes = None
+        if isinstance(single, Stat) and isinstance(multi, Stat):
+            d = [abs(a - b) / max(abs(b), 1e-9) for a, b in zip(m_run.get("losses", []), s_run.get("losses", []))]
+            extra_ms = 1e3 * (multi.median - single.median)
+            agree = f"{max(d):.1e}" if d else "? (no losses)"
+            notes = (f"{multi.median / single.median:.2f}x the one-process step: +{extra_ms:.0f} ms per step; "
+                     f"losses of the {len(d)} steps agree to {agree} (relative) between the two variants")
+
+        def med(x: Any) -> float | None:
+            return round(x.median, 5) if isinstance(x, Stat) else None
+        settings = {
+            **{k: v for k, v in base.items() if k != "ours_sampler"}, "model": model,
+            "n_params": (shapes.get(label) or {}).get("n_params"), "rows": rows_,
+            "length": length, "tokens_per_step": rows_ * length,
+            "step": "forward_backward(cross_entropy) + optim_step (AdamW), submitted back to back, both awaited",
+            "lora": {"rank": suite.lora_rank, "targets": "q,k,v,o,gate,up,down"},
+            "mesh": {"fsdp": suite.mp_fsdp, "tensor": suite.mp_tensor},
+            "multi": f"{suite.mp_processes} processes x {per} simulated CPU devices (scripts/local_cluster.py: "
+                     "jax.distributed over loopback, gloo collectives; process 0 publishes each round on the round "
+                     "log, the others replay it); process 0's step times",
+            "single": f"1 process x {devices} simulated CPU devices (XLA_FLAGS), the same script",
+            "warmup": suite.mp_warmup, "repeats": suite.mp_repeats,
+            "forward_backward_s_median": {"single": med(fig(variants["single"], "fb_samples")),
+                                          "multi": med(fig(variants["multi"], "fb_samples"))},
+            "follower_step_s_median": [med(r.get("step_samples")) for r in f_runs],
+            "warmup_step_s": {"single": s_run.get("warmup_s"), "multi": m_run.get("warmup_s")},
+            "compiles_in_timed_steps": {"single": s_run.get("compiles_in_timed_steps"),
+                                        "multi": m_run.get("compiles_in_timed_steps")},
+            "rounds_per_timed_step": {"single": s_run.get("rounds_per_timed_step"),
+                                      "multi": m_run.get("rounds_per_timed_step")},
+            "child_wall_s": {k: None if isinstance(v, str) else v.get("wall_s") for k, v in variants.items()},
+            "cpu_collectives": None if isinstance(variants["multi"], str) else variants["multi"].get("cpu_collectives"),
+            "notes": notes,
+            "meaning": "on CPU the gloo collectives over loopback dominate: the overhead of the round log and the "
+                       "cross-process collectives on this machine, not a speed claim for GPUs or TPUs"}
+        what = (f"LoRA r{suite.lora_rank} step, {model} {rows_}x{length}, "
+                f"fsdp={suite.mp_fsdp} x tensor={suite.mp_tensor}")
+        out.append(make_row(f"multiprocess: {what}, {suite.mp_processes} processes x {per} CPU devices", "s", multi,
+                            {one: single}, meta=meta, settings=settings, higher_is_better=False))
+        ratio = Stat([multi.median / single.median]) if isinstance(single, Stat) and isinstance(multi, Stat) else (
+            multi if isinstance(multi, str) else single)
+        out.append(make_row(f"multiprocess: step time ratio, {suite.mp_processes} processes / 1 process, {what}",
+                            "x", ratio, {}, meta=meta, higher_is_better=False,
+                            settings={**settings, "statistic": "ratio of the two medians (one figure)"}))
+    probes = {k: {} if isinstance(v, str) else v.get("psum_ms") or {} for k, v in variants.items()}
+    for axis, size in (("fsdp", suite.mp_fsdp), ("tensor", suite.mp_tensor)):
+        if size < 2:
+            continue
+        m, s1 = probes["multi"].get(axis), probes["single"].get(axis)
+        where = "" if m is None else (" (across processes)" if m.get("across_processes") else " (within each process)")
+
+        def probe_fig(v: Any, p: dict | None) -> Any:
+            return v if isinstance(v, str) else (p or {}).get("ms_samples", "not measured: no psum probe")
+        out.append(make_row(
+            f"multiprocess: one all-reduce (psum) over the {axis} axis, {size} devices{where}, "
+            f"{suite.mp_processes} processes x {per} CPU devices", "ms",
+            probe_fig(variants["multi"], m), {one: probe_fig(variants["single"], s1)}, meta=meta,
+            higher_is_better=False,
+            settings={"mesh": {"fsdp": suite.mp_fsdp, "tensor": suite.mp_tensor}, "array_per_device": "8 x 64 fp32",
+                      "program": "one jitted shard_map of 50 dependent psums over the axis; figure = run time / 50",
+                      "repeats": 10, "when": "in each variant's child, after its training steps",
+                      "cpu_collectives": None if isinstance(variants["multi"], str) else
+                      variants["multi"].get("cpu_collectives")}))
+    return out

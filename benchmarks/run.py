@@ -327,7 +327,32 @@ def measure(suite: Suite, work_dir: Path, sections: tuple[str, ...], res: Result
             return tenants_bench.measure_tenants(spec, work_dir / "tenants", log=log,
                                                  timeout=max(300.0, res.deadline - time.monotonic()))
         res.run("tenants", tenants, tenants_bench.unavailable_reason(suite.tenants_frontdoor))
+    if "multiprocess" in sections:
+        from benchmarks import multiprocess_bench
+
+        def multiprocess():
+            spec = _multiprocess_spec(suite, work_dir, model_dir)
+            facts["multiprocess_shapes"] = {multiprocess_bench.run_label(r): models.model_shape(Path(r["model_dir"]))
+                                            for r in spec.runs}
+            return multiprocess_bench.measure_multiprocess(spec, work_dir / "multiprocess", log=log,
+                                                           timeout=suite.mp_timeout_s)
+        res.run("multiprocess", multiprocess, multiprocess_bench.unavailable_reason())
     return facts
+
+
+def _multiprocess_spec(suite: Suite, work_dir: Path, model_dir: Path):
+    from benchmarks import models
+    from benchmarks.multiprocess_bench import MultiprocessSpec
+
+    runs = []
+    for name, rows, length in suite.mp_runs:
+        name = name or suite.model
+        d = model_dir if name == suite.model else models.ensure_model(work_dir / "models", name)
+        runs.append({"model_name": name, "model_dir": str(d), "rows": rows, "length": length})
+    return MultiprocessSpec(runs=runs, dtype=suite.dtype, rank=suite.lora_rank, warmup=suite.mp_warmup,
+                            repeats=suite.mp_repeats, fsdp=suite.mp_fsdp, tensor=suite.mp_tensor,
+                            processes=suite.mp_processes,
+                            max_tokens_per_batch=max(suite.max_tokens_per_batch, *(r * n for _, r, n in suite.mp_runs)))
 
 
 def _tenants_spec(suite: Suite, work_dir: Path, model_dir: Path, compile_cache: bool):

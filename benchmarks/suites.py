@@ -9,13 +9,18 @@ Section "tenants" (N LoRA clients on one base model, concurrent vs one at a time
 rank 8 x 2x32 tokens (small batches: the per-call overhead batching removes) through the SDK + REST server (and
 in process); gpu 8 and 32 clients x rank 32 x 8x256 tokens
 in process, against one adapter at 8x2048.
+Section "multiprocess" (benchmarks/multiprocess_bench.py, child processes; CPU only): the same LoRA step (rank of the
+suite) on the same fsdp=2 x tensor=4 mesh, in one process with 8 simulated CPU devices vs two processes of 4 (jax.
+distributed over loopback, gloo, scripts/local_cluster.py). cpu: small-qwen3 8x128 (the train row's shape) and
+tiny-qwen3 8x64 (a step with almost no compute: the fixed cost per step); not in quick (two engines' start and
+compile take ~35 s even at toy size).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-SECTIONS = ("peak", "train", "sample", "frontdoor", "handoff", "coldstart", "attention", "tenants")
+SECTIONS = ("peak", "train", "sample", "frontdoor", "handoff", "coldstart", "attention", "tenants", "multiprocess")
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,15 @@ class Suite:
     tenants_max_new: int = 32
     tenants_warmup: int = 1  # untimed phases of each kind (compiles the batched shapes)
     tenants_repeats: int = 3  # timed phases of each kind, alternating
+    # "multiprocess" (benchmarks/multiprocess_bench.py): (model or None for the suite's, rows, length) per shape,
+    # each timed in one process with all fsdp*tensor devices and in mp_processes processes (local_cluster.py).
+    mp_runs: tuple[tuple[str | None, int, int], ...] = ((None, 8, 128),)
+    mp_fsdp: int = 2
+    mp_tensor: int = 4
+    mp_processes: int = 2
+    mp_warmup: int = 2  # untimed steps; fixed counts, never adapted (every process must make the same calls)
+    mp_repeats: int = 5
+    mp_timeout_s: float = 420.0  # the whole section (both variants); each variant gets half of it
     peak_n: int = 2048
     peak_dtype: str = "float32"
     time_budget_s: float = 600.0
@@ -107,6 +121,9 @@ SUITES: dict[str, Suite] = {
         tenants_model="tiny-qwen3", tenants_rank=8, tenants_counts=(8,), tenants_rows=2, tenants_length=32,
         tenants_steps=4, tenants_ref=TrainShape("lora", 16, 32), tenants_samplers=8, tenants_num_samples=2,
         tenants_prompt_len=32, tenants_max_new=32, tenants_warmup=2, tenants_repeats=5,
+        # multiprocess: the suite's model at the train row's shape (~80 s for both variants on 2 cores), and
+        # tiny-qwen3 (~no compute: what distribution costs per step whatever the model), in the same engines.
+        mp_runs=((None, 8, 128), ("tiny-qwen3", 8, 64)), mp_warmup=2, mp_repeats=5,
         caveats=("CPU suite: small-qwen3 (~29M params) in fp32 on a CPU; relative figures only, not GPU evidence.",)),
     "gpu": Suite(
         name="gpu", model="qwen3-0.6b-shape", dtype="bfloat16",
@@ -142,6 +159,7 @@ SUITES["quick"] = Suite(
     coldstart_length=16, coldstart_repeats=1, peak_n=128, time_budget_s=120.0, tenants_counts=(2,),
     tenants_rows=2, tenants_length=16, tenants_steps=1, tenants_samplers=2, tenants_num_samples=1,
     tenants_prompt_len=8, tenants_max_new=4, tenants_repeats=1,
+    sections=tuple(x for x in SECTIONS if x != "multiprocess"),  # ~35 s of engine starts and compiles
     caveats=("quick: a smoke run on tiny-qwen3 with one repeat; its figures mean nothing.",))
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -55,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
         threading.Thread(target=_pump, args=(pid, p.stdout, sys.stdout), daemon=True).start()
         procs.append(p)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    def stop(_signum, _frame) -> None:  # stopping the launcher stops the job (process 0 first: it tells the others)
+        procs[0].send_signal(signal.SIGINT)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
     status = 0
     while any(p.poll() is None for p in procs):
         failed = [p.returncode for p in procs if p.returncode not in (None, 0)]

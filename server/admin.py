@@ -26,6 +26,7 @@ It imports the server (for the key tag) but nothing imports it; the engine has n
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sqlite3
 import sys
@@ -110,6 +111,11 @@ def check(data_dir: Path, out=None) -> int:
 
 
 def reindex(data_dir: Path, rebuild: bool = False, out=None) -> int:
+    with _offline(data_dir, "admin reindex", out) as ok:
+        return _reindex(data_dir, rebuild, out) if ok else 1
+
+
+def _reindex(data_dir: Path, rebuild: bool, out) -> int:
     from tinker_jax import dbfile
     from tinker_jax.engine import index
     from tinker_jax.engine.registry import FILE, Registry
@@ -146,7 +152,30 @@ def backup(data_dir: Path, dest: Path, out=None) -> int:
     return 0
 
 
+@contextlib.contextmanager
+def _offline(data_dir: Path, purpose: str, out):
+    """The data directory's lock for a command that rewrites it; yields False (after saying why) when a server or
+    another engine holds it: a repair must not race a live writer."""
+    from tinker_jax.datadir import DataDirInUse, DataDirLock
+
+    try:
+        lock = DataDirLock(data_dir, purpose)
+    except DataDirInUse as e:
+        print(f"refused: {e}", file=out)
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        lock.release()
+
+
 def chown(data_dir: Path, run_id: str, owner: str, out=None) -> int:
+    with _offline(data_dir, "admin chown", out) as ok:
+        return _chown(data_dir, run_id, owner, out) if ok else 1
+
+
+def _chown(data_dir: Path, run_id: str, owner: str, out) -> int:
     from tinker_jax.atomic import recover
     from tinker_jax.engine import checkpoints, index
     from tinker_jax.engine.registry import FILE, Registry, TinkerPath
@@ -167,8 +196,7 @@ def chown(data_dir: Path, run_id: str, owner: str, out=None) -> int:
         registry.set_run_owner(run_id, owner)
     finally:
         registry.close()
-    print(f"run {run_id}: owner set to {owner}, {n} checkpoint records updated (a running server sees it after its "
-          "next restart)", file=out)
+    print(f"run {run_id}: owner set to {owner}, {n} checkpoint records updated", file=out)
     return 0
 
 
@@ -190,7 +218,7 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     r.add_argument("--rebuild", action="store_true", help="rebuild the index even when its database is sound")
     b = common(sub.add_parser("backup", help="consistent copies of both databases (the server may be running)"))
     b.add_argument("--out", required=True, metavar="DIR", help="directory to write the copies into")
-    c = common(sub.add_parser("chown", help="give a run and its checkpoints an owner"))
+    c = common(sub.add_parser("chown", help="give a run and its checkpoints an owner (stop the server first)"))
     c.add_argument("run_id", metavar="RUN_ID")
     who = c.add_mutually_exclusive_group(required=True)
     who.add_argument("--api-key", metavar="KEY", help="the API key that will own it (stored as its tag only)")

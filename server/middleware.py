@@ -10,7 +10,8 @@ Content-Encoding, and decompression, as one pure ASGI middleware. Routes see a c
   `application/json` (or any `+json` type) on every route, and `application/x-protobuf` on forward_backward (and the
   legacy forward, whose decoder takes both). A body *without* a Content-Type is refused too: the SDK always sends
   one, and a web page can send an untyped or `text/plain` body to a server on localhost without a CORS preflight.
-  Requests without a body (GET, DELETE, an empty POST) are not checked.
+  Requests without a body (GET, DELETE, an empty POST) are not checked. A request with Transfer-Encoding has a
+  body; one that also carries Content-Length is refused (400), since the parser would believe the former.
 - Content-Encoding: `zstd` (the SDK compresses forward_backward bodies once client/config says
   `proto_compress_fwdbwd`) or identity; anything else is a 415. ASGI servers do not undo Content-Encoding on
   requests (wire doc §2.4).
@@ -51,6 +52,11 @@ class RequestBodyMiddleware:
         too_big = f"request body exceeds this server's limit of {limit} bytes for {path} ({knob})"
 
         declared = _header(headers, b"content-length")
+        chunked = _header(headers, b"transfer-encoding") is not None
+        if declared is not None and chunked:
+            # The HTTP parser reads the body by Transfer-Encoding and ignores Content-Length: believing a
+            # `Content-Length: 0` beside it would skip every check below. A request smuggling shape; no client needs it.
+            return await _reject(send, 400, "Content-Length and Transfer-Encoding: send one, not both")
         if declared is not None:
             try:
                 length = int(declared)
@@ -62,7 +68,7 @@ class RequestBodyMiddleware:
                 return await _reject(send, 413, too_big)
             has_body = length > 0
         else:
-            has_body = _header(headers, b"transfer-encoding") is not None
+            has_body = chunked
         if not has_body:
             return await self.app(scope, receive, send)
 

@@ -11,6 +11,10 @@ bounds the memory snapshots take:
   new sampler every step and never says when it drops the old one.
 - A named `save_weights_for_sampler` already builds a snapshot; it is parked under its path, so the
   `create_sampling_client(path)` that usually follows reuses it instead of reloading the checkpoint.
+- A path-backed session is authorized again (`access.readable_checkpoint`, for the caller, who owns the session)
+  each time its snapshot is rebuilt or taken from the parked ones: the checkpoint may have been unpublished, or
+  deleted and saved again as another key's private weights, since the session was opened. A refusal reads exactly
+  like a checkpoint that does not exist.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ import functools
 import logging
 import threading
 
+from server.access import Caller, readable_checkpoint
 from server.store import SamplingSessionRow
 from tinker_jax.engine.api import EngineAPI
 from tinker_jax.errors import NotFound
@@ -95,13 +100,17 @@ class EngineSamplers:
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._builders, functools.partial(self.engine.create_sampler, **kwargs))
 
-    async def resolve(self, row: SamplingSessionRow) -> str:
-        """The engine sampler of a sampling session, rebuilding a path/base-model one if needed.
+    async def resolve(self, row: SamplingSessionRow, caller: Caller) -> str:
+        """The engine sampler of a sampling session, rebuilding a path/base-model one if needed. `caller` is the
+        session's owner (the routes check that first); a path is rebuilt only while they may still read it.
         NotFound (a user error) when it cannot be rebuilt; Overloaded when the engine's queue is full."""
         eid = self.lookup(row)
         if eid is not None:
             return eid
         if row.model_path:
+            loop = asyncio.get_running_loop()  # registry reads: off the event loop
+            await loop.run_in_executor(self._builders, readable_checkpoint, self.engine, row.model_path, caller,
+                                       "model_path")
             eid = self._take_parked(row.model_path)
             if eid is None:
                 eid = await self._build(model_path=row.model_path, tenant=row.session_id)

@@ -2,6 +2,12 @@
 
     tinker-jax serve [--model PATH_OR_ALIAS]... [--config configs/X.yaml] [--host 127.0.0.1] [--port 8000]
                      [--data-dir DIR] [--api-key KEY]
+                     [--coordinator HOST:PORT --num-processes N --process-id I]
+
+Several hosts: run the same command on every host with --coordinator (process 0's address), --num-processes and
+its own --process-id (or with `distributed: {from_env: true}` in the config on a TPU pod or under SLURM, or with
+TINKER_JAX_COORDINATOR / TINKER_JAX_NUM_PROCESSES / TINKER_JAX_PROCESS_ID set, as scripts/local_cluster.py does).
+Process 0 serves HTTP and schedules; the others run its decisions on their devices and have no front door.
 
 Models: `--model` names a local Hugging Face directory (served under that exact path string as its base_model
 name, and under its alias too if the config maps an alias to the same directory) or an alias from the config's
@@ -22,6 +28,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -31,6 +38,7 @@ from server.settings import ServerSettings, api_keys
 from server.store import CorruptDatabase, check_file
 from tinker_jax.cli import Subcommand
 from tinker_jax.config import EngineConfig
+from tinker_jax.distributed import DistributedConfig
 
 log = logging.getLogger("tinker_jax.serve")
 
@@ -97,8 +105,9 @@ def check_exposure(host: str, keys: Sequence[str]) -> None:
 
 
 def serve(models: Sequence[str] = (), config: str | None = None, host: str = "127.0.0.1", port: int = 8000,
-          data_dir: str | None = None, api_key: str | None = None) -> None:
-    """Build the engine and serve the REST API until interrupted."""
+          data_dir: str | None = None, api_key: str | None = None, *, coordinator: str | None = None,
+          num_processes: int | None = None, process_id: int | None = None) -> None:
+    """Build the engine and serve the REST API until interrupted (on process 0 of several: the others follow)."""
     import uvicorn
 
     from server.app import build_app
@@ -108,17 +117,50 @@ def serve(models: Sequence[str] = (), config: str | None = None, host: str = "12
     check_exposure(host, keys)  # before any slow work
     ServerSettings(data_dir=Path("."), api_keys=keys)  # validates the keys (tml- prefix) early
     cfg = build_config(models, config, data_dir)
+    if coordinator is not None or num_processes is not None or process_id is not None:
+        cfg = replace(cfg, distributed=DistributedConfig(coordinator, num_processes, process_id))
     settings = ServerSettings.from_env(data_dir=cfg.data_dir, api_keys=keys)
-    check_file(settings.db_path)  # CorruptDatabase: before the (slow) engine is built
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
+    engine = None
+    if cfg.distributed.resolved().enabled:  # join the others first: only then is it known who leads
+        engine = Engine(cfg)
+        if not engine.procs.leader:
+            log.info("process %d of %d: following process 0 (no front door here)", engine.procs.pid,
+                     engine.procs.count)
+            _stop_cleanly_on_sigterm()
+            try:
+                error = engine.follow()
+            except KeyboardInterrupt:
+                error = None
+            finally:
+                engine.shutdown()
+            if error is not None:
+                raise SystemExit(f"tinker-jax serve: process {engine.procs.pid} stopped following: {error}")
+            return
+    try:
+        check_file(settings.db_path)  # CorruptDatabase: before the (slow) engine is built
+    except CorruptDatabase:
+        if engine is not None:
+            engine.shutdown()
+        raise
     log.info("serving %s from %s on http://%s:%d (data in %s; %s)", ", ".join(cfg.models), "config" if config
              else "the command line", host, port, cfg.data_dir,
              f"{len(keys)} API key(s)" if keys else "no API key: any X-API-Key accepted")
-    engine = Engine(cfg)
+    engine = engine or Engine(cfg)
+    _stop_cleanly_on_sigterm()
     try:
         uvicorn.run(build_app(engine, settings), host=host, port=port, log_level="info")
+    except KeyboardInterrupt:  # Ctrl-C or a supervisor's SIGTERM: a normal stop
+        pass
     finally:
-        engine.shutdown()
+        engine.shutdown()  # checkpoint writes in flight finish; the registry merges its WAL
+
+
+def _stop_cleanly_on_sigterm() -> None:
+    """SIGTERM (systemd, docker, Kubernetes, SLURM stopping the job) ends the server like Ctrl-C. Uvicorn handles it
+    while serving, then re-raises it with the handler found at its start: Python's default for SIGTERM would kill
+    the process there, before the engine's shutdown could finish the checkpoint writes in flight."""
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
 
 
 # ---- the `tinker-jax serve` subcommand (registered in pyproject.toml under tinker_jax.commands) -----------------
@@ -134,11 +176,18 @@ def _add_arguments(p) -> None:
                                                      "(default: $TINKER_JAX_DATA_DIR or ~/.local/share/tinker_jax)")
     p.add_argument("--api-key", metavar="KEY", help="accepted X-API-Key (tml-...); also $TINKER_JAX_API_KEYS, "
                                                     "comma separated")
+    p.add_argument("--coordinator", metavar="HOST:PORT", help="several hosts: process 0's address (all processes)")
+    p.add_argument("--num-processes", type=int, metavar="N", help="several hosts: how many processes in all")
+    p.add_argument("--process-id", type=int, metavar="I", help="several hosts: this one's id (0 serves HTTP)")
 
 
 def _run(args) -> int:
     try:
-        serve(args.model, args.config, args.host, args.port, args.data_dir, args.api_key)
+        serve(args.model, args.config, args.host, args.port, args.data_dir, args.api_key,
+              coordinator=args.coordinator, num_processes=args.num_processes, process_id=args.process_id)
+    except ValueError as e:  # a bad flag or config: said plainly
+        print(f"tinker-jax serve: error: {e}", file=sys.stderr)
+        return 2
     except CorruptDatabase as e:  # the operator's to repair: the message says how; a traceback would only hide it
         print(f"tinker-jax serve: error: {e}", file=sys.stderr)
         return 2

@@ -301,13 +301,15 @@ class Store:
 
     # --- models --------------------------------------------------------------------------------------------------
 
-    def add_model(self, model_id: str, session_id: str, owner: str, limit: Limit | None = None) -> None:
+    def add_model(self, model_id: str, session_id: str, owner: str, limit: Limit | None = None) -> bool:
         """Record a training model of a session (at submit time, so ownership checks never race the engine). With
-        `limit`, LimitReached (nothing written) when the owner's open sessions already hold that many models."""
+        `limit`, LimitReached (nothing written) when the owner's open sessions already hold that many models.
+        Returns whether it was recorded now: False when the model is already on record (nothing checked or
+        written; the caller must not treat that row as its own to forget)."""
         now = time.time()
         with self._tx() as db:
             if db.execute("SELECT 1 FROM models WHERE model_id=?", (model_id,)).fetchone() is not None:
-                return
+                return False
             if limit is not None:
                 heartbeats = [r[0] for r in db.execute(
                     "SELECT s.last_heartbeat FROM models m JOIN sessions s ON s.session_id = m.session_id "
@@ -318,6 +320,7 @@ class Store:
             if n.isdigit():
                 db.execute("UPDATE sessions SET next_model_seq=MAX(next_model_seq, ?) WHERE session_id=?",
                            (int(n) + 1, session_id))
+        return True
 
     def remove_model(self, model_id: str) -> None:
         """Forget a model whose creation failed (so it neither counts against its key nor answers requests)."""

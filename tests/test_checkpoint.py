@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pathlib
+import shutil
 import time
 
 import jax
@@ -97,11 +98,14 @@ def run(svc):
     return dict(tc=tc, losses=losses, final=params(tc), **saved)
 
 
-def test_resume_with_optimizer_is_bitwise_identical(run, model_dir, data_dir):
-    # A new engine over the same data_dir (as after a process restart) resumes from the checkpoint, reusing
-    # the programs compiled for the original run (restored arrays must look exactly like fresh ones to jit).
+def test_resume_with_optimizer_is_bitwise_identical(run, model_dir, data_dir, tmp_path):
+    # A new engine over a copy of the data_dir (as after a restart, or a restored backup: the first engine still
+    # holds the original, one writer per data dir) resumes from the checkpoint, reusing the programs compiled for
+    # the original run (restored arrays must look exactly like fresh ones to jit).
+    restored = tmp_path / "restored"
+    shutil.copytree(data_dir, restored, ignore=shutil.ignore_patterns(".lock"))
     compiled = train.compile_count()
-    with tinker_jax.ServiceClient(data_dir=data_dir, config=EngineConfig(models={"tiny": str(model_dir)})) as fresh:
+    with tinker_jax.ServiceClient(data_dir=restored, config=EngineConfig(models={"tiny": str(model_dir)})) as fresh:
         tc = fresh.create_training_client_from_state_with_optimizer(run["path"])
         assert state(tc)["step"] == 2
         assert_same(params(tc), run["params"])

@@ -29,6 +29,7 @@ from tinker import types
 from tinker.lib.api_future_impl import _APIFuture
 
 from server.app import build_app
+from server.deps import key_tag
 from server.settings import ServerSettings
 from server.store import CorruptDatabase, Store
 from server_util import uvicorn_thread
@@ -461,3 +462,163 @@ def test_no_error_carries_a_server_path(tmp_path, monkeypatch) -> None:
         assert "<data-dir>" in bodies[1] and "<data-dir>" in bodies[-1]  # redacted, the rest of the text kept
         for body in bodies:
             assert where not in body and os.path.realpath(where) not in body, body
+
+
+# --- review: what a published checkpoint reveals, samplers rebuilt, repeated creates, chunked bodies, get_info ------
+
+
+def _save(api: Api, route: str, mid: str, name: str, seq: int, key: str = A, **extra: Any) -> str:
+    r = api.post(route, {"model_id": mid, "path": name, "seq_id": seq, **extra}, key=key)
+    assert r.status_code == 200, r.text
+    return api.result(r.json()["request_id"], key=key)["path"]
+
+
+def test_accessible_scope_shows_another_keys_run_only_through_what_it_published(server: Live) -> None:
+    """Key A publishes one checkpoint of its run; with access_scope=accessible key B sees the run, but its latest
+    checkpoints are chosen among the published ones only, and the run's user_metadata and owner tag are not
+    shown. A still sees everything of its own run. The SDK parses B's answer."""
+    api = server.api
+    r = api.post("create_model", {"session_id": api.session(A), "model_seq_id": 0, "base_model": BASE,
+                                  "lora_config": {"rank": 4}, "user_metadata": {"run-notes": "secret-run"}}, key=A)
+    mid = r.json()["model_id"]
+    api.result(r.json()["request_id"], key=A)
+    public = _save(api, "save_weights", mid, "shared", 1)
+    private = _save(api, "save_weights", mid, "private-later", 2, user_metadata={"note": "secret-ckpt"})
+    private_s = _save(api, "save_weights_for_sampler", mid, "private-sampler", 3)
+    assert api.request("POST", f"training_runs/{mid}/checkpoints/weights/shared/publish", key=A).status_code == 204
+
+    listed = api.request("GET", "training_runs?limit=1000&access_scope=accessible", key=B)
+    single = api.request("GET", f"training_runs/{mid}?access_scope=accessible", key=B)
+    assert listed.status_code == single.status_code == 200
+    [run] = [r for r in listed.json()["training_runs"] if r["training_run_id"] == mid]
+    for view in (run, single.json()):
+        assert view["last_checkpoint"]["tinker_path"] == public and view["last_sampler_checkpoint"] is None
+        assert view.get("user_metadata") is None and view["model_owner"] != key_tag(A)
+    for text in (listed.text, single.text):
+        for secret in ("private-later", "private-sampler", "secret-run", "secret-ckpt", key_tag(A)):
+            assert secret not in text, secret
+    rest = tinker.RestClient(base_url=server.base_url, api_key=B)
+    parsed = rest.get_training_run(mid, access_scope="accessible").result()
+    assert parsed.last_checkpoint.tinker_path == public and parsed.user_metadata is None
+
+    own = api.request("GET", f"training_runs/{mid}?access_scope=accessible", key=A).json()
+    assert own["last_checkpoint"]["tinker_path"] == private and own["last_sampler_checkpoint"]["tinker_path"] == \
+        private_s
+    assert own["user_metadata"] == {"run-notes": "secret-run"} and own["model_owner"] == key_tag(A)
+
+
+def test_a_sampler_rebuilt_from_its_path_is_authorized_again(tmp_path) -> None:
+    """B samples A's published checkpoint. Once A unpublishes it (or deletes it and saves private weights under the
+    same name), B's sampler, evicted (max_samplers_per_session=1) or after a restart, is not rebuilt from it: the
+    sample fails as for a checkpoint that does not exist. A's own sampler on it is rebuilt as before."""
+    prompt = {"chunks": [{"type": "encoded_text", "tokens": [1, 2]}]}
+
+    def sample(api: Api, sampler: str, seq: int, key: str) -> dict[str, Any]:
+        r = api.post("asample", {"sampling_session_id": sampler, "seq_id": seq, "num_samples": 1, "prompt": prompt,
+                                 "sampling_params": {"max_tokens": 2}}, key=key)
+        assert r.status_code == 200, r.text
+        return api.result(r.json()["request_id"], key=key)
+
+    def sampler(api: Api, sid: str, seq: int, key: str, **source: str) -> str:
+        r = api.post("create_sampling_session", {"session_id": sid, "sampling_session_seq_id": seq, **source},
+                     key=key)
+        assert r.status_code == 200, r.text
+        return r.json()["sampling_session_id"]
+
+    with serving(tmp_path, max_samplers_per_session=1) as api:
+        mid = api.model(api.session(A), key=A)
+        path = _save(api, "save_weights_for_sampler", mid, "p", 1)
+        rest = f"training_runs/{mid}/checkpoints/sampler_weights/p"
+        assert api.request("POST", f"{rest}/publish", key=A).status_code == 204
+        sid_b, sid_a = api.session(B), api.session(A)
+        b_path, a_path = sampler(api, sid_b, 0, B, model_path=path), sampler(api, sid_a, 0, A, model_path=path)
+        assert "error" not in sample(api, b_path, 0, B)
+
+        assert api.request("DELETE", f"{rest}/publish", key=A).status_code == 204
+        sampler(api, sid_b, 1, B, base_model=BASE)  # evicts b_path's snapshot
+        sampler(api, sid_a, 1, A, base_model=BASE)  # evicts a_path's
+        err = sample(api, b_path, 1, B)
+        assert err.get("category") == "user" and "not found" in err.get("error", ""), err
+        assert "error" not in sample(api, a_path, 0, A)  # the owner may
+
+        # Deleted, and private weights saved under the same name: not readable either.
+        assert api.request("POST", f"{rest}/publish", key=A).status_code == 204
+        assert "error" not in sample(api, b_path, 2, B)  # published again: rebuilt
+        sampler(api, sid_b, 2, B, base_model=BASE)
+        assert api.request("DELETE", rest, key=A).status_code == 204
+        assert _save(api, "save_weights_for_sampler", mid, "p", 2) == path
+        err = sample(api, b_path, 3, B)
+        assert err.get("category") == "user" and "not found" in err.get("error", ""), err
+
+    with serving(tmp_path) as api:  # a restart: nothing in memory, the sampler is rebuilt from the store's row
+        err = sample(api, b_path, 4, B)
+        assert err.get("category") == "user" and "not found" in err.get("error", ""), err
+        assert "error" not in sample(api, a_path, 1, A)
+
+
+def test_a_repeated_create_keeps_the_live_model(tmp_path) -> None:
+    """Once the first create's idempotency key is pruned, a create (or create-via-load) naming the same model
+    again is refused (400, naming the model) before the engine sees it; the live model keeps its store row: it
+    still answers, still counts against max_models_per_key."""
+    with serving(tmp_path, max_models_per_key=1) as api:
+        sid = api.session()
+        mid = api.model(sid)
+        ckpt = _save(api, "save_weights", mid, "c", 1)
+        time.sleep(0.01)
+        assert api.app.state.store.prune(0, 0) >= 2  # retrieved_ttl_s passed: the keys are gone
+        n_calls = len(api.engine.calls)
+        for route, body in [("create_model", {"base_model": BASE, "lora_config": {"rank": 4}}),
+                            ("load_weights", {"path": ckpt, "optimizer": False})]:
+            r = api.post(route, {"session_id": sid, "model_seq_id": 0, **body})
+            assert r.status_code == 400 and mid in r.json()["error"] and "exists" in r.json()["error"], r.text
+        assert len(api.engine.calls) == n_calls  # the engine was not asked
+        assert api.app.state.store.get_model(mid) is not None
+        assert api.post("get_info", {"model_id": mid}).status_code == 200
+        r = api.post("create_model", {"session_id": sid, "model_seq_id": 1, "base_model": BASE})
+        assert r.status_code == 400 and "max_models_per_key=1" in r.json()["error"], r.text
+
+
+def test_a_chunked_body_with_content_length_zero_is_checked(server: Live) -> None:
+    """`Content-Length: 0` beside `Transfer-Encoding: chunked` (h11 reads the chunked body) must not skip the body
+    checks: a text/plain body (a page's no-preflight request) or one over the size cap is refused."""
+    def send(body: bytes, content_type: bytes) -> bytes:
+        head = (b"POST /api/v1/create_session HTTP/1.1\r\nHost: x\r\nX-API-Key: " + A.encode() +
+                b"\r\nContent-Type: " + content_type + b"\r\nContent-Length: 0\r\nTransfer-Encoding: chunked\r\n\r\n")
+        chunks = b"".join(b"%x\r\n%s\r\n" % (len(body[i:i + 65536]), body[i:i + 65536])
+                          for i in range(0, len(body), 65536))
+        with socket.create_connection(("127.0.0.1", server.port), timeout=10) as sock:
+            sock.sendall(head)
+            with contextlib.suppress(OSError):  # the server may answer and close before reading it all
+                sock.sendall(chunks + b"0\r\n\r\n")
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+                if b"\r\n\r\n" in reply:
+                    break
+        return reply
+
+    sessions = len(server.api.request("GET", "sessions?limit=1000").json()["sessions"])
+    small = b'{"tags": [], "sdk_version": "0.38.0"}'
+    big = b'{"tags": [], "pad": "' + b"x" * (5 << 20) + b'"}'  # over max_json_body_bytes (4 MiB)
+    for body, content_type in [(small, b"text/plain"), (big, b"application/json")]:
+        reply = send(body, content_type)
+        assert reply[9:10] == b"4" and not reply.startswith(b"HTTP/1.1 2"), reply[:200]
+    assert len(server.api.request("GET", "sessions?limit=1000").json()["sessions"]) == sessions  # none made
+
+
+def test_get_info_names_the_served_model_not_a_server_path(tmp_path, monkeypatch) -> None:
+    """The engine's model directory never reaches a client as `tokenizer_id`: the served name does (the SDK's
+    get_tokenizer loads `tokenizer_id`, else the model name)."""
+    with serving(tmp_path) as api:
+        mid = api.model(api.session())
+        real = api.engine.get_info
+
+        def get_info(model_id):
+            info = real(model_id)  # as the engine answered before: its model directory
+            data = info.model_data.model_copy(update={"tokenizer_id": str(tmp_path / "models" / "weights-dir")})
+            return info.model_copy(update={"model_data": data})
+
+        monkeypatch.setattr(api.engine, "get_info", get_info)
+        r = api.post("get_info", {"model_id": mid})
+        assert r.status_code == 200 and r.json()["model_data"]["tokenizer_id"] == BASE, r.text
+        assert str(tmp_path) not in r.text

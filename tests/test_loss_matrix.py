@@ -329,3 +329,74 @@ def test_engine_health_reports_a_model_that_cannot_work(model_dir, tmp_path):
             svc.engine.create_model("broken", rank=4).result()
         health = svc.engine.health()
         assert not health["ok"] and any(p.startswith("model broken: load failed") for p in health["problems"]), health
+
+
+def test_leftovers_belong_to_their_own_name_only(tmp_path):
+    """Names may contain dots: `.model.v2.{id}.new` is model.v2's save in progress, never model's leftover."""
+    kind = tmp_path / "weights"
+    (kind / "model").mkdir(parents=True)
+    other_new = kind / ".model.v2.0123abcd.new"
+    other_old = kind / ".model.v2.89abcdef.old"
+    other_new.mkdir()
+    other_old.mkdir()
+    atomic.remove(kind / "model")
+    assert not (kind / "model").exists() and other_new.is_dir() and other_old.is_dir()
+    assert atomic.recover(kind / "model") == kind / "model" and not (kind / "model").exists()  # not model.v2's
+    assert other_old.is_dir()
+    (kind / ".gone.fedcba98.deleted").mkdir()  # a delete killed between its rename and its removal
+    removed = {p.name for p in atomic.sweep(kind)}
+    assert ".gone.fedcba98.deleted" in removed and ".model.v2.0123abcd.new" in removed
+    assert (kind / "model.v2").is_dir()  # model.v2's interrupted replacement put back, not model's
+
+
+def test_one_writer_per_data_dir(model_dir, tmp_path, capsys):
+    from tinker_jax.datadir import DataDirInUse
+
+    data = tmp_path / "data"
+    with _service(model_dir, data):
+        with pytest.raises(DataDirInUse, match="in use by another tinker_jax engine"):
+            _service(model_dir, data)
+        assert admin.reindex(data) == 1 and "refused" in capsys.readouterr().out  # no repair under a live writer
+        assert admin.chown(data, "any-run", A) == 1
+    assert admin.reindex(data) == 0  # released at shutdown
+    with _service(model_dir, data):
+        pass
+
+
+def test_reindex_owner_is_the_newest_record_and_a_bad_record_keeps_its_row(model_dir, tmp_path):
+    data = tmp_path / "data"
+    with _service(model_dir, data) as svc:
+        mid = svc.engine.create_model(BASE, rank=4, owner=A).result()
+        old = TinkerPath.parse(svc.engine.save_state(mid, "old").result().path)
+        new = TinkerPath.parse(svc.engine.save_state(mid, "new").result().path)
+    root = data / "checkpoints"
+    for p, owner, created in ((old, B, 1.0), (new, A, 2.0)):  # records disagree: the newer says A
+        d = root / p.run_id / p.kind / p.name
+        checkpoints.write_record(d, {**checkpoints.read_record(d), "owner": owner, "created": created})
+    reg = Registry.open(data / REGISTRY_FILE, data)
+    try:
+        reg.set_run_owner(mid, B)
+        index.reindex(reg, root)
+        assert reg.get_run(mid).owner == A
+        (root / old.run_id / old.kind / old.name / checkpoints.RECORD).write_text("[not a record")
+        report = index.reindex(reg, root)
+        assert report.unreadable == [str(old)] and reg.get_checkpoint(old) is not None  # reported, not dropped
+        assert (root / old.run_id / old.kind / old.name / checkpoints.RECORD).read_text() == "[not a record"
+    finally:
+        reg.close()
+
+
+def test_delete_needs_no_served_model(model_dir, tmp_path):
+    """A checkpoint of a base model the server no longer serves can still be deleted (and expire): a delete
+    touches files and the index only, on its path's turn."""
+    data = tmp_path / "data"
+    with _service(model_dir, data) as svc:
+        mid = svc.engine.create_model(BASE, rank=4).result()
+        path = svc.engine.save_state(mid, "keep", ttl_seconds=1).result().path
+    config = EngineConfig(data_dir=data, models={}, max_seq_len=64, compile_cache=False)  # nothing served
+    with tinker_jax.ServiceClient(config=config) as svc:
+        assert svc.engine.get_checkpoint(path) is not None
+        assert svc.engine.delete_checkpoint(path).result(timeout=30) is True
+        assert svc.engine.get_checkpoint(path) is None and not svc.engine._workers
+        p = TinkerPath.parse(path)
+        assert not (data / "checkpoints" / p.run_id / p.kind / p.name).exists()

@@ -1,21 +1,35 @@
 """One engine over two processes (issue 12): jax.distributed over loopback, gloo collectives, 4 simulated CPU devices
-per process forming one fsdp=2 x tensor=4 mesh. The same in-process script (examples/multihost_sft.py) runs on both
-processes through scripts/local_cluster.py; its losses, logprobs and gradient norm equal those of one process with
-all 8 devices (fp32), and both processes get identical results.
+per process forming one fsdp=2 x tensor=4 mesh, started by scripts/local_cluster.py.
+
+- The in-process API: the same script (examples/multihost_sft.py) on both processes; its losses, logprobs and
+  gradient norm equal those of one process with all 8 devices (fp32), and both processes get identical results.
+- The REST server: `tinker-jax serve` on both processes (process 0 serves HTTP); the official SDK trains through it
+  with the losses of a one-process engine, and SIGTERM to the job stops both processes cleanly.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
+import socket
 import subprocess
 import sys
+import time
 from concurrent.futures import Future
 from pathlib import Path
 
+import httpx
 import models_util
 import numpy as np
 import pytest
+import tinker
+import tinker.types as tt
+import yaml
+
+import tinker_jax
+from tinker_jax.config import EngineConfig
+from tinker_jax.models.sharding import MeshConfig
 
 from tinker_jax import distributed
 from tinker_jax.engine.replicas import Mirrors
@@ -100,3 +114,69 @@ def test_distributed_config(monkeypatch):
     monkeypatch.delenv(distributed.ENV_PROCESS_ID)
     with pytest.raises(ValueError, match="TINKER_JAX_PROCESS_ID"):
         distributed.DistributedConfig().resolved()
+
+
+def _sft_batch() -> list[tt.Datum]:
+    rng = np.random.default_rng(0)
+    out = []
+    for n in (9, 12):
+        toks = rng.integers(0, 512, n)
+        out.append(tt.Datum(model_input=tt.ModelInput.from_ints(toks[:-1].tolist()),
+                            loss_fn_inputs={"target_tokens": tt.TensorData.from_numpy(toks[1:].astype(np.int64))}))
+    return out
+
+
+def _train(tc) -> list[float]:
+    losses = []
+    for _ in range(2):
+        fb = tc.forward_backward(_sft_batch(), "cross_entropy").result()
+        tc.optim_step(tt.AdamParams(learning_rate=1e-2)).result()
+        losses.append(fb.metrics["loss:sum"])
+    return losses
+
+
+def test_two_processes_serve_the_sdk(tmp_path):
+    model = models_util.tiny_model_dir("tiny-qwen3")
+    mesh = {"fsdp": 2, "tensor": 4}
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text(yaml.safe_dump({"models": {"tiny": str(model)}, "mesh": mesh, "max_seq_len": 64,
+                                   "compile_cache": False}))
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    log = open(tmp_path / "job.log", "w")  # a file, not a pipe: a pipe nobody reads until the end would fill up
+    job = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "local_cluster.py"), "-n", "2", "--devices", "4",
+                            "--timeout", "600", "--", sys.executable, "-m", "tinker_jax.cli", "serve", "--config",
+                            str(cfg), "--data-dir", str(tmp_path / "data"), "--port", str(port)],
+                           env=_env(4), stdout=log, stderr=subprocess.STDOUT)
+    try:
+        base_url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert job.poll() is None and time.monotonic() < deadline, "the two-process server did not start"
+            try:
+                if httpx.get(f"{base_url}/api/v1/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)
+        service = tinker.ServiceClient(base_url=base_url, api_key="tml-multiprocess")
+        tc = service.create_lora_training_client(base_model="tiny", rank=4, seed=7).result()
+        got = _train(tc)
+        service.close("success").result(timeout=30)
+    finally:
+        job.send_signal(signal.SIGTERM)  # a supervisor stopping the job: both processes leave cleanly
+        try:
+            job.wait(timeout=120)
+        finally:
+            if job.poll() is None:
+                job.kill()
+            log.close()
+    out = (tmp_path / "job.log").read_text()
+    assert job.returncode == 0, out[-4000:]
+    assert "process 1 of 2: following process 0" in out and out.count("engine: stopped") == 2, out[-4000:]
+    one = EngineConfig(data_dir=tmp_path / "one", models={"tiny": str(model)}, mesh=MeshConfig(**mesh),
+                       max_seq_len=64, compile_cache=False)
+    with tinker_jax.ServiceClient(config=one) as svc:
+        want = _train(svc.create_lora_training_client(base_model="tiny", rank=4, seed=7))
+    np.testing.assert_allclose(got, want, rtol=1e-5)

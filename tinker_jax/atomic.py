@@ -10,6 +10,7 @@ still leave one: `sweep(parent)` removes those).
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import uuid
 from contextlib import contextmanager
@@ -17,8 +18,29 @@ from pathlib import Path
 from typing import Iterator
 
 
+_ASIDE = re.compile(r"^\.(?P<name>.+)\.(?P<id>[0-9a-f]{8})\.(?P<suffix>new|old|deleted)$")
+
+
 def _aside(out: Path, suffix: str) -> Path:
     return out.with_name(f".{out.name}.{uuid.uuid4().hex[:8]}.{suffix}")
+
+
+def _asides(out: Path, *suffixes: str) -> list[Path]:
+    """`out`'s own moved-aside or temporary directories, oldest first. Exact: names may contain dots, so
+    `.model.v2.{id}.new` belongs to `model.v2`, never to `model`."""
+    if not out.parent.is_dir():
+        return []
+    found = []
+    for p in out.parent.iterdir():
+        m = _ASIDE.match(p.name)
+        if m and m["name"] == out.name and m["suffix"] in suffixes:
+            found.append(p)
+    return sorted(found, key=lambda p: p.stat().st_mtime)
+
+
+def _target(p: Path) -> tuple[Path, str] | None:
+    m = _ASIDE.match(p.name)
+    return (p.parent / m["name"], m["suffix"]) if m else None
 
 
 def resolve(out: str | Path) -> Path:
@@ -27,7 +49,7 @@ def resolve(out: str | Path) -> Path:
     out = Path(out)
     if out.exists():
         return out
-    olds = sorted(out.parent.glob(f".{out.name}.*.old"), key=lambda p: p.stat().st_mtime) if out.parent.is_dir() else []
+    olds = _asides(out, "old")
     return olds[-1] if olds else out
 
 
@@ -35,10 +57,23 @@ def recover(out: str | Path) -> Path:
     """Undo a replacement interrupted between its two renames (old moved aside, new not yet in place)."""
     out = Path(out)
     if not out.exists():
-        olds = sorted(out.parent.glob(f".{out.name}.*.old"), key=lambda p: p.stat().st_mtime)
+        olds = _asides(out, "old")
         if olds:
             olds[-1].rename(out)
     return out
+
+
+def remove(out: str | Path) -> None:
+    """Delete `out` so that it is gone at once or not at all: renamed aside (`.deleted`, which `recover` never
+    brings back and `sweep` finishes) before the files are removed, so a crash or a partial removal never leaves a
+    half-deleted `out` that a re-index would list again. Its own leftover temporaries go too."""
+    out = Path(out)
+    if out.exists():
+        gone = _aside(out, "deleted")
+        os.rename(out, gone)
+        shutil.rmtree(gone, ignore_errors=True)
+    for p in _asides(out, "new", "old", "deleted"):
+        shutil.rmtree(p, ignore_errors=True)
 
 
 @contextmanager
@@ -84,16 +119,17 @@ def atomic_dir(out: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
 
 def sweep(parent: str | Path) -> list[Path]:
     """Remove what killed commits left in `parent`: temporary `.*.new` directories (and Orbax's temporaries inside
-    them), and `.*.old` ones whose target exists again (a recovered or completed replacement); a replacement
-    interrupted between its renames is first put back (`recover`). Only safe while no commit into `parent` is in
-    progress (at start-up). Returns what was removed."""
+    them), unfinished deletes (`.*.deleted`), and `.*.old` ones whose target exists again (a recovered or
+    completed replacement); a replacement interrupted between its renames is first put back (`recover`). Only safe
+    while no commit into `parent` is in progress (at start-up). Returns what was removed."""
     parent = Path(parent)
-    removed = []
+    removed: list[Path] = []
     if not parent.is_dir():
         return removed
     for p in list(parent.iterdir()):
-        if p.name.startswith(".") and p.name.endswith(".old"):
-            recover(parent / p.name[1:].rpartition(".")[0].rpartition(".")[0])
+        t = _target(p)
+        if t is not None and t[1] == "old":
+            recover(t[0])
     for p in parent.iterdir():
         if not p.name.startswith("."):
             continue
@@ -101,9 +137,8 @@ def sweep(parent: str | Path) -> list[Path]:
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
             continue
-        stem, _, suffix = p.name[1:].rpartition(".")
-        target = parent / stem.rpartition(".")[0] if stem else None
-        if suffix == "new" or (suffix == "old" and target is not None and target.exists()):
+        t = _target(p)
+        if t is not None and (t[1] in ("new", "deleted") or (t[1] == "old" and t[0].exists())):
             shutil.rmtree(p, ignore_errors=True)
             removed.append(p)
     return removed

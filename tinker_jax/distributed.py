@@ -18,6 +18,7 @@ import logging
 import os
 import pickle
 import threading
+import time
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
@@ -105,6 +106,16 @@ def initialize(cfg: DistributedConfig) -> None:
                  jax.device_count(), jax.local_device_count())
 
 
+def shutdown() -> None:
+    """Leave the other processes (every process calls it; it returns when all have). Safe to call twice."""
+    with _init_lock:
+        if _client() is not None:
+            try:
+                jax.distributed.shutdown()
+            except Exception as e:  # noqa: BLE001 - a process already gone: nothing left to leave
+                log.warning("leaving the other processes: %s", e)
+
+
 def _client():
     """The coordination service client of this process (None on one process). A private JAX object: every use of
     it is in this module."""
@@ -180,8 +191,8 @@ class RoundLog:
             return 0
 
     def next(self, stopping: threading.Event | None = None) -> Any:
-        """The next message (followers). Raises ProcessGone if the leader stops; returns None if `stopping` is set
-        while waiting."""
+        """The next message (followers). Raises ProcessGone if the leader's coordination service goes away; returns
+        None if `stopping` is set while waiting."""
         n = self._n + 1
         while True:
             if stopping is not None and stopping.is_set():
@@ -189,23 +200,26 @@ class RoundLog:
             try:
                 data = self._client.blocking_key_value_get_bytes(f"{_PREFIX}/{n}", self._poll_ms)
                 break
-            except Exception as e:  # noqa: BLE001 - DEADLINE_EXCEEDED: nothing yet; anything else: check the leader
-                if "DEADLINE" not in str(e).upper() and not self.alive(0):
-                    raise ProcessGone("process 0 (the leader) stopped") from e
+            except Exception as e:  # noqa: BLE001 - DEADLINE_EXCEEDED: nothing yet; anything else: the service
+                if "DEADLINE" not in str(e).upper():
+                    raise ProcessGone(f"process 0 (the leader) is unreachable: {e}") from e
         self._n = n
         self._client.key_value_set(f"{_PREFIX}/ack/{self.pid}", str(n), allow_overwrite=True)
         return pickle.loads(data)
 
-    def alive(self, pid: int) -> bool:
-        try:
-            return pid in self._client.get_live_nodes(list(range(self.count)))
-        except Exception:  # noqa: BLE001 - the service itself is gone (it runs in process 0)
-            return False
+    def beat(self) -> None:
+        """This process is alive (followers call it every few seconds, from a thread of their own, so a long round
+        does not look like a death). Not jax's get_live_nodes: that is a barrier every process must enter."""
+        self._client.key_value_set(f"{_PREFIX}/beat/{self.pid}", repr(time.time()), allow_overwrite=True)
 
-    def dead(self) -> list[int]:
-        """Processes the coordination service no longer hears from."""
-        try:
-            live = self._client.get_live_nodes(list(range(self.count)))
-        except Exception:  # noqa: BLE001
-            return [p for p in range(self.count) if p != self.pid]
-        return [p for p in range(self.count) if p not in live]
+    def dead(self, stale_s: float = 30.0) -> list[int]:
+        """Followers whose last beat is older than `stale_s` (or that never beat), as the leader sees them."""
+        now, out = time.time(), []
+        for p in range(1, self.count):
+            try:
+                last = float(self._client.key_value_try_get(f"{_PREFIX}/beat/{p}"))
+            except Exception:  # noqa: BLE001 - NOT_FOUND (never beat) or the store is unreachable
+                last = 0.0
+            if now - last > stale_s:
+                out.append(p)
+        return out

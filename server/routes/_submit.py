@@ -5,7 +5,8 @@ from __future__ import annotations
 import concurrent.futures
 from typing import Any, Callable
 
-from server.store import Store
+from server.errors import ApiError
+from server.store import Limit, Store
 from tinker_jax.engine.api import EngineAPI
 from tinker_jax.errors import UserError
 from tinker_jax.training.optim import AdamHP, check_adam
@@ -74,10 +75,21 @@ def check_base_model(engine: EngineAPI, name: str | None, field: str = "base_mod
         raise UserError(f"{field}: unknown model {name!r}; served: {', '.join(map(str, engine.capabilities()))}")
 
 
+def record_new_model(store: Store, model_id: str, session_id: str, owner: str, limit: Limit) -> None:
+    """Record the model a create (or create-via-load) is about to make; LimitReached when the key holds its limit.
+    A model already on record is refused (400) before the engine sees the request: the SDK's retries of one create
+    share its idempotency key, so this is a create sent again after that key was pruned (`retrieved_ttl_s`), and
+    the engine would refuse it too, after which forgetting the record would orphan the live model."""
+    if not store.add_model(model_id, session_id, owner, limit):
+        raise ApiError(400, f"model_seq_id: model {model_id!r} already exists; create a new model with another "
+                            "model_seq_id")
+
+
 def forget_model_on_failure(store: Store, model_id: str, start: Callable[[], concurrent.futures.Future]
                             ) -> concurrent.futures.Future:
-    """Run `start()` (a create or create-via-load of `model_id`); if it raises or its future fails, drop the store's
-    record of the model: it was never made, so it must not count against its key."""
+    """Run `start()` (a create or create-via-load of `model_id`, just recorded by `record_new_model`); if it raises
+    or its future fails, drop the store's record of the model: it was never made, so it must not count against its
+    key."""
     try:
         future = start()
     except BaseException:

@@ -26,7 +26,7 @@ from server.errors import ApiError
 from server.lifecycle import delete_checkpoint
 from server.limits import check_metadata
 from server.routes._submit import (check_base_model, check_optimizer_config, check_seq_id, forget_model_on_failure,
-                                   train_key, untyped_future)
+                                   record_new_model, train_key, untyped_future)
 from server.routes.models import model_limit
 from tinker_jax.engine.api import CheckpointInfo, EngineAPI, RunInfo
 from tinker_jax.engine.registry import KINDS, check_name
@@ -160,7 +160,7 @@ async def load_weights(body: JsonBody, engine: EngineDep, store: StoreDep, futur
     model_id = store.model_id_for(req.session_id, req.model_seq_id)
 
     def start():  # only for a new (session_id, model_seq_id), as in create_model
-        store.add_model(model_id, req.session_id, owner, model_limit(settings))  # LimitReached: nothing kept
+        record_new_model(store, model_id, req.session_id, owner, model_limit(settings))  # else nothing kept
         return forget_model_on_failure(store, model_id, start_create)
 
     def start_create():
@@ -220,21 +220,30 @@ def _live(ckpts: list[CheckpointInfo]) -> list[CheckpointInfo]:
     return [c for c in ckpts if c.expires is None or c.expires > now]
 
 
-def training_run_json(engine: EngineAPI, run: RunInfo) -> dict[str, Any]:
+def training_run_json(engine: EngineAPI, run: RunInfo, caller: Caller) -> dict[str, Any]:
+    """A run as the caller may see it. Their own (`access.sees`) in full. Another key's (or, with API keys, an
+    ownerless one), listed because it published a checkpoint (access_scope=accessible): only what its published
+    checkpoints reveal. The latest checkpoints are chosen among the published ones, the run's user_metadata is
+    left out (optional on the wire) and the owner tag, a required string, is blank; the last request time is that of
+    its newest published checkpoint."""
     ckpts = _live(engine.list_checkpoints(run.run_id))  # newest first
+    own = sees(run, caller)
+    if not own:
+        ckpts = [c for c in ckpts if c.public]
     latest = {kind: next((c for c in ckpts if c.kind == kind), None) for kind in KINDS}
+    last_request = (run.last_request or run.created) if own else (ckpts[0].created if ckpts else run.created)
     return {
         "training_run_id": run.run_id,
         "base_model": run.base_model,
-        "model_owner": run.owner or "local",
+        "model_owner": (run.owner or "local") if own else "",
         "is_lora": run.is_lora,
         "corrupted": False,
         "lora_rank": run.lora_rank,
-        "last_request_time": _iso(run.last_request or run.created),
+        "last_request_time": _iso(last_request),
         "last_checkpoint": None if latest["weights"] is None else checkpoint_json(latest["weights"]),
         "last_sampler_checkpoint": None if latest["sampler_weights"] is None else
         checkpoint_json(latest["sampler_weights"]),
-        "user_metadata": _str_dict(run.user_metadata),
+        "user_metadata": _str_dict(run.user_metadata) if own else None,
     }
 
 
@@ -261,14 +270,14 @@ def list_training_runs(engine: EngineDep, caller: CallerDep,
                        access_scope: Scope = "owned", project_id: str | None = None) -> dict[str, Any]:
     visible = [r for r in engine.list_runs() if _visible(engine, r, caller, access_scope)]  # newest first
     page = visible[offset:offset + limit]
-    return {"training_runs": [training_run_json(engine, r) for r in page],
+    return {"training_runs": [training_run_json(engine, r, caller) for r in page],
             "cursor": {"offset": offset, "limit": limit, "total_count": len(visible)}}
 
 
 @router.get("/training_runs/{run_id}")
 def get_training_run(run_id: str, engine: EngineDep, caller: CallerDep,
                      access_scope: Scope = "owned") -> dict[str, Any]:
-    return training_run_json(engine, _visible_run(engine, run_id, caller, access_scope))
+    return training_run_json(engine, _visible_run(engine, run_id, caller, access_scope), caller)
 
 
 @router.get("/training_runs/{run_id}/checkpoints")

@@ -4,7 +4,9 @@ A model is named `{session_id}:train:{model_seq_id}` (SDK 0.38 derives that name
 and is also the engine's training-run id; the engine records the caller's key tag as the run's owner. create_model
 is a future: the engine builds the run on its worker for the base model. The store records the model when the create
 is accepted (refused past `max_models_per_key`, nothing written) and forgets it if the create fails, so a failed
-create neither counts against its key nor answers later requests.
+create neither counts against its key nor answers later requests. A create naming a model already on record (sent
+again after its idempotency key was pruned) is refused with a 400 before the engine sees it; the live model keeps
+its record.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from server.deps import EngineDep, FuturesDep, JsonBody, OwnerDep, SettingsDep, 
 from server.errors import ApiError
 from server.limits import check_metadata
 from server.routes._submit import (check_base_model, check_int64, check_optimizer_config, check_seq_id,
-                                   forget_model_on_failure, untyped_future)
+                                   forget_model_on_failure, record_new_model, untyped_future)
 from server.settings import ServerSettings
 from server.store import Limit
 from tinker_jax.errors import NotFound, UserError
@@ -46,7 +48,7 @@ async def create_model(body: JsonBody, engine: EngineDep, store: StoreDep, futur
     lora = req.lora_config
 
     def start():  # only for a new (session_id, model_seq_id): a retry gets the first request's future
-        store.add_model(model_id, req.session_id, owner, model_limit(settings))  # LimitReached: nothing kept
+        record_new_model(store, model_id, req.session_id, owner, model_limit(settings))  # else nothing kept
         return forget_model_on_failure(store, model_id, create)
 
     def create():
@@ -78,7 +80,14 @@ async def get_info(body: JsonBody, engine: EngineDep, store: StoreDep, owner: Ow
     except NotFound as e:  # the engine no longer (or not yet) holds it: released, or the server restarted
         raise ApiError(404, str(e)) from None
     # model_data.model_name must be set: get_tokenizer() asserts it and ephemeral samplers take their base from it.
-    return {**info.model_dump(mode="json", exclude_none=True), "type": "get_info"}
+    out = info.model_dump(mode="json", exclude_none=True)
+    # tokenizer_id is the served name, whatever the engine put there (an engine may name its model directory, a
+    # server path): the SDK's get_tokenizer loads `tokenizer_id`, else a name derived from model_name, on the client.
+    data = out.setdefault("model_data", {})
+    data.pop("tokenizer_id", None)
+    if data.get("model_name"):
+        data["tokenizer_id"] = data["model_name"]
+    return {**out, "type": "get_info"}
 
 
 @router.post("/unload_model")

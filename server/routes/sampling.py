@@ -52,7 +52,7 @@ async def create_sampling_session(body: JsonBody, engine: EngineDep, store: Stor
         raise UserError("create_sampling_session: give model_path (tinker://...) or base_model")
     row = store.create_sampling_session(req.session_id, req.sampling_session_seq_id, base_model=base_model,
                                         model_path=model_path)
-    await samplers.resolve(row)  # build the snapshot now: errors surface here, and the first sample is quick
+    await samplers.resolve(row, caller)  # build the snapshot now: errors surface here, and the first sample is quick
     return {"sampling_session_id": row.sampling_session_id, "type": "create_sampling_session"}
 
 
@@ -115,7 +115,8 @@ def _last_n_checker(req: types.SampleRequest, prompt_len: int):
 
 @router.post("/asample")
 async def asample(body: JsonBody, engine: EngineDep, store: StoreDep, futures: FuturesDep, samplers: SamplersDep,
-                  owner: OwnerDep) -> dict[str, Any]:
+                  caller: CallerDep) -> dict[str, Any]:
+    owner = caller.owner
     req = wire.parse_request(types.SampleRequest, body)
     if not req.sampling_session_id:
         raise UserError("sampling_session_id: required (this server does not serve the pre-0.3 sessionless form)")
@@ -126,8 +127,8 @@ async def asample(body: JsonBody, engine: EngineDep, store: StoreDep, futures: F
     seq_id = req.seq_id if req.seq_id is not None else 0
     sequence_ids = [f"{row.sampling_session_id}:{seq_id}:{i}" for i in range(req.num_samples)]
     try:
-        engine_id, lost = await samplers.resolve(row), None
-    except UserError as e:  # an ephemeral sampler whose weights are gone: the future says why
+        engine_id, lost = await samplers.resolve(row, caller), None
+    except UserError as e:  # weights gone (ephemeral) or no longer readable (a path): the future says why
         engine_id, lost = None, e
 
     def start():

@@ -84,13 +84,23 @@ def write_record(path: str | Path, record: dict) -> None:
     os.replace(tmp, path / RECORD)
 
 
+class RecordError(RuntimeError):
+    """A checkpoint's record exists but cannot be read (an I/O error, or not a JSON object): the server's problem,
+    never a reason to rewrite it from the registry (the record is the truth)."""
+
+
 def read_record(path: str | Path) -> dict | None:
-    """A checkpoint's record; None when it has none (saved before records existed) or it is unreadable."""
+    """A checkpoint's record; None when it has none (saved before records existed)."""
+    f = Path(path) / RECORD
     try:
-        out = json.loads((Path(path) / RECORD).read_text())
-    except (OSError, json.JSONDecodeError):
+        out = json.loads(f.read_text())
+    except FileNotFoundError:
         return None
-    return out if isinstance(out, dict) else None
+    except (OSError, json.JSONDecodeError) as e:
+        raise RecordError(f"{f}: unreadable record ({type(e).__name__}: {e})") from e
+    if not isinstance(out, dict):
+        raise RecordError(f"{f}: not a JSON object")
+    return out
 
 
 def read_meta(path: str | Path) -> dict:

@@ -16,12 +16,11 @@ import collections
 import itertools
 import logging
 import secrets
-import shutil
 import threading
 import time
 import uuid
 import weakref
-from concurrent.futures import Future, wait as futures_wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -29,7 +28,7 @@ from typing import Any, Callable, Sequence
 import jax
 import tinker.types as tt
 
-from tinker_jax import atomic, distributed
+from tinker_jax import atomic, datadir, distributed
 from tinker_jax.config import EngineConfig
 from tinker_jax.engine import checkpoints, index, replicas, requests as rq
 from tinker_jax.engine.api import CheckpointInfo, EngineAPI, RunInfo
@@ -71,7 +70,10 @@ class Engine(EngineAPI):
         self.procs = replicas.Processes() if distributed.multi_process() else None
         self.data_dir = Path(config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
+        self._dir_lock: datadir.DataDirLock | None = None
         if self.procs is None or self.procs.leader:
+            # One writer per data dir: the sweep and re-index below assume no one else writes the checkpoints.
+            self._dir_lock = datadir.DataDirLock(self.data_dir, "engine")
             # A corrupt registry is set aside here and rebuilt below from the checkpoints' own records.
             self.registry = Registry.open(self.data_dir / REGISTRY_FILE, self.data_dir)
         else:  # the leader owns the data dir; a follower's index of what it replayed lives in memory
@@ -93,6 +95,8 @@ class Engine(EngineAPI):
         self._snapshots: dict[str, WeightSnapshot] = {}
         self._path_pending: dict[str, list[Future]] = {}  # checkpoint path -> unfinished requests on it, in order
         self._order_lock = threading.Lock()  # path order + queueing, atomically (taken before _lock, never inside)
+        # Work on checkpoint paths that needs no device (delete, publish, TTL), on its path's turn, off the callers.
+        self._path_work = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tinker-jax-paths")
         self._inflight: collections.Counter = collections.Counter()  # tenant -> requests not finished
         self._refused = 0  # submits refused with Overloaded so far
         self._ids = itertools.count(1)
@@ -107,7 +111,8 @@ class Engine(EngineAPI):
             self._follower.start()
         # An engine nobody shut down still stops its workers (and finishes their checkpoint writes) at exit, before
         # the interpreter tears down the threads that drive the device; then the registry merges its WAL.
-        weakref.finalize(self, _stop_workers, self._workers, self.registry, self.procs, self._following)
+        weakref.finalize(self, _stop_workers, self._workers, self.registry, self.procs, self._following,
+                         self._dir_lock, self._path_work)
 
     # ------------------------------------------------------------------------------------------ plumbing
     def _sweep_checkpoints(self) -> None:
@@ -149,6 +154,13 @@ class Engine(EngineAPI):
         except BaseException as e:  # noqa: BLE001 - this process can no longer follow: say so, fail what waits
             log.exception("process %d stopped following the leader", self.procs.pid)
             self.follow_error = e
+
+    def follow(self, timeout: float | None = None) -> BaseException | None:
+        """A follower: wait until the leader stops (or this process can no longer follow, or `timeout` passes).
+        Returns why it stopped following, None when the leader said stop."""
+        if self._follower is not None:
+            self._follower.join(timeout)
+        return self.follow_error
 
     def _worker(self, base_model: str) -> BaseWorker:
         with self._lock:
@@ -263,7 +275,9 @@ class Engine(EngineAPI):
     def shutdown(self) -> None:
         with self._lock:
             workers = dict(self._workers)
-        _stop_workers(workers, self.registry, self.procs, self._following)
+        log.info("engine: stopping")
+        _stop_workers(workers, self.registry, self.procs, self._following, self._dir_lock, self._path_work)
+        log.info("engine: stopped")
 
     # ------------------------------------------------------------------------------------------ discovery
     def capabilities(self) -> list[str]:
@@ -367,7 +381,7 @@ class Engine(EngineAPI):
             model_id=model_id, model_name=w.name, is_lora=h.spec is not None,
             lora_rank=None if h.spec is None else h.spec.rank,
             model_data=tt.get_info_response.ModelData(arch=w.cfg.architecture, model_name=w.name,
-                                                      tokenizer_id=str(w.path)))
+                                                      tokenizer_id=w.name))  # the served name, never a server path
 
     def run_state(self, model_id: str) -> dict:
         """Host copies of a run's weights, gradients and Adam state (tests and debugging)."""
@@ -463,22 +477,50 @@ class Engine(EngineAPI):
             p, expires=None if ttl_seconds is None else time.time() + ttl_seconds))
 
     def _path_turn(self, p: TinkerPath, fn: Callable[[], Any]) -> Any:
-        """Run `fn` in this thread on `p`'s turn: after every unfinished request submitted before on that path, and
-        before any submitted after (so a publish cannot land on a checkpoint that an earlier save is replacing)."""
+        """`fn()` on `p`'s turn (see `_path_turn_async`), waiting for it here."""
+        return self._path_turn_async(p, fn).result()
+
+    def _path_turn_async(self, p: TinkerPath, fn: Callable[[], Any]) -> Future:
+        """Run `fn` on `p`'s turn, on the path-work thread: after every unfinished request submitted before on that
+        path, and before any submitted after (so a publish cannot land on a checkpoint that an earlier save is
+        replacing, nor a delete remove it under a load). The turn is taken now; the wait is not on the caller."""
         key, turn = str(p), Future()
         with self._order_lock:
             with self._lock:
                 after = [f for f in self._path_pending.get(key, ()) if not f.done()]
                 self._path_pending.setdefault(key, []).append(turn)
         turn.add_done_callback(lambda f: self._path_done([key], f))
-        try:
-            futures_wait(after)
-            result = fn()
-        except BaseException as e:
-            turn.set_exception(e)
-            raise
-        turn.set_result(result)
-        return result
+
+        def run() -> None:
+            try:
+                result = fn()
+            except BaseException as e:  # noqa: BLE001 - delivered through the future
+                turn.set_exception(e)
+                return
+            turn.set_result(result)
+
+        def start() -> None:
+            try:
+                self._path_work.submit(run)
+            except RuntimeError as e:  # shut down
+                turn.set_exception(e)
+
+        # Started by the last earlier request to finish (a callback, not a blocked thread; and a cancelled request
+        # counts as finished at once: `concurrent.futures.wait` would wait for the worker to notice the cancel).
+        left, lock = [len(after)], threading.Lock()
+
+        def one_done(_f: Future) -> None:
+            with lock:
+                left[0] -= 1
+                last = left[0] == 0
+            if last:
+                start()
+
+        if not after:
+            start()
+        for f in after:
+            f.add_done_callback(one_done)
+        return turn
 
     def _annotate_now(self, p: TinkerPath, **fields: Any) -> None:
         """Change a checkpoint's published flag or expiry: its own record first (the truth, which a re-index
@@ -491,19 +533,16 @@ class Engine(EngineAPI):
         self.registry.set_checkpoint(p, **{k: int(v) if isinstance(v, bool) else v for k, v in fields.items()})
 
     def delete_checkpoint(self, path: str, *, tenant: str | None = None, only_if_expired: bool = False) -> Future:
-        """Remove a checkpoint's record and files, after every request submitted before on that path."""
+        """Remove a checkpoint's files and record, after every request submitted before on that path, on a thread of
+        its own: it touches no device state, so its base model need not be loaded (or served at all)."""
         try:
             p = TinkerPath.parse(path)
-            run = self.registry.get_run(p.run_id)
-            worker = self._worker(run.base_model) if run is not None else None
+            if self.procs is not None:
+                raise UserError(f"delete: not supported yet when the engine spans several processes "
+                                f"({self.procs.count})")
         except UserError as e:
             return failed(e)
-        if worker is None:  # a checkpoint of no known run: no device state, only earlier annotations to wait for
-            try:
-                return resolved(self._path_turn(p, lambda: self.delete_checkpoint_now(p, only_if_expired)))
-            except Exception as e:  # noqa: BLE001 - a future carries it, as from the worker
-                return failed(e)
-        return self._submit(worker, "delete", rq.DeleteCheckpoint(p, only_if_expired), tenant=tenant, paths=[p])
+        return self._path_turn_async(p, lambda: self.delete_checkpoint_now(p, only_if_expired))
 
     def delete_checkpoint_now(self, p: TinkerPath, only_if_expired: bool = False) -> bool:
         """(On the path's turn) the record, then the files. Returns whether the record existed. only_if_expired:
@@ -512,12 +551,10 @@ class Engine(EngineAPI):
             info = self.registry.get_checkpoint(p)
             if info is None or info.expires is None or info.expires > time.time():
                 return False
-        existed = self.registry.delete_checkpoint(p)
-        d = self.checkpoint_dir(p)
-        shutil.rmtree(d, ignore_errors=True)
-        for leftover in d.parent.glob(f".{d.name}.*"):
-            shutil.rmtree(leftover, ignore_errors=True)
-        return existed
+        # The files first, atomically (renamed aside, then removed): a crash in between leaves a registry row without
+        # files, which the next start's re-index drops, never files without a row that it would list again.
+        atomic.remove(self.checkpoint_dir(p))
+        return self.registry.delete_checkpoint(p)
 
     def expire_checkpoints(self) -> list[str]:
         out = []
@@ -629,17 +666,27 @@ class Engine(EngineAPI):
 
 
 def _stop_workers(workers: dict, registry: Registry, procs: replicas.Processes | None = None,
-                  following: threading.Event | None = None) -> None:
+                  following: threading.Event | None = None, dir_lock: datadir.DataDirLock | None = None,
+                  path_work: ThreadPoolExecutor | None = None) -> None:
     if following is not None:
         following.set()  # a follower stops reading the leader's log
     for w in list(workers.values()):
         w.stop(timeout=10.0)
+    if path_work is not None:  # deletes and annotations waiting on the workers' requests end with them
+        path_work.shutdown(wait=True)
     if procs is not None and procs.leader:
         try:
             procs.log.publish(("stop",))  # the followers' loops end with the leader's
         except Exception:  # noqa: BLE001 - the coordination service is already gone
             pass
     registry.close()  # after the workers: their last checkpoint writes are indexed first
+    if dir_lock is not None:
+        dir_lock.release()
+    if procs is not None:
+        procs.stop()
+        # Every process leaves together (a barrier in the coordination service, which lives in process 0): a leader
+        # that exited first would take the service with it and abort the followers still stopping.
+        distributed.shutdown()
 
 
 def enable_compile_cache(path: Path) -> None:

@@ -84,6 +84,17 @@ def record_from_registry(registry: Registry, p: TinkerPath, d: Path) -> dict:
             "version": checkpoints.RECORD_VERSION}
 
 
+def _record(registry: Registry, p: TinkerPath, d: Path, report: IndexReport, write_records: bool) -> dict:
+    """`d`'s record; for a checkpoint saved before records existed, one made from the registry (and written)."""
+    record = checkpoints.read_record(d)
+    if record is None:
+        record = record_from_registry(registry, p, d)
+        if write_records:
+            checkpoints.write_record(d, record)
+        report.records_written += 1
+    return record
+
+
 def reindex(registry: Registry, root: Path, *, write_records: bool = True) -> IndexReport:
     """Make the registry agree with the checkpoint directories under `root`. Only while nothing writes them (at
     start, or offline). `write_records=False` leaves the checkpoint directories untouched (a dry run on a copy of
@@ -91,35 +102,37 @@ def reindex(registry: Registry, root: Path, *, write_records: bool = True) -> In
     t0 = time.perf_counter()
     report = IndexReport(unreadable=[])
     on_disk = set()
+    owners: dict[str, tuple[float, str]] = {}  # run -> (created, owner) of its newest owned record
     for p, d in scan(root):
-        record = checkpoints.read_record(d)
-        if record is None:
-            try:
-                record = record_from_registry(registry, p, d)
-            except checkpoints.CheckpointError as e:
-                report.unreadable.append(str(p))
-                log.warning("%s: not indexed, %s", p, e)
-                continue
-            if write_records:
-                checkpoints.write_record(d, record)
-            report.records_written += 1
-        report.checkpoints += 1
-        on_disk.add(p)
-        owner = record.get("owner")
-        report.unowned += owner is None
-        run = registry.get_run(p.run_id)
-        if run is None and isinstance(record.get("run"), dict) and \
-                registry.add_run_record(p.run_id, record["run"], owner):
-            report.runs_added += 1
-        elif run is not None and owner is not None and run.owner != owner:  # the record is the truth
-            registry.set_run_owner(p.run_id, owner)
-            report.updated += 1
-        info = registry.get_checkpoint(p)
-        if info is None:
-            registry.add_checkpoint_record(p, record)
-            report.added += 1
-        elif (info.public, info.expires) != (bool(record.get("public")), record.get("expires")):
-            registry.set_checkpoint(p, public=int(bool(record.get("public"))), expires=record.get("expires"))
+        on_disk.add(p)  # even if unreadable below: its row (if any) stays, so it stays listed and deletable
+        try:
+            record = _record(registry, p, d, report, write_records)
+            owner = record.get("owner")
+            report.unowned += owner is None
+            if owner is not None:
+                created = float(record.get("created") or 0.0)
+                if p.run_id not in owners or created >= owners[p.run_id][0]:
+                    owners[p.run_id] = (created, owner)
+            if registry.get_run(p.run_id) is None and isinstance(record.get("run"), dict) and \
+                    registry.add_run_record(p.run_id, record["run"], owner):
+                report.runs_added += 1
+            info = registry.get_checkpoint(p)
+            if info is None:
+                registry.add_checkpoint_record(p, record)
+                report.added += 1
+            elif (info.public, info.expires) != (bool(record.get("public")), record.get("expires")):
+                registry.set_checkpoint(p, public=int(bool(record.get("public"))), expires=record.get("expires"))
+                report.updated += 1
+            report.checkpoints += 1
+        except Exception as e:  # noqa: BLE001 - one bad checkpoint must not stop the start: reported, left alone
+            report.unreadable.append(str(p))
+            log.warning("%s: not indexed, %s: %s", p, type(e).__name__, e)
+    # A run's owner is its newest record's (a run whose records disagree, e.g. after `admin chown` and an older
+    # save, takes the latest word), set once per run.
+    for run_id, (_, owner) in owners.items():
+        run = registry.get_run(run_id)
+        if run is not None and run.owner != owner:
+            registry.set_run_owner(run_id, owner)
             report.updated += 1
     for p in registry.checkpoint_paths() - on_disk:
         registry.delete_checkpoint(p)

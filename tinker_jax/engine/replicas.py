@@ -41,6 +41,20 @@ class Processes:
         # The leader holds this from publishing a decision until its device programs are queued: the processes of a
         # global mesh must launch the same programs in the same order, whichever base model's thread decided them.
         self.turn = threading.Lock()
+        self._stopped = threading.Event()
+        if not self.leader:  # the leader's health check reads these beats
+            self.log.beat()
+            threading.Thread(target=self._beat, name="tinker-jax-beat", daemon=True).start()
+
+    def _beat(self, every_s: float = 5.0) -> None:
+        while not self._stopped.wait(every_s):
+            try:
+                self.log.beat()
+            except Exception:  # noqa: BLE001 - the leader is gone: the follower loop reports it
+                return
+
+    def stop(self) -> None:
+        self._stopped.set()
 
     def draw(self) -> tuple[str, int]:
         """A run id and a seed, the same on every process for the same call (calls are made in the same order)."""

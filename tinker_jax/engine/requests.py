@@ -62,12 +62,6 @@ class Unload:
 
 
 @dataclass(frozen=True)
-class DeleteCheckpoint:
-    path: TinkerPath
-    only_if_expired: bool = False  # a TTL delete: skipped if the checkpoint was saved again since it expired
-
-
-@dataclass(frozen=True)
 class OpenSnapshot:
     """Sampler weights: a checkpoint's from disk, or (path None) the base model's own."""
 

@@ -66,7 +66,6 @@ class Host(Protocol):
 
     def run_unloaded(self, run_id: str) -> None: ...
 
-    def delete_checkpoint_now(self, p: TinkerPath, only_if_expired: bool = False) -> bool: ...
 
 
 class BaseWorker:
@@ -271,7 +270,8 @@ class BaseWorker:
         if self.config.sampler.backend == "jax":
             from tinker_jax.sampling import make_sampler
 
-            self.sampler = make_sampler(self._sampler_base(dec), self.config.sampler, on_submit=self.wake)
+            self.sampler = make_sampler(self._sampler_base(dec), self.config.sampler, on_submit=self.wake,
+                                        mesh=self.mesh)
         log.info("base model %s loaded from %s in %.1f s (attention: %s)", self.name, self.path,
                  time.perf_counter() - t0, self.attention)
 
@@ -750,9 +750,6 @@ class BaseWorker:
         like = _lora_like(self.cfg, spec, self.mesh)
         weights, _, _ = checkpoints.restore(d, like)
         return WeightSnapshot(self.cfg, self.graphdef, self.base, Adapter(spec, weights), str(body.path), self.name)
-
-    def _op_delete(self, req: Request) -> bool:
-        return self.engine.delete_checkpoint_now(req.body.path, req.body.only_if_expired)
 
     # --- introspection (tests, stats) ------------------------------------------------------------------------------
 

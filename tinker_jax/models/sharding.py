@@ -7,10 +7,12 @@ Stacked layers add leading axes that are never sharded.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Mapping
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
@@ -118,3 +120,39 @@ def pool_shardings(pool: dict, mesh: Mesh, rules=DEFAULT_RULES) -> dict:
     base kernel's input axis, `b` its output axis (models.lora.axes)."""
     return {n: {k: NamedSharding(mesh, spec_for(lora_axes(n)[k], tuple(x.shape), mesh, rules)) for k, x in w.items()}
             for n, w in pool.items()}
+
+
+def rules_key(rules=DEFAULT_RULES) -> tuple:
+    """A hashable form of a rule table (part of cache keys of programs compiled for a placement)."""
+    return tuple(sorted((k, v) for k, v in rules.items()))
+
+
+def batch_shards(mesh: Mesh, rules=DEFAULT_RULES) -> int:
+    """How many pieces the batch mesh axes cut a row axis into (data * fsdp under DEFAULT_RULES)."""
+    b = rules.get("batch")
+    axes = (b,) if isinstance(b, str) else tuple(b or ())
+    return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
+
+
+def cache_sharding(shape: tuple[int, ...], mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+    """A KV cache k or v [L,B,S,K,H]: rows B over the batch mesh axes, kv heads K over their rule's axis (tensor),
+    each only where it divides (spec_for's rule: 2 kv heads on tensor=4 stay replicated); L, S and H unsharded."""
+    return NamedSharding(mesh, spec_for(("batch", None, "kv_heads", "head_dim"), shape, mesh, rules))
+
+
+def from_host(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
+    """A global array placed by `sharding` from a host value that every process holds whole (each device gets
+    its slice; works unchanged when the mesh spans several processes)."""
+    x = np.asarray(x)
+    return jax.make_array_from_callback(x.shape, sharding, lambda idx: x[idx])
+
+
+def zeros(shape: tuple[int, ...], dtype, sharding: NamedSharding) -> jax.Array:
+    """Zeros created in place, each device writing its own shard: never whole on one device first (a KV cache
+    that only fits spread over the mesh)."""
+    return _zeros_fn(tuple(int(n) for n in shape), jnp.dtype(dtype), sharding)()
+
+
+@functools.lru_cache(maxsize=256)
+def _zeros_fn(shape: tuple[int, ...], dtype, sharding: NamedSharding):
+    return jax.jit(lambda: jnp.zeros(shape, dtype), out_shardings=sharding)  # one program per shape and placement

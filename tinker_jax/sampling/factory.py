@@ -13,7 +13,8 @@ def make_sampler(base: Any, config: Any = None, on_submit=None, **overrides) -> 
     the caller's thread (Sampler.drive: it calls `step()`, `on_submit` wakes it).
 
     `config` is a SamplerConfig-like object; its max_batch, max_seq_len, max_num_samples (and any other
-    Sampler keyword it shares) are used, then `overrides`. The KV cache takes the decoder's compute dtype.
+    Sampler keyword it shares) are used, then `overrides` (e.g. `mesh=`: the engine's mesh, which the base weights
+    were loaded onto). The KV cache takes the decoder's compute dtype.
     `config.backend` "vllm" returns a started vllm_backend.VLLMSampler instead (same public interface).
     """
     backend = getattr(config, "backend", None) or "jax"

@@ -12,6 +12,19 @@ last slot (S - 1) is a scratch slot: rows that are idle, finished or in another 
 and no real query ever reaches it (positions stay < max_seq_len = S - 1). A decode call may instead work on a
 shorter view of the cache (slots [0, view) plus its own scratch slot), see `decode`.
 
+Placement (`Placement`): every kernel runs over the sampler's mesh with explicit in_shardings / out_shardings, by the
+training rule table (models.sharding): the cache rows B over the batch mesh axes (data, fsdp) and kv heads K over
+tensor where they divide (`cache_sharding`), adapter tables like training's adapter pools (`pool_shardings`), the
+base weights as loaded (`state_shardings`), per-row inputs over rows. What the host reads back (tokens, logprobs,
+row state, prompt logprobs) comes out replicated: small, and readable on every process of a multi-process mesh.
+A kernel is one `Kernel`: a jax.jit per placement and argument structure (in_shardings must match the arguments'
+pytree), all sharing one body; `_cache_size()` counts the compiled programs of them all.
+
+Rows and shards. B is a multiple of the batch shards n (the Sampler rounds max_batch up), so every device holds
+B/n consecutive rows. A decode call on fewer rows (`rows` = r per shard) works on the first r rows *of every
+shard* (a reshape [B] -> [n, B/n], local on each device), never on rows [0, r*n), which would move cache rows
+between devices; the Sampler hands out free rows round-robin over the shards to match.
+
 Reported logprobs ("the documented relation"): the logprob of a sampled token is taken from the distribution
 it was drawn from *after temperature*, log_softmax(logits / T)[token], over the full vocabulary (top_k /
 top_p truncation is not renormalised into it). Source: John Schulman in tinker-cookbook PR #86
@@ -24,13 +37,20 @@ with the trainer's forward pass.
 
 from __future__ import annotations
 
+import threading
 from functools import partial
+from typing import Any, Callable, Hashable
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from tinker_jax.models import lora as lora_math
+from tinker_jax.models.config import ModelConfig
 from tinker_jax.models.decoder import KVCache, merge
 from tinker_jax.models.lora import LoraRows, take_slots
+from tinker_jax.models.sharding import (DEFAULT_RULES, batch_shards, cache_sharding, pool_shardings, replicated,
+                                        rules_key, spec_for, state_shardings)
 
 PRNG_IMPL = "threefry2x32"  # fixed, so key data is [2] uint32 whatever jax_default_prng_impl says
 
@@ -88,6 +108,111 @@ def select_tokens(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, t
     return tokens, logprobs
 
 
+# ---------------------------------------------------------------------------------------------- placement
+
+
+class Placement:
+    """Where one sampler's arrays live on its mesh, by a logical-axis rule table (models.sharding).
+
+    rows: the cache's row count B (a multiple of `shards`, the batch mesh axes' size). Shardings:
+    `rows_sh` any per-row array [B, ...] (and prefill rows [Bp, ...], Bp a multiple of `shards`); `cache` k / v
+    [L,B,S,K,H] and a prefill's fresh cache [L,Bp,T,K,H]; `rep` replicated (what the host reads back);
+    `table(rank, capacity)` / `adapter(rank)` LoRA weights with / without the slot axis; `params(state)` the base
+    weights. `key` identifies the placement (and the XLA `compiler_options` its kernels compile with) in the
+    compiled-program caches.
+    """
+
+    def __init__(self, mesh: Mesh, cfg: ModelConfig, rows: int, rules=DEFAULT_RULES,
+                 compiler_options: dict | None = None):
+        self.mesh, self.cfg, self.rules = mesh, cfg, rules
+        self.shards = batch_shards(mesh, rules)
+        if rows % self.shards:
+            raise ValueError(f"placement: {rows} rows do not divide over the {self.shards} batch shards")
+        self.compiler_options = tuple(sorted((compiler_options or {}).items()))  # XLA options of every kernel
+        self.key = (mesh, rules_key(rules), self.compiler_options)
+        self.rows_sh = NamedSharding(mesh, spec_for(("batch",), (rows,), mesh, rules))
+        self.rep = replicated(mesh)
+        self.cache = cache_sharding((cfg.n_layers, rows, 1, cfg.n_kv_heads, cfg.head_dim), mesh, rules)
+        self._params: dict[Hashable, Any] = {}
+
+    def table(self, rank: int, capacity: int) -> dict:
+        shapes = lora_math.shapes(self.cfg, rank, capacity)
+        return pool_shardings({n: {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in w.items()}
+                               for n, w in shapes.items()}, self.mesh, self.rules)
+
+    def adapter(self, rank: int) -> dict:
+        shapes = lora_math.shapes(self.cfg, rank)
+        return pool_shardings({n: {k: jax.ShapeDtypeStruct(s, jnp.float32) for k, s in w.items()}
+                               for n, w in shapes.items()}, self.mesh, self.rules)
+
+    def params(self, graphdef, params) -> Any:
+        """The shardings the rules give `params` (an nnx.State of graphdef's Decoder), computed once per graphdef."""
+        sh = self._params.get(graphdef)
+        if sh is None:
+            sh = self._params[graphdef] = state_shardings(params, self.mesh, self.rules)
+        return sh
+
+    def misplaced(self, graphdef, params) -> str | None:
+        """None when every weight is placed as the rules say (or equivalently), else the first one that is not: the
+        kernels would refuse it (a silent reshard would copy the whole model per call)."""
+        sh = self.params(graphdef, params)
+        for (path, x), s in zip(jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(sh)):
+            if not x.sharding.is_equivalent_to(s, x.ndim):
+                return f"{jax.tree_util.keystr(path)} is placed {x.sharding}, the mesh rules say {s.spec}"
+        return None
+
+
+class Kernel:
+    """One kernel's jitted programs: a jax.jit per variant key (placement and argument structure: in_shardings
+    must match the arguments' pytree), built by `on`. Every variant shares the body, so `_cache_size()` counts the
+    compiled programs of the kernel as one jax.jit's would (tests check that new values never recompile)."""
+
+    def __init__(self, fn: Callable, **jit_kw):
+        self.fn, self.jit_kw = fn, jit_kw
+        self._variants: dict[Hashable, Any] = {}
+        self._lock = threading.Lock()  # samplers of several base models build variants on their own threads
+
+    def on(self, pl: "Placement", key: Hashable, shardings: Callable[[], tuple], **bind):
+        """The jitted variant for placement `pl` and `key`; `shardings()` -> (in_shardings, out_shardings) and
+        `bind` (constants of the placement, e.g. the mesh) are used only when the variant is first built."""
+        key = (pl.key, key)
+        f = self._variants.get(key)
+        if f is None:
+            with self._lock:
+                f = self._variants.get(key)
+                if f is None:
+                    ins, outs = shardings()
+                    fn = partial(self.fn, **bind) if bind else self.fn
+                    f = self._variants[key] = jax.jit(fn, in_shardings=ins, out_shardings=outs,
+                                                      compiler_options=dict(pl.compiler_options) or None,
+                                                      **self.jit_kw)
+        return f
+
+    def _cache_size(self) -> int:
+        return sum(f._cache_size() for f in list(self._variants.values()))
+
+
+def _shard_rows(x: jax.Array, shards: int, r: int, axis: int = 0) -> jax.Array:
+    """[.., B, ..] -> [.., shards * r, ..]: the first r rows of every shard (local on each device)."""
+    B = x.shape[axis]
+    if r * shards == B:
+        return x
+    y = x.reshape(x.shape[:axis] + (shards, B // shards) + x.shape[axis + 1:])
+    y = jax.lax.slice_in_dim(y, 0, r, axis=axis + 1)
+    return y.reshape(x.shape[:axis] + (shards * r,) + x.shape[axis + 1:])
+
+
+def _set_shard_rows(full: jax.Array, part: jax.Array, shards: int, r: int, axis: int = 0) -> jax.Array:
+    """The inverse of _shard_rows: `full` with the first r rows of every shard set to `part`; part's later dims
+    may be shorter than full's (a prefix, e.g. the cache slots a decode view covered)."""
+    B = full.shape[axis]
+    if r * shards == B and part.shape == full.shape:
+        return part
+    split = lambda x, n: x.reshape(x.shape[:axis] + (shards, n) + x.shape[axis + 1:])  # noqa: E731
+    idx = (slice(None),) * (axis + 1) + (slice(0, r),) + tuple(slice(0, n) for n in part.shape[axis + 1:])
+    return split(full, B // shards).at[idx].set(split(part, r)).reshape(full.shape)
+
+
 # ------------------------------------------------------------------------------------------------ prefill
 
 
@@ -102,9 +227,7 @@ def lora_rows(lora: tuple, slots: tuple, rows: int, mode: str) -> tuple[LoraRows
     return tuple(LoraRows(w, scale, s[:rows], 0, rows, mode) for (w, scale), s in zip(lora, slots))
 
 
-@partial(jax.jit, static_argnums=(0,), static_argnames=("topk", "cache_dtype", "mode"))
-def prefill(graphdef, params, lora, slots, tokens, targets, want_logprobs, *, topk: int, cache_dtype,
-            mode: str = "gather"):
+def _prefill(graphdef, params, lora, slots, tokens, targets, want_logprobs, topk: int, cache_dtype, mode: str):
     """Run prompt tokens [Bp,T] (prompt[:-1], right-padded) at positions 0..T-1 into a fresh [Bp,T] cache.
 
     targets [Bp,T] = prompt[1:] padded; want_logprobs: bool scalar (a runtime switch, not a recompile).
@@ -146,30 +269,106 @@ def prefill(graphdef, params, lora, slots, tokens, targets, want_logprobs, *, to
     return cache.k, cache.v, lp, ids, tlp
 
 
-@partial(jax.jit, donate_argnums=(0,))
-def insert_rows(cache: KVCache, k_new, v_new, dest, src) -> KVCache:
+_prefill_kernel = Kernel(_prefill, static_argnums=(0, 7, 8, 9))
+
+
+def prefill(pl: Placement, graphdef, params, lora, slots, tokens, targets, want_logprobs, *, topk: int,
+            cache_dtype, mode: str = "gather"):
+    """`_prefill` on placement `pl`: lora per rank (table weights, scale [S,P]); slots per rank [Bp]; tokens, targets
+    [Bp,T] (Bp a multiple of pl.shards) and want_logprobs placed by pl (rows_sh, rows_sh, rep). The fresh cache
+    comes out placed like the sampler's cache (rows over the batch axes); the logprobs replicated."""
+
+    def shardings():
+        lora_sh = tuple((pl.table(r, _capacity(w)), pl.rep) for r, (w, _) in zip(_ranks(lora), lora))
+        ins = (pl.params(graphdef, params), lora_sh, tuple(pl.rows_sh for _ in slots), pl.rows_sh, pl.rows_sh, pl.rep)
+        return ins, (pl.cache, pl.cache, pl.rep, pl.rep, pl.rep)
+
+    f = _prefill_kernel.on(pl, (graphdef, _lora_key(lora)), shardings)
+    return f(graphdef, params, lora, slots, tokens, targets, want_logprobs, topk, cache_dtype, mode)
+
+
+def _insert_rows(cache: KVCache, k_new, v_new, dest, src, *, mesh: Mesh, spec: P) -> KVCache:
     """Copy prefilled rows into the batch cache: row dest[m] gets slots [0, T) of prefill row src[m].
 
     dest/src [M] (M = the cache's row count); dest entries == B are padding and are dropped. One prefill
-    row may go to several dest rows (num_samples shares one prefill).
+    row may go to several dest rows (num_samples shares one prefill). Each device writes only its own cache rows
+    (shard_map): the prefill rows are gathered whole onto every shard (they are few), the cache never moves.
     """
-    T = k_new.shape[2]
-    k = cache.k.at[:, dest, :T].set(k_new[:, src].astype(cache.k.dtype), mode="drop")
-    v = cache.v.at[:, dest, :T].set(v_new[:, src].astype(cache.v.dtype), mode="drop")
+    batch = spec[1] if len(spec) > 1 else None  # the batch mesh axes of dim B (None: rows not split)
+    new_spec = P(*(None if i == 1 else a for i, a in enumerate(spec)))  # prefill rows whole on every shard
+
+    def local(ck, cv, kn, vn, dest, src):
+        Bl, T = ck.shape[1], kn.shape[2]
+        if batch is not None:  # global row -> this shard's row; other shards' rows -> Bl (dropped, never wrapped)
+            d = dest - jax.lax.axis_index(batch) * Bl
+            dest = jnp.where((d >= 0) & (d < Bl), d, Bl)
+        k = ck.at[:, dest, :T].set(kn[:, src].astype(ck.dtype), mode="drop")
+        v = cv.at[:, dest, :T].set(vn[:, src].astype(cv.dtype), mode="drop")
+        return k, v
+
+    k, v = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, new_spec, new_spec, P(), P()),
+                         out_specs=(spec, spec))(cache.k, cache.v, k_new, v_new, dest, src)
     return KVCache(k, v)
+
+
+_insert_kernel = Kernel(_insert_rows, donate_argnums=(0,))
+
+
+def insert_rows(pl: Placement, cache: KVCache, k_new, v_new, dest, src) -> KVCache:
+    """`_insert_rows` on placement `pl`: cache (donated) and k_new / v_new placed like pl.cache, dest / src [B]
+    replicated."""
+    c = pl.cache
+    f = _insert_kernel.on(pl, (), lambda: ((KVCache(c, c), c, c, pl.rep, pl.rep), KVCache(c, c)),
+                          mesh=pl.mesh, spec=c.spec)
+    return f(cache, k_new, v_new, dest, src)
+
+
+def _put_adapter(weights: dict, scale: jax.Array, slot: jax.Array, values: dict, scales: jax.Array):
+    """A table's slot `slot` <- one adapter (every projection, fp32, cast to the table's dtype) and its scales [P]."""
+    one = jnp.reshape(slot, (1,))
+    dt = lora_math.tree_dtype(weights)
+    weights = lora_math.set_slots(weights, one, lora_math.slots_back(jax.tree.map(lambda x: x[None].astype(dt),
+                                                                                  values)))
+    return weights, scale.at[slot].set(scales)
+
+
+_put_kernel = Kernel(_put_adapter, donate_argnums=(0, 1))
+
+
+def put_adapter(pl: Placement, weights: dict, scale: jax.Array, slot: jax.Array, values: dict, scales: jax.Array):
+    """`_put_adapter` on placement `pl`: the table (donated) stays where pl.table puts it; values must be placed
+    by pl.adapter(rank); slot, scale and scales replicated."""
+    rank, capacity = _ranks(((weights, None),))[0], _capacity(weights)
+
+    def shardings():
+        t = pl.table(rank, capacity)
+        return (t, pl.rep, pl.rep, pl.adapter(rank), pl.rep), (t, pl.rep)
+
+    return _put_kernel.on(pl, (rank, capacity), shardings)(weights, scale, slot, values, scales)
+
+
+def _ranks(lora: tuple) -> tuple[int, ...]:
+    """The rank of each table in `lora` (from q's `a` [L,S,in,R]; every table holds every projection)."""
+    return tuple(int(t[0]["q"]["a"].shape[-1]) for t in lora)
+
+
+def _capacity(weights: dict) -> int:
+    return int(weights["q"]["a"].shape[lora_math.slot_axis("q")])
+
+
+def _lora_key(lora: tuple) -> tuple:
+    return tuple(zip(_ranks(lora), (_capacity(t[0]) for t in lora)))
 
 
 # ------------------------------------------------------------------------------------------------- decode
 
-# Row state, all [B] (stop_ids [B,NS], seed [B,2]): host-owned numpy, passed in each call.
+# Row state, all [B] (stop_ids [B,NS], seed [B,2]): host-owned numpy, placed over rows each call.
 DYNAMIC = ("tok", "pos", "n_gen", "live")  # returned updated by `decode`
 STATIC = ("max_tokens", "temperature", "top_k", "top_p", "seed", "sample", "stop_ids")
 
 
-@partial(jax.jit, static_argnums=(0,), static_argnames=("n_steps", "view", "rows", "unroll"),
-         donate_argnums=(4,))
-def decode(graphdef, params, lora, slots, cache: KVCache, dyn: dict, par: dict, run_mask, *, n_steps: int,
-           view: int | None = None, rows: int | None = None, unroll: bool = False):
+def _decode(graphdef, params, lora, slots, cache: KVCache, dyn: dict, par: dict, run_mask, n_steps: int,
+            view: int | None, rows: int | None, unroll: bool, *, shards: int, cache_sh: NamedSharding):
     """n_steps decode steps for the rows in run_mask (every row of one set of base weights, each with its own
     adapter). `lora` per rank: (table weights, scale, active [Sa] table slots the rows use); `slots` per rank:
     each row's index into `active`. The active adapters are gathered once per call, then every step applies them
@@ -185,39 +384,82 @@ def decode(graphdef, params, lora, slots, cache: KVCache, dyn: dict, par: dict, 
     instead of S (the Decoder masks but still reads the whole cache): one copy per call instead of a full-cache
     read per step. None runs on the whole cache (its last slot is the scratch slot).
 
-    rows: when every row of run_mask is below `rows`, only cache rows [0, rows) are decoded (outputs are
-    [n, rows]); a lone request then costs one row of compute instead of max_batch.
+    rows: when every row of run_mask is among the first `rows` rows of its shard (`shards`: the batch mesh axes'
+    size, see the module docstring), only those rows are decoded; a lone request then costs one row per shard of
+    compute instead of max_batch / shards. Outputs are scattered back to [n, B] (rows not decoded: not valid).
+
+    cache_sh: the cache's sharding, imposed on the working cache on both sides of every step's decoder call. Where
+    the cache keeps kv heads whole but the k / v projections are split over tensor mid-head (2 kv heads on
+    tensor=4), XLA otherwise carried the loop's cache split like them and gathered the whole cache back per step and
+    per call (seen in the compiled HLO; dropping either pin brought that back); pinned, only each step's new
+    [R,1,K,H] keys and values move.
     """
     model = merge(graphdef, params)
-    full_dyn, R = dyn, rows or cache.k.shape[1]
+    B = cache.k.shape[1]
+    r = rows or B // shards  # rows decoded per shard
+    take = lambda x, axis=0: _shard_rows(x, shards, r, axis)  # noqa: E731
     compact = tuple((take_slots(w, active), jnp.take(scale, active, axis=0)) for w, scale, active in lora)
-    adapters = lora_rows(compact, slots, R, "dense")
-    dyn, par, run_mask = (jax.tree.map(lambda x: x[:R], t) for t in (dyn, par, run_mask))
+    adapters = lora_rows(compact, tuple(take(s) for s in slots), shards * r, "dense")
+    d0, p, m = (jax.tree.map(take, t) for t in (dyn, par, run_mask))
+    k, v = take(cache.k, 1), take(cache.v, 1)
     if view is None:
-        work = KVCache(cache.k[:, :R], cache.v[:, :R])
+        work = KVCache(k, v)
     else:
-        pad = lambda x: jnp.concatenate([x[:, :R, :view], jnp.zeros_like(x[:, :R, :1])], axis=2)
-        work = KVCache(pad(cache.k), pad(cache.v))  # [L,R,view+1,K,H]
+        pad = lambda x: jnp.concatenate([x[:, :, :view], jnp.zeros_like(x[:, :, :1])], axis=2)  # noqa: E731
+        work = KVCache(pad(k), pad(v))  # [L,R,view+1,K,H]
     scratch = work.k.shape[2] - 1
+    pin = lambda kv: KVCache(*(jax.lax.with_sharding_constraint(x, cache_sh) for x in kv))  # noqa: E731
 
     def step(carry, _):
         kv, d = carry
-        live = d["live"] & run_mask
+        kv = pin(kv)
+        live = d["live"] & m
         pos = jnp.where(live, d["pos"], scratch)
         hidden, kv = model(d["tok"][:, None], pos[:, None], cache=kv, unroll=unroll, lora=adapters)
-        logits = model.logits(hidden, adapters)[:, 0]  # [B,V]
-        keys = row_keys(par["seed"], par["sample"], d["n_gen"])
-        tok, lp = select_tokens(logits, par["temperature"], par["top_k"], par["top_p"], keys)
+        kv = pin(kv)
+        logits = model.logits(hidden, adapters)[:, 0]  # [R,V]
+        keys = row_keys(p["seed"], p["sample"], d["n_gen"])
+        tok, lp = select_tokens(logits, p["temperature"], p["top_k"], p["top_p"], keys)
         n_gen = d["n_gen"] + live.astype(jnp.int32)
-        hit_stop = jnp.any(tok[:, None] == par["stop_ids"], axis=-1)
-        finished = live & (hit_stop | (n_gen >= par["max_tokens"]))
+        hit_stop = jnp.any(tok[:, None] == p["stop_ids"], axis=-1)
+        finished = live & (hit_stop | (n_gen >= p["max_tokens"]))
         new = dict(tok=jnp.where(live, tok, d["tok"]), pos=jnp.where(live, d["pos"] + 1, d["pos"]),
                    n_gen=n_gen, live=d["live"] & ~finished)
         return (kv, new), (tok, lp, live)
 
-    (work, dyn), (toks, lps, valid) = jax.lax.scan(step, (work, dyn), None, length=n_steps)
-    if view is not None or R < cache.k.shape[1]:
+    (work, d1), (toks, lps, valid) = jax.lax.scan(step, (work, d0), None, length=n_steps)
+    if view is not None or r * shards < B:
         n = view or cache.k.shape[2]
-        work = KVCache(cache.k.at[:, :R, :n].set(work.k[:, :, :n]), cache.v.at[:, :R, :n].set(work.v[:, :, :n]))
-    dyn = jax.tree.map(lambda full, part: full.at[:R].set(part), full_dyn, dyn)
-    return work, dyn, toks, lps, valid
+        work = KVCache(_set_shard_rows(cache.k, work.k[:, :, :n], shards, r, 1),
+                       _set_shard_rows(cache.v, work.v[:, :, :n], shards, r, 1))
+    dyn = jax.tree.map(lambda full, part: _set_shard_rows(full, part, shards, r), dyn, d1)
+    widen = lambda x: _set_shard_rows(jnp.zeros((n_steps, B), x.dtype), x, shards, r, 1)  # noqa: E731
+    return work, dyn, widen(toks), widen(lps), widen(valid)
+
+
+_decode_kernel = Kernel(_decode, static_argnums=(0, 8, 9, 10, 11), donate_argnums=(4,))
+
+
+def decode(pl: Placement, graphdef, params, lora, slots, cache: KVCache, dyn: dict, par: dict, run_mask, *,
+           n_steps: int, view: int | None = None, rows: int | None = None, unroll: bool = False):
+    """`_decode` on placement `pl`: per-row inputs (slots, dyn, par, run_mask) placed over rows, lora's scale and
+    active replicated, the cache (donated) like pl.cache. The cache comes back placed as it went in; row state,
+    tokens, logprobs and valid come back replicated (the host reads them)."""
+
+    def shardings():
+        lora_sh = tuple((pl.table(r, _capacity(t[0])), pl.rep, pl.rep) for r, t in zip(_ranks(lora), lora))
+        c, rs = pl.cache, pl.rows_sh
+        ins = (pl.params(graphdef, params), lora_sh, tuple(rs for _ in slots), KVCache(c, c),
+               {k: rs for k in dyn}, {k: rs for k in par}, rs)
+        return ins, (KVCache(c, c), {k: pl.rep for k in dyn}, pl.rep, pl.rep, pl.rep)
+
+    f = _decode_kernel.on(pl, (graphdef, _lora_key(lora), tuple(dyn), tuple(par)), shardings,
+                          shards=pl.shards, cache_sh=pl.cache)
+    return f(graphdef, params, lora, slots, cache, dyn, par, run_mask, n_steps, view, rows, unroll)
+
+
+# Compiled-program counts under the public names (tests: new values, weights or adapters never recompile).
+prefill._cache_size = _prefill_kernel._cache_size
+insert_rows._cache_size = _insert_kernel._cache_size
+decode._cache_size = _decode_kernel._cache_size
+put_adapter._cache_size = _put_kernel._cache_size

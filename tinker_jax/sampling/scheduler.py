@@ -19,6 +19,13 @@ bucket and one adapter rank (any adapters of that rank).
 Fairness. Requests are admitted round-robin across tenants (`submit(..., tenant=)`), so a tenant with a thousand
 queued samples does not hold back another's one.
 
+Placement. The sampler runs over a mesh (`mesh`, default: one device) by the training rule table: the KV cache's
+rows over the batch mesh axes (data, fsdp) and its kv heads over tensor where they divide, adapter tables like
+training's adapter pools, per-row inputs over rows; the snapshots' weights must already be placed by the same rules
+(the engine loads them so). max_batch is rounded up to a multiple of the batch shards (logged), free rows are handed
+out round-robin over the shards (so a light load decodes few rows on every device, see kernels.py), and only small
+replicated results (tokens, logprobs, row state) come back to the host.
+
 Threading. `submit` only validates and enqueues; `step` (one admission round and one decode call) does the rest on
 one thread: the sampler's own (`start`) or its owner's (an engine worker calls `step` between training rounds).
 A bad request fails only its own future. A device error fails the requests it touched.
@@ -43,6 +50,7 @@ from tinker_jax.errors import UserError
 from tinker_jax.models import lora as lora_math
 from tinker_jax.models.config import ModelConfig
 from tinker_jax.models.decoder import KVCache
+from tinker_jax.models.sharding import DEFAULT_RULES, MeshConfig, batch_shards, from_host, make_mesh, zeros
 from tinker_jax.sampling import kernels, response
 from tinker_jax.sampling.base import SamplerBase
 from tinker_jax.sampling.params import Limits, RequestSpec
@@ -91,11 +99,12 @@ class _Table:
     scales [S,P]. Slot 0 is the null adapter. A slot is held (`users`) by every admitted request of its adapter;
     an unheld slot keeps its adapter for reuse until another adapter needs the room (least recently used first)."""
 
-    def __init__(self, cfg: ModelConfig, rank: int, capacity: int, dtype):
-        self.cfg, self.rank = cfg, rank
+    def __init__(self, cfg: ModelConfig, rank: int, capacity: int, dtype, placement: kernels.Placement):
+        self.cfg, self.rank, self.placement = cfg, rank, placement
         shapes = lora_math.shapes(cfg, rank, capacity + 1)
-        self.weights = {n: {k: jnp.zeros(sh, dtype) for k, sh in w.items()} for n, w in shapes.items()}
-        self.scale = jnp.zeros((capacity + 1, len(lora_math.NAMES)), jnp.float32)
+        sh = placement.table(rank, capacity + 1)  # like training's adapter pools: `a` by its input axis, `b` output
+        self.weights = {n: {k: zeros(s, dtype, sh[n][k]) for k, s in w.items()} for n, w in shapes.items()}
+        self.scale = zeros((capacity + 1, len(lora_math.NAMES)), jnp.float32, placement.rep)
         self.users = [0] * (capacity + 1)
         self.holder: list[Any] = [None] * (capacity + 1)  # the resident Adapter per slot (kept alive while resident)
         self.lru: collections.OrderedDict[int, None] = collections.OrderedDict()  # slot order, oldest use first
@@ -115,9 +124,18 @@ class _Table:
                                 "cannot be sampled")
             empty = [s for s in free if self.holder[s] is None]
             slot = empty[0] if empty else next(s for s in self.lru if s in free)
-            full = lora_math.complete(adapter.weights, self.cfg, self.rank)
-            self.weights = lora_math.put_slot(self.weights, jnp.int32(slot), full)
-            self.scale = self.scale.at[slot].set(jnp.asarray(adapter.spec.scales()))
+            pl = self.placement
+            # The adapter may live anywhere (a checkpoint restored over the mesh, or one device): placed like the
+            # table first, so the kernel's in_shardings hold and the copy into the slot stays on each device.
+            # Projections it does not adapt are zeros made in place (lora_math.complete would make them on one
+            # device, and placing those host-made values asks every process whether they agree).
+            sh, shapes = pl.adapter(self.rank), lora_math.shapes(self.cfg, self.rank)
+            full = {n: {k: (jax.device_put(adapter.weights[n][k], sh[n][k]) if n in adapter.weights
+                            else zeros(shape, jnp.float32, sh[n][k])) for k, shape in w.items()}
+                    for n, w in shapes.items()}
+            self.weights, self.scale = kernels.put_adapter(
+                pl, self.weights, self.scale, from_host(np.int32(slot), pl.rep), full,
+                from_host(np.asarray(adapter.spec.scales(), np.float32), pl.rep))
             self.holder[slot] = adapter
         self.users[slot] += 1
         self.lru[slot] = None
@@ -163,6 +181,12 @@ class Sampler(SamplerBase):
       cache_dtype: KV cache dtype (and the dtype adapters are kept in for sampling).
       max_adapters: adapters resident per rank at once.
       on_submit: called (any thread) after a request is queued, e.g. to wake the thread that calls `step`.
+      mesh: the jax.sharding.Mesh to run on (axes data, fsdp, tensor; models.sharding.make_mesh); None: one device.
+        Snapshots' weights must be placed on it by `rules` (models.sharding.state_shardings), as the engine loads
+        them; max_batch and the prefill row buckets are rounded up to multiples of the batch shards (data * fsdp).
+      rules: the logical-axis rule table (models.sharding.DEFAULT_RULES, the one training uses).
+      compiler_options: XLA options the sampling kernels compile with (jax.jit's; e.g. tests turn CPU optimisation
+        off: an 8-device decode program then compiles in about 1 s instead of 7).
     """
 
     _thread_name = "tinker-jax-sampler"
@@ -173,7 +197,7 @@ class Sampler(SamplerBase):
                  decode_steps: int = 8, decode_unroll: bool = False, decode_lengths: Sequence[int] | None = None,
                  max_num_samples: int = 128, max_topk_prompt_logprobs: int = 20, max_stop_tokens: int = 16,
                  tokenizer: Tokenizer | None = None, cache_dtype=jnp.float32, max_adapters: int = 16,
-                 on_submit=None):
+                 on_submit=None, mesh=None, rules=DEFAULT_RULES, compiler_options: dict | None = None):
         if eos_token_ids is None:
             eos_token_ids = cfg.eos_token_id
         if eos_token_ids is None:
@@ -182,7 +206,20 @@ class Sampler(SamplerBase):
             eos_token_ids = (eos_token_ids,)
         self.cfg = cfg
         self.eos_token_ids = tuple(int(t) for t in eos_token_ids)
-        self.max_batch = int(max_batch)
+        self.mesh = mesh if mesh is not None else make_mesh(MeshConfig())  # one device: the behaviour without a mesh
+        self.rules = rules
+        shards = batch_shards(self.mesh, rules)
+        # Every batch shard holds the same number of cache rows: round up rather than refuse, since max_batch comes
+        # from a config written without the mesh in mind (and more rows cost no more time per step on a mesh).
+        self.max_batch = -(-int(max_batch) // shards) * shards
+        if self.max_batch != int(max_batch):
+            log.warning("sampler: max_batch %d rounded up to %d, a multiple of the %d batch shards of the mesh %s",
+                        int(max_batch), self.max_batch, shards, dict(self.mesh.shape))
+        self.placement = kernels.Placement(self.mesh, cfg, self.max_batch, rules, compiler_options)
+        # Free rows in the order they are handed out: round-robin over the shards (row i of every shard before row
+        # i + 1 of any), so a decode call on the first few rows of each shard covers every running row.
+        per = self.max_batch // shards
+        self._row_order = [s * per + i for i in range(per) for s in range(shards)]
         self.max_seq_len = int(max_seq_len)
         lengths = sorted(set(int(n) for n in (prefill_lengths or _default_lengths(self.max_seq_len))))
         if lengths[-1] < self.max_seq_len - 1:  # prefill covers prompt[:-1], at most max_seq_len - 2 tokens
@@ -190,7 +227,10 @@ class Sampler(SamplerBase):
         if lengths[-1] > self.max_seq_len + 1 or lengths[0] <= 0:
             raise ValueError(f"prefill_lengths: buckets must lie in [1, max_seq_len + 1], got {lengths}")
         self.prefill_lengths = tuple(lengths)
-        self.prefill_batches = tuple(sorted(set(min(int(b), self.max_batch) for b in prefill_batches)))
+        # Prefill rows split over the batch shards too: each bucket a multiple of them (a shard's share costs the
+        # same time whether its other rows are padding or not).
+        self.prefill_batches = tuple(sorted(set(min(-(-int(b) // shards) * shards, self.max_batch)
+                                                for b in prefill_batches)))
         self.prefill_token_budget = int(prefill_token_budget)
         self.decode_steps = int(decode_steps)
         self.decode_unroll = bool(decode_unroll)
@@ -215,6 +255,7 @@ class Sampler(SamplerBase):
         self._stopping = False
         self._thread: threading.Thread | None = None
         self._uids = itertools.count()
+        self._placed_ok: set[int] = set()  # params_key of snapshots whose placement was checked
         # Loop-thread state.
         self._pending: collections.deque[_Request] = collections.deque()
         self._deferred: collections.deque[_Request] = collections.deque()
@@ -255,9 +296,10 @@ class Sampler(SamplerBase):
             if snapshot.cfg != self.cfg:
                 raise UserError(f"snapshot: model config {snapshot.cfg.family}/d_model={snapshot.cfg.d_model} does "
                                 f"not match this sampler's {self.cfg.family}/d_model={self.cfg.d_model}")
+            self._check_placement(snapshot)
             spec, ids = self._request(uid, prompt_tokens, params, num_samples, include_prompt_logprobs,
                                       topk_prompt_logprobs, sequence_ids)
-        except UserError as e:
+        except (UserError, ValueError) as e:
             fut.set_exception(e)
             return fut
         stopper = StopStrings(self.tokenizer, spec.stop_strings) if spec.stop_strings else None
@@ -274,6 +316,21 @@ class Sampler(SamplerBase):
         elif self._thread is None:
             self.start()
         return fut
+
+    def _check_placement(self, snapshot: WeightSnapshot) -> None:
+        """ValueError unless the snapshot's weights sit on this sampler's mesh as its rules say (the kernels take them
+        with those in_shardings; moving a model per call is never wanted). Checked once per params object."""
+        key = params_key(snapshot)
+        if key in self._placed_ok:
+            return
+        bad = self.placement.misplaced(snapshot.graphdef, snapshot.params)
+        if bad is not None:
+            raise ValueError(f"snapshot: its weights are not placed on this sampler's mesh {dict(self.mesh.shape)} "
+                             f"by its rules ({bad}); load them with models.sharding.state_shardings(state, mesh)")
+        with self._cv:
+            if len(self._placed_ok) > 64:  # ids of freed params can come back: keep only recent ones
+                self._placed_ok.clear()
+            self._placed_ok.add(key)
 
     def drive(self, on_submit) -> "Sampler":
         """Let the caller's thread run the loop: it calls `step()` whenever `has_work()`; `on_submit` is called
@@ -309,12 +366,15 @@ class Sampler(SamplerBase):
 
     def _reset_device_state(self) -> None:
         B, NS = self.max_batch, self.max_stop_tokens
-        self._cache = KVCache.init(self.cfg, B, self.max_seq_len + 1, self.cache_dtype)
+        shape = (self.cfg.n_layers, B, self.max_seq_len + 1, self.cfg.n_kv_heads, self.cfg.head_dim)
+        c = self.placement.cache  # rows over the batch shards, kv heads over tensor where they divide
+        self._cache = KVCache(zeros(shape, self.cache_dtype, c), zeros(shape, self.cache_dtype, c))
         self._dyn = dict(tok=np.zeros(B, np.int32), pos=np.zeros(B, np.int32), n_gen=np.zeros(B, np.int32),
                          live=np.zeros(B, bool))
         self._par = dict(max_tokens=np.ones(B, np.int32), temperature=np.zeros(B, np.float32),
                          top_k=np.zeros(B, np.int32), top_p=np.ones(B, np.float32), seed=np.zeros((B, 2), np.uint32),
                          sample=np.zeros(B, np.int32), stop_ids=np.full((B, NS), -1, np.int32))
+        self._par_dev = None
 
     def _run(self) -> None:
         while True:
@@ -347,7 +407,7 @@ class Sampler(SamplerBase):
         return 0 if n == 0 else next(b for b in self.prefill_lengths if b >= n)
 
     def _admit(self) -> None:
-        free = [r for r in range(self.max_batch) if self._rows[r] is None]
+        free = [r for r in self._row_order if self._rows[r] is None]
         while free and self._deferred:  # already prefilled samples go first
             req = self._deferred[0]
             self._place([req], free)
@@ -384,7 +444,7 @@ class Sampler(SamplerBase):
             if len(self._tables) >= _MAX_IDLE_TABLES:
                 for r in [r for r, t in self._tables.items() if not any(t.users)]:
                     del self._tables[r]
-            self._tables[rank] = _Table(self.cfg, rank, self.max_adapters, self.cache_dtype)
+            self._tables[rank] = _Table(self.cfg, rank, self.max_adapters, self.cache_dtype, self.placement)
         return self._tables[rank]
 
     def _acquire(self, req: _Request) -> bool:
@@ -476,8 +536,9 @@ class Sampler(SamplerBase):
                     s[i] = used.index(r.table_slot) if compact else r.table_slot
             if compact:  # rows without this rank's adapter: an index past `active`, whose one-hot is all zeros
                 s[[i for i, r in enumerate(rows) if r is None or r.rank != rank]] = len(active)
-            tables.append((t.weights, t.scale, active) if compact else (t.weights, t.scale))
-            slots.append(s)
+            pl = self.placement
+            tables.append((t.weights, t.scale, from_host(active, pl.rep)) if compact else (t.weights, t.scale))
+            slots.append(from_host(s, pl.rows_sh))
         return tuple(tables), tuple(slots)
 
     def _prefill(self, batch: list[_Request]) -> int:
@@ -497,9 +558,11 @@ class Sampler(SamplerBase):
             snap = batch[0].snapshot
             lora, slots = self._lora_args(batch + [None] * (Bp - len(batch)), Bp)
             mode = "uniform" if len({r.table_slot for r in batch}) == 1 and len(batch) == Bp else "gather"
-            k, v, lp, ids, tlp = kernels.prefill(snap.graphdef, snap.params, lora, slots, tokens, targets,
-                                                 np.bool_(want), topk=self.max_topk, cache_dtype=self.cache_dtype,
-                                                 mode=mode)
+            pl = self.placement
+            k, v, lp, ids, tlp = kernels.prefill(pl, snap.graphdef, snap.params, lora, slots,
+                                                 from_host(tokens, pl.rows_sh), from_host(targets, pl.rows_sh),
+                                                 from_host(np.bool_(want), pl.rep), topk=self.max_topk,
+                                                 cache_dtype=self.cache_dtype, mode=mode)
             lp, ids, tlp = jax.device_get((lp, ids, tlp)) if want else (None, None, None)
             for i, req in enumerate(batch):
                 req.kv = (k, v, i)
@@ -532,7 +595,9 @@ class Sampler(SamplerBase):
                 self.stats["rows_started"] += 1
                 self.stats["rows_joined_running_batch"] += running
         if m:  # every request of one call shares a prefill result (one batch, or one deferred request)
-            self._cache = kernels.insert_rows(self._cache, kv[0], kv[1], dest, src)
+            rep = self.placement.rep
+            self._cache = kernels.insert_rows(self.placement, self._cache, kv[0], kv[1], from_host(dest, rep),
+                                              from_host(src, rep))
         for req in reqs:
             if req.placed == req.spec.num_samples:
                 req.kv = None
@@ -548,6 +613,7 @@ class Sampler(SamplerBase):
         p["sample"][r] = sample
         p["stop_ids"][r] = -1
         p["stop_ids"][r, : len(s.stop_token_ids)] = s.stop_token_ids
+        self._par_dev = None  # placed again before the next decode call
 
     # decode -------------------------------------------------------------------------------------------
 
@@ -566,21 +632,28 @@ class Sampler(SamplerBase):
         # Slots this call can touch: below max(pos) + decode_steps (and below max_seq_len).
         need = int(self._dyn["pos"][run & self._dyn["live"]].max()) + self.decode_steps
         view = next(b for b in self.decode_lengths if b >= min(need, self.max_seq_len))
-        # Row bucket: powers of 4 (1, 4, 16, ...) up to max_batch, covering the highest running row; free rows
-        # are handed out lowest first, so light load decodes a few rows, not max_batch.
-        top = int(np.flatnonzero(run).max()) + 1
-        n_rows = next((b for b in (4 ** i for i in range(16)) if b >= top and b < self.max_batch), self.max_batch)
+        # Row bucket: powers of 4 (1, 4, 16, ...) per shard up to its max_batch / shards rows, covering the highest
+        # running row of any shard; free rows are handed out lowest first on every shard in turn, so light load
+        # decodes a few rows per device, not max_batch.
+        pl = self.placement
+        per = self.max_batch // pl.shards
+        top = int(max(r % per for r in np.flatnonzero(run))) + 1
+        n_rows = next((b for b in (4 ** i for i in range(16)) if b >= top and b < per), per)
         lora, slots = self._lora_args([rows[r].req if run[r] else None for r in range(self.max_batch)],
                                       self.max_batch, compact=True)
+        if self._par_dev is None:  # fixed while rows run: placed when a row starts, not every call
+            self._par_dev = {k: from_host(v, pl.rows_sh) for k, v in self._par.items()}
         cache, dyn, toks, lps, valid = kernels.decode(
-            snap.graphdef, snap.params, lora, slots, self._cache, self._dyn, self._par, run,
+            pl, snap.graphdef, snap.params, lora, slots, self._cache,
+            {k: from_host(v, pl.rows_sh) for k, v in self._dyn.items()}, self._par_dev, from_host(run, pl.rows_sh),
             n_steps=self.decode_steps, view=None if view >= self.max_seq_len else view, unroll=self.decode_unroll,
-            rows=None if n_rows >= self.max_batch else n_rows)
+            rows=None if n_rows >= per else n_rows)
         self._cache = cache
+        # Replicated outputs (kernels.decode): every process can read them whole.
         dyn, toks, lps, valid = jax.device_get((dyn, toks, lps, valid))
         self._dyn = {k: np.array(v) for k, v in dyn.items()}
         self.stats["decode_calls"] += 1
-        self.stats["last_decode_rows"] = min(n_rows, self.max_batch)
+        self.stats["last_decode_rows"] = n_rows * pl.shards
         self.stats["max_live_rows"] = max(self.stats["max_live_rows"], int(run.sum()))
         for r in np.flatnonzero(run):
             row = rows[r]
