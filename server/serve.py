@@ -72,10 +72,11 @@ def resolve_models(models: Sequence[str], configured: Mapping[str, str]) -> dict
     return out
 
 
-def default_model(data_dir: Path) -> dict[str, str]:
-    """The embedded default model, generated on first start (a freshly initialised `small-qwen3`)."""
+def default_model(data_dir: Path, write: bool = True) -> dict[str, str]:
+    """The embedded default model, generated on first start (a freshly initialised `small-qwen3`). `write=False`:
+    only its name and place (a follower process: process 0 writes it before the processes join)."""
     path = data_dir / "models" / DEFAULT_PRESET
-    if not (path / "config.json").is_file():
+    if write and not (path / "config.json").is_file():
         from tinker_jax.hf.init_model import init_model
 
         log.info("writing the default model (%s preset) to %s", DEFAULT_PRESET, path)
@@ -83,7 +84,8 @@ def default_model(data_dir: Path) -> dict[str, str]:
     return {DEFAULT_PRESET: str(path)}
 
 
-def build_config(models: Sequence[str], config: str | None, data_dir: str | None) -> EngineConfig:
+def build_config(models: Sequence[str], config: str | None, data_dir: str | None,
+                 write_default: bool = True) -> EngineConfig:
     cfg = EngineConfig.load(config)
     if data_dir is not None:
         cfg = replace(cfg, data_dir=Path(os.path.expanduser(data_dir)))
@@ -92,7 +94,7 @@ def build_config(models: Sequence[str], config: str | None, data_dir: str | None
     elif cfg.models:
         served = dict(cfg.models)
     else:
-        served = default_model(Path(cfg.data_dir))
+        served = default_model(Path(cfg.data_dir), write=write_default)
     # Remote clients get the served models only, never an arbitrary directory of this machine named by its path.
     return replace(cfg, models=served, local_paths=False)
 
@@ -116,9 +118,13 @@ def serve(models: Sequence[str] = (), config: str | None = None, host: str = "12
     keys = api_keys(api_key)
     check_exposure(host, keys)  # before any slow work
     ServerSettings(data_dir=Path("."), api_keys=keys)  # validates the keys (tml- prefix) early
-    cfg = build_config(models, config, data_dir)
-    if coordinator is not None or num_processes is not None or process_id is not None:
-        cfg = replace(cfg, distributed=DistributedConfig(coordinator, num_processes, process_id))
+    dist = DistributedConfig(coordinator, num_processes, process_id) if (
+        coordinator is not None or num_processes is not None or process_id is not None) else None
+    # On several processes only process 0 writes the default model; the others read it once all have joined.
+    follower = ((dist or EngineConfig.load(config).distributed).resolved().process_id or 0) > 0
+    cfg = build_config(models, config, data_dir, write_default=not follower)
+    if dist is not None:
+        cfg = replace(cfg, distributed=dist)
     settings = ServerSettings.from_env(data_dir=cfg.data_dir, api_keys=keys)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", force=True)
     engine = None
