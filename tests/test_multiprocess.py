@@ -180,3 +180,15 @@ def test_two_processes_serve_the_sdk(tmp_path):
     with tinker_jax.ServiceClient(config=one) as svc:
         want = _train(svc.create_lora_training_client(base_model="tiny", rank=4, seed=7))
     np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+def test_round_log_keeps_order_and_prunes_what_everyone_read(tmp_path):
+    script = Path(__file__).parent / "multiprocess_roundlog.py"
+    run = subprocess.run([sys.executable, str(ROOT / "scripts" / "local_cluster.py"), "-n", "2", "--devices", "1",
+                          "--timeout", "200", "--", sys.executable, str(script)],
+                         env=_env(1), capture_output=True, text=True, timeout=250)
+    assert run.returncode == 0, run.stdout[-4000:] + run.stderr[-2000:]
+    got = {r["process"]: r for r in _results(run.stdout)}
+    assert got[1]["in_order"] is True
+    # the first message and one read long ago are pruned; the newest is still there
+    assert got[0]["gone"] == [True, True, False], got[0]

@@ -158,7 +158,9 @@ class RoundLog:
     and the leader deletes messages older than every acknowledgement (keeping `_KEEP`), so the store stays small
     on a server that runs for months."""
 
-    def __init__(self, poll_s: float = 1.0):
+    def __init__(self, namespace: str = "", poll_s: float = 1.0):
+        # One engine's log: a later engine in the same job never reads an earlier one's messages.
+        self._prefix = f"{_PREFIX}/{namespace}" if namespace else _PREFIX
         self._client = _client()
         if self._client is None:
             raise RuntimeError("RoundLog needs jax.distributed (several processes)")
@@ -172,7 +174,7 @@ class RoundLog:
         data = pickle.dumps(message, protocol=pickle.HIGHEST_PROTOCOL)
         with self._lock:
             self._n += 1
-            self._client.key_value_set_bytes(f"{_PREFIX}/{self._n}", data)
+            self._client.key_value_set_bytes(f"{self._prefix}/{self._n}", data)
             n = self._n
             if n % _KEEP == 0:
                 self._collect(n)
@@ -181,12 +183,12 @@ class RoundLog:
     def _collect(self, n: int) -> None:
         upto = min([self._acked(p) for p in range(1, self.count)] + [n - _KEEP])
         for k in range(self._deleted + 1, upto + 1):
-            self._client.key_value_delete(f"{_PREFIX}/{k}")
+            self._client.key_value_delete(f"{self._prefix}/{k}")
         self._deleted = max(self._deleted, upto)
 
     def _acked(self, p: int) -> int:
         try:
-            return int(self._client.key_value_try_get(f"{_PREFIX}/ack/{p}"))
+            return int(self._client.key_value_try_get(f"{self._prefix}/ack/{p}"))
         except Exception:  # noqa: BLE001 - NOT_FOUND: that follower has read nothing yet
             return 0
 
@@ -198,26 +200,26 @@ class RoundLog:
             if stopping is not None and stopping.is_set():
                 return None
             try:
-                data = self._client.blocking_key_value_get_bytes(f"{_PREFIX}/{n}", self._poll_ms)
+                data = self._client.blocking_key_value_get_bytes(f"{self._prefix}/{n}", self._poll_ms)
                 break
             except Exception as e:  # noqa: BLE001 - DEADLINE_EXCEEDED: nothing yet; anything else: the service
                 if "DEADLINE" not in str(e).upper():
                     raise ProcessGone(f"process 0 (the leader) is unreachable: {e}") from e
         self._n = n
-        self._client.key_value_set(f"{_PREFIX}/ack/{self.pid}", str(n), allow_overwrite=True)
+        self._client.key_value_set(f"{self._prefix}/ack/{self.pid}", str(n), allow_overwrite=True)
         return pickle.loads(data)
 
     def beat(self) -> None:
         """This process is alive (followers call it every few seconds, from a thread of their own, so a long round
         does not look like a death). Not jax's get_live_nodes: that is a barrier every process must enter."""
-        self._client.key_value_set(f"{_PREFIX}/beat/{self.pid}", repr(time.time()), allow_overwrite=True)
+        self._client.key_value_set(f"{self._prefix}/beat/{self.pid}", repr(time.time()), allow_overwrite=True)
 
     def dead(self, stale_s: float = 30.0) -> list[int]:
         """Followers whose last beat is older than `stale_s` (or that never beat), as the leader sees them."""
         now, out = time.time(), []
         for p in range(1, self.count):
             try:
-                last = float(self._client.key_value_try_get(f"{_PREFIX}/beat/{p}"))
+                last = float(self._client.key_value_try_get(f"{self._prefix}/beat/{p}"))
             except Exception:  # noqa: BLE001 - NOT_FOUND (never beat) or the store is unreachable
                 last = 0.0
             if now - last > stale_s:

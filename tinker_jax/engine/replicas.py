@@ -30,12 +30,12 @@ class Processes:
     def __init__(self):
         from jax.experimental import multihost_utils
 
-        self.log = distributed.RoundLog()
+        # Every process names runs and draws LoRA seeds alike (a collective, once, at start): model ids and adapter
+        # initialisations must agree or the replicas diverge. The epoch also names this engine's round log.
+        self.epoch = int(multihost_utils.broadcast_one_to_all(np.array(secrets.randbits(31), np.int64)))
+        self.log = distributed.RoundLog(namespace=f"{self.epoch:08x}")
         self.leader = distributed.is_leader()
         self.pid, self.count = self.log.pid, self.log.count
-        # Every process names runs and draws LoRA seeds alike (a collective, once, at start): model ids and adapter
-        # initialisations must agree or the replicas diverge.
-        self.epoch = int(multihost_utils.broadcast_one_to_all(np.array(secrets.randbits(31), np.int64)))
         self._names = itertools.count(1)
         self._names_lock = threading.Lock()
         # The leader holds this from publishing a decision until its device programs are queued: the processes of a
