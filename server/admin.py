@@ -177,7 +177,7 @@ def chown(data_dir: Path, run_id: str, owner: str, out=None) -> int:
 
 def _chown(data_dir: Path, run_id: str, owner: str, out) -> int:
     from tinker_jax.atomic import recover
-    from tinker_jax.engine import checkpoints, index
+    from tinker_jax.engine import index
     from tinker_jax.engine.registry import FILE, Registry, TinkerPath
 
     registry = Registry.open(data_dir / FILE, data_dir)
@@ -190,8 +190,7 @@ def _chown(data_dir: Path, run_id: str, owner: str, out) -> int:
         for info in registry.list_checkpoints(run_id):
             p = TinkerPath.parse(info.path)
             d = recover(registry.checkpoint_dir(p))
-            record = checkpoints.read_record(d) or index.record_from_registry(registry, p, d)
-            checkpoints.write_record(d, {**record, "owner": owner})  # the record first: it is the truth
+            index.rewrite_record(registry, p, d, owner=owner)  # the record first: it is the truth
             n += 1
         registry.set_run_owner(run_id, owner)
     finally:

@@ -528,8 +528,7 @@ class Engine(EngineAPI):
         d = atomic.recover(self.checkpoint_dir(p))
         if self.registry.get_checkpoint(p) is None or not d.is_dir():
             raise NotFound(f"path: checkpoint {p} not found")
-        record = checkpoints.read_record(d) or index.record_from_registry(self.registry, p, d)
-        checkpoints.write_record(d, {**record, **fields})
+        index.rewrite_record(self.registry, p, d, **fields)
         self.registry.set_checkpoint(p, **{k: int(v) if isinstance(v, bool) else v for k, v in fields.items()})
 
     def delete_checkpoint(self, path: str, *, tenant: str | None = None, only_if_expired: bool = False) -> Future:

@@ -84,6 +84,13 @@ def record_from_registry(registry: Registry, p: TinkerPath, d: Path) -> dict:
             "version": checkpoints.RECORD_VERSION}
 
 
+def rewrite_record(registry: Registry, p: TinkerPath, d: Path, **fields) -> None:
+    """Change `fields` of a checkpoint's record (publish, TTL, owner); a checkpoint saved before records existed
+    gets one, made from the registry, first."""
+    record = checkpoints.read_record(d) or record_from_registry(registry, p, d)
+    checkpoints.write_record(d, {**record, **fields})
+
+
 def _record(registry: Registry, p: TinkerPath, d: Path, report: IndexReport, write_records: bool) -> dict:
     """`d`'s record; for a checkpoint saved before records existed, one made from the registry (and written)."""
     record = checkpoints.read_record(d)
