@@ -73,6 +73,15 @@ def size_bytes(path: str | Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and f.name != RECORD)
 
 
+def new_record(path, *, owner: str | None, created: float, public: bool, expires: float | None, step: Any,
+               user_metadata: dict | None, run: dict) -> dict:
+    """The one layout of a checkpoint's record (`path` a TinkerPath; `run`: its run's configuration, created time
+    and user metadata). `save` adds `size_bytes` and `version`."""
+    return {"path": str(path), "run_id": path.run_id, "kind": path.kind, "name": path.name, "owner": owner,
+            "created": created, "public": public, "expires": expires, "step": step,
+            "user_metadata": dict(user_metadata or {}), "run": run}
+
+
 def write_record(path: str | Path, record: dict) -> None:
     """Replace a checkpoint's record atomically (a temporary file, flushed, then renamed over it)."""
     path = Path(path)

@@ -72,16 +72,14 @@ def record_from_registry(registry: Registry, p: TinkerPath, d: Path) -> dict:
     info = registry.get_checkpoint(p)
     run = registry.get_run(p.run_id)
     run_fields = {k: v for k, v in meta.items() if k not in ("step", "kind", "with_optimizer", "format_version")}
-    return {"path": str(p), "run_id": p.run_id, "kind": p.kind, "name": p.name,
-            "owner": run.owner if run is not None else None,
-            "created": info.created if info is not None else d.stat().st_mtime,
-            "public": bool(info.public) if info is not None else False,
-            "expires": info.expires if info is not None else None,
-            "step": meta.get("step"), "size_bytes": checkpoints.size_bytes(d),
-            "user_metadata": info.user_metadata if info is not None else {},
-            "run": {**run_fields, "created": run.created if run is not None else None,
-                    "user_metadata": run.user_metadata if run is not None else {}},
-            "version": checkpoints.RECORD_VERSION}
+    record = checkpoints.new_record(
+        p, owner=run.owner if run is not None else None,
+        created=info.created if info is not None else d.stat().st_mtime,
+        public=bool(info.public) if info is not None else False, expires=info.expires if info is not None else None,
+        step=meta.get("step"), user_metadata=info.user_metadata if info is not None else {},
+        run={**run_fields, "created": run.created if run is not None else None,
+             "user_metadata": run.user_metadata if run is not None else {}})
+    return {**record, "size_bytes": checkpoints.size_bytes(d), "version": checkpoints.RECORD_VERSION}
 
 
 def rewrite_record(registry: Registry, p: TinkerPath, d: Path, **fields) -> None:

@@ -652,11 +652,10 @@ class BaseWorker:
         meta = {**run.meta, "step": run.step, "kind": KINDS[body.path.kind]}
         path, registry, d = body.path, self.engine.registry, self.engine.checkpoint_dir(body.path)
         now = time.time()
-        record = {"path": str(path), "run_id": path.run_id, "kind": path.kind, "name": path.name,
-                  "owner": run.owner, "created": now, "public": False, "step": run.step,
-                  "expires": now + body.ttl_seconds if body.ttl_seconds else None,
-                  "user_metadata": dict(body.user_metadata or {}),
-                  "run": {**run.meta, "created": run.created, "user_metadata": run.user_metadata}}
+        record = checkpoints.new_record(
+            path, owner=run.owner, created=now, public=False, step=run.step,
+            expires=now + body.ttl_seconds if body.ttl_seconds else None, user_metadata=body.user_metadata,
+            run={**run.meta, "created": run.created, "user_metadata": run.user_metadata})
 
         def write():
             try:
