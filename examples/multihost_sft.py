@@ -6,7 +6,8 @@
 Every process makes the same calls in the same order; process 0 decides what runs, every process runs it on its
 share of the one global mesh (fsdp=2 x tensor=4 over the 8 devices of 2 processes here), and every process gets the
 same results. It prints one JSON line per process: the losses and logprobs of a short SFT loop, the last gradient
-norm and a forward loss. Run alone with 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), the same
+norm, a forward loss, and what comes back from a checkpoint (saved by every process, reloaded into the run and
+into a second run). Run alone with 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), the same
 script is the single-process reference.
 """
 
@@ -46,16 +47,23 @@ def main(model_dir: str, data_dir: str) -> None:
             logprobs = [o["logprobs"].tolist() for o in fb.loss_fn_outputs]
             opt = tc.optim_step(tt.AdamParams(learning_rate=1e-2)).result()
         fwd = tc.forward(batch(99), "cross_entropy").result()
-        try:  # not on several processes yet: the engine says so, on every process alike
-            tc.save_state("final").result()
-            save = "saved"
-        except Exception as e:  # noqa: BLE001 - printed for the caller to see
-            save = str(e)
+        # A checkpoint: every process writes its own shards; process 0 commits once all are written.
+        saved = tc.save_state("final").result().path
+        tc.forward_backward(batch(5), "cross_entropy").result()  # move on, then come back to the checkpoint
+        tc.optim_step(tt.AdamParams(learning_rate=1e-2)).result()
+        tc.load_state_with_optimizer(saved).result()
+        reloaded = tc.forward(batch(99), "cross_entropy").result()
+        # A second run from the same checkpoint (each process reads the shards it holds)
+        resumed = service.create_training_client_from_state_with_optimizer(saved)
+        resumed.forward_backward(batch(3), "cross_entropy").result()
+        resumed_opt = resumed.optim_step(tt.AdamParams(learning_rate=1e-2)).result()
         import jax
 
         print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(), "model_id": tc.model_id,
                           "losses": losses, "logprobs": logprobs, "grad_norm": opt.metrics["grad_norm:mean"],
-                          "forward_loss": fwd.metrics["loss:sum"], "save_state": save}), flush=True)
+                          "forward_loss": fwd.metrics["loss:sum"], "checkpoint": saved,
+                          "reloaded_loss": reloaded.metrics["loss:sum"],
+                          "resumed_grad_norm": resumed_opt.metrics["grad_norm:mean"]}), flush=True)
 
 
 if __name__ == "__main__":

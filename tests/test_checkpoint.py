@@ -19,6 +19,7 @@ import pytest
 import tinker.types as tt
 
 import tinker_jax
+from tinker_jax import atomic
 from tinker_jax.engine import checkpoints as checkpoint
 from tinker_jax.training import step as train
 from tinker_jax.config import EngineConfig
@@ -230,6 +231,25 @@ def test_overwrite_killed_between_renames_is_recovered(svc):
     tc2 = svc.create_training_client_from_state(good)
     assert_same(params(tc2), good_params)
     assert sorted(p.name for p in final.parent.iterdir()) == ["ow"]
+
+
+def test_staged_commit_named_alike_everywhere(tmp_path):
+    """A commit that several processes write into: the staging directory's name comes from a token (the same on
+    every process), it is swept like any temporary, and `commit` replaces an existing directory whole."""
+    out = tmp_path / "kind" / "ck"
+    with pytest.raises(ValueError, match="8 hex digits"):
+        atomic.staging(out, "not-hex!")
+    tmp = atomic.staging(out, "0a1b2c3d")
+    assert tmp == atomic.staging(out, "0a1b2c3d") and not tmp.exists()
+    out.mkdir(parents=True)
+    (out / "old.txt").write_text("old")
+    tmp.mkdir()
+    (tmp / "new.txt").write_text("new")
+    atomic.commit(tmp, out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["ck"] and [p.name for p in out.iterdir()] == ["new.txt"]
+    left = atomic.staging(out, "ffffffff")  # a job killed before its commit leaves this: the start-up sweep's
+    left.mkdir()
+    assert atomic.sweep(out.parent) == [left] and out.is_dir()
 
 
 def test_bad_paths_give_clear_errors(svc, run):

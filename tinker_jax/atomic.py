@@ -4,7 +4,8 @@
 Replacing an existing `out` moves it aside first (`.{name}.{id}.old`), renames the new one in, then deletes the
 old one; if the process dies between the two renames, `recover(out)` (run before every read or write of `out`)
 puts the newest moved-aside copy back. A failure inside the block removes the temporary directory (a SIGKILL can
-still leave one: `sweep(parent)` removes those).
+still leave one: `sweep(parent)` removes those). A commit that several processes write into (each its own
+shards) uses `staging(out, token)`, a temporary named alike on every process, and one process's `commit`.
 """
 
 from __future__ import annotations
@@ -99,22 +100,47 @@ def atomic_dir(out: str | Path, *, overwrite: bool = True) -> Iterator[Path]:
     try:
         yield tmp
         check()  # someone may have written `out` meanwhile
-        if out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        if out.exists():  # replace only once the new one is complete
-            old = _aside(out, "old")
-            os.rename(out, old)
-            try:
-                os.rename(tmp, out)
-            except BaseException:
-                os.rename(old, out)  # the commit failed: put the previous one back
-                raise
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
+        _swap_in(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def staging(out: str | Path, token: str) -> Path:
+    """The temporary directory of `out` named by `token` (8 hex digits) rather than drawn: for a commit that several
+    processes write into (each its own shards) before one of them calls `commit`. Not created here."""
+    out = Path(out)
+    if not re.fullmatch(r"[0-9a-f]{8}", token):
+        raise ValueError(f"staging token {token!r}: 8 hex digits")
+    return out.with_name(f".{out.name}.{token}.new")
+
+
+def commit(tmp: str | Path, out: str | Path) -> None:
+    """Make a complete `staging` directory `out` (replacing an existing `out` as `atomic_dir` does); on failure the
+    staged files are removed."""
+    tmp, out = Path(tmp), Path(out)
+    try:
+        recover(out)
+        _swap_in(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def _swap_in(tmp: Path, out: Path) -> None:
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    if out.exists():  # replace only once the new one is complete
+        old = _aside(out, "old")
+        os.rename(out, old)
+        try:
+            os.rename(tmp, out)
+        except BaseException:
+            os.rename(old, out)  # the commit failed: put the previous one back
+            raise
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.rename(tmp, out)
 
 
 def sweep(parent: str | Path) -> list[Path]:

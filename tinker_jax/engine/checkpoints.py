@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import threading
 from pathlib import Path
 from typing import Any
@@ -49,23 +50,59 @@ def _checkpointer() -> ocp.Checkpointer:
 
 
 def _abstract(tree):
-    return jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=getattr(x, "sharding", None)),
-                        tree)
+    """Restore targets shaped and placed like `tree`. Host values (numpy), and on several processes an array held
+    by one process's device (a step count), come back as numpy: a target without a sharding would make Orbax
+    place it as it was saved, which fails on another mesh or set of processes."""
+    many = jax.process_count() > 1
+
+    def one(x):
+        sharding = getattr(x, "sharding", None)  # arrays and ShapeDtypeStructs
+        if many and isinstance(x, jax.Array) and x.is_fully_addressable:
+            sharding = None
+        if sharding is None:
+            return np.zeros(np.shape(x), getattr(x, "dtype", None) or np.asarray(x).dtype)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=sharding)
+
+    return jax.tree.map(one, tree)
 
 
 def save(path: str | Path, *, weights: Any, opt: Any | None, meta: dict, record: dict | None = None) -> dict | None:
     """Write a checkpoint atomically. `opt` None: a sampler checkpoint (weights only). `record` (the checkpoint's
     own record, without its size) is completed with `size_bytes` and committed with it; returns it."""
-    path = Path(path)
-    items = {"weights": weights} if opt is None else {"weights": weights, "opt": opt}
-    meta = dict(meta, with_optimizer=opt is not None, format_version=FORMAT_VERSION)
     with atomic_dir(path) as tmp:
         tmp.rmdir()  # Orbax creates the directory itself (and refuses an existing one)
-        _checkpointer().save(tmp, ocp.args.Composite(state=ocp.args.StandardSave(items),
-                                                     meta=ocp.args.JsonSave(meta)))
-        if record is not None:
-            record = dict(record, version=RECORD_VERSION, size_bytes=size_bytes(tmp))
-            write_record(tmp, record)
+        write_staged(tmp, weights=weights, opt=opt, meta=meta)
+        return _finish(tmp, record)
+
+
+def write_staged(tmp: Path, *, weights: Any, opt: Any | None, meta: dict) -> None:
+    """Write the Orbax items into `tmp` (which must not exist). On several processes every process calls it with
+    the same global arrays and writes its own shards; Orbax's barriers return once all are written. Then one
+    process calls `commit_staged`."""
+    items = {"weights": weights} if opt is None else {"weights": weights, "opt": opt}
+    if jax.process_count() > 1:  # Orbax refuses arrays held by one process's device: host copies (small scalars)
+        items = jax.tree.map(lambda x: np.asarray(x) if isinstance(x, jax.Array) and x.is_fully_addressable
+                             else x, items)
+    meta = dict(meta, with_optimizer=opt is not None, format_version=FORMAT_VERSION)
+    _checkpointer().save(tmp, ocp.args.Composite(state=ocp.args.StandardSave(items), meta=ocp.args.JsonSave(meta)))
+
+
+def commit_staged(tmp: Path, path: str | Path, record: dict | None) -> dict | None:
+    """Complete `tmp` (written by every process) with its record and make it `path`, atomically: the checkpoint is
+    listed only after every process wrote its shards. -> the record."""
+    try:
+        record = _finish(tmp, record)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    atomic.commit(tmp, path)
+    return record
+
+
+def _finish(tmp: Path, record: dict | None) -> dict | None:
+    if record is not None:
+        record = dict(record, version=RECORD_VERSION, size_bytes=size_bytes(tmp))
+        write_record(tmp, record)
     return record
 
 

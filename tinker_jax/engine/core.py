@@ -217,10 +217,9 @@ class Engine(EngineAPI):
                 tenant: str | None = None, tokens: int = 0, paths: Sequence[TinkerPath] = ()) -> Future:
         """Queue one typed request on `worker` (Overloaded, raised, when a bound is reached)."""
         tenant = tenant or LOCAL
-        if self.procs is not None and (kind not in replicas.SUPPORTED_KINDS or paths):
-            return failed(UserError(f"{kind}{' from a checkpoint' if kind == 'create' else ''}: not supported yet "
-                                    f"when the engine spans several processes ({self.procs.count}); supported: "
-                                    f"{', '.join(replicas.SUPPORTED_KINDS)}"))
+        if self.procs is not None and kind not in replicas.SUPPORTED_KINDS:
+            return failed(UserError(f"{kind}: not supported yet when the engine spans several processes "
+                                    f"({self.procs.count}); supported: {', '.join(replicas.SUPPORTED_KINDS)}"))
         self._admit(tenant)
         fut = self._bounded(tenant, Future())
         keys = [str(p) for p in paths]
@@ -342,6 +341,8 @@ class Engine(EngineAPI):
                                 owner: str | None = None, tenant: str | None = None) -> Future:
         try:
             p = TinkerPath.parse(path)
+            if self.procs is not None:  # every process names the run alike
+                model_id = model_id or self.procs.draw()[0]
             base = base_model or self._base_of_checkpoint(p)
             worker = self._worker(base)
             model_id = self._reserve(model_id, worker, None, False)

@@ -21,6 +21,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -183,7 +184,8 @@ class FullState:
         else:
             self.mu.replace_by_pure_dict(opt["mu"])
             self.nu.replace_by_pure_dict(opt["nu"])
-            self.count = jax.device_put(jnp.asarray(opt["count"], jnp.int32), self.count.sharding)
+            # From the host (a global sharding on several processes takes host values, not one device's array).
+            self.count = jax.device_put(np.asarray(opt["count"], np.int32), self.count.sharding)
 
 
 @dataclass

@@ -11,19 +11,24 @@ tinker_jax.distributed for the runtime and the log).
 from __future__ import annotations
 
 import collections
+import hashlib
 import itertools
 import random
 import secrets
 import threading
 from concurrent.futures import Future, InvalidStateError
+from typing import Callable, TypeVar
 
 import numpy as np
 
 from tinker_jax import distributed
+from tinker_jax.errors import UserError
 
-# What a multi-process engine runs today. Checkpoints, samplers and sampling need every process to write or read its
-# own shards (Orbax multi-process) and the sampler's admissions in the log: not yet (issue 12, in progress).
-SUPPORTED_KINDS = ("create", "forward", "forward_backward", "optim_step", "unload")
+T = TypeVar("T")
+
+# What a multi-process engine runs today. Samplers and sampling need the sampler's admissions in the log: not yet
+# (issue 12, in progress).
+SUPPORTED_KINDS = ("create", "forward", "forward_backward", "optim_step", "unload", "save", "load")
 
 
 class Processes:
@@ -55,6 +60,34 @@ class Processes:
 
     def stop(self) -> None:
         self._stopped.set()
+
+    def token(self, *parts) -> str:
+        """8 hex digits, the same on every process for the same `parts` (a staging directory's name)."""
+        return hashlib.sha256(repr((self.epoch, parts)).encode()).hexdigest()[:8]
+
+    def settle(self, check: Callable[[], T]) -> T | None:
+        """Inside a round: a decision that only the leader can make (its registry, its quota, its commit). The
+        leader runs `check` and publishes the outcome as the log's next message (it holds the turn, so nothing
+        comes between); a follower reads it from its replay. Every process then goes on together, or raises the
+        same error: a follower never starts a collective write that the leader refused. -> check's value on the
+        leader, None on a follower."""
+        if self.leader:
+            try:
+                value = check()
+            except UserError as e:
+                self.log.publish(("outcome", e))
+                raise
+            except BaseException as e:
+                self.log.publish(("outcome", RuntimeError(f"process 0 failed: {type(e).__name__}: {e}")))
+                raise
+            self.log.publish(("outcome", None))
+            return value
+        msg = self.log.next()
+        if not (isinstance(msg, tuple) and msg[:1] == ("outcome",)):
+            raise RuntimeError(f"out of step with the leader: expected an outcome, got {msg!r:.200}")
+        if msg[1] is not None:
+            raise msg[1]
+        return None
 
     def draw(self) -> tuple[str, int]:
         """A run id and a seed, the same on every process for the same call (calls are made in the same order)."""

@@ -185,8 +185,11 @@ class BaseWorker:
                     self._busy = {"train": 0.0, "sample": 0.0}  # no banking of idle time
                 rnd = self.scheduler.next_round() if train and (
                     not sample or self._busy["train"] <= self._busy["sample"]) else None
+            if rnd is not None:
+                # Cancelled requests leave the round before it is published: every process runs the same requests.
+                rnd = _begun(rnd)
             try:
-                if rnd is not None:
+                if rnd:
                     t0 = time.perf_counter()
                     with self._turn(("round", self.name, rnd.number, _items(rnd))):
                         self._execute(rnd)
@@ -201,7 +204,7 @@ class BaseWorker:
                     self.stats["sample_seconds"] += dt
             except BaseException as e:  # noqa: BLE001 - a bug escaped a round: fail what it held, keep serving
                 log.exception("engine worker %s: a round failed", self.name)
-                for req in (rnd.ops + rnd.batch) if rnd is not None else ():
+                for req in (rnd.ops + rnd.batch) if rnd else ():
                     if not req.future.done():
                         req.future.set_exception(e)
         with self._cv:
@@ -301,7 +304,7 @@ class BaseWorker:
             req.round = rnd.number
         if self.load_error is not None:  # the server's fault (its model directory), reported as such
             for req in rnd.ops + rnd.batch:
-                if req.future.set_running_or_notify_cancel():
+                if _begin(req):
                     req.future.set_exception(RuntimeError(
                         f"base model {self.name} could not be loaded ({type(self.load_error).__name__}; the server "
                         "log has the details)"))
@@ -318,7 +321,7 @@ class BaseWorker:
                 self._train(reqs, forward_only)
 
     def _run_op(self, req: Request) -> None:
-        if not req.future.set_running_or_notify_cancel():
+        if not _begin(req):
             return
         try:
             result = getattr(self, f"_op_{req.kind}")(req)
@@ -438,7 +441,7 @@ class BaseWorker:
         """The requests that start now (not cancelled) with their runs; an unknown or lost run fails its request."""
         out = []
         for req in reqs:
-            if not req.future.set_running_or_notify_cancel():
+            if not _begin(req):
                 continue
             try:
                 out.append((req, self._run(req)))
@@ -640,15 +643,6 @@ class BaseWorker:
         snapshot = self._snapshot(run, None if body.path is None else str(body.path)) if body.snapshot else None
         if body.path is None:
             return None, snapshot
-        # Host copies: the device memory is free again at once, and the write does not race later steps.
-        # (Multi-host engines will hand Orbax the sharded device arrays instead, each process writing its shards.)
-        self._writes.acquire()  # at most _MAX_WRITES host copies wait for the disk; beyond, the loop waits here
-        try:
-            weights, opt = jax.device_get(self._state_of(run, body.with_optimizer))
-            need = self._reserve_quota(run, body, (weights, opt))
-        except BaseException:
-            self._writes.release()
-            raise
         meta = {**run.meta, "step": run.step, "kind": KINDS[body.path.kind]}
         path, registry, d = body.path, self.engine.registry, self.engine.checkpoint_dir(body.path)
         now = time.time()
@@ -656,6 +650,17 @@ class BaseWorker:
             path, owner=run.owner, created=now, public=False, step=run.step,
             expires=now + body.ttl_seconds if body.ttl_seconds else None, user_metadata=body.user_metadata,
             run={**run.meta, "created": run.created, "user_metadata": run.user_metadata})
+        if self.engine.procs is not None:
+            self._save_everywhere(req, run, meta, record)
+            return str(path), snapshot
+        # Host copies: the device memory is free again at once, and the write does not race later steps.
+        self._writes.acquire()  # at most _MAX_WRITES host copies wait for the disk; beyond, the loop waits here
+        try:
+            weights, opt = jax.device_get(self._state_of(run, body.with_optimizer))
+            need = self._reserve_quota(run, body, (weights, opt))
+        except BaseException:
+            self._writes.release()
+            raise
 
         def write():
             try:
@@ -672,14 +677,36 @@ class BaseWorker:
 
         return _OffLoop(write)
 
+    def _save_everywhere(self, req: Request, run: Run, meta: dict, record: dict) -> None:
+        """A save on several processes: every process writes its own shards of the run's state (global arrays, no
+        host gather) into one staging directory named alike everywhere, on the loop, since Orbax's barriers span
+        the processes and every process must reach them in the same order. The leader alone checks the quota and
+        commits (record, rename, registry): the checkpoint is listed only once every process's shards are
+        written, and every process learns each outcome (`Processes.settle`)."""
+        body: rq.Save = req.body
+        procs, d = self.engine.procs, self.engine.checkpoint_dir(body.path)
+        weights, opt = self._state_of(run, body.with_optimizer)
+        need = procs.settle(lambda: self._reserve_quota(run, body, (weights, opt))) or 0
+        try:
+            tmp = atomic.staging(d, procs.token("save", self.name, req.seq))
+            if procs.leader:  # Orbax's primary process creates `tmp` itself; its parent must exist
+                d.parent.mkdir(parents=True, exist_ok=True)
+            checkpoints.write_staged(tmp, weights=weights, opt=opt, meta=meta)
+            procs.settle(lambda: self.engine.registry.add_checkpoint_record(
+                body.path, checkpoints.commit_staged(tmp, d, record)))
+        finally:
+            if need:
+                with self._quota_lock:
+                    self._writing[run.owner] -= need
+
     def _reserve_quota(self, run: Run, body: rq.Save, state) -> int:
-        """Refuse a save of `state` (host copies) that would take the run's owner past config
+        """Refuse a save of `state` (host copies, or global arrays) that would take the run's owner past config
         checkpoint_quota_bytes (on disk, plus writes still queued, less the checkpoint it replaces). Returns the
         bytes it is counted for until written."""
         quota = self.config.checkpoint_quota_bytes
         if quota is None or run.owner is None:
             return 0
-        need = sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(state))
+        need = sum(int(x.nbytes if hasattr(x, "nbytes") else np.asarray(x).nbytes) for x in jax.tree.leaves(state))
         replaced = self.engine.registry.get_checkpoint(body.path)
         on_disk = self.engine.registry.usage(run.owner)[1] - ((replaced.size_bytes or 0) if replaced else 0)
         with self._quota_lock:  # the I/O thread subtracts finished writes
@@ -798,6 +825,19 @@ class _SamplerBase:
 
     def __init__(self, cfg, path, decoder, name):
         self.cfg, self.path, self.decoder, self.name = cfg, path, decoder, name
+
+
+def _begin(req: Request) -> bool:
+    """Start `req` (False: its caller cancelled it); one already started by `_begun` stays started."""
+    return req.future.running() or req.future.set_running_or_notify_cancel()
+
+
+def _begun(rnd: Round) -> Round:
+    """The round less its cancelled requests, the others started (no longer cancellable)."""
+    out = Round(rnd.number)
+    out.ops = [r for r in rnd.ops if _begin(r)]
+    out.batch = [r for r in rnd.batch if _begin(r)]
+    return out
 
 
 def _items(rnd: Round) -> list[tuple]:
