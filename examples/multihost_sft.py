@@ -6,8 +6,8 @@
 Every process makes the same calls in the same order; process 0 decides what runs, every process runs it on its
 share of the one global mesh (fsdp=2 x tensor=4 over the 8 devices of 2 processes here), and every process gets the
 same results. It prints one JSON line per process: the losses and logprobs of a short SFT loop, the last gradient
-norm, a forward loss, and what comes back from a checkpoint (saved by every process, reloaded into the run and
-into a second run). Run alone with 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), the same
+norm, a forward loss, what comes back from a checkpoint (saved by every process, reloaded into the run and into a
+second run), and samples of the trained weights (greedy, and seeded). Run alone with 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), the same
 script is the single-process reference.
 """
 
@@ -57,13 +57,20 @@ def main(model_dir: str, data_dir: str) -> None:
         resumed = service.create_training_client_from_state_with_optimizer(saved)
         resumed.forward_backward(batch(3), "cross_entropy").result()
         resumed_opt = resumed.optim_step(tt.AdamParams(learning_rate=1e-2)).result()
+        # Sampling over the mesh: greedy, and seeded at temperature 1 (two samples of one prompt)
+        sampler = tc.save_weights_and_get_sampling_client("sampler")
+        prompt = tt.ModelInput.from_ints([5, 17, 42, 7, 99])
+        greedy = sampler.sample(prompt, 1, tt.SamplingParams(max_tokens=6, temperature=0.0)).result()
+        seeded = sampler.sample(prompt, 2, tt.SamplingParams(max_tokens=6, temperature=1.0, seed=11)).result()
+        samples = [{"tokens": q.tokens, "logprobs": q.logprobs} for q in greedy.sequences + seeded.sequences]
         import jax
 
         print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(), "model_id": tc.model_id,
                           "losses": losses, "logprobs": logprobs, "grad_norm": opt.metrics["grad_norm:mean"],
                           "forward_loss": fwd.metrics["loss:sum"], "checkpoint": saved,
                           "reloaded_loss": reloaded.metrics["loss:sum"],
-                          "resumed_grad_norm": resumed_opt.metrics["grad_norm:mean"]}), flush=True)
+                          "resumed_grad_norm": resumed_opt.metrics["grad_norm:mean"], "samples": samples}),
+              flush=True)
 
 
 if __name__ == "__main__":

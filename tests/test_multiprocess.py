@@ -4,9 +4,10 @@ per process forming one fsdp=2 x tensor=4 mesh, started by scripts/local_cluster
 - The in-process API: the same script (examples/multihost_sft.py) on both processes; its losses, logprobs and
   gradient norm equal those of one process with all 8 devices (fp32), and both processes get identical results.
   Its checkpoint (each process writes its own shards) reloads there, and on one device and on a 2 x 2 mesh of
-  one process with the same weights.
-- The REST server: `tinker-jax serve` on both processes (process 0 serves HTTP); the official SDK trains through it
-  with the losses of a one-process engine, and SIGTERM to the job stops both processes cleanly.
+  one process with the same weights; its samples over the two processes' mesh are those of one process.
+- The REST server: `tinker-jax serve` on both processes (process 0 serves HTTP); the official SDK trains, saves,
+  loads and samples through it with the losses, tokens and logprobs of a one-process engine, and SIGTERM to the job
+  stops both processes cleanly.
 """
 
 from __future__ import annotations
@@ -89,6 +90,10 @@ def test_two_processes_train_like_one(tmp_path):
     # The checkpoint written by both processes (each its own shards) loads back into the run and into a new run.
     assert a["reloaded_loss"] == a["forward_loss"]
     np.testing.assert_allclose(a["resumed_grad_norm"], ref["resumed_grad_norm"], rtol=1e-5)
+    # Sampling over the mesh of both processes: the tokens of one process (greedy, and seeded), logprobs within fp32
+    assert [x["tokens"] for x in a["samples"]] == [x["tokens"] for x in ref["samples"]]
+    for x, y in zip(a["samples"], ref["samples"]):
+        np.testing.assert_allclose(x["logprobs"], y["logprobs"], rtol=1e-5, atol=1e-5)
     shards = tmp_path / "two" / "checkpoints" / a["model_id"] / "weights" / "final" / "state"
     assert {p.name for p in shards.glob("ocdbt.process_*")} == {"ocdbt.process_0", "ocdbt.process_1"}
 
@@ -167,7 +172,10 @@ def _train(tc) -> list[float]:
     tc.optim_step(tt.AdamParams(learning_rate=1e-2)).result()
     tc.load_state(saved).result()  # back to the checkpoint's weights
     losses.append(tc.forward(_sft_batch(), "cross_entropy").result().metrics["loss:sum"])
-    return losses
+    sampler = tc.save_weights_and_get_sampling_client("s")
+    out = sampler.sample(tt.ModelInput.from_ints([3, 1, 4, 1, 5]), 2,
+                         tt.SamplingParams(max_tokens=5, temperature=0.0)).result()
+    return losses, [q.tokens for q in out.sequences], [q.logprobs for q in out.sequences]
 
 
 def test_two_processes_serve_the_sdk(tmp_path):
@@ -197,7 +205,7 @@ def test_two_processes_serve_the_sdk(tmp_path):
             time.sleep(0.5)
         service = tinker.ServiceClient(base_url=base_url, api_key="tml-multiprocess")
         tc = service.create_lora_training_client(base_model="tiny", rank=4, seed=7).result()
-        got = _train(tc)
+        got, got_tokens, got_lps = _train(tc)
         service.close("success").result(timeout=30)
     finally:
         job.send_signal(signal.SIGTERM)  # a supervisor stopping the job: both processes leave cleanly
@@ -213,8 +221,10 @@ def test_two_processes_serve_the_sdk(tmp_path):
     one = EngineConfig(data_dir=tmp_path / "one", models={"tiny": str(model)}, mesh=MeshConfig(**mesh),
                        max_seq_len=64, compile_cache=False)
     with tinker_jax.ServiceClient(config=one) as svc:
-        want = _train(svc.create_lora_training_client(base_model="tiny", rank=4, seed=7))
+        want, want_tokens, want_lps = _train(svc.create_lora_training_client(base_model="tiny", rank=4, seed=7))
     np.testing.assert_allclose(got, want, rtol=1e-5)
+    assert got_tokens == want_tokens
+    np.testing.assert_allclose(got_lps, want_lps, rtol=1e-5, atol=1e-5)
 
 
 def test_round_log_keeps_order_and_prunes_what_everyone_read(tmp_path):

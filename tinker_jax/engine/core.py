@@ -78,6 +78,8 @@ class Engine(EngineAPI):
             self.registry = Registry.open(self.data_dir / REGISTRY_FILE, self.data_dir)
         else:  # the leader owns the data dir; a follower's index of what it replayed lives in memory
             self.registry = Registry(":memory:", self.data_dir)
+        if config.sampler.backend != "jax" and self.procs is not None:
+            raise ValueError(f"sampler.backend: {config.sampler.backend} does not run on several processes; use jax")
         if config.sampler.backend == "vllm":  # fail at start, not on the first sample request
             from tinker_jax.sampling.vllm_backend import require_vllm
 
@@ -149,6 +151,10 @@ class Engine(EngineAPI):
                     worker.load_here()
                 elif kind == "round":
                     worker.replay(*args)
+                elif kind == "sample":
+                    worker.replay_sample(*args)
+                elif kind == "forget":
+                    worker.forget(*args)
                 else:
                     raise RuntimeError(f"unknown message from the leader: {kind!r}")
         except BaseException as e:  # noqa: BLE001 - this process can no longer follow: say so, fail what waits
@@ -612,13 +618,14 @@ class Engine(EngineAPI):
         try:
             snap = self._snapshot(sampler_id)
             tokens = batching.datum_tokens(tt.Datum(model_input=prompt, loss_fn_inputs={}), 0)
-            sampler = self._worker(snap.base_model).get_sampler()
+            worker = self._worker(snap.base_model)
+            worker.get_sampler()  # a model that is not loaded fails here
         except (UserError, RuntimeError) as e:
             return failed(e)
         tenant = tenant or LOCAL
         self._admit(tenant)
-        return self._bounded(tenant, sampler.submit(snap, tokens, sampling_params, num_samples,
-                                                     include_prompt_logprobs, topk_prompt_logprobs, tenant=tenant))
+        return self._bounded(tenant, worker.submit_sample(snap, tokens, sampling_params, num_samples,
+                                                          include_prompt_logprobs, topk_prompt_logprobs, tenant))
 
     def storage_usage(self, owner: str | None) -> tuple[int, int]:
         return self.registry.usage(owner)

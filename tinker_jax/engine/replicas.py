@@ -26,9 +26,8 @@ from tinker_jax.errors import UserError
 
 T = TypeVar("T")
 
-# What a multi-process engine runs today. Samplers and sampling need the sampler's admissions in the log: not yet
-# (issue 12, in progress).
-SUPPORTED_KINDS = ("create", "forward", "forward_backward", "optim_step", "unload", "save", "load")
+# What a multi-process engine runs (every request kind of a worker's queue; samples go through the sampler steps).
+SUPPORTED_KINDS = ("create", "forward", "forward_backward", "optim_step", "unload", "save", "load", "open_snapshot")
 
 
 class Processes:

@@ -73,6 +73,10 @@ class Scheduler:
         self.rounds = 0  # rounds handed out so far
         self.pushed = 0  # requests pushed so far
 
+    def take_seq(self) -> int:
+        """A place in the log for a request that does not queue here (a sample, queued by the sampler)."""
+        return next(self._seq)
+
     def push(self, req: Request) -> None:
         req.seq = next(self._seq)
         self.pushed += 1

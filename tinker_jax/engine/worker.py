@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+import weakref
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -33,6 +35,7 @@ from tinker_jax.engine.pools import NULL_SLOT, AdapterPool, FullState, Run
 from tinker_jax.engine.registry import KINDS, TinkerPath
 from tinker_jax.engine.scheduler import Request, Round, Scheduler
 from tinker_jax.errors import NotFound, UserError
+from tinker_jax.futures import failed
 from tinker_jax.hf.weights import load_decoder
 from tinker_jax.models import lora as lora_math
 from tinker_jax.models.config import ModelConfig
@@ -99,6 +102,8 @@ class BaseWorker:
         # leader published (replay), and its own calls wait for that (mirrors).
         self._leader_procs = procs if procs is not None and procs.leader else None
         self._mirrors = replicas.Mirrors() if procs is not None and not procs.leader else None
+        self._origins: dict[int, WeightSnapshot] = {}  # follower: snapshots by the request that made them
+        self._forgets: collections.deque[int] = collections.deque()  # leader: snapshots gone since the last turn
 
     # --- submission (any thread) -------------------------------------------------------------------------------
 
@@ -198,7 +203,10 @@ class BaseWorker:
                     self.stats["train_seconds"] += dt
                 elif sample:
                     t0 = time.perf_counter()
-                    self.sampler.step()
+                    # Several processes: the step's new requests are fixed (started) and published with it.
+                    new = self.sampler.take_incoming(start=self._leader_procs is not None)
+                    with self._turn(("sample", self.name, [_wire(r) for r in new])):
+                        self.sampler.step(new)
                     dt = time.perf_counter() - t0
                     self._busy["sample"] += dt
                     self.stats["sample_seconds"] += dt
@@ -232,8 +240,51 @@ class BaseWorker:
             yield
             return
         with procs.turn:
+            gone = []
+            while self._forgets:
+                gone.append(self._forgets.popleft())
+            if gone:  # snapshots the leader no longer holds: the followers let theirs go
+                procs.log.publish(("forget", self.name, gone))
             procs.log.publish(decision)
             yield
+
+    def submit_sample(self, snap: WeightSnapshot, tokens, params, num_samples: int, include_prompt_logprobs: bool,
+                      topk_prompt_logprobs: int, tenant: str) -> Future:
+        """Queue a sample on this model's sampler. Several processes: the leader gives it a place in the log
+        (alongside training requests) and publishes it with the sampler step that admits it; a follower's own
+        call waits for its replay there (mirrors), after the same validation."""
+        sampler = self.get_sampler()
+        args = (snap, tokens, params, num_samples, include_prompt_logprobs, topk_prompt_logprobs)
+        if self.engine.procs is None:
+            return sampler.submit(*args, tenant=tenant)
+        try:
+            if snap.origin is None:
+                raise UserError("sampler: this snapshot was not made by this engine")
+            req = sampler.prepare(*args, tenant=tenant)
+        except (UserError, ValueError) as e:
+            return failed(e)
+        if self._mirrors is not None:
+            self._mirrors.claim(req.future)
+            return req.future
+        with self._cv:
+            req.seq = self.scheduler.take_seq()
+        sampler.enqueue(req)
+        return req.future
+
+    def replay_sample(self, items: list[tuple]) -> None:
+        """A follower runs the leader's sampler step: the same new requests (the leader's specs, seeds included),
+        then the same admission and decode."""
+        sampler = self.get_sampler()
+        reqs = []
+        for seq, uid, origin, spec, ids, tenant in items:
+            fut = self._mirrors.executed(seq)
+            fut.set_running_or_notify_cancel()
+            reqs.append(sampler.request(uid, self._origins[origin], spec, ids, tenant, fut, seq))
+        sampler.step(reqs)
+
+    def forget(self, origins: list[int]) -> None:
+        for o in origins:
+            self._origins.pop(o, None)
 
     def replay(self, number: int, items: list[tuple]) -> None:
         """A follower runs the leader's round `number`: the same requests (the leader's payloads), in the same
@@ -640,7 +691,8 @@ class BaseWorker:
         later requests on the same path wait for it (engine path order)."""
         body: rq.Save = req.body
         run = self._run(req)
-        snapshot = self._snapshot(run, None if body.path is None else str(body.path)) if body.snapshot else None
+        snapshot = (self._shared(req, self._snapshot(run, None if body.path is None else str(body.path)))
+                    if body.snapshot else None)
         if body.path is None:
             return None, snapshot
         meta = {**run.meta, "step": run.step, "kind": KINDS[body.path.kind]}
@@ -763,7 +815,22 @@ class BaseWorker:
         return tt.LoadWeightsResponse(path=str(body.path), model_id=req.run)
 
     def _op_open_snapshot(self, req: Request) -> WeightSnapshot:
-        body: rq.OpenSnapshot = req.body
+        return self._shared(req, self._open_snapshot(req.body))
+
+    def _shared(self, req: Request, snap: WeightSnapshot) -> WeightSnapshot:
+        """Several processes: a snapshot named by the request that made it, so that the leader's sample steps can
+        name it to the followers. A follower keeps it until the leader's copy is gone (`forget`)."""
+        procs = self.engine.procs
+        if procs is None:
+            return snap
+        snap = dataclasses.replace(snap, origin=req.seq)
+        if procs.leader:
+            weakref.finalize(snap, self._forgets.append, req.seq)
+        else:
+            self._origins[req.seq] = snap
+        return snap
+
+    def _open_snapshot(self, body: rq.OpenSnapshot) -> WeightSnapshot:
         if body.path is None:
             return WeightSnapshot(self.cfg, self.graphdef, self.base, None, "", self.name)
         d, meta = self._checkpoint(body.path, "model_path")
@@ -838,6 +905,11 @@ def _begun(rnd: Round) -> Round:
     out.ops = [r for r in rnd.ops if _begin(r)]
     out.batch = [r for r in rnd.batch if _begin(r)]
     return out
+
+
+def _wire(req) -> tuple:
+    """A sampler request as the leader publishes it (what `replay_sample` rebuilds)."""
+    return (req.seq, req.uid, req.snapshot.origin, req.spec, req.sequence_ids, req.tenant)
 
 
 def _items(rnd: Round) -> list[tuple]:

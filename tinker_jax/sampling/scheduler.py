@@ -29,6 +29,12 @@ replicated results (tokens, logprobs, row state) come back to the host.
 Threading. `submit` only validates and enqueues; `step` (one admission round and one decode call) does the rest on
 one thread: the sampler's own (`start`) or its owner's (an engine worker calls `step` between training rounds).
 A bad request fails only its own future. A device error fails the requests it touched.
+
+Several processes. A step's decisions depend only on the requests it was given and on replicated device results,
+so processes that run the same steps with the same requests stay identical: an engine's leader starts each step's
+new requests (`take_incoming(start=True)`: no cancel can change them afterwards) and publishes them with their
+validated specs (seeds included); followers rebuild them (`request`) and run `step(them)`. Weight groups are
+numbered in order of first sight, not by object id, so their turns agree across processes.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ import jax.numpy as jnp
 import numpy as np
 from tinker import types
 
+from tinker_jax import distributed
 from tinker_jax.errors import UserError
 from tinker_jax.models import lora as lora_math
 from tinker_jax.models.config import ModelConfig
@@ -79,6 +86,8 @@ class _Request:
     kv: tuple | None = None  # (k, v, row) of its prefill, held until every sample has a row
     prompt_lp: np.ndarray | None = None
     topk: Any = None
+    group: int = 0  # its weights group (`Sampler._group`), numbered alike on every process
+    seq: int = 0  # its place in its engine worker's request log (several processes: how followers match it)
 
 
 @dataclass(eq=False)
@@ -148,6 +157,11 @@ class _Table:
 
     def resident(self) -> int:
         return sum(h is not None for h in self.holder)
+
+
+def _begin(fut: Future) -> bool:
+    """Start a request's future (False: it was cancelled); one already started stays started."""
+    return fut.running() or fut.set_running_or_notify_cancel()
 
 
 def _default_lengths(max_seq_len: int, start: int = 16) -> tuple[int, ...]:
@@ -256,6 +270,8 @@ class Sampler(SamplerBase):
         self._thread: threading.Thread | None = None
         self._uids = itertools.count()
         self._placed_ok: set[int] = set()  # params_key of snapshots whose placement was checked
+        self._groups: dict[int, int] = {}  # params_key -> weights group number (`_group`)
+        self._group_ids = itertools.count(1)
         # Loop-thread state.
         self._pending: collections.deque[_Request] = collections.deque()
         self._deferred: collections.deque[_Request] = collections.deque()
@@ -288,34 +304,51 @@ class Sampler(SamplerBase):
         `sequence_ids` (default "<request>:<i>") become SampledSequence.sequence_id, in sample order.
         Without an owner calling `step` (see `drive`), the sampler's own thread starts on the first submit.
         """
-        fut: Future = Future()
-        uid = next(self._uids)
         try:
-            if not isinstance(snapshot, WeightSnapshot):
-                raise UserError(f"snapshot: expected a WeightSnapshot, got {type(snapshot).__name__}")
-            if snapshot.cfg != self.cfg:
-                raise UserError(f"snapshot: model config {snapshot.cfg.family}/d_model={snapshot.cfg.d_model} does "
-                                f"not match this sampler's {self.cfg.family}/d_model={self.cfg.d_model}")
-            self._check_placement(snapshot)
-            spec, ids = self._request(uid, prompt_tokens, params, num_samples, include_prompt_logprobs,
-                                      topk_prompt_logprobs, sequence_ids)
+            req = self.prepare(snapshot, prompt_tokens, params, num_samples, include_prompt_logprobs,
+                               topk_prompt_logprobs, sequence_ids=sequence_ids, tenant=tenant)
         except (UserError, ValueError) as e:
+            fut: Future = Future()
             fut.set_exception(e)
             return fut
+        self.enqueue(req)
+        return req.future
+
+    def prepare(self, snapshot: WeightSnapshot, prompt_tokens: Sequence[int], params: types.SamplingParams,
+                num_samples: int = 1, include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, *,
+                sequence_ids: Sequence[str] | None = None, tenant: str = "local") -> _Request:
+        """`submit`'s validation (UserError or ValueError naming the field): a request, not yet queued."""
+        if not isinstance(snapshot, WeightSnapshot):
+            raise UserError(f"snapshot: expected a WeightSnapshot, got {type(snapshot).__name__}")
+        if snapshot.cfg != self.cfg:
+            raise UserError(f"snapshot: model config {snapshot.cfg.family}/d_model={snapshot.cfg.d_model} does "
+                            f"not match this sampler's {self.cfg.family}/d_model={self.cfg.d_model}")
+        self._check_placement(snapshot)
+        uid = next(self._uids)
+        spec, ids = self._request(uid, prompt_tokens, params, num_samples, include_prompt_logprobs,
+                                  topk_prompt_logprobs, sequence_ids)
+        return self.request(uid, snapshot, spec, ids, tenant, Future())
+
+    def request(self, uid: int, snapshot: WeightSnapshot, spec: RequestSpec, sequence_ids: list[str], tenant: str,
+                future: Future, seq: int = 0) -> _Request:
+        """A request of a validated spec (`prepare`; or a leader's, replayed on another process)."""
         stopper = StopStrings(self.tokenizer, spec.stop_strings) if spec.stop_strings else None
         rank = snapshot.adapter.spec.rank if snapshot.adapter is not None else 0
-        req = _Request(uid, snapshot, spec, fut, ids, stopper, tenant, rank, results=[None] * spec.num_samples)
+        return _Request(uid, snapshot, spec, future, list(sequence_ids), stopper, tenant, rank,
+                        results=[None] * spec.num_samples, seq=seq)
+
+    def enqueue(self, req: _Request) -> None:
+        """Queue a prepared request for the next `step`."""
         with self._cv:
             if self._stopping:
-                fut.set_exception(RuntimeError("sampler: stopped"))
-                return fut
+                req.future.set_exception(RuntimeError("sampler: stopped"))
+                return
             self._incoming.append(req)
             self._cv.notify_all()
         if self._on_submit is not None:
             self._on_submit()
         elif self._thread is None:
             self.start()
-        return fut
 
     def _check_placement(self, snapshot: WeightSnapshot) -> None:
         """ValueError unless the snapshot's weights sit on this sampler's mesh as its rules say (the kernels take them
@@ -344,11 +377,22 @@ class Sampler(SamplerBase):
                 return True
         return bool(self._pending or self._deferred or any(r is not None for r in self._rows))
 
-    def step(self) -> None:
-        """One admission round and one decode call (on the thread that owns the loop)."""
+    def take_incoming(self, start: bool = False) -> list[_Request]:
+        """The requests queued since the last step, to hand to `step`. start: start them now (cancelled ones are
+        dropped): a step's requests are then fixed, which lets a leader publish them for other processes to run
+        alike; otherwise a request stays cancellable until its prefill."""
         with self._cv:
-            self._pending.extend(self._incoming)
-            self._incoming = []
+            new, self._incoming = self._incoming, []
+        return [r for r in new if _begin(r.future)] if start else new
+
+    def step(self, incoming: list[_Request] | None = None) -> None:
+        """One admission round and one decode call (on the thread that owns the loop), after queueing `incoming`
+        (default: `take_incoming()`)."""
+        if incoming is None:
+            incoming = self.take_incoming()
+        for req in incoming:
+            req.group = self._group(req.snapshot)
+        self._pending.extend(incoming)
         try:
             self._admit()
             self._decode_round()
@@ -356,6 +400,21 @@ class Sampler(SamplerBase):
             log.exception("sampler: step failed")
             self._fail_in_flight(e)
             self._reset_device_state()
+
+    def _group(self, snapshot: WeightSnapshot) -> int:
+        """The number of the snapshot's weights group: snapshots sharing one params object decode together. Numbered
+        in order of first sight (in step order, so alike on every process of an engine, unlike object ids, which
+        would also order the groups' turns differently)."""
+        key = params_key(snapshot)
+        if key not in self._groups:
+            if len(self._groups) > 256:  # keep the groups of requests still here (ids of freed params come back)
+                live = {params_key(r.snapshot) for r in self._live_requests()}
+                self._groups = {k: g for k, g in self._groups.items() if k in live}
+            self._groups[key] = next(self._group_ids)
+        return self._groups[key]
+
+    def _live_requests(self) -> set[_Request]:
+        return ({r.req for r in self._rows if r is not None} | set(self._pending) | set(self._deferred))
 
     def stats_now(self) -> dict:
         return {**self.stats, "queued": len(self._pending) + len(self._incoming),
@@ -469,7 +528,7 @@ class Sampler(SamplerBase):
             req.table_slot = 0
 
     def _prefill_key(self, req: _Request) -> tuple:
-        return (params_key(req.snapshot), self._bucket(len(req.spec.prompt) - 1), req.rank)
+        return (req.group, self._bucket(len(req.spec.prompt) - 1), req.rank)
 
     def _pick_batch(self, n_free: int) -> list[_Request]:
         """The next prefill batch: the first request of the next tenant in rotation (whose adapter can be made
@@ -495,7 +554,7 @@ class Sampler(SamplerBase):
             if first is not None:
                 self._tenant_turn.move_to_end(tenant)
                 break
-        if first is None or not first.future.set_running_or_notify_cancel():
+        if first is None or not _begin(first.future):
             if first is not None:
                 self._release(first)
                 self._pending.remove(first)
@@ -509,7 +568,7 @@ class Sampler(SamplerBase):
             if req is first:
                 continue
             if (len(batch) < limit and self._prefill_key(req) == key and self._acquire(req)):
-                if req.future.set_running_or_notify_cancel():
+                if _begin(req.future):
                     batch.append(req)
                 else:
                     self._release(req)
@@ -563,7 +622,8 @@ class Sampler(SamplerBase):
                                                  from_host(tokens, pl.rows_sh), from_host(targets, pl.rows_sh),
                                                  from_host(np.bool_(want), pl.rep), topk=self.max_topk,
                                                  cache_dtype=self.cache_dtype, mode=mode)
-            lp, ids, tlp = jax.device_get((lp, ids, tlp)) if want else (None, None, None)
+            # Rows may be split over processes: gathered (every process runs this step alike).
+            lp, ids, tlp = distributed.fetch((lp, ids, tlp)) if want else (None, None, None)
             for i, req in enumerate(batch):
                 req.kv = (k, v, i)
             self.stats["prefill_calls"] += 1
@@ -622,12 +682,12 @@ class Sampler(SamplerBase):
         live = [r for r in range(self.max_batch) if rows[r] is not None and self._dyn["live"][r]]
         if not live:
             return
-        groups = {params_key(rows[r].req.snapshot): rows[r].req.snapshot for r in live}
+        groups = {rows[r].req.group: rows[r].req.snapshot for r in live}
         order = sorted(groups)
         key = next((g for g in order if g > self._last_group), order[0])  # round-robin between weight groups
         self._last_group = key
         snap = groups[key]
-        run = np.array([rows[r] is not None and params_key(rows[r].req.snapshot) == key
+        run = np.array([rows[r] is not None and rows[r].req.group == key
                         for r in range(self.max_batch)])
         # Slots this call can touch: below max(pos) + decode_steps (and below max_seq_len).
         need = int(self._dyn["pos"][run & self._dyn["live"]].max()) + self.decode_steps

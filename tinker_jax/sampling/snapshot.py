@@ -34,6 +34,7 @@ class WeightSnapshot:
     name: str = ""  # e.g. the tinker path it was saved under
     base_model: str = ""
     uid: int = field(default_factory=lambda: next(_ids))
+    origin: int | None = None  # several processes: the request (its place in the worker's log) that made it
 
     @property
     def kind(self) -> str:
