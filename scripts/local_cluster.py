@@ -5,8 +5,9 @@
 
 Each process gets TINKER_JAX_COORDINATOR (a free loopback port), TINKER_JAX_NUM_PROCESSES and
 TINKER_JAX_PROCESS_ID, which tinker_jax.distributed reads, and `--devices` simulated CPU devices (XLA_FLAGS). Output
-is prefixed with the process id. If one process fails, the others are stopped, and the exit status is the first
-failure's (so CI and shells see it).
+is prefixed with the process id, and each process's pid is printed first (`[launcher] process I: pid P`). If one
+process fails, the others are stopped (unless --keep-going: e.g. to watch process 0 outlive a killed follower), and
+the exit status is the first failure's (so CI and shells see it).
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("-n", "--num-processes", type=int, default=2)
     ap.add_argument("--devices", type=int, default=None, help="simulated CPU devices per process (XLA_FLAGS)")
     ap.add_argument("--timeout", type=float, default=None, help="stop everything after this many seconds")
+    ap.add_argument("--keep-going", action="store_true", help="when a process fails, leave the others running")
     ap.add_argument("command", nargs=argparse.REMAINDER, help="the command every process runs (after --)")
     args = ap.parse_args(argv)
     cmd = args.command[1:] if args.command[:1] == ["--"] else args.command
@@ -53,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
                                 f" --xla_force_host_platform_device_count={args.devices}").strip()
             env.setdefault("JAX_PLATFORMS", "cpu")
         p = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        print(f"[launcher] process {pid}: pid {p.pid}", flush=True)
         threading.Thread(target=_pump, args=(pid, p.stdout, sys.stdout), daemon=True).start()
         procs.append(p)
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
@@ -64,7 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     status = 0
     while any(p.poll() is None for p in procs):
         failed = [p.returncode for p in procs if p.returncode not in (None, 0)]
-        if failed or (deadline is not None and time.monotonic() > deadline):
+        if (failed and not args.keep_going) or (deadline is not None and time.monotonic() > deadline):
             status = failed[0] if failed else 124
             for p in procs:
                 if p.poll() is None:

@@ -5,7 +5,8 @@ non-empty: the SDK takes a 400 with an empty body for a proxy hiccup and retries
 §1.6 and tinker_jax.errors: `UserError` (the client's mistake) is a 400, which the client does not retry, and
 `NotFound` a 404 (unknown, or another key's: the same answer); `Overloaded` is a 429 with Retry-After, which it
 retries with backoff (resending the same seq_id); `LimitReached` a 429 with Retry-After when it frees up by itself,
-else a 400; anything else, a plain ValueError included, is a bug here: logged with its traceback, answered 500
+else a 400; `Unavailable` a 503 with its message (the server cannot work now, e.g. a lost process); anything
+else, a plain ValueError included, is a bug here: logged with its traceback, answered 500
 (retried for 5 minutes) with the exception's type only.
 Tracebacks and exception texts go to the server log only, and no message carries the server's data directory
 (`redact`).
@@ -23,7 +24,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from server.limits import LimitReached
-from tinker_jax.errors import NotFound, Overloaded, UserError
+from tinker_jax.errors import NotFound, Overloaded, Unavailable, UserError
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +83,11 @@ def install_error_handlers(app: FastAPI) -> None:
         retry_after = str(max(1, math.ceil(exc.retry_after_s)))
         return respond(request, str(exc) or "overloaded; retry shortly", 429, "server",
                        headers={"Retry-After": retry_after})
+
+    @app.exception_handler(Unavailable)  # the server cannot work now, and says why (e.g. a lost process)
+    async def _unavailable(request: Request, exc: Unavailable) -> JSONResponse:
+        log.error("%s %s refused: %s", request.method, request.url.path, exc)
+        return respond(request, str(exc), 503, "server")
 
     @app.exception_handler(RequestValidationError)  # query/path parameters; 400 rather than FastAPI's 422
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

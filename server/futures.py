@@ -27,7 +27,7 @@ from server import wire
 from server.errors import ApiError, error_body, redact
 from server.limits import LimitReached
 from server.store import FutureRow, Store
-from tinker_jax.errors import Overloaded, UserError
+from tinker_jax.errors import Overloaded, Unavailable, UserError
 
 log = logging.getLogger(__name__)
 
@@ -187,6 +187,10 @@ class FutureRegistry:
         exc = future.exception()
         if isinstance(exc, UserError):
             self._fail(request_id, str(exc), "user", sampler)
+            return
+        if isinstance(exc, Unavailable):  # the server cannot work now; its message is meant for the client
+            log.error("%s %s failed: %s", kind, request_id, exc)
+            self._fail(request_id, str(exc), "server", sampler)
             return
         if exc is not None:
             log.error("%s %s failed", kind, request_id, exc_info=exc)

@@ -160,6 +160,12 @@ def serve(models: Sequence[str] = (), config: str | None = None, host: str = "12
         pass
     finally:
         engine.shutdown()  # checkpoint writes in flight finish; the registry merges its WAL
+    if engine.procs is not None and engine.procs.gone is not None:
+        # A device thread may still be blocked in a collective with the lost process: leave without waiting for it
+        # (and with a failure status, for the supervisor).
+        log.error("tinker-jax serve: stopped after a lost process (%s)", engine.procs.gone)
+        logging.shutdown()
+        os._exit(3)
 
 
 def _stop_cleanly_on_sigterm() -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -175,53 +176,99 @@ def _train(tc) -> list[float]:
     sampler = tc.save_weights_and_get_sampling_client("s")
     out = sampler.sample(tt.ModelInput.from_ints([3, 1, 4, 1, 5]), 2,
                          tt.SamplingParams(max_tokens=5, temperature=0.0)).result()
-    return losses, [q.tokens for q in out.sequences], [q.logprobs for q in out.sequences]
+    return losses, [q.tokens for q in out.sequences], [q.logprobs for q in out.sequences], saved
 
 
-def test_two_processes_serve_the_sdk(tmp_path):
-    model = models_util.tiny_model_dir("tiny-qwen3")
-    mesh = {"fsdp": 2, "tensor": 4}
-    cfg = tmp_path / "two.yaml"
-    cfg.write_text(yaml.safe_dump({"models": {"tiny": str(model)}, "mesh": mesh, "max_seq_len": 64,
-                                   "compile_cache": False}))
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    log = open(tmp_path / "job.log", "w")  # a file, not a pipe: a pipe nobody reads until the end would fill up
-    job = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "local_cluster.py"), "-n", "2", "--devices", "4",
-                            "--timeout", "600", "--", sys.executable, "-m", "tinker_jax.cli", "serve", "--config",
-                            str(cfg), "--data-dir", str(tmp_path / "data"), "--port", str(port)],
-                           env=_env(4), stdout=log, stderr=subprocess.STDOUT)
-    try:
-        base_url = f"http://127.0.0.1:{port}"
+class _Job:
+    """`tinker-jax serve` on two local processes (scripts/local_cluster.py), its output in a file (a pipe nobody
+    reads until the end would fill up)."""
+
+    def __init__(self, tmp_path: Path, cfg: Path, name: str):
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        self.url, self.path = f"http://127.0.0.1:{port}", tmp_path / f"{name}.log"
+        self._log = open(self.path, "w")
+        self.proc = subprocess.Popen(
+            [sys.executable, str(ROOT / "scripts" / "local_cluster.py"), "-n", "2", "--devices", "4", "--keep-going",
+             "--timeout", "600", "--", sys.executable, "-m", "tinker_jax.cli", "serve", "--config", str(cfg),
+             "--data-dir", str(tmp_path / "data"), "--port", str(port)],
+            env=_env(4), stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 180
         while True:
-            assert job.poll() is None and time.monotonic() < deadline, "the two-process server did not start"
+            assert self.proc.poll() is None and time.monotonic() < deadline, self.out()[-4000:]
             try:
-                if httpx.get(f"{base_url}/api/v1/healthz", timeout=2).status_code == 200:
+                if httpx.get(f"{self.url}/api/v1/healthz", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
                 pass
             time.sleep(0.5)
-        service = tinker.ServiceClient(base_url=base_url, api_key="tml-multiprocess")
+
+    def out(self) -> str:
+        return self.path.read_text()
+
+    def pid(self, process: int) -> int:
+        return int(re.search(rf"\[launcher\] process {process}: pid (\d+)", self.out())[1])
+
+    def stop(self) -> int:
+        """SIGTERM, as a supervisor stops the job; its exit status."""
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout=120)
+        finally:
+            if self.proc.poll() is None:
+                self.proc.kill()
+            self._log.close()
+        return self.proc.returncode
+
+
+def test_two_processes_serve_the_sdk(tmp_path):
+    """Training, checkpoints and sampling through the SDK equal one process's; a killed follower gives the client
+    a clear error in seconds while process 0 stays up; the checkpoints survive a restart of both processes, which
+    then stop cleanly on SIGTERM."""
+    model = models_util.tiny_model_dir("tiny-qwen3")
+    mesh = {"fsdp": 2, "tensor": 4}
+    cfg = tmp_path / "two.yaml"
+    cfg.write_text(yaml.safe_dump({"models": {"tiny": str(model)}, "mesh": mesh, "max_seq_len": 64,
+                                   "compile_cache": False, "distributed": {"heartbeat_timeout_s": 8}}))
+    job = _Job(tmp_path, cfg, "first")
+    try:
+        service = tinker.ServiceClient(base_url=job.url, api_key="tml-multiprocess")
         tc = service.create_lora_training_client(base_model="tiny", rank=4, seed=7).result()
-        got, got_tokens, got_lps = _train(tc)
+        got, got_tokens, got_lps, saved = _train(tc)
+
+        os.kill(job.pid(1), signal.SIGKILL)  # a follower dies
+        t0 = time.monotonic()
+        in_flight = tc.forward_backward(_sft_batch(), "cross_entropy")  # its collectives wait for process 1
+        with pytest.raises(Exception, match="process 1 of 2 of the engine stopped"):
+            in_flight.result(timeout=60)
+        assert time.monotonic() - t0 < 30
+        with pytest.raises(Exception, match="process 1 of 2 of the engine stopped"):  # refused from now on
+            tc.forward(_sft_batch(), "cross_entropy").result(timeout=30)
+        health = httpx.get(f"{job.url}/api/v1/healthz", timeout=10)
+        assert health.status_code == 503 and "process 1 of 2" in health.text, health.text
+        assert job.proc.poll() is None  # process 0 and its front door stay up until the supervisor restarts it
+    finally:
+        job.stop()
+    assert "process 1 of 2 of the engine stopped" in job.out()
+
+    again = _Job(tmp_path, cfg, "second")  # both processes restarted on the same data dir
+    try:
+        service = tinker.ServiceClient(base_url=again.url, api_key="tml-multiprocess")
+        resumed = service.create_training_client_from_state(saved)
+        after_restart = resumed.forward(_sft_batch(), "cross_entropy").result().metrics["loss:sum"]
         service.close("success").result(timeout=30)
     finally:
-        job.send_signal(signal.SIGTERM)  # a supervisor stopping the job: both processes leave cleanly
-        try:
-            job.wait(timeout=120)
-        finally:
-            if job.poll() is None:
-                job.kill()
-            log.close()
-    out = (tmp_path / "job.log").read_text()
-    assert job.returncode == 0, out[-4000:]
+        status = again.stop()
+    out = again.out()
+    assert status == 0, out[-4000:]
     assert "process 1 of 2: following process 0" in out and out.count("engine: stopped") == 2, out[-4000:]
+    np.testing.assert_allclose(after_restart, got[-1], rtol=1e-5)  # the committed checkpoint's weights
+
     one = EngineConfig(data_dir=tmp_path / "one", models={"tiny": str(model)}, mesh=MeshConfig(**mesh),
                        max_seq_len=64, compile_cache=False)
     with tinker_jax.ServiceClient(config=one) as svc:
-        want, want_tokens, want_lps = _train(svc.create_lora_training_client(base_model="tiny", rank=4, seed=7))
+        want, want_tokens, want_lps, _ = _train(svc.create_lora_training_client(base_model="tiny", rank=4, seed=7))
     np.testing.assert_allclose(got, want, rtol=1e-5)
     assert got_tokens == want_tokens
     np.testing.assert_allclose(got_lps, want_lps, rtol=1e-5, atol=1e-5)

@@ -30,7 +30,7 @@ from server.deps import key_tag
 from server.settings import ServerSettings
 from tinker_jax.engine.api import EngineAPI
 from tinker_jax.engine.registry import Registry, TinkerPath, check_name
-from tinker_jax.errors import NotFound, Overloaded, UserError
+from tinker_jax.errors import NotFound, Overloaded, Unavailable, UserError
 from tinker_jax.futures import failed, resolved
 from tinker_jax.training.optim import AdamHP, check_adam
 
@@ -520,15 +520,17 @@ def test_engine_errors_are_user_only_when_the_engine_says_so(api: Api, monkeypat
     """A UserError from the engine is the client's ("user"); anything else, a plain ValueError included (JAX and
     numpy raise those for their own bugs), is the server's: category "server", logged, never blamed on the user."""
     mid = api.model(api.session())
+    gone = Unavailable("process 1 of 2 of the engine stopped (no heartbeat for 20 s); restart the job")
     for seq, (exc, category) in enumerate([(ValueError("operands could not be broadcast"), "server"),
                                            (UserError("adam_params.beta1: must be < 1"), "user"),
-                                           (RuntimeError("device lost"), "server")], start=1):
+                                           (RuntimeError("device lost"), "server"), (gone, "server")], start=1):
         api.engine.fail_next = exc
         r = api.post("optim_step", {"model_id": mid, "seq_id": seq})
         assert r.status_code == 200
         err = api.result(r.json()["request_id"])
         # A server error names the exception's type only: its text may hold server paths (the log has it all).
-        shown = str(exc) if category == "user" else f"internal error ({type(exc).__name__})"
+        # Unavailable is the exception: its message is written for the client (why the server cannot work).
+        shown = str(exc) if category == "user" or exc is gone else f"internal error ({type(exc).__name__})"
         assert err["category"] == category and shown in err["error"], err
 
     def broken_start(*args, **kwargs):  # raised while submitting, before any future exists
@@ -541,6 +543,13 @@ def test_engine_errors_are_user_only_when_the_engine_says_so(api: Api, monkeypat
     r = api.post("get_info", {"model_id": mid})  # outside a future: an HTTP 500, not a 400
     assert r.status_code == 500 and r.json() == {"error": "internal server error (ValueError); see the server log",
                                                  "category": "server"}
+
+    def down(*args, **kwargs):
+        raise gone
+
+    monkeypatch.setattr(api.engine, "get_info", down)
+    r = api.post("get_info", {"model_id": mid})  # a 503 that says why
+    assert r.status_code == 503 and r.json() == {"error": str(gone), "category": "server"}
 
 
 def test_every_route_needs_the_key(api: Api) -> None:

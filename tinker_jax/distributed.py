@@ -18,7 +18,6 @@ import logging
 import os
 import pickle
 import threading
-import time
 from dataclasses import dataclass, replace
 from typing import Any, Mapping
 
@@ -44,7 +43,10 @@ class DistributedConfig:
     process_id: int | None = None
     from_env: bool = False
     init_timeout_s: int = 300  # how long to wait for every process to join
-    heartbeat_timeout_s: int = 20  # a process silent this long is declared dead by the coordination service
+    heartbeat_timeout_s: int = 20  # a process silent this long is declared dead (by process 0 and by JAX)
+    # A cross-process collective waiting this long for a peer fails instead of blocking (CPU / gloo; a slow peer,
+    # e.g. one still compiling, must never take this long)
+    collective_timeout_s: int = 300
 
     def __post_init__(self):
         explicit = (self.coordinator, self.num_processes, self.process_id)
@@ -75,7 +77,8 @@ class DistributedConfig:
     @staticmethod
     def from_dict(d: Mapping | None) -> "DistributedConfig":
         d = dict(d or {})
-        known = {"coordinator", "num_processes", "process_id", "from_env", "init_timeout_s", "heartbeat_timeout_s"}
+        known = {"coordinator", "num_processes", "process_id", "from_env", "init_timeout_s", "heartbeat_timeout_s",
+                 "collective_timeout_s"}
         unknown = set(d) - known
         if unknown:
             raise ValueError(f"distributed: unknown keys {sorted(unknown)}; known: {sorted(known)}")
@@ -94,8 +97,19 @@ def initialize(cfg: DistributedConfig) -> None:
     with _init_lock:
         if _client() is not None:  # not jax.process_count(): that would start the backend before joining
             return
-        # Only the CPU backend reads this (GPUs and TPUs have their own collectives); set before the backend starts.
+        # Only the CPU backend reads these (GPUs and TPUs have their own collectives); set before the backend
+        # starts. Without a timeout a collective whose peer died blocks for 30 minutes.
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
+        flags = os.environ.get("XLA_FLAGS", "")
+        if "xla_cpu_collective_timeout_seconds" not in flags:
+            os.environ["XLA_FLAGS"] = f"{flags} --xla_cpu_collective_timeout_seconds={cfg.collective_timeout_s}".strip()
+        # A dead follower must not take process 0 (the front door) with it: the coordination service (run by process
+        # 0) then reports the missed heartbeat instead of aborting every process; process 0 notices the death
+        # itself (replicas.Processes) and refuses work naming the process. Only process 0's setting matters.
+        try:
+            jax.config.update("jax_enable_recoverability", True)
+        except AttributeError:  # a JAX without it: a follower's death ends the job (the supervisor restarts it)
+            log.warning("this JAX has no jax_enable_recoverability: a dead follower will stop process 0 too")
         kwargs: dict[str, Any] = {"initialization_timeout": cfg.init_timeout_s,
                                   "heartbeat_timeout_seconds": cfg.heartbeat_timeout_s}
         if not cfg.from_env:
@@ -165,6 +179,7 @@ class RoundLog:
         if self._client is None:
             raise RuntimeError("RoundLog needs jax.distributed (several processes)")
         self._n = 0
+        self._beats = 0  # this process's beats so far (the value of its beat key)
         self._deleted = 0
         self._lock = threading.Lock()  # leader: message numbers in publish order (one small RPC under it)
         self._poll_ms = int(poll_s * 1000)
@@ -212,16 +227,13 @@ class RoundLog:
     def beat(self) -> None:
         """This process is alive (followers call it every few seconds, from a thread of their own, so a long round
         does not look like a death). Not jax's get_live_nodes: that is a barrier every process must enter."""
-        self._client.key_value_set(f"{self._prefix}/beat/{self.pid}", repr(time.time()), allow_overwrite=True)
+        self._beats += 1
+        self._client.key_value_set(f"{self._prefix}/beat/{self.pid}", str(self._beats), allow_overwrite=True)
 
-    def dead(self, stale_s: float = 30.0) -> list[int]:
-        """Followers whose last beat is older than `stale_s` (or that never beat), as the leader sees them."""
-        now, out = time.time(), []
-        for p in range(1, self.count):
-            try:
-                last = float(self._client.key_value_try_get(f"{self._prefix}/beat/{p}"))
-            except Exception:  # noqa: BLE001 - NOT_FOUND (never beat) or the store is unreachable
-                last = 0.0
-            if now - last > stale_s:
-                out.append(p)
-        return out
+    def last_beat(self, pid: int) -> str | None:
+        """Process `pid`'s latest beat (a counter: compared for change on the reader's clock, never against the
+        writer's), None before its first."""
+        try:
+            return self._client.key_value_try_get(f"{self._prefix}/beat/{pid}")
+        except Exception:  # noqa: BLE001 - NOT_FOUND: not yet
+            return None

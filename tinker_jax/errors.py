@@ -4,6 +4,8 @@
   `NotFound` is one (an unknown model, sampler or checkpoint).
 - `Overloaded`: a queue bound was reached; nothing was queued and retrying later succeeds. HTTP 429, which the
   SDK retries with backoff (the in-process client retries the same way).
+- `Unavailable`: the server cannot work now (a process of a multi-host engine is gone) and its message is meant
+  for the client: HTTP 503, category "server", the message kept.
 - anything else: the server's fault. Logged with its traceback, HTTP 500, category "server".
 A plain ValueError is *not* a user error: code below the engine (JAX among it) raises ValueError for its own bugs.
 """
@@ -17,6 +19,10 @@ class UserError(ValueError):
 
 class NotFound(UserError):
     """An unknown (or not yours) model, sampler, checkpoint or base model."""
+
+
+class Unavailable(RuntimeError):
+    """The server cannot serve (not the client's mistake); the message says why and is shown to clients."""
 
 
 class Overloaded(Exception):

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 import weakref
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, InvalidStateError, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -35,7 +35,7 @@ from tinker_jax.engine.api import CheckpointInfo, EngineAPI, RunInfo
 from tinker_jax.engine.registry import FILE as REGISTRY_FILE, Registry, TinkerPath, check_name
 from tinker_jax.engine.scheduler import Request
 from tinker_jax.engine.worker import BaseWorker
-from tinker_jax.errors import NotFound, Overloaded, UserError
+from tinker_jax.errors import NotFound, Overloaded, Unavailable, UserError
 from tinker_jax.futures import failed, resolved, then
 from tinker_jax.models.config import load_config
 from tinker_jax.models.decoder import probe_attention
@@ -67,7 +67,8 @@ class Engine(EngineAPI):
         self.config = config
         # First: joining the other processes must happen before anything starts the JAX backend.
         distributed.initialize(config.distributed)
-        self.procs = replicas.Processes() if distributed.multi_process() else None
+        self.procs = (replicas.Processes(config.distributed.heartbeat_timeout_s) if distributed.multi_process()
+                      else None)
         self.data_dir = Path(config.data_dir)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         self._dir_lock: datadir.DataDirLock | None = None
@@ -100,6 +101,9 @@ class Engine(EngineAPI):
         # Work on checkpoint paths that needs no device (delete, publish, TTL), on its path's turn, off the callers.
         self._path_work = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tinker-jax-paths")
         self._inflight: collections.Counter = collections.Counter()  # tenant -> requests not finished
+        self._open: set[Future] = set()  # every request's future until it finishes
+        if self.procs is not None:  # a lost process: what is in flight fails now, whatever the device threads do
+            self.procs.on_gone(self._fail_open)
         self._refused = 0  # submits refused with Overloaded so far
         self._ids = itertools.count(1)
         self._follower: threading.Thread | None = None
@@ -216,13 +220,38 @@ class Engine(EngineAPI):
                 del self._inflight[tenant]
 
     def _bounded(self, tenant: str, fut: Future) -> Future:
-        fut.add_done_callback(lambda _: self._release(tenant))
+        with self._lock:
+            self._open.add(fut)
+
+        def done(f: Future) -> None:
+            self._release(tenant)
+            with self._lock:
+                self._open.discard(f)
+
+        fut.add_done_callback(done)
         return fut
+
+    def _fail_open(self, why: str) -> None:
+        """Fail every unfinished request with `why` (a process of the engine is gone: nothing more can finish, and
+        a device thread may stay blocked in a collective with its peer gone until the collective times out)."""
+        with self._lock:
+            futs = list(self._open)
+        for f in futs:
+            try:
+                f.set_exception(Unavailable(why))
+            except InvalidStateError:  # finished meanwhile
+                pass
+
+    def _unavailable(self) -> Unavailable | None:
+        gone = self.procs.gone if self.procs is not None else None
+        return Unavailable(gone) if gone is not None else None
 
     def _submit(self, worker: BaseWorker, kind: str, body: Any, *, run: str | None = None,
                 tenant: str | None = None, tokens: int = 0, paths: Sequence[TinkerPath] = ()) -> Future:
         """Queue one typed request on `worker` (Overloaded, raised, when a bound is reached)."""
         tenant = tenant or LOCAL
+        if (down := self._unavailable()) is not None:
+            return failed(down)
         if self.procs is not None and kind not in replicas.SUPPORTED_KINDS:
             return failed(UserError(f"{kind}: not supported yet when the engine spans several processes "
                                     f"({self.procs.count}); supported: {', '.join(replicas.SUPPORTED_KINDS)}"))
@@ -620,6 +649,8 @@ class Engine(EngineAPI):
             tokens = batching.datum_tokens(tt.Datum(model_input=prompt, loss_fn_inputs={}), 0)
             worker = self._worker(snap.base_model)
             worker.get_sampler()  # a model that is not loaded fails here
+            if (down := self._unavailable()) is not None:
+                raise down
         except (UserError, RuntimeError) as e:
             return failed(e)
         tenant = tenant or LOCAL
@@ -639,10 +670,8 @@ class Engine(EngineAPI):
             self.registry.ping()
         except Exception as e:  # noqa: BLE001 - reported, not raised: health is asked by probes
             problems.append(f"registry: {type(e).__name__}")
-        if self.procs is not None:
-            dead = self.procs.log.dead()
-            if dead:
-                problems.append(f"processes {dead} of the engine stopped: restart the job")
+        if self.procs is not None and self.procs.gone is not None:
+            problems.append(self.procs.gone)
             if self.follow_error is not None:
                 problems.append(f"this process stopped following the leader ({type(self.follow_error).__name__})")
         with self._lock:

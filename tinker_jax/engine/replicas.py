@@ -13,9 +13,11 @@ from __future__ import annotations
 import collections
 import hashlib
 import itertools
+import logging
 import random
 import secrets
 import threading
+import time
 from concurrent.futures import Future, InvalidStateError
 from typing import Callable, TypeVar
 
@@ -25,13 +27,17 @@ from tinker_jax import distributed
 from tinker_jax.errors import UserError
 
 T = TypeVar("T")
+log = logging.getLogger("tinker_jax.engine")
 
 # What a multi-process engine runs (every request kind of a worker's queue; samples go through the sampler steps).
 SUPPORTED_KINDS = ("create", "forward", "forward_backward", "optim_step", "unload", "save", "load", "open_snapshot")
 
 
 class Processes:
-    def __init__(self):
+    """`gone` (leader): why the engine can no longer run, once a follower stopped beating for `heartbeat_timeout_s`
+    (None while all live); `on_gone` callbacks run once, with that message, on the watchdog's thread."""
+
+    def __init__(self, heartbeat_timeout_s: float = 20.0):
         from jax.experimental import multihost_utils
 
         # Every process names runs and draws LoRA seeds alike (a collective, once, at start): model ids and adapter
@@ -46,16 +52,55 @@ class Processes:
         # global mesh must launch the same programs in the same order, whichever base model's thread decided them.
         self.turn = threading.Lock()
         self._stopped = threading.Event()
-        if not self.leader:  # the leader's health check reads these beats
+        self.timeout_s = float(heartbeat_timeout_s)
+        self.gone: str | None = None
+        self._gone = threading.Event()
+        self._on_gone: list[Callable[[str], None]] = []
+        if self.leader:
+            threading.Thread(target=self._watch, name="tinker-jax-watchdog", daemon=True).start()
+        else:  # the leader's watchdog reads these beats
             self.log.beat()
             threading.Thread(target=self._beat, name="tinker-jax-beat", daemon=True).start()
 
-    def _beat(self, every_s: float = 5.0) -> None:
-        while not self._stopped.wait(every_s):
+    def _beat(self) -> None:
+        while not self._stopped.wait(self.timeout_s / 4):
             try:
                 self.log.beat()
             except Exception:  # noqa: BLE001 - the leader is gone: the follower loop reports it
                 return
+
+    def wait_gone(self, timeout: float) -> str | None:
+        """`gone`, waiting up to `timeout` seconds for the watchdog's verdict (None: all processes live)."""
+        self._gone.wait(timeout)
+        return self.gone
+
+    def on_gone(self, fn: Callable[[str], None]) -> None:
+        self._on_gone.append(fn)
+
+    def _watch(self, every_s: float = 1.0) -> None:
+        """Leader: a follower whose beat has not changed for `timeout_s` (on this process's clock) is gone. JAX's
+        own heartbeat notices too, but only reports it (recoverability, see distributed.initialize); the engine
+        then fails what is in flight and refuses new work, naming the process, and /healthz says so."""
+        seen = {p: (None, time.monotonic()) for p in range(1, self.count)}
+        while not self._stopped.wait(every_s):
+            for p, (beat, since) in list(seen.items()):
+                now, latest = time.monotonic(), self.log.last_beat(p)
+                if latest != beat:
+                    seen[p] = (latest, now)
+                elif now - since > self.timeout_s:
+                    self._lost(f"process {p} of {self.count} of the engine stopped (no heartbeat for "
+                               f"{now - since:.0f} s): the engine cannot run on its mesh; restart the job")
+                    return
+
+    def _lost(self, why: str) -> None:
+        log.error("%s", why)
+        self.gone = why
+        self._gone.set()
+        for fn in self._on_gone:
+            try:
+                fn(why)
+            except Exception:  # noqa: BLE001 - one callback's failure must not hide the death from the others
+                log.exception("reacting to a lost process failed")
 
     def stop(self) -> None:
         self._stopped.set()

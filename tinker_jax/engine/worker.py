@@ -34,7 +34,7 @@ from tinker_jax.engine import checkpoints, replicas, requests as rq
 from tinker_jax.engine.pools import NULL_SLOT, AdapterPool, FullState, Run
 from tinker_jax.engine.registry import KINDS, TinkerPath
 from tinker_jax.engine.scheduler import Request, Round, Scheduler
-from tinker_jax.errors import NotFound, UserError
+from tinker_jax.errors import NotFound, Unavailable, UserError
 from tinker_jax.futures import failed
 from tinker_jax.hf.weights import load_decoder
 from tinker_jax.models import lora as lora_math
@@ -212,6 +212,7 @@ class BaseWorker:
                     self.stats["sample_seconds"] += dt
             except BaseException as e:  # noqa: BLE001 - a bug escaped a round: fail what it held, keep serving
                 log.exception("engine worker %s: a round failed", self.name)
+                e = self._explain(e)
                 for req in (rnd.ops + rnd.batch) if rnd else ():
                     if not req.future.done():
                         req.future.set_exception(e)
@@ -326,6 +327,7 @@ class BaseWorker:
 
             self.sampler = make_sampler(self._sampler_base(dec), self.config.sampler, on_submit=self.wake,
                                         mesh=self.mesh)
+            self.sampler.explain = self._explain
         log.info("base model %s loaded from %s in %.1f s (attention: %s)", self.name, self.path,
                  time.perf_counter() - t0, self.attention)
 
@@ -400,8 +402,19 @@ class BaseWorker:
     def _fail(self, req: Request, e: BaseException) -> None:
         if not isinstance(e, UserError):
             log.error("%s on %s failed", req.kind, req.run or self.name, exc_info=e)
+            e = self._explain(e)
         if not req.future.done():
             req.future.set_exception(e)
+
+    def _explain(self, e: BaseException) -> BaseException:
+        """A device failure on the leader of several processes is most often a lost process (a collective with it
+        fails at once, before its heartbeat is missed): wait for the watchdog's verdict and report that, naming the
+        process, instead of the collective's error."""
+        procs = self._leader_procs
+        if procs is None or not isinstance(e, jax.errors.JaxRuntimeError):
+            return e
+        gone = procs.wait_gone(procs.timeout_s + 3)
+        return Unavailable(gone) if gone is not None else e
 
     def _run(self, req: Request) -> Run:
         run = self.runs.get(req.run)

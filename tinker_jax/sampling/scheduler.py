@@ -204,6 +204,8 @@ class Sampler(SamplerBase):
     """
 
     _thread_name = "tinker-jax-sampler"
+    # What a device failure is reported as (its owner may know better, e.g. a lost process of the engine).
+    explain = staticmethod(lambda e: e)
 
     def __init__(self, cfg: ModelConfig, eos_token_ids: Sequence[int] | int | None = None, *, max_batch: int = 8,
                  max_seq_len: int = 4096, prefill_lengths: Sequence[int] | None = None,
@@ -398,7 +400,7 @@ class Sampler(SamplerBase):
             self._decode_round()
         except Exception as e:  # a device failure: fail what was in flight, keep serving the rest
             log.exception("sampler: step failed")
-            self._fail_in_flight(e)
+            self._fail_in_flight(self.explain(e))
             self._reset_device_state()
 
     def _group(self, snapshot: WeightSnapshot) -> int:
@@ -482,6 +484,7 @@ class Sampler(SamplerBase):
                 budget -= self._prefill(batch)
             except Exception as e:  # fails only this batch; the cache was not touched
                 log.exception("sampler: prefill failed")
+                e = self.explain(e)
                 for req in batch:
                     self._release(req)
                     req.future.set_exception(e)
@@ -489,6 +492,7 @@ class Sampler(SamplerBase):
             try:
                 self._place(batch, free)
             except Exception as e:  # the cache is in doubt: fail this batch too, then the step resets the cache
+                e = self.explain(e)
                 for req in batch:
                     self._release(req)
                     if not req.future.done():
