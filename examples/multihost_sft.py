@@ -7,8 +7,8 @@ Every process makes the same calls in the same order; process 0 decides what run
 share of the one global mesh (fsdp=2 x tensor=4 over the 8 devices of 2 processes here), and every process gets the
 same results. It prints one JSON line per process: the losses and logprobs of a short SFT loop, the last gradient
 norm, a forward loss, what comes back from a checkpoint (saved by every process, reloaded into the run and into a
-second run), and samples of the trained weights (greedy, and seeded). Run alone with 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), the same
-script is the single-process reference.
+second run), samples of the trained weights (greedy, and seeded), and an RL step on those samples. Run alone with 8
+devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), the same script is the single-process reference.
 """
 
 from __future__ import annotations
@@ -63,13 +63,25 @@ def main(model_dir: str, data_dir: str) -> None:
         greedy = sampler.sample(prompt, 1, tt.SamplingParams(max_tokens=6, temperature=0.0)).result()
         seeded = sampler.sample(prompt, 2, tt.SamplingParams(max_tokens=6, temperature=1.0, seed=11)).result()
         samples = [{"tokens": q.tokens, "logprobs": q.logprobs} for q in greedy.sequences + seeded.sequences]
+        # An RL step on the seeded samples: importance sampling against the sampler's logprobs, one up, one (less) down
+        rl = []
+        for q, advantage in zip(seeded.sequences, (1.0, -0.5)):
+            tokens, n_prompt = prompt.to_ints() + list(q.tokens), prompt.length - 1
+            rl.append(tt.Datum(model_input=tt.ModelInput.from_ints(tokens[:-1]), loss_fn_inputs={
+                "target_tokens": tt.TensorData.from_numpy(np.array(tokens[1:], np.int64)),
+                "logprobs": tt.TensorData.from_numpy(np.array([0.0] * n_prompt + list(q.logprobs), np.float32)),
+                "advantages": tt.TensorData.from_numpy(
+                    np.array([0.0] * n_prompt + [advantage] * len(q.tokens), np.float32))}))
+        rl_loss = tc.forward_backward(rl, "importance_sampling").result().metrics["loss:sum"]
+        rl_norm = tc.optim_step(tt.AdamParams(learning_rate=1e-2)).result().metrics["grad_norm:mean"]
         import jax
 
         print(json.dumps({"process": jax.process_index(), "processes": jax.process_count(), "model_id": tc.model_id,
                           "losses": losses, "logprobs": logprobs, "grad_norm": opt.metrics["grad_norm:mean"],
                           "forward_loss": fwd.metrics["loss:sum"], "checkpoint": saved,
                           "reloaded_loss": reloaded.metrics["loss:sum"],
-                          "resumed_grad_norm": resumed_opt.metrics["grad_norm:mean"], "samples": samples}),
+                          "resumed_grad_norm": resumed_opt.metrics["grad_norm:mean"], "samples": samples,
+                          "rl": [rl_loss, rl_norm]}),
               flush=True)
 
 

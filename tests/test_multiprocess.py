@@ -4,7 +4,8 @@ per process forming one fsdp=2 x tensor=4 mesh, started by scripts/local_cluster
 - The in-process API: the same script (examples/multihost_sft.py) on both processes; its losses, logprobs and
   gradient norm equal those of one process with all 8 devices (fp32), and both processes get identical results.
   Its checkpoint (each process writes its own shards) reloads there, and on one device and on a 2 x 2 mesh of
-  one process with the same weights; its samples over the two processes' mesh are those of one process.
+  one process with the same weights; its samples over the two processes' mesh are those of one process, and so
+  is an RL (importance sampling) step on them.
 - The REST server: `tinker-jax serve` on both processes (process 0 serves HTTP); the official SDK trains, saves,
   loads and samples through it with the losses, tokens and logprobs of a one-process engine, and SIGTERM to the job
   stops both processes cleanly.
@@ -95,6 +96,7 @@ def test_two_processes_train_like_one(tmp_path):
     assert [x["tokens"] for x in a["samples"]] == [x["tokens"] for x in ref["samples"]]
     for x, y in zip(a["samples"], ref["samples"]):
         np.testing.assert_allclose(x["logprobs"], y["logprobs"], rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(a["rl"], ref["rl"], rtol=1e-5)  # an importance-sampling step on those samples
     shards = tmp_path / "two" / "checkpoints" / a["model_id"] / "weights" / "final" / "state"
     assert {p.name for p in shards.glob("ocdbt.process_*")} == {"ocdbt.process_0", "ocdbt.process_1"}
 
@@ -251,6 +253,10 @@ def test_two_processes_serve_the_sdk(tmp_path):
     finally:
         job.stop()
     assert "process 1 of 2 of the engine stopped" in job.out()
+    # Each process read only the shards of the weights its devices hold (fsdp splits the model between them).
+    reads = dict(re.findall(r"\[(\d)\] .*read (\d+) of the weights' \d+ bytes", job.out()))
+    total = int(re.search(r"read \d+ of the weights' (\d+) bytes", job.out())[1])
+    assert set(reads) == {"0", "1"} and all(int(n) < 0.75 * total for n in reads.values()), (reads, total)
 
     again = _Job(tmp_path, cfg, "second")  # both processes restarted on the same data dir
     try:

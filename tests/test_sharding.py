@@ -8,6 +8,8 @@ batch-sharded inputs must equal the single-device result.
 
 from __future__ import annotations
 
+import re
+
 import jax
 import numpy as np
 import pytest
@@ -155,6 +157,16 @@ def test_sharded_load_placement_and_spmd_parity(mesh_name, preset):
     ref_loss, ref_grads = mu.ce_grads(ref_model, *(host[k] for k in args), host["segment_ids"])
     np.testing.assert_allclose(float(loss), float(ref_loss), rtol=1e-5)
     _assert_grads_close(grads, ref_grads, f"{mesh_name} {preset}")
+
+
+def test_sharded_load_reads_each_block_once(caplog):
+    """With a placement, each device's block is read from the files alone (a process never reads what its devices
+    do not hold); on one process holding every device that is every byte, once (replicas share a read)."""
+    mesh = _mesh(CASES[0][0])
+    with caplog.at_level("INFO", logger="tinker_jax.hf.weights"):
+        load_decoder(mu.tiny_model_dir("tiny-qwen3"), shardings_fn=lambda st: state_shardings(st, mesh))
+    (read, total), = [tuple(map(int, m)) for m in re.findall(r"read (\d+) of the weights' (\d+) bytes", caplog.text)]
+    assert read == total > 0
 
 
 def _assert_grads_close(grads, ref_grads, what):

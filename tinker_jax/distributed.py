@@ -120,14 +120,31 @@ def initialize(cfg: DistributedConfig) -> None:
                  jax.device_count(), jax.local_device_count())
 
 
-def shutdown() -> None:
-    """Leave the other processes (every process calls it; it returns when all have). Safe to call twice."""
+def shutdown(together: bool = True, timeout_s: float = 120.0) -> None:
+    """Leave the other processes (every process calls it). Safe to call twice.
+
+    together: first wait for every process to arrive (a barrier), and on process 0 then wait for the others to
+    disconnect before leaving itself: the coordination service lives in process 0, and a follower still leaving
+    when it goes would abort. (With recoverable tasks, see `initialize`, JAX's own shutdown no longer waits.)
+    False on a process 0 that knows a process is gone: it leaves at once."""
     with _init_lock:
-        if _client() is not None:
+        client = _client()
+        if client is None:
+            return
+        if together:
             try:
-                jax.distributed.shutdown()
-            except Exception as e:  # noqa: BLE001 - a process already gone: nothing left to leave
-                log.warning("leaving the other processes: %s", e)
+                client.wait_at_barrier("tinker_jax/shutdown", int(timeout_s * 1000))
+                if is_leader():  # returns once the others have disconnected (it counts live processes only)
+                    waiter = threading.Thread(target=client.get_live_nodes, args=(list(range(jax.process_count())),),
+                                              daemon=True)
+                    waiter.start()
+                    waiter.join(timeout_s)
+            except Exception as e:  # noqa: BLE001 - a process gone or stuck: leave anyway
+                log.warning("waiting for the other processes to leave: %s", e)
+        try:
+            jax.distributed.shutdown()
+        except Exception as e:  # noqa: BLE001 - a process already gone: nothing left to leave
+            log.warning("leaving the other processes: %s", e)
 
 
 def _client():

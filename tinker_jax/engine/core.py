@@ -721,8 +721,9 @@ def _stop_workers(workers: dict, registry: Registry, procs: replicas.Processes |
     if procs is not None:
         procs.stop()
         # Every process leaves together (a barrier in the coordination service, which lives in process 0): a leader
-        # that exited first would take the service with it and abort the followers still stopping.
-        distributed.shutdown()
+        # that exited first would take the service with it and abort the followers still stopping. A leader that
+        # lost a process leaves at once.
+        distributed.shutdown(together=procs.gone is None)
 
 
 def enable_compile_cache(path: Path) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import functools
 import json
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -19,8 +20,11 @@ import numpy as np
 from flax import nnx
 from safetensors import safe_open
 
+from tinker_jax import distributed
 from tinker_jax.models.config import ModelConfig, load_config
 from tinker_jax.models.decoder import Decoder
+
+log = logging.getLogger(__name__)
 
 
 class WeightsError(ValueError):
@@ -76,7 +80,8 @@ def _get(state, path):
 
 
 class _Shards:
-    """Name -> file index over one or more safetensors files; opens lazily, reads one tensor at a time."""
+    """Name -> file index over one or more safetensors files; opens lazily, reads one tensor (or a slice of one) at
+    a time, counting the bytes it read (`bytes_read`)."""
 
     def __init__(self, model_dir: Path):
         index = model_dir / "model.safetensors.index.json"
@@ -92,21 +97,37 @@ class _Shards:
                 with safe_open(str(f), framework="numpy") as h:
                     self.where.update({k: f for k in h.keys()})
         self._open: dict[Path, object] = {}
+        self.bytes_read = 0
 
-    def read(self, name: str) -> np.ndarray:
+    def _file(self, name: str):
         f = self.where.get(name)
         if f is None:
             raise WeightsError(f"missing weight tensor '{name}' in {sorted(set(map(str, self.where.values())))}")
         if f not in self._open:
             self._open[f] = safe_open(str(f), framework="numpy")
-        return self._open[f].get_tensor(name)
+        return self._open[f]
+
+    def read(self, name: str) -> np.ndarray:
+        x = self._file(name).get_tensor(name)
+        self.bytes_read += x.nbytes
+        return x
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return tuple(self._file(name).get_slice(name).get_shape())
+
+    def read_slice(self, name: str, idx: tuple[slice, ...]) -> np.ndarray:
+        x = self._file(name).get_slice(name)[idx]
+        self.bytes_read += x.nbytes
+        return x
 
 
 def load_decoder(model_dir: str | Path, *, dtype=jnp.float32, param_dtype=None, shardings_fn=None) -> Decoder:
     """Build a Decoder from a local HF directory.
 
     `param_dtype` (default: `dtype`) is the storage dtype of the base weights.
-    `shardings_fn(state) -> pytree of Sharding` places each tensor as it is read (None: default device).
+    `shardings_fn(state) -> pytree of Sharding` places each tensor as it is read (None: default device); with it,
+    each process reads only the slices its own devices hold (a mesh over several hosts never loads the whole
+    model on one), and logs how much that was.
     """
     model_dir = Path(model_dir)
     cfg = load_config(model_dir)
@@ -121,37 +142,77 @@ def load_decoder(model_dir: str | Path, *, dtype=jnp.float32, param_dtype=None, 
     # transfer per role into its placement, where one program transposes and casts it (_to_device). Per-tensor
     # device ops compiled a small program per shape (the 0.6B shape took 9 s on a CPU); numpy's own transposes
     # and bf16 casts were the next largest cost.
+    total = 0
     for t in table(cfg):
         target = _get(base_state, t.path)
         per_layer = "{i}" in t.hf
         names = [t.hf.format(i=i) for i in range(cfg.n_layers)] if per_layer else [t.hf]
         want = tuple(target.shape[1:] if per_layer else target.shape)
         stored = tuple(reversed(want)) if t.transpose else want  # HF layout
-        buf = None  # stored dtype and layout: numpy's transposes and bf16 casts are slow, the device's are not
-        for i, name in enumerate(names):
-            x = shards.read(name)
-            if tuple(x.shape) != stored:
-                raise WeightsError(f"{model_dir}: tensor '{name}' has shape {tuple(x.shape)}, expected {stored}")
-            if buf is None:
-                buf = np.empty((len(names), *stored) if per_layer else stored, x.dtype)
-            (buf[i] if per_layer else buf)[...] = x
+        for name in names:
+            if shards.shape(name) != stored:
+                raise WeightsError(f"{model_dir}: tensor '{name}' has shape {shards.shape(name)}, expected {stored}")
         sh = _get(base_sh, t.path) if base_sh is not None else None
-        _set(pure, t.path, _to_device(buf, t.transpose, np.dtype(param_dtype), sh))
+        if sh is None:
+            buf = _read_whole(shards, names, per_layer)
+            _set(pure, t.path, _to_device(buf, t.transpose, np.dtype(param_dtype)))
+        else:
+            buf = _read_placed(shards, names, per_layer, _layout(sh, t.transpose, target.ndim))
+            _set(pure, t.path, _finish(buf, transpose=t.transpose, dtype=np.dtype(param_dtype), out_sharding=sh))
+        total += buf.nbytes
     base_state.replace_by_pure_dict(pure)
+    if base_sh is not None:
+        log.info("%s: this process read %d of the weights' %d bytes (the shards its devices hold)", model_dir.name,
+                 shards.bytes_read, total)
     return nnx.merge(graphdef, base_state)
 
 
-def _to_device(buf: np.ndarray, transpose: bool, dtype: np.dtype, sharding=None) -> jax.Array:
-    """Host buffer in HF layout (last two axes [out, in]) -> device array [.., in, out] in `dtype`, placed
-    with `sharding` (the target layout's); the transpose and cast run on the device, one program per role."""
-    if not transpose and buf.dtype == dtype:
-        return jax.device_put(buf, sharding) if sharding is not None else jnp.asarray(buf)
-    src = sharding
-    if sharding is not None and transpose:  # the buffer's own layout: the last two spec entries swapped
-        spec = tuple(sharding.spec) + (None,) * (buf.ndim - len(sharding.spec))
-        src = jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[:-2], spec[-1], spec[-2]))
-    x = jax.device_put(buf, src) if src is not None else jnp.asarray(buf)
-    return _finish(x, transpose=transpose, dtype=dtype, out_sharding=sharding)
+def _read_whole(shards: _Shards, names: list[str], per_layer: bool) -> np.ndarray:
+    """Every tensor of one role, as stored ([L, ...] for per-layer roles): one host buffer."""
+    buf = None  # stored dtype and layout: numpy's transposes and bf16 casts are slow, the device's are not
+    for i, name in enumerate(names):
+        x = shards.read(name)
+        if buf is None:
+            buf = np.empty((len(names), *x.shape) if per_layer else x.shape, x.dtype)
+        (buf[i] if per_layer else buf)[...] = x
+    return buf
+
+
+def _read_placed(shards: _Shards, names: list[str], per_layer: bool, sharding) -> jax.Array:
+    """One role as a global array in its stored layout, placed by `sharding`: each device's block is read from the
+    files alone (the slices of its layers), once per distinct block, so a process reads only what its devices
+    hold."""
+    shape = ((len(names),) if per_layer else ()) + shards.shape(names[0])
+    blocks: dict[tuple, np.ndarray] = {}  # devices holding the same block (replicas) share one read
+
+    def block(idx: tuple[slice, ...]) -> np.ndarray:
+        key = tuple((s.start, s.stop, s.step) for s in idx)
+        if key not in blocks:
+            if per_layer:
+                layers, rest = idx[0], tuple(idx[1:])
+                blocks[key] = np.stack([shards.read_slice(names[i], rest) for i in range(len(names))[layers]])
+            else:
+                blocks[key] = shards.read_slice(names[0], tuple(idx))
+        return blocks[key]
+
+    return jax.make_array_from_callback(shape, sharding, block)
+
+
+def _layout(sharding, transpose: bool, ndim: int):
+    """The placement of a role in its stored (HF) layout: the target's, with the last two axes swapped when the
+    stored tensor is transposed (the transpose then runs on each device, `_finish`)."""
+    if not transpose:
+        return sharding
+    spec = tuple(sharding.spec) + (None,) * (ndim - len(sharding.spec))
+    return jax.sharding.NamedSharding(sharding.mesh, jax.sharding.PartitionSpec(*spec[:-2], spec[-1], spec[-2]))
+
+
+def _to_device(buf: np.ndarray, transpose: bool, dtype: np.dtype) -> jax.Array:
+    """Host buffer in HF layout (last two axes [out, in]) -> device array [.., in, out] in `dtype` on the default
+    device; the transpose and cast run on the device, one program per role."""
+    x = jnp.asarray(buf)
+    return x if not transpose and buf.dtype == dtype else _finish(x, transpose=transpose, dtype=dtype,
+                                                                   out_sharding=None)
 
 
 @functools.partial(jax.jit, static_argnames=("transpose", "dtype", "out_sharding"))
@@ -167,13 +228,17 @@ def _set(d: dict, path, value):
 
 
 def iter_hf_tensors(model: Decoder) -> Iterator[tuple[str, np.ndarray]]:
-    """Yield (HF name, numpy array in HF layout) for every base weight: the inverse of load_decoder."""
+    """Yield (HF name, numpy array in HF layout) for every base weight: the inverse of load_decoder. Streams: one
+    tensor (one layer's) comes to the host at a time, gathered from wherever its shards are (on several processes
+    every process iterates alike: the gathers are collectives)."""
     cfg = model.cfg
     state = nnx.state(model, nnx.Param)
     for t in table(cfg):
-        x = np.asarray(jax.device_get(_get(state, t.path)[...]))
+        x = _get(state, t.path)[...]
         if "{i}" in t.hf:
             for i in range(cfg.n_layers):
-                yield t.hf.format(i=i), (x[i].T if t.transpose else x[i])
+                layer = distributed.fetch(x[i])
+                yield t.hf.format(i=i), (layer.T if t.transpose else layer)
         else:
-            yield t.hf, (x.T if t.transpose else x)
+            whole = distributed.fetch(x)
+            yield t.hf, (whole.T if t.transpose else whole)
