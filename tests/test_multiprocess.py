@@ -225,9 +225,9 @@ class _Job:
 
 
 def test_two_processes_serve_the_sdk(tmp_path):
-    """Training, checkpoints and sampling through the SDK equal one process's; a killed follower gives the client
-    a clear error in seconds while process 0 stays up; the checkpoints survive a restart of both processes, which
-    then stop cleanly on SIGTERM."""
+    """Training, checkpoints (with publish, TTL and delete) and sampling through the SDK equal one process's; a
+    killed follower gives the client a clear error in seconds while process 0 stays up; the checkpoints survive a
+    restart of both processes, which then stop cleanly on SIGTERM."""
     model = models_util.tiny_model_dir("tiny-qwen3")
     mesh = {"fsdp": 2, "tensor": 4}
     cfg = tmp_path / "two.yaml"
@@ -238,6 +238,15 @@ def test_two_processes_serve_the_sdk(tmp_path):
         service = tinker.ServiceClient(base_url=job.url, api_key="tml-multiprocess")
         tc = service.create_lora_training_client(base_model="tiny", rank=4, seed=7).result()
         got, got_tokens, got_lps, saved = _train(tc)
+        # Checkpoint housekeeping goes through the log too: process 0 changes the files once every process is done
+        # with them.
+        rest = service.create_rest_client()
+        doomed = tc.save_state("doomed").result().path
+        rest.publish_checkpoint_from_tinker_path(saved).result()
+        rest.set_checkpoint_ttl_from_tinker_path(saved, 3600).result()
+        rest.delete_checkpoint_from_tinker_path(doomed).result()
+        listed = {c.tinker_path: c for c in rest.list_checkpoints(tc.model_id).result().checkpoints}
+        assert doomed not in listed and listed[saved].public and listed[saved].expires_at is not None, listed
 
         os.kill(job.pid(1), signal.SIGKILL)  # a follower dies
         t0 = time.monotonic()
@@ -263,7 +272,6 @@ def test_two_processes_serve_the_sdk(tmp_path):
         service = tinker.ServiceClient(base_url=again.url, api_key="tml-multiprocess")
         resumed = service.create_training_client_from_state(saved)
         after_restart = resumed.forward(_sft_batch(), "cross_entropy").result().metrics["loss:sum"]
-        service.close("success").result(timeout=30)
     finally:
         status = again.stop()
     out = again.out()

@@ -241,6 +241,10 @@ class RoundLog:
         self._client.key_value_set(f"{self._prefix}/ack/{self.pid}", str(n), allow_overwrite=True)
         return pickle.loads(data)
 
+    def barrier(self, name: str, timeout_s: float) -> None:
+        """Every process waits here until all have reached `name` (a name never used before in this log)."""
+        self._client.wait_at_barrier(f"{self._prefix}/barrier/{name}", int(timeout_s * 1000))
+
     def beat(self) -> None:
         """This process is alive (followers call it every few seconds, from a thread of their own, so a long round
         does not look like a death). Not jax's get_live_nodes: that is a barrier every process must enter."""

@@ -504,17 +504,31 @@ class Engine(EngineAPI):
         return self.registry.list_checkpoints(run_id)
 
     def set_checkpoint_public(self, path: str, public: bool) -> None:
-        p = TinkerPath.parse(path)
-        self._path_turn(p, lambda: self._annotate_now(p, public=bool(public)))
+        self._change(rq.ChangeCheckpoint(TinkerPath.parse(path), fields={"public": bool(public)})).result()
 
     def set_checkpoint_ttl(self, path: str, ttl_seconds: int | None) -> None:
-        p = TinkerPath.parse(path)
-        self._path_turn(p, lambda: self._annotate_now(
-            p, expires=None if ttl_seconds is None else time.time() + ttl_seconds))
+        expires = None if ttl_seconds is None else time.time() + ttl_seconds
+        self._change(rq.ChangeCheckpoint(TinkerPath.parse(path), fields={"expires": expires})).result()
 
-    def _path_turn(self, p: TinkerPath, fn: Callable[[], Any]) -> Any:
-        """`fn()` on `p`'s turn (see `_path_turn_async`), waiting for it here."""
-        return self._path_turn_async(p, fn).result()
+    def _change(self, body: rq.ChangeCheckpoint, tenant: str | None = None) -> Future:
+        """Delete or annotate a checkpoint on its path's turn. One process: on the path-work thread (no device, so
+        its base model need not be loaded). Several: through its base model's log, so that every process has
+        finished what came before on the path (a load still reading the files) before process 0 changes them;
+        every process gets process 0's outcome."""
+        if self.procs is None:
+            return self._path_turn_async(body.path, lambda: self.change_checkpoint(body))
+        try:
+            worker = self._worker(self._base_of_checkpoint(body.path))
+        except UserError as e:
+            return failed(e)
+        return self._submit(worker, "change", body, tenant=tenant, paths=[body.path])
+
+    def change_checkpoint(self, body: rq.ChangeCheckpoint) -> Any:
+        """(On the path's turn) `body`'s change: deleted -> whether the record existed; annotated -> None."""
+        if body.delete:
+            return self.delete_checkpoint_now(body.path, body.only_if_expired)
+        self._annotate_now(body.path, **body.fields)
+        return None
 
     def _path_turn_async(self, p: TinkerPath, fn: Callable[[], Any]) -> Future:
         """Run `fn` on `p`'s turn, on the path-work thread: after every unfinished request submitted before on that
@@ -572,12 +586,9 @@ class Engine(EngineAPI):
         its own: it touches no device state, so its base model need not be loaded (or served at all)."""
         try:
             p = TinkerPath.parse(path)
-            if self.procs is not None:
-                raise UserError(f"delete: not supported yet when the engine spans several processes "
-                                f"({self.procs.count})")
         except UserError as e:
             return failed(e)
-        return self._path_turn_async(p, lambda: self.delete_checkpoint_now(p, only_if_expired))
+        return self._change(rq.ChangeCheckpoint(p, delete=True, only_if_expired=only_if_expired), tenant)
 
     def delete_checkpoint_now(self, p: TinkerPath, only_if_expired: bool = False) -> bool:
         """(On the path's turn) the record, then the files. Returns whether the record existed. only_if_expired:

@@ -30,7 +30,8 @@ T = TypeVar("T")
 log = logging.getLogger("tinker_jax.engine")
 
 # What a multi-process engine runs (every request kind of a worker's queue; samples go through the sampler steps).
-SUPPORTED_KINDS = ("create", "forward", "forward_backward", "optim_step", "unload", "save", "load", "open_snapshot")
+SUPPORTED_KINDS = ("create", "forward", "forward_backward", "optim_step", "unload", "save", "load", "open_snapshot",
+                   "change")
 
 
 class Processes:
@@ -109,12 +110,12 @@ class Processes:
         """8 hex digits, the same on every process for the same `parts` (a staging directory's name)."""
         return hashlib.sha256(repr((self.epoch, parts)).encode()).hexdigest()[:8]
 
-    def settle(self, check: Callable[[], T]) -> T | None:
+    def settle(self, check: Callable[[], T], share: bool = False) -> T | None:
         """Inside a round: a decision that only the leader can make (its registry, its quota, its commit). The
         leader runs `check` and publishes the outcome as the log's next message (it holds the turn, so nothing
         comes between); a follower reads it from its replay. Every process then goes on together, or raises the
         same error: a follower never starts a collective write that the leader refused. -> check's value on the
-        leader, None on a follower."""
+        leader; on a follower, the same value when `share` (it must pickle), else None."""
         if self.leader:
             try:
                 value = check()
@@ -124,14 +125,18 @@ class Processes:
             except BaseException as e:
                 self.log.publish(("outcome", RuntimeError(f"process 0 failed: {type(e).__name__}: {e}")))
                 raise
-            self.log.publish(("outcome", None))
+            self.log.publish(("outcome", None, value if share else None))
             return value
         msg = self.log.next()
         if not (isinstance(msg, tuple) and msg[:1] == ("outcome",)):
             raise RuntimeError(f"out of step with the leader: expected an outcome, got {msg!r:.200}")
         if msg[1] is not None:
             raise msg[1]
-        return None
+        return msg[2]
+
+    def barrier(self, name: str, timeout_s: float = 600.0) -> None:
+        """Wait until every process reaches `name` (named alike on every process, never reused)."""
+        self.log.barrier(name, timeout_s)
 
     def draw(self) -> tuple[str, int]:
         """A run id and a seed, the same on every process for the same call (calls are made in the same order)."""

@@ -62,6 +62,17 @@ class Unload:
 
 
 @dataclass(frozen=True)
+class ChangeCheckpoint:
+    """Delete a checkpoint (`delete`), or rewrite fields of its record (`fields`: public, expires). Requests only on
+    several processes, where it must wait for every process to finish what came before it on the path."""
+
+    path: TinkerPath
+    delete: bool = False
+    only_if_expired: bool = False
+    fields: dict | None = None
+
+
+@dataclass(frozen=True)
 class OpenSnapshot:
     """Sampler weights: a checkpoint's from disk, or (path None) the base model's own."""
 

@@ -69,6 +69,8 @@ class Host(Protocol):
 
     def run_unloaded(self, run_id: str) -> None: ...
 
+    def change_checkpoint(self, body: rq.ChangeCheckpoint) -> Any: ...
+
 
 
 class BaseWorker:
@@ -820,6 +822,13 @@ class BaseWorker:
         run.step = int(meta.get("step", 0)) if with_optimizer else 0
         run.pending = 0
         return meta
+
+    def _op_change(self, req: Request):
+        """Several processes: a checkpoint's deletion or new record fields, once every process has finished what
+        came before in the log (a load of the same files), made by process 0 alone (its files, its registry)."""
+        procs = self.engine.procs
+        procs.barrier(procs.token("change", self.name, req.seq))
+        return procs.settle(lambda: self.engine.change_checkpoint(req.body), share=True)
 
     def _op_load(self, req: Request):
         body: rq.Load = req.body
