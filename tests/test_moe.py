@@ -1,0 +1,102 @@
+"""The MoE feed-forward (tinker_jax.models.moe) against transformers' Qwen3-MoE block, fp32: outputs, router logits,
+gradients (input, router, every expert) and the load-balancing loss, on a router stressed so that routing is
+decisive (top-k margins far above float error) and every expert gets tokens; with and without norm_topk_prob.
+Odd sizes so that shape bugs show."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from transformers import Qwen3MoeConfig
+from transformers.models.qwen3_moe import modeling_qwen3_moe as hf
+
+from models_util import rel_err
+from tinker_jax.models import moe
+
+D, I, E, K, N = 24, 13, 6, 2, 37  # width, expert width, experts, experts per token, tokens
+
+
+def _pair(norm_topk_prob: bool, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    router = rng.normal(0, 1.5, (D, E)).astype(np.float32)  # large logits: decisive routing
+    gate, up = (rng.normal(0, 0.2, (E, D, I)).astype(np.float32) for _ in range(2))
+    down = rng.normal(0, 0.2, (E, I, D)).astype(np.float32)
+    x = rng.normal(0, 1.0, (1, N, D)).astype(np.float32)
+    cfg = Qwen3MoeConfig(hidden_size=D, moe_intermediate_size=I, num_experts=E, num_experts_per_tok=K,
+                         norm_topk_prob=norm_topk_prob, hidden_act="silu")
+    block = hf.Qwen3MoeSparseMoeBlock(cfg).float()
+    with torch.no_grad():  # transformers: router [E,D]; gate_up [E, 2I, D] with gate first; down [E, D, I]
+        block.gate.weight.copy_(torch.from_numpy(router.T))
+        block.experts.gate_up_proj.copy_(torch.from_numpy(np.concatenate([gate, up], axis=2).transpose(0, 2, 1)))
+        block.experts.down_proj.copy_(torch.from_numpy(down.transpose(0, 2, 1)))
+    ours = moe.MoeMLP(D, I, E, K, norm_topk_prob, rngs=nnx.Rngs(0))
+    ours.router[...], ours.gate[...], ours.up[...], ours.down[...] = map(jnp.asarray, (router, gate, up, down))
+    return block, ours, x
+
+
+@pytest.mark.parametrize("norm_topk_prob", [True, False])
+def test_moe_block_matches_transformers(norm_topk_prob):
+    block, ours, x = _pair(norm_topk_prob)
+    xt = torch.from_numpy(x).requires_grad_(True)
+    want = block(xt)
+    want_logits = torch.nn.functional.linear(xt.reshape(-1, D), block.gate.weight)
+    probs = torch.softmax(want_logits, -1)
+    top = torch.topk(want_logits, K + 1, dim=-1).values
+    assert float((top[:, K - 1] - top[:, K]).min()) > 1e-3  # decisive: no near-tie at the k-th choice
+    assert len(set(torch.topk(probs, K, dim=-1).indices.flatten().tolist())) == E  # every expert has tokens
+
+    got, logits = ours(jnp.asarray(x))
+    assert rel_err(got, want.detach().numpy()) < 1e-5
+    assert rel_err(logits, want_logits.detach().numpy()) < 1e-5
+
+    # Gradients of one scalar of the output, w.r.t. the input and every weight.
+    proj = np.random.default_rng(1).normal(0, 1, x.shape).astype(np.float32)
+    (want * torch.from_numpy(proj)).sum().backward()
+    graphdef, params = nnx.split(ours, nnx.Param)
+
+    def loss(p, xj):
+        y, _ = nnx.merge(graphdef, p)(xj)
+        return jnp.sum(y * proj)
+
+    gp, gx = jax.grad(loss, argnums=(0, 1))(params, jnp.asarray(x))
+    assert rel_err(gx, xt.grad.numpy()) < 1e-4
+    assert rel_err(gp["router"][...], block.gate.weight.grad.numpy().T) < 1e-4
+    gate_up = block.experts.gate_up_proj.grad.numpy().transpose(0, 2, 1)  # [E, D, 2I]
+    assert rel_err(gp["gate"][...], gate_up[..., :I]) < 1e-4
+    assert rel_err(gp["up"][...], gate_up[..., I:]) < 1e-4
+    assert rel_err(gp["down"][...], block.experts.down_proj.grad.numpy().transpose(0, 2, 1)) < 1e-4
+
+
+def test_load_balancing_loss_matches_transformers():
+    rng = np.random.default_rng(3)
+    logits = rng.normal(0, 2.0, (3, N, E)).astype(np.float32)  # three MoE layers
+    mask = (rng.random(N) > 0.2).astype(np.float32)
+    for m in (None, mask):
+        want = hf.load_balancing_loss_func(tuple(torch.from_numpy(lg) for lg in logits), E, K,
+                                           None if m is None else torch.from_numpy(m).reshape(1, N))
+        got = moe.load_balancing_loss(jnp.asarray(logits), K, None if m is None else jnp.asarray(m))
+        np.testing.assert_allclose(float(got), float(want), rtol=1e-5)
+
+
+def test_dropless_grouped_matmul_equals_a_dense_loop():
+    """Independent of transformers: every token's output is the weighted sum over its k experts, computed one
+    token and one expert at a time in numpy (bf16 compute keeps its dtype)."""
+    _, ours, x = _pair(True, seed=5)
+    x2 = x.reshape(N, D)
+    logits, w, idx = moe.route(jnp.asarray(x2), ours.router[...], K, True)
+    got = moe.experts_ffn(jnp.asarray(x2), idx, w, ours.gate[...], ours.up[...], ours.down[...])
+    g, u, d = (np.asarray(a) for a in (ours.gate[...], ours.up[...], ours.down[...]))
+    want = np.zeros_like(x2)
+    for n in range(N):
+        for j in range(K):
+            e = int(idx[n, j])
+            h = x2[n] @ g[e]
+            want[n] += float(w[n, j]) * (((h / (1 + np.exp(-h))) * (x2[n] @ u[e])) @ d[e])
+    np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5, atol=1e-6)
+    low = moe.experts_ffn(jnp.asarray(x2, jnp.bfloat16), idx, w.astype(jnp.bfloat16), ours.gate[...],
+                          ours.up[...], ours.down[...])
+    assert low.dtype == jnp.bfloat16 and rel_err(low.astype(jnp.float32), want) < 3e-2

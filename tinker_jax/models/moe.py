@@ -1,0 +1,88 @@
+"""Mixture-of-Experts feed-forward, as Qwen3-MoE computes it (issue 13; wired into the decoder next).
+
+Routing: router logits x @ router [N,E] in the compute dtype, softmax in fp32, top-k experts per token, their
+probabilities renormalised to sum to 1 only when `norm_topk_prob`, then cast back to the compute dtype.
+
+Experts: SwiGLU per expert, `down(silu(gate(x)) * up(x))`, weighted by the token's routing weight and summed over
+its k experts. Dropless: every (token, expert) assignment is computed, none is dropped for capacity. The N*k
+assignments are sorted by expert and each expert's run of rows goes through one grouped matmul
+(`jax.lax.ragged_dot`), so the cost follows the active parameters (k experts per token), not all E.
+
+Load balancing: `load_balancing_loss` is transformers' Switch-Transformer auxiliary loss over every MoE layer's
+router logits (padding rows excluded by a mask).
+
+Shapes: N tokens (rows of the batch flattened), D model width, E experts, I expert width, k experts per token.
+Weights are stacked along the expert axis: gate and up [E,D,I], down [E,I,D], router [D,E].
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+
+def route(x: jax.Array, router: jax.Array, top_k: int, norm_topk_prob: bool):
+    """x [N,D], router [D,E] -> (logits [N,E] fp32, weights [N,k] in x's dtype, experts [N,k] int32)."""
+    logits = (x @ router.astype(x.dtype)).astype(jnp.float32)
+    probs = jax.nn.softmax(logits, axis=-1)
+    weights, experts = jax.lax.top_k(probs, top_k)
+    if norm_topk_prob:
+        weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
+    return logits, weights.astype(x.dtype), experts.astype(jnp.int32)
+
+
+def experts_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, gate: jax.Array, up: jax.Array,
+                down: jax.Array) -> jax.Array:
+    """x [N,D]; experts, weights [N,k]; gate, up [E,D,I]; down [E,I,D] -> [N,D]: each token's weighted sum of its
+    experts' SwiGLU outputs, dropless."""
+    n, k = experts.shape
+    n_experts = gate.shape[0]
+    flat = experts.reshape(n * k)
+    order = jnp.argsort(flat, stable=True)  # assignments grouped by expert, each group in token order
+    rows = order // k  # the token of each sorted assignment
+    xs = x[rows]  # [N*k, D]
+    sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)  # rows per expert, in expert order
+    dt = x.dtype
+    h = jax.nn.silu(jax.lax.ragged_dot(xs, gate.astype(dt), sizes)) * jax.lax.ragged_dot(xs, up.astype(dt), sizes)
+    out = jax.lax.ragged_dot(h, down.astype(dt), sizes)  # [N*k, D]
+    out = out * weights.reshape(n * k)[order][:, None]
+    return jnp.zeros_like(x).at[rows].add(out)
+
+
+def load_balancing_loss(logits: jax.Array, top_k: int, mask: jax.Array | None = None) -> jax.Array:
+    """Switch-Transformer auxiliary loss as transformers computes it (`load_balancing_loss_func`): logits
+    [L,N,E] (every MoE layer's router logits), mask [N] (1 for real tokens) -> scalar
+    E * sum_e(fraction of top-k assignments to e) * (mean router probability of e), over all layers' rows."""
+    n_layers, n, n_experts = logits.shape
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    _, chosen = jax.lax.top_k(probs, top_k)  # [L,N,k]
+    m = jnp.ones((n,), jnp.float32) if mask is None else mask.astype(jnp.float32)
+    counts = jnp.sum(jax.nn.one_hot(chosen, n_experts, dtype=jnp.float32) * m[None, :, None, None], axis=(0, 1, 2))
+    rows = n_layers * jnp.sum(m)
+    prob_mass = jnp.sum(probs * m[None, :, None], axis=(0, 1))
+    return n_experts * jnp.sum((counts / rows) * (prob_mass / rows))
+
+
+class MoeMLP(nnx.Module):
+    """The MoE feed-forward of one layer: router [D,E] and stacked experts (logical axes: `expert` for the expert
+    axis, then as the dense MLP's). __call__(x [B,T,D]) -> (y [B,T,D], router logits [B*T,E] fp32)."""
+
+    def __init__(self, d_model: int, d_expert: int, n_experts: int, top_k: int, norm_topk_prob: bool, *,
+                 rngs: nnx.Rngs, param_dtype=jnp.float32):
+        init = nnx.initializers.normal(0.02)
+        self.router = nnx.Param(init(rngs.params(), (d_model, n_experts), param_dtype), axes=("embed", None))
+        self.gate = nnx.Param(init(rngs.params(), (n_experts, d_model, d_expert), param_dtype),
+                              axes=("expert", "embed", "mlp"))
+        self.up = nnx.Param(init(rngs.params(), (n_experts, d_model, d_expert), param_dtype),
+                            axes=("expert", "embed", "mlp"))
+        self.down = nnx.Param(init(rngs.params(), (n_experts, d_expert, d_model), param_dtype),
+                              axes=("expert", "mlp", "embed"))
+        self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
+
+    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        B, T, D = x.shape
+        x2 = x.reshape(B * T, D)
+        logits, weights, experts = route(x2, self.router[...], self.top_k, self.norm_topk_prob)
+        y = experts_ffn(x2, experts, weights, self.gate[...], self.up[...], self.down[...])
+        return y.reshape(B, T, D), logits
