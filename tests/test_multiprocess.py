@@ -259,6 +259,7 @@ def test_two_processes_serve_the_sdk(tmp_path):
         health = httpx.get(f"{job.url}/api/v1/healthz", timeout=10)
         assert health.status_code == 503 and "process 1 of 2" in health.text, health.text
         assert job.proc.poll() is None  # process 0 and its front door stay up until the supervisor restarts it
+        service.close("error").result(timeout=60)  # its front door still answers: the session ends cleanly
     finally:
         job.stop()
     assert "process 1 of 2 of the engine stopped" in job.out()
@@ -272,6 +273,7 @@ def test_two_processes_serve_the_sdk(tmp_path):
         service = tinker.ServiceClient(base_url=again.url, api_key="tml-multiprocess")
         resumed = service.create_training_client_from_state(saved)
         after_restart = resumed.forward(_sft_batch(), "cross_entropy").result().metrics["loss:sum"]
+        service.close("success").result(timeout=60)
     finally:
         status = again.stop()
     out = again.out()
