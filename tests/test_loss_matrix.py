@@ -22,6 +22,7 @@ import subprocess
 import sys
 import threading
 import time
+import types
 from pathlib import Path
 
 import httpx
@@ -329,6 +330,16 @@ def test_engine_health_reports_a_model_that_cannot_work(model_dir, tmp_path):
             svc.engine.create_model("broken", rank=4).result()
         health = svc.engine.health()
         assert not health["ok"] and any(p.startswith("model broken: load failed") for p in health["problems"]), health
+        # Several processes (a stand-in for replicas.Processes): a lost process on the leader, and a follower that
+        # stopped following, are each reported on their own.
+        svc.engine.procs = types.SimpleNamespace(gone=None)
+        svc.engine.follow_error = RuntimeError("the leader went away")
+        try:
+            assert "this process stopped following the leader (RuntimeError)" in svc.engine.health()["problems"]
+            svc.engine.procs.gone, svc.engine.follow_error = "process 1 of 2 of the engine stopped", None
+            assert "process 1 of 2 of the engine stopped" in svc.engine.health()["problems"]
+        finally:
+            svc.engine.procs, svc.engine.follow_error = None, None
 
 
 def test_leftovers_belong_to_their_own_name_only(tmp_path):

@@ -45,6 +45,12 @@ def then(future: concurrent.futures.Future, fn: Callable[[Any], Any]) -> concurr
     return out
 
 
+def begin(future: concurrent.futures.Future) -> bool:
+    """Start `future` (False: it was cancelled); one already started stays started (a second call is harmless,
+    where `set_running_or_notify_cancel` would raise)."""
+    return future.running() or future.set_running_or_notify_cancel()
+
+
 def failed(exc: BaseException) -> concurrent.futures.Future:
     future: concurrent.futures.Future = concurrent.futures.Future()
     future.set_exception(exc)

@@ -681,8 +681,9 @@ class Engine(EngineAPI):
             self.registry.ping()
         except Exception as e:  # noqa: BLE001 - reported, not raised: health is asked by probes
             problems.append(f"registry: {type(e).__name__}")
-        if self.procs is not None and self.procs.gone is not None:
-            problems.append(self.procs.gone)
+        if self.procs is not None:
+            if self.procs.gone is not None:
+                problems.append(self.procs.gone)
             if self.follow_error is not None:
                 problems.append(f"this process stopped following the leader ({type(self.follow_error).__name__})")
         with self._lock:

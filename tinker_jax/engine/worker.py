@@ -35,7 +35,7 @@ from tinker_jax.engine.pools import NULL_SLOT, AdapterPool, FullState, Run
 from tinker_jax.engine.registry import KINDS, TinkerPath
 from tinker_jax.engine.scheduler import Request, Round, Scheduler
 from tinker_jax.errors import NotFound, Unavailable, UserError
-from tinker_jax.futures import failed
+from tinker_jax.futures import begin, failed
 from tinker_jax.hf.weights import load_decoder
 from tinker_jax.models import lora as lora_math
 from tinker_jax.models.config import ModelConfig
@@ -70,7 +70,6 @@ class Host(Protocol):
     def run_unloaded(self, run_id: str) -> None: ...
 
     def change_checkpoint(self, body: rq.ChangeCheckpoint) -> Any: ...
-
 
 
 class BaseWorker:
@@ -359,7 +358,7 @@ class BaseWorker:
             req.round = rnd.number
         if self.load_error is not None:  # the server's fault (its model directory), reported as such
             for req in rnd.ops + rnd.batch:
-                if _begin(req):
+                if begin(req.future):
                     req.future.set_exception(RuntimeError(
                         f"base model {self.name} could not be loaded ({type(self.load_error).__name__}; the server "
                         "log has the details)"))
@@ -376,7 +375,7 @@ class BaseWorker:
                 self._train(reqs, forward_only)
 
     def _run_op(self, req: Request) -> None:
-        if not _begin(req):
+        if not begin(req.future):
             return
         try:
             result = getattr(self, f"_op_{req.kind}")(req)
@@ -507,7 +506,7 @@ class BaseWorker:
         """The requests that start now (not cancelled) with their runs; an unknown or lost run fails its request."""
         out = []
         for req in reqs:
-            if not _begin(req):
+            if not begin(req.future):
                 continue
             try:
                 out.append((req, self._run(req)))
@@ -916,16 +915,11 @@ class _SamplerBase:
         self.cfg, self.path, self.decoder, self.name = cfg, path, decoder, name
 
 
-def _begin(req: Request) -> bool:
-    """Start `req` (False: its caller cancelled it); one already started by `_begun` stays started."""
-    return req.future.running() or req.future.set_running_or_notify_cancel()
-
-
 def _begun(rnd: Round) -> Round:
     """The round less its cancelled requests, the others started (no longer cancellable)."""
     out = Round(rnd.number)
-    out.ops = [r for r in rnd.ops if _begin(r)]
-    out.batch = [r for r in rnd.batch if _begin(r)]
+    out.ops = [r for r in rnd.ops if begin(r.future)]
+    out.batch = [r for r in rnd.batch if begin(r.future)]
     return out
 
 

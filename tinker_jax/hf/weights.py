@@ -138,8 +138,8 @@ def load_decoder(model_dir: str | Path, *, dtype=jnp.float32, param_dtype=None, 
     base_sh = shardings_fn(base_state) if shardings_fn else None
     shards = _Shards(model_dir)
     pure = base_state.to_pure_dict()
-    # Host side, numpy: copy each HF tensor, as stored, into one [L, ...] host buffer per weight role; then one
-    # transfer per role into its placement, where one program transposes and casts it (_to_device). Per-tensor
+    # One [L, ...] array per weight role in its stored layout (a host buffer, or with a placement each device's
+    # block read alone), then one program per role transposes and casts it on the device (_finish). Per-tensor
     # device ops compiled a small program per shape (the 0.6B shape took 9 s on a CPU); numpy's own transposes
     # and bf16 casts were the next largest cost.
     total = 0

@@ -54,6 +54,7 @@ from tinker import types
 
 from tinker_jax import distributed
 from tinker_jax.errors import UserError
+from tinker_jax.futures import begin
 from tinker_jax.models import lora as lora_math
 from tinker_jax.models.config import ModelConfig
 from tinker_jax.models.decoder import KVCache
@@ -157,11 +158,6 @@ class _Table:
 
     def resident(self) -> int:
         return sum(h is not None for h in self.holder)
-
-
-def _begin(fut: Future) -> bool:
-    """Start a request's future (False: it was cancelled); one already started stays started."""
-    return fut.running() or fut.set_running_or_notify_cancel()
 
 
 def _default_lengths(max_seq_len: int, start: int = 16) -> tuple[int, ...]:
@@ -385,7 +381,7 @@ class Sampler(SamplerBase):
         alike; otherwise a request stays cancellable until its prefill."""
         with self._cv:
             new, self._incoming = self._incoming, []
-        return [r for r in new if _begin(r.future)] if start else new
+        return [r for r in new if begin(r.future)] if start else new
 
     def step(self, incoming: list[_Request] | None = None) -> None:
         """One admission round and one decode call (on the thread that owns the loop), after queueing `incoming`
@@ -558,7 +554,7 @@ class Sampler(SamplerBase):
             if first is not None:
                 self._tenant_turn.move_to_end(tenant)
                 break
-        if first is None or not _begin(first.future):
+        if first is None or not begin(first.future):
             if first is not None:
                 self._release(first)
                 self._pending.remove(first)
@@ -572,7 +568,7 @@ class Sampler(SamplerBase):
             if req is first:
                 continue
             if (len(batch) < limit and self._prefill_key(req) == key and self._acquire(req)):
-                if _begin(req.future):
+                if begin(req.future):
                     batch.append(req)
                 else:
                     self._release(req)
