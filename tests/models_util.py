@@ -6,7 +6,7 @@ one loaded Decoder and one transformers reference model.
 
 Checkpoints come from `tinker_jax.hf.init_model.init_model(out_dir, preset, seed=0)`; each preset exercises
 one family's differences: tiny-qwen3 = q/k norm + tied embeddings, tiny-llama3 = untied lm_head + llama3
-RoPE scaling, tiny-qwen2 = q/k/v biases (untied).
+RoPE scaling, tiny-qwen2 = q/k/v biases (untied), tiny-qwen3-moe = Qwen3-MoE experts and router (untied).
 
 Test-only compile speed: the jitted helpers here compile with XLA's backend optimisation level 0 and the
 fusion emitters off (`FAST_XLA`). On CPU this cuts the compile of a tiny model's gradient from ~6 s to
@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-PRESETS = ("tiny-qwen3", "tiny-llama3", "tiny-qwen2")
+PRESETS = ("tiny-qwen3", "tiny-llama3", "tiny-qwen2", "tiny-qwen3-moe")
 
 # ---------------------------------------------------------------------------------------------- models
 
@@ -149,6 +149,24 @@ def ce_grads(model, tokens, positions, targets, weights, segment_ids=None, wrt=n
     """
     graphdef, state, rest = nnx.split(model, wrt, ...)
     return _jitted()[1](graphdef, state, rest, tokens, positions, targets, weights, segment_ids)
+
+
+def hf_checkpoint_layout(named: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """transformers 5 keeps a MoE layer's experts fused (`experts.gate_up_proj` [E,2I,D], gate rows first;
+    `experts.down_proj` [E,D,I]); checkpoints, and so tinker_jax's names, have one tensor per expert and projection.
+    Splits the fused ones, written here from transformers' layout, independently of tinker_jax's table."""
+    out = {}
+    for name, x in named.items():
+        if name.endswith(".mlp.experts.gate_up_proj"):
+            base, width = name[: -len("gate_up_proj")], x.shape[1] // 2
+            for e in range(x.shape[0]):
+                out[f"{base}{e}.gate_proj.weight"], out[f"{base}{e}.up_proj.weight"] = x[e, :width], x[e, width:]
+        elif name.endswith(".mlp.experts.down_proj"):
+            base = name[: -len("down_proj")]
+            out.update((f"{base}{e}.down_proj.weight", x[e]) for e in range(x.shape[0]))
+        else:
+            out[name] = x
+    return out
 
 
 def graphdef_rest(model, wrt=nnx.Param):

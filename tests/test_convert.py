@@ -33,6 +33,8 @@ def _configs():
             **TINY, tie_word_embeddings=False,
             rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                           "original_max_position_embeddings": 16}),
+        "qwen3_moe": transformers.Qwen3MoeConfig(**TINY, tie_word_embeddings=False, num_experts=4,
+                                                 num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
     }
 
 
@@ -94,7 +96,8 @@ def _close(a, b, atol=1e-4):
 # ------------------------------------------------------------------------------------------- merged export
 
 
-@pytest.mark.parametrize("family,shard_bytes", [("qwen3_tied", None), ("qwen2", None), ("llama3_rope", 60_000)])
+@pytest.mark.parametrize("family,shard_bytes", [("qwen3_tied", None), ("qwen2", None), ("llama3_rope", 60_000),
+                                               ("qwen3_moe", None)])
 def test_export_merged_matches_transformers(bases, base_models, tmp_path, family, shard_bytes):
     model = base_models[family]
     adapter = _adapter(model.cfg, LoraSpec(rank=4), seed=1)
@@ -140,6 +143,7 @@ PEFT_CASES = [
     ("qwen2", LoraSpec(rank=8, alpha=16, targets=("attn",)), ALL_MODULES[:4]),
     ("llama3_rope", LoraSpec(rank=4, targets=("mlp", "unembed")), ALL_MODULES[4:] + ["lm_head"]),
     ("qwen2", LoraSpec(rank=2, alpha=4, targets=("q", "v")), ["q_proj", "v_proj"]),  # single projections
+    ("qwen3_moe", LoraSpec(rank=4), ALL_MODULES + ["lm_head"]),  # one adapter per expert
 ]
 
 

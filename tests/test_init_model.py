@@ -29,7 +29,7 @@ from tinker_jax.hf.init_model import init_model
 from tinker_jax.hf.presets import PRESETS, get_preset
 
 REPO = Path(__file__).resolve().parents[1]
-ALL_PRESETS = ("tiny-qwen3", "tiny-llama3", "tiny-qwen2", "small-qwen3")
+ALL_PRESETS = ("tiny-qwen3", "tiny-llama3", "tiny-qwen2", "small-qwen3", "tiny-qwen3-moe")
 TEXT = ("Hello, world! The baker's 12 loaves cost €4.50 each.\n\n"
         "def add(a, b):\n    return a + b\n\tcafé −2 °C  naïve   spaces\n")
 
@@ -102,12 +102,16 @@ def test_preset_specs():
         "small-qwen3": dict(architecture="Qwen3ForCausalLM", vocab_size=8192, d_model=512, n_layers=8, n_heads=8,
                             n_kv_heads=4, head_dim=64, d_ff=1536, tie_embeddings=True,
                             max_position_embeddings=4096, rope_theta=1e6, qk_norm=True, rope_scaling=None),
+        "tiny-qwen3-moe": dict(tiny, architecture="Qwen3MoeForCausalLM", tie_embeddings=False, qk_norm=True,
+                               n_experts=8, n_experts_per_tok=2, d_expert=32, norm_topk_prob=True),
+        "small-qwen3-moe": dict(architecture="Qwen3MoeForCausalLM", d_model=512, n_layers=8, n_experts=32,
+                                n_experts_per_tok=4, d_expert=256, tie_embeddings=False, qk_norm=True),
     }
     assert set(PRESETS) == set(want)
     for name, fields in want.items():
         d = get_preset(name)
         assert d["model_type"] == {"Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama",
-                                   "Qwen2ForCausalLM": "qwen2"}[d["architectures"][0]]
+                                   "Qwen2ForCausalLM": "qwen2", "Qwen3MoeForCausalLM": "qwen3_moe"}[d["architectures"][0]]
         assert d["hidden_act"] == "silu" and d["attention_dropout"] == 0.0 and d["use_cache"] is True
         assert d["torch_dtype"] == "float32" and d["dtype"] == "float32"
         cfg = config_from_hf(d)
@@ -231,9 +235,11 @@ def test_directory_loads_in_transformers(model_dirs, preset):
         assert scaling == {}
 
     # Every weight transformers holds is the one we wrote (nothing silently re-initialised).
-    sd = model.state_dict()
+    from models_util import hf_checkpoint_layout  # MoE experts: transformers holds them fused
+
+    sd = hf_checkpoint_layout({k: v.numpy() for k, v in model.state_dict().items()})
     for name, x in tensors.items():
-        np.testing.assert_array_equal(sd[name].numpy(), x, err_msg=name)
+        np.testing.assert_array_equal(sd[name], x, err_msg=name)
     extra = set(sd) - set(tensors)
     if preset_d["tie_word_embeddings"]:
         assert extra <= {"lm_head.weight"}
@@ -243,7 +249,7 @@ def test_directory_loads_in_transformers(model_dirs, preset):
         assert not torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
     has_bias = any(k.endswith("self_attn.q_proj.bias") for k in sd)
     assert has_bias == (preset == "tiny-qwen2")
-    assert any(k.endswith("self_attn.q_norm.weight") for k in sd) == preset.endswith("qwen3")
+    assert any(k.endswith("self_attn.q_norm.weight") for k in sd) == ("qwen3" in preset)
 
     gen = GenerationConfig.from_pretrained(path)
     ids = tkz.special_token_ids(hc.vocab_size)

@@ -38,6 +38,7 @@ RUNS = [  # rank, loss, loss config, seed
     (8, "importance_sampling", None, 12),
     (16, "ppo", {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}, 13),
     (32, "cross_entropy", None, 14),
+    (4, "importance_sampling", None, 15),  # a second rank-4 run: two slots in one rank's rows
 ]
 STEPS = 3
 
@@ -147,13 +148,13 @@ def test_scheduler_rounds_bound_the_wait_of_a_second_tenant():
 # ------------------------------------------------------------------------------------------- mixed == alone
 
 
-def _train(svc, runs: list[int], together: bool):
-    """Train `runs` (indices into RUNS) for STEPS steps; together: each step's requests of every run in one round.
+def _train(svc, runs: list[int], together: bool, steps: int = STEPS):
+    """Train `runs` (indices into RUNS) for `steps` steps; together: each step's requests of every run in one round.
     -> per run: losses, last logprobs, final weights, sampled sequences."""
     out = {}
     clients = {i: svc.create_lora_training_client("tiny", rank=RUNS[i][0], seed=RUNS[i][3]) for i in runs}
     w = worker(svc)
-    for step in range(STEPS):
+    for step in range(steps):
         for group in ([runs] if together else [[i] for i in runs]):
             with w.hold():
                 futs = {i: clients[i].forward_backward(run_data(i, step, RUNS[i][1]), RUNS[i][1], RUNS[i][2])
@@ -179,17 +180,22 @@ def _train(svc, runs: list[int], together: bool):
     return out
 
 
-def test_mixed_batch_equals_separate_runs(model_dir, tmp_path):
-    order = list(range(len(RUNS)))
+@pytest.mark.parametrize("preset,order,steps", [
+    (PRESET, [0, 1, 2, 3], STEPS),
+    # Mixture of experts: every run's adapters on every expert (two rank-4 runs share that rank's rows).
+    ("tiny-qwen3-moe", [0, 4], 1),
+])
+def test_mixed_batch_equals_separate_runs(preset, order, steps, tmp_path):
+    model_dir = models_util.tiny_model_dir(preset)
     with service(model_dir, tmp_path / "mixed") as svc:
-        mixed = _train(svc, order, together=True)
+        mixed = _train(svc, order, together=True, steps=steps)
         stats = svc.engine.stats()["models"]["tiny"]
     with service(model_dir, tmp_path / "alone") as svc:
-        alone = _train(svc, order, together=False)
+        alone = _train(svc, order, together=False, steps=steps)
         alone_stats = svc.engine.stats()["models"]["tiny"]
-    # Really batched: all four runs' forward_backward in one micro-batch, their samples in shared decode calls.
-    assert stats["max_requests_per_batch"] == len(RUNS) and alone_stats["max_requests_per_batch"] == 1
-    assert stats["micro_batches"] == STEPS and alone_stats["micro_batches"] == STEPS * len(RUNS)
+    # Really batched: every run's forward_backward in one micro-batch, their samples in shared decode calls.
+    assert stats["max_requests_per_batch"] == len(order) and alone_stats["max_requests_per_batch"] == 1
+    assert stats["micro_batches"] == steps and alone_stats["micro_batches"] == steps * len(order)
     assert stats["sampler"]["decode_calls"] < alone_stats["sampler"]["decode_calls"]
     for i in order:
         m, a = mixed[i], alone[i]

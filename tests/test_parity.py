@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -123,18 +124,23 @@ def test_ce_grads_match_torch_autograd(preset):
             + _torch_nll_sum(hf, tokens[1, :la], targets[1, :la])
             + _torch_nll_sum(hf, tokens[1, la:la + lb], targets[1, la:la + lb]))
     loss.backward()
-    ref = {name: p.grad.numpy() for name, p in hf.named_parameters()}
+    ref = mu.hf_checkpoint_layout({name: p.grad.numpy() for name, p in hf.named_parameters()})
     hf.zero_grad(set_to_none=True)
 
     assert set(got) == set(ref), f"{preset}: names differ: {sorted(set(got) ^ set(ref))}"
-    bad = {}
+    bad, unused = {}, set()
     for name, g in ref.items():
         assert got[name].shape == g.shape, f"{preset} {name}: {got[name].shape} vs {g.shape}"
+        if ".experts." in name and not np.abs(g).any():  # an expert no token was routed to: zero both ways
+            assert not np.abs(got[name]).any(), f"{preset} {name}: gradient for an expert no token used"
+            unused.add(name)
+            continue
         assert np.abs(g).max() > 0, f"{preset} {name}: zero reference gradient"
         e = mu.rel_err(got[name], g)
         if e > GRAD_RTOL:
             bad[name] = e
     assert not bad, f"{preset}: relative grad error > {GRAD_RTOL}: {bad}"
+    assert len(unused) <= len(ref) // 4, f"{preset}: most experts unused, the test checks little: {sorted(unused)}"
 
 
 # -------------------------------------------------------------------------------------------- KV cache
@@ -198,12 +204,13 @@ def bf16_deviation(preset, bf16_model, rows=4, length=64, seed=6) -> dict[str, f
 @families
 def test_bf16_compute_deviation_is_bounded(preset):
     m = load_decoder(mu.tiny_model_dir(preset), dtype=jnp.bfloat16)
-    assert m.embed[...].dtype == jnp.bfloat16 and m.blocks.mlp.up.kernel[...].dtype == jnp.bfloat16
+    assert {x.dtype for x in jax.tree.leaves(nnx.state(m, nnx.Param))} == {jnp.dtype(jnp.bfloat16)}
     d = bf16_deviation(preset, m)
     print(f"\n{preset} bf16 vs fp32: {d}")
     # bf16 has an 8-bit mantissa (rel. rounding 2^-9 ~ 0.2%); a few % of the logit spread is the budget.
     assert d["mean_abs"] < 0.05 * d["logit_std"], d
-    assert d["max_abs"] < 0.5 * d["logit_std"], d
+    if not m.cfg.is_moe:  # a MoE token whose top-k experts are near a tie can switch experts under bf16 rounding:
+        assert d["max_abs"] < 0.5 * d["logit_std"], d  # a few logits move far; the means below still bound it
     assert d["nll_mean_abs"] < 0.05, d  # nats per token
     assert d["argmax_agree"] > 0.9, d
 

@@ -160,6 +160,20 @@ def test_expert_axis_only_replicates(tmp_path):
     assert any("MoE layers only" in n and "no MoE layers" in n for n in b.notes)
 
 
+def test_moe_plan_counts_every_expert_and_its_adapters(tmp_path):
+    """Qwen3-MoE: all experts are parameters (and so is the router); a LoRA adapter has one A/B pair per expert.
+    Counted by hand for 8 experts of width 32, 2 layers, rank 8."""
+    moe = {**TINY, "architectures": ["Qwen3MoeForCausalLM"], "num_experts": 8, "num_experts_per_tok": 2,
+           "moe_intermediate_size": 32, "tie_word_embeddings": False}
+    cfg = P.read_config(_write(tmp_path, "moe", moe))
+    D, V, L, E, I, R = 64, 256, 2, 8, 32, 8
+    attn = D * 64 + 2 * D * 32 + 64 * D + 2 * 16  # q, k, v, o (16-wide heads: 4 query, 2 kv) + q/k norms
+    ffn = D * E + 3 * D * I * E  # router + experts
+    assert P.plan(cfg, P.parse_mesh("fsdp=2")).n_params == L * (attn + ffn + 2 * D) + 2 * V * D + D == cfg.n_params
+    lora = L * ((D + 64) + 2 * (D + 32) + (64 + D) + E * 3 * (D + I)) * R + (D + V) * R
+    assert P.plan(cfg, P.parse_mesh("fsdp=2"), lora_rank=R).trainable_params == lora
+
+
 def test_parse_helpers():
     assert P.parse_mesh("data=2, fsdp=4,tensor=2") == P.PlanMesh(data=2, fsdp=4, tensor=2)
     assert P.parse_bytes("80GiB") == 80 * 2**30 and P.parse_bytes("16 GB") == 16 * 10**9
@@ -311,7 +325,7 @@ def test_cli_bad_flags(tmp_path, capsys, argv, message):
 def test_cli_bad_model_and_exclusive_flags(tmp_path, capsys):
     assert cli.main(["plan", str(tmp_path / "missing")]) == 2
     assert "MODEL:" in capsys.readouterr().err
-    bad = _write(tmp_path, "moe", {**TINY, "architectures": ["Qwen3MoeForCausalLM"]})
+    bad = _write(tmp_path, "mixtral", {**TINY, "architectures": ["MixtralForCausalLM"]})
     assert cli.main(["plan", str(bad)]) == 2
     assert "unsupported architecture" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # argparse: --full and --lora-rank are mutually exclusive

@@ -58,7 +58,7 @@ GOLDEN = {
 
 # Which families run on which mesh (all three are covered; each run is a separate SPMD compile).
 CASES = [("fsdp2xtp4", "tiny-qwen3"), ("fsdp2xtp4", "tiny-llama3"), ("dp2xfsdp4", "tiny-qwen2"),
-         ("dp2xfsdp4", "tiny-qwen3")]
+         ("dp2xfsdp4", "tiny-qwen3"), ("fsdp2xtp4", "tiny-qwen3-moe")]
 
 LOGIT_ATOL = 1e-5
 GRAD_RTOL = 1e-4

@@ -28,7 +28,7 @@ from typing import Any
 
 from tinker_jax.models.config import ConfigError, ModelConfig, config_from_hf, load_config
 
-PLAN_AXES = ("data", "fsdp", "tensor", "expert")  # models.sharding.MESH_AXES plus MoE's axis (not implemented)
+PLAN_AXES = ("data", "fsdp", "tensor", "expert")  # models.sharding.MESH_AXES plus expert parallelism (not yet built)
 DTYPES = {"float32": 4, "bfloat16": 2}
 ATTENTIONS = ("einsum", "cudnn", "xla")
 FP32 = 4
@@ -567,8 +567,9 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
     total = sum(x.bytes for x in lines)
 
     if mesh.expert > 1:
-        notes.append(f"expert={mesh.expert}: expert parallelism splits the experts of MoE layers only; "
-                     f"{cfg.architecture} has no MoE layers (and tinker_jax does not implement MoE yet), so the "
+        why = ("tinker_jax does not split experts over an expert axis yet (its MoE layers' experts are split by fsdp "
+               "and tensor like any weight)" if cfg.is_moe else f"{cfg.architecture} has no MoE layers")
+        notes.append(f"expert={mesh.expert}: expert parallelism splits the experts of MoE layers only; {why}, so the "
                      f"expert axis only replicates: {mesh.devices} devices hold what {mesh.devices // mesh.expert} "
                      "would, the same bytes per device")
     if mesh.data > 1:

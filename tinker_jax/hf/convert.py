@@ -77,29 +77,34 @@ class ConvertError(ValueError):
 
 @dataclass(frozen=True)
 class _Proj:
-    row: HFTensor  # the HF_TABLE row of this projection's kernel
-    module: str  # HF module name (template with "{i}" for per-layer modules)
-    path: tuple[str, ...]  # Decoder module path
-
-    @property
-    def per_layer(self) -> bool:
-        return "{i}" in self.module
+    row: HFTensor  # the HF_TABLE row of this projection's kernel (or of a MoE layer's stacked experts)
+    module: str  # HF module name (template with "{i}" for per-layer modules, "{e}" for per-expert ones)
+    path: tuple[str, ...]  # Decoder module path (an expert stack: the Param's own path)
 
     @property
     def short(self) -> str:  # PEFT target_modules entry, e.g. "q_proj", "lm_head"
         return self.module.rsplit(".", 1)[-1]
 
-    def names(self, n_layers: int) -> list[str]:
-        return [self.module.format(i=i) for i in range(n_layers)] if self.per_layer else [self.module]
+    def lead(self, cfg: ModelConfig) -> tuple[int, ...]:
+        """The adapter's stacked axes before [in, R]: [L] per layer, [L, E] per expert, none for lm_head."""
+        return self.row.lead(cfg)
+
+    def names(self, cfg: ModelConfig) -> list[str]:
+        """HF module names, in the order of np.ndindex(*lead)."""
+        return [n[: -len(".weight")] for n in self.row.names(cfg)]
+
+    def parts(self, cfg: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+        """(HF module name, index into the adapter's lead axes) for every module of this projection."""
+        return list(zip(self.names(cfg), np.ndindex(*self.lead(cfg))))
 
 
 def _projections() -> list[_Proj]:
     out = []
     for t in HF_TABLE:
-        if t.path[-1] == "kernel":
+        if t.path[-1] == "kernel" or "{e}" in t.hf:
             if not t.hf.endswith(".weight"):
-                raise AssertionError(f"HF_TABLE kernel row {t.hf!r} does not end in '.weight'")
-            out.append(_Proj(t, t.hf[: -len(".weight")], t.path[:-1]))
+                raise AssertionError(f"HF_TABLE projection row {t.hf!r} does not end in '.weight'")
+            out.append(_Proj(t, t.hf[: -len(".weight")], t.path[:-1] if t.path[-1] == "kernel" else t.path))
     return out
 
 
@@ -113,19 +118,33 @@ def _module_at(model: nnx.Module, path: tuple[str, ...]):
 
 @functools.lru_cache(maxsize=1)
 def _names() -> dict[str, str]:
-    """HF module template -> projection name, read off an abstract untied Decoder (the names live in decoder.py)."""
-    cfg = config_from_hf({
-        "architectures": ["LlamaForCausalLM"], "vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1,
-        "num_attention_heads": 1, "intermediate_size": 8, "tie_word_embeddings": False,
-    }, source="<projection probe>")
-    model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
-    return {p.module: _module_at(model, p.path).name for p in _projections()}
+    """HF module template -> projection name, read off abstract untied Decoders, dense and mixture-of-experts (the
+    names live in decoder.py: a Linear's `name`; an expert stack is named by its attribute)."""
+    probe = {"vocab_size": 8, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 1,
+             "intermediate_size": 8, "tie_word_embeddings": False}
+    moe = {"architectures": ["Qwen3MoeForCausalLM"], "num_experts": 2, "num_experts_per_tok": 1,
+           "moe_intermediate_size": 8}
+    out = {}
+    for extra in ({"architectures": ["LlamaForCausalLM"]}, moe):
+        cfg = config_from_hf({**probe, **extra}, source="<projection probe>")
+        model = nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0)))
+        for p in _projections():
+            if p.row.when(cfg):
+                at = _module_at(model, p.path)
+                out[p.module] = at.name if isinstance(at, nnx.Module) else p.path[-1]
+    if not set(out.values()) <= set(lora_math.NAMES):
+        raise AssertionError(f"HF_TABLE projections {sorted(set(out.values()) - set(lora_math.NAMES))} are not "
+                             "models.lora projections")
+    return out
 
 
-def _adapted(spec: LoraSpec) -> list[tuple[_Proj, str]]:
-    """(HF projection, our projection name) for every projection `spec` adapts, in HF_TABLE order."""
+def _adapted(spec: LoraSpec, cfg: ModelConfig) -> list[tuple[_Proj, str]]:
+    """(HF projection, our projection name) for every projection `spec` adapts on a model of `cfg`, in HF_TABLE
+    order."""
     names = _names()
-    return [(p, names[p.module]) for p in _projections() if names[p.module] in spec.targets]
+    # An unembed adapter exists on tied models too, whose lm_head row does not apply (its base is the embedding).
+    return [(p, names[p.module]) for p in _projections()
+            if names[p.module] in spec.targets and (p.row.when(cfg) or names[p.module] == "unembed")]
 
 
 def _np(x) -> np.ndarray:
@@ -184,16 +203,14 @@ def _merged_tensors(model: Decoder, adapter: Adapter | None) -> Iterator[tuple[s
     tied_head = None  # (HF name, delta [D, V]) of an unembed adapter on a tied model, whose base is `embed`
     if adapter is not None:
         w = adapter.numpy()
-        for p, name in _adapted(adapter.spec):
+        for p, name in _adapted(adapter.spec, cfg):
             a, b = w[name]["a"], w[name]["b"]
             if name == "unembed" and cfg.tie_embeddings:
                 tied_head = (p.row.hf, lora_math.merged_delta(a, b, adapter.spec.scale))
-            elif p.per_layer:
-                for i in range(cfg.n_layers):
-                    deltas[p.row.hf.format(i=i)] = (lora_math.merged_delta(a[i], b[i], adapter.spec.scale),
-                                                    p.row.transpose)
-            else:
-                deltas[p.row.hf] = (lora_math.merged_delta(a, b, adapter.spec.scale), p.row.transpose)
+                continue
+            for module, idx in p.parts(cfg):
+                deltas[module + ".weight"] = (lora_math.merged_delta(a[idx], b[idx], adapter.spec.scale),
+                                              p.row.transpose)
     embed_name = next(t.hf for t in HF_TABLE if t.path == ("embed",))
     for name, x in iter_hf_tensors(model):
         if name in deltas:
@@ -266,13 +283,11 @@ def export_peft_adapter(adapter: Adapter, cfg: ModelConfig, out_dir: str | Path,
     w = adapter.numpy()
     tensors: dict[str, np.ndarray] = {}
     targets: list[str] = []
-    for p, name in _adapted(spec):
+    for p, name in _adapted(spec, cfg):
         if p.short not in targets:
             targets.append(p.short)
         a, b = w[name]["a"], w[name]["b"]
-        layers = [(m, a[i], b[i]) for i, m in enumerate(p.names(cfg.n_layers))] if p.per_layer else \
-            [(p.module, a, b)]
-        for module, ai, bi in layers:
+        for module, ai, bi in ((m, a[idx], b[idx]) for m, idx in p.parts(cfg)):
             tensors[_peft_key(module, "A")] = np.ascontiguousarray(ai.T)  # [R, in]
             tensors[_peft_key(module, "B")] = np.ascontiguousarray(bi.T)  # [out, R]
     config = {
@@ -364,7 +379,8 @@ def _adapter_modules(adapter_dir: Path) -> tuple[Path, dict[str, dict[str, str]]
 
 
 def _template_of(module: str) -> str:
-    return re.sub(r"(?<=\.)\d+(?=\.)", "{i}", module, count=1)
+    """'model.layers.3.mlp.experts.5.up_proj' -> 'model.layers.{i}.mlp.experts.{e}.up_proj'."""
+    return re.sub(r"(?<=\.experts\.)\d+(?=\.)", "{e}", re.sub(r"(?<=\.)\d+(?=\.)", "{i}", module, count=1))
 
 
 def lora_spec_from_peft(adapter_dir: str | Path, *, seed: int = 0) -> LoraSpec:
@@ -389,7 +405,7 @@ def load_peft_adapter(adapter_dir: str | Path, cfg: ModelConfig, *, seed: int = 
     adapter_dir = Path(adapter_dir)
     spec = lora_spec_from_peft(adapter_dir, seed=seed)
     f, modules = _adapter_modules(adapter_dir)
-    expected = {m for p, _ in _adapted(spec) for m in p.names(cfg.n_layers)}
+    expected = {m for p, _ in _adapted(spec, cfg) for m in p.names(cfg)}
     extra = sorted(set(modules) - expected)
     missing = sorted(expected - set(modules))
     if extra or missing:
@@ -402,12 +418,16 @@ def load_peft_adapter(adapter_dir: str | Path, cfg: ModelConfig, *, seed: int = 
     want = lora_math.shapes(cfg, spec.rank)
     weights: dict[str, dict[str, np.ndarray]] = {}
     with safe_open(str(f), framework="numpy") as h:
-        for p, name in _adapted(spec):
-            names = p.names(cfg.n_layers)
-            a = np.stack([h.get_tensor(modules[n]["A"]).T for n in names]).astype(np.float32)  # [L?, in, R]
-            b = np.stack([h.get_tensor(modules[n]["B"]).T for n in names]).astype(np.float32)  # [L?, R, out]
-            if not p.per_layer:
-                a, b = a[0], b[0]
+        for p, name in _adapted(spec, cfg):
+            lead, names = p.lead(cfg), p.names(cfg)
+            a, b = ([h.get_tensor(modules[n][w]).T for n in names] for w in "AB")
+            for x, which in ((a, "a"), (b, "b")):  # each module's own [in, R] / [R, out] first
+                bad = next((x_.shape for x_ in x if x_.shape != want[name][which][-2:]), None)
+                if bad is not None:
+                    raise ConvertError(f"{f}: {p.module} lora_{which.upper()} has shape {bad[::-1]}, the model "
+                                       f"expects {want[name][which][-2:][::-1]}")
+            a = np.stack(a).astype(np.float32).reshape(*lead, *a[0].shape)  # [L?, E?, in, R]
+            b = np.stack(b).astype(np.float32).reshape(*lead, *b[0].shape)  # [L?, E?, R, out]
             for x, which in ((a, "a"), (b, "b")):
                 if tuple(x.shape) != want[name][which]:
                     shape = want[name][which][-2:][::-1]

@@ -55,6 +55,12 @@ def _qwen_sliding(layers: int) -> dict[str, Any]:
     return {"use_sliding_window": False, "sliding_window": None, "max_window_layers": layers}
 
 
+def _moe(experts: int, per_tok: int, width: int) -> dict[str, Any]:
+    return {"num_experts": experts, "num_experts_per_tok": per_tok, "moe_intermediate_size": width,
+            "norm_topk_prob": True, "decoder_sparse_step": 1, "mlp_only_layers": [], "output_router_logits": False,
+            "router_aux_loss_coef": 0.001}
+
+
 _TINY = dict(vocab_size=512, hidden_size=64, layers=2, heads=4, kv_heads=2, head_dim=16, intermediate=96,
              max_pos=512)
 
@@ -70,10 +76,18 @@ PRESETS: dict[str, dict[str, Any]] = {
     "small-qwen3": _base("Qwen3ForCausalLM", "qwen3", vocab_size=8192, hidden_size=512, layers=8, heads=8,
                          kv_heads=4, head_dim=64, intermediate=1536, tie=True, max_pos=4096, rope_theta=1e6,
                          attention_bias=False, **_qwen_sliding(8)),
+    # Mixture of experts as Qwen3-30B-A3B lays it out (untied, renormalised top-k), scaled down: 8 experts, 2 a token.
+    "tiny-qwen3-moe": _base("Qwen3MoeForCausalLM", "qwen3_moe", **_TINY, tie=False, rope_theta=10000.0,
+                            attention_bias=False, **_qwen_sliding(2), **_moe(experts=8, per_tok=2, width=32)),
+    "small-qwen3-moe": _base("Qwen3MoeForCausalLM", "qwen3_moe", vocab_size=8192, hidden_size=512, layers=8,
+                             heads=8, kv_heads=4, head_dim=64, intermediate=1536, tie=False, max_pos=4096,
+                             rope_theta=1e6, attention_bias=False, **_qwen_sliding(8),
+                             **_moe(experts=32, per_tok=4, width=256)),
 }
 
 # Weight init scale per preset: tiny models use larger weights so parity tests see non-trivial activations.
-INIT_STD: dict[str, float] = {"tiny-qwen3": 0.1, "tiny-llama3": 0.1, "tiny-qwen2": 0.1, "small-qwen3": 0.02}
+INIT_STD: dict[str, float] = {"tiny-qwen3": 0.1, "tiny-llama3": 0.1, "tiny-qwen2": 0.1, "small-qwen3": 0.02,
+                              "tiny-qwen3-moe": 0.1, "small-qwen3-moe": 0.02}
 
 
 def get_preset(name: str) -> dict[str, Any]:

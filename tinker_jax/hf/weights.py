@@ -33,10 +33,21 @@ class WeightsError(ValueError):
 
 @dataclass(frozen=True)
 class HFTensor:
-    hf: str  # HF name; "{i}" marks a per-layer tensor
+    hf: str  # HF name; "{i}" marks a per-layer tensor, "{e}" a per-expert one
     path: tuple[str, ...]  # path in the Decoder's state
     transpose: bool = False  # HF Linear weights are [out, in]; our kernels are [in, out]
     when: Callable[[ModelConfig], bool] = lambda cfg: True
+
+    def lead(self, cfg: ModelConfig) -> tuple[int, ...]:
+        """The stacked axes our array has in front of the HF tensor's: [L] for "{i}", then [E] for "{e}"."""
+        return ((cfg.n_layers,) if "{i}" in self.hf else ()) + ((cfg.n_experts,) if "{e}" in self.hf else ())
+
+    def names(self, cfg: ModelConfig) -> list[str]:
+        """Every HF name of this row, row-major over `lead` (layer 0's experts first)."""
+        lead = self.lead(cfg)
+        if "{e}" not in self.hf:
+            return [self.hf.format(i=i) for i in range(lead[0])] if lead else [self.hf]
+        return [self.hf.format(i=i, e=e) for i in range(cfg.n_layers) for e in range(cfg.n_experts)]
 
 
 _L = "model.layers.{i}."
@@ -51,7 +62,12 @@ HF_TABLE: tuple[HFTensor, ...] = (
       for p in "qkv"),
     *(HFTensor(_L + f"self_attn.{p}_norm.weight", ("blocks", "attn", f"{p}_norm", "scale"), False,
                lambda c: c.qk_norm) for p in "qk"),
-    *(HFTensor(_L + f"mlp.{p}_proj.weight", ("blocks", "mlp", p, "kernel"), True) for p in ("gate", "up", "down")),
+    *(HFTensor(_L + f"mlp.{p}_proj.weight", ("blocks", "mlp", p, "kernel"), True, lambda c: not c.is_moe)
+      for p in ("gate", "up", "down")),
+    # Mixture of experts: the router (HF calls it `gate`, [E, D]) and each expert's SwiGLU, stacked [L, E, ...] here.
+    HFTensor(_L + "mlp.gate.weight", ("blocks", "mlp", "router"), True, lambda c: c.is_moe),
+    *(HFTensor(_L + f"mlp.experts.{{e}}.{p}_proj.weight", ("blocks", "mlp", p), True, lambda c: c.is_moe)
+      for p in ("gate", "up", "down")),
 )
 
 
@@ -64,12 +80,9 @@ def hf_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     abstract = nnx.state(nnx.eval_shape(lambda: Decoder(cfg, rngs=nnx.Rngs(0))), nnx.Param)
     out = {}
     for t in table(cfg):
-        shape = _get(abstract, t.path).shape
-        per_layer = "{i}" in t.hf
-        shape = shape[1:] if per_layer else shape
+        shape = _get(abstract, t.path).shape[len(t.lead(cfg)):]
         shape = tuple(reversed(shape)) if t.transpose else tuple(shape)
-        for i in range(cfg.n_layers if per_layer else 1):
-            out[t.hf.format(i=i)] = shape
+        out.update((name, shape) for name in t.names(cfg))
     return out
 
 
@@ -145,19 +158,18 @@ def load_decoder(model_dir: str | Path, *, dtype=jnp.float32, param_dtype=None, 
     total = 0
     for t in table(cfg):
         target = _get(base_state, t.path)
-        per_layer = "{i}" in t.hf
-        names = [t.hf.format(i=i) for i in range(cfg.n_layers)] if per_layer else [t.hf]
-        want = tuple(target.shape[1:] if per_layer else target.shape)
+        lead, names = t.lead(cfg), t.names(cfg)
+        want = tuple(target.shape[len(lead):])
         stored = tuple(reversed(want)) if t.transpose else want  # HF layout
         for name in names:
             if shards.shape(name) != stored:
                 raise WeightsError(f"{model_dir}: tensor '{name}' has shape {shards.shape(name)}, expected {stored}")
         sh = _get(base_sh, t.path) if base_sh is not None else None
         if sh is None:
-            buf = _read_whole(shards, names, per_layer)
+            buf = _read_whole(shards, names, lead)
             _set(pure, t.path, _to_device(buf, t.transpose, np.dtype(param_dtype)))
         else:
-            buf = _read_placed(shards, names, per_layer, _layout(sh, t.transpose, target.ndim))
+            buf = _read_placed(shards, names, lead, _layout(sh, t.transpose, target.ndim))
             _set(pure, t.path, _finish(buf, transpose=t.transpose, dtype=np.dtype(param_dtype), out_sharding=sh))
         total += buf.nbytes
     base_state.replace_by_pure_dict(pure)
@@ -167,30 +179,33 @@ def load_decoder(model_dir: str | Path, *, dtype=jnp.float32, param_dtype=None, 
     return nnx.merge(graphdef, base_state)
 
 
-def _read_whole(shards: _Shards, names: list[str], per_layer: bool) -> np.ndarray:
-    """Every tensor of one role, as stored ([L, ...] for per-layer roles): one host buffer."""
+def _read_whole(shards: _Shards, names: list[str], lead: tuple[int, ...]) -> np.ndarray:
+    """Every tensor of one role, as stored, stacked over `lead` ([L, ...] for per-layer roles, [L, E, ...] for
+    experts): one host buffer."""
     buf = None  # stored dtype and layout: numpy's transposes and bf16 casts are slow, the device's are not
     for i, name in enumerate(names):
         x = shards.read(name)
         if buf is None:
-            buf = np.empty((len(names), *x.shape) if per_layer else x.shape, x.dtype)
-        (buf[i] if per_layer else buf)[...] = x
+            buf = np.empty((*lead, *x.shape), x.dtype)
+        buf[np.unravel_index(i, lead) if lead else ...] = x
     return buf
 
 
-def _read_placed(shards: _Shards, names: list[str], per_layer: bool, sharding) -> jax.Array:
+def _read_placed(shards: _Shards, names: list[str], lead: tuple[int, ...], sharding) -> jax.Array:
     """One role as a global array in its stored layout, placed by `sharding`: each device's block is read from the
-    files alone (the slices of its layers), once per distinct block, so a process reads only what its devices
-    hold."""
-    shape = ((len(names),) if per_layer else ()) + shards.shape(names[0])
+    files alone (the slices of its layers and experts), once per distinct block, so a process reads only what its
+    devices hold."""
+    shape = lead + shards.shape(names[0])
+    index = np.arange(len(names)).reshape(lead) if lead else None  # lead position -> position in `names`
     blocks: dict[tuple, np.ndarray] = {}  # devices holding the same block (replicas) share one read
 
     def block(idx: tuple[slice, ...]) -> np.ndarray:
         key = tuple((s.start, s.stop, s.step) for s in idx)
         if key not in blocks:
-            if per_layer:
-                layers, rest = idx[0], tuple(idx[1:])
-                blocks[key] = np.stack([shards.read_slice(names[i], rest) for i in range(len(names))[layers]])
+            if lead:
+                which, rest = index[tuple(idx[:len(lead)])], tuple(idx[len(lead):])
+                parts = [shards.read_slice(names[i], rest) for i in which.reshape(-1)]
+                blocks[key] = np.stack(parts).reshape(*which.shape, *parts[0].shape)
             else:
                 blocks[key] = shards.read_slice(names[0], tuple(idx))
         return blocks[key]
@@ -235,10 +250,8 @@ def iter_hf_tensors(model: Decoder) -> Iterator[tuple[str, np.ndarray]]:
     state = nnx.state(model, nnx.Param)
     for t in table(cfg):
         x = _get(state, t.path)[...]
-        if "{i}" in t.hf:
-            for i in range(cfg.n_layers):
-                layer = distributed.fetch(x[i])
-                yield t.hf.format(i=i), (layer.T if t.transpose else layer)
-        else:
-            whole = distributed.fetch(x)
-            yield t.hf, (whole.T if t.transpose else whole)
+        names = iter(t.names(cfg))
+        for part in (x if t.lead(cfg) else (x,)):  # one layer (all its experts) or the whole tensor at a time
+            part = distributed.fetch(part)
+            for one in (part if len(t.lead(cfg)) == 2 else (part,)):
+                yield next(names), (one.T if t.transpose else one)

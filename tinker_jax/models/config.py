@@ -16,6 +16,7 @@ SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "Qwen2ForCausalLM": "qwen2",
     "Qwen3ForCausalLM": "qwen3",
+    "Qwen3MoeForCausalLM": "qwen3_moe",
 }
 
 
@@ -35,7 +36,7 @@ class RopeScaling:
 
 @dataclass(frozen=True)
 class ModelConfig:
-    family: str  # "llama" | "qwen2" | "qwen3": for messages and export, never for behaviour
+    family: str  # "llama" | "qwen2" | "qwen3" | "qwen3_moe": for messages and export, never for behaviour
     architecture: str  # HF class name, written back on export
     vocab_size: int  # V
     d_model: int  # D
@@ -53,17 +54,37 @@ class ModelConfig:
     tie_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: int | tuple[int, ...] | None = None
+    # Mixture of experts (Qwen3-MoE): every layer's feed-forward is E experts of width I, k per token
+    # (models.moe); 0 experts is the dense SwiGLU of width F.
+    n_experts: int = 0  # E
+    n_experts_per_tok: int = 0  # k
+    d_expert: int = 0  # I
+    norm_topk_prob: bool = False  # renormalise the k routing weights to sum to 1
     # The raw dict, kept for export; excluded from hashing so the config can be static jit data.
     hf_config: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
 
     @property
     def n_params(self) -> int:
         """Parameter count (base model, no LoRA)."""
-        D, N, K, H, F, V = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.d_ff, self.vocab_size
+        D, N, K, H, V = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.vocab_size
         attn = D * N * H + 2 * D * K * H + N * H * D + (N * H + 2 * K * H if self.qkv_bias else 0)
         attn += 2 * H if self.qk_norm else 0
-        block = attn + 3 * D * F + 2 * D
+        block = attn + self._ffn_params(self.n_experts) + 2 * D
         return self.n_layers * block + V * D * (1 if self.tie_embeddings else 2) + D
+
+    @property
+    def n_active_params(self) -> int:
+        """Parameters one token computes with: n_params less the experts it is not routed to."""
+        return self.n_params - self.n_layers * (self._ffn_params(self.n_experts) - self._ffn_params(
+            self.n_experts_per_tok)) if self.is_moe else self.n_params
+
+    @property
+    def is_moe(self) -> bool:
+        return self.n_experts > 0
+
+    def _ffn_params(self, experts: int) -> int:
+        D = self.d_model
+        return D * self.n_experts + 3 * D * self.d_expert * experts if self.is_moe else 3 * D * self.d_ff
 
     def with_(self, **changes) -> "ModelConfig":
         return replace(self, **changes)
@@ -122,6 +143,7 @@ def config_from_hf(d: Mapping[str, Any], source: str = "config.json") -> ModelCo
     rope_theta = float(d.get("rope_theta") or rope_params.get("rope_theta") or 10000.0)
     rope_src = d if d.get("rope_scaling") else {"rope_scaling": rope_params}
     eos = d.get("eos_token_id")
+    moe = _moe_fields(d, source) if family == "qwen3_moe" else {}
     return ModelConfig(
         family=family,
         architecture=arch,
@@ -137,12 +159,32 @@ def config_from_hf(d: Mapping[str, Any], source: str = "config.json") -> ModelCo
         max_position_embeddings=int(_get(d, "max_position_embeddings", source, 4096)),
         rope_scaling=_rope_scaling(rope_src, source),
         qkv_bias=qkv_bias,
-        qk_norm=family == "qwen3",
+        qk_norm=family in ("qwen3", "qwen3_moe"),
         tie_embeddings=bool(d.get("tie_word_embeddings", False)),
         bos_token_id=d.get("bos_token_id"),
         eos_token_id=tuple(eos) if isinstance(eos, list) else eos,
         hf_config=dict(d),
+        **moe,
     )
+
+
+def _moe_fields(d: Mapping[str, Any], source: str) -> dict[str, Any]:
+    """Qwen3-MoE's expert fields. Checkpoints name the expert count `num_experts` (transformers 5 also reads
+    `num_local_experts`)."""
+    n_experts = int(d.get("num_experts") or _get(d, "num_local_experts", source))
+    k = int(_get(d, "num_experts_per_tok", source))
+    if not 0 < k <= n_experts:
+        raise ConfigError(f"{source}: num_experts_per_tok={k} must be between 1 and num_experts={n_experts}")
+    # Every layer sparse is what released Qwen3-MoE models use; dense layers among sparse ones would need a second
+    # stack of layers (the decoder scans one), so such configs are refused rather than run wrong.
+    step = int(d.get("decoder_sparse_step") or 1)
+    dense_layers = list(d.get("mlp_only_layers") or [])
+    if step != 1 or dense_layers:
+        raise ConfigError(f"{source}: decoder_sparse_step={step}, mlp_only_layers={dense_layers}: only models whose "
+                          "every layer is a mixture of experts are supported (decoder_sparse_step 1, no "
+                          "mlp_only_layers)")
+    return dict(n_experts=n_experts, n_experts_per_tok=k, d_expert=int(_get(d, "moe_intermediate_size", source)),
+                norm_topk_prob=bool(d.get("norm_topk_prob", False)))
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:

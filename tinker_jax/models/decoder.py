@@ -1,7 +1,8 @@
 """One decoder for Llama 3, Qwen2/2.5 and Qwen3 (Flax NNX). Family differences are ModelConfig fields.
 
 Dimension legend: B batch, T query length, S key/cache length, D d_model, N query heads, K kv heads,
-G = N // K, H head_dim, F d_ff, V vocab, R LoRA rank, L layers.
+G = N // K, H head_dim, F d_ff, V vocab, R LoRA rank, L layers (E experts of width I in a mixture-of-experts
+feed-forward: models.moe).
 
 Layers are stacked: every block parameter has a leading [L] axis and the forward pass is one `lax.scan`,
 so compile time does not grow with depth. Numerics follow transformers: RMSNorm and softmax in fp32,
@@ -21,6 +22,7 @@ from flax import nnx
 from tinker_jax.models import lora as lora_math
 from tinker_jax.models.config import ModelConfig
 from tinker_jax.models.lora import LoraRows
+from tinker_jax.models.moe import MoeMLP
 
 ATTENTION_IMPLS = ("einsum", "cudnn", "xla")
 NEG_INF = -1e30  # finite, so fully masked rows (padding) give a uniform softmax instead of NaN
@@ -211,7 +213,11 @@ class Block(nnx.Module):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, ("embed",), param_dtype)
         self.attn = Attention(cfg, rngs=rngs, param_dtype=param_dtype)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, ("embed",), param_dtype)
-        self.mlp = MLP(cfg, rngs=rngs, param_dtype=param_dtype)
+        if cfg.is_moe:
+            self.mlp = MoeMLP(cfg.d_model, cfg.d_expert, cfg.n_experts, cfg.n_experts_per_tok, cfg.norm_topk_prob,
+                              rngs=rngs, param_dtype=param_dtype)
+        else:
+            self.mlp = MLP(cfg, rngs=rngs, param_dtype=param_dtype)
 
     def __call__(self, x, positions, mask, inv_freq, cache=None, attention="einsum", lora=()):
         h, kv = self.attn(self.attn_norm(x), positions, mask, inv_freq, cache, attention, lora)

@@ -53,8 +53,14 @@ class Projection:
 
     def dims(self, cfg: ModelConfig) -> tuple[int, int]:
         D, N, K, H, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
+        F = cfg.d_expert if self.per_expert(cfg) else F
         return {"q": (D, N * H), "k": (D, K * H), "v": (D, K * H), "o": (N * H, D), "gate": (D, F), "up": (D, F),
                 "down": (F, D), "unembed": (D, V)}[self.name]
+
+    def per_expert(self, cfg: ModelConfig) -> bool:
+        """A mixture-of-experts model's feed-forward projections exist once per expert, and so do their adapters
+        (a leading [E] before the adapter's own dims; the router is not adapted)."""
+        return cfg.is_moe and self.role == "mlp"
 
 
 PROJECTIONS: tuple[Projection, ...] = (
@@ -151,11 +157,13 @@ class LoraSpec:
 
 
 def shapes(cfg: ModelConfig, rank: int, slots: int | None = None) -> dict[str, dict[str, tuple[int, ...]]]:
-    """{projection: {"a": shape, "b": shape}}; `slots` inserts the slot axis after [L] (or first)."""
+    """{projection: {"a": shape, "b": shape}}; `slots` inserts the slot axis after [L] (or first); a per-expert
+    projection has [E] after those: [L, S, E, in, R]."""
     out = {}
     for p in PROJECTIONS:
         d_in, d_out = p.dims(cfg)
         lead = ((cfg.n_layers,) if p.per_layer else ()) + (() if slots is None else (slots,))
+        lead += (cfg.n_experts,) if p.per_expert(cfg) else ()
         out[p.name] = {"a": (*lead, d_in, rank), "b": (*lead, rank, d_out)}
     return out
 
@@ -320,6 +328,41 @@ def apply(y: jax.Array, x: jax.Array, lora: Sequence[LoraRows], name: str) -> ja
         xs = x if whole else x[c.start:c.start + c.size]
         d = _delta(xs, w["a"], w["b"], c.scale[:, p], c.slots, c.mode).astype(y.dtype)
         y = y + d if whole else y.at[c.start:c.start + c.size].add(d)
+    return y
+
+
+def apply_experts(y: jax.Array, xs: jax.Array, lora: Sequence[LoraRows], name: str, sizes: jax.Array,
+                  rows: jax.Array) -> jax.Array:
+    """Per-expert adapters on a mixture-of-experts projection. xs [M,in]: the layer's (token, expert) assignments,
+    grouped by expert (`sizes` [E] rows each, as jax.lax.ragged_dot takes them); y [M,out] their base output; rows
+    [M] the batch row of each assignment. Each assignment gets its row's adapter for its expert.
+
+    One slot ("uniform"): two grouped matmuls with that slot's [E,in,R] and [E,R,out]. Several slots: every slot's
+    A of an expert side by side ([E,in,S*R]), the row's own slot kept by a mask, then B ([E,S*R,out]): the
+    "dense" mode of `_delta`, one grouped matmul each way."""
+    p = INDEX[name]
+    dt = xs.dtype
+    for c in lora:
+        w = c.weights.get(name)
+        if w is None or c.size == 0:
+            continue
+        a, b = w["a"].astype(dt), w["b"].astype(dt)  # [S,E,in,R], [S,E,R,out]
+        n_slots, n_experts, d_in, r = a.shape
+        local = rows - c.start
+        inside = ((local >= 0) & (local < c.size)).astype(dt)  # this rank's segment of the batch rows
+        slot = c.slots[jnp.clip(local, 0, c.size - 1)]  # [M]
+        scale = c.scale[:, p].astype(dt)
+        if c.mode == "uniform":
+            s = c.slots[0]
+            h = jax.lax.ragged_dot(xs, a[s], sizes)
+            d = jax.lax.ragged_dot(h, b[s], sizes) * (scale[s] * inside)[:, None]
+        else:
+            a_cat = jnp.transpose(a, (1, 2, 0, 3)).reshape(n_experts, d_in, n_slots * r)
+            b_cat = jnp.transpose(b, (1, 0, 2, 3)).reshape(n_experts, n_slots * r, -1)
+            keep = jax.nn.one_hot(slot, n_slots, dtype=dt) * scale * inside[:, None]  # [M,S]; slot >= S: none
+            h = jax.lax.ragged_dot(xs, a_cat, sizes).reshape(-1, n_slots, r) * keep[:, :, None]
+            d = jax.lax.ragged_dot(h.reshape(-1, n_slots * r), b_cat, sizes)
+        y = y + d.astype(y.dtype)
     return y
 
 

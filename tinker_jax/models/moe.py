@@ -1,4 +1,4 @@
-"""Mixture-of-Experts feed-forward, as Qwen3-MoE computes it (issue 13; wired into the decoder next).
+"""Mixture-of-Experts feed-forward, as Qwen3-MoE computes it (the decoder's feed-forward when the config has experts).
 
 Routing: router logits x @ router [N,E] in the compute dtype, softmax in fp32, top-k experts per token, their
 probabilities renormalised to sum to 1 only when `norm_topk_prob`, then cast back to the compute dtype.
@@ -7,6 +7,9 @@ Experts: SwiGLU per expert, `down(silu(gate(x)) * up(x))`, weighted by the token
 its k experts. Dropless: every (token, expert) assignment is computed, none is dropped for capacity. The N*k
 assignments are sorted by expert and each expert's run of rows goes through one grouped matmul
 (`jax.lax.ragged_dot`), so the cost follows the active parameters (k experts per token), not all E.
+
+Adapters: each expert's gate, up and down projections carry their own LoRA (models.lora.apply_experts), so one
+forward pass serves the rows of several runs, each with its own experts' adapters.
 
 Load balancing: `load_balancing_loss` is transformers' Switch-Transformer auxiliary loss over every MoE layer's
 router logits (padding rows excluded by a mask).
@@ -17,9 +20,14 @@ Weights are stacked along the expert axis: gate and up [E,D,I], down [E,I,D], ro
 
 from __future__ import annotations
 
+from typing import Sequence
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
+
+from tinker_jax.models import lora as lora_math
+from tinker_jax.models.lora import LoraRows
 
 
 def route(x: jax.Array, router: jax.Array, top_k: int, norm_topk_prob: bool):
@@ -33,9 +41,10 @@ def route(x: jax.Array, router: jax.Array, top_k: int, norm_topk_prob: bool):
 
 
 def experts_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, gate: jax.Array, up: jax.Array,
-                down: jax.Array) -> jax.Array:
+                down: jax.Array, lora: Sequence[LoraRows] = (), tokens_per_row: int = 1) -> jax.Array:
     """x [N,D]; experts, weights [N,k]; gate, up [E,D,I]; down [E,I,D] -> [N,D]: each token's weighted sum of its
-    experts' SwiGLU outputs, dropless."""
+    experts' SwiGLU outputs, dropless. `lora`: per-expert adapters of the batch rows (token n is in row
+    n // tokens_per_row)."""
     n, k = experts.shape
     n_experts = gate.shape[0]
     flat = experts.reshape(n * k)
@@ -44,8 +53,14 @@ def experts_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, gate: jax.
     xs = x[rows]  # [N*k, D]
     sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)  # rows per expert, in expert order
     dt = x.dtype
-    h = jax.nn.silu(jax.lax.ragged_dot(xs, gate.astype(dt), sizes)) * jax.lax.ragged_dot(xs, up.astype(dt), sizes)
-    out = jax.lax.ragged_dot(h, down.astype(dt), sizes)  # [N*k, D]
+    batch_rows = rows // tokens_per_row
+
+    def proj(name, inp, w):
+        y = jax.lax.ragged_dot(inp, w.astype(dt), sizes)
+        return lora_math.apply_experts(y, inp, lora, name, sizes, batch_rows) if lora else y
+
+    h = jax.nn.silu(proj("gate", xs, gate)) * proj("up", xs, up)
+    out = proj("down", h, down)  # [N*k, D]
     out = out * weights.reshape(n * k)[order][:, None]
     return jnp.zeros_like(x).at[rows].add(out)
 
@@ -66,7 +81,8 @@ def load_balancing_loss(logits: jax.Array, top_k: int, mask: jax.Array | None = 
 
 class MoeMLP(nnx.Module):
     """The MoE feed-forward of one layer: router [D,E] and stacked experts (logical axes: `expert` for the expert
-    axis, then as the dense MLP's). __call__(x [B,T,D]) -> (y [B,T,D], router logits [B*T,E] fp32)."""
+    axis, then as the dense MLP's). __call__(x [B,T,D], lora) -> y [B,T,D]; `forward` also returns the router logits
+    [B*T,E] fp32 (for the load-balancing loss)."""
 
     def __init__(self, d_model: int, d_expert: int, n_experts: int, top_k: int, norm_topk_prob: bool, *,
                  rngs: nnx.Rngs, param_dtype=jnp.float32):
@@ -80,9 +96,12 @@ class MoeMLP(nnx.Module):
                               axes=("expert", "mlp", "embed"))
         self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
 
-    def __call__(self, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, lora: tuple[LoraRows, ...] = ()) -> jax.Array:
+        return self.forward(x, lora)[0]
+
+    def forward(self, x: jax.Array, lora: tuple[LoraRows, ...] = ()) -> tuple[jax.Array, jax.Array]:
         B, T, D = x.shape
         x2 = x.reshape(B * T, D)
         logits, weights, experts = route(x2, self.router[...], self.top_k, self.norm_topk_prob)
-        y = experts_ffn(x2, experts, weights, self.gate[...], self.up[...], self.down[...])
+        y = experts_ffn(x2, experts, weights, self.gate[...], self.up[...], self.down[...], lora, T)
         return y.reshape(B, T, D), logits
