@@ -10,7 +10,7 @@ PORT   ?= 8000
 
 SDK025 ?= .venv-sdk025
 
-.PHONY: run test install install-dev bench clean
+.PHONY: run test test-gpu-prep install install-dev bench clean
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -38,7 +38,11 @@ run: $(VENV)/.base
 	$(VENV)/bin/tinker-jax serve --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.dev $(SDK025)/.ok
-	$(PY) -m pytest -q tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
+	$(PY) -m pytest -q -m "not gpu_prep" tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
+
+# The GPU benchmark scripts' dry runs (~2 min): before a GPU session, so its minutes go to measuring.
+test-gpu-prep: $(VENV)/.dev
+	$(PY) -m pytest -q -m gpu_prep tests
 
 bench: $(VENV)/.dev
 	$(VENV)/bin/tinker-jax bench --suite cpu --out benchmarks/cpu-latest.json

@@ -41,7 +41,7 @@ def diagnose(suite_name: str, work_dir: Path, repeats: int = 5, log=print) -> di
     from tinker_jax.models.config import load_config
     from tinker_jax.models.decoder import probe_attention
     from tinker_jax.models.lora import LoraSpec
-    from tinker_jax.models.sharding import make_mesh, rows_sharding, state_shardings
+    from tinker_jax.models.sharding import batch_shards, make_mesh, rows_sharding, state_shardings
     from tinker_jax.training import batching, step
     from tinker_jax.training.optim import AdamHP
 
@@ -62,7 +62,7 @@ def diagnose(suite_name: str, work_dir: Path, repeats: int = 5, log=print) -> di
     graphdef, base = nnx.split(load_decoder(model_dir, dtype=dtype,
                                             shardings_fn=lambda st: state_shardings(st, mesh)), nnx.Param)
     rows_sh = rows_sharding(mesh)
-    row_multiple = mesh.shape["data"] * mesh.shape["fsdp"]
+    row_multiple = batch_shards(mesh)
     rows = batching.validate(datums, "cross_entropy", vocab_size=cfg.vocab_size, max_len=1 << 20)
     hp = AdamHP(learning_rate=1e-5)
     results: dict[str, dict] = {}

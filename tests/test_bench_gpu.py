@@ -1,6 +1,7 @@
 """benchmarks/gpu.sh --dry-run: the GPU suite's code paths (Qwen3 family preset written from a config dict, fp32
 toy size, two-phase peer-then-ours order, MFU rows, the in-process tenants section) on this machine's CPU. No timing
-assertions."""
+assertions. Marked gpu_prep: `make test` leaves them out (about 2 of CI's minutes); `make test-gpu-prep` runs them,
+as the step before a GPU session."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.mark.slow
+@pytest.mark.gpu_prep
 def test_gpu_script_dry_run(tmp_path):
     out = tmp_path / "gpu.json"
     env = {**os.environ, "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu", "TINKER_JAX_BENCH_DIR": str(tmp_path)}
@@ -49,6 +51,7 @@ def test_gpu_script_dry_run(tmp_path):
 
 
 @pytest.mark.slow
+@pytest.mark.gpu_prep
 def test_gpu_diagnosis_scripts_run_at_toy_size(tmp_path):
     """benchmarks/gpu_diagnose.py and gpu_decode_ab.py (run by hand on a lent GPU after gpu.sh) at the dry-run
     size on this CPU: every variant produces a figure or a recorded error, never a crash."""

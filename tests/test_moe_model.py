@@ -84,3 +84,53 @@ def test_per_expert_adapter_samples_like_merged_experts(sampler, snap):
     assert a.sequences[0].tokens == b.sequences[0].tokens != base.tokens
     np.testing.assert_allclose(a.sequences[0].logprobs, b.sequences[0].logprobs, rtol=2e-5, atol=1e-4)
     np.testing.assert_allclose(a.prompt_logprobs[1:], b.prompt_logprobs[1:], rtol=2e-5, atol=1e-4)
+
+
+def test_fused_expert_layout_and_transformers5_config_load_the_same_model(tmp_path):
+    """Newer checkpoints fuse each layer's experts (gate_up_proj [E, 2I, D], gate first; down_proj [E, D, I]) and
+    transformers 5 writes `num_local_experts` and `rope_parameters`: the same weights load to the same model."""
+    import json
+    import shutil
+
+    from safetensors.numpy import load_file, save_file
+
+    src = mu.tiny_model_dir(PRESET)
+    dst = tmp_path / "fused"
+    shutil.copytree(src, dst)
+    hub = load_file(str(src / "model.safetensors"))
+    cfg = json.loads((src / "config.json").read_text())
+    E = cfg["num_experts"]
+    fused = {k: v for k, v in hub.items() if ".mlp.experts." not in k}
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}.mlp.experts"
+        fused[f"{p}.gate_up_proj"] = np.stack([np.concatenate([hub[f"{p}.{e}.gate_proj.weight"],
+                                                               hub[f"{p}.{e}.up_proj.weight"]]) for e in range(E)])
+        fused[f"{p}.down_proj"] = np.stack([hub[f"{p}.{e}.down_proj.weight"] for e in range(E)])
+    (dst / "model.safetensors").unlink()
+    save_file(fused, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    cfg["num_local_experts"] = cfg.pop("num_experts")
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg.pop("rope_theta")}
+    cfg.pop("rope_scaling")
+    (dst / "config.json").write_text(json.dumps(cfg))
+
+    want = nnx.to_pure_dict(nnx.state(mu.jax_model(PRESET), nnx.Param))
+    got = nnx.to_pure_dict(nnx.state(load_decoder(dst), nnx.Param))
+    jax.tree.map(np.testing.assert_array_equal, got, want)
+    from tinker_jax.models import sharding
+    mesh = sharding.make_mesh(sharding.MeshConfig(fsdp=2, tensor=2))
+    placed = load_decoder(dst, shardings_fn=lambda st: sharding.state_shardings(st, mesh))  # block reads
+    jax.tree.map(np.testing.assert_array_equal, nnx.to_pure_dict(nnx.state(placed, nnx.Param)), want)
+
+
+@pytest.mark.parametrize("key,value", [("shared_expert_intermediate_size", 64), ("mlp_only_layers", [0]),
+                                       ("decoder_sparse_step", 2), ("num_experts_per_tok", 9)])
+def test_unsupported_moe_variants_are_refused_naming_the_key(tmp_path, key, value):
+    import json
+
+    from tinker_jax.hf.presets import get_preset
+    from tinker_jax.models.config import ConfigError, load_config
+
+    cfg = {**get_preset(PRESET), key: value}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match=key):
+        load_config(tmp_path)

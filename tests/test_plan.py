@@ -152,12 +152,22 @@ def test_llama3_8b_kv_cache_and_fit(tmp_path):
     assert tiny_device.verdict == "does not fit" and tiny_device.fits is False
 
 
-def test_expert_axis_only_replicates(tmp_path):
+def test_expert_axis_splits_experts_and_rows(tmp_path):
     cfg = P.read_config(_write(tmp_path, "tiny", TINY))
     a = P.plan(cfg, P.parse_mesh("fsdp=2"))
     b = P.plan(cfg, P.parse_mesh("fsdp=2,expert=4"))
-    assert b.mesh.devices == 8 and [x.bytes for x in a.lines] == [x.bytes for x in b.lines]
-    assert any("MoE layers only" in n and "no MoE layers" in n for n in b.notes)
+    size = {x.name: x.bytes for x in a.lines}
+    with_ep = {x.name: x.bytes for x in b.lines}
+    assert b.mesh.devices == 8
+    for name in ("parameters", "trainable", "gradients", "optimizer"):  # a dense model: weights replicated over it
+        assert with_ep[name] == size[name], name
+    assert with_ep["activations"] < size["activations"]  # ... and rows split over it
+    assert any("no MoE layers" in n for n in b.notes)
+    moe = P.read_config(_write(tmp_path, "moe", {**TINY, "architectures": ["Qwen3MoeForCausalLM"], "num_experts": 8,
+                                                "num_experts_per_tok": 2, "moe_intermediate_size": 32}))
+    one, two = (P.plan(moe, P.parse_mesh(m), full=True) for m in ("fsdp=2", "fsdp=2,expert=2"))
+    experts = 2 * 3 * 64 * 32 * 8  # layers x (gate, up, down) x D x I x E, fp32 bytes per parameter below
+    assert one.params_per_device - two.params_per_device == experts // 4  # half of each fsdp shard's experts
 
 
 def test_moe_plan_counts_every_expert_and_its_adapters(tmp_path):

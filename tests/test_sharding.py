@@ -1,6 +1,6 @@
 """Sharded loading and SPMD execution on 8 virtual CPU devices (tests/conftest.py sets the XLA flag).
 
-Meshes fsdp=2 x tensor=4 and data=2 x fsdp=4: every parameter must be placed as the logical-axis rules say
+Meshes fsdp=2 x tensor=4, data=2 x fsdp=4 and (a MoE model) expert=2 x fsdp=2 x tensor=2: every parameter must be placed as the logical-axis rules say
 (golden PartitionSpecs for a few, the rule table for all, no matrix left replicated), and the jitted
 forward and cross-entropy gradient (full weights, and LoRA adapter pools with several runs in one batch) on
 batch-sharded inputs must equal the single-device result.
@@ -25,7 +25,8 @@ from tinker_jax.models.sharding import (DEFAULT_RULES, MeshConfig, batch_shardin
                                         rows_sharding, spec_for, state_shardings)
 from tinker_jax.training import batching, step
 
-MESHES = {"fsdp2xtp4": MeshConfig(fsdp=2, tensor=4), "dp2xfsdp4": MeshConfig(data=2, fsdp=4)}
+MESHES = {"fsdp2xtp4": MeshConfig(fsdp=2, tensor=4), "dp2xfsdp4": MeshConfig(data=2, fsdp=4),
+          "ep2xfsdp2xtp2": MeshConfig(expert=2, fsdp=2, tensor=2)}
 
 # path in the Decoder state -> PartitionSpec, per mesh (tiny sizes: V 512, D 64, N*H 64, K*H 32, F 96, L 2).
 GOLDEN = {
@@ -54,11 +55,23 @@ GOLDEN = {
         ("blocks", "attn", "k", "bias"): P(None, None),
         ("lm_head", "kernel"): P("fsdp", None),
     },
+    # Expert parallelism (tiny-qwen3-moe: E 8, I 32): experts over `expert`, inside each expert as a dense weight.
+    "ep2xfsdp2xtp2": {
+        ("embed",): P("tensor", "fsdp"),
+        ("final_norm", "scale"): P("fsdp"),
+        ("blocks", "attn", "q", "kernel"): P(None, "fsdp", "tensor"),
+        ("blocks", "attn", "o", "kernel"): P(None, "tensor", "fsdp"),
+        ("blocks", "mlp", "router"): P(None, "fsdp"),
+        ("blocks", "mlp", "gate"): P(None, "expert", "fsdp", "tensor"),
+        ("blocks", "mlp", "up"): P(None, "expert", "fsdp", "tensor"),
+        ("blocks", "mlp", "down"): P(None, "expert", "tensor", "fsdp"),
+        ("lm_head", "kernel"): P("fsdp", "tensor"),
+    },
 }
 
 # Which families run on which mesh (all three are covered; each run is a separate SPMD compile).
 CASES = [("fsdp2xtp4", "tiny-qwen3"), ("fsdp2xtp4", "tiny-llama3"), ("dp2xfsdp4", "tiny-qwen2"),
-         ("dp2xfsdp4", "tiny-qwen3"), ("fsdp2xtp4", "tiny-qwen3-moe")]
+         ("dp2xfsdp4", "tiny-qwen3"), ("ep2xfsdp2xtp2", "tiny-qwen3-moe")]
 
 LOGIT_ATOL = 1e-5
 GRAD_RTOL = 1e-4

@@ -70,7 +70,7 @@ class EngineConfig:
     data_dir: Path = field(default_factory=default_data_dir)  # checkpoints, registry, compile cache
     models: Mapping[str, str] = field(default_factory=dict)  # base_model name/alias -> local HF directory
     dtype: str = "float32"  # compute dtype of base models: "float32" or "bfloat16" (trained weights stay fp32)
-    mesh: MeshConfig = MeshConfig()  # data x fsdp x tensor device mesh
+    mesh: MeshConfig = MeshConfig()  # data x expert x fsdp x tensor device mesh
     max_tokens_per_batch: int = 8192  # padded tokens per training micro-batch
     max_seq_len: int = 4096  # longest training sequence accepted (also capped by the model's own limit)
     max_tokens_per_request: int = 1 << 20  # tokens in one forward / forward_backward request (its host memory)

@@ -28,7 +28,7 @@ from typing import Any
 
 from tinker_jax.models.config import ConfigError, ModelConfig, config_from_hf, load_config
 
-PLAN_AXES = ("data", "fsdp", "tensor", "expert")  # models.sharding.MESH_AXES plus expert parallelism (not yet built)
+PLAN_AXES = ("data", "fsdp", "tensor", "expert")  # models.sharding.MESH_AXES, in the order --mesh prints them
 DTYPES = {"float32": 4, "bfloat16": 2}
 ATTENTIONS = ("einsum", "cudnn", "xla")
 FP32 = 4
@@ -59,8 +59,8 @@ class PlanMesh:
 
     @property
     def batch_shards(self) -> int:
-        """How many ways the rows of a micro-batch are split (rules: batch -> (data, fsdp))."""
-        return self.data * self.fsdp
+        """How many ways the rows of a micro-batch are split (rules: batch -> (data, expert, fsdp))."""
+        return self.data * self.expert * self.fsdp
 
     def abstract(self, **override: int):
         """An AbstractMesh of these sizes: shardings and shard shapes without any device."""
@@ -567,11 +567,10 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
     total = sum(x.bytes for x in lines)
 
     if mesh.expert > 1:
-        why = ("tinker_jax does not split experts over an expert axis yet (its MoE layers' experts are split by fsdp "
-               "and tensor like any weight)" if cfg.is_moe else f"{cfg.architecture} has no MoE layers")
-        notes.append(f"expert={mesh.expert}: expert parallelism splits the experts of MoE layers only; {why}, so the "
-                     f"expert axis only replicates: {mesh.devices} devices hold what {mesh.devices // mesh.expert} "
-                     "would, the same bytes per device")
+        what = ("its MoE layers' experts (and the rows of every batch); adapters and every other weight are replicated "
+                "over it" if cfg.is_moe else f"only the rows of every batch ({cfg.architecture} has no MoE layers, so "
+                "every weight is replicated over it, as over data)")
+        notes.append(f"expert={mesh.expert}: the expert axis splits {what}")
     if mesh.data > 1:
         notes.append(f"data={mesh.data}: weights and optimizer state are replicated over data (only fsdp and tensor "
                      "split them); data splits the rows")

@@ -41,7 +41,7 @@ from tinker_jax.models import lora as lora_math
 from tinker_jax.models.config import ModelConfig
 from tinker_jax.models.decoder import StaticGraph, merge
 from tinker_jax.models.lora import Adapter, LoraSpec
-from tinker_jax.models.sharding import pool_shardings, rows_sharding, state_shardings
+from tinker_jax.models.sharding import batch_shards, pool_shardings, rows_sharding, state_shardings
 from tinker_jax.sampling.snapshot import WeightSnapshot
 from tinker_jax.training import batching, step
 
@@ -536,7 +536,7 @@ class BaseWorker:
                     self._fail(req, e)
 
     def _row_multiple(self) -> int:
-        return self.mesh.shape["data"] * self.mesh.shape["fsdp"]
+        return batch_shards(self.mesh)
 
     def _train_group(self, group: list[tuple[Request, Run]], forward_only: bool) -> None:
         parts = [batching.Part(req.body.rows, run.spec.rank if run.is_lora else 0,

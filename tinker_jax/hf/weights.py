@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import json
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
@@ -92,9 +93,15 @@ def _get(state, path):
     return state
 
 
+# A MoE layer's experts in the fused layout (newer checkpoints): gate_up_proj [E, 2I, D] (gate rows first) and
+# down_proj [E, D, I], read as the per-expert tensors of the hub layout (`_Shards.alias_fused_experts`).
+_FUSED = re.compile(r"^(?P<layer>.+\.mlp\.experts)\.(?P<e>\d+)\.(?P<p>gate|up|down)_proj\.weight$")
+
+
 class _Shards:
     """Name -> file index over one or more safetensors files; opens lazily, reads one tensor (or a slice of one) at
-    a time, counting the bytes it read (`bytes_read`)."""
+    a time, counting the bytes it read (`bytes_read`). A name can be an alias of a block of a stored tensor
+    (`aliases`: name -> (stored name, index of the expert, row range)), which reads only that block."""
 
     def __init__(self, model_dir: Path):
         index = model_dir / "model.safetensors.index.json"
@@ -110,7 +117,24 @@ class _Shards:
                 with safe_open(str(f), framework="numpy") as h:
                     self.where.update({k: f for k in h.keys()})
         self._open: dict[Path, object] = {}
+        self.aliases: dict[str, tuple[str, int, tuple[int, int] | None]] = {}
         self.bytes_read = 0
+
+    def alias_fused_experts(self, names: list[str]) -> None:
+        """Per-expert names that the files hold only fused: read them as blocks of the fused tensors."""
+        for name in names:
+            m = _FUSED.match(name)
+            if name in self.where or m is None:
+                continue
+            e, proj = int(m["e"]), m["p"]
+            fused = f"{m['layer']}.{'down_proj' if proj == 'down' else 'gate_up_proj'}"
+            if fused not in self.where:
+                continue  # neither layout: reported as the missing per-expert name
+            rows = None
+            if proj != "down":
+                width = self._file(fused).get_slice(fused).get_shape()[1] // 2
+                rows = (0, width) if proj == "gate" else (width, 2 * width)
+            self.aliases[name] = (fused, e, rows)
 
     def _file(self, name: str):
         f = self.where.get(name)
@@ -121,15 +145,32 @@ class _Shards:
         return self._open[f]
 
     def read(self, name: str) -> np.ndarray:
+        if name in self.aliases:
+            return self.read_slice(name, (slice(None),) * len(self.shape(name)))
         x = self._file(name).get_tensor(name)
         self.bytes_read += x.nbytes
         return x
 
     def shape(self, name: str) -> tuple[int, ...]:
+        if name in self.aliases:
+            stored, _, rows = self.aliases[name]
+            shape = tuple(self._file(stored).get_slice(stored).get_shape())[1:]
+            return shape if rows is None else (rows[1] - rows[0], *shape[1:])
         return tuple(self._file(name).get_slice(name).get_shape())
 
     def read_slice(self, name: str, idx: tuple[slice, ...]) -> np.ndarray:
-        x = self._file(name).get_slice(name)[idx]
+        if name in self.aliases:
+            stored, e, rows = self.aliases[name]
+            shape = self.shape(name)
+            idx = tuple(idx) + (slice(None),) * (len(shape) - len(idx))
+            if rows is not None:  # the block's rows, then the requested rows within them
+                start, stop, step = idx[0].indices(shape[0])
+                if step != 1:
+                    raise WeightsError(f"strided read of '{name}' (an alias of '{stored}') is not supported")
+                idx = (slice(rows[0] + start, rows[0] + stop),) + idx[1:]
+            x = self._file(stored).get_slice(stored)[(slice(e, e + 1),) + idx][0]
+        else:
+            x = self._file(name).get_slice(name)[idx]
         self.bytes_read += x.nbytes
         return x
 
@@ -150,6 +191,7 @@ def load_decoder(model_dir: str | Path, *, dtype=jnp.float32, param_dtype=None, 
     graphdef, base_state = nnx.split(abstract, nnx.Param)
     base_sh = shardings_fn(base_state) if shardings_fn else None
     shards = _Shards(model_dir)
+    shards.alias_fused_experts([n for t in table(cfg) if "{e}" in t.hf for n in t.names(cfg)])
     pure = base_state.to_pure_dict()
     # One [L, ...] array per weight role in its stored layout (a host buffer, or with a placement each device's
     # block read alone), then one program per role transposes and casts it on the device (_finish). Per-tensor

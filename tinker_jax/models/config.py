@@ -171,6 +171,9 @@ def config_from_hf(d: Mapping[str, Any], source: str = "config.json") -> ModelCo
 def _moe_fields(d: Mapping[str, Any], source: str) -> dict[str, Any]:
     """Qwen3-MoE's expert fields. Checkpoints name the expert count `num_experts` (transformers 5 also reads
     `num_local_experts`)."""
+    for key in ("shared_expert_intermediate_size", "n_shared_experts", "num_shared_experts"):
+        if d.get(key):  # Qwen2-MoE's and DeepSeek's always-on experts: not in this decoder
+            raise ConfigError(f"{source}: {key}={d[key]!r}: shared experts are not supported (Qwen3-MoE has none)")
     n_experts = int(d.get("num_experts") or _get(d, "num_local_experts", source))
     k = int(_get(d, "num_experts_per_tok", source))
     if not 0 < k <= n_experts:

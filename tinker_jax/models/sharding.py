@@ -19,11 +19,15 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tinker_jax.models.lora import axes as lora_axes
 
-MESH_AXES = ("data", "fsdp", "tensor")
+MESH_AXES = ("data", "expert", "fsdp", "tensor")
 
 # logical axis -> mesh axis (or tuple of mesh axes); absent or None means replicated.
 DEFAULT_RULES: Mapping[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),  # activations: rows split over data and fsdp
+    # activations: rows split over data, expert and fsdp (outside MoE layers the expert axis is data parallel)
+    "batch": ("data", "expert", "fsdp"),
+    # expert parallelism: a MoE layer's experts split over the expert axis. The grouped matmul then runs each
+    # device's own experts on the layer's tokens (XLA gathers the tokens and sums the partial outputs).
+    "expert": "expert",
     "vocab": "tensor",
     "embed": "fsdp",
     "heads": "tensor",
@@ -38,10 +42,11 @@ class MeshConfig:
     data: int = 1
     fsdp: int = 1
     tensor: int = 1
+    expert: int = 1
 
     @property
     def size(self) -> int:
-        return self.data * self.fsdp * self.tensor
+        return self.data * self.expert * self.fsdp * self.tensor
 
     @staticmethod
     def from_dict(d: Mapping | None) -> "MeshConfig":
@@ -55,8 +60,8 @@ class MeshConfig:
 def make_mesh(mc: MeshConfig, devices=None) -> Mesh:
     devices = list(devices if devices is not None else jax.devices())
     if mc.size > len(devices):
-        raise ValueError(f"mesh: data*fsdp*tensor = {mc.size} but only {len(devices)} devices are visible")
-    grid = np.array(devices[: mc.size]).reshape(mc.data, mc.fsdp, mc.tensor)
+        raise ValueError(f"mesh: data*expert*fsdp*tensor = {mc.size} but only {len(devices)} devices are visible")
+    grid = np.array(devices[: mc.size]).reshape(*(getattr(mc, a) for a in MESH_AXES))
     return Mesh(grid, MESH_AXES)
 
 
@@ -128,7 +133,7 @@ def rules_key(rules=DEFAULT_RULES) -> tuple:
 
 
 def batch_shards(mesh: Mesh, rules=DEFAULT_RULES) -> int:
-    """How many pieces the batch mesh axes cut a row axis into (data * fsdp under DEFAULT_RULES)."""
+    """How many pieces the batch mesh axes cut a row axis into (data * expert * fsdp under DEFAULT_RULES)."""
     b = rules.get("batch")
     axes = (b,) if isinstance(b, str) else tuple(b or ())
     return int(np.prod([mesh.shape[a] for a in axes])) if axes else 1
