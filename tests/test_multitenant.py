@@ -162,6 +162,7 @@ def _train(svc, runs: list[int], together: bool, steps: int = STEPS):
             for i, f in futs.items():
                 res = f.result()
                 out.setdefault(i, {"losses": []})["losses"].append(res.metrics["loss:sum"])
+                out[i]["metrics"] = dict(res.metrics)
                 out[i]["logprobs"] = logprobs(res)
             with w.hold():
                 futs = {i: clients[i].optim_step(ADAM) for i in group}
@@ -200,6 +201,12 @@ def test_mixed_batch_equals_separate_runs(preset, order, steps, tmp_path):
     for i in order:
         m, a = mixed[i], alone[i]
         np.testing.assert_allclose(m["losses"], a["losses"], rtol=1e-5)
+        # Each request reports its own loss's metrics only (ppo's clipped-token count; nothing for the others).
+        assert set(m["metrics"]) == set(a["metrics"]) == {"loss:sum"} | (
+            {"clipped_tokens:sum"} if RUNS[i][1] == "ppo" else set()) | (
+            {"router_aux_loss:mean"} if "moe" in preset else set())
+        for k in set(m["metrics"]) - {"loss:sum"}:
+            assert m["metrics"][k] == pytest.approx(a["metrics"][k], rel=1e-5), k
         for x, y in zip(m["logprobs"], a["logprobs"]):
             np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-5)
         assert rel(m["weights"], a["weights"]) < 1e-5, (i, rel(m["weights"], a["weights"]))

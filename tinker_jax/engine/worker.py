@@ -38,6 +38,7 @@ from tinker_jax.errors import NotFound, Unavailable, UserError
 from tinker_jax.futures import begin, failed
 from tinker_jax.hf.weights import load_decoder
 from tinker_jax.models import lora as lora_math
+from tinker_jax.models import moe
 from tinker_jax.models.config import ModelConfig
 from tinker_jax.models.decoder import StaticGraph, merge
 from tinker_jax.models.lora import Adapter, LoraSpec
@@ -331,6 +332,9 @@ class BaseWorker:
             self.sampler.explain = self._explain
         log.info("base model %s loaded from %s in %.1f s (attention: %s)", self.name, self.path,
                  time.perf_counter() - t0, self.attention)
+        if self.cfg.is_moe and (self.cfg.hf_config or {}).get("output_router_logits"):
+            log.warning("%s: config.json sets output_router_logits, but the router's load-balancing loss is only "
+                        "reported (metric router_aux_loss:mean), never added to a Tinker loss", self.name)
 
     def _sampler_base(self, dec):
         return _SamplerBase(self.cfg, self.path, dec, self.name)
@@ -576,6 +580,7 @@ class BaseWorker:
         fetched = distributed.fetch([(loss, met, lp) for _, loss, met, lp in outputs])
         lps: list[dict[int, np.ndarray]] = [{} for _ in group]
         sums: list[dict[str, float]] = [{} for _ in group]
+        router: list[np.ndarray] = [0.0 for _ in group]  # MoE: each request's summed router statistics [2,E]
         for (mb, *_), (loss, met, lp) in zip(outputs, fetched):
             for p, d, r, n in mb.rows:
                 lps[p][d] = np.asarray(lp[r, :n], np.float32)
@@ -584,6 +589,12 @@ class BaseWorker:
                 name = group[p][0].body.rows.loss_fn
                 for k, v in met.get(name, {}).items():
                     m[k] = m.get(k, 0.0) + float(v[r])
+                if step.ROUTER_STATS in met:
+                    router[p] = router[p] + np.asarray(met[step.ROUTER_STATS][r], np.float64)
+        if self.cfg.is_moe:  # the load-balancing loss of each request's tokens, as transformers computes it
+            for p, (req, _) in enumerate(group):
+                sums[p]["router_aux_loss:mean"] = moe.balance_from_stats(router[p], self.cfg.n_layers,
+                                                                         req.body.rows.n_tokens)
         for p, (req, run) in enumerate(group):
             if not forward_only:
                 run.pending += 1

@@ -22,7 +22,7 @@ from flax import nnx
 from tinker_jax.models import lora as lora_math
 from tinker_jax.models.config import ModelConfig
 from tinker_jax.models.lora import LoraRows
-from tinker_jax.models.moe import MoeMLP
+from tinker_jax.models.moe import MoeMLP, row_router_stats
 
 ATTENTION_IMPLS = ("einsum", "cudnn", "xla")
 NEG_INF = -1e30  # finite, so fully masked rows (padding) give a uniform softmax instead of NaN
@@ -219,9 +219,13 @@ class Block(nnx.Module):
         else:
             self.mlp = MLP(cfg, rngs=rngs, param_dtype=param_dtype)
 
-    def __call__(self, x, positions, mask, inv_freq, cache=None, attention="einsum", lora=()):
+    def __call__(self, x, positions, mask, inv_freq, cache=None, attention="einsum", lora=(), router=False):
+        """-> (x, kv), or with `router` (MoE blocks) (x, kv, router logits [B*T,E] fp32)."""
         h, kv = self.attn(self.attn_norm(x), positions, mask, inv_freq, cache, attention, lora)
         x = x + h
+        if router:
+            y, logits = self.mlp.forward(self.mlp_norm(x), lora)
+            return x + y, kv, logits
         return x + self.mlp(self.mlp_norm(x), lora), kv
 
 
@@ -257,8 +261,13 @@ class Decoder(nnx.Module):
             cfg.d_model, cfg.vocab_size, ("embed", "vocab"), "unembed", rngs=rngs, param_dtype=param_dtype)
 
     def __call__(self, tokens, positions, segment_ids=None, cache: KVCache | None = None, remat: bool = False,
-                 attention: str = "einsum", unroll: bool = False, lora: tuple[LoraRows, ...] = ()):
+                 attention: str = "einsum", unroll: bool = False, lora: tuple[LoraRows, ...] = (),
+                 router_stats: bool = False):
         """tokens, positions [B,T] int32 -> hidden [B,T,D] (final-normed), cache.
+
+        router_stats (no cache, MoE models): instead of the cache, each row's router statistics summed over its real
+        tokens and every layer, [B,2,E] fp32: top-k assignments per expert, then routing probability mass per
+        expert (what the load-balancing loss is made of: models.moe.balance_from_stats).
 
         lora: adapters per rank and the rows that use them (their per-layer weights are scanned with the layers).
 
@@ -294,6 +303,22 @@ class Decoder(nnx.Module):
         def with_layer(weights):
             return tuple(c.with_weights(w) for c, w in zip(lora, weights))
 
+        if cache is None and router_stats and self.cfg.is_moe:
+            real = (seg != 0).astype(jnp.float32)  # [B,T]
+            top_k = self.cfg.n_experts_per_tok
+
+            def layer(carry, xs):
+                h, acc = carry
+                layer_state, lw = xs
+                block = nnx.merge(graphdef, layer_state)
+                h, _, logits = block(h, positions, mask, inv_freq, None, attention, with_layer(lw), router=True)
+                return (h, acc + row_router_stats(logits.reshape(B, T, -1), real, top_k)), None
+
+            if remat:
+                layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+            acc = jnp.zeros((B, 2, self.cfg.n_experts), jnp.float32)
+            (x, acc), _ = jax.lax.scan(layer, (x, acc), (state, lora_layers))
+            return self.final_norm(x), jax.lax.stop_gradient(acc)
         if cache is None:
             def layer(h, xs):
                 layer_state, lw = xs

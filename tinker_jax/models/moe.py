@@ -79,6 +79,24 @@ def load_balancing_loss(logits: jax.Array, top_k: int, mask: jax.Array | None = 
     return n_experts * jnp.sum((counts / rows) * (prob_mass / rows))
 
 
+def row_router_stats(logits: jax.Array, real: jax.Array, top_k: int) -> jax.Array:
+    """logits [B,T,E] of one layer, real [B,T] (1 for real tokens) -> [B,2,E]: per row, the top-k assignments to
+    each expert and each expert's summed routing probability, over the row's real tokens."""
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    _, chosen = jax.lax.top_k(probs, top_k)
+    counts = jnp.sum(jax.nn.one_hot(chosen, probs.shape[-1], dtype=jnp.float32), axis=2)  # [B,T,E]
+    return jnp.stack([jnp.einsum("bte,bt->be", counts, real), jnp.einsum("bte,bt->be", probs, real)], axis=1)
+
+
+def balance_from_stats(stats, n_layers: int, n_tokens: float) -> float:
+    """The load-balancing loss of a set of rows from their summed `row_router_stats` ([2,E], over every layer) and
+    their real token count: E * sum_e (assignment fraction of e) * (mean probability of e), as
+    `load_balancing_loss` computes it over those rows' router logits."""
+    rows = n_layers * n_tokens
+    counts, mass = stats[0], stats[1]
+    return float(len(counts) * sum(c / rows * p / rows for c, p in zip(counts, mass))) if rows else 0.0
+
+
 class MoeMLP(nnx.Module):
     """The MoE feed-forward of one layer: router [D,E] and stacked experts (logical axes: `expert` for the expert
     axis, then as the dense MLP's). __call__(x [B,T,D], lora) -> y [B,T,D]; `forward` also returns the router logits

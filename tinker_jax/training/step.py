@@ -30,6 +30,7 @@ from tinker_jax.training.batching import Layout
 from tinker_jax.training.losses import get_loss
 
 LOGIT_CHUNK = 2048  # tokens unembedded at a time: only [chunk, V] fp32 logits exist at once
+ROUTER_STATS = "router_stats"  # key of a MoE model's per-row router statistics [B,2,E] among the row metrics
 
 
 # ------------------------------------------------------------------------------------------- forward
@@ -72,10 +73,14 @@ def _chunked_logprobs(model: Decoder, h: jax.Array, tgt: jax.Array, c: LoraRows 
 
 
 def target_logprobs(model: Decoder, batch: dict, lora: tuple[LoraRows, ...] = (), remat: bool = False,
-                    attention: str = "einsum") -> jax.Array:
-    """Log-probabilities of the target tokens: [B,T] (or [B,T,K] for top-K targets), fp32."""
-    hidden, _ = model(batch["tokens"], batch["positions"], segment_ids=batch["mask"].astype(jnp.int32),
-                      remat=remat, attention=attention, lora=lora)
+                    attention: str = "einsum", router: list | None = None) -> jax.Array:
+    """Log-probabilities of the target tokens: [B,T] (or [B,T,K] for top-K targets), fp32. `router` (a list):
+    a MoE model's per-row router statistics [B,2,E] are appended to it (Decoder.__call__'s router_stats)."""
+    moe = router is not None and model.cfg.is_moe
+    hidden, stats = model(batch["tokens"], batch["positions"], segment_ids=batch["mask"].astype(jnp.int32),
+                          remat=remat, attention=attention, lora=lora, router_stats=moe)
+    if moe:
+        router.append(stats)
     tgt = batch["targets"]
     if not lora:
         return _chunked_logprobs(model, hidden, tgt, None)
@@ -85,10 +90,11 @@ def target_logprobs(model: Decoder, batch: dict, lora: tuple[LoraRows, ...] = ()
 
 
 def row_losses(lp: jax.Array, batch: dict, losses: tuple[str, ...]):
-    """Per-row loss sums [B] and per-row metrics {name: [B]}: row b takes loss `losses[loss_id[b]]` with its own
-    config values (each Tinker loss is a sum over tokens, so a batch's loss is the sum of its rows')."""
+    """Per-row loss sums [B] and per-row metrics {loss name: {metric: [B]}}: row b takes loss `losses[loss_id[b]]`
+    with its own config values (each Tinker loss is a sum over tokens, so a batch's loss is the sum of its rows').
+    Metrics are keyed by their loss, so a request reports only its own loss's metrics (0 on other losses' rows)."""
     total = jnp.zeros(lp.shape[0], jnp.float32)
-    metrics: dict[str, jax.Array] = {}
+    metrics: dict[str, dict[str, jax.Array]] = {}
     for i, name in enumerate(losses):
         spec = get_loss(name)
         mask = batch["mask"] * (batch["loss_id"] == i)[:, None]  # other losses' rows: all padding here
@@ -101,8 +107,8 @@ def row_losses(lp: jax.Array, batch: dict, losses: tuple[str, ...]):
 
         loss, met = jax.vmap(one)(lp, x, mask, cfg)
         total = total + loss
-        for k, v in met.items():
-            metrics[k] = metrics.get(k, 0.0) + v
+        if met:
+            metrics[name] = dict(met)
     return total, metrics
 
 
@@ -115,11 +121,17 @@ def _compact(layout: Layout, pools: tuple, scales: tuple, batch: dict):
     return weights, scale
 
 
+def _with_router(metrics: dict, router: list) -> dict:
+    """A MoE model's per-row router statistics ride along with the loss metrics, under ROUTER_STATS."""
+    return {**metrics, ROUTER_STATS: router[0]} if router else metrics
+
+
 def _lora_loss(weights, scales, base, graphdef, batch, layout, remat, attention):
     lora = _lora_rows(layout, weights, scales, batch)
-    lp = target_logprobs(merge(graphdef, base), batch, lora, remat, attention)
+    router: list = []
+    lp = target_logprobs(merge(graphdef, base), batch, lora, remat, attention, router)
     loss, metrics = row_losses(lp, batch, layout.losses)
-    return jnp.sum(loss), (loss, metrics, lp)
+    return jnp.sum(loss), (loss, _with_router(metrics, router), lp)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "layout", "remat", "attention"), donate_argnames=("grads",))
@@ -166,9 +178,10 @@ def lora_optim_step(pool: dict, grads: dict, mu: dict, nu: dict, count: jax.Arra
 
 
 def _full_loss(params, graphdef, batch, layout, remat, attention):
-    lp = target_logprobs(merge(graphdef, params), batch, (), remat, attention)
+    router: list = []
+    lp = target_logprobs(merge(graphdef, params), batch, (), remat, attention, router)
     loss, metrics = row_losses(lp, batch, layout.losses)
-    return jnp.sum(loss), (loss, metrics, lp)
+    return jnp.sum(loss), (loss, _with_router(metrics, router), lp)
 
 
 @partial(jax.jit, static_argnames=("graphdef", "layout", "remat", "attention"), donate_argnames=("grads",))
