@@ -14,6 +14,16 @@
 #     adapters; in process (tinker_jax.ServiceClient), not through the REST server. Its wall time is mostly
 #     compiling the batch shapes it meets; alone: `bash benchmarks/gpu.sh --only tenants`.
 # The REST front door is not measured here (the GPU machine has no fastapi/uvicorn; nothing here imports server/).
+# Section "moe" is not in the default run (model write + two frameworks' loads do not fit next to the rest in 8
+# minutes); its own invocation, on a fresh machine so that no earlier JAX allocation starves the torch peer:
+#     bash benchmarks/gpu.sh --only peak,moe
+#   Qwen3-30B-A3B's layer shape (hidden 2048, 32/4 heads of 128, 128 experts of width 768, top-8 renormalised,
+#   vocab 151,936, untied) with 4 layers, random weights (3.1B params, 0.85B active; written once, 12.4 GB fp32),
+#   bf16: LoRA r32 training tokens/s at 4x512 on attention + every expert's gate/up/down + lm_head (peft converts
+#   the expert targets onto the fused experts.gate_up_proj / down_proj), and its MFU on the ACTIVE parameters
+#   (4 x n_active_params + attention); decode tokens/s at batch 64, prompt 128 +128 -- ours vs transformers(+peft),
+#   the peer first. Ours' experts go through jax.lax.ragged_dot, which lowers to a dense product over all 128
+#   experts (E x the active expert FLOPs, [E, rows, D] temporaries): hence 4x512, not 8x2048.
 # Figures left when the time budget runs out are reported as "skipped: ..."; a SIGTERM still writes the JSON.
 #
 # Preparing the machine: it has jax+CUDA, flax, optax, orbax, transformers, torch and peft, but not the `tinker`
@@ -27,7 +37,7 @@
 #
 # Usage: bash benchmarks/gpu.sh [--dry-run] [--out FILE] [extra benchmarks.run arguments, e.g. --only train]
 #   --dry-run   the same code paths at toy size (suite gpu-dryrun) on any device, a CPU included (tested in
-#               tests/test_bench_gpu.py).
+#               tests/test_bench_gpu.py; `--dry-run --only peak,moe`: the moe section on qwen3-moe-dryrun, ~30 s).
 #   --out FILE  JSON rows (default: $OUT/gpu-bench.json when $OUT is set, else benchmarks/gpu-latest.json).
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -14,6 +14,10 @@ from typing import Callable
 import numpy as np
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+# The "moe" section: tinker_jax's default targets (attention, every expert's gate/up/down, the unembedding). On
+# transformers 5 a Qwen3-MoE layer's experts are fused parameters (experts.gate_up_proj [E,2I,D], down_proj
+# [E,D,I]), not modules: peft converts the gate/up/down targets onto them (lora.ParamWrapper), see peft_summary.
+MOE_LORA_TARGETS = LORA_TARGETS + ["lm_head"]
 
 
 def device() -> str:
@@ -59,15 +63,44 @@ def load_model(model_dir: Path, dtype: str):
     return model.to(device())
 
 
-def lora_model(model, rank: int, alpha: float):
+def lora_model(model, rank: int, alpha: float, targets: list[str] | None = None):
     from peft import LoraConfig, get_peft_model
 
     import warnings
 
-    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none")
+    cfg = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=list(targets or LORA_TARGETS),
+                     bias="none")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # peft calling a deprecated transformers helper
+        # peft 0.21 warns that the rank/alpha patterns its own MoE conversion adds for gate_up_proj "did not match
+        # any targeted module", yet applies them (peft_summary reads the ranks and scales back from the model)
+        warnings.filterwarnings("ignore", message=".*_pattern keys did not match", category=RuntimeWarning)
         return get_peft_model(model, cfg)
+
+
+def peft_summary(model) -> dict:
+    """What peft actually adapted, read back from the model after get_peft_model (its MoE conversion rewrites the
+    config): the resolved target modules / parameters, rank and scale of each kind of adapted layer (first
+    occurrence), trainable parameter count, and transformers' experts implementation."""
+    cfg = model.peft_config["default"]
+    kinds: dict[str, dict] = {}
+    for name, mod in model.named_modules():
+        r, scaling = getattr(mod, "r", None), getattr(mod, "scaling", None)
+        if not isinstance(r, dict) or "default" not in r or not isinstance(scaling, dict):
+            continue
+        leaf = getattr(mod, "parameter_name", None) or name.rsplit(".", 1)[-1]
+        if leaf in kinds:
+            continue
+        kinds[leaf] = {"wrapper": type(mod).__name__, "rank": int(r["default"]),
+                       "scale": float(scaling["default"]), "experts": int(getattr(mod, "num_experts", 1) or 1),
+                       "example": name}
+    inner = getattr(getattr(model, "base_model", None), "model", model)
+    return {"peft_target_modules": sorted(cfg.target_modules or []),
+            "peft_target_parameters": sorted(getattr(cfg, "target_parameters", None) or []),
+            "rank_pattern": dict(cfg.rank_pattern or {}), "alpha_pattern": dict(cfg.alpha_pattern or {}),
+            "adapted": kinds,
+            "trainable_params": int(sum(p.numel() for p in model.parameters() if p.requires_grad)),
+            "experts_implementation": getattr(getattr(inner, "config", None), "_experts_implementation", None)}
 
 
 def _optimizer(params):
@@ -80,17 +113,21 @@ def _optimizer(params):
 
 # (rows, length, lora) -> how the peer had to split its steps to fit in memory (read by benchmarks.rows)
 MICRO_BATCH_NOTES: dict[tuple[int, int, bool], str] = {}
+# str(model_dir) -> peft_summary of the last LoRA peer built on it (read by benchmarks.rows for the "moe" rows)
+LORA_NOTES: dict[str, dict] = {}
 
 
-def train_step(model_dir: Path, tokens: np.ndarray, *, lora_rank: int | None, lora_alpha: float, dtype: str
-               ) -> tuple[Callable[[], None], Callable[[], None]]:
-    """-> (one training step: forward, backward, AdamW; release the model)."""
+def train_step(model_dir: Path, tokens: np.ndarray, *, lora_rank: int | None, lora_alpha: float, dtype: str,
+               targets: list[str] | None = None) -> tuple[Callable[[], None], Callable[[], None]]:
+    """-> (one training step: forward, backward, AdamW; release the model). targets: peft target_modules
+    (default LORA_TARGETS)."""
     import torch
     import torch.nn.functional as F
 
     holder = {"model": load_model(model_dir, dtype)}
     if lora_rank:
-        holder["model"] = lora_model(holder["model"], lora_rank, lora_alpha)
+        holder["model"] = lora_model(holder["model"], lora_rank, lora_alpha, targets)
+        LORA_NOTES[str(model_dir)] = peft_summary(holder["model"])
     model = holder["model"]
     dev = device()
     x = torch.as_tensor(tokens[:, :-1], device=dev)

@@ -160,6 +160,8 @@ def assemble(suite: Suite, sections, res, facts: dict, meta: dict) -> list[dict]
         rows.extend(_tenants_rows(suite, res.get("tenants"), {**base, "n_params": tshape.get("n_params")}, meta))
     if "multiprocess" in sections:
         rows.extend(_multiprocess_rows(suite, res.get("multiprocess"), base, facts, meta))
+    if "moe" in sections:
+        rows.extend(_moe_rows(suite, res, facts, meta, peak, peak_src))
     if "train" in sections:
         for r in rows:
             if r["metric"].startswith(("train ", "MFU train ")):
@@ -436,4 +438,105 @@ def _multiprocess_rows(suite: Suite, mp: Any, base: dict, facts: dict, meta: dic
                       "repeats": 10, "when": "in each variant's child, after its training steps",
                       "cpu_collectives": None if isinstance(variants["multi"], str) else
                       variants["multi"].get("cpu_collectives")}))
+    return out
+
+
+MOE_OURS_EXPERTS = ("ours: experts and their per-expert adapters through jax.lax.ragged_dot (tinker_jax.models.moe), "
+                    "which on CPU and GPU (jax 0.10/0.11) lowers to a dense product: every (token, expert) assignment "
+                    "row against all E experts, so the expert matmuls cost E x their active FLOPs")
+
+
+def _moe_peer_note(peer: dict | None, ours_params: dict | None, versions: dict) -> str:
+    """Which modules the peft peer adapted (read back from the model), against ours' adapter."""
+    from benchmarks.peers_torch import MOE_LORA_TARGETS
+
+    if not peer:
+        return "the peer built no LoRA model in this run: what peft adapts was not recorded"
+    kinds = peer.get("adapted") or {}
+
+    def kind(leaf: str, what: dict) -> str:
+        per = f" per expert (x{what['experts']})" if what.get("experts", 1) > 1 else ""
+        return f"{leaf} ({what['wrapper']}, rank {what['rank']}{per}, scale {what['scale']:g})"
+    parts = [f"peft {versions.get('peft')} on transformers {versions.get('transformers')}: target_modules "
+             f"{', '.join(MOE_LORA_TARGETS)} resolved to modules {peer['peft_target_modules']} and fused "
+             f"parameters {peer['peft_target_parameters']}; adapted: "
+             + "; ".join(kind(k, v) for k, v in sorted(kinds.items()))]
+    if "gate_up_proj" in kinds:
+        parts.append("a layer's experts are the fused parameters experts.gate_up_proj [E,2I,D] and "
+                     "experts.down_proj [E,D,I]; gate and up share one adapter of rank 2r (peft's rank_pattern, "
+                     "alpha_pattern 2 alpha: the same scale) where ours has one of rank r on each; peft folds "
+                     "W + scale * B@A into every expert's weight (torch.baddbmm over all E) at every forward, then "
+                     f"transformers' experts implementation ({peer.get('experts_implementation')}) computes each "
+                     "token's k experts; the router (mlp.gate) is adapted by neither side")
+    else:
+        parts.append("peft did not adapt the experts' fused parameters")
+    if ours_params:
+        parts.append(f"trainable parameters: peer {peer['trainable_params']:,}, ours {ours_params['total']:,}")
+    return "; ".join(parts)
+
+
+def _moe_rows(suite: Suite, res, facts: dict, meta: dict, peak: float | None, peak_src: str) -> list[dict]:
+    """Rows of the "moe" section: LoRA training tokens/s (and MFU on the ACTIVE parameters when the peak was
+    measured) and decode tokens/s of suite.moe_model, ours against transformers(+peft) in the same run."""
+    failed = res.get("moe.model")
+    why = failed if isinstance(failed, str) and not failed.startswith("unavailable: not measured") else None
+
+    def fig(key: str) -> Any:
+        return why or res.get(key)
+    shape = facts.get("moe_shape") or {}
+    rank = suite.moe_lora_rank
+    model = suite.moe_model
+    base = {"model": model, "n_params": shape.get("n_params"), "n_active_params": shape.get("n_active_params"),
+            "n_experts": shape.get("n_experts"), "n_experts_per_tok": shape.get("n_experts_per_tok"),
+            "dtype": suite.dtype, "ours_experts": MOE_OURS_EXPERTS}
+    giga = 1e12 if suite.peak_dtype == "bfloat16" else 1e9
+    out: list[dict] = []
+    what = f"LoRA r{rank} (attn+experts+unembed)"
+    peer_note = _moe_peer_note(facts.get("moe_peer_lora"), facts.get("moe_ours_lora_params"), meta.get("versions", {}))
+    from benchmarks.peers_torch import MICRO_BATCH_NOTES, MOE_LORA_TARGETS
+
+    for s in suite.moe_train:
+        ours = _tput(fig(f"moe.train.{s.label}.ours"), s.tokens)
+        peers = {TORCH_LORA: _tput(fig(f"moe.train.{s.label}.torch"), s.tokens)}
+        settings = {**base, "rows": s.rows, "length": s.length, "tokens_per_step": s.tokens,
+                    "step": "forward_backward(cross_entropy) + optim_step (AdamW)",
+                    "lora": {"rank": rank, "alpha": suite.lora_alpha,
+                             "ours_targets": "q,k,v,o; gate,up,down of every expert; unembed (train_unembed=True: "
+                                             "tinker_jax's defaults); the router is not adapted",
+                             "ours_trainable_params": facts.get("moe_ours_lora_params"),
+                             "peer_targets_asked": list(MOE_LORA_TARGETS), "peer": facts.get("moe_peer_lora")},
+                    "notes": peer_note, "peer_note": MICRO_BATCH_NOTES.get((s.rows, s.length, True)),
+                    "warmup": suite.moe_train_warmup, "repeats": suite.moe_train_repeats,
+                    "ours_remat": suite.remat}
+        metric = f"moe: train {what} {s.rows}x{s.length}, {model}"
+        out.append(make_row(metric, "tokens/s", ours, peers, meta=meta, settings=settings))
+        if peak and shape.get("n_active_params"):
+            fpt = models.train_flops_per_token(shape, s.length, lora=True, active=True)
+
+            def to_mfu(x: Any, fpt: float = fpt) -> Any:
+                return x.map(lambda t: 100.0 * t * fpt / peak) if isinstance(x, Stat) else x
+            out.append(make_row(
+                f"moe: MFU on active parameters, train {what} {s.rows}x{s.length}, {model}", "% MFU", to_mfu(ours),
+                {k: to_mfu(v) for k, v in peers.items()}, meta=meta,
+                settings={**settings, "flops_per_token": fpt, "peak_flops": peak, "peak_source": peak_src,
+                          "peak_unit": "TFLOP/s" if giga == 1e12 else "GFLOP/s",
+                          "formula": "4 x n_active_params + 3x causal attention forward (n_active_params: "
+                                     "ModelConfig.n_active_params, the k routed experts of E plus the router, "
+                                     "attention and both untied embedding tables; adapter FLOPs ignored): the "
+                                     "useful work, not the E x larger expert work ours' dense ragged_dot does"}))
+    for b in suite.moe_sample_batches:
+        ours = fig(f"moe.sample.{b}.ours")
+        returned = None
+        if isinstance(ours, tuple):
+            ours, returned = ours
+        peers = {TORCH_GEN: _tput(fig(f"moe.sample.{b}.torch"), b * suite.moe_max_new)}
+        settings = {**base, "batch": b, "prompt_len": suite.moe_prompt_len, "max_new_tokens": suite.moe_max_new,
+                    "decoding": "greedy", "ours_requests": f"{b} x sample(num_samples=1) submitted together, "
+                    "base model (no adapter)", "ours_tokens_returned_per_run": returned,
+                    "peer_tokens_per_run": b * suite.moe_max_new,
+                    "ours_sampler": {"max_batch": max(suite.moe_sample_batches),
+                                     "max_seq_len": suite.moe_prompt_len + suite.moe_max_new + 16},
+                    "warmup": suite.moe_sample_warmup, "repeats": suite.moe_sample_repeats}
+        out.append(make_row(f"moe: decode batch {b}, prompt {suite.moe_prompt_len} +{suite.moe_max_new}, {model}",
+                            "tokens/s", ours, peers, meta=meta, settings=settings))
     return out

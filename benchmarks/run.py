@@ -30,7 +30,8 @@ DEFAULT_WORK_DIR = Path(os.environ.get("TINKER_JAX_BENCH_DIR", Path.home() / ".c
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--suite", default="cpu", choices=sorted(SUITES),
                    help="cpu (small-qwen3, 2 cores, < 10 min), gpu (Qwen3-0.6B shape, bf16; see benchmarks/gpu.sh), "
-                        "gpu-dryrun (the gpu suite at toy size), quick (tiny smoke run). Default cpu")
+                        "gpu-dryrun (the gpu suite at toy size), quick (tiny smoke run). Default cpu. Section moe "
+                        "(Qwen3-MoE) runs by default in the cpu suite; in the others with --only (e.g. peak,moe)")
     p.add_argument("--out", metavar="FILE", help="write the rows as JSON here (default: print only)")
     p.add_argument("--only", metavar="SECTIONS", help=f"comma-separated subset of {','.join(SECTIONS)}")
     p.add_argument("--work-dir", metavar="DIR", default=str(DEFAULT_WORK_DIR),
@@ -337,7 +338,91 @@ def measure(suite: Suite, work_dir: Path, sections: tuple[str, ...], res: Result
             return multiprocess_bench.measure_multiprocess(spec, work_dir / "multiprocess", log=log,
                                                            timeout=suite.mp_timeout_s)
         res.run("multiprocess", multiprocess, multiprocess_bench.unavailable_reason())
+    if "moe" in sections:
+        _measure_moe(suite, work_dir, res, facts, compile_cache)
     return facts
+
+
+def _measure_moe(suite: Suite, work_dir: Path, res: Results, facts: dict, compile_cache: bool) -> None:
+    """The "moe" section: suite.moe_model in an engine of its own (built after the main one is closed), LoRA
+    training at suite.moe_train and decode at suite.moe_sample_batches, ours against transformers(+peft) on the same
+    weights, data and shapes, in the suite's order (interleaved step by step, or the peer first on a GPU)."""
+    from benchmarks import data, models, peers_torch, sample_bench, train_bench
+
+    name = suite.moe_model
+    got = res.run("moe.model", lambda: {"dir": str(models.ensure_model(work_dir / "models", name))})
+    if isinstance(got, str):
+        return
+    model_dir = Path(got["dir"])
+    shape = models.model_shape(model_dir)
+    rank = suite.moe_lora_rank
+    facts["moe_shape"] = shape
+    facts["moe_ours_lora_params"] = models.lora_params(model_dir, rank)
+    vocab = shape["vocab_size"]
+    tokens = {s.label: data.token_batch(11, s.rows, s.length, vocab) for s in suite.moe_train}
+    prompts = {b: data.prompts(12, b, suite.moe_prompt_len, vocab) for b in suite.moe_sample_batches}
+    torch_missing = _import_reason("torch", "transformers")
+    peft_missing = torch_missing or _import_reason("peft")
+    state: dict[str, Any] = {}
+
+    def engine():
+        if "sc_error" in state:
+            raise state["sc_error"]
+        if "sc" not in state:
+            from benchmarks.ours_client import service_client
+
+            state["dir"] = Path(tempfile.mkdtemp(prefix="engine-moe-", dir=work_dir))
+            try:
+                state["sc"] = service_client(
+                    name, model_dir, state["dir"], dtype=suite.dtype,
+                    max_tokens_per_batch=max(8192, *(s.tokens for s in suite.moe_train)),
+                    sampler_batch=max(suite.moe_sample_batches),
+                    sampler_seq_len=suite.moe_prompt_len + suite.moe_max_new + 16,
+                    compile_cache_dir=work_dir / "jax_cache" if compile_cache else None,
+                    remat=suite.remat, attention=suite.attention)
+            except Exception as e:
+                state["sc_error"] = e
+                raise
+        return state["sc"]
+
+    def hf_model():
+        if "hf" not in state:
+            state["hf"] = peers_torch.load_model(model_dir, suite.dtype)
+        return state["hf"]
+
+    def comparisons(who: tuple[str, ...]):
+        out = []
+        for s in suite.moe_train:
+            out.append((f"moe.train.{s.label}", {
+                "torch": (lambda s=s: peers_torch.train_step(
+                    model_dir, tokens[s.label], lora_rank=rank, lora_alpha=suite.lora_alpha, dtype=suite.dtype,
+                    targets=peers_torch.MOE_LORA_TARGETS), peft_missing),
+                "ours": (lambda s=s: train_bench.train_step(engine(), name, tokens[s.label], lora_rank=rank,
+                                                            train_unembed=True), None),
+            }, suite.moe_train_warmup, suite.moe_train_repeats, _seconds))
+        for b in suite.moe_sample_batches:
+            out.append((f"moe.sample.{b}", {
+                "torch": (lambda b=b: (peers_torch.generate_step(hf_model(), prompts[b], suite.moe_max_new),
+                                       lambda: None), torch_missing),
+                "ours": (lambda b=b: sample_bench.sample_step(engine(), name, prompts[b], suite.moe_max_new), None),
+            }, suite.moe_sample_warmup, suite.moe_sample_repeats, _rate))
+        return [(k, {n: e for n, e in ents.items() if n in who}, w, r, p) for k, ents, w, r, p in out]
+
+    try:
+        for who in ([("torch", "ours")] if suite.interleave else [("torch",), ("ours",)]):
+            for key, entries, warmup, repeats, post in comparisons(who):
+                compare(res, key, entries, warmup=warmup, repeats=repeats, post=post)
+            if "torch" in who:
+                state.pop("hf", None)
+                if not torch_missing:
+                    peers_torch.free_memory()
+    finally:
+        state.pop("hf", None)
+        if "sc" in state:
+            state.pop("sc").close()
+        if state.get("dir"):
+            shutil.rmtree(state["dir"], ignore_errors=True)
+        facts["moe_peer_lora"] = peers_torch.LORA_NOTES.get(str(model_dir)) if not peft_missing else None
 
 
 def _multiprocess_spec(suite: Suite, work_dir: Path, model_dir: Path):

@@ -14,13 +14,25 @@ suite) on the same fsdp=2 x tensor=4 mesh, in one process with 8 simulated CPU d
 distributed over loopback, gloo, scripts/local_cluster.py). cpu: small-qwen3 8x128 (the train row's shape) and
 tiny-qwen3 8x64 (a step with almost no compute: the fixed cost per step); not in quick (two engines' start and
 compile take ~35 s even at toy size).
+Section "moe" (a Qwen3-MoE model in its own engine, after the other sections): LoRA training tokens/s (rank of the
+suite on attention, every expert's gate/up/down and the unembedding: tinker_jax's default targets; peft adapts the
+same projections, its conversion putting gate+up on the fused experts.gate_up_proj) and decode tokens/s, ours vs
+transformers(+peft) in the same run; MFU rows (peak section run too) count the ACTIVE parameters (k of E experts).
+cpu: small-qwen3-moe (115M params, 27M active; 32 experts, top-4) LoRA 4x64 (ours takes ~10 s a step on 2 cores:
+its experts' jax.lax.ragged_dot lowers to a dense product over all E experts) and decode batch 1 and 8, prompt 32
++32, 2-3 minutes for the section. gpu: Qwen3-30B-A3B's layer shape with 4 layers (qwen3-30b-a3b-4l-shape, 3.1B
+params, 0.85B active), bf16, LoRA r32 at 4x512 (the dense ragged_dot's [E, rows, D] temporaries rule out 8x2048),
+decode batch 64, prompt 128 +128; not in the gpu suite's default sections (its own invocation:
+`bash benchmarks/gpu.sh --only peak,moe`). quick: tiny-qwen3-moe, only with `--only moe` (~40 s of engine start
+and compiles: too slow for the quick test).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 
-SECTIONS = ("peak", "train", "sample", "frontdoor", "handoff", "coldstart", "attention", "tenants", "multiprocess")
+SECTIONS = ("peak", "train", "sample", "frontdoor", "handoff", "coldstart", "attention", "tenants", "multiprocess",
+            "moe")
 
 
 @dataclass(frozen=True)
@@ -90,6 +102,17 @@ class Suite:
     mp_warmup: int = 2  # untimed steps; fixed counts, never adapted (every process must make the same calls)
     mp_repeats: int = 5
     mp_timeout_s: float = 420.0  # the whole section (both variants); each variant gets half of it
+    # "moe": a mixture-of-experts model (a tinker_jax preset or a BENCH_PRESETS name) in an engine of its own.
+    moe_model: str = "tiny-qwen3-moe"
+    moe_train: tuple[TrainShape, ...] = (TrainShape("lora", 2, 32),)  # LoRA only
+    moe_rank: int | None = None  # None: lora_rank
+    moe_train_warmup: int = 1
+    moe_train_repeats: int = 3
+    moe_sample_batches: tuple[int, ...] = (1, 8)
+    moe_prompt_len: int = 32
+    moe_max_new: int = 32
+    moe_sample_warmup: int = 2  # a sampler's 2nd request still compiled a program in trial runs (tiny-qwen3-moe)
+    moe_sample_repeats: int = 3
     peak_n: int = 2048
     peak_dtype: str = "float32"
     time_budget_s: float = 600.0
@@ -111,6 +134,10 @@ class Suite:
     def sampler_seq_len(self) -> int:
         return self.prompt_len + self.max_new + 16
 
+    @property
+    def moe_lora_rank(self) -> int:
+        return self.moe_rank or self.lora_rank
+
 
 SUITES: dict[str, Suite] = {
     "cpu": Suite(
@@ -124,6 +151,10 @@ SUITES: dict[str, Suite] = {
         # multiprocess: the suite's model at the train row's shape (~80 s for both variants on 2 cores), and
         # tiny-qwen3 (~no compute: what distribution costs per step whatever the model), in the same engines.
         mp_runs=((None, 8, 128), ("tiny-qwen3", 8, 64)), mp_warmup=2, mp_repeats=5,
+        # moe: small-qwen3-moe at 4x64 (at the train row's 8x128 ours took ~35 s a step on 2 cores, the peer 3.6 s)
+        moe_model="small-qwen3-moe", moe_train=(TrainShape("lora", 4, 64),), moe_train_warmup=1,
+        moe_train_repeats=3, moe_sample_batches=(1, 8), moe_prompt_len=32, moe_max_new=32, moe_sample_warmup=2,
+        moe_sample_repeats=3,
         caveats=("CPU suite: small-qwen3 (~29M params) in fp32 on a CPU; relative figures only, not GPU evidence.",)),
     "gpu": Suite(
         name="gpu", model="qwen3-0.6b-shape", dtype="bfloat16",
@@ -138,6 +169,10 @@ SUITES: dict[str, Suite] = {
         tenants_frontdoor="in_process", tenants_counts=(8, 32), tenants_rank=32, tenants_rows=8,
         tenants_length=256, tenants_steps=2, tenants_ref=TrainShape("lora", 8, 2048), tenants_samplers=8,
         tenants_num_samples=4, tenants_prompt_len=128, tenants_max_new=128, tenants_repeats=3,
+        # moe (run on its own: `gpu.sh --only peak,moe`): Qwen3-30B-A3B's layer shape, 4 layers, bf16
+        moe_model="qwen3-30b-a3b-4l-shape", moe_train=(TrainShape("lora", 4, 512),), moe_rank=32,
+        moe_train_warmup=1, moe_train_repeats=5, moe_sample_batches=(64,), moe_prompt_len=128, moe_max_new=128,
+        moe_sample_warmup=2, moe_sample_repeats=3,
         caveats=("GPU suite: random weights in the Qwen3-0.6B shape, bf16 compute (ours keeps fp32 master weights "
                  "and Adam state; the torch peer trains its bf16 weights directly).",
                  "The REST front door is not measured on the GPU machine (no fastapi/uvicorn there); the tenants "
@@ -151,6 +186,8 @@ SUITES["gpu-dryrun"] = replace(
     peak_dtype="float32", time_budget_s=300.0, tenants_counts=(2, 4), tenants_rows=2, tenants_length=32,
     tenants_steps=1, tenants_ref=TrainShape("lora", 2, 64), tenants_samplers=2, tenants_num_samples=2,
     tenants_prompt_len=16, tenants_max_new=8, tenants_repeats=1,
+    moe_model="qwen3-moe-dryrun", moe_train=(TrainShape("lora", 2, 64),), moe_train_repeats=1,
+    moe_sample_batches=(4,), moe_prompt_len=16, moe_max_new=8, moe_sample_repeats=1,
     caveats=("gpu-dryrun: the GPU suite's code paths at toy size; its figures mean nothing.",))
 SUITES["quick"] = Suite(
     name="quick", model="tiny-qwen3", dtype="float32", train=(TrainShape("lora", 2, 32),), lora_rank=4,
@@ -159,7 +196,10 @@ SUITES["quick"] = Suite(
     coldstart_length=16, coldstart_repeats=1, peak_n=128, time_budget_s=120.0, tenants_counts=(2,),
     tenants_rows=2, tenants_length=16, tenants_steps=1, tenants_samplers=2, tenants_num_samples=1,
     tenants_prompt_len=8, tenants_max_new=4, tenants_repeats=1,
-    sections=tuple(x for x in SECTIONS if x != "multiprocess"),  # ~35 s of engine starts and compiles
+    moe_model="tiny-qwen3-moe", moe_train=(TrainShape("lora", 2, 32),), moe_train_repeats=1, moe_sample_batches=(2,),
+    moe_prompt_len=8, moe_max_new=4, moe_sample_repeats=1,
+    # ~35 s of engine starts and compiles each (moe: ~39 s at this size): `--quick --only moe` runs it
+    sections=tuple(x for x in SECTIONS if x not in ("multiprocess", "moe")),
     caveats=("quick: a smoke run on tiny-qwen3 with one repeat; its figures mean nothing.",))
 
 
