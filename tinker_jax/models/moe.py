@@ -6,7 +6,8 @@ probabilities renormalised to sum to 1 only when `norm_topk_prob`, then cast bac
 Experts: SwiGLU per expert, `down(silu(gate(x)) * up(x))`, weighted by the token's routing weight and summed over
 its k experts. Dropless: every (token, expert) assignment is computed, none is dropped for capacity. The N*k
 assignments are sorted by expert and each expert's run of rows goes through one grouped matmul
-(`jax.lax.ragged_dot`), so the cost follows the active parameters (k experts per token), not all E.
+(models.grouped: jax.lax.ragged_dot on TPUs; elsewhere padded blocks of one expert each, because ragged_dot there
+computes every expert for every row), so the cost follows the active parameters (k experts per token), not all E.
 
 Adapters: each expert's gate, up and down projections carry their own LoRA (models.lora.apply_experts), so one
 forward pass serves the rows of several runs, each with its own experts' adapters.
@@ -27,6 +28,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from tinker_jax.models import lora as lora_math
+from tinker_jax.models.grouped import grouped_matmul
 from tinker_jax.models.lora import LoraRows
 
 
@@ -56,7 +58,7 @@ def experts_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, gate: jax.
     batch_rows = rows // tokens_per_row
 
     def proj(name, inp, w):
-        y = jax.lax.ragged_dot(inp, w.astype(dt), sizes)
+        y = grouped_matmul(inp, w.astype(dt), sizes)
         return lora_math.apply_experts(y, inp, lora, name, sizes, batch_rows) if lora else y
 
     h = jax.nn.silu(proj("gate", xs, gate)) * proj("up", xs, up)
