@@ -38,7 +38,7 @@ run: $(VENV)/.base
 	$(VENV)/bin/tinker-jax serve --host $(HOST) --port $(PORT)
 
 test: $(VENV)/.dev $(SDK025)/.ok
-	$(PY) -m pytest -q -m "not gpu_prep" tests; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 1; fi; exit $$rc
+	TINKER_JAX_TEST_FAST_EXIT=1 $(PY) scripts/run_tests.py -m "not gpu_prep"
 
 # The GPU benchmark scripts' dry runs (~2 min): before a GPU session, so its minutes go to measuring.
 test-gpu-prep: $(VENV)/.dev

@@ -17,9 +17,10 @@ import pytest  # noqa: E402
 # The end of the test process. CI's run of 2026-12-06 (stop 20) passed every test and then died with SIGABRT while
 # the interpreter was tearing down: faulthandler showed the main thread with no Python frame left and the abort in a
 # thread that has no Python state (a native thread: XLA's, torch's, or a C extension's), after every atexit
-# function had run. Whatever native thread that is, nothing of the suite's result depends on the teardown, so the
-# process ends here: atexit functions run as usual (temporary models are removed, engines nobody shut down stop
-# their workers), streams are flushed, and the exit status is the session's.
+# function had run. Whatever native thread that is, nothing of the suite's result depends on the teardown, so with
+# TINKER_JAX_TEST_FAST_EXIT=1 (set by `make test`, which CI runs) the process ends here: atexit functions run as usual
+# (temporary models are removed, engines nobody shut down stop their workers), streams are flushed, and the exit
+# status is the session's. Without it (a plain `pytest`, or pytest run inside another program) nothing changes.
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session, exitstatus):
     session.config._final_exitstatus = int(exitstatus)
@@ -28,7 +29,7 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.hookimpl(trylast=True)
 def pytest_unconfigure(config):
     status = getattr(config, "_final_exitstatus", None)
-    if status is None or os.environ.get("TINKER_JAX_TEST_NORMAL_EXIT"):  # set it to see the ordinary teardown
+    if status is None or os.environ.get("TINKER_JAX_TEST_FAST_EXIT") != "1":
         return
     atexit._run_exitfuncs()
     sys.stdout.flush()

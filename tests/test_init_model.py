@@ -103,7 +103,7 @@ def test_preset_specs():
                             n_kv_heads=4, head_dim=64, d_ff=1536, tie_embeddings=True,
                             max_position_embeddings=4096, rope_theta=1e6, qk_norm=True, rope_scaling=None),
         "tiny-qwen3-moe": dict(tiny, architecture="Qwen3MoeForCausalLM", tie_embeddings=False, qk_norm=True,
-                               n_experts=8, n_experts_per_tok=2, d_expert=32, norm_topk_prob=True),
+                               n_experts=8, n_experts_per_tok=2, d_expert=24, norm_topk_prob=True),
         "small-qwen3-moe": dict(architecture="Qwen3MoeForCausalLM", d_model=512, n_layers=8, n_experts=32,
                                 n_experts_per_tok=4, d_expert=256, tie_embeddings=False, qk_norm=True),
     }

@@ -123,8 +123,8 @@ def test_per_expert_lora_equals_merged_weights(mode):
     scale[2, lora_math.INDEX["up"]] = 0.0  # slot 2's run does not adapt `up`
     if mode == "uniform":
         start, size, slots = 0, rows, [2] * rows
-    else:
-        start, size, slots = 1, 3, [1, 2, 0]  # row 0 has no adapter of this rank
+    else:  # row 0 has no adapter of this rank; row 2's slot index S means none either (the decode tables' padding)
+        start, size, slots = 1, 3, [1, S, 0]
     lora = (lora_math.LoraRows(jax.tree.map(jnp.asarray, weights), jnp.asarray(scale), jnp.asarray(slots, jnp.int32),
                                start, size, mode),)
     _, w, idx = moe.route(jnp.asarray(x2), ours.router[...], K, True)
@@ -135,6 +135,7 @@ def test_per_expert_lora_equals_merged_weights(mode):
     for n in range(rows * T):
         b = n // T
         slot = slots[b - start] if start <= b < start + size else 0
+        slot = 0 if slot >= S else slot  # slot 0 is the null adapter: merged == base
         merged = {p: base[p] + scale[slot, lora_math.INDEX[p]] * (weights[p]["a"][slot] @ weights[p]["b"][slot])
                   for p in dims}
         for j in range(K):

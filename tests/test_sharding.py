@@ -84,7 +84,9 @@ def _mesh(name):
 
 
 def _load(preset, mesh):
-    return load_decoder(mu.tiny_model_dir(preset), shardings_fn=lambda st: state_shardings(st, mesh))
+    moe_impl = "ragged" if mesh.shape["expert"] > 1 else "auto"  # what the engine picks on an expert axis
+    return load_decoder(mu.tiny_model_dir(preset), shardings_fn=lambda st: state_shardings(st, mesh),
+                        moe_impl=moe_impl)
 
 
 def _variables(model, kind):

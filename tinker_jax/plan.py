@@ -28,7 +28,7 @@ from typing import Any
 
 from tinker_jax.models.config import ConfigError, ModelConfig, config_from_hf, load_config
 
-PLAN_AXES = ("data", "fsdp", "tensor", "expert")  # models.sharding.MESH_AXES, in the order --mesh prints them
+PLAN_AXES = ("data", "fsdp", "tensor", "expert")  # models.sharding.MESH_AXES' axes, in --mesh's order
 DTYPES = {"float32": 4, "bfloat16": 2}
 ATTENTIONS = ("einsum", "cudnn", "xla")
 FP32 = 4
@@ -288,7 +288,7 @@ def _adapter_bytes(cfg: ModelConfig, rank: int, slots: int | None, amesh, itemsi
 
 def micro_batch(batch_tokens: int, seq_len: int, batch_shards: int) -> tuple[int, int]:
     """(row length T, rows) of a full micro-batch as training.batching.plan builds it: rows bucketed to a power of
-    two, at least `batch_shards` (the worker's row multiple, data x fsdp), adding rows while the padded cost stays
+    two, at least `batch_shards` (the worker's row multiple, data x expert x fsdp), adding rows while the padded cost stays
     within max(budget, one bucket)."""
     from tinker_jax.training.batching import MIN_LEN, bucket
 
@@ -298,7 +298,7 @@ def micro_batch(batch_tokens: int, seq_len: int, batch_shards: int) -> tuple[int
 
 
 def default_seq_len(batch_tokens: int, batch_shards: int, max_seq_len: int) -> int:
-    """One row per batch shard without padding: the largest power of two <= batch_tokens / (data x fsdp), within
+    """One row per batch shard without padding: the largest power of two <= batch_tokens / (data x expert x fsdp), within
     [MIN_LEN, max_seq_len]."""
     from tinker_jax.training.batching import MIN_LEN
 
@@ -510,13 +510,13 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
                                      min(ecfg.max_seq_len, cfg.max_position_embeddings))
     T, rows = micro_batch(batch_tokens, seq, mesh.batch_shards)
     if rows % mesh.batch_shards:
-        notes.append(f"batching pads rows to powers of two (here {rows}), which data x fsdp = {mesh.batch_shards} "
+        notes.append(f"batching pads rows to powers of two (here {rows}), which data x expert x fsdp = {mesh.batch_shards} "
                      "does not divide: the engine cannot split such a micro-batch evenly; prefer a power of two")
     rows_dev = -(-rows // mesh.batch_shards)
     t = rows_dev * T
     if rows * T > batch_tokens:
         notes.append(f"a micro-batch is {rows} rows x {T} tokens = {rows * T} tokens, more than --batch-tokens "
-                     f"{batch_tokens}: the batching gives every batch shard (data x fsdp = {mesh.batch_shards}) at "
+                     f"{batch_tokens}: the batching gives every batch shard (data x expert x fsdp = {mesh.batch_shards}) at "
                      "least one row")
     # a full run steps alone; LoRA rows of one run take "uniform" mode, rows of several runs "gather"
     mode = "full" if full else ("uniform" if adapters == 1 else "gather")
@@ -536,7 +536,7 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
     kv_spec = spec_for(("batch", None, "kv_heads", "head_dim"), kv_shape, amesh)
     kv = 2 * _nbytes(NamedSharding(amesh, kv_spec).shard_shape(kv_shape), b)
     if B != sampler_batch:
-        notes.append(f"sampler rows: {sampler_batch} rounded up to {B}, a multiple of the batch shards (data x fsdp)")
+        notes.append(f"sampler rows: {sampler_batch} rounded up to {B}, a multiple of the batch shards (data x expert x fsdp)")
     if sampler_batch == 0:
         sampler_w = sampler_w_whole = 0
         sampler_note = "no sampler (--sampler-batch 0)"
@@ -571,6 +571,10 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
                 "over it" if cfg.is_moe else f"only the rows of every batch ({cfg.architecture} has no MoE layers, so "
                 "every weight is replicated over it, as over data)")
         notes.append(f"expert={mesh.expert}: the expert axis splits {what}")
+    if cfg.is_moe:
+        notes.append("MoE: activations and workspace are the dense formula's; a MoE layer's k copies of each token, "
+                     "its experts' adapters in the forward and the grouped matmul's gathered expert matrices are not "
+                     "counted")
     if mesh.data > 1:
         notes.append(f"data={mesh.data}: weights and optimizer state are replicated over data (only fsdp and tensor "
                      "split them); data splits the rows")

@@ -319,7 +319,11 @@ class BaseWorker:
     def _load(self) -> None:
         t0 = time.perf_counter()
         dtype = jnp.bfloat16 if self.config.dtype == "bfloat16" else jnp.float32
-        dec = load_decoder(self.path, dtype=dtype, shardings_fn=lambda st: state_shardings(st, self.mesh))
+        # Experts split over an expert axis: ragged_dot, which XLA partitions by expert (the blocked form would sum
+        # every device's gathered expert matrices across that axis).
+        moe_impl = "ragged" if self.mesh.shape["expert"] > 1 else "auto"
+        dec = load_decoder(self.path, dtype=dtype, shardings_fn=lambda st: state_shardings(st, self.mesh),
+                           moe_impl=moe_impl)
         graphdef, self.base = nnx.split(dec, nnx.Param)
         self.graphdef = StaticGraph(graphdef)
         self.dtype = dtype

@@ -78,7 +78,7 @@ PRESETS: dict[str, dict[str, Any]] = {
                          attention_bias=False, **_qwen_sliding(8)),
     # Mixture of experts as Qwen3-30B-A3B lays it out (untied, renormalised top-k), scaled down: 8 experts, 2 a token.
     "tiny-qwen3-moe": _base("Qwen3MoeForCausalLM", "qwen3_moe", **_TINY, tie=False, rope_theta=10000.0,
-                            attention_bias=False, **_qwen_sliding(2), **_moe(experts=8, per_tok=2, width=32)),
+                            attention_bias=False, **_qwen_sliding(2), **_moe(experts=8, per_tok=2, width=24)),
     "small-qwen3-moe": _base("Qwen3MoeForCausalLM", "qwen3_moe", vocab_size=8192, hidden_size=512, layers=8,
                              heads=8, kv_heads=4, head_dim=64, intermediate=1536, tie=False, max_pos=4096,
                              rope_theta=1e6, attention_bias=False, **_qwen_sliding(8),

@@ -175,10 +175,11 @@ class _Shards:
         return x
 
 
-def load_decoder(model_dir: str | Path, *, dtype=jnp.float32, param_dtype=None, shardings_fn=None) -> Decoder:
+def load_decoder(model_dir: str | Path, *, dtype=jnp.float32, param_dtype=None, shardings_fn=None,
+                 moe_impl: str = "auto") -> Decoder:
     """Build a Decoder from a local HF directory.
 
-    `param_dtype` (default: `dtype`) is the storage dtype of the base weights.
+    `param_dtype` (default: `dtype`) is the storage dtype of the base weights; `moe_impl`: Decoder's.
     `shardings_fn(state) -> pytree of Sharding` places each tensor as it is read (None: default device); with it,
     each process reads only the slices its own devices hold (a mesh over several hosts never loads the whole
     model on one), and logs how much that was.
@@ -186,7 +187,7 @@ def load_decoder(model_dir: str | Path, *, dtype=jnp.float32, param_dtype=None, 
     model_dir = Path(model_dir)
     cfg = load_config(model_dir)
     param_dtype = param_dtype or dtype
-    make = lambda: Decoder(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype)
+    make = lambda: Decoder(cfg, rngs=nnx.Rngs(0), param_dtype=param_dtype, dtype=dtype, moe_impl=moe_impl)
     abstract = nnx.eval_shape(make)
     graphdef, base_state = nnx.split(abstract, nnx.Param)
     base_sh = shardings_fn(base_state) if shardings_fn else None

@@ -209,13 +209,13 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype, moe_impl: str = "auto"):
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, ("embed",), param_dtype)
         self.attn = Attention(cfg, rngs=rngs, param_dtype=param_dtype)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, ("embed",), param_dtype)
         if cfg.is_moe:
             self.mlp = MoeMLP(cfg.d_model, cfg.d_expert, cfg.n_experts, cfg.n_experts_per_tok, cfg.norm_topk_prob,
-                              rngs=rngs, param_dtype=param_dtype)
+                              rngs=rngs, param_dtype=param_dtype, impl=moe_impl)
         else:
             self.mlp = MLP(cfg, rngs=rngs, param_dtype=param_dtype)
 
@@ -232,29 +232,33 @@ class Block(nnx.Module):
 # ---------------------------------------------------------------------------------------------- decoder
 
 
-def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, param_dtype) -> Block:
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, param_dtype, moe_impl: str) -> Block:
     """A Block whose every variable has a leading [L] axis (one independent init per layer)."""
     keys = jax.random.split(rngs.params(), cfg.n_layers)
+    kw = dict(param_dtype=param_dtype, moe_impl=moe_impl)
 
     def make(key):
-        return nnx.split(Block(cfg, rngs=nnx.Rngs(params=key), param_dtype=param_dtype))[1]
+        return nnx.split(Block(cfg, rngs=nnx.Rngs(params=key), **kw))[1]
 
     state = jax.vmap(make)(keys)
-    graphdef = nnx.eval_shape(lambda: nnx.split(Block(cfg, rngs=nnx.Rngs(params=0), param_dtype=param_dtype))[0])
+    graphdef = nnx.eval_shape(lambda: nnx.split(Block(cfg, rngs=nnx.Rngs(params=0), **kw))[0])
     return nnx.merge(graphdef, state)
 
 
 class Decoder(nnx.Module):
     """The base model: every weight is an nnx.Param. Adapters are not part of it; they enter each call as
-    `lora` (models.lora.LoraRows per rank), so one decoder serves any number of runs."""
+    `lora` (models.lora.LoraRows per rank), so one decoder serves any number of runs. `moe_impl`: the grouped matmul
+    of MoE layers (models.grouped: "auto", "ragged" or "blocked"; the engine picks "ragged" when an expert mesh axis
+    splits the experts)."""
 
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype=jnp.float32, dtype=jnp.float32,
+                 moe_impl: str = "auto"):
         self.cfg = cfg
         self.dtype = dtype  # compute dtype
         init = nnx.initializers.normal(0.02)
         self.embed = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.d_model), param_dtype),
                                axes=("vocab", "embed"))
-        self.blocks = _stacked_blocks(cfg, rngs, param_dtype)
+        self.blocks = _stacked_blocks(cfg, rngs, param_dtype, moe_impl)
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, ("embed",), param_dtype)
         # Tied models unembed with the embedding matrix (see `logits`).
         self.lm_head = None if cfg.tie_embeddings else Linear(
@@ -312,13 +316,14 @@ class Decoder(nnx.Module):
                 layer_state, lw = xs
                 block = nnx.merge(graphdef, layer_state)
                 h, _, logits = block(h, positions, mask, inv_freq, None, attention, with_layer(lw), router=True)
-                return (h, acc + row_router_stats(logits.reshape(B, T, -1), real, top_k)), None
+                logits = jax.lax.stop_gradient(logits.reshape(B, T, -1))  # a metric: nothing to differentiate
+                return (h, acc + row_router_stats(logits, real, top_k)), None
 
             if remat:
                 layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
             acc = jnp.zeros((B, 2, self.cfg.n_experts), jnp.float32)
             (x, acc), _ = jax.lax.scan(layer, (x, acc), (state, lora_layers))
-            return self.final_norm(x), jax.lax.stop_gradient(acc)
+            return self.final_norm(x), acc
         if cache is None:
             def layer(h, xs):
                 layer_state, lw = xs

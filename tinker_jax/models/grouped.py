@@ -7,10 +7,12 @@ Two implementations, both exact:
 - "ragged": jax.lax.ragged_dot. On TPUs a grouped kernel; on CPUs and GPUs (jax 0.10/0.11) it lowers to a dense
   product of every row with every group's matrix (then masked), so its cost is G times the useful work
   (benchmarks/RESULTS.md, MoE section).
-- "blocked": each group's rows are padded up to whole blocks of `block` rows, every block takes its group's matrix
-  (a gather of [blocks, K, N]) and the blocks go through one batched matmul. Work: the rows plus at most one partly
-  filled block per group, and one read of a group's matrix per block. Static shapes: the number of blocks is fixed
-  by M, G and `block` (ceil(M / block) + G), whatever the routing.
+- "blocked": each group's rows are padded up to whole blocks, every block takes its group's matrix (a gather of
+  [blocks, K, N]) and the blocks go through one batched matmul. Static shapes: ceil(M / block) + min(G, M) blocks
+  whatever the routing (only a non-empty group leaves a partly filled block, and at most min(G, M) groups are
+  non-empty); blocks past the last group's compute zeros. Work: those blocks' rows, and one gathered matrix each.
+  On a mesh whose `expert` axis splits w, XLA sums the gathered matrices across that axis instead of keeping each
+  expert on its device: use "ragged" there (the engine does).
 "auto" (the default) is "ragged" on TPUs and "blocked" elsewhere.
 """
 
@@ -40,7 +42,7 @@ def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, impl: str = "au
     m, k = x.shape
     groups, _, n = w.shape
     bm = block_rows(m, groups)
-    n_blocks = -(-m // bm) + groups
+    n_blocks = -(-m // bm) + min(groups, m)
     ends = jnp.cumsum(sizes)  # [G]
     padded = -(-sizes // bm) * bm  # each group's rows rounded up to whole blocks
     padded_ends = jnp.cumsum(padded)

@@ -333,7 +333,7 @@ def apply(y: jax.Array, x: jax.Array, lora: Sequence[LoraRows], name: str) -> ja
 
 
 def apply_experts(y: jax.Array, xs: jax.Array, lora: Sequence[LoraRows], name: str, sizes: jax.Array,
-                  rows: jax.Array) -> jax.Array:
+                  rows: jax.Array, impl: str = "auto") -> jax.Array:
     """Per-expert adapters on a mixture-of-experts projection. xs [M,in]: the layer's (token, expert) assignments,
     grouped by expert (`sizes` [E] rows each, models.grouped); y [M,out] their base output; rows
     [M] the batch row of each assignment. Each assignment gets its row's adapter for its expert.
@@ -355,14 +355,14 @@ def apply_experts(y: jax.Array, xs: jax.Array, lora: Sequence[LoraRows], name: s
         scale = c.scale[:, p].astype(dt)
         if c.mode == "uniform":
             s = c.slots[0]
-            h = grouped_matmul(xs, a[s], sizes)
-            d = grouped_matmul(h, b[s], sizes) * (scale[s] * inside)[:, None]
+            h = grouped_matmul(xs, a[s], sizes, impl)
+            d = grouped_matmul(h, b[s], sizes, impl) * (scale[s] * inside)[:, None]
         else:
             a_cat = jnp.transpose(a, (1, 2, 0, 3)).reshape(n_experts, d_in, n_slots * r)
             b_cat = jnp.transpose(b, (1, 0, 2, 3)).reshape(n_experts, n_slots * r, -1)
             keep = jax.nn.one_hot(slot, n_slots, dtype=dt) * scale * inside[:, None]  # [M,S]; slot >= S: none
-            h = grouped_matmul(xs, a_cat, sizes).reshape(-1, n_slots, r) * keep[:, :, None]
-            d = grouped_matmul(h.reshape(-1, n_slots * r), b_cat, sizes)
+            h = grouped_matmul(xs, a_cat, sizes, impl).reshape(-1, n_slots, r) * keep[:, :, None]
+            d = grouped_matmul(h.reshape(-1, n_slots * r), b_cat, sizes, impl)
         y = y + d.astype(y.dtype)
     return y
 

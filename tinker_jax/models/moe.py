@@ -43,10 +43,11 @@ def route(x: jax.Array, router: jax.Array, top_k: int, norm_topk_prob: bool):
 
 
 def experts_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, gate: jax.Array, up: jax.Array,
-                down: jax.Array, lora: Sequence[LoraRows] = (), tokens_per_row: int = 1) -> jax.Array:
+                down: jax.Array, lora: Sequence[LoraRows] = (), tokens_per_row: int = 1,
+                impl: str = "auto") -> jax.Array:
     """x [N,D]; experts, weights [N,k]; gate, up [E,D,I]; down [E,I,D] -> [N,D]: each token's weighted sum of its
     experts' SwiGLU outputs, dropless. `lora`: per-expert adapters of the batch rows (token n is in row
-    n // tokens_per_row)."""
+    n // tokens_per_row). `impl`: the grouped matmul's (models.grouped)."""
     n, k = experts.shape
     n_experts = gate.shape[0]
     flat = experts.reshape(n * k)
@@ -58,8 +59,8 @@ def experts_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, gate: jax.
     batch_rows = rows // tokens_per_row
 
     def proj(name, inp, w):
-        y = grouped_matmul(inp, w.astype(dt), sizes)
-        return lora_math.apply_experts(y, inp, lora, name, sizes, batch_rows) if lora else y
+        y = grouped_matmul(inp, w.astype(dt), sizes, impl)
+        return lora_math.apply_experts(y, inp, lora, name, sizes, batch_rows, impl) if lora else y
 
     h = jax.nn.silu(proj("gate", xs, gate)) * proj("up", xs, up)
     out = proj("down", h, down)  # [N*k, D]
@@ -105,7 +106,7 @@ class MoeMLP(nnx.Module):
     [B*T,E] fp32 (for the load-balancing loss)."""
 
     def __init__(self, d_model: int, d_expert: int, n_experts: int, top_k: int, norm_topk_prob: bool, *,
-                 rngs: nnx.Rngs, param_dtype=jnp.float32):
+                 rngs: nnx.Rngs, param_dtype=jnp.float32, impl: str = "auto"):
         init = nnx.initializers.normal(0.02)
         self.router = nnx.Param(init(rngs.params(), (d_model, n_experts), param_dtype), axes=("embed", None))
         self.gate = nnx.Param(init(rngs.params(), (n_experts, d_model, d_expert), param_dtype),
@@ -114,7 +115,7 @@ class MoeMLP(nnx.Module):
                             axes=("expert", "embed", "mlp"))
         self.down = nnx.Param(init(rngs.params(), (n_experts, d_expert, d_model), param_dtype),
                               axes=("expert", "mlp", "embed"))
-        self.top_k, self.norm_topk_prob = top_k, norm_topk_prob
+        self.top_k, self.norm_topk_prob, self.impl = top_k, norm_topk_prob, impl  # impl: models.grouped
 
     def __call__(self, x: jax.Array, lora: tuple[LoraRows, ...] = ()) -> jax.Array:
         return self.forward(x, lora)[0]
@@ -123,5 +124,5 @@ class MoeMLP(nnx.Module):
         B, T, D = x.shape
         x2 = x.reshape(B * T, D)
         logits, weights, experts = route(x2, self.router[...], self.top_k, self.norm_topk_prob)
-        y = experts_ffn(x2, experts, weights, self.gate[...], self.up[...], self.down[...], lora, T)
+        y = experts_ffn(x2, experts, weights, self.gate[...], self.up[...], self.down[...], lora, T, self.impl)
         return y.reshape(B, T, D), logits

@@ -20,7 +20,7 @@ Fairness. Requests are admitted round-robin across tenants (`submit(..., tenant=
 queued samples does not hold back another's one.
 
 Placement. The sampler runs over a mesh (`mesh`, default: one device) by the training rule table: the KV cache's
-rows over the batch mesh axes (data, fsdp) and its kv heads over tensor where they divide, adapter tables like
+rows over the batch mesh axes (data, expert, fsdp) and its kv heads over tensor where they divide, adapter tables like
 training's adapter pools, per-row inputs over rows; the snapshots' weights must already be placed by the same rules
 (the engine loads them so). max_batch is rounded up to a multiple of the batch shards (logged), free rows are handed
 out round-robin over the shards (so a light load decodes few rows on every device, see kernels.py), and only small
@@ -193,7 +193,7 @@ class Sampler(SamplerBase):
       on_submit: called (any thread) after a request is queued, e.g. to wake the thread that calls `step`.
       mesh: the jax.sharding.Mesh to run on (axes data, fsdp, tensor; models.sharding.make_mesh); None: one device.
         Snapshots' weights must be placed on it by `rules` (models.sharding.state_shardings), as the engine loads
-        them; max_batch and the prefill row buckets are rounded up to multiples of the batch shards (data * fsdp).
+        them; max_batch and the prefill row buckets are rounded up to multiples of the batch shards (data * expert * fsdp).
       rules: the logical-axis rule table (models.sharding.DEFAULT_RULES, the one training uses).
       compiler_options: XLA options the sampling kernels compile with (jax.jit's; e.g. tests turn CPU optimisation
         off: an 8-device decode program then compiles in about 1 s instead of 7).
