@@ -102,6 +102,20 @@ def _brief(v: Any) -> str:
     return str(v)[:200]
 
 
+def _once(state: dict, key: str, build):
+    """state[key], built by `build()` on first use; a failed build is remembered and raised again on every use
+    (one engine or peer model per section, never a second attempt mid-run)."""
+    if key + "_error" in state:
+        raise state[key + "_error"]
+    if key not in state:
+        try:
+            state[key] = build()
+        except Exception as e:
+            state[key + "_error"] = e
+            raise
+    return state[key]
+
+
 def _import_reason(*modules: str) -> str | None:
     import importlib
 
@@ -219,24 +233,19 @@ def measure(suite: Suite, work_dir: Path, sections: tuple[str, ...], res: Result
 
     def engine():
         """The one in-process ServiceClient for all of ours (built on first use; a failure is remembered)."""
-        if "sc_error" in state:
-            raise state["sc_error"]
-        if "sc" not in state:
+        def build():
             from benchmarks.ours_client import service_client
 
             engine_dir = Path(tempfile.mkdtemp(prefix="engine-", dir=work_dir))
             facts["engine_dir"] = str(engine_dir)
-            try:
-                state["sc"] = service_client(
-                    suite.model, model_dir, engine_dir, dtype=suite.dtype,
-                    max_tokens_per_batch=suite.max_tokens_per_batch, sampler_batch=max(suite.sample_batches),
-                    sampler_seq_len=suite.sampler_seq_len,
-                    compile_cache_dir=work_dir / "jax_cache" if compile_cache else None,
-                    remat=suite.remat, attention=suite.attention)
-            except Exception as e:
-                state["sc_error"] = e
-                raise
-        return state["sc"]
+            return service_client(
+                suite.model, model_dir, engine_dir, dtype=suite.dtype,
+                max_tokens_per_batch=suite.max_tokens_per_batch, sampler_batch=max(suite.sample_batches),
+                sampler_seq_len=suite.sampler_seq_len,
+                compile_cache_dir=work_dir / "jax_cache" if compile_cache else None,
+                remat=suite.remat, attention=suite.attention)
+
+        return _once(state, "sc", build)
 
     def hf_model():
         if "hf" not in state:
@@ -366,24 +375,19 @@ def _measure_moe(suite: Suite, work_dir: Path, res: Results, facts: dict, compil
     state: dict[str, Any] = {}
 
     def engine():
-        if "sc_error" in state:
-            raise state["sc_error"]
-        if "sc" not in state:
+        def build():
             from benchmarks.ours_client import service_client
 
             state["dir"] = Path(tempfile.mkdtemp(prefix="engine-moe-", dir=work_dir))
-            try:
-                state["sc"] = service_client(
-                    name, model_dir, state["dir"], dtype=suite.dtype,
-                    max_tokens_per_batch=max(8192, *(s.tokens for s in suite.moe_train)),
-                    sampler_batch=max(suite.moe_sample_batches),
-                    sampler_seq_len=suite.moe_prompt_len + suite.moe_max_new + 16,
-                    compile_cache_dir=work_dir / "jax_cache" if compile_cache else None,
-                    remat=suite.remat, attention=suite.attention)
-            except Exception as e:
-                state["sc_error"] = e
-                raise
-        return state["sc"]
+            return service_client(
+                name, model_dir, state["dir"], dtype=suite.dtype,
+                max_tokens_per_batch=max(8192, *(s.tokens for s in suite.moe_train)),
+                sampler_batch=max(suite.moe_sample_batches),
+                sampler_seq_len=suite.moe_prompt_len + suite.moe_max_new + 16,
+                compile_cache_dir=work_dir / "jax_cache" if compile_cache else None,
+                remat=suite.remat, attention=suite.attention)
+
+        return _once(state, "sc", build)
 
     def hf_model():
         if "hf" not in state:
