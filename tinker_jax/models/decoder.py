@@ -307,33 +307,25 @@ class Decoder(nnx.Module):
         def with_layer(weights):
             return tuple(c.with_weights(w) for c, w in zip(lora, weights))
 
-        if cache is None and router_stats and self.cfg.is_moe:
+        if cache is None:
+            stats = router_stats and self.cfg.is_moe
             real = (seg != 0).astype(jnp.float32)  # [B,T]
-            top_k = self.cfg.n_experts_per_tok
 
             def layer(carry, xs):
-                h, acc = carry
+                h, acc = carry  # acc: the router statistics so far ([B,2,E]; a placeholder without `stats`)
                 layer_state, lw = xs
                 block = nnx.merge(graphdef, layer_state)
+                if not stats:
+                    return (block(h, positions, mask, inv_freq, None, attention, with_layer(lw))[0], acc), None
                 h, _, logits = block(h, positions, mask, inv_freq, None, attention, with_layer(lw), router=True)
                 logits = jax.lax.stop_gradient(logits.reshape(B, T, -1))  # a metric: nothing to differentiate
-                return (h, acc + row_router_stats(logits, real, top_k)), None
+                return (h, acc + row_router_stats(logits, real, self.cfg.n_experts_per_tok)), None
 
             if remat:
                 layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-            acc = jnp.zeros((B, 2, self.cfg.n_experts), jnp.float32)
+            acc = jnp.zeros((B, 2, self.cfg.n_experts) if stats else (), jnp.float32)
             (x, acc), _ = jax.lax.scan(layer, (x, acc), (state, lora_layers))
-            return self.final_norm(x), acc
-        if cache is None:
-            def layer(h, xs):
-                layer_state, lw = xs
-                block = nnx.merge(graphdef, layer_state)
-                return block(h, positions, mask, inv_freq, None, attention, with_layer(lw))[0], None
-
-            if remat:
-                layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-            x, _ = jax.lax.scan(layer, x, (state, lora_layers))
-            return self.final_norm(x), None
+            return self.final_norm(x), acc if stats else None
 
         def cached_layer(h, xs):
             layer_state, ck, cv, lw = xs

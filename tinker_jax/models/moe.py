@@ -25,6 +25,7 @@ from typing import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from tinker_jax.models import lora as lora_math
@@ -72,14 +73,10 @@ def load_balancing_loss(logits: jax.Array, top_k: int, mask: jax.Array | None = 
     """Switch-Transformer auxiliary loss as transformers computes it (`load_balancing_loss_func`): logits
     [L,N,E] (every MoE layer's router logits), mask [N] (1 for real tokens) -> scalar
     E * sum_e(fraction of top-k assignments to e) * (mean router probability of e), over all layers' rows."""
-    n_layers, n, n_experts = logits.shape
-    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-    _, chosen = jax.lax.top_k(probs, top_k)  # [L,N,k]
-    m = jnp.ones((n,), jnp.float32) if mask is None else mask.astype(jnp.float32)
-    counts = jnp.sum(jax.nn.one_hot(chosen, n_experts, dtype=jnp.float32) * m[None, :, None, None], axis=(0, 1, 2))
-    rows = n_layers * jnp.sum(m)
-    prob_mass = jnp.sum(probs * m[None, :, None], axis=(0, 1))
-    return n_experts * jnp.sum((counts / rows) * (prob_mass / rows))
+    n_layers, n, _ = logits.shape
+    m = jnp.ones((1, n), jnp.float32) if mask is None else mask.astype(jnp.float32)[None]
+    stats = sum(row_router_stats(logits[i][None], m, top_k)[0] for i in range(n_layers))  # [2,E], all rows as one
+    return _balance(stats, n_layers * jnp.sum(m))
 
 
 def row_router_stats(logits: jax.Array, real: jax.Array, top_k: int) -> jax.Array:
@@ -96,8 +93,13 @@ def balance_from_stats(stats, n_layers: int, n_tokens: float) -> float:
     their real token count: E * sum_e (assignment fraction of e) * (mean probability of e), as
     `load_balancing_loss` computes it over those rows' router logits."""
     rows = n_layers * n_tokens
+    return float(_balance(np.asarray(stats, np.float64), rows)) if rows else 0.0
+
+
+def _balance(stats, rows):
+    """E * sum_e (assignments to e / rows) * (probability mass of e / rows), from summed stats [2,E] (jnp or numpy)."""
     counts, mass = stats[0], stats[1]
-    return float(len(counts) * sum(c / rows * p / rows for c, p in zip(counts, mass))) if rows else 0.0
+    return counts.shape[0] * ((counts / rows) * (mass / rows)).sum()
 
 
 class MoeMLP(nnx.Module):
