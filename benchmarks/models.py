@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -149,15 +150,10 @@ def lora_params(model_dir: Path, rank: int, roles: tuple[str, ...] = ("attn", "m
     """Trainable parameters of one tinker_jax LoRA adapter of `rank` on the projections of `roles`, per projection
     (a [in, R] + [R, out] pair per layer, and per expert for a mixture of experts' feed-forward) and in total."""
     from tinker_jax.models.config import load_config
-    from tinker_jax.models.lora import PROJECTIONS
+    from tinker_jax.models.lora import PROJECTIONS, shapes
 
     cfg = load_config(model_dir)
-    out: dict[str, int] = {}
-    for p in PROJECTIONS:
-        if p.role not in roles:
-            continue
-        d_in, d_out = p.dims(cfg)
-        n = rank * (d_in + d_out) * (cfg.n_layers if p.per_layer else 1)
-        out[p.name] = n * (cfg.n_experts if p.per_expert(cfg) else 1)
+    leaves = shapes(cfg, rank)
+    out = {p.name: sum(math.prod(s) for s in leaves[p.name].values()) for p in PROJECTIONS if p.role in roles}
     out["total"] = sum(out.values())
     return out

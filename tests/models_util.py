@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-PRESETS = ("tiny-qwen3", "tiny-llama3", "tiny-qwen2", "tiny-qwen3-moe")
+PRESETS = ("tiny-qwen3", "tiny-llama3", "tiny-qwen2", "tiny-qwen3-moe", "tiny-qwen3-moe-mixed")
 
 # ---------------------------------------------------------------------------------------------- models
 

@@ -2,11 +2,13 @@
 
 import dataclasses
 import json
+import re
 
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from safetensors.numpy import load_file
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -35,6 +37,10 @@ def _configs():
                           "original_max_position_embeddings": 16}),
         "qwen3_moe": transformers.Qwen3MoeConfig(**TINY, tie_word_embeddings=False, num_experts=4,
                                                  num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True),
+        # layers 0, 2 dense (decoder_sparse_step 2) and 3 (mlp_only_layers): a second stack of layers
+        "qwen3_moe_mixed": transformers.Qwen3MoeConfig(
+            **{**TINY, "num_hidden_layers": 4}, tie_word_embeddings=False, num_experts=4, num_experts_per_tok=2,
+            moe_intermediate_size=32, decoder_sparse_step=2, mlp_only_layers=[3]),
     }
 
 
@@ -97,7 +103,7 @@ def _close(a, b, atol=1e-4):
 
 
 @pytest.mark.parametrize("family,shard_bytes", [("qwen3_tied", None), ("qwen2", None), ("llama3_rope", 60_000),
-                                               ("qwen3_moe", None)])
+                                               ("qwen3_moe", None), ("qwen3_moe_mixed", None)])
 def test_export_merged_matches_transformers(bases, base_models, tmp_path, family, shard_bytes):
     model = base_models[family]
     adapter = _adapter(model.cfg, LoraSpec(rank=4), seed=1)
@@ -144,6 +150,8 @@ PEFT_CASES = [
     ("llama3_rope", LoraSpec(rank=4, targets=("mlp", "unembed")), ALL_MODULES[4:] + ["lm_head"]),
     ("qwen2", LoraSpec(rank=2, alpha=4, targets=("q", "v")), ["q_proj", "v_proj"]),  # single projections
     ("qwen3_moe", LoraSpec(rank=4), ALL_MODULES + ["lm_head"]),  # one adapter per expert
+    # dense layers' attention adapters too (their mlp adapters: test_export_peft_of_moe_with_dense_layers)
+    ("qwen3_moe_mixed", LoraSpec(rank=4, targets=("attn", "unembed")), ALL_MODULES[:4] + ["lm_head"]),
 ]
 
 
@@ -168,6 +176,43 @@ def test_export_peft_matches_peft_and_round_trips(bases, base_models, tmp_path, 
     assert lora_spec_from_peft(out) == spec
     back = load_peft_adapter(out, model.cfg)
     assert back.spec == spec
+    _close(_logits(model, back), ours, atol=1e-6)
+
+
+def test_export_peft_of_moe_with_dense_layers(bases, base_models, tmp_path):
+    """Every projection adapted on a MoE model with dense layers: the dense layers' `mlp.gate_proj` and the MoE
+    layers' `mlp.experts.E.gate_proj` each get their own adapter. peft 0.21 on transformers 5 cannot load this (its
+    v4 -> v5 conversion maps every `gate_proj` target to the fused experts and drops the dense layers' ones), so the
+    file is checked by merging it into the HF weights by hand, as PEFT defines its keys (W += scale * B @ A), and
+    comparing transformers' logits with ours."""
+    family = "qwen3_moe_mixed"
+    model = base_models[family]
+    adapter = _adapter(model.cfg, LoraSpec(rank=4), seed=5)
+    ours = _logits(model, adapter)
+    out = export_peft_adapter(adapter, model.cfg, tmp_path / "adapter", base_model_name_or_path=str(bases[family]))
+    tensors = load_file(str(out / "adapter_model.safetensors"))
+    assert "base_model.model.model.layers.0.mlp.gate_proj.lora_A.weight" in tensors  # dense layer
+    assert "base_model.model.model.layers.1.mlp.experts.3.down_proj.lora_B.weight" in tensors  # MoE layer
+    assert not any(k.startswith("base_model.model.model.layers.1.mlp.gate_proj") for k in tensors)
+
+    hf = _hf_model(bases[family])
+    sd = {k: v.clone() for k, v in hf.state_dict().items()}
+    scale = adapter.spec.scale
+    for key in [k for k in tensors if k.endswith(".lora_A.weight")]:
+        module = key[len("base_model.model."):-len(".lora_A.weight")]
+        delta = scale * (torch.from_numpy(tensors[key.replace("lora_A", "lora_B")]) @ torch.from_numpy(tensors[key]))
+        m = re.match(r"^(.*\.mlp\.experts)\.(\d+)\.(gate|up|down)_proj$", module)
+        if m is None:
+            sd[module + ".weight"] += delta
+        elif m[3] == "down":  # transformers 5's fused experts: down_proj [E, D, I], gate_up_proj [E, 2I, D]
+            sd[m[1] + ".down_proj"][int(m[2])] += delta
+        else:
+            width = sd[m[1] + ".gate_up_proj"].shape[1] // 2
+            rows = slice(0, width) if m[3] == "gate" else slice(width, 2 * width)
+            sd[m[1] + ".gate_up_proj"][int(m[2]), rows] += delta
+    hf.load_state_dict(sd)
+    _close(_torch_logits(hf), ours)
+    back = load_peft_adapter(out, model.cfg)  # and our own loader reads it back
     _close(_logits(model, back), ours, atol=1e-6)
 
 

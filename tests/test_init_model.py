@@ -104,6 +104,9 @@ def test_preset_specs():
                             max_position_embeddings=4096, rope_theta=1e6, qk_norm=True, rope_scaling=None),
         "tiny-qwen3-moe": dict(tiny, architecture="Qwen3MoeForCausalLM", tie_embeddings=False, qk_norm=True,
                                n_experts=8, n_experts_per_tok=2, d_expert=24, norm_topk_prob=True),
+        # decoder_sparse_step 2 (layers 0, 2, 4 dense) and mlp_only_layers [5]
+        "tiny-qwen3-moe-mixed": dict(tiny, n_layers=6, architecture="Qwen3MoeForCausalLM", n_experts=8,
+                                     norm_topk_prob=False, dense_layers=(0, 2, 4, 5)),
         "small-qwen3-moe": dict(architecture="Qwen3MoeForCausalLM", d_model=512, n_layers=8, n_experts=32,
                                 n_experts_per_tok=4, d_expert=256, tie_embeddings=False, qk_norm=True),
     }

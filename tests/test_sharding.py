@@ -55,7 +55,8 @@ GOLDEN = {
         ("blocks", "attn", "k", "bias"): P(None, None),
         ("lm_head", "kernel"): P("fsdp", None),
     },
-    # Expert parallelism (tiny-qwen3-moe: E 8, I 32): experts over `expert`, inside each expert as a dense weight.
+    # Expert parallelism (tiny-qwen3-moe-mixed: E 8, I 24, dense layers in `dense_blocks`): experts over `expert`,
+    # inside each expert as a dense weight.
     "ep2xfsdp2xtp2": {
         ("embed",): P("tensor", "fsdp"),
         ("final_norm", "scale"): P("fsdp"),
@@ -65,13 +66,15 @@ GOLDEN = {
         ("blocks", "mlp", "gate"): P(None, "expert", "fsdp", "tensor"),
         ("blocks", "mlp", "up"): P(None, "expert", "fsdp", "tensor"),
         ("blocks", "mlp", "down"): P(None, "expert", "tensor", "fsdp"),
+        ("dense_blocks", "attn", "q", "kernel"): P(None, "fsdp", "tensor"),
+        ("dense_blocks", "mlp", "down", "kernel"): P(None, "tensor", "fsdp"),
         ("lm_head", "kernel"): P("fsdp", "tensor"),
     },
 }
 
 # Which families run on which mesh (all three are covered; each run is a separate SPMD compile).
 CASES = [("fsdp2xtp4", "tiny-qwen3"), ("fsdp2xtp4", "tiny-llama3"), ("dp2xfsdp4", "tiny-qwen2"),
-         ("dp2xfsdp4", "tiny-qwen3"), ("ep2xfsdp2xtp2", "tiny-qwen3-moe")]
+         ("dp2xfsdp4", "tiny-qwen3"), ("ep2xfsdp2xtp2", "tiny-qwen3-moe-mixed")]
 
 LOGIT_ATOL = 1e-5
 GRAD_RTOL = 1e-4

@@ -597,7 +597,7 @@ class BaseWorker:
                     router[p] = router[p] + np.asarray(met[step.ROUTER_STATS][r], np.float64)
         if self.cfg.is_moe:  # the load-balancing loss of each request's tokens, as transformers computes it
             for p, (req, _) in enumerate(group):
-                sums[p]["router_aux_loss:mean"] = moe.balance_from_stats(router[p], self.cfg.n_layers,
+                sums[p]["router_aux_loss:mean"] = moe.balance_from_stats(router[p], self.cfg.n_moe_layers,
                                                                          req.body.rows.n_tokens)
         for p, (req, run) in enumerate(group):
             if not forward_only:

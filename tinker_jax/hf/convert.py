@@ -97,6 +97,11 @@ class _Proj:
         """(HF module name, index into the adapter's lead axes) for every module of this projection."""
         return list(zip(self.names(cfg), np.ndindex(*self.lead(cfg))))
 
+    @property
+    def leaves(self) -> tuple[str, str]:
+        """The adapter's (a, b) leaves for this row: those of its decoder stack (models.lora.LEAVES)."""
+        return lora_math.LEAVES.get(self.path[0], ("a", "b"))
+
 
 def _projections() -> list[_Proj]:
     out = []
@@ -204,7 +209,7 @@ def _merged_tensors(model: Decoder, adapter: Adapter | None) -> Iterator[tuple[s
     if adapter is not None:
         w = adapter.numpy()
         for p, name in _adapted(adapter.spec, cfg):
-            a, b = w[name]["a"], w[name]["b"]
+            a, b = (w[name][k] for k in p.leaves)
             if name == "unembed" and cfg.tie_embeddings:
                 tied_head = (p.row.hf, lora_math.merged_delta(a, b, adapter.spec.scale))
                 continue
@@ -286,7 +291,7 @@ def export_peft_adapter(adapter: Adapter, cfg: ModelConfig, out_dir: str | Path,
     for p, name in _adapted(spec, cfg):
         if p.short not in targets:
             targets.append(p.short)
-        a, b = w[name]["a"], w[name]["b"]
+        a, b = (w[name][k] for k in p.leaves)
         for module, ai, bi in ((m, a[idx], b[idx]) for m, idx in p.parts(cfg)):
             tensors[_peft_key(module, "A")] = np.ascontiguousarray(ai.T)  # [R, in]
             tensors[_peft_key(module, "B")] = np.ascontiguousarray(bi.T)  # [out, R]
@@ -421,19 +426,19 @@ def load_peft_adapter(adapter_dir: str | Path, cfg: ModelConfig, *, seed: int = 
         for p, name in _adapted(spec, cfg):
             lead, names = p.lead(cfg), p.names(cfg)
             a, b = ([h.get_tensor(modules[n][w]).T for n in names] for w in "AB")
-            for x, which in ((a, "a"), (b, "b")):  # each module's own [in, R] / [R, out] first
+            for x, which in zip((a, b), p.leaves):  # each module's own [in, R] / [R, out] first
                 bad = next((x_.shape for x_ in x if x_.shape != want[name][which][-2:]), None)
                 if bad is not None:
-                    raise ConvertError(f"{f}: {p.module} lora_{which.upper()} has shape {bad[::-1]}, the model "
+                    raise ConvertError(f"{f}: {p.module} lora_{which[-1].upper()} has shape {bad[::-1]}, the model "
                                        f"expects {want[name][which][-2:][::-1]}")
             a = np.stack(a).astype(np.float32).reshape(*lead, *a[0].shape)  # [L?, E?, in, R]
             b = np.stack(b).astype(np.float32).reshape(*lead, *b[0].shape)  # [L?, E?, R, out]
-            for x, which in ((a, "a"), (b, "b")):
+            for x, which in zip((a, b), p.leaves):
                 if tuple(x.shape) != want[name][which]:
                     shape = want[name][which][-2:][::-1]
-                    raise ConvertError(f"{f}: {p.module} lora_{which.upper()} has shape {tuple(x.shape[-2:][::-1])}, "
-                                       f"the model expects {shape}")
-            weights[name] = {"a": jnp.asarray(a), "b": jnp.asarray(b)}
+                    raise ConvertError(f"{f}: {p.module} lora_{which[-1].upper()} has shape "
+                                       f"{tuple(x.shape[-2:][::-1])}, the model expects {shape}")
+            weights.setdefault(name, {}).update(zip(p.leaves, (jnp.asarray(a), jnp.asarray(b))))
     return Adapter(spec, weights)
 
 

@@ -79,6 +79,12 @@ PRESETS: dict[str, dict[str, Any]] = {
     # Mixture of experts as Qwen3-30B-A3B lays it out (untied, renormalised top-k), scaled down: 8 experts, 2 a token.
     "tiny-qwen3-moe": _base("Qwen3MoeForCausalLM", "qwen3_moe", **_TINY, tie=False, rope_theta=10000.0,
                             attention_bias=False, **_qwen_sliding(2), **_moe(experts=8, per_tok=2, width=24)),
+    # Dense layers among the MoE ones: decoder_sparse_step 2 makes layers 0, 2, 4 dense, mlp_only_layers adds 5
+    # (the decoder runs it as two stacks, dense and MoE, scanned in layer order).
+    "tiny-qwen3-moe-mixed": _base("Qwen3MoeForCausalLM", "qwen3_moe", **{**_TINY, "layers": 6}, tie=False,
+                                  rope_theta=10000.0, attention_bias=False, **_qwen_sliding(6),
+                                  **{**_moe(experts=8, per_tok=2, width=24), "decoder_sparse_step": 2,
+                                     "mlp_only_layers": [5], "norm_topk_prob": False}),
     "small-qwen3-moe": _base("Qwen3MoeForCausalLM", "qwen3_moe", vocab_size=8192, hidden_size=512, layers=8,
                              heads=8, kv_heads=4, head_dim=64, intermediate=1536, tie=False, max_pos=4096,
                              rope_theta=1e6, attention_bias=False, **_qwen_sliding(8),
@@ -87,7 +93,8 @@ PRESETS: dict[str, dict[str, Any]] = {
 
 # Weight init scale per preset: tiny models use larger weights so parity tests see non-trivial activations.
 INIT_STD: dict[str, float] = {"tiny-qwen3": 0.1, "tiny-llama3": 0.1, "tiny-qwen2": 0.1, "small-qwen3": 0.02,
-                              "tiny-qwen3-moe": 0.1, "small-qwen3-moe": 0.02}
+                              "tiny-qwen3-moe": 0.1, "tiny-qwen3-moe-mixed": 0.1,
+                              "small-qwen3-moe": 0.02}
 
 
 def get_preset(name: str) -> dict[str, Any]:

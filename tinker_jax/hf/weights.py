@@ -40,35 +40,55 @@ class HFTensor:
     when: Callable[[ModelConfig], bool] = lambda cfg: True
 
     def lead(self, cfg: ModelConfig) -> tuple[int, ...]:
-        """The stacked axes our array has in front of the HF tensor's: [L] for "{i}", then [E] for "{e}"."""
-        return ((cfg.n_layers,) if "{i}" in self.hf else ()) + ((cfg.n_experts,) if "{e}" in self.hf else ())
+        """The stacked axes our array has in front of the HF tensor's: [layers of its stack] for "{i}", then [E] for
+        "{e}"."""
+        layers = (len(self.layers(cfg)),) if "{i}" in self.hf else ()
+        return layers + ((cfg.n_experts,) if "{e}" in self.hf else ())
+
+    def layers(self, cfg: ModelConfig) -> tuple[int, ...]:
+        """The HF layer index of each of this row's stacked layers (its decoder stack's: ModelConfig.stack_layers)."""
+        return cfg.stack_layers(self.path[0]) if "{i}" in self.hf else ()
 
     def names(self, cfg: ModelConfig) -> list[str]:
-        """Every HF name of this row, row-major over `lead` (layer 0's experts first)."""
-        lead = self.lead(cfg)
+        """Every HF name of this row, row-major over `lead` (the stack's first layer's experts first)."""
+        if "{i}" not in self.hf:
+            return [self.hf]
         if "{e}" not in self.hf:
-            return [self.hf.format(i=i) for i in range(lead[0])] if lead else [self.hf]
-        return [self.hf.format(i=i, e=e) for i in range(cfg.n_layers) for e in range(cfg.n_experts)]
+            return [self.hf.format(i=i) for i in self.layers(cfg)]
+        return [self.hf.format(i=i, e=e) for i in self.layers(cfg) for e in range(cfg.n_experts)]
 
 
 _L = "model.layers.{i}."
+
+
+def _layer_rows(stack: str, when: Callable[[ModelConfig], bool]) -> tuple[HFTensor, ...]:
+    """The rows of one decoder stack's layers (models.decoder.STACKS): attention and norms, then the feed-forward,
+    dense (`mlp.{gate,up,down}_proj`) or a mixture of experts (the router, HF's `mlp.gate` [E, D], and each
+    expert's SwiGLU, stacked [layers, E, ...] here). `when`: whether the config has this stack."""
+    moe = lambda c: stack == "blocks" and c.is_moe  # noqa: E731 - `dense_blocks` are a MoE model's dense layers
+    both = lambda extra: (lambda c: when(c) and extra(c))  # noqa: E731
+    return (
+        HFTensor(_L + "input_layernorm.weight", (stack, "attn_norm", "scale"), False, when),
+        HFTensor(_L + "post_attention_layernorm.weight", (stack, "mlp_norm", "scale"), False, when),
+        *(HFTensor(_L + f"self_attn.{p}_proj.weight", (stack, "attn", p, "kernel"), True, when) for p in "qkvo"),
+        *(HFTensor(_L + f"self_attn.{p}_proj.bias", (stack, "attn", p, "bias"), False, both(lambda c: c.qkv_bias))
+          for p in "qkv"),
+        *(HFTensor(_L + f"self_attn.{p}_norm.weight", (stack, "attn", f"{p}_norm", "scale"), False,
+                   both(lambda c: c.qk_norm)) for p in "qk"),
+        *(HFTensor(_L + f"mlp.{p}_proj.weight", (stack, "mlp", p, "kernel"), True, both(lambda c: not moe(c)))
+          for p in ("gate", "up", "down")),
+        HFTensor(_L + "mlp.gate.weight", (stack, "mlp", "router"), True, both(moe)),
+        *(HFTensor(_L + f"mlp.experts.{{e}}.{p}_proj.weight", (stack, "mlp", p), True, both(moe))
+          for p in ("gate", "up", "down")),
+    )
+
+
 HF_TABLE: tuple[HFTensor, ...] = (
     HFTensor("model.embed_tokens.weight", ("embed",)),
     HFTensor("model.norm.weight", ("final_norm", "scale")),
     HFTensor("lm_head.weight", ("lm_head", "kernel"), True, lambda c: not c.tie_embeddings),
-    HFTensor(_L + "input_layernorm.weight", ("blocks", "attn_norm", "scale")),
-    HFTensor(_L + "post_attention_layernorm.weight", ("blocks", "mlp_norm", "scale")),
-    *(HFTensor(_L + f"self_attn.{p}_proj.weight", ("blocks", "attn", p, "kernel"), True) for p in "qkvo"),
-    *(HFTensor(_L + f"self_attn.{p}_proj.bias", ("blocks", "attn", p, "bias"), False, lambda c: c.qkv_bias)
-      for p in "qkv"),
-    *(HFTensor(_L + f"self_attn.{p}_norm.weight", ("blocks", "attn", f"{p}_norm", "scale"), False,
-               lambda c: c.qk_norm) for p in "qk"),
-    *(HFTensor(_L + f"mlp.{p}_proj.weight", ("blocks", "mlp", p, "kernel"), True, lambda c: not c.is_moe)
-      for p in ("gate", "up", "down")),
-    # Mixture of experts: the router (HF calls it `gate`, [E, D]) and each expert's SwiGLU, stacked [L, E, ...] here.
-    HFTensor(_L + "mlp.gate.weight", ("blocks", "mlp", "router"), True, lambda c: c.is_moe),
-    *(HFTensor(_L + f"mlp.experts.{{e}}.{p}_proj.weight", ("blocks", "mlp", p), True, lambda c: c.is_moe)
-      for p in ("gate", "up", "down")),
+    *_layer_rows("blocks", lambda c: True),
+    *_layer_rows("dense_blocks", lambda c: bool(c.dense_layers)),
 )
 
 

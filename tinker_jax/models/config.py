@@ -60,6 +60,9 @@ class ModelConfig:
     n_experts_per_tok: int = 0  # k
     d_expert: int = 0  # I
     norm_topk_prob: bool = False  # renormalise the k routing weights to sum to 1
+    # A MoE model's dense layers (HF: `mlp_only_layers`, and the layers `decoder_sparse_step` skips): their feed-forward
+    # is the dense SwiGLU of width F. They form a second stack of layers (see `stack_layers`).
+    dense_layers: tuple[int, ...] = ()
     # The raw dict, kept for export; excluded from hashing so the config can be static jit data.
     hf_config: Mapping[str, Any] | None = field(default=None, compare=False, hash=False)
 
@@ -69,22 +72,44 @@ class ModelConfig:
         D, N, K, H, V = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.vocab_size
         attn = D * N * H + 2 * D * K * H + N * H * D + (N * H + 2 * K * H if self.qkv_bias else 0)
         attn += 2 * H if self.qk_norm else 0
-        block = attn + self._ffn_params(self.n_experts) + 2 * D
-        return self.n_layers * block + V * D * (1 if self.tie_embeddings else 2) + D
+        ffn = self.n_moe_layers * self._moe_params(self.n_experts) + len(self.dense_layers) * 3 * D * self.d_ff
+        if not self.is_moe:
+            ffn = self.n_layers * 3 * D * self.d_ff
+        return self.n_layers * (attn + 2 * D) + ffn + V * D * (1 if self.tie_embeddings else 2) + D
 
     @property
     def n_active_params(self) -> int:
         """Parameters one token computes with: n_params less the experts it is not routed to."""
-        return self.n_params - self.n_layers * (self._ffn_params(self.n_experts) - self._ffn_params(
+        return self.n_params - self.n_moe_layers * (self._moe_params(self.n_experts) - self._moe_params(
             self.n_experts_per_tok)) if self.is_moe else self.n_params
 
     @property
     def is_moe(self) -> bool:
         return self.n_experts > 0
 
-    def _ffn_params(self, experts: int) -> int:
+    @property
+    def n_moe_layers(self) -> int:
+        return self.n_layers - len(self.dense_layers) if self.is_moe else 0
+
+    def stack_layers(self, stack: str) -> tuple[int, ...]:
+        """The layers (in order) of one of the decoder's stacks: "blocks", every layer of the model's own kind (all
+        layers of a dense model, the MoE layers of a MoE model), or "dense_blocks", a MoE model's dense layers."""
+        if stack == "dense_blocks":
+            return self.dense_layers
+        if stack != "blocks":
+            raise ValueError(f"stack: expected 'blocks' or 'dense_blocks', got {stack!r}")
+        dense = set(self.dense_layers)
+        return tuple(i for i in range(self.n_layers) if i not in dense)
+
+    def layer_stacks(self) -> tuple[str, ...]:
+        """The stack of every layer, in layer order."""
+        dense = set(self.dense_layers)
+        return tuple("dense_blocks" if i in dense else "blocks" for i in range(self.n_layers))
+
+    def _moe_params(self, experts: int) -> int:
+        """One MoE layer's feed-forward parameters counting `experts` experts (and the whole router)."""
         D = self.d_model
-        return D * self.n_experts + 3 * D * self.d_expert * experts if self.is_moe else 3 * D * self.d_ff
+        return D * self.n_experts + 3 * D * self.d_expert * experts
 
     def with_(self, **changes) -> "ModelConfig":
         return replace(self, **changes)
@@ -178,16 +203,29 @@ def _moe_fields(d: Mapping[str, Any], source: str) -> dict[str, Any]:
     k = int(_get(d, "num_experts_per_tok", source))
     if not 0 < k <= n_experts:
         raise ConfigError(f"{source}: num_experts_per_tok={k} must be between 1 and num_experts={n_experts}")
-    # Every layer sparse is what released Qwen3-MoE models use; dense layers among sparse ones would need a second
-    # stack of layers (the decoder scans one), so such configs are refused rather than run wrong.
-    step = int(d.get("decoder_sparse_step") or 1)
-    dense_layers = list(d.get("mlp_only_layers") or [])
-    if step != 1 or dense_layers:
-        raise ConfigError(f"{source}: decoder_sparse_step={step}, mlp_only_layers={dense_layers}: only models whose "
-                          "every layer is a mixture of experts are supported (decoder_sparse_step 1, no "
-                          "mlp_only_layers)")
     return dict(n_experts=n_experts, n_experts_per_tok=k, d_expert=int(_get(d, "moe_intermediate_size", source)),
-                norm_topk_prob=bool(d.get("norm_topk_prob", False)))
+                norm_topk_prob=bool(d.get("norm_topk_prob", False)), dense_layers=_dense_layers(d, source))
+
+
+def _dense_layers(d: Mapping[str, Any], source: str) -> tuple[int, ...]:
+    """A MoE model's dense layers, as transformers picks them: layer i is a mixture of experts unless it is in
+    `mlp_only_layers` or (i + 1) is not a multiple of `decoder_sparse_step`."""
+    n_layers = int(_get(d, "num_hidden_layers", source))
+    step = d.get("decoder_sparse_step")
+    step = 1 if step is None else step
+    if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+        raise ConfigError(f"{source}: decoder_sparse_step={step!r} must be a positive integer")
+    only = d.get("mlp_only_layers") or []
+    if not isinstance(only, list) or any(isinstance(i, bool) or not isinstance(i, int) for i in only):
+        raise ConfigError(f"{source}: mlp_only_layers={only!r} must be a list of layer indices")
+    bad = [i for i in only if not 0 <= i < n_layers]
+    if bad:
+        raise ConfigError(f"{source}: mlp_only_layers has {bad}, outside the {n_layers} layers (0..{n_layers - 1})")
+    dense = tuple(i for i in range(n_layers) if i in set(only) or (i + 1) % step)
+    if len(dense) == n_layers:
+        raise ConfigError(f"{source}: decoder_sparse_step={step}, mlp_only_layers={only}: no layer is a mixture of "
+                          "experts (serve it as a dense model)")
+    return dense
 
 
 def load_config(model_dir: str | Path) -> ModelConfig:

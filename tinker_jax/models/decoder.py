@@ -5,7 +5,9 @@ G = N // K, H head_dim, F d_ff, V vocab, R LoRA rank, L layers (E experts of wid
 feed-forward: models.moe).
 
 Layers are stacked: every block parameter has a leading [L] axis and the forward pass is one `lax.scan`,
-so compile time does not grow with depth. Numerics follow transformers: RMSNorm and softmax in fp32,
+so compile time does not grow with depth. A MoE model with dense layers among its MoE ones has two stacks
+(`blocks`, its MoE layers; `dense_blocks`, its dense ones), scanned in layer order by runs of a repeating unit
+(layer_groups). Numerics follow transformers: RMSNorm and softmax in fp32,
 RoPE tables in fp32 then cast, logits returned in fp32.
 """
 
@@ -209,11 +211,12 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype, moe_impl: str = "auto"):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, param_dtype, moe_impl: str = "auto", moe: bool = True):
+        """moe: a mixture-of-experts feed-forward when the config has experts (False: a MoE model's dense layer)."""
         self.attn_norm = RMSNorm(cfg.d_model, cfg.norm_eps, ("embed",), param_dtype)
         self.attn = Attention(cfg, rngs=rngs, param_dtype=param_dtype)
         self.mlp_norm = RMSNorm(cfg.d_model, cfg.norm_eps, ("embed",), param_dtype)
-        if cfg.is_moe:
+        if cfg.is_moe and moe:
             self.mlp = MoeMLP(cfg.d_model, cfg.d_expert, cfg.n_experts, cfg.n_experts_per_tok, cfg.norm_topk_prob,
                               rngs=rngs, param_dtype=param_dtype, impl=moe_impl)
         else:
@@ -232,10 +235,11 @@ class Block(nnx.Module):
 # ---------------------------------------------------------------------------------------------- decoder
 
 
-def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, param_dtype, moe_impl: str) -> Block:
-    """A Block whose every variable has a leading [L] axis (one independent init per layer)."""
-    keys = jax.random.split(rngs.params(), cfg.n_layers)
-    kw = dict(param_dtype=param_dtype, moe_impl=moe_impl)
+def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, param_dtype, moe_impl: str, stack: str = "blocks") -> Block:
+    """The Block of one stack (ModelConfig.stack_layers) with a leading [layers of the stack] axis on every variable
+    (one independent init per layer)."""
+    keys = jax.random.split(rngs.params(), len(cfg.stack_layers(stack)))
+    kw = dict(param_dtype=param_dtype, moe_impl=moe_impl, moe=stack == "blocks")
 
     def make(key):
         return nnx.split(Block(cfg, rngs=nnx.Rngs(params=key), **kw))[1]
@@ -243,6 +247,79 @@ def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, param_dtype, moe_impl: str
     state = jax.vmap(make)(keys)
     graphdef = nnx.eval_shape(lambda: nnx.split(Block(cfg, rngs=nnx.Rngs(params=0), **kw))[0])
     return nnx.merge(graphdef, state)
+
+
+STACKS = ("blocks", "dense_blocks")
+
+
+def layer_groups(cfg: ModelConfig, max_period: int = 8) -> tuple[tuple[int, tuple[str, ...], int], ...]:
+    """The layers as runs of a repeating unit: (first layer, unit (the stack of each of its layers), repeats).
+    Each run is one `lax.scan` whose body holds its unit's layers, so compile time follows the summed unit lengths,
+    and that is what this minimises (then the number of runs): a uniform model is one run of a one-layer unit,
+    decoder_sparse_step 2 one run of (dense, MoE), a few leading dense layers two runs of one-layer units."""
+    kinds = cfg.layer_stacks()
+    L = len(kinds)
+    best: list = [None] * L + [((0, 0), ())]  # best[i]: ((summed unit lengths, runs), runs) for layers i..L-1
+    for i in range(L - 1, -1, -1):
+        for p in range(1, min(max_period, L - i) + 1):
+            unit, n = kinds[i:i + p], 1
+            while True:
+                (cost, runs), rest = best[i + n * p]
+                cand = ((cost + p, runs + 1), ((i, unit, n),) + rest)
+                if best[i] is None or cand[0] < best[i][0]:
+                    best[i] = cand
+                if kinds[i + n * p:i + (n + 1) * p] != unit:
+                    break
+                n += 1
+    return best[0][1]
+
+
+def scan_layers(cfg: ModelConfig, fn, carry, per_stack: dict, per_layer, unroll: bool = False, remat: bool = False):
+    """Every layer in order: carry, y = fn(carry, stack, xs, layer_xs) with `xs` the layer's slice of
+    per_stack[stack] (leaves [layers of the stack, ...]) and `layer_xs` its slice of `per_layer` (leaves [L, ...]).
+    -> (carry, ys stacked [L, ...] in layer order, or None when fn returns None).
+
+    remat: each scan step (one unit of layers) recomputed in the backward pass, keeping only its matmul outputs.
+    The checkpoint wraps the whole step, not each layer: a layer's slice of the step's inputs taken inside a
+    checkpoint is recomputed; taken outside, it would be saved, a copy of every layer's weights."""
+    seen = dict.fromkeys(per_stack, 0)  # layers of each stack before the run
+    ys = []
+    for start, unit, n in layer_groups(cfg):
+        counts = {s: unit.count(s) for s in dict.fromkeys(unit)}
+        sx = {s: jax.tree.map(lambda a, s=s, c=c: _units(a, seen[s], n, c), per_stack[s]) for s, c in counts.items()}
+        lx = jax.tree.map(lambda a: _units(a, start, n, len(unit)), per_layer)
+
+        def body(carry, xs, unit=unit, counts=counts):
+            sx, lx = xs
+            taken, out = dict.fromkeys(sx, 0), []
+            for j, s in enumerate(unit):
+                one = sx[s] if counts[s] == 1 else jax.tree.map(lambda a, k=taken[s]: a[k], sx[s])
+                taken[s] += 1
+                carry, y = fn(carry, s, one, lx if len(unit) == 1 else jax.tree.map(lambda a, j=j: a[j], lx))
+                out.append(y)
+            if out[0] is None or len(unit) == 1:
+                return carry, out[0]
+            return carry, jax.tree.map(lambda *a: jnp.stack(a), *out)  # [p, ...]
+
+        if remat:
+            body = jax.checkpoint(body, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+        carry, y = jax.lax.scan(body, carry, (sx, lx), unroll=unroll)
+        if y is not None and len(unit) > 1:
+            y = jax.tree.map(lambda a: a.reshape(-1, *a.shape[2:]), y)  # [n, p, ...] -> [n*p, ...]
+        ys.append(y)
+        for s, c in counts.items():
+            seen[s] += n * c
+    if ys[0] is None:
+        return carry, None
+    return carry, ys[0] if len(ys) == 1 else jax.tree.map(lambda *a: jnp.concatenate(a), *ys)
+
+
+def _units(a: jax.Array, start: int, n: int, c: int) -> jax.Array:
+    """Layers [start, start + n*c) of a stacked leaf as [n, c, ...], or [n, ...] when c is 1 (then, for the whole
+    leaf, the leaf itself: a uniform model's scan sees its weights exactly as stored)."""
+    if not (start == 0 and n * c == a.shape[0]):
+        a = a[start:start + n * c]
+    return a if c == 1 else a.reshape(n, c, *a.shape[1:])
 
 
 class Decoder(nnx.Module):
@@ -259,6 +336,9 @@ class Decoder(nnx.Module):
         self.embed = nnx.Param(init(rngs.params(), (cfg.vocab_size, cfg.d_model), param_dtype),
                                axes=("vocab", "embed"))
         self.blocks = _stacked_blocks(cfg, rngs, param_dtype, moe_impl)
+        # A MoE model's dense layers: a second stack, interleaved with `blocks` in layer order (layer_groups).
+        self.dense_blocks = _stacked_blocks(cfg, rngs, param_dtype, moe_impl, "dense_blocks") \
+            if cfg.dense_layers else None
         self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, ("embed",), param_dtype)
         # Tied models unembed with the embedding matrix (see `logits`).
         self.lm_head = None if cfg.tie_embeddings else Linear(
@@ -296,44 +376,41 @@ class Decoder(nnx.Module):
             # context is every slot before the chunk's first position; later slots may hold stale rows.
             slots = jnp.arange(cache.k.shape[2])
             mask = jnp.broadcast_to(slots[None, None, :] < positions[:, :1, None], (B, T, cache.k.shape[2]))
-        graphdef, state = nnx.split(self.blocks)
+        stacks = {name: nnx.split(getattr(self, name)) for name in STACKS if getattr(self, name) is not None}
         inv_freq = rope_inv_freq(self.cfg)  # numpy at trace time: a compile-time constant
 
         if attention not in ATTENTION_IMPLS:
             raise ValueError(f"attention: expected one of {ATTENTION_IMPLS}, got {attention!r}")
         lora = tuple(lora)
-        lora_layers = tuple(c.per_layer() for c in lora)  # each weight [L,S,...]: sliced per layer by the scan
+        # per stack: (its layers' weights, each rank's adapter weights [layers,S,...]), sliced per layer by the scan
+        per_stack = {name: (state, tuple(c.per_layer(name) for c in lora)) for name, (_, state) in stacks.items()}
 
-        def with_layer(weights):
-            return tuple(c.with_weights(w) for c, w in zip(lora, weights))
+        def block_of(name, layer_state, lw):
+            return nnx.merge(stacks[name][0], layer_state), tuple(c.with_weights(w) for c, w in zip(lora, lw))
 
         if cache is None:
             stats = router_stats and self.cfg.is_moe
             real = (seg != 0).astype(jnp.float32)  # [B,T]
 
-            def layer(carry, xs):
+            def layer(carry, name, xs, _):
                 h, acc = carry  # acc: the router statistics so far ([B,2,E]; a placeholder without `stats`)
-                layer_state, lw = xs
-                block = nnx.merge(graphdef, layer_state)
-                if not stats:
-                    return (block(h, positions, mask, inv_freq, None, attention, with_layer(lw))[0], acc), None
-                h, _, logits = block(h, positions, mask, inv_freq, None, attention, with_layer(lw), router=True)
+                block, lw = block_of(name, *xs)
+                if not (stats and name == "blocks"):
+                    return (block(h, positions, mask, inv_freq, None, attention, lw)[0], acc), None
+                h, _, logits = block(h, positions, mask, inv_freq, None, attention, lw, router=True)
                 logits = jax.lax.stop_gradient(logits.reshape(B, T, -1))  # a metric: nothing to differentiate
                 return (h, acc + row_router_stats(logits, real, self.cfg.n_experts_per_tok)), None
 
-            if remat:
-                layer = jax.checkpoint(layer, policy=jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
             acc = jnp.zeros((B, 2, self.cfg.n_experts) if stats else (), jnp.float32)
-            (x, acc), _ = jax.lax.scan(layer, (x, acc), (state, lora_layers))
+            (x, acc), _ = scan_layers(self.cfg, layer, (x, acc), per_stack, (), remat=remat)
             return self.final_norm(x), acc if stats else None
 
-        def cached_layer(h, xs):
-            layer_state, ck, cv, lw = xs
-            h, kv = nnx.merge(graphdef, layer_state)(h, positions, mask, inv_freq, (ck, cv), lora=with_layer(lw))
-            return h, kv
+        def cached_layer(h, name, xs, kv):
+            block, lw = block_of(name, *xs)
+            return block(h, positions, mask, inv_freq, kv, lora=lw)
 
-        x, (k_new, v_new) = jax.lax.scan(cached_layer, x, (state, cache.k, cache.v, lora_layers),
-                                         unroll=bool(unroll))  # new: [L,B,T,K,H]
+        x, (k_new, v_new) = scan_layers(self.cfg, cached_layer, x, per_stack, (cache.k, cache.v),
+                                        unroll=bool(unroll))  # new: [L,B,T,K,H]
         rows = jnp.arange(B)[:, None]  # step t of row b goes to slot positions[b, t], in every layer
         cache = KVCache(cache.k.at[:, rows, positions].set(k_new.astype(cache.k.dtype)),
                         cache.v.at[:, rows, positions].set(v_new.astype(cache.v.dtype)))

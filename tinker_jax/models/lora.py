@@ -52,16 +52,23 @@ class Projection:
     per_layer: bool
     axes: tuple[str, str]  # logical axes of the base kernel [in, out]
 
-    def dims(self, cfg: ModelConfig) -> tuple[int, int]:
+    def dims(self, cfg: ModelConfig, stack: str = "blocks") -> tuple[int, int]:
         D, N, K, H, F, V = cfg.d_model, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.d_ff, cfg.vocab_size
-        F = cfg.d_expert if self.per_expert(cfg) else F
+        F = cfg.d_expert if self.per_expert(cfg, stack) else F
         return {"q": (D, N * H), "k": (D, K * H), "v": (D, K * H), "o": (N * H, D), "gate": (D, F), "up": (D, F),
                 "down": (F, D), "unembed": (D, V)}[self.name]
 
-    def per_expert(self, cfg: ModelConfig) -> bool:
-        """A mixture-of-experts model's feed-forward projections exist once per expert, and so do their adapters
-        (a leading [E] before the adapter's own dims; the router is not adapted)."""
-        return cfg.is_moe and self.role == "mlp"
+    def per_expert(self, cfg: ModelConfig, stack: str = "blocks") -> bool:
+        """A mixture-of-experts layer's feed-forward projections exist once per expert, and so do their adapters
+        (a leading [E] before the adapter's own dims; the router is not adapted). `stack`: the decoder's layer
+        stack ("dense_blocks": a MoE model's dense layers)."""
+        return cfg.is_moe and self.role == "mlp" and stack == "blocks"
+
+    def stacks(self, cfg: ModelConfig) -> tuple[str, ...]:
+        """The decoder stacks this projection's adapter has weights for (none: it is not per layer)."""
+        if not self.per_layer:
+            return ()
+        return ("blocks", "dense_blocks") if cfg.dense_layers else ("blocks",)
 
 
 PROJECTIONS: tuple[Projection, ...] = (
@@ -157,22 +164,33 @@ class LoraSpec:
 # --------------------------------------------------------------------------------------------- weights
 
 
+# The leaves of a per-layer projection's adapter in each decoder stack (models.decoder.STACKS): a MoE model with
+# dense layers has a second pair, over those layers, with the dense feed-forward's shapes.
+LEAVES = {"blocks": ("a", "b"), "dense_blocks": ("dense_a", "dense_b")}
+
+
 def shapes(cfg: ModelConfig, rank: int, slots: int | None = None) -> dict[str, dict[str, tuple[int, ...]]]:
     """{projection: {"a": shape, "b": shape}}; `slots` inserts the slot axis after [L] (or first); a per-expert
-    projection has [E] after those: [L, S, E, in, R]."""
+    projection has [E] after those: [L, S, E, in, R]. Per-layer leaves cover their stack's layers
+    (ModelConfig.stack_layers): "a"/"b" the `blocks` stack, "dense_a"/"dense_b" a MoE model's dense layers."""
     out = {}
+    slot = () if slots is None else (slots,)
     for p in PROJECTIONS:
-        d_in, d_out = p.dims(cfg)
-        lead = ((cfg.n_layers,) if p.per_layer else ()) + (() if slots is None else (slots,))
-        lead += (cfg.n_experts,) if p.per_expert(cfg) else ()
-        out[p.name] = {"a": (*lead, d_in, rank), "b": (*lead, rank, d_out)}
+        out[p.name] = {}
+        for stack in p.stacks(cfg) or ("blocks",):
+            d_in, d_out = p.dims(cfg, stack)
+            lead = ((len(cfg.stack_layers(stack)),) if p.per_layer else ()) + slot
+            lead += (cfg.n_experts,) if p.per_expert(cfg, stack) else ()
+            a, b = LEAVES[stack]
+            out[p.name].update({a: (*lead, d_in, rank), b: (*lead, rank, d_out)})
     return out
 
 
 def axes(name: str) -> dict[str, tuple]:
-    """Logical axes of a projection's (trailing) adapter dims: `a` follows the kernel's input, `b` its output."""
+    """Logical axes of a projection's (trailing) adapter dims, per leaf: `a` follows the kernel's input, `b` its
+    output."""
     i, o = BY_NAME[name].axes
-    return {"a": (i, None), "b": (None, o)}
+    return {k: (i, None) if k.endswith("a") else (None, o) for pair in LEAVES.values() for k in pair}
 
 
 def init_adapter(cfg: ModelConfig, spec: LoraSpec) -> dict[str, dict[str, jax.Array]]:
@@ -191,10 +209,13 @@ def _init_fn(cfg: ModelConfig, rank: int, mask: tuple[bool, ...]):
             out = {}
             for i, p in enumerate(PROJECTIONS):
                 s = shapes(cfg, rank)[p.name]
-                d_in = s["a"][-2]
-                bound = 1.0 / math.sqrt(d_in)
-                a = jax.random.uniform(jax.random.fold_in(k, i), s["a"], jnp.float32, -bound, bound)
-                out[p.name] = {"a": a if mask[i] else jnp.zeros_like(a), "b": jnp.zeros(s["b"], jnp.float32)}
+                out[p.name] = {}
+                for j, stack in enumerate(p.stacks(cfg) or ("blocks",)):
+                    la, lb = LEAVES[stack]
+                    bound = 1.0 / math.sqrt(s[la][-2])
+                    key = jax.random.fold_in(k, i) if j == 0 else jax.random.fold_in(jax.random.fold_in(k, i), j)
+                    a = jax.random.uniform(key, s[la], jnp.float32, -bound, bound)
+                    out[p.name].update({la: a if mask[i] else jnp.zeros_like(a), lb: jnp.zeros(s[lb], jnp.float32)})
             return out
 
         _INIT_CACHE[key] = jax.jit(init)
@@ -292,8 +313,10 @@ class LoraRows:
     size: int = field(metadata=dict(static=True), default=0)
     mode: str = field(metadata=dict(static=True), default="gather")
 
-    def per_layer(self) -> dict:
-        return {n: w for n, w in self.weights.items() if BY_NAME[n].per_layer}
+    def per_layer(self, stack: str = "blocks") -> dict:
+        """The per-layer projections' weights over one decoder stack's layers, as {"a", "b"} each."""
+        la, lb = LEAVES[stack]
+        return {n: {"a": w[la], "b": w[lb]} for n, w in self.weights.items() if BY_NAME[n].per_layer}
 
     def with_weights(self, weights: dict) -> "LoraRows":
         return LoraRows(weights, self.scale, self.slots, self.start, self.size, self.mode)
