@@ -440,3 +440,30 @@ def test_unrolled_decode_and_longer_calls_sample_the_same(sampler, snap):
             b = other.sample(snap, prompt, params).sequences[0]
             assert a.tokens == b.tokens
             np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_decode_loop_ends_when_its_rows_finish_or_a_row_frees(sampler, snap):
+    """decode_steps bounds a device loop that ends early: when every row in it has finished, or, while a request
+    waits for a row, right after the step that freed one. Rows of 10 and 2 tokens with a 3-token request waiting
+    (2 rows): the first call ends after 2 steps (the waiting request takes the freed row), the second when both rows
+    finish, 8 steps later; a fixed 16-step loop would have run 32. Every sequence equals the same request alone."""
+    params = [P(max_tokens=10, seed=1, stop=[]), P(max_tokens=2, seed=2, stop=[]), P(max_tokens=3, seed=3, stop=[])]
+    prompts = [prompt_of(100 + i, 5 + i) for i in range(3)]
+    s = Sampler(snap.cfg, [EOS], max_batch=2, max_seq_len=MAX_SEQ, prefill_lengths=(16,), prefill_batches=(4,),
+                decode_steps=16, decode_lengths=(32,)).drive(lambda: None)  # stepped here, not on its own thread
+    try:
+        futs = [s.submit(snap, p, q) for p, q in zip(prompts, params)]
+        steps = 0
+        while not all(f.done() for f in futs):
+            s.step()
+            steps += 1
+            assert steps < 10
+        got = [f.result().sequences[0] for f in futs]
+    finally:
+        s.stop()
+    assert [len(g.tokens) for g in got] == [10, 2, 3]
+    assert (s.stats["decode_calls"], s.stats["decode_steps_run"]) == (2, 10)
+    for prompt, q, g in zip(prompts, params, got):
+        alone = sampler.sample(snap, prompt, q).sequences[0]
+        assert g.tokens == alone.tokens
+        np.testing.assert_allclose(g.logprobs, alone.logprobs, atol=1e-5)

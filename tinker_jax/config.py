@@ -32,7 +32,8 @@ class SamplerConfig:
     max_lora_rank: int = 64  # vllm: largest adapter rank served (rounded up to a rank vLLM accepts)
     max_loras: int = 4  # vllm: adapters resident on the GPU at once
     gpu_memory_utilization: float = 0.4  # vllm: its share of GPU memory (JAX training needs the rest)
-    decode_steps: int = 8  # jax: decode steps per device call (one host round trip each; stop strings are
+    decode_steps: int = 8  # jax: most decode steps per device call (one host round trip each; the call ends
+    #                        sooner when its rows finish or a row frees for a waiting request; stop strings are
     #                        checked between calls)
     decode_unroll: bool = False  # jax: unroll the layer loop of a decode step (more code, fewer loop iterations)
     max_adapters: int = 16  # jax: LoRA adapters resident per rank at once (rows of different adapters decode

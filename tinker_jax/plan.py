@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from tinker_jax.models.config import ConfigError, ModelConfig, config_from_hf, load_config
+from tinker_jax.models.config import STACKS, ConfigError, ModelConfig, config_from_hf, load_config
 
 PLAN_AXES = ("data", "fsdp", "tensor", "expert")  # models.sharding.MESH_AXES' axes, in --mesh's order
 DTYPES = {"float32": 4, "bfloat16": 2}
@@ -419,6 +419,13 @@ def _activations(d: Dims, L: int, t: int, rows: int, T: int, b: int, attention: 
                                        "per_layer_remat": int(layer_re), "logits": int(logits)}
 
 
+def _largest_layer(table: list, size) -> int:
+    """The largest of one layer's summed size(name, local shape) over its parameters, across the decoder's layer
+    stacks (models.config.STACKS: a MoE model's dense layers are a second stack)."""
+    return max(sum(size(name, local) for name, _, _, local in table if name.startswith(stack + "."))
+               for stack in STACKS)
+
+
 def _workspace(cfg: ModelConfig, mesh: PlanMesh, tensor_only: list, itemsize: int, full: bool) -> int:
     """Estimated transient bytes of FSDP (0 when fsdp = 1): each layer's weights are all-gathered over fsdp for its
     matmuls (XLA inserts the gather inside the layer scan), and the unembedding matrix for the logits; a full
@@ -427,7 +434,7 @@ def _workspace(cfg: ModelConfig, mesh: PlanMesh, tensor_only: list, itemsize: in
     data/fsdp (what one gather yields)."""
     if mesh.fsdp == 1:
         return 0
-    layer = sum(_nbytes(local[1:], itemsize) for name, _, _, local in tensor_only if name.startswith("blocks."))
+    layer = _largest_layer(tensor_only, lambda name, local: _nbytes(local[1:], itemsize))
     unembed = sum(_nbytes(local, itemsize) for name, _, _, local in tensor_only
                   if name == ("embed" if cfg.tie_embeddings else "lm_head.kernel"))
     return max(layer, unembed) * (2 if full else 1)
@@ -520,8 +527,7 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
                      "least one row")
     # a full run steps alone; LoRA rows of one run take "uniform" mode, rows of several runs "gather"
     mode = "full" if full else ("uniform" if adapters == 1 else "gather")
-    layer_w = sum(math.prod(local[1:]) for name, _, _, local in table
-                  if name.startswith("blocks.") and name.endswith(".kernel"))
+    layer_w = _largest_layer(table, lambda name, local: math.prod(local[1:]) if name.endswith(".kernel") else 0)
     act_no, act_re, parts = _activations(dims(cfg, amesh, rank, layer_w), cfg.n_layers, t, rows_dev, T, b,
                                          attention, mode, rank, cast_weights=full and dtype != "float32")
     workspace = _workspace(cfg, mesh, _param_table(state, mesh.abstract(data=1, fsdp=1, expert=1)),

@@ -62,7 +62,7 @@ _L = "model.layers.{i}."
 
 
 def _layer_rows(stack: str, when: Callable[[ModelConfig], bool]) -> tuple[HFTensor, ...]:
-    """The rows of one decoder stack's layers (models.decoder.STACKS): attention and norms, then the feed-forward,
+    """The rows of one decoder stack's layers (models.config.STACKS): attention and norms, then the feed-forward,
     dense (`mlp.{gate,up,down}_proj`) or a mixture of experts (the router, HF's `mlp.gate` [E, D], and each
     expert's SwiGLU, stacked [layers, E, ...] here). `when`: whether the config has this stack."""
     moe = lambda c: stack == "blocks" and c.is_moe  # noqa: E731 - `dense_blocks` are a MoE model's dense layers

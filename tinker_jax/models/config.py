@@ -20,6 +20,11 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 
+# The decoder's layer stacks: "blocks", every layer of the model's own kind, and "dense_blocks", a MoE model's dense
+# layers (ModelConfig.stack_layers).
+STACKS = ("blocks", "dense_blocks")
+
+
 class ConfigError(ValueError):
     """A config.json that cannot describe a supported model; the message names the file and field."""
 

@@ -22,7 +22,7 @@ import numpy as np
 from flax import nnx
 
 from tinker_jax.models import lora as lora_math
-from tinker_jax.models.config import ModelConfig
+from tinker_jax.models.config import STACKS, ModelConfig
 from tinker_jax.models.lora import LoraRows
 from tinker_jax.models.moe import MoeMLP, row_router_stats
 
@@ -247,9 +247,6 @@ def _stacked_blocks(cfg: ModelConfig, rngs: nnx.Rngs, param_dtype, moe_impl: str
     state = jax.vmap(make)(keys)
     graphdef = nnx.eval_shape(lambda: nnx.split(Block(cfg, rngs=nnx.Rngs(params=0), **kw))[0])
     return nnx.merge(graphdef, state)
-
-
-STACKS = ("blocks", "dense_blocks")
 
 
 def layer_groups(cfg: ModelConfig, max_period: int = 8) -> tuple[tuple[int, tuple[str, ...], int], ...]:

@@ -164,7 +164,7 @@ class LoraSpec:
 # --------------------------------------------------------------------------------------------- weights
 
 
-# The leaves of a per-layer projection's adapter in each decoder stack (models.decoder.STACKS): a MoE model with
+# The leaves of a per-layer projection's adapter in each decoder stack (models.config.STACKS): a MoE model with
 # dense layers has a second pair, over those layers, with the dense feed-forward's shapes.
 LEAVES = {"blocks": ("a", "b"), "dense_blocks": ("dense_a", "dense_b")}
 

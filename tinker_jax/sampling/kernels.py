@@ -43,14 +43,15 @@ from typing import Any, Callable, Hashable
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tinker_jax.models import lora as lora_math
 from tinker_jax.models.config import ModelConfig
 from tinker_jax.models.decoder import KVCache, merge
 from tinker_jax.models.lora import LoraRows, take_slots
-from tinker_jax.models.sharding import (DEFAULT_RULES, batch_shards, cache_sharding, pool_shardings, replicated,
-                                        rules_key, spec_for, state_shardings)
+from tinker_jax.models.sharding import (DEFAULT_RULES, batch_shards, cache_sharding, from_host, pool_shardings,
+                                        replicated, rules_key, spec_for, state_shardings)
 
 PRNG_IMPL = "threefry2x32"  # fixed, so key data is [2] uint32 whatever jax_default_prng_impl says
 
@@ -367,17 +368,19 @@ DYNAMIC = ("tok", "pos", "n_gen", "live")  # returned updated by `decode`
 STATIC = ("max_tokens", "temperature", "top_k", "top_p", "seed", "sample", "stop_ids")
 
 
-def _decode(graphdef, params, lora, slots, cache: KVCache, dyn: dict, par: dict, run_mask, n_steps: int,
-            view: int | None, rows: int | None, unroll: bool, *, shards: int, cache_sh: NamedSharding):
-    """n_steps decode steps for the rows in run_mask (every row of one set of base weights, each with its own
-    adapter). `lora` per rank: (table weights, scale, active [Sa] table slots the rows use); `slots` per rank:
+def _decode(graphdef, params, lora, slots, cache: KVCache, dyn: dict, par: dict, run_mask, until_finish,
+            n_steps: int, view: int | None, rows: int | None, unroll: bool, *, shards: int, cache_sh: NamedSharding):
+    """Up to n_steps decode steps for the rows in run_mask (every row of one set of base weights, each with its own
+    adapter), in one device loop that ends early when no row of run_mask is live any more or, with `until_finish`
+    (a bool scalar: requests wait for rows), right after the first step in which a row finished. `lora` per rank: (table weights, scale, active [Sa] table slots the rows use); `slots` per rank:
     each row's index into `active`. The active adapters are gathered once per call, then every step applies them
     to every row masked to the row's own (a decode row is one token: reading each adapter in use once per step
     is cheaper than a copy per row, and a step never reads an adapter no row uses).
 
     A live row feeds `tok` at `pos`, samples its next token with key (seed, sample, n_gen), and finishes when
     that token is one of its stop ids or n_gen reaches max_tokens. Returns (cache, dyn, tokens [n,B],
-    logprobs [n,B], valid [n,B]); valid marks the outputs that belong to a live row.
+    logprobs [n,B], valid [n,B], steps run); valid marks the outputs that belong to a live row (none after the
+    loop ended).
 
     view: when every live row's positions in this call stay below `view`, the steps run on a copy of slots
     [0, view) plus a fresh scratch slot, written back at the end. Attention then reads view + 1 slots per step
@@ -410,8 +413,7 @@ def _decode(graphdef, params, lora, slots, cache: KVCache, dyn: dict, par: dict,
     scratch = work.k.shape[2] - 1
     pin = lambda kv: KVCache(*(jax.lax.with_sharding_constraint(x, cache_sh) for x in kv))  # noqa: E731
 
-    def step(carry, _):
-        kv, d = carry
+    def step(kv, d):
         kv = pin(kv)
         live = d["live"] & m
         pos = jnp.where(live, d["pos"], scratch)
@@ -425,37 +427,55 @@ def _decode(graphdef, params, lora, slots, cache: KVCache, dyn: dict, par: dict,
         finished = live & (hit_stop | (n_gen >= p["max_tokens"]))
         new = dict(tok=jnp.where(live, tok, d["tok"]), pos=jnp.where(live, d["pos"] + 1, d["pos"]),
                    n_gen=n_gen, live=d["live"] & ~finished)
-        return (kv, new), (tok, lp, live)
+        return kv, new, (tok, lp, live), jnp.any(finished)
 
-    (work, d1), (toks, lps, valid) = jax.lax.scan(step, (work, d0), None, length=n_steps)
+    R = d0["tok"].shape[0]
+    outs = (jnp.zeros((n_steps, R), jnp.int32), jnp.zeros((n_steps, R), jnp.float32), jnp.zeros((n_steps, R), bool))
+
+    def more(carry):
+        i, _, d, _, done = carry
+        return (i < n_steps) & jnp.any(d["live"] & m) & ~done
+
+    def body(carry):
+        i, kv, d, outs, _ = carry
+        kv, d, out, finished = step(kv, d)
+        outs = tuple(jax.lax.dynamic_update_index_in_dim(o, x.astype(o.dtype), i, 0) for o, x in zip(outs, out))
+        return i + 1, kv, d, outs, finished & until_finish
+
+    # A while loop, not a scan: a call whose rows all finish early, or that frees a row another request waits for,
+    # returns then instead of running out its n_steps (so n_steps can be large without making a short sample wait).
+    n_run, work, d1, (toks, lps, valid), _ = jax.lax.while_loop(
+        more, body, (jnp.int32(0), work, d0, outs, jnp.bool_(False)))
     if view is not None or r * shards < B:
         n = view or cache.k.shape[2]
         work = KVCache(_set_shard_rows(cache.k, work.k[:, :, :n], shards, r, 1),
                        _set_shard_rows(cache.v, work.v[:, :, :n], shards, r, 1))
     dyn = jax.tree.map(lambda full, part: _set_shard_rows(full, part, shards, r), dyn, d1)
     widen = lambda x: _set_shard_rows(jnp.zeros((n_steps, B), x.dtype), x, shards, r, 1)  # noqa: E731
-    return work, dyn, widen(toks), widen(lps), widen(valid)
+    return work, dyn, widen(toks), widen(lps), widen(valid), n_run
 
 
-_decode_kernel = Kernel(_decode, static_argnums=(0, 8, 9, 10, 11), donate_argnums=(4,))
+_decode_kernel = Kernel(_decode, static_argnums=(0, 9, 10, 11, 12), donate_argnums=(4,))
 
 
 def decode(pl: Placement, graphdef, params, lora, slots, cache: KVCache, dyn: dict, par: dict, run_mask, *,
-           n_steps: int, view: int | None = None, rows: int | None = None, unroll: bool = False):
+           n_steps: int, view: int | None = None, rows: int | None = None, unroll: bool = False,
+           until_finish: bool = False):
     """`_decode` on placement `pl`: per-row inputs (slots, dyn, par, run_mask) placed over rows, lora's scale and
     active replicated, the cache (donated) like pl.cache. The cache comes back placed as it went in; row state,
-    tokens, logprobs and valid come back replicated (the host reads them)."""
+    tokens, logprobs, valid and the number of steps run come back replicated (the host reads them)."""
 
     def shardings():
         lora_sh = tuple((pl.table(r, _capacity(t[0])), pl.rep, pl.rep) for r, t in zip(_ranks(lora), lora))
         c, rs = pl.cache, pl.rows_sh
         ins = (pl.params(graphdef, params), lora_sh, tuple(rs for _ in slots), KVCache(c, c),
-               {k: rs for k in dyn}, {k: rs for k in par}, rs)
-        return ins, (KVCache(c, c), {k: pl.rep for k in dyn}, pl.rep, pl.rep, pl.rep)
+               {k: rs for k in dyn}, {k: rs for k in par}, rs, pl.rep)
+        return ins, (KVCache(c, c), {k: pl.rep for k in dyn}, pl.rep, pl.rep, pl.rep, pl.rep)
 
     f = _decode_kernel.on(pl, (graphdef, _lora_key(lora), tuple(dyn), tuple(par)), shardings,
                           shards=pl.shards, cache_sh=pl.cache)
-    return f(graphdef, params, lora, slots, cache, dyn, par, run_mask, n_steps, view, rows, unroll)
+    until = from_host(np.asarray(bool(until_finish)), pl.rep)
+    return f(graphdef, params, lora, slots, cache, dyn, par, run_mask, until, n_steps, view, rows, unroll)
 
 
 # Compiled-program counts under the public names (tests: new values, weights or adapters never recompile).

@@ -179,7 +179,8 @@ class Sampler(SamplerBase):
       prefill_lengths: length buckets for prefill (prompt length - 1 is padded up to one of them).
       prefill_batches: row buckets for one prefill call.
       prefill_token_budget: at most this many (rows x bucket length) tokens per prefill call.
-      decode_steps: decode steps per device call (one host round trip).
+      decode_steps: most decode steps per device call (one host round trip): the call's device loop ends sooner
+        when its rows have all finished, or right after a row finished while requests wait for one.
       decode_unroll: unroll the decoder's layer loop inside a decode step.
       decode_lengths: cache-length buckets a decode call attends over (the smallest one that holds every
         running row's positions for the call; one compiled decode program each). Default: powers of two from
@@ -703,16 +704,20 @@ class Sampler(SamplerBase):
                                       self.max_batch, compact=True)
         if self._par_dev is None:  # fixed while rows run: placed when a row starts, not every call
             self._par_dev = {k: from_host(v, pl.rows_sh) for k, v in self._par.items()}
-        cache, dyn, toks, lps, valid = kernels.decode(
+        # Requests waiting for a row (pending or holding a prefill) end the call as soon as a row frees; otherwise it
+        # runs until its rows finish or decode_steps. Both lists are alike on every process (step order).
+        waiting = bool(self._pending or self._deferred)
+        cache, dyn, toks, lps, valid, n_run = kernels.decode(
             pl, snap.graphdef, snap.params, lora, slots, self._cache,
             {k: from_host(v, pl.rows_sh) for k, v in self._dyn.items()}, self._par_dev, from_host(run, pl.rows_sh),
             n_steps=self.decode_steps, view=None if view >= self.max_seq_len else view, unroll=self.decode_unroll,
-            rows=None if n_rows >= per else n_rows)
+            rows=None if n_rows >= per else n_rows, until_finish=waiting)
         self._cache = cache
         # Replicated outputs (kernels.decode): every process can read them whole.
-        dyn, toks, lps, valid = jax.device_get((dyn, toks, lps, valid))
+        dyn, toks, lps, valid, n_run = jax.device_get((dyn, toks, lps, valid, n_run))
         self._dyn = {k: np.array(v) for k, v in dyn.items()}
         self.stats["decode_calls"] += 1
+        self.stats["decode_steps_run"] += int(n_run)
         self.stats["last_decode_rows"] = n_rows * pl.shards
         self.stats["max_live_rows"] = max(self.stats["max_live_rows"], int(run.sum()))
         for r in np.flatnonzero(run):
