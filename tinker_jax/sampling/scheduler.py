@@ -184,7 +184,7 @@ class Sampler(SamplerBase):
       decode_unroll: unroll the decoder's layer loop inside a decode step.
       decode_lengths: cache-length buckets a decode call attends over (the smallest one that holds every
         running row's positions for the call; one compiled decode program each). Default: powers of two from
-        256, then max_seq_len.
+        64, then max_seq_len.
       max_num_samples: cap on num_samples per request.
       max_topk_prompt_logprobs: cap on topk_prompt_logprobs (a static width of the prefill kernel).
       max_stop_tokens: cap on stop token ids per request (a static width of the decode kernel).
@@ -247,7 +247,10 @@ class Sampler(SamplerBase):
         self.prefill_token_budget = int(prefill_token_budget)
         self.decode_steps = int(decode_steps)
         self.decode_unroll = bool(decode_unroll)
-        views = decode_lengths or _default_lengths(self.max_seq_len, start=256)
+        # From 64: a short sample attends over little more than its own positions (a 32 +32 batch-1 decode went
+        # from x1.13 to x2.23 of transformers' generate on the CPU suite against a 256-slot first view). A view is
+        # compiled only when a call first needs it, so long-prompt workloads never build the short ones.
+        views = decode_lengths or _default_lengths(self.max_seq_len, start=64)
         self.decode_lengths = tuple(sorted(set(min(int(n), self.max_seq_len) for n in views) | {self.max_seq_len}))
         self.max_topk = int(max_topk_prompt_logprobs)
         self.max_stop_tokens = int(max_stop_tokens)
