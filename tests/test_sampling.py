@@ -190,7 +190,9 @@ def test_seeds_and_batch_invariance(sampler, snap, hf):
 def test_num_samples_share_prefill(sampler, snap, hf):
     prompt = prompt_of(60, 10)
     # 6 samples > 4 rows: two wait for free rows holding the prefill result.
+    before = sampler.stats["prefill_calls"]
     greedy = sampler.sample(snap, prompt, P(max_tokens=8, temperature=0.0), num_samples=6)
+    assert sampler.stats["prefill_calls"] == before + 1  # one prefill for all six
     ref = hf_greedy(hf, prompt, 8)
     assert [s.tokens for s in greedy.sequences] == [ref] * 6
     assert len({s.sequence_id for s in greedy.sequences}) == 6
@@ -444,11 +446,15 @@ def test_unrolled_decode_and_longer_calls_sample_the_same(sampler, snap):
 
 def test_decode_loop_ends_when_its_rows_finish_or_a_row_frees(sampler, snap):
     """decode_steps bounds a device loop that ends early: when every row in it has finished, or, while a request
-    waits for a row, right after the step that freed one. Rows of 10 and 2 tokens with a 3-token request waiting
-    (2 rows): the first call ends after 2 steps (the waiting request takes the freed row), the second when both rows
-    finish, 8 steps later; a fixed 16-step loop would have run 32. Every sequence equals the same request alone."""
-    params = [P(max_tokens=10, seed=1, stop=[]), P(max_tokens=2, seed=2, stop=[]), P(max_tokens=3, seed=3, stop=[])]
+    waits for a row, right after the step that freed one. Rows of 10 tokens and of a stop token sampled second, with
+    a 3-token request waiting (2 rows): the first call ends after 2 steps (the waiting request takes the freed row),
+    the second when both rows finish, 8 steps later; a fixed 16-step loop would have run 32. Every sequence equals
+    the same request alone."""
     prompts = [prompt_of(100 + i, 5 + i) for i in range(3)]
+    free_run = sampler.sample(snap, prompts[1], P(max_tokens=5, seed=2, stop=[])).sequences[0].tokens
+    assert free_run[1] != free_run[0]  # so the stop token ends the row at its second step, not its first
+    params = [P(max_tokens=10, seed=1, stop=[]), P(max_tokens=5, seed=2, stop=[free_run[1]]),
+              P(max_tokens=3, seed=3, stop=[])]
     s = Sampler(snap.cfg, [EOS], max_batch=2, max_seq_len=MAX_SEQ, prefill_lengths=(16,), prefill_batches=(4,),
                 decode_steps=16, decode_lengths=(32,)).drive(lambda: None)  # stepped here, not on its own thread
     try:
@@ -467,3 +473,30 @@ def test_decode_loop_ends_when_its_rows_finish_or_a_row_frees(sampler, snap):
         alone = sampler.sample(snap, prompt, q).sequences[0]
         assert g.tokens == alone.tokens
         np.testing.assert_allclose(g.logprobs, alone.logprobs, atol=1e-5)
+
+
+def test_long_prompt_beside_short_ones(snap, hf):
+    """A 4,000-token prompt (prefilled 512 tokens at a time) decoding in the same calls as 10-token prompts: every
+    request's tokens and logprobs equal the same request alone; the long one's prompt logprobs and sampled logprobs
+    equal transformers' forward pass, and its greedy tokens transformers' greedy."""
+    long_prompt = prompt_of(120, 4000)
+    shorts = [prompt_of(121 + i, 10) for i in range(3)]
+    greedy, seeded = P(max_tokens=6, temperature=0.0), P(max_tokens=6, seed=9, stop=[])
+    with Sampler(snap.cfg, [EOS], max_batch=4, max_seq_len=4100, prefill_lengths=(16, 4096), prefill_batches=(1,),
+                 prefill_token_budget=4096, decode_steps=4, prefill_chunk=512) as s:
+        futs = [s.submit(snap, long_prompt, greedy, include_prompt_logprobs=True)]
+        futs += [s.submit(snap, p, seeded) for p in shorts]
+        together = [f.result(timeout=600) for f in futs]
+        assert s.stats["max_live_rows"] == 4  # all four decoded in the same calls
+        alone = [s.sample(snap, long_prompt, greedy, include_prompt_logprobs=True)]
+        alone += [s.sample(snap, p, seeded) for p in shorts]
+    for a, b in zip(together, alone):
+        assert a.sequences[0].tokens == b.sequences[0].tokens
+        np.testing.assert_allclose(a.sequences[0].logprobs, b.sequences[0].logprobs, atol=1e-5)
+    seq = together[0].sequences[0]
+    assert seq.tokens == hf_greedy(hf, long_prompt, 6)[:len(seq.tokens)] and seq.tokens
+    lp = hf_logprobs(hf, long_prompt + seq.tokens)
+    np.testing.assert_allclose(together[0].prompt_logprobs[1:],
+                               [lp[i, t] for i, t in enumerate(long_prompt[1:])], atol=1e-4)
+    np.testing.assert_allclose(seq.logprobs, [lp[len(long_prompt) - 1 + i, t] for i, t in enumerate(seq.tokens)],
+                               atol=1e-4)

@@ -228,20 +228,28 @@ def lora_rows(lora: tuple, slots: tuple, rows: int, mode: str) -> tuple[LoraRows
     return tuple(LoraRows(w, scale, s[:rows], 0, rows, mode) for (w, scale), s in zip(lora, slots))
 
 
-def _prefill(graphdef, params, lora, slots, tokens, targets, want_logprobs, topk: int, cache_dtype, mode: str):
+def _prefill(graphdef, params, lora, slots, tokens, targets, want_logprobs, topk: int, cache_dtype, mode: str,
+             chunk: int | None = None):
     """Run prompt tokens [Bp,T] (prompt[:-1], right-padded) at positions 0..T-1 into a fresh [Bp,T] cache.
 
     targets [Bp,T] = prompt[1:] padded; want_logprobs: bool scalar (a runtime switch, not a recompile).
     Returns (k, v [L,Bp,T,K,H], target_logprobs [Bp,T], topk_ids [Bp,T,topk], topk_logprobs [Bp,T,topk]).
     Padding writes garbage into slots >= its row's length; the decode step that later feeds the last prompt
     token overwrites each such slot before any query can attend to it.
+
+    chunk: a prompt longer than this runs `chunk` tokens at a time (T padded up to a multiple of it), each chunk
+    attending to the cache written by the ones before it, so attention scores are [chunk, T + chunk] per head
+    rather than [T, 2T]: a long prompt's prefill memory grows linearly with its length, not quadratically.
     """
     model = merge(graphdef, params)
     Bp, T = tokens.shape
     rows = lora_rows(lora, slots, Bp, mode)
-    cache = KVCache.init(model.cfg, Bp, T, cache_dtype)
-    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (Bp, T))
-    hidden, cache = model(tokens, positions, cache=cache, lora=rows)  # [Bp,T,D]
+    if chunk is None or T <= chunk:
+        cache = KVCache.init(model.cfg, Bp, T, cache_dtype)
+        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (Bp, T))
+        hidden, cache = model(tokens, positions, cache=cache, lora=rows)  # [Bp,T,D]
+    else:
+        hidden, cache = _chunked(model, rows, tokens, chunk, cache_dtype)
 
     def logprobs(_):
         C = _chunk(T)
@@ -270,11 +278,32 @@ def _prefill(graphdef, params, lora, slots, tokens, targets, want_logprobs, topk
     return cache.k, cache.v, lp, ids, tlp
 
 
-_prefill_kernel = Kernel(_prefill, static_argnums=(0, 7, 8, 9))
+def _chunked(model, rows, tokens, chunk: int, cache_dtype) -> tuple[jax.Array, KVCache]:
+    """tokens [Bp,T] through the model `chunk` at a time (a loop on the device) -> (hidden [Bp,T,D], cache of T
+    slots). T is padded to n*chunk; the padding's cache slots and hidden rows are cut off at the end."""
+    Bp, T = tokens.shape
+    n = -(-T // chunk)
+    padded = jnp.pad(tokens, ((0, 0), (0, n * chunk - T)))
+    cache = KVCache.init(model.cfg, Bp, n * chunk, cache_dtype)
+    hidden = jnp.zeros((Bp, n * chunk, model.cfg.d_model), model.dtype)
+
+    def one(i, carry):
+        hidden, cache = carry
+        start = i * chunk
+        toks = jax.lax.dynamic_slice_in_dim(padded, start, chunk, axis=1)
+        pos = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (Bp, chunk))
+        h, cache = model(toks, pos, cache=cache, lora=rows)  # context: the slots before `start`
+        return jax.lax.dynamic_update_slice_in_dim(hidden, h.astype(hidden.dtype), start, axis=1), cache
+
+    hidden, cache = jax.lax.fori_loop(0, n, one, (hidden, cache))
+    return hidden[:, :T], KVCache(cache.k[:, :, :T], cache.v[:, :, :T])
+
+
+_prefill_kernel = Kernel(_prefill, static_argnums=(0, 7, 8, 9, 10))
 
 
 def prefill(pl: Placement, graphdef, params, lora, slots, tokens, targets, want_logprobs, *, topk: int,
-            cache_dtype, mode: str = "gather"):
+            cache_dtype, mode: str = "gather", chunk: int | None = None):
     """`_prefill` on placement `pl`: lora per rank (table weights, scale [S,P]); slots per rank [Bp]; tokens, targets
     [Bp,T] (Bp a multiple of pl.shards) and want_logprobs placed by pl (rows_sh, rows_sh, rep). The fresh cache
     comes out placed like the sampler's cache (rows over the batch axes); the logprobs replicated."""
@@ -285,7 +314,7 @@ def prefill(pl: Placement, graphdef, params, lora, slots, tokens, targets, want_
         return ins, (pl.cache, pl.cache, pl.rep, pl.rep, pl.rep)
 
     f = _prefill_kernel.on(pl, (graphdef, _lora_key(lora)), shardings)
-    return f(graphdef, params, lora, slots, tokens, targets, want_logprobs, topk, cache_dtype, mode)
+    return f(graphdef, params, lora, slots, tokens, targets, want_logprobs, topk, cache_dtype, mode, chunk)
 
 
 def _insert_rows(cache: KVCache, k_new, v_new, dest, src, *, mesh: Mesh, spec: P) -> KVCache:

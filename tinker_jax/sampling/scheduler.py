@@ -179,6 +179,8 @@ class Sampler(SamplerBase):
       prefill_lengths: length buckets for prefill (prompt length - 1 is padded up to one of them).
       prefill_batches: row buckets for one prefill call.
       prefill_token_budget: at most this many (rows x bucket length) tokens per prefill call.
+      prefill_chunk: prompts longer than this are prefilled this many tokens at a time, inside one prefill call
+        (kernels._chunked: attention memory linear in the prompt's length); None: whole prompts.
       decode_steps: most decode steps per device call (one host round trip): the call's device loop ends sooner
         when its rows have all finished, or right after a row finished while requests wait for one.
       decode_unroll: unroll the decoder's layer loop inside a decode step.
@@ -207,7 +209,7 @@ class Sampler(SamplerBase):
     def __init__(self, cfg: ModelConfig, eos_token_ids: Sequence[int] | int | None = None, *, max_batch: int = 8,
                  max_seq_len: int = 4096, prefill_lengths: Sequence[int] | None = None,
                  prefill_batches: Sequence[int] = (1, 2, 4, 8), prefill_token_budget: int = 16384,
-                 decode_steps: int = 8, decode_unroll: bool = False, decode_lengths: Sequence[int] | None = None,
+                 prefill_chunk: int | None = 512, decode_steps: int = 8, decode_unroll: bool = False, decode_lengths: Sequence[int] | None = None,
                  max_num_samples: int = 128, max_topk_prompt_logprobs: int = 20, max_stop_tokens: int = 16,
                  tokenizer: Tokenizer | None = None, cache_dtype=jnp.float32, max_adapters: int = 16,
                  on_submit=None, mesh=None, rules=DEFAULT_RULES, compiler_options: dict | None = None):
@@ -245,6 +247,9 @@ class Sampler(SamplerBase):
         self.prefill_batches = tuple(sorted(set(min(-(-int(b) // shards) * shards, self.max_batch)
                                                 for b in prefill_batches)))
         self.prefill_token_budget = int(prefill_token_budget)
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or int(prefill_chunk) < 1):
+            raise ValueError(f"prefill_chunk: must be a positive number of tokens (or None), got {prefill_chunk!r}")
+        self.prefill_chunk = None if prefill_chunk is None else int(prefill_chunk)
         self.decode_steps = int(decode_steps)
         self.decode_unroll = bool(decode_unroll)
         # From 64: a short sample attends over little more than its own positions (a 32 +32 batch-1 decode went
@@ -625,7 +630,8 @@ class Sampler(SamplerBase):
             k, v, lp, ids, tlp = kernels.prefill(pl, snap.graphdef, snap.params, lora, slots,
                                                  from_host(tokens, pl.rows_sh), from_host(targets, pl.rows_sh),
                                                  from_host(np.bool_(want), pl.rep), topk=self.max_topk,
-                                                 cache_dtype=self.cache_dtype, mode=mode)
+                                                 cache_dtype=self.cache_dtype, mode=mode,
+                                                 chunk=self.prefill_chunk)
             # Rows may be split over processes: gathered (every process runs this step alike).
             lp, ids, tlp = distributed.fetch((lp, ids, tlp)) if want else (None, None, None)
             for i, req in enumerate(batch):
