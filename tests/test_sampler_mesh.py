@@ -42,10 +42,10 @@ MESHES = {
 }
 
 
-def _sampler(mesh, max_batch=ROWS) -> Sampler:
+def _sampler(mesh, max_batch=ROWS, prefill_chunk=None) -> Sampler:
     s = Sampler(mu.jax_model(PRESET).cfg, max_batch=max_batch, max_seq_len=32, prefill_lengths=(8,),
-                prefill_batches=(1, 2, 4), decode_steps=4, decode_lengths=(16,), max_topk_prompt_logprobs=3,
-                mesh=mesh, compiler_options=mu._compiler_options())
+                prefill_batches=(1, 2, 4), prefill_chunk=prefill_chunk, decode_steps=4, decode_lengths=(16,),
+                max_topk_prompt_logprobs=3, mesh=mesh, compiler_options=mu._compiler_options())
     return s.drive(lambda: None)  # this thread steps it: rows submitted together start in the same step
 
 
@@ -166,3 +166,22 @@ def test_weights_off_the_mesh_are_refused():
     fut = s.submit(base, [5, 6, 7], types.SamplingParams(max_tokens=2))
     with pytest.raises(ValueError, match="not placed on this sampler's mesh"):
         fut.result(timeout=0)
+
+
+def test_chunked_prefill_over_a_mesh_equals_a_whole_prefill_on_one_device():
+    """A prompt prefilled 4 tokens per step (kernels.prefill_part) on dp2 x fsdp2 x tp2, rows over two mesh axes,
+    samples what one device samples after prefilling the prompt whole: tokens, sampled and prompt logprobs."""
+    if len(jax.devices()) < 8:
+        pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8, see conftest.py)")
+    prompt = np.random.default_rng(7).integers(3, 500, 13).tolist()
+    params = types.SamplingParams(max_tokens=5, temperature=0.8, seed=3, stop=[])
+    out = []
+    for mesh, chunk in ((None, None), (make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)), 4)):
+        s = _sampler(mesh, prefill_chunk=chunk)
+        base, _ = _snapshots(mesh)
+        fut = s.submit(base, prompt, params, include_prompt_logprobs=True)
+        while s.has_work():
+            s.step()
+        out.append(fut.result(timeout=0))
+        assert s.stats["prefill_chunks"] == (0 if chunk is None else 8)  # 12 prompt tokens, bucket 32, chunks of 4
+    _assert_same(out[1:], out[:1])

@@ -476,20 +476,34 @@ def test_decode_loop_ends_when_its_rows_finish_or_a_row_frees(sampler, snap):
 
 
 def test_long_prompt_beside_short_ones(snap, hf):
-    """A 4,000-token prompt (prefilled 512 tokens at a time) decoding in the same calls as 10-token prompts: every
-    request's tokens and logprobs equal the same request alone; the long one's prompt logprobs and sampled logprobs
-    equal transformers' forward pass, and its greedy tokens transformers' greedy."""
+    """A 4,000-token prompt is prefilled a 512-token chunk per sampler step, so 10-token requests that arrive with
+    it decode to the end while it is still prefilling (no stall). Every request's tokens and logprobs equal the same
+    request alone; the long one's prompt logprobs and sampled logprobs equal transformers' forward pass, and its
+    greedy tokens transformers' greedy."""
     long_prompt = prompt_of(120, 4000)
     shorts = [prompt_of(121 + i, 10) for i in range(3)]
     greedy, seeded = P(max_tokens=6, temperature=0.0), P(max_tokens=6, seed=9, stop=[])
-    with Sampler(snap.cfg, [EOS], max_batch=4, max_seq_len=4100, prefill_lengths=(16, 4096), prefill_batches=(1,),
-                 prefill_token_budget=4096, decode_steps=4, prefill_chunk=512) as s:
+    s = Sampler(snap.cfg, [EOS], max_batch=4, max_seq_len=4100, prefill_lengths=(16, 4096), prefill_batches=(1, 4),
+                prefill_token_budget=4096, decode_steps=4, prefill_chunk=512).drive(lambda: None)
+
+    def run(futs):
+        for _ in range(40):
+            if all(f.done() for f in futs):
+                return [f.result() for f in futs]
+            s.step()
+        raise AssertionError("requests did not finish in 40 steps")
+
+    try:
         futs = [s.submit(snap, long_prompt, greedy, include_prompt_logprobs=True)]
         futs += [s.submit(snap, p, seeded) for p in shorts]
-        together = [f.result(timeout=600) for f in futs]
-        assert s.stats["max_live_rows"] == 4  # all four decoded in the same calls
-        alone = [s.sample(snap, long_prompt, greedy, include_prompt_logprobs=True)]
-        alone += [s.sample(snap, p, seeded) for p in shorts]
+        run(futs[1:])  # the short ones finish first ...
+        assert not futs[0].done() and s.stats["prefill_chunks"] < 8  # ... while the long one is still prefilling
+        together = run(futs)
+        assert s.stats["prefill_chunks"] == 8
+        alone = [run([s.submit(snap, long_prompt, greedy, include_prompt_logprobs=True)])[0]]
+        alone += [run([s.submit(snap, p, seeded)])[0] for p in shorts]
+    finally:
+        s.stop()
     for a, b in zip(together, alone):
         assert a.sequences[0].tokens == b.sequences[0].tokens
         np.testing.assert_allclose(a.sequences[0].logprobs, b.sequences[0].logprobs, atol=1e-5)

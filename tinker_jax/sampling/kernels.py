@@ -228,28 +228,28 @@ def lora_rows(lora: tuple, slots: tuple, rows: int, mode: str) -> tuple[LoraRows
     return tuple(LoraRows(w, scale, s[:rows], 0, rows, mode) for (w, scale), s in zip(lora, slots))
 
 
-def _prefill(graphdef, params, lora, slots, tokens, targets, want_logprobs, topk: int, cache_dtype, mode: str,
-             chunk: int | None = None):
+def _prefill(graphdef, params, lora, slots, tokens, targets, want_logprobs, topk: int, cache_dtype, mode: str):
     """Run prompt tokens [Bp,T] (prompt[:-1], right-padded) at positions 0..T-1 into a fresh [Bp,T] cache.
 
     targets [Bp,T] = prompt[1:] padded; want_logprobs: bool scalar (a runtime switch, not a recompile).
     Returns (k, v [L,Bp,T,K,H], target_logprobs [Bp,T], topk_ids [Bp,T,topk], topk_logprobs [Bp,T,topk]).
     Padding writes garbage into slots >= its row's length; the decode step that later feeds the last prompt
-    token overwrites each such slot before any query can attend to it.
-
-    chunk: a prompt longer than this runs `chunk` tokens at a time (T padded up to a multiple of it), each chunk
-    attending to the cache written by the ones before it, so attention scores are [chunk, T + chunk] per head
-    rather than [T, 2T]: a long prompt's prefill memory grows linearly with its length, not quadratically.
+    token overwrites each such slot before any query can attend to it. (Prompts longer than the sampler's
+    prefill_chunk go through `_prefill_part` instead, a chunk per call.)
     """
     model = merge(graphdef, params)
     Bp, T = tokens.shape
     rows = lora_rows(lora, slots, Bp, mode)
-    if chunk is None or T <= chunk:
-        cache = KVCache.init(model.cfg, Bp, T, cache_dtype)
-        positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (Bp, T))
-        hidden, cache = model(tokens, positions, cache=cache, lora=rows)  # [Bp,T,D]
-    else:
-        hidden, cache = _chunked(model, rows, tokens, chunk, cache_dtype)
+    cache = KVCache.init(model.cfg, Bp, T, cache_dtype)
+    positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (Bp, T))
+    hidden, cache = model(tokens, positions, cache=cache, lora=rows)  # [Bp,T,D]
+    return (cache.k, cache.v, *_target_logprobs(model, rows, hidden, targets, want_logprobs, topk))
+
+
+def _target_logprobs(model, rows, hidden, targets, want_logprobs, topk: int):
+    """hidden [Bp,T,D], targets [Bp,T] -> (logprob of each target [Bp,T], top-k ids and logprobs [Bp,T,topk]),
+    computed chunk by chunk of T so the [Bp,T,V] logits never exist at once; zeros unless want_logprobs."""
+    Bp, T = targets.shape
 
     def logprobs(_):
         C = _chunk(T)
@@ -267,43 +267,58 @@ def _prefill(graphdef, params, lora, slots, tokens, targets, want_logprobs, topk
             return lp, jnp.zeros((Bp, C, 0), jnp.int32), jnp.zeros((Bp, C, 0), jnp.float32)
 
         lp, ids, tlp = jax.lax.map(one, (hc, tc))
-        unchunk = lambda x: x.swapaxes(0, 1).reshape(Bp, T, *x.shape[3:])
+        unchunk = lambda x: x.swapaxes(0, 1).reshape(Bp, T, *x.shape[3:])  # noqa: E731
         return unchunk(lp), unchunk(ids), unchunk(tlp)
 
     def skip(_):
         return (jnp.zeros((Bp, T), jnp.float32), jnp.zeros((Bp, T, topk), jnp.int32),
                 jnp.zeros((Bp, T, topk), jnp.float32))
 
-    lp, ids, tlp = jax.lax.cond(want_logprobs, logprobs, skip, None)
-    return cache.k, cache.v, lp, ids, tlp
+    return jax.lax.cond(want_logprobs, logprobs, skip, None)
 
 
-def _chunked(model, rows, tokens, chunk: int, cache_dtype) -> tuple[jax.Array, KVCache]:
-    """tokens [Bp,T] through the model `chunk` at a time (a loop on the device) -> (hidden [Bp,T,D], cache of T
-    slots). T is padded to n*chunk; the padding's cache slots and hidden rows are cut off at the end."""
-    Bp, T = tokens.shape
-    n = -(-T // chunk)
-    padded = jnp.pad(tokens, ((0, 0), (0, n * chunk - T)))
-    cache = KVCache.init(model.cfg, Bp, n * chunk, cache_dtype)
-    hidden = jnp.zeros((Bp, n * chunk, model.cfg.d_model), model.dtype)
-
-    def one(i, carry):
-        hidden, cache = carry
-        start = i * chunk
-        toks = jax.lax.dynamic_slice_in_dim(padded, start, chunk, axis=1)
-        pos = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (Bp, chunk))
-        h, cache = model(toks, pos, cache=cache, lora=rows)  # context: the slots before `start`
-        return jax.lax.dynamic_update_slice_in_dim(hidden, h.astype(hidden.dtype), start, axis=1), cache
-
-    hidden, cache = jax.lax.fori_loop(0, n, one, (hidden, cache))
-    return hidden[:, :T], KVCache(cache.k[:, :, :T], cache.v[:, :, :T])
+_prefill_kernel = Kernel(_prefill, static_argnums=(0, 7, 8, 9))
 
 
-_prefill_kernel = Kernel(_prefill, static_argnums=(0, 7, 8, 9, 10))
+def _prefill_part(graphdef, params, lora, slots, tokens, targets, cache: KVCache, index, want_logprobs, topk: int,
+                  mode: str, chunk: int):
+    """Chunk `index` of long prompts: tokens / targets [Bp, n*chunk] (padded), `cache` [L,Bp,n*chunk,K,H] holding
+    chunks before `index` (donated) -> (k, v with this chunk written, its target logprobs [Bp,chunk], top-k ids and
+    logprobs [Bp,chunk,topk]). A long prompt's prefill is a chunk per sampler step, so running decodes keep their
+    pace, and its attention scores are [chunk, n*chunk] per head: memory linear in its length."""
+    model = merge(graphdef, params)
+    Bp = tokens.shape[0]
+    rows = lora_rows(lora, slots, Bp, mode)
+    start = index * chunk
+    toks = jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1)
+    tgt = jax.lax.dynamic_slice_in_dim(targets, start, chunk, axis=1)
+    pos = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (Bp, chunk))
+    hidden, cache = model(toks, pos, cache=cache, lora=rows)  # context: the slots before `start`
+    return (cache.k, cache.v, *_target_logprobs(model, rows, hidden, tgt, want_logprobs, topk))
+
+
+_prefill_part_kernel = Kernel(_prefill_part, static_argnums=(0, 9, 10, 11), donate_argnums=(6,))
+
+
+def prefill_part(pl: Placement, graphdef, params, lora, slots, tokens, targets, cache: KVCache, index,
+                 want_logprobs, *, topk: int, mode: str, chunk: int):
+    """`_prefill_part` on placement `pl`, placed as `prefill` places its arguments; `cache` (donated) and the k, v
+    that come back like pl.cache, `index` replicated."""
+
+    def shardings():
+        lora_sh = tuple((pl.table(r, _capacity(w)), pl.rep) for r, (w, _) in zip(_ranks(lora), lora))
+        c = pl.cache
+        ins = (pl.params(graphdef, params), lora_sh, tuple(pl.rows_sh for _ in slots), pl.rows_sh, pl.rows_sh,
+               KVCache(c, c), pl.rep, pl.rep)
+        return ins, (c, c, pl.rep, pl.rep, pl.rep)
+
+    f = _prefill_part_kernel.on(pl, (graphdef, _lora_key(lora)), shardings)
+    return f(graphdef, params, lora, slots, tokens, targets, cache, from_host(np.int32(index), pl.rep),
+             want_logprobs, topk, mode, chunk)
 
 
 def prefill(pl: Placement, graphdef, params, lora, slots, tokens, targets, want_logprobs, *, topk: int,
-            cache_dtype, mode: str = "gather", chunk: int | None = None):
+            cache_dtype, mode: str = "gather"):
     """`_prefill` on placement `pl`: lora per rank (table weights, scale [S,P]); slots per rank [Bp]; tokens, targets
     [Bp,T] (Bp a multiple of pl.shards) and want_logprobs placed by pl (rows_sh, rows_sh, rep). The fresh cache
     comes out placed like the sampler's cache (rows over the batch axes); the logprobs replicated."""
@@ -314,7 +329,7 @@ def prefill(pl: Placement, graphdef, params, lora, slots, tokens, targets, want_
         return ins, (pl.cache, pl.cache, pl.rep, pl.rep, pl.rep)
 
     f = _prefill_kernel.on(pl, (graphdef, _lora_key(lora)), shardings)
-    return f(graphdef, params, lora, slots, tokens, targets, want_logprobs, topk, cache_dtype, mode, chunk)
+    return f(graphdef, params, lora, slots, tokens, targets, want_logprobs, topk, cache_dtype, mode)
 
 
 def _insert_rows(cache: KVCache, k_new, v_new, dest, src, *, mesh: Mesh, spec: P) -> KVCache:
@@ -509,6 +524,7 @@ def decode(pl: Placement, graphdef, params, lora, slots, cache: KVCache, dyn: di
 
 # Compiled-program counts under the public names (tests: new values, weights or adapters never recompile).
 prefill._cache_size = _prefill_kernel._cache_size
+prefill_part._cache_size = _prefill_part_kernel._cache_size
 insert_rows._cache_size = _insert_kernel._cache_size
 decode._cache_size = _decode_kernel._cache_size
 put_adapter._cache_size = _put_kernel._cache_size

@@ -6,7 +6,9 @@ batched with other new requests of the same snapshot and bucket), its cache row 
 rows as it has samples (`num_samples` shares one prefill; samples that find no free row wait, holding the
 prefill result, and take rows as they free up), and the rows join the running decode loop at once. A row's
 first decode step feeds the last prompt token, so the prefill never needs logits unless prompt logprobs were
-asked for. Finished rows leave and free their slot at the end of the decode call that finished them.
+asked for. Finished rows leave and free their slot at the end of the decode call that finished them. A prompt
+longer than `prefill_chunk` is prefilled alone, one chunk per step between decode calls (`_Prefilling`), then
+placed like any other.
 
 Snapshots. A request names an immutable WeightSnapshot: base weights (`params`) and, for a LoRA run, an adapter.
 Every row whose snapshot shares one `params` object (the base model, and every LoRA snapshot over it) decodes in
@@ -89,6 +91,24 @@ class _Request:
     topk: Any = None
     group: int = 0  # its weights group (`Sampler._group`), numbered alike on every process
     seq: int = 0  # its place in its engine worker's request log (several processes: how followers match it)
+
+
+@dataclass(eq=False)
+class _Prefilling:
+    """A long prompt's prefill in progress, a chunk per step (kernels.prefill_part): its padded tokens and targets
+    [Bp, n*chunk] and the cache its chunks have written so far, placed; per-chunk prompt logprobs on the host."""
+
+    req: _Request
+    T: int  # its length bucket (the cache it hands on has T slots)
+    tokens: Any
+    targets: Any
+    cache: KVCache
+    lora: tuple
+    slots: tuple
+    mode: str
+    n: int  # chunks
+    done: int = 0
+    parts: list = field(default_factory=list)  # per chunk: (lp, ids, tlp) when prompt logprobs were asked for
 
 
 @dataclass(eq=False)
@@ -179,8 +199,8 @@ class Sampler(SamplerBase):
       prefill_lengths: length buckets for prefill (prompt length - 1 is padded up to one of them).
       prefill_batches: row buckets for one prefill call.
       prefill_token_budget: at most this many (rows x bucket length) tokens per prefill call.
-      prefill_chunk: prompts longer than this are prefilled this many tokens at a time, inside one prefill call
-        (kernels._chunked: attention memory linear in the prompt's length); None: whole prompts.
+      prefill_chunk: prompts longer than this are prefilled alone, this many tokens per step (kernels.prefill_part),
+        so running decodes keep their pace and attention memory is linear in the prompt's length; None: whole.
       decode_steps: most decode steps per device call (one host round trip): the call's device loop ends sooner
         when its rows have all finished, or right after a row finished while requests wait for one.
       decode_unroll: unroll the decoder's layer loop inside a decode step.
@@ -282,6 +302,7 @@ class Sampler(SamplerBase):
         # Loop-thread state.
         self._pending: collections.deque[_Request] = collections.deque()
         self._deferred: collections.deque[_Request] = collections.deque()
+        self._prefilling: collections.deque[_Prefilling] = collections.deque()  # long prompts, a chunk per step
         self._rows: list[_Row | None] = [None] * self.max_batch
         self._last_group = -1
         self._reset_device_state()
@@ -382,7 +403,7 @@ class Sampler(SamplerBase):
         with self._cv:
             if self._incoming:
                 return True
-        return bool(self._pending or self._deferred or any(r is not None for r in self._rows))
+        return bool(self._pending or self._deferred or self._prefilling or any(r is not None for r in self._rows))
 
     def take_incoming(self, start: bool = False) -> list[_Request]:
         """The requests queued since the last step, to hand to `step`. start: start them now (cancelled ones are
@@ -421,7 +442,8 @@ class Sampler(SamplerBase):
         return self._groups[key]
 
     def _live_requests(self) -> set[_Request]:
-        return ({r.req for r in self._rows if r is not None} | set(self._pending) | set(self._deferred))
+        return ({r.req for r in self._rows if r is not None} | set(self._pending) | set(self._deferred)
+                | {j.req for j in self._prefilling})
 
     def stats_now(self) -> dict:
         return {**self.stats, "queued": len(self._pending) + len(self._incoming),
@@ -445,7 +467,7 @@ class Sampler(SamplerBase):
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not (self._stopping or self._incoming or self._pending or self._deferred
+                while not (self._stopping or self._incoming or self._pending or self._deferred or self._prefilling
                            or any(r is not None for r in self._rows)):
                     self._cv.wait()
                 if self._stopping:
@@ -455,12 +477,14 @@ class Sampler(SamplerBase):
 
     def _fail_in_flight(self, exc: BaseException, extra: Sequence[_Request] = (), pending: bool = False) -> None:
         """Fail every request holding rows or a prefill (plus `extra`, plus the queue when `pending`)."""
-        reqs = {r.req for r in self._rows if r is not None} | set(self._deferred) | set(extra)
+        reqs = ({r.req for r in self._rows if r is not None} | set(self._deferred) | set(extra)
+                | {j.req for j in self._prefilling})
         if pending:
             reqs |= set(self._pending)
             self._pending.clear()
         self._rows = [None] * self.max_batch
         self._deferred.clear()
+        self._prefilling.clear()
         for req in reqs:
             req.kv = None
             self._release(req)
@@ -473,6 +497,8 @@ class Sampler(SamplerBase):
         return 0 if n == 0 else next(b for b in self.prefill_lengths if b >= n)
 
     def _admit(self) -> None:
+        budget = self.prefill_token_budget  # prefill tokens per loop iteration, so decode keeps its pace
+        budget -= self._advance_prefills(budget)
         free = [r for r in self._row_order if self._rows[r] is None]
         while free and self._deferred:  # already prefilled samples go first
             req = self._deferred[0]
@@ -480,7 +506,6 @@ class Sampler(SamplerBase):
             if req.placed < req.spec.num_samples:
                 return
             self._deferred.popleft()
-        budget = self.prefill_token_budget  # prefill tokens per loop iteration, so decode keeps its pace
         while free and self._pending and budget > 0 and not self._deferred:
             batch = self._pick_batch(len(free))
             if not batch:
@@ -494,6 +519,8 @@ class Sampler(SamplerBase):
                     self._release(req)
                     req.future.set_exception(e)
                 continue
+            if batch[0].kv is None and self._chunks(batch[0]):
+                continue  # a long prompt: prefilled a chunk per step (_advance_prefills), placed when done
             try:
                 self._place(batch, free)
             except Exception as e:  # the cache is in doubt: fail this batch too, then the step resets the cache
@@ -571,7 +598,7 @@ class Sampler(SamplerBase):
         key = self._prefill_key(first)
         T = key[1]
         fit = [b for b in self.prefill_batches if b * max(T, 1) <= self.prefill_token_budget]
-        limit = min(max(fit) if fit else 1, n_free)
+        limit = 1 if self._chunks(first) else min(max(fit) if fit else 1, n_free)  # a long prompt goes alone
         batch, keep = [first], collections.deque()
         for req in self._pending:
             if req is first:
@@ -614,6 +641,8 @@ class Sampler(SamplerBase):
         T = self._bucket(len(batch[0].spec.prompt) - 1)
         want = any(r.spec.wants_prompt_logprobs for r in batch)
         Bp = next((b for b in self.prefill_batches if b >= len(batch)), len(batch))
+        if self._chunks(batch[0]):
+            return self._start_chunked(batch[0], T, Bp)
         if T == 0:  # one-token prompts: nothing to prefill
             lp = ids = tlp = None
         else:
@@ -630,13 +659,70 @@ class Sampler(SamplerBase):
             k, v, lp, ids, tlp = kernels.prefill(pl, snap.graphdef, snap.params, lora, slots,
                                                  from_host(tokens, pl.rows_sh), from_host(targets, pl.rows_sh),
                                                  from_host(np.bool_(want), pl.rep), topk=self.max_topk,
-                                                 cache_dtype=self.cache_dtype, mode=mode,
-                                                 chunk=self.prefill_chunk)
+                                                 cache_dtype=self.cache_dtype, mode=mode)
             # Rows may be split over processes: gathered (every process runs this step alike).
             lp, ids, tlp = distributed.fetch((lp, ids, tlp)) if want else (None, None, None)
             for i, req in enumerate(batch):
                 req.kv = (k, v, i)
             self.stats["prefill_calls"] += 1
+        self._prompt_outputs(batch, lp, ids, tlp)
+        return Bp * T
+
+    def _chunks(self, req: _Request) -> int:
+        """How many chunks the request's prompt is prefilled in (0: whole, in one call with others)."""
+        T = self._bucket(len(req.spec.prompt) - 1)
+        return -(-T // self.prefill_chunk) if self.prefill_chunk is not None and T > self.prefill_chunk else 0
+
+    def _start_chunked(self, req: _Request, T: int, Bp: int) -> int:
+        """Begin a long prompt's prefill: its padded inputs and an empty cache placed, then its first chunk."""
+        n, C = self._chunks(req), self.prefill_chunk
+        tokens = np.zeros((Bp, n * C), np.int32)
+        targets = np.zeros((Bp, n * C), np.int32)
+        p = req.spec.prompt
+        tokens[0, : len(p) - 1], targets[0, : len(p) - 1] = p[:-1], p[1:]
+        pl = self.placement
+        lora, slots = self._lora_args([req] + [None] * (Bp - 1), Bp)
+        shape = (self.cfg.n_layers, Bp, n * C, self.cfg.n_kv_heads, self.cfg.head_dim)
+        cache = KVCache(zeros(shape, self.cache_dtype, pl.cache), zeros(shape, self.cache_dtype, pl.cache))
+        job = _Prefilling(req, T, from_host(tokens, pl.rows_sh), from_host(targets, pl.rows_sh), cache, lora, slots,
+                          "uniform" if Bp == 1 else "gather", n)
+        self._prefilling.append(job)
+        return self._prefill_chunk(job)
+
+    def _advance_prefills(self, budget: int) -> int:
+        """One chunk of each long prompt in progress, oldest first, while `budget` tokens last (the oldest always
+        advances); a finished one waits in `_deferred` for rows. -> tokens used."""
+        used = 0
+        for job in list(self._prefilling):
+            if used and used >= budget:
+                break
+            used += self._prefill_chunk(job)
+        return used
+
+    def _prefill_chunk(self, job: _Prefilling) -> int:
+        req, pl = job.req, self.placement
+        want = req.spec.wants_prompt_logprobs
+        k, v, lp, ids, tlp = kernels.prefill_part(
+            pl, req.snapshot.graphdef, req.snapshot.params, job.lora, job.slots, job.tokens, job.targets, job.cache,
+            job.done, from_host(np.bool_(want), pl.rep), topk=self.max_topk, mode=job.mode,
+            chunk=self.prefill_chunk)
+        job.cache = KVCache(k, v)
+        if want:
+            job.parts.append(distributed.fetch((lp, ids, tlp)))
+        job.done += 1
+        self.stats["prefill_chunks"] += 1
+        if job.done == job.n:  # the cache of its T bucket's slots, as a whole-prompt prefill hands on
+            self._prefilling.remove(job)
+            req.kv = (k[:, :, :job.T], v[:, :, :job.T], 0)
+            lp, ids, tlp = ([np.concatenate([p[i] for p in job.parts], axis=1)[:, :job.T] for i in range(3)]
+                            if want else (None, None, None))
+            self._prompt_outputs([req], lp, ids, tlp)
+            self.stats["prefill_calls"] += 1
+            self._deferred.append(req)
+        return job.tokens.shape[0] * self.prefill_chunk
+
+    def _prompt_outputs(self, batch: list[_Request], lp, ids, tlp) -> None:
+        """Each request's prompt logprobs (and top-k) from its prefill's outputs (row i: batch[i]), as asked."""
         for i, req in enumerate(batch):
             P = len(req.spec.prompt)
             if req.spec.wants_prompt_logprobs:
@@ -645,7 +731,6 @@ class Sampler(SamplerBase):
                 req.topk = response.topk_prompt_logprobs(None if ids is None else ids[i],
                                                          None if tlp is None else tlp[i], P,
                                                          req.spec.topk_prompt_logprobs)
-        return Bp * T
 
     def _place(self, reqs: list[_Request], free: list[int]) -> None:
         """Give free rows to the requests' unplaced samples, copying each one's prefill row into them."""
