@@ -584,6 +584,10 @@ class Sampler(SamplerBase):
             if tenant not in tenants:
                 continue
             for req in live:
+                # A long prompt starts only while its chunked prefill would not outnumber the free rows (each holds
+                # a prompt-sized cache of its own until it gets a row).
+                if self._chunks(req) and len(self._prefilling) >= n_free:
+                    continue
                 if req.tenant == tenant and self._acquire(req):
                     first = req
                     break
