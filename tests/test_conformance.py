@@ -247,8 +247,12 @@ def test_sampling_logprobs_stops_and_prompt_topk(service, state, model_dir) -> N
     assert last2.prompt_logprobs[:-2] == [None] * (prompt.length - 2)
     assert np.allclose(last2.prompt_logprobs[-2:], scored.prompt_logprobs[-2:], atol=1e-5)
 
-    with pytest.raises(tinker.RequestFailedError, match="not supported"):
-        sampler.sample(prompt, 1, types.SamplingParams(max_tokens=2), topk_sample_logprobs=2).result()
+    # topk_sample_logprobs: per sampled position, the k most likely tokens of the distribution it was drawn from
+    seq = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=3, seed=1, stop=[]),
+                         topk_sample_logprobs=2).result().sequences[0]
+    assert len(seq.topk_logprobs) == len(seq.tokens) == 3 and all(len(row) == 2 for row in seq.topk_logprobs)
+    # sorted, and the top one bounds the sampled token's own logprob
+    assert all(row[0][1] >= row[1][1] and row[0][1] >= lp - 1e-5 for row, lp in zip(seq.topk_logprobs, seq.logprobs))
     with pytest.raises(tinker.RequestFailedError, match="vocabulary"):
         sampler.sample(types.ModelInput.from_ints([1, 10**6]), 1, types.SamplingParams(max_tokens=2)).result()
 

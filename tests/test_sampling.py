@@ -136,6 +136,28 @@ def test_sampled_logprobs_and_prompt_logprobs_match_forward(sampler, snap, hf):
     np.testing.assert_allclose(sampler.compute_logprobs(snap, prompt)[1:], resp.prompt_logprobs[1:], atol=1e-6)
 
 
+def test_topk_sample_logprobs_match_forward(sampler, snap, hf):
+    """topk_sample_logprobs k: each sampled position's k most likely tokens and their logprobs, of the distribution the
+    token was drawn from (log_softmax(logits / T); T = 1 for greedy), equal to transformers' forward pass; a request
+    without it in the same decode calls gets none."""
+    prompt = prompt_of(130, 8)
+    for params in (P(max_tokens=6, seed=4, temperature=0.7, stop=[]), P(max_tokens=6, temperature=0.0)):
+        with_topk = sampler.submit(snap, prompt, params, topk_sample_logprobs=3)
+        without = sampler.submit(snap, prompt, params)
+        seq = with_topk.result(timeout=120).sequences[0]
+        assert without.result(timeout=120).sequences[0].topk_logprobs is None
+        lp = hf_logprobs(hf, prompt + seq.tokens, params.temperature or 1.0)
+        assert len(seq.topk_logprobs) == len(seq.tokens) == 6
+        for i, row in enumerate(seq.topk_logprobs):
+            ref = lp[len(prompt) - 1 + i]
+            ids = np.argsort(-ref)[:3]
+            assert [t for t, _ in row] == ids.tolist()
+            np.testing.assert_allclose([v for _, v in row], ref[ids], atol=1e-4)
+    bad = sampler.submit(snap, prompt, P(), topk_sample_logprobs=sampler.max_topk + 1)
+    with pytest.raises(ValueError, match="topk_sample_logprobs"):
+        bad.result(timeout=5)
+
+
 def test_temperature_relation(sampler, snap, hf):
     """Reported logprob = log_softmax(logits / T)[token] (kernels.py docstring); greedy reports T = 1."""
     prompt = prompt_of(20, 8)

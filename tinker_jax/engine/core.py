@@ -654,7 +654,7 @@ class Engine(EngineAPI):
 
     def sample(self, sampler_id: str, prompt: tt.ModelInput, num_samples: int, sampling_params: tt.SamplingParams,
                include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, *,
-               tenant: str | None = None) -> Future:
+               tenant: str | None = None, topk_sample_logprobs: int = 0) -> Future:
         try:
             snap = self._snapshot(sampler_id)
             tokens = batching.datum_tokens(tt.Datum(model_input=prompt, loss_fn_inputs={}), 0)
@@ -667,7 +667,8 @@ class Engine(EngineAPI):
         tenant = tenant or LOCAL
         self._admit(tenant)
         return self._bounded(tenant, worker.submit_sample(snap, tokens, sampling_params, num_samples,
-                                                          include_prompt_logprobs, topk_prompt_logprobs, tenant))
+                                                          include_prompt_logprobs, topk_prompt_logprobs, tenant,
+                                                          topk_sample_logprobs))
 
     def storage_usage(self, owner: str | None) -> tuple[int, int]:
         return self.registry.usage(owner)

@@ -409,22 +409,26 @@ def _lora_key(lora: tuple) -> tuple:
 
 # Row state, all [B] (stop_ids [B,NS], seed [B,2]): host-owned numpy, placed over rows each call.
 DYNAMIC = ("tok", "pos", "n_gen", "live")  # returned updated by `decode`
-STATIC = ("max_tokens", "temperature", "top_k", "top_p", "seed", "sample", "stop_ids")
+STATIC = ("max_tokens", "temperature", "top_k", "top_p", "seed", "sample", "stop_ids", "topk_n")
 
 
 def _decode(graphdef, params, lora, slots, cache: KVCache, dyn: dict, par: dict, run_mask, until_finish,
-            n_steps: int, view: int | None, rows: int | None, unroll: bool, *, shards: int, cache_sh: NamedSharding):
+            n_steps: int, view: int | None, rows: int | None, unroll: bool, topk: int, *, shards: int,
+            cache_sh: NamedSharding):
     """Up to n_steps decode steps for the rows in run_mask (every row of one set of base weights, each with its own
     adapter), in one device loop that ends early when no row of run_mask is live any more or, with `until_finish`
-    (a bool scalar: requests wait for rows), right after the first step in which a row finished. `lora` per rank: (table weights, scale, active [Sa] table slots the rows use); `slots` per rank:
+    (a bool scalar: requests wait for rows), right after the first step in which a row finished. `lora` per rank:
+    (table weights, scale, active [Sa] table slots the rows use); `slots` per rank:
     each row's index into `active`. The active adapters are gathered once per call, then every step applies them
     to every row masked to the row's own (a decode row is one token: reading each adapter in use once per step
     is cheaper than a copy per row, and a step never reads an adapter no row uses).
 
     A live row feeds `tok` at `pos`, samples its next token with key (seed, sample, n_gen), and finishes when
     that token is one of its stop ids or n_gen reaches max_tokens. Returns (cache, dyn, tokens [n,B],
-    logprobs [n,B], valid [n,B], steps run); valid marks the outputs that belong to a live row (none after the
-    loop ended).
+    logprobs [n,B], valid [n,B], steps run, top-k ids [n,B,topk], top-k logprobs [n,B,topk]); valid marks the
+    outputs that belong to a live row (none after the loop ended). The top-k (SDK `topk_sample_logprobs`, up to
+    the static width `topk`) are of the distribution each token was drawn from, the one its logprob reports; they
+    are computed only in steps where a live row asked (`topk_n` > 0), zeros otherwise.
 
     view: when every live row's positions in this call stay below `view`, the steps run on a copy of slots
     [0, view) plus a fresh scratch slot, written back at the end. Attention then reads view + 1 slots per step
@@ -466,15 +470,17 @@ def _decode(graphdef, params, lora, slots, cache: KVCache, dyn: dict, par: dict,
         logits = model.logits(hidden, adapters)[:, 0]  # [R,V]
         keys = row_keys(p["seed"], p["sample"], d["n_gen"])
         tok, lp = select_tokens(logits, p["temperature"], p["top_k"], p["top_p"], keys)
+        tk_ids, tk_lps = _top_logprobs(logits, p["temperature"], live & (p["topk_n"] > 0), topk)
         n_gen = d["n_gen"] + live.astype(jnp.int32)
         hit_stop = jnp.any(tok[:, None] == p["stop_ids"], axis=-1)
         finished = live & (hit_stop | (n_gen >= p["max_tokens"]))
         new = dict(tok=jnp.where(live, tok, d["tok"]), pos=jnp.where(live, d["pos"] + 1, d["pos"]),
                    n_gen=n_gen, live=d["live"] & ~finished)
-        return kv, new, (tok, lp, live), jnp.any(finished)
+        return kv, new, (tok, lp, live, tk_ids, tk_lps), jnp.any(finished)
 
     R = d0["tok"].shape[0]
-    outs = (jnp.zeros((n_steps, R), jnp.int32), jnp.zeros((n_steps, R), jnp.float32), jnp.zeros((n_steps, R), bool))
+    outs = (jnp.zeros((n_steps, R), jnp.int32), jnp.zeros((n_steps, R), jnp.float32), jnp.zeros((n_steps, R), bool),
+            jnp.zeros((n_steps, R, topk), jnp.int32), jnp.zeros((n_steps, R, topk), jnp.float32))
 
     def more(carry):
         i, _, d, _, done = carry
@@ -488,23 +494,40 @@ def _decode(graphdef, params, lora, slots, cache: KVCache, dyn: dict, par: dict,
 
     # A while loop, not a scan: a call whose rows all finish early, or that frees a row another request waits for,
     # returns then instead of running out its n_steps (so n_steps can be large without making a short sample wait).
-    n_run, work, d1, (toks, lps, valid), _ = jax.lax.while_loop(
+    n_run, work, d1, (toks, lps, valid, tk_ids, tk_lps), _ = jax.lax.while_loop(
         more, body, (jnp.int32(0), work, d0, outs, jnp.bool_(False)))
     if view is not None or r * shards < B:
         n = view or cache.k.shape[2]
         work = KVCache(_set_shard_rows(cache.k, work.k[:, :, :n], shards, r, 1),
                        _set_shard_rows(cache.v, work.v[:, :, :n], shards, r, 1))
     dyn = jax.tree.map(lambda full, part: _set_shard_rows(full, part, shards, r), dyn, d1)
-    widen = lambda x: _set_shard_rows(jnp.zeros((n_steps, B), x.dtype), x, shards, r, 1)  # noqa: E731
-    return work, dyn, widen(toks), widen(lps), widen(valid), n_run
+    widen = lambda x: _set_shard_rows(jnp.zeros((n_steps, B, *x.shape[2:]), x.dtype), x, shards, r, 1)  # noqa: E731
+    return work, dyn, widen(toks), widen(lps), widen(valid), n_run, widen(tk_ids), widen(tk_lps)
 
 
-_decode_kernel = Kernel(_decode, static_argnums=(0, 9, 10, 11, 12), donate_argnums=(4,))
+def _top_logprobs(logits: jax.Array, temperature: jax.Array, want: jax.Array, k: int):
+    """logits [R,V] fp32 -> the k most likely tokens of each row's sampling distribution (log_softmax of logits / T;
+    untempered for greedy rows, as select_tokens reports) and their logprobs, [R,k] each; zeros unless a row of
+    `want` [R] asked (a runtime switch: the [R,V] top-k is not paid for by steps that need none)."""
+    R = logits.shape[0]
+    if k == 0:
+        return jnp.zeros((R, 0), jnp.int32), jnp.zeros((R, 0), jnp.float32)
+
+    def top(_):
+        t = jnp.where(temperature <= 0, 1.0, temperature)
+        vals, ids = jax.lax.top_k(jax.nn.log_softmax(logits / t[:, None], axis=-1), k)
+        return ids.astype(jnp.int32), vals
+
+    return jax.lax.cond(jnp.any(want), top, lambda _: (jnp.zeros((R, k), jnp.int32), jnp.zeros((R, k), jnp.float32)),
+                        None)
+
+
+_decode_kernel = Kernel(_decode, static_argnums=(0, 9, 10, 11, 12, 13), donate_argnums=(4,))
 
 
 def decode(pl: Placement, graphdef, params, lora, slots, cache: KVCache, dyn: dict, par: dict, run_mask, *,
            n_steps: int, view: int | None = None, rows: int | None = None, unroll: bool = False,
-           until_finish: bool = False):
+           until_finish: bool = False, topk: int = 0):
     """`_decode` on placement `pl`: per-row inputs (slots, dyn, par, run_mask) placed over rows, lora's scale and
     active replicated, the cache (donated) like pl.cache. The cache comes back placed as it went in; row state,
     tokens, logprobs, valid and the number of steps run come back replicated (the host reads them)."""
@@ -514,12 +537,12 @@ def decode(pl: Placement, graphdef, params, lora, slots, cache: KVCache, dyn: di
         c, rs = pl.cache, pl.rows_sh
         ins = (pl.params(graphdef, params), lora_sh, tuple(rs for _ in slots), KVCache(c, c),
                {k: rs for k in dyn}, {k: rs for k in par}, rs, pl.rep)
-        return ins, (KVCache(c, c), {k: pl.rep for k in dyn}, pl.rep, pl.rep, pl.rep, pl.rep)
+        return ins, (KVCache(c, c), {k: pl.rep for k in dyn}, pl.rep, pl.rep, pl.rep, pl.rep, pl.rep, pl.rep)
 
     f = _decode_kernel.on(pl, (graphdef, _lora_key(lora), tuple(dyn), tuple(par)), shardings,
                           shards=pl.shards, cache_sh=pl.cache)
     until = from_host(np.asarray(bool(until_finish)), pl.rep)
-    return f(graphdef, params, lora, slots, cache, dyn, par, run_mask, until, n_steps, view, rows, unroll)
+    return f(graphdef, params, lora, slots, cache, dyn, par, run_mask, until, n_steps, view, rows, unroll, topk)
 
 
 # Compiled-program counts under the public names (tests: new values, weights or adapters never recompile).

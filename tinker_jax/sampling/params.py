@@ -57,6 +57,7 @@ class RequestSpec:
     stop_strings: tuple[str, ...]
     include_prompt_logprobs: bool
     topk_prompt_logprobs: int
+    topk_sample_logprobs: int = 0  # top-k logprobs at each sampled position (SDK 0.30+)
 
     @property
     def wants_prompt_logprobs(self) -> bool:
@@ -101,6 +102,7 @@ def validate_request(
     *,
     limits: Limits,
     eos_token_ids: Sequence[int],
+    topk_sample_logprobs: int = 0,
 ) -> RequestSpec:
     """Check one request against the Sampler's limits; return its processed form or raise ValueError."""
     if not isinstance(params, types.SamplingParams):
@@ -157,6 +159,10 @@ def validate_request(
     if not _is_int(topk_prompt_logprobs) or not 0 <= topk_prompt_logprobs <= limits.max_topk_prompt_logprobs:
         raise UserError(f"topk_prompt_logprobs: must be an integer in [0, {limits.max_topk_prompt_logprobs}], "
                          f"got {topk_prompt_logprobs!r}")
+    # One cap for both top-k widths (each a static width of a kernel).
+    if not _is_int(topk_sample_logprobs) or not 0 <= topk_sample_logprobs <= limits.max_topk_prompt_logprobs:
+        raise UserError(f"topk_sample_logprobs: must be an integer in [0, {limits.max_topk_prompt_logprobs}], "
+                         f"got {topk_sample_logprobs!r}")
 
     return RequestSpec(
         prompt=prompt,
@@ -170,4 +176,5 @@ def validate_request(
         stop_strings=stop_strs,
         include_prompt_logprobs=bool(include_prompt_logprobs),
         topk_prompt_logprobs=int(topk_prompt_logprobs),
+        topk_sample_logprobs=int(topk_sample_logprobs),
     )

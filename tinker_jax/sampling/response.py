@@ -9,12 +9,20 @@ from tinker import types
 from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
 
 
-def sequence(tokens: Sequence[int], logprobs: Sequence[float], stop_reason: str, sequence_id: str):
+def sequence(tokens: Sequence[int], logprobs: Sequence[float], stop_reason: str, sequence_id: str,
+             topk: Sequence[tuple] | None = None):
+    """topk: per token (ids [k], logprobs [k]) of its sampling distribution (`topk_sample_logprobs`), or None."""
+    top = None
+    if topk is not None:
+        k = len(topk[0][0]) if topk else 0
+        top = TopkLogprobs(token_ids=np.asarray([ids for ids, _ in topk], np.int32).reshape(len(topk), k),
+                           logprobs=np.asarray([lp for _, lp in topk], np.float32).reshape(len(topk), k))
     return types.SampledSequence(
         stop_reason=stop_reason,
         sequence_id=sequence_id,
         tokens_np=np.asarray(tokens, np.int32),
         logprobs_np=np.asarray(logprobs, np.float32),
+        topk_logprobs_np=top,
     )
 
 

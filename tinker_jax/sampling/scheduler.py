@@ -117,6 +117,7 @@ class _Row:
     sample: int
     tokens: list[int] = field(default_factory=list)
     logprobs: list[float] = field(default_factory=list)
+    topk: list[tuple] = field(default_factory=list)  # per token, (ids [k], logprobs [k]) when the request asked
 
 
 def params_key(snapshot: WeightSnapshot) -> int:
@@ -229,7 +230,8 @@ class Sampler(SamplerBase):
     def __init__(self, cfg: ModelConfig, eos_token_ids: Sequence[int] | int | None = None, *, max_batch: int = 8,
                  max_seq_len: int = 4096, prefill_lengths: Sequence[int] | None = None,
                  prefill_batches: Sequence[int] = (1, 2, 4, 8), prefill_token_budget: int = 16384,
-                 prefill_chunk: int | None = 512, decode_steps: int = 8, decode_unroll: bool = False, decode_lengths: Sequence[int] | None = None,
+                 prefill_chunk: int | None = 512, decode_steps: int = 8, decode_unroll: bool = False,
+                 decode_lengths: Sequence[int] | None = None,
                  max_num_samples: int = 128, max_topk_prompt_logprobs: int = 20, max_stop_tokens: int = 16,
                  tokenizer: Tokenizer | None = None, cache_dtype=jnp.float32, max_adapters: int = 16,
                  on_submit=None, mesh=None, rules=DEFAULT_RULES, compiler_options: dict | None = None):
@@ -325,16 +327,20 @@ class Sampler(SamplerBase):
 
     def submit(self, snapshot: WeightSnapshot, prompt_tokens: Sequence[int], params: types.SamplingParams,
                num_samples: int = 1, include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, *,
-               sequence_ids: Sequence[str] | None = None, tenant: str = "local") -> Future:
+               sequence_ids: Sequence[str] | None = None, tenant: str = "local",
+               topk_sample_logprobs: int = 0) -> Future:
         """Enqueue one request; the Future resolves to a tinker.types.SampleResponse.
 
         Invalid requests get a future that already holds a UserError naming the field (never raised here).
         `sequence_ids` (default "<request>:<i>") become SampledSequence.sequence_id, in sample order.
+        `topk_sample_logprobs` k: each sampled position's k most likely tokens with their logprobs, from the
+        distribution the token was drawn from (SampledSequence.topk_logprobs).
         Without an owner calling `step` (see `drive`), the sampler's own thread starts on the first submit.
         """
         try:
             req = self.prepare(snapshot, prompt_tokens, params, num_samples, include_prompt_logprobs,
-                               topk_prompt_logprobs, sequence_ids=sequence_ids, tenant=tenant)
+                               topk_prompt_logprobs, sequence_ids=sequence_ids, tenant=tenant,
+                               topk_sample_logprobs=topk_sample_logprobs)
         except (UserError, ValueError) as e:
             fut: Future = Future()
             fut.set_exception(e)
@@ -344,7 +350,8 @@ class Sampler(SamplerBase):
 
     def prepare(self, snapshot: WeightSnapshot, prompt_tokens: Sequence[int], params: types.SamplingParams,
                 num_samples: int = 1, include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, *,
-                sequence_ids: Sequence[str] | None = None, tenant: str = "local") -> _Request:
+                sequence_ids: Sequence[str] | None = None, tenant: str = "local",
+                topk_sample_logprobs: int = 0) -> _Request:
         """`submit`'s validation (UserError or ValueError naming the field): a request, not yet queued."""
         if not isinstance(snapshot, WeightSnapshot):
             raise UserError(f"snapshot: expected a WeightSnapshot, got {type(snapshot).__name__}")
@@ -354,7 +361,7 @@ class Sampler(SamplerBase):
         self._check_placement(snapshot)
         uid = next(self._uids)
         spec, ids = self._request(uid, prompt_tokens, params, num_samples, include_prompt_logprobs,
-                                  topk_prompt_logprobs, sequence_ids)
+                                  topk_prompt_logprobs, sequence_ids, topk_sample_logprobs)
         return self.request(uid, snapshot, spec, ids, tenant, Future())
 
     def request(self, uid: int, snapshot: WeightSnapshot, spec: RequestSpec, sequence_ids: list[str], tenant: str,
@@ -461,7 +468,8 @@ class Sampler(SamplerBase):
                          live=np.zeros(B, bool))
         self._par = dict(max_tokens=np.ones(B, np.int32), temperature=np.zeros(B, np.float32),
                          top_k=np.zeros(B, np.int32), top_p=np.ones(B, np.float32), seed=np.zeros((B, 2), np.uint32),
-                         sample=np.zeros(B, np.int32), stop_ids=np.full((B, NS), -1, np.int32))
+                         sample=np.zeros(B, np.int32), stop_ids=np.full((B, NS), -1, np.int32),
+                         topk_n=np.zeros(B, np.int32))
         self._par_dev = None
 
     def _run(self) -> None:
@@ -772,6 +780,7 @@ class Sampler(SamplerBase):
         p["sample"][r] = sample
         p["stop_ids"][r] = -1
         p["stop_ids"][r, : len(s.stop_token_ids)] = s.stop_token_ids
+        p["topk_n"][r] = s.topk_sample_logprobs
         self._par_dev = None  # placed again before the next decode call
 
     # decode -------------------------------------------------------------------------------------------
@@ -805,14 +814,14 @@ class Sampler(SamplerBase):
         # Requests waiting for a row (pending or holding a prefill) end the call as soon as a row frees; otherwise it
         # runs until its rows finish or decode_steps. Both lists are alike on every process (step order).
         waiting = bool(self._pending or self._deferred)
-        cache, dyn, toks, lps, valid, n_run = kernels.decode(
+        cache, dyn, toks, lps, valid, n_run, tk_ids, tk_lps = kernels.decode(
             pl, snap.graphdef, snap.params, lora, slots, self._cache,
             {k: from_host(v, pl.rows_sh) for k, v in self._dyn.items()}, self._par_dev, from_host(run, pl.rows_sh),
             n_steps=self.decode_steps, view=None if view >= self.max_seq_len else view, unroll=self.decode_unroll,
-            rows=None if n_rows >= per else n_rows, until_finish=waiting)
+            rows=None if n_rows >= per else n_rows, until_finish=waiting, topk=self.max_topk)
         self._cache = cache
         # Replicated outputs (kernels.decode): every process can read them whole.
-        dyn, toks, lps, valid, n_run = jax.device_get((dyn, toks, lps, valid, n_run))
+        dyn, toks, lps, valid, n_run, tk_ids, tk_lps = jax.device_get((dyn, toks, lps, valid, n_run, tk_ids, tk_lps))
         self._dyn = {k: np.array(v) for k, v in dyn.items()}
         self.stats["decode_calls"] += 1
         self.stats["decode_steps_run"] += int(n_run)
@@ -826,6 +835,9 @@ class Sampler(SamplerBase):
                     break
                 row.tokens.append(int(toks[i, r]))
                 row.logprobs.append(float(lps[i, r]))
+                k = row.req.spec.topk_sample_logprobs
+                if k:
+                    row.topk.append((tk_ids[i, r, :k], tk_lps[i, r, :k]))
                 self.stats["tokens_generated"] += 1
                 if row.req.stopper is not None and row.req.stopper.hit(row.tokens):
                     reason = "stop"
@@ -840,7 +852,8 @@ class Sampler(SamplerBase):
         self._rows[r] = None
         self._dyn["live"][r] = False
         req = row.req
-        req.results[row.sample] = response.sequence(row.tokens, row.logprobs, reason, req.sequence_ids[row.sample])
+        req.results[row.sample] = response.sequence(row.tokens, row.logprobs, reason, req.sequence_ids[row.sample],
+                                                    row.topk if req.spec.topk_sample_logprobs else None)
         req.done += 1
         if req.done == req.spec.num_samples:
             self._release(req)
