@@ -93,7 +93,9 @@ def _free_port() -> int:
 
 def _server_env() -> dict[str, str]:
     env = dict(os.environ)
-    env.pop("XLA_FLAGS", None)  # the suite's 8 simulated devices are for the mesh tests; the server uses one
+    # One device (the suite's 8 simulated ones are for the mesh tests), and XLA's CPU optimisation off
+    # (models_util.FAST_XLA as flags): the server compiles far more than it runs for these tiny recipes.
+    env["XLA_FLAGS"] = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
     env.update(JAX_PLATFORMS="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1")
     return env
 
