@@ -536,3 +536,33 @@ def test_long_prompt_beside_short_ones(snap, hf):
                                [lp[i, t] for i, t in enumerate(long_prompt[1:])], atol=1e-4)
     np.testing.assert_allclose(seq.logprobs, [lp[len(long_prompt) - 1 + i, t] for i, t in enumerate(seq.tokens)],
                                atol=1e-4)
+
+
+def test_chunked_prefill_of_an_adapter_while_another_adapter_loads(snap):
+    """A LoRA request's prompt prefilled 8 tokens per step, while a request of a second adapter (same rank) loads
+    into the adapter table mid-prefill: each equals the same request alone."""
+    lora_a, _ = _lora_snapshot(snap, 5)
+    lora_b, _ = _lora_snapshot(snap, 6)
+    jobs = [(lora_a, prompt_of(140, 40), P(max_tokens=4, seed=1, stop=[])),
+            (lora_b, prompt_of(141, 5), P(max_tokens=4, seed=2, stop=[]))]
+    s = Sampler(snap.cfg, [EOS], max_batch=2, max_seq_len=MAX_SEQ, prefill_lengths=(16, 48), prefill_batches=(1,),
+                decode_steps=4, decode_lengths=(32,), prefill_chunk=8).drive(lambda: None)
+    try:
+        def run(futs):
+            for _ in range(30):
+                if all(f.done() for f in futs):
+                    return [f.result().sequences[0] for f in futs]
+                s.step()
+            raise AssertionError("requests did not finish in 30 steps")
+
+        first = s.submit(*jobs[0])
+        s.step()  # its first chunk, with only its adapter in the table
+        assert s.stats["prefill_chunks"] == 1
+        together = run([first, s.submit(*jobs[1])])
+        alone = [run([s.submit(*j)])[0] for j in jobs]
+    finally:
+        s.stop()
+    assert s.stats["adapter_loads"] >= 2
+    for a, b in zip(together, alone):
+        assert a.tokens == b.tokens
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)

@@ -103,9 +103,6 @@ class _Prefilling:
     tokens: Any
     targets: Any
     cache: KVCache
-    lora: tuple
-    slots: tuple
-    mode: str
     n: int  # chunks
     done: int = 0
     parts: list = field(default_factory=list)  # per chunk: (lp, ids, tlp) when prompt logprobs were asked for
@@ -693,13 +690,12 @@ class Sampler(SamplerBase):
         p = req.spec.prompt
         tokens[0, : len(p) - 1], targets[0, : len(p) - 1] = p[:-1], p[1:]
         pl = self.placement
-        lora, slots = self._lora_args([req] + [None] * (Bp - 1), Bp)
         shape = (self.cfg.n_layers, Bp, n * C, self.cfg.n_kv_heads, self.cfg.head_dim)
         cache = KVCache(zeros(shape, self.cache_dtype, pl.cache), zeros(shape, self.cache_dtype, pl.cache))
-        job = _Prefilling(req, T, from_host(tokens, pl.rows_sh), from_host(targets, pl.rows_sh), cache, lora, slots,
-                          "uniform" if Bp == 1 else "gather", n)
+        job = _Prefilling(req, T, from_host(tokens, pl.rows_sh), from_host(targets, pl.rows_sh), cache, n)
+        used = self._prefill_chunk(job)  # if this fails, only this request fails (`_admit`): nothing to undo
         self._prefilling.append(job)
-        return self._prefill_chunk(job)
+        return used
 
     def _advance_prefills(self, budget: int) -> int:
         """One chunk of each long prompt in progress, oldest first, while `budget` tokens last (the oldest always
@@ -714,16 +710,20 @@ class Sampler(SamplerBase):
     def _prefill_chunk(self, job: _Prefilling) -> int:
         req, pl = job.req, self.placement
         want = req.spec.wants_prompt_logprobs
+        Bp = job.tokens.shape[0]
+        # The adapter tables as they are now (loading another adapter replaces a table's arrays); the request keeps
+        # its slot in them until it finishes.
+        lora, slots = self._lora_args([req] + [None] * (Bp - 1), Bp)
         k, v, lp, ids, tlp = kernels.prefill_part(
-            pl, req.snapshot.graphdef, req.snapshot.params, job.lora, job.slots, job.tokens, job.targets, job.cache,
-            job.done, from_host(np.bool_(want), pl.rep), topk=self.max_topk, mode=job.mode,
+            pl, req.snapshot.graphdef, req.snapshot.params, lora, slots, job.tokens, job.targets, job.cache,
+            job.done, from_host(np.bool_(want), pl.rep), topk=self.max_topk, mode="uniform" if Bp == 1 else "gather",
             chunk=self.prefill_chunk)
         job.cache = KVCache(k, v)
         if want:
             job.parts.append(distributed.fetch((lp, ids, tlp)))
         job.done += 1
         self.stats["prefill_chunks"] += 1
-        if job.done == job.n:  # the cache of its T bucket's slots, as a whole-prompt prefill hands on
+        if job.done == job.n:  # the cache of its T bucket's slots, as a whole-prompt prefill hands on (n >= 2)
             self._prefilling.remove(job)
             req.kv = (k[:, :, :job.T], v[:, :, :job.T], 0)
             lp, ids, tlp = ([np.concatenate([p[i] for p in job.parts], axis=1)[:, :job.T] for i in range(3)]
