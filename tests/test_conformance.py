@@ -247,7 +247,7 @@ def test_sampling_logprobs_stops_and_prompt_topk(service, state, model_dir) -> N
     assert last2.prompt_logprobs[:-2] == [None] * (prompt.length - 2)
     assert np.allclose(last2.prompt_logprobs[-2:], scored.prompt_logprobs[-2:], atol=1e-5)
 
-    # topk_sample_logprobs: per sampled position, the k most likely tokens of the distribution it was drawn from
+    # topk_sample_logprobs: per sampled position, the k most likely tokens of the distribution its logprob is from
     seq = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=3, seed=1, stop=[]),
                          topk_sample_logprobs=2).result().sequences[0]
     assert len(seq.topk_logprobs) == len(seq.tokens) == 3 and all(len(row) == 2 for row in seq.topk_logprobs)

@@ -138,7 +138,7 @@ def test_sampled_logprobs_and_prompt_logprobs_match_forward(sampler, snap, hf):
 
 def test_topk_sample_logprobs_match_forward(sampler, snap, hf):
     """topk_sample_logprobs k: each sampled position's k most likely tokens and their logprobs, of the distribution the
-    token was drawn from (log_softmax(logits / T); T = 1 for greedy), equal to transformers' forward pass; a request
+    token's logprob is reported from (log_softmax(logits / T); T = 1 for greedy), equal to transformers' forward pass; a request
     without it in the same decode calls gets none."""
     prompt = prompt_of(130, 8)
     for params in (P(max_tokens=6, seed=4, temperature=0.7, stop=[]), P(max_tokens=6, temperature=0.0)):
@@ -566,3 +566,36 @@ def test_chunked_prefill_of_an_adapter_while_another_adapter_loads(snap):
     for a, b in zip(together, alone):
         assert a.tokens == b.tokens
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+
+
+def test_a_failing_prefill_chunk_fails_only_its_request(snap, monkeypatch):
+    """A device error in a later chunk of a long prompt's prefill fails that request alone: a request decoding
+    beside it finishes with the tokens it has alone."""
+    s = Sampler(snap.cfg, [EOS], max_batch=2, max_seq_len=MAX_SEQ, prefill_lengths=(16, 48), prefill_batches=(1,),
+                decode_steps=4, decode_lengths=(32,), prefill_chunk=8).drive(lambda: None)
+    real, calls = kernels.prefill_part, []
+
+    def flaky(*a, **kw):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("injected device failure")
+        return real(*a, **kw)
+
+    monkeypatch.setattr(kernels, "prefill_part", flaky)
+    short = (snap, prompt_of(150, 5), P(max_tokens=8, seed=3, stop=[]))
+    try:
+        futs = [s.submit(snap, prompt_of(151, 40), P(max_tokens=4)), s.submit(*short)]
+        for _ in range(20):
+            if all(f.done() for f in futs):
+                break
+            s.step()
+        with pytest.raises(RuntimeError, match="injected"):
+            futs[0].result(timeout=0)
+        got = futs[1].result(timeout=0).sequences[0]
+        assert not s._prefilling and not s.has_work()
+        alone = s.submit(*short)
+        while not alone.done():
+            s.step()
+    finally:
+        s.stop()
+    assert got.tokens == alone.result().sequences[0].tokens

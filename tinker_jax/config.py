@@ -37,7 +37,7 @@ class SamplerConfig:
     #                        checked between calls)
     decode_unroll: bool = False  # jax: unroll the layer loop of a decode step (more code, fewer loop iterations)
     prefill_chunk: int = 512  # jax: a longer prompt is prefilled this many tokens per sampler step (running
-    #                           decodes keep their pace; its attention memory grows linearly with its length)
+    #                           decodes keep their pace; its attention memory grows linearly with its length); 0: off
     max_adapters: int = 16  # jax: LoRA adapters resident per rank at once (rows of different adapters decode
     #                         together; a request whose adapter finds no free place waits for one)
 

@@ -427,8 +427,8 @@ def _decode(graphdef, params, lora, slots, cache: KVCache, dyn: dict, par: dict,
     that token is one of its stop ids or n_gen reaches max_tokens. Returns (cache, dyn, tokens [n,B],
     logprobs [n,B], valid [n,B], steps run, top-k ids [n,B,topk], top-k logprobs [n,B,topk]); valid marks the
     outputs that belong to a live row (none after the loop ended). The top-k (SDK `topk_sample_logprobs`, up to
-    the static width `topk`) are of the distribution each token was drawn from, the one its logprob reports; they
-    are computed only in steps where a live row asked (`topk_n` > 0), zeros otherwise.
+    the static width `topk`) are of the distribution each token's logprob reports (logits / T, before any top_k /
+    top_p truncation); they are computed only in steps where a live row asked (`topk_n` > 0), zeros otherwise.
 
     view: when every live row's positions in this call stay below `view`, the steps run on a copy of slots
     [0, view) plus a fresh scratch slot, written back at the end. Attention then reads view + 1 slots per step
@@ -506,9 +506,10 @@ def _decode(graphdef, params, lora, slots, cache: KVCache, dyn: dict, par: dict,
 
 
 def _top_logprobs(logits: jax.Array, temperature: jax.Array, want: jax.Array, k: int):
-    """logits [R,V] fp32 -> the k most likely tokens of each row's sampling distribution (log_softmax of logits / T;
-    untempered for greedy rows, as select_tokens reports) and their logprobs, [R,k] each; zeros unless a row of
-    `want` [R] asked (a runtime switch: the [R,V] top-k is not paid for by steps that need none)."""
+    """logits [R,V] fp32 -> the k most likely tokens of the distribution each row's sampled logprob is reported from
+    (log_softmax of logits / T, untruncated; untempered for greedy rows, as select_tokens reports) and their
+    logprobs, [R,k] each; zeros unless a row of `want` [R] asked (a runtime switch: the [R,V] top-k is not paid for
+    by steps that need none)."""
     R = logits.shape[0]
     if k == 0:
         return jnp.zeros((R, 0), jnp.int32), jnp.zeros((R, 0), jnp.float32)

@@ -198,7 +198,7 @@ class Sampler(SamplerBase):
       prefill_batches: row buckets for one prefill call.
       prefill_token_budget: at most this many (rows x bucket length) tokens per prefill call.
       prefill_chunk: prompts longer than this are prefilled alone, this many tokens per step (kernels.prefill_part),
-        so running decodes keep their pace and attention memory is linear in the prompt's length; None: whole.
+        so running decodes keep their pace and attention memory is linear in the prompt's length; 0 or None: whole.
       decode_steps: most decode steps per device call (one host round trip): the call's device loop ends sooner
         when its rows have all finished, or right after a row finished while requests wait for one.
       decode_unroll: unroll the decoder's layer loop inside a decode step.
@@ -266,9 +266,10 @@ class Sampler(SamplerBase):
         self.prefill_batches = tuple(sorted(set(min(-(-int(b) // shards) * shards, self.max_batch)
                                                 for b in prefill_batches)))
         self.prefill_token_budget = int(prefill_token_budget)
-        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or int(prefill_chunk) < 1):
-            raise ValueError(f"prefill_chunk: must be a positive number of tokens (or None), got {prefill_chunk!r}")
-        self.prefill_chunk = None if prefill_chunk is None else int(prefill_chunk)
+        if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or int(prefill_chunk) < 0):
+            raise ValueError(f"prefill_chunk: must be a number of tokens (0 or None: whole prompts), got "
+                             f"{prefill_chunk!r}")
+        self.prefill_chunk = int(prefill_chunk) if prefill_chunk else None
         self.decode_steps = int(decode_steps)
         self.decode_unroll = bool(decode_unroll)
         # From 64: a short sample attends over little more than its own positions (a 32 +32 batch-1 decode went
@@ -331,7 +332,7 @@ class Sampler(SamplerBase):
         Invalid requests get a future that already holds a UserError naming the field (never raised here).
         `sequence_ids` (default "<request>:<i>") become SampledSequence.sequence_id, in sample order.
         `topk_sample_logprobs` k: each sampled position's k most likely tokens with their logprobs, from the
-        distribution the token was drawn from (SampledSequence.topk_logprobs).
+        distribution its logprob is reported from (logits / T, untruncated; SampledSequence.topk_logprobs).
         Without an owner calling `step` (see `drive`), the sampler's own thread starts on the first submit.
         """
         try:
@@ -450,7 +451,7 @@ class Sampler(SamplerBase):
                 | {j.req for j in self._prefilling})
 
     def stats_now(self) -> dict:
-        return {**self.stats, "queued": len(self._pending) + len(self._incoming),
+        return {**self.stats, "queued": len(self._pending) + len(self._incoming) + len(self._prefilling),
                 "running_rows": sum(r is not None for r in self._rows),
                 "resident_adapters": sum(t.resident() for t in list(self._tables.values()))}
 
@@ -704,7 +705,14 @@ class Sampler(SamplerBase):
         for job in list(self._prefilling):
             if used and used >= budget:
                 break
-            used += self._prefill_chunk(job)
+            try:
+                used += self._prefill_chunk(job)
+            except Exception as e:  # only this request fails: its chunks write a cache of their own, not the rows'
+                log.exception("sampler: prefill failed")
+                self._prefilling.remove(job)
+                self._release(job.req)
+                if not job.req.future.done():
+                    job.req.future.set_exception(self.explain(e))
         return used
 
     def _prefill_chunk(self, job: _Prefilling) -> int:
@@ -837,7 +845,7 @@ class Sampler(SamplerBase):
                 row.logprobs.append(float(lps[i, r]))
                 k = row.req.spec.topk_sample_logprobs
                 if k:
-                    row.topk.append((tk_ids[i, r, :k], tk_lps[i, r, :k]))
+                    row.topk.append((tk_ids[i, r, :k].copy(), tk_lps[i, r, :k].copy()))  # not views of the call's
                 self.stats["tokens_generated"] += 1
                 if row.req.stopper is not None and row.req.stopper.hit(row.tokens):
                     reason = "stop"
