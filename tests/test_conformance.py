@@ -253,6 +253,19 @@ def test_sampling_logprobs_stops_and_prompt_topk(service, state, model_dir) -> N
     assert len(seq.topk_logprobs) == len(seq.tokens) == 3 and all(len(row) == 2 for row in seq.topk_logprobs)
     # sorted, and the top one bounds the sampled token's own logprob
     assert all(row[0][1] >= row[1][1] and row[0][1] >= lp - 1e-5 for row, lp in zip(seq.topk_logprobs, seq.logprobs))
+
+    # target_prompt_logprobs (CSR, as the SDK sends it): the prompt's own next tokens score their prompt logprobs
+    ints = prompt.to_ints()
+    n = len(ints) - 1
+    targets = types.TensorData(data=[ints[i + 1] for i in range(0, n, 2)], dtype="int64", shape=[n, 1],
+                               sparse_crow_indices=[sum(1 for j in range(0, i, 2)) for i in range(n + 1)],
+                               sparse_col_indices=[0] * len(range(0, n, 2)))
+    scored_targets = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=1), include_prompt_logprobs=True,
+                                    target_prompt_logprobs=targets).result()
+    t = scored_targets.target_prompt_logprobs
+    assert t.sparse_crow_indices == targets.sparse_crow_indices and t.shape == [n, 1]
+    assert np.allclose(t.to_numpy()[::2, 0], [scored_targets.prompt_logprobs[i + 1] for i in range(0, n, 2)],
+                       atol=1e-5)
     with pytest.raises(tinker.RequestFailedError, match="vocabulary"):
         sampler.sample(types.ModelInput.from_ints([1, 10**6]), 1, types.SamplingParams(max_tokens=2)).result()
 

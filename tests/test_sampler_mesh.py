@@ -170,18 +170,25 @@ def test_weights_off_the_mesh_are_refused():
 
 def test_chunked_prefill_over_a_mesh_equals_a_whole_prefill_on_one_device():
     """A prompt prefilled 4 tokens per step (kernels.prefill_part) on dp2 x fsdp2 x tp2, rows over two mesh axes,
-    samples what one device samples after prefilling the prompt whole: tokens, sampled and prompt logprobs."""
+    samples what one device samples after prefilling the prompt whole: tokens, sampled and prompt logprobs, and
+    target_prompt_logprobs."""
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8, see conftest.py)")
     prompt = np.random.default_rng(7).integers(3, 500, 13).tolist()
     params = types.SamplingParams(max_tokens=5, temperature=0.8, seed=3, stop=[])
+    ids = np.random.default_rng(8).integers(0, 500, (12, 2))
+    ids[4, 1] = -1
+    targets = types.TensorData(data=ids.reshape(-1).tolist(), dtype="int64", shape=[12, 2])  # target_prompt_logprobs
     out = []
     for mesh, chunk in ((None, None), (make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)), 4)):
         s = _sampler(mesh, prefill_chunk=chunk)
         base, _ = _snapshots(mesh)
-        fut = s.submit(base, prompt, params, include_prompt_logprobs=True)
+        fut = s.submit(base, prompt, params, include_prompt_logprobs=True, target_prompt_logprobs=targets)
         while s.has_work():
             s.step()
         out.append(fut.result(timeout=0))
         assert s.stats["prefill_chunks"] == (0 if chunk is None else 8)  # 12 prompt tokens, bucket 32, chunks of 4
     _assert_same(out[1:], out[:1])
+    got, want = (np.asarray(o.target_prompt_logprobs.data) for o in out[::-1])
+    assert np.count_nonzero(want) == 12 * 2 - 1  # every asked cell has a (negative) logprob, the -1 cell 0.0
+    np.testing.assert_allclose(got, want, rtol=0, atol=TOL)

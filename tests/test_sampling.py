@@ -599,3 +599,30 @@ def test_a_failing_prefill_chunk_fails_only_its_request(snap, monkeypatch):
     finally:
         s.stop()
     assert got.tokens == alone.result().sequences[0].tokens
+
+
+def test_target_prompt_logprobs_match_forward(sampler, snap, hf):
+    """target_prompt_logprobs: the logprobs of chosen ids at each prompt position (row i: position i + 1) equal
+    transformers' forward pass; -1 cells get 0.0; a CSR request gets a CSR answer with its own indices; prompt
+    logprobs are not returned unless asked; a wrong shape or id is refused naming the field."""
+    prompt = prompt_of(160, 9)
+    lp = hf_logprobs(hf, prompt)  # row i: the distribution over prompt[i + 1]
+    ids = np.random.default_rng(0).integers(0, 512, (8, 3))
+    ids[2, 1] = -1
+    dense = types.TensorData(data=ids.reshape(-1).tolist(), dtype="int64", shape=[8, 3])
+    resp = sampler.submit(snap, prompt, P(max_tokens=2), target_prompt_logprobs=dense).result(timeout=60)
+    assert resp.prompt_logprobs is None and resp.target_prompt_logprobs.shape == [8, 3]
+    want = np.where(ids >= 0, lp[np.arange(8)[:, None], np.maximum(ids, 0)], 0.0)
+    np.testing.assert_allclose(np.asarray(resp.target_prompt_logprobs.data).reshape(8, 3), want, atol=1e-4)
+
+    crow, col, vals = [0, 1, 1, 3, 3, 3, 3, 3, 4], [2, 0, 1, 0], [5, 7, 11, 13]
+    csr = types.TensorData(data=vals, dtype="int64", shape=[8, 3], sparse_crow_indices=crow, sparse_col_indices=col)
+    got = sampler.submit(snap, prompt, P(max_tokens=2), target_prompt_logprobs=csr).result(timeout=60)
+    t = got.target_prompt_logprobs
+    assert (t.sparse_crow_indices, t.sparse_col_indices, t.shape) == (crow, col, [8, 3])
+    np.testing.assert_allclose(t.data, [lp[0, 5], lp[2, 7], lp[2, 11], lp[7, 13]], atol=1e-4)
+
+    for bad in (types.TensorData(data=[1] * 21, dtype="int64", shape=[7, 3]),
+                types.TensorData(data=[600] * 8, dtype="int64", shape=[8, 1])):
+        with pytest.raises(ValueError, match="target_prompt_logprobs"):
+            sampler.submit(snap, prompt, P(max_tokens=2), target_prompt_logprobs=bad).result(timeout=5)

@@ -70,8 +70,6 @@ async def join_sampling_session(body: JsonBody, store: StoreDep, owner: OwnerDep
 
 
 def _refuse_unsupported(req: types.SampleRequest) -> None:
-    if req.target_prompt_logprobs is not None:
-        raise UserError("target_prompt_logprobs: not supported by this server")
     if req.prompt_alt_tokens_k:
         raise UserError("prompt_alt_tokens_k: not supported by this server")
 
@@ -138,7 +136,8 @@ async def asample(body: JsonBody, engine: EngineDep, store: StoreDep, futures: F
         future = engine.sample(engine_id, req.prompt, req.num_samples, req.sampling_params,
                                include_prompt_logprobs=bool(req.prompt_logprobs),
                                topk_prompt_logprobs=int(req.topk_prompt_logprobs or 0), tenant=row.session_id,
-                               topk_sample_logprobs=req.topk_sample_logprobs or 0)
+                               topk_sample_logprobs=req.topk_sample_logprobs or 0,
+                               target_prompt_logprobs=req.target_prompt_logprobs)
         return future if post is None else then(future, post)
 
     # In a thread: the first sample of a base model builds its sampler.

@@ -654,7 +654,8 @@ class Engine(EngineAPI):
 
     def sample(self, sampler_id: str, prompt: tt.ModelInput, num_samples: int, sampling_params: tt.SamplingParams,
                include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, *,
-               tenant: str | None = None, topk_sample_logprobs: int = 0) -> Future:
+               tenant: str | None = None, topk_sample_logprobs: int = 0,
+               target_prompt_logprobs: tt.TensorData | None = None) -> Future:
         try:
             snap = self._snapshot(sampler_id)
             tokens = batching.datum_tokens(tt.Datum(model_input=prompt, loss_fn_inputs={}), 0)
@@ -668,7 +669,7 @@ class Engine(EngineAPI):
         self._admit(tenant)
         return self._bounded(tenant, worker.submit_sample(snap, tokens, sampling_params, num_samples,
                                                           include_prompt_logprobs, topk_prompt_logprobs, tenant,
-                                                          topk_sample_logprobs))
+                                                          topk_sample_logprobs, target_prompt_logprobs))
 
     def storage_usage(self, owner: str | None) -> tuple[int, int]:
         return self.registry.usage(owner)

@@ -22,8 +22,10 @@ from __future__ import annotations
 
 import math
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Sequence
+
+import numpy as np
 
 from tinker import types
 
@@ -58,11 +60,20 @@ class RequestSpec:
     include_prompt_logprobs: bool
     topk_prompt_logprobs: int
     topk_sample_logprobs: int = 0  # top-k logprobs at each sampled position (SDK 0.30+)
+    # target_prompt_logprobs (SDK 0.30+): token ids to score at each prompt position, dense [P-1, K] int32 (-1: none),
+    # and the request's CSR layout (crow, col) when it came sparse, so the answer comes back in the same layout.
+    target_ids: np.ndarray | None = field(default=None, compare=False)
+    target_layout: tuple | None = field(default=None, compare=False)
 
     @property
     def wants_prompt_logprobs(self) -> bool:
         # The protocol doc (§2.6) says topk_prompt_logprobs "implies prompt logprobs".
         return self.include_prompt_logprobs or self.topk_prompt_logprobs > 0
+
+    @property
+    def scores_prompt(self) -> bool:
+        """Whether its prefill computes logits over the prompt (prompt logprobs, their top-k, or target ids)."""
+        return self.wants_prompt_logprobs or self.target_ids is not None
 
 
 def _is_int(x: Any) -> bool:
@@ -103,6 +114,7 @@ def validate_request(
     limits: Limits,
     eos_token_ids: Sequence[int],
     topk_sample_logprobs: int = 0,
+    target_prompt_logprobs: Any = None,
 ) -> RequestSpec:
     """Check one request against the Sampler's limits; return its processed form or raise ValueError."""
     if not isinstance(params, types.SamplingParams):
@@ -164,6 +176,7 @@ def validate_request(
         raise UserError(f"topk_sample_logprobs: must be an integer in [0, {limits.max_topk_prompt_logprobs}], "
                          f"got {topk_sample_logprobs!r}")
 
+    target_ids, target_layout = parse_target_ids(target_prompt_logprobs, len(prompt), limits)
     return RequestSpec(
         prompt=prompt,
         num_samples=int(num_samples),
@@ -177,4 +190,49 @@ def validate_request(
         include_prompt_logprobs=bool(include_prompt_logprobs),
         topk_prompt_logprobs=int(topk_prompt_logprobs),
         topk_sample_logprobs=int(topk_sample_logprobs),
+        target_ids=target_ids,
+        target_layout=target_layout,
     )
+
+
+def parse_target_ids(td: Any, prompt_len: int, limits: Limits) -> tuple[np.ndarray | None, tuple | None]:
+    """`target_prompt_logprobs` (a tinker TensorData of int64 ids, dense or CSR, or an array) -> (dense [P-1, K]
+    int32 ids with -1 where nothing is asked, the CSR layout (crow, col) or None). K is capped like the other top-k
+    widths (a static width of the prefill kernel)."""
+    if td is None:
+        return None, None
+    name = "target_prompt_logprobs"
+    crow = getattr(td, "sparse_crow_indices", None)
+    shape = getattr(td, "shape", None)
+    tensor = hasattr(td, "data") and hasattr(td, "dtype")  # the SDK's TensorData (either of its two classes)
+    if tensor and td.dtype != "int64":
+        raise UserError(f"{name}: must be an int64 tensor of token ids, got {td.dtype}")
+    try:
+        if crow is not None:
+            col = np.asarray(td.sparse_col_indices, np.int64)
+            crow = np.asarray(crow, np.int64)
+            values = np.asarray(td.data, np.int64).reshape(-1)
+            if (shape is None or len(shape) != 2 or len(crow) != shape[0] + 1 or len(col) != len(values)
+                    or len(values) != crow[-1]):
+                raise ValueError("inconsistent CSR indices")
+            dense = np.full(tuple(shape), -1, np.int64)
+            rows = np.repeat(np.arange(shape[0]), np.diff(crow))
+            dense[rows, col] = values
+            layout = (tuple(int(x) for x in crow), tuple(int(x) for x in col))
+        else:
+            dense = np.asarray(td.data if tensor else td, np.int64)
+            dense = dense.reshape(shape) if tensor and shape is not None else dense
+            layout = None
+    except (ValueError, IndexError, TypeError) as e:
+        raise UserError(f"{name}: not a readable [len(prompt) - 1, K] tensor of token ids ({e})") from None
+    if dense.ndim != 2 or dense.shape[0] != prompt_len - 1:
+        raise UserError(f"{name}: must have shape [len(prompt) - 1, K] = [{prompt_len - 1}, K], got "
+                        f"{list(dense.shape)}")
+    if not 1 <= dense.shape[1] <= limits.max_topk_prompt_logprobs:
+        raise UserError(f"{name}: K = {dense.shape[1]} ids per position; this sampler serves 1 to "
+                        f"{limits.max_topk_prompt_logprobs}")
+    bad = dense[(dense < -1) | (dense >= limits.vocab_size)]
+    if bad.size:
+        raise UserError(f"{name}: token ids {bad[:8].tolist()} are outside the vocabulary [0, {limits.vocab_size}) "
+                        "(-1 asks for nothing)")
+    return dense.astype(np.int32), layout

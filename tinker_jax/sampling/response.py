@@ -44,5 +44,19 @@ def topk_prompt_logprobs(ids: np.ndarray | None, lps: np.ndarray | None, prompt_
     return TopkLogprobs(token_ids=tid, logprobs=tlp)
 
 
-def sample_response(sequences, prompt_lp: np.ndarray | None, topk: TopkLogprobs | None) -> types.SampleResponse:
-    return types.SampleResponse(sequences=list(sequences), prompt_logprobs_np=prompt_lp, topk_prompt_logprobs_np=topk)
+def sample_response(sequences, prompt_lp: np.ndarray | None, topk: TopkLogprobs | None,
+                    target: types.TensorData | None = None) -> types.SampleResponse:
+    return types.SampleResponse(sequences=list(sequences), prompt_logprobs_np=prompt_lp, topk_prompt_logprobs_np=topk,
+                                target_prompt_logprobs=target)
+
+
+def target_logprobs(lp: np.ndarray, ids: np.ndarray, layout: tuple | None) -> types.TensorData:
+    """The logprobs of `target_prompt_logprobs`' ids, lp [P-1, K] (ids [P-1, K], -1: not asked), as a float32
+    TensorData in the request's layout: dense with 0.0 where nothing was asked, or CSR with the request's indices."""
+    lp = np.where(ids >= 0, lp, 0.0).astype(np.float32)
+    if layout is None:
+        return types.TensorData(data=lp.reshape(-1).tolist(), dtype="float32", shape=list(lp.shape))
+    crow, col = layout
+    rows = np.repeat(np.arange(len(crow) - 1), np.diff(crow))
+    return types.TensorData(data=lp[rows, np.asarray(col, np.int64)].tolist(), dtype="float32", shape=list(lp.shape),
+                            sparse_crow_indices=list(crow), sparse_col_indices=list(col))

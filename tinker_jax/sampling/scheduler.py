@@ -89,6 +89,7 @@ class _Request:
     kv: tuple | None = None  # (k, v, row) of its prefill, held until every sample has a row
     prompt_lp: np.ndarray | None = None
     topk: Any = None
+    target: Any = None  # target_prompt_logprobs' answer (tinker TensorData) once prefilled
     group: int = 0  # its weights group (`Sampler._group`), numbered alike on every process
     seq: int = 0  # its place in its engine worker's request log (several processes: how followers match it)
 
@@ -102,6 +103,7 @@ class _Prefilling:
     T: int  # its length bucket (the cache it hands on has T slots)
     tokens: Any
     targets: Any
+    alt: Any  # target_prompt_logprobs ids [Bp, n*chunk, A]
     cache: KVCache
     n: int  # chunks
     done: int = 0
@@ -326,19 +328,22 @@ class Sampler(SamplerBase):
     def submit(self, snapshot: WeightSnapshot, prompt_tokens: Sequence[int], params: types.SamplingParams,
                num_samples: int = 1, include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, *,
                sequence_ids: Sequence[str] | None = None, tenant: str = "local",
-               topk_sample_logprobs: int = 0) -> Future:
+               topk_sample_logprobs: int = 0, target_prompt_logprobs: Any = None) -> Future:
         """Enqueue one request; the Future resolves to a tinker.types.SampleResponse.
 
         Invalid requests get a future that already holds a UserError naming the field (never raised here).
         `sequence_ids` (default "<request>:<i>") become SampledSequence.sequence_id, in sample order.
         `topk_sample_logprobs` k: each sampled position's k most likely tokens with their logprobs, from the
         distribution its logprob is reported from (logits / T, untruncated; SampledSequence.topk_logprobs).
+        `target_prompt_logprobs` (int ids [len(prompt) - 1, K], dense or CSR TensorData; -1: none): their logprobs
+        at each prompt position, in the same layout (SampleResponse.target_prompt_logprobs).
         Without an owner calling `step` (see `drive`), the sampler's own thread starts on the first submit.
         """
         try:
             req = self.prepare(snapshot, prompt_tokens, params, num_samples, include_prompt_logprobs,
                                topk_prompt_logprobs, sequence_ids=sequence_ids, tenant=tenant,
-                               topk_sample_logprobs=topk_sample_logprobs)
+                               topk_sample_logprobs=topk_sample_logprobs,
+                               target_prompt_logprobs=target_prompt_logprobs)
         except (UserError, ValueError) as e:
             fut: Future = Future()
             fut.set_exception(e)
@@ -349,7 +354,7 @@ class Sampler(SamplerBase):
     def prepare(self, snapshot: WeightSnapshot, prompt_tokens: Sequence[int], params: types.SamplingParams,
                 num_samples: int = 1, include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, *,
                 sequence_ids: Sequence[str] | None = None, tenant: str = "local",
-                topk_sample_logprobs: int = 0) -> _Request:
+                topk_sample_logprobs: int = 0, target_prompt_logprobs: Any = None) -> _Request:
         """`submit`'s validation (UserError or ValueError naming the field): a request, not yet queued."""
         if not isinstance(snapshot, WeightSnapshot):
             raise UserError(f"snapshot: expected a WeightSnapshot, got {type(snapshot).__name__}")
@@ -359,7 +364,7 @@ class Sampler(SamplerBase):
         self._check_placement(snapshot)
         uid = next(self._uids)
         spec, ids = self._request(uid, prompt_tokens, params, num_samples, include_prompt_logprobs,
-                                  topk_prompt_logprobs, sequence_ids, topk_sample_logprobs)
+                                  topk_prompt_logprobs, sequence_ids, topk_sample_logprobs, target_prompt_logprobs)
         return self.request(uid, snapshot, spec, ids, tenant, Future())
 
     def request(self, uid: int, snapshot: WeightSnapshot, spec: RequestSpec, sequence_ids: list[str], tenant: str,
@@ -649,34 +654,45 @@ class Sampler(SamplerBase):
     def _prefill(self, batch: list[_Request]) -> int:
         """Prefill one batch (same weights group, length bucket and adapter rank); returns the padded token count."""
         T = self._bucket(len(batch[0].spec.prompt) - 1)
-        want = any(r.spec.wants_prompt_logprobs for r in batch)
+        want = any(r.spec.scores_prompt for r in batch)
         Bp = next((b for b in self.prefill_batches if b >= len(batch)), len(batch))
         if self._chunks(batch[0]):
             return self._start_chunked(batch[0], T, Bp)
         if T == 0:  # one-token prompts: nothing to prefill
-            lp = ids = tlp = None
+            lp = ids = tlp = alp = None
         else:
-            tokens = np.zeros((Bp, T), np.int32)
-            targets = np.zeros((Bp, T), np.int32)
-            for i, req in enumerate(batch):
-                p = req.spec.prompt
-                tokens[i, : len(p) - 1] = p[:-1]
-                targets[i, : len(p) - 1] = p[1:]
+            tokens, targets, alt = self._prompt_arrays(batch, Bp, T)
             snap = batch[0].snapshot
             lora, slots = self._lora_args(batch + [None] * (Bp - len(batch)), Bp)
             mode = "uniform" if len({r.table_slot for r in batch}) == 1 and len(batch) == Bp else "gather"
             pl = self.placement
-            k, v, lp, ids, tlp = kernels.prefill(pl, snap.graphdef, snap.params, lora, slots,
-                                                 from_host(tokens, pl.rows_sh), from_host(targets, pl.rows_sh),
-                                                 from_host(np.bool_(want), pl.rep), topk=self.max_topk,
-                                                 cache_dtype=self.cache_dtype, mode=mode)
+            k, v, lp, ids, tlp, alp = kernels.prefill(pl, snap.graphdef, snap.params, lora, slots, tokens, targets, alt,
+                                                      from_host(np.bool_(want), pl.rep), topk=self.max_topk,
+                                                      cache_dtype=self.cache_dtype, mode=mode)
             # Rows may be split over processes: gathered (every process runs this step alike).
-            lp, ids, tlp = distributed.fetch((lp, ids, tlp)) if want else (None, None, None)
+            lp, ids, tlp, alp = distributed.fetch((lp, ids, tlp, alp)) if want else (None, None, None, None)
             for i, req in enumerate(batch):
                 req.kv = (k, v, i)
             self.stats["prefill_calls"] += 1
-        self._prompt_outputs(batch, lp, ids, tlp)
+        self._prompt_outputs(batch, lp, ids, tlp, alp)
         return Bp * T
+
+    def _prompt_arrays(self, reqs: list[_Request], Bp: int, T: int) -> tuple:
+        """Prefill inputs of `reqs` (row i: reqs[i]) placed over rows: tokens (prompt[:-1]) and targets (prompt[1:])
+        [Bp,T], and the target_prompt_logprobs ids to score [Bp,T,A] (-1: none; A = 0 when no request asks)."""
+        A = self.max_topk if any(r.spec.target_ids is not None for r in reqs) else 0
+        tokens = np.zeros((Bp, T), np.int32)
+        targets = np.zeros((Bp, T), np.int32)
+        alt = np.full((Bp, T, A), -1, np.int32)
+        for i, req in enumerate(reqs):
+            p = req.spec.prompt
+            tokens[i, : len(p) - 1] = p[:-1]
+            targets[i, : len(p) - 1] = p[1:]
+            if req.spec.target_ids is not None:
+                ids = req.spec.target_ids
+                alt[i, : ids.shape[0], : ids.shape[1]] = ids
+        pl = self.placement
+        return from_host(tokens, pl.rows_sh), from_host(targets, pl.rows_sh), from_host(alt, pl.rows_sh)
 
     def _chunks(self, req: _Request) -> int:
         """How many chunks the request's prompt is prefilled in (0: whole, in one call with others)."""
@@ -686,14 +702,10 @@ class Sampler(SamplerBase):
     def _start_chunked(self, req: _Request, T: int, Bp: int) -> int:
         """Begin a long prompt's prefill: its padded inputs and an empty cache placed, then its first chunk."""
         n, C = self._chunks(req), self.prefill_chunk
-        tokens = np.zeros((Bp, n * C), np.int32)
-        targets = np.zeros((Bp, n * C), np.int32)
-        p = req.spec.prompt
-        tokens[0, : len(p) - 1], targets[0, : len(p) - 1] = p[:-1], p[1:]
         pl = self.placement
         shape = (self.cfg.n_layers, Bp, n * C, self.cfg.n_kv_heads, self.cfg.head_dim)
         cache = KVCache(zeros(shape, self.cache_dtype, pl.cache), zeros(shape, self.cache_dtype, pl.cache))
-        job = _Prefilling(req, T, from_host(tokens, pl.rows_sh), from_host(targets, pl.rows_sh), cache, n)
+        job = _Prefilling(req, T, *self._prompt_arrays([req], Bp, n * C), cache, n)
         used = self._prefill_chunk(job)  # if this fails, only this request fails (`_admit`): nothing to undo
         self._prefilling.append(job)
         return used
@@ -717,34 +729,39 @@ class Sampler(SamplerBase):
 
     def _prefill_chunk(self, job: _Prefilling) -> int:
         req, pl = job.req, self.placement
-        want = req.spec.wants_prompt_logprobs
+        want = req.spec.scores_prompt
         Bp = job.tokens.shape[0]
         # The adapter tables as they are now (loading another adapter replaces a table's arrays); the request keeps
         # its slot in them until it finishes.
         lora, slots = self._lora_args([req] + [None] * (Bp - 1), Bp)
-        k, v, lp, ids, tlp = kernels.prefill_part(
-            pl, req.snapshot.graphdef, req.snapshot.params, lora, slots, job.tokens, job.targets, job.cache,
+        k, v, lp, ids, tlp, alp = kernels.prefill_part(
+            pl, req.snapshot.graphdef, req.snapshot.params, lora, slots, job.tokens, job.targets, job.alt, job.cache,
             job.done, from_host(np.bool_(want), pl.rep), topk=self.max_topk, mode="uniform" if Bp == 1 else "gather",
             chunk=self.prefill_chunk)
         job.cache = KVCache(k, v)
         if want:
-            job.parts.append(distributed.fetch((lp, ids, tlp)))
+            job.parts.append(distributed.fetch((lp, ids, tlp, alp)))
         job.done += 1
         self.stats["prefill_chunks"] += 1
         if job.done == job.n:  # the cache of its T bucket's slots, as a whole-prompt prefill hands on (n >= 2)
             self._prefilling.remove(job)
             req.kv = (k[:, :, :job.T], v[:, :, :job.T], 0)
-            lp, ids, tlp = ([np.concatenate([p[i] for p in job.parts], axis=1)[:, :job.T] for i in range(3)]
-                            if want else (None, None, None))
-            self._prompt_outputs([req], lp, ids, tlp)
+            lp, ids, tlp, alp = ([np.concatenate([p[i] for p in job.parts], axis=1)[:, :job.T] for i in range(4)]
+                                 if want else (None, None, None, None))
+            self._prompt_outputs([req], lp, ids, tlp, alp)
             self.stats["prefill_calls"] += 1
             self._deferred.append(req)
         return job.tokens.shape[0] * self.prefill_chunk
 
-    def _prompt_outputs(self, batch: list[_Request], lp, ids, tlp) -> None:
-        """Each request's prompt logprobs (and top-k) from its prefill's outputs (row i: batch[i]), as asked."""
+    def _prompt_outputs(self, batch: list[_Request], lp, ids, tlp, alp) -> None:
+        """Each request's prompt logprobs (and top-k, and target_prompt_logprobs) from its prefill's outputs (row i:
+        batch[i]), as asked."""
         for i, req in enumerate(batch):
             P = len(req.spec.prompt)
+            if req.spec.target_ids is not None:
+                tid = req.spec.target_ids  # [P-1, K]
+                got = np.zeros(tid.shape, np.float32) if alp is None else alp[i, : P - 1, : tid.shape[1]]
+                req.target = response.target_logprobs(got, tid, req.spec.target_layout)
             if req.spec.wants_prompt_logprobs:
                 req.prompt_lp = response.prompt_logprobs_array(None if lp is None else lp[i], P)
             if req.spec.topk_prompt_logprobs:
@@ -866,4 +883,4 @@ class Sampler(SamplerBase):
         if req.done == req.spec.num_samples:
             self._release(req)
             if not req.future.done():
-                req.future.set_result(response.sample_response(req.results, req.prompt_lp, req.topk))
+                req.future.set_result(response.sample_response(req.results, req.prompt_lp, req.topk, req.target))
