@@ -266,6 +266,15 @@ def test_sampling_logprobs_stops_and_prompt_topk(service, state, model_dir) -> N
     assert t.sparse_crow_indices == targets.sparse_crow_indices and t.shape == [n, 1]
     assert np.allclose(t.to_numpy()[::2, 0], [scored_targets.prompt_logprobs[i + 1] for i in range(0, n, 2)],
                        atol=1e-5)
+
+    # prompt_alt_tokens_k: greedy draws are each position's most likely token, with its top-1 prompt logprob
+    alt = sampler.sample(prompt, 1, types.SamplingParams(max_tokens=1, temperature=0.0), topk_prompt_logprobs=1,
+                         prompt_alt_tokens_k=2).result()
+    toks, lps = alt.prompt_alt_tokens.tokens.to_numpy(), alt.prompt_alt_tokens.logprobs.to_numpy()
+    assert toks.shape == lps.shape == (n, 2)
+    top1 = alt.topk_prompt_logprobs[1:]
+    assert toks[:, 0].tolist() == toks[:, 1].tolist() == [row[0][0] for row in top1]
+    assert np.allclose(lps[:, 0], [row[0][1] for row in top1], atol=1e-5)
     with pytest.raises(tinker.RequestFailedError, match="vocabulary"):
         sampler.sample(types.ModelInput.from_ints([1, 10**6]), 1, types.SamplingParams(max_tokens=2)).result()
 

@@ -626,3 +626,25 @@ def test_target_prompt_logprobs_match_forward(sampler, snap, hf):
                 types.TensorData(data=[600] * 8, dtype="int64", shape=[8, 1])):
         with pytest.raises(ValueError, match="target_prompt_logprobs"):
             sampler.submit(snap, prompt, P(max_tokens=2), target_prompt_logprobs=bad).result(timeout=5)
+
+
+def test_prompt_alt_tokens_are_draws_with_forward_logprobs(sampler, snap, hf):
+    """prompt_alt_tokens_k: k tokens drawn at every prompt position after the first, at the request's temperature,
+    with their logprobs under that tempered distribution equal to transformers' forward pass; greedy draws are the
+    argmax; the same seed draws the same tokens, another seed others."""
+    prompt = prompt_of(170, 10)
+    draw = lambda params: sampler.submit(snap, prompt, params, prompt_alt_tokens_k=4).result(  # noqa: E731
+        timeout=60).prompt_alt_tokens
+    for temperature in (1.0, 0.6):
+        alt = draw(P(max_tokens=2, seed=11, temperature=temperature))
+        toks, lps = alt.tokens.to_numpy(), alt.logprobs.to_numpy()
+        assert toks.shape == lps.shape == (9, 4)
+        ref = hf_logprobs(hf, prompt, temperature)  # row i: the distribution over prompt[i + 1]
+        np.testing.assert_allclose(lps, np.take_along_axis(ref[:9], toks, axis=1), atol=1e-4)
+        assert len(np.unique(toks)) > 9  # draws, not one token repeated
+    again = draw(P(max_tokens=2, seed=11, temperature=0.6)).tokens.to_numpy()
+    np.testing.assert_array_equal(again, toks)
+    assert not np.array_equal(draw(P(max_tokens=2, seed=12, temperature=0.6)).tokens.to_numpy(), toks)
+    greedy = draw(P(max_tokens=2, temperature=0.0))
+    ref = hf_logprobs(hf, prompt)
+    np.testing.assert_array_equal(greedy.tokens.to_numpy(), np.repeat(ref[:9].argmax(-1)[:, None], 4, axis=1))

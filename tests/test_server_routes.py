@@ -214,7 +214,7 @@ class FakeEngine:
         return self.snapshots[sampler_id]
 
     def sample(self, sampler_id, prompt, num_samples, sampling_params, include_prompt_logprobs=False,
-               topk_prompt_logprobs=0, *, tenant=None, topk_sample_logprobs=0):
+               topk_prompt_logprobs=0, *, tenant=None, **options):  # options: the engine's, ignored here
         if sampler_id not in self.snapshots:
             return failed(NotFound(f"sampling_session_id: unknown sampler {sampler_id!r}"))
         if not 1 <= num_samples <= 16:  # the real engine's bounds checks, in short (sampling.params)
@@ -711,8 +711,7 @@ def test_sampling_sessions_asample_and_refusals(api: Api) -> None:
     last2 = api.post("asample", {**req, "seq_id": 1, "prompt_logprobs_last_n": 2}).json()
     masked = response_conv.deserialize_sample_response(api.result(last2["request_id"], "application/x-protobuf"))
     assert masked.prompt_logprobs == [None, None, -2.0, -3.0]
-    for i, (extra, words) in enumerate([({"prompt_alt_tokens_k": 1}, "prompt_alt_tokens_k"),
-                                        ({"prompt_logprobs_last_n": 9}, "prompt_logprobs_last_n")]):
+    for i, (extra, words) in enumerate([({"prompt_logprobs_last_n": 9}, "prompt_logprobs_last_n")]):
         r = api.post("asample", {**req, "seq_id": 10 + i, **extra}).json()
         err = api.result(r["request_id"])
         assert err["category"] == "user" and words in err["error"], err

@@ -253,14 +253,16 @@ class SamplingClient:
 
     def sample(self, prompt: tt.ModelInput, num_samples: int, sampling_params: tt.SamplingParams,
                include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, topk_sample_logprobs: int = 0,
-               target_prompt_logprobs: tt.TensorData | None = None, **unsupported) -> APIFuture[tt.SampleResponse]:
+               target_prompt_logprobs: tt.TensorData | None = None, prompt_alt_tokens_k: int = 0,
+               **unsupported) -> APIFuture[tt.SampleResponse]:
         used = {k: v for k, v in unsupported.items() if v not in (None, 0, False)}
         if used:
             raise UserError(f"sample: options not supported by tinker_jax yet: {sorted(used)}")
         return APIFuture(_retrying(lambda: self.engine.sample(self.sampler_id, prompt, num_samples, sampling_params,
                                                                include_prompt_logprobs, topk_prompt_logprobs,
                                                                topk_sample_logprobs=topk_sample_logprobs,
-                                                               target_prompt_logprobs=target_prompt_logprobs)))
+                                                               target_prompt_logprobs=target_prompt_logprobs,
+                                                               prompt_alt_tokens_k=prompt_alt_tokens_k)))
 
     async def sample_async(self, *a, **k):
         return self.sample(*a, **k)

@@ -69,11 +69,6 @@ async def join_sampling_session(body: JsonBody, store: StoreDep, owner: OwnerDep
     return {"client_counter": store.join_sampling_session(req.sampling_session_id), "type": "join_sampling_session"}
 
 
-def _refuse_unsupported(req: types.SampleRequest) -> None:
-    if req.prompt_alt_tokens_k:
-        raise UserError("prompt_alt_tokens_k: not supported by this server")
-
-
 def _last_n_checker(req: types.SampleRequest, prompt_len: int):
     """prompt_logprobs_last_n (SDK 0.34+): score only the last N prompt tokens; earlier entries are None (NaN on
     the wire). Computed in full and masked here, which is exactly what the client checks for."""
@@ -130,14 +125,14 @@ async def asample(body: JsonBody, engine: EngineDep, store: StoreDep, futures: F
     def start():
         if lost is not None:
             raise lost
-        _refuse_unsupported(req)
         prompt_len = req.prompt.length
         post = _last_n_checker(req, prompt_len)
         future = engine.sample(engine_id, req.prompt, req.num_samples, req.sampling_params,
                                include_prompt_logprobs=bool(req.prompt_logprobs),
                                topk_prompt_logprobs=int(req.topk_prompt_logprobs or 0), tenant=row.session_id,
                                topk_sample_logprobs=req.topk_sample_logprobs or 0,
-                               target_prompt_logprobs=req.target_prompt_logprobs)
+                               target_prompt_logprobs=req.target_prompt_logprobs,
+                               prompt_alt_tokens_k=req.prompt_alt_tokens_k or 0)
         return future if post is None else then(future, post)
 
     # In a thread: the first sample of a base model builds its sampler.

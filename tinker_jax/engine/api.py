@@ -100,7 +100,8 @@ class EngineAPI(Protocol):
     def sample(self, sampler_id: str, prompt: tt.ModelInput, num_samples: int, sampling_params: tt.SamplingParams,
                include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, *,
                tenant: str | None = None, topk_sample_logprobs: int = 0,
-               target_prompt_logprobs: tt.TensorData | None = None) -> Future: ...  # -> tt.SampleResponse
+               target_prompt_logprobs: tt.TensorData | None = None,
+               prompt_alt_tokens_k: int = 0) -> Future: ...  # -> tt.SampleResponse
 
     # --- runs and checkpoints on record ------------------------------------------------------------------------------
     def get_run(self, run_id: str) -> RunInfo | None: ...

@@ -655,7 +655,7 @@ class Engine(EngineAPI):
     def sample(self, sampler_id: str, prompt: tt.ModelInput, num_samples: int, sampling_params: tt.SamplingParams,
                include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, *,
                tenant: str | None = None, topk_sample_logprobs: int = 0,
-               target_prompt_logprobs: tt.TensorData | None = None) -> Future:
+               target_prompt_logprobs: tt.TensorData | None = None, prompt_alt_tokens_k: int = 0) -> Future:
         try:
             snap = self._snapshot(sampler_id)
             tokens = batching.datum_tokens(tt.Datum(model_input=prompt, loss_fn_inputs={}), 0)
@@ -669,7 +669,8 @@ class Engine(EngineAPI):
         self._admit(tenant)
         return self._bounded(tenant, worker.submit_sample(snap, tokens, sampling_params, num_samples,
                                                           include_prompt_logprobs, topk_prompt_logprobs, tenant,
-                                                          topk_sample_logprobs, target_prompt_logprobs))
+                                                          topk_sample_logprobs, target_prompt_logprobs,
+                                                          prompt_alt_tokens_k))
 
     def storage_usage(self, owner: str | None) -> tuple[int, int]:
         return self.registry.usage(owner)

@@ -34,13 +34,14 @@ class SamplerBase:
     def _request(self, uid: int, prompt_tokens: Sequence[int], params: types.SamplingParams, num_samples: int,
                  include_prompt_logprobs: bool, topk_prompt_logprobs: int,
                  sequence_ids: Sequence[str] | None, topk_sample_logprobs: int = 0,
-                 target_prompt_logprobs: Any = None) -> tuple[RequestSpec, list[str]]:
+                 target_prompt_logprobs: Any = None, prompt_alt_tokens_k: int = 0) -> tuple[RequestSpec, list[str]]:
         """A request's validated spec and its sequence ids (default "<uid>:<i>"); ValueError naming the field.
         Subclasses provide `limits` and `eos_token_ids`."""
         spec = validate_request(prompt_tokens, params, num_samples, include_prompt_logprobs, topk_prompt_logprobs,
                                 limits=self.limits, eos_token_ids=self.eos_token_ids,
                                 topk_sample_logprobs=topk_sample_logprobs,
-                                target_prompt_logprobs=target_prompt_logprobs)
+                                target_prompt_logprobs=target_prompt_logprobs,
+                                prompt_alt_tokens_k=prompt_alt_tokens_k)
         ids = [f"{uid}:{i}" for i in range(spec.num_samples)] if sequence_ids is None else list(sequence_ids)
         if len(ids) != spec.num_samples:
             raise UserError(f"sequence_ids: {len(ids)} ids for num_samples={spec.num_samples}")

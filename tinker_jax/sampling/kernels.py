@@ -228,16 +228,15 @@ def lora_rows(lora: tuple, slots: tuple, rows: int, mode: str) -> tuple[LoraRows
     return tuple(LoraRows(w, scale, s[:rows], 0, rows, mode) for (w, scale), s in zip(lora, slots))
 
 
-def _prefill(graphdef, params, lora, slots, tokens, targets, alt, want_logprobs, topk: int, cache_dtype, mode: str):
+def _prefill(graphdef, params, lora, slots, tokens, targets, score: dict, want_logprobs, topk: int, draws: int,
+             cache_dtype, mode: str):
     """Run prompt tokens [Bp,T] (prompt[:-1], right-padded) at positions 0..T-1 into a fresh [Bp,T] cache.
 
-    targets [Bp,T] = prompt[1:] padded; alt [Bp,T,A]: other token ids to score at each position (SDK
-    target_prompt_logprobs; -1: none; A = 0 when no row asks); want_logprobs: bool scalar (a runtime switch, not a
-    recompile). Returns (k, v [L,Bp,T,K,H], target_logprobs [Bp,T], topk_ids [Bp,T,topk], topk_logprobs
-    [Bp,T,topk], alt_logprobs [Bp,T,A]).
-    Padding writes garbage into slots >= its row's length; the decode step that later feeds the last prompt
-    token overwrites each such slot before any query can attend to it. (Prompts longer than the sampler's
-    prefill_chunk go through `_prefill_part` instead, a chunk per call.)
+    targets [Bp,T] = prompt[1:] padded; `score`: what else each row asks of the prompt (`_prompt_scores`);
+    want_logprobs: bool scalar (a runtime switch, not a recompile). Returns (k, v [L,Bp,T,K,H], then
+    `_prompt_scores`' outputs). Padding writes garbage into slots >= its row's length; the decode step that later
+    feeds the last prompt token overwrites each such slot before any query can attend to it. (Prompts longer than
+    the sampler's prefill_chunk go through `_prefill_part` instead, a chunk per call.)
     """
     model = merge(graphdef, params)
     Bp, T = tokens.shape
@@ -245,71 +244,99 @@ def _prefill(graphdef, params, lora, slots, tokens, targets, alt, want_logprobs,
     cache = KVCache.init(model.cfg, Bp, T, cache_dtype)
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (Bp, T))
     hidden, cache = model(tokens, positions, cache=cache, lora=rows)  # [Bp,T,D]
-    return (cache.k, cache.v, *_target_logprobs(model, rows, hidden, targets, alt, want_logprobs, topk))
+    return (cache.k, cache.v,
+            *_prompt_scores(model, rows, hidden, targets, positions, score, want_logprobs, topk, draws))
 
 
-def _target_logprobs(model, rows, hidden, targets, alt, want_logprobs, topk: int):
-    """hidden [Bp,T,D], targets [Bp,T], alt [Bp,T,A] -> (logprob of each target [Bp,T], top-k ids and logprobs
-    [Bp,T,topk], logprobs of the alt ids [Bp,T,A] (0 where an id is -1)), computed chunk by chunk of T so the
-    [Bp,T,V] logits never exist at once; zeros unless want_logprobs."""
+def _prompt_scores(model, rows, hidden, targets, positions, score: dict, want_logprobs, topk: int, draws: int):
+    """What a prefill reports about the prompt, from hidden [Bp,T,D] (row b, position t predicts targets[b, t]):
+    - the logprob of each target [Bp,T], and the top-k ids and logprobs [Bp,T,topk] (prompt logprobs);
+    - the logprobs of score["ids"] [Bp,T,A] (SDK target_prompt_logprobs; 0.0 where an id is -1);
+    - `draws` tokens per position drawn with replacement at the row's score["temperature"] [Bp] (argmax at 0),
+      keyed by its score["seed"] [Bp,2] words, the absolute position and the draw, with their logprobs under that
+      same tempered distribution (untempered at 0), [Bp,T,draws] each (SDK prompt_alt_tokens_k).
+    Computed chunk by chunk of T so the [Bp,T,V] logits never exist at once; zeros unless want_logprobs."""
     Bp, T = targets.shape
-    A = alt.shape[-1]
+    A = score["ids"].shape[-1]
 
     def logprobs(_):
         C = _chunk(T)
-        hc = hidden.reshape(Bp, T // C, C, -1).swapaxes(0, 1)  # [T/C, Bp, C, D]
-        tc = targets.reshape(Bp, T // C, C).swapaxes(0, 1)
-        ac = alt.reshape(Bp, T // C, C, A).swapaxes(0, 1)
+        split = lambda x: x.reshape(Bp, T // C, C, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731 - [T/C, Bp, C, ...]
+        greedy = score["temperature"] <= 0
+        t = jnp.where(greedy, 1.0, score["temperature"])[:, None, None]
 
         def one(args):
-            h, tgt, alt_ids = args
+            h, tgt, ids_c, pos = args
             logits = model.logits(h, rows)  # [Bp,C,V] fp32
             lse = jax.nn.logsumexp(logits, axis=-1)
             lp = jnp.take_along_axis(logits, tgt[..., None], axis=-1)[..., 0] - lse
-            alp = jnp.take_along_axis(logits, jnp.maximum(alt_ids, 0), axis=-1) - lse[..., None]
-            alp = jnp.where(alt_ids >= 0, alp, 0.0)
+            alp = jnp.take_along_axis(logits, jnp.maximum(ids_c, 0), axis=-1) - lse[..., None]
+            alp = jnp.where(ids_c >= 0, alp, 0.0)
             if topk:
-                vals, ids = jax.lax.top_k(logits, topk)
-                return lp, ids.astype(jnp.int32), vals - lse[..., None], alp
-            return lp, jnp.zeros((Bp, C, 0), jnp.int32), jnp.zeros((Bp, C, 0), jnp.float32), alp
+                vals, top = jax.lax.top_k(logits, topk)
+                top, tlp = top.astype(jnp.int32), vals - lse[..., None]
+            else:
+                top, tlp = jnp.zeros((Bp, C, 0), jnp.int32), jnp.zeros((Bp, C, 0), jnp.float32)
+            drawn, dlp = [], []
+            tempered = jax.nn.log_softmax(logits / t, axis=-1) if draws else None
+            for j in range(draws):  # a [Bp,C,V] noise at a time
+                keys = jax.vmap(jax.vmap(lambda w, p: jax.random.fold_in(jax.random.fold_in(_draw_key(w), p), j),
+                                         in_axes=(None, 0)))(score["seed"], pos)
+                noise = jax.vmap(jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[-1],), jnp.float32)))(keys)
+                tok = jnp.where(greedy[:, None], jnp.argmax(logits, -1), jnp.argmax(tempered + noise, -1))
+                drawn.append(tok.astype(jnp.int32))
+                dlp.append(jnp.take_along_axis(tempered, tok[..., None], axis=-1)[..., 0])
+            stack = lambda xs, dt: jnp.stack(xs, -1) if xs else jnp.zeros((Bp, C, 0), dt)  # noqa: E731
+            return lp, top, tlp, alp, stack(drawn, jnp.int32), stack(dlp, jnp.float32)
 
-        out = jax.lax.map(one, (hc, tc, ac))
+        out = jax.lax.map(one, (split(hidden), split(targets), split(score["ids"]), split(positions)))
         unchunk = lambda x: x.swapaxes(0, 1).reshape(Bp, T, *x.shape[3:])  # noqa: E731
         return tuple(unchunk(x) for x in out)
 
     def skip(_):
-        return (jnp.zeros((Bp, T), jnp.float32), jnp.zeros((Bp, T, topk), jnp.int32),
-                jnp.zeros((Bp, T, topk), jnp.float32), jnp.zeros((Bp, T, A), jnp.float32))
+        z = lambda *shape, dt=jnp.float32: jnp.zeros((Bp, T, *shape), dt)  # noqa: E731
+        return z(), z(topk, dt=jnp.int32), z(topk), z(A), z(draws, dt=jnp.int32), z(draws)
 
     return jax.lax.cond(want_logprobs, logprobs, skip, None)
 
 
-_prefill_kernel = Kernel(_prefill, static_argnums=(0, 8, 9, 10))
+def _draw_key(seed_words: jax.Array) -> jax.Array:
+    """A request's key for prompt draws: its seed's key folded with a constant no sample index reaches, so these
+    draws never share noise with the decode steps' keys (row_keys: seed, sample, step)."""
+    return jax.random.fold_in(jax.random.wrap_key_data(seed_words, impl=PRNG_IMPL), 2**31 - 1)
 
 
-def _prefill_part(graphdef, params, lora, slots, tokens, targets, alt, cache: KVCache, index, want_logprobs,
-                  topk: int, mode: str, chunk: int):
-    """Chunk `index` of long prompts: tokens / targets [Bp, n*chunk] and alt [Bp, n*chunk, A] (padded), `cache`
-    [L,Bp,n*chunk,K,H] holding chunks before `index` (donated) -> (k, v with this chunk written, its target logprobs
-    [Bp,chunk], top-k ids and logprobs [Bp,chunk,topk], alt logprobs [Bp,chunk,A]). A long prompt's prefill is a chunk per sampler step, so running decodes keep their
-    pace, and its attention scores are [chunk, n*chunk] per head: memory linear in its length."""
+_prefill_kernel = Kernel(_prefill, static_argnums=(0, 8, 9, 10, 11))
+
+
+def _prefill_part(graphdef, params, lora, slots, tokens, targets, score: dict, cache: KVCache, index,
+                  want_logprobs, topk: int, draws: int, mode: str, chunk: int):
+    """Chunk `index` of long prompts: tokens / targets [Bp, n*chunk] and score["ids"] [Bp, n*chunk, A] (padded),
+    `cache` [L,Bp,n*chunk,K,H] holding chunks before `index` (donated) -> (k, v with this chunk written, then
+    `_prompt_scores`' outputs for the chunk's positions). A long prompt's prefill is a chunk per sampler step, so
+    running decodes keep their pace, and its attention scores are [chunk, n*chunk] per head: memory linear in its
+    length."""
     model = merge(graphdef, params)
     Bp = tokens.shape[0]
     rows = lora_rows(lora, slots, Bp, mode)
     start = index * chunk
-    toks = jax.lax.dynamic_slice_in_dim(tokens, start, chunk, axis=1)
-    tgt = jax.lax.dynamic_slice_in_dim(targets, start, chunk, axis=1)
-    alt_c = jax.lax.dynamic_slice_in_dim(alt, start, chunk, axis=1)
+    part = lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1)  # noqa: E731
     pos = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (Bp, chunk))
-    hidden, cache = model(toks, pos, cache=cache, lora=rows)  # context: the slots before `start`
-    return (cache.k, cache.v, *_target_logprobs(model, rows, hidden, tgt, alt_c, want_logprobs, topk))
+    hidden, cache = model(part(tokens), pos, cache=cache, lora=rows)  # context: the slots before `start`
+    score = {**score, "ids": part(score["ids"])}
+    return (cache.k, cache.v,
+            *_prompt_scores(model, rows, hidden, part(targets), pos, score, want_logprobs, topk, draws))
 
 
-_prefill_part_kernel = Kernel(_prefill_part, static_argnums=(0, 10, 11, 12), donate_argnums=(7,))
+_prefill_part_kernel = Kernel(_prefill_part, static_argnums=(0, 10, 11, 12, 13), donate_argnums=(7,))
 
 
-def prefill_part(pl: Placement, graphdef, params, lora, slots, tokens, targets, alt, cache: KVCache, index,
-                 want_logprobs, *, topk: int, mode: str, chunk: int):
+def _score_sh(pl: Placement, score: dict) -> dict:
+    return {k: pl.rows_sh for k in score}
+
+
+def prefill_part(pl: Placement, graphdef, params, lora, slots, tokens, targets, score: dict, cache: KVCache, index,
+                 want_logprobs, *, topk: int, draws: int, mode: str, chunk: int):
     """`_prefill_part` on placement `pl`, placed as `prefill` places its arguments; `cache` (donated) and the k, v
     that come back like pl.cache, `index` replicated."""
 
@@ -317,28 +344,28 @@ def prefill_part(pl: Placement, graphdef, params, lora, slots, tokens, targets, 
         lora_sh = tuple((pl.table(r, _capacity(w)), pl.rep) for r, (w, _) in zip(_ranks(lora), lora))
         c = pl.cache
         ins = (pl.params(graphdef, params), lora_sh, tuple(pl.rows_sh for _ in slots), pl.rows_sh, pl.rows_sh,
-               pl.rows_sh, KVCache(c, c), pl.rep, pl.rep)
-        return ins, (c, c, pl.rep, pl.rep, pl.rep, pl.rep)
+               _score_sh(pl, score), KVCache(c, c), pl.rep, pl.rep)
+        return ins, (c, c) + (pl.rep,) * 6
 
-    f = _prefill_part_kernel.on(pl, (graphdef, _lora_key(lora)), shardings)
-    return f(graphdef, params, lora, slots, tokens, targets, alt, cache, from_host(np.int32(index), pl.rep),
-             want_logprobs, topk, mode, chunk)
+    f = _prefill_part_kernel.on(pl, (graphdef, _lora_key(lora), tuple(score)), shardings)
+    return f(graphdef, params, lora, slots, tokens, targets, score, cache, from_host(np.int32(index), pl.rep),
+             want_logprobs, topk, draws, mode, chunk)
 
 
-def prefill(pl: Placement, graphdef, params, lora, slots, tokens, targets, alt, want_logprobs, *, topk: int,
-            cache_dtype, mode: str = "gather"):
+def prefill(pl: Placement, graphdef, params, lora, slots, tokens, targets, score: dict, want_logprobs, *, topk: int,
+            draws: int, cache_dtype, mode: str = "gather"):
     """`_prefill` on placement `pl`: lora per rank (table weights, scale [S,P]); slots per rank [Bp]; tokens, targets
-    [Bp,T], alt [Bp,T,A] (Bp a multiple of pl.shards) and want_logprobs placed by pl (rows_sh, rep). The fresh cache
-    comes out placed like the sampler's cache (rows over the batch axes); the logprobs replicated."""
+    [Bp,T] and score's per-row arrays (Bp a multiple of pl.shards) over rows, want_logprobs replicated. The fresh
+    cache comes out placed like the sampler's cache (rows over the batch axes); the rest replicated."""
 
     def shardings():
         lora_sh = tuple((pl.table(r, _capacity(w)), pl.rep) for r, (w, _) in zip(_ranks(lora), lora))
         ins = (pl.params(graphdef, params), lora_sh, tuple(pl.rows_sh for _ in slots), pl.rows_sh, pl.rows_sh,
-               pl.rows_sh, pl.rep)
-        return ins, (pl.cache, pl.cache, pl.rep, pl.rep, pl.rep, pl.rep)
+               _score_sh(pl, score), pl.rep)
+        return ins, (pl.cache, pl.cache) + (pl.rep,) * 6
 
-    f = _prefill_kernel.on(pl, (graphdef, _lora_key(lora)), shardings)
-    return f(graphdef, params, lora, slots, tokens, targets, alt, want_logprobs, topk, cache_dtype, mode)
+    f = _prefill_kernel.on(pl, (graphdef, _lora_key(lora), tuple(score)), shardings)
+    return f(graphdef, params, lora, slots, tokens, targets, score, want_logprobs, topk, draws, cache_dtype, mode)
 
 
 def _insert_rows(cache: KVCache, k_new, v_new, dest, src, *, mesh: Mesh, spec: P) -> KVCache:

@@ -64,6 +64,7 @@ class RequestSpec:
     # and the request's CSR layout (crow, col) when it came sparse, so the answer comes back in the same layout.
     target_ids: np.ndarray | None = field(default=None, compare=False)
     target_layout: tuple | None = field(default=None, compare=False)
+    prompt_alt_k: int = 0  # prompt_alt_tokens_k (SDK 0.32+): draws per prompt position after the first
 
     @property
     def wants_prompt_logprobs(self) -> bool:
@@ -73,7 +74,7 @@ class RequestSpec:
     @property
     def scores_prompt(self) -> bool:
         """Whether its prefill computes logits over the prompt (prompt logprobs, their top-k, or target ids)."""
-        return self.wants_prompt_logprobs or self.target_ids is not None
+        return self.wants_prompt_logprobs or self.target_ids is not None or self.prompt_alt_k > 0
 
 
 def _is_int(x: Any) -> bool:
@@ -115,6 +116,7 @@ def validate_request(
     eos_token_ids: Sequence[int],
     topk_sample_logprobs: int = 0,
     target_prompt_logprobs: Any = None,
+    prompt_alt_tokens_k: int = 0,
 ) -> RequestSpec:
     """Check one request against the Sampler's limits; return its processed form or raise ValueError."""
     if not isinstance(params, types.SamplingParams):
@@ -177,6 +179,9 @@ def validate_request(
                          f"got {topk_sample_logprobs!r}")
 
     target_ids, target_layout = parse_target_ids(target_prompt_logprobs, len(prompt), limits)
+    if not _is_int(prompt_alt_tokens_k) or not 0 <= prompt_alt_tokens_k <= limits.max_topk_prompt_logprobs:
+        raise UserError(f"prompt_alt_tokens_k: must be an integer in [0, {limits.max_topk_prompt_logprobs}], "
+                         f"got {prompt_alt_tokens_k!r}")
     return RequestSpec(
         prompt=prompt,
         num_samples=int(num_samples),
@@ -192,6 +197,7 @@ def validate_request(
         topk_sample_logprobs=int(topk_sample_logprobs),
         target_ids=target_ids,
         target_layout=target_layout,
+        prompt_alt_k=int(prompt_alt_tokens_k),
     )
 
 

@@ -45,9 +45,17 @@ def topk_prompt_logprobs(ids: np.ndarray | None, lps: np.ndarray | None, prompt_
 
 
 def sample_response(sequences, prompt_lp: np.ndarray | None, topk: TopkLogprobs | None,
-                    target: types.TensorData | None = None) -> types.SampleResponse:
+                    target: types.TensorData | None = None, alt=None) -> types.SampleResponse:
     return types.SampleResponse(sequences=list(sequences), prompt_logprobs_np=prompt_lp, topk_prompt_logprobs_np=topk,
-                                target_prompt_logprobs=target)
+                                target_prompt_logprobs=target, prompt_alt_tokens=alt)
+
+
+def prompt_alt_tokens(tokens: np.ndarray, logprobs: np.ndarray):
+    """prompt_alt_tokens_k's draws, tokens and logprobs [P-1, k], as the SDK's PromptAltTokens."""
+    from tinker.types.prompt_alt_tokens import PromptAltTokens
+
+    return PromptAltTokens(tokens=types.TensorData.from_numpy(np.asarray(tokens, np.int64)),
+                           logprobs=types.TensorData.from_numpy(np.asarray(logprobs, np.float32)))
 
 
 def target_logprobs(lp: np.ndarray, ids: np.ndarray, layout: tuple | None) -> types.TensorData:

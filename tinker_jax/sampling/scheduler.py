@@ -90,6 +90,7 @@ class _Request:
     prompt_lp: np.ndarray | None = None
     topk: Any = None
     target: Any = None  # target_prompt_logprobs' answer (tinker TensorData) once prefilled
+    alt: Any = None  # prompt_alt_tokens_k's draws (tinker PromptAltTokens) once prefilled
     group: int = 0  # its weights group (`Sampler._group`), numbered alike on every process
     seq: int = 0  # its place in its engine worker's request log (several processes: how followers match it)
 
@@ -103,11 +104,12 @@ class _Prefilling:
     T: int  # its length bucket (the cache it hands on has T slots)
     tokens: Any
     targets: Any
-    alt: Any  # target_prompt_logprobs ids [Bp, n*chunk, A]
+    score: dict  # kernels._prompt_scores' per-row inputs
+    draws: int
     cache: KVCache
     n: int  # chunks
     done: int = 0
-    parts: list = field(default_factory=list)  # per chunk: (lp, ids, tlp) when prompt logprobs were asked for
+    parts: list = field(default_factory=list)  # per chunk: kernels._prompt_scores' outputs when the prompt is scored
 
 
 @dataclass(eq=False)
@@ -328,7 +330,8 @@ class Sampler(SamplerBase):
     def submit(self, snapshot: WeightSnapshot, prompt_tokens: Sequence[int], params: types.SamplingParams,
                num_samples: int = 1, include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, *,
                sequence_ids: Sequence[str] | None = None, tenant: str = "local",
-               topk_sample_logprobs: int = 0, target_prompt_logprobs: Any = None) -> Future:
+               topk_sample_logprobs: int = 0, target_prompt_logprobs: Any = None,
+               prompt_alt_tokens_k: int = 0) -> Future:
         """Enqueue one request; the Future resolves to a tinker.types.SampleResponse.
 
         Invalid requests get a future that already holds a UserError naming the field (never raised here).
@@ -337,13 +340,16 @@ class Sampler(SamplerBase):
         distribution its logprob is reported from (logits / T, untruncated; SampledSequence.topk_logprobs).
         `target_prompt_logprobs` (int ids [len(prompt) - 1, K], dense or CSR TensorData; -1: none): their logprobs
         at each prompt position, in the same layout (SampleResponse.target_prompt_logprobs).
+        `prompt_alt_tokens_k` k: k tokens drawn at every prompt position after the first, at the request's
+        temperature, with their logprobs under that distribution (SampleResponse.prompt_alt_tokens).
         Without an owner calling `step` (see `drive`), the sampler's own thread starts on the first submit.
         """
         try:
             req = self.prepare(snapshot, prompt_tokens, params, num_samples, include_prompt_logprobs,
                                topk_prompt_logprobs, sequence_ids=sequence_ids, tenant=tenant,
                                topk_sample_logprobs=topk_sample_logprobs,
-                               target_prompt_logprobs=target_prompt_logprobs)
+                               target_prompt_logprobs=target_prompt_logprobs,
+                               prompt_alt_tokens_k=prompt_alt_tokens_k)
         except (UserError, ValueError) as e:
             fut: Future = Future()
             fut.set_exception(e)
@@ -354,7 +360,8 @@ class Sampler(SamplerBase):
     def prepare(self, snapshot: WeightSnapshot, prompt_tokens: Sequence[int], params: types.SamplingParams,
                 num_samples: int = 1, include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, *,
                 sequence_ids: Sequence[str] | None = None, tenant: str = "local",
-                topk_sample_logprobs: int = 0, target_prompt_logprobs: Any = None) -> _Request:
+                topk_sample_logprobs: int = 0, target_prompt_logprobs: Any = None,
+                prompt_alt_tokens_k: int = 0) -> _Request:
         """`submit`'s validation (UserError or ValueError naming the field): a request, not yet queued."""
         if not isinstance(snapshot, WeightSnapshot):
             raise UserError(f"snapshot: expected a WeightSnapshot, got {type(snapshot).__name__}")
@@ -364,7 +371,8 @@ class Sampler(SamplerBase):
         self._check_placement(snapshot)
         uid = next(self._uids)
         spec, ids = self._request(uid, prompt_tokens, params, num_samples, include_prompt_logprobs,
-                                  topk_prompt_logprobs, sequence_ids, topk_sample_logprobs, target_prompt_logprobs)
+                                  topk_prompt_logprobs, sequence_ids, topk_sample_logprobs, target_prompt_logprobs,
+                                  prompt_alt_tokens_k)
         return self.request(uid, snapshot, spec, ids, tenant, Future())
 
     def request(self, uid: int, snapshot: WeightSnapshot, spec: RequestSpec, sequence_ids: list[str], tenant: str,
@@ -659,40 +667,47 @@ class Sampler(SamplerBase):
         if self._chunks(batch[0]):
             return self._start_chunked(batch[0], T, Bp)
         if T == 0:  # one-token prompts: nothing to prefill
-            lp = ids = tlp = alp = None
+            scored = None
         else:
-            tokens, targets, alt = self._prompt_arrays(batch, Bp, T)
+            tokens, targets, score, draws = self._prompt_arrays(batch, Bp, T)
             snap = batch[0].snapshot
             lora, slots = self._lora_args(batch + [None] * (Bp - len(batch)), Bp)
             mode = "uniform" if len({r.table_slot for r in batch}) == 1 and len(batch) == Bp else "gather"
             pl = self.placement
-            k, v, lp, ids, tlp, alp = kernels.prefill(pl, snap.graphdef, snap.params, lora, slots, tokens, targets, alt,
-                                                      from_host(np.bool_(want), pl.rep), topk=self.max_topk,
-                                                      cache_dtype=self.cache_dtype, mode=mode)
+            k, v, *scored = kernels.prefill(pl, snap.graphdef, snap.params, lora, slots, tokens, targets, score,
+                                            from_host(np.bool_(want), pl.rep), topk=self.max_topk, draws=draws,
+                                            cache_dtype=self.cache_dtype, mode=mode)
             # Rows may be split over processes: gathered (every process runs this step alike).
-            lp, ids, tlp, alp = distributed.fetch((lp, ids, tlp, alp)) if want else (None, None, None, None)
+            scored = distributed.fetch(tuple(scored)) if want else None
             for i, req in enumerate(batch):
                 req.kv = (k, v, i)
             self.stats["prefill_calls"] += 1
-        self._prompt_outputs(batch, lp, ids, tlp, alp)
+        self._prompt_outputs(batch, scored)
         return Bp * T
 
     def _prompt_arrays(self, reqs: list[_Request], Bp: int, T: int) -> tuple:
         """Prefill inputs of `reqs` (row i: reqs[i]) placed over rows: tokens (prompt[:-1]) and targets (prompt[1:])
-        [Bp,T], and the target_prompt_logprobs ids to score [Bp,T,A] (-1: none; A = 0 when no request asks)."""
+        [Bp,T]; `score` (kernels._prompt_scores): the target_prompt_logprobs ids [Bp,T,A] (-1: none; A = 0 when no
+        request asks), each row's temperature and seed words for prompt_alt_tokens_k's draws; and the draws' static
+        width (0 when no request asks). -> (tokens, targets, score, draws)."""
         A = self.max_topk if any(r.spec.target_ids is not None for r in reqs) else 0
+        draws = self.max_topk if any(r.spec.prompt_alt_k for r in reqs) else 0
         tokens = np.zeros((Bp, T), np.int32)
         targets = np.zeros((Bp, T), np.int32)
-        alt = np.full((Bp, T, A), -1, np.int32)
+        ids = np.full((Bp, T, A), -1, np.int32)
+        temperature = np.zeros(Bp, np.float32)
+        seed = np.zeros((Bp, 2), np.uint32)
         for i, req in enumerate(reqs):
-            p = req.spec.prompt
-            tokens[i, : len(p) - 1] = p[:-1]
-            targets[i, : len(p) - 1] = p[1:]
-            if req.spec.target_ids is not None:
-                ids = req.spec.target_ids
-                alt[i, : ids.shape[0], : ids.shape[1]] = ids
+            s = req.spec
+            tokens[i, : len(s.prompt) - 1] = s.prompt[:-1]
+            targets[i, : len(s.prompt) - 1] = s.prompt[1:]
+            if s.target_ids is not None:
+                ids[i, : s.target_ids.shape[0], : s.target_ids.shape[1]] = s.target_ids
+            temperature[i], seed[i] = s.temperature, (s.seed >> 32, s.seed & 0xFFFFFFFF)
         pl = self.placement
-        return from_host(tokens, pl.rows_sh), from_host(targets, pl.rows_sh), from_host(alt, pl.rows_sh)
+        score = {"ids": ids, "temperature": temperature, "seed": seed}
+        return (from_host(tokens, pl.rows_sh), from_host(targets, pl.rows_sh),
+                {k: from_host(v, pl.rows_sh) for k, v in score.items()}, draws)
 
     def _chunks(self, req: _Request) -> int:
         """How many chunks the request's prompt is prefilled in (0: whole, in one call with others)."""
@@ -734,34 +749,40 @@ class Sampler(SamplerBase):
         # The adapter tables as they are now (loading another adapter replaces a table's arrays); the request keeps
         # its slot in them until it finishes.
         lora, slots = self._lora_args([req] + [None] * (Bp - 1), Bp)
-        k, v, lp, ids, tlp, alp = kernels.prefill_part(
-            pl, req.snapshot.graphdef, req.snapshot.params, lora, slots, job.tokens, job.targets, job.alt, job.cache,
-            job.done, from_host(np.bool_(want), pl.rep), topk=self.max_topk, mode="uniform" if Bp == 1 else "gather",
-            chunk=self.prefill_chunk)
+        k, v, *scored = kernels.prefill_part(
+            pl, req.snapshot.graphdef, req.snapshot.params, lora, slots, job.tokens, job.targets, job.score, job.cache,
+            job.done, from_host(np.bool_(want), pl.rep), topk=self.max_topk, draws=job.draws,
+            mode="uniform" if Bp == 1 else "gather", chunk=self.prefill_chunk)
         job.cache = KVCache(k, v)
         if want:
-            job.parts.append(distributed.fetch((lp, ids, tlp, alp)))
+            job.parts.append(distributed.fetch(tuple(scored)))
         job.done += 1
         self.stats["prefill_chunks"] += 1
         if job.done == job.n:  # the cache of its T bucket's slots, as a whole-prompt prefill hands on (n >= 2)
             self._prefilling.remove(job)
             req.kv = (k[:, :, :job.T], v[:, :, :job.T], 0)
-            lp, ids, tlp, alp = ([np.concatenate([p[i] for p in job.parts], axis=1)[:, :job.T] for i in range(4)]
-                                 if want else (None, None, None, None))
-            self._prompt_outputs([req], lp, ids, tlp, alp)
+            scored = ([np.concatenate([p[i] for p in job.parts], axis=1)[:, :job.T] for i in range(len(job.parts[0]))]
+                      if want else None)
+            self._prompt_outputs([req], scored)
             self.stats["prefill_calls"] += 1
             self._deferred.append(req)
         return job.tokens.shape[0] * self.prefill_chunk
 
-    def _prompt_outputs(self, batch: list[_Request], lp, ids, tlp, alp) -> None:
-        """Each request's prompt logprobs (and top-k, and target_prompt_logprobs) from its prefill's outputs (row i:
-        batch[i]), as asked."""
+    def _prompt_outputs(self, batch: list[_Request], scored) -> None:
+        """Each request's prompt logprobs, their top-k, target_prompt_logprobs and prompt_alt_tokens, as asked,
+        from its prefill's `_prompt_scores` outputs (row i: batch[i]; None: nothing was scored, a 1-token prompt)."""
+        lp, ids, tlp, alp, drawn, dlp = scored if scored is not None else (None,) * 6
         for i, req in enumerate(batch):
             P = len(req.spec.prompt)
             if req.spec.target_ids is not None:
                 tid = req.spec.target_ids  # [P-1, K]
                 got = np.zeros(tid.shape, np.float32) if alp is None else alp[i, : P - 1, : tid.shape[1]]
                 req.target = response.target_logprobs(got, tid, req.spec.target_layout)
+            k = req.spec.prompt_alt_k
+            if k:
+                req.alt = response.prompt_alt_tokens(
+                    np.zeros((P - 1, k), np.int64) if drawn is None else drawn[i, : P - 1, :k],
+                    np.zeros((P - 1, k), np.float32) if dlp is None else dlp[i, : P - 1, :k])
             if req.spec.wants_prompt_logprobs:
                 req.prompt_lp = response.prompt_logprobs_array(None if lp is None else lp[i], P)
             if req.spec.topk_prompt_logprobs:
@@ -883,4 +904,5 @@ class Sampler(SamplerBase):
         if req.done == req.spec.num_samples:
             self._release(req)
             if not req.future.done():
-                req.future.set_result(response.sample_response(req.results, req.prompt_lp, req.topk, req.target))
+                req.future.set_result(response.sample_response(req.results, req.prompt_lp, req.topk, req.target,
+                                                               req.alt))

@@ -282,7 +282,8 @@ class VLLMSampler(SamplerBase):
     def submit(self, snapshot: Any, prompt_tokens: Sequence[int], params: types.SamplingParams, num_samples: int = 1,
                include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, *,
                sequence_ids: Sequence[str] | None = None, tenant: str = "local",
-               topk_sample_logprobs: int = 0, target_prompt_logprobs: Any = None) -> Future:
+               topk_sample_logprobs: int = 0, target_prompt_logprobs: Any = None,
+               prompt_alt_tokens_k: int = 0) -> Future:
         """Enqueue one request; the Future resolves to a SampleResponse (or holds a UserError naming the field).
         `tenant` is accepted for the engine's sake and ignored (vLLM schedules its own batch)."""
         del tenant
@@ -295,9 +296,10 @@ class VLLMSampler(SamplerBase):
                 raise UserError("snapshot: its model config does not match this sampler's base model")
             if topk_sample_logprobs:
                 raise UserError("topk_sample_logprobs: not supported by the vllm sampler backend (the jax one has it)")
-            if target_prompt_logprobs is not None:
-                raise UserError("target_prompt_logprobs: not supported by the vllm sampler backend (the jax one has "
-                                "it)")
+            for name, value in (("target_prompt_logprobs", target_prompt_logprobs is not None),
+                                ("prompt_alt_tokens_k", prompt_alt_tokens_k)):
+                if value:
+                    raise UserError(f"{name}: not supported by the vllm sampler backend (the jax one has it)")
             spec, ids = self._request(uid, prompt_tokens, params, num_samples, include_prompt_logprobs,
                                       topk_prompt_logprobs, sequence_ids)
         except UserError as e:
