@@ -121,6 +121,11 @@ class _Row:
     topk: list[tuple] = field(default_factory=list)  # per token, (ids [k], logprobs [k]) when the request asked
 
 
+def _pow2(n: int) -> int:
+    """0 for 0, else the smallest power of two >= n."""
+    return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
 def params_key(snapshot: WeightSnapshot) -> int:
     """Snapshots whose params are the same arrays decode together (identity of the first weight array)."""
     return id(jax.tree.leaves(snapshot.params)[0])
@@ -690,8 +695,10 @@ class Sampler(SamplerBase):
         [Bp,T]; `score` (kernels._prompt_scores): the target_prompt_logprobs ids [Bp,T,A] (-1: none; A = 0 when no
         request asks), each row's temperature and seed words for prompt_alt_tokens_k's draws; and the draws' static
         width (0 when no request asks). -> (tokens, targets, score, draws)."""
-        A = self.max_topk if any(r.spec.target_ids is not None for r in reqs) else 0
-        draws = self.max_topk if any(r.spec.prompt_alt_k for r in reqs) else 0
+        # Static widths: the widest request's, in powers of two (a few compiled variants, no [V]-wide work per
+        # position for widths nobody asked for).
+        A = _pow2(max((r.spec.target_ids.shape[1] for r in reqs if r.spec.target_ids is not None), default=0))
+        draws = _pow2(max(r.spec.prompt_alt_k for r in reqs))
         tokens = np.zeros((Bp, T), np.int32)
         targets = np.zeros((Bp, T), np.int32)
         ids = np.full((Bp, T, A), -1, np.int32)
