@@ -6,6 +6,7 @@ length bucket for prompts of <= 17 tokens; decode: a 32-slot view and the full c
 
 from __future__ import annotations
 
+import os
 import string
 import time
 from types import SimpleNamespace
@@ -648,3 +649,29 @@ def test_prompt_alt_tokens_are_draws_with_forward_logprobs(sampler, snap, hf):
     greedy = draw(P(max_tokens=2, temperature=0.0))
     ref = hf_logprobs(hf, prompt)
     np.testing.assert_array_equal(greedy.tokens.to_numpy(), np.repeat(ref[:9].argmax(-1)[:, None], 4, axis=1))
+
+
+_EXIT_CHILD = """
+import sys
+import time
+from tinker import types
+from tinker_jax.hf.weights import load_decoder
+from tinker_jax.sampling import Sampler, snapshot_of
+snap = snapshot_of(load_decoder(sys.argv[1]), name="base")
+s = Sampler(snap.cfg, max_batch=4, max_seq_len=256, decode_steps=4)
+futs = [s.submit(snap, [5, 6, 7], types.SamplingParams(max_tokens=250, seed=i, stop=[])) for i in range(4)]
+time.sleep(2)  # the sampler's thread is compiling or decoding when the script ends
+print("exiting", flush=True)
+"""
+
+
+def test_a_script_ending_with_samples_in_flight_exits_cleanly(hf_dir, tmp_path):
+    """A process that ends while its sampler's thread is decoding exits with status 0: the thread is stopped at
+    exit (it used to be torn down inside an XLA call: SIGABRT, "terminate called ...")."""
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    proc = subprocess.run([sys.executable, "-c", _EXIT_CHILD, str(hf_dir[0])], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.strip() == "exiting", (proc.returncode, proc.stderr[-2000:])

@@ -4,13 +4,40 @@ context manager) and the synchronous conveniences built on `submit`. Subclasses 
 
 from __future__ import annotations
 
+import atexit
 import threading
+import weakref
 from typing import Any, Sequence
 
 from tinker import types
 
 from tinker_jax.errors import UserError
 from tinker_jax.sampling.params import RequestSpec, validate_request
+
+
+_STARTED: "weakref.WeakSet[SamplerBase]" = weakref.WeakSet()  # samplers whose own thread runs
+_AT_EXIT = threading.Lock()
+_registered = False
+
+
+def _track(sampler: "SamplerBase") -> None:
+    global _registered
+    with _AT_EXIT:
+        if not _registered:  # on the first start, not at import
+            atexit.register(_stop_started_samplers)
+            _registered = True
+        _STARTED.add(sampler)
+
+
+def _stop_started_samplers() -> None:
+    """At interpreter exit: stop every sampler thread still running. A daemon thread left inside an XLA call while
+    the interpreter and the runtime tear down aborted the process (SIGABRT, "terminate called ...") when a script
+    ended with samples in flight; stopped here, in-flight requests fail with "sampler: stopped" instead."""
+    for sampler in list(_STARTED):
+        try:
+            sampler.stop(timeout=30)
+        except Exception:  # noqa: BLE001 - exiting: one sampler's failure must not keep the others running
+            pass
 
 
 class SamplerBase:
@@ -23,6 +50,7 @@ class SamplerBase:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._run, name=self._thread_name, daemon=True)
                 self._thread.start()
+                _track(self)
         return self
 
     def __enter__(self):
