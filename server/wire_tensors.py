@@ -4,11 +4,12 @@ packing. Shared by request decoding (server.wire) and result encoding (server.wi
 Errors name the path of the field at fault. Decoding a client's tensor raises `UserError`; the encoders' own checks
 (`as_array`, `int32_bytes`) raise ValueError, an engine bug. Result encoding runs under FutureRegistry, which
 reports any exception there as a server error, so the shared checks (`densify_csr`) are right for both.
+Densifying a TensorData (`dense_array`, `densify_csr`) lives in the core (tinker_jax.tensors), which the engine
+uses too.
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import numpy as np
@@ -16,6 +17,7 @@ from tinker import types
 from tinker.proto import tinker_public_pb2 as pb
 
 from tinker_jax.errors import UserError
+from tinker_jax.tensors import NUMPY_OF, dense_array, densify_csr, reshape_to  # noqa: F401  (dense_array re-exported)
 
 _PROTO_DTYPES: dict[int, tuple[np.dtype, str]] = {  # proto enum -> (little-endian wire dtype, TensorData dtype)
     pb.DTYPE_FLOAT32: (np.dtype("<f4"), "float32"),
@@ -23,8 +25,6 @@ _PROTO_DTYPES: dict[int, tuple[np.dtype, str]] = {  # proto enum -> (little-endi
     pb.DTYPE_INT32: (np.dtype("<i4"), "int64"),  # widened, as the SDK does on responses
     pb.DTYPE_BFLOAT16: (np.dtype("<u2"), "float32"),
 }
-NUMPY_OF = {"float32": np.dtype(np.float32), "int64": np.dtype(np.int64)}
-MAX_DENSE_ELEMENTS = 1 << 28  # 1 GiB of float32; real inputs (tokens x top-K) are orders of magnitude smaller
 PROTO_OF = {"float32": pb.DTYPE_FLOAT32, "int64": pb.DTYPE_INT64}
 
 
@@ -38,32 +38,6 @@ def _shape(shape: Any, where: str) -> list[int] | None:
 
 def is_int(x: Any) -> bool:
     return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _reshape(values: np.ndarray, shape: list[int] | None, where: str) -> np.ndarray:
-    if shape is None:
-        return values.reshape(-1)
-    if math.prod(shape) != values.size:
-        raise UserError(f"{where}: {values.size} values do not fill shape {shape}")
-    return values.reshape(shape)
-
-
-def densify_csr(values: np.ndarray, crow: np.ndarray, col: np.ndarray, shape: list[int] | None,
-                pad_value: float, where: str) -> np.ndarray:
-    """CSR (values row-major, crow [nrows+1], col [nnz]) -> dense [nrows, ncols]; unlisted cells get `pad_value`."""
-    if shape is None or len(shape) != 2:
-        raise UserError(f"{where}.shape: a sparse CSR tensor needs a 2-D dense shape, got {shape!r}")
-    nrows, ncols = shape
-    if nrows * ncols > MAX_DENSE_ELEMENTS:  # a few bytes of CSR must not be able to demand gigabytes
-        raise UserError(f"{where}.shape: {shape} exceeds {MAX_DENSE_ELEMENTS} elements")
-    nnz = values.size
-    if crow.size != nrows + 1 or crow[0] != 0 or crow[-1] != nnz or np.any(np.diff(crow) < 0):
-        raise UserError(f"{where}.sparse_crow_indices: must be {nrows + 1} non-decreasing offsets from 0 to {nnz}")
-    if col.size != nnz or (nnz and (col.min() < 0 or col.max() >= ncols)):
-        raise UserError(f"{where}.sparse_col_indices: must be {nnz} column indices in [0, {ncols})")
-    dense = np.full((nrows, ncols), pad_value, dtype=values.dtype)
-    dense[np.repeat(np.arange(nrows), np.diff(crow)), col] = values
-    return dense
 
 
 def tensor_from_json(obj: Any, where: str, pad_value: float = 0) -> types.TensorData:
@@ -81,7 +55,7 @@ def tensor_from_json(obj: Any, where: str, pad_value: float = 0) -> types.Tensor
         col_a = _json_numbers(col, "int64", f"{where}.sparse_col_indices")
         dense = densify_csr(values, crow_a, col_a, shape, pad_value, where)
     else:
-        dense = _reshape(values, shape, f"{where}.data")
+        dense = reshape_to(values, shape, f"{where}.data")
     return types.TensorData(data=dense, dtype=dtype, shape=list(dense.shape))
 
 
@@ -112,7 +86,7 @@ def tensor_from_proto(msg: pb.Tensor, where: str, pad_value: float = 0) -> types
         col = frombuffer(msg.sparse_csr.col_indices, np.dtype("<i8"), f"{where}.sparse_csr.col_indices")
         dense = densify_csr(values, crow, col, shape, pad_value, where)
     else:  # `dense` (an unset oneof is an empty dense tensor)
-        dense = _reshape(_widen(frombuffer(msg.dense, wire_dtype, f"{where}.dense"), msg.dtype), shape, where)
+        dense = reshape_to(_widen(frombuffer(msg.dense, wire_dtype, f"{where}.dense"), msg.dtype), shape, where)
     return types.TensorData(data=dense, dtype=dtype, shape=list(dense.shape))
 
 
@@ -126,26 +100,6 @@ def _widen(arr: np.ndarray, proto_dtype: int) -> np.ndarray:
     if proto_dtype == pb.DTYPE_BFLOAT16:  # bf16 is the top half of a float32
         return (arr.astype(np.uint32) << 16).view(np.float32)
     return arr.astype(NUMPY_OF[_PROTO_DTYPES[proto_dtype][1]])  # native byte order, writable copy
-
-
-def dense_array(td: Any, pad_value: float = 0) -> np.ndarray:
-    """Any TensorData (dataclass or the SDK's pydantic JSON model), sparse or not, as a dense numpy array.
-
-    For the engine: e.g. `SampleRequest.target_prompt_logprobs` stays sparse after decoding (its layout must be
-    mirrored in the response) and is densified with pad_value=-1 (wire doc §4.2)."""
-    if isinstance(td, np.ndarray):
-        return td
-    np_dtype = NUMPY_OF[td.dtype]
-    raw = td._numpy if isinstance(td, types.TensorData) else np.asarray(td.data, dtype=np_dtype)
-    shape = list(td.shape) if td.shape is not None else None
-    if shape is None and td.sparse_crow_indices is None:
-        shape = list(raw.shape)  # the SDK type keeps an unshaped array as given
-    values = np.asarray(raw, dtype=np_dtype).reshape(-1)
-    if td.sparse_crow_indices is not None:
-        crow = np.asarray(td.sparse_crow_indices, dtype=np.int64)
-        col = np.asarray(td.sparse_col_indices if td.sparse_col_indices is not None else [], dtype=np.int64)
-        return densify_csr(values, crow, col, shape, pad_value, "tensor")
-    return _reshape(values, shape, "tensor")
 
 
 def as_array(value: Any, where: str) -> tuple[np.ndarray, int]:

@@ -624,7 +624,9 @@ def test_target_prompt_logprobs_match_forward(sampler, snap, hf):
     np.testing.assert_allclose(t.data, [lp[0, 5], lp[2, 7], lp[2, 11], lp[7, 13]], atol=1e-4)
 
     for bad in (types.TensorData(data=[1] * 21, dtype="int64", shape=[7, 3]),
-                types.TensorData(data=[600] * 8, dtype="int64", shape=[8, 1])):
+                types.TensorData(data=[600] * 8, dtype="int64", shape=[8, 1]),
+                types.TensorData(data=[5], dtype="int64", shape=[8, 3], sparse_crow_indices=[0] + [1] * 8,
+                                 sparse_col_indices=[-1])):  # a column outside [0, K), not the last one
         with pytest.raises(ValueError, match="target_prompt_logprobs"):
             sampler.submit(snap, prompt, P(max_tokens=2), target_prompt_logprobs=bad).result(timeout=5)
 

@@ -30,6 +30,7 @@ import numpy as np
 from tinker import types
 
 from tinker_jax.errors import UserError
+from tinker_jax.tensors import dense_array
 
 U64 = 1 << 64
 
@@ -209,28 +210,16 @@ def parse_target_ids(td: Any, prompt_len: int, limits: Limits) -> tuple[np.ndarr
         return None, None
     name = "target_prompt_logprobs"
     crow = getattr(td, "sparse_crow_indices", None)
-    shape = getattr(td, "shape", None)
-    tensor = hasattr(td, "data") and hasattr(td, "dtype")  # the SDK's TensorData (either of its two classes)
-    if tensor and td.dtype != "int64":
-        raise UserError(f"{name}: must be an int64 tensor of token ids, got {td.dtype}")
-    try:
-        if crow is not None:
-            col = np.asarray(td.sparse_col_indices, np.int64)
-            crow = np.asarray(crow, np.int64)
-            values = np.asarray(td.data, np.int64).reshape(-1)
-            if (shape is None or len(shape) != 2 or len(crow) != shape[0] + 1 or len(col) != len(values)
-                    or len(values) != crow[-1]):
-                raise ValueError("inconsistent CSR indices")
-            dense = np.full(tuple(shape), -1, np.int64)
-            rows = np.repeat(np.arange(shape[0]), np.diff(crow))
-            dense[rows, col] = values
-            layout = (tuple(int(x) for x in crow), tuple(int(x) for x in col))
-        else:
-            dense = np.asarray(td.data if tensor else td, np.int64)
-            dense = dense.reshape(shape) if tensor and shape is not None else dense
-            layout = None
-    except (ValueError, IndexError, TypeError) as e:
-        raise UserError(f"{name}: not a readable [len(prompt) - 1, K] tensor of token ids ({e})") from None
+    if hasattr(td, "data") and hasattr(td, "dtype"):  # the SDK's TensorData (either of its two classes)
+        if td.dtype != "int64":
+            raise UserError(f"{name}: must be an int64 tensor of token ids, got {td.dtype}")
+        dense = dense_array(td, pad_value=-1, where=name)
+    else:
+        try:
+            dense = np.asarray(td, np.int64)
+        except (ValueError, TypeError) as e:
+            raise UserError(f"{name}: not a readable [len(prompt) - 1, K] tensor of token ids ({e})") from None
+    layout = None if crow is None else (tuple(int(x) for x in crow), tuple(int(x) for x in td.sparse_col_indices))
     if dense.ndim != 2 or dense.shape[0] != prompt_len - 1:
         raise UserError(f"{name}: must have shape [len(prompt) - 1, K] = [{prompt_len - 1}, K], got "
                         f"{list(dense.shape)}")
