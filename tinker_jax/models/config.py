@@ -77,9 +77,8 @@ class ModelConfig:
         D, N, K, H, V = self.d_model, self.n_heads, self.n_kv_heads, self.head_dim, self.vocab_size
         attn = D * N * H + 2 * D * K * H + N * H * D + (N * H + 2 * K * H if self.qkv_bias else 0)
         attn += 2 * H if self.qk_norm else 0
-        ffn = self.n_moe_layers * self._moe_params(self.n_experts) + len(self.dense_layers) * 3 * D * self.d_ff
-        if not self.is_moe:
-            ffn = self.n_layers * 3 * D * self.d_ff
+        ffn = (self.n_moe_layers * self._moe_params(self.n_experts)
+               + (self.n_layers - self.n_moe_layers) * 3 * D * self.d_ff)  # MoE layers, then dense ones
         return self.n_layers * (attn + 2 * D) + ffn + V * D * (1 if self.tie_embeddings else 2) + D
 
     @property
@@ -99,12 +98,9 @@ class ModelConfig:
     def stack_layers(self, stack: str) -> tuple[int, ...]:
         """The layers (in order) of one of the decoder's stacks: "blocks", every layer of the model's own kind (all
         layers of a dense model, the MoE layers of a MoE model), or "dense_blocks", a MoE model's dense layers."""
-        if stack == "dense_blocks":
-            return self.dense_layers
-        if stack != "blocks":
-            raise ValueError(f"stack: expected 'blocks' or 'dense_blocks', got {stack!r}")
-        dense = set(self.dense_layers)
-        return tuple(i for i in range(self.n_layers) if i not in dense)
+        if stack not in STACKS:
+            raise ValueError(f"stack: expected one of {STACKS}, got {stack!r}")
+        return tuple(i for i, s in enumerate(self.layer_stacks()) if s == stack)
 
     def layer_stacks(self) -> tuple[str, ...]:
         """The stack of every layer, in layer order."""

@@ -65,10 +65,9 @@ class Projection:
         return cfg.is_moe and self.role == "mlp" and stack == "blocks"
 
     def stacks(self, cfg: ModelConfig) -> tuple[str, ...]:
-        """The decoder stacks this projection's adapter has weights for (none: it is not per layer)."""
-        if not self.per_layer:
-            return ()
-        return ("blocks", "dense_blocks") if cfg.dense_layers else ("blocks",)
+        """The decoder stacks whose leaf pairs (LEAVES) this projection's adapter has: a projection that is not per
+        layer (the unembedding) has the one pair "a"/"b"."""
+        return ("blocks", "dense_blocks") if self.per_layer and cfg.dense_layers else ("blocks",)
 
 
 PROJECTIONS: tuple[Projection, ...] = (
@@ -177,7 +176,7 @@ def shapes(cfg: ModelConfig, rank: int, slots: int | None = None) -> dict[str, d
     slot = () if slots is None else (slots,)
     for p in PROJECTIONS:
         out[p.name] = {}
-        for stack in p.stacks(cfg) or ("blocks",):
+        for stack in p.stacks(cfg):
             d_in, d_out = p.dims(cfg, stack)
             lead = ((len(cfg.stack_layers(stack)),) if p.per_layer else ()) + slot
             lead += (cfg.n_experts,) if p.per_expert(cfg, stack) else ()
@@ -210,7 +209,7 @@ def _init_fn(cfg: ModelConfig, rank: int, mask: tuple[bool, ...]):
             for i, p in enumerate(PROJECTIONS):
                 s = shapes(cfg, rank)[p.name]
                 out[p.name] = {}
-                for j, stack in enumerate(p.stacks(cfg) or ("blocks",)):
+                for j, stack in enumerate(p.stacks(cfg)):
                     la, lb = LEAVES[stack]
                     bound = 1.0 / math.sqrt(s[la][-2])
                     key = jax.random.fold_in(k, i) if j == 0 else jax.random.fold_in(jax.random.fold_in(k, i), j)

@@ -84,6 +84,13 @@ def _truncate(scaled: jax.Array, top_k: jax.Array, top_p: jax.Array) -> jax.Arra
     return jnp.where(scaled >= thresh, scaled, -jnp.inf)
 
 
+def tempered(logits: jax.Array, temperature: jax.Array) -> jax.Array:
+    """logits [R,...,V] / each row's temperature [R], untempered for greedy rows (T <= 0): the distribution whose
+    log_softmax a sampled token's logprob is reported from (the module docstring's relation)."""
+    t = jnp.where(temperature <= 0, 1.0, temperature)
+    return logits / t.reshape(t.shape + (1,) * (logits.ndim - 1))
+
+
 def select_tokens(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,
                   keys: jax.Array) -> tuple[jax.Array, jax.Array]:
     """logits [B,V] fp32, per-row temperature/top_k/top_p [B], keys [B] -> (tokens [B] int32, logprobs [B]).
@@ -93,8 +100,7 @@ def select_tokens(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, t
     """
     V = logits.shape[-1]
     greedy = temperature <= 0
-    t = jnp.where(greedy, 1.0, temperature)
-    scaled = logits / t[:, None]
+    scaled = tempered(logits, temperature)
     needs_cut = ~greedy & (((top_k > 0) & (top_k < V)) | (top_p < 1.0))
     # Skip the full-vocabulary sort when no row truncates (the common RL setting).
     cut = jax.lax.cond(jnp.any(needs_cut), lambda s: _truncate(s, top_k, top_p), lambda s: s, scaled)
@@ -263,7 +269,6 @@ def _prompt_scores(model, rows, hidden, targets, positions, score: dict, want_lo
         C = _chunk(T)
         split = lambda x: x.reshape(Bp, T // C, C, *x.shape[2:]).swapaxes(0, 1)  # noqa: E731 - [T/C, Bp, C, ...]
         greedy = score["temperature"] <= 0
-        t = jnp.where(greedy, 1.0, score["temperature"])[:, None, None]
 
         def one(args):
             h, tgt, ids_c, pos = args
@@ -278,14 +283,14 @@ def _prompt_scores(model, rows, hidden, targets, positions, score: dict, want_lo
             else:
                 top, tlp = jnp.zeros((Bp, C, 0), jnp.int32), jnp.zeros((Bp, C, 0), jnp.float32)
             drawn, dlp = [], []
-            tempered = jax.nn.log_softmax(logits / t, axis=-1) if draws else None
+            lsm = jax.nn.log_softmax(tempered(logits, score["temperature"]), axis=-1) if draws else None
             for j in range(draws):  # a [Bp,C,V] noise at a time
                 keys = jax.vmap(jax.vmap(lambda w, p: jax.random.fold_in(jax.random.fold_in(_draw_key(w), p), j),
                                          in_axes=(None, 0)))(score["seed"], pos)
                 noise = jax.vmap(jax.vmap(lambda k: jax.random.gumbel(k, (logits.shape[-1],), jnp.float32)))(keys)
-                tok = jnp.where(greedy[:, None], jnp.argmax(logits, -1), jnp.argmax(tempered + noise, -1))
+                tok = jnp.where(greedy[:, None], jnp.argmax(logits, -1), jnp.argmax(lsm + noise, -1))
                 drawn.append(tok.astype(jnp.int32))
-                dlp.append(jnp.take_along_axis(tempered, tok[..., None], axis=-1)[..., 0])
+                dlp.append(jnp.take_along_axis(lsm, tok[..., None], axis=-1)[..., 0])
             stack = lambda xs, dt: jnp.stack(xs, -1) if xs else jnp.zeros((Bp, C, 0), dt)  # noqa: E731
             return lp, top, tlp, alp, stack(drawn, jnp.int32), stack(dlp, jnp.float32)
 
@@ -551,8 +556,7 @@ def _top_logprobs(logits: jax.Array, temperature: jax.Array, want: jax.Array, k:
         return jnp.zeros((R, 0), jnp.int32), jnp.zeros((R, 0), jnp.float32)
 
     def top(_):
-        t = jnp.where(temperature <= 0, 1.0, temperature)
-        vals, ids = jax.lax.top_k(jax.nn.log_softmax(logits / t[:, None], axis=-1), k)
+        vals, ids = jax.lax.top_k(jax.nn.log_softmax(tempered(logits, temperature), axis=-1), k)
         return ids.astype(jnp.int32), vals
 
     return jax.lax.cond(jnp.any(want), top, lambda _: (jnp.zeros((R, k), jnp.int32), jnp.zeros((R, k), jnp.float32)),
