@@ -138,9 +138,9 @@ def test_sampled_logprobs_and_prompt_logprobs_match_forward(sampler, snap, hf):
 
 
 def test_topk_sample_logprobs_match_forward(sampler, snap, hf):
-    """topk_sample_logprobs k: each sampled position's k most likely tokens and their logprobs, of the distribution the
-    token's logprob is reported from (log_softmax(logits / T); T = 1 for greedy), equal to transformers' forward pass; a request
-    without it in the same decode calls gets none."""
+    """topk_sample_logprobs k: each sampled position's k most likely tokens and their logprobs, of the distribution
+    the token's logprob is reported from (log_softmax(logits / T); T = 1 for greedy), equal to transformers' forward
+    pass; a request without it in the same decode calls gets none."""
     prompt = prompt_of(130, 8)
     for params in (P(max_tokens=6, seed=4, temperature=0.7, stop=[]), P(max_tokens=6, temperature=0.0)):
         with_topk = sampler.submit(snap, prompt, params, topk_sample_logprobs=3)

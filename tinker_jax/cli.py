@@ -64,7 +64,8 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-tokens", type=int, default=8192, metavar="N",
                    help="tokens per training micro-batch, the engine's max_tokens_per_batch (default 8192)")
     p.add_argument("--seq-len", type=int, default=None, metavar="T",
-                   help="training row length (default: batch tokens / (data x expert x fsdp), a power of two, at most 4096)")
+                   help="training row length (default: batch tokens / (data x expert x fsdp), a power of two, "
+                        "at most 4096)")
     p.add_argument("--remat", action=argparse.BooleanOptionalAction, default=False,
                    help="recompute layer activations in the backward pass (engine `remat`; default off)")
     p.add_argument("--param-dtype", "--dtype", dest="dtype", default="float32", choices=["float32", "bfloat16"],

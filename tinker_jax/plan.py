@@ -288,8 +288,8 @@ def _adapter_bytes(cfg: ModelConfig, rank: int, slots: int | None, amesh, itemsi
 
 def micro_batch(batch_tokens: int, seq_len: int, batch_shards: int) -> tuple[int, int]:
     """(row length T, rows) of a full micro-batch as training.batching.plan builds it: rows bucketed to a power of
-    two, at least `batch_shards` (the worker's row multiple, data x expert x fsdp), adding rows while the padded cost stays
-    within max(budget, one bucket)."""
+    two, at least `batch_shards` (the worker's row multiple, data x expert x fsdp), adding rows while the padded cost
+    stays within max(budget, one bucket)."""
     from tinker_jax.training.batching import MIN_LEN, bucket
 
     T = bucket(seq_len, MIN_LEN)
@@ -298,8 +298,8 @@ def micro_batch(batch_tokens: int, seq_len: int, batch_shards: int) -> tuple[int
 
 
 def default_seq_len(batch_tokens: int, batch_shards: int, max_seq_len: int) -> int:
-    """One row per batch shard without padding: the largest power of two <= batch_tokens / (data x expert x fsdp), within
-    [MIN_LEN, max_seq_len]."""
+    """One row per batch shard without padding: the largest power of two <= batch_tokens / (data x expert x fsdp),
+    within [MIN_LEN, max_seq_len]."""
     from tinker_jax.training.batching import MIN_LEN
 
     per = max(1, batch_tokens // batch_shards)
@@ -517,14 +517,15 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
                                      min(ecfg.max_seq_len, cfg.max_position_embeddings))
     T, rows = micro_batch(batch_tokens, seq, mesh.batch_shards)
     if rows % mesh.batch_shards:
-        notes.append(f"batching pads rows to powers of two (here {rows}), which data x expert x fsdp = {mesh.batch_shards} "
-                     "does not divide: the engine cannot split such a micro-batch evenly; prefer a power of two")
+        notes.append(f"batching pads rows to powers of two (here {rows}), which data x expert x fsdp = "
+                     f"{mesh.batch_shards} does not divide: the engine cannot split such a micro-batch evenly; "
+                     "prefer a power of two")
     rows_dev = -(-rows // mesh.batch_shards)
     t = rows_dev * T
     if rows * T > batch_tokens:
         notes.append(f"a micro-batch is {rows} rows x {T} tokens = {rows * T} tokens, more than --batch-tokens "
-                     f"{batch_tokens}: the batching gives every batch shard (data x expert x fsdp = {mesh.batch_shards}) at "
-                     "least one row")
+                     f"{batch_tokens}: the batching gives every batch shard (data x expert x fsdp = "
+                     f"{mesh.batch_shards}) at least one row")
     # a full run steps alone; LoRA rows of one run take "uniform" mode, rows of several runs "gather"
     mode = "full" if full else ("uniform" if adapters == 1 else "gather")
     layer_w = _largest_layer(table, lambda name, local: math.prod(local[1:]) if name.endswith(".kernel") else 0)
@@ -542,7 +543,8 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
     kv_spec = spec_for(("batch", None, "kv_heads", "head_dim"), kv_shape, amesh)
     kv = 2 * _nbytes(NamedSharding(amesh, kv_spec).shard_shape(kv_shape), b)
     if B != sampler_batch:
-        notes.append(f"sampler rows: {sampler_batch} rounded up to {B}, a multiple of the batch shards (data x expert x fsdp)")
+        notes.append(f"sampler rows: {sampler_batch} rounded up to {B}, a multiple of the batch shards "
+                     "(data x expert x fsdp)")
     if sampler_batch == 0:
         sampler_w = sampler_w_whole = 0
         sampler_note = "no sampler (--sampler-batch 0)"

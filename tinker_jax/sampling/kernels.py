@@ -13,8 +13,8 @@ and no real query ever reaches it (positions stay < max_seq_len = S - 1). A deco
 shorter view of the cache (slots [0, view) plus its own scratch slot), see `decode`.
 
 Placement (`Placement`): every kernel runs over the sampler's mesh with explicit in_shardings / out_shardings, by the
-training rule table (models.sharding): the cache rows B over the batch mesh axes (data, expert, fsdp) and kv heads K over
-tensor where they divide (`cache_sharding`), adapter tables like training's adapter pools (`pool_shardings`), the
+training rule table (models.sharding): the cache rows B over the batch mesh axes (data, expert, fsdp) and kv heads K
+over tensor where they divide (`cache_sharding`), adapter tables like training's adapter pools (`pool_shardings`), the
 base weights as loaded (`state_shardings`), per-row inputs over rows. What the host reads back (tokens, logprobs,
 row state, prompt logprobs) comes out replicated: small, and readable on every process of a multi-process mesh.
 A kernel is one `Kernel`: a jax.jit per placement and argument structure (in_shardings must match the arguments'

@@ -223,7 +223,8 @@ class Sampler(SamplerBase):
       on_submit: called (any thread) after a request is queued, e.g. to wake the thread that calls `step`.
       mesh: the jax.sharding.Mesh to run on (axes data, fsdp, tensor; models.sharding.make_mesh); None: one device.
         Snapshots' weights must be placed on it by `rules` (models.sharding.state_shardings), as the engine loads
-        them; max_batch and the prefill row buckets are rounded up to multiples of the batch shards (data * expert * fsdp).
+        them; max_batch and the prefill row buckets are rounded up to multiples of the batch shards
+        (data * expert * fsdp).
       rules: the logical-axis rule table (models.sharding.DEFAULT_RULES, the one training uses).
       compiler_options: XLA options the sampling kernels compile with (jax.jit's; e.g. tests turn CPU optimisation
         off: an 8-device decode program then compiles in about 1 s instead of 7).
