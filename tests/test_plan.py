@@ -130,22 +130,26 @@ def test_lora_vs_full_state_by_hand(tmp_path):
 def test_kv_cache_bytes(tmp_path):
     cfg = P.read_config(_write(tmp_path, "tiny", TINY))
     L, K, H = 2, 2, 16
+    # The pool holds rows x seq len tokens by default, in pages of 16 (plus one scratch page per batch shard).
     one = P.plan(cfg, P.PlanMesh(), sampler_batch=3, sampler_seq_len=100, dtype="bfloat16")
-    assert one.line("kv_cache").bytes == 2 * L * 3 * 101 * K * H * 2  # k and v, S = max_seq_len + 1, bf16
-    # On fsdp=2 x tensor=2 the sampler rounds 3 rows up to 4; rows split over fsdp, the 2 kv heads over tensor.
+    assert one.line("kv_cache").bytes == 2 * L * (19 + 1) * 16 * K * H * 2  # k and v, ceil(300 / 16) + 1 pages, bf16
+    budget = P.plan(cfg, P.PlanMesh(), sampler_batch=3, sampler_seq_len=100, sampler_kv_tokens=64,
+                    sampler_page_size=8, dtype="bfloat16")
+    assert budget.line("kv_cache").bytes == 2 * L * (8 + 1) * 8 * K * H * 2
+    # On fsdp=2 x tensor=2 the sampler rounds 3 rows up to 4; pages split over fsdp, the 2 kv heads over tensor.
     two = P.plan(cfg, P.parse_mesh("fsdp=2,tensor=2"), sampler_batch=3, sampler_seq_len=100, dtype="bfloat16")
-    assert two.line("kv_cache").bytes == 2 * L * (4 // 2) * 101 * (K // 2) * H * 2
+    assert two.line("kv_cache").bytes == 2 * L * (13 + 1) * 16 * (K // 2) * H * 2  # 400 tokens: 13 pages a shard
     assert any("3 rounded up to 4" in n for n in two.notes)
-    # tensor=4 does not divide 2 kv heads: they stay whole (rows still split over fsdp)
+    # tensor=4 does not divide 2 kv heads: they stay whole (pages still split over fsdp)
     four = P.plan(cfg, P.parse_mesh("fsdp=2,tensor=4"), sampler_batch=4, sampler_seq_len=100, dtype="bfloat16")
-    assert four.line("kv_cache").bytes == 2 * L * 2 * 101 * K * H * 2
+    assert four.line("kv_cache").bytes == 2 * L * (13 + 1) * 16 * K * H * 2
 
 
 def test_llama3_8b_kv_cache_and_fit(tmp_path):
     cfg = P.read_config(_write(tmp_path, "llama8b", LLAMA8B) / "config.json")  # a config.json path works too
     p = P.plan(cfg, P.parse_mesh("fsdp=8"), dtype="bfloat16", sampler_batch=64, sampler_seq_len=4096,
                device_memory="80GiB")
-    assert p.line("kv_cache").bytes == 2 * 32 * (64 // 8) * 4097 * 8 * 128 * 2
+    assert p.line("kv_cache").bytes == 2 * 32 * (64 * 4096 // (8 * 16) + 1) * 16 * 8 * 128 * 2  # pages per shard
     assert p.device_memory == 80 * 2**30 and p.total == sum(x.bytes for x in p.lines)
     assert p.verdict in ("fits", "tight") and p.fits
     tiny_device = P.plan(cfg, P.parse_mesh("fsdp=8"), dtype="bfloat16", device_memory="1GiB")

@@ -31,14 +31,15 @@ ROWS = 16
 RANK = 4
 TOL = 1e-5
 
-# mesh -> (expected KV cache spec [L,B,S,K,H], devices it spans). Rows go over data x fsdp; the 2 kv heads over
-# tensor only where tensor divides them (tensor=4 does not: replicated, spec_for's rule).
+# mesh -> (expected KV pool spec [L,n,Pn,page,K,H], devices it spans). Pages go over data x fsdp with their rows
+# (n = the batch shards); the 2 kv heads over tensor only where tensor divides them (tensor=4 does not: replicated,
+# spec_for's rule).
 MESHES = {
     "tp4": (MeshConfig(tensor=4), P(), 4),
     "fsdp2xtp4": (MeshConfig(fsdp=2, tensor=4), P(None, "fsdp"), 8),
-    "dp2xtp2": (MeshConfig(data=2, tensor=2), P(None, "data", None, "tensor"), 4),
-    # Rows over two mesh axes at once: a shard's index runs data-major (what insert_rows' axis_index must match).
-    "dp2xfsdp2xtp2": (MeshConfig(data=2, fsdp=2, tensor=2), P(None, ("data", "fsdp"), None, "tensor"), 8),
+    "dp2xtp2": (MeshConfig(data=2, tensor=2), P(None, "data", None, None, "tensor"), 4),
+    # Rows over two mesh axes at once: a shard's index runs data-major (rows and their pages must agree on it).
+    "dp2xfsdp2xtp2": (MeshConfig(data=2, fsdp=2, tensor=2), P(None, ("data", "fsdp"), None, None, "tensor"), 8),
 }
 
 
@@ -117,13 +118,13 @@ def test_mesh_samples_like_one_device(name, reference):
     s = _sampler(mesh)
     base, lora = _snapshots(mesh)
     # Placed before any request: zeros created over the mesh, not on one device first.
-    for x in s._cache:
+    for x in s._pool:
         assert x.sharding.spec == cache_spec and len(x.sharding.device_set) == n_devices
     got = _workload(s, base, lora)
     _assert_same(got, reference)
     assert s.stats["decode_calls"] == 2  # 5 tokens at 4 steps per call: base and LoRA rows in the same calls
     # Outputs keep their placement: the cache the decode calls returned is still split as intended.
-    for x in s._cache:
+    for x in s._pool:
         assert x.sharding.mesh == mesh and x.sharding.spec == cache_spec
     # The 4 rows sit round-robin over the shards; a decode call covers the first rows of each shard (a power of 4).
     shards, per = mc.data * mc.fsdp, ROWS // (mc.data * mc.fsdp)
@@ -135,12 +136,12 @@ def test_mesh_samples_like_one_device(name, reference):
     assert table["unembed"]["b"].sharding.spec == P(None, None, "tensor")  # [S,R,V]: V over tensor
     if name == "dp2xtp2":
         # New values, new adapter, new seeds and prompts: nothing recompiles, and still the single-device answer.
-        sizes = [k._cache_size() for k in (kernels.prefill, kernels.decode, kernels.insert_rows, kernels.put_adapter)]
+        sizes = [k._cache_size() for k in (kernels.prefill, kernels.decode, kernels.insert_pages, kernels.put_adapter)]
         ref_s = _sampler(None)
         want = _workload(ref_s, *_snapshots(None, adapter_seed=1), seed=1)
         got = _workload(s, base, WeightSnapshot(base.cfg, base.graphdef, base.params, _adapter(1)), seed=1)
         _assert_same(got, want)
-        assert [k._cache_size() for k in (kernels.prefill, kernels.decode, kernels.insert_rows,
+        assert [k._cache_size() for k in (kernels.prefill, kernels.decode, kernels.insert_pages,
                                           kernels.put_adapter)] == sizes
 
 
@@ -151,7 +152,7 @@ def test_max_batch_rounds_up_to_the_batch_shards(caplog):
         s = _sampler(make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)), max_batch=6)
     assert s.max_batch == 8 and s.prefill_batches == (4,)  # (1, 2, 4): each a multiple of the 4 shards
     assert "max_batch 6 rounded up to 8" in caplog.text
-    assert s._cache.k.sharding.spec == P(None, ("data", "fsdp"), None, "tensor")
+    assert s._pool[0].sharding.spec == P(None, ("data", "fsdp"), None, None, "tensor")
     # Free rows go round-robin over the 4 shards (2 rows each): the first rows handed out are on different devices.
     assert s._row_order[:4] == [0, 2, 4, 6]
 

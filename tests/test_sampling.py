@@ -20,6 +20,7 @@ import transformers
 from flax import nnx
 from tinker import types
 
+from tinker_jax.errors import UserError
 from tinker_jax.models.lora import Adapter, LoraSpec
 from tinker_jax.hf.weights import load_decoder
 from tinker_jax.sampling import Sampler, WeightSnapshot, kernels, make_sampler, snapshot_of
@@ -285,7 +286,7 @@ def test_stop_tokens_strings_and_eos(sampler, snap):
 
 
 def _cache_sizes():
-    return kernels.decode._cache_size(), kernels.prefill._cache_size(), kernels.insert_rows._cache_size()
+    return kernels.decode._cache_size(), kernels.prefill._cache_size(), kernels.insert_pages._cache_size()
 
 
 def test_no_recompile_for_new_params_or_weights(sampler, snap, hf):
@@ -506,8 +507,9 @@ def test_long_prompt_beside_short_ones(snap, hf):
     long_prompt = prompt_of(120, 4000)
     shorts = [prompt_of(121 + i, 10) for i in range(3)]
     greedy, seeded = P(max_tokens=6, temperature=0.0), P(max_tokens=6, seed=9, stop=[])
+    # A KV cache of 4,200 tokens for 4 rows of up to 4,100: the long row takes 251 pages of 16, the short ones 1 each.
     s = Sampler(snap.cfg, [EOS], max_batch=4, max_seq_len=4100, prefill_lengths=(16, 4096), prefill_batches=(1, 4),
-                prefill_token_budget=4096, decode_steps=4, prefill_chunk=512).drive(lambda: None)
+                prefill_token_budget=4096, decode_steps=4, prefill_chunk=512, kv_cache_tokens=4200).drive(lambda: None)
 
     def run(futs):
         for _ in range(40):
@@ -523,6 +525,7 @@ def test_long_prompt_beside_short_ones(snap, hf):
         assert not futs[0].done() and s.stats["prefill_chunks"] < 8  # ... while the long one is still prefilling
         together = run(futs)
         assert s.stats["prefill_chunks"] == 8
+        assert s.stats["kv_pages_peak"] == 251  # ceil((3,999 + 6) / 16): the long row's, shorts long gone
         alone = [run([s.submit(snap, long_prompt, greedy, include_prompt_logprobs=True)])[0]]
         alone += [run([s.submit(snap, p, seeded)])[0] for p in shorts]
     finally:
@@ -537,6 +540,76 @@ def test_long_prompt_beside_short_ones(snap, hf):
                                [lp[i, t] for i, t in enumerate(long_prompt[1:])], atol=1e-4)
     np.testing.assert_allclose(seq.logprobs, [lp[len(long_prompt) - 1 + i, t] for i, t in enumerate(seq.tokens)],
                                atol=1e-4)
+
+
+def _run_steps(s, futs, limit=60):
+    for _ in range(limit):
+        if all(f.done() for f in futs):
+            return [f.result() for f in futs]
+        s.step()
+    raise AssertionError(f"requests did not finish in {limit} steps")
+
+
+def test_samples_share_prompt_pages(snap, hf):
+    """8 samples of a 40-token prompt: one prefill; its 2 full KV pages (positions 0-31) are copied into the pool
+    once and listed by every sample's row, and each sample gets its own copy of the partly filled third page (decode
+    writes from position 39 on). Tokens and logprobs equal those of a sampler whose rows free up 3 at a time (later
+    samples list the pages the request still holds) and of one with 64-token pages (nothing shared: every sample a
+    copy of its own), and the sampled logprobs equal transformers' forward pass."""
+    prompt, params = prompt_of(130, 40), P(max_tokens=10, seed=5, stop=[])
+
+    def run(**kw):
+        s = Sampler(snap.cfg, [EOS], max_seq_len=MAX_SEQ, prefill_lengths=(48,), prefill_batches=(1,),
+                    decode_steps=4, **kw).drive(lambda: None)
+        try:
+            return _run_steps(s, [s.submit(snap, prompt, params, num_samples=8)])[0], s.stats
+        finally:
+            s.stop()
+
+    shared, stats = run(max_batch=8)
+    assert stats["prefill_calls"] == 1
+    assert stats["kv_pages_copied"] == 2 + 8  # the full pages once, the partial page per sample
+    assert stats["kv_pages_shared"] == 7 * 2  # the other 7 rows list the first sample's full pages
+    assert stats["kv_pages_peak"] == 2 + 8 * 2  # shared pages + each row's own (positions 32-48: 2 pages)
+    waves, w_stats = run(max_batch=3)
+    assert w_stats["prefill_calls"] == 1 and w_stats["kv_pages_copied"] == 2 + 8
+    unshared, u_stats = run(max_batch=8, page_size=64)
+    assert u_stats["kv_pages_shared"] == 0 and u_stats["kv_pages_copied"] == 8
+    assert len({tuple(x.tokens) for x in shared.sequences}) > 1
+    for a, b, c in zip(shared.sequences, waves.sequences, unshared.sequences):
+        assert a.tokens == b.tokens == c.tokens
+        np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+        np.testing.assert_allclose(a.logprobs, c.logprobs, atol=1e-5)
+    for x in shared.sequences[:3]:
+        np.testing.assert_allclose(x.logprobs, sampled_lps_ref(hf, prompt, x.tokens), atol=1e-4)
+
+
+def test_kv_cache_exhaustion_waits_or_refuses(snap):
+    """A 3-page KV cache (48 tokens) and 4 rows: two requests of 3 pages each cannot run at once, so the second
+    waits for the first's pages (rows are free) and then runs; a request that could never fit (4 pages) fails at
+    once naming max_tokens. The others' tokens and logprobs equal each request alone on a roomy sampler."""
+    prompts = [prompt_of(140 + i, 20) for i in range(2)]
+    params = P(max_tokens=20, seed=3, stop=[])  # positions 0-38: 3 pages of 16
+    s = Sampler(snap.cfg, [EOS], max_batch=4, max_seq_len=MAX_SEQ, prefill_lengths=(32,), prefill_batches=(1, 2),
+                decode_steps=4, kv_cache_tokens=48).drive(lambda: None)
+    roomy = Sampler(snap.cfg, [EOS], max_batch=4, max_seq_len=MAX_SEQ, prefill_lengths=(32,),
+                    prefill_batches=(1, 2), decode_steps=4).drive(lambda: None)
+    try:
+        too_big = s.submit(snap, prompt_of(142, 40), P(max_tokens=24, seed=3))  # positions 0-62: 4 pages
+        futs = [s.submit(snap, p, params) for p in prompts]
+        with pytest.raises(UserError, match="max_tokens: .* need 4 KV-cache pages of 16 tokens; this sampler has 3"):
+            too_big.result(timeout=0)
+        s.step()
+        assert s.stats_now()["running_rows"] == 1 and s.stats["kv_page_waits"] >= 1  # rows free, pages not
+        got = _run_steps(s, futs)
+        assert s.stats["kv_pages_peak"] == 3 and s.stats_now()["kv_pages_used"] == 0
+        alone = [_run_steps(roomy, [roomy.submit(snap, p, params)])[0] for p in prompts]
+    finally:
+        s.stop()
+        roomy.stop()
+    for a, b in zip(got, alone):
+        assert a.sequences[0].tokens == b.sequences[0].tokens and len(a.sequences[0].tokens) == 20
+        np.testing.assert_allclose(a.sequences[0].logprobs, b.sequences[0].logprobs, atol=1e-5)
 
 
 def test_chunked_prefill_of_an_adapter_while_another_adapter_loads(snap):

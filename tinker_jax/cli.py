@@ -82,6 +82,10 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="sampler tokens per row, sampler.max_seq_len (default 1024)")
     p.add_argument("--sampler-adapters", type=int, default=16, metavar="N",
                    help="LoRA adapters resident in the sampler, sampler.max_adapters (default 16)")
+    p.add_argument("--sampler-kv-tokens", type=int, default=None, metavar="N",
+                   help="sampler KV cache size in tokens, sampler.kv_cache_tokens (default rows x seq len)")
+    p.add_argument("--sampler-page-size", type=int, default=16, metavar="N",
+                   help="tokens per sampler KV page, sampler.page_size (default 16)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes as integers)")
 
 
@@ -95,7 +99,8 @@ def _run_plan(args: argparse.Namespace) -> int:
         cfg, planning.parse_mesh(args.mesh), lora_rank=args.lora_rank, full=args.full, adapters=args.adapters,
         batch_tokens=args.batch_tokens, seq_len=args.seq_len, remat=args.remat, dtype=args.dtype,
         attention=args.attention, device_memory=args.device_memory, sampler_batch=args.sampler_batch,
-        sampler_seq_len=args.sampler_seq_len, sampler_adapters=args.sampler_adapters)
+        sampler_seq_len=args.sampler_seq_len, sampler_adapters=args.sampler_adapters,
+        sampler_kv_tokens=args.sampler_kv_tokens, sampler_page_size=args.sampler_page_size)
     if args.json:
         print(json.dumps({"config": str(args.model), **result.to_dict()}, indent=2))
     else:

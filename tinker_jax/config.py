@@ -40,6 +40,10 @@ class SamplerConfig:
     #                           decodes keep their pace; its attention memory grows linearly with its length); 0: off
     max_adapters: int = 16  # jax: LoRA adapters resident per rank at once (rows of different adapters decode
     #                         together; a request whose adapter finds no free place waits for one)
+    kv_cache_tokens: int | None = None  # jax: KV cache size in tokens, all rows together (default max_batch *
+    #                                     max_seq_len); paged: a row takes what its prompt + max_tokens need, the
+    #                                     samples of one prompt share its full pages; a sample waits for free pages
+    page_size: int = 16  # jax: tokens per KV-cache page
 
 
 @dataclass(frozen=True)

@@ -446,16 +446,19 @@ def _workspace(cfg: ModelConfig, mesh: PlanMesh, tensor_only: list, itemsize: in
 def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None = 32, full: bool = False,
          adapters: int = 1, batch_tokens: int = 8192, seq_len: int | None = None, remat: bool = False,
          dtype: str = "float32", attention: str = "einsum", device_memory: int | str | None = None,
-         sampler_batch: int = 16, sampler_seq_len: int = 1024, sampler_adapters: int = 16) -> Plan:
+         sampler_batch: int = 16, sampler_seq_len: int = 1024, sampler_adapters: int = 16,
+         sampler_kv_tokens: int | None = None, sampler_page_size: int = 16) -> Plan:
     """Per-device memory of training (LoRA rank `lora_rank`, or `full`) and sampling one base model on `mesh`.
 
     Defaults are the engine's (config.EngineConfig / SamplerConfig / LoraConfig): dtype float32, one micro-batch of
     `batch_tokens` (max_tokens_per_batch) in rows of `seq_len` tokens (default: one row per batch shard), a
-    sampler of 16 rows x 1024 tokens with 16 resident adapters. Errors name the CLI flag of the bad argument.
+    sampler of 16 rows x 1024 tokens with 16 resident adapters and a KV cache of rows x tokens (`sampler_kv_tokens`
+    in pages of `sampler_page_size`). Errors name the CLI flag of the bad argument.
     """
     from jax.sharding import NamedSharding
 
     from tinker_jax.config import EngineConfig, LoraConfig
+    from tinker_jax.sampling.pages import pages_per_shard
     from tinker_jax.models import lora as lora_math
     from tinker_jax.models.sharding import spec_for
 
@@ -467,7 +470,9 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
         raise PlanError(f"--lora-rank: must be a positive integer, got {lora_rank!r}")
     for flag, value, lo in (("--batch-tokens", batch_tokens, 1), ("--adapters", adapters, 1),
                             ("--sampler-batch", sampler_batch, 0), ("--sampler-seq-len", sampler_seq_len, 1),
-                            ("--sampler-adapters", sampler_adapters, 1), ("--seq-len", seq_len, 1)):
+                            ("--sampler-adapters", sampler_adapters, 1), ("--seq-len", seq_len, 1),
+                            ("--sampler-kv-tokens", sampler_kv_tokens, 1),
+                            ("--sampler-page-size", sampler_page_size, 1)):
         if value is not None and int(value) < lo:
             raise PlanError(f"{flag}: must be >= {lo}, got {value}")
     device_memory = parse_bytes(device_memory)
@@ -534,13 +539,15 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
     workspace = _workspace(cfg, mesh, _param_table(state, mesh.abstract(data=1, fsdp=1, expert=1)),
                            FP32 if full else b, full)
 
-    # ---- sampler, placed as sampling.kernels.Placement places it over the engine's mesh: cache rows over the
-    # batch shards (max_batch rounded up to a multiple of them), kv heads over tensor where K divides, the adapter
-    # table like the training pools
+    # ---- sampler, placed as sampling.kernels.Placement places it over the engine's mesh: the KV pool's pages over
+    # the batch shards (max_batch rounded up to a multiple of them), kv heads over tensor where K divides, the
+    # adapter table like the training pools
     B = -(-sampler_batch // mesh.batch_shards) * mesh.batch_shards
-    S = sampler_seq_len + 1  # the sampler's cache has max_seq_len + 1 slots
-    kv_shape = (cfg.n_layers, B, S, cfg.n_kv_heads, cfg.head_dim)
-    kv_spec = spec_for(("batch", None, "kv_heads", "head_dim"), kv_shape, amesh)
+    kv_tokens = sampler_kv_tokens if sampler_kv_tokens is not None else B * sampler_seq_len  # SamplerConfig's default
+    n = mesh.batch_shards
+    kv_shape = (cfg.n_layers, n, pages_per_shard(kv_tokens, sampler_page_size, n) if B else 0, sampler_page_size,
+                cfg.n_kv_heads, cfg.head_dim)
+    kv_spec = spec_for(("batch", None, None, "kv_heads", "head_dim"), kv_shape, amesh)
     kv = 2 * _nbytes(NamedSharding(amesh, kv_spec).shard_shape(kv_shape), b)
     if B != sampler_batch:
         notes.append(f"sampler rows: {sampler_batch} rounded up to {B}, a multiple of the batch shards "
@@ -568,8 +575,9 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
         Line("workspace", workspace, "fsdp all-gather of one layer (or the unembedding): "
              + ("fp32 weights and their gradient" if full else f"{dtype} base weights") if mesh.fsdp > 1 else
              "none: fsdp = 1 (each device holds its weights whole, up to tensor)", False),
-        Line("kv_cache", kv, f"sampler, k and v [{cfg.n_layers} layers, {B} rows, {S} slots, {cfg.n_kv_heads} kv "
-             f"heads, {cfg.head_dim}] in {dtype}, placed {_spec_text(kv_spec)}", True),
+        Line("kv_cache", kv, f"sampler ({B} rows), k and v pages [{cfg.n_layers} layers, {n} shards, {kv_shape[2]} "
+             f"pages (1 scratch) of {sampler_page_size} tokens, {cfg.n_kv_heads} kv heads, {cfg.head_dim}] for "
+             f"{kv_tokens:,} tokens in {dtype}, placed {_spec_text(kv_spec)}", True),
         Line("sampler_weights", sampler_w, sampler_note, True),
     )
     total = sum(x.bytes for x in lines)
@@ -604,8 +612,8 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
 
 
 def _spec_text(spec) -> str:
-    """PartitionSpec -> "[L, B/fsdp, S, K/tensor, H]"-like text for the KV cache's five dims."""
-    names = ("L", "B", "S", "K", "H")
+    """PartitionSpec -> "[L, n/fsdp, P, page, K/tensor, H]"-like text for the KV pool's six dims."""
+    names = ("L", "n", "P", "page", "K", "H")
     parts = []
     for name, ax in zip(names, tuple(spec) + (None,) * (len(names) - len(spec))):
         ax = (ax,) if isinstance(ax, str) else tuple(ax or ())

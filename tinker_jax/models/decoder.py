@@ -39,6 +39,71 @@ class KVCache(NamedTuple):
         shape = (cfg.n_layers, batch, max_len, cfg.n_kv_heads, cfg.head_dim)
         return KVCache(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype))
 
+    @property
+    def slots(self) -> int:
+        return self.k.shape[2]
+
+    def context(self, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Layer `layer`'s cache [B,S,K,H] as attention reads it."""
+        return self.k[layer], self.v[layer]
+
+    def write(self, k_new: jax.Array, v_new: jax.Array, positions: jax.Array) -> "KVCache":
+        """k_new, v_new [L,B,T,K,H] of every layer: step t of row b goes to slot positions[b, t]."""
+        rows = jnp.arange(k_new.shape[1])[:, None]
+        return KVCache(self.k.at[:, rows, positions].set(k_new.astype(self.k.dtype)),
+                       self.v.at[:, rows, positions].set(v_new.astype(self.v.dtype)))
+
+
+class PagedKV(NamedTuple):
+    """A KV cache in pages that rows share (the sampler's): a row's context is the pages its table lists, so rows
+    of very different lengths share one pool sized by a budget, not rows x longest row, and the samples of one
+    prompt can list the same pages for its full prompt pages (copy-on-write: each sample's first page that decode
+    writes into is its own).
+
+    k, v [L,n,Pn,page,K,H]: the pool, n = the batch shards (a shard's pages live on the devices of its rows, so
+    gathering a row's pages never crosses devices); table [B,W] int32: row b (on shard b // (B / n)) keeps
+    positions [j*page, (j+1)*page) in page table[b, j] of its shard. Context slot s of a row is position s, as in
+    KVCache. Page 0 of every shard is handed to no row: rows that must not write anywhere (idle, finished) point
+    their tables at it.
+
+    Attention reads a row's pages gathered into [B, W*page, K, H] per layer (the einsum reference: it reads
+    every listed page, W of them for every row; a paged-attention kernel would read only each row's own)."""
+
+    k: jax.Array
+    v: jax.Array
+    table: jax.Array
+
+    @property
+    def slots(self) -> int:
+        return self.table.shape[1] * self.k.shape[3]
+
+    def _by_shard(self, x: jax.Array) -> jax.Array:  # [B, ...] -> [n, B/n, ...]
+        n = self.k.shape[1]
+        return x.reshape(n, x.shape[0] // n, *x.shape[1:])
+
+    def _shard(self) -> jax.Array:  # [n,1,1]: each row's shard, an iota (XLA sees the index as a parallel dim)
+        return jnp.arange(self.k.shape[1])[:, None, None]
+
+    def context(self, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """Layer `layer`'s pages of each row in order, [B, W*page, K, H]: a gather from the whole pool (slicing
+        the layer out first would copy the layer's whole pool per step)."""
+        table = self._by_shard(self.table)  # [n, B/n, W]
+        B = self.table.shape[0]
+        gather = lambda pool: pool[layer, self._shard(), table].reshape(B, -1, *pool.shape[-2:])  # noqa: E731
+        return gather(self.k), gather(self.v)
+
+    def write(self, k_new: jax.Array, v_new: jax.Array, positions: jax.Array) -> "PagedKV":
+        """k_new, v_new [L,B,T,K,H] of every layer: step t of row b goes to its page for positions[b, t]."""
+        page = self.k.shape[3]
+        pages = self._by_shard(jnp.take_along_axis(self.table, positions // page, axis=1))  # [n, B/n, T]
+        offsets = self._by_shard(positions % page)
+
+        def put(pool, new):  # pool [L,n,Pn,page,K,H], new [L,B,T,K,H] -> [L,n,B/n,T,K,H] into place
+            new = new.reshape(new.shape[0], pool.shape[1], -1, *new.shape[2:]).astype(pool.dtype)
+            return pool.at[:, self._shard(), pages, offsets].set(new)
+
+        return PagedKV(put(self.k, k_new), put(self.v, v_new), self.table)
+
 
 def probe_attention(impl: str, n_heads: int, n_kv_heads: int, head_dim: int) -> str | None:
     """Compile and run `impl` forward and backward on a small bf16 input with this head layout.
@@ -341,7 +406,7 @@ class Decoder(nnx.Module):
         self.lm_head = None if cfg.tie_embeddings else Linear(
             cfg.d_model, cfg.vocab_size, ("embed", "vocab"), "unembed", rngs=rngs, param_dtype=param_dtype)
 
-    def __call__(self, tokens, positions, segment_ids=None, cache: KVCache | None = None, remat: bool = False,
+    def __call__(self, tokens, positions, segment_ids=None, cache: KVCache | PagedKV | None = None, remat: bool = False,
                  attention: str = "einsum", unroll: bool = False, lora: tuple[LoraRows, ...] = (),
                  router_stats: bool = False):
         """tokens, positions [B,T] int32 -> hidden [B,T,D] (final-normed), cache.
@@ -371,8 +436,8 @@ class Decoder(nnx.Module):
         else:
             # The chunk's positions are consecutive per row (prefill: a prompt; decode: T = 1), so the
             # context is every slot before the chunk's first position; later slots may hold stale rows.
-            slots = jnp.arange(cache.k.shape[2])
-            mask = jnp.broadcast_to(slots[None, None, :] < positions[:, :1, None], (B, T, cache.k.shape[2]))
+            slots = jnp.arange(cache.slots)
+            mask = jnp.broadcast_to(slots[None, None, :] < positions[:, :1, None], (B, T, cache.slots))
         stacks = {name: nnx.split(getattr(self, name)) for name in STACKS if getattr(self, name) is not None}
         inv_freq = rope_inv_freq(self.cfg)  # numpy at trace time: a compile-time constant
 
@@ -402,16 +467,14 @@ class Decoder(nnx.Module):
             (x, acc), _ = scan_layers(self.cfg, layer, (x, acc), per_stack, (), remat=remat)
             return self.final_norm(x), acc if stats else None
 
-        def cached_layer(h, name, xs, kv):
+        def cached_layer(h, name, xs, layer):
             block, lw = block_of(name, *xs)
-            return block(h, positions, mask, inv_freq, kv, lora=lw)
+            return block(h, positions, mask, inv_freq, cache.context(layer), lora=lw)
 
-        x, (k_new, v_new) = scan_layers(self.cfg, cached_layer, x, per_stack, (cache.k, cache.v),
+        # The cache is read whole by each layer's context (a layer index, not a slice: see PagedKV.context).
+        x, (k_new, v_new) = scan_layers(self.cfg, cached_layer, x, per_stack, jnp.arange(self.cfg.n_layers),
                                         unroll=bool(unroll))  # new: [L,B,T,K,H]
-        rows = jnp.arange(B)[:, None]  # step t of row b goes to slot positions[b, t], in every layer
-        cache = KVCache(cache.k.at[:, rows, positions].set(k_new.astype(cache.k.dtype)),
-                        cache.v.at[:, rows, positions].set(v_new.astype(cache.v.dtype)))
-        return self.final_norm(x), cache
+        return self.final_norm(x), cache.write(k_new, v_new, positions)
 
     def logits(self, hidden: jax.Array, lora: tuple[LoraRows, ...] = ()) -> jax.Array:
         """hidden [B,T,D] -> logits [B,T,V] float32. A tied model's unembedding is the embedding matrix; an

@@ -145,6 +145,12 @@ def cache_sharding(shape: tuple[int, ...], mesh: Mesh, rules=DEFAULT_RULES) -> N
     return NamedSharding(mesh, spec_for(("batch", None, "kv_heads", "head_dim"), shape, mesh, rules))
 
 
+def kv_pool_sharding(shape: tuple[int, ...], mesh: Mesh, rules=DEFAULT_RULES) -> NamedSharding:
+    """A paged KV pool k or v [L,n,Pn,page,K,H] (models.decoder.PagedKV): its n = batch-shards axis over the batch
+    mesh axes (each shard's pages with its rows), kv heads K over tensor where they divide; the rest unsharded."""
+    return NamedSharding(mesh, spec_for(("batch", None, None, "kv_heads", "head_dim"), shape, mesh, rules))
+
+
 def from_host(x: np.ndarray, sharding: NamedSharding) -> jax.Array:
     """A global array placed by `sharding` from a host value that every process holds whole (each device gets
     its slice; works unchanged when the mesh spans several processes)."""

@@ -1,16 +1,18 @@
 """Jitted sampling kernels: prefill, decode (several steps per call), cache row insertion, token choice.
 
-Shapes are fixed per Sampler (rows B, cache slots S = max_seq_len + 1) or bucketed (prefill rows Bp, prefill
-length T), and every per-request knob (temperature, top_k, top_p, seed, max_tokens, stop ids) is an array, so
+Shapes are fixed per Sampler (rows B, KV pool pages, table width W) or bucketed (prefill rows Bp, prefill length
+T), and every per-request knob (temperature, top_k, top_p, seed, max_tokens, stop ids) is an array, so
 new values never recompile. Weights enter as (graphdef static, params) arguments; LoRA adapters as per-rank tables
 (`lora`: a tuple of (weights {proj: {"a": [L,S,in,R], "b": ...}}, scale [S,P]) per rank, models.lora) and, per
 row, its table slot per rank (`slots`: a tuple of [B] int32; 0 is the null adapter). Rows of different adapters
 (and rows of the bare base model) therefore share one prefill or decode call.
 
-Cache layout follows the Decoder contract: KVCache k/v [L,B,S,K,H], slot index == absolute position. The
-last slot (S - 1) is a scratch slot: rows that are idle, finished or in another snapshot's group write there,
-and no real query ever reaches it (positions stay < max_seq_len = S - 1). A decode call may instead work on a
-shorter view of the cache (slots [0, view) plus its own scratch slot), see `decode`.
+Cache layout: the decode rows' cache is paged (models.decoder.PagedKV): a pool k/v [L,n,Pn,page,K,H] of pages
+and, per row, a table [W] of its pages in position order (the Sampler hands pages out and shares a prompt's full
+pages between its samples). A prefill computes a dense cache of its own rows (KVCache [L,Bp,T,K,H]) and
+`insert_pages` copies its pages into the pool. Page 0 of each shard is a scratch page: rows that are idle,
+finished or in another snapshot's group write there, and no table of a running row lists it. A decode call may
+attend over only the first pages of every table (`pages`), see `decode`.
 
 Placement (`Placement`): every kernel runs over the sampler's mesh with explicit in_shardings / out_shardings, by the
 training rule table (models.sharding): the cache rows B over the batch mesh axes (data, expert, fsdp) and kv heads K
@@ -48,10 +50,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tinker_jax.models import lora as lora_math
 from tinker_jax.models.config import ModelConfig
-from tinker_jax.models.decoder import KVCache, merge
+from tinker_jax.models.decoder import KVCache, PagedKV, merge
 from tinker_jax.models.lora import LoraRows, take_slots
-from tinker_jax.models.sharding import (DEFAULT_RULES, batch_shards, cache_sharding, from_host, pool_shardings,
-                                        replicated, rules_key, spec_for, state_shardings)
+from tinker_jax.models.sharding import (DEFAULT_RULES, batch_shards, cache_sharding, from_host, kv_pool_sharding,
+                                        pool_shardings, replicated, rules_key, spec_for, state_shardings)
 
 PRNG_IMPL = "threefry2x32"  # fixed, so key data is [2] uint32 whatever jax_default_prng_impl says
 
@@ -122,8 +124,9 @@ class Placement:
     """Where one sampler's arrays live on its mesh, by a logical-axis rule table (models.sharding).
 
     rows: the cache's row count B (a multiple of `shards`, the batch mesh axes' size). Shardings:
-    `rows_sh` any per-row array [B, ...] (and prefill rows [Bp, ...], Bp a multiple of `shards`); `cache` k / v
-    [L,B,S,K,H] and a prefill's fresh cache [L,Bp,T,K,H]; `rep` replicated (what the host reads back);
+    `rows_sh` any per-row array [B, ...] (and prefill rows [Bp, ...], Bp a multiple of `shards`); `cache` a prefill's
+    dense cache k / v [L,Bp,T,K,H]; `pool` the paged pool k / v [L,n,Pn,page,K,H]; `shard_sh` per-shard arrays
+    [n, ...]; `rep` replicated (what the host reads back);
     `table(rank, capacity)` / `adapter(rank)` LoRA weights with / without the slot axis; `params(state)` the base
     weights. `key` identifies the placement (and the XLA `compiler_options` its kernels compile with) in the
     compiled-program caches.
@@ -140,6 +143,8 @@ class Placement:
         self.rows_sh = NamedSharding(mesh, spec_for(("batch",), (rows,), mesh, rules))
         self.rep = replicated(mesh)
         self.cache = cache_sharding((cfg.n_layers, rows, 1, cfg.n_kv_heads, cfg.head_dim), mesh, rules)
+        self.shard_sh = NamedSharding(mesh, spec_for(("batch", None), (self.shards, 1), mesh, rules))  # [n, ...]
+        self.pool = kv_pool_sharding((cfg.n_layers, self.shards, 1, 1, cfg.n_kv_heads, cfg.head_dim), mesh, rules)
         self._params: dict[Hashable, Any] = {}
 
     def table(self, rank: int, capacity: int) -> dict:
@@ -373,40 +378,47 @@ def prefill(pl: Placement, graphdef, params, lora, slots, tokens, targets, score
     return f(graphdef, params, lora, slots, tokens, targets, score, want_logprobs, topk, draws, cache_dtype, mode)
 
 
-def _insert_rows(cache: KVCache, k_new, v_new, dest, src, *, mesh: Mesh, spec: P) -> KVCache:
-    """Copy prefilled rows into the batch cache: row dest[m] gets slots [0, T) of prefill row src[m].
+def _insert_pages(pool: tuple, k_new, v_new, src, page_of, dest, *, mesh: Mesh, spec: P, new_spec: P) -> tuple:
+    """Copy pages of prefilled rows into the paged pool (k, v) [L,n,Pn,page,K,H]: on shard s, page dest[s, m] gets
+    positions [j*page, (j+1)*page) of prefill row src[s, m], j = page_of[s, m].
 
-    dest/src [M] (M = the cache's row count); dest entries == B are padding and are dropped. One prefill
-    row may go to several dest rows (num_samples shares one prefill). Each device writes only its own cache rows
-    (shard_map): the prefill rows are gathered whole onto every shard (they are few), the cache never moves.
+    src / page_of / dest [n, M] (split over the shards); dest entries == Pn are padding and are dropped. One prefill
+    row's pages may go to several places (the samples of a request each get their own copy of its partly filled
+    last prompt page; its full pages are copied once per shard and shared). Each device writes only its own pages
+    (shard_map): the prefill rows k_new / v_new [L,Bp,T,K,H] are gathered whole onto every shard (they are few),
+    the pool never moves.
     """
-    batch = spec[1] if len(spec) > 1 else None  # the batch mesh axes of dim B (None: rows not split)
-    new_spec = P(*(None if i == 1 else a for i, a in enumerate(spec)))  # prefill rows whole on every shard
+    batch = spec[1] if len(spec) > 1 else None  # the batch mesh axes of the pool's shard dim (None: one shard)
+    idx_spec = P(batch)
 
-    def local(ck, cv, kn, vn, dest, src):
-        Bl, T = ck.shape[1], kn.shape[2]
-        if batch is not None:  # global row -> this shard's row; other shards' rows -> Bl (dropped, never wrapped)
-            d = dest - jax.lax.axis_index(batch) * Bl
-            dest = jnp.where((d >= 0) & (d < Bl), d, Bl)
-        k = ck.at[:, dest, :T].set(kn[:, src].astype(ck.dtype), mode="drop")
-        v = cv.at[:, dest, :T].set(vn[:, src].astype(cv.dtype), mode="drop")
+    def local(pk, pv, kn, vn, src, page_of, dest):
+        page, T = pk.shape[3], kn.shape[2]
+        pad = -T % page
+
+        def blocks(x):  # [L,Bp,T,K,H] -> the listed pages [L,M,page,K,H]
+            x = jnp.pad(x, ((0, 0), (0, 0), (0, pad), (0, 0), (0, 0)))
+            x = x.reshape(x.shape[0], x.shape[1], -1, page, *x.shape[3:])
+            return x[:, src[0], page_of[0]]
+
+        k = pk.at[:, 0, dest[0]].set(blocks(kn).astype(pk.dtype), mode="drop")
+        v = pv.at[:, 0, dest[0]].set(blocks(vn).astype(pv.dtype), mode="drop")
         return k, v
 
-    k, v = jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, new_spec, new_spec, P(), P()),
-                         out_specs=(spec, spec))(cache.k, cache.v, k_new, v_new, dest, src)
-    return KVCache(k, v)
+    return jax.shard_map(local, mesh=mesh, in_specs=(spec, spec, new_spec, new_spec, idx_spec, idx_spec, idx_spec),
+                         out_specs=(spec, spec))(*pool, k_new, v_new, src, page_of, dest)
 
 
-_insert_kernel = Kernel(_insert_rows, donate_argnums=(0,))
+_insert_kernel = Kernel(_insert_pages, donate_argnums=(0,))
 
 
-def insert_rows(pl: Placement, cache: KVCache, k_new, v_new, dest, src) -> KVCache:
-    """`_insert_rows` on placement `pl`: cache (donated) and k_new / v_new placed like pl.cache, dest / src [B]
-    replicated."""
-    c = pl.cache
-    f = _insert_kernel.on(pl, (), lambda: ((KVCache(c, c), c, c, pl.rep, pl.rep), KVCache(c, c)),
-                          mesh=pl.mesh, spec=c.spec)
-    return f(cache, k_new, v_new, dest, src)
+def insert_pages(pl: Placement, pool: tuple, k_new, v_new, src, page_of, dest) -> tuple:
+    """`_insert_pages` on placement `pl`: the pool (k, v; donated) placed like pl.pool, k_new / v_new like pl.cache,
+    src / page_of / dest [n, M] over the shards (pl.shard_sh)."""
+    c, d, i = pl.pool, pl.cache, pl.shard_sh
+    new_spec = P(*(None if j == 1 else a for j, a in enumerate(d.spec)))  # prefill rows whole on every shard
+    f = _insert_kernel.on(pl, (), lambda: (((c, c), d, d, i, i, i), (c, c)), mesh=pl.mesh, spec=c.spec,
+                          new_spec=new_spec)
+    return f(tuple(pool), k_new, v_new, src, page_of, dest)
 
 
 def _put_adapter(weights: dict, scale: jax.Array, slot: jax.Array, values: dict, scales: jax.Array):
@@ -453,9 +465,9 @@ DYNAMIC = ("tok", "pos", "n_gen", "live")  # returned updated by `decode`
 STATIC = ("max_tokens", "temperature", "top_k", "top_p", "seed", "sample", "stop_ids", "topk_n")
 
 
-def _decode(graphdef, params, lora, slots, cache: KVCache, dyn: dict, par: dict, run_mask, until_finish,
-            n_steps: int, view: int | None, rows: int | None, unroll: bool, topk: int, *, shards: int,
-            cache_sh: NamedSharding):
+def _decode(graphdef, params, lora, slots, pool: tuple, table, dyn: dict, par: dict, run_mask, until_finish,
+            n_steps: int, pages: int | None, rows: int | None, unroll: bool, topk: int, *, shards: int,
+            pool_sh: NamedSharding):
     """Up to n_steps decode steps for the rows in run_mask (every row of one set of base weights, each with its own
     adapter), in one device loop that ends early when no row of run_mask is live any more or, with `until_finish`
     (a bool scalar: requests wait for rows), right after the first step in which a row finished. `lora` per rank:
@@ -464,50 +476,46 @@ def _decode(graphdef, params, lora, slots, cache: KVCache, dyn: dict, par: dict,
     to every row masked to the row's own (a decode row is one token: reading each adapter in use once per step
     is cheaper than a copy per row, and a step never reads an adapter no row uses).
 
-    A live row feeds `tok` at `pos`, samples its next token with key (seed, sample, n_gen), and finishes when
-    that token is one of its stop ids or n_gen reaches max_tokens. Returns (cache, dyn, tokens [n,B],
-    logprobs [n,B], valid [n,B], steps run, top-k ids [n,B,topk], top-k logprobs [n,B,topk]); valid marks the
-    outputs that belong to a live row (none after the loop ended). The top-k (SDK `topk_sample_logprobs`, up to
-    the static width `topk`) are of the distribution each token's logprob reports (logits / T, before any top_k /
-    top_p truncation); they are computed only in steps where a live row asked (`topk_n` > 0), zeros otherwise.
+    pool (k, v) [L,n,Pn,page,K,H] and table [B,W]: the paged KV cache (models.decoder.PagedKV). A live row feeds
+    `tok` at `pos` (written into its page for that position), samples its next token with key (seed, sample,
+    n_gen), and finishes when that token is one of its stop ids or n_gen reaches max_tokens; rows that are not
+    live write into page 0, which no row reads. Returns (pool, dyn, tokens [n,B], logprobs [n,B], valid [n,B],
+    steps run, top-k ids [n,B,topk], top-k logprobs [n,B,topk]); valid marks the outputs that belong to a live row
+    (none after the loop ended). The top-k (SDK `topk_sample_logprobs`, up to the static width `topk`) are of the
+    distribution each token's logprob reports (logits / T, before any top_k / top_p truncation); they are computed
+    only in steps where a live row asked (`topk_n` > 0), zeros otherwise.
 
-    view: when every live row's positions in this call stay below `view`, the steps run on a copy of slots
-    [0, view) plus a fresh scratch slot, written back at the end. Attention then reads view + 1 slots per step
-    instead of S (the Decoder masks but still reads the whole cache): one copy per call instead of a full-cache
-    read per step. None runs on the whole cache (its last slot is the scratch slot).
+    pages: when every live row's positions in this call stay below pages * page, attention reads only the first
+    `pages` pages of each row's table (None: all W). No copy of the cache is made: each step reads the rows' pages
+    from the pool and writes one slot per row back into it.
 
     rows: when every row of run_mask is among the first `rows` rows of its shard (`shards`: the batch mesh axes'
     size, see the module docstring), only those rows are decoded; a lone request then costs one row per shard of
     compute instead of max_batch / shards. Outputs are scattered back to [n, B] (rows not decoded: not valid).
 
-    cache_sh: the cache's sharding, imposed on the working cache on both sides of every step's decoder call. Where
-    the cache keeps kv heads whole but the k / v projections are split over tensor mid-head (2 kv heads on
-    tensor=4), XLA otherwise carried the loop's cache split like them and gathered the whole cache back per step and
-    per call (seen in the compiled HLO; dropping either pin brought that back); pinned, only each step's new
-    [R,1,K,H] keys and values move.
+    pool_sh: the pool's sharding, imposed on it on both sides of every step's decoder call. Where the pool keeps kv
+    heads whole but the k / v projections are split over tensor mid-head (2 kv heads on tensor=4), XLA otherwise
+    carried the loop's cache split like them and gathered the whole cache back per step and per call (seen in the
+    compiled HLO; dropping either pin brought that back); pinned, only each step's new [R,1,K,H] keys and values
+    move.
     """
     model = merge(graphdef, params)
-    B = cache.k.shape[1]
+    B = table.shape[0]
     r = rows or B // shards  # rows decoded per shard
     take = lambda x, axis=0: _shard_rows(x, shards, r, axis)  # noqa: E731
     compact = tuple((take_slots(w, active), jnp.take(scale, active, axis=0)) for w, scale, active in lora)
     adapters = lora_rows(compact, tuple(take(s) for s in slots), shards * r, "dense")
     d0, p, m = (jax.tree.map(take, t) for t in (dyn, par, run_mask))
-    k, v = take(cache.k, 1), take(cache.v, 1)
-    if view is None:
-        work = KVCache(k, v)
-    else:
-        pad = lambda x: jnp.concatenate([x[:, :, :view], jnp.zeros_like(x[:, :, :1])], axis=2)  # noqa: E731
-        work = KVCache(pad(k), pad(v))  # [L,R,view+1,K,H]
-    scratch = work.k.shape[2] - 1
-    pin = lambda kv: KVCache(*(jax.lax.with_sharding_constraint(x, cache_sh) for x in kv))  # noqa: E731
+    tab = take(table)[:, :pages]  # [R, pages]
+    pin = lambda kv: tuple(jax.lax.with_sharding_constraint(x, pool_sh) for x in kv)  # noqa: E731
 
     def step(kv, d):
         kv = pin(kv)
         live = d["live"] & m
-        pos = jnp.where(live, d["pos"], scratch)
-        hidden, kv = model(d["tok"][:, None], pos[:, None], cache=kv, unroll=unroll, lora=adapters)
-        kv = pin(kv)
+        cache = PagedKV(*kv, jnp.where(live[:, None], tab, 0))  # not live: page 0, read by no row
+        hidden, cache = model(d["tok"][:, None], jnp.where(live, d["pos"], 0)[:, None], cache=cache, unroll=unroll,
+                              lora=adapters)
+        kv = pin((cache.k, cache.v))
         logits = model.logits(hidden, adapters)[:, 0]  # [R,V]
         keys = row_keys(p["seed"], p["sample"], d["n_gen"])
         tok, lp = select_tokens(logits, p["temperature"], p["top_k"], p["top_p"], keys)
@@ -535,15 +543,11 @@ def _decode(graphdef, params, lora, slots, cache: KVCache, dyn: dict, par: dict,
 
     # A while loop, not a scan: a call whose rows all finish early, or that frees a row another request waits for,
     # returns then instead of running out its n_steps (so n_steps can be large without making a short sample wait).
-    n_run, work, d1, (toks, lps, valid, tk_ids, tk_lps), _ = jax.lax.while_loop(
-        more, body, (jnp.int32(0), work, d0, outs, jnp.bool_(False)))
-    if view is not None or r * shards < B:
-        n = view or cache.k.shape[2]
-        work = KVCache(_set_shard_rows(cache.k, work.k[:, :, :n], shards, r, 1),
-                       _set_shard_rows(cache.v, work.v[:, :, :n], shards, r, 1))
+    n_run, pool, d1, (toks, lps, valid, tk_ids, tk_lps), _ = jax.lax.while_loop(
+        more, body, (jnp.int32(0), tuple(pool), d0, outs, jnp.bool_(False)))
     dyn = jax.tree.map(lambda full, part: _set_shard_rows(full, part, shards, r), dyn, d1)
     widen = lambda x: _set_shard_rows(jnp.zeros((n_steps, B, *x.shape[2:]), x.dtype), x, shards, r, 1)  # noqa: E731
-    return work, dyn, widen(toks), widen(lps), widen(valid), n_run, widen(tk_ids), widen(tk_lps)
+    return pool, dyn, widen(toks), widen(lps), widen(valid), n_run, widen(tk_ids), widen(tk_lps)
 
 
 def _top_logprobs(logits: jax.Array, temperature: jax.Array, want: jax.Array, k: int):
@@ -563,32 +567,33 @@ def _top_logprobs(logits: jax.Array, temperature: jax.Array, want: jax.Array, k:
                         None)
 
 
-_decode_kernel = Kernel(_decode, static_argnums=(0, 9, 10, 11, 12, 13), donate_argnums=(4,))
+_decode_kernel = Kernel(_decode, static_argnums=(0, 10, 11, 12, 13, 14), donate_argnums=(4,))
 
 
-def decode(pl: Placement, graphdef, params, lora, slots, cache: KVCache, dyn: dict, par: dict, run_mask, *,
-           n_steps: int, view: int | None = None, rows: int | None = None, unroll: bool = False,
+def decode(pl: Placement, graphdef, params, lora, slots, pool: tuple, table, dyn: dict, par: dict, run_mask, *,
+           n_steps: int, pages: int | None = None, rows: int | None = None, unroll: bool = False,
            until_finish: bool = False, topk: int = 0):
-    """`_decode` on placement `pl`: per-row inputs (slots, dyn, par, run_mask) placed over rows, lora's scale and
-    active replicated, the cache (donated) like pl.cache. The cache comes back placed as it went in; row state,
-    tokens, logprobs, valid and the number of steps run come back replicated (the host reads them)."""
+    """`_decode` on placement `pl`: per-row inputs (slots, table, dyn, par, run_mask) placed over rows, lora's scale
+    and active replicated, the pool (k, v; donated) like pl.pool. The pool comes back placed as it went in; row
+    state, tokens, logprobs, valid and the number of steps run come back replicated (the host reads them)."""
 
     def shardings():
         lora_sh = tuple((pl.table(r, _capacity(t[0])), pl.rep, pl.rep) for r, t in zip(_ranks(lora), lora))
-        c, rs = pl.cache, pl.rows_sh
-        ins = (pl.params(graphdef, params), lora_sh, tuple(rs for _ in slots), KVCache(c, c),
+        c, rs = pl.pool, pl.rows_sh
+        ins = (pl.params(graphdef, params), lora_sh, tuple(rs for _ in slots), (c, c), rs,
                {k: rs for k in dyn}, {k: rs for k in par}, rs, pl.rep)
-        return ins, (KVCache(c, c), {k: pl.rep for k in dyn}, pl.rep, pl.rep, pl.rep, pl.rep, pl.rep, pl.rep)
+        return ins, ((c, c), {k: pl.rep for k in dyn}, pl.rep, pl.rep, pl.rep, pl.rep, pl.rep, pl.rep)
 
     f = _decode_kernel.on(pl, (graphdef, _lora_key(lora), tuple(dyn), tuple(par)), shardings,
-                          shards=pl.shards, cache_sh=pl.cache)
+                          shards=pl.shards, pool_sh=pl.pool)
     until = from_host(np.asarray(bool(until_finish)), pl.rep)
-    return f(graphdef, params, lora, slots, cache, dyn, par, run_mask, until, n_steps, view, rows, unroll, topk)
+    return f(graphdef, params, lora, slots, tuple(pool), table, dyn, par, run_mask, until, n_steps, pages, rows,
+             unroll, topk)
 
 
 # Compiled-program counts under the public names (tests: new values, weights or adapters never recompile).
 prefill._cache_size = _prefill_kernel._cache_size
 prefill_part._cache_size = _prefill_part_kernel._cache_size
-insert_rows._cache_size = _insert_kernel._cache_size
+insert_pages._cache_size = _insert_kernel._cache_size
 decode._cache_size = _decode_kernel._cache_size
 put_adapter._cache_size = _put_kernel._cache_size

@@ -1,14 +1,21 @@
 """Sampler: a background thread that serves sampling requests with continuous batching.
 
-Rows. The KV cache has a fixed number of rows B (the batch bucket) and S = max_seq_len + 1 slots. Each row
-holds one sample of one request. A new request is prefilled once (prompt[:-1], padded to a length bucket,
-batched with other new requests of the same snapshot and bucket), its cache row is copied into as many free
-rows as it has samples (`num_samples` shares one prefill; samples that find no free row wait, holding the
-prefill result, and take rows as they free up), and the rows join the running decode loop at once. A row's
-first decode step feeds the last prompt token, so the prefill never needs logits unless prompt logprobs were
-asked for. Finished rows leave and free their slot at the end of the decode call that finished them. A prompt
-longer than `prefill_chunk` is prefilled alone, one chunk per step between decode calls (`_Prefilling`), then
-placed like any other.
+Rows. The decode batch has a fixed number of rows B (the batch bucket); each row holds one sample of one request.
+A new request is prefilled once (prompt[:-1], padded to a length bucket, batched with other new requests of the
+same snapshot and bucket) and its samples take free rows (`num_samples` shares one prefill; samples that find no
+free row wait, holding the prefill result, and take rows as they free up); the rows join the running decode loop
+at once. A row's first decode step feeds the last prompt token, so the prefill never needs logits unless prompt
+logprobs were asked for. Finished rows leave at the end of the decode call that finished them. A prompt longer
+than `prefill_chunk` is prefilled alone, one chunk per step between decode calls (`_Prefilling`), then placed like
+any other.
+
+KV pages. The rows' KV cache is a pool of pages (models.decoder.PagedKV) sized by `kv_cache_tokens`, not by
+B x max_seq_len; each row has a table of its pages in position order. A sample's row takes, when it starts, the
+pages its prompt + max_tokens need (so it never runs out mid-decode): the request's full prompt pages, copied from
+the prefill into the pool once per batch shard and listed by every sample's row there (`PagePool` counts their
+holders), and pages of its own, the first of which gets a copy of the prompt's partly filled last page (decode
+writes into it). Pages free when their last holder finishes. A sample that finds no row with enough free pages
+waits like one that finds no row; a request that could never fit is refused when submitted (naming max_tokens).
 
 Snapshots. A request names an immutable WeightSnapshot: base weights (`params`) and, for a LoRA run, an adapter.
 Every row whose snapshot shares one `params` object (the base model, and every LoRA snapshot over it) decodes in
@@ -21,8 +28,9 @@ bucket and one adapter rank (any adapters of that rank).
 Fairness. Requests are admitted round-robin across tenants (`submit(..., tenant=)`), so a tenant with a thousand
 queued samples does not hold back another's one.
 
-Placement. The sampler runs over a mesh (`mesh`, default: one device) by the training rule table: the KV cache's
-rows over the batch mesh axes (data, expert, fsdp) and its kv heads over tensor where they divide, adapter tables like
+Placement. The sampler runs over a mesh (`mesh`, default: one device) by the training rule table: the KV pool's
+pages over the batch mesh axes (data, expert, fsdp; each shard's pages with its rows) and its kv heads over tensor
+where they divide, adapter tables like
 training's adapter pools, per-row inputs over rows; the snapshots' weights must already be placed by the same rules
 (the engine loads them so). max_batch is rounded up to a multiple of the batch shards (logged), free rows are handed
 out round-robin over the shards (so a light load decodes few rows on every device, see kernels.py), and only small
@@ -63,6 +71,7 @@ from tinker_jax.models.decoder import KVCache
 from tinker_jax.models.sharding import DEFAULT_RULES, MeshConfig, batch_shards, from_host, make_mesh, zeros
 from tinker_jax.sampling import kernels, response
 from tinker_jax.sampling.base import SamplerBase
+from tinker_jax.sampling.pages import PagePool, pages_per_shard
 from tinker_jax.sampling.params import Limits, RequestSpec
 from tinker_jax.sampling.snapshot import WeightSnapshot
 from tinker_jax.sampling.stops import StopStrings, Tokenizer
@@ -87,6 +96,7 @@ class _Request:
     placed: int = 0  # samples given a row so far
     done: int = 0
     kv: tuple | None = None  # (k, v, row) of its prefill, held until every sample has a row
+    shared: dict = field(default_factory=dict)  # shard -> its prompt's full KV pages there, held until all are placed
     prompt_lp: np.ndarray | None = None
     topk: Any = None
     target: Any = None  # target_prompt_logprobs' answer (tinker TensorData) once prefilled
@@ -201,8 +211,8 @@ class Sampler(SamplerBase):
     Args:
       cfg: the model config every snapshot must match.
       eos_token_ids: ids that stop generation when a request's `stop` is None (default: cfg.eos_token_id).
-      max_batch: rows B of the decode batch / KV cache.
-      max_seq_len: context per row (prompt + max_tokens); the cache has max_seq_len + 1 slots.
+      max_batch: rows B of the decode batch.
+      max_seq_len: context per row (prompt + max_tokens).
       prefill_lengths: length buckets for prefill (prompt length - 1 is padded up to one of them).
       prefill_batches: row buckets for one prefill call.
       prefill_token_budget: at most this many (rows x bucket length) tokens per prefill call.
@@ -220,6 +230,12 @@ class Sampler(SamplerBase):
       tokenizer: anything with `decode(list[int]) -> str`; needed for stop strings.
       cache_dtype: KV cache dtype (and the dtype adapters are kept in for sampling).
       max_adapters: adapters resident per rank at once.
+      kv_cache_tokens: the KV cache's size in tokens (positions of all rows together; default max_batch *
+        max_seq_len). The cache is a pool of pages shared by the rows (models.decoder.PagedKV): a row takes the
+        pages its prompt + max_tokens need when it starts (a request's samples share its full prompt pages) and
+        frees them when it finishes; a sample that finds too few free pages waits for them, a request that could
+        never fit is refused naming max_tokens. Split evenly over the batch shards.
+      page_size: tokens per KV page.
       on_submit: called (any thread) after a request is queued, e.g. to wake the thread that calls `step`.
       mesh: the jax.sharding.Mesh to run on (axes data, fsdp, tensor; models.sharding.make_mesh); None: one device.
         Snapshots' weights must be placed on it by `rules` (models.sharding.state_shardings), as the engine loads
@@ -241,6 +257,7 @@ class Sampler(SamplerBase):
                  decode_lengths: Sequence[int] | None = None,
                  max_num_samples: int = 128, max_topk_prompt_logprobs: int = 20, max_stop_tokens: int = 16,
                  tokenizer: Tokenizer | None = None, cache_dtype=jnp.float32, max_adapters: int = 16,
+                 kv_cache_tokens: int | None = None, page_size: int = 16,
                  on_submit=None, mesh=None, rules=DEFAULT_RULES, compiler_options: dict | None = None):
         if eos_token_ids is None:
             eos_token_ids = cfg.eos_token_id
@@ -265,6 +282,15 @@ class Sampler(SamplerBase):
         per = self.max_batch // shards
         self._row_order = [s * per + i for i in range(per) for s in range(shards)]
         self.max_seq_len = int(max_seq_len)
+        if isinstance(page_size, bool) or int(page_size) < 1:
+            raise ValueError(f"page_size: must be a positive number of tokens, got {page_size!r}")
+        self.page_size = int(page_size)
+        default_tokens = self.max_batch * self.max_seq_len
+        self.kv_cache_tokens = int(kv_cache_tokens) if kv_cache_tokens is not None else default_tokens
+        if self.kv_cache_tokens < 1:
+            raise ValueError(f"kv_cache_tokens: must be a positive number of tokens, got {kv_cache_tokens!r}")
+        self._table_width = -(-self.max_seq_len // self.page_size)  # W: pages a row can list
+        self._pages = PagePool(shards, pages_per_shard(self.kv_cache_tokens, self.page_size, shards))
         lengths = sorted(set(int(n) for n in (prefill_lengths or _default_lengths(self.max_seq_len))))
         if lengths[-1] < self.max_seq_len - 1:  # prefill covers prompt[:-1], at most max_seq_len - 2 tokens
             lengths.append(self.max_seq_len)
@@ -379,7 +405,20 @@ class Sampler(SamplerBase):
         spec, ids = self._request(uid, prompt_tokens, params, num_samples, include_prompt_logprobs,
                                   topk_prompt_logprobs, sequence_ids, topk_sample_logprobs, target_prompt_logprobs,
                                   prompt_alt_tokens_k)
+        need = self._page_needs(spec)[0]
+        if need > self._pages.capacity:
+            raise UserError(f"max_tokens: the prompt ({len(spec.prompt)} tokens) and max_tokens ({spec.max_tokens}) "
+                            f"need {need} KV-cache pages of {self.page_size} tokens; this sampler has "
+                            f"{self._pages.capacity} per batch shard (its kv_cache_tokens is {self.kv_cache_tokens})")
         return self.request(uid, snapshot, spec, ids, tenant, Future())
+
+    def _page_needs(self, spec: RequestSpec) -> tuple[int, int]:
+        """(pages one sample's row lists, how many of them are full prompt pages its request's samples share).
+        Positions 0 .. len(prompt) + max_tokens - 2 are written (the last token sampled is never fed back); the
+        prefill writes the prompt's first len(prompt) - 1, and decode never writes into a page below position
+        len(prompt) - 1."""
+        P = len(spec.prompt)
+        return -(-(P - 1 + spec.max_tokens) // self.page_size), (P - 1) // self.page_size
 
     def request(self, uid: int, snapshot: WeightSnapshot, spec: RequestSpec, sequence_ids: list[str], tenant: str,
                 future: Future, seq: int = 0) -> _Request:
@@ -471,16 +510,18 @@ class Sampler(SamplerBase):
 
     def stats_now(self) -> dict:
         return {**self.stats, "queued": len(self._pending) + len(self._incoming) + len(self._prefilling),
-                "running_rows": sum(r is not None for r in self._rows),
+                "running_rows": sum(r is not None for r in self._rows), "kv_pages_used": self._pages.used(),
+                "kv_pages_total": self._pages.shards * self._pages.capacity,
                 "resident_adapters": sum(t.resident() for t in list(self._tables.values()))}
 
     # --------------------------------------------------------------------------------------- loop thread
 
     def _reset_device_state(self) -> None:
-        B, NS = self.max_batch, self.max_stop_tokens
-        shape = (self.cfg.n_layers, B, self.max_seq_len + 1, self.cfg.n_kv_heads, self.cfg.head_dim)
-        c = self.placement.cache  # rows over the batch shards, kv heads over tensor where they divide
-        self._cache = KVCache(zeros(shape, self.cache_dtype, c), zeros(shape, self.cache_dtype, c))
+        B, NS, pg = self.max_batch, self.max_stop_tokens, self._pages
+        shape = (self.cfg.n_layers, pg.shards, pg.per_shard, self.page_size, self.cfg.n_kv_heads, self.cfg.head_dim)
+        c = self.placement.pool  # pages over the batch shards, kv heads over tensor where they divide
+        self._pool = (zeros(shape, self.cache_dtype, c), zeros(shape, self.cache_dtype, c))
+        self._free_pages()
         self._dyn = dict(tok=np.zeros(B, np.int32), pos=np.zeros(B, np.int32), n_gen=np.zeros(B, np.int32),
                          live=np.zeros(B, bool))
         self._par = dict(max_tokens=np.ones(B, np.int32), temperature=np.zeros(B, np.float32),
@@ -510,11 +551,18 @@ class Sampler(SamplerBase):
         self._rows = [None] * self.max_batch
         self._deferred.clear()
         self._prefilling.clear()
+        self._free_pages()
         for req in reqs:
-            req.kv = None
+            req.kv, req.shared = None, {}
             self._release(req)
             if not req.future.done():
                 req.future.set_exception(exc)
+
+    def _free_pages(self) -> None:
+        """No row or request holds KV pages (every one of them was failed or never started)."""
+        self._pages.reset()
+        self._page_table = np.zeros((self.max_batch, self._table_width), np.int32)  # row -> its pages, in order
+        self._row_pages: list[list[int] | None] = [None] * self.max_batch
 
     # admission ----------------------------------------------------------------------------------------
 
@@ -799,29 +847,70 @@ class Sampler(SamplerBase):
                                                          req.spec.topk_prompt_logprobs)
 
     def _place(self, reqs: list[_Request], free: list[int]) -> None:
-        """Give free rows to the requests' unplaced samples, copying each one's prefill row into them."""
-        B = self.max_batch
-        dest, src = np.full(B, B, np.int32), np.zeros(B, np.int32)
-        m, kv = 0, None
+        """Give free rows to the requests' unplaced samples, in order, while rows and KV pages last: each sample's
+        row lists its request's full prompt pages on the row's shard (copied there from the prefill for the
+        request's first sample on that shard, shared by the rest) and pages of its own, the first of which gets a
+        copy of the prompt's partly filled last page. A sample that finds no row with enough free pages on its
+        shard waits, and so does everything after it (so at most one request holds shared pages without rows)."""
+        pg, page, per = self._pages, self.page_size, self.max_batch // self._pages.shards
+        entries: list[list[tuple[int, int, int]]] = [[] for _ in range(pg.shards)]  # (prefill row, its page, dest)
+        kv = None
         running = any(r is not None for r in self._rows)
         for req in reqs:
-            while free and req.placed < req.spec.num_samples:
-                r = free.pop(0)
+            need, n_shared = self._page_needs(req.spec)
+            partial = req.kv is not None and (len(req.spec.prompt) - 1) % page != 0
+            while req.placed < req.spec.num_samples:
+                r = next((r for r in free if pg.free(r // per) >= need - (n_shared if r // per in req.shared else 0)),
+                         None)
+                if r is None:
+                    self.stats["kv_page_waits"] += bool(free)
+                    break
+                free.remove(r)
+                s = r // per
+                if s not in req.shared:  # the request's first sample on this shard: its full prompt pages
+                    req.shared[s] = pg.take(s, n_shared)
+                    if req.kv is not None:
+                        entries[s] += [(req.kv[2], j, p) for j, p in enumerate(req.shared[s])]
+                else:
+                    self.stats["kv_pages_shared"] += n_shared
+                pg.share(s, req.shared[s])
+                own = pg.take(s, need - n_shared)
+                if partial:
+                    entries[s].append((req.kv[2], n_shared, own[0]))
                 if req.kv is not None:
                     kv = req.kv
-                    dest[m], src[m] = r, req.kv[2]
-                    m += 1
+                self._row_pages[r] = req.shared[s] + own
+                self._page_table[r] = 0
+                self._page_table[r, :need] = self._row_pages[r]
                 self._start_row(r, req, req.placed)
                 req.placed += 1
                 self.stats["rows_started"] += 1
                 self.stats["rows_joined_running_batch"] += running
-        if m:  # every request of one call shares a prefill result (one batch, or one deferred request)
-            rep = self.placement.rep
-            self._cache = kernels.insert_rows(self.placement, self._cache, kv[0], kv[1], from_host(dest, rep),
-                                              from_host(src, rep))
+            if req.placed < req.spec.num_samples:
+                break
+        M = max(len(e) for e in entries)
+        if M:  # every request of one call shares a prefill result (one batch, or one deferred request)
+            M = _pow2(M)
+            src, page_of, dest = (np.zeros((pg.shards, M), np.int32), np.zeros((pg.shards, M), np.int32),
+                                  np.full((pg.shards, M), pg.per_shard, np.int32))  # dest Pn: padding, dropped
+            for s, e in enumerate(entries):
+                if e:
+                    src[s, : len(e)], page_of[s, : len(e)], dest[s, : len(e)] = zip(*e)
+            self.stats["kv_pages_copied"] += sum(len(e) for e in entries)
+            sh = self.placement.shard_sh
+            self._pool = kernels.insert_pages(self.placement, self._pool, kv[0], kv[1], from_host(src, sh),
+                                              from_host(page_of, sh), from_host(dest, sh))
+        self.stats["kv_pages_peak"] = max(self.stats["kv_pages_peak"], pg.used())
         for req in reqs:
             if req.placed == req.spec.num_samples:
                 req.kv = None
+                self._drop_shared(req)
+
+    def _drop_shared(self, req: _Request) -> None:
+        """The request lets go of its prompt pages (its rows still hold theirs)."""
+        for s, pages in req.shared.items():
+            self._pages.drop(s, pages)
+        req.shared = {}
 
     def _start_row(self, r: int, req: _Request, sample: int) -> None:
         s = req.spec
@@ -868,12 +957,14 @@ class Sampler(SamplerBase):
         # Requests waiting for a row (pending or holding a prefill) end the call as soon as a row frees; otherwise it
         # runs until its rows finish or decode_steps. Both lists are alike on every process (step order).
         waiting = bool(self._pending or self._deferred)
-        cache, dyn, toks, lps, valid, n_run, tk_ids, tk_lps = kernels.decode(
-            pl, snap.graphdef, snap.params, lora, slots, self._cache,
+        pages = -(-view // self.page_size)
+        pool, dyn, toks, lps, valid, n_run, tk_ids, tk_lps = kernels.decode(
+            pl, snap.graphdef, snap.params, lora, slots, self._pool, from_host(self._page_table, pl.rows_sh),
             {k: from_host(v, pl.rows_sh) for k, v in self._dyn.items()}, self._par_dev, from_host(run, pl.rows_sh),
-            n_steps=self.decode_steps, view=None if view >= self.max_seq_len else view, unroll=self.decode_unroll,
-            rows=None if n_rows >= per else n_rows, until_finish=waiting, topk=self.max_topk)
-        self._cache = cache
+            n_steps=self.decode_steps, pages=None if pages >= self._table_width else pages,
+            unroll=self.decode_unroll, rows=None if n_rows >= per else n_rows, until_finish=waiting,
+            topk=self.max_topk)
+        self._pool = pool
         # Replicated outputs (kernels.decode): every process can read them whole.
         dyn, toks, lps, valid, n_run, tk_ids, tk_lps = jax.device_get((dyn, toks, lps, valid, n_run, tk_ids, tk_lps))
         self._dyn = {k: np.array(v) for k, v in dyn.items()}
@@ -905,6 +996,9 @@ class Sampler(SamplerBase):
         row = self._rows[r]
         self._rows[r] = None
         self._dyn["live"][r] = False
+        self._pages.drop(r // (self.max_batch // self._pages.shards), self._row_pages[r])
+        self._row_pages[r] = None
+        self._page_table[r] = 0
         req = row.req
         req.results[row.sample] = response.sequence(row.tokens, row.logprobs, reason, req.sequence_ids[row.sample],
                                                     row.topk if req.spec.topk_sample_logprobs else None)
