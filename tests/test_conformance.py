@@ -180,6 +180,25 @@ def test_save_state_and_resume_with_optimizer(service, state) -> None:
     assert np.isfinite(out["resumed_loss"])
 
 
+def test_dimuon_through_the_sdk(service) -> None:
+    """SDK 0.30+: a model created with Dimuon steps with DimuonParams, learns, reports its optimizer in get_info,
+    and resumes with its optimizer state through create-via-load."""
+    tc = service.create_lora_training_client(base_model=BASE, rank=4, seed=0,
+                                             optimizer=types.DimuonOptimizerConfig())
+    assert tc.get_info().optimizer_config.type == "dimuon"
+    data, losses = sc.sft_datums(), []
+    for _ in range(4):
+        fb = tc.forward_backward(data, "cross_entropy")
+        opt = tc.optim_step(types.DimuonParams(learning_rate=0.02, grad_clip_norm=10.0))
+        losses.append(float(fb.result().metrics["loss:sum"]))
+        assert opt.result().metrics["learning_rate:mean"] == pytest.approx(0.02)
+    assert losses[-1] < losses[0] * 0.9, losses
+    resumed = service.create_training_client_from_state_with_optimizer(tc.save_state("dimuon").result().path)
+    assert resumed.get_info().optimizer_config.type == "dimuon"
+    resumed.forward_backward(data, "cross_entropy").result()
+    resumed.optim_step(types.DimuonParams(learning_rate=0.02)).result()
+
+
 def test_errors_fail_the_future_and_the_server_keeps_working(server, service, state) -> None:
     tc = _trained(state)
     out = sc.scenario_errors(tc)
@@ -189,8 +208,9 @@ def test_errors_fail_the_future_and_the_server_keeps_working(server, service, st
     assert "no_such_loss" in out["errors"]["unknown_loss"]["message"]
     assert out["still_works"]
 
-    # A non-Adam optimizer is refused; so is an unknown base model and a path outside the API's name rules.
-    with pytest.raises(tinker.RequestFailedError, match="not supported"):
+    # Parameters of another optimizer than the model's are refused; so is an unknown base model and a path outside
+    # the API's name rules.
+    with pytest.raises(tinker.RequestFailedError, match="created with the adamw optimizer; pass AdamParams"):
         tc.optim_step(types.DimuonParams(learning_rate=1e-3)).result()
     with pytest.raises((tinker.RequestFailedError, tinker.APIStatusError), match="unknown model"):
         service.create_lora_training_client(base_model="no/such-model", rank=4).result()

@@ -32,7 +32,7 @@ from tinker_jax.engine.api import EngineAPI
 from tinker_jax.engine.registry import Registry, TinkerPath, check_name
 from tinker_jax.errors import NotFound, Overloaded, Unavailable, UserError
 from tinker_jax.futures import failed, resolved
-from tinker_jax.training.optim import AdamHP, check_adam
+from tinker_jax.training.optim import AdamHP, DimuonHP, check_optim_params
 
 KEY, OTHER_KEY = "tml-routes", "tml-other"
 BASE = "base-a"
@@ -99,7 +99,7 @@ class FakeEngine:
         return model_id
 
     def create_model(self, base_model, *, rank=32, seed=None, train_mlp=True, train_attn=True, train_unembed=True,
-                     full_finetune=None, model_id=None, user_metadata=None, owner=None, tenant=None):
+                     full_finetune=None, model_id=None, user_metadata=None, owner=None, tenant=None, optimizer=None):
         try:
             if base_model not in self.capabilities():
                 raise NotFound(f"base_model: unknown model {base_model!r}")
@@ -158,11 +158,11 @@ class FakeEngine:
         return self._queue(op, tenant)
 
     def optim_step(self, model_id, adam, *, tenant=None):
-        hp = adam if isinstance(adam, AdamHP) else check_adam(adam)
+        hp = adam if isinstance(adam, (AdamHP, DimuonHP)) else check_optim_params(adam)
 
         def op():
             self._model(model_id)["step"] += 1
-            self.calls.append(("optim_step", model_id, hp.learning_rate))
+            self.calls.append(("optim_step", model_id, hp.learning_rate, hp.kind))
             return types.OptimStepResponse(metrics={"learning_rate:mean": hp.learning_rate})
         return self._queue(op, tenant)
 
@@ -376,7 +376,8 @@ def test_create_model_get_info_and_idempotent_retries(api: Api) -> None:
     assert api.post("get_info", {"model_id": f"{sid}:train:0"}, key=OTHER_KEY).status_code == 404  # not yours
     assert api.post("get_info", {"model_id": "nope:train:0"}).status_code == 404
 
-    for i, (bad, words) in enumerate((({"optimizer_config": {"type": "dimuon", "version": 1}}, "not supported"),
+    for i, (bad, words) in enumerate((({"optimizer_config": {"type": "sgd"}}, "unknown optimizer 'sgd'"),
+                                      ({"optimizer_config": {"type": "dimuon", "version": 7}}, "Dimuon version 7"),
                                       ({"base_model": "elsewhere/model"}, "unknown model"),
                                       ({"base_model": "/etc"}, "unknown model"),  # never a local path
                                       ({"lora_config": {"rank": 0}}, "rank"))):
@@ -412,20 +413,26 @@ def test_forward_backward_proto_zstd_json_and_dedup(api: Api) -> None:
 
 
 @pytest.mark.parametrize("alias", ["adam_params", "optim_params", "optimizer_params"])
-def test_optim_step_aliases_and_non_adam_refused(api: Api, alias: str) -> None:
+def test_optim_step_aliases_and_optimizer_families(api: Api, alias: str) -> None:
     mid = api.model(api.session())
     r = api.post("optim_step", {"model_id": mid, "seq_id": 1, alias: {"learning_rate": 0.5, "new_knob": 1}})
     assert api.result(r.json()["request_id"]) == {"metrics": {"learning_rate:mean": 0.5}}
     empty = api.post("optim_step", {"model_id": mid, "seq_id": 2, alias: {}})  # SDK <= 0.17: defaults
     assert api.result(empty.json()["request_id"])["metrics"] == {"learning_rate:mean": 1e-4}
+    # Dimuon's parameters reach the engine as such (which optimizer the run has, the engine checks); an unknown
+    # family and a Dimuon step without its required learning rate are refused naming the field.
     dimuon = api.post("optim_step", {"model_id": mid, "seq_id": 3,
                                      alias: {"type": "dimuon", "learning_rate": 0.1}})
-    err = api.result(dimuon.json()["request_id"])
-    assert err["category"] == "user" and "'dimuon' is not supported" in err["error"]
+    assert api.result(dimuon.json()["request_id"]) == {"metrics": {"learning_rate:mean": 0.1}}
+    for seq, (bad, words) in enumerate((({"type": "sgd"}, f"{alias}.type: unknown optimizer 'sgd'"),
+                                        ({"type": "dimuon"}, f"{alias}.learning_rate: required")), start=4):
+        err = api.result(api.post("optim_step", {"model_id": mid, "seq_id": seq, alias: bad}).json()["request_id"])
+        assert err["category"] == "user" and words in err["error"], err
     again = api.post("optim_step", {"model_id": mid, "seq_id": 1, alias: {"learning_rate": 0.5}})
     assert again.json()["request_id"] == r.json()["request_id"]  # a retried step does not step twice
-    assert [c for c in api.engine.calls if c[0] == "optim_step"] == [("optim_step", mid, 0.5),
-                                                                     ("optim_step", mid, 1e-4)]
+    assert [c for c in api.engine.calls if c[0] == "optim_step"] == [("optim_step", mid, 0.5, "adamw"),
+                                                                     ("optim_step", mid, 1e-4, "adamw"),
+                                                                     ("optim_step", mid, 0.1, "dimuon")]
 
 
 def test_bad_input_is_4xx_or_user_error_never_500(api: Api) -> None:
@@ -494,7 +501,7 @@ def test_overloaded_engine_is_429_and_the_retry_runs_once(api: Api) -> None:
     assert api.post("optim_step", step).json() == accepted  # and from now on deduplicated as usual
     api.engine.drain()
     assert [c for c in api.engine.calls if c[0] in ("create_model", "optim_step")] == [
-        ("create_model", mid, 4), ("optim_step", mid, 0.25)]
+        ("create_model", mid, 4), ("optim_step", mid, 0.25, "adamw")]
     assert api.app.state.store.get_future(accepted["request_id"]).status == "done"
 
     fwd = {"Content-Type": "application/x-protobuf"}  # decoded and submitted in a worker thread

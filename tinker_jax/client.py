@@ -96,7 +96,8 @@ class ServiceClient:
                                     user_metadata: dict[str, str] | None = None, optimizer=None) -> "TrainingClient":
         mid = _retrying(lambda: self.engine.create_model(
             base_model, rank=rank, seed=seed, train_mlp=train_mlp, train_attn=train_attn,
-            train_unembed=train_unembed, full_finetune=False, user_metadata=user_metadata)).result()
+            train_unembed=train_unembed, full_finetune=False, user_metadata=user_metadata,
+            optimizer=optimizer)).result()
         return TrainingClient(self, mid)
 
     async def create_lora_training_client_async(self, *args, **kwargs) -> "TrainingClient":
@@ -107,7 +108,8 @@ class ServiceClient:
         return TrainingClient(self, _retrying(lambda: self.engine.create_model(
             base_model, seed=seed, full_finetune=True)).result())
 
-    # weights_access_token / optimizer: the SDK's parameters, accepted and unused (local checkpoints, AdamW).
+    # weights_access_token / optimizer: the SDK's parameters, accepted and unused (local checkpoints; the run trains
+    # with the optimizer its checkpoint records).
     def create_training_client_from_state(self, path: str, base_model: str | None = None, user_metadata=None,
                                           weights_access_token=None, optimizer=None) -> "TrainingClient":
         resp = _retrying(lambda: self.engine.create_model_from_state(
@@ -188,7 +190,7 @@ class TrainingClient:
                             "surrogate_loss:sum": surrogate})
         return _done(out)
 
-    def optim_step(self, optim_params: tt.AdamParams | None = None, *,
+    def optim_step(self, optim_params: tt.AdamParams | tt.DimuonParams | None = None, *,
                    adam_params: tt.AdamParams | None = None) -> APIFuture[tt.OptimStepResponse]:
         params = optim_params or adam_params or tt.AdamParams()
         return APIFuture(_retrying(lambda: self.engine.optim_step(self.model_id, params)))

@@ -9,9 +9,7 @@ from server.errors import ApiError
 from server.store import Limit, Store
 from tinker_jax.engine.api import EngineAPI
 from tinker_jax.errors import UserError
-from tinker_jax.training.optim import AdamHP, check_adam
-
-ADAM_TYPES = ("adam", "adamw")
+from tinker_jax.training.optim import AdamHP, DimuonHP, check_optim_params, optimizer_kind
 
 # Sequence numbers (seq_id, model_seq_id, sampling_session_seq_id, completion cursors) are stored as SQLite INTEGER,
 # signed 64-bit, and the store keeps "the next one" (+1) beside some: a larger number would be a 500 from SQLite.
@@ -24,27 +22,24 @@ def untyped_future(request_id: str, **extra: Any) -> dict[str, Any]:
     return {"request_id": request_id, **{k: v for k, v in extra.items() if v is not None}}
 
 
-def check_optimizer_config(config: Any, field: str = "optimizer_config") -> None:
-    """Only AdamW is implemented; anything else (e.g. dimuon, SDK 0.30+) is refused as a user error."""
-    if config is None:
-        return
-    kind = config.get("type") if isinstance(config, dict) else getattr(config, "type", None)
-    if kind is not None and kind not in ADAM_TYPES:
-        raise UserError(f"{field}.type: optimizer {kind!r} is not supported by this server (only 'adamw')")
+def check_optimizer_config(config: Any, field: str = "optimizer_config") -> str:
+    """The optimizer a create asks for (SDK 0.30+; absent: AdamW): "adamw" or "dimuon", else a user error."""
+    if config is not None and not isinstance(config, dict):
+        raise UserError(f"{field}: must be an object, got {type(config).__name__}")
+    return optimizer_kind(config, field)
 
 
-def adam_params(body: dict[str, Any]) -> AdamHP:
+def optim_params(body: dict[str, Any]) -> AdamHP | DimuonHP:
     """optim_step parameters from any of the SDK's aliases (`optim_params`, `adam_params`, `optimizer_params`),
-    leniently (§1.4): `{}` and nulls mean the SDK defaults; unknown keys are ignored; a non-Adam optimizer is
-    refused. The numbers are checked by the engine's one Adam check."""
+    leniently (§1.4): `{}` and nulls mean the SDK defaults; unknown keys are ignored. Their `type` (absent: Adam)
+    picks the family, checked by the engine's one check of it; whether it is the run's optimizer, the engine says."""
     key = next((k for k in ("optim_params", "adam_params", "optimizer_params") if body.get(k) is not None),
                "adam_params")
     raw = body.get(key)
     raw = {} if raw is None else raw
     if not isinstance(raw, dict):
         raise UserError(f"{key}: must be an object, got {type(raw).__name__}")
-    check_optimizer_config(raw, key)
-    return check_adam(raw, key)
+    return check_optim_params(raw, key)
 
 
 def train_key(model_id: str, seq_id: int | None) -> tuple[str, str, int] | None:

@@ -52,7 +52,7 @@ async def create_model(body: JsonBody, engine: EngineDep, store: StoreDep, futur
         return forget_model_on_failure(store, model_id, create)
 
     def create():
-        check_optimizer_config(body.get("optimizer_config"))
+        optimizer = check_optimizer_config(body.get("optimizer_config"))
         check_base_model(engine, req.base_model)
         if lora is not None and lora.rank < 1:
             raise UserError(f"lora_config.rank: must be >= 1, got {lora.rank}")
@@ -62,7 +62,7 @@ async def create_model(body: JsonBody, engine: EngineDep, store: StoreDep, futur
             rank=lora.rank, seed=lora.seed, train_mlp=lora.train_mlp, train_attn=lora.train_attn,
             train_unembed=lora.train_unembed, full_finetune=False)
         return then(engine.create_model(req.base_model, model_id=model_id, user_metadata=req.user_metadata,
-                                        owner=owner, tenant=req.session_id, **kwargs),
+                                        owner=owner, tenant=req.session_id, optimizer=optimizer, **kwargs),
                     lambda mid: {"model_id": mid, "type": "create_model"})
 
     request_id, _ = futures.submit("create_model", start, owner=owner,

@@ -18,7 +18,7 @@ from server import wire
 from server.access import owned_model
 from server.deps import EngineDep, FuturesDep, JsonBody, OwnerDep, StoreDep
 from server.futures import FutureRegistry
-from server.routes._submit import adam_params, check_seq_id, train_key, untyped_future
+from server.routes._submit import check_seq_id, optim_params, train_key, untyped_future
 from server.store import Store
 from tinker_jax.engine.api import EngineAPI
 
@@ -63,7 +63,7 @@ async def optim_step(body: JsonBody, engine: EngineDep, store: StoreDep, futures
     seq_id = check_seq_id(body.get("seq_id"))
 
     def start():  # a bad or non-Adam optimizer fails the future ("user")
-        return engine.optim_step(model_id, adam_params(body), tenant=model.session_id)
+        return engine.optim_step(model_id, optim_params(body), tenant=model.session_id)
 
     request_id, _ = futures.submit("optim_step", start, owner=owner,
                                    idempotency=train_key(model_id, seq_id), model_id=model_id)

@@ -18,7 +18,7 @@ from typing import Any, Protocol, Sequence, runtime_checkable
 
 import tinker.types as tt
 
-from tinker_jax.training.optim import AdamHP
+from tinker_jax.training.optim import AdamHP, DimuonHP
 
 
 @dataclass(frozen=True)
@@ -61,7 +61,8 @@ class EngineAPI(Protocol):
     def create_model(self, base_model: str, *, rank: int = 32, seed: int | None = None, train_mlp: bool = True,
                      train_attn: bool = True, train_unembed: bool = True, full_finetune: bool | None = None,
                      model_id: str | None = None, user_metadata: dict | None = None, owner: str | None = None,
-                     tenant: str | None = None) -> Future: ...  # -> model_id
+                     tenant: str | None = None, optimizer: Any = None
+                     ) -> Future: ...  # -> model_id; optimizer: training.optim.optimizer_kind's input
 
     def create_model_from_state(self, path: str, optimizer: bool, *, model_id: str | None = None,
                                 base_model: str | None = None, user_metadata: dict | None = None,
@@ -76,8 +77,8 @@ class EngineAPI(Protocol):
                          loss_fn_config: dict | None = None, forward_only: bool = False, *,
                          tenant: str | None = None) -> Future: ...  # -> tt.ForwardBackwardOutput
 
-    def optim_step(self, model_id: str, adam: AdamHP | Any, *, tenant: str | None = None
-                   ) -> Future: ...  # -> tt.OptimStepResponse
+    def optim_step(self, model_id: str, adam: AdamHP | DimuonHP | Any, *, tenant: str | None = None
+                   ) -> Future: ...  # -> tt.OptimStepResponse; AdamParams or DimuonParams, as the run's optimizer
 
     def save_state(self, model_id: str, name: str, ttl_seconds: int | None = None, user_metadata=None, *,
                    overwrite: bool = True, tenant: str | None = None) -> Future: ...  # -> tt.SaveWeightsResponse

@@ -44,7 +44,7 @@ from tinker_jax.models.sharding import make_mesh
 from tinker_jax.sampling import kernels
 from tinker_jax.sampling.snapshot import WeightSnapshot
 from tinker_jax.training import batching, step
-from tinker_jax.training.optim import AdamHP, check_adam
+from tinker_jax.training.optim import AdamHP, DimuonHP, check_optim_params, optimizer_kind
 
 log = logging.getLogger("tinker_jax.engine")
 
@@ -60,6 +60,7 @@ class _Handle:
     spec: LoraSpec | None
     full: bool
     created: bool = False
+    optimizer: str = "adamw"  # training.optim.OPTIMIZERS, known once created
 
 
 class Engine(EngineAPI):
@@ -296,11 +297,12 @@ class Engine(EngineAPI):
         return "cudnn"
 
     # called by workers
-    def run_created(self, run_id: str, spec: LoraSpec | None) -> None:
+    def run_created(self, run_id: str, spec: LoraSpec | None, optimizer: str | None = None) -> None:
         with self._lock:
             h = self._handles.get(run_id)
             if h is not None:
                 h.spec, h.full, h.created = spec, spec is None, True
+                h.optimizer = optimizer or h.optimizer
 
     def run_unloaded(self, run_id: str) -> None:
         with self._lock:
@@ -347,9 +349,13 @@ class Engine(EngineAPI):
     def create_model(self, base_model: str, *, rank: int = 32, seed: int | None = None, train_mlp: bool = True,
                      train_attn: bool = True, train_unembed: bool = True, full_finetune: bool | None = None,
                      model_id: str | None = None, user_metadata: dict | None = None, owner: str | None = None,
-                     tenant: str | None = None) -> Future:
+                     tenant: str | None = None, optimizer: Any = None) -> Future:
         try:
             full = self.config.full_finetune if full_finetune is None else full_finetune
+            kind = optimizer_kind(optimizer)
+            if full and kind != "adamw":
+                raise UserError(f"optimizer_config.type: {kind!r} is offered for LoRA runs only; full fine-tuning "
+                                "uses AdamW")
             if self.procs is not None:  # every process names the run and draws its seed alike
                 drawn_id, drawn_seed = self.procs.draw()
                 model_id, seed = model_id or drawn_id, drawn_seed if seed is None else seed
@@ -364,8 +370,8 @@ class Engine(EngineAPI):
         except UserError as e:
             return failed(e)
         try:
-            fut = self._submit(worker, "create", rq.CreateRun(spec, user_metadata, owner), run=model_id,
-                               tenant=tenant)
+            fut = self._submit(worker, "create", rq.CreateRun(spec, user_metadata, owner, optimizer=kind),
+                               run=model_id, tenant=tenant)
         except Overloaded:
             self.run_unloaded(model_id)
             raise
@@ -416,6 +422,7 @@ class Engine(EngineAPI):
         return tt.GetInfoResponse(
             model_id=model_id, model_name=w.name, is_lora=h.spec is not None,
             lora_rank=None if h.spec is None else h.spec.rank,
+            optimizer_config=(tt.DimuonOptimizerConfig() if h.optimizer == "dimuon" else tt.AdamOptimizerConfig()),
             model_data=tt.get_info_response.ModelData(arch=w.cfg.architecture, model_name=w.name,
                                                       tokenizer_id=w.name))  # the served name, never a server path
 
@@ -438,10 +445,10 @@ class Engine(EngineAPI):
         return self._submit(h.worker, "forward" if forward_only else "forward_backward",
                             rq.Train(rows, bool(forward_only)), run=model_id, tenant=tenant, tokens=rows.n_tokens)
 
-    def optim_step(self, model_id: str, adam: AdamHP | Any, *, tenant: str | None = None) -> Future:
+    def optim_step(self, model_id: str, adam: AdamHP | DimuonHP | Any, *, tenant: str | None = None) -> Future:
         try:
             h = self._handle(model_id)
-            hp = adam if isinstance(adam, AdamHP) else check_adam(adam)
+            hp = adam if isinstance(adam, (AdamHP, DimuonHP)) else check_optim_params(adam)
         except UserError as e:
             return failed(e)
         return self._submit(h.worker, "optim_step", rq.OptimStep(hp), run=model_id, tenant=tenant)

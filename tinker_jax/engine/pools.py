@@ -209,3 +209,8 @@ class Run:
     def is_lora(self) -> bool:
         return self.spec is not None
 
+    @property
+    def optimizer(self) -> str:
+        """training.optim.OPTIMIZERS: fixed when the run is created (a checkpoint records it)."""
+        return self.meta.get("optimizer", "adamw")
+

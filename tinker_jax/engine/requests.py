@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from tinker_jax.engine.registry import TinkerPath
 from tinker_jax.models.lora import LoraSpec
 from tinker_jax.training.batching import RequestRows
-from tinker_jax.training.optim import AdamHP
+from tinker_jax.training.optim import AdamHP, DimuonHP
 
 
 @dataclass(frozen=True)
@@ -23,6 +23,7 @@ class CreateRun:
     owner: str | None = None
     from_path: TinkerPath | None = None  # create_model_from_state: configured like, then loaded from, this
     with_optimizer: bool = False
+    optimizer: str = "adamw"  # training.optim.OPTIMIZERS (from_path: the checkpoint's run's)
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,7 @@ class Train:
 
 @dataclass(frozen=True)
 class OptimStep:
-    hp: AdamHP
+    hp: AdamHP | DimuonHP
 
 
 @dataclass(frozen=True)

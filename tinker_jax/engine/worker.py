@@ -20,6 +20,7 @@ import threading
 import time
 import weakref
 from concurrent.futures import Future, ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -66,7 +67,7 @@ class Host(Protocol):
 
     def attention_for(self, cfg: ModelConfig) -> str: ...
 
-    def run_created(self, run_id: str, spec: LoraSpec | None) -> None: ...
+    def run_created(self, run_id: str, spec: LoraSpec | None, optimizer: str | None = None) -> None: ...
 
     def run_unloaded(self, run_id: str) -> None: ...
 
@@ -469,11 +470,12 @@ class BaseWorker:
         body: rq.CreateRun = req.body
         if req.run in self.runs:
             raise UserError(f"model_id: {req.run!r} already exists")
-        spec, meta, full = body.spec, None, body.spec is None
+        spec, meta, full, optimizer = body.spec, None, body.spec is None, body.optimizer
         if body.from_path is not None:  # configured like the checkpoint's run
             _, meta = self._checkpoint(body.from_path)
             full = bool(meta.get("full_finetune", False))
             spec = None if full else LoraSpec.from_meta(meta)
+            optimizer = meta.get("optimizer", "adamw")  # checkpoints from before Dimuon: AdamW
         run = Run(req.run, self.name, spec, owner=body.owner, created=time.time(),
                   user_metadata=dict(body.user_metadata or {}))
         if spec is not None:
@@ -481,7 +483,7 @@ class BaseWorker:
             run.slot = self._pool(spec.rank).alloc(req.run, spec)
         else:
             run.full = FullState.create(self.base, self.mesh)
-        run.meta = {"base_model": self.name, "full_finetune": spec is None,
+        run.meta = {"base_model": self.name, "full_finetune": spec is None, "optimizer": optimizer,
                     **(spec.to_meta() if spec is not None else {"lora_rank": None})}
         self.runs[req.run] = run
         try:
@@ -493,7 +495,7 @@ class BaseWorker:
         except BaseException:
             self._drop_run(run)
             raise
-        self.engine.run_created(req.run, spec)
+        self.engine.run_created(req.run, spec, optimizer)
         return req.run
 
     def _drop_run(self, run: Run) -> None:
@@ -660,14 +662,19 @@ class BaseWorker:
                   self.name, rank)
 
     def _optim(self, reqs: list[Request]) -> None:
-        by_rank: dict[int, list[tuple[Request, Run]]] = {}
+        by_rank: dict[tuple[int, str], list[tuple[Request, Run]]] = {}
         for req, run in self._started(reqs):
+            if req.body.hp.kind != run.optimizer:
+                self._fail(req, UserError(
+                    f"optim_step: this model was created with the {run.optimizer} optimizer; pass "
+                    f"{'DimuonParams' if run.optimizer == 'dimuon' else 'AdamParams'}, not {req.body.hp.kind} ones"))
+                continue
             if run.grads_lost is not None:
                 why, run.grads_lost = run.grads_lost, None
                 self._fail(req, RuntimeError(why))
                 continue
             if run.is_lora:
-                by_rank.setdefault(run.spec.rank, []).append((req, run))
+                by_rank.setdefault((run.spec.rank, run.optimizer), []).append((req, run))
             else:
                 try:
                     full = run.full
@@ -681,16 +688,17 @@ class BaseWorker:
                                                  f"failed on the server ({type(e).__name__}); create it again "
                                                  "from its last checkpoint")
                     self._fail(req, e)
-        for rank, items in by_rank.items():
+        for (rank, kind), items in by_rank.items():  # one call per pool and optimizer
             pool = self.pools[rank]
             k = batching.bucket(len(items), 1)
             slots = np.full(k, NULL_SLOT, np.int32)
-            hps = np.zeros((k, 6), np.float32)
+            hps = np.zeros((k, items[0][0].body.hp.array().size), np.float32)
             valid = np.zeros(k, bool)
             for i, (req, run) in enumerate(items):
                 slots[i], hps[i], valid[i] = run.slot, np.asarray(req.body.hp.array()), True
+            fn = step.lora_optim_step if kind == "adamw" else partial(step.lora_dimuon_step, rank=rank)
             try:
-                (pool.weights, pool.grads, pool.mu, pool.nu, pool.count, gnorm) = step.lora_optim_step(
+                (pool.weights, pool.grads, pool.mu, pool.nu, pool.count, gnorm) = fn(
                     pool.weights, pool.grads, pool.mu, pool.nu, pool.count, slots, hps, valid)
                 gnorm = distributed.fetch(gnorm)
             except BaseException as e:  # noqa: BLE001
@@ -813,6 +821,11 @@ class BaseWorker:
 
     def _restore(self, run: Run, path: TinkerPath, with_optimizer: bool) -> dict:
         d, meta = self._checkpoint(path)
+        saved = meta.get("optimizer", "adamw")
+        if with_optimizer and saved != run.optimizer:
+            raise UserError(f"path: checkpoint {path} holds {saved} optimizer state; this model trains with "
+                            f"{run.optimizer} (load its weights without the optimizer state, or create the model "
+                            f"from the checkpoint)")
         if run.is_lora:
             try:
                 spec = LoraSpec.from_meta(meta)

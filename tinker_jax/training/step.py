@@ -155,16 +155,15 @@ def lora_forward(base, pools: tuple, scales: tuple, batch: dict, *, graphdef, la
     return loss, metrics, lp
 
 
-@partial(jax.jit, donate_argnames=("pool", "grads", "mu", "nu", "count"))
-def lora_optim_step(pool: dict, grads: dict, mu: dict, nu: dict, count: jax.Array, slots: jax.Array,
-                    hps: jax.Array, valid: jax.Array):
-    """AdamW on `slots` [k] of one pool (hps [k,6], valid [k]: False for padding entries, which must name the
-    null slot 0); every other slot is untouched. Zeroes the slots' gradient accumulators.
-    -> (pool, grads, mu, nu, count, grad_norm [k])."""
+def _slots_step(update, pool: dict, grads: dict, mu: dict, nu: dict, count: jax.Array, slots: jax.Array,
+                hps: jax.Array, valid: jax.Array):
+    """`update`(p, g, m, v, count, hp) -> (p, m, v, count, grad_norm), vmapped over `slots` [k] of one pool (hps
+    [k, ...], valid [k]: False for padding entries, which must name the null slot 0); every other slot is
+    untouched. Zeroes the slots' gradient accumulators. -> (pool, grads, mu, nu, count, grad_norm [k])."""
     sel = lambda t: slots_first(take_slots(t, slots))  # noqa: E731 - [k, L, ...]
     p, g, m, v = sel(pool), sel(grads), sel(mu), sel(nu)
     c = count[slots]
-    p2, m2, v2, c2, gnorm = jax.vmap(optim.adamw)(p, g, m, v, c, hps)
+    p2, m2, v2, c2, gnorm = jax.vmap(update)(p, g, m, v, c, hps)
     keep = lambda new, old: jax.tree.map(  # noqa: E731
         lambda a, b: jnp.where(valid.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
     p2, m2, v2 = keep(p2, p), keep(m2, m), keep(v2, v)
@@ -172,6 +171,25 @@ def lora_optim_step(pool: dict, grads: dict, mu: dict, nu: dict, count: jax.Arra
     put = lambda t, new: set_slots(t, slots, slots_back(new))  # noqa: E731
     zeros = jax.tree.map(jnp.zeros_like, g)
     return put(pool, p2), put(grads, zeros), put(mu, m2), put(nu, v2), count.at[slots].set(c2), gnorm
+
+
+@partial(jax.jit, donate_argnames=("pool", "grads", "mu", "nu", "count"))
+def lora_optim_step(pool: dict, grads: dict, mu: dict, nu: dict, count: jax.Array, slots: jax.Array,
+                    hps: jax.Array, valid: jax.Array):
+    """AdamW on `slots` [k] of one pool (hps [k,6]; `_slots_step`)."""
+    return _slots_step(optim.adamw, pool, grads, mu, nu, count, slots, hps, valid)
+
+
+@partial(jax.jit, static_argnames=("rank",), donate_argnames=("pool", "grads", "mu", "nu", "count"))
+def lora_dimuon_step(pool: dict, grads: dict, mu: dict, nu: dict, count: jax.Array, slots: jax.Array,
+                     hps: jax.Array, valid: jax.Array, *, rank: int):
+    """Dimuon (optim.dimuon) on `slots` [k] of the rank-`rank` pool (hps [k,5]; `_slots_step`); nu is unused."""
+
+    def update(p, g, m, v, c, hp):
+        p, m, c, gnorm = optim.dimuon(p, g, m, c, hp, rank)
+        return p, m, v, c, gnorm
+
+    return _slots_step(update, pool, grads, mu, nu, count, slots, hps, valid)
 
 
 # ------------------------------------------------------------------------------------------- full fine-tuning
@@ -206,7 +224,7 @@ def full_optim_step(params, grads, mu, nu, count, hp):
 
 def compile_count() -> int:
     """Programs compiled so far by the training step functions (for the recompilation test)."""
-    return sum(f._cache_size() for f in (lora_forward_backward, lora_forward, lora_optim_step,
+    return sum(f._cache_size() for f in (lora_forward_backward, lora_forward, lora_optim_step, lora_dimuon_step,
                                          full_forward_backward, full_forward, full_optim_step))
 
 
