@@ -92,12 +92,12 @@ def readable_checkpoint(engine: EngineAPI, path: Any, caller: Caller, field: str
 def writable_checkpoint(engine: EngineAPI, run_id: str, checkpoint_id: str, caller: Caller,
                         checkpoint_type: str | None = None) -> str:
     """The tinker path of a REST checkpoint address (`/training_runs/{run_id}/checkpoints/{kind}/{name}`) the caller
-    owns, else 404. A bare name needs `?checkpoint_type=training|sampler` (SkyRL's convention; upstream refuses bare
-    ids)."""
+    owns, else 404. A bare name needs `?checkpoint_type=training|sampler|external` (SkyRL's convention; upstream
+    refuses bare ids)."""
     if "/" not in checkpoint_id:
         if checkpoint_type not in KIND_OF_TYPE:
             raise UserError(f"checkpoint_id: expected 'weights/<name>' or 'sampler_weights/<name>', got "
-                            f"{checkpoint_id!r} (or pass checkpoint_type=training|sampler)")
+                            f"{checkpoint_id!r} (or pass checkpoint_type=training|sampler|external)")
         checkpoint_id = f"{KIND_OF_TYPE[checkpoint_type]}/{checkpoint_id}"
     path = str(TinkerPath.parse(f"tinker://{run_id}/{checkpoint_id}", "checkpoint"))
     if not can_see_run(engine, run_id, caller) or engine.get_checkpoint(path) is None:

@@ -16,7 +16,7 @@ from typing import AsyncIterator
 
 from fastapi import Depends, FastAPI
 
-from server import lifecycle
+from server import downloads, lifecycle
 from server.deps import require_api_key
 from server.errors import install_error_handlers, private_paths
 from server.futures import FutureRegistry
@@ -64,6 +64,9 @@ def build_app(engine: EngineAPI, settings: ServerSettings) -> FastAPI:
                        max_data_bytes=settings.max_body_bytes, read_timeout_s=settings.body_read_timeout_s,
                        data_paths=DATA_PATHS, proto_paths=PROTO_PATHS)
     app.include_router(health.router, prefix=API_PREFIX)
+    # Signed download URLs carry their own credential (server.downloads); these routes check it, not an API key.
+    app.state.signer = downloads.Signer(downloads.load_key(settings.url_key_path), settings.download_url_ttl_s)
+    app.include_router(downloads.router, prefix=API_PREFIX)
     for router in AUTHENTICATED_ROUTERS:
         app.include_router(router, prefix=API_PREFIX, dependencies=[Depends(require_api_key)])
     return app

@@ -106,6 +106,10 @@ class ServerSettings:
     use_pyqwest_transport: bool | None = None
     """None leaves the SDK's default transport; False forces plain httpx on the client."""
 
+    download_url_ttl_s: int = 3600
+    """How long a signed download URL (external_weights_urls, archive) stays valid. The SDK's CLI signs again
+    when fewer than 5 minutes are left."""
+
     def __post_init__(self) -> None:
         object.__setattr__(self, "data_dir", Path(self.data_dir))
         for key in self.api_keys:
@@ -119,7 +123,7 @@ class ServerSettings:
         if self.session_timeout_s <= 0 or self.session_check_interval_s <= 0:
             raise ValueError("session_timeout_s and session_check_interval_s must be positive")
         for name in ("max_body_bytes", "max_json_body_bytes", "max_metadata_bytes", "max_sessions_per_key",
-                     "max_models_per_key", "max_queued_per_key", "body_read_timeout_s"):
+                     "max_models_per_key", "max_queued_per_key", "body_read_timeout_s", "download_url_ttl_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
 
@@ -132,6 +136,12 @@ class ServerSettings:
     @property
     def db_path(self) -> Path:
         return self.data_dir / "server.sqlite3"
+
+    @property
+    def url_key_path(self) -> Path:
+        """The secret that signs download URLs: made (random, mode 0600) on first use, kept across restarts so
+        URLs handed out stay valid until they expire; delete it to revoke every URL at once."""
+        return self.data_dir / "download-url.key"
 
     @classmethod
     def from_env(cls, data_dir: Path | str | None = None, **overrides) -> ServerSettings:

@@ -375,6 +375,71 @@ def test_tinker_cli_lists_runs_and_checkpoints(server, state) -> None:
     assert state["path"] in ckpts.stdout
 
 
+def _get(url: str, headers: dict | None = None) -> tuple[int, dict, bytes]:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers=headers or {}), timeout=30) as r:
+            return r.status, dict(r.headers), r.read()
+    except urllib.error.HTTPError as e:
+        return e.code, dict(e.headers), e.read()
+
+
+@needs_sampler
+def test_downloads_external_weights_and_the_cli(server, service, state, model_dir, tmp_path) -> None:
+    """save_weights_external + get_external_weights_urls through the SDK, the files fetched as the CLI does (plain
+    GETs, no API key; Content-Length, byte ranges), refused when altered, expired or not in the checkpoint; then
+    `tinker checkpoint download` of a training checkpoint (the CLI exports it, downloads, deletes the export): the
+    adapter loads in peft and scores a prompt as our sampler does."""
+    if "path" not in state:
+        pytest.skip("needs the resume test's checkpoint")
+    tc = _trained(state)
+    rest = service.create_rest_client()
+    ext = tc.save_weights_external("hf").result().path
+    assert ext == f"tinker://{state['model_id']}/external_weights/hf"
+    listed = {c.tinker_path: c for c in rest.list_checkpoints(state["model_id"]).result().checkpoints}
+    assert listed[ext].checkpoint_type == "external" and listed[ext].size_bytes > 0
+    signed = rest.get_external_weights_urls(ext).result()
+    assert set(signed.urls) == {"adapter_config.json", "adapter_model.safetensors"}
+    url = signed.urls["adapter_model.safetensors"]
+    status, headers, body = _get(url)
+    assert status == 200 and int(headers["content-length"]) == len(body) > 1000
+    status, headers, part = _get(url, {"Range": "bytes=10-19"})
+    assert status == 206 and part == body[10:20]
+    assert _get(url.replace("signature=", "signature=f"))[0] == 403  # tampered
+    signer = server.app.state.signer
+    old, _ = signer.url(server.base_url, ext, "adapter_config.json", now=time.time() - 2 * signer.ttl_s)
+    assert _get(old)[0] == 403  # expired
+    for name in ("../../../server.sqlite3", "tinker.json"):  # validly signed, yet not a file of the checkpoint
+        assert _get(signer.url(server.base_url, ext, name)[0])[0] == 404
+    with pytest.raises(tinker.NotFoundError):  # a path this key cannot read: the same as a missing one
+        rest.get_external_weights_urls(f"tinker://{state['model_id']}/external_weights/nope").result()
+
+    env = {**os.environ, "TINKER_BASE_URL": server.base_url, "TINKER_API_KEY": API_KEY, "TINKER_TELEMETRY": "0"}
+    cli = [sys.executable, "-c", "from tinker.cli.__main__ import main; main()"]
+    got = subprocess.run([*cli, "--format", "json", "checkpoint", "download", state["path"], "--output",
+                          str(tmp_path)], env=env, capture_output=True, text=True, timeout=300)
+    assert got.returncode == 0, got.stderr
+    out = tmp_path / state["path"].replace("tinker://", "").replace("/", "_")
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+    assert not any(c.tinker_path.endswith("/external_weights/download")  # the CLI's temporary export is gone
+                   for c in rest.list_checkpoints(state["model_id"]).result().checkpoints)
+
+    import peft
+    import torch
+    import transformers
+
+    prompt = [int(t) for t in sc.sft_datums()[0].model_input.to_ints()]
+    sampler = service.create_sampling_client(model_path=state["path"])  # the checkpoint the CLI downloaded
+    ours = sampler.compute_logprobs(types.ModelInput.from_ints(prompt)).result()
+    base = transformers.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    hf = peft.PeftModel.from_pretrained(base, out).eval()
+    with torch.no_grad():
+        lp = torch.log_softmax(hf(torch.tensor([prompt])).logits[0].double(), -1).numpy()
+    np.testing.assert_allclose(ours[1:], [lp[i, t] for i, t in enumerate(prompt[1:])], atol=1e-4)
+
+
 # --- restart -----------------------------------------------------------------------------------------------------
 
 

@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import io
 import json
 import shutil
+import tarfile
 import threading
 import time
 import uuid
@@ -28,6 +30,7 @@ from tinker.proto import tinker_public_pb2 as pb
 from server.app import build_app
 from server.deps import key_tag
 from server.settings import ServerSettings
+from tinker_jax.engine import files
 from tinker_jax.engine.api import EngineAPI
 from tinker_jax.engine.registry import Registry, TinkerPath, check_name
 from tinker_jax.errors import NotFound, Overloaded, Unavailable, UserError
@@ -195,6 +198,20 @@ class FakeEngine:
             self.snapshots[sid] = self._model(model_id)["base_model"]
             return path, sid
         return self._queue(op, tenant)
+
+    def save_weights_external(self, model_id, name, ttl_seconds=None, user_metadata=None, *, tenant=None):
+        return self._queue(lambda: (self._save(model_id, "external_weights", name, ttl_seconds, user_metadata), 123),
+                           tenant)
+
+    # The engine's own listing, lookup and archive of checkpoint files (they need only the registry).
+    def checkpoint_files(self, path):
+        return files.checkpoint_files(self.registry, path)
+
+    def checkpoint_file(self, path, name):
+        return files.checkpoint_file(self.registry, path, name)
+
+    def checkpoint_archive(self, path):
+        return files.checkpoint_archive(self.registry, path)
 
     # --- sampling
     def create_sampler(self, model_path=None, base_model=None, *, tenant=None) -> str:
@@ -669,7 +686,26 @@ def test_checkpoint_rest_routing_publish_ttl_delete(api: Api) -> None:
     remaining = api.request("GET", "checkpoints?limit=10").json()
     assert [c["checkpoint_id"] for c in remaining["checkpoints"]] == ["weights/keep"]
     assert remaining["cursor"] == {"offset": 0, "limit": 10, "total_count": 1}
-    assert api.request("GET", f"{base}/archive").status_code == 404
+    # The archive: a 302 to a signed URL (no API key needed there) of a tar of the checkpoint's files; another key
+    # gets a 404 for the checkpoint, and a URL whose signature was altered a 403.
+    r = api.request("GET", f"{base}/archive", follow_redirects=False)
+    assert r.status_code == 302 and "/api/v1/archives/" in r.headers["location"] and r.headers["expires"]
+    assert api.request("GET", f"{base}/archive", key=OTHER_KEY, follow_redirects=False).status_code == 404
+    tar = api.http.get(r.headers["location"])
+    assert tar.status_code == 200 and int(tar.headers["content-length"]) == len(tar.content)
+    with tarfile.open(fileobj=io.BytesIO(tar.content)) as t:
+        assert t.getnames() == ["meta.json"]  # the checkpoint's files, its record excluded
+    assert api.http.get(r.headers["location"].replace("signature=", "signature=0")).status_code == 403
+    # External weights: per-file URLs for the owner, 404 for another key, 400 for a checkpoint of another kind.
+    ext = api.post("save_weights_external", {"model_id": mid, "path": "hf", "seq_id": 9})
+    assert api.result(ext.json()["request_id"])["path"] == f"tinker://{mid}/external_weights/hf"
+    urls = api.request("GET", f"training_runs/{mid}/checkpoints/external_weights/hf/external_weights_urls").json()
+    assert list(urls["urls"]) == ["meta.json"] and urls["expires"]
+    assert api.http.get(urls["urls"]["meta.json"]).status_code == 200
+    assert api.request("GET", f"training_runs/{mid}/checkpoints/external_weights/hf/external_weights_urls",
+                       key=OTHER_KEY).status_code == 404
+    assert api.request("GET", f"{base}/external_weights_urls").status_code == 400
+    assert api.request("DELETE", f"training_runs/{mid}/checkpoints/external_weights/hf").status_code == 204
 
     # TTL expiry: the background pruner has the engine delete it (files too).
     keep = f"tinker://{mid}/weights/keep"

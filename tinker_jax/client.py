@@ -211,6 +211,14 @@ class TrainingClient:
                                                                                  user_metadata, sampler=False)),
                          lambda r: tt.SaveWeightsForSamplerResponse(path=r[0]))
 
+    def save_weights_external(self, name: str, ttl_seconds: int | None = None, user_metadata=None
+                              ) -> APIFuture[tt.SaveWeightsExternalResponse]:
+        """Hugging Face files of the weights (a PEFT adapter for LoRA, a merged model for full fine-tuning) as
+        tinker://<run>/external_weights/<name>; `engine.checkpoint_files` / `checkpoint_file` find them on disk."""
+        return APIFuture(_retrying(lambda: self.engine.save_weights_external(self.model_id, name, ttl_seconds,
+                                                                              user_metadata)),
+                         lambda r: tt.SaveWeightsExternalResponse(path=r[0]))
+
     def save_weights_and_get_sampling_client(self, name: str | None = None, retry_config=None,
                                              record_stability_info: bool = False, kind="snapshot") -> "SamplingClient":
         _, sampler_id = _retrying(lambda: self.engine.save_weights_for_sampler(self.model_id, None)).result()
@@ -236,6 +244,7 @@ class TrainingClient:
     async def load_state_async(self, *a, **k): return self.load_state(*a, **k)
     async def load_state_with_optimizer_async(self, *a, **k): return self.load_state_with_optimizer(*a, **k)
     async def save_weights_for_sampler_async(self, *a, **k): return self.save_weights_for_sampler(*a, **k)
+    async def save_weights_external_async(self, *a, **k): return self.save_weights_external(*a, **k)
     async def save_weights_and_get_sampling_client_async(self, *a, **k):
         return self.save_weights_and_get_sampling_client(*a, **k)
     async def create_sampling_client_async(self, *a, **k): return self.create_sampling_client(*a, **k)

@@ -2,9 +2,10 @@
 /load_weights; wire doc §2.5), POST /weights_info, and the REST resources the SDK's RestClient and the `tinker`
 CLI use (training runs, checkpoints, delete, publish, TTL; §2.7).
 
-Tinker paths are `tinker://{run_id}/{weights|sampler_weights}/{name}`; names are validated by the registry (one
-path segment: no '/', no '..', no absolute paths). REST checkpoint ids contain a slash (`weights/<name>`), so the
-generic `{checkpoint_id:path}` routes are declared after the `/publish`, `/ttl`, `/archive` ones.
+Tinker paths are `tinker://{run_id}/{weights|sampler_weights|external_weights}/{name}`; names are validated by the
+registry (one path segment: no '/', no '..', no absolute paths). REST checkpoint ids contain a slash
+(`weights/<name>`), so the generic `{checkpoint_id:path}` routes are declared after the `/publish`, `/ttl`,
+`/archive` ones. Downloads (`/archive`, `/external_weights_urls`) hand out signed URLs that server.downloads serves.
 """
 
 from __future__ import annotations
@@ -14,9 +15,11 @@ import json
 import time
 import uuid
 from datetime import datetime, timezone
+from email.utils import formatdate
 from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Query, Response
+from fastapi import APIRouter, Query, Request, Response
+from fastapi.responses import RedirectResponse
 from tinker import types
 
 from server import wire
@@ -24,13 +27,14 @@ from server.access import Caller, owned_model, owned_session, readable_checkpoin
 from server.deps import CallerDep, EngineDep, FuturesDep, JsonBody, OwnerDep, SamplersDep, SettingsDep, StoreDep
 from server.errors import ApiError
 from server.lifecycle import delete_checkpoint
+from server.downloads import ARCHIVE
 from server.limits import check_metadata
 from server.routes._submit import (check_base_model, check_optimizer_config, check_seq_id, forget_model_on_failure,
                                    record_new_model, train_key, untyped_future)
 from server.routes.models import model_limit
 from tinker_jax.engine.api import CheckpointInfo, EngineAPI, RunInfo
 from tinker_jax.engine.registry import KINDS, check_name
-from tinker_jax.errors import UserError
+from tinker_jax.errors import NotFound, UserError
 from tinker_jax.futures import then
 
 router = APIRouter()
@@ -110,19 +114,25 @@ async def save_weights_for_sampler(body: JsonBody, engine: EngineDep, store: Sto
 
 
 @router.post("/save_weights_external")
-async def save_weights_external(body: JsonBody, store: StoreDep, futures: FuturesDep,
+async def save_weights_external(body: JsonBody, engine: EngineDep, store: StoreDep, futures: FuturesDep,
                                 owner: OwnerDep) -> dict[str, Any]:
-    model_id = body.get("model_id")
-    owned_model(store, model_id, owner)
-    seq_id = check_seq_id(body.get("seq_id"))
+    """The run's weights as Hugging Face files (PEFT adapter or merged model), tinker://<run>/external_weights/<name>,
+    whose files `external_weights_urls` then hands out. Encryption to age recipients is not offered: refused, so
+    that nobody believes their weights were encrypted."""
+    req = wire.parse_request(types.SaveWeightsExternalRequest, body)
+    model = owned_model(store, req.model_id, owner)
 
     def start():
-        raise UserError("save_weights_external: exporting Hugging Face weights is not supported by this server; "
-                        "use save_state / save_weights_for_sampler, or `tinker-jax` export tools")
+        if req.age_encryption_recipients:
+            raise UserError("age_encryption_recipients: encrypted exports are not supported by this server")
+        name = check_name(req.path, "path")
+        ttl = _check_ttl(req.ttl_seconds)
+        return then(engine.save_weights_external(req.model_id, name, ttl, tenant=model.session_id),
+                    lambda r: {"path": r[0], "size_bytes": r[1], "type": "save_weights_external"})
 
     request_id, _ = futures.submit("save_weights_external", start, owner=owner,
-                                   idempotency=train_key(model_id, seq_id), model_id=model_id)
-    return untyped_future(request_id, model_id=model_id)
+                                   idempotency=train_key(req.model_id, req.seq_id), model_id=req.model_id)
+    return untyped_future(request_id, model_id=req.model_id)
 
 
 @router.post("/load_weights")
@@ -220,6 +230,16 @@ def _live(ckpts: list[CheckpointInfo]) -> list[CheckpointInfo]:
     return [c for c in ckpts if c.expires is None or c.expires > now]
 
 
+def _listable(request: Request, ckpts: list[CheckpointInfo]) -> list[CheckpointInfo]:
+    """SDKs before 0.28 know only the checkpoint types training and sampler, and fail to parse a listing with an
+    external one: theirs leave external_weights checkpoints out (the SDK names its version in a header)."""
+    version = request.headers.get("x-stainless-package-version", "")
+    parts = version.split(".")
+    if len(parts) >= 2 and parts[0].isdigit() and parts[1].isdigit() and (int(parts[0]), int(parts[1])) < (0, 28):
+        return [c for c in ckpts if c.kind != "external_weights"]
+    return ckpts
+
+
 def training_run_json(engine: EngineAPI, run: RunInfo, caller: Caller) -> dict[str, Any]:
     """A run as the caller may see it. Their own (`access.sees`) in full. Another key's (or, with API keys, an
     ownerless one), listed because it published a checkpoint (access_scope=accessible): only what its published
@@ -281,9 +301,9 @@ def get_training_run(run_id: str, engine: EngineDep, caller: CallerDep,
 
 
 @router.get("/training_runs/{run_id}/checkpoints")
-def list_run_checkpoints(run_id: str, engine: EngineDep, caller: CallerDep) -> dict[str, Any]:
+def list_run_checkpoints(run_id: str, request: Request, engine: EngineDep, caller: CallerDep) -> dict[str, Any]:
     run = _visible_run(engine, run_id, caller, "accessible")
-    ckpts = _live(engine.list_checkpoints(run_id))
+    ckpts = _listable(request, _live(engine.list_checkpoints(run_id)))
     if not sees(run, caller):  # someone else's run: only what they published
         ckpts = [c for c in ckpts if c.public]
     return {"checkpoints": [checkpoint_json(c) for c in ckpts],
@@ -291,15 +311,17 @@ def list_run_checkpoints(run_id: str, engine: EngineDep, caller: CallerDep) -> d
 
 
 @router.get("/checkpoints")
-def list_user_checkpoints(engine: EngineDep, caller: CallerDep, limit: Annotated[int, Query(ge=0, le=10_000)] = 100,
+def list_user_checkpoints(request: Request, engine: EngineDep, caller: CallerDep,
+                          limit: Annotated[int, Query(ge=0, le=10_000)] = 100,
                           offset: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
     runs = {r.run_id: r for r in engine.list_runs()}
-    ckpts = [c for c in _live(engine.list_checkpoints()) if sees(runs.get(c.run_id), caller)]  # newest first
+    ckpts = [c for c in _listable(request, _live(engine.list_checkpoints()))
+             if sees(runs.get(c.run_id), caller)]  # newest first
     return {"checkpoints": [checkpoint_json(c) for c in ckpts[offset:offset + limit]],
             "cursor": {"offset": offset, "limit": limit, "total_count": len(ckpts)}}
 
 
-CheckpointType = Annotated[str | None, Query(pattern="^(training|sampler)$")]
+CheckpointType = Annotated[str | None, Query(pattern="^(training|sampler|external)$")]
 
 
 @router.post("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/publish", status_code=204)
@@ -324,17 +346,39 @@ def set_checkpoint_ttl(run_id: str, checkpoint_id: str, body: JsonBody, engine: 
     return Response(status_code=204)
 
 
+def _readable(engine: EngineAPI, run_id: str, checkpoint_id: str, caller: Caller) -> str:
+    """The tinker path of a REST checkpoint address the caller may read (its own, or published), else 404."""
+    path = f"tinker://{run_id}/{checkpoint_id}"
+    try:
+        return str(readable_checkpoint(engine, path, caller, "checkpoint"))
+    except NotFound:
+        raise ApiError(404, f"checkpoint {path} not found") from None
+
+
 @router.get("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/archive")
-def checkpoint_archive(run_id: str, checkpoint_id: str, engine: EngineDep, caller: CallerDep) -> Response:
-    writable_checkpoint(engine, run_id, checkpoint_id, caller)
-    # Says nothing of where the files are: the server's filesystem layout is not the client's business.
-    raise ApiError(404, "checkpoint downloads are not served by this server; load the checkpoint with "
-                        "create_training_client_from_state or create_sampling_client instead")
+def checkpoint_archive(run_id: str, checkpoint_id: str, request: Request, engine: EngineDep,
+                       caller: CallerDep) -> Response:
+    """SDK <= 0.34's download: a 302 to a signed URL of a tar of the checkpoint's files (server.downloads)."""
+    path = _readable(engine, run_id, checkpoint_id, caller)
+    url, expires = request.app.state.signer.url(str(request.base_url), path, ARCHIVE)
+    return RedirectResponse(url, status_code=302, headers={"Expires": formatdate(expires, usegmt=True)})
 
 
 @router.get("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}/external_weights_urls")
-def external_weights_urls(run_id: str, checkpoint_id: str) -> Response:
-    raise ApiError(404, "external (Hugging Face) weights are not supported by this server")
+def external_weights_urls(run_id: str, checkpoint_id: str, request: Request, engine: EngineDep,
+                          caller: CallerDep) -> dict[str, Any]:
+    """Per-file signed URLs of an external_weights checkpoint (`tinker checkpoint download` fetches them)."""
+    path = _readable(engine, run_id, checkpoint_id, caller)
+    if not checkpoint_id.startswith("external_weights/"):
+        raise UserError(f"checkpoint_id: {checkpoint_id!r} is not an external_weights checkpoint (save one with "
+                        "save_weights_external; `tinker checkpoint download` does that for you)")
+    try:
+        files = engine.checkpoint_files(path)
+    except NotFound:
+        raise ApiError(404, f"checkpoint {path} not found") from None
+    signer, now = request.app.state.signer, time.time()
+    urls = {name: signer.url(str(request.base_url), path, name, now)[0] for name in files}
+    return {"urls": urls, "expires": datetime.fromtimestamp(now + signer.ttl_s, timezone.utc).isoformat()}
 
 
 @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}", status_code=204)

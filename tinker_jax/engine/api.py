@@ -40,7 +40,7 @@ class RunInfo:
 class CheckpointInfo:
     path: str  # tinker://run/kind/name
     run_id: str
-    kind: str  # "weights" (training checkpoint) | "sampler_weights"
+    kind: str  # "weights" (training checkpoint) | "sampler_weights" | "external_weights" (HF files, download only)
     name: str
     created: float
     size_bytes: int | None
@@ -90,6 +90,9 @@ class EngineAPI(Protocol):
                                  user_metadata=None, *, tenant: str | None = None, sampler: bool = True
                                  ) -> Future: ...  # -> (tinker path or None, sampler id or None)
 
+    def save_weights_external(self, model_id: str, name: str, ttl_seconds: int | None = None, user_metadata=None,
+                              *, tenant: str | None = None) -> Future: ...  # -> (tinker path, size in bytes)
+
     # --- sampling ------------------------------------------------------------------------------------------------
     def create_sampler(self, model_path: str | None = None, base_model: str | None = None, *,
                        tenant: str | None = None) -> str: ...
@@ -114,6 +117,12 @@ class EngineAPI(Protocol):
     def list_checkpoints(self, run_id: str | None = None) -> list[CheckpointInfo]: ...  # newest first
 
     def weights_info(self, path: str) -> dict: ...
+
+    def checkpoint_files(self, path: str) -> dict[str, int]: ...  # relative file name -> bytes; NotFound if none
+
+    def checkpoint_file(self, path: str, name: str) -> Path: ...  # one listed file's location; NotFound otherwise
+
+    def checkpoint_archive(self, path: str) -> Path: ...  # a tar of the checkpoint's files (cached)
 
     def set_checkpoint_public(self, path: str, public: bool) -> None: ...
 

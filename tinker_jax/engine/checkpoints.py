@@ -26,7 +26,7 @@ import os
 import shutil
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import jax
 import numpy as np
@@ -72,6 +72,14 @@ def save(path: str | Path, *, weights: Any, opt: Any | None, meta: dict, record:
     with atomic_dir(path) as tmp:
         tmp.rmdir()  # Orbax creates the directory itself (and refuses an existing one)
         write_staged(tmp, weights=weights, opt=opt, meta=meta)
+        return _finish(tmp, record)
+
+
+def save_files(path: str | Path, write: Callable[[Path], Any], record: dict) -> dict:
+    """Write a checkpoint of plain files (an external_weights export: `write(tmp)` fills the empty directory `tmp`)
+    atomically, with its record; returns the record. It has no Orbax items, so nothing restores from it."""
+    with atomic_dir(path) as tmp:
+        write(tmp)
         return _finish(tmp, record)
 
 

@@ -30,7 +30,7 @@ import tinker.types as tt
 
 from tinker_jax import atomic, datadir, distributed
 from tinker_jax.config import EngineConfig
-from tinker_jax.engine import checkpoints, index, replicas, requests as rq
+from tinker_jax.engine import checkpoints, files, index, replicas, requests as rq
 from tinker_jax.engine.api import CheckpointInfo, EngineAPI, RunInfo
 from tinker_jax.engine.registry import FILE as REGISTRY_FILE, Registry, TinkerPath, check_name
 from tinker_jax.engine.scheduler import Request
@@ -487,6 +487,28 @@ class Engine(EngineAPI):
         body = rq.Save(p, False, ttl_seconds, user_metadata, snapshot=sampler or p is None)
         fut = self._submit(h.worker, "save", body, run=model_id, tenant=tenant, paths=[p] if p else [])
         return then(fut, lambda r: (r[0], self._register_snapshot(r[1])))
+
+    def save_weights_external(self, model_id: str, name: str, ttl_seconds: int | None = None, user_metadata=None,
+                              *, tenant: str | None = None) -> Future:
+        """The run's weights as Hugging Face files (a LoRA run: a PEFT adapter; full: a merged model), a checkpoint
+        tinker://<run>/external_weights/<name> whose files are downloaded (`checkpoint_files`), never loaded.
+        -> (path, size in bytes)."""
+        try:
+            h = self._handle(model_id)
+            p = TinkerPath(model_id, "external_weights", check_name(name, "path"))
+        except UserError as e:
+            return failed(e)
+        body = rq.Save(p, False, ttl_seconds, user_metadata, export=True)
+        return self._submit(h.worker, "save", body, run=model_id, tenant=tenant, paths=[p])
+
+    def checkpoint_files(self, path: str) -> dict[str, int]:
+        return files.checkpoint_files(self.registry, path)
+
+    def checkpoint_file(self, path: str, name: str) -> Path:
+        return files.checkpoint_file(self.registry, path, name)
+
+    def checkpoint_archive(self, path: str) -> Path:
+        return files.checkpoint_archive(self.registry, path)
 
     def weights_info(self, path: str) -> dict:
         p = TinkerPath.parse(path)

@@ -25,7 +25,10 @@ from tinker_jax.errors import UserError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 # The one checkpoint-kind table: the kind in a tinker path -> the SDK's checkpoint_type (and back).
-KINDS = {"weights": "training", "sampler_weights": "sampler"}
+# tinker path kind -> the SDK's checkpoint_type. external_weights: Hugging Face files for download (a PEFT adapter or
+# a merged model), never loaded back.
+KINDS = {"weights": "training", "sampler_weights": "sampler", "external_weights": "external"}
+RESTORABLE = ("weights", "sampler_weights")
 KIND_OF_TYPE = {v: k for k, v in KINDS.items()}
 log = logging.getLogger(__name__)
 FILE = "engine.db"  # the registry's file in a data directory
@@ -42,16 +45,18 @@ def check_name(value: str, field: str) -> str:
 @dataclass(frozen=True)
 class TinkerPath:
     run_id: str
-    kind: str  # "weights" | "sampler_weights"
+    kind: str  # KINDS: "weights" | "sampler_weights" | "external_weights"
     name: str
 
     @staticmethod
     def parse(path: str, field: str = "path") -> "TinkerPath":
         if not isinstance(path, str) or not path.startswith("tinker://"):
-            raise UserError(f"{field}: expected 'tinker://<run_id>/<weights|sampler_weights>/<name>', got {path!r}")
+            raise UserError(f"{field}: expected 'tinker://<run_id>/<weights|sampler_weights|external_weights>/"
+                            f"<name>', got {path!r}")
         parts = path[len("tinker://"):].split("/")
         if len(parts) != 3 or parts[1] not in KINDS:
-            raise UserError(f"{field}: expected 'tinker://<run_id>/<weights|sampler_weights>/<name>', got {path!r}")
+            raise UserError(f"{field}: expected 'tinker://<run_id>/<weights|sampler_weights|external_weights>/"
+                            f"<name>', got {path!r}")
         return TinkerPath(check_name(parts[0], f"{field} run id"), parts[1], check_name(parts[2], f"{field} name"))
 
     def __str__(self) -> str:

@@ -49,6 +49,7 @@ class Save:
     ttl_seconds: int | None = None
     user_metadata: dict | None = None
     snapshot: bool = False
+    export: bool = False  # an external_weights checkpoint: the run's weights as Hugging Face files (PEFT or merged)
 
 
 @dataclass(frozen=True)

@@ -33,10 +33,11 @@ from flax import nnx
 from tinker_jax import atomic, distributed
 from tinker_jax.engine import checkpoints, replicas, requests as rq
 from tinker_jax.engine.pools import NULL_SLOT, AdapterPool, FullState, Run
-from tinker_jax.engine.registry import KINDS, TinkerPath
+from tinker_jax.engine.registry import KINDS, RESTORABLE, TinkerPath
 from tinker_jax.engine.scheduler import Request, Round, Scheduler
 from tinker_jax.errors import NotFound, Unavailable, UserError
 from tinker_jax.futures import begin, failed
+from tinker_jax.hf.convert import export_merged_hf, export_peft_adapter
 from tinker_jax.hf.weights import load_decoder
 from tinker_jax.models import lora as lora_math
 from tinker_jax.models import moe
@@ -456,7 +457,10 @@ class BaseWorker:
                             f"lora.max_rank {self.config.lora.max_rank}, model width {self.cfg.d_model})")
 
     def _checkpoint(self, path: TinkerPath, field: str = "path") -> tuple[Path, dict]:
-        """A checkpoint's directory and metadata, if it exists and belongs to this base model."""
+        """A checkpoint's directory and metadata, if it exists, can be loaded and belongs to this base model."""
+        if path.kind not in RESTORABLE:
+            raise UserError(f"{field}: {path} is a Hugging Face export for download; load a weights/ or "
+                            "sampler_weights/ checkpoint")
         d = self.engine.checkpoint_dir(path)
         if not atomic.recover(d).is_dir():
             raise NotFound(f"{field}: checkpoint {path} not found")
@@ -733,17 +737,15 @@ class BaseWorker:
         later requests on the same path wait for it (engine path order)."""
         body: rq.Save = req.body
         run = self._run(req)
+        if body.export:
+            return self._export(run, body)
         snapshot = (self._shared(req, self._snapshot(run, None if body.path is None else str(body.path)))
                     if body.snapshot else None)
         if body.path is None:
             return None, snapshot
         meta = {**run.meta, "step": run.step, "kind": KINDS[body.path.kind]}
         path, registry, d = body.path, self.engine.registry, self.engine.checkpoint_dir(body.path)
-        now = time.time()
-        record = checkpoints.new_record(
-            path, owner=run.owner, created=now, public=False, step=run.step,
-            expires=now + body.ttl_seconds if body.ttl_seconds else None, user_metadata=body.user_metadata,
-            run={**run.meta, "created": run.created, "user_metadata": run.user_metadata})
+        record = self._new_record(run, body)
         if self.engine.procs is not None:
             self._save_everywhere(req, run, meta, record)
             return str(path), snapshot
@@ -768,6 +770,53 @@ class BaseWorker:
                     with self._quota_lock:
                         self._writing[run.owner] -= need
             return str(path), snapshot
+
+        return _OffLoop(write)
+
+    @staticmethod
+    def _new_record(run: Run, body: rq.Save) -> dict:
+        """The record of the checkpoint `body` saves of `run` (engine.checkpoints.new_record), created now."""
+        now = time.time()
+        return checkpoints.new_record(
+            body.path, owner=run.owner, created=now, public=False, step=run.step,
+            expires=now + body.ttl_seconds if body.ttl_seconds else None, user_metadata=body.user_metadata,
+            run={**run.meta, "created": run.created, "user_metadata": run.user_metadata})
+
+    def _export(self, run: Run, body: rq.Save):
+        """save_weights_external: the run's weights as Hugging Face files, a checkpoint of kind external_weights: a
+        LoRA run's PEFT adapter (adapter_config.json, adapter_model.safetensors: peft loads it onto the base model),
+        a full run's merged model (config, safetensors, the base model's tokenizer files). Captured here in the
+        run's order (host copies), written off the loop like any save. -> (path, size in bytes)."""
+        if self.engine.procs is not None:
+            raise UserError("save_weights_external: not available yet when the engine spans several processes "
+                            "(save_state and save_weights_for_sampler are)")
+        path, registry, d = body.path, self.engine.registry, self.engine.checkpoint_dir(body.path)
+        record = self._new_record(run, body)
+        self._writes.acquire()
+        try:
+            if run.is_lora:
+                live = self.pools[run.spec.rank].read(run.slot, run.spec)
+                adapter = Adapter(live.spec, jax.device_get(live.weights))
+                state = adapter.weights
+                files = lambda tmp: export_peft_adapter(adapter, self.cfg, tmp, self.name)  # noqa: E731
+            else:
+                state = jax.device_get(run.full.params)
+                files = lambda tmp: export_merged_hf(merge(self.graphdef, state), tmp, self.path)  # noqa: E731
+            need = self._reserve_quota(run, body, state)
+        except BaseException:
+            self._writes.release()
+            raise
+
+        def write():
+            try:
+                rec = checkpoints.save_files(d, files, record)
+                registry.add_checkpoint_record(path, rec)
+            finally:
+                self._writes.release()
+                if need:
+                    with self._quota_lock:
+                        self._writing[run.owner] -= need
+            return str(path), rec.get("size_bytes")
 
         return _OffLoop(write)
 
