@@ -10,7 +10,7 @@ PORT   ?= 8000
 
 SDK025 ?= .venv-sdk025
 
-.PHONY: run test test-gpu-prep install install-dev bench clean
+.PHONY: run test test-gpu-prep install install-dev bench clean chromium
 
 $(VENV)/.base: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -37,7 +37,16 @@ install-dev: $(VENV)/.dev
 run: $(VENV)/.base
 	$(VENV)/bin/tinker-jax serve --host $(HOST) --port $(PORT)
 
-test: $(VENV)/.dev $(SDK025)/.ok
+# Chromium for the console's browser test (tests/test_conformance.py): the distribution's package, installed when
+# this runs as root with apt-get (CI); elsewhere, or if that fails, the test skips and says why.
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || { \
+	  [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1 && export DEBIAN_FRONTEND=noninteractive && \
+	  { apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1 || \
+	    { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q --no-install-recommends chromium >/dev/null 2>&1; }; \
+	  }; } || echo "warning: Chromium is not installed; the console's browser test will skip"
+
+test: $(VENV)/.dev $(SDK025)/.ok chromium
 	TINKER_JAX_TEST_FAST_EXIT=1 $(PY) scripts/run_tests.py -m "not gpu_prep"
 
 # The GPU benchmark scripts' dry runs (~2 min): before a GPU session, so its minutes go to measuring.

@@ -16,7 +16,7 @@ from typing import AsyncIterator
 
 from fastapi import Depends, FastAPI
 
-from server import downloads, lifecycle
+from server import console, downloads, lifecycle
 from server.deps import require_api_key
 from server.errors import install_error_handlers, private_paths
 from server.futures import FutureRegistry
@@ -36,7 +36,7 @@ API_PREFIX = "/api/v1"
 # Every router here is behind the API-key check.
 AUTHENTICATED_ROUTERS = [client_config.router, capabilities.router, sessions.router, telemetry.router,
                          retrieve.router, models.router, training.router, checkpoints.router, sampling.router,
-                         billing.router]
+                         billing.router, console.router]
 
 # Routes whose bodies carry data (tokens, tensors): the large body cap; protobuf is accepted on the first two.
 DATA_PATHS = (f"{API_PREFIX}/forward_backward", f"{API_PREFIX}/forward", f"{API_PREFIX}/asample")
@@ -67,6 +67,7 @@ def build_app(engine: EngineAPI, settings: ServerSettings) -> FastAPI:
     # Signed download URLs carry their own credential (server.downloads); these routes check it, not an API key.
     app.state.signer = downloads.Signer(downloads.load_key(settings.url_key_path), settings.download_url_ttl_s)
     app.include_router(downloads.router, prefix=API_PREFIX)
+    app.include_router(console.public)  # the page and its static files; its data is behind the key (below)
     for router in AUTHENTICATED_ROUTERS:
         app.include_router(router, prefix=API_PREFIX, dependencies=[Depends(require_api_key)])
     return app

@@ -17,6 +17,7 @@ and the repair command, instead of serving errors. `close()` checkpoints the WAL
 from __future__ import annotations
 
 import json
+import math
 import logging
 import sqlite3
 import threading
@@ -93,6 +94,14 @@ CREATE TABLE IF NOT EXISTS models (
     created         REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS models_by_session ON models (session_id);
+CREATE TABLE IF NOT EXISTS run_metrics (    -- what forward_backward and optim_step reported, for the console's plots
+    model_id        TEXT NOT NULL,
+    time            REAL NOT NULL,
+    kind            TEXT NOT NULL,          -- forward_backward | optim_step
+    step            INTEGER NOT NULL,       -- optimizer steps of the model recorded before it
+    metrics         TEXT NOT NULL           -- JSON {name: number}
+);
+CREATE INDEX IF NOT EXISTS run_metrics_by_model ON run_metrics (model_id, time);
 CREATE INDEX IF NOT EXISTS sampling_sessions_by_session ON sampling_sessions (session_id);
 """
 
@@ -331,6 +340,32 @@ class Store:
         with self._lock:
             row = self._db.execute("SELECT * FROM models WHERE model_id=?", (model_id,)).fetchone()
         return None if row is None else ModelRow(row["model_id"], row["session_id"], row["owner"], row["created"])
+
+    def add_metrics(self, model_id: str, kind: str, metrics: dict[str, float]) -> None:
+        """Record one training call's metrics (finite numbers only) at the model's current step: the number of
+        optim_step calls recorded for it before this one."""
+        clean = {str(k): float(v) for k, v in metrics.items()
+                 if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+        with self._tx() as db:
+            step = db.execute("SELECT COUNT(*) FROM run_metrics WHERE model_id=? AND kind='optim_step'",
+                              (model_id,)).fetchone()[0]
+            db.execute("INSERT INTO run_metrics (model_id, time, kind, step, metrics) VALUES (?, ?, ?, ?, ?)",
+                       (model_id, time.time(), kind, step, json.dumps(clean)))
+
+    def metrics_of(self, model_id: str) -> list[tuple[str, int, float, dict]]:
+        """(kind, step, time, metrics) of every recorded call of the model, oldest first."""
+        with self._lock:
+            rows = self._db.execute("SELECT kind, step, time, metrics FROM run_metrics WHERE model_id=? "
+                                    "ORDER BY time, rowid", (model_id,)).fetchall()
+        return [(r["kind"], r["step"], r["time"], json.loads(r["metrics"])) for r in rows]
+
+    def sessions_of(self, owner: str | None, limit: int = 100) -> list[SessionRow]:
+        """Sessions of `owner` (None: every session), newest first."""
+        with self._lock:
+            q = "SELECT session_id FROM sessions" + ("" if owner is None else " WHERE owner=?")
+            ids = [r[0] for r in self._db.execute(q + " ORDER BY created DESC, rowid DESC LIMIT ?",
+                                                   (() if owner is None else (owner,)) + (limit,)).fetchall()]
+        return [s for s in (self.get_session(i) for i in ids) if s is not None]
 
     def models_of_session(self, session_id: str) -> list[str]:
         with self._lock:

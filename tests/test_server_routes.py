@@ -860,3 +860,32 @@ def test_serve_configuration_rules(tmp_path, monkeypatch) -> None:
     assert cfg.models == {"small-qwen3": str(tmp_path / "data" / "models" / "small-qwen3")}
     assert written == [(tmp_path / "data" / "models" / "small-qwen3", "small-qwen3")]
     assert serve.build_config([str(model)], None, str(tmp_path)).models == {str(model): str(model)}
+
+
+def test_console_page_and_state_are_scoped_to_the_key(api: Api) -> None:
+    """The console's page and files are public (no data in them); its state is behind the key and holds only the
+    caller's runs, their recorded metrics (a point per step) and checkpoints with signed download links."""
+    assert api.http.get("/", follow_redirects=False).headers["location"] == "/console"
+    assert "tinker-jax console" in api.http.get("/console").text
+    assert api.http.get("/console/static/uPlot.iife.min.js").status_code == 200
+    for bad in ("..%2Fsettings.py", "console.py", "uPlot.LICENSE"):
+        assert api.http.get(f"/console/static/{bad}").status_code == 404
+    assert api.http.get("/api/v1/console/state").status_code == 401  # the data needs a key
+
+    mid = api.model(api.session())
+    for seq in (1, 3):
+        fb = api.post("forward_backward", {"forward_backward_input": {"data": [datum_json([1, 2, 3])],
+                                                                      "loss_fn": "cross_entropy"},
+                                           "model_id": mid, "seq_id": seq})
+        api.result(fb.json()["request_id"])
+        api.result(api.post("optim_step", {"model_id": mid, "seq_id": seq + 1}).json()["request_id"])
+    api.result(api.post("save_weights", {"model_id": mid, "path": "c", "seq_id": 5}).json()["request_id"])
+    mine = api.request("GET", "console/state").json()
+    run = next(r for r in mine["runs"] if r["id"] == mid)
+    assert run["metrics"]["loss:sum"] == [[0, 1.0], [1, 1.0]]  # one point per step (the fake's loss is 1.0)
+    assert run["metrics"]["learning_rate:mean"] == [[0, 1e-4], [1, 1e-4]]
+    (ckpt,) = [c for c in mine["checkpoints"] if c["run_id"] == mid]
+    assert ckpt["type"] == "training" and "signature=" in ckpt["downloads"][0]["url"]
+    assert mid in [m for s in mine["sessions"] for m in s["models"]]
+    theirs = api.request("GET", "console/state", key=OTHER_KEY).json()
+    assert theirs["runs"] == [] and theirs["checkpoints"] == [] and theirs["sessions"] == []

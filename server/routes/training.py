@@ -10,6 +10,8 @@ with category "user"; a malformed body is a 400.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import logging
 from typing import Any
 
 from fastapi import APIRouter, Request
@@ -23,6 +25,25 @@ from server.store import Store
 from tinker_jax.engine.api import EngineAPI
 
 router = APIRouter()
+log = logging.getLogger(__name__)
+
+
+def _recorded(store: Store, model_id: str, kind: str, fut: concurrent.futures.Future) -> concurrent.futures.Future:
+    """`fut`, whose metrics are recorded for the console once it succeeds (forward_backward and optim_step; a
+    forward's are not a training step's). A failure to record is logged, never the request's."""
+    if kind == "forward":
+        return fut
+
+    def record(f: concurrent.futures.Future) -> None:
+        if f.cancelled() or f.exception() is not None:
+            return
+        try:
+            store.add_metrics(model_id, kind, dict(getattr(f.result(), "metrics", None) or {}))
+        except Exception:  # noqa: BLE001 - the console's record, not the user's result
+            log.exception("recording the metrics of %s for %s failed", kind, model_id)
+
+    fut.add_done_callback(record)
+    return fut
 
 
 def _submit_forward_backward(body: bytes, content_type: str | None, forward_only: bool, engine: EngineAPI,
@@ -35,8 +56,9 @@ def _submit_forward_backward(body: bytes, content_type: str | None, forward_only
     kind = "forward" if call.forward_only else "forward_backward"
     request_id, _ = futures.submit(
         kind,
-        lambda: engine.forward_backward(req.model_id, list(fb.data), fb.loss_fn, fb.loss_fn_config,
-                                        forward_only=call.forward_only, tenant=model.session_id),
+        lambda: _recorded(store, req.model_id, kind, engine.forward_backward(
+            req.model_id, list(fb.data), fb.loss_fn, fb.loss_fn_config, forward_only=call.forward_only,
+            tenant=model.session_id)),
         owner=owner, idempotency=train_key(req.model_id, req.seq_id), model_id=req.model_id)
     return untyped_future(request_id, model_id=req.model_id)
 
@@ -62,8 +84,9 @@ async def optim_step(body: JsonBody, engine: EngineDep, store: StoreDep, futures
     model = owned_model(store, model_id, owner)
     seq_id = check_seq_id(body.get("seq_id"))
 
-    def start():  # a bad or non-Adam optimizer fails the future ("user")
-        return engine.optim_step(model_id, optim_params(body), tenant=model.session_id)
+    def start():  # bad parameters, or another optimizer's, fail the future ("user")
+        return _recorded(store, model_id, "optim_step",
+                         engine.optim_step(model_id, optim_params(body), tenant=model.session_id))
 
     request_id, _ = futures.submit("optim_step", start, owner=owner,
                                    idempotency=train_key(model_id, seq_id), model_id=model_id)

@@ -730,7 +730,13 @@ class Engine(EngineAPI):
             workers = dict(self._workers)
             inflight = dict(self._inflight)
         compiled = step.compile_count() + sum(f._cache_size() for f in (kernels.prefill, kernels.decode))
-        out = {"inflight": inflight, "refused": self._refused, "programs_compiled": compiled, "models": {}}
+        cache_dir = jax.config.jax_compilation_cache_dir
+        cache = {"dir": cache_dir or None, "files": None, "bytes": None}
+        if cache_dir and Path(cache_dir).is_dir():
+            sizes = [f.stat().st_size for f in Path(cache_dir).rglob("*") if f.is_file()]
+            cache.update(files=len(sizes), bytes=sum(sizes))
+        out = {"inflight": inflight, "refused": self._refused, "programs_compiled": compiled, "models": {},
+               "devices": [_device_row(d) for d in jax.local_devices()], "compile_cache": cache}
         for name, w in workers.items():
             s = dict(w.stats)
             s["loaded"] = w.loaded.is_set() and w.load_error is None
@@ -743,6 +749,16 @@ class Engine(EngineAPI):
                 s["sampler"] = w.sampler.stats_now()
             out["models"][name] = s
         return out
+
+
+def _device_row(d) -> dict:
+    """One local device and its memory as the runtime reports it (None where it does not, e.g. on CPU)."""
+    try:
+        mem = d.memory_stats() or {}
+    except Exception:  # noqa: BLE001 - not every backend implements it
+        mem = {}
+    return {"id": d.id, "kind": d.device_kind, "platform": d.platform,
+            "bytes_in_use": mem.get("bytes_in_use"), "bytes_limit": mem.get("bytes_limit")}
 
 
 def _stop_workers(workers: dict, registry: Registry, procs: replicas.Processes | None = None,
