@@ -152,6 +152,7 @@ def serve(models: Sequence[str] = (), config: str | None = None, host: str = "12
     log.info("serving %s from %s on http://%s:%d (data in %s; %s)", ", ".join(cfg.models), "config" if config
              else "the command line", host, port, cfg.data_dir,
              f"{len(keys)} API key(s)" if keys else "no API key: any X-API-Key accepted")
+    log.info("console: http://%s:%d/console", host, port)
     engine = engine or Engine(cfg)
     _stop_cleanly_on_sigterm()
     try:
