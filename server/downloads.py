@@ -19,7 +19,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from fastapi import APIRouter, Request
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, JSONResponse
 
 from server.errors import ApiError
 from tinker_jax.engine.registry import TinkerPath
@@ -60,6 +60,12 @@ class Signer:
         tail = "" if file == ARCHIVE else "/" + quote(file)
         return (f"{base.rstrip('/')}/api/v1/{route}/{p.run_id}/{p.kind}/{p.name}{tail}"
                 f"?expires={expires}&signature={self._mac(path, file, expires)}", expires)
+
+    def trace_url(self, base: str, session_id: str) -> str:
+        """A URL granting the session's trace (`session_trace`)."""
+        expires = int(time.time()) + self.ttl_s
+        return (f"{base.rstrip('/')}/api/v1/traces/{quote(session_id)}?expires={expires}"
+                f"&signature={self._mac('session', session_id, expires)}")
 
     def check(self, path: str, file: str, expires: str | None, signature: str | None) -> None:
         """ApiError 403 unless the signature is this server's for exactly (path, file, expires) and not expired."""
@@ -104,3 +110,31 @@ def download_archive(run_id: str, kind: str, name: str, request: Request, expire
     except NotFound:
         raise ApiError(404, f"checkpoint {path} not found (deleted since the URL was signed?)") from None
     return FileResponse(where, filename=f"{run_id}-{kind}-{name}.tar", media_type="application/x-tar")
+
+
+def session_trace(rows: list[dict], session_id: str) -> dict:
+    """A session's requests as a trace in the Trace Event Format (JSON), which ui.perfetto.dev opens: one slice per
+    request from submission to completion, one track per model or sampler (microseconds from the first)."""
+    t0 = min((r["created"] for r in rows), default=0.0)
+    lanes: dict[str, int] = {}
+    events = [{"name": "process_name", "ph": "M", "pid": 1, "args": {"name": f"session {session_id}"}}]
+    for r in rows:
+        lane = r.get("model_id") or r.get("sampling_session_id") or "session"
+        if lane not in lanes:
+            lanes[lane] = len(lanes) + 1
+            events.append({"name": "thread_name", "ph": "M", "pid": 1, "tid": lanes[lane], "args": {"name": lane}})
+        end = r["finished"] if r["finished"] is not None else r["created"]
+        events.append({"name": r["kind"], "ph": "X", "pid": 1, "tid": lanes[lane],
+                       "ts": round((r["created"] - t0) * 1e6), "dur": max(1, round((end - r["created"]) * 1e6)),
+                       "args": {"status": r["status"]}})
+    return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+
+@router.get("/traces/{session_id}")
+def download_trace(session_id: str, request: Request, expires: str | None = None,
+                   signature: str | None = None) -> JSONResponse:
+    signer: Signer = _signer(request)
+    signer.check("session", session_id, expires, signature)
+    rows = request.app.state.store.requests_of_session(session_id)
+    return JSONResponse(session_trace(rows, session_id),
+                        headers={"Content-Disposition": f'attachment; filename="{session_id}.trace.json"'})

@@ -359,6 +359,38 @@ class Store:
                                     "ORDER BY time, rowid", (model_id,)).fetchall()
         return [(r["kind"], r["step"], r["time"], json.loads(r["metrics"])) for r in rows]
 
+    def requests_of(self, owner: str, since: float = 0.0, until: float | None = None, limit: int = 1000
+                    ) -> list[dict[str, Any]]:
+        """The owner's requests still on record (futures are pruned after future_ttl_s), newest first: when, what
+        (kind, model, session) and how it ended."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT kind, status, created, finished, session_id, model_id, sampling_session_id FROM futures "
+                "WHERE owner=? AND created>=? AND created<? ORDER BY created DESC LIMIT ?",
+                (owner, since, until if until is not None else float("inf"), limit)).fetchall()
+        return [dict(r) for r in rows]
+
+    def requests_of_session(self, session_id: str) -> list[dict[str, Any]]:
+        """The session's requests still on record (its own, its models' and its samplers'), oldest first."""
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT kind, status, created, finished, model_id, sampling_session_id FROM futures "
+                "WHERE session_id=? OR model_id IN (SELECT model_id FROM models WHERE session_id=?) "
+                "OR sampling_session_id IN (SELECT sampling_session_id FROM sampling_sessions WHERE session_id=?) "
+                "ORDER BY created", (session_id, session_id, session_id)).fetchall()
+        return [dict(r) for r in rows]
+
+    def set_session_project(self, session_id: str, project_id: str) -> None:
+        with self._tx() as db:
+            db.execute("UPDATE sessions SET project_id=? WHERE session_id=?", (project_id, session_id))
+
+    def project_of_model(self, model_id: str) -> str | None:
+        """The project of the session that made the model (None: none, or a model this server did not make)."""
+        with self._lock:
+            row = self._db.execute("SELECT s.project_id FROM models m JOIN sessions s ON s.session_id = m.session_id "
+                                   "WHERE m.model_id=?", (model_id,)).fetchone()
+        return None if row is None else row[0]
+
     def sessions_of(self, owner: str | None, limit: int = 100) -> list[SessionRow]:
         """Sessions of `owner` (None: every session), newest first."""
         with self._lock:

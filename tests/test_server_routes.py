@@ -213,6 +213,9 @@ class FakeEngine:
     def checkpoint_archive(self, path):
         return files.checkpoint_archive(self.registry, path)
 
+    def copy_checkpoint(self, source, run_id, *, owner, ttl_seconds=None):
+        return files.copy_checkpoint(self.registry, source, run_id, owner=owner, ttl_seconds=ttl_seconds)
+
     # --- sampling
     def create_sampler(self, model_path=None, base_model=None, *, tenant=None) -> str:
         base = self._meta(model_path)["base_model"] if model_path else base_model

@@ -189,6 +189,32 @@ async def load_weights(body: JsonBody, engine: EngineDep, store: StoreDep, futur
     return untyped_future(request_id, model_id=model_id)
 
 
+@router.post("/copy_weights")
+def copy_weights(body: JsonBody, engine: EngineDep, store: StoreDep, caller: CallerDep,
+                 settings: SettingsDep) -> dict[str, Any]:
+    """SDK copy_weights (synchronous): a checkpoint the caller may read, copied into `destination_project_id` under a
+    new training run of a new (finished) session of the caller there: same kind and name, the source's files shared
+    (hard links), so deleting either keeps the other loadable. The copy's run cannot be trained."""
+    req = wire.parse_request(types.CopyWeightsRequest, body)
+    source = str(readable_checkpoint(engine, req.source_path, caller, "source_path"))
+    project = req.destination_project_id
+    if not project:
+        raise UserError("destination_project_id: required (the project that will own the copy)")
+    check_metadata(settings.max_metadata_bytes, destination_project_id=project)
+    ttl = _check_ttl(req.ttl_seconds)
+    sid = store.create_session(owner=caller.owner, tags=["copy_weights"], project_id=project,
+                               display_name=f"copy of {source}")
+    store.finish_session(sid, "success", "holds a copy of weights")  # nothing runs in it
+    run_id = store.model_id_for(sid, 0)
+    store.add_model(run_id, sid, caller.owner)
+    try:
+        path = engine.copy_checkpoint(source, run_id, owner=caller.owner, ttl_seconds=ttl)
+    except BaseException:
+        store.remove_model(run_id)
+        raise
+    return {"tinker_path": path}
+
+
 @router.post("/weights_info")
 async def weights_info(body: JsonBody, engine: EngineDep, caller: CallerDep) -> dict[str, Any]:
     path = body.get("tinker_path")
@@ -285,10 +311,13 @@ def _visible_run(engine: EngineAPI, run_id: str, caller: Caller, access_scope: S
 
 
 @router.get("/training_runs")
-def list_training_runs(engine: EngineDep, caller: CallerDep,
+def list_training_runs(engine: EngineDep, store: StoreDep, caller: CallerDep,
                        limit: Annotated[int, Query(ge=0, le=10_000)] = 20, offset: Annotated[int, Query(ge=0)] = 0,
                        access_scope: Scope = "owned", project_id: str | None = None) -> dict[str, Any]:
-    visible = [r for r in engine.list_runs() if _visible(engine, r, caller, access_scope)]  # newest first
+    """project_id: only runs made in a session of that project (`ServiceClient(project_id=...)`, or moved there by
+    `assign_session_project`)."""
+    visible = [r for r in engine.list_runs() if _visible(engine, r, caller, access_scope)
+               and (project_id is None or store.project_of_model(r.run_id) == project_id)]  # newest first
     page = visible[offset:offset + limit]
     return {"training_runs": [training_run_json(engine, r, caller) for r in page],
             "cursor": {"offset": offset, "limit": limit, "total_count": len(visible)}}

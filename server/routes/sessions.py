@@ -2,9 +2,10 @@
 reads GET /sessions, GET /sessions/{session_id}."""
 
 import asyncio
+from datetime import datetime, timezone
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Header, Query, Request
 from tinker import types
 
 from server import wire
@@ -73,6 +74,78 @@ async def finish_session(session_id: str, body: JsonBody, store: StoreDep, owner
 async def list_sessions(store: StoreDep, owner: OwnerDep, limit: Annotated[int, Query(ge=0, le=10_000)] = 20,
                         offset: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
     return {"sessions": store.list_sessions(owner, limit, offset)}
+
+
+def _status(row) -> dict[str, Any]:
+    if row.finished is None:
+        return {"type": "active"}
+    return {"type": "client_finished", "reason": {"type": row.finish_reason or "success"}}
+
+
+@router.post("/sessions/search")  # declared before /sessions/{session_id}, whose GET would otherwise answer 405
+def search_sessions(body: JsonBody, store: StoreDep, owner: OwnerDep, engine: EngineDep) -> dict[str, Any]:
+    """The caller's sessions matching the request (SDK `search_sessions`): by id, project, display name, user
+    metadata (every given pair) and status, newest first, `limit` at a time with a (created, session id) cursor.
+    Only the caller's own: with owner "accessible" or other users' URNs too, since a key sees no one else's."""
+    req = wire.parse_request(types.SessionSearchRequest, body)
+    statuses = {s.type for s in req.statuses} if req.statuses else None
+    cursor = req.cursor
+    rows = store.sessions_of(owner, limit=10_000)
+    out = []
+    for row in rows:
+        if req.session_id and row.session_id != req.session_id:
+            continue
+        if req.project_ids and row.project_id not in req.project_ids:
+            continue
+        if req.display_name and req.display_name.lower() not in (row.display_name or "").lower():
+            continue
+        meta = {str(k): str(v) for k, v in (row.user_metadata or {}).items()}
+        if any(meta.get(k) != v for k, v in (req.user_metadata or {}).items()):
+            continue
+        status = _status(row)
+        if statuses is not None and status["type"] not in statuses:
+            continue
+        if cursor is not None and (row.created, row.session_id) >= (cursor.last_created_at.timestamp(),
+                                                                     cursor.last_session_id):
+            continue
+        runs = set(store.models_of_session(row.session_id))
+        count, size = 0, 0
+        for c in engine.list_checkpoints():
+            if c.run_id in runs:
+                count, size = count + 1, size + (c.size_bytes or 0)
+        out.append({"session_id": row.session_id, "created_at": _iso(row.created), "owner": owner,
+                    "project_id": row.project_id or "", "status": status, "checkpoints_count": count,
+                    "checkpoint_storage_bytes": size, "display_name": row.display_name, "user_metadata": meta or None})
+        if len(out) == req.limit:
+            break
+    last = out[-1] if len(out) == req.limit else None
+    return {"sessions": out, "next_cursor": None if last is None else
+            {"last_created_at": last["created_at"], "last_session_id": last["session_id"]}}
+
+
+@router.put("/sessions/{session_id}/project")
+async def assign_session_project(session_id: str, body: JsonBody, store: StoreDep, owner: OwnerDep) -> dict:
+    """Move one of the caller's sessions (and so its training runs) into a project. Projects are names this
+    server keeps with sessions; a session cannot be taken out of one (as the SDK documents)."""
+    owned_session(store, session_id, owner)
+    project = body.get("project_id")
+    if not isinstance(project, str) or not project:
+        raise UserError("project_id: must be a non-empty string")
+    check_metadata(256, project_id=project)
+    store.set_session_project(session_id, project)
+    return {}
+
+
+@router.get("/sessions/{session_id}/trace_export")
+def export_session_trace(session_id: str, request: Request, store: StoreDep, owner: OwnerDep) -> dict[str, Any]:
+    """The session's timeline (SDK `export_session_trace`, `tinker session export-trace`): ready at once, as a signed
+    URL of a JSON trace (Trace Event Format: ui.perfetto.dev opens it) built from its requests still on record."""
+    owned_session(store, session_id, owner)
+    return {"status": "ready", "url": request.app.state.signer.trace_url(str(request.base_url), session_id)}
+
+
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, timezone.utc).isoformat()
 
 
 @router.get("/sessions/{session_id}")

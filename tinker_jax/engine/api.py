@@ -118,6 +118,9 @@ class EngineAPI(Protocol):
 
     def weights_info(self, path: str) -> dict: ...
 
+    def copy_checkpoint(self, source: str, run_id: str, *, owner: str | None, ttl_seconds: int | None = None
+                        ) -> str: ...  # SDK copy_weights: a new run holding the checkpoint (shared files)
+
     def checkpoint_files(self, path: str) -> dict[str, int]: ...  # relative file name -> bytes; NotFound if none
 
     def checkpoint_file(self, path: str, name: str) -> Path: ...  # one listed file's location; NotFound otherwise

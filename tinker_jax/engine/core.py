@@ -501,6 +501,9 @@ class Engine(EngineAPI):
         body = rq.Save(p, False, ttl_seconds, user_metadata, export=True)
         return self._submit(h.worker, "save", body, run=model_id, tenant=tenant, paths=[p])
 
+    def copy_checkpoint(self, source: str, run_id: str, *, owner: str | None, ttl_seconds: int | None = None) -> str:
+        return files.copy_checkpoint(self.registry, source, run_id, owner=owner, ttl_seconds=ttl_seconds)
+
     def checkpoint_files(self, path: str) -> dict[str, int]:
         return files.checkpoint_files(self.registry, path)
 

@@ -1,4 +1,5 @@
-"""The files of checkpoints on record, for downloads: listing, lookup of one listed file, and a tar of them.
+"""The files of checkpoints on record: listing, lookup of one listed file and a tar of them (downloads), and copies
+that share them (copy_weights).
 
 Pure functions of a Registry (which knows where each checkpoint lives under its data directory), so that the
 engine and stand-ins of it share them. A file is only ever found by its name in a checkpoint's listing: names
@@ -9,15 +10,17 @@ from __future__ import annotations
 
 import hashlib
 import os
+import shutil
 import tarfile
 import time
 import uuid
 from pathlib import Path
 
 from tinker_jax import atomic
+from tinker_jax.engine import checkpoints
 from tinker_jax.engine.checkpoints import RECORD
-from tinker_jax.engine.registry import Registry, TinkerPath
-from tinker_jax.errors import NotFound
+from tinker_jax.engine.registry import Registry, TinkerPath, check_name
+from tinker_jax.errors import NotFound, UserError
 
 ARCHIVE_MAX_IDLE_S = 86400  # archives not downloaded for this long are removed when another one is built
 
@@ -43,6 +46,52 @@ def checkpoint_file(registry: Registry, path: str, name: str) -> Path:
     if name not in checkpoint_files(registry, path):
         raise NotFound(f"file {name!r} is not in checkpoint {path}")
     return _dir(registry, path) / name
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """Fill the empty directory `dst` with `src`'s files (the record excluded) as hard links: the two share their
+    bytes, and the filesystem counts the links, so deleting either keeps the other whole. Copies where a link is
+    impossible (another filesystem)."""
+    for f in sorted(src.rglob("*")):
+        if f.name == RECORD or not f.is_file() or f.is_symlink():
+            continue
+        target = dst / f.relative_to(src)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(f, target)
+        except OSError:
+            shutil.copy2(f, target)
+
+
+def copy_checkpoint(registry: Registry, source: str, run_id: str, *, owner: str | None,
+                    ttl_seconds: int | None = None) -> str:
+    """SDK copy_weights: the checkpoint `source` under a new run `run_id` (of `owner`; it holds the copy and
+    cannot be trained, since no worker knows it), same kind and name, sharing the source's files (hard links:
+    deleting either keeps the other loadable). -> the copy's tinker path."""
+    src = TinkerPath.parse(source, "source_path")
+    check_name(run_id, "run id")
+    info = registry.get_checkpoint(src)
+    src_dir = atomic.resolve(registry.checkpoint_dir(src))
+    if info is None or not src_dir.is_dir():
+        raise NotFound(f"source_path: checkpoint {source} not found")
+    if registry.get_run(run_id) is not None:
+        raise UserError(f"run id: {run_id!r} already exists")
+    run = registry.get_run(src.run_id)
+    old = checkpoints.read_record(src_dir) or {}
+    run_conf = dict(old.get("run") or {})
+    meta = {k: v for k, v in run_conf.items() if k not in ("created", "user_metadata")}
+    now = time.time()
+    registry.add_run(run_id, run.base_model if run else meta.get("base_model", ""),
+                     lora_rank=run.lora_rank if run else meta.get("lora_rank"),
+                     full_finetune=bool(meta.get("full_finetune", False)), meta=meta, owner=owner,
+                     user_metadata={"copied_from": source}, created=now)
+    dst = TinkerPath(run_id, src.kind, src.name)
+    record = checkpoints.new_record(dst, owner=owner, created=now, public=False, step=info.step,
+                                    expires=now + ttl_seconds if ttl_seconds else None,
+                                    user_metadata=info.user_metadata, run={**run_conf, "created": now})
+    registry.add_checkpoint_record(dst, checkpoints.save_files(
+        registry.checkpoint_dir(dst), lambda tmp: link_tree(src_dir, tmp), record))
+    return str(dst)
 
 
 def checkpoint_archive(registry: Registry, path: str) -> Path:
