@@ -16,7 +16,7 @@ from typing import AsyncIterator
 
 from fastapi import Depends, FastAPI
 
-from server import console, downloads, lifecycle
+from server import console, downloads, lifecycle, tokens
 from server.deps import require_api_key
 from server.errors import install_error_handlers, private_paths
 from server.futures import FutureRegistry
@@ -65,7 +65,9 @@ def build_app(engine: EngineAPI, settings: ServerSettings) -> FastAPI:
                        data_paths=DATA_PATHS, proto_paths=PROTO_PATHS)
     app.include_router(health.router, prefix=API_PREFIX)
     # Signed download URLs carry their own credential (server.downloads); these routes check it, not an API key.
-    app.state.signer = downloads.Signer(downloads.load_key(settings.url_key_path), settings.download_url_ttl_s)
+    secret = downloads.load_key(settings.url_key_path)
+    app.state.signer = downloads.Signer(secret, settings.download_url_ttl_s)
+    app.state.tokens = tokens.Tokens(secret, settings.jwt_ttl_s)
     app.include_router(downloads.router, prefix=API_PREFIX)
     app.include_router(console.public)  # the page and its static files; its data is behind the key (below)
     for router in AUTHENTICATED_ROUTERS:

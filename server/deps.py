@@ -18,6 +18,7 @@ from server.futures import FutureRegistry
 from server.samplers import EngineSamplers
 from server.settings import ServerSettings
 from server.store import Store
+from server.tokens import looks_like_jwt
 from tinker_jax.engine.api import EngineAPI
 
 
@@ -47,9 +48,17 @@ def key_tag(api_key: str | None) -> str:
 
 
 async def require_api_key(request: Request, x_api_key: Annotated[str | None, Header()] = None) -> str:
-    """X-API-Key is the SDK's only auth header (§7). With keys configured, anything else is a 401 with a JSON body
-    (the SDK does not retry 401). Returns the caller's owner tag."""
+    """X-API-Key is the SDK's only auth header (§7): an API key, or in JWT mode a token this server issued for one
+    (server.tokens) while that key is still configured. With keys configured, anything else is a 401 with a JSON
+    body (the SDK does not retry 401; for a token it fetches a new one, told so by WWW-Authenticate). Returns the
+    caller's owner tag, the same for a key and its tokens."""
     keys = get_settings(request).api_keys
+    if x_api_key and looks_like_jwt(x_api_key):
+        tag = request.app.state.tokens.verify(x_api_key)
+        if tag is None or (keys and tag not in {key_tag(k) for k in keys}):
+            raise ApiError(401, "invalid or expired token", headers={
+                "WWW-Authenticate": 'Bearer error="invalid_token"'})
+        return tag
     if keys and not (x_api_key and any(hmac.compare_digest(x_api_key.encode(), k.encode()) for k in keys)):
         raise ApiError(401, "missing or invalid X-API-Key")
     return key_tag(x_api_key)

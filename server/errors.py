@@ -32,9 +32,9 @@ log = logging.getLogger(__name__)
 class ApiError(Exception):
     """An HTTP error with a message meant for the client (e.g. 404 unknown session, 410 session finished)."""
 
-    def __init__(self, status: int, message: str, category: str = "user"):
+    def __init__(self, status: int, message: str, category: str = "user", headers: dict[str, str] | None = None):
         super().__init__(message)
-        self.status, self.message, self.category = status, message, category
+        self.status, self.message, self.category, self.headers = status, message, category, headers
 
 
 def error_body(message: str, category: str = "user") -> dict[str, str]:
@@ -64,7 +64,7 @@ def install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return respond(request, exc.message, exc.status, exc.category)
+        return respond(request, exc.message, exc.status, exc.category, headers=exc.headers)
 
     @app.exception_handler(UserError)  # malformed input; the message names the field. NotFound: an unknown id.
     async def _user_error(request: Request, exc: UserError) -> JSONResponse:

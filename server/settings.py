@@ -106,6 +106,13 @@ class ServerSettings:
     use_pyqwest_transport: bool | None = None
     """None leaves the SDK's default transport; False forces plain httpx on the client."""
 
+    jwt_auth: bool = True
+    """The SDK's JWT mode (client/config `pjwt_auth_enabled`): clients exchange their key for a short-lived token
+    (POST /auth/token) and send that; `whoami` and `tinker auth whoami` need it. Keys stay the root credential."""
+
+    jwt_ttl_s: int = 3600
+    """Lifetime of those tokens (the SDK refreshes at half of it)."""
+
     download_url_ttl_s: int = 3600
     """How long a signed download URL (external_weights_urls, archive) stays valid. The SDK's CLI signs again
     when fewer than 5 minutes are left."""
@@ -123,7 +130,7 @@ class ServerSettings:
         if self.session_timeout_s <= 0 or self.session_check_interval_s <= 0:
             raise ValueError("session_timeout_s and session_check_interval_s must be positive")
         for name in ("max_body_bytes", "max_json_body_bytes", "max_metadata_bytes", "max_sessions_per_key",
-                     "max_models_per_key", "max_queued_per_key", "body_read_timeout_s", "download_url_ttl_s"):
+                     "max_models_per_key", "max_queued_per_key", "body_read_timeout_s", "download_url_ttl_s", "jwt_ttl_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
 
@@ -139,8 +146,9 @@ class ServerSettings:
 
     @property
     def url_key_path(self) -> Path:
-        """The secret that signs download URLs: made (random, mode 0600) on first use, kept across restarts so
-        URLs handed out stay valid until they expire; delete it to revoke every URL at once."""
+        """The secret that signs download URLs and (through a derived key) JWT-mode tokens: made (random, mode 0600)
+        on first use, kept across restarts so what was handed out stays valid until it expires; delete it to
+        revoke every URL and token at once."""
         return self.data_dir / "download-url.key"
 
     @classmethod

@@ -416,6 +416,23 @@ def _tinker_cli(server: LiveServer, *args: str, timeout: float = 120) -> subproc
     return out
 
 
+def test_whoami_and_jwt_mode(server, service) -> None:
+    """The server offers the SDK's JWT mode: the SDK exchanges its key for a token and sends that (every test here
+    runs so); whoami reads the token's claims, in the SDK and in `tinker auth whoami`. A token of a key the server
+    no longer has is refused as an invalid token, and so is a forged one."""
+    me = service.create_rest_client().whoami().result()
+    assert me.user_urn == f"tml:user:{key_tag(API_KEY)}" and me.org_urn == "tml:organization:local"
+    assert f"tml:user:{key_tag(API_KEY)}" in _tinker_cli(server, "auth", "whoami").stdout
+    tokens = server.app.state.tokens
+    url = f"{server.base_url}/api/v1/training_runs"
+    assert _get(url, {"X-API-Key": tokens.issue(key_tag(API_KEY))})[0] == 200
+    for bad in (tokens.issue(key_tag("tml-not-configured")), tokens.issue(key_tag(API_KEY))[:-2] + "xx",
+                tokens.issue(key_tag(API_KEY), now=time.time() - 2 * tokens.ttl_s)):
+        status, headers, _ = _get(url, {"X-API-Key": bad})
+        lower = {k.lower(): v for k, v in headers.items()}
+        assert status == 401 and 'error="invalid_token"' in lower.get("www-authenticate", ""), bad
+
+
 def test_tinker_cli_lists_runs_and_checkpoints(server, state) -> None:
     if "model_id" not in state:
         pytest.skip("needs the SFT test's run")

@@ -134,7 +134,7 @@ def test_wrong_key_is_401(server: Server) -> None:
 
 def test_client_config_advertises_only_implemented_flags(server: Server) -> None:
     config = types.ClientConfigResponse.model_validate(post(server, "client/config", {"sdk_version": "0.38.0"}).json())
-    assert config.proto_compress_fwdbwd and not config.pjwt_auth_enabled
+    assert config.proto_compress_fwdbwd and config.pjwt_auth_enabled  # POST /auth/token exists (server.tokens)
     assert not config.sample_use_retrieve_futures and config.sample_join_sampling_session
     assert not config.custom_loss_server_side
     dyn = post(server, "client/dynamic_config", {"sdk_version": "0.38.0"}).json()

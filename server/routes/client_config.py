@@ -1,8 +1,8 @@
 """POST /client/config (mandatory for SDK >= 0.18: a 404 makes ServiceClient fail) and /client/dynamic_config."""
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Request
 
-from server.deps import SettingsDep
+from server.deps import OwnerDep, SettingsDep
 from server.settings import ServerSettings
 
 router = APIRouter()
@@ -11,7 +11,7 @@ router = APIRouter()
 def feature_flags(settings: ServerSettings) -> dict[str, bool]:
     """Only flags whose server side exists are turned on, so a client never takes a path this server lacks."""
     flags = {
-        "pjwt_auth_enabled": False,
+        "pjwt_auth_enabled": settings.jwt_auth,
         "proto_compress_fwdbwd": settings.proto_compress_fwdbwd,
         "sample_use_retrieve_futures": settings.sample_use_retrieve_futures,
         "sample_join_sampling_session": settings.sample_join_sampling_session,
@@ -25,6 +25,12 @@ def feature_flags(settings: ServerSettings) -> dict[str, bool]:
 @router.post("/client/config")
 async def client_config(settings: SettingsDep) -> dict[str, bool]:
     return feature_flags(settings)
+
+
+@router.post("/auth/token")
+async def auth_token(request: Request, owner: OwnerDep) -> dict[str, str]:
+    """JWT mode: a short-lived token for the caller's key (server.tokens); `whoami` reads its claims."""
+    return {"jwt": request.app.state.tokens.issue(owner)}
 
 
 @router.post("/client/dynamic_config")
