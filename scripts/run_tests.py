@@ -31,7 +31,9 @@ def main(argv: list[str]) -> int:
     status, collected, t0 = 0, False, time.monotonic()
     for n, group in enumerate(groups, 1):
         print(f"== tests, group {n}/{len(groups)}: {' '.join(Path(f).stem for f in group)}", flush=True)
-        rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "--capture=sys", *argv, *group], cwd=root)
+        # --durations: the slowest tests of each group in the log, to keep the suite's time in view.
+        rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "--capture=sys", "--durations=8", *argv, *group],
+                             cwd=root)
         if rc != NO_TESTS:
             collected = True
             if rc != 0 and status == 0:

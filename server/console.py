@@ -76,19 +76,20 @@ def _downloads(request: Request, path: str, kind: str, engine) -> list[dict[str,
 def state(request: Request, engine: EngineDep, store: StoreDep, caller: CallerDep,
           settings: SettingsDep) -> dict[str, Any]:
     now = time.time()
-    # Without API keys the server is one user's (every key is accepted): everything is theirs to see.
-    mine = (lambda r: True) if settings.open_access else (lambda r: sees(r, caller))  # noqa: E731
-    runs = [r for r in engine.list_runs() if mine(r)][:MAX_RUNS]  # newest first
+    # The REST routes' scoping (access.sees): the caller's key's runs, and ownerless ones only without API keys.
+    runs = [r for r in engine.list_runs() if sees(r, caller)][:MAX_RUNS]  # newest first
     run_ids = {r.run_id for r in runs}
     ckpts = [c for c in engine.list_checkpoints() if c.run_id in run_ids and (c.expires is None or c.expires > now)]
     stats = engine.stats()
-    sessions = store.sessions_of(None if settings.open_access else caller.owner, limit=50)
+    sessions = store.sessions_of(caller.owner, limit=50)
+    cache = stats.get("compile_cache") or {}
     return {
         "time": now,
         "keys_required": not settings.open_access,
         "health": engine.health(),
         "devices": stats.get("devices", []),
-        "compile_cache": stats.get("compile_cache"),
+        "compile_cache": {"on": bool(cache.get("dir")), "files": cache.get("files"), "bytes": cache.get("bytes")},
+        "key_given": bool(request.headers.get("x-api-key")),
         "programs_compiled": stats.get("programs_compiled"),
         "models": {name: {"loaded": m.get("loaded"), "queued": m.get("queued"), "attention": m.get("attention"),
                           "inflight": stats.get("inflight", {}).get(name, 0),

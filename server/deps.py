@@ -52,8 +52,9 @@ async def require_api_key(request: Request, x_api_key: Annotated[str | None, Hea
     (server.tokens) while that key is still configured. With keys configured, anything else is a 401 with a JSON
     body (the SDK does not retry 401; for a token it fetches a new one, told so by WWW-Authenticate). Returns the
     caller's owner tag, the same for a key and its tokens."""
-    keys = get_settings(request).api_keys
-    if x_api_key and looks_like_jwt(x_api_key):
+    settings = get_settings(request)
+    keys = settings.api_keys
+    if x_api_key and settings.jwt_auth and looks_like_jwt(x_api_key):
         tag = request.app.state.tokens.verify(x_api_key)
         if tag is None or (keys and tag not in {key_tag(k) for k in keys}):
             raise ApiError(401, "invalid or expired token", headers={

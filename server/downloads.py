@@ -69,9 +69,9 @@ class Signer:
 
     def check(self, path: str, file: str, expires: str | None, signature: str | None) -> None:
         """ApiError 403 unless the signature is this server's for exactly (path, file, expires) and not expired."""
-        if not expires or not signature or not expires.isdigit():
+        if not expires or not signature or not expires.isdigit() or not signature.isascii():
             raise ApiError(403, "download URL: missing or malformed signature")
-        if not hmac.compare_digest(self._mac(path, file, int(expires)), signature):
+        if not hmac.compare_digest(self._mac(path, file, int(expires)).encode(), signature.encode()):
             raise ApiError(403, "download URL: bad signature")
         if int(expires) < time.time():
             raise ApiError(403, "download URL: expired; ask for a new one")

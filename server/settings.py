@@ -147,8 +147,8 @@ class ServerSettings:
     @property
     def url_key_path(self) -> Path:
         """The secret that signs download URLs and (through a derived key) JWT-mode tokens: made (random, mode 0600)
-        on first use, kept across restarts so what was handed out stays valid until it expires; delete it to
-        revoke every URL and token at once."""
+        on first use, read at startup and kept across restarts, so what was handed out stays valid until it
+        expires; delete it and restart the server to revoke every URL and token at once."""
         return self.data_dir / "download-url.key"
 
     @classmethod

@@ -205,7 +205,7 @@ def test_console_in_a_browser(server, state) -> None:
         pytest.skip("needs the SFT and resume tests' run and checkpoint")
     page = f"{server.base_url}/console"
     anonymous = _chromium("--dump-dom", page)
-    assert 'id="login"' in anonymous and "This server requires an API key" in anonymous
+    assert 'id="login"' in anonymous and "An API key, please" in anonymous
     assert state["model_id"] not in anonymous and 'id="login" hidden' not in anonymous
 
     dom = _chromium("--dump-dom", f"{page}#key={API_KEY}")
@@ -521,6 +521,15 @@ def test_projects_sessions_traces_usage_and_copies(server, service, state) -> No
     found = rest.search_sessions(types.SessionSearchRequest(project_ids=["proj-b"])).result().sessions
     assert [x.session_id for x in found] == [sid] and found[0].project_id == "proj-b"
     assert found[0].checkpoints_count >= 1 and found[0].status.type == "active"
+    seen, cursor = [], None  # a page at a time: every session once, and the last page ends it
+    while True:
+        page = rest.search_sessions(types.SessionSearchRequest(limit=1, cursor=cursor)).result()
+        seen += [x.session_id for x in page.sessions]
+        if page.next_cursor is None:
+            break
+        cursor = page.next_cursor
+        assert len(seen) < 100
+    assert len(seen) == len(set(seen)) >= 2 and sid in seen
 
     status, _, body = _get(rest.export_session_trace(sid).result())
     assert status == 200

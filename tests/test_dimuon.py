@@ -162,3 +162,9 @@ def test_dimuon_lora_run_lowers_loss_resumes_bitwise_and_refuses_mixups(tmp_path
         adam.load_state(path).result()  # the weights alone are fine
         with pytest.raises(UserError, match="offered for LoRA runs only"):
             svc.engine.create_model("tiny", full_finetune=True, optimizer={"type": "dimuon"}).result()
+        # From a checkpoint: another optimizer only with a fresh state of it.
+        adam_path = adam.save_state("adam").result().path
+        switched = svc.create_training_client_from_state(adam_path, optimizer=tt.DimuonOptimizerConfig())
+        assert switched.get_info().optimizer_config.type == "dimuon"
+        with pytest.raises(UserError, match="holds adamw optimizer state"):
+            svc.engine.create_model_from_state(adam_path, True, optimizer_config={"type": "dimuon"}).result()

@@ -116,7 +116,7 @@ class FakeEngine:
         return self._queue(lambda: self._new_run(base_model, rank, model_id, user_metadata, owner), tenant)
 
     def create_model_from_state(self, path, optimizer, *, model_id=None, base_model=None, user_metadata=None,
-                                owner=None, tenant=None):
+                                owner=None, tenant=None, optimizer_config=None):
         try:
             meta = self._meta(path)
         except UserError as e:

@@ -108,12 +108,12 @@ class ServiceClient:
         return TrainingClient(self, _retrying(lambda: self.engine.create_model(
             base_model, seed=seed, full_finetune=True)).result())
 
-    # weights_access_token / optimizer: the SDK's parameters, accepted and unused (local checkpoints; the run trains
-    # with the optimizer its checkpoint records).
+    # weights_access_token: the SDK's parameter, accepted and unused (local checkpoints). optimizer: the new run's
+    # (default: the one its checkpoint records).
     def create_training_client_from_state(self, path: str, base_model: str | None = None, user_metadata=None,
                                           weights_access_token=None, optimizer=None) -> "TrainingClient":
         resp = _retrying(lambda: self.engine.create_model_from_state(
-            path, False, base_model=base_model, user_metadata=user_metadata)).result()
+            path, False, base_model=base_model, user_metadata=user_metadata, optimizer_config=optimizer)).result()
         return TrainingClient(self, resp.model_id)
 
     async def create_training_client_from_state_async(self, path: str, base_model: str | None = None,

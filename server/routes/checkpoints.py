@@ -179,7 +179,8 @@ async def load_weights(body: JsonBody, engine: EngineDep, store: StoreDep, futur
         # The new run carries the request's user_metadata (the cookbook stores its renderer name there on resume).
         return then(engine.create_model_from_state(req.path, req.optimizer, model_id=model_id,
                                                    base_model=req.base_model, user_metadata=req.user_metadata,
-                                                   owner=owner, tenant=req.session_id),
+                                                   owner=owner, tenant=req.session_id,
+                                                   optimizer_config=body.get("optimizer_config")),
                     lambda r: {"path": req.path, "model_id": r.model_id, "type": "load_weights"})
 
     # Shares create_model's key: both consume the session's model_seq_id.
@@ -197,6 +198,8 @@ def copy_weights(body: JsonBody, engine: EngineDep, store: StoreDep, caller: Cal
     (hard links), so deleting either keeps the other loadable. The copy's run cannot be trained."""
     req = wire.parse_request(types.CopyWeightsRequest, body)
     source = str(readable_checkpoint(engine, req.source_path, caller, "source_path"))
+    if not engine.checkpoint_files(source):  # before a session is made for the copy
+        raise ApiError(404, f"source_path: checkpoint {source} not found")
     project = req.destination_project_id
     if not project:
         raise UserError("destination_project_id: required (the project that will own the copy)")

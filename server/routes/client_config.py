@@ -1,8 +1,12 @@
 """POST /client/config (mandatory for SDK >= 0.18: a 404 makes ServiceClient fail) and /client/dynamic_config."""
 
-from fastapi import APIRouter, Request
+from typing import Annotated
+
+from fastapi import APIRouter, Header, Request
 
 from server.deps import OwnerDep, SettingsDep
+from server.errors import ApiError
+from server.tokens import looks_like_jwt
 from server.settings import ServerSettings
 
 router = APIRouter()
@@ -28,8 +32,14 @@ async def client_config(settings: SettingsDep) -> dict[str, bool]:
 
 
 @router.post("/auth/token")
-async def auth_token(request: Request, owner: OwnerDep) -> dict[str, str]:
-    """JWT mode: a short-lived token for the caller's key (server.tokens); `whoami` reads its claims."""
+async def auth_token(request: Request, owner: OwnerDep, settings: SettingsDep,
+                     x_api_key: Annotated[str | None, Header()] = None) -> dict[str, str]:
+    """JWT mode: a short-lived token for the caller's key (server.tokens); `whoami` reads its claims. Only a key
+    buys one (the SDK exchanges its root credential): a token cannot renew itself, so its expiry holds."""
+    if not settings.jwt_auth:
+        raise ApiError(404, "JWT mode is off on this server (jwt_auth: false); send the API key itself")
+    if x_api_key and looks_like_jwt(x_api_key):
+        raise ApiError(401, "a token cannot be exchanged for another; present the API key")
     return {"jwt": request.app.state.tokens.issue(owner)}
 
 

@@ -2,7 +2,7 @@
 reads GET /sessions, GET /sessions/{session_id}."""
 
 import asyncio
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Header, Query, Request
@@ -76,51 +76,77 @@ async def list_sessions(store: StoreDep, owner: OwnerDep, limit: Annotated[int, 
     return {"sessions": store.list_sessions(owner, limit, offset)}
 
 
+CLIENT_REASONS = ("success", "errored", "interrupted")  # what the SDK's SessionStatus allows
+
+
 def _status(row) -> dict[str, Any]:
     if row.finished is None:
         return {"type": "active"}
-    return {"type": "client_finished", "reason": {"type": row.finish_reason or "success"}}
+    # "expired" (no heartbeat) and "unspecified" are this server's own reasons: the client stopped without saying.
+    reason = row.finish_reason if row.finish_reason in CLIENT_REASONS else "interrupted"
+    return {"type": "client_finished", "reason": {"type": reason}}
+
+
+def _matches(row, req: types.SessionSearchRequest) -> bool:
+    """The request's filters (SDK SessionSearchRequest): session_id or display_name (either may match; every
+    word of display_name, anywhere in the name, case-insensitive), projects, every user_metadata pair, statuses."""
+    if req.session_id or req.display_name:
+        by_id = bool(req.session_id) and row.session_id == req.session_id
+        name = (row.display_name or "").lower()
+        by_name = bool(req.display_name) and all(w in name for w in req.display_name.lower().split())
+        if not (by_id or by_name):
+            return False
+    if req.project_ids and row.project_id not in req.project_ids:
+        return False
+    meta = {str(k): str(v) for k, v in (row.user_metadata or {}).items()}
+    if any(meta.get(k) != v for k, v in (req.user_metadata or {}).items()):
+        return False
+    if req.statuses:
+        status = _status(row)
+        for q in req.statuses:
+            if q.type == status["type"] and (q.type != "client_finished" or not q.reasons
+                                            or status["reason"]["type"] in q.reasons):
+                break
+        else:
+            return False
+    return True
 
 
 @router.post("/sessions/search")  # declared before /sessions/{session_id}, whose GET would otherwise answer 405
 def search_sessions(body: JsonBody, store: StoreDep, owner: OwnerDep, engine: EngineDep) -> dict[str, Any]:
-    """The caller's sessions matching the request (SDK `search_sessions`): by id, project, display name, user
-    metadata (every given pair) and status, newest first, `limit` at a time with a (created, session id) cursor.
-    Only the caller's own: with owner "accessible" or other users' URNs too, since a key sees no one else's."""
+    """The caller's sessions matching the request (`_matches`), newest first by (created, session id), `limit` at a
+    time; the cursor is the last one's (created, session id), compared at its microsecond precision. Only the
+    caller's own: with owner "accessible" or other users' URNs too, since a key sees no one else's."""
     req = wire.parse_request(types.SessionSearchRequest, body)
-    statuses = {s.type for s in req.statuses} if req.statuses else None
-    cursor = req.cursor
-    rows = store.sessions_of(owner, limit=10_000)
+    rows = sorted(store.sessions_of(owner, limit=10_000), key=lambda r: (_micros(r.created), r.session_id),
+                  reverse=True)
+    if req.cursor is not None:
+        after = (_micros(req.cursor.last_created_at), req.cursor.last_session_id)
+        rows = [r for r in rows if (_micros(r.created), r.session_id) < after]
+    rows = [r for r in rows if _matches(r, req)][:req.limit]
+    ckpts = engine.list_checkpoints()
     out = []
     for row in rows:
-        if req.session_id and row.session_id != req.session_id:
-            continue
-        if req.project_ids and row.project_id not in req.project_ids:
-            continue
-        if req.display_name and req.display_name.lower() not in (row.display_name or "").lower():
-            continue
-        meta = {str(k): str(v) for k, v in (row.user_metadata or {}).items()}
-        if any(meta.get(k) != v for k, v in (req.user_metadata or {}).items()):
-            continue
-        status = _status(row)
-        if statuses is not None and status["type"] not in statuses:
-            continue
-        if cursor is not None and (row.created, row.session_id) >= (cursor.last_created_at.timestamp(),
-                                                                     cursor.last_session_id):
-            continue
         runs = set(store.models_of_session(row.session_id))
-        count, size = 0, 0
-        for c in engine.list_checkpoints():
-            if c.run_id in runs:
-                count, size = count + 1, size + (c.size_bytes or 0)
+        sizes = [c.size_bytes or 0 for c in ckpts if c.run_id in runs]
+        meta = {str(k): str(v) for k, v in (row.user_metadata or {}).items()}
         out.append({"session_id": row.session_id, "created_at": _iso(row.created), "owner": owner,
-                    "project_id": row.project_id or "", "status": status, "checkpoints_count": count,
-                    "checkpoint_storage_bytes": size, "display_name": row.display_name, "user_metadata": meta or None})
-        if len(out) == req.limit:
-            break
+                    "project_id": row.project_id or "", "status": _status(row), "checkpoints_count": len(sizes),
+                    "checkpoint_storage_bytes": sum(sizes), "display_name": row.display_name,
+                    "user_metadata": meta or None})
     last = out[-1] if len(out) == req.limit else None
     return {"sessions": out, "next_cursor": None if last is None else
             {"last_created_at": last["created_at"], "last_session_id": last["session_id"]}}
+
+
+EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+
+
+def _micros(when: float | datetime) -> int:
+    """A time as whole microseconds since the epoch: exactly what its ISO 8601 form on the wire says (a float time
+    goes through the same datetime conversion `_iso` makes), so a cursor compares equal to the row it came from."""
+    dt = when if isinstance(when, datetime) else datetime.fromtimestamp(when, timezone.utc)
+    return (dt - EPOCH) // timedelta(microseconds=1)
 
 
 @router.put("/sessions/{session_id}/project")

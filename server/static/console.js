@@ -21,6 +21,8 @@ const table = (heads, rows) => `<table><tr>${heads.map((h) => `<th>${h}</th>`).j
   rows.map((r) => `<tr>${r.join("")}</tr>`).join("")}</table>`;
 const td = (v, cls = "") => `<td class="${cls}">${v}</td>`;
 
+let wantKey = false;  // the key form was asked for (a 401, or the header button)
+
 function showLogin(message) {
   $("login").hidden = false; $("content").hidden = true; $("forget").hidden = true;
   $("login-error").textContent = message || "";
@@ -28,10 +30,10 @@ function showLogin(message) {
 }
 
 $("key-form").addEventListener("submit", (e) => {
-  e.preventDefault(); key = $("key").value.trim(); localStorage.setItem(STORE, key); refresh();
+  e.preventDefault(); key = $("key").value.trim(); localStorage.setItem(STORE, key); wantKey = false; refresh();
 });
 $("forget").addEventListener("click", () => { localStorage.removeItem(STORE); key = ""; location.hash = "";
-  showLogin(); });
+  wantKey = true; showLogin(); });
 
 // The steps on record, padded by one either side when there is a single one (uPlot would span 0-100).
 function xRange(u) {
@@ -85,10 +87,13 @@ function renderRuns(runs) {
 }
 
 function render(s) {
-  $("login").hidden = true; $("content").hidden = false; $("forget").hidden = !s.keys_required;
+  if (wantKey) return;  // the key form stays up until a key is given
+  $("login").hidden = true; $("content").hidden = false; $("forget").hidden = false;
+  $("forget").textContent = s.key_given ? "change key" : "enter key";
   $("health").textContent = s.health.ok ? "healthy" : `problems: ${s.health.problems.join("; ")}`;
   $("health").className = `pill ${s.health.ok ? "ok" : "bad"}`;
-  $("updated").textContent = `updated ${new Date(s.time * 1000).toLocaleTimeString()}`;
+  $("updated").textContent = `updated ${new Date(s.time * 1000).toLocaleTimeString()}` +
+    (s.key_given ? "" : " · no key: showing what was made without one");
   renderRuns(s.runs);
   $("checkpoints").innerHTML = s.checkpoints.length ? table(
     ["checkpoint", "type", "step", "size", "created", "expires", "published", "download"],
@@ -114,7 +119,7 @@ function render(s) {
     s.devices.map((d) => [td(`${d.id}: ${esc(d.kind)}`), td(esc(d.platform)), td(bytes(d.bytes_in_use), "num"),
       td(bytes(d.bytes_limit), "num")])) +
     `<p class="muted">Compiled programs: ${s.programs_compiled ?? "—"}. Compile cache: ${
-      cache.dir ? `${esc(cache.dir)}, ${cache.files ?? 0} files, ${bytes(cache.bytes)}` : "off"}.</p>`;
+      cache.on ? `${cache.files ?? 0} files, ${bytes(cache.bytes)}` : "off"}.</p>`;
 }
 
 let busy = false;

@@ -66,7 +66,7 @@ class EngineAPI(Protocol):
 
     def create_model_from_state(self, path: str, optimizer: bool, *, model_id: str | None = None,
                                 base_model: str | None = None, user_metadata: dict | None = None,
-                                owner: str | None = None, tenant: str | None = None
+                                owner: str | None = None, tenant: str | None = None, optimizer_config: Any = None
                                 ) -> Future: ...  # -> tt.LoadWeightsResponse
 
     def unload_model(self, model_id: str, *, tenant: str | None = None) -> Future: ...

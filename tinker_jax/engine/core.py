@@ -379,8 +379,12 @@ class Engine(EngineAPI):
 
     def create_model_from_state(self, path: str, optimizer: bool, *, model_id: str | None = None,
                                 base_model: str | None = None, user_metadata: dict | None = None,
-                                owner: str | None = None, tenant: str | None = None) -> Future:
+                                owner: str | None = None, tenant: str | None = None,
+                                optimizer_config: Any = None) -> Future:
+        """optimizer_config (None: the checkpoint's run's optimizer): another family only with `optimizer` False (a
+        fresh state of it); with the saved state it must be the checkpoint's."""
         try:
+            kind = None if optimizer_config is None else optimizer_kind(optimizer_config)
             p = TinkerPath.parse(path)
             if self.procs is not None:  # every process names the run alike
                 model_id = model_id or self.procs.draw()[0]
@@ -389,7 +393,7 @@ class Engine(EngineAPI):
             model_id = self._reserve(model_id, worker, None, False)
         except UserError as e:
             return failed(e)
-        body = rq.CreateRun(None, user_metadata, owner, from_path=p, with_optimizer=bool(optimizer))
+        body = rq.CreateRun(None, user_metadata, owner, from_path=p, with_optimizer=bool(optimizer), optimizer=kind)
         try:
             fut = self._submit(worker, "create", body, run=model_id, tenant=tenant, paths=[p])
         except Overloaded:
@@ -632,6 +636,7 @@ class Engine(EngineAPI):
         # The files first, atomically (renamed aside, then removed): a crash in between leaves a registry row without
         # files, which the next start's re-index drops, never files without a row that it would list again.
         atomic.remove(self.checkpoint_dir(p))
+        files.drop_archives(self.registry, str(p))  # a deleted checkpoint leaves no tar of it behind
         return self.registry.delete_checkpoint(p)
 
     def expire_checkpoints(self) -> list[str]:

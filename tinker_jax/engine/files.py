@@ -81,36 +81,58 @@ def copy_checkpoint(registry: Registry, source: str, run_id: str, *, owner: str 
     run_conf = dict(old.get("run") or {})
     meta = {k: v for k, v in run_conf.items() if k not in ("created", "user_metadata")}
     now = time.time()
-    registry.add_run(run_id, run.base_model if run else meta.get("base_model", ""),
-                     lora_rank=run.lora_rank if run else meta.get("lora_rank"),
-                     full_finetune=bool(meta.get("full_finetune", False)), meta=meta, owner=owner,
-                     user_metadata={"copied_from": source}, created=now)
     dst = TinkerPath(run_id, src.kind, src.name)
     record = checkpoints.new_record(dst, owner=owner, created=now, public=False, step=info.step,
                                     expires=now + ttl_seconds if ttl_seconds else None,
                                     user_metadata=info.user_metadata, run={**run_conf, "created": now})
-    registry.add_checkpoint_record(dst, checkpoints.save_files(
-        registry.checkpoint_dir(dst), lambda tmp: link_tree(src_dir, tmp), record))
+
+    def fill(tmp: Path) -> None:
+        link_tree(src_dir, tmp)
+        if not any(p.is_file() for p in tmp.rglob("*")):  # the source went away under us: copy nothing
+            raise NotFound(f"source_path: checkpoint {source} not found")
+
+    # Files first (atomic, with their record), then the run and the checkpoint's row: a failure leaves no run that
+    # lists nothing (and a crash between, a record the next start's re-index lists).
+    record = checkpoints.save_files(registry.checkpoint_dir(dst), fill, record)
+    registry.add_run(run_id, run.base_model if run else meta.get("base_model", ""),
+                     lora_rank=run.lora_rank if run else meta.get("lora_rank"),
+                     full_finetune=bool(meta.get("full_finetune", False)), meta=meta, owner=owner,
+                     user_metadata={"copied_from": source}, created=now)
+    registry.add_checkpoint_record(dst, record)
     return str(dst)
 
 
+def _archive_dir(registry: Registry, path: str) -> Path:
+    return registry.data_dir / "archives" / hashlib.sha256(path.encode()).hexdigest()[:32]
+
+
+def drop_archives(registry: Registry, path: str) -> None:
+    """Remove every tar built of checkpoint `path` (it is being deleted or rewritten)."""
+    shutil.rmtree(_archive_dir(registry, path), ignore_errors=True)
+
+
 def checkpoint_archive(registry: Registry, path: str) -> Path:
-    """A tar of the checkpoint's files, built once per version of the checkpoint (path, creation time, size) under
-    <data_dir>/archives and reused; written beside its final name and renamed, so a reader never sees half of one."""
+    """A tar of the checkpoint's files, built once per version of the checkpoint (its creation time and size) under
+    <data_dir>/archives/<path hash>/ and reused; written beside its final name and renamed, so a reader never sees
+    half of one. Deleting the checkpoint removes its archives (`drop_archives`); archives of other versions, and
+    any not downloaded for a day, are removed when one is built."""
     files = checkpoint_files(registry, path)
     info = registry.get_checkpoint(TinkerPath.parse(path))
-    key = hashlib.sha256(f"{path}|{info.created}|{info.size_bytes}".encode()).hexdigest()[:32]
-    root = registry.data_dir / "archives"
-    out = root / f"{key}.tar"
+    if info is None:  # deleted meanwhile
+        raise NotFound(f"path: checkpoint {path} not found")
+    root = _archive_dir(registry, path)
+    out = root / f"{hashlib.sha256(f'{info.created}|{info.size_bytes}'.encode()).hexdigest()[:32]}.tar"
     if out.exists():
         os.utime(out)
         return out
     root.mkdir(parents=True, exist_ok=True)
-    for old in root.glob("*.tar"):
+    for old in root.glob("*.tar"):  # an older version of this checkpoint
+        old.unlink(missing_ok=True)
+    for old in (registry.data_dir / "archives").glob("*/*.tar"):
         if time.time() - old.stat().st_mtime > ARCHIVE_MAX_IDLE_S:
             old.unlink(missing_ok=True)
     d = _dir(registry, path)
-    tmp = root / f".{key}.{uuid.uuid4().hex}.tmp"
+    tmp = root / f".{out.stem}.{uuid.uuid4().hex}.tmp"
     try:
         with tarfile.open(tmp, "w") as tar:
             for name in files:

@@ -23,7 +23,7 @@ class CreateRun:
     owner: str | None = None
     from_path: TinkerPath | None = None  # create_model_from_state: configured like, then loaded from, this
     with_optimizer: bool = False
-    optimizer: str = "adamw"  # training.optim.OPTIMIZERS (from_path: the checkpoint's run's)
+    optimizer: str | None = None  # training.optim.OPTIMIZERS; None: AdamW, or from_path the checkpoint's run's
 
 
 @dataclass(frozen=True)

@@ -474,12 +474,19 @@ class BaseWorker:
         body: rq.CreateRun = req.body
         if req.run in self.runs:
             raise UserError(f"model_id: {req.run!r} already exists")
-        spec, meta, full, optimizer = body.spec, None, body.spec is None, body.optimizer
+        spec, meta, full, optimizer = body.spec, None, body.spec is None, body.optimizer or "adamw"
         if body.from_path is not None:  # configured like the checkpoint's run
             _, meta = self._checkpoint(body.from_path)
             full = bool(meta.get("full_finetune", False))
             spec = None if full else LoraSpec.from_meta(meta)
-            optimizer = meta.get("optimizer", "adamw")  # checkpoints from before Dimuon: AdamW
+            saved = meta.get("optimizer", "adamw")  # checkpoints from before Dimuon: AdamW
+            optimizer = body.optimizer or saved  # asked for another: only with a fresh optimizer state
+            if optimizer != saved and body.with_optimizer:
+                raise UserError(f"optimizer_config.type: {optimizer!r} asked for, but checkpoint {body.from_path} "
+                                f"holds {saved} optimizer state; load it without the optimizer state, or ask for "
+                                f"{saved!r}")
+            if optimizer != "adamw" and full:
+                raise UserError(f"optimizer_config.type: {optimizer!r} is offered for LoRA runs only")
         run = Run(req.run, self.name, spec, owner=body.owner, created=time.time(),
                   user_metadata=dict(body.user_metadata or {}))
         if spec is not None:
