@@ -130,7 +130,8 @@ class ServerSettings:
         if self.session_timeout_s <= 0 or self.session_check_interval_s <= 0:
             raise ValueError("session_timeout_s and session_check_interval_s must be positive")
         for name in ("max_body_bytes", "max_json_body_bytes", "max_metadata_bytes", "max_sessions_per_key",
-                     "max_models_per_key", "max_queued_per_key", "body_read_timeout_s", "download_url_ttl_s", "jwt_ttl_s"):
+                     "max_models_per_key", "max_queued_per_key", "body_read_timeout_s", "download_url_ttl_s",
+                     "jwt_ttl_s"):
             if not getattr(self, name) > 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)!r}")
 
