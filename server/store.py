@@ -275,10 +275,7 @@ class Store:
 
     def list_sessions(self, owner: str, limit: int, offset: int) -> list[str]:
         """The owner's session ids, newest first."""
-        with self._lock:
-            rows = self._db.execute("SELECT session_id FROM sessions WHERE owner=? ORDER BY created DESC, rowid DESC"
-                                    " LIMIT ? OFFSET ?", (owner, limit, offset)).fetchall()
-        return [r[0] for r in rows]
+        return [r.session_id for r in self.sessions_of(owner, limit, offset)]
 
     def count_open(self, owner: str) -> tuple[int, int]:
         """(open sessions, models in open sessions) of `owner`."""
@@ -391,13 +388,12 @@ class Store:
                                    "WHERE m.model_id=?", (model_id,)).fetchone()
         return None if row is None else row[0]
 
-    def sessions_of(self, owner: str | None, limit: int = 100) -> list[SessionRow]:
-        """Sessions of `owner` (None: every session), newest first."""
+    def sessions_of(self, owner: str, limit: int = 100, offset: int = 0) -> list[SessionRow]:
+        """Sessions of `owner`, newest first."""
         with self._lock:
-            q = "SELECT session_id FROM sessions" + ("" if owner is None else " WHERE owner=?")
-            ids = [r[0] for r in self._db.execute(q + " ORDER BY created DESC, rowid DESC LIMIT ?",
-                                                   (() if owner is None else (owner,)) + (limit,)).fetchall()]
-        return [s for s in (self.get_session(i) for i in ids) if s is not None]
+            rows = self._db.execute("SELECT * FROM sessions WHERE owner=? ORDER BY created DESC, rowid DESC"
+                                    " LIMIT ? OFFSET ?", (owner, limit, offset)).fetchall()
+        return [_session_row(r) for r in rows]
 
     def models_of_session(self, session_id: str) -> list[str]:
         with self._lock:

@@ -36,6 +36,7 @@ from server.wire_results import (  # noqa: F401  (re-exported)
     encode_result,
     encode_sample_response,
     forward_backward_output_to_json,
+    iso_time,
     json_bytes,
     sample_response_to_json,
 )

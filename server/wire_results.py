@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, is_dataclass
+from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -27,6 +28,11 @@ JSON_CONTENT_TYPE = "application/json"
 PROTO_RESULT_KINDS = frozenset({"forward_backward", "forward", "sample"})
 
 # --- ForwardBackwardOutput ---------------------------------------------------------------------------------------
+
+
+def iso_time(ts: float | None) -> str | None:
+    """A unix time as the SDK's datetime fields take it: ISO 8601 in UTC, to the microsecond (None stays None)."""
+    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
 
 
 def _check_metrics(metrics: dict[str, float]) -> dict[str, float]:

@@ -17,6 +17,7 @@ from typing import Any
 
 from fastapi import APIRouter
 
+from server import wire
 from server.access import sees
 from server.deps import CallerDep, EngineDep, OwnerDep, StoreDep
 from tinker_jax.errors import UserError
@@ -45,10 +46,6 @@ async def billing_usage_events(owner: OwnerDep, starting_on: str | None = None,
     return {"data": [], "sessions": {}, "cost_data_through": None}
 
 
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat()
-
-
 @router.get("/audit")
 def audit_log(engine: EngineDep, store: StoreDep, caller: CallerDep, event_type: str = "all",
               day: str | None = None) -> dict[str, Any]:
@@ -66,12 +63,12 @@ def audit_log(engine: EngineDep, store: StoreDep, caller: CallerDep, event_type:
         runs = {r.run_id: r for r in engine.list_runs()}
         for c in engine.list_checkpoints():
             if sees(runs.get(c.run_id), caller) and since <= c.created < (until or float("inf")):
-                entries.append({"timestamp": _iso(c.created), "event": "checkpoint_created",
+                entries.append({"timestamp": wire.iso_time(c.created), "event": "checkpoint_created",
                                 "event_details": {"checkpoint_type": c.kind, "size_bytes": c.size_bytes},
                                 "model_id": c.run_id, "tinker_path": c.path, "purpose": None})
     if event_type == "all":
         for r in store.requests_of(caller.owner, since, until):
-            entries.append({"timestamp": _iso(r["created"]), "event": r["kind"],
+            entries.append({"timestamp": wire.iso_time(r["created"]), "event": r["kind"],
                             "event_details": {"status": r["status"], "session_id": r["session_id"],
                                               "sampling_session_id": r["sampling_session_id"]},
                             "model_id": r["model_id"], "tinker_path": None, "purpose": None})

@@ -14,7 +14,6 @@ import asyncio
 import json
 import time
 import uuid
-from datetime import datetime, timezone
 from email.utils import formatdate
 from typing import Annotated, Any, Literal
 
@@ -230,10 +229,6 @@ async def weights_info(body: JsonBody, engine: EngineDep, caller: CallerDep) -> 
 # Plain `def` routes: FastAPI runs them in its thread pool, so the engine's registry reads never stall the event loop.
 
 
-def _iso(ts: float | None) -> str | None:
-    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
-
-
 def _str_dict(raw: Any) -> dict[str, str] | None:
     """user_metadata is dict[str, str] on the wire (TrainingRun/Checkpoint); stored JSON may hold anything."""
     if not isinstance(raw, dict) or not raw:
@@ -245,12 +240,12 @@ def checkpoint_json(c: CheckpointInfo) -> dict[str, Any]:
     return {
         "checkpoint_id": f"{c.kind}/{c.name}",
         "checkpoint_type": KINDS[c.kind],
-        "time": _iso(c.created),
+        "time": wire.iso_time(c.created),
         "tinker_path": c.path,
         "size_bytes": c.size_bytes,
         "public": c.public,
         "user_metadata": _str_dict(c.user_metadata),
-        "expires_at": _iso(c.expires),
+        "expires_at": wire.iso_time(c.expires),
     }
 
 
@@ -288,7 +283,7 @@ def training_run_json(engine: EngineAPI, run: RunInfo, caller: Caller) -> dict[s
         "is_lora": run.is_lora,
         "corrupted": False,
         "lora_rank": run.lora_rank,
-        "last_request_time": _iso(last_request),
+        "last_request_time": wire.iso_time(last_request),
         "last_checkpoint": None if latest["weights"] is None else checkpoint_json(latest["weights"]),
         "last_sampler_checkpoint": None if latest["sampler_weights"] is None else
         checkpoint_json(latest["sampler_weights"]),
@@ -410,7 +405,7 @@ def external_weights_urls(run_id: str, checkpoint_id: str, request: Request, eng
         raise ApiError(404, f"checkpoint {path} not found") from None
     signer, now = request.app.state.signer, time.time()
     urls = {name: signer.url(str(request.base_url), path, name, now)[0] for name in files}
-    return {"urls": urls, "expires": datetime.fromtimestamp(now + signer.ttl_s, timezone.utc).isoformat()}
+    return {"urls": urls, "expires": wire.iso_time(now + signer.ttl_s)}
 
 
 @router.delete("/training_runs/{run_id}/checkpoints/{checkpoint_id:path}", status_code=204)

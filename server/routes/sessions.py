@@ -130,7 +130,7 @@ def search_sessions(body: JsonBody, store: StoreDep, owner: OwnerDep, engine: En
         runs = set(store.models_of_session(row.session_id))
         sizes = [c.size_bytes or 0 for c in ckpts if c.run_id in runs]
         meta = {str(k): str(v) for k, v in (row.user_metadata or {}).items()}
-        out.append({"session_id": row.session_id, "created_at": _iso(row.created), "owner": owner,
+        out.append({"session_id": row.session_id, "created_at": wire.iso_time(row.created), "owner": owner,
                     "project_id": row.project_id or "", "status": _status(row), "checkpoints_count": len(sizes),
                     "checkpoint_storage_bytes": sum(sizes), "display_name": row.display_name,
                     "user_metadata": meta or None})
@@ -168,10 +168,6 @@ def export_session_trace(session_id: str, request: Request, store: StoreDep, own
     URL of a JSON trace (Trace Event Format: ui.perfetto.dev opens it) built from its requests still on record."""
     owned_session(store, session_id, owner)
     return {"status": "ready", "url": request.app.state.signer.trace_url(str(request.base_url), session_id)}
-
-
-def _iso(ts: float) -> str:
-    return datetime.fromtimestamp(ts, timezone.utc).isoformat()
 
 
 @router.get("/sessions/{session_id}")
