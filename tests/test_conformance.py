@@ -354,6 +354,40 @@ def test_rl_loop_importance_sampling(service, state) -> None:
 
 
 @needs_sampler
+def test_stable_reinforce_over_rest(service, state) -> None:
+    """SDK 0.38's StableReinforce path: a sampler that records, rollouts whose datums carry provenance spans
+    (protobuf), the loss computed on the server from its records; a datum without spans, or naming a sample
+    that was not recorded, is refused naming the field."""
+    tc = _trained(state)
+    prompt = types.ModelInput.from_ints([3, 4, 5, 6])
+    params = types.SamplingParams(max_tokens=4, temperature=1.0, seed=5)
+
+    def datum(s, advantage=1.0):
+        toks = list(s.tokens)
+        d = types.Datum(model_input=prompt.append(types.EncodedTextChunk(tokens=toks[:-1])), loss_fn_inputs={
+            "target_tokens": [0] * 3 + toks, "advantages": [0.0] * 3 + [advantage] * len(toks)})
+        return d.with_provenance(
+            model_input=[types.PromptProvenanceSpan(sequence_id=s.sequence_id, length=4),
+                         types.SampledProvenanceSpan(sequence_id=s.sequence_id, length=len(toks) - 1)],
+            loss_fn_inputs=[types.PromptProvenanceSpan(sequence_id=s.sequence_id, offset=1, length=3),
+                            types.SampledProvenanceSpan(sequence_id=s.sequence_id, length=len(toks))])
+
+    recorded = tc.save_weights_and_get_sampling_client(record_stability_info=True).sample(prompt, 2, params).result()
+    out = tc.forward_backward([datum(s, a) for s, a in zip(recorded.sequences, (1.0, -1.0))],
+                              "stable_reinforce", {"kl_coeff": 0.01}).result()
+    lps = [np.asarray(o["logprobs"].tolist())[3:] for o in out.loss_fn_outputs]
+    np.testing.assert_allclose(out.metrics["loss:sum"], -np.sum(lps[0]) + np.sum(lps[1]), rtol=1e-4, atol=1e-5)
+    assert out.metrics["clipped_tokens:sum"] == 0
+
+    plain = tc.save_weights_and_get_sampling_client().sample(prompt, 1, params).result().sequences[0]
+    with pytest.raises(tinker.RequestFailedError, match=r"loss_fn_input_spans\[0\]\.sequence_id: no recorded sample"):
+        tc.forward_backward([datum(plain)], "stable_reinforce").result()
+    bare = types.Datum(model_input=datum(plain).model_input, loss_fn_inputs=datum(plain).loss_fn_inputs)
+    with pytest.raises(tinker.RequestFailedError, match=r"datum\[0\]\.loss_fn_input_spans: stable_reinforce needs"):
+        tc.forward_backward([bare], "stable_reinforce").result()
+
+
+@needs_sampler
 def test_named_sampler_checkpoint_and_path_sampler(service, state) -> None:
     tc = _trained(state)
     path = tc.save_weights_for_sampler("s1").result().path

@@ -8,8 +8,9 @@ in-process through the recipe's own entry point:
   local JSONL of conversations (`tests/cookbook_data/conversations.jsonl`, the recipe's `dataset=*.jsonl` branch),
   killed before its final checkpoint and run again on the same log_path: the cookbook finds its periodic checkpoint
   in `checkpoints.jsonl` and resumes through `create_training_client_from_state_with_optimizer`;
-- `recipes.math_rl.train` on the arithmetic environment with `loss_fn=importance_sampling` (sampling with
-  logprobs from a fresh sampler each step, then training on the rollouts);
+- `recipes.math_rl.train` on the arithmetic environment with its default loss, `stable_reinforce` (sampling with
+  `record_stability_info` from a fresh sampler each step, then training on the rollouts, which name their
+  sampled sequences through provenance spans);
 - DPO: `preference.train_dpo.main` (what `recipes/preference/dpo/train.py` calls; that CLI only names hub data
   sets, so the config it would build is built here around the cookbook's `ComparisonBuilderFromJsonl` over
   `tests/cookbook_data/comparisons.jsonl`).
@@ -295,10 +296,10 @@ def test_chat_sl_local_jsonl_with_resume(cookbook_env, model_dir, tmp_path, monk
     print(f"chat_sl: run 1 {t1 - t0:.1f}s, resumed run {t2 - t1:.1f}s")
 
 
-# --- RL: math_rl on the arithmetic environment with importance_sampling --------------------------------------------
+# --- RL: math_rl on the arithmetic environment with its default loss, stable_reinforce ------------------------------
 
 
-def test_math_rl_arithmetic_importance_sampling(cookbook_env, model_dir, tmp_path) -> None:
+def test_math_rl_arithmetic_stable_reinforce(cookbook_env, model_dir, tmp_path) -> None:
     import chz
     from tinker_cookbook.recipes.math_rl import train as math_rl
 
@@ -307,7 +308,7 @@ def test_math_rl_arithmetic_importance_sampling(cookbook_env, model_dir, tmp_pat
     groups, group_size, steps = 2, 4, 3
     argv = [f"log_path={log_path}", f"model_name={model_dir}", "env=arithmetic", f"renderer_name={RENDERER}",
             f"base_url={server.base_url}", f"group_size={group_size}", f"groups_per_batch={groups}",
-            "learning_rate=1e-3", "max_tokens=5", f"lora_rank={LORA_RANK}", "loss_fn=importance_sampling",
+            "learning_rate=1e-3", "max_tokens=5", f"lora_rank={LORA_RANK}",
             "save_every=2", "eval_every=0", f"max_steps={steps}", "behavior_if_log_dir_exists=raise"]
     t0 = time.monotonic()
     with _isolated_root_logging():
@@ -315,7 +316,7 @@ def test_math_rl_arithmetic_importance_sampling(cookbook_env, model_dir, tmp_pat
     elapsed = time.monotonic() - t0
 
     config = json.loads((log_path / "config.json").read_text())
-    assert config["loss_fn"] == "importance_sampling"
+    assert config["loss_fn"] == "stable_reinforce"  # the recipe's default
     metrics = [r for r in _jsonl(log_path / "metrics.jsonl") if "env/all/total_episodes" in r]
     assert [r["step"] for r in metrics] == list(range(steps))
     for r in metrics:

@@ -19,7 +19,7 @@ from tinker_jax.training import losses
 
 LENGTHS = (13, 7, 0, 10, 1)  # one full row, ragged rows, an all-padding row (bucket filler), a 1-token row
 B, T, K = len(LENGTHS), 13, 3
-RL_NAMES = ("importance_sampling", "ppo", "cispo", "dro", "gspo")
+RL_NAMES = ("importance_sampling", "ppo", "cispo", "dro", "gspo", "stable_reinforce")
 
 
 def make_batch(seed: int, top_k: bool = False):
@@ -34,6 +34,7 @@ def make_batch(seed: int, top_k: bool = False):
         "logprobs": (q + rng.normal(0.0, 0.3, (B, T))).astype(np.float32),
         "advantages": rng.normal(0.0, 1.0, (B, T)).astype(np.float32),
         "sequence_ratio_mask": (rng.uniform(size=(B, T)) < 0.7).astype(np.float32),
+        "sampled_mask": (rng.uniform(size=(B, T)) < 0.6).astype(np.float32),  # stable_reinforce: sampled tokens
     }
     return lp, inputs, mask
 
@@ -63,6 +64,11 @@ def ref_token_losses(name, lp, x, cfg):
         log_s = (lp.detach() - q)[in_ratio].mean() if in_ratio.any() else torch.zeros((), dtype=lp.dtype)
         ratio = torch.exp(log_s + lp - lp.detach())
         return -torch.minimum(ratio * adv, torch.clamp(ratio, lo, hi) * adv)
+    if name == "stable_reinforce":  # our documented objective (DESIGN.md): sampled tokens only
+        on = x["sampled_mask"] != 0
+        per = -torch.clamp(r, max=cfg["clip_high_threshold"]).detach() * adv * lp + cfg["kl_coeff"] * (
+            r - 1 - (lp - q))
+        return torch.where(on, per, torch.zeros_like(per))
     raise AssertionError(name)
 
 
@@ -106,6 +112,7 @@ CUSTOM = {
     "cispo": {"clip_low_threshold": 0.5, "clip_high_threshold": 1.3},
     "dro": {"beta": 0.3},
     "gspo": {"clip_low_threshold": 0.95, "clip_high_threshold": 1.05},
+    "stable_reinforce": {"clip_high_threshold": 1.1, "kl_coeff": 0.3},
 }
 
 
@@ -181,6 +188,32 @@ def test_clipped_tokens_metric(name):
     assert metrics == {"clipped_tokens:sum": float(expected)}
 
 
+def test_stable_reinforce_metrics_and_on_policy_gradient():
+    """Truncated tokens are counted where r > C on sampled tokens; the KL metric is the k3 sum there. On policy
+    (q = lp) the gradient is exactly -A on sampled tokens and 0 elsewhere, with or without the KL penalty."""
+    lp, inputs, mask = make_batch(seed=11)
+    cfg = losses.resolve_config("stable_reinforce", {"kl_coeff": 0.5, "clip_high_threshold": 1.2})
+    _, _, metrics = run_jax("stable_reinforce", lp, inputs, mask, cfg)
+    on = (inputs["sampled_mask"] != 0) & (mask > 0)
+    log_r = (lp - inputs["logprobs"]).astype(np.float64)
+    assert np.sum(on & (np.exp(log_r) > 1.2)) > 0
+    assert metrics["clipped_tokens:sum"] == float(np.sum(on & (np.exp(log_r) > 1.2)))
+    np.testing.assert_allclose(metrics["kl_to_sampler:sum"], np.sum((np.exp(log_r) - 1 - log_r)[on]), rtol=1e-5)
+    on_policy = dict(inputs, logprobs=lp.copy())
+    loss, grad, metrics = run_jax("stable_reinforce", lp, on_policy, mask, cfg)
+    np.testing.assert_allclose(grad, np.where(on, -inputs["advantages"], 0.0), rtol=1e-6, atol=1e-7)
+    np.testing.assert_allclose(loss, np.sum((-inputs["advantages"] * lp)[on]), rtol=1e-5)
+    assert metrics == {"clipped_tokens:sum": 0.0, "kl_to_sampler:sum": 0.0}
+
+
+def test_stable_reinforce_huge_ratio_stays_finite():
+    lp, inputs, mask = make_batch(seed=12)
+    far = dict(inputs, logprobs=np.full_like(lp, -80.0))  # r = e^(lp + 80): past float32 without the cap
+    loss, grad, metrics = run_jax("stable_reinforce", lp, far, mask, losses.resolve_config(
+        "stable_reinforce", {"kl_coeff": 1.0}))
+    assert np.isfinite(loss) and np.all(np.isfinite(grad)) and all(np.isfinite(v) for v in metrics.values())
+
+
 def test_per_token_clip_inputs_override_config():
     lp, inputs, mask = make_batch(seed=7)
     per_token = dict(inputs, clip_low_threshold=np.full_like(mask, 0.9), clip_high_threshold=np.full_like(mask, 1.1))
@@ -230,12 +263,13 @@ def test_all_padding_batch_is_zero():
 def test_registry_covers_the_sdk_losses():
     from tinker.types import LossFnType
 
-    assert set(losses.LOSSES) == set(typing.get_args(LossFnType)) - {"stable_reinforce", "custom"}
+    assert set(losses.LOSSES) == set(typing.get_args(LossFnType)) - {"custom"}
     for name, spec in losses.LOSSES.items():
         assert spec.name == name
     assert losses.get_loss("cross_entropy").required_inputs == ()
     for name in RL_NAMES:
-        assert losses.get_loss(name).required_inputs == ("logprobs", "advantages")
+        assert losses.get_loss(name).required_inputs[:2] == ("logprobs", "advantages")
+    assert losses.get_loss("stable_reinforce").required_inputs == ("logprobs", "advantages", "sampled_mask")
     assert "sequence_ratio_mask" in losses.get_loss("gspo").optional_inputs
     assert "weights" in losses.get_loss("cross_entropy").optional_inputs
 
@@ -253,14 +287,16 @@ def test_config_defaults():
         "clip_high_threshold": 1.5,
     }
     assert losses.validate("dro", {"beta": 1}) == {"beta": 1.0}
+    assert losses.resolve_config("stable_reinforce", {"kl_coeff": "0.01"}) == {"clip_high_threshold": 2.0,
+                                                                              "kl_coeff": 0.01}
 
 
 def test_unknown_loss_names_it_and_lists_supported():
     with pytest.raises(ValueError, match="'nope'") as err:
         losses.get_loss("nope")
     assert all(name in str(err.value) for name in losses.LOSSES)
-    with pytest.raises(ValueError, match="'stable_reinforce'"):
-        losses.resolve_config("stable_reinforce", None)
+    with pytest.raises(ValueError, match="'custom'"):  # forward_backward_custom runs on the client
+        losses.resolve_config("custom", None)
 
 
 @pytest.mark.parametrize(
@@ -273,6 +309,9 @@ def test_unknown_loss_names_it_and_lists_supported():
         ("dro", {"beta": "abc"}, "beta"),
         ("dro", {"beta": float("nan")}, "beta"),
         ("ppo", {"clip_low_threshold": 1.3}, "clip_low_threshold"),
+        ("stable_reinforce", {"kl_coeff": -0.1}, "kl_coeff"),
+        ("stable_reinforce", {"clip_high_threshold": 0}, "clip_high_threshold"),
+        ("stable_reinforce", {"clip_low_threshold": 0.5}, "clip_low_threshold"),
     ],
 )
 def test_bad_config_raises(name, config, match):

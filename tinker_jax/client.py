@@ -133,7 +133,8 @@ class ServiceClient:
 
     def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None,
                                retry_config=None, record_stability_info: bool = False) -> "SamplingClient":
-        return SamplingClient(self, self.engine.create_sampler(model_path=model_path, base_model=base_model))
+        return SamplingClient(self, self.engine.create_sampler(model_path=model_path, base_model=base_model),
+                              record_stability_info)
 
     async def create_sampling_client_async(self, *args, **kwargs) -> "SamplingClient":
         return self.create_sampling_client(*args, **kwargs)
@@ -222,10 +223,11 @@ class TrainingClient:
     def save_weights_and_get_sampling_client(self, name: str | None = None, retry_config=None,
                                              record_stability_info: bool = False, kind="snapshot") -> "SamplingClient":
         _, sampler_id = _retrying(lambda: self.engine.save_weights_for_sampler(self.model_id, None)).result()
-        return SamplingClient(self.service, sampler_id)
+        return SamplingClient(self.service, sampler_id, record_stability_info)
 
-    def create_sampling_client(self, model_path: str, retry_config=None) -> "SamplingClient":
-        return self.service.create_sampling_client(model_path=model_path)
+    def create_sampling_client(self, model_path: str, retry_config=None,
+                               record_stability_info: bool = False) -> "SamplingClient":
+        return self.service.create_sampling_client(model_path=model_path, record_stability_info=record_stability_info)
 
     def get_info(self) -> tt.GetInfoResponse:
         return self.engine.get_info(self.model_id)
@@ -252,9 +254,10 @@ class TrainingClient:
 
 
 class SamplingClient:
-    def __init__(self, service: ServiceClient, sampler_id: str):
+    def __init__(self, service: ServiceClient, sampler_id: str, record_stability_info: bool = False):
         self.service, self.sampler_id = service, sampler_id
         self.engine = service.engine
+        self.record_stability_info = bool(record_stability_info)  # every sample recorded for stable_reinforce
         # The engine keeps the sampler's weights (an adapter copy, or a whole model's for full fine-tuning) until
         # released: an RL loop makes a sampler per step and simply drops the old one.
         weakref.finalize(self, service.engine.release_sampler, sampler_id)
@@ -273,7 +276,8 @@ class SamplingClient:
                                                                include_prompt_logprobs, topk_prompt_logprobs,
                                                                topk_sample_logprobs=topk_sample_logprobs,
                                                                target_prompt_logprobs=target_prompt_logprobs,
-                                                               prompt_alt_tokens_k=prompt_alt_tokens_k)))
+                                                               prompt_alt_tokens_k=prompt_alt_tokens_k,
+                                                               record_stability_info=self.record_stability_info)))
 
     async def sample_async(self, *a, **k):
         return self.sample(*a, **k)

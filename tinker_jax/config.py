@@ -100,6 +100,10 @@ class EngineConfig:
     batch_window_ms: float = 5.0
     max_queued_per_tenant: int = 1024  # requests in flight per tenant (REST session); beyond: HTTP 429, retried
     max_queued: int = 8192  # requests in flight in the whole engine; beyond: HTTP 429, retried
+    # Samples recorded for StableReinforce (engine.stability): at most this many tokens (prompt + sampled, per
+    # sequence), each kept this long after its last use.
+    stability_log_tokens: int = 1 << 25
+    stability_idle_s: float = 3600.0
     local_paths: bool = True  # base_model may name a local HF directory not in `models` (the server turns it off)
     # Several processes (hosts) as one engine over one global mesh (tinker_jax.distributed): coordinator,
     # num_processes, process_id, or from_env. Unset: this process alone.

@@ -132,7 +132,8 @@ async def asample(body: JsonBody, engine: EngineDep, store: StoreDep, futures: F
                                topk_prompt_logprobs=int(req.topk_prompt_logprobs or 0), tenant=row.session_id,
                                topk_sample_logprobs=req.topk_sample_logprobs or 0,
                                target_prompt_logprobs=req.target_prompt_logprobs,
-                               prompt_alt_tokens_k=req.prompt_alt_tokens_k or 0)
+                               prompt_alt_tokens_k=req.prompt_alt_tokens_k or 0,
+                               record_stability_info=bool(req.record_stability_info), sequence_ids=sequence_ids)
         return future if post is None else then(future, post)
 
     # In a thread: the first sample of a base model builds its sampler.

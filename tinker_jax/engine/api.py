@@ -105,7 +105,8 @@ class EngineAPI(Protocol):
                include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, *,
                tenant: str | None = None, topk_sample_logprobs: int = 0,
                target_prompt_logprobs: tt.TensorData | None = None,
-               prompt_alt_tokens_k: int = 0) -> Future: ...  # -> tt.SampleResponse
+               prompt_alt_tokens_k: int = 0, record_stability_info: bool = False,
+               sequence_ids: Sequence[str] | None = None) -> Future: ...  # -> tt.SampleResponse
 
     # --- runs and checkpoints on record ------------------------------------------------------------------------------
     def get_run(self, run_id: str) -> RunInfo | None: ...

@@ -30,7 +30,7 @@ import tinker.types as tt
 
 from tinker_jax import atomic, datadir, distributed
 from tinker_jax.config import EngineConfig
-from tinker_jax.engine import checkpoints, files, index, replicas, requests as rq
+from tinker_jax.engine import checkpoints, files, index, replicas, requests as rq, stability
 from tinker_jax.engine.api import CheckpointInfo, EngineAPI, RunInfo
 from tinker_jax.engine.registry import FILE as REGISTRY_FILE, Registry, TinkerPath, check_name
 from tinker_jax.engine.scheduler import Request
@@ -97,6 +97,7 @@ class Engine(EngineAPI):
         self._workers: dict[str, BaseWorker] = {}
         self._handles: dict[str, _Handle] = {}
         self._snapshots: dict[str, WeightSnapshot] = {}
+        self.stability = stability.StabilityLog(config.stability_log_tokens, config.stability_idle_s)
         self._path_pending: dict[str, list[Future]] = {}  # checkpoint path -> unfinished requests on it, in order
         self._order_lock = threading.Lock()  # path order + queueing, atomically (taken before _lock, never inside)
         # Work on checkpoint paths that needs no device (delete, publish, TTL), on its path's turn, off the callers.
@@ -441,6 +442,8 @@ class Engine(EngineAPI):
         try:
             h = self._handle(model_id)
             cfg = h.worker.cfg
+            if loss_fn == "stable_reinforce":  # its behaviour logprobs are the recorded samples' (before validation)
+                data = self.stability.resolve(list(data), tenant or LOCAL)
             rows = batching.validate(list(data), loss_fn, loss_fn_config, vocab_size=cfg.vocab_size,
                                      max_len=min(cfg.max_position_embeddings, self.config.max_seq_len),
                                      max_tokens=self.config.max_tokens_per_request)
@@ -692,7 +695,11 @@ class Engine(EngineAPI):
     def sample(self, sampler_id: str, prompt: tt.ModelInput, num_samples: int, sampling_params: tt.SamplingParams,
                include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, *,
                tenant: str | None = None, topk_sample_logprobs: int = 0,
-               target_prompt_logprobs: tt.TensorData | None = None, prompt_alt_tokens_k: int = 0) -> Future:
+               target_prompt_logprobs: tt.TensorData | None = None, prompt_alt_tokens_k: int = 0,
+               record_stability_info: bool = False, sequence_ids: Sequence[str] | None = None) -> Future:
+        """`sequence_ids`: the SampledSequence ids, one per sample (default "<request>:<i>"). With
+        `record_stability_info` each sequence is recorded for stable_reinforce before the future completes, so a
+        training request sent on seeing the result finds it."""
         try:
             snap = self._snapshot(sampler_id)
             tokens = batching.datum_tokens(tt.Datum(model_input=prompt, loss_fn_inputs={}), 0)
@@ -704,10 +711,18 @@ class Engine(EngineAPI):
             return failed(e)
         tenant = tenant or LOCAL
         self._admit(tenant)
-        return self._bounded(tenant, worker.submit_sample(snap, tokens, sampling_params, num_samples,
-                                                          include_prompt_logprobs, topk_prompt_logprobs, tenant,
-                                                          topk_sample_logprobs, target_prompt_logprobs,
-                                                          prompt_alt_tokens_k))
+        fut = self._bounded(tenant, worker.submit_sample(snap, tokens, sampling_params, num_samples,
+                                                         include_prompt_logprobs, topk_prompt_logprobs, tenant,
+                                                         topk_sample_logprobs, target_prompt_logprobs,
+                                                         prompt_alt_tokens_k, sequence_ids))
+        if not record_stability_info:
+            return fut
+
+        def record(resp: tt.SampleResponse) -> tt.SampleResponse:
+            self.stability.record(tenant, tokens, resp.sequences)
+            return resp
+
+        return then(fut, record)
 
     def storage_usage(self, owner: str | None) -> tuple[int, int]:
         return self.registry.usage(owner)

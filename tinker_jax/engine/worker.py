@@ -255,7 +255,7 @@ class BaseWorker:
 
     def submit_sample(self, snap: WeightSnapshot, tokens, params, num_samples: int, include_prompt_logprobs: bool,
                       topk_prompt_logprobs: int, tenant: str, topk_sample_logprobs: int = 0,
-                      target_prompt_logprobs=None, prompt_alt_tokens_k: int = 0) -> Future:
+                      target_prompt_logprobs=None, prompt_alt_tokens_k: int = 0, sequence_ids=None) -> Future:
         """Queue a sample on this model's sampler. Several processes: the leader gives it a place in the log
         (alongside training requests) and publishes it with the sampler step that admits it; a follower's own
         call waits for its replay there (mirrors), after the same validation."""
@@ -264,13 +264,13 @@ class BaseWorker:
         if self.engine.procs is None:
             return sampler.submit(*args, tenant=tenant, topk_sample_logprobs=topk_sample_logprobs,
                                   target_prompt_logprobs=target_prompt_logprobs,
-                                  prompt_alt_tokens_k=prompt_alt_tokens_k)
+                                  prompt_alt_tokens_k=prompt_alt_tokens_k, sequence_ids=sequence_ids)
         try:
             if snap.origin is None:
                 raise UserError("sampler: this snapshot was not made by this engine")
             req = sampler.prepare(*args, tenant=tenant, topk_sample_logprobs=topk_sample_logprobs,
                                   target_prompt_logprobs=target_prompt_logprobs,
-                                  prompt_alt_tokens_k=prompt_alt_tokens_k)
+                                  prompt_alt_tokens_k=prompt_alt_tokens_k, sequence_ids=sequence_ids)
         except (UserError, ValueError) as e:
             return failed(e)
         if self._mirrors is not None:

@@ -34,6 +34,12 @@ CISPO_CLIP = {"clip_low_threshold": 0.0, "clip_high_threshold": 4.0}
 GSPO_CLIP = dict(PPO_CLIP)
 # The Tinker docs state no DRO default; 0.05 is the value their "Custom beta" example passes.
 DRO_BETA = 0.05
+# StableReinforce: Tinker publishes its inputs (recorded samples, provenance spans, a `kl_coeff`) but not its
+# objective; ours is documented in DESIGN.md. Truncation at 2 follows truncated importance sampling (Yao et al.,
+# 2025, "Your efficient RL framework secretly brings you off-policy RL training"); no KL penalty unless asked.
+STABLE_REINFORCE = {"clip_high_threshold": 2.0, "kl_coeff": 0.0}
+# exp of a larger log ratio overflows float32 in the KL term; past it the term is linear in the capped ratio.
+LOG_RATIO_CAP = 20.0
 
 # Per-token clip thresholds: the SDK coerces these loss_fn_inputs keys to float32, so a datum may carry them.
 # When present (already padded to [B,T]) they override the config value.
@@ -130,6 +136,26 @@ def gspo(lp, inputs, mask, config):
     return _masked_sum(per_token, mask), _clipped_tokens(ratio, lo, hi, mask)
 
 
+def stable_reinforce(lp, inputs, mask, config):
+    """On sampled tokens only (`sampled_mask`, written by the server from the recorded samples, with `logprobs`
+    the recorded sampler logprobs q): -sg(min(r, C)) * A * lp + kl_coeff * (r - 1 - log r), r = exp(lp - q).
+
+    REINFORCE weighted by the truncated importance ratio, so stale (off-policy) samples cannot blow up a step,
+    plus the k3 estimate of KL(sampler || learner) as an optional penalty. Other positions (prompt tokens the
+    provenance names, placeholders) add nothing.
+    """
+    lp, x = _sanitize(lp, inputs, mask, ("logprobs", "advantages", "sampled_mask"))
+    on = (x["sampled_mask"] != 0) & (mask > 0)
+    log_r = jnp.minimum(jnp.where(on, lp - x["logprobs"], 0.0), LOG_RATIO_CAP)
+    ratio = jnp.exp(log_r)
+    hi = config["clip_high_threshold"]
+    kl = ratio - 1.0 - log_r  # >= 0, 0 on-policy; d/dlp = r - 1
+    per_token = -sg(jnp.minimum(ratio, hi)) * x["advantages"] * lp + config["kl_coeff"] * kl
+    clipped = jnp.where(on & (ratio > hi), 1.0, 0.0)
+    return _masked_sum(jnp.where(on, per_token, 0.0), mask), {"clipped_tokens:sum": _masked_sum(clipped, mask),
+                                                              "kl_to_sampler:sum": _masked_sum(sg(kl), mask)}
+
+
 _RL_INPUTS = ("logprobs", "advantages")
 
 LOSSES: dict[str, LossSpec] = {
@@ -141,6 +167,8 @@ LOSSES: dict[str, LossSpec] = {
         LossSpec("cispo", cispo, _RL_INPUTS, _CLIP_INPUTS, CISPO_CLIP),
         LossSpec("dro", dro, _RL_INPUTS, (), {"beta": DRO_BETA}),
         LossSpec("gspo", gspo, _RL_INPUTS, ("sequence_ratio_mask", *_CLIP_INPUTS), GSPO_CLIP),
+        # logprobs and sampled_mask come from the server's records (engine.stability), not from the client.
+        LossSpec("stable_reinforce", stable_reinforce, (*_RL_INPUTS, "sampled_mask"), (), STABLE_REINFORCE),
     )
 }
 
@@ -177,6 +205,9 @@ def resolve_config(name: str, config: Mapping[str, Any] | None) -> dict[str, flo
             raise UserError(f"loss_fn_config[{key!r}] for {name!r} must be a number, got {value!r}") from None
         if not math.isfinite(out[key]):
             raise UserError(f"loss_fn_config[{key!r}] for {name!r} must be finite, got {value!r}")
+    if name == "stable_reinforce" and (out["clip_high_threshold"] <= 0 or out["kl_coeff"] < 0):
+        raise UserError(f"loss_fn_config for {name!r}: clip_high_threshold must be > 0 and kl_coeff >= 0, got "
+                        f"{out['clip_high_threshold']} and {out['kl_coeff']}")
     if "clip_low_threshold" in out and out["clip_low_threshold"] > out["clip_high_threshold"]:
         raise UserError(
             f"loss_fn_config for {name!r}: clip_low_threshold {out['clip_low_threshold']} > "
