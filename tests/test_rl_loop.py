@@ -84,7 +84,7 @@ def test_stable_reinforce_trains_on_the_recorded_samples(service):
     trainer's); after a step the same rollouts are off policy and the loss is our documented objective computed
     from the recorded sampler logprobs and the trainer's new ones. A sampler that did not record, and a target
     that is not the sampled token, are refused naming the field."""
-    tc = service.create_lora_training_client("small", rank=8, seed=1)
+    tc = service.create_lora_training_client("small", rank=16, seed=1)  # the rank above: its programs
     prompt = tc.get_tokenizer().encode("The weather today is")
     params = tt.SamplingParams(max_tokens=6, temperature=1.0, seed=3, stop=[])
     seqs = tc.save_weights_and_get_sampling_client(record_stability_info=True).sample(
