@@ -145,6 +145,23 @@ def test_kv_cache_bytes(tmp_path):
     assert four.line("kv_cache").bytes == 2 * L * (13 + 1) * 16 * K * H * 2
 
 
+def test_sampler_dtype_copies_the_base_weights(tmp_path):
+    """sampler.dtype bfloat16 on a float32 engine: the KV cache and adapter table in bf16, plus a bf16 copy of the
+    base weights (the engine's `_cast`); the same dtype as the engine adds nothing."""
+    cfg = P.read_config(_write(tmp_path, "tiny", TINY))
+    mesh = P.parse_mesh("fsdp=2,tensor=2")
+    fp32 = P.plan(cfg, mesh, lora_rank=4, sampler_batch=4, sampler_seq_len=100)
+    same = P.plan(cfg, mesh, lora_rank=4, sampler_batch=4, sampler_seq_len=100, sampler_dtype="float32")
+    bf16 = P.plan(cfg, mesh, lora_rank=4, sampler_batch=4, sampler_seq_len=100, sampler_dtype="bfloat16")
+    assert same.total == fp32.total
+    params = 19680  # per device, test_tiny_qwen3_parameters_by_hand
+    assert bf16.line("kv_cache").bytes * 2 == fp32.line("kv_cache").bytes
+    assert bf16.line("sampler_weights").bytes == fp32.line("sampler_weights").bytes // 2 + params * 2
+    assert bf16.line("parameters").bytes == params * 4  # training's base weights stay fp32
+    full = P.plan(cfg, mesh, full=True, sampler_dtype="bfloat16")
+    assert full.line("sampler_weights").bytes == params * 2  # a snapshot of the run, cast
+
+
 def test_llama3_8b_kv_cache_and_fit(tmp_path):
     cfg = P.read_config(_write(tmp_path, "llama8b", LLAMA8B) / "config.json")  # a config.json path works too
     p = P.plan(cfg, P.parse_mesh("fsdp=8"), dtype="bfloat16", sampler_batch=64, sampler_seq_len=4096,

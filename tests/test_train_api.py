@@ -343,3 +343,34 @@ def test_bad_input_leaves_accumulated_gradient_intact(bad_pair):
     a = dirty.forward_backward(good, "cross_entropy").result()
     b = clean.forward_backward(good, "cross_entropy").result()
     assert a.metrics == b.metrics
+
+
+def test_bfloat16_sampler_on_a_float32_engine(model_dir, tmp_path):
+    """sampler.dtype bfloat16 beside fp32 training: the sampler computes with a bf16 copy of the base weights and a
+    bf16 KV cache, and its logprobs of the tokens it draws stay within docs/numerics.md's bf16 bounds of the
+    trainer's fp32 forward (for a LoRA snapshot and the base model), without being the fp32 numbers."""
+    from tinker_jax.config import SamplerConfig
+
+    cfg = EngineConfig(models={"tiny": str(model_dir)}, sampler=SamplerConfig(dtype="bfloat16", max_seq_len=64))
+    with tinker_jax.ServiceClient(data_dir=tmp_path, config=cfg) as svc:
+        tc = svc.create_lora_training_client("tiny", rank=4, seed=0)
+        prompt = [5, 17, 42, 99, 7, 3]
+        tc.forward_backward([tt.Datum(model_input=tt.ModelInput.from_ints(prompt[:-1]),
+                                      loss_fn_inputs={"target_tokens": prompt[1:]})], "cross_entropy")
+        tc.optim_step(tt.AdamParams(learning_rate=1e-2)).result()
+        worker = svc.engine._worker("tiny")
+        assert {x.dtype for x in jax.tree.leaves(worker.sample_base)} == {np.dtype("bfloat16")}
+        assert {x.dtype for x in jax.tree.leaves(worker.base)} == {np.dtype("float32")}  # training is untouched
+        assert worker.get_sampler().cache_dtype == jax.numpy.bfloat16
+        params = tt.SamplingParams(max_tokens=12, temperature=1.0, seed=4)
+        for sampler, trainer in ((tc.save_weights_and_get_sampling_client(), tc),
+                                 (svc.create_sampling_client(base_model="tiny"), None)):
+            s = sampler.sample(tt.ModelInput.from_ints(prompt), 1, params).result().sequences[0]
+            full = prompt + list(s.tokens)
+            datum = tt.Datum(model_input=tt.ModelInput.from_ints(full[:-1]), loss_fn_inputs={"target_tokens": full[1:]})
+            if trainer is None:  # the base model's forward: a rank-4 run that was never trained (B = 0)
+                trainer = svc.create_lora_training_client("tiny", rank=4, seed=1)
+            want = logprobs(trainer.forward([datum], "cross_entropy").result())[0][len(prompt) - 1:]
+            dev = np.abs(np.asarray(s.logprobs) - want)
+            assert dev.mean() < 0.05 and dev.max() < 0.25, dev
+            assert dev.max() > 1e-5  # bf16 arithmetic, not the fp32 numbers

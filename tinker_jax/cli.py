@@ -86,6 +86,9 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="sampler KV cache size in tokens, sampler.kv_cache_tokens (default rows x seq len)")
     p.add_argument("--sampler-page-size", type=int, default=16, metavar="N",
                    help="tokens per sampler KV page, sampler.page_size (default 16)")
+    p.add_argument("--sampler-dtype", default=None, choices=["float32", "bfloat16"],
+                   help="sampler.dtype: the sampler's weights, KV cache and compute (default: --param-dtype; "
+                        "another dtype keeps a copy of the base weights in it)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes as integers)")
 
 
@@ -100,7 +103,8 @@ def _run_plan(args: argparse.Namespace) -> int:
         batch_tokens=args.batch_tokens, seq_len=args.seq_len, remat=args.remat, dtype=args.dtype,
         attention=args.attention, device_memory=args.device_memory, sampler_batch=args.sampler_batch,
         sampler_seq_len=args.sampler_seq_len, sampler_adapters=args.sampler_adapters,
-        sampler_kv_tokens=args.sampler_kv_tokens, sampler_page_size=args.sampler_page_size)
+        sampler_kv_tokens=args.sampler_kv_tokens, sampler_page_size=args.sampler_page_size,
+        sampler_dtype=args.sampler_dtype)
     if args.json:
         print(json.dumps({"config": str(args.model), **result.to_dict()}, indent=2))
     else:

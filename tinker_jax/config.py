@@ -44,6 +44,10 @@ class SamplerConfig:
     #                                     max_seq_len); paged: a row takes what its prompt + max_tokens need, the
     #                                     samples of one prompt share its full pages; a sample waits for free pages
     page_size: int = 16  # jax: tokens per KV-cache page
+    # jax: the sampler's compute and weight dtype, "float32" or "bfloat16"; None: the engine's `dtype`. A dtype
+    # other than the engine's keeps a copy of the base weights in it for sampling (bf16: half the bytes read per
+    # decode step; logits and logprobs stay fp32, within docs/numerics.md's tolerance of the trainer's).
+    dtype: str | None = None
 
 
 @dataclass(frozen=True)
@@ -129,6 +133,8 @@ class EngineConfig:
             bad = sorted(set(s) - {f.name for f in fields(SamplerConfig)})
             if bad:
                 raise ValueError(f"config.sampler: unknown keys {bad}")
+            if s.get("dtype") not in (None, "float32", "bfloat16"):
+                raise ValueError(f"config.sampler.dtype: expected float32, bfloat16 or null, got {s['dtype']!r}")
             d["sampler"] = SamplerConfig(**s)
         if "lora" in d:
             s = dict(d["lora"] or {})

@@ -447,13 +447,14 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
          adapters: int = 1, batch_tokens: int = 8192, seq_len: int | None = None, remat: bool = False,
          dtype: str = "float32", attention: str = "einsum", device_memory: int | str | None = None,
          sampler_batch: int = 16, sampler_seq_len: int = 1024, sampler_adapters: int = 16,
-         sampler_kv_tokens: int | None = None, sampler_page_size: int = 16) -> Plan:
+         sampler_kv_tokens: int | None = None, sampler_page_size: int = 16, sampler_dtype: str | None = None) -> Plan:
     """Per-device memory of training (LoRA rank `lora_rank`, or `full`) and sampling one base model on `mesh`.
 
     Defaults are the engine's (config.EngineConfig / SamplerConfig / LoraConfig): dtype float32, one micro-batch of
     `batch_tokens` (max_tokens_per_batch) in rows of `seq_len` tokens (default: one row per batch shard), a
     sampler of 16 rows x 1024 tokens with 16 resident adapters and a KV cache of rows x tokens (`sampler_kv_tokens`
-    in pages of `sampler_page_size`). Errors name the CLI flag of the bad argument.
+    in pages of `sampler_page_size`), all in `sampler_dtype` (default `dtype`; another keeps a copy of the base
+    weights in it). Errors name the CLI flag of the bad argument.
     """
     from jax.sharding import NamedSharding
 
@@ -464,6 +465,8 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
 
     if dtype not in DTYPES:
         raise PlanError(f"--param-dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
+    if sampler_dtype is not None and sampler_dtype not in DTYPES:
+        raise PlanError(f"--sampler-dtype: expected one of {', '.join(DTYPES)}, got {sampler_dtype!r}")
     if attention not in ATTENTIONS:
         raise PlanError(f"--attention: expected one of {', '.join(ATTENTIONS)}, got {attention!r}")
     if not full and (lora_rank is None or isinstance(lora_rank, bool) or int(lora_rank) < 1):
@@ -482,6 +485,8 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
                         f"(lora.max_slots {lcfg.max_slots}; slot 0 is the null adapter)")
 
     b = DTYPES[dtype]
+    sdt = sampler_dtype or dtype
+    sb = DTYPES[sdt]  # the sampler's itemsize
     rank = None if full else int(lora_rank)
     amesh = mesh.abstract()
     one = mesh.abstract(data=1, fsdp=1, tensor=1, expert=1)
@@ -500,8 +505,9 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
         trainable_note = "full fine-tuning: the run's private fp32 copy of every weight (FullState)"
         grad_note = "fp32 accumulator + the step's fresh gradient, before it is added in"
         # sampling a full run's weights: save_weights_for_sampler snapshots a copy of them
-        sampler_w, sampler_w_whole = trainable, n_params * FP32
-        sampler_note = "one sampled snapshot of the run: a copy of its fp32 weights, placed like them"
+        snap_b, snap_dt = (sb, sdt) if sampler_dtype else (FP32, "fp32")  # the run's fp32 weights, or cast
+        sampler_w, sampler_w_whole = params_local * snap_b, n_params * snap_b
+        sampler_note = f"one sampled snapshot of the run: a copy of its weights in {snap_dt}, placed like them"
     else:
         slots = pool_capacity(adapters, lcfg.initial_slots, lcfg.max_slots)
         trainable_params = sum(math.prod(s) for w in lora_math.shapes(cfg, rank).values() for s in w.values())
@@ -512,10 +518,14 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
         trainable_note = (f"LoRA rank {rank} pool: {slots} slots x {fmt_bytes(per_slot)} (fp32, every projection; "
                           f"slot 0 is the null adapter; {runs})")
         grad_note = f"fp32 accumulator ({slots} slots) + the step's copy of the adapters of {runs} and their gradient"
-        sampler_w = _adapter_bytes(cfg, rank, sampler_adapters + 1, amesh, b)
-        sampler_w_whole = _adapter_bytes(cfg, rank, sampler_adapters + 1, one, b)
-        sampler_note = (f"sampler adapter table, rank {rank}: {sampler_adapters}+1 slots in {dtype}, placed like the "
+        sampler_w = _adapter_bytes(cfg, rank, sampler_adapters + 1, amesh, sb)
+        sampler_w_whole = _adapter_bytes(cfg, rank, sampler_adapters + 1, one, sb)
+        sampler_note = (f"sampler adapter table, rank {rank}: {sampler_adapters}+1 slots in {sdt}, placed like the "
                         "pools (built when an adapter of this rank is first sampled)")
+        if sdt != dtype:
+            sampler_w += params_local * sb
+            sampler_w_whole += n_params * sb
+            sampler_note += f"; and the sampler's copy of the base weights in {sdt} (sampler.dtype)"
 
     # ---- estimates: activations and the FSDP workspace of one micro-batch
     seq = seq_len or default_seq_len(batch_tokens, mesh.batch_shards,
@@ -548,7 +558,7 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
     kv_shape = (cfg.n_layers, n, pages_per_shard(kv_tokens, sampler_page_size, n) if B else 0, sampler_page_size,
                 cfg.n_kv_heads, cfg.head_dim)
     kv_spec = spec_for(("batch", None, None, "kv_heads", "head_dim"), kv_shape, amesh)
-    kv = 2 * _nbytes(NamedSharding(amesh, kv_spec).shard_shape(kv_shape), b)
+    kv = 2 * _nbytes(NamedSharding(amesh, kv_spec).shard_shape(kv_shape), sb)
     if B != sampler_batch:
         notes.append(f"sampler rows: {sampler_batch} rounded up to {B}, a multiple of the batch shards "
                      "(data x expert x fsdp)")
@@ -557,7 +567,7 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
         sampler_note = "no sampler (--sampler-batch 0)"
     elif mesh.devices > 1:
         notes.append(f"sampler: placed over the engine's mesh (sampling.kernels.Placement); a sampler on one device "
-                     f"would hold its whole cache ({fmt_bytes(2 * _nbytes(kv_shape, b))}) and "
+                     f"would hold its whole cache ({fmt_bytes(2 * _nbytes(kv_shape, sb))}) and "
                      f"{'snapshot' if full else 'adapter table'} ({fmt_bytes(sampler_w_whole)}) there")
 
     scores = f", attention probabilities {fmt_bytes(parts['scores_per_layer'])}" if parts["scores_per_layer"] else ""
@@ -577,7 +587,7 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
              "none: fsdp = 1 (each device holds its weights whole, up to tensor)", False),
         Line("kv_cache", kv, f"sampler ({B} rows), k and v pages [{cfg.n_layers} layers, {n} shards, {kv_shape[2]} "
              f"pages (1 scratch) of {sampler_page_size} tokens, {cfg.n_kv_heads} kv heads, {cfg.head_dim}] for "
-             f"{kv_tokens:,} tokens in {dtype}, placed {_spec_text(kv_spec)}", True),
+             f"{kv_tokens:,} tokens in {sdt}, placed {_spec_text(kv_spec)}", True),
         Line("sampler_weights", sampler_w, sampler_note, True),
     )
     total = sum(x.bytes for x in lines)

@@ -88,6 +88,9 @@ class BaseWorker:
         self.load_error: BaseException | None = None
         self.loaded = threading.Event()
         self.graphdef = self.base = self.dtype = None
+        # What snapshots sample with: the training graph and base weights, or (sampler.dtype other than the engine's)
+        # a graph computing in that dtype and a copy of the base weights in it.
+        self.sample_graphdef = self.sample_base = self.sample_dtype = None
         self.attention = "einsum"
         self.pools: dict[int, AdapterPool] = {}
         self.runs: dict[str, Run] = {}
@@ -334,10 +337,20 @@ class BaseWorker:
         graphdef, self.base = nnx.split(dec, nnx.Param)
         self.graphdef = StaticGraph(graphdef)
         self.dtype = dtype
+        self.sample_graphdef, self.sample_base, self.sample_dtype = self.graphdef, self.base, dtype
         self.attention = self.engine.attention_for(self.cfg)
         if self.config.sampler.backend == "jax":
             from tinker_jax.sampling import make_sampler
 
+            want = self.config.sampler.dtype
+            if want is not None and jnp.dtype(want) != jnp.dtype(dtype):
+                # The decoder's compute dtype is static in its graph: a second graph, and the weights cast once
+                # (each keeps its sharding). Snapshots of runs are cast when taken (`_for_sampling`).
+                dec.dtype = self.sample_dtype = jnp.dtype(want).type
+                graphdef, _ = nnx.split(dec, nnx.Param)
+                self.sample_graphdef = StaticGraph(graphdef)
+                self.sample_base = self._cast(self.base)
+                dec = merge(self.sample_graphdef, self.sample_base)
             self.sampler = make_sampler(self._sampler_base(dec), self.config.sampler, on_submit=self.wake,
                                         mesh=self.mesh)
             self.sampler.explain = self._explain
@@ -868,12 +881,19 @@ class BaseWorker:
             self._writing[run.owner] += need
         return need
 
+    def _cast(self, params):
+        """Weights in the sampler's dtype (a copy, even when it is theirs: never donated by a later step)."""
+        return jax.tree.map(lambda x: x.astype(self.sample_dtype) if jnp.issubdtype(x.dtype, jnp.floating)
+                            else jnp.copy(x), params)
+
     def _snapshot(self, run: Run, name: str | None) -> WeightSnapshot:
         if run.is_lora:
             adapter = self.pools[run.spec.rank].read(run.slot, run.spec)
-            return WeightSnapshot(self.cfg, self.graphdef, self.base, adapter, name or "", self.name)
-        params = jax.tree.map(jnp.copy, run.full.params)  # never donated later: optimizer steps cannot touch it
-        return WeightSnapshot(self.cfg, self.graphdef, params, None, name or "", self.name)
+            return WeightSnapshot(self.cfg, self.sample_graphdef, self.sample_base, adapter, name or "", self.name)
+        # A copy: optimizer steps donate the run's own arrays, never the snapshot's.
+        params = self._cast(run.full.params) if self.sample_graphdef is not self.graphdef else \
+            jax.tree.map(jnp.copy, run.full.params)
+        return WeightSnapshot(self.cfg, self.sample_graphdef, params, None, name or "", self.name)
 
     def _restore(self, run: Run, path: TinkerPath, with_optimizer: bool) -> dict:
         d, meta = self._checkpoint(path)
@@ -942,17 +962,20 @@ class BaseWorker:
 
     def _open_snapshot(self, body: rq.OpenSnapshot) -> WeightSnapshot:
         if body.path is None:
-            return WeightSnapshot(self.cfg, self.graphdef, self.base, None, "", self.name)
+            return WeightSnapshot(self.cfg, self.sample_graphdef, self.sample_base, None, "", self.name)
         d, meta = self._checkpoint(body.path, "model_path")
         if meta.get("full_finetune", False):
             weights, _, _ = checkpoints.restore(d, _full_like(self.base))
             params = jax.tree.map(lambda x: x, self.base)  # a State of the same structure, then its own weights
             params.replace_by_pure_dict(weights)
-            return WeightSnapshot(self.cfg, self.graphdef, params, None, str(body.path), self.name)
+            if self.sample_graphdef is not self.graphdef:
+                params = self._cast(params)
+            return WeightSnapshot(self.cfg, self.sample_graphdef, params, None, str(body.path), self.name)
         spec = LoraSpec.from_meta(meta)
         like = _lora_like(self.cfg, spec, self.mesh)
         weights, _, _ = checkpoints.restore(d, like)
-        return WeightSnapshot(self.cfg, self.graphdef, self.base, Adapter(spec, weights), str(body.path), self.name)
+        return WeightSnapshot(self.cfg, self.sample_graphdef, self.sample_base, Adapter(spec, weights),
+                              str(body.path), self.name)
 
     # --- introspection (tests, stats) ------------------------------------------------------------------------------
 
