@@ -63,7 +63,10 @@ def _results(out: str) -> list[dict]:
 
 
 def _env(devices: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TINKER_JAX_")}
+    # Without the caller's TINKER_JAX_ settings and the test runner's shared XLA cache (scripts/run_tests.py): these
+    # processes of one jax.distributed job compile their own programs.
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TINKER_JAX_", "JAX_COMPILATION_CACHE",
+                                                                    "JAX_PERSISTENT_CACHE"))}
     # XLA's CPU optimisation off (models_util.FAST_XLA as flags): these processes compile far more than they run
     env.update(XLA_FLAGS=f"--xla_force_host_platform_device_count={devices} --xla_backend_optimization_level=0 "
                          "--xla_cpu_use_fusion_emitters=false", JAX_PLATFORMS="cpu")
