@@ -188,7 +188,8 @@ def test_chunked_prefill_over_a_mesh_equals_a_whole_prefill_on_one_device():
         while s.has_work():
             s.step()
         out.append(fut.result(timeout=0))
-        assert s.stats["prefill_chunks"] == (0 if chunk is None else 8)  # 12 prompt tokens, bucket 32, chunks of 4
+        # 12 prompt positions in chunks of 4: 3 chunks (not the 32-token bucket's 8)
+        assert s.stats["prefill_chunks"] == (0 if chunk is None else 3)
     _assert_same(out[1:], out[:1])
     got, want = (np.asarray(o.target_prompt_logprobs.data) for o in out[::-1])
     assert np.count_nonzero(want) == 12 * 2 - 1  # every asked cell has a (negative) logprob, the -1 cell 0.0

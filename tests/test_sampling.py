@@ -744,3 +744,50 @@ def test_a_script_ending_with_samples_in_flight_exits_cleanly(hf_dir, tmp_path):
     proc = subprocess.run([sys.executable, "-c", _EXIT_CHILD, str(hf_dir[0])], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0 and proc.stdout.strip() == "exiting", (proc.returncode, proc.stderr[-2000:])
+
+
+def test_prefix_cache_serves_the_next_turn(snap):
+    """A conversation's next turn: turn 2's prompt is turn 1's (150 tokens) plus 70 more. With 64-token chunks,
+    turn 1 leaves its first two chunks' KV pages cached; turn 2 gathers them and prefills only chunks 2 and 3
+    (prompt_cache_hit_tokens 128), and its tokens and logprobs equal turn 2 on a sampler without the cache. A request
+    that scores its prompt, and one of other weights (a LoRA adapter), prefill everything; cached pages give way
+    when a row needs them."""
+    first = prompt_of(140, 150)
+    second = first + prompt_of(141, 70)
+    seeded = P(max_tokens=5, seed=3, stop=[])
+
+    def make(cache, kv=None):
+        return Sampler(snap.cfg, [EOS], max_batch=4, max_seq_len=320, prefill_lengths=(16, 256),
+                       prefill_batches=(1, 4), prefill_chunk=64, prefix_cache=cache, decode_steps=4,
+                       kv_cache_tokens=kv).drive(lambda: None)
+
+    s, ref = make(True), make(False)
+    try:
+        _run_steps(s, [s.submit(snap, first, seeded)])
+        chunks = s.stats["prefill_chunks"]
+        # 149 positions: 3 chunks (not the 256-token bucket's 4); prefixes of 64 and 128 tokens cached
+        assert chunks == 3 and s.stats_now()["prefix_cache_entries"] == 2
+        (hit,) = _run_steps(s, [s.submit(snap, second, seeded)])
+        assert hit.prompt_cache_hit_tokens == 128 and s.stats["prefill_chunks"] - chunks == 2
+        (want,) = _run_steps(ref, [ref.submit(snap, second, seeded)])
+        assert want.prompt_cache_hit_tokens == 0 and ref.stats_now()["prefix_cache_entries"] == 0
+        assert hit.sequences[0].tokens == want.sequences[0].tokens
+        np.testing.assert_allclose(hit.sequences[0].logprobs, want.sequences[0].logprobs, atol=1e-5)
+        (scored,) = _run_steps(s, [s.submit(snap, second, seeded, include_prompt_logprobs=True)])
+        assert scored.prompt_cache_hit_tokens == 0 and scored.sequences[0].tokens == want.sequences[0].tokens
+        lora, _ = _lora_snapshot(snap, 3)
+        (other,) = _run_steps(s, [s.submit(lora, second, seeded)])
+        assert other.prompt_cache_hit_tokens == 0
+    finally:
+        s.stop()
+        ref.stop()
+
+    # A pool of 16 pages a shard: turn 1 leaves 8 cached; a 200-token request (13 pages) evicts them to start now.
+    small = make(True, kv=16 * 16)
+    try:
+        _run_steps(small, [small.submit(snap, first, seeded)])
+        assert small.stats_now()["kv_pages_used"] == 8
+        (done,) = _run_steps(small, [small.submit(snap, prompt_of(142, 200), seeded)])
+        assert len(done.sequences[0].tokens) == 5 and small.stats["prefix_cache_evictions"] == 2
+    finally:
+        small.stop()

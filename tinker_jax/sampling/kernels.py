@@ -421,6 +421,31 @@ def insert_pages(pl: Placement, pool: tuple, k_new, v_new, src, page_of, dest) -
     return f(tuple(pool), k_new, v_new, src, page_of, dest)
 
 
+def _cached_prefix(pool: tuple, shard, pages, slots: int, rows: int) -> tuple:
+    """A chunked prefill's starting cache (k, v) [L,rows,slots,K,H]: row 0 holds the pool's pages `pages` [m] of
+    batch shard `shard` (a cached prompt prefix, in position order) at slots [0, m*page); the rest is zero, as the
+    chunks after the prefix find an empty cache."""
+
+    def one(p):
+        x = p[:, shard, pages]  # [L,m,page,K,H]
+        x = x.reshape(x.shape[0], -1, *x.shape[3:])  # [L,m*page,K,H]
+        return jnp.zeros((x.shape[0], rows, slots, *x.shape[2:]), p.dtype).at[:, 0, : x.shape[1]].set(x)
+
+    return one(pool[0]), one(pool[1])
+
+
+_cached_kernel = Kernel(_cached_prefix, static_argnums=(3, 4))
+
+
+def cached_prefix(pl: Placement, pool: tuple, shard: int, pages, *, slots: int, rows: int) -> KVCache:
+    """`_cached_prefix` on placement `pl`: the pool as pl.pool places it; the cache comes out like pl.cache."""
+    c = pl.pool
+    f = _cached_kernel.on(pl, (), lambda: (((c, c), pl.rep, pl.rep), (pl.cache, pl.cache)))
+    k, v = f(tuple(pool), from_host(np.int32(shard), pl.rep), from_host(np.asarray(pages, np.int32), pl.rep),
+             slots, rows)
+    return KVCache(k, v)
+
+
 def _put_adapter(weights: dict, scale: jax.Array, slot: jax.Array, values: dict, scales: jax.Array):
     """A table's slot `slot` <- one adapter (every projection, fp32, cast to the table's dtype) and its scales [P]."""
     one = jnp.reshape(slot, (1,))

@@ -45,9 +45,10 @@ def topk_prompt_logprobs(ids: np.ndarray | None, lps: np.ndarray | None, prompt_
 
 
 def sample_response(sequences, prompt_lp: np.ndarray | None, topk: TopkLogprobs | None,
-                    target: types.TensorData | None = None, alt=None) -> types.SampleResponse:
+                    target: types.TensorData | None = None, alt=None, cache_hit: int = 0) -> types.SampleResponse:
     return types.SampleResponse(sequences=list(sequences), prompt_logprobs_np=prompt_lp, topk_prompt_logprobs_np=topk,
-                                target_prompt_logprobs=target, prompt_alt_tokens=alt)
+                                target_prompt_logprobs=target, prompt_alt_tokens=alt,
+                                prompt_cache_hit_tokens=int(cache_hit))
 
 
 def prompt_alt_tokens(tokens: np.ndarray, logprobs: np.ndarray):

@@ -9,6 +9,11 @@ logprobs were asked for. Finished rows leave at the end of the decode call that 
 than `prefill_chunk` is prefilled alone, one chunk per step between decode calls (`_Prefilling`), then placed like
 any other.
 
+Prefix cache. A prompt longer than `prefill_chunk` leaves its full prompt pages to later requests of the same
+weights, keyed by each of its prefixes of whole chunks; a request that finds one gathers those pages into its
+chunked prefill's cache and starts at the next chunk (`prompt_cache_hit_tokens`). Cached pages count as used until
+a row needs them: `_place` evicts the least recently used before it makes a sample wait.
+
 KV pages. The rows' KV cache is a pool of pages (models.decoder.PagedKV) sized by `kv_cache_tokens`, not by
 B x max_seq_len; each row has a table of its pages in position order. A sample's row takes, when it starts, the
 pages its prompt + max_tokens need (so it never runs out mid-decode): the request's full prompt pages, copied from
@@ -53,6 +58,7 @@ import collections
 import itertools
 import logging
 import threading
+import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Sequence
@@ -79,6 +85,7 @@ from tinker_jax.sampling.stops import StopStrings, Tokenizer
 log = logging.getLogger(__name__)
 
 _MAX_IDLE_TABLES = 4  # adapter tables (one per rank) kept when nothing holds them
+_MAX_PREFIXES = 4096  # cached prompt prefixes (each a key of up to a prompt's tokens and a list of pages)
 
 
 @dataclass(eq=False)
@@ -102,6 +109,7 @@ class _Request:
     target: Any = None  # target_prompt_logprobs' answer (tinker TensorData) once prefilled
     alt: Any = None  # prompt_alt_tokens_k's draws (tinker PromptAltTokens) once prefilled
     group: int = 0  # its weights group (`Sampler._group`), numbered alike on every process
+    cache_hit: int = 0  # prompt tokens whose KV came from the prefix cache (SampleResponse.prompt_cache_hit_tokens)
     seq: int = 0  # its place in its engine worker's request log (several processes: how followers match it)
 
 
@@ -236,6 +244,10 @@ class Sampler(SamplerBase):
         frees them when it finishes; a sample that finds too few free pages waits for them, a request that could
         never fit is refused naming max_tokens. Split evenly over the batch shards.
       page_size: tokens per KV page.
+      prefix_cache: keep the KV pages of long prompts' prefixes (whole `prefill_chunk`s) after their requests, so a
+        later request with the same weights and the same prefix (a multi-turn conversation's next turn, the same
+        system prompt) prefills only the rest; the pages give way to rows that need them (least recently used
+        first). Requests that score their prompt (prompt logprobs and the like) do not use it. One process only.
       on_submit: called (any thread) after a request is queued, e.g. to wake the thread that calls `step`.
       mesh: the jax.sharding.Mesh to run on (axes data, fsdp, tensor; models.sharding.make_mesh); None: one device.
         Snapshots' weights must be placed on it by `rules` (models.sharding.state_shardings), as the engine loads
@@ -257,7 +269,7 @@ class Sampler(SamplerBase):
                  decode_lengths: Sequence[int] | None = None,
                  max_num_samples: int = 128, max_topk_prompt_logprobs: int = 20, max_stop_tokens: int = 16,
                  tokenizer: Tokenizer | None = None, cache_dtype=jnp.float32, max_adapters: int = 16,
-                 kv_cache_tokens: int | None = None, page_size: int = 16,
+                 kv_cache_tokens: int | None = None, page_size: int = 16, prefix_cache: bool = True,
                  on_submit=None, mesh=None, rules=DEFAULT_RULES, compiler_options: dict | None = None):
         if eos_token_ids is None:
             eos_token_ids = cfg.eos_token_id
@@ -306,6 +318,11 @@ class Sampler(SamplerBase):
             raise ValueError(f"prefill_chunk: must be a number of tokens (0 or None: whole prompts), got "
                              f"{prefill_chunk!r}")
         self.prefill_chunk = int(prefill_chunk) if prefill_chunk else None
+        # Prefixes of whole chunks, whose pages hold exactly a chunked prefill's slots. One process only: whether a
+        # cached prefix is still valid depends on when its weights were garbage-collected, which other processes of
+        # an engine would not see alike.
+        self.prefix_cache = (bool(prefix_cache) and self.prefill_chunk is not None
+                             and self.prefill_chunk % self.page_size == 0 and jax.process_count() == 1)
         self.decode_steps = int(decode_steps)
         self.decode_unroll = bool(decode_unroll)
         # From 64: a short sample attends over little more than its own positions (a 32 +32 batch-1 decode went
@@ -511,7 +528,7 @@ class Sampler(SamplerBase):
     def stats_now(self) -> dict:
         return {**self.stats, "queued": len(self._pending) + len(self._incoming) + len(self._prefilling),
                 "running_rows": sum(r is not None for r in self._rows), "kv_pages_used": self._pages.used(),
-                "kv_pages_total": self._pages.shards * self._pages.capacity,
+                "kv_pages_total": self._pages.shards * self._pages.capacity, "prefix_cache_entries": len(self._prefix),
                 "resident_adapters": sum(t.resident() for t in list(self._tables.values()))}
 
     # --------------------------------------------------------------------------------------- loop thread
@@ -561,6 +578,8 @@ class Sampler(SamplerBase):
     def _free_pages(self) -> None:
         """No row or request holds KV pages (every one of them was failed or never started)."""
         self._pages.reset()
+        # (weights key, prefix tokens' bytes) -> (shard, its pages, a weak reference to the weights), oldest use first
+        self._prefix: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
         self._page_table = np.zeros((self.max_batch, self._table_width), np.int32)  # row -> its pages, in order
         self._row_pages: list[list[int] | None] = [None] * self.max_batch
 
@@ -592,8 +611,8 @@ class Sampler(SamplerBase):
                     self._release(req)
                     req.future.set_exception(e)
                 continue
-            if batch[0].kv is None and self._chunks(batch[0]):
-                continue  # a long prompt: prefilled a chunk per step (_advance_prefills), placed when done
+            if self._chunks(batch[0]):
+                continue  # a long prompt: prefilled a chunk per step (_advance_prefills), placed from _deferred
             try:
                 self._place(batch, free)
             except Exception as e:  # the cache is in doubt: fail this batch too, then the step resets the cache
@@ -766,20 +785,37 @@ class Sampler(SamplerBase):
                 {k: from_host(v, pl.rows_sh) for k, v in score.items()}, draws)
 
     def _chunks(self, req: _Request) -> int:
-        """How many chunks the request's prompt is prefilled in (0: whole, in one call with others)."""
+        """How many chunks the request's prompt is prefilled in (0: whole, in one call with others): those that hold
+        some of its positions, not its length bucket's (a 2,100-token prompt in a 4,096 bucket runs 5 chunks of
+        512, not 8; the chunk programs are one per chunk count, at most max_seq_len / prefill_chunk)."""
         T = self._bucket(len(req.spec.prompt) - 1)
-        return -(-T // self.prefill_chunk) if self.prefill_chunk is not None and T > self.prefill_chunk else 0
+        if self.prefill_chunk is None or T <= self.prefill_chunk:
+            return 0
+        return -(-(len(req.spec.prompt) - 1) // self.prefill_chunk)
 
     def _start_chunked(self, req: _Request, T: int, Bp: int) -> int:
-        """Begin a long prompt's prefill: its padded inputs and an empty cache placed, then its first chunk."""
+        """Begin a long prompt's prefill: its padded inputs and an empty cache placed (or one holding a cached prefix
+        of its first chunks, which it then skips), then its next chunk."""
         n, C = self._chunks(req), self.prefill_chunk
         pl = self.placement
-        shape = (self.cfg.n_layers, Bp, n * C, self.cfg.n_kv_heads, self.cfg.head_dim)
-        cache = KVCache(zeros(shape, self.cache_dtype, pl.cache), zeros(shape, self.cache_dtype, pl.cache))
-        job = _Prefilling(req, T, *self._prompt_arrays([req], Bp, n * C), cache, n)
-        used = self._prefill_chunk(job)  # if this fails, only this request fails (`_admit`): nothing to undo
-        self._prefilling.append(job)
-        return used
+        hit = self._lookup(req)
+        if hit is None:
+            shape = (self.cfg.n_layers, Bp, n * C, self.cfg.n_kv_heads, self.cfg.head_dim)
+            cache, start = KVCache(zeros(shape, self.cache_dtype, pl.cache), zeros(shape, self.cache_dtype,
+                                                                                      pl.cache)), 0
+        else:
+            start, shard, pages = hit
+            cache = kernels.cached_prefix(pl, self._pool, shard, pages, slots=n * C, rows=Bp)
+            req.cache_hit = start * C
+            self.stats["prefix_cache_hit_tokens"] += start * C
+        job = _Prefilling(req, T, *self._prompt_arrays([req], Bp, n * C), cache, n, done=start)
+        self._prefilling.append(job)  # its first chunk may be its last (one chunk, or one after a cached prefix)
+        try:
+            return self._prefill_chunk(job)
+        except Exception:  # only this request fails (`_admit`)
+            if job in self._prefilling:
+                self._prefilling.remove(job)
+            raise
 
     def _advance_prefills(self, budget: int) -> int:
         """One chunk of each long prompt in progress, oldest first, while `budget` tokens last (the oldest always
@@ -814,7 +850,7 @@ class Sampler(SamplerBase):
             job.parts.append(distributed.fetch(tuple(scored)))
         job.done += 1
         self.stats["prefill_chunks"] += 1
-        if job.done == job.n:  # the cache of its T bucket's slots, as a whole-prompt prefill hands on (n >= 2)
+        if job.done == job.n:  # its cache (n chunks' slots) handed on as a whole-prompt prefill's is
             self._prefilling.remove(job)
             req.kv = (k[:, :, :job.T], v[:, :, :job.T], 0)
             scored = ([np.concatenate([p[i] for p in job.parts], axis=1)[:, :job.T] for i in range(len(job.parts[0]))]
@@ -823,6 +859,61 @@ class Sampler(SamplerBase):
             self.stats["prefill_calls"] += 1
             self._deferred.append(req)
         return job.tokens.shape[0] * self.prefill_chunk
+
+    # prefix cache -------------------------------------------------------------------------------------
+
+    @staticmethod
+    def _weights_of(snap: WeightSnapshot) -> tuple[tuple, Any]:
+        """(a key for the exact weights a snapshot samples with, the object whose life those weights have)."""
+        obj = snap.adapter if snap.adapter is not None else jax.tree.leaves(snap.params)[0]
+        return (params_key(snap), id(obj)), obj
+
+    def _remember(self, req: _Request, shard: int, pages: list[int]) -> None:
+        """Offer a request's full prompt pages on `shard` (just filled from its prefill) to later requests: one entry
+        per prefix of whole chunks, each holding its pages."""
+        C, page = self.prefill_chunk, self.page_size
+        n = min(len(pages) * page, len(req.spec.prompt) - 1) // C if self.prefix_cache else 0
+        if not n:
+            return
+        wkey, obj = self._weights_of(req.snapshot)
+        ref, prompt = weakref.ref(obj), np.asarray(req.spec.prompt, np.int32)
+        for j in range(1, n + 1):
+            key = (wkey, prompt[: j * C].tobytes())
+            if key in self._prefix:
+                self._prefix.move_to_end(key)
+                continue
+            held = pages[: j * C // page]
+            self._pages.share(shard, held)
+            self._prefix[key] = (shard, held, ref)
+        while len(self._prefix) > _MAX_PREFIXES:
+            self._forget_oldest()
+
+    def _lookup(self, req: _Request) -> tuple[int, int, list[int]] | None:
+        """(chunks, shard, pages) of the longest cached prefix of the request's prompt in whole chunks, with its
+        weights, that leaves at least one prompt position to prefill; None if none (or it scores its prompt: the
+        cached positions have no scores)."""
+        if not self.prefix_cache or req.spec.scores_prompt or not self._prefix:
+            return None
+        C, P = self.prefill_chunk, len(req.spec.prompt)
+        wkey, obj = self._weights_of(req.snapshot)
+        prompt = np.asarray(req.spec.prompt, np.int32)
+        for j in range((P - 2) // C, 0, -1):
+            key = (wkey, prompt[: j * C].tobytes())
+            hit = self._prefix.get(key)
+            if hit is None:
+                continue
+            if hit[2]() is not obj:  # its weights are gone and another object took their id
+                self._pages.drop(hit[0], hit[1])
+                del self._prefix[key]
+                continue
+            self._prefix.move_to_end(key)
+            return j, hit[0], hit[1]
+        return None
+
+    def _forget_oldest(self) -> None:
+        _, (shard, pages, _) = self._prefix.popitem(last=False)
+        self._pages.drop(shard, pages)
+        self.stats["prefix_cache_evictions"] += 1
 
     def _prompt_outputs(self, batch: list[_Request], scored) -> None:
         """Each request's prompt logprobs, their top-k, target_prompt_logprobs and prompt_alt_tokens, as asked,
@@ -862,6 +953,9 @@ class Sampler(SamplerBase):
             while req.placed < req.spec.num_samples:
                 r = next((r for r in free if pg.free(r // per) >= need - (n_shared if r // per in req.shared else 0)),
                          None)
+                if r is None and free and self._prefix:  # cached prefixes give way to work
+                    self._forget_oldest()
+                    continue
                 if r is None:
                     self.stats["kv_page_waits"] += bool(free)
                     break
@@ -871,6 +965,7 @@ class Sampler(SamplerBase):
                     req.shared[s] = pg.take(s, n_shared)
                     if req.kv is not None:
                         entries[s] += [(req.kv[2], j, p) for j, p in enumerate(req.shared[s])]
+                        self._remember(req, s, req.shared[s])
                 else:
                     self.stats["kv_pages_shared"] += n_shared
                 pg.share(s, req.shared[s])
@@ -1007,4 +1102,4 @@ class Sampler(SamplerBase):
             self._release(req)
             if not req.future.done():
                 req.future.set_result(response.sample_response(req.results, req.prompt_lp, req.topk, req.target,
-                                                               req.alt))
+                                                               req.alt, cache_hit=req.cache_hit))

@@ -1,0 +1,89 @@
+"""Ours, the sampler's prefix cache: a conversation's next turn with and without the pages of the turn before.
+
+Turn 1 is a P-token prompt (+N greedy tokens); turn 2 is turn 1's prompt, its answer and M new tokens (+N). Two
+engines in this process, alike but for `sampler.prefix_cache`, take turns (alternating which goes first): each
+round sends each engine a fresh turn 1 (a new random prompt, so nothing is cached across rounds), untimed, then
+times its turn 2 (prefill + N decode steps, until the result is back).
+
+    python -m benchmarks.prefix_bench [--model small-qwen3] [--prompt 1536] [--extra 64] [--new 16]
+                                      [--repeats 5] [--json FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="small-qwen3")
+    p.add_argument("--prompt", type=int, default=1536, help="turn 1's prompt tokens")
+    p.add_argument("--extra", type=int, default=64, help="turn 2's new tokens after turn 1's answer")
+    p.add_argument("--new", type=int, default=16, help="greedy tokens sampled per turn")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+
+    import tinker.types as tt
+
+    import tinker_jax
+    from benchmarks.models import ensure_model
+    from benchmarks.timing import machine_info, versions
+    from tinker_jax.config import EngineConfig, SamplerConfig
+
+    root = Path(tempfile.mkdtemp(prefix="prefix-bench-"))
+    model = ensure_model(root / "models", args.model)
+    seq = args.prompt + args.extra + 3 * args.new
+    clients = {}
+    for name, cache in (("cached", True), ("uncached", False)):
+        cfg = EngineConfig(data_dir=root / name, models={"m": str(model)},
+                           sampler=SamplerConfig(max_batch=4, max_seq_len=seq, prefix_cache=cache))
+        clients[name] = tinker_jax.ServiceClient(config=cfg)
+    samplers = {k: c.create_sampling_client(base_model="m") for k, c in clients.items()}
+    vocab = clients["cached"].engine._worker("m").cfg.vocab_size
+    rng = np.random.default_rng(0)
+    params = tt.SamplingParams(max_tokens=args.new, temperature=0.0, stop=[])
+    hits: dict[str, list[int]] = {k: [] for k in samplers}
+
+    def turn(name: str) -> float:
+        """Turn 1 (untimed), then turn 2: its seconds."""
+        s = samplers[name]
+        first = rng.integers(3, vocab, args.prompt).tolist()
+        answer = s.sample(tt.ModelInput.from_ints(first), 1, params).result().sequences[0].tokens
+        second = first + list(answer) + rng.integers(3, vocab, args.extra).tolist()
+        t0 = time.perf_counter()
+        resp = s.sample(tt.ModelInput.from_ints(second), 1, params).result()
+        took = time.perf_counter() - t0
+        hits[name].append(int(resp.prompt_cache_hit_tokens))
+        return took
+
+    results: dict[str, list[float]] = {k: [] for k in samplers}
+    for i in range(1 + args.repeats):  # round 0 is the warm-up (compiles); engines alternate who goes first
+        for name in (list(samplers) if i % 2 else list(samplers)[::-1]):
+            took = turn(name)
+            if i:
+                results[name].append(took)
+    for c in clients.values():
+        c.close()
+    out = {
+        "what": f"turn 2 of a conversation: {args.prompt}-token turn 1 + {args.new} answer + {args.extra} new tokens, "
+                f"{args.new} greedy tokens, {args.model}; seconds until the result",
+        "machine": machine_info(), "versions": versions(),
+        "seconds": {k: {"median": float(np.median(v)), "runs": v} for k, v in results.items()},
+        "prompt_cache_hit_tokens": {k: v[1:] for k, v in hits.items()},  # per timed turn 2
+    }
+    out["speedup"] = out["seconds"]["uncached"]["median"] / out["seconds"]["cached"]["median"]
+    print(json.dumps({k: out[k] for k in ("what", "seconds", "prompt_cache_hit_tokens", "speedup")}, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
