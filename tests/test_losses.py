@@ -208,10 +208,14 @@ def test_stable_reinforce_metrics_and_on_policy_gradient():
 
 def test_stable_reinforce_huge_ratio_stays_finite():
     lp, inputs, mask = make_batch(seed=12)
-    far = dict(inputs, logprobs=np.full_like(lp, -80.0))  # r = e^(lp + 80): past float32 without the cap
+    far = dict(inputs, logprobs=np.full_like(lp, -80.0), advantages=np.zeros_like(lp))  # r = e^(lp + 80)
     loss, grad, metrics = run_jax("stable_reinforce", lp, far, mask, losses.resolve_config(
         "stable_reinforce", {"kl_coeff": 1.0}))
     assert np.isfinite(loss) and np.all(np.isfinite(grad)) and all(np.isfinite(v) for v in metrics.values())
+    # Past the cap the KL term goes on linearly (its tangent there): d/dlp = e^cap - 1 on sampled tokens, not 0.
+    on = (inputs["sampled_mask"] != 0) & (mask > 0)
+    np.testing.assert_allclose(grad[on], np.exp(losses.LOG_RATIO_CAP) - 1, rtol=1e-5)
+    assert not grad[~on].any()
 
 
 def test_per_token_clip_inputs_override_config():

@@ -84,6 +84,7 @@ def test_multi_turn_trajectory_spans_two_requests():
                      r"datum\[0\]\.loss_fn_input_spans\[1\] says it is the recorded token 12"),
     ("wrong_context", r"datum\[0\]\.model_input\[1\] is 66 but datum\[0\]\.model_input_spans\[0\] says it is the "
                       r"recorded token 6"),
+    ("wrong_shift", r"datum\[0\]\.model_input\[4\] is 99 but target_tokens\[3\], a sampled token, is 11"),
     ("past_the_end", r"loss_fn_input_spans\[1\]: offset 1 \+ length 3 is past the 3 sampled tokens"),
     ("bad_tiling", r"loss_fn_input_spans: the spans cover 5 positions but target_tokens has 6"),
 ])
@@ -98,6 +99,8 @@ def test_refusals_name_the_field(case, match):
         d = _with_targets(d, [0, 0, 0, 11, 99, 13])
     elif case == "wrong_context":
         d = _with_input(d, [5, 66, 7, 8, 11, 12])
+    elif case == "wrong_shift":
+        d = _with_input(d, [5, 6, 7, 8, 99, 12])
     elif case == "past_the_end":
         d = _with_spans(d, loss=[tt.PromptProvenanceSpan(sequence_id="a:0", offset=1, length=3),
                                  tt.SampledProvenanceSpan(sequence_id="a:0", offset=1, length=3)])
@@ -119,6 +122,17 @@ def _with_input(d, tokens):
 
 def _with_spans(d, loss):
     return dataclasses.replace(d, loss_fn_input_spans=loss)
+
+
+def test_records_are_per_session():
+    """Two sessions may use the same sequence id (in-process ids, another server's): neither replaces the other's."""
+    log = StabilityLog(max_tokens=1000, idle_s=60)
+    log.record("s1", PROMPT, [seq("x:0")])
+    log.record("s2", PROMPT, [seq("x:0", [11, 12, 14], [-1.0, -1.0, -1.0])])
+    (one,) = log.resolve([rl_loop_datum("x:0")], "s1")
+    np.testing.assert_array_equal(arr(one.loss_fn_inputs["logprobs"])[3:], np.float32(LOGPROBS))
+    with pytest.raises(UserError, match="recorded token 14"):
+        log.resolve([rl_loop_datum("x:0")], "s2")
 
 
 def test_records_expire_when_idle_and_the_least_recently_used_go_first():

@@ -362,6 +362,10 @@ def test_bfloat16_sampler_on_a_float32_engine(model_dir, tmp_path):
         assert {x.dtype for x in jax.tree.leaves(worker.sample_base)} == {np.dtype("bfloat16")}
         assert {x.dtype for x in jax.tree.leaves(worker.base)} == {np.dtype("float32")}  # training is untouched
         assert worker.get_sampler().cache_dtype == jax.numpy.bfloat16
+        # Casting to the dtype an array already has still copies (a full run's snapshot must not share the arrays
+        # its next optimizer step donates).
+        again = worker._cast(worker.sample_base)
+        assert not any(x is y for x, y in zip(jax.tree.leaves(again), jax.tree.leaves(worker.sample_base)))
         params = tt.SamplingParams(max_tokens=12, temperature=1.0, seed=4)
         for sampler, trainer in ((tc.save_weights_and_get_sampling_client(), tc),
                                  (svc.create_sampling_client(base_model="tiny"), None)):

@@ -697,7 +697,7 @@ class Engine(EngineAPI):
                tenant: str | None = None, topk_sample_logprobs: int = 0,
                target_prompt_logprobs: tt.TensorData | None = None, prompt_alt_tokens_k: int = 0,
                record_stability_info: bool = False, sequence_ids: Sequence[str] | None = None) -> Future:
-        """`sequence_ids`: the SampledSequence ids, one per sample (default "<request>:<i>"). With
+        """`sequence_ids`: the SampledSequence ids, one per sample (default "<sampler id>:<n>:<i>"). With
         `record_stability_info` each sequence is recorded for stable_reinforce before the future completes, so a
         training request sent on seeing the result finds it."""
         try:
@@ -710,6 +710,9 @@ class Engine(EngineAPI):
         except (UserError, RuntimeError) as e:
             return failed(e)
         tenant = tenant or LOCAL
+        if sequence_ids is None:  # unique in this engine (a sampler's own "<request>:<i>" restarts with each sampler)
+            n = next(self._ids)
+            sequence_ids = [f"{sampler_id}:{n}:{i}" for i in range(num_samples)]
         self._admit(tenant)
         fut = self._bounded(tenant, worker.submit_sample(snap, tokens, sampling_params, num_samples,
                                                          include_prompt_logprobs, topk_prompt_logprobs, tenant,

@@ -47,11 +47,12 @@ class Record:
 
 
 class StabilityLog:
-    """sequence_id -> Record, least recently used first. The lock guards the dict only (no I/O under it)."""
+    """(tenant, sequence_id) -> Record, least recently used first (one budget for all tenants). The lock guards the
+    dict only (no I/O under it)."""
 
     def __init__(self, max_tokens: int, idle_s: float, clock: Callable[[], float] = time.monotonic):
         self.max_tokens, self.idle_s, self._clock = int(max_tokens), float(idle_s), clock
-        self._records: OrderedDict[str, tuple[Record, float]] = OrderedDict()
+        self._records: OrderedDict[tuple[str, str], tuple[Record, float]] = OrderedDict()
         self._tokens = 0
         self._lock = threading.Lock()
 
@@ -68,12 +69,13 @@ class StabilityLog:
                     continue
                 tokens = seq.tokens_np if seq.tokens_np is not None else seq.tokens
                 rec = Record(tenant, shared, np.asarray(tokens, np.int32), np.asarray(logprobs, np.float32))
-                self._drop(seq.sequence_id)
-                self._records[seq.sequence_id] = (rec, now)
+                key = (tenant, seq.sequence_id)
+                self._drop(key)
+                self._records[key] = (rec, now)
                 self._tokens += rec.cost
             self._evict(now)
 
-    def _drop(self, key: str) -> None:
+    def _drop(self, key: tuple[str, str]) -> None:
         old = self._records.pop(key, None)
         if old is not None:
             self._tokens -= old[0].cost
@@ -89,10 +91,11 @@ class StabilityLog:
         now = self._clock()
         with self._lock:
             self._evict(now)
-            hit = self._records.get(sequence_id)
-            if hit is not None and hit[0].tenant == tenant:
-                self._records[sequence_id] = (hit[0], now)
-                self._records.move_to_end(sequence_id)
+            key = (tenant, sequence_id)
+            hit = self._records.get(key)
+            if hit is not None:
+                self._records[key] = (hit[0], now)
+                self._records.move_to_end(key)
                 return hit[0]
         raise UserError(f"{where}.sequence_id: no recorded sample {sequence_id!r} in this session (sample with "
                         f"record_stability_info=True; records are kept {self.idle_s:.0f} s after their last use, "
@@ -122,8 +125,16 @@ class StabilityLog:
                       f"{where}.loss_fn_input_spans[{j}]")
                 logprobs[pos:pos + span.length] = rec.logprobs[span.offset:span.offset + span.length]
                 sampled[pos:pos + span.length] = 1.0
+        tokens = np.asarray([t for c in d.model_input.chunks for t in getattr(c, "tokens", ())], np.int64)
+        # A sampled target is fed back as the next input (inputs are the targets shifted by one): otherwise the
+        # recorded logprob was not drawn in this datum's context.
+        p = np.flatnonzero(sampled[:-1] > 0)
+        bad = p[tokens[p + 1] != targets[p]] if len(tokens) == n else p[:0]
+        if len(bad):
+            q = int(bad[0])
+            raise UserError(f"{where}.model_input[{q + 1}] is {int(tokens[q + 1])} but target_tokens[{q}], a sampled "
+                            f"token, is {targets[q]:g}: the inputs must be the targets shifted by one")
         if d.model_input_spans:
-            tokens = np.asarray([t for c in d.model_input.chunks for t in getattr(c, "tokens", ())], np.int64)
             for j, span, rec, pos, src in self._walk(d.model_input_spans, len(tokens), tenant,
                                                      f"{where}.model_input_spans", "model_input"):
                 _same(tokens[pos:pos + span.length], src, pos, f"{where}.model_input",

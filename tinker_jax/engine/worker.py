@@ -883,8 +883,10 @@ class BaseWorker:
 
     def _cast(self, params):
         """Weights in the sampler's dtype (a copy, even when it is theirs: never donated by a later step)."""
-        return jax.tree.map(lambda x: x.astype(self.sample_dtype) if jnp.issubdtype(x.dtype, jnp.floating)
-                            else jnp.copy(x), params)
+        # jnp.array(..., copy=True): astype to an array's own dtype returns that array (which a later optimizer
+        # step of a full run would donate under the snapshot).
+        return jax.tree.map(lambda x: jnp.array(x, dtype=self.sample_dtype if jnp.issubdtype(x.dtype, jnp.floating)
+                                                else x.dtype, copy=True), params)
 
     def _snapshot(self, run: Run, name: str | None) -> WeightSnapshot:
         if run.is_lora:

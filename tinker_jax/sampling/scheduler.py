@@ -812,9 +812,12 @@ class Sampler(SamplerBase):
         self._prefilling.append(job)  # its first chunk may be its last (one chunk, or one after a cached prefix)
         try:
             return self._prefill_chunk(job)
-        except Exception:  # only this request fails (`_admit`)
+        except Exception:  # only this request fails (`_admit`): it must not wait for rows either
             if job in self._prefilling:
                 self._prefilling.remove(job)
+            if req in self._deferred:
+                self._deferred.remove(req)
+            req.kv = None
             raise
 
     def _advance_prefills(self, budget: int) -> int:
@@ -877,7 +880,7 @@ class Sampler(SamplerBase):
             return
         wkey, obj = self._weights_of(req.snapshot)
         ref, prompt = weakref.ref(obj), np.asarray(req.spec.prompt, np.int32)
-        for j in range(1, n + 1):
+        for j in range(n, 0, -1):  # longest first: the least recently used, evicted first, frees its own tail pages
             key = (wkey, prompt[: j * C].tobytes())
             if key in self._prefix:
                 self._prefix.move_to_end(key)

@@ -38,7 +38,8 @@ DRO_BETA = 0.05
 # objective; ours is documented in DESIGN.md. Truncation at 2 follows truncated importance sampling (Yao et al.,
 # 2025, "Your efficient RL framework secretly brings you off-policy RL training"); no KL penalty unless asked.
 STABLE_REINFORCE = {"clip_high_threshold": 2.0, "kl_coeff": 0.0}
-# exp of a larger log ratio overflows float32 in the KL term; past it the term is linear in the capped ratio.
+# exp of a larger log ratio overflows float32: past it, the ratio in the KL term continues linearly in log r (its
+# tangent at the cap), so the penalty keeps pulling on those tokens with a finite gradient.
 LOG_RATIO_CAP = 20.0
 
 # Per-token clip thresholds: the SDK coerces these loss_fn_inputs keys to float32, so a datum may carry them.
@@ -146,10 +147,11 @@ def stable_reinforce(lp, inputs, mask, config):
     """
     lp, x = _sanitize(lp, inputs, mask, ("logprobs", "advantages", "sampled_mask"))
     on = (x["sampled_mask"] != 0) & (mask > 0)
-    log_r = jnp.minimum(jnp.where(on, lp - x["logprobs"], 0.0), LOG_RATIO_CAP)
-    ratio = jnp.exp(log_r)
+    log_r = jnp.where(on, lp - x["logprobs"], 0.0)
+    ratio = jnp.exp(jnp.minimum(log_r, LOG_RATIO_CAP))
     hi = config["clip_high_threshold"]
-    kl = ratio - 1.0 - log_r  # >= 0, 0 on-policy; d/dlp = r - 1
+    r_kl = ratio * (1.0 + jnp.maximum(log_r - LOG_RATIO_CAP, 0.0))  # = r up to the cap
+    kl = r_kl - 1.0 - log_r  # >= 0, 0 on-policy; d/dlp = r - 1
     per_token = -sg(jnp.minimum(ratio, hi)) * x["advantages"] * lp + config["kl_coeff"] * kl
     clipped = jnp.where(on & (ratio > hi), 1.0, 0.0)
     return _masked_sum(jnp.where(on, per_token, 0.0), mask), {"clipped_tokens:sum": _masked_sum(clipped, mask),
