@@ -339,15 +339,25 @@ class Store:
         return None if row is None else ModelRow(row["model_id"], row["session_id"], row["owner"], row["created"])
 
     def add_metrics(self, model_id: str, kind: str, metrics: dict[str, float]) -> None:
-        """Record one training call's metrics (finite numbers only) at the model's current step: the number of
-        optim_step calls recorded for it before this one."""
+        """Record one training call's metrics (finite numbers only) at the model's current step: the step its
+        optimizer state was last loaded at (`mark_step`; 0 for a new model) plus the optim_step calls recorded for
+        it since."""
         clean = {str(k): float(v) for k, v in metrics.items()
                  if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
         with self._tx() as db:
-            step = db.execute("SELECT COUNT(*) FROM run_metrics WHERE model_id=? AND kind='optim_step'",
-                              (model_id,)).fetchone()[0]
+            mark = db.execute("SELECT step, rowid FROM run_metrics WHERE model_id=? AND kind='start' "
+                              "ORDER BY rowid DESC LIMIT 1", (model_id,)).fetchone()
+            base, since = (mark["step"], mark["rowid"]) if mark is not None else (0, 0)
+            step = base + db.execute("SELECT COUNT(*) FROM run_metrics WHERE model_id=? AND kind='optim_step' "
+                                     "AND rowid>?", (model_id, since)).fetchone()[0]
             db.execute("INSERT INTO run_metrics (model_id, time, kind, step, metrics) VALUES (?, ?, ?, ?, ?)",
                        (model_id, time.time(), kind, step, json.dumps(clean)))
+
+    def mark_step(self, model_id: str, step: int) -> None:
+        """The model's optimizer state was loaded at `step` (a resume): its later calls count on from there."""
+        with self._tx() as db:
+            db.execute("INSERT INTO run_metrics (model_id, time, kind, step, metrics) VALUES (?, ?, 'start', ?, "
+                       "'{}')", (model_id, time.time(), int(step)))
 
     def metrics_of(self, model_id: str) -> list[tuple[str, int, float, dict]]:
         """(kind, step, time, metrics) of every recorded call of the model, oldest first."""

@@ -175,8 +175,13 @@ def test_capabilities_and_sft_loop(server, service, state) -> None:
     assert server.engine.get_run(out["model_id"]).owner == key_tag(API_KEY)  # the engine records who owns it
 
 
-def test_save_state_and_resume_with_optimizer(service, state) -> None:
+def test_save_state_and_resume_with_optimizer(server, service, state) -> None:
     out = sc.scenario_resume(service, _trained(state), "ckpt-a")
+    # The console's steps of the resumed run go on from the checkpoint's (its optimizer state's) step.
+    saved_at = server.engine.get_checkpoint(out["path"]).step
+    steps = [(k, step) for k, step, _, _ in server.app.state.store.metrics_of(out["resumed_model_id"])
+             if k != "start"]
+    assert saved_at and steps[-2:] == [("forward_backward", saved_at), ("optim_step", saved_at)], (saved_at, steps)
     state["path"] = out["path"]
     assert out["path"] == f"tinker://{state['model_id']}/weights/ckpt-a"
     assert out["resumed_model_id"].endswith(":train:1")  # create-via-load names it {session}:train:{seq}

@@ -49,6 +49,24 @@ def test_sessions_and_ids(store: Store) -> None:
     assert store.stale_sessions(older_than_s=-1) == [again]
 
 
+def test_metrics_steps_count_on_from_a_resume(store: Store) -> None:
+    """The console's step of a call: optim_steps so far, from 0, or from the step a resume loaded (mark_step); a
+    later load starts the count again from its checkpoint's step. Non-finite and non-numeric values are dropped."""
+    for kind in ("forward_backward", "optim_step", "forward_backward", "optim_step", "forward_backward"):
+        store.add_metrics("m", kind, {"loss:sum": 1.0, "bad": float("nan"), "flag": True})
+    assert [(k, step) for k, step, _, _ in store.metrics_of("m")] == [
+        ("forward_backward", 0), ("optim_step", 0), ("forward_backward", 1), ("optim_step", 1),
+        ("forward_backward", 2)]
+    assert store.metrics_of("m")[0][3] == {"loss:sum": 1.0}
+    store.mark_step("r", 40)  # created from a checkpoint saved at step 40
+    for kind in ("forward_backward", "optim_step", "forward_backward"):
+        store.add_metrics("r", kind, {"loss:sum": 2.0})
+    store.mark_step("r", 7)  # then loaded an older checkpoint with its optimizer state
+    store.add_metrics("r", "forward_backward", {"loss:sum": 3.0})
+    assert [(k, step) for k, step, _, m in store.metrics_of("r") if m] == [
+        ("forward_backward", 40), ("optim_step", 40), ("forward_backward", 41), ("forward_backward", 7)]
+
+
 def test_sampling_sessions(store: Store) -> None:
     sid = store.create_session(owner="o")
     first = store.create_sampling_session(sid, 2, base_model="B", model_path="tinker://m/sampler_weights/x")

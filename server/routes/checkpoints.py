@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import time
 import uuid
 from email.utils import formatdate
@@ -31,10 +32,13 @@ from server.limits import check_metadata
 from server.routes._submit import (check_base_model, check_optimizer_config, check_seq_id, forget_model_on_failure,
                                    record_new_model, train_key, untyped_future)
 from server.routes.models import model_limit
+from server.store import Store
 from tinker_jax.engine.api import CheckpointInfo, EngineAPI, RunInfo
 from tinker_jax.engine.registry import KINDS, check_name
 from tinker_jax.errors import NotFound, UserError
 from tinker_jax.futures import then
+
+log = logging.getLogger(__name__)
 
 router = APIRouter()
 
@@ -154,7 +158,7 @@ async def load_weights(body: JsonBody, engine: EngineDep, store: StoreDep, futur
         def start_legacy():
             common_checks()
             return then(engine.load_state(req.model_id, req.path, optimizer=req.optimizer, tenant=model.session_id),
-                        lambda r: {"path": req.path, "model_id": req.model_id, "type": "load_weights"})
+                        lambda r: _resumed(engine, store, req, req.model_id))
 
         request_id, _ = futures.submit("load_weights", start_legacy, owner=owner,
                                        idempotency=train_key(req.model_id, req.seq_id), model_id=req.model_id)
@@ -180,13 +184,24 @@ async def load_weights(body: JsonBody, engine: EngineDep, store: StoreDep, futur
                                                    base_model=req.base_model, user_metadata=req.user_metadata,
                                                    owner=owner, tenant=req.session_id,
                                                    optimizer_config=body.get("optimizer_config")),
-                    lambda r: {"path": req.path, "model_id": r.model_id, "type": "load_weights"})
+                    lambda r: _resumed(engine, store, req, r.model_id))
 
     # Shares create_model's key: both consume the session's model_seq_id.
     request_id, _ = futures.submit("load_weights", start, owner=owner,
                                    idempotency=("create_model", req.session_id, req.model_seq_id),
                                    session_id=req.session_id, model_id=model_id)
     return untyped_future(request_id, model_id=model_id)
+
+
+def _resumed(engine: EngineAPI, store: Store, req: types.LoadWeightsRequest, model_id: str) -> dict[str, Any]:
+    """load_weights' answer; with the optimizer state, the console's step count goes on from the checkpoint's."""
+    if req.optimizer:
+        try:
+            info = engine.get_checkpoint(req.path)
+            store.mark_step(model_id, (info.step or 0) if info is not None else 0)
+        except Exception:  # noqa: BLE001 - the console's record, not the user's result
+            log.exception("recording the resumed step of %s failed", model_id)
+    return {"path": req.path, "model_id": model_id, "type": "load_weights"}
 
 
 @router.post("/copy_weights")
