@@ -135,6 +135,21 @@ def test_records_are_per_session():
         log.resolve([rl_loop_datum("x:0")], "s2")
 
 
+def test_a_flood_from_one_session_evicts_its_own_records_first():
+    cost = len(PROMPT) + len(SAMPLED)
+    log = StabilityLog(max_tokens=4 * cost, idle_s=60)
+    log.record("quiet", PROMPT, [seq("q:0")])
+    log.record("loud", PROMPT, [seq(f"l:{i}") for i in range(10)])  # over budget from its 4th record on
+    assert len(log) == 4
+    log.resolve([rl_loop_datum("q:0")], "quiet")  # still there
+    log.resolve([rl_loop_datum("l:9"), rl_loop_datum("l:8"), rl_loop_datum("l:7")], "loud")  # its newest three
+    with pytest.raises(UserError, match="'l:6'"):
+        log.resolve([rl_loop_datum("l:6")], "loud")
+    log.record("quiet", PROMPT, [seq("q:0")])  # the same id again replaces the record (its only one)
+    assert len(log) == 4
+    log.resolve([rl_loop_datum("q:0")], "quiet")
+
+
 def test_records_expire_when_idle_and_the_least_recently_used_go_first():
     now = [0.0]
     log = StabilityLog(max_tokens=3 * (len(PROMPT) + len(SAMPLED)), idle_s=100, clock=lambda: now[0])

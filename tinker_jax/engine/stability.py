@@ -15,8 +15,8 @@ placeholder ids, and they carry no loss (the objective reads sampled positions o
 
 Records belong to the tenant that sampled them (a REST session; in process, the one local tenant), as the SDK
 documents ("session-scoped"), and live `idle_s` after their last use, within `max_tokens` recorded tokens
-(prompt + sampled, per sequence); the least recently used go first. A datum naming an expired, unknown or
-another session's sequence is a user error saying so.
+(prompt + sampled, per sequence); over the budget, the tenant holding the most tokens loses its least recently
+used record first. A datum naming an expired, unknown or another session's sequence is a user error saying so.
 """
 
 from __future__ import annotations
@@ -47,17 +47,18 @@ class Record:
 
 
 class StabilityLog:
-    """(tenant, sequence_id) -> Record, least recently used first (one budget for all tenants). The lock guards the
-    dict only (no I/O under it)."""
+    """Per tenant, sequence_id -> Record, least recently used first. Over the token budget, the tenant holding the
+    most tokens loses its least recently used record first, so one session's flood of samples does not push out
+    another's. The lock guards the dicts only (no I/O under it)."""
 
     def __init__(self, max_tokens: int, idle_s: float, clock: Callable[[], float] = time.monotonic):
         self.max_tokens, self.idle_s, self._clock = int(max_tokens), float(idle_s), clock
-        self._records: OrderedDict[tuple[str, str], tuple[Record, float]] = OrderedDict()
-        self._tokens = 0
+        self._records: dict[str, OrderedDict[str, tuple[Record, float]]] = {}  # tenant -> its records
+        self._tokens: dict[str, int] = {}  # tenant -> tokens its records hold
         self._lock = threading.Lock()
 
     def __len__(self) -> int:
-        return len(self._records)
+        return sum(len(r) for r in self._records.values())
 
     def record(self, tenant: str, prompt: Sequence[int], sequences: Sequence[tt.SampledSequence]) -> None:
         shared = np.asarray(prompt, np.int32)
@@ -69,33 +70,41 @@ class StabilityLog:
                     continue
                 tokens = seq.tokens_np if seq.tokens_np is not None else seq.tokens
                 rec = Record(tenant, shared, np.asarray(tokens, np.int32), np.asarray(logprobs, np.float32))
-                key = (tenant, seq.sequence_id)
-                self._drop(key)
-                self._records[key] = (rec, now)
-                self._tokens += rec.cost
+                self._drop(tenant, seq.sequence_id)  # (may forget the tenant's dict: taken again below)
+                self._records.setdefault(tenant, OrderedDict())[seq.sequence_id] = (rec, now)
+                self._tokens[tenant] = self._tokens.get(tenant, 0) + rec.cost
             self._evict(now)
 
-    def _drop(self, key: tuple[str, str]) -> None:
-        old = self._records.pop(key, None)
+    def _drop(self, tenant: str, sequence_id: str | None = None) -> None:
+        """Forget one record of `tenant` (its least recently used when sequence_id is None)."""
+        mine = self._records.get(tenant)
+        if not mine:
+            return
+        if sequence_id is None:
+            _, old = mine.popitem(last=False)
+        else:
+            old = mine.pop(sequence_id, None)
         if old is not None:
-            self._tokens -= old[0].cost
+            self._tokens[tenant] -= old[0].cost
+        if not mine:
+            del self._records[tenant], self._tokens[tenant]
 
     def _evict(self, now: float) -> None:
-        while self._records:
-            key, (rec, used) = next(iter(self._records.items()))
-            if self._tokens <= self.max_tokens and now - used <= self.idle_s:
-                break
-            self._drop(key)
+        for tenant in list(self._records):
+            while tenant in self._records and now - next(iter(self._records[tenant].values()))[1] > self.idle_s:
+                self._drop(tenant)
+        while self._tokens and sum(self._tokens.values()) > self.max_tokens:
+            self._drop(max(self._tokens, key=self._tokens.__getitem__))
 
     def _get(self, sequence_id: str, tenant: str, where: str) -> Record:
         now = self._clock()
         with self._lock:
             self._evict(now)
-            key = (tenant, sequence_id)
-            hit = self._records.get(key)
+            mine = self._records.get(tenant)
+            hit = mine.get(sequence_id) if mine else None
             if hit is not None:
-                self._records[key] = (hit[0], now)
-                self._records.move_to_end(key)
+                mine[sequence_id] = (hit[0], now)
+                mine.move_to_end(sequence_id)
                 return hit[0]
         raise UserError(f"{where}.sequence_id: no recorded sample {sequence_id!r} in this session (sample with "
                         f"record_stability_info=True; records are kept {self.idle_s:.0f} s after their last use, "
