@@ -31,7 +31,7 @@ import numpy as np
 import tinker.types as tt
 
 from tinker_jax.errors import UserError
-from tinker_jax.tensors import dense_array
+from tinker_jax.training.batching import datum_tokens, tensor_array
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ class StabilityLog:
                       f"{where}.loss_fn_input_spans[{j}]")
                 logprobs[pos:pos + span.length] = rec.logprobs[span.offset:span.offset + span.length]
                 sampled[pos:pos + span.length] = 1.0
-        tokens = np.asarray([t for c in d.model_input.chunks for t in getattr(c, "tokens", ())], np.int64)
+        tokens = np.asarray(datum_tokens(d, i), np.int64)
         # A sampled target is fed back as the next input (inputs are the targets shifted by one): otherwise the
         # recorded logprob was not drawn in this datum's context.
         p = np.flatnonzero(sampled[:-1] > 0)
@@ -171,12 +171,7 @@ class StabilityLog:
 
 
 def _ids(td, where: str) -> np.ndarray:
-    try:
-        a = np.asarray(dense_array(td, where=where))
-    except UserError:
-        raise
-    except Exception as e:  # malformed TensorData (shape/data mismatch)
-        raise UserError(f"{where}: malformed tensor ({e})") from None
+    a = tensor_array(td, where)
     if a.ndim != 1:
         raise UserError(f"{where}: stable_reinforce takes one target per position, got shape {list(a.shape)}")
     return a

@@ -345,7 +345,7 @@ class BaseWorker:
             want = self.config.sampler.dtype
             if want is not None and jnp.dtype(want) != jnp.dtype(dtype):
                 # The decoder's compute dtype is static in its graph: a second graph, and the weights cast once
-                # (each keeps its sharding). Snapshots of runs are cast when taken (`_for_sampling`).
+                # (each keeps its sharding). Full runs' snapshots are cast when taken (`_cast`).
                 dec.dtype = self.sample_dtype = jnp.dtype(want).type
                 graphdef, _ = nnx.split(dec, nnx.Param)
                 self.sample_graphdef = StaticGraph(graphdef)

@@ -906,16 +906,18 @@ class Sampler(SamplerBase):
             if hit is None:
                 continue
             if hit[2]() is not obj:  # its weights are gone and another object took their id
-                self._pages.drop(hit[0], hit[1])
-                del self._prefix[key]
+                self._forget(key)
                 continue
             self._prefix.move_to_end(key)
             return j, hit[0], hit[1]
         return None
 
-    def _forget_oldest(self) -> None:
-        _, (shard, pages, _) = self._prefix.popitem(last=False)
+    def _forget(self, key: tuple) -> None:
+        shard, pages, _ = self._prefix.pop(key)
         self._pages.drop(shard, pages)
+
+    def _forget_oldest(self) -> None:
+        self._forget(next(iter(self._prefix)))
         self.stats["prefix_cache_evictions"] += 1
 
     def _prompt_outputs(self, batch: list[_Request], scored) -> None:

@@ -36,7 +36,8 @@ def bucket(n: int, lo: int) -> int:
     return max(lo, 1 << max(0, int(n - 1).bit_length()))
 
 
-def _array(td: tt.TensorData, where: str) -> np.ndarray:
+def tensor_array(td: tt.TensorData, where: str) -> np.ndarray:
+    """A loss_fn_inputs tensor as numpy; UserError naming `where` when it is malformed."""
     try:
         arr = td.to_numpy() if hasattr(td, "to_numpy") else np.asarray(td.data).reshape(td.shape or [-1])
     except Exception as e:  # malformed TensorData (shape/data mismatch)
@@ -108,7 +109,7 @@ def validate(datums: Sequence[tt.Datum], loss_fn: str, loss_fn_config=None, *, v
                              f"allowed: {sorted(allowed)}")
         arrs = {}
         for k, td in fields.items():
-            a = _array(td, f"datum[{i}].loss_fn_inputs[{k!r}]")
+            a = tensor_array(td, f"datum[{i}].loss_fn_inputs[{k!r}]")
             if a.shape[:1] != (n,):
                 raise UserError(f"datum[{i}].loss_fn_inputs[{k!r}]: first dimension {a.shape[:1] or '()'} "
                                  f"does not match model_input length {n}")
