@@ -160,6 +160,11 @@ def test_sampler_dtype_copies_the_base_weights(tmp_path):
     assert bf16.line("parameters").bytes == params * 4  # training's base weights stay fp32
     full = P.plan(cfg, mesh, full=True, sampler_dtype="bfloat16")
     assert full.line("sampler_weights").bytes == params * 2  # a snapshot of the run, cast
+    # On a bf16 engine the sampler already computes in bf16: a full run's snapshot stays an fp32 copy, as the engine
+    # takes it (it casts only to a sampler dtype other than its own).
+    same_bf16 = P.plan(cfg, mesh, full=True, dtype="bfloat16", sampler_dtype="bfloat16")
+    engine_bf16 = P.plan(cfg, mesh, full=True, dtype="bfloat16")
+    assert same_bf16.line("sampler_weights").bytes == engine_bf16.line("sampler_weights").bytes == params * 4
 
 
 def test_llama3_8b_kv_cache_and_fit(tmp_path):

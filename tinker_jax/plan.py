@@ -505,7 +505,8 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
         trainable_note = "full fine-tuning: the run's private fp32 copy of every weight (FullState)"
         grad_note = "fp32 accumulator + the step's fresh gradient, before it is added in"
         # sampling a full run's weights: save_weights_for_sampler snapshots a copy of them
-        snap_b, snap_dt = (sb, sdt) if sampler_dtype else (FP32, "fp32")  # the run's fp32 weights, or cast
+        # the run's fp32 weights, or cast to the sampler's dtype where it differs from the engine's (BaseWorker)
+        snap_b, snap_dt = (sb, sdt) if sdt != dtype else (FP32, "fp32")
         sampler_w, sampler_w_whole = params_local * snap_b, n_params * snap_b
         sampler_note = f"one sampled snapshot of the run: a copy of its weights in {snap_dt}, placed like them"
     else:
