@@ -35,7 +35,15 @@
 # (.whl/ is git-ignored, ~9 MB: carry it, e.g. the device runner's carry=[".whl"]). This script installs them
 # with --no-deps into /tmp/tinker-jax-site (prepended to PYTHONPATH), then checks the imports before measuring.
 #
-# Usage: bash benchmarks/gpu.sh [--dry-run] [--out FILE] [extra benchmarks.run arguments, e.g. --only train]
+# Decode against the machine's limit (issue 14), its own invocation: `bash benchmarks/gpu.sh --decode` runs
+# benchmarks/decode_bench.py instead: decode at batch 64 and 256 (prompt 128 +256, greedy) with the step-time
+# breakdown (prefill + first token, a decode step, its device and host parts) beside the step's floor (weight and
+# KV bytes over the read bandwidth measured in the same run, FLOPs over the measured matmul peak), and an RL-shaped
+# row (64 prompts x 16 samples, 512-token prompts, up to 1,024 tokens, stopping on EOS). Sampler settings to try:
+#     bash benchmarks/gpu.sh --decode --set decode_steps=32 --set decode_unroll=true [--set quantize=int8]
+#
+# Usage: bash benchmarks/gpu.sh [--dry-run] [--decode] [--out FILE] [extra arguments of benchmarks.run, or of
+#        benchmarks.decode_bench with --decode]
 #   --dry-run   the same code paths at toy size (suite gpu-dryrun) on any device, a CPU included (tested in
 #               tests/test_bench_gpu.py; `--dry-run --only peak,moe`: the moe section on qwen3-moe-dryrun, ~30 s).
 #   --out FILE  JSON rows (default: $OUT/gpu-bench.json when $OUT is set, else benchmarks/gpu-latest.json).
@@ -43,11 +51,13 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 SUITE=gpu
+MODULE=benchmarks.run
 OUT_FILE=""
 EXTRA=()
 while [ $# -gt 0 ]; do
   case "$1" in
     --dry-run) SUITE=gpu-dryrun; shift ;;
+    --decode) MODULE=benchmarks.decode_bench; shift ;;
     --out) OUT_FILE="$2"; shift 2 ;;
     *) EXTRA+=("$1"); shift ;;
   esac
@@ -92,5 +102,5 @@ except ImportError as e:
 print("[gpu.sh] jax", jax.__version__, jax.devices())
 PYEOF
 
-timeout -k 30 -s TERM "$LIMIT" "$PY" -m benchmarks.run --suite "$SUITE" --work-dir "$WORK" --out "$OUT_FILE" \
+timeout -k 30 -s TERM "$LIMIT" "$PY" -m "$MODULE" --suite "$SUITE" --work-dir "$WORK" --out "$OUT_FILE" \
   ${EXTRA[@]+"${EXTRA[@]}"}

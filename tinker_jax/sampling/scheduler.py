@@ -58,6 +58,7 @@ import collections
 import itertools
 import logging
 import threading
+import time
 import weakref
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -1058,6 +1059,7 @@ class Sampler(SamplerBase):
         # runs until its rows finish or decode_steps. Both lists are alike on every process (step order).
         waiting = bool(self._pending or self._deferred)
         pages = -(-view // self.page_size)
+        t0 = time.perf_counter()
         pool, dyn, toks, lps, valid, n_run, tk_ids, tk_lps = kernels.decode(
             pl, snap.graphdef, snap.params, lora, slots, self._pool, from_host(self._page_table, pl.rows_sh),
             {k: from_host(v, pl.rows_sh) for k, v in self._dyn.items()}, self._par_dev, from_host(run, pl.rows_sh),
@@ -1067,6 +1069,9 @@ class Sampler(SamplerBase):
         self._pool = pool
         # Replicated outputs (kernels.decode): every process can read them whole.
         dyn, toks, lps, valid, n_run, tk_ids, tk_lps = jax.device_get((dyn, toks, lps, valid, n_run, tk_ids, tk_lps))
+        # From dispatch until the outputs are on the host: the device's decode steps, plus any prefill still queued
+        # ahead of them (dispatch is asynchronous). The loop's wall time minus this is host work (benchmarks).
+        self.stats["decode_seconds"] += time.perf_counter() - t0
         self._dyn = {k: np.array(v) for k, v in dyn.items()}
         self.stats["decode_calls"] += 1
         self.stats["decode_steps_run"] += int(n_run)
