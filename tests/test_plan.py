@@ -167,6 +167,30 @@ def test_sampler_dtype_copies_the_base_weights(tmp_path):
     assert same_bf16.line("sampler_weights").bytes == engine_bf16.line("sampler_weights").bytes == params * 4
 
 
+def test_sampler_quantize_counts_int8_projections(tmp_path):
+    """sampler.quantize int8: the sampler's copy of the base weights is what models.quant makes of a real decoder
+    (int8 block projections + a scale per column, the rest in the sampler's dtype), on one device and split over
+    a mesh; a full run's snapshot is such a copy too; a bad mode names the flag."""
+    from flax import nnx
+
+    from tinker_jax.models import quant
+    from tinker_jax.models.decoder import Decoder
+
+    cfg = P.read_config(_write(tmp_path, "tiny", TINY))
+    dec = Decoder(cfg, rngs=nnx.Rngs(params=0))
+    quant.quantize_linears(dec)
+    real = sum(x.nbytes for x in jax.tree.leaves(nnx.split(dec, nnx.Param)[1]))
+    one = P.parse_mesh("")
+    plain = P.plan(cfg, one, lora_rank=4, sampler_batch=4, sampler_seq_len=100)
+    q8 = P.plan(cfg, one, lora_rank=4, sampler_batch=4, sampler_seq_len=100, sampler_quantize="int8")
+    assert q8.line("sampler_weights").bytes - plain.line("sampler_weights").bytes == real
+    assert P.plan(cfg, one, full=True, sampler_quantize="int8").line("sampler_weights").bytes == real
+    split = P.plan(cfg, P.parse_mesh("fsdp=2,tensor=2"), full=True, sampler_quantize="int8")
+    assert real / 4 <= split.line("sampler_weights").bytes < real  # sharded, the replicated norms aside
+    with pytest.raises(P.PlanError, match="--sampler-quantize"):
+        P.plan(cfg, one, sampler_quantize="int4")
+
+
 def test_llama3_8b_kv_cache_and_fit(tmp_path):
     cfg = P.read_config(_write(tmp_path, "llama8b", LLAMA8B) / "config.json")  # a config.json path works too
     p = P.plan(cfg, P.parse_mesh("fsdp=8"), dtype="bfloat16", sampler_batch=64, sampler_seq_len=4096,

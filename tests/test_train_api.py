@@ -345,6 +345,100 @@ def test_bad_input_leaves_accumulated_gradient_intact(bad_pair):
     assert a.metrics == b.metrics
 
 
+PROMPT = [5, 17, 42, 99, 7, 3]
+
+
+def _one_step_lora(svc):
+    """A rank-4 LoRA run on "tiny" after one step on PROMPT (its adapter is no longer zero)."""
+    tc = svc.create_lora_training_client("tiny", rank=4, seed=0)
+    tc.forward_backward([tt.Datum(model_input=tt.ModelInput.from_ints(PROMPT[:-1]),
+                                  loss_fn_inputs={"target_tokens": PROMPT[1:]})], "cross_entropy")
+    tc.optim_step(tt.AdamParams(learning_rate=1e-2)).result()
+    return tc
+
+
+def _assert_sampler_near_trainer(svc, lora_tc, full_tc=None):
+    """Samples of the LoRA run's snapshot, the base model (and the full run's snapshot) at temperature 1: each drawn
+    token's sampler logprob within a reduced-precision sampler's bounds (docs/numerics.md: mean < 0.05, max < 0.25)
+    of the trainer's fp32 forward, and not the fp32 numbers (max > 1e-5)."""
+    params = tt.SamplingParams(max_tokens=12, temperature=1.0, seed=4)
+    pairs = [(lora_tc.save_weights_and_get_sampling_client(), lora_tc),
+             (svc.create_sampling_client(base_model="tiny"), None)]
+    if full_tc is not None:
+        pairs.append((full_tc.save_weights_and_get_sampling_client(), full_tc))
+    for sampler, trainer in pairs:
+        s = sampler.sample(tt.ModelInput.from_ints(PROMPT), 1, params).result().sequences[0]
+        seq = PROMPT + list(s.tokens)
+        datum = tt.Datum(model_input=tt.ModelInput.from_ints(seq[:-1]), loss_fn_inputs={"target_tokens": seq[1:]})
+        trainer = trainer or svc.create_lora_training_client("tiny", rank=4, seed=1)  # B = 0: the base model
+        want = logprobs(trainer.forward([datum], "cross_entropy").result())[0][len(PROMPT) - 1:]
+        dev = np.abs(np.asarray(s.logprobs) - want)
+        assert dev.mean() < 0.05 and dev.max() < 0.25, dev
+        assert dev.max() > 1e-5, dev
+
+
+def test_int8_sampler_weights(model_dir, tmp_path):
+    """sampler.quantize int8 on a fp32 engine over a tensor=2 mesh: the sampler's copy of every block projection
+    is int8 with a per-column scale placed like the kernel's columns (embeddings and norms stay fp32, training's
+    weights untouched); snapshots of a LoRA run, the base model and a full run sample with it, and their logprobs
+    stay within docs/numerics.md's int8 bounds of the trainer's fp32 forward without being the fp32 numbers."""
+    from jax.sharding import PartitionSpec as P
+
+    from tinker_jax.config import SamplerConfig
+    from tinker_jax.models import quant
+    from tinker_jax.models.sharding import MeshConfig
+
+    cfg = EngineConfig(models={"tiny": str(model_dir)}, mesh=MeshConfig(tensor=2),
+                       sampler=SamplerConfig(quantize="int8", max_seq_len=64))
+    with tinker_jax.ServiceClient(data_dir=tmp_path, config=cfg) as svc:
+        tc = _one_step_lora(svc)
+        full = svc.create_full_training_client("tiny", seed=0)
+        worker = svc.engine._worker("tiny")
+        assert {x.dtype for x in jax.tree.leaves(worker.base)} == {np.dtype("float32")}  # training is untouched
+        blocks = worker.sample_base["blocks"]
+        for group, names in (("attn", ("q", "k", "v", "o")), ("mlp", ("gate", "up", "down"))):
+            for name in names:
+                kernel, scale = blocks[group][name]["kernel"][...], blocks[group][name]["scale"][...]
+                assert kernel.dtype == np.int8 and scale.dtype == np.float32, name
+                assert scale.shape == kernel.shape[:-2] + kernel.shape[-1:]
+                assert scale.sharding.spec[1:] == kernel.sharding.spec[2:3], name  # columns sharded alike
+        assert blocks["mlp"]["up"]["kernel"][...].sharding.spec == P(None, None, "tensor")  # really on the mesh
+        assert worker.sample_base["embed"][...].dtype == np.float32
+        _assert_sampler_near_trainer(svc, tc, full)  # int8 weights
+        q, scale = (worker.sample_base["blocks"]["mlp"]["down"][k][...] for k in ("kernel", "scale"))
+        w = worker.base["blocks"]["mlp"]["down"]["kernel"][...]
+        assert np.abs(np.asarray(quant.dequantize(q, scale)) - np.asarray(w)).max() <= float(scale.max()) / 2 + 1e-7
+
+
+def test_quantize_int8_rounds_each_column_to_its_own_scale():
+    """models.quant: every weight within half its column's step of the original, each column's largest magnitude
+    exact, an all-zero column kept at zero; a quantized Linear computes x @ dequantize(kernel) (fp32)."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from tinker_jax.models import quant
+    from tinker_jax.models.decoder import Linear
+
+    rng = np.random.default_rng(0)
+    w = rng.normal(size=(3, 16, 8)).astype(np.float32)  # [layers, in, out]
+    w[1, :, 5] = 0.0
+    q, scale = quant.quantize_int8(jnp.asarray(w))
+    q, scale = np.asarray(q), np.asarray(scale)
+    back = q.astype(np.float32) * scale[:, None, :]
+    assert (np.abs(back - w) <= scale[:, None, :] / 2 + 1e-7).all()
+    assert np.allclose(np.abs(back).max(axis=1), np.abs(w).max(axis=1), rtol=1e-6)
+    assert (back[1, :, 5] == 0).all() and np.abs(q).max() == 127
+    lin = Linear(16, 8, ("embed", "mlp"), "up", rngs=nnx.Rngs(params=0))
+    dense = np.asarray(lin.kernel[...])
+    assert quant.quantize_linears(lin) == 1 and lin.kernel[...].dtype == jnp.int8
+    x = rng.normal(size=(2, 3, 16)).astype(np.float32)
+    want = x @ np.asarray(quant.dequantize(lin.kernel[...], lin.scale[...]))
+    np.testing.assert_allclose(np.asarray(lin(jnp.asarray(x))), want, rtol=1e-5, atol=1e-6)
+    assert np.abs(want - x @ dense).max() > 1e-6  # rounding really happened
+    with pytest.raises(ValueError, match="sampler.quantize"):
+        quant.quantize_linears(lin, "int4")
+
+
 def test_bfloat16_sampler_on_a_float32_engine(model_dir, tmp_path):
     """sampler.dtype bfloat16 beside fp32 training: the sampler computes with a bf16 copy of the base weights and a
     bf16 KV cache, and its logprobs of the tokens it draws stay within docs/numerics.md's bf16 bounds of the
@@ -353,11 +447,7 @@ def test_bfloat16_sampler_on_a_float32_engine(model_dir, tmp_path):
 
     cfg = EngineConfig(models={"tiny": str(model_dir)}, sampler=SamplerConfig(dtype="bfloat16", max_seq_len=64))
     with tinker_jax.ServiceClient(data_dir=tmp_path, config=cfg) as svc:
-        tc = svc.create_lora_training_client("tiny", rank=4, seed=0)
-        prompt = [5, 17, 42, 99, 7, 3]
-        tc.forward_backward([tt.Datum(model_input=tt.ModelInput.from_ints(prompt[:-1]),
-                                      loss_fn_inputs={"target_tokens": prompt[1:]})], "cross_entropy")
-        tc.optim_step(tt.AdamParams(learning_rate=1e-2)).result()
+        tc = _one_step_lora(svc)
         worker = svc.engine._worker("tiny")
         assert {x.dtype for x in jax.tree.leaves(worker.sample_base)} == {np.dtype("bfloat16")}
         assert {x.dtype for x in jax.tree.leaves(worker.base)} == {np.dtype("float32")}  # training is untouched
@@ -366,15 +456,4 @@ def test_bfloat16_sampler_on_a_float32_engine(model_dir, tmp_path):
         # its next optimizer step donates).
         again = worker._cast(worker.sample_base)
         assert not any(x is y for x, y in zip(jax.tree.leaves(again), jax.tree.leaves(worker.sample_base)))
-        params = tt.SamplingParams(max_tokens=12, temperature=1.0, seed=4)
-        for sampler, trainer in ((tc.save_weights_and_get_sampling_client(), tc),
-                                 (svc.create_sampling_client(base_model="tiny"), None)):
-            s = sampler.sample(tt.ModelInput.from_ints(prompt), 1, params).result().sequences[0]
-            full = prompt + list(s.tokens)
-            datum = tt.Datum(model_input=tt.ModelInput.from_ints(full[:-1]), loss_fn_inputs={"target_tokens": full[1:]})
-            if trainer is None:  # the base model's forward: a rank-4 run that was never trained (B = 0)
-                trainer = svc.create_lora_training_client("tiny", rank=4, seed=1)
-            want = logprobs(trainer.forward([datum], "cross_entropy").result())[0][len(prompt) - 1:]
-            dev = np.abs(np.asarray(s.logprobs) - want)
-            assert dev.mean() < 0.05 and dev.max() < 0.25, dev
-            assert dev.max() > 1e-5  # bf16 arithmetic, not the fp32 numbers
+        _assert_sampler_near_trainer(svc, tc)  # bf16 arithmetic

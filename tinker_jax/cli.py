@@ -89,6 +89,8 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler-dtype", default=None, choices=["float32", "bfloat16"],
                    help="sampler.dtype: the sampler's weights, KV cache and compute (default: --param-dtype; "
                         "another dtype keeps a copy of the base weights in it)")
+    p.add_argument("--sampler-quantize", default=None, choices=["int8"],
+                   help="sampler.quantize: the sampler's copy of the base weights with int8 block projections")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes as integers)")
 
 
@@ -104,7 +106,7 @@ def _run_plan(args: argparse.Namespace) -> int:
         attention=args.attention, device_memory=args.device_memory, sampler_batch=args.sampler_batch,
         sampler_seq_len=args.sampler_seq_len, sampler_adapters=args.sampler_adapters,
         sampler_kv_tokens=args.sampler_kv_tokens, sampler_page_size=args.sampler_page_size,
-        sampler_dtype=args.sampler_dtype)
+        sampler_dtype=args.sampler_dtype, sampler_quantize=args.sampler_quantize)
     if args.json:
         print(json.dumps({"config": str(args.model), **result.to_dict()}, indent=2))
     else:

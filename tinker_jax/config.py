@@ -50,6 +50,11 @@ class SamplerConfig:
     # other than the engine's keeps a copy of the base weights in it for sampling (bf16: half the bytes read per
     # decode step; logits and logprobs stay fp32, within docs/numerics.md's tolerance of the trainer's).
     dtype: str | None = None
+    # jax: "int8": the decoder blocks' projections sample from int8 weights with a scale per output channel (a
+    # quarter of fp32's weight bytes, half of bf16's, read per decode step), computed in `dtype`; embeddings, an
+    # untied unembedding, norms and MoE experts are kept as they are, LoRA adapters apply on top in `dtype`.
+    # Logprobs then differ from the trainer's by docs/numerics.md's measured int8 deviation. null: off.
+    quantize: str | None = None
 
 
 @dataclass(frozen=True)
@@ -137,6 +142,11 @@ class EngineConfig:
                 raise ValueError(f"config.sampler: unknown keys {bad}")
             if s.get("dtype") not in (None, "float32", "bfloat16"):
                 raise ValueError(f"config.sampler.dtype: expected float32, bfloat16 or null, got {s['dtype']!r}")
+            if s.get("quantize") not in (None, "int8"):
+                raise ValueError(f"config.sampler.quantize: expected int8 or null, got {s['quantize']!r}")
+            if s.get("quantize") and s.get("backend", "jax") != "jax":
+                raise ValueError("config.sampler.quantize: only the jax sampler backend quantizes weights "
+                                 f"(backend is {s['backend']!r})")
             d["sampler"] = SamplerConfig(**s)
         if "lora" in d:
             s = dict(d["lora"] or {})

@@ -241,6 +241,24 @@ def _param_table(state, amesh) -> list[tuple[str, tuple, tuple, tuple]]:
     return out
 
 
+def _sampler_copy(table, itemsize: int, quantize: str | None) -> tuple[int, int]:
+    """(per-device, whole) bytes of the sampler's copy of the weights in `table` at `itemsize`; with `quantize`
+    (models.quant) the block projections' kernels take 1 byte a weight plus a scale per column."""
+    from tinker_jax.models.quant import QUANTIZED
+
+    local = whole = 0
+    for name, _, shape, shard in table:
+        parts = name.split(".")
+        if quantize and parts[0] != "lm_head" and parts[-1] == "kernel" and len(parts) > 1 and \
+                parts[-2] in QUANTIZED:
+            local += math.prod(shard) + math.prod(shard[:-2] + shard[-1:]) * itemsize
+            whole += math.prod(shape) + math.prod(shape[:-2] + shape[-1:]) * itemsize
+        else:
+            local += math.prod(shard) * itemsize
+            whole += math.prod(shape) * itemsize
+    return local, whole
+
+
 def _replicated_dims(table, mesh: PlanMesh) -> list[str]:
     """Dims the rule table maps to mesh axes (of size > 1) that stay whole (spec_for: their size does not divide,
     or the mesh axis already splits another dim of the array)."""
@@ -447,14 +465,16 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
          adapters: int = 1, batch_tokens: int = 8192, seq_len: int | None = None, remat: bool = False,
          dtype: str = "float32", attention: str = "einsum", device_memory: int | str | None = None,
          sampler_batch: int = 16, sampler_seq_len: int = 1024, sampler_adapters: int = 16,
-         sampler_kv_tokens: int | None = None, sampler_page_size: int = 16, sampler_dtype: str | None = None) -> Plan:
+         sampler_kv_tokens: int | None = None, sampler_page_size: int = 16, sampler_dtype: str | None = None,
+         sampler_quantize: str | None = None) -> Plan:
     """Per-device memory of training (LoRA rank `lora_rank`, or `full`) and sampling one base model on `mesh`.
 
     Defaults are the engine's (config.EngineConfig / SamplerConfig / LoraConfig): dtype float32, one micro-batch of
     `batch_tokens` (max_tokens_per_batch) in rows of `seq_len` tokens (default: one row per batch shard), a
     sampler of 16 rows x 1024 tokens with 16 resident adapters and a KV cache of rows x tokens (`sampler_kv_tokens`
     in pages of `sampler_page_size`), all in `sampler_dtype` (default `dtype`; another keeps a copy of the base
-    weights in it). Errors name the CLI flag of the bad argument.
+    weights in it; `sampler_quantize` "int8" keeps a copy with int8 block projections, models.quant). Errors name
+    the CLI flag of the bad argument.
     """
     from jax.sharding import NamedSharding
 
@@ -467,6 +487,8 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
         raise PlanError(f"--param-dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     if sampler_dtype is not None and sampler_dtype not in DTYPES:
         raise PlanError(f"--sampler-dtype: expected one of {', '.join(DTYPES)}, got {sampler_dtype!r}")
+    if sampler_quantize not in (None, "int8"):
+        raise PlanError(f"--sampler-quantize: expected int8, got {sampler_quantize!r}")
     if attention not in ATTENTIONS:
         raise PlanError(f"--attention: expected one of {', '.join(ATTENTIONS)}, got {attention!r}")
     if not full and (lora_rank is None or isinstance(lora_rank, bool) or int(lora_rank) < 1):
@@ -506,9 +528,11 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
         grad_note = "fp32 accumulator + the step's fresh gradient, before it is added in"
         # sampling a full run's weights: save_weights_for_sampler snapshots a copy of them
         # the run's fp32 weights, or cast to the sampler's dtype where it differs from the engine's (BaseWorker)
-        snap_b, snap_dt = (sb, sdt) if sdt != dtype else (FP32, "fp32")
-        sampler_w, sampler_w_whole = params_local * snap_b, n_params * snap_b
+        snap_b, snap_dt = (sb, sdt) if sdt != dtype or sampler_quantize else (FP32, "fp32")
+        sampler_w, sampler_w_whole = _sampler_copy(table, snap_b, sampler_quantize)
         sampler_note = f"one sampled snapshot of the run: a copy of its weights in {snap_dt}, placed like them"
+        if sampler_quantize:
+            sampler_note += f" (block projections {sampler_quantize}, sampler.quantize)"
     else:
         slots = pool_capacity(adapters, lcfg.initial_slots, lcfg.max_slots)
         trainable_params = sum(math.prod(s) for w in lora_math.shapes(cfg, rank).values() for s in w.values())
@@ -523,10 +547,13 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
         sampler_w_whole = _adapter_bytes(cfg, rank, sampler_adapters + 1, one, sb)
         sampler_note = (f"sampler adapter table, rank {rank}: {sampler_adapters}+1 slots in {sdt}, placed like the "
                         "pools (built when an adapter of this rank is first sampled)")
-        if sdt != dtype:
-            sampler_w += params_local * sb
-            sampler_w_whole += n_params * sb
-            sampler_note += f"; and the sampler's copy of the base weights in {sdt} (sampler.dtype)"
+        if sdt != dtype or sampler_quantize:
+            local, whole = _sampler_copy(table, sb, sampler_quantize)
+            sampler_w += local
+            sampler_w_whole += whole
+            what = f"{sdt}, block projections {sampler_quantize} (sampler.quantize)" if sampler_quantize else \
+                f"{sdt} (sampler.dtype)"
+            sampler_note += f"; and the sampler's copy of the base weights in {what}"
 
     # ---- estimates: activations and the FSDP workspace of one micro-batch
     seq = seq_len or default_seq_len(batch_tokens, mesh.batch_shards,

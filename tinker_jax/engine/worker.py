@@ -40,7 +40,7 @@ from tinker_jax.futures import begin, failed
 from tinker_jax.hf.convert import export_merged_hf, export_peft_adapter
 from tinker_jax.hf.weights import load_decoder
 from tinker_jax.models import lora as lora_math
-from tinker_jax.models import moe
+from tinker_jax.models import moe, quant
 from tinker_jax.models.config import ModelConfig
 from tinker_jax.models.decoder import StaticGraph, merge
 from tinker_jax.models.lora import Adapter, LoraSpec
@@ -90,7 +90,7 @@ class BaseWorker:
         self.graphdef = self.base = self.dtype = None
         # What snapshots sample with: the training graph and base weights, or (sampler.dtype other than the engine's)
         # a graph computing in that dtype and a copy of the base weights in it.
-        self.sample_graphdef = self.sample_base = self.sample_dtype = None
+        self.sample_graphdef = self.sample_base = self.sample_dtype = self.sample_quant = None
         self.attention = "einsum"
         self.pools: dict[int, AdapterPool] = {}
         self.runs: dict[str, Run] = {}
@@ -342,14 +342,15 @@ class BaseWorker:
         if self.config.sampler.backend == "jax":
             from tinker_jax.sampling import make_sampler
 
-            want = self.config.sampler.dtype
-            if want is not None and jnp.dtype(want) != jnp.dtype(dtype):
-                # The decoder's compute dtype is static in its graph: a second graph, and the weights cast once
-                # (each keeps its sharding). Full runs' snapshots are cast when taken (`_cast`).
-                dec.dtype = self.sample_dtype = jnp.dtype(want).type
-                graphdef, _ = nnx.split(dec, nnx.Param)
-                self.sample_graphdef = StaticGraph(graphdef)
-                self.sample_base = self._cast(self.base)
+            want, self.sample_quant = self.config.sampler.dtype, self.config.sampler.quantize
+            if self.sample_quant or (want is not None and jnp.dtype(want) != jnp.dtype(dtype)):
+                # The decoder's compute dtype and int8 kernels are static in its graph: a second graph, and the
+                # weights cast (and quantized) once, each placed by the rules. Full runs' snapshots are cast when
+                # taken (`_cast`).
+                self.sample_dtype = jnp.dtype(want or dtype).type
+                dec.dtype = self.sample_dtype
+                graphdef, self.sample_base = self._cast(self.base, graph=True)
+                self.sample_graphdef = StaticGraph(graphdef if self.sample_quant else nnx.split(dec, nnx.Param)[0])
                 dec = merge(self.sample_graphdef, self.sample_base)
             self.sampler = make_sampler(self._sampler_base(dec), self.config.sampler, on_submit=self.wake,
                                         mesh=self.mesh)
@@ -881,12 +882,22 @@ class BaseWorker:
             self._writing[run.owner] += need
         return need
 
-    def _cast(self, params):
-        """Weights in the sampler's dtype (a copy, even when it is theirs: never donated by a later step)."""
+    def _cast(self, params, graph: bool = False):
+        """Weights in the sampler's dtype, their projections int8 where sampler.quantize asks (a copy, even when
+        they are theirs: never donated by a later step); with `graph`, (the graph they go with, weights)."""
+        graphdef = self.sample_graphdef
+        if self.sample_quant:  # new int8 kernels from the weights as they are: no full-precision copy on the way
+            dec = merge(self.graphdef, params)
+            dec.dtype = self.sample_dtype
+            quant.quantize_linears(dec, self.sample_quant)
+            graphdef, params = nnx.split(dec, nnx.Param)
         # jnp.array(..., copy=True): astype to an array's own dtype returns that array (which a later optimizer
         # step of a full run would donate under the snapshot).
-        return jax.tree.map(lambda x: jnp.array(x, dtype=self.sample_dtype if jnp.issubdtype(x.dtype, jnp.floating)
-                                                else x.dtype, copy=True), params)
+        out = jax.tree.map(lambda x: jnp.array(x, dtype=self.sample_dtype if jnp.issubdtype(x.dtype, jnp.floating)
+                                               else x.dtype, copy=True), params)
+        if self.sample_quant:  # the new arrays placed as the rules place them (scales like their kernels' columns)
+            out = jax.device_put(out, state_shardings(out, self.mesh))
+        return (graphdef, out) if graph else out
 
     def _snapshot(self, run: Run, name: str | None) -> WeightSnapshot:
         if run.is_lora:

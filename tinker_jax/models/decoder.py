@@ -156,6 +156,7 @@ class Linear(nnx.Module):
         init = nnx.initializers.normal(0.02)
         self.kernel = nnx.Param(init(rngs.params(), (d_in, d_out), param_dtype), axes=axes)
         self.bias = nnx.Param(jnp.zeros((d_out,), param_dtype), axes=axes[1:]) if bias else None
+        self.scale = None  # [out] per-channel scale of an int8 kernel (models.quant; the sampler's weights only)
         self.name = name
 
     def __call__(self, x: jax.Array, lora: tuple[LoraRows, ...] = ()) -> jax.Array:
@@ -163,6 +164,8 @@ class Linear(nnx.Module):
         B, T, d_in = x.shape
         # [B,T,in] -> [M,in]: XLA:CPU's backward of the 3-D form ran ~2x slower
         y = x.reshape(B * T, d_in) @ self.kernel[...].astype(x.dtype)
+        if self.scale is not None:  # int8 kernel: x @ (kernel * scale), the scale being per output column
+            y = y * self.scale[...].astype(x.dtype)
         if self.bias is not None:
             y = y + self.bias[...].astype(x.dtype)
         return lora_math.apply(y.reshape(B, T, -1), x, lora, self.name)
