@@ -32,6 +32,7 @@ def test_bad_configs_name_the_key(tmp_path):
     for text, key in (("dtpe: float32\n", "dtpe"), ("dtype: float16\n", "dtype"), ("mesh: {pipeline: 2}\n", "pipeline"),
                       ("sampler: {max_rows: 2}\n", "max_rows"),
                       ("sampler: {quantize: int4}\n", "sampler.quantize"),
+                      ("sampler: {decode_attention: flash}\n", "sampler.decode_attention"),
                       ("sampler: {backend: vllm, quantize: int8}\n", "sampler.quantize")):
         f = tmp_path / "bad.yaml"
         f.write_text(text)

@@ -454,14 +454,17 @@ def test_stop_fails_outstanding_and_refuses_new(snap):
 
 
 def test_unrolled_decode_and_longer_calls_sample_the_same(sampler, snap):
-    """decode_unroll and decode_steps change how decode runs (configs/gpu-bf16.yaml sets both), not what it
-    samples: the same greedy and seeded sequences and logprobs as the default sampler."""
+    """decode_unroll, decode_steps and decode_attention change how decode runs (configs/gpu-bf16.yaml sets the
+    first two; on a CPU the default attention is "reduce", elsewhere "einsum"), not what it samples: the same greedy
+    and seeded sequences and logprobs as the default sampler, in the short view and past it."""
+    assert sampler.decode_attention == "reduce"  # auto on this CPU: the other path is compared against it
     with Sampler(snap.cfg, [EOS], max_batch=ROWS, max_seq_len=MAX_SEQ, prefill_lengths=(16,), prefill_batches=(4,),
                  decode_steps=16, decode_unroll=True, decode_lengths=(32,), max_num_samples=8,
-                 tokenizer=CharTokenizer()) as other:
-        for seed, params in [(60, P(max_tokens=12, temperature=0.0)), (61, P(max_tokens=12, seed=7, stop=[])),
-                             (62, P(max_tokens=9, temperature=0.7, top_p=0.9, seed=3, stop=[]))]:
-            prompt = prompt_of(seed, 6)
+                 decode_attention="einsum", tokenizer=CharTokenizer()) as other:
+        for seed, n, params in [(60, 6, P(max_tokens=12, temperature=0.0)), (61, 6, P(max_tokens=12, seed=7, stop=[])),
+                                (62, 6, P(max_tokens=9, temperature=0.7, top_p=0.9, seed=3, stop=[])),
+                                (63, 16, P(max_tokens=24, temperature=0.0, stop=[]))]:
+            prompt = prompt_of(seed, n)
             a = sampler.sample(snap, prompt, params).sequences[0]
             b = other.sample(snap, prompt, params).sequences[0]
             assert a.tokens == b.tokens

@@ -357,17 +357,16 @@ def _one_step_lora(svc):
     return tc
 
 
-def _assert_sampler_near_trainer(svc, lora_tc, full_tc=None):
-    """Samples of the LoRA run's snapshot, the base model (and the full run's snapshot) at temperature 1: each drawn
-    token's sampler logprob within a reduced-precision sampler's bounds (docs/numerics.md: mean < 0.05, max < 0.25)
-    of the trainer's fp32 forward, and not the fp32 numbers (max > 1e-5)."""
-    params = tt.SamplingParams(max_tokens=12, temperature=1.0, seed=4)
-    pairs = [(lora_tc.save_weights_and_get_sampling_client(), lora_tc),
-             (svc.create_sampling_client(base_model="tiny"), None)]
-    if full_tc is not None:
-        pairs.append((full_tc.save_weights_and_get_sampling_client(), full_tc))
-    for sampler, trainer in pairs:
-        s = sampler.sample(tt.ModelInput.from_ints(PROMPT), 1, params).result().sequences[0]
+SAMPLE_PARAMS = tt.SamplingParams(max_tokens=12, temperature=1.0, seed=4)
+
+
+def _assert_sampler_near_trainer(svc, lora_tc):
+    """Samples of the LoRA run's snapshot and of the base model at temperature 1: each drawn token's sampler
+    logprob within a reduced-precision sampler's bounds (docs/numerics.md: mean < 0.05, max < 0.25) of the
+    trainer's fp32 forward, and not the fp32 numbers (max > 1e-5). Returns the base model's sample."""
+    for sampler, trainer in ((lora_tc.save_weights_and_get_sampling_client(), lora_tc),
+                             (svc.create_sampling_client(base_model="tiny"), None)):
+        s = sampler.sample(tt.ModelInput.from_ints(PROMPT), 1, SAMPLE_PARAMS).result().sequences[0]
         seq = PROMPT + list(s.tokens)
         datum = tt.Datum(model_input=tt.ModelInput.from_ints(seq[:-1]), loss_fn_inputs={"target_tokens": seq[1:]})
         trainer = trainer or svc.create_lora_training_client("tiny", rank=4, seed=1)  # B = 0: the base model
@@ -375,13 +374,15 @@ def _assert_sampler_near_trainer(svc, lora_tc, full_tc=None):
         dev = np.abs(np.asarray(s.logprobs) - want)
         assert dev.mean() < 0.05 and dev.max() < 0.25, dev
         assert dev.max() > 1e-5, dev
+    return s
 
 
 def test_int8_sampler_weights(model_dir, tmp_path):
     """sampler.quantize int8 on a fp32 engine over a tensor=2 mesh: the sampler's copy of every block projection
     is int8 with a per-column scale placed like the kernel's columns (embeddings and norms stay fp32, training's
-    weights untouched); snapshots of a LoRA run, the base model and a full run sample with it, and their logprobs
-    stay within docs/numerics.md's int8 bounds of the trainer's fp32 forward without being the fp32 numbers."""
+    weights untouched); snapshots of a LoRA run and the base model sample with it, their logprobs within
+    docs/numerics.md's int8 bounds of the trainer's fp32 forward without being the fp32 numbers, and a full run's
+    snapshot is quantized alike."""
     from jax.sharding import PartitionSpec as P
 
     from tinker_jax.config import SamplerConfig
@@ -404,7 +405,11 @@ def test_int8_sampler_weights(model_dir, tmp_path):
                 assert scale.sharding.spec[1:] == kernel.sharding.spec[2:3], name  # columns sharded alike
         assert blocks["mlp"]["up"]["kernel"][...].sharding.spec == P(None, None, "tensor")  # really on the mesh
         assert worker.sample_base["embed"][...].dtype == np.float32
-        _assert_sampler_near_trainer(svc, tc, full)  # int8 weights
+        base = _assert_sampler_near_trainer(svc, tc)  # int8 weights
+        # A full run's snapshot is quantized when taken: untrained, it samples exactly what the base model does.
+        s = full.save_weights_and_get_sampling_client().sample(tt.ModelInput.from_ints(PROMPT), 1,
+                                                               SAMPLE_PARAMS).result().sequences[0]
+        assert s.tokens == base.tokens and s.logprobs == base.logprobs
         q, scale = (worker.sample_base["blocks"]["mlp"]["down"][k][...] for k in ("kernel", "scale"))
         w = worker.base["blocks"]["mlp"]["down"]["kernel"][...]
         assert np.abs(np.asarray(quant.dequantize(q, scale)) - np.asarray(w)).max() <= float(scale.max()) / 2 + 1e-7

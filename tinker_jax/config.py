@@ -36,6 +36,8 @@ class SamplerConfig:
     #                        sooner when its rows finish or a row frees for a waiting request; stop strings are
     #                        checked between calls)
     decode_unroll: bool = False  # jax: unroll the layer loop of a decode step (more code, fewer loop iterations)
+    decode_attention: str = "auto"  # jax: a decode step's attention: einsum | reduce | auto (reduce on CPUs, where
+    #                                 it was faster; einsum elsewhere)
     prefill_chunk: int = 512  # jax: a longer prompt is prefilled this many tokens per sampler step (running
     #                           decodes keep their pace; its attention memory grows linearly with its length); 0: off
     max_adapters: int = 16  # jax: LoRA adapters resident per rank at once (rows of different adapters decode
@@ -142,6 +144,9 @@ class EngineConfig:
                 raise ValueError(f"config.sampler: unknown keys {bad}")
             if s.get("dtype") not in (None, "float32", "bfloat16"):
                 raise ValueError(f"config.sampler.dtype: expected float32, bfloat16 or null, got {s['dtype']!r}")
+            if s.get("decode_attention", "auto") not in ("auto", "einsum", "reduce"):
+                raise ValueError("config.sampler.decode_attention: expected auto, einsum or reduce, got "
+                                 f"{s['decode_attention']!r}")
             if s.get("quantize") not in (None, "int8"):
                 raise ValueError(f"config.sampler.quantize: expected int8 or null, got {s['quantize']!r}")
             if s.get("quantize") and s.get("backend", "jax") != "jax":

@@ -27,6 +27,10 @@ from tinker_jax.models.lora import LoraRows
 from tinker_jax.models.moe import MoeMLP, row_router_stats
 
 ATTENTION_IMPLS = ("einsum", "cudnn", "xla")
+# With a cache: how a one-token step (decode) attends. "einsum" gathers each row's context and runs two batched
+# dots; "reduce" computes the same sums as elementwise products reduced over head_dim and over the context (fp32),
+# which XLA:CPU fuses with the page gather instead of materialising the context per layer (see Attention).
+DECODE_ATTENTION = ("einsum", "reduce")
 NEG_INF = -1e30  # finite, so fully masked rows (padding) give a uniform softmax instead of NaN
 
 
@@ -233,7 +237,8 @@ class Attention(nnx.Module):
         With cache = (k_cache, v_cache) [B,S,K,H] of this layer, *read only*: queries attend to the cache
         slots where `mask` [B,T,S] is true (the context before this chunk) and, causally, to this chunk's own
         keys. The caller writes the returned k/v into the cache once for all layers: writing inside the layer
-        loop made XLA copy the whole cache per layer, which dominated decode time.
+        loop made XLA copy the whole cache per layer, which dominated decode time. `attention` "reduce" with a
+        cache and T == 1 (a decode step) computes the same attention without dots (`_decode_attention_reduce`).
         """
         N, K, H = self.shape
         B, T, _ = x.shape
@@ -248,6 +253,9 @@ class Attention(nnx.Module):
                                                implementation=attention)  # [B,T,N,H]; GQA handled inside
             return self.o(out.reshape(B, T, N * H), lora), (k, v)
         qg = q.reshape(B, T, K, N // K, H) * (1.0 / math.sqrt(H))  # GQA: G query heads share one kv head
+        if cache is not None and attention == "reduce" and T == 1:
+            return self.o(_decode_attention_reduce(qg[:, 0], k[:, 0], v[:, 0], *cache, mask[:, 0]).astype(x.dtype)
+                          .reshape(B, T, N * H), lora), (k, v)
         scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k)  # this chunk's own keys
         if cache is not None:  # prepend the cached context's scores; the cache itself is never copied
             ck, cv = cache
@@ -264,6 +272,25 @@ class Attention(nnx.Module):
                    + jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., S:], v))
         out = out.reshape(B, T, N * H)
         return self.o(out, lora), (k, v)
+
+
+def _decode_attention_reduce(qg, k, v, ck, cv, mask):
+    """One query per row against its context and its own key, as products summed in fp32 (no dot): qg [B,K,G,H]
+    (scaled), k, v [B,K,H] this step's, ck, cv [B,S,K,H] the context, mask [B,S] -> [B,K,G,H] fp32. Equal to the
+    einsum path up to summation order. On XLA:CPU the context is then read where the pages are, inside the fused
+    reductions; the einsum path first copies (gathers and transposes) it per layer for its batched dots, which
+    cost 15% of a batch-64 decode step on the 2-core CPU (a profile) and is why "reduce" is its default there."""
+    f32 = jnp.float32
+    q32 = qg.astype(f32)
+    ctx = jnp.sum(q32[:, None] * ck.astype(f32)[:, :, :, None, :], axis=-1)  # [B,S,K,G]
+    ctx = jnp.where(mask[:, :, None, None], ctx, NEG_INF)
+    own = jnp.sum(q32 * k.astype(f32)[:, :, None, :], axis=-1)  # [B,K,G]
+    top = jnp.maximum(jnp.max(ctx, axis=1), own)  # softmax over the S context slots and the row's own key
+    p_ctx, p_own = jnp.exp(ctx - top[:, None]), jnp.exp(own - top)
+    denom = jnp.sum(p_ctx, axis=1) + p_own
+    out = jnp.sum(p_ctx[..., None] * cv.astype(f32)[:, :, :, None, :], axis=1) + p_own[..., None] * \
+        v.astype(f32)[:, :, None, :]
+    return out / denom[..., None]
 
 
 class MLP(nnx.Module):
@@ -420,9 +447,10 @@ class Decoder(nnx.Module):
 
         lora: adapters per rank and the rows that use them (their per-layer weights are scanned with the layers).
 
-        attention (no cache only): "einsum" (masks from segment_ids; exact reference, packing-capable), or
+        attention, no cache: "einsum" (masks from segment_ids; exact reference, packing-capable), or
         "cudnn" / "xla" (jax.nn.dot_product_attention, causal only: each row must hold one right-padded
-        sequence, as batching builds them). See Attention.__call__.
+        sequence, as batching builds them). See Attention.__call__. With a cache (DECODE_ATTENTION): "einsum", or
+        "reduce" for one-token steps (`_decode_attention_reduce`; longer chunks always take the einsum path).
         unroll (cache only): unroll the layer loop (a decode step is small; a loop costs per-iteration overhead).
 
         remat: recompute each layer's activations in the backward pass, keeping only its matmul outputs
@@ -444,8 +472,9 @@ class Decoder(nnx.Module):
         stacks = {name: nnx.split(getattr(self, name)) for name in STACKS if getattr(self, name) is not None}
         inv_freq = rope_inv_freq(self.cfg)  # numpy at trace time: a compile-time constant
 
-        if attention not in ATTENTION_IMPLS:
-            raise ValueError(f"attention: expected one of {ATTENTION_IMPLS}, got {attention!r}")
+        allowed = ATTENTION_IMPLS if cache is None else DECODE_ATTENTION
+        if attention not in allowed:
+            raise ValueError(f"attention: expected one of {allowed}, got {attention!r}")
         lora = tuple(lora)
         # per stack: (its layers' weights, each rank's adapter weights [layers,S,...]), sliced per layer by the scan
         per_stack = {name: (state, tuple(c.per_layer(name) for c in lora)) for name, (_, state) in stacks.items()}
@@ -472,7 +501,7 @@ class Decoder(nnx.Module):
 
         def cached_layer(h, name, xs, layer):
             block, lw = block_of(name, *xs)
-            return block(h, positions, mask, inv_freq, cache.context(layer), lora=lw)
+            return block(h, positions, mask, inv_freq, cache.context(layer), attention, lora=lw)
 
         # The cache is read whole by each layer's context (a layer index, not a slice: see PagedKV.context).
         x, (k_new, v_new) = scan_layers(self.cfg, cached_layer, x, per_stack, jnp.arange(self.cfg.n_layers),

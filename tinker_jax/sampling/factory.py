@@ -26,7 +26,7 @@ def make_sampler(base: Any, config: Any = None, on_submit=None, **overrides) -> 
         raise ValueError(f"sampler.backend: expected 'jax' or 'vllm', got {backend!r}")
     kw: dict[str, Any] = {}
     for name in ("max_batch", "max_seq_len", "max_num_samples", "prefill_lengths", "prefill_batches",
-                 "prefill_token_budget", "prefill_chunk", "decode_steps", "decode_unroll",
+                 "prefill_token_budget", "prefill_chunk", "decode_steps", "decode_unroll", "decode_attention",
                  "max_topk_prompt_logprobs", "max_stop_tokens", "max_adapters", "kv_cache_tokens", "page_size",
                  "prefix_cache"):
         if config is not None and getattr(config, name, None) is not None:

@@ -491,8 +491,8 @@ STATIC = ("max_tokens", "temperature", "top_k", "top_p", "seed", "sample", "stop
 
 
 def _decode(graphdef, params, lora, slots, pool: tuple, table, dyn: dict, par: dict, run_mask, until_finish,
-            n_steps: int, pages: int | None, rows: int | None, unroll: bool, topk: int, *, shards: int,
-            pool_sh: NamedSharding):
+            n_steps: int, pages: int | None, rows: int | None, unroll: bool, topk: int, attention: str, *,
+            shards: int, pool_sh: NamedSharding):
     """Up to n_steps decode steps for the rows in run_mask (every row of one set of base weights, each with its own
     adapter), in one device loop that ends early when no row of run_mask is live any more or, with `until_finish`
     (a bool scalar: requests wait for rows), right after the first step in which a row finished. `lora` per rank:
@@ -539,7 +539,7 @@ def _decode(graphdef, params, lora, slots, pool: tuple, table, dyn: dict, par: d
         live = d["live"] & m
         cache = PagedKV(*kv, jnp.where(live[:, None], tab, 0))  # not live: page 0, read by no row
         hidden, cache = model(d["tok"][:, None], jnp.where(live, d["pos"], 0)[:, None], cache=cache, unroll=unroll,
-                              lora=adapters)
+                              lora=adapters, attention=attention)
         kv = pin((cache.k, cache.v))
         logits = model.logits(hidden, adapters)[:, 0]  # [R,V]
         keys = row_keys(p["seed"], p["sample"], d["n_gen"])
@@ -592,12 +592,12 @@ def _top_logprobs(logits: jax.Array, temperature: jax.Array, want: jax.Array, k:
                         None)
 
 
-_decode_kernel = Kernel(_decode, static_argnums=(0, 10, 11, 12, 13, 14), donate_argnums=(4,))
+_decode_kernel = Kernel(_decode, static_argnums=(0, 10, 11, 12, 13, 14, 15), donate_argnums=(4,))
 
 
 def decode(pl: Placement, graphdef, params, lora, slots, pool: tuple, table, dyn: dict, par: dict, run_mask, *,
            n_steps: int, pages: int | None = None, rows: int | None = None, unroll: bool = False,
-           until_finish: bool = False, topk: int = 0):
+           until_finish: bool = False, topk: int = 0, attention: str = "einsum"):
     """`_decode` on placement `pl`: per-row inputs (slots, table, dyn, par, run_mask) placed over rows, lora's scale
     and active replicated, the pool (k, v; donated) like pl.pool. The pool comes back placed as it went in; row
     state, tokens, logprobs, valid and the number of steps run come back replicated (the host reads them)."""
@@ -613,7 +613,7 @@ def decode(pl: Placement, graphdef, params, lora, slots, pool: tuple, table, dyn
                           shards=pl.shards, pool_sh=pl.pool)
     until = from_host(np.asarray(bool(until_finish)), pl.rep)
     return f(graphdef, params, lora, slots, tuple(pool), table, dyn, par, run_mask, until, n_steps, pages, rows,
-             unroll, topk)
+             unroll, topk, attention)
 
 
 # Compiled-program counts under the public names (tests: new values, weights or adapters never recompile).

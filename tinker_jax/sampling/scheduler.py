@@ -74,7 +74,7 @@ from tinker_jax.errors import UserError
 from tinker_jax.futures import begin
 from tinker_jax.models import lora as lora_math
 from tinker_jax.models.config import ModelConfig
-from tinker_jax.models.decoder import KVCache
+from tinker_jax.models.decoder import DECODE_ATTENTION, KVCache
 from tinker_jax.models.sharding import DEFAULT_RULES, MeshConfig, batch_shards, from_host, make_mesh, zeros
 from tinker_jax.sampling import kernels, response
 from tinker_jax.sampling.base import SamplerBase
@@ -230,6 +230,9 @@ class Sampler(SamplerBase):
       decode_steps: most decode steps per device call (one host round trip): the call's device loop ends sooner
         when its rows have all finished, or right after a row finished while requests wait for one.
       decode_unroll: unroll the decoder's layer loop inside a decode step.
+      decode_attention: how a decode step attends (models.decoder.DECODE_ATTENTION): "einsum" (batched dots over
+        each row's gathered context), "reduce" (fused products and sums), or "auto": "reduce" where the mesh's
+        devices are CPUs (measured faster there, benchmarks/RESULTS.md), "einsum" elsewhere.
       decode_lengths: cache-length buckets a decode call attends over (the smallest one that holds every
         running row's positions for the call; one compiled decode program each). Default: powers of two from
         64, then max_seq_len.
@@ -267,7 +270,7 @@ class Sampler(SamplerBase):
                  max_seq_len: int = 4096, prefill_lengths: Sequence[int] | None = None,
                  prefill_batches: Sequence[int] = (1, 2, 4, 8), prefill_token_budget: int = 16384,
                  prefill_chunk: int | None = 512, decode_steps: int = 8, decode_unroll: bool = False,
-                 decode_lengths: Sequence[int] | None = None,
+                 decode_attention: str = "auto", decode_lengths: Sequence[int] | None = None,
                  max_num_samples: int = 128, max_topk_prompt_logprobs: int = 20, max_stop_tokens: int = 16,
                  tokenizer: Tokenizer | None = None, cache_dtype=jnp.float32, max_adapters: int = 16,
                  kv_cache_tokens: int | None = None, page_size: int = 16, prefix_cache: bool = True,
@@ -326,6 +329,11 @@ class Sampler(SamplerBase):
                              and self.prefill_chunk % self.page_size == 0 and jax.process_count() == 1)
         self.decode_steps = int(decode_steps)
         self.decode_unroll = bool(decode_unroll)
+        if decode_attention not in ("auto", *DECODE_ATTENTION):
+            raise ValueError(f"sampler.decode_attention: expected auto or one of {DECODE_ATTENTION}, "
+                             f"got {decode_attention!r}")
+        cpu = self.mesh.devices.flat[0].platform == "cpu"
+        self.decode_attention = ("reduce" if cpu else "einsum") if decode_attention == "auto" else decode_attention
         # From 64: a short sample attends over little more than its own positions (a 32 +32 batch-1 decode went
         # from x1.13 to x2.23 of transformers' generate on the CPU suite against a 256-slot first view). A view is
         # compiled only when a call first needs it, so long-prompt workloads never build the short ones.
@@ -1065,6 +1073,7 @@ class Sampler(SamplerBase):
             {k: from_host(v, pl.rows_sh) for k, v in self._dyn.items()}, self._par_dev, from_host(run, pl.rows_sh),
             n_steps=self.decode_steps, pages=None if pages >= self._table_width else pages,
             unroll=self.decode_unroll, rows=None if n_rows >= per else n_rows, until_finish=waiting,
+            attention=self.decode_attention,
             topk=self.max_topk)
         self._pool = pool
         # Replicated outputs (kernels.decode): every process can read them whole.
