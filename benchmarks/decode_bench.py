@@ -16,7 +16,8 @@ settings). For each batch B: B distinct prompts of `prompt` tokens, greedy, no s
     (2 N per row + attention over the context) over the matmul peak measured in this run. floor_ms is the larger;
     `x_floor` = step_ms / floor_ms.
 RL-shaped row (unless --no-rl): P prompts x S samples each (num_samples), `rl_prompt` tokens, up to `rl_new` tokens
-stopping on the model's EOS, at temperature 1, all submitted at once; tokens/s of the tokens returned.
+stopping on the model's EOS, at temperature 1, all submitted at once; tokens/s of the tokens returned (after an
+untimed run of an eighth of the prompts).
 
 Prints a table and one JSON object (written to --out). Not a test: no figure is asserted anywhere.
 """
@@ -79,6 +80,37 @@ def weights_read(cfg, params) -> int:
     return int(total)
 
 
+def top_ops(trace_dir: Path, window: str = "_decode_round", n: int = 40) -> list[dict]:
+    """The `n` ops with the most total time in a jax.profiler trace under `trace_dir`, counting only those that
+    start inside a host span named like `window` (the sampler's decode calls): device kernels on a GPU, XLA thunks
+    on a CPU; Python frames (names starting with "$") and the executor's own spans are left out."""
+    import collections
+    import gzip
+
+    files = sorted(Path(trace_dir).rglob("*.trace.json.gz"))
+    if not files:
+        return []
+    events = json.load(gzip.open(files[-1]))["traceEvents"]
+    names = {(e["pid"], e.get("tid")): e["args"]["name"] for e in events
+             if e.get("ph") == "M" and e.get("name") == "thread_name"}
+    procs = {e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"}
+    spans = [e for e in events if e.get("ph") == "X"]
+    wins = sorted((e["ts"], e["ts"] + e["dur"]) for e in spans if window in e["name"])
+    total, count = collections.Counter(), collections.Counter()
+    for e in spans:
+        name = e["name"]
+        if name.startswith("$") or name.startswith(("ThunkExecutor", "SlinkyThreadPool", "PjitFunction")):
+            continue
+        if not any(a <= e["ts"] <= b for a, b in wins):
+            continue
+        where = names.get((e["pid"], e.get("tid"))) or procs.get(e["pid"], "?")
+        if where == "python" or where.startswith("tf_PjRt"):
+            continue
+        total[(where, name)] += e["dur"]
+        count[(where, name)] += 1
+    return [{"where": w, "op": o, "ms": t / 1e3, "count": count[(w, o)]} for (w, o), t in total.most_common(n)]
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.decode_bench", description=__doc__.splitlines()[0])
     p.add_argument("--suite", default="gpu", choices=sorted(SHAPES))
@@ -87,6 +119,9 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a sampler setting (tinker_jax.config.SamplerConfig), e.g. decode_steps=32")
     p.add_argument("--no-rl", action="store_true", help="skip the RL-shaped row")
+    p.add_argument("--profile", type=Path, metavar="DIR",
+                   help="also trace one +new run of the largest batch with jax.profiler into DIR, and put its top "
+                        "ops by total time during decode calls into the JSON (`profile`)")
     args = p.parse_args(argv)
 
     import numpy as np
@@ -171,15 +206,26 @@ def main(argv: list[str] | None = None) -> dict:
             out["rows"].append(row)
             log(json.dumps({k: row[k] for k in ("batch", "tokens_per_s", "step_ms", "device_ms", "x_floor")}))
 
+        if args.profile:
+            b = max(shape["batches"])
+            prompts = data.prompts(21, b, P, cfg.vocab_size)
+            with jax.profiler.trace(str(args.profile)):
+                batch_run(prompts, new)
+            out["profile"] = {"batch": b, "dir": str(args.profile), "top_ops": top_ops(args.profile)}
+            for r in out["profile"]["top_ops"][:15]:
+                log(f"{r['ms']:9.1f} ms {r['count']:6d}  {r['where'][:30]:30s} {r['op']}")
+
         if not args.no_rl:
             eos = cfg.eos_token_id if isinstance(cfg.eos_token_id, int) else (cfg.eos_token_id or (None,))[0]
             prompts = data.prompts(22, rl_prompts, rl_prompt, cfg.vocab_size)
             params = tt.SamplingParams(max_tokens=rl_new, temperature=1.0, seed=1,
                                        stop=[int(eos)] if eos is not None else [])
             runs = []
-            for i in range(2):  # run 0: compiles, untimed
+            # Run 0, untimed: an eighth of the prompts, to compile what the row meets (the timed run is long: 64 x 16
+            # sequences of up to 1,024 tokens on the GPU).
+            for i, group in enumerate((prompts[: max(1, len(prompts) // 8)], prompts)):
                 t0 = time.perf_counter()
-                futs = [sampler.sample(data.model_input(x), rl_samples, params) for x in prompts]
+                futs = [sampler.sample(data.model_input(x), rl_samples, params) for x in group]
                 seqs = [s for f in futs for s in f.result().sequences]
                 runs.append((time.perf_counter() - t0, sum(len(s.tokens) for s in seqs),
                              sum(s.stop_reason == "stop" for s in seqs)))

@@ -73,11 +73,13 @@ def test_gpu_diagnosis_scripts_run_at_toy_size(tmp_path):
 @pytest.mark.gpu_prep
 def test_gpu_decode_bench_dry_run(tmp_path):
     """`gpu.sh --decode --dry-run` (benchmarks/decode_bench.py at toy size): every batch row has its breakdown and
-    floor, the RL row ran with num_samples, and a sampler setting passed through --set reached the engine."""
+    floor, the RL row ran with num_samples, a sampler setting passed through --set reached the engine, and
+    --profile summarised the traced decode calls' ops."""
     out = tmp_path / "decode.json"
     env = {**os.environ, "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu", "TINKER_JAX_BENCH_DIR": str(tmp_path)}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--decode", "--dry-run", "--out", str(out),
-                           "--set", "decode_steps=4"], env=env, cwd=ROOT, capture_output=True, text=True, timeout=600)
+                           "--set", "decode_steps=4", "--profile", str(tmp_path / "trace")], env=env, cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(out.read_text())
     assert got["sampler_settings"] == {"decode_steps": 4} and got["bandwidth_gbs"] > 0
@@ -87,3 +89,5 @@ def test_gpu_decode_bench_dry_run(tmp_path):
         assert r["decode_calls"] >= (r["new"] - 1) / 4  # at most decode_steps 4 per call
         assert r["floor"]["ms"] > 0 and r["floor"]["bytes"] > 0
     assert got["rl"]["tokens"] > 0 and got["rl"]["samples"] == 4
+    ops = got["profile"]["top_ops"]  # the traced decode calls' ops, most total time first
+    assert ops and all(o["count"] > 0 for o in ops) and ops[0]["ms"] >= ops[-1]["ms"]

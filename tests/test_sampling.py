@@ -584,6 +584,41 @@ def test_samples_share_prompt_pages(snap, hf):
         np.testing.assert_allclose(x.logprobs, sampled_lps_ref(hf, prompt, x.tokens), atol=1e-4)
 
 
+def test_identical_prompts_share_one_prefill_row_and_their_pages(snap):
+    """A GRPO group sent as separate requests of one prompt (tinker-cookbook samples each rollout alone): 6 requests
+    of one 40-token prompt with different seeds and a 7th of another prompt, submitted together, prefill 2 rows in
+    one call (prefill_rows_shared 5), and the 6 list one copy of their prompt's 2 full KV pages (each row still gets
+    its own copy of the partly filled third page). Every request's tokens and logprobs equal those of the same
+    request sampled alone."""
+    prompt, other = prompt_of(140, 40), prompt_of(141, 40)
+    params = [P(max_tokens=6, seed=seed, stop=[]) for seed in range(6)]
+    jobs = [(prompt, p) for p in params] + [(other, params[0])]
+
+    def make():
+        return Sampler(snap.cfg, [EOS], max_batch=8, max_seq_len=MAX_SEQ, prefill_lengths=(48,),
+                       prefill_batches=(1, 2, 4, 8), decode_steps=4, max_num_samples=4).drive(lambda: None)
+
+    s = make()
+    try:
+        together = _run_steps(s, [s.submit(snap, x, p) for x, p in jobs])
+        stats = dict(s.stats)
+    finally:
+        s.stop()
+    assert stats["prefill_calls"] == 1 and stats["prefill_rows_shared"] == 5
+    assert stats["kv_pages_copied"] == 2 * 2 + 7  # each prompt's full pages once, the partial page per row
+    assert stats["kv_pages_shared"] == 5 * 2
+    assert len({tuple(r.sequences[0].tokens) for r in together[:6]}) > 1  # the seeds differ, so do the samples
+    alone = make()
+    try:
+        for (x, p), got in zip(jobs, together):
+            want = _run_steps(alone, [alone.submit(snap, x, p)])[0].sequences[0]
+            assert got.sequences[0].tokens == want.tokens
+            np.testing.assert_allclose(got.sequences[0].logprobs, want.logprobs, atol=1e-5)
+        assert alone.stats["prefill_rows_shared"] == 0
+    finally:
+        alone.stop()
+
+
 def test_kv_cache_exhaustion_waits_or_refuses(snap):
     """A 3-page KV cache (48 tokens) and 4 rows: two requests of 3 pages each cannot run at once, so the second
     waits for the first's pages (rows are free) and then runs; a request that could never fit (4 pages) fails at

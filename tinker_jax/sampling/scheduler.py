@@ -105,6 +105,8 @@ class _Request:
     done: int = 0
     kv: tuple | None = None  # (k, v, row) of its prefill, held until every sample has a row
     shared: dict = field(default_factory=dict)  # shard -> its prompt's full KV pages there, held until all are placed
+    twin: "_Request | None" = None  # the request of its prefill batch with the same prompt and adapter whose prefill
+    #                                 row it shares, and whose prompt pages it lists where both have rows
     prompt_lp: np.ndarray | None = None
     topk: Any = None
     target: Any = None  # target_prompt_logprobs' answer (tinker TensorData) once prefilled
@@ -579,7 +581,7 @@ class Sampler(SamplerBase):
         self._prefilling.clear()
         self._free_pages()
         for req in reqs:
-            req.kv, req.shared = None, {}
+            req.kv, req.shared, req.twin = None, {}, None
             self._release(req)
             if not req.future.done():
                 req.future.set_exception(exc)
@@ -742,29 +744,44 @@ class Sampler(SamplerBase):
         return tuple(tables), tuple(slots)
 
     def _prefill(self, batch: list[_Request]) -> int:
-        """Prefill one batch (same weights group, length bucket and adapter rank); returns the padded token count."""
+        """Prefill one batch (same weights group, length bucket and adapter rank); returns the padded token count.
+        Requests with the same prompt and adapter that do not score it share one prefill row: a GRPO group sent as
+        separate requests of one prompt (tinker-cookbook's RL samples each rollout alone) costs one row, and its
+        requests then list one copy of the prompt's full KV pages (`_place`), as the num_samples of one request do."""
         T = self._bucket(len(batch[0].spec.prompt) - 1)
         want = any(r.spec.scores_prompt for r in batch)
-        Bp = next((b for b in self.prefill_batches if b >= len(batch)), len(batch))
         if self._chunks(batch[0]):
+            Bp = next((b for b in self.prefill_batches if b >= len(batch)), len(batch))
             return self._start_chunked(batch[0], T, Bp)
+        rows: list[_Request] = []  # one per prefill row: the first request of each prompt and adapter
+        row_of, first = [], {}
+        for req in batch:
+            key = id(req) if req.spec.scores_prompt else (req.spec.prompt, req.table_slot)
+            if key in first:
+                req.twin = rows[first[key]]
+            else:
+                first[key] = len(rows)
+                rows.append(req)
+            row_of.append(first[key])
+        Bp = next((b for b in self.prefill_batches if b >= len(rows)), len(rows))
         if T == 0:  # one-token prompts: nothing to prefill
             scored = None
         else:
-            tokens, targets, score, draws = self._prompt_arrays(batch, Bp, T)
+            tokens, targets, score, draws = self._prompt_arrays(rows, Bp, T)
             snap = batch[0].snapshot
-            lora, slots = self._lora_args(batch + [None] * (Bp - len(batch)), Bp)
-            mode = "uniform" if len({r.table_slot for r in batch}) == 1 and len(batch) == Bp else "gather"
+            lora, slots = self._lora_args(rows + [None] * (Bp - len(rows)), Bp)
+            mode = "uniform" if len({r.table_slot for r in rows}) == 1 and len(rows) == Bp else "gather"
             pl = self.placement
             k, v, *scored = kernels.prefill(pl, snap.graphdef, snap.params, lora, slots, tokens, targets, score,
                                             from_host(np.bool_(want), pl.rep), topk=self.max_topk, draws=draws,
                                             cache_dtype=self.cache_dtype, mode=mode)
             # Rows may be split over processes: gathered (every process runs this step alike).
             scored = distributed.fetch(tuple(scored)) if want else None
-            for i, req in enumerate(batch):
+            for req, i in zip(batch, row_of):
                 req.kv = (k, v, i)
             self.stats["prefill_calls"] += 1
-        self._prompt_outputs(batch, scored)
+            self.stats["prefill_rows_shared"] += len(batch) - len(rows)
+        self._prompt_outputs(batch, scored, row_of)
         return Bp * T
 
     def _prompt_arrays(self, reqs: list[_Request], Bp: int, T: int) -> tuple:
@@ -929,11 +946,12 @@ class Sampler(SamplerBase):
         self._forget(next(iter(self._prefix)))
         self.stats["prefix_cache_evictions"] += 1
 
-    def _prompt_outputs(self, batch: list[_Request], scored) -> None:
+    def _prompt_outputs(self, batch: list[_Request], scored, row_of: list[int] | None = None) -> None:
         """Each request's prompt logprobs, their top-k, target_prompt_logprobs and prompt_alt_tokens, as asked,
-        from its prefill's `_prompt_scores` outputs (row i: batch[i]; None: nothing was scored, a 1-token prompt)."""
+        from its prefill's `_prompt_scores` outputs (batch[j]'s row: row_of[j], default j; None: nothing was
+        scored, a 1-token prompt)."""
         lp, ids, tlp, alp, drawn, dlp = scored if scored is not None else (None,) * 6
-        for i, req in enumerate(batch):
+        for i, req in zip(row_of if row_of is not None else range(len(batch)), batch):
             P = len(req.spec.prompt)
             if req.spec.target_ids is not None:
                 tid = req.spec.target_ids  # [P-1, K]
@@ -954,7 +972,8 @@ class Sampler(SamplerBase):
     def _place(self, reqs: list[_Request], free: list[int]) -> None:
         """Give free rows to the requests' unplaced samples, in order, while rows and KV pages last: each sample's
         row lists its request's full prompt pages on the row's shard (copied there from the prefill for the
-        request's first sample on that shard, shared by the rest) and pages of its own, the first of which gets a
+        request's first sample on that shard, shared by the rest, and by its prefill twins' samples while it holds
+        them) and pages of its own, the first of which gets a
         copy of the prompt's partly filled last page. A sample that finds no row with enough free pages on its
         shard waits, and so does everything after it (so at most one request holds shared pages without rows)."""
         pg, page, per = self._pages, self.page_size, self.max_batch // self._pages.shards
@@ -964,9 +983,13 @@ class Sampler(SamplerBase):
         for req in reqs:
             need, n_shared = self._page_needs(req.spec)
             partial = req.kv is not None and (len(req.spec.prompt) - 1) % page != 0
+            twin = req.twin
+
+            def held(s: int) -> bool:  # its prompt pages on shard s are there to list (its own, or its twin's)
+                return s in req.shared or (twin is not None and s in twin.shared)
+
             while req.placed < req.spec.num_samples:
-                r = next((r for r in free if pg.free(r // per) >= need - (n_shared if r // per in req.shared else 0)),
-                         None)
+                r = next((r for r in free if pg.free(r // per) >= need - (n_shared if held(r // per) else 0)), None)
                 if r is None and free and self._prefix:  # cached prefixes give way to work
                     self._forget_oldest()
                     continue
@@ -975,6 +998,9 @@ class Sampler(SamplerBase):
                     break
                 free.remove(r)
                 s = r // per
+                if s not in req.shared and twin is not None and s in twin.shared:  # its twin's: listed, not copied
+                    req.shared[s] = list(twin.shared[s])
+                    pg.share(s, req.shared[s])  # the request's own hold, as if it had taken them
                 if s not in req.shared:  # the request's first sample on this shard: its full prompt pages
                     req.shared[s] = pg.take(s, n_shared)
                     if req.kv is not None:
@@ -1012,7 +1038,7 @@ class Sampler(SamplerBase):
         self.stats["kv_pages_peak"] = max(self.stats["kv_pages_peak"], pg.used())
         for req in reqs:
             if req.placed == req.spec.num_samples:
-                req.kv = None
+                req.kv = req.twin = None
                 self._drop_shared(req)
 
     def _drop_shared(self, req: _Request) -> None:

@@ -1,0 +1,76 @@
+"""Ours, a GRPO group: G separate requests of one prompt (tinker-cookbook's RL samples each rollout alone) against
+one request of the same prompt with num_samples=G.
+
+    python -m benchmarks.group_bench [--model small-qwen3] [--group 16] [--prompt 448] [--new 16] [--repeats 4]
+                                     [--json FILE]
+In process, one engine; each round a fresh random prompt (so nothing is cached across rounds) sampled both ways at
+temperature 1, seconds until every result is back; round 0 (compiles) untimed. Also reports the sampler's
+prefill and KV-page counters over the whole run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+
+def main(argv: list[str] | None = None) -> dict:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="small-qwen3")
+    p.add_argument("--group", type=int, default=16, help="rollouts per prompt")
+    p.add_argument("--prompt", type=int, default=448, help="prompt tokens")
+    p.add_argument("--new", type=int, default=16, help="tokens sampled per rollout")
+    p.add_argument("--repeats", type=int, default=4)
+    p.add_argument("--work-dir", default="/tmp/tinker-jax-bench")
+    p.add_argument("--json", type=Path)
+    args = p.parse_args(argv)
+
+    import tinker.types as tt
+
+    from benchmarks import data, models
+    from benchmarks.ours_client import service_client
+    from benchmarks.timing import machine_info, versions
+
+    work = Path(args.work_dir)
+    model_dir = models.ensure_model(work / "models", args.model)
+    vocab = models.model_shape(model_dir)["vocab_size"]
+    sc = service_client(args.model, model_dir, Path(tempfile.mkdtemp(prefix="group-", dir=work)), dtype="float32",
+                        max_tokens_per_batch=4096, sampler_batch=args.group,
+                        sampler_seq_len=args.prompt + args.new + 16, compile_cache_dir=work / "jax_cache")
+    try:
+        s = sc.create_sampling_client(base_model=args.model)
+        runs: dict[str, list[float]] = {"separate": [], "num_samples": []}
+        for i in range(1 + args.repeats):
+            prompt = data.model_input(data.prompts(30 + i, 1, args.prompt, vocab)[0])
+            params = tt.SamplingParams(max_tokens=args.new, temperature=1.0, seed=i, stop=[])
+            t0 = time.perf_counter()
+            for f in [s.sample(prompt, 1, params) for _ in range(args.group)]:
+                f.result()
+            separate = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            s.sample(prompt, args.group, params).result()
+            if i:
+                runs["separate"].append(separate)
+                runs["num_samples"].append(time.perf_counter() - t0)
+        stats = sc.engine.stats()["models"][args.model]["sampler"]
+    finally:
+        sc.close()
+    out = {"what": f"{args.group} rollouts of one {args.prompt}-token prompt, +{args.new} tokens each, {args.model}: "
+                   "separate requests vs num_samples; seconds until all are back",
+           "machine": machine_info(), "versions": versions(),
+           "seconds": {k: {"median": float(np.median(v)), "runs": v} for k, v in runs.items()},
+           "sampler": {k: stats.get(k) for k in ("prefill_calls", "prefill_rows_shared", "kv_pages_copied",
+                                                 "kv_pages_shared")}}
+    print(json.dumps({k: out[k] for k in ("what", "seconds", "sampler")}, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
