@@ -594,29 +594,23 @@ def test_identical_prompts_share_one_prefill_row_and_their_pages(snap):
     params = [P(max_tokens=6, seed=seed, stop=[]) for seed in range(6)]
     jobs = [(prompt, p) for p in params] + [(other, params[0])]
 
-    def make():
-        return Sampler(snap.cfg, [EOS], max_batch=8, max_seq_len=MAX_SEQ, prefill_lengths=(48,),
-                       prefill_batches=(1, 2, 4, 8), decode_steps=4, max_num_samples=4).drive(lambda: None)
-
-    s = make()
+    s = Sampler(snap.cfg, [EOS], max_batch=8, max_seq_len=MAX_SEQ, prefill_lengths=(48,),
+                prefill_batches=(1, 2, 4, 8), decode_steps=4, max_num_samples=4).drive(lambda: None)
     try:
         together = _run_steps(s, [s.submit(snap, x, p) for x, p in jobs])
         stats = dict(s.stats)
-    finally:
-        s.stop()
-    assert stats["prefill_calls"] == 1 and stats["prefill_rows_shared"] == 5
-    assert stats["kv_pages_copied"] == 2 * 2 + 7  # each prompt's full pages once, the partial page per row
-    assert stats["kv_pages_shared"] == 5 * 2
-    assert len({tuple(r.sequences[0].tokens) for r in together[:6]}) > 1  # the seeds differ, so do the samples
-    alone = make()
-    try:
-        for (x, p), got in zip(jobs, together):
-            want = _run_steps(alone, [alone.submit(snap, x, p)])[0].sequences[0]
+        assert stats["prefill_calls"] == 1 and stats["prefill_rows_shared"] == 5
+        assert stats["kv_pages_copied"] == 2 * 2 + 7  # each prompt's full pages once, the partial page per row
+        assert stats["kv_pages_shared"] == 5 * 2
+        assert len({tuple(r.sequences[0].tokens) for r in together[:6]}) > 1  # the seeds differ, so do the samples
+        for (x, p), got in zip(jobs, together):  # then each request alone, in the same sampler
+            want = _run_steps(s, [s.submit(snap, x, p)])[0].sequences[0]
             assert got.sequences[0].tokens == want.tokens
             np.testing.assert_allclose(got.sequences[0].logprobs, want.logprobs, atol=1e-5)
-        assert alone.stats["prefill_rows_shared"] == 0
+        assert s.stats["prefill_rows_shared"] == 5 and s.stats["prefill_calls"] == 1 + len(jobs)
+        assert s._pages.used() == 0  # every page given back
     finally:
-        alone.stop()
+        s.stop()
 
 
 def test_kv_cache_exhaustion_waits_or_refuses(snap):
