@@ -169,22 +169,26 @@ def test_sampler_dtype_copies_the_base_weights(tmp_path):
 
 def test_sampler_quantize_counts_int8_projections(tmp_path):
     """sampler.quantize int8: the sampler's copy of the base weights is what models.quant makes of a real decoder
-    (int8 block projections + a scale per column, the rest in the sampler's dtype), on one device and split over
-    a mesh; a full run's snapshot is such a copy too; a bad mode names the flag."""
+    (int8 block projections and MoE experts + a scale per column, the rest in the sampler's dtype), as a full run's
+    snapshot, as a LoRA engine's extra copy, and split over a mesh; a bad mode names the flag."""
     from flax import nnx
 
     from tinker_jax.models import quant
     from tinker_jax.models.decoder import Decoder
 
-    cfg = P.read_config(_write(tmp_path, "tiny", TINY))
-    dec = Decoder(cfg, rngs=nnx.Rngs(params=0))
-    quant.quantize_linears(dec)
-    real = sum(x.nbytes for x in jax.tree.leaves(nnx.split(dec, nnx.Param)[1]))
+    moe = {**TINY, "architectures": ["Qwen3MoeForCausalLM"], "num_experts": 8, "num_experts_per_tok": 2,
+           "moe_intermediate_size": 32, "tie_word_embeddings": False}
+    for name, d in (("moe", moe), ("tiny", TINY)):  # the MoE model's experts are int8 too, its lm_head is not
+        cfg = P.read_config(_write(tmp_path, name, d))
+        dec = Decoder(cfg, rngs=nnx.Rngs(params=0))
+        quant.quantize_blocks(dec)
+        real = sum(x.nbytes for x in jax.tree.leaves(nnx.split(dec, nnx.Param)[1]))
+        full = P.plan(cfg, P.parse_mesh(""), full=True, sampler_quantize="int8")
+        assert full.line("sampler_weights").bytes == real, name
     one = P.parse_mesh("")
     plain = P.plan(cfg, one, lora_rank=4, sampler_batch=4, sampler_seq_len=100)
     q8 = P.plan(cfg, one, lora_rank=4, sampler_batch=4, sampler_seq_len=100, sampler_quantize="int8")
     assert q8.line("sampler_weights").bytes - plain.line("sampler_weights").bytes == real
-    assert P.plan(cfg, one, full=True, sampler_quantize="int8").line("sampler_weights").bytes == real
     split = P.plan(cfg, P.parse_mesh("fsdp=2,tensor=2"), full=True, sampler_quantize="int8")
     assert real / 4 <= split.line("sampler_weights").bytes < real  # sharded, the replicated norms aside
     with pytest.raises(P.PlanError, match="--sampler-quantize"):

@@ -419,6 +419,43 @@ def test_bf16_int8_sampler_on_a_float32_engine(model_dir, tmp_path):
         assert 0 < err.max() <= step.max() * (0.5 + 127 / 256)
 
 
+@pytest.mark.parametrize("moe_impl", ["blocked", "ragged"])
+def test_quantized_decoder_equals_its_dequantized_weights(moe_impl):
+    """models.quant on a MoE model with dense layers (tiny-qwen3-moe-mixed): every block projection and each MoE
+    layer's experts are int8 (14 stacked weights), and the quantized decoder's logits equal those of the float
+    decoder given the dequantized weights (fp32), with either grouped matmul; embedding, norms, routers and the
+    untied unembedding are untouched."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from tinker_jax.hf.presets import get_preset
+    from tinker_jax.models import quant
+    from tinker_jax.models.config import config_from_hf
+    from tinker_jax.models.decoder import Decoder, Linear
+    from tinker_jax.models.moe import MoeMLP
+
+    cfg = config_from_hf(get_preset("tiny-qwen3-moe-mixed"), source="test")
+    dec = Decoder(cfg, rngs=nnx.Rngs(params=0), moe_impl=moe_impl)
+    tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
+    positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
+    forward = jax.jit(lambda graph, state: (lambda m: m.logits(m(tokens, positions)[0]))(nnx.merge(graph, state)))
+    before = forward(*nnx.split(dec))
+    ref = nnx.merge(*nnx.split(dec))  # a second module over the same arrays: its weights get replaced below
+    assert quant.quantize_blocks(dec) == 7 + 4 + 3  # dense stack: 7 projections; MoE stack: 4, and 3 expert weights
+    for (_, m), (_, r) in zip(nnx.iter_modules(dec), nnx.iter_modules(ref)):
+        if isinstance(m, Linear) and m.scale is not None:
+            r.kernel = nnx.Param(quant.dequantize(m.kernel[...], m.scale[...]))
+        elif isinstance(m, MoeMLP):
+            assert m.router[...].dtype == jnp.float32
+            for name in quant.EXPERTS:
+                assert getattr(m, name)[...].dtype == jnp.int8
+                setattr(r, name, nnx.Param(quant.dequantize(getattr(m, name)[...], getattr(m, f"{name}_scale")[...])))
+    assert dec.lm_head.scale is None and dec.embed[...].dtype == jnp.float32
+    got, want = (forward(*nnx.split(m)) for m in (dec, ref))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+    assert np.abs(np.asarray(got) - np.asarray(before)).max() > 1e-5  # the weights were really rounded
+
+
 def test_cast_for_the_sampler_copies_even_in_the_same_dtype():
     """BaseWorker._cast (a snapshot's weights for the sampler): a full run's next optimizer step donates its arrays,
     so casting to the dtype an array already has must still copy it."""
@@ -453,10 +490,10 @@ def test_quantize_int8_rounds_each_column_to_its_own_scale():
     assert (back[1, :, 5] == 0).all() and np.abs(q).max() == 127
     lin = Linear(16, 8, ("embed", "mlp"), "up", rngs=nnx.Rngs(params=0))
     dense = np.asarray(lin.kernel[...])
-    assert quant.quantize_linears(lin) == 1 and lin.kernel[...].dtype == jnp.int8
+    assert quant.quantize_blocks(lin) == 1 and lin.kernel[...].dtype == jnp.int8
     x = rng.normal(size=(2, 3, 16)).astype(np.float32)
     want = x @ np.asarray(quant.dequantize(lin.kernel[...], lin.scale[...]))
     np.testing.assert_allclose(np.asarray(lin(jnp.asarray(x))), want, rtol=1e-5, atol=1e-6)
     assert np.abs(want - x @ dense).max() > 1e-6  # rounding really happened
     with pytest.raises(ValueError, match="sampler.quantize"):
-        quant.quantize_linears(lin, "int4")
+        quant.quantize_blocks(lin, "int4")

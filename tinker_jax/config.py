@@ -52,9 +52,9 @@ class SamplerConfig:
     # other than the engine's keeps a copy of the base weights in it for sampling (bf16: half the bytes read per
     # decode step; logits and logprobs stay fp32, within docs/numerics.md's tolerance of the trainer's).
     dtype: str | None = None
-    # jax: "int8": the decoder blocks' projections sample from int8 weights with a scale per output channel (a
-    # quarter of fp32's weight bytes, half of bf16's, read per decode step), computed in `dtype`; embeddings, an
-    # untied unembedding, norms and MoE experts are kept as they are, LoRA adapters apply on top in `dtype`.
+    # jax: "int8": the decoder blocks' projections and MoE experts sample from int8 weights with a scale per
+    # output channel (a quarter of fp32's weight bytes, half of bf16's, read per decode step), computed in `dtype`;
+    # embeddings, an untied unembedding, norms and MoE routers are kept as they are, LoRA adapters apply on top.
     # Logprobs then differ from the trainer's by docs/numerics.md's measured int8 deviation. null: off.
     quantize: str | None = None
 

@@ -243,14 +243,15 @@ def _param_table(state, amesh) -> list[tuple[str, tuple, tuple, tuple]]:
 
 def _sampler_copy(table, itemsize: int, quantize: str | None) -> tuple[int, int]:
     """(per-device, whole) bytes of the sampler's copy of the weights in `table` at `itemsize`; with `quantize`
-    (models.quant) the block projections' kernels take 1 byte a weight plus a scale per column."""
-    from tinker_jax.models.quant import QUANTIZED
+    (models.quant) the block projections' kernels and MoE experts take 1 byte a weight plus a scale per column."""
+    from tinker_jax.models.quant import EXPERTS, QUANTIZED
 
     local = whole = 0
-    for name, _, shape, shard in table:
+    for name, axes, shape, shard in table:
         parts = name.split(".")
-        if quantize and parts[0] != "lm_head" and parts[-1] == "kernel" and len(parts) > 1 and \
-                parts[-2] in QUANTIZED:
+        projection = parts[-1] == "kernel" and len(parts) > 1 and parts[-2] in QUANTIZED
+        experts = parts[-1] in EXPERTS and "expert" in axes
+        if quantize and parts[0] != "lm_head" and (projection or experts):
             local += math.prod(shard) + math.prod(shard[:-2] + shard[-1:]) * itemsize
             whole += math.prod(shape) + math.prod(shape[:-2] + shape[-1:]) * itemsize
         else:

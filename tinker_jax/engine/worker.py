@@ -889,7 +889,7 @@ class BaseWorker:
         if self.sample_quant:  # new int8 kernels from the weights as they are: no full-precision copy on the way
             dec = merge(self.graphdef, params)
             dec.dtype = self.sample_dtype
-            quant.quantize_linears(dec, self.sample_quant)
+            quant.quantize_blocks(dec, self.sample_quant)
             graphdef, params = nnx.split(dec, nnx.Param)
         # jnp.array(..., copy=True): astype to an array's own dtype returns that array (which a later optimizer
         # step of a full run would donate under the snapshot).

@@ -32,11 +32,12 @@ def block_rows(m: int, groups: int) -> int:
 
 
 def grouped_matmul(x: jax.Array, w: jax.Array, sizes: jax.Array, impl: str = "auto") -> jax.Array:
-    """x [M,K], w [G,K,N], sizes [G] int32 (summing to M) -> [M,N]."""
+    """x [M,K], w [G,K,N], sizes [G] int32 (summing to M) -> [M,N], in x's dtype (w is cast where it is read: an
+    int8 w stays int8 in memory)."""
     if impl == "auto":
         impl = "ragged" if jax.default_backend() == "tpu" else "blocked"
     if impl == "ragged":
-        return jax.lax.ragged_dot(x, w, sizes)
+        return jax.lax.ragged_dot(x, w.astype(x.dtype), sizes)
     if impl != "blocked":
         raise ValueError(f"grouped matmul: expected one of {IMPLS}, got {impl!r}")
     m, k = x.shape

@@ -45,10 +45,11 @@ def route(x: jax.Array, router: jax.Array, top_k: int, norm_topk_prob: bool):
 
 def experts_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, gate: jax.Array, up: jax.Array,
                 down: jax.Array, lora: Sequence[LoraRows] = (), tokens_per_row: int = 1,
-                impl: str = "auto") -> jax.Array:
+                impl: str = "auto", scales: tuple[jax.Array, jax.Array, jax.Array] | None = None) -> jax.Array:
     """x [N,D]; experts, weights [N,k]; gate, up [E,D,I]; down [E,I,D] -> [N,D]: each token's weighted sum of its
     experts' SwiGLU outputs, dropless. `lora`: per-expert adapters of the batch rows (token n is in row
-    n // tokens_per_row). `impl`: the grouped matmul's (models.grouped)."""
+    n // tokens_per_row). `impl`: the grouped matmul's (models.grouped). `scales`: int8 expert weights'
+    per-(expert, column) scales, [E,I], [E,I], [E,D] (models.quant); the matmul reads the int8 weights."""
     n, k = experts.shape
     n_experts = gate.shape[0]
     flat = experts.reshape(n * k)
@@ -58,13 +59,17 @@ def experts_ffn(x: jax.Array, experts: jax.Array, weights: jax.Array, gate: jax.
     sizes = jnp.bincount(flat, length=n_experts).astype(jnp.int32)  # rows per expert, in expert order
     dt = x.dtype
     batch_rows = rows // tokens_per_row
+    by_expert = flat[order]  # [N*k]: the expert of each sorted assignment
+    gs, us, ds = scales if scales is not None else (None, None, None)
 
-    def proj(name, inp, w):
-        y = grouped_matmul(inp, w.astype(dt), sizes, impl)
+    def proj(name, inp, w, scale):
+        y = grouped_matmul(inp, w, sizes, impl)  # w cast to x's dtype where it is read (int8: after the gather)
+        if scale is not None:  # x @ (w * scale[e]) for the row's expert e: the scale is per output column
+            y = y * scale.astype(dt)[by_expert]
         return lora_math.apply_experts(y, inp, lora, name, sizes, batch_rows, impl) if lora else y
 
-    h = jax.nn.silu(proj("gate", xs, gate)) * proj("up", xs, up)
-    out = proj("down", h, down)  # [N*k, D]
+    h = jax.nn.silu(proj("gate", xs, gate, gs)) * proj("up", xs, up, us)
+    out = proj("down", h, down, ds)  # [N*k, D]
     out = out * weights.reshape(n * k)[order][:, None]
     return jnp.zeros_like(x).at[rows].add(out)
 
@@ -118,6 +123,8 @@ class MoeMLP(nnx.Module):
         self.down = nnx.Param(init(rngs.params(), (n_experts, d_expert, d_model), param_dtype),
                               axes=("expert", "mlp", "embed"))
         self.top_k, self.norm_topk_prob, self.impl = top_k, norm_topk_prob, impl  # impl: models.grouped
+        # [E, out] per-(expert, column) scales of int8 gate / up / down (models.quant; the sampler's weights only)
+        self.gate_scale = self.up_scale = self.down_scale = None
 
     def __call__(self, x: jax.Array, lora: tuple[LoraRows, ...] = ()) -> jax.Array:
         return self.forward(x, lora)[0]
@@ -126,5 +133,7 @@ class MoeMLP(nnx.Module):
         B, T, D = x.shape
         x2 = x.reshape(B * T, D)
         logits, weights, experts = route(x2, self.router[...], self.top_k, self.norm_topk_prob)
-        y = experts_ffn(x2, experts, weights, self.gate[...], self.up[...], self.down[...], lora, T, self.impl)
+        scales = None if self.gate_scale is None else (self.gate_scale[...], self.up_scale[...], self.down_scale[...])
+        y = experts_ffn(x2, experts, weights, self.gate[...], self.up[...], self.down[...], lora, T, self.impl,
+                        scales)
         return y.reshape(B, T, D), logits
