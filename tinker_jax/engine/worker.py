@@ -88,8 +88,9 @@ class BaseWorker:
         self.load_error: BaseException | None = None
         self.loaded = threading.Event()
         self.graphdef = self.base = self.dtype = None
-        # What snapshots sample with: the training graph and base weights, or (sampler.dtype other than the engine's)
-        # a graph computing in that dtype and a copy of the base weights in it.
+        # What snapshots sample with: the training graph and base weights, or (sampler.dtype other than the engine's,
+        # or sampler.quantize) a graph computing in that dtype, with int8 projections and experts where asked, and
+        # a copy of the base weights to match.
         self.sample_graphdef = self.sample_base = self.sample_dtype = self.sample_quant = None
         self.attention = "einsum"
         self.pools: dict[int, AdapterPool] = {}
