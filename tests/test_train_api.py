@@ -421,10 +421,10 @@ def test_bf16_int8_sampler_on_a_float32_engine(model_dir, tmp_path):
 
 @pytest.mark.parametrize("moe_impl", ["blocked", "ragged"])
 def test_quantized_decoder_equals_its_dequantized_weights(moe_impl):
-    """models.quant on a MoE model with dense layers (tiny-qwen3-moe-mixed): every block projection and each MoE
-    layer's experts are int8 (14 stacked weights), and the quantized decoder's logits equal those of the float
-    decoder given the dequantized weights (fp32), with either grouped matmul; embedding, norms, routers and the
-    untied unembedding are untouched."""
+    """models.quant on a MoE model (tiny-qwen3-moe): every block projection and each MoE layer's experts are int8
+    (7 stacked weights), and the quantized decoder's logits equal those of the float decoder given the dequantized
+    weights (fp32), with either grouped matmul; embedding, norms, routers and the untied unembedding are
+    untouched."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -434,14 +434,14 @@ def test_quantized_decoder_equals_its_dequantized_weights(moe_impl):
     from tinker_jax.models.decoder import Decoder, Linear
     from tinker_jax.models.moe import MoeMLP
 
-    cfg = config_from_hf(get_preset("tiny-qwen3-moe-mixed"), source="test")
+    cfg = config_from_hf(get_preset("tiny-qwen3-moe"), source="test")
     dec = Decoder(cfg, rngs=nnx.Rngs(params=0), moe_impl=moe_impl)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (2, 12)), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(12), (2, 12))
     forward = jax.jit(lambda graph, state: (lambda m: m.logits(m(tokens, positions)[0]))(nnx.merge(graph, state)))
     before = forward(*nnx.split(dec))
     ref = nnx.merge(*nnx.split(dec))  # a second module over the same arrays: its weights get replaced below
-    assert quant.quantize_blocks(dec) == 7 + 4 + 3  # dense stack: 7 projections; MoE stack: 4, and 3 expert weights
+    assert quant.quantize_blocks(dec) == 4 + 3  # the attention projections and the 3 expert weights
     for (_, m), (_, r) in zip(nnx.iter_modules(dec), nnx.iter_modules(ref)):
         if isinstance(m, Linear) and m.scale is not None:
             r.kernel = nnx.Param(quant.dequantize(m.kernel[...], m.scale[...]))
