@@ -29,7 +29,7 @@ from tinker_jax.models.moe import MoeMLP, row_router_stats
 ATTENTION_IMPLS = ("einsum", "cudnn", "xla")
 # With a cache: how a one-token step (decode) attends. "einsum" gathers each row's context and runs two batched
 # dots; "reduce" computes the same sums as elementwise products reduced over head_dim and over the context (fp32),
-# which XLA:CPU fuses with the page gather instead of materialising the context per layer (see Attention).
+# which needs no transposed copy of the context for the dots (XLA:CPU still gathers the pages; see Attention).
 DECODE_ATTENTION = ("einsum", "reduce")
 NEG_INF = -1e30  # finite, so fully masked rows (padding) give a uniform softmax instead of NaN
 
@@ -277,9 +277,10 @@ class Attention(nnx.Module):
 def _decode_attention_reduce(qg, k, v, ck, cv, mask):
     """One query per row against its context and its own key, as products summed in fp32 (no dot): qg [B,K,G,H]
     (scaled), k, v [B,K,H] this step's, ck, cv [B,S,K,H] the context, mask [B,S] -> [B,K,G,H] fp32. Equal to the
-    einsum path up to summation order. On XLA:CPU the context is then read where the pages are, inside the fused
-    reductions; the einsum path first copies (gathers and transposes) it per layer for its batched dots, which
-    cost 15% of a batch-64 decode step on the 2-core CPU (a profile) and is why "reduce" is its default there."""
+    einsum path up to summation order. The einsum path gathers and transposes the context per layer into the
+    layout its batched dots need (15% of a batch-64 decode step on the 2-core CPU, in a profile); here XLA:CPU
+    gathers the pages without the transpose and fuses the products into the reductions (x1.13 at batch 64,
+    benchmarks/RESULTS.md), which is why "reduce" is the default on CPUs."""
     f32 = jnp.float32
     q32 = qg.astype(f32)
     ctx = jnp.sum(q32[:, None] * ck.astype(f32)[:, :, :, None, :], axis=-1)  # [B,S,K,G]
