@@ -90,7 +90,8 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
                    help="sampler.dtype: the sampler's weights, KV cache and compute (default: --param-dtype; "
                         "another dtype keeps a copy of the base weights in it)")
     p.add_argument("--sampler-quantize", default=None, choices=["int8"],
-                   help="sampler.quantize: the sampler's copy of the base weights with int8 block projections")
+                   help="sampler.quantize: the sampler's copy of the base weights with int8 block projections "
+                        "and MoE experts")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes as integers)")
 
 

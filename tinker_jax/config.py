@@ -10,7 +10,8 @@ from typing import Any, Mapping
 import yaml
 
 from tinker_jax.distributed import DistributedConfig
-from tinker_jax.models.decoder import ATTENTION_IMPLS
+from tinker_jax.models.decoder import ATTENTION_IMPLS, DECODE_ATTENTION
+from tinker_jax.models.quant import MODES as QUANTIZE_MODES
 from tinker_jax.models.sharding import MeshConfig
 
 ATTENTION_CHOICES = ("auto", *ATTENTION_IMPLS)
@@ -144,11 +145,12 @@ class EngineConfig:
                 raise ValueError(f"config.sampler: unknown keys {bad}")
             if s.get("dtype") not in (None, "float32", "bfloat16"):
                 raise ValueError(f"config.sampler.dtype: expected float32, bfloat16 or null, got {s['dtype']!r}")
-            if s.get("decode_attention", "auto") not in ("auto", "einsum", "reduce"):
-                raise ValueError("config.sampler.decode_attention: expected auto, einsum or reduce, got "
+            if s.get("decode_attention", "auto") not in ("auto", *DECODE_ATTENTION):
+                raise ValueError(f"config.sampler.decode_attention: expected auto or one of {DECODE_ATTENTION}, got "
                                  f"{s['decode_attention']!r}")
-            if s.get("quantize") not in (None, "int8"):
-                raise ValueError(f"config.sampler.quantize: expected int8 or null, got {s['quantize']!r}")
+            if s.get("quantize") not in (None, *QUANTIZE_MODES):
+                raise ValueError(f"config.sampler.quantize: expected one of {QUANTIZE_MODES} or null, got "
+                                 f"{s['quantize']!r}")
             if s.get("quantize") and s.get("backend", "jax") != "jax":
                 raise ValueError("config.sampler.quantize: only the jax sampler backend quantizes weights "
                                  f"(backend is {s['backend']!r})")

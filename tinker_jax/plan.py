@@ -251,7 +251,7 @@ def _sampler_copy(table, itemsize: int, quantize: str | None) -> tuple[int, int]
         parts = name.split(".")
         projection = parts[-1] == "kernel" and len(parts) > 1 and parts[-2] in QUANTIZED
         experts = parts[-1] in EXPERTS and "expert" in axes
-        if quantize and parts[0] != "lm_head" and (projection or experts):
+        if quantize and (projection or experts):  # (lm_head's kernel is not a QUANTIZED projection's)
             local += math.prod(shard) + math.prod(shard[:-2] + shard[-1:]) * itemsize
             whole += math.prod(shape) + math.prod(shape[:-2] + shape[-1:]) * itemsize
         else:
@@ -482,14 +482,15 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
     from tinker_jax.config import EngineConfig, LoraConfig
     from tinker_jax.sampling.pages import pages_per_shard
     from tinker_jax.models import lora as lora_math
+    from tinker_jax.models.quant import MODES as QUANTIZE_MODES
     from tinker_jax.models.sharding import spec_for
 
     if dtype not in DTYPES:
         raise PlanError(f"--param-dtype: expected one of {', '.join(DTYPES)}, got {dtype!r}")
     if sampler_dtype is not None and sampler_dtype not in DTYPES:
         raise PlanError(f"--sampler-dtype: expected one of {', '.join(DTYPES)}, got {sampler_dtype!r}")
-    if sampler_quantize not in (None, "int8"):
-        raise PlanError(f"--sampler-quantize: expected int8, got {sampler_quantize!r}")
+    if sampler_quantize not in (None, *QUANTIZE_MODES):
+        raise PlanError(f"--sampler-quantize: expected one of {', '.join(QUANTIZE_MODES)}, got {sampler_quantize!r}")
     if attention not in ATTENTIONS:
         raise PlanError(f"--attention: expected one of {', '.join(ATTENTIONS)}, got {attention!r}")
     if not full and (lora_rank is None or isinstance(lora_rank, bool) or int(lora_rank) < 1):

@@ -350,8 +350,11 @@ class BaseWorker:
                 # taken (`_cast`).
                 self.sample_dtype = jnp.dtype(want or dtype).type
                 dec.dtype = self.sample_dtype
-                graphdef, self.sample_base = self._cast(self.base, graph=True)
-                self.sample_graphdef = StaticGraph(graphdef if self.sample_quant else nnx.split(dec, nnx.Param)[0])
+                if self.sample_quant:  # quantizing makes the graph (int8 kernels, their scales) with the weights
+                    graphdef, self.sample_base = self._cast(self.base, graph=True)
+                else:
+                    graphdef, self.sample_base = nnx.split(dec, nnx.Param)[0], self._cast(self.base)
+                self.sample_graphdef = StaticGraph(graphdef)
                 dec = merge(self.sample_graphdef, self.sample_base)
             self.sampler = make_sampler(self._sampler_base(dec), self.config.sampler, on_submit=self.wake,
                                         mesh=self.mesh)
@@ -885,8 +888,9 @@ class BaseWorker:
 
     def _cast(self, params, graph: bool = False):
         """Weights in the sampler's dtype, their projections int8 where sampler.quantize asks (a copy, even when
-        they are theirs: never donated by a later step); with `graph`, (the graph they go with, weights)."""
-        graphdef = self.sample_graphdef
+        they are theirs: never donated by a later step); with `graph` (quantizing only), (the graph they go with,
+        weights)."""
+        assert self.sample_quant or not graph, "without quantizing, the graph is the training graph's in a dtype"
         if self.sample_quant:  # new int8 kernels from the weights as they are: no full-precision copy on the way
             dec = merge(self.graphdef, params)
             dec.dtype = self.sample_dtype
