@@ -2,10 +2,12 @@
 one request of the same prompt with num_samples=G.
 
     python -m benchmarks.group_bench [--model small-qwen3] [--group 16] [--prompt 448] [--new 16] [--repeats 4]
-                                     [--json FILE]
-In process, one engine; each round a fresh random prompt (so nothing is cached across rounds) sampled both ways at
-temperature 1, seconds until every result is back; round 0 (compiles) untimed. Also reports the sampler's
-prefill and KV-page counters over the whole run.
+                                     [--no-prefix-cache] [--json FILE]
+In process, one engine; each round two fresh random prompts (so nothing is cached across rounds, nor from one way
+to the other), one sampled each way at temperature 1, seconds until every result is back; round 0 (compiles)
+untimed. Also reports the sampler's prefill, prompt-cache and KV-page counters over the whole run.
+--no-prefix-cache: the engine without sampler.prefix_cache (the separate requests then share a prefill only when
+they meet in one prefill batch)
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--new", type=int, default=16, help="tokens sampled per rollout")
     p.add_argument("--repeats", type=int, default=4)
     p.add_argument("--work-dir", default="/tmp/tinker-jax-bench")
+    p.add_argument("--no-prefix-cache", action="store_true")
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
 
@@ -41,19 +44,20 @@ def main(argv: list[str] | None = None) -> dict:
     vocab = models.model_shape(model_dir)["vocab_size"]
     sc = service_client(args.model, model_dir, Path(tempfile.mkdtemp(prefix="group-", dir=work)), dtype="float32",
                         max_tokens_per_batch=4096, sampler_batch=args.group,
-                        sampler_seq_len=args.prompt + args.new + 16, compile_cache_dir=work / "jax_cache")
+                        sampler_seq_len=args.prompt + args.new + 16, compile_cache_dir=work / "jax_cache",
+                        prefix_cache=not args.no_prefix_cache)
     try:
         s = sc.create_sampling_client(base_model=args.model)
         runs: dict[str, list[float]] = {"separate": [], "num_samples": []}
         for i in range(1 + args.repeats):
-            prompt = data.model_input(data.prompts(30 + i, 1, args.prompt, vocab)[0])
+            prompt, other = (data.model_input(x) for x in data.prompts(30 + i, 2, args.prompt, vocab))
             params = tt.SamplingParams(max_tokens=args.new, temperature=1.0, seed=i, stop=[])
             t0 = time.perf_counter()
             for f in [s.sample(prompt, 1, params) for _ in range(args.group)]:
                 f.result()
             separate = time.perf_counter() - t0
             t0 = time.perf_counter()
-            s.sample(prompt, args.group, params).result()
+            s.sample(other, args.group, params).result()
             if i:
                 runs["separate"].append(separate)
                 runs["num_samples"].append(time.perf_counter() - t0)
@@ -62,11 +66,12 @@ def main(argv: list[str] | None = None) -> dict:
         sc.close()
     out = {"what": f"{args.group} rollouts of one {args.prompt}-token prompt, +{args.new} tokens each, {args.model}: "
                    "separate requests vs num_samples; seconds until all are back",
+           "prefix_cache": not args.no_prefix_cache,
            "machine": machine_info(), "versions": versions(),
            "seconds": {k: {"median": float(np.median(v)), "runs": v} for k, v in runs.items()},
-           "sampler": {k: stats.get(k) for k in ("prefill_calls", "prefill_rows_shared", "kv_pages_copied",
-                                                 "kv_pages_shared")}}
-    print(json.dumps({k: out[k] for k in ("what", "seconds", "sampler")}, indent=1))
+           "sampler": {k: stats.get(k) for k in ("prefill_calls", "prefill_rows_shared", "prompt_cache_hits",
+                                                 "kv_pages_copied", "kv_pages_shared")}}
+    print(json.dumps({k: out[k] for k in ("what", "prefix_cache", "seconds", "sampler")}, indent=1))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     return out

@@ -528,7 +528,8 @@ def test_long_prompt_beside_short_ones(snap, hf):
         assert not futs[0].done() and s.stats["prefill_chunks"] < 8  # ... while the long one is still prefilling
         together = run(futs)
         assert s.stats["prefill_chunks"] == 8
-        assert s.stats["kv_pages_peak"] == 251  # ceil((3,999 + 6) / 16): the long row's, shorts long gone
+        # ceil((3,999 + 6) / 16): the long row's, shorts long gone but for their prompts' one page each, cached
+        assert s.stats["kv_pages_peak"] == 251 + 3
         alone = [run([s.submit(snap, long_prompt, greedy, include_prompt_logprobs=True)])[0]]
         alone += [run([s.submit(snap, p, seeded)])[0] for p in shorts]
     finally:
@@ -589,13 +590,19 @@ def test_identical_prompts_share_one_prefill_row_and_their_pages(snap):
     of one 40-token prompt with different seeds and a 7th of another prompt, submitted together, prefill 2 rows in
     one call (prefill_rows_shared 5), and the 6 list one copy of their prompt's 2 full KV pages (each row still gets
     its own copy of the partly filled third page). Every request's tokens and logprobs equal those of the same
-    request sampled alone."""
+    request sampled alone by a sampler without the prefix cache; sampled alone again by this one, each finds its
+    whole prompt cached and is not prefilled at all (the cache holds each prompt's 3 pages), with the same
+    results."""
     prompt, other = prompt_of(140, 40), prompt_of(141, 40)
     params = [P(max_tokens=6, seed=seed, stop=[]) for seed in range(6)]
     jobs = [(prompt, p) for p in params] + [(other, params[0])]
 
-    s = Sampler(snap.cfg, [EOS], max_batch=8, max_seq_len=MAX_SEQ, prefill_lengths=(48,),
-                prefill_batches=(1, 2, 4, 8), decode_steps=4, max_num_samples=4).drive(lambda: None)
+    def make(cache):
+        return Sampler(snap.cfg, [EOS], max_batch=8, max_seq_len=MAX_SEQ, prefill_lengths=(48,),
+                       prefill_batches=(1, 2, 4, 8), decode_steps=4, max_num_samples=4,
+                       prefix_cache=cache).drive(lambda: None)
+
+    s, ref = make(True), make(False)
     try:
         together = _run_steps(s, [s.submit(snap, x, p) for x, p in jobs])
         stats = dict(s.stats)
@@ -603,14 +610,20 @@ def test_identical_prompts_share_one_prefill_row_and_their_pages(snap):
         assert stats["kv_pages_copied"] == 2 * 2 + 7  # each prompt's full pages once, the partial page per row
         assert stats["kv_pages_shared"] == 5 * 2
         assert len({tuple(r.sequences[0].tokens) for r in together[:6]}) > 1  # the seeds differ, so do the samples
-        for (x, p), got in zip(jobs, together):  # then each request alone, in the same sampler
-            want = _run_steps(s, [s.submit(snap, x, p)])[0].sequences[0]
-            assert got.sequences[0].tokens == want.tokens
-            np.testing.assert_allclose(got.sequences[0].logprobs, want.logprobs, atol=1e-5)
-        assert s.stats["prefill_rows_shared"] == 5 and s.stats["prefill_calls"] == 1 + len(jobs)
-        assert s._pages.used() == 0  # every page given back
+        assert s.stats_now()["kv_pages_used"] == 2 * 3  # every row gone; each prompt's pages cached
+        for (x, p), got in zip(jobs, together):
+            want = _run_steps(ref, [ref.submit(snap, x, p)])[0].sequences[0]  # alone, prefilled
+            again = _run_steps(s, [s.submit(snap, x, p)])[0]  # alone, from the cache
+            assert again.prompt_cache_hit_tokens == len(x) - 1
+            for seq in (got.sequences[0], again.sequences[0]):
+                assert seq.tokens == want.tokens
+                np.testing.assert_allclose(seq.logprobs, want.logprobs, atol=1e-5)
+        assert s.stats["prefill_calls"] == 1 and s.stats["prompt_cache_hits"] == len(jobs)
+        assert s.stats["kv_pages_copied"] - stats["kv_pages_copied"] == len(jobs)  # the partial page, per row
+        assert ref.stats["prefill_calls"] == len(jobs) and ref.stats_now()["kv_pages_used"] == 0
     finally:
         s.stop()
+        ref.stop()
 
 
 def test_kv_cache_exhaustion_waits_or_refuses(snap):
@@ -629,7 +642,8 @@ def test_kv_cache_exhaustion_waits_or_refuses(snap):
         s.step()
         assert s.stats_now()["running_rows"] == 1 and s.stats["kv_page_waits"] >= 1  # rows free, pages not
         got = _run_steps(s, futs)
-        assert s.stats["kv_pages_peak"] == 3 and s.stats_now()["kv_pages_used"] == 0
+        # 3 at most; at the end the second prompt's 2 pages, cached (the first's gave way to it)
+        assert s.stats["kv_pages_peak"] == 3 and s.stats_now()["kv_pages_used"] == 2
         alone = [_run_steps(s, [s.submit(snap, p, params)])[0] for p in prompts]
     finally:
         s.stop()
@@ -797,8 +811,9 @@ def test_prefix_cache_serves_the_next_turn(snap):
     try:
         _run_steps(s, [s.submit(snap, first, seeded)])
         chunks = s.stats["prefill_chunks"]
-        # 149 positions: 3 chunks (not the 256-token bucket's 4); prefixes of 64 and 128 tokens cached
-        assert chunks == 3 and s.stats_now()["prefix_cache_entries"] == 2
+        # 149 positions: 3 chunks (not the 256-token bucket's 4); prefixes of 64 and 128 tokens, and the whole
+        # prompt, cached
+        assert chunks == 3 and s.stats_now()["prefix_cache_entries"] == 3
         (hit,) = _run_steps(s, [s.submit(snap, second, seeded)])
         assert hit.prompt_cache_hit_tokens == 128 and s.stats["prefill_chunks"] - chunks == 2
         (want,) = _run_steps(ref, [ref.submit(snap, second, seeded)])
@@ -814,12 +829,13 @@ def test_prefix_cache_serves_the_next_turn(snap):
         s.stop()
         ref.stop()
 
-    # A pool of 16 pages a shard: turn 1 leaves 8 cached; a 200-token request (13 pages) evicts them to start now.
+    # A pool of 16 pages a shard: turn 1 leaves 10 cached (9 full, 1 partly filled); a 200-token request (13 pages)
+    # evicts them to start now.
     small = make(True, kv=16 * 16)
     try:
         _run_steps(small, [small.submit(snap, first, seeded)])
-        assert small.stats_now()["kv_pages_used"] == 8
+        assert small.stats_now()["kv_pages_used"] == 10
         (done,) = _run_steps(small, [small.submit(snap, prompt_of(142, 200), seeded)])
-        assert len(done.sequences[0].tokens) == 5 and small.stats["prefix_cache_evictions"] == 2
+        assert len(done.sequences[0].tokens) == 5 and small.stats["prefix_cache_evictions"] == 3
     finally:
         small.stop()

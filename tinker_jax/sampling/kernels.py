@@ -422,13 +422,13 @@ def insert_pages(pl: Placement, pool: tuple, k_new, v_new, src, page_of, dest) -
 
 
 def _cached_prefix(pool: tuple, shard, pages, slots: int, rows: int) -> tuple:
-    """A chunked prefill's starting cache (k, v) [L,rows,slots,K,H]: row 0 holds the pool's pages `pages` [m] of
-    batch shard `shard` (a cached prompt prefix, in position order) at slots [0, m*page); the rest is zero, as the
-    chunks after the prefix find an empty cache."""
+    """A prefill's cache (k, v) [L,rows,slots,K,H] from the prefix cache: row 0 holds the pool's pages `pages` [m]
+    of batch shard `shard` (a cached prompt prefix, in position order) at slots [0, m*page) (cut at `slots`); the
+    rest is zero, as the chunks after a prefix find an empty cache."""
 
     def one(p):
         x = p[:, shard, pages]  # [L,m,page,K,H]
-        x = x.reshape(x.shape[0], -1, *x.shape[3:])  # [L,m*page,K,H]
+        x = x.reshape(x.shape[0], -1, *x.shape[3:])[:, :slots]  # [L,min(m*page, slots),K,H]
         return jnp.zeros((x.shape[0], rows, slots, *x.shape[2:]), p.dtype).at[:, 0, : x.shape[1]].set(x)
 
     return one(pool[0]), one(pool[1])

@@ -9,10 +9,12 @@ logprobs were asked for. Finished rows leave at the end of the decode call that 
 than `prefill_chunk` is prefilled alone, one chunk per step between decode calls (`_Prefilling`), then placed like
 any other.
 
-Prefix cache. A prompt longer than `prefill_chunk` leaves its full prompt pages to later requests of the same
-weights, keyed by each of its prefixes of whole chunks; a request that finds one gathers those pages into its
-chunked prefill's cache and starts at the next chunk (`prompt_cache_hit_tokens`). Cached pages count as used until
-a row needs them: `_place` evicts the least recently used before it makes a sample wait.
+Prefix cache. A prompt leaves its KV pages to later requests of the same weights, keyed by the whole prompt and,
+when longer than `prefill_chunk`, by each of its prefixes of whole chunks. A request whose whole prompt is cached is
+not prefilled at all: its samples list the cached full pages and copy the partly filled last one (a GRPO group sent
+as separate requests costs one prefill however its requests arrive); one that finds a prefix of whole chunks gathers
+those pages into its chunked prefill's cache and starts at the next chunk (`prompt_cache_hit_tokens`). Cached pages
+count as used until a row needs them: `_place` evicts the least recently used before it makes a sample wait.
 
 KV pages. The rows' KV cache is a pool of pages (models.decoder.PagedKV) sized by `kv_cache_tokens`, not by
 B x max_seq_len; each row has a table of its pages in position order. A sample's row takes, when it starts, the
@@ -250,10 +252,11 @@ class Sampler(SamplerBase):
         frees them when it finishes; a sample that finds too few free pages waits for them, a request that could
         never fit is refused naming max_tokens. Split evenly over the batch shards.
       page_size: tokens per KV page.
-      prefix_cache: keep the KV pages of long prompts' prefixes (whole `prefill_chunk`s) after their requests, so a
-        later request with the same weights and the same prefix (a multi-turn conversation's next turn, the same
-        system prompt) prefills only the rest; the pages give way to rows that need them (least recently used
-        first). Requests that score their prompt (prompt logprobs and the like) do not use it. One process only.
+      prefix_cache: keep prompts' KV pages after their requests: a later request with the same weights and the
+        same prompt (another rollout of a GRPO group, sent alone) is not prefilled, and one with the same prefix of
+        whole `prefill_chunk`s (a multi-turn conversation's next turn, a long system prompt) prefills only the
+        rest; the pages give way to rows that need them (least recently used first). Requests that score their
+        prompt (prompt logprobs and the like) do not use it. One process only.
       on_submit: called (any thread) after a request is queued, e.g. to wake the thread that calls `step`.
       mesh: the jax.sharding.Mesh to run on (axes data, fsdp, tensor; models.sharding.make_mesh); None: one device.
         Snapshots' weights must be placed on it by `rules` (models.sharding.state_shardings), as the engine loads
@@ -324,11 +327,12 @@ class Sampler(SamplerBase):
             raise ValueError(f"prefill_chunk: must be a number of tokens (0 or None: whole prompts), got "
                              f"{prefill_chunk!r}")
         self.prefill_chunk = int(prefill_chunk) if prefill_chunk else None
-        # Prefixes of whole chunks, whose pages hold exactly a chunked prefill's slots. One process only: whether a
-        # cached prefix is still valid depends on when its weights were garbage-collected, which other processes of
-        # an engine would not see alike.
-        self.prefix_cache = (bool(prefix_cache) and self.prefill_chunk is not None
-                             and self.prefill_chunk % self.page_size == 0 and jax.process_count() == 1)
+        # Whole prompts, and prefixes of whole chunks (whose pages hold exactly a chunked prefill's slots). One
+        # process only: whether a cached prefix is still valid depends on when its weights were garbage-collected,
+        # which other processes of an engine would not see alike.
+        self.prefix_cache = bool(prefix_cache) and jax.process_count() == 1
+        self._chunk_prefixes = (self.prefix_cache and self.prefill_chunk is not None
+                                and self.prefill_chunk % self.page_size == 0)
         self.decode_steps = int(decode_steps)
         self.decode_unroll = bool(decode_unroll)
         if decode_attention not in ("auto", *DECODE_ATTENTION):
@@ -603,16 +607,22 @@ class Sampler(SamplerBase):
         budget = self.prefill_token_budget  # prefill tokens per loop iteration, so decode keeps its pace
         budget -= self._advance_prefills(budget)
         free = [r for r in self._row_order if self._rows[r] is None]
-        while free and self._deferred:  # already prefilled samples go first
-            req = self._deferred[0]
-            self._place([req], free)
-            if req.placed < req.spec.num_samples:
+        while free:
+            if self._deferred:  # already prefilled samples (or prompts found whole in the prefix cache) go first
+                req = self._deferred[0]
+                self._place([req], free)
+                if req.placed < req.spec.num_samples:
+                    return
+                self._deferred.popleft()
+                continue
+            if not self._pending or budget <= 0:
                 return
-            self._deferred.popleft()
-        while free and self._pending and budget > 0 and not self._deferred:
             batch = self._pick_batch(len(free))
             if not batch:
                 return
+            batch = [req for req in batch if not self._from_cache(req)]
+            if not batch:
+                continue  # every one found its prompt cached: placed from _deferred
             try:
                 budget -= self._prefill(batch)
             except Exception as e:  # fails only this batch; the cache was not touched
@@ -897,45 +907,89 @@ class Sampler(SamplerBase):
         obj = snap.adapter if snap.adapter is not None else jax.tree.leaves(snap.params)[0]
         return (params_key(snap), id(obj)), obj
 
-    def _remember(self, req: _Request, shard: int, pages: list[int]) -> None:
-        """Offer a request's full prompt pages on `shard` (just filled from its prefill) to later requests: one entry
-        per prefix of whole chunks, each holding its pages."""
-        C, page = self.prefill_chunk, self.page_size
-        n = min(len(pages) * page, len(req.spec.prompt) - 1) // C if self.prefix_cache else 0
-        if not n:
+    def _remember(self, req: _Request, shard: int, pages: list[int], last: int | None) -> None:
+        """Offer a request's prompt KV on `shard` (just filled from its prefill) to later requests: one entry for the
+        whole prompt (its positions 0 .. len - 2, all a prefill writes) holding its full pages and `last`, the page
+        with its partly filled last page (its first sample's own first page: decode writes that page only from
+        position len - 1 on, so the prompt's slots in it stay), and one per prefix of whole chunks. Each entry is
+        keyed by its tokens and holds its pages."""
+        if not self.prefix_cache:
             return
+        C, page, P = self.prefill_chunk, self.page_size, len(req.spec.prompt)
+        prompt = np.asarray(req.spec.prompt, np.int32)
+        # longest first: the least recently used, evicted first, frees its own tail pages
+        offers = [(P - 1, pages + ([] if last is None else [last]))] if P > 1 else []
+        if self._chunk_prefixes:
+            offers += [(j * C, pages[: j * C // page]) for j in range(min(len(pages) * page, P - 1) // C, 0, -1)]
         wkey, obj = self._weights_of(req.snapshot)
-        ref, prompt = weakref.ref(obj), np.asarray(req.spec.prompt, np.int32)
-        for j in range(n, 0, -1):  # longest first: the least recently used, evicted first, frees its own tail pages
-            key = (wkey, prompt[: j * C].tobytes())
+        ref = weakref.ref(obj)
+        for n, held in offers:
+            key = (wkey, prompt[:n].tobytes())
             if key in self._prefix:
                 self._prefix.move_to_end(key)
                 continue
-            held = pages[: j * C // page]
             self._pages.share(shard, held)
             self._prefix[key] = (shard, held, ref)
         while len(self._prefix) > _MAX_PREFIXES:
             self._forget_oldest()
 
+    def _cached(self, req: _Request, n: int) -> tuple | None:
+        """The prefix cache's (shard, pages) of the request's first `n` prompt tokens with its weights, or None."""
+        wkey, obj = self._weights_of(req.snapshot)
+        key = (wkey, np.asarray(req.spec.prompt[:n], np.int32).tobytes())
+        hit = self._prefix.get(key)
+        if hit is None:
+            return None
+        if hit[2]() is not obj:  # its weights are gone and another object took their id
+            self._forget(key)
+            return None
+        self._prefix.move_to_end(key)
+        return hit[0], hit[1]
+
+    def _from_cache(self, req: _Request) -> bool:
+        """Serve a request whose whole prompt (what a prefill would write) is in the prefix cache without a prefill:
+        its prefill result is gathered from the cached pages, the request lists the full ones on their shard (as if
+        it had copied them there) and waits in `_deferred` for rows. A GRPO group sent as separate requests (as
+        tinker-cookbook's RL loop sends it) then costs one prefill even when its requests come one by one, and so
+        does a prompt sampled again. False when not cached (or it scores its prompt: cached positions have no
+        scores); a failure fails only this request (True: nothing more to do with it)."""
+        P = len(req.spec.prompt)
+        if not self.prefix_cache or req.spec.scores_prompt or P < 2 or not self._prefix:
+            return False
+        hit = self._cached(req, P - 1)
+        if hit is None:
+            return False
+        shard, pages = hit
+        T, page, pl = self._bucket(P - 1), self.page_size, self.placement
+        try:  # the prefill's shape: its bucket's slots, the smallest prefill batch's rows (page 0 pads: unread)
+            k, v = kernels.cached_prefix(pl, self._pool, shard, pages + [0] * (-(-T // page) - len(pages)), slots=T,
+                                         rows=self.prefill_batches[0])
+        except Exception as e:  # noqa: BLE001 - only this request fails; the pool was only read
+            log.exception("sampler: reading a cached prompt failed")
+            self._release(req)
+            req.future.set_exception(self.explain(e))
+            return True
+        req.kv = (k, v, 0)
+        req.shared = {shard: pages[: (P - 1) // page]}
+        self._pages.share(shard, req.shared[shard])  # the request's own hold, as if it had taken them
+        req.cache_hit = P - 1
+        self._prompt_outputs([req], None)
+        self.stats["prompt_cache_hits"] += 1
+        self.stats["prefix_cache_hit_tokens"] += P - 1
+        self._deferred.append(req)
+        return True
+
     def _lookup(self, req: _Request) -> tuple[int, int, list[int]] | None:
         """(chunks, shard, pages) of the longest cached prefix of the request's prompt in whole chunks, with its
         weights, that leaves at least one prompt position to prefill; None if none (or it scores its prompt: the
         cached positions have no scores)."""
-        if not self.prefix_cache or req.spec.scores_prompt or not self._prefix:
+        if not self._chunk_prefixes or req.spec.scores_prompt or not self._prefix:
             return None
         C, P = self.prefill_chunk, len(req.spec.prompt)
-        wkey, obj = self._weights_of(req.snapshot)
-        prompt = np.asarray(req.spec.prompt, np.int32)
         for j in range((P - 2) // C, 0, -1):
-            key = (wkey, prompt[: j * C].tobytes())
-            hit = self._prefix.get(key)
-            if hit is None:
-                continue
-            if hit[2]() is not obj:  # its weights are gone and another object took their id
-                self._forget(key)
-                continue
-            self._prefix.move_to_end(key)
-            return j, hit[0], hit[1]
+            hit = self._cached(req, j * C)
+            if hit is not None:
+                return j, *hit
         return None
 
     def _forget(self, key: tuple) -> None:
@@ -1001,17 +1055,19 @@ class Sampler(SamplerBase):
                 if s not in req.shared and twin is not None and s in twin.shared:  # its twin's: listed, not copied
                     req.shared[s] = list(twin.shared[s])
                     pg.share(s, req.shared[s])  # the request's own hold, as if it had taken them
-                if s not in req.shared:  # the request's first sample on this shard: its full prompt pages
+                first_here = s not in req.shared
+                if first_here:  # the request's first sample on this shard: its full prompt pages
                     req.shared[s] = pg.take(s, n_shared)
                     if req.kv is not None:
                         entries[s] += [(req.kv[2], j, p) for j, p in enumerate(req.shared[s])]
-                        self._remember(req, s, req.shared[s])
                 else:
                     self.stats["kv_pages_shared"] += n_shared
                 pg.share(s, req.shared[s])
                 own = pg.take(s, need - n_shared)
                 if partial:
                     entries[s].append((req.kv[2], n_shared, own[0]))
+                if first_here and req.kv is not None:
+                    self._remember(req, s, req.shared[s], own[0] if partial else None)
                 if req.kv is not None:
                     kv = req.kv
                 self._row_pages[r] = req.shared[s] + own
