@@ -6,13 +6,19 @@ in the interpreter's teardown after every test had passed, once inside an XLA co
 to pytest's output capture. Smaller processes hold less, and `--capture=sys` leaves native stderr (XLA's own
 messages, an abort's reason) in the log.
 
-Groups: the test files in name order, cut into GROUPS consecutive chunks. Every group runs even when an earlier one
-fails; the exit status is the first failing group's (pytest's codes), or 1 when no group collected a test.
+Groups: the test files in name order, cut into GROUPS consecutive chunks, run JOBS at a time (default: 2, or one
+per CPU core when fewer; TINKER_JAX_TEST_JOBS sets it), the next waiting group starting whenever one ends. Why two
+at once on a 2-core machine: most of the suite's time is XLA compiling tiny models' programs, one thread per
+compile, and waiting on servers and child processes, so a single pytest process leaves a core idle most of the
+time. Each group's output is printed whole when it ends (so the log does not interleave). Every group runs even
+when another fails; the exit status is the failing group's that comes first in order (pytest's codes), or 1 when no
+group collected a test.
 
 One XLA compilation cache for every group (JAX's persistent cache in a temporary directory, every program cached
 whatever its compile time): most of the suite's time is compiling tiny models' programs, and groups compile many of
-the same ones (a warm cache ran group 4 in 57 s instead of 168 s). Tests that start processes of their own with
-jax.distributed leave it out of those processes' environment.
+the same ones (a warm cache ran group 4 in 57 s instead of 168 s). Groups running at once share it: an entry read
+while another process writes it fails its check and is compiled again (JAX warns; nothing else). Tests that start
+processes of their own with jax.distributed leave it out of those processes' environment.
 
 Usage: python scripts/run_tests.py [pytest args...]   (e.g. -m "not gpu_prep", -k moe)
 """
@@ -27,7 +33,7 @@ import tempfile
 import time
 from pathlib import Path
 
-GROUPS = 4
+GROUPS = 8
 NO_TESTS = 5  # pytest: nothing collected
 
 
@@ -52,20 +58,44 @@ def main(argv: list[str]) -> int:
     return status if collected else 1
 
 
+def _jobs() -> int:
+    v = os.environ.get("TINKER_JAX_TEST_JOBS")
+    if v is not None:
+        if not v.isdigit() or int(v) < 1:
+            raise SystemExit(f"TINKER_JAX_TEST_JOBS: expected a positive number of groups to run at once, got {v!r}")
+        return int(v)
+    return max(1, min(2, os.cpu_count() or 1))
+
+
 def _run(root: Path, groups: list[list[str]], argv: list[str], env: dict) -> tuple[int, bool]:
-    status, collected = 0, False
-    for n, group in enumerate(groups, 1):
-        print(f"== tests, group {n}/{len(groups)}: {' '.join(Path(f).stem for f in group)}", flush=True)
-        # --durations: the slowest tests of each group in the log, to keep the suite's time in view.
-        rc = subprocess.call([sys.executable, "-m", "pytest", "-q", "--capture=sys", "--durations=8", *argv, *group],
-                             cwd=root, env=env)
-        if rc != NO_TESTS:
-            collected = True
-            if rc != 0 and status == 0:
-                status = rc
-        if rc not in (0, NO_TESTS):
-            print(f"== group {n} failed with exit status {rc}", flush=True)
-    return status, collected
+    jobs = _jobs()
+    print(f"== {len(groups)} groups of test files, {jobs} at a time", flush=True)
+    waiting = list(enumerate(groups, 1))
+    running: dict[int, tuple[subprocess.Popen, object, float]] = {}
+    codes: dict[int, int] = {}
+    with tempfile.TemporaryDirectory(prefix="tinker-jax-tests-log-") as logs:
+        while waiting or running:
+            while waiting and len(running) < jobs:
+                n, group = waiting.pop(0)
+                out = open(Path(logs) / f"{n}.log", "w+b")  # noqa: SIM115 - closed when the group ends
+                # --durations: the slowest tests of each group in the log, to keep the suite's time in view.
+                proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "--capture=sys", "--durations=8",
+                                         *argv, *group], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
+                running[n] = (proc, out, time.monotonic())
+            time.sleep(0.5)
+            for n in [n for n, (proc, _, _) in running.items() if proc.poll() is not None]:
+                proc, out, t0 = running.pop(n)
+                codes[n] = proc.returncode
+                out.seek(0)
+                print(f"== tests, group {n}/{len(groups)} ({time.monotonic() - t0:.0f} s): "
+                      f"{' '.join(Path(f).stem for f in groups[n - 1])}", flush=True)
+                sys.stdout.buffer.write(out.read())
+                out.close()
+                if proc.returncode not in (0, NO_TESTS):
+                    print(f"== group {n} failed with exit status {proc.returncode}", flush=True)
+                sys.stdout.flush()
+    failed = [codes[n] for n in sorted(codes) if codes[n] not in (0, NO_TESTS)]
+    return (failed[0] if failed else 0), any(c != NO_TESTS for c in codes.values())
 
 
 if __name__ == "__main__":
