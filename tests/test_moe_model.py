@@ -235,3 +235,47 @@ def test_engine_on_an_expert_axis_trains_like_one_device(tmp_path):
         assert out["ep"][0][k] == pytest.approx(out["one"][0][k], rel=1e-5), k
     for a, b in zip(out["ep"][1], out["one"][1]):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_adapters_of_one_rank_on_two_models_in_one_process():
+    """One process serving two models (an engine of several base models): sampler kernels built for one model's
+    adapter table or KV pool are not reused for another's (a MoE model with dense layers has a table with leaves
+    for them, dense_a and dense_b, a dense model's has not; kv heads may split over a mesh differently). After a
+    sampler of tiny-qwen3-moe-mixed loaded a rank-2 adapter, one of tiny-qwen3 loads a rank-2 adapter too and
+    samples like its weights with the adapter merged."""
+    prompt = [5, 17, 99, 3, 250, 41, 7]
+    params = types.SamplingParams(max_tokens=4, seed=4, temperature=1.0)
+
+    def sampler_of(snap) -> Sampler:
+        return Sampler(snap.cfg, [snap.cfg.eos_token_id], max_batch=4, max_seq_len=64, prefill_lengths=(16,),
+                       prefill_batches=(4,), decode_steps=4)
+
+    mixed = snapshot_of(load_decoder(mu.tiny_model_dir("tiny-qwen3-moe-mixed")), name="mixed")
+    spec = LoraSpec(rank=2)
+    zeros = {n: {k: jnp.zeros(sh, jnp.float32) for k, sh in w.items()}
+             for n, w in lora_math.targeted(lora_math.shapes(mixed.cfg, 2), spec).items()}
+    assert "dense_a" in zeros["gate"]
+    s = sampler_of(mixed).start()
+    try:
+        s.sample(WeightSnapshot(mixed.cfg, mixed.graphdef, mixed.params, Adapter(spec, zeros)), prompt, params)
+    finally:
+        s.stop()
+
+    dense = snapshot_of(load_decoder(mu.tiny_model_dir("tiny-qwen3")), name="dense")
+    spec = LoraSpec(rank=2, targets=("q",))
+    rng = np.random.default_rng(5)
+    ab = {k: jnp.asarray(rng.normal(0, 0.3, sh), jnp.float32)
+          for k, sh in lora_math.targeted(lora_math.shapes(dense.cfg, 2), spec)["q"].items()}
+    merged = jax.tree.map(lambda x: x, nnx.to_pure_dict(dense.params))
+    merged["blocks"]["attn"]["q"]["kernel"] += spec.scale * (ab["a"] @ ab["b"])
+    full = jax.tree.map(lambda x: x, dense.params)
+    full.replace_by_pure_dict(merged)
+    s = sampler_of(dense).start()
+    try:
+        a = s.sample(WeightSnapshot(dense.cfg, dense.graphdef, dense.params, Adapter(spec, {"q": ab})), prompt,
+                     params).sequences[0]
+        b = s.sample(WeightSnapshot(dense.cfg, dense.graphdef, full), prompt, params).sequences[0]
+    finally:
+        s.stop()
+    assert a.tokens == b.tokens
+    np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=2e-5, atol=1e-4)

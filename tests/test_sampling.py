@@ -373,6 +373,31 @@ def test_rows_of_different_adapters_share_decode_calls(sampler, snap):
     assert len({tuple(s.sequences[0].tokens) for s in solo[:3]}) == 3  # the adapters really differ
 
 
+def test_an_adapter_that_fails_to_load_fails_only_its_request(snap, monkeypatch):
+    """An internal error while loading an adapter into its table (not the user's fault) fails that request with it,
+    once (it is not left queued to fail the same way every step), and the sampler goes on serving the others."""
+    lora, _ = _lora_snapshot(snap, 7)
+    calls = []
+
+    def lost(*args, **kw):
+        calls.append(1)
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(kernels, "put_adapter", lost)
+    s = Sampler(snap.cfg, [EOS], max_batch=2, max_seq_len=MAX_SEQ, prefill_lengths=(16,), prefill_batches=(1, 2),
+                decode_steps=4).drive(lambda: None)
+    try:
+        bad = s.submit(lora, prompt_of(150, 5), P(max_tokens=2, seed=1, stop=[]))
+        good = s.submit(snap, prompt_of(151, 5), P(max_tokens=2, seed=1, stop=[]))
+        for _ in range(6):
+            s.step()
+        with pytest.raises(RuntimeError, match="device lost"):
+            bad.result(timeout=0)
+        assert len(good.result(timeout=0).sequences[0].tokens) == 2 and len(calls) == 1
+    finally:
+        s.stop()
+
+
 def test_adapter_table_evicts_unused_adapters(hf_dir, snap):
     """With room for one adapter per rank, requests of another adapter wait until the first one's rows finish,
     then take its place; results are unchanged."""

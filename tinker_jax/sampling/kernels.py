@@ -128,8 +128,10 @@ class Placement:
     dense cache k / v [L,Bp,T,K,H]; `pool` the paged pool k / v [L,n,Pn,page,K,H]; `shard_sh` per-shard arrays
     [n, ...]; `rep` replicated (what the host reads back);
     `table(rank, capacity)` / `adapter(rank)` LoRA weights with / without the slot axis; `params(state)` the base
-    weights. `key` identifies the placement (and the XLA `compiler_options` its kernels compile with) in the
-    compiled-program caches.
+    weights. `key` identifies the placement in the compiled-program caches: its mesh and rules, the XLA
+    `compiler_options` its kernels compile with, and the model's config, since the shardings above follow the
+    model (an adapter table's leaves, kv heads that divide over tensor or not): two models served by one process
+    must not share a kernel variant built for the other's shardings.
     """
 
     def __init__(self, mesh: Mesh, cfg: ModelConfig, rows: int, rules=DEFAULT_RULES,
@@ -139,7 +141,7 @@ class Placement:
         if rows % self.shards:
             raise ValueError(f"placement: {rows} rows do not divide over the {self.shards} batch shards")
         self.compiler_options = tuple(sorted((compiler_options or {}).items()))  # XLA options of every kernel
-        self.key = (mesh, rules_key(rules), self.compiler_options)
+        self.key = (mesh, rules_key(rules), self.compiler_options, cfg)
         self.rows_sh = NamedSharding(mesh, spec_for(("batch",), (rows,), mesh, rules))
         self.rep = replicated(mesh)
         self.cache = cache_sharding((cfg.n_layers, rows, 1, cfg.n_kv_heads, cfg.head_dim), mesh, rules)

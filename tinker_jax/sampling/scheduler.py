@@ -661,7 +661,11 @@ class Sampler(SamplerBase):
             return True
         try:
             slot = self._table(req.rank).acquire(req.snapshot.adapter)
-        except UserError as e:  # this adapter cannot be served: only its request fails
+        except Exception as e:  # noqa: BLE001 - this adapter cannot be loaded: only its request fails
+            # (not failing it would leave it queued, to fail the same way every step)
+            if not isinstance(e, UserError):
+                log.exception("sampler: loading an adapter failed")
+                e = self.explain(e)
             if not req.future.done():
                 req.future.set_exception(e)
             return False
