@@ -25,7 +25,7 @@ def test_specific_values():
     assert EngineConfig.load(CONFIGS[0].parent / "cpu-mesh8.yaml").mesh == MeshConfig(data=1, fsdp=2, tensor=4)
     gpu = EngineConfig.load(CONFIGS[0].parent / "gpu-bf16.yaml")
     assert gpu.dtype == "bfloat16" and gpu.remat and gpu.sampler.max_batch == 64
-    assert gpu.attention == "auto" and gpu.sampler.decode_steps == 32 and gpu.sampler.decode_unroll
+    assert gpu.attention == "auto" and gpu.sampler.decode_steps == 32 and not gpu.sampler.decode_unroll
 
 
 def test_bad_configs_name_the_key(tmp_path):

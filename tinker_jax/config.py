@@ -36,7 +36,8 @@ class SamplerConfig:
     decode_steps: int = 8  # jax: most decode steps per device call (one host round trip each; the call ends
     #                        sooner when its rows finish or a row frees for a waiting request; stop strings are
     #                        checked between calls)
-    decode_unroll: bool = False  # jax: unroll the layer loop of a decode step (more code, fewer loop iterations)
+    decode_unroll: bool = False  # jax: unroll the layer loop of a decode step (more code, fewer loop iterations;
+    #                              with the paged cache its program copies the KV pool per step: measure first)
     decode_attention: str = "auto"  # jax: a decode step's attention: einsum | reduce | auto (reduce on CPUs, where
     #                                 it was faster; einsum elsewhere)
     prefill_chunk: int = 512  # jax: a longer prompt is prefilled this many tokens per sampler step (running
