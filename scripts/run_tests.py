@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -38,6 +39,8 @@ NO_TESTS = 5  # pytest: nothing collected
 
 
 def main(argv: list[str]) -> int:
+    # Terminated (a CI time limit, a kill): unwind, so the running groups are stopped and the cache removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
     root = Path(__file__).resolve().parent.parent
     files = sorted(str(p.relative_to(root)) for p in (root / "tests").glob("test_*.py"))
     size = -(-len(files) // GROUPS)
@@ -74,28 +77,39 @@ def _run(root: Path, groups: list[list[str]], argv: list[str], env: dict) -> tup
     running: dict[int, tuple[subprocess.Popen, object, float]] = {}
     codes: dict[int, int] = {}
     with tempfile.TemporaryDirectory(prefix="tinker-jax-tests-log-") as logs:
-        while waiting or running:
-            while waiting and len(running) < jobs:
-                n, group = waiting.pop(0)
-                out = open(Path(logs) / f"{n}.log", "w+b")  # noqa: SIM115 - closed when the group ends
-                # --durations: the slowest tests of each group in the log, to keep the suite's time in view.
-                proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "--capture=sys", "--durations=8",
-                                         *argv, *group], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
-                running[n] = (proc, out, time.monotonic())
-            time.sleep(0.5)
-            for n in [n for n, (proc, _, _) in running.items() if proc.poll() is not None]:
-                proc, out, t0 = running.pop(n)
-                codes[n] = proc.returncode
-                out.seek(0)
-                print(f"== tests, group {n}/{len(groups)} ({time.monotonic() - t0:.0f} s): "
-                      f"{' '.join(Path(f).stem for f in groups[n - 1])}", flush=True)
-                sys.stdout.buffer.write(out.read())
+        try:
+            _loop(groups, argv, env, root, Path(logs), jobs, waiting, running, codes)
+        finally:  # interrupted (or this runner failed): no group outlives it
+            for proc, out, _ in running.values():
+                proc.kill()
+                proc.wait()
                 out.close()
-                if proc.returncode not in (0, NO_TESTS):
-                    print(f"== group {n} failed with exit status {proc.returncode}", flush=True)
-                sys.stdout.flush()
     failed = [codes[n] for n in sorted(codes) if codes[n] not in (0, NO_TESTS)]
     return (failed[0] if failed else 0), any(c != NO_TESTS for c in codes.values())
+
+
+def _loop(groups, argv, env, root, logs: Path, jobs: int, waiting: list, running: dict, codes: dict) -> None:
+    """Start waiting groups while fewer than `jobs` run; print each group's output when it ends."""
+    while waiting or running:
+        while waiting and len(running) < jobs:
+            n, group = waiting.pop(0)
+            out = open(logs / f"{n}.log", "w+b")  # noqa: SIM115 - closed when the group ends
+            # --durations: the slowest tests of each group in the log, to keep the suite's time in view.
+            proc = subprocess.Popen([sys.executable, "-m", "pytest", "-q", "--capture=sys", "--durations=8",
+                                     *argv, *group], cwd=root, env=env, stdout=out, stderr=subprocess.STDOUT)
+            running[n] = (proc, out, time.monotonic())
+        time.sleep(0.5)
+        for n in [n for n, (proc, _, _) in running.items() if proc.poll() is not None]:
+            proc, out, t0 = running.pop(n)
+            codes[n] = proc.returncode
+            out.seek(0)
+            print(f"== tests, group {n}/{len(groups)} ({time.monotonic() - t0:.0f} s): "
+                  f"{' '.join(Path(f).stem for f in groups[n - 1])}", flush=True)
+            sys.stdout.buffer.write(out.read())
+            out.close()
+            if proc.returncode not in (0, NO_TESTS):
+                print(f"== group {n} failed with exit status {proc.returncode}", flush=True)
+            sys.stdout.flush()
 
 
 if __name__ == "__main__":
