@@ -479,8 +479,8 @@ def test_stop_fails_outstanding_and_refuses_new(snap):
 
 
 def test_unrolled_decode_and_longer_calls_sample_the_same(sampler, snap):
-    """decode_unroll, decode_steps and decode_attention change how decode runs (configs/gpu-bf16.yaml sets the
-    first two; on a CPU the default attention is "reduce", elsewhere "einsum"), not what it samples: the same greedy
+    """decode_unroll, decode_steps and decode_attention change how decode runs (configs/gpu-bf16.yaml sets
+    decode_steps; on a CPU the default attention is "reduce", elsewhere "einsum"), not what it samples: the same greedy
     and seeded sequences and logprobs as the default sampler, in the short view and past it."""
     assert sampler.decode_attention == "reduce"  # auto on this CPU: the other path is compared against it
     with Sampler(snap.cfg, [EOS], max_batch=ROWS, max_seq_len=MAX_SEQ, prefill_lengths=(16,), prefill_batches=(4,),
