@@ -937,18 +937,22 @@ class Sampler(SamplerBase):
         while len(self._prefix) > _MAX_PREFIXES:
             self._forget_oldest()
 
-    def _cached(self, req: _Request, n: int) -> tuple | None:
-        """The prefix cache's (shard, pages) of the request's first `n` prompt tokens with its weights, or None."""
+    def _cached(self, req: _Request, lengths) -> tuple[int, int, list[int]] | None:
+        """(n, shard, pages) of the first of the request's prompt prefixes of `lengths` tokens (in that order) that
+        the prefix cache holds with its weights, or None."""
         wkey, obj = self._weights_of(req.snapshot)
-        key = (wkey, np.asarray(req.spec.prompt[:n], np.int32).tobytes())
-        hit = self._prefix.get(key)
-        if hit is None:
-            return None
-        if hit[2]() is not obj:  # its weights are gone and another object took their id
-            self._forget(key)
-            return None
-        self._prefix.move_to_end(key)
-        return hit[0], hit[1]
+        prompt = np.asarray(req.spec.prompt, np.int32)
+        for n in lengths:
+            key = (wkey, prompt[:n].tobytes())
+            hit = self._prefix.get(key)
+            if hit is None:
+                continue
+            if hit[2]() is not obj:  # its weights are gone and another object took their id
+                self._forget(key)
+                continue
+            self._prefix.move_to_end(key)
+            return n, hit[0], hit[1]
+        return None
 
     def _from_cache(self, req: _Request) -> bool:
         """Serve a request whose whole prompt (what a prefill would write) is in the prefix cache without a prefill:
@@ -960,10 +964,10 @@ class Sampler(SamplerBase):
         P = len(req.spec.prompt)
         if not self.prefix_cache or req.spec.scores_prompt or P < 2 or not self._prefix:
             return False
-        hit = self._cached(req, P - 1)
+        hit = self._cached(req, (P - 1,))
         if hit is None:
             return False
-        shard, pages = hit
+        _, shard, pages = hit
         T, page, pl = self._bucket(P - 1), self.page_size, self.placement
         try:  # the prefill's shape: its bucket's slots, the smallest prefill batch's rows (page 0 pads: unread)
             k, v = kernels.cached_prefix(pl, self._pool, shard, pages + [0] * (-(-T // page) - len(pages)), slots=T,
@@ -990,11 +994,8 @@ class Sampler(SamplerBase):
         if not self._chunk_prefixes or req.spec.scores_prompt or not self._prefix:
             return None
         C, P = self.prefill_chunk, len(req.spec.prompt)
-        for j in range((P - 2) // C, 0, -1):
-            hit = self._cached(req, j * C)
-            if hit is not None:
-                return j, *hit
-        return None
+        hit = self._cached(req, [j * C for j in range((P - 2) // C, 0, -1)])
+        return None if hit is None else (hit[0] // C, *hit[1:])
 
     def _forget(self, key: tuple) -> None:
         shard, pages, _ = self._prefix.pop(key)
