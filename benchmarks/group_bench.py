@@ -18,8 +18,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
-
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -37,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     from benchmarks import data, models
     from benchmarks.ours_client import service_client
-    from benchmarks.timing import machine_info, versions
+    from benchmarks.timing import Stat, machine_info, versions
 
     work = Path(args.work_dir)
     model_dir = models.ensure_model(work / "models", args.model)
@@ -68,7 +66,7 @@ def main(argv: list[str] | None = None) -> dict:
                    "separate requests vs num_samples; seconds until all are back",
            "prefix_cache": not args.no_prefix_cache,
            "machine": machine_info(), "versions": versions(),
-           "seconds": {k: {"median": float(np.median(v)), "runs": v} for k, v in runs.items()},
+           "seconds": {k: {**Stat(v).spread(), "runs": v} for k, v in runs.items()},
            "sampler": {k: stats.get(k) for k in ("prefill_calls", "prefill_rows_shared", "prompt_cache_hits",
                                                  "kv_pages_copied", "kv_pages_shared")}}
     print(json.dumps({k: out[k] for k in ("what", "prefix_cache", "seconds", "sampler")}, indent=1))

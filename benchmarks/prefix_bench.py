@@ -34,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import tinker_jax
     from benchmarks.models import ensure_model
-    from benchmarks.timing import machine_info, versions
+    from benchmarks.timing import Stat, machine_info, versions
     from tinker_jax.config import EngineConfig, SamplerConfig
 
     root = Path(tempfile.mkdtemp(prefix="prefix-bench-"))
@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
         "what": f"turn 2 of a conversation: {args.prompt}-token turn 1 + {args.new} answer + {args.extra} new tokens, "
                 f"{args.new} greedy tokens, {args.model}; seconds until the result",
         "machine": machine_info(), "versions": versions(),
-        "seconds": {k: {"median": float(np.median(v)), "runs": v} for k, v in results.items()},
+        "seconds": {k: {**Stat(v).spread(), "runs": v} for k, v in results.items()},
         "prompt_cache_hit_tokens": {k: v[1:] for k, v in hits.items()},  # per timed turn 2
     }
     out["speedup"] = out["seconds"]["uncached"]["median"] / out["seconds"]["cached"]["median"]
