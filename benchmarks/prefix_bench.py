@@ -1,12 +1,18 @@
-"""Ours, the sampler's prefix cache: a conversation's next turn with and without the pages of the turn before.
+"""Ours, the sampler's prefix cache, with and without it, in two workloads:
 
-Turn 1 is a P-token prompt (+N greedy tokens); turn 2 is turn 1's prompt, its answer and M new tokens (+N). Two
-engines in this process, alike but for `sampler.prefix_cache`, take turns (alternating which goes first): each
-round sends each engine a fresh turn 1 (a new random prompt, so nothing is cached across rounds), untimed, then
-times its turn 2 (prefill + N decode steps, until the result is back).
+- `--mode turn` (default): a conversation's next turn. Turn 1 is a P-token prompt (+N greedy tokens); turn 2 is
+  turn 1's prompt, its answer and M new tokens (+N). Each round sends each engine a fresh turn 1 (a new random
+  prompt, so nothing is cached across rounds), untimed, then times its turn 2 (prefill + N decode steps, until the
+  result is back).
+- `--mode system`: a shared system prompt (or few-shot prefix) of P tokens, the same for the whole run, before
+  each of B questions of M tokens, sent as B separate requests at once (+N greedy tokens each), as an RL loop's
+  batch of problems. Each round times a fresh set of questions until all B results are back; the system prompt's
+  pages are cached from the rounds before (the warm-up round fills them).
 
-    python -m benchmarks.prefix_bench [--model small-qwen3] [--prompt 1536] [--extra 64] [--new 16]
-                                      [--repeats 5] [--json FILE]
+Two engines in this process, alike but for `sampler.prefix_cache`, take turns (alternating which goes first).
+
+    python -m benchmarks.prefix_bench [--mode turn|system] [--model small-qwen3] [--prompt 1536] [--extra 64]
+                                      [--new 16] [--questions 8] [--repeats 5] [--json FILE]
 """
 
 from __future__ import annotations
@@ -22,9 +28,12 @@ import numpy as np
 
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--mode", choices=("turn", "system"), default="turn")
     p.add_argument("--model", default="small-qwen3")
-    p.add_argument("--prompt", type=int, default=1536, help="turn 1's prompt tokens")
-    p.add_argument("--extra", type=int, default=64, help="turn 2's new tokens after turn 1's answer")
+    p.add_argument("--prompt", type=int, default=1536, help="turn 1's prompt tokens (system mode: the system prompt's)")
+    p.add_argument("--extra", type=int, default=64,
+                   help="turn 2's new tokens after turn 1's answer (system mode: each question's tokens)")
+    p.add_argument("--questions", type=int, default=8, help="system mode: requests per round")
     p.add_argument("--new", type=int, default=16, help="greedy tokens sampled per turn")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", type=Path)
@@ -43,7 +52,8 @@ def main(argv: list[str] | None = None) -> dict:
     clients = {}
     for name, cache in (("cached", True), ("uncached", False)):
         cfg = EngineConfig(data_dir=root / name, models={"m": str(model)},
-                           sampler=SamplerConfig(max_batch=4, max_seq_len=seq, prefix_cache=cache))
+                           sampler=SamplerConfig(max_batch=max(4, args.questions), max_seq_len=seq,
+                                                 prefix_cache=cache))
         clients[name] = tinker_jax.ServiceClient(config=cfg)
     samplers = {k: c.create_sampling_client(base_model="m") for k, c in clients.items()}
     vocab = clients["cached"].engine._worker("m").cfg.vocab_size
@@ -63,20 +73,37 @@ def main(argv: list[str] | None = None) -> dict:
         hits[name].append(int(resp.prompt_cache_hit_tokens))
         return took
 
+    system = rng.integers(3, vocab, args.prompt).tolist()
+
+    def questions(name: str) -> float:
+        """B requests of the system prompt and a fresh question each, at once: seconds until all are back."""
+        s = samplers[name]
+        prompts = [system + rng.integers(3, vocab, args.extra).tolist() for _ in range(args.questions)]
+        t0 = time.perf_counter()
+        futs = [s.sample(tt.ModelInput.from_ints(x), 1, params) for x in prompts]
+        resps = [f.result() for f in futs]
+        took = time.perf_counter() - t0
+        hits[name].append(sum(int(r.prompt_cache_hit_tokens) for r in resps))
+        return took
+
+    run = turn if args.mode == "turn" else questions
     results: dict[str, list[float]] = {k: [] for k in samplers}
     for i in range(1 + args.repeats):  # round 0 is the warm-up (compiles); engines alternate who goes first
         for name in (list(samplers) if i % 2 else list(samplers)[::-1]):
-            took = turn(name)
+            took = run(name)
             if i:
                 results[name].append(took)
     for c in clients.values():
         c.close()
+    what = (f"turn 2 of a conversation: {args.prompt}-token turn 1 + {args.new} answer + {args.extra} new tokens, "
+            f"{args.new} greedy tokens, {args.model}; seconds until the result") if args.mode == "turn" else (
+        f"{args.questions} requests at once, each a {args.prompt}-token system prompt (the same all run) + a fresh "
+        f"{args.extra}-token question, {args.new} greedy tokens each, {args.model}; seconds until all are back")
     out = {
-        "what": f"turn 2 of a conversation: {args.prompt}-token turn 1 + {args.new} answer + {args.extra} new tokens, "
-                f"{args.new} greedy tokens, {args.model}; seconds until the result",
+        "what": what, "mode": args.mode,
         "machine": machine_info(), "versions": versions(),
         "seconds": {k: {**Stat(v).spread(), "runs": v} for k, v in results.items()},
-        "prompt_cache_hit_tokens": {k: v[1:] for k, v in hits.items()},  # per timed turn 2
+        "prompt_cache_hit_tokens": {k: v[1:] for k, v in hits.items()},  # per timed round (summed over requests)
     }
     out["speedup"] = out["seconds"]["uncached"]["median"] / out["seconds"]["cached"]["median"]
     print(json.dumps({k: out[k] for k in ("what", "seconds", "prompt_cache_hit_tokens", "speedup")}, indent=1))

@@ -81,7 +81,10 @@ def main(model_dir: str, data_dir: str) -> None:
                           "forward_loss": fwd.metrics["loss:sum"], "checkpoint": saved,
                           "reloaded_loss": reloaded.metrics["loss:sum"],
                           "resumed_grad_norm": resumed_opt.metrics["grad_norm:mean"], "samples": samples,
-                          "rl": [rl_loss, rl_norm]}),
+                          "rl": [rl_loss, rl_norm],
+                          # the seeded request found the greedy one's prompt in the prefix cache (no prefill)
+                          "prompt_cache_hits": service.engine.stats()["models"]["tiny"]["sampler"].get(
+                              "prompt_cache_hits", 0)}),
               flush=True)
 
 

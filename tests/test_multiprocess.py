@@ -102,6 +102,8 @@ def test_two_processes_train_like_one(tmp_path):
     for x, y in zip(a["samples"], ref["samples"]):
         np.testing.assert_allclose(x["logprobs"], y["logprobs"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(a["rl"], ref["rl"], rtol=1e-5)  # an importance-sampling step on those samples
+    # The seeded request's prompt came from the prefix cache on both processes alike, as on one process.
+    assert a["prompt_cache_hits"] == ref["prompt_cache_hits"] == 1, (a["prompt_cache_hits"], ref)
     shards = tmp_path / "two" / "checkpoints" / a["model_id"] / "weights" / "final" / "state"
     assert {p.name for p in shards.glob("ocdbt.process_*")} == {"ocdbt.process_0", "ocdbt.process_1"}
 

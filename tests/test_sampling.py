@@ -23,7 +23,7 @@ from tinker import types
 from tinker_jax.errors import UserError
 from tinker_jax.models.lora import Adapter, LoraSpec
 from tinker_jax.hf.weights import load_decoder
-from tinker_jax.sampling import Sampler, WeightSnapshot, kernels, make_sampler, snapshot_of
+from tinker_jax.sampling import Sampler, WeightSnapshot, kernels, make_sampler, scheduler, snapshot_of
 
 EOS = 2
 MAX_SEQ = 64
@@ -819,10 +819,10 @@ def test_a_script_ending_with_samples_in_flight_exits_cleanly(hf_dir, tmp_path):
 
 def test_prefix_cache_serves_the_next_turn(snap):
     """A conversation's next turn: turn 2's prompt is turn 1's (150 tokens) plus 70 more. With 64-token chunks,
-    turn 1 leaves its first two chunks' KV pages cached; turn 2 gathers them and prefills only chunks 2 and 3
-    (prompt_cache_hit_tokens 128), and its tokens and logprobs equal turn 2 on a sampler without the cache. A request
-    that scores its prompt, and one of other weights (a LoRA adapter), prefill everything; cached pages give way
-    when a row needs them."""
+    turn 1 leaves its 9 full KV pages cached; turn 2 gathers them and prefills only the 75 positions after them, in
+    2 chunks (prompt_cache_hit_tokens 144), and its tokens and logprobs equal turn 2 on a sampler without the cache.
+    A request that scores its prompt, and one of other weights (a LoRA adapter), prefill everything; cached pages
+    give way when a row needs them."""
     first = prompt_of(140, 150)
     second = first + prompt_of(141, 70)
     seeded = P(max_tokens=5, seed=3, stop=[])
@@ -836,11 +836,11 @@ def test_prefix_cache_serves_the_next_turn(snap):
     try:
         _run_steps(s, [s.submit(snap, first, seeded)])
         chunks = s.stats["prefill_chunks"]
-        # 149 positions: 3 chunks (not the 256-token bucket's 4); prefixes of 64 and 128 tokens, and the whole
-        # prompt, cached
-        assert chunks == 3 and s.stats_now()["prefix_cache_entries"] == 3
+        # 149 positions: 3 chunks (not the 256-token bucket's 4); the whole prompt and each of its 9 full pages
+        # cached
+        assert chunks == 3 and s.stats_now()["prefix_cache_entries"] == 1 + 9
         (hit,) = _run_steps(s, [s.submit(snap, second, seeded)])
-        assert hit.prompt_cache_hit_tokens == 128 and s.stats["prefill_chunks"] - chunks == 2
+        assert hit.prompt_cache_hit_tokens == 9 * 16 and s.stats["prefill_chunks"] - chunks == 2
         (want,) = _run_steps(ref, [ref.submit(snap, second, seeded)])
         assert want.prompt_cache_hit_tokens == 0 and ref.stats_now()["prefix_cache_entries"] == 0
         assert hit.sequences[0].tokens == want.sequences[0].tokens
@@ -855,12 +855,70 @@ def test_prefix_cache_serves_the_next_turn(snap):
         ref.stop()
 
     # A pool of 16 pages a shard: turn 1 leaves 10 cached (9 full, 1 partly filled); a 200-token request (13 pages)
-    # evicts them to start now.
+    # evicts 7 entries to start now, tail first: the whole prompt's (freeing its partly filled page), then its full
+    # pages from the last; its first 3 pages stay cached.
     small = make(True, kv=16 * 16)
     try:
         _run_steps(small, [small.submit(snap, first, seeded)])
         assert small.stats_now()["kv_pages_used"] == 10
         (done,) = _run_steps(small, [small.submit(snap, prompt_of(142, 200), seeded)])
-        assert len(done.sequences[0].tokens) == 5 and small.stats["prefix_cache_evictions"] == 3
+        assert len(done.sequences[0].tokens) == 5 and small.stats["prefix_cache_evictions"] == 7
+        assert small.stats_now()["prefix_cache_entries"] == 3 + 1 + 12  # and the new prompt's whole and full pages
     finally:
         small.stop()
+
+
+def test_weights_numbers_are_never_reused():
+    """The prefix cache and the weights groups key weights by numbers given in order of first sight: the same
+    object keeps its number; a new object gets a new one even where it takes a freed object's id (which CPython
+    hands to the next object of the same size at once), so a cache entry of gone weights is never found for new
+    ones, on any process."""
+
+    class Weights:
+        pass
+
+    number = scheduler._Serials()
+    a, b = Weights(), Weights()
+    assert (number(a), number(b), number(a)) == (1, 2, 1)
+    freed = id(a)
+    del a
+    c = Weights()  # usually at `freed`
+    assert number(c) == 3 and number(b) == 2, (id(c) == freed)
+    assert len(number._by_id) == 2  # the freed object's entry went with it
+
+
+def test_prompts_that_share_cached_pages_prefill_only_the_rest(snap):
+    """A shared system prompt (96 tokens: 6 whole pages) before each of 4 questions, then a conversation's next
+    turn. The first request leaves its full pages cached; the other 3, submitted together, prefill in one call only
+    their positions after the 6 cached pages (a 32-token bucket instead of 128: prefix_cache_prefills 1,
+    prompt_cache_hit_tokens 96 each), and list those pages instead of copying them (each copies 1 full page and its
+    partly filled one). The next turn (the first prompt, its answer and 10 more tokens) starts after all 7 full
+    pages of the first prompt. Every request's tokens and logprobs equal a sampler's without the cache."""
+    system = prompt_of(150, 96)
+    questions = [system + prompt_of(151 + i, 20) for i in range(4)]
+    seeded = [P(max_tokens=6, seed=i, temperature=1.0, stop=[]) for i in range(4)]
+
+    def make(cache):
+        return Sampler(snap.cfg, [EOS], max_batch=4, max_seq_len=256, prefill_lengths=(32, 128, 256),
+                       prefill_batches=(1, 4), decode_steps=4, prefix_cache=cache).drive(lambda: None)
+
+    s, ref = make(True), make(False)
+    try:
+        (first,) = _run_steps(s, [s.submit(snap, questions[0], seeded[0])])
+        assert first.prompt_cache_hit_tokens == 0 and s.stats["prefill_calls"] == 1
+        copied = s.stats["kv_pages_copied"]
+        rest = _run_steps(s, [s.submit(snap, q, p) for q, p in zip(questions[1:], seeded[1:])])
+        assert s.stats["prefill_calls"] == 2 and s.stats["prefix_cache_prefills"] == 1
+        assert [r.prompt_cache_hit_tokens for r in rest] == [96] * 3
+        assert s.stats["kv_pages_copied"] - copied == 3 * 2
+        turn = questions[0] + first.sequences[0].tokens + prompt_of(160, 10)
+        (nxt,) = _run_steps(s, [s.submit(snap, turn, seeded[0])])
+        assert nxt.prompt_cache_hit_tokens == 7 * 16 and s.stats["prefix_cache_prefills"] == 2
+        for x, p, got in zip(questions + [turn], seeded + seeded[:1], [first, *rest, nxt]):
+            (want,) = _run_steps(ref, [ref.submit(snap, x, p)])
+            assert got.sequences[0].tokens == want.sequences[0].tokens
+            np.testing.assert_allclose(got.sequences[0].logprobs, want.sequences[0].logprobs, atol=1e-5)
+        assert ref.stats["prefix_cache_prefills"] == 0
+    finally:
+        s.stop()
+        ref.stop()

@@ -48,7 +48,7 @@ class SamplerConfig:
     #                                     max_seq_len); paged: a row takes what its prompt + max_tokens need, the
     #                                     samples of one prompt share its full pages; a sample waits for free pages
     page_size: int = 16  # jax: tokens per KV-cache page
-    prefix_cache: bool = True  # jax: prompts' KV pages stay for later requests with the same prompt (no prefill)
+    prefix_cache: bool = True  # jax: prompts' KV pages stay for later requests that start the same way
     #                            or prefix of whole prefill_chunks (the next turn) until rows need the pages
     # jax: the sampler's compute and weight dtype, "float32" or "bfloat16"; None: the engine's `dtype`. A dtype
     # other than the engine's keeps a copy of the base weights in it for sampling (bf16: half the bytes read per

@@ -321,23 +321,25 @@ def _draw_key(seed_words: jax.Array) -> jax.Array:
 _prefill_kernel = Kernel(_prefill, static_argnums=(0, 8, 9, 10, 11))
 
 
-def _prefill_part(graphdef, params, lora, slots, tokens, targets, score: dict, cache: KVCache, index,
+def _prefill_part(graphdef, params, lora, slots, tokens, targets, score: dict, cache: KVCache, start,
                   want_logprobs, topk: int, draws: int, mode: str, chunk: int):
-    """Chunk `index` of long prompts: tokens / targets [Bp, n*chunk] and score["ids"] [Bp, n*chunk, A] (padded),
-    `cache` [L,Bp,n*chunk,K,H] holding chunks before `index` (donated) -> (k, v with this chunk written, then
-    `_prompt_scores`' outputs for the chunk's positions). A long prompt's prefill is a chunk per sampler step, so
-    running decodes keep their pace, and its attention scores are [chunk, n*chunk] per head: memory linear in its
-    length."""
+    """Positions [start[b], start[b] + chunk) of each row b: tokens / targets [Bp, W] and score["ids"] [Bp, W, A]
+    (padded; W >= start + chunk), `cache` [L,Bp,S,K,H] holding each row's positions before its start (donated) ->
+    (k, v with the part written, then `_prompt_scores`' outputs for the part's positions). Writes at slots >= S are
+    dropped (a padded part past the end of a shorter row).
+
+    Two uses: a long prompt's chunk `index` (start = index * chunk for its one row; a chunk per sampler step, so
+    running decodes keep their pace, and attention scores [chunk, S] per head: memory linear in its length), and
+    the tails of prompts whose first pages came from the prefix cache (each row its own start)."""
     model = merge(graphdef, params)
     Bp = tokens.shape[0]
     rows = lora_rows(lora, slots, Bp, mode)
-    start = index * chunk
-    part = lambda x: jax.lax.dynamic_slice_in_dim(x, start, chunk, axis=1)  # noqa: E731
-    pos = jnp.broadcast_to(start + jnp.arange(chunk, dtype=jnp.int32), (Bp, chunk))
-    hidden, cache = model(part(tokens), pos, cache=cache, lora=rows)  # context: the slots before `start`
-    score = {**score, "ids": part(score["ids"])}
+    part = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, chunk, axis=0))  # noqa: E731 - per row
+    pos = start[:, None] + jnp.arange(chunk, dtype=jnp.int32)  # [Bp, chunk]
+    hidden, cache = model(part(tokens, start), pos, cache=cache, lora=rows)  # context: each row's slots < start
+    score = {**score, "ids": part(score["ids"], start)}
     return (cache.k, cache.v,
-            *_prompt_scores(model, rows, hidden, part(targets), pos, score, want_logprobs, topk, draws))
+            *_prompt_scores(model, rows, hidden, part(targets, start), pos, score, want_logprobs, topk, draws))
 
 
 _prefill_part_kernel = Kernel(_prefill_part, static_argnums=(0, 10, 11, 12, 13), donate_argnums=(7,))
@@ -347,21 +349,21 @@ def _score_sh(pl: Placement, score: dict) -> dict:
     return {k: pl.rows_sh for k in score}
 
 
-def prefill_part(pl: Placement, graphdef, params, lora, slots, tokens, targets, score: dict, cache: KVCache, index,
+def prefill_part(pl: Placement, graphdef, params, lora, slots, tokens, targets, score: dict, cache: KVCache, start,
                  want_logprobs, *, topk: int, draws: int, mode: str, chunk: int):
     """`_prefill_part` on placement `pl`, placed as `prefill` places its arguments; `cache` (donated) and the k, v
-    that come back like pl.cache, `index` replicated."""
+    that come back like pl.cache, `start` [Bp] (host ints) over rows."""
 
     def shardings():
         lora_sh = tuple((pl.table(r, _capacity(w)), pl.rep) for r, (w, _) in zip(_ranks(lora), lora))
         c = pl.cache
         ins = (pl.params(graphdef, params), lora_sh, tuple(pl.rows_sh for _ in slots), pl.rows_sh, pl.rows_sh,
-               _score_sh(pl, score), KVCache(c, c), pl.rep, pl.rep)
+               _score_sh(pl, score), KVCache(c, c), pl.rows_sh, pl.rep)
         return ins, (c, c) + (pl.rep,) * 6
 
     f = _prefill_part_kernel.on(pl, (graphdef, _lora_key(lora), tuple(score)), shardings)
-    return f(graphdef, params, lora, slots, tokens, targets, score, cache, from_host(np.int32(index), pl.rep),
-             want_logprobs, topk, draws, mode, chunk)
+    return f(graphdef, params, lora, slots, tokens, targets, score, cache,
+             from_host(np.asarray(start, np.int32), pl.rows_sh), want_logprobs, topk, draws, mode, chunk)
 
 
 def prefill(pl: Placement, graphdef, params, lora, slots, tokens, targets, score: dict, want_logprobs, *, topk: int,
@@ -423,28 +425,32 @@ def insert_pages(pl: Placement, pool: tuple, k_new, v_new, src, page_of, dest) -
     return f(tuple(pool), k_new, v_new, src, page_of, dest)
 
 
-def _cached_prefix(pool: tuple, shard, pages, slots: int, rows: int) -> tuple:
-    """A prefill's cache (k, v) [L,rows,slots,K,H] from the prefix cache: row 0 holds the pool's pages `pages` [m]
-    of batch shard `shard` (a cached prompt prefix, in position order) at slots [0, m*page) (cut at `slots`); the
-    rest is zero, as the chunks after a prefix find an empty cache."""
+def _cached_rows(pool: tuple, shard, pages, lengths, slots: int) -> tuple:
+    """A prefill's cache (k, v) [L,Bp,slots,K,H] from the prefix cache: row b holds the pool's pages `pages[b]` [m]
+    of batch shard `shard[b]` (a cached prompt prefix, in position order) at slots [0, lengths[b]); every other
+    slot is zero, as a fresh prefill's cache."""
 
     def one(p):
-        x = p[:, shard, pages]  # [L,m,page,K,H]
-        x = x.reshape(x.shape[0], -1, *x.shape[3:])[:, :slots]  # [L,min(m*page, slots),K,H]
-        return jnp.zeros((x.shape[0], rows, slots, *x.shape[2:]), p.dtype).at[:, 0, : x.shape[1]].set(x)
+        x = p[:, shard[:, None], pages]  # [L,Bp,m,page,K,H]
+        x = x.reshape(*x.shape[:2], -1, *x.shape[4:])[:, :, :slots]  # [L,Bp,min(m*page, slots),K,H]
+        x = jnp.pad(x, ((0, 0), (0, 0), (0, slots - x.shape[2]), (0, 0), (0, 0)))
+        keep = jnp.arange(slots)[None, :] < lengths[:, None]  # [Bp,slots]
+        return jnp.where(keep[None, :, :, None, None], x, jnp.zeros((), p.dtype))
 
     return one(pool[0]), one(pool[1])
 
 
-_cached_kernel = Kernel(_cached_prefix, static_argnums=(3, 4))
+_cached_kernel = Kernel(_cached_rows, static_argnums=(4,))
 
 
-def cached_prefix(pl: Placement, pool: tuple, shard: int, pages, *, slots: int, rows: int) -> KVCache:
-    """`_cached_prefix` on placement `pl`: the pool as pl.pool places it; the cache comes out like pl.cache."""
+def cached_rows(pl: Placement, pool: tuple, shard, pages, lengths, *, slots: int) -> KVCache:
+    """`_cached_rows` on placement `pl`: shard, lengths [Bp] and pages [Bp, m] (host ints; Bp a multiple of
+    pl.shards, m any: pad with page 0 and a shorter length); the pool as pl.pool places it; the cache comes out
+    like pl.cache."""
     c = pl.pool
-    f = _cached_kernel.on(pl, (), lambda: (((c, c), pl.rep, pl.rep), (pl.cache, pl.cache)))
-    k, v = f(tuple(pool), from_host(np.int32(shard), pl.rep), from_host(np.asarray(pages, np.int32), pl.rep),
-             slots, rows)
+    f = _cached_kernel.on(pl, (), lambda: (((c, c), pl.rep, pl.rep, pl.rep), (pl.cache, pl.cache)))
+    host = lambda x: from_host(np.asarray(x, np.int32), pl.rep)  # noqa: E731
+    k, v = f(tuple(pool), host(shard), host(pages), host(lengths), slots)
     return KVCache(k, v)
 
 

@@ -57,6 +57,7 @@ numbered in order of first sight, not by object id, so their turns agree across 
 from __future__ import annotations
 
 import collections
+import hashlib
 import itertools
 import logging
 import threading
@@ -88,7 +89,7 @@ from tinker_jax.sampling.stops import StopStrings, Tokenizer
 log = logging.getLogger(__name__)
 
 _MAX_IDLE_TABLES = 4  # adapter tables (one per rank) kept when nothing holds them
-_MAX_PREFIXES = 4096  # cached prompt prefixes (each a key of up to a prompt's tokens and a list of pages)
+_MAX_PREFIXES = 16384  # prefix cache entries (each a 16-byte digest and its pages: a whole prompt's, or one page)
 
 
 @dataclass(eq=False)
@@ -115,13 +116,15 @@ class _Request:
     alt: Any = None  # prompt_alt_tokens_k's draws (tinker PromptAltTokens) once prefilled
     group: int = 0  # its weights group (`Sampler._group`), numbered alike on every process
     cache_hit: int = 0  # prompt tokens whose KV came from the prefix cache (SampleResponse.prompt_cache_hit_tokens)
+    page_keys: list | None = None  # digests of its prompt's full pages, each of every token before it (`_page_keys`)
     seq: int = 0  # its place in its engine worker's request log (several processes: how followers match it)
 
 
 @dataclass(eq=False)
 class _Prefilling:
     """A long prompt's prefill in progress, a chunk per step (kernels.prefill_part): its padded tokens and targets
-    [Bp, n*chunk] and the cache its chunks have written so far, placed; per-chunk prompt logprobs on the host."""
+    [Bp, S] and the cache [L,Bp,S,K,H] its chunks have written so far, placed; per-chunk prompt logprobs on the
+    host."""
 
     req: _Request
     T: int  # its length bucket (the cache it hands on has T slots)
@@ -130,8 +133,9 @@ class _Prefilling:
     score: dict  # kernels._prompt_scores' per-row inputs
     draws: int
     cache: KVCache
-    n: int  # chunks
+    n: int  # chunks to run (after `base`)
     done: int = 0
+    base: int = 0  # positions found in the prefix cache (a multiple of the page size): the chunks start there
     parts: list = field(default_factory=list)  # per chunk: kernels._prompt_scores' outputs when the prompt is scored
 
 
@@ -147,6 +151,31 @@ class _Row:
 def _pow2(n: int) -> int:
     """0 for 0, else the smallest power of two >= n."""
     return 0 if n <= 0 else 1 << (n - 1).bit_length()
+
+
+class _Serials:
+    """Numbers for objects, 1, 2, ... in order of first sight, never reused: unlike id(), which a new object takes
+    over once the old one is gone. The sampler's steps see weights in one order on every process of an engine, so
+    numbers given on its step thread agree there, whenever each process's garbage collector frees the old ones."""
+
+    def __init__(self):
+        self._by_id: dict[int, tuple[weakref.ref, int]] = {}  # id -> (the object, weakly; its number)
+        self._next = itertools.count(1)
+
+    def __call__(self, obj) -> int:
+        i = id(obj)
+        got = self._by_id.get(i)
+        if got is not None and got[0]() is obj:
+            return got[1]
+        by_id = self._by_id
+
+        def gone(ref, i=i):  # runs while the object is freed, before its id can be taken again
+            if by_id.get(i, (None,))[0] is ref:
+                by_id.pop(i, None)
+
+        n = next(self._next)
+        by_id[i] = (weakref.ref(obj, gone), n)
+        return n
 
 
 def params_key(snapshot: WeightSnapshot) -> int:
@@ -253,10 +282,10 @@ class Sampler(SamplerBase):
         never fit is refused naming max_tokens. Split evenly over the batch shards.
       page_size: tokens per KV page.
       prefix_cache: keep prompts' KV pages after their requests: a later request with the same weights and the
-        same prompt (another rollout of a GRPO group, sent alone) is not prefilled, and one with the same prefix of
-        whole `prefill_chunk`s (a multi-turn conversation's next turn, a long system prompt) prefills only the
-        rest; the pages give way to rows that need them (least recently used first). Requests that score their
-        prompt (prompt logprobs and the like) do not use it. One process only.
+        same prompt (another rollout of a GRPO group, sent alone) is not prefilled, and one that begins with some
+        of the same whole pages (a multi-turn conversation's next turn, a shared system prompt or few-shot
+        prefix) prefills only the rest; the pages give way to rows that need them (least recently used first).
+        Requests that score their prompt (prompt logprobs and the like) do not use it.
       on_submit: called (any thread) after a request is queued, e.g. to wake the thread that calls `step`.
       mesh: the jax.sharding.Mesh to run on (axes data, fsdp, tensor; models.sharding.make_mesh); None: one device.
         Snapshots' weights must be placed on it by `rules` (models.sharding.state_shardings), as the engine loads
@@ -327,12 +356,9 @@ class Sampler(SamplerBase):
             raise ValueError(f"prefill_chunk: must be a number of tokens (0 or None: whole prompts), got "
                              f"{prefill_chunk!r}")
         self.prefill_chunk = int(prefill_chunk) if prefill_chunk else None
-        # Whole prompts, and prefixes of whole chunks (whose pages hold exactly a chunked prefill's slots). One
-        # process only: whether a cached prefix is still valid depends on when its weights were garbage-collected,
-        # which other processes of an engine would not see alike.
-        self.prefix_cache = bool(prefix_cache) and jax.process_count() == 1
-        self._chunk_prefixes = (self.prefix_cache and self.prefill_chunk is not None
-                                and self.prefill_chunk % self.page_size == 0)
+        # Whole prompts, and prompts' full pages. On every process of an engine alike: entries are keyed by weights
+        # numbers given in step order (`_Serials`), and found, kept and evicted only by the steps' own decisions.
+        self.prefix_cache = bool(prefix_cache)
         self.decode_steps = int(decode_steps)
         self.decode_unroll = bool(decode_unroll)
         if decode_attention not in ("auto", *DECODE_ATTENTION):
@@ -365,8 +391,7 @@ class Sampler(SamplerBase):
         self._thread: threading.Thread | None = None
         self._uids = itertools.count()
         self._placed_ok: set[int] = set()  # params_key of snapshots whose placement was checked
-        self._groups: dict[int, int] = {}  # params_key -> weights group number (`_group`)
-        self._group_ids = itertools.count(1)
+        self._serial = _Serials()  # weights -> their number (weights groups, prefix cache keys); step thread only
         # Loop-thread state.
         self._pending: collections.deque[_Request] = collections.deque()
         self._deferred: collections.deque[_Request] = collections.deque()
@@ -526,15 +551,10 @@ class Sampler(SamplerBase):
 
     def _group(self, snapshot: WeightSnapshot) -> int:
         """The number of the snapshot's weights group: snapshots sharing one params object decode together. Numbered
-        in order of first sight (in step order, so alike on every process of an engine, unlike object ids, which
-        would also order the groups' turns differently)."""
-        key = params_key(snapshot)
-        if key not in self._groups:
-            if len(self._groups) > 256:  # keep the groups of requests still here (ids of freed params come back)
-                live = {params_key(r.snapshot) for r in self._live_requests()}
-                self._groups = {k: g for k, g in self._groups.items() if k in live}
-            self._groups[key] = next(self._group_ids)
-        return self._groups[key]
+        in order of first sight in step order (`_Serials`), so alike on every process of an engine; object ids would
+        order the groups' turns differently there, and an id that came back for new params would name an old
+        group on one process and not on another."""
+        return self._serial(jax.tree.leaves(snapshot.params)[0])
 
     def _live_requests(self) -> set[_Request]:
         return ({r.req for r in self._rows if r is not None} | set(self._pending) | set(self._deferred)
@@ -593,7 +613,7 @@ class Sampler(SamplerBase):
     def _free_pages(self) -> None:
         """No row or request holds KV pages (every one of them was failed or never started)."""
         self._pages.reset()
-        # (weights key, prefix tokens' bytes) -> (shard, its pages, a weak reference to the weights), oldest use first
+        # (weights key, "whole" or "page", digest) -> (shard, its pages), oldest use first (`_remember`)
         self._prefix: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
         self._page_table = np.zeros((self.max_batch, self._table_width), np.int32)  # row -> its pages, in order
         self._row_pages: list[list[int] | None] = [None] * self.max_batch
@@ -630,6 +650,7 @@ class Sampler(SamplerBase):
                 e = self.explain(e)
                 for req in batch:
                     self._release(req)
+                    self._drop_shared(req)
                     req.future.set_exception(e)
                 continue
             if self._chunks(batch[0]):
@@ -778,6 +799,9 @@ class Sampler(SamplerBase):
                 rows.append(req)
             row_of.append(first[key])
         Bp = next((b for b in self.prefill_batches if b >= len(rows)), len(rows))
+        hits = None if want or T == 0 else self._page_hits(rows, T)
+        if hits is not None:
+            return self._prefill_tails(batch, rows, row_of, Bp, T, hits)
         if T == 0:  # one-token prompts: nothing to prefill
             scored = None
         else:
@@ -797,6 +821,56 @@ class Sampler(SamplerBase):
             self.stats["prefill_rows_shared"] += len(batch) - len(rows)
         self._prompt_outputs(batch, scored, row_of)
         return Bp * T
+
+    def _page_hits(self, rows: list[_Request], T: int) -> list[tuple[int, list[int], list]] | None:
+        """Per prefill row: (shard, pages, their keys) of its prompt's first full pages that the prefix cache holds
+        (`_walk`; none: (0, [], [])), when prefilling only the rest of every row fits a smaller length bucket than
+        T (the batch's prompts share a system prompt or few-shot prefix, or continue cached conversations);
+        otherwise None."""
+        if not self.prefix_cache or not self._prefix:
+            return None
+        page = self.page_size
+        # at least one position left to prefill (a prompt found whole is served by `_from_cache`)
+        hits = [self._walk(r, (len(r.spec.prompt) - 2) // page) for r in rows]
+        tail = max(len(r.spec.prompt) - 1 - len(h[1]) * page for r, h in zip(rows, hits))
+        return hits if self._bucket(tail) < T else None
+
+    def _prefill_tails(self, batch: list[_Request], rows: list[_Request], row_of: list[int], Bp: int, T: int,
+                       hits: list) -> int:
+        """`_prefill` for rows that start from cached pages: each row's cache holds its cached pages (gathered from the
+        pool; `kernels.cached_rows`) and the prefill runs its remaining positions only (`kernels.prefill_part`, from
+        each row's own start, in the length bucket of the longest rest). The result is a whole prompt's prefill
+        (req.kv, [L,Bp,T,K,H]); each row's request lists the cached pages on their shard (`req.shared`, as if it had
+        taken them) and copies only the rest (`_place`). -> the padded token count."""
+        page, pl, snap = self.page_size, self.placement, batch[0].snapshot
+        starts = [len(p) * page for _, p, _ in hits]
+        Tt = self._bucket(max(len(r.spec.prompt) - 1 - st for r, st in zip(rows, starts)))
+        W = -(-T // page)
+        shard, pages = np.zeros(Bp, np.int32), np.zeros((Bp, W), np.int32)
+        start = np.zeros(Bp, np.int32)
+        for i, (s, p, _) in enumerate(hits):
+            shard[i], pages[i, : len(p)], start[i] = s, p, starts[i]
+        cache = kernels.cached_rows(pl, self._pool, shard, pages, start, slots=T)
+        tokens, targets, score, draws = self._prompt_arrays(rows, Bp, T + Tt)  # room for every row's start + Tt
+        lora, slots = self._lora_args(rows + [None] * (Bp - len(rows)), Bp)
+        mode = "uniform" if len({r.table_slot for r in rows}) == 1 and len(rows) == Bp else "gather"
+        k, v, *_ = kernels.prefill_part(pl, snap.graphdef, snap.params, lora, slots, tokens, targets, score, cache,
+                                        start, from_host(np.bool_(False), pl.rep), topk=self.max_topk, draws=draws,
+                                        mode=mode, chunk=Tt)
+        for req, (s, p, keys) in zip(rows, hits):
+            if p:
+                self._touch(keys)
+                req.shared = {s: list(p)}
+                self._pages.share(s, req.shared[s])  # the request's own hold, as if it had taken them
+        for req, i in zip(batch, row_of):
+            req.kv = (k, v, i)
+            req.cache_hit = starts[i]
+            self.stats["prefix_cache_hit_tokens"] += starts[i]
+        self.stats["prefill_calls"] += 1
+        self.stats["prefix_cache_prefills"] += 1
+        self.stats["prefill_rows_shared"] += len(batch) - len(rows)
+        self._prompt_outputs(batch, None, row_of)
+        return Bp * Tt
 
     def _prompt_arrays(self, reqs: list[_Request], Bp: int, T: int) -> tuple:
         """Prefill inputs of `reqs` (row i: reqs[i]) placed over rows: tokens (prompt[:-1]) and targets (prompt[1:])
@@ -834,21 +908,29 @@ class Sampler(SamplerBase):
         return -(-(len(req.spec.prompt) - 1) // self.prefill_chunk)
 
     def _start_chunked(self, req: _Request, T: int, Bp: int) -> int:
-        """Begin a long prompt's prefill: its padded inputs and an empty cache placed (or one holding a cached prefix
-        of its first chunks, which it then skips), then its next chunk."""
-        n, C = self._chunks(req), self.prefill_chunk
+        """Begin a long prompt's prefill: its padded inputs and an empty cache placed, or one holding its first pages
+        found in the prefix cache (which the request then lists, as `_prefill_tails` rows do, and whose positions
+        its chunks skip), then its next chunk."""
+        n, C, page = self._chunks(req), self.prefill_chunk, self.page_size
         pl = self.placement
         hit = self._lookup(req)
+        base = 0 if hit is None else len(hit[1]) * page  # positions cached: chunks start there
+        S = n * C if base % C == 0 else (n + 1) * C  # the cache's slots: room for its chunks from `base` on
         if hit is None:
-            shape = (self.cfg.n_layers, Bp, n * C, self.cfg.n_kv_heads, self.cfg.head_dim)
-            cache, start = KVCache(zeros(shape, self.cache_dtype, pl.cache), zeros(shape, self.cache_dtype,
-                                                                                      pl.cache)), 0
+            shape = (self.cfg.n_layers, Bp, S, self.cfg.n_kv_heads, self.cfg.head_dim)
+            cache = KVCache(zeros(shape, self.cache_dtype, pl.cache), zeros(shape, self.cache_dtype, pl.cache))
         else:
-            start, shard, pages = hit
-            cache = kernels.cached_prefix(pl, self._pool, shard, pages, slots=n * C, rows=Bp)
-            req.cache_hit = start * C
-            self.stats["prefix_cache_hit_tokens"] += start * C
-        job = _Prefilling(req, T, *self._prompt_arrays([req], Bp, n * C), cache, n, done=start)
+            shard, pages = hit
+            rows = np.zeros((Bp, -(-S // page)), np.int32)
+            rows[0, : len(pages)] = pages
+            cache = kernels.cached_rows(pl, self._pool, [shard] + [0] * (Bp - 1), rows, [base] + [0] * (Bp - 1),
+                                        slots=S)
+            req.shared = {shard: list(pages)}
+            self._pages.share(shard, req.shared[shard])  # the request's own hold, as if it had taken them
+            req.cache_hit = base
+            self.stats["prefix_cache_hit_tokens"] += base
+        left = -(-(len(req.spec.prompt) - 1 - base) // C)
+        job = _Prefilling(req, T, *self._prompt_arrays([req], Bp, S), cache, left, base=base)
         self._prefilling.append(job)  # its first chunk may be its last (one chunk, or one after a cached prefix)
         try:
             return self._prefill_chunk(job)
@@ -858,6 +940,7 @@ class Sampler(SamplerBase):
             if req in self._deferred:
                 self._deferred.remove(req)
             req.kv = None
+            self._drop_shared(req)
             raise
 
     def _advance_prefills(self, budget: int) -> int:
@@ -873,6 +956,7 @@ class Sampler(SamplerBase):
                 log.exception("sampler: prefill failed")
                 self._prefilling.remove(job)
                 self._release(job.req)
+                self._drop_shared(job.req)
                 if not job.req.future.done():
                     job.req.future.set_exception(self.explain(e))
         return used
@@ -886,7 +970,8 @@ class Sampler(SamplerBase):
         lora, slots = self._lora_args([req] + [None] * (Bp - 1), Bp)
         k, v, *scored = kernels.prefill_part(
             pl, req.snapshot.graphdef, req.snapshot.params, lora, slots, job.tokens, job.targets, job.score, job.cache,
-            job.done, from_host(np.bool_(want), pl.rep), topk=self.max_topk, draws=job.draws,
+            np.full(Bp, job.base + job.done * self.prefill_chunk, np.int32), from_host(np.bool_(want), pl.rep),
+            topk=self.max_topk, draws=job.draws,
             mode="uniform" if Bp == 1 else "gather", chunk=self.prefill_chunk)
         job.cache = KVCache(k, v)
         if want:
@@ -905,54 +990,72 @@ class Sampler(SamplerBase):
 
     # prefix cache -------------------------------------------------------------------------------------
 
-    @staticmethod
-    def _weights_of(snap: WeightSnapshot) -> tuple[tuple, Any]:
-        """(a key for the exact weights a snapshot samples with, the object whose life those weights have)."""
-        obj = snap.adapter if snap.adapter is not None else jax.tree.leaves(snap.params)[0]
-        return (params_key(snap), id(obj)), obj
+    def _weights_of(self, snap: WeightSnapshot) -> tuple[int, int]:
+        """A key for the exact weights a snapshot samples with: the numbers of its params and of its adapter (0: none).
+        Never reused, so an entry of weights that are gone is never found again (it gives way, least recently used
+        first, when rows need its pages); and alike on every process of an engine."""
+        return self._group(snap), 0 if snap.adapter is None else self._serial(snap.adapter)
+
+    def _page_keys(self, req: _Request) -> list[bytes]:
+        """Digests of the request's full prompt pages (among positions 0 .. len - 2, what a prefill writes): page j's
+        is of its tokens and page j - 1's digest, so it names every token up to the page's end (a 16-byte
+        key per page, however long the prompt). Computed once per request."""
+        if req.page_keys is None:
+            prompt, page = np.asarray(req.spec.prompt, np.int32), self.page_size
+            keys, d = [], b""
+            for j in range((len(prompt) - 1) // page):
+                d = hashlib.blake2b(d + prompt[j * page:(j + 1) * page].tobytes(), digest_size=16).digest()
+                keys.append(d)
+            req.page_keys = keys
+        return req.page_keys
+
+    def _whole_key(self, req: _Request) -> tuple:
+        prompt = np.asarray(req.spec.prompt[:-1], np.int32)
+        return self._weights_of(req.snapshot), "whole", hashlib.blake2b(prompt.tobytes(), digest_size=16).digest()
 
     def _remember(self, req: _Request, shard: int, pages: list[int], last: int | None) -> None:
         """Offer a request's prompt KV on `shard` (just filled from its prefill) to later requests: one entry for the
         whole prompt (its positions 0 .. len - 2, all a prefill writes) holding its full pages and `last`, the page
         with its partly filled last page (its first sample's own first page: decode writes that page only from
-        position len - 1 on, so the prompt's slots in it stay), and one per prefix of whole chunks. Each entry is
-        keyed by its tokens and holds its pages."""
-        if not self.prefix_cache:
+        position len - 1 on, so the prompt's slots in it stay), and one per full page, keyed by its digest
+        (`_page_keys`) and holding that page."""
+        if not self.prefix_cache or len(req.spec.prompt) < 2:
             return
-        C, page, P = self.prefill_chunk, self.page_size, len(req.spec.prompt)
-        prompt = np.asarray(req.spec.prompt, np.int32)
-        # longest first: the least recently used, evicted first, frees its own tail pages
-        offers = [(P - 1, pages + ([] if last is None else [last]))] if P > 1 else []
-        if self._chunk_prefixes:
-            offers += [(j * C, pages[: j * C // page]) for j in range(min(len(pages) * page, P - 1) // C, 0, -1)]
-        wkey, obj = self._weights_of(req.snapshot)
-        ref = weakref.ref(obj)
-        for n, held in offers:
-            key = (wkey, prompt[:n].tobytes())
+        wkey = self._weights_of(req.snapshot)
+        # Least recently used first: the whole prompt, then its pages from the last to the first, so that eviction
+        # takes a prompt's tail before the prefix that others may share (and a page's entry outlives none of the
+        # entries after it that only a walk through it can reach).
+        offers = [(self._whole_key(req), pages + ([] if last is None else [last]))]
+        offers += [((wkey, "page", d), [p]) for d, p in reversed(list(zip(self._page_keys(req), pages)))]
+        for key, held in offers:
             if key in self._prefix:
                 self._prefix.move_to_end(key)
                 continue
             self._pages.share(shard, held)
-            self._prefix[key] = (shard, held, ref)
+            self._prefix[key] = (shard, held)
         while len(self._prefix) > _MAX_PREFIXES:
             self._forget_oldest()
 
-    def _cached(self, req: _Request, lengths) -> tuple[int, int, list[int]] | None:
-        """(n, shard, pages) of the first of the request's prompt prefixes of `lengths` tokens (in that order) that
-        the prefix cache holds with its weights, or None."""
-        wkey, obj = self._weights_of(req.snapshot)
-        prompt = np.asarray(req.spec.prompt, np.int32)
-        for n in lengths:
-            key = (wkey, prompt[:n].tobytes())
+    def _walk(self, req: _Request, limit: int) -> tuple[int, list[int], list]:
+        """(shard, pages, their keys) of the longest run of the request's first full prompt pages, at most `limit`,
+        that the prefix cache holds with its weights, on one shard; (0, [], []) if none. Entries are not touched
+        (`_touch` the ones used)."""
+        wkey = self._weights_of(req.snapshot)
+        shard, pages, keys = 0, [], []
+        for d in self._page_keys(req)[: max(limit, 0)]:
+            key = (wkey, "page", d)
             hit = self._prefix.get(key)
-            if hit is None:
-                continue
-            if hit[2]() is not obj:  # its weights are gone and another object took their id
-                self._forget(key)
-                continue
+            if hit is None or (pages and hit[0] != shard):
+                break
+            shard = hit[0]
+            pages.append(hit[1][0])
+            keys.append(key)
+        return shard, pages, keys
+
+    def _touch(self, keys: list) -> None:
+        """Entries just used become the most recently used, the first page last (so it is evicted after the rest)."""
+        for key in reversed(keys):
             self._prefix.move_to_end(key)
-            return n, hit[0], hit[1]
-        return None
 
     def _from_cache(self, req: _Request) -> bool:
         """Serve a request whose whole prompt (what a prefill would write) is in the prefix cache without a prefill:
@@ -964,14 +1067,19 @@ class Sampler(SamplerBase):
         P = len(req.spec.prompt)
         if not self.prefix_cache or req.spec.scores_prompt or P < 2 or not self._prefix:
             return False
-        hit = self._cached(req, (P - 1,))
+        key = self._whole_key(req)
+        hit = self._prefix.get(key)
         if hit is None:
             return False
-        _, shard, pages = hit
+        self._prefix.move_to_end(key)
+        shard, pages = hit
         T, page, pl = self._bucket(P - 1), self.page_size, self.placement
-        try:  # the prefill's shape: its bucket's slots, the smallest prefill batch's rows (page 0 pads: unread)
-            k, v = kernels.cached_prefix(pl, self._pool, shard, pages + [0] * (-(-T // page) - len(pages)), slots=T,
-                                         rows=self.prefill_batches[0])
+        Bp = self.prefill_batches[0]
+        rows = np.zeros((Bp, -(-T // page)), np.int32)
+        rows[0, : len(pages)] = pages
+        try:  # the prefill's shape: its bucket's slots, the smallest prefill batch's rows
+            k, v = kernels.cached_rows(pl, self._pool, [shard] + [0] * (Bp - 1), rows, [P - 1] + [0] * (Bp - 1),
+                                       slots=T)
         except Exception as e:  # noqa: BLE001 - only this request fails; the pool was only read
             log.exception("sampler: reading a cached prompt failed")
             self._release(req)
@@ -987,18 +1095,20 @@ class Sampler(SamplerBase):
         self._deferred.append(req)
         return True
 
-    def _lookup(self, req: _Request) -> tuple[int, int, list[int]] | None:
-        """(chunks, shard, pages) of the longest cached prefix of the request's prompt in whole chunks, with its
-        weights, that leaves at least one prompt position to prefill; None if none (or it scores its prompt: the
-        cached positions have no scores)."""
-        if not self._chunk_prefixes or req.spec.scores_prompt or not self._prefix:
+    def _lookup(self, req: _Request) -> tuple[int, list[int]] | None:
+        """(shard, pages) of a long prompt's first full pages that the prefix cache holds with its weights (`_walk`,
+        leaving at least one prompt position to prefill), used; None if none (or it scores its prompt: the cached
+        positions have no scores)."""
+        if not self.prefix_cache or req.spec.scores_prompt or not self._prefix:
             return None
-        C, P = self.prefill_chunk, len(req.spec.prompt)
-        hit = self._cached(req, [j * C for j in range((P - 2) // C, 0, -1)])
-        return None if hit is None else (hit[0] // C, *hit[1:])
+        shard, pages, keys = self._walk(req, (len(req.spec.prompt) - 2) // self.page_size)
+        if not pages:
+            return None
+        self._touch(keys)
+        return shard, pages
 
     def _forget(self, key: tuple) -> None:
-        shard, pages, _ = self._prefix.pop(key)
+        shard, pages = self._prefix.pop(key)
         self._pages.drop(shard, pages)
 
     def _forget_oldest(self) -> None:
@@ -1044,11 +1154,13 @@ class Sampler(SamplerBase):
             partial = req.kv is not None and (len(req.spec.prompt) - 1) % page != 0
             twin = req.twin
 
-            def held(s: int) -> bool:  # its prompt pages on shard s are there to list (its own, or its twin's)
-                return s in req.shared or (twin is not None and s in twin.shared)
+            def held(s: int) -> int:  # how many of its full prompt pages on shard s are there to list (its own
+                #                        or its twin's: all of them, or the first ones, found in the prefix cache)
+                return len(req.shared[s]) if s in req.shared else len(twin.shared[s]) if (
+                    twin is not None and s in twin.shared) else 0
 
             while req.placed < req.spec.num_samples:
-                r = next((r for r in free if pg.free(r // per) >= need - (n_shared if held(r // per) else 0)), None)
+                r = next((r for r in free if pg.free(r // per) >= need - held(r // per)), None)
                 if r is None and free and self._prefix:  # cached prefixes give way to work
                     self._forget_oldest()
                     continue
@@ -1060,11 +1172,14 @@ class Sampler(SamplerBase):
                 if s not in req.shared and twin is not None and s in twin.shared:  # its twin's: listed, not copied
                     req.shared[s] = list(twin.shared[s])
                     pg.share(s, req.shared[s])  # the request's own hold, as if it had taken them
-                first_here = s not in req.shared
-                if first_here:  # the request's first sample on this shard: its full prompt pages
-                    req.shared[s] = pg.take(s, n_shared)
+                have = req.shared.get(s, [])
+                first_here = s not in req.shared or len(have) < n_shared
+                if first_here:  # the request's first sample on this shard: its full prompt pages (after any cached)
+                    new = pg.take(s, n_shared - len(have))
                     if req.kv is not None:
-                        entries[s] += [(req.kv[2], j, p) for j, p in enumerate(req.shared[s])]
+                        entries[s] += [(req.kv[2], j, p) for j, p in enumerate(new, len(have))]
+                    req.shared[s] = have + new
+                    self.stats["kv_pages_shared"] += len(have)
                 else:
                     self.stats["kv_pages_shared"] += n_shared
                 pg.share(s, req.shared[s])
