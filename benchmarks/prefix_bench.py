@@ -7,7 +7,7 @@
 - `--mode system`: a shared system prompt (or few-shot prefix) of P tokens, the same for the whole run, before
   each of B questions of M tokens, sent as B separate requests at once (+N greedy tokens each), as an RL loop's
   batch of problems. Each round times a fresh set of questions until all B results are back; the system prompt's
-  pages are cached from the rounds before (the warm-up round fills them).
+  pages are cached from the rounds before (two warm-up rounds: the first fills them).
 
 Two engines in this process, alike but for `sampler.prefix_cache`, take turns (alternating which goes first).
 
@@ -88,10 +88,13 @@ def main(argv: list[str] | None = None) -> dict:
 
     run = turn if args.mode == "turn" else questions
     results: dict[str, list[float]] = {k: [] for k in samplers}
-    for i in range(1 + args.repeats):  # round 0 is the warm-up (compiles); engines alternate who goes first
+    # Warm-up rounds compile (system mode: the first fills the cache, the second compiles the prefill of the rests);
+    # engines alternate who goes first.
+    warm = 1 if args.mode == "turn" else 2
+    for i in range(warm + args.repeats):
         for name in (list(samplers) if i % 2 else list(samplers)[::-1]):
             took = run(name)
-            if i:
+            if i >= warm:
                 results[name].append(took)
     for c in clients.values():
         c.close()
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> dict:
         "what": what, "mode": args.mode,
         "machine": machine_info(), "versions": versions(),
         "seconds": {k: {**Stat(v).spread(), "runs": v} for k, v in results.items()},
-        "prompt_cache_hit_tokens": {k: v[1:] for k, v in hits.items()},  # per timed round (summed over requests)
+        "prompt_cache_hit_tokens": {k: v[warm:] for k, v in hits.items()},  # per timed round (summed over requests)
     }
     out["speedup"] = out["seconds"]["uncached"]["median"] / out["seconds"]["cached"]["median"]
     print(json.dumps({k: out[k] for k in ("what", "seconds", "prompt_cache_hit_tokens", "speedup")}, indent=1))
