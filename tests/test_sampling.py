@@ -922,3 +922,32 @@ def test_prompts_that_share_cached_pages_prefill_only_the_rest(snap):
     finally:
         s.stop()
         ref.stop()
+
+
+def test_a_next_turn_finds_the_answer_pages_cached(snap):
+    """A finished row leaves the pages its sampled tokens filled cached too: turn 1 is a 40-token prompt (2 full
+    pages) answered with 40 tokens (positions 0-78: 4 full pages); turn 2 sends both back with 10 more tokens and
+    prefills only the last 24 positions (prompt_cache_hit_tokens 64, not the prompt's 32). Its tokens and logprobs
+    equal a sampler's without the cache (decode wrote those pages, a prefill writes them without the cache)."""
+    first = prompt_of(170, 40)
+    params = P(max_tokens=40, seed=5, temperature=1.0, stop=[])
+
+    def make(cache):
+        return Sampler(snap.cfg, [EOS], max_batch=4, max_seq_len=128, prefill_lengths=(32, 128),
+                       prefill_batches=(1, 4), decode_steps=8, prefix_cache=cache).drive(lambda: None)
+
+    s, ref = make(True), make(False)
+    try:
+        (one,) = _run_steps(s, [s.submit(snap, first, params)])
+        assert len(one.sequences[0].tokens) == 40
+        turn = first + one.sequences[0].tokens + prompt_of(171, 10)
+        (two,) = _run_steps(s, [s.submit(snap, turn, P(max_tokens=8, seed=6, temperature=1.0, stop=[]))])
+        assert two.prompt_cache_hit_tokens == 4 * 16 and s.stats["prefix_cache_prefills"] == 1
+        (want_one,) = _run_steps(ref, [ref.submit(snap, first, params)])
+        assert want_one.sequences[0].tokens == one.sequences[0].tokens
+        (want,) = _run_steps(ref, [ref.submit(snap, turn, P(max_tokens=8, seed=6, temperature=1.0, stop=[]))])
+        assert two.sequences[0].tokens == want.sequences[0].tokens
+        np.testing.assert_allclose(two.sequences[0].logprobs, want.sequences[0].logprobs, atol=1e-5)
+    finally:
+        s.stop()
+        ref.stop()

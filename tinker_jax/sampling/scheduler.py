@@ -1036,6 +1036,36 @@ class Sampler(SamplerBase):
         while len(self._prefix) > _MAX_PREFIXES:
             self._forget_oldest()
 
+    def _remember_row(self, r: int, row: _Row) -> None:
+        """Offer a finishing row's full pages, its prompt's and those its sampled tokens filled, to later requests,
+        keyed by the digests of its prompt and tokens (`_page_keys`' chain, continued): a conversation's next turn
+        (this prompt, this answer, then more) then prefills only what is new, not the answer again. Its KV holds
+        positions 0 .. len(prompt) + len(tokens) - 2 (the last token sampled is never fed back; a stop string cuts
+        `tokens` before what the device fed after it, so no claimed page holds those)."""
+        req = row.req
+        if not self.prefix_cache:
+            return
+        P, page, pages = len(req.spec.prompt), self.page_size, self._row_pages[r]
+        full = min((P - 1 + len(row.tokens)) // page, len(pages))
+        keys = self._page_keys(req)
+        if full <= len(keys):
+            return  # no page past the prompt's full ones: `_remember` offered those
+        seq = np.asarray(list(req.spec.prompt) + list(row.tokens), np.int32)
+        keys, d = list(keys), keys[-1] if keys else b""
+        for j in range(len(keys), full):
+            d = hashlib.blake2b(d + seq[j * page:(j + 1) * page].tobytes(), digest_size=16).digest()
+            keys.append(d)
+        wkey, shard = self._weights_of(req.snapshot), r // (self.max_batch // self._pages.shards)
+        for j in range(full - 1, -1, -1):  # as `_remember`: the first page becomes the most recently used
+            key = (wkey, "page", keys[j])
+            if key in self._prefix:
+                self._prefix.move_to_end(key)
+                continue
+            self._pages.share(shard, [pages[j]])
+            self._prefix[key] = (shard, [pages[j]])
+        while len(self._prefix) > _MAX_PREFIXES:
+            self._forget_oldest()
+
     def _walk(self, req: _Request, limit: int) -> tuple[int, list[int], list]:
         """(shard, pages, their keys) of the longest run of the request's first full prompt pages, at most `limit`,
         that the prefix cache holds with its weights, on one shard; (0, [], []) if none. Entries are not touched
@@ -1312,6 +1342,7 @@ class Sampler(SamplerBase):
         row = self._rows[r]
         self._rows[r] = None
         self._dyn["live"][r] = False
+        self._remember_row(r, row)
         self._pages.drop(r // (self.max_batch // self._pages.shards), self._row_pages[r])
         self._row_pages[r] = None
         self._page_table[r] = 0
