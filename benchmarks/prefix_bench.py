@@ -1,7 +1,7 @@
 """Ours, the sampler's prefix cache, with and without it, in two workloads:
 
-- `--mode turn` (default): a conversation's next turn. Turn 1 is a P-token prompt (+N greedy tokens); turn 2 is
-  turn 1's prompt, its answer and M new tokens (+N). Each round sends each engine a fresh turn 1 (a new random
+- `--mode turn` (default): a conversation's next turn. Turn 1 is a P-token prompt (+A greedy tokens, `--answer`,
+  default N); turn 2 is turn 1's prompt, its answer and M new tokens (+N). Each round sends each engine a fresh turn 1 (a new random
   prompt, so nothing is cached across rounds), untimed, then times its turn 2 (prefill + N decode steps, until the
   result is back).
 - `--mode system`: a shared system prompt (or few-shot prefix) of P tokens, the same for the whole run, before
@@ -12,7 +12,7 @@
 Two engines in this process, alike but for `sampler.prefix_cache`, take turns (alternating which goes first).
 
     python -m benchmarks.prefix_bench [--mode turn|system] [--model small-qwen3] [--prompt 1536] [--extra 64]
-                                      [--new 16] [--questions 8] [--repeats 5] [--json FILE]
+                                      [--new 16] [--answer A] [--questions 8] [--repeats 5] [--json FILE]
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--extra", type=int, default=64,
                    help="turn 2's new tokens after turn 1's answer (system mode: each question's tokens)")
     p.add_argument("--questions", type=int, default=8, help="system mode: requests per round")
+    p.add_argument("--answer", type=int, default=None, help="turn mode: turn 1's greedy tokens (default: --new)")
     p.add_argument("--new", type=int, default=16, help="greedy tokens sampled per turn")
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--json", type=Path)
@@ -48,7 +49,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     root = Path(tempfile.mkdtemp(prefix="prefix-bench-"))
     model = ensure_model(root / "models", args.model)
-    seq = args.prompt + args.extra + 3 * args.new
+    answer_len = args.new if args.answer is None else args.answer
+    seq = args.prompt + answer_len + args.extra + 2 * args.new
     clients = {}
     for name, cache in (("cached", True), ("uncached", False)):
         cfg = EngineConfig(data_dir=root / name, models={"m": str(model)},
@@ -65,7 +67,8 @@ def main(argv: list[str] | None = None) -> dict:
         """Turn 1 (untimed), then turn 2: its seconds."""
         s = samplers[name]
         first = rng.integers(3, vocab, args.prompt).tolist()
-        answer = s.sample(tt.ModelInput.from_ints(first), 1, params).result().sequences[0].tokens
+        answer = s.sample(tt.ModelInput.from_ints(first), 1, tt.SamplingParams(
+            max_tokens=answer_len, temperature=0.0, stop=[])).result().sequences[0].tokens
         second = first + list(answer) + rng.integers(3, vocab, args.extra).tolist()
         t0 = time.perf_counter()
         resp = s.sample(tt.ModelInput.from_ints(second), 1, params).result()
@@ -98,7 +101,7 @@ def main(argv: list[str] | None = None) -> dict:
                 results[name].append(took)
     for c in clients.values():
         c.close()
-    what = (f"turn 2 of a conversation: {args.prompt}-token turn 1 + {args.new} answer + {args.extra} new tokens, "
+    what = (f"turn 2 of a conversation: {args.prompt}-token turn 1 + {answer_len} answer + {args.extra} new tokens, "
             f"{args.new} greedy tokens, {args.model}; seconds until the result") if args.mode == "turn" else (
         f"{args.questions} requests at once, each a {args.prompt}-token system prompt (the same all run) + a fresh "
         f"{args.extra}-token question, {args.new} greedy tokens each, {args.model}; seconds until all are back")
