@@ -951,3 +951,54 @@ def test_a_next_turn_finds_the_answer_pages_cached(snap):
     finally:
         s.stop()
         ref.stop()
+
+
+def test_a_random_workload_with_the_prefix_cache_equals_one_without_and_keeps_its_pages_straight(snap):
+    """Requests built from 3 shared prefixes (whole pages and not), with random question lengths, num_samples, and
+    next turns that send answers back, submitted a few at a time to a pool so small that cached pages are evicted
+    and samples wait: every result equals a sampler's without the cache (tokens; logprobs within 1e-5), the cache
+    was used (prompts found whole, prefills that started after cached pages, evictions), and once nothing runs,
+    each page's holders are exactly the cache entries that list it (no page lost or freed twice)."""
+    rng = np.random.default_rng(7)
+    prefixes = [prompt_of(180, 48), prompt_of(181, 37), prompt_of(182, 70)]
+
+    def make(cache):
+        return Sampler(snap.cfg, [EOS], max_batch=4, max_seq_len=200, prefill_lengths=(16, 32, 64, 128, 200),
+                       prefill_batches=(1, 2, 4), prefill_chunk=64, decode_steps=4, max_num_samples=3,
+                       kv_cache_tokens=16 * 16, prefix_cache=cache).drive(lambda: None)
+
+    s, ref = make(True), make(False)
+    try:
+        done = []  # (prompt, params, result)
+        for _ in range(6):
+            jobs = []
+            for _ in range(int(rng.integers(2, 5))):
+                if done and rng.random() < 0.3:  # a next turn: an earlier prompt, its answer, a few more tokens
+                    x, _, got = done[int(rng.integers(len(done)))]
+                    x = (x + got.sequences[0].tokens + prompt_of(int(rng.integers(1000)), 5))[-120:]
+                else:
+                    x = prefixes[int(rng.integers(3))] + prompt_of(int(rng.integers(1000)), int(rng.integers(1, 40)))
+                    if rng.random() < 0.2 and done:
+                        x = done[-1][0]  # a prompt sampled again
+                jobs.append((x, P(max_tokens=int(rng.integers(4, 20)), seed=int(rng.integers(100)), temperature=1.0,
+                                  stop=[]), int(rng.integers(1, 4))))
+            futs = [s.submit(snap, x, p, num_samples=n) for x, p, n in jobs]
+            for (x, p, n), got in zip(jobs, _run_steps(s, futs, limit=200)):
+                (want,) = _run_steps(ref, [ref.submit(snap, x, p, num_samples=n)], limit=200)
+                for a, b in zip(got.sequences, want.sequences):
+                    assert a.tokens == b.tokens
+                    np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+                done.append((x, p, got))
+        st = s.stats
+        assert st["kv_page_waits"] > 0 and st["prompt_cache_hits"] > 0  # (this seed's workload does both)
+        assert st["prefix_cache_prefills"] > 0 and st["prefix_cache_evictions"] > 0
+        assert st["prefix_cache_hit_tokens"] > 0 and ref.stats["prefix_cache_hit_tokens"] == 0
+        holders = np.zeros_like(s._pages._refs)
+        for shard, pages in s._prefix.values():
+            for p in pages:
+                holders[shard, p] += 1
+        np.testing.assert_array_equal(s._pages._refs, holders)
+        assert s._pages.used() == int((holders > 0).sum())
+    finally:
+        s.stop()
+        ref.stop()

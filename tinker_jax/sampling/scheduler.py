@@ -929,6 +929,7 @@ class Sampler(SamplerBase):
             self._pages.share(shard, req.shared[shard])  # the request's own hold, as if it had taken them
             req.cache_hit = base
             self.stats["prefix_cache_hit_tokens"] += base
+            self.stats["prefix_cache_prefills"] += 1
         left = -(-(len(req.spec.prompt) - 1 - base) // C)
         job = _Prefilling(req, T, *self._prompt_arrays([req], Bp, S), cache, left, base=base)
         self._prefilling.append(job)  # its first chunk may be its last (one chunk, or one after a cached prefix)
