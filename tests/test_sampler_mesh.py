@@ -140,6 +140,19 @@ def test_mesh_samples_like_one_device(name, reference):
         # prefilled; its two samples' rows, on two shards, list or copy its pages. Still the single-device answer.
         _assert_same(_workload(s, base, lora), reference)
         assert s.stats["prompt_cache_hits"] == 1
+        # A next turn on the second sample's answer: its first page is cached on the shard where the request's first
+        # sample ran, its second (the answer's start) where the second sample ran. The prefill gathers both, runs
+        # only the rest, and still samples the single-device answer.
+        turn = np.random.default_rng(0).integers(3, 500, 6).tolist() + got[0].sequences[1].tokens + [7, 9]
+        params = types.SamplingParams(max_tokens=3, temperature=0.0, stop=[])
+        answers = []
+        for sampler, snap in ((s, base), (_sampler(None), _snapshots(None)[0])):
+            fut = sampler.submit(snap, turn, params)
+            while sampler.has_work():
+                sampler.step()
+            answers.append(fut.result(timeout=0))
+        assert answers[0].prompt_cache_hit_tokens == 8 and s.stats["prefix_cache_prefills"] == 1
+        _assert_same(answers[:1], answers[1:])
     if name == "dp2xtp2":
         # New values, new adapter, new seeds and prompts: nothing recompiles, and still the single-device answer.
         sizes = [k._cache_size() for k in (kernels.prefill, kernels.decode, kernels.insert_pages, kernels.put_adapter)]

@@ -427,11 +427,11 @@ def insert_pages(pl: Placement, pool: tuple, k_new, v_new, src, page_of, dest) -
 
 def _cached_rows(pool: tuple, shard, pages, lengths, slots: int) -> tuple:
     """A prefill's cache (k, v) [L,Bp,slots,K,H] from the prefix cache: row b holds the pool's pages `pages[b]` [m]
-    of batch shard `shard[b]` (a cached prompt prefix, in position order) at slots [0, lengths[b]); every other
-    slot is zero, as a fresh prefill's cache."""
+    (a cached prompt prefix, in position order; page j of batch shard `shard[b, j]`) at slots [0, lengths[b]);
+    every other slot is zero, as a fresh prefill's cache."""
 
     def one(p):
-        x = p[:, shard[:, None], pages]  # [L,Bp,m,page,K,H]
+        x = p[:, shard, pages]  # [L,Bp,m,page,K,H]
         x = x.reshape(*x.shape[:2], -1, *x.shape[4:])[:, :, :slots]  # [L,Bp,min(m*page, slots),K,H]
         x = jnp.pad(x, ((0, 0), (0, 0), (0, slots - x.shape[2]), (0, 0), (0, 0)))
         keep = jnp.arange(slots)[None, :] < lengths[:, None]  # [Bp,slots]
@@ -444,7 +444,7 @@ _cached_kernel = Kernel(_cached_rows, static_argnums=(4,))
 
 
 def cached_rows(pl: Placement, pool: tuple, shard, pages, lengths, *, slots: int) -> KVCache:
-    """`_cached_rows` on placement `pl`: shard, lengths [Bp] and pages [Bp, m] (host ints; Bp a multiple of
+    """`_cached_rows` on placement `pl`: shard and pages [Bp, m], lengths [Bp] (host ints; Bp a multiple of
     pl.shards, m any: pad with page 0 and a shorter length); the pool as pl.pool places it; the cache comes out
     like pl.cache."""
     c = pl.pool

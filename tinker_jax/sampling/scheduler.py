@@ -823,8 +823,8 @@ class Sampler(SamplerBase):
         return Bp * T
 
     def _page_hits(self, rows: list[_Request], T: int) -> list[tuple[int, list[int], list]] | None:
-        """Per prefill row: (shard, pages, their keys) of its prompt's first full pages that the prefix cache holds
-        (`_walk`; none: (0, [], [])), when prefilling only the rest of every row fits a smaller length bucket than
+        """Per prefill row: (shards, pages, their keys) of its prompt's first full pages that the prefix cache holds
+        (`_walk`; none: ([], [], [])), when prefilling only the rest of every row fits a smaller length bucket than
         T (the batch's prompts share a system prompt or few-shot prefix, or continue cached conversations);
         otherwise None."""
         if not self.prefix_cache or not self._prefix:
@@ -846,10 +846,10 @@ class Sampler(SamplerBase):
         starts = [len(p) * page for _, p, _ in hits]
         Tt = self._bucket(max(len(r.spec.prompt) - 1 - st for r, st in zip(rows, starts)))
         W = -(-T // page)
-        shard, pages = np.zeros(Bp, np.int32), np.zeros((Bp, W), np.int32)
+        shard, pages = np.zeros((Bp, W), np.int32), np.zeros((Bp, W), np.int32)
         start = np.zeros(Bp, np.int32)
         for i, (s, p, _) in enumerate(hits):
-            shard[i], pages[i, : len(p)], start[i] = s, p, starts[i]
+            shard[i, : len(s)], pages[i, : len(p)], start[i] = s, p, starts[i]
         cache = kernels.cached_rows(pl, self._pool, shard, pages, start, slots=T)
         tokens, targets, score, draws = self._prompt_arrays(rows, Bp, T + Tt)  # room for every row's start + Tt
         lora, slots = self._lora_args(rows + [None] * (Bp - len(rows)), Bp)
@@ -858,10 +858,8 @@ class Sampler(SamplerBase):
                                         start, from_host(np.bool_(False), pl.rep), topk=self.max_topk, draws=draws,
                                         mode=mode, chunk=Tt)
         for req, (s, p, keys) in zip(rows, hits):
-            if p:
-                self._touch(keys)
-                req.shared = {s: list(p)}
-                self._pages.share(s, req.shared[s])  # the request's own hold, as if it had taken them
+            self._touch(keys)
+            self._hold(req, s, p)
         for req, i in zip(batch, row_of):
             req.kv = (k, v, i)
             req.cache_hit = starts[i]
@@ -920,13 +918,11 @@ class Sampler(SamplerBase):
             shape = (self.cfg.n_layers, Bp, S, self.cfg.n_kv_heads, self.cfg.head_dim)
             cache = KVCache(zeros(shape, self.cache_dtype, pl.cache), zeros(shape, self.cache_dtype, pl.cache))
         else:
-            shard, pages = hit
-            rows = np.zeros((Bp, -(-S // page)), np.int32)
-            rows[0, : len(pages)] = pages
-            cache = kernels.cached_rows(pl, self._pool, [shard] + [0] * (Bp - 1), rows, [base] + [0] * (Bp - 1),
-                                        slots=S)
-            req.shared = {shard: list(pages)}
-            self._pages.share(shard, req.shared[shard])  # the request's own hold, as if it had taken them
+            shards, pages = hit
+            rows, on = np.zeros((Bp, -(-S // page)), np.int32), np.zeros((Bp, -(-S // page)), np.int32)
+            rows[0, : len(pages)], on[0, : len(shards)] = pages, shards
+            cache = kernels.cached_rows(pl, self._pool, on, rows, [base] + [0] * (Bp - 1), slots=S)
+            self._hold(req, shards, pages)
             req.cache_hit = base
             self.stats["prefix_cache_hit_tokens"] += base
             self.stats["prefix_cache_prefills"] += 1
@@ -1067,21 +1063,30 @@ class Sampler(SamplerBase):
         while len(self._prefix) > _MAX_PREFIXES:
             self._forget_oldest()
 
-    def _walk(self, req: _Request, limit: int) -> tuple[int, list[int], list]:
-        """(shard, pages, their keys) of the longest run of the request's first full prompt pages, at most `limit`,
-        that the prefix cache holds with its weights, on one shard; (0, [], []) if none. Entries are not touched
+    def _walk(self, req: _Request, limit: int) -> tuple[list[int], list[int], list]:
+        """(shards, pages, their keys) of the longest run of the request's first full prompt pages, at most `limit`,
+        that the prefix cache holds with its weights (page j on batch shard shards[j]: a prompt's pages are cached
+        where its first sample ran, a finished row's where it ran); ([], [], []) if none. Entries are not touched
         (`_touch` the ones used)."""
         wkey = self._weights_of(req.snapshot)
-        shard, pages, keys = 0, [], []
+        shards, pages, keys = [], [], []
         for d in self._page_keys(req)[: max(limit, 0)]:
             key = (wkey, "page", d)
             hit = self._prefix.get(key)
-            if hit is None or (pages and hit[0] != shard):
+            if hit is None:
                 break
-            shard = hit[0]
+            shards.append(hit[0])
             pages.append(hit[1][0])
             keys.append(key)
-        return shard, pages, keys
+        return shards, pages, keys
+
+    def _hold(self, req: _Request, shards: list[int], pages: list[int]) -> None:
+        """The request lists its cached pages (`_place`: it copies only the rest to a row on their shard) when they
+        are all on one shard, holding them as if it had taken them; pages on several shards are only read (its
+        prefill gathered them; its rows get copies)."""
+        if pages and len(set(shards)) == 1:
+            req.shared = {shards[0]: list(pages)}
+            self._pages.share(shards[0], req.shared[shards[0]])
 
     def _touch(self, keys: list) -> None:
         """Entries just used become the most recently used, the first page last (so it is evicted after the rest)."""
@@ -1106,11 +1111,10 @@ class Sampler(SamplerBase):
         shard, pages = hit
         T, page, pl = self._bucket(P - 1), self.page_size, self.placement
         Bp = self.prefill_batches[0]
-        rows = np.zeros((Bp, -(-T // page)), np.int32)
-        rows[0, : len(pages)] = pages
+        rows, on = np.zeros((Bp, -(-T // page)), np.int32), np.zeros((Bp, -(-T // page)), np.int32)
+        rows[0, : len(pages)], on[0] = pages, shard
         try:  # the prefill's shape: its bucket's slots, the smallest prefill batch's rows
-            k, v = kernels.cached_rows(pl, self._pool, [shard] + [0] * (Bp - 1), rows, [P - 1] + [0] * (Bp - 1),
-                                       slots=T)
+            k, v = kernels.cached_rows(pl, self._pool, on, rows, [P - 1] + [0] * (Bp - 1), slots=T)
         except Exception as e:  # noqa: BLE001 - only this request fails; the pool was only read
             log.exception("sampler: reading a cached prompt failed")
             self._release(req)
@@ -1126,17 +1130,17 @@ class Sampler(SamplerBase):
         self._deferred.append(req)
         return True
 
-    def _lookup(self, req: _Request) -> tuple[int, list[int]] | None:
-        """(shard, pages) of a long prompt's first full pages that the prefix cache holds with its weights (`_walk`,
+    def _lookup(self, req: _Request) -> tuple[list[int], list[int]] | None:
+        """(shards, pages) of a long prompt's first full pages that the prefix cache holds with its weights (`_walk`,
         leaving at least one prompt position to prefill), used; None if none (or it scores its prompt: the cached
         positions have no scores)."""
         if not self.prefix_cache or req.spec.scores_prompt or not self._prefix:
             return None
-        shard, pages, keys = self._walk(req, (len(req.spec.prompt) - 2) // self.page_size)
+        shards, pages, keys = self._walk(req, (len(req.spec.prompt) - 2) // self.page_size)
         if not pages:
             return None
         self._touch(keys)
-        return shard, pages
+        return shards, pages
 
     def _forget(self, key: tuple) -> None:
         shard, pages = self._prefix.pop(key)
