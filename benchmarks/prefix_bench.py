@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> dict:
     rng = np.random.default_rng(0)
     params = tt.SamplingParams(max_tokens=args.new, temperature=0.0, stop=[])
     hits: dict[str, list[int]] = {k: [] for k in samplers}
+    calls: dict[str, list[int]] = {k: [] for k in samplers}  # prefill calls per round (how the requests were batched)
+
+    def prefill_calls(name: str) -> int:
+        return int(clients[name].engine.stats()["models"]["m"]["sampler"].get("prefill_calls", 0))
 
     def turn(name: str) -> float:
         """Turn 1 (untimed), then turn 2: its seconds."""
@@ -96,7 +100,9 @@ def main(argv: list[str] | None = None) -> dict:
     warm = 1 if args.mode == "turn" else 2
     for i in range(warm + args.repeats):
         for name in (list(samplers) if i % 2 else list(samplers)[::-1]):
+            before = prefill_calls(name)
             took = run(name)
+            calls[name].append(prefill_calls(name) - before)
             if i >= warm:
                 results[name].append(took)
     for c in clients.values():
@@ -110,9 +116,11 @@ def main(argv: list[str] | None = None) -> dict:
         "machine": machine_info(), "versions": versions(),
         "seconds": {k: {**Stat(v).spread(), "runs": v} for k, v in results.items()},
         "prompt_cache_hit_tokens": {k: v[warm:] for k, v in hits.items()},  # per timed round (summed over requests)
+        "prefill_calls": {k: v[warm:] for k, v in calls.items()},  # per timed round
     }
     out["speedup"] = out["seconds"]["uncached"]["median"] / out["seconds"]["cached"]["median"]
-    print(json.dumps({k: out[k] for k in ("what", "seconds", "prompt_cache_hit_tokens", "speedup")}, indent=1))
+    print(json.dumps({k: out[k] for k in ("what", "seconds", "prompt_cache_hit_tokens", "prefill_calls", "speedup")},
+                     indent=1))
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     return out
