@@ -893,7 +893,9 @@ def test_prompts_that_share_cached_pages_prefill_only_the_rest(snap):
     their positions after the 6 cached pages (a 32-token bucket instead of 128: prefix_cache_prefills 1,
     prompt_cache_hit_tokens 96 each), and list those pages instead of copying them (each copies 1 full page and its
     partly filled one). The next turn (the first prompt, its answer and 10 more tokens) starts after all 7 full
-    pages of the first prompt. Every request's tokens and logprobs equal a sampler's without the cache."""
+    pages of the first prompt. A batch that mixes such prompts with an unrelated one prefills the rests in one call
+    and the other prompt whole in another. Every request's tokens and logprobs equal a sampler's without the
+    cache."""
     system = prompt_of(150, 96)
     questions = [system + prompt_of(151 + i, 20) for i in range(4)]
     seeded = [P(max_tokens=6, seed=i, temperature=1.0, stop=[]) for i in range(4)]
@@ -914,7 +916,14 @@ def test_prompts_that_share_cached_pages_prefill_only_the_rest(snap):
         turn = questions[0] + first.sequences[0].tokens + prompt_of(160, 10)
         (nxt,) = _run_steps(s, [s.submit(snap, turn, seeded[0])])
         assert nxt.prompt_cache_hit_tokens == 7 * 16 and s.stats["prefix_cache_prefills"] == 2
-        for x, p, got in zip(questions + [turn], seeded + seeded[:1], [first, *rest, nxt]):
+        # A batch of two more questions and an unrelated prompt: the questions prefill their rests, the other its
+        # whole prompt, in a call of its own.
+        mixed = [system + prompt_of(165, 20), prompt_of(166, 116), system + prompt_of(167, 20)]
+        calls = s.stats["prefill_calls"]
+        more = _run_steps(s, [s.submit(snap, q, p) for q, p in zip(mixed, seeded)])
+        assert [r.prompt_cache_hit_tokens for r in more] == [96, 0, 96]
+        assert s.stats["prefill_calls"] - calls == 2 and s.stats["prefix_cache_prefills"] == 3
+        for x, p, got in zip(questions + [turn] + mixed, seeded + seeded[:1] + seeded[:3], [first, *rest, nxt, *more]):
             (want,) = _run_steps(ref, [ref.submit(snap, x, p)])
             assert got.sequences[0].tokens == want.sequences[0].tokens
             np.testing.assert_allclose(got.sequences[0].logprobs, want.sequences[0].logprobs, atol=1e-5)

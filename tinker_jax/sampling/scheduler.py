@@ -798,10 +798,24 @@ class Sampler(SamplerBase):
                 first[key] = len(rows)
                 rows.append(req)
             row_of.append(first[key])
+        hits = [None] * len(rows) if want or T == 0 else self._page_hits(rows, T)
+        if all(h is None for h in hits):
+            return self._prefill_rows(batch, rows, row_of, T, want)
+
+        def part(idx: list[int]) -> tuple:  # the requests of rows `idx`, those rows, and each request's row among them
+            at = {i: j for j, i in enumerate(idx)}
+            reqs = [(req, at[i]) for req, i in zip(batch, row_of) if i in at]
+            return [r for r, _ in reqs], [rows[i] for i in idx], [j for _, j in reqs]
+
+        # Rows that start from cached pages prefill their rests together; the others (if any), a whole prefill.
+        cached = [i for i, h in enumerate(hits) if h is not None]
+        used = self._prefill_tails(*part(cached), T, [hits[i] for i in cached])
+        rest = [i for i, h in enumerate(hits) if h is None]
+        return used + (self._prefill_rows(*part(rest), T, want) if rest else 0)
+
+    def _prefill_rows(self, batch: list[_Request], rows: list[_Request], row_of: list[int], T: int, want: bool) -> int:
+        """`_prefill`'s whole-prompt prefill of `rows` (batch[j]'s row: rows[row_of[j]]) in one call."""
         Bp = next((b for b in self.prefill_batches if b >= len(rows)), len(rows))
-        hits = None if want or T == 0 else self._page_hits(rows, T)
-        if hits is not None:
-            return self._prefill_tails(batch, rows, row_of, Bp, T, hits)
         if T == 0:  # one-token prompts: nothing to prefill
             scored = None
         else:
@@ -822,20 +836,19 @@ class Sampler(SamplerBase):
         self._prompt_outputs(batch, scored, row_of)
         return Bp * T
 
-    def _page_hits(self, rows: list[_Request], T: int) -> list[tuple[int, list[int], list]] | None:
+    def _page_hits(self, rows: list[_Request], T: int) -> list[tuple[list[int], list[int], list] | None]:
         """Per prefill row: (shards, pages, their keys) of its prompt's first full pages that the prefix cache holds
-        (`_walk`; none: ([], [], [])), when prefilling only the rest of every row fits a smaller length bucket than
-        T (the batch's prompts share a system prompt or few-shot prefix, or continue cached conversations);
-        otherwise None."""
+        (`_walk`), when prefilling only the rest fits a smaller length bucket than T (it shares a system prompt or
+        few-shot prefix with earlier prompts, or continues a cached conversation); otherwise None."""
         if not self.prefix_cache or not self._prefix:
-            return None
-        page = self.page_size
-        # at least one position left to prefill (a prompt found whole is served by `_from_cache`)
-        hits = [self._walk(r, (len(r.spec.prompt) - 2) // page) for r in rows]
-        tail = max(len(r.spec.prompt) - 1 - len(h[1]) * page for r, h in zip(rows, hits))
-        return hits if self._bucket(tail) < T else None
+            return [None] * len(rows)
+        page, hits = self.page_size, []
+        for r in rows:  # at least one position left to prefill (a prompt found whole is served by `_from_cache`)
+            h = self._walk(r, (len(r.spec.prompt) - 2) // page)
+            hits.append(h if self._bucket(len(r.spec.prompt) - 1 - len(h[1]) * page) < T else None)
+        return hits
 
-    def _prefill_tails(self, batch: list[_Request], rows: list[_Request], row_of: list[int], Bp: int, T: int,
+    def _prefill_tails(self, batch: list[_Request], rows: list[_Request], row_of: list[int], T: int,
                        hits: list) -> int:
         """`_prefill` for rows that start from cached pages: each row's cache holds its cached pages (gathered from the
         pool; `kernels.cached_rows`) and the prefill runs its remaining positions only (`kernels.prefill_part`, from
@@ -843,6 +856,7 @@ class Sampler(SamplerBase):
         (req.kv, [L,Bp,T,K,H]); each row's request lists the cached pages on their shard (`req.shared`, as if it had
         taken them) and copies only the rest (`_place`). -> the padded token count."""
         page, pl, snap = self.page_size, self.placement, batch[0].snapshot
+        Bp = next((b for b in self.prefill_batches if b >= len(rows)), len(rows))
         starts = [len(p) * page for _, p, _ in hits]
         Tt = self._bucket(max(len(r.spec.prompt) - 1 - st for r, st in zip(rows, starts)))
         W = -(-T // page)
@@ -1181,8 +1195,13 @@ class Sampler(SamplerBase):
         copy of the prompt's partly filled last page. A sample that finds no row with enough free pages on its
         shard waits, and so does everything after it (so at most one request holds shared pages without rows)."""
         pg, page, per = self._pages, self.page_size, self.max_batch // self._pages.shards
-        entries: list[list[tuple[int, int, int]]] = [[] for _ in range(pg.shards)]  # (prefill row, its page, dest)
-        kv = None
+        # Pages to copy from each prefill result (a batch's, or the two of a batch split by `_prefill`): id of its k
+        # -> ((k, v), per shard [(prefill row, its page, dest)])
+        copies: dict[int, tuple] = {}
+
+        def entries(req: _Request) -> list[list[tuple[int, int, int]]]:
+            return copies.setdefault(id(req.kv[0]), (req.kv, [[] for _ in range(pg.shards)]))[1]
+
         running = any(r is not None for r in self._rows)
         for req in reqs:
             need, n_shared = self._page_needs(req.spec)
@@ -1212,7 +1231,7 @@ class Sampler(SamplerBase):
                 if first_here:  # the request's first sample on this shard: its full prompt pages (after any cached)
                     new = pg.take(s, n_shared - len(have))
                     if req.kv is not None:
-                        entries[s] += [(req.kv[2], j, p) for j, p in enumerate(new, len(have))]
+                        entries(req)[s] += [(req.kv[2], j, p) for j, p in enumerate(new, len(have))]
                     req.shared[s] = have + new
                     self.stats["kv_pages_shared"] += len(have)
                 else:
@@ -1220,11 +1239,9 @@ class Sampler(SamplerBase):
                 pg.share(s, req.shared[s])
                 own = pg.take(s, need - n_shared)
                 if partial:
-                    entries[s].append((req.kv[2], n_shared, own[0]))
+                    entries(req)[s].append((req.kv[2], n_shared, own[0]))
                 if first_here and req.kv is not None:
                     self._remember(req, s, req.shared[s], own[0] if partial else None)
-                if req.kv is not None:
-                    kv = req.kv
                 self._row_pages[r] = req.shared[s] + own
                 self._page_table[r] = 0
                 self._page_table[r, :need] = self._row_pages[r]
@@ -1234,15 +1251,17 @@ class Sampler(SamplerBase):
                 self.stats["rows_joined_running_batch"] += running
             if req.placed < req.spec.num_samples:
                 break
-        M = max(len(e) for e in entries)
-        if M:  # every request of one call shares a prefill result (one batch, or one deferred request)
+        for kv, per_shard in copies.values():
+            M = max(len(e) for e in per_shard)
+            if not M:
+                continue
             M = _pow2(M)
             src, page_of, dest = (np.zeros((pg.shards, M), np.int32), np.zeros((pg.shards, M), np.int32),
                                   np.full((pg.shards, M), pg.per_shard, np.int32))  # dest Pn: padding, dropped
-            for s, e in enumerate(entries):
+            for s, e in enumerate(per_shard):
                 if e:
                     src[s, : len(e)], page_of[s, : len(e)], dest[s, : len(e)] = zip(*e)
-            self.stats["kv_pages_copied"] += sum(len(e) for e in entries)
+            self.stats["kv_pages_copied"] += sum(len(e) for e in per_shard)
             sh = self.placement.shard_sh
             self._pool = kernels.insert_pages(self.placement, self._pool, kv[0], kv[1], from_host(src, sh),
                                               from_host(page_of, sh), from_host(dest, sh))
