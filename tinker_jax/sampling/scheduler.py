@@ -853,8 +853,8 @@ class Sampler(SamplerBase):
         """`_prefill` for rows that start from cached pages: each row's cache holds its cached pages (gathered from the
         pool; `kernels.cached_rows`) and the prefill runs its remaining positions only (`kernels.prefill_part`, from
         each row's own start, in the length bucket of the longest rest). The result is a whole prompt's prefill
-        (req.kv, [L,Bp,T,K,H]); each row's request lists the cached pages on their shard (`req.shared`, as if it had
-        taken them) and copies only the rest (`_place`). -> the padded token count."""
+        (req.kv, [L,Bp,T,K,H]); each row's request lists its cached pages where they are all on one shard (`_hold`:
+        `req.shared`, as if it had taken them) and copies only the rest (`_place`). -> the padded token count."""
         page, pl, snap = self.page_size, self.placement, batch[0].snapshot
         Bp = next((b for b in self.prefill_batches if b >= len(rows)), len(rows))
         starts = [len(p) * page for _, p, _ in hits]
