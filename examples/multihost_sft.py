@@ -7,7 +7,8 @@ Every process makes the same calls in the same order; process 0 decides what run
 share of the one global mesh (fsdp=2 x tensor=4 over the 8 devices of 2 processes here), and every process gets the
 same results. It prints one JSON line per process: the losses and logprobs of a short SFT loop, the last gradient
 norm, a forward loss, what comes back from a checkpoint (saved by every process, reloaded into the run and into a
-second run), samples of the trained weights (greedy, and seeded), and an RL step on those samples. Run alone with 8
+second run), samples of the trained weights (greedy, seeded, and a conversation's next turn, whose earlier pages
+come from the prefix cache), and an RL step on the seeded samples. Run alone with 8
 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8), the same script is the single-process reference.
 """
 
@@ -62,7 +63,14 @@ def main(model_dir: str, data_dir: str) -> None:
         prompt = tt.ModelInput.from_ints([5, 17, 42, 7, 99])
         greedy = sampler.sample(prompt, 1, tt.SamplingParams(max_tokens=6, temperature=0.0)).result()
         seeded = sampler.sample(prompt, 2, tt.SamplingParams(max_tokens=6, temperature=1.0, seed=11)).result()
-        samples = [{"tokens": q.tokens, "logprobs": q.logprobs} for q in greedy.sequences + seeded.sequences]
+        # A conversation's next turn: turn 2 sends turn 1's prompt and answer back with 2 more tokens; the full KV
+        # pages of both (2 of 16 tokens) come from the prefix cache, and only the rest is prefilled.
+        first = tt.ModelInput.from_ints(list(range(3, 23)))
+        one = sampler.sample(first, 1, tt.SamplingParams(max_tokens=14, temperature=0.0, stop=[])).result()
+        turn = tt.ModelInput.from_ints(first.to_ints() + list(one.sequences[0].tokens) + [5, 6])
+        two = sampler.sample(turn, 1, tt.SamplingParams(max_tokens=4, temperature=0.0, stop=[])).result()
+        samples = [{"tokens": q.tokens, "logprobs": q.logprobs}
+                   for q in greedy.sequences + seeded.sequences + one.sequences + two.sequences]
         # An RL step on the seeded samples: importance sampling against the sampler's logprobs, one up, one (less) down
         rl = []
         for q, advantage in zip(seeded.sequences, (1.0, -0.5)):
@@ -84,7 +92,8 @@ def main(model_dir: str, data_dir: str) -> None:
                           "rl": [rl_loss, rl_norm],
                           # the seeded request found the greedy one's prompt in the prefix cache (no prefill)
                           "prompt_cache_hits": service.engine.stats()["models"]["tiny"]["sampler"].get(
-                              "prompt_cache_hits", 0)}),
+                              "prompt_cache_hits", 0),
+                          "next_turn_cached_tokens": two.prompt_cache_hit_tokens}),
               flush=True)
 
 

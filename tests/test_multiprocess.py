@@ -97,13 +97,16 @@ def test_two_processes_train_like_one(tmp_path):
     # The checkpoint written by both processes (each its own shards) loads back into the run and into a new run.
     assert a["reloaded_loss"] == a["forward_loss"]
     np.testing.assert_allclose(a["resumed_grad_norm"], ref["resumed_grad_norm"], rtol=1e-5)
-    # Sampling over the mesh of both processes: the tokens of one process (greedy, and seeded), logprobs within fp32
+    # Sampling over the mesh of both processes: the tokens of one process (greedy, seeded, and a conversation's two
+    # turns), logprobs within fp32
     assert [x["tokens"] for x in a["samples"]] == [x["tokens"] for x in ref["samples"]]
     for x, y in zip(a["samples"], ref["samples"]):
         np.testing.assert_allclose(x["logprobs"], y["logprobs"], rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(a["rl"], ref["rl"], rtol=1e-5)  # an importance-sampling step on those samples
     # The seeded request's prompt came from the prefix cache on both processes alike, as on one process.
     assert a["prompt_cache_hits"] == ref["prompt_cache_hits"] == 1, (a["prompt_cache_hits"], ref)
+    # A next turn found turn 1's prompt and answer pages (2 of 16 tokens) cached, and prefilled only the rest.
+    assert a["next_turn_cached_tokens"] == ref["next_turn_cached_tokens"] == 32
     shards = tmp_path / "two" / "checkpoints" / a["model_id"] / "weights" / "final" / "state"
     assert {p.name for p in shards.glob("ocdbt.process_*")} == {"ocdbt.process_0", "ocdbt.process_1"}
 
