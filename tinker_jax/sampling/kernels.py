@@ -328,7 +328,7 @@ def _prefill_part(graphdef, params, lora, slots, tokens, targets, score: dict, c
     (k, v with the part written, then `_prompt_scores`' outputs for the part's positions). Writes at slots >= S are
     dropped (a padded part past the end of a shorter row).
 
-    Two uses: a long prompt's chunk `index` (start = index * chunk for its one row; a chunk per sampler step, so
+    Two uses: a long prompt's chunk `index` (start = its cached positions + index * chunk; a chunk per sampler step, so
     running decodes keep their pace, and attention scores [chunk, S] per head: memory linear in its length), and
     the tails of prompts whose first pages came from the prefix cache (each row its own start)."""
     model = merge(graphdef, params)
