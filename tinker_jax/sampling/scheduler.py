@@ -50,8 +50,9 @@ A bad request fails only its own future. A device error fails the requests it to
 Several processes. A step's decisions depend only on the requests it was given and on replicated device results,
 so processes that run the same steps with the same requests stay identical: an engine's leader starts each step's
 new requests (`take_incoming(start=True)`: no cancel can change them afterwards) and publishes them with their
-validated specs (seeds included); followers rebuild them (`request`) and run `step(them)`. Weight groups are
-numbered in order of first sight, not by object id, so their turns agree across processes.
+validated specs (seeds included); followers rebuild them (`request`) and run `step(them)`. Weights are numbered
+in order of first sight (`_Serials`), not by object id, so weight groups' turns and the prefix cache's keys agree
+across processes.
 """
 
 from __future__ import annotations
@@ -555,10 +556,6 @@ class Sampler(SamplerBase):
         order the groups' turns differently there, and an id that came back for new params would name an old
         group on one process and not on another."""
         return self._serial(jax.tree.leaves(snapshot.params)[0])
-
-    def _live_requests(self) -> set[_Request]:
-        return ({r.req for r in self._rows if r is not None} | set(self._pending) | set(self._deferred)
-                | {j.req for j in self._prefilling})
 
     def stats_now(self) -> dict:
         return {**self.stats, "queued": len(self._pending) + len(self._incoming) + len(self._prefilling),
