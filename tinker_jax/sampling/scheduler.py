@@ -783,8 +783,7 @@ class Sampler(SamplerBase):
         T = self._bucket(len(batch[0].spec.prompt) - 1)
         want = any(r.spec.scores_prompt for r in batch)
         if self._chunks(batch[0]):
-            Bp = next((b for b in self.prefill_batches if b >= len(batch)), len(batch))
-            return self._start_chunked(batch[0], T, Bp)
+            return self._start_chunked(batch[0], T, self._rows_bucket(len(batch)))
         rows: list[_Request] = []  # one per prefill row: the first request of each prompt and adapter
         row_of, first = [], {}
         for req in batch:
@@ -810,20 +809,28 @@ class Sampler(SamplerBase):
         rest = [i for i, h in enumerate(hits) if h is None]
         return used + (self._prefill_rows(*part(rest), T, want) if rest else 0)
 
+    def _rows_bucket(self, n: int) -> int:
+        """Rows of a prefill call for n prompts: the smallest prefill_batches bucket that holds them."""
+        return next((b for b in self.prefill_batches if b >= n), n)
+
+    @staticmethod
+    def _lora_mode(rows: list[_Request], Bp: int) -> str:
+        """How a prefill call applies adapters: "uniform" when every one of its Bp rows has the same one."""
+        return "uniform" if len({r.table_slot for r in rows}) == 1 and len(rows) == Bp else "gather"
+
     def _prefill_rows(self, batch: list[_Request], rows: list[_Request], row_of: list[int], T: int, want: bool) -> int:
         """`_prefill`'s whole-prompt prefill of `rows` (batch[j]'s row: rows[row_of[j]]) in one call."""
-        Bp = next((b for b in self.prefill_batches if b >= len(rows)), len(rows))
+        Bp = self._rows_bucket(len(rows))
         if T == 0:  # one-token prompts: nothing to prefill
             scored = None
         else:
             tokens, targets, score, draws = self._prompt_arrays(rows, Bp, T)
             snap = batch[0].snapshot
             lora, slots = self._lora_args(rows + [None] * (Bp - len(rows)), Bp)
-            mode = "uniform" if len({r.table_slot for r in rows}) == 1 and len(rows) == Bp else "gather"
             pl = self.placement
             k, v, *scored = kernels.prefill(pl, snap.graphdef, snap.params, lora, slots, tokens, targets, score,
                                             from_host(np.bool_(want), pl.rep), topk=self.max_topk, draws=draws,
-                                            cache_dtype=self.cache_dtype, mode=mode)
+                                            cache_dtype=self.cache_dtype, mode=self._lora_mode(rows, Bp))
             # Rows may be split over processes: gathered (every process runs this step alike).
             scored = distributed.fetch(tuple(scored)) if want else None
             for req, i in zip(batch, row_of):
@@ -853,21 +860,15 @@ class Sampler(SamplerBase):
         (req.kv, [L,Bp,T,K,H]); each row's request lists its cached pages where they are all on one shard (`_hold`:
         `req.shared`, as if it had taken them) and copies only the rest (`_place`). -> the padded token count."""
         page, pl, snap = self.page_size, self.placement, batch[0].snapshot
-        Bp = next((b for b in self.prefill_batches if b >= len(rows)), len(rows))
+        Bp = self._rows_bucket(len(rows))
         starts = [len(p) * page for _, p, _ in hits]
         Tt = self._bucket(max(len(r.spec.prompt) - 1 - st for r, st in zip(rows, starts)))
-        W = -(-T // page)
-        shard, pages = np.zeros((Bp, W), np.int32), np.zeros((Bp, W), np.int32)
-        start = np.zeros(Bp, np.int32)
-        for i, (s, p, _) in enumerate(hits):
-            shard[i, : len(s)], pages[i, : len(p)], start[i] = s, p, starts[i]
-        cache = kernels.cached_rows(pl, self._pool, shard, pages, start, slots=T)
+        cache = self._cached_cache(Bp, T, [(s, p, st) for (s, p, _), st in zip(hits, starts)])
         tokens, targets, score, draws = self._prompt_arrays(rows, Bp, T + Tt)  # room for every row's start + Tt
         lora, slots = self._lora_args(rows + [None] * (Bp - len(rows)), Bp)
-        mode = "uniform" if len({r.table_slot for r in rows}) == 1 and len(rows) == Bp else "gather"
         k, v, *_ = kernels.prefill_part(pl, snap.graphdef, snap.params, lora, slots, tokens, targets, score, cache,
-                                        start, from_host(np.bool_(False), pl.rep), topk=self.max_topk, draws=draws,
-                                        mode=mode, chunk=Tt)
+                                        starts + [0] * (Bp - len(rows)), from_host(np.bool_(False), pl.rep),
+                                        topk=self.max_topk, draws=draws, mode=self._lora_mode(rows, Bp), chunk=Tt)
         for req, (s, p, keys) in zip(rows, hits):
             self._touch(keys)
             self._hold(req, s, p)
@@ -880,6 +881,16 @@ class Sampler(SamplerBase):
         self.stats["prefill_rows_shared"] += len(batch) - len(rows)
         self._prompt_outputs(batch, None, row_of)
         return Bp * Tt
+
+    def _cached_cache(self, Bp: int, slots: int, rows: list[tuple[list[int], list[int], int]]) -> KVCache:
+        """A prefill cache [L,Bp,slots,K,H] whose row i holds rows[i] = (shards, pages, positions): those cached pages
+        (page j on batch shard shards[j]) at slots [0, positions); every other row and slot empty
+        (`kernels.cached_rows`)."""
+        W = -(-slots // self.page_size)
+        shard, pages, lengths = np.zeros((Bp, W), np.int32), np.zeros((Bp, W), np.int32), np.zeros(Bp, np.int32)
+        for i, (s, p, n) in enumerate(rows):
+            shard[i, : len(s)], pages[i, : len(p)], lengths[i] = s, p, n
+        return kernels.cached_rows(self.placement, self._pool, shard, pages, lengths, slots=slots)
 
     def _prompt_arrays(self, reqs: list[_Request], Bp: int, T: int) -> tuple:
         """Prefill inputs of `reqs` (row i: reqs[i]) placed over rows: tokens (prompt[:-1]) and targets (prompt[1:])
@@ -930,9 +941,7 @@ class Sampler(SamplerBase):
             cache = KVCache(zeros(shape, self.cache_dtype, pl.cache), zeros(shape, self.cache_dtype, pl.cache))
         else:
             shards, pages = hit
-            rows, on = np.zeros((Bp, -(-S // page)), np.int32), np.zeros((Bp, -(-S // page)), np.int32)
-            rows[0, : len(pages)], on[0, : len(shards)] = pages, shards
-            cache = kernels.cached_rows(pl, self._pool, on, rows, [base] + [0] * (Bp - 1), slots=S)
+            cache = self._cached_cache(Bp, S, [(shards, pages, base)])
             self._hold(req, shards, pages)
             req.cache_hit = base
             self.stats["prefix_cache_hit_tokens"] += base
@@ -1009,13 +1018,18 @@ class Sampler(SamplerBase):
         is of its tokens and page j - 1's digest, so it names every token up to the page's end (a 16-byte
         key per page, however long the prompt). Computed once per request."""
         if req.page_keys is None:
-            prompt, page = np.asarray(req.spec.prompt, np.int32), self.page_size
-            keys, d = [], b""
-            for j in range((len(prompt) - 1) // page):
-                d = hashlib.blake2b(d + prompt[j * page:(j + 1) * page].tobytes(), digest_size=16).digest()
-                keys.append(d)
-            req.page_keys = keys
+            req.page_keys = self._chain(np.asarray(req.spec.prompt, np.int32), (len(req.spec.prompt) - 1)
+                                        // self.page_size, [])
         return req.page_keys
+
+    def _chain(self, tokens: np.ndarray, n: int, keys: list[bytes]) -> list[bytes]:
+        """`keys`, the digests of the first pages of `tokens`, continued to its first n pages."""
+        keys, page = list(keys), self.page_size
+        d = keys[-1] if keys else b""
+        for j in range(len(keys), n):
+            d = hashlib.blake2b(d + tokens[j * page:(j + 1) * page].tobytes(), digest_size=16).digest()
+            keys.append(d)
+        return keys
 
     def _whole_key(self, req: _Request) -> tuple:
         prompt = np.asarray(req.spec.prompt[:-1], np.int32)
@@ -1035,6 +1049,11 @@ class Sampler(SamplerBase):
         # entries after it that only a walk through it can reach).
         offers = [(self._whole_key(req), pages + ([] if last is None else [last]))]
         offers += [((wkey, "page", d), [p]) for d, p in reversed(list(zip(self._page_keys(req), pages)))]
+        self._offer(shard, offers)
+
+    def _offer(self, shard: int, offers: list[tuple[tuple, list[int]]]) -> None:
+        """New cache entries (key, its pages on `shard`), in that order of use; a key cached already is only
+        marked used (it keeps its pages). Then the least recently used go while there are too many."""
         for key, held in offers:
             if key in self._prefix:
                 self._prefix.move_to_end(key)
@@ -1058,21 +1077,11 @@ class Sampler(SamplerBase):
         keys = self._page_keys(req)
         if full <= len(keys):
             return  # no page past the prompt's full ones: `_remember` offered those
-        seq = np.asarray(list(req.spec.prompt) + list(row.tokens), np.int32)
-        keys, d = list(keys), keys[-1] if keys else b""
-        for j in range(len(keys), full):
-            d = hashlib.blake2b(d + seq[j * page:(j + 1) * page].tobytes(), digest_size=16).digest()
-            keys.append(d)
-        wkey, shard = self._weights_of(req.snapshot), r // (self.max_batch // self._pages.shards)
-        for j in range(full - 1, -1, -1):  # as `_remember`: the first page becomes the most recently used
-            key = (wkey, "page", keys[j])
-            if key in self._prefix:
-                self._prefix.move_to_end(key)
-                continue
-            self._pages.share(shard, [pages[j]])
-            self._prefix[key] = (shard, [pages[j]])
-        while len(self._prefix) > _MAX_PREFIXES:
-            self._forget_oldest()
+        keys = self._chain(np.asarray(list(req.spec.prompt) + list(row.tokens), np.int32), full, keys)
+        wkey = self._weights_of(req.snapshot)
+        # as `_remember`: the first page becomes the most recently used
+        self._offer(r // (self.max_batch // self._pages.shards),
+                    [((wkey, "page", keys[j]), [pages[j]]) for j in range(full - 1, -1, -1)])
 
     def _walk(self, req: _Request, limit: int) -> tuple[list[int], list[int], list]:
         """(shards, pages, their keys) of the longest run of the request's first full prompt pages, at most `limit`,
@@ -1120,12 +1129,9 @@ class Sampler(SamplerBase):
             return False
         self._prefix.move_to_end(key)
         shard, pages = hit
-        T, page, pl = self._bucket(P - 1), self.page_size, self.placement
-        Bp = self.prefill_batches[0]
-        rows, on = np.zeros((Bp, -(-T // page)), np.int32), np.zeros((Bp, -(-T // page)), np.int32)
-        rows[0, : len(pages)], on[0] = pages, shard
+        T, page = self._bucket(P - 1), self.page_size
         try:  # the prefill's shape: its bucket's slots, the smallest prefill batch's rows
-            k, v = kernels.cached_rows(pl, self._pool, on, rows, [P - 1] + [0] * (Bp - 1), slots=T)
+            k, v = self._cached_cache(self.prefill_batches[0], T, [([shard] * len(pages), pages, P - 1)])
         except Exception as e:  # noqa: BLE001 - only this request fails; the pool was only read
             log.exception("sampler: reading a cached prompt failed")
             self._release(req)
