@@ -1,9 +1,9 @@
 """Ours, the sampler's prefix cache, with and without it, in two workloads:
 
 - `--mode turn` (default): a conversation's next turn. Turn 1 is a P-token prompt (+A greedy tokens, `--answer`,
-  default N); turn 2 is turn 1's prompt, its answer and M new tokens (+N). Each round sends each engine a fresh turn 1 (a new random
-  prompt, so nothing is cached across rounds), untimed, then times its turn 2 (prefill + N decode steps, until the
-  result is back).
+  default N); turn 2 is turn 1's prompt, its answer and M new tokens (+N). Each round sends each engine a fresh
+  turn 1 (a new random prompt, so nothing is cached across rounds), untimed, then times its turn 2 (prefill + N
+  decode steps, until the result is back).
 - `--mode system`: a shared system prompt (or few-shot prefix) of P tokens, the same for the whole run, before
   each of B questions of M tokens, sent as B separate requests at once (+N greedy tokens each), as an RL loop's
   batch of problems. Each round times a fresh set of questions until all B results are back; the system prompt's
