@@ -755,8 +755,9 @@ def test_sdk_025_scenarios(server) -> None:
             BASE] + (["--sampling"] if HAVE_SAMPLER else [])
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TINKER_", "PYTHON"))}
     env["TINKER_TELEMETRY"] = "0"
+    env["LIBC_FATAL_STDERR_"] = "1"  # a glibc abort says why on stderr, not on a tty nobody reads
     proc = subprocess.run(args, env=env, capture_output=True, text=True, timeout=600, cwd=str(ROOT))
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, f"exit status {proc.returncode}; stderr: {proc.stderr[-4000:]}"
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert out["sdk_version"].startswith("0.25")
     assert out["sft"]["losses"][-1] < out["sft"]["losses"][0] * 0.8
