@@ -7,12 +7,13 @@
 - `--mode system`: a shared system prompt (or few-shot prefix) of P tokens, the same for the whole run, before
   each of B questions of M tokens, sent as B separate requests at once (+N greedy tokens each), as an RL loop's
   batch of problems. Each round times a fresh set of questions until all B results are back; the system prompt's
-  pages are cached from the rounds before (two warm-up rounds: the first fills them).
+  pages are cached from the rounds before (two warm-up rounds: the first fills them). With `--fresh`, each round
+  has a new system prompt too (nothing cached across rounds: the requests share it only with each other).
 
 Two engines in this process, alike but for `sampler.prefix_cache`, take turns (alternating which goes first).
 
     python -m benchmarks.prefix_bench [--mode turn|system] [--model small-qwen3] [--prompt 1536] [--extra 64]
-                                      [--new 16] [--answer A] [--questions 8] [--repeats 5] [--json FILE]
+                                      [--new 16] [--answer A] [--questions 8] [--fresh] [--repeats 5] [--json FILE]
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--extra", type=int, default=64,
                    help="turn 2's new tokens after turn 1's answer (system mode: each question's tokens)")
     p.add_argument("--questions", type=int, default=8, help="system mode: requests per round")
+    p.add_argument("--fresh", action="store_true", help="system mode: a new system prompt every round")
     p.add_argument("--answer", type=int, default=None, help="turn mode: turn 1's greedy tokens (default: --new)")
     p.add_argument("--new", type=int, default=16, help="greedy tokens sampled per turn")
     p.add_argument("--repeats", type=int, default=5)
@@ -85,7 +87,8 @@ def main(argv: list[str] | None = None) -> dict:
     def questions(name: str) -> float:
         """B requests of the system prompt and a fresh question each, at once: seconds until all are back."""
         s = samplers[name]
-        prompts = [system + rng.integers(3, vocab, args.extra).tolist() for _ in range(args.questions)]
+        shared = rng.integers(3, vocab, args.prompt).tolist() if args.fresh else system
+        prompts = [shared + rng.integers(3, vocab, args.extra).tolist() for _ in range(args.questions)]
         t0 = time.perf_counter()
         futs = [s.sample(tt.ModelInput.from_ints(x), 1, params) for x in prompts]
         resps = [f.result() for f in futs]
@@ -109,10 +112,11 @@ def main(argv: list[str] | None = None) -> dict:
         c.close()
     what = (f"turn 2 of a conversation: {args.prompt}-token turn 1 + {answer_len} answer + {args.extra} new tokens, "
             f"{args.new} greedy tokens, {args.model}; seconds until the result") if args.mode == "turn" else (
-        f"{args.questions} requests at once, each a {args.prompt}-token system prompt (the same all run) + a fresh "
+        f"{args.questions} requests at once, each a {args.prompt}-token system prompt "
+        f"({'new each round' if args.fresh else 'the same all run'}) + a fresh "
         f"{args.extra}-token question, {args.new} greedy tokens each, {args.model}; seconds until all are back")
     out = {
-        "what": what, "mode": args.mode,
+        "what": what, "mode": args.mode, "fresh": args.fresh,
         "machine": machine_info(), "versions": versions(),
         "seconds": {k: {**Stat(v).spread(), "runs": v} for k, v in results.items()},
         "prompt_cache_hit_tokens": {k: v[warm:] for k, v in hits.items()},  # per timed round (summed over requests)

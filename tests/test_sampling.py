@@ -933,6 +933,37 @@ def test_prompts_that_share_cached_pages_prefill_only_the_rest(snap):
         ref.stop()
 
 
+def test_requests_that_share_a_new_system_prompt_and_arrive_together_prefill_it_once(snap):
+    """4 questions after one 96-token system prompt (6 whole pages) that the cache does not hold, and a copy of the
+    first question, submitted together: the first question (and its copy, which shares its prefill row) is prefilled
+    whole; the other 3 wait for it (prefill_waits_for_batch_mate 3) and then prefill only their positions after
+    its 6 cached pages, together (2 prefill calls, prompt_cache_hit_tokens 0, 0, 96, 96, 96). Every request's
+    tokens and logprobs equal a sampler's without the cache, which prefills all 4 prompts whole in one call."""
+    system = prompt_of(155, 96)
+    questions = [system + prompt_of(156 + i, 20) for i in range(4)]
+    questions.insert(1, questions[0])
+    seeded = [P(max_tokens=6, seed=i, temperature=1.0, stop=[]) for i in range(5)]
+
+    def make(cache):
+        return Sampler(snap.cfg, [EOS], max_batch=8, max_seq_len=256, prefill_lengths=(32, 128, 256),
+                       prefill_batches=(1, 4, 8), decode_steps=4, prefix_cache=cache).drive(lambda: None)
+
+    s, ref = make(True), make(False)
+    try:
+        got = _run_steps(s, [s.submit(snap, q, p) for q, p in zip(questions, seeded)])
+        assert [r.prompt_cache_hit_tokens for r in got] == [0, 0, 96, 96, 96]
+        assert s.stats["prefill_waits_for_batch_mate"] == 3
+        assert s.stats["prefill_calls"] == 2 and s.stats["prefix_cache_prefills"] == 1
+        want = _run_steps(ref, [ref.submit(snap, q, p) for q, p in zip(questions, seeded)])
+        assert ref.stats["prefill_calls"] == 1 and ref.stats["prefill_waits_for_batch_mate"] == 0
+        for a, b in zip(got, want):
+            assert a.sequences[0].tokens == b.sequences[0].tokens
+            np.testing.assert_allclose(a.sequences[0].logprobs, b.sequences[0].logprobs, atol=1e-5)
+    finally:
+        s.stop()
+        ref.stop()
+
+
 def test_a_next_turn_finds_the_answer_pages_cached(snap):
     """A finished row leaves the pages its sampled tokens filled cached too: turn 1 is a 40-token prompt (2 full
     pages) answered with 40 tokens (positions 0-78: 4 full pages); turn 2 sends both back with 10 more tokens and

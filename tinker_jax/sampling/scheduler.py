@@ -286,7 +286,9 @@ class Sampler(SamplerBase):
         same prompt (another rollout of a GRPO group, sent alone) is not prefilled, and one that begins with some
         of the same whole pages (a multi-turn conversation's next turn, a shared system prompt or few-shot
         prefix) prefills only the rest; the pages give way to rows that need them (least recently used first).
-        Requests that score their prompt (prompt logprobs and the like) do not use it.
+        Requests of one prefill batch that begin with the same whole pages, not cached yet, wait for the first
+        one's (one whole prefill, then one of the rests). Requests that score their prompt (prompt logprobs and
+        the like) do not use it.
       on_submit: called (any thread) after a request is queued, e.g. to wake the thread that calls `step`.
       mesh: the jax.sharding.Mesh to run on (axes data, fsdp, tensor; models.sharding.make_mesh); None: one device.
         Snapshots' weights must be placed on it by `rules` (models.sharding.state_shardings), as the engine loads
@@ -638,6 +640,8 @@ class Sampler(SamplerBase):
             if not batch:
                 return
             batch = [req for req in batch if not self._from_cache(req)]
+            batch, later = self._after_batch_mates(batch)
+            self._pending.extendleft(reversed(later))  # next: the prefix they share is cached by then
             if not batch:
                 continue  # every one found its prompt cached: placed from _deferred
             try:
@@ -751,6 +755,33 @@ class Sampler(SamplerBase):
                 keep.append(req)
         self._pending = keep
         return batch
+
+    def _after_batch_mates(self, batch: list[_Request]) -> tuple[list[_Request], list[_Request]]:
+        """(now, later): the batch without the requests that begin with whole prompt pages an earlier request of it
+        will prefill, which the cache does not hold yet, when prefilling only what follows them would fit a
+        smaller length bucket; those go back to the front of the queue. Requests sharing a system prompt or
+        few-shot prefix that arrive together then cost one whole prefill and then, in the next batch, each the
+        rest after the pages the first one left cached (`_prefill_tails`), not each a whole prefill. Identical
+        prompts stay (they share one prefill row, `_prefill`); requests that score their prompt never wait."""
+        if not self.prefix_cache or len(batch) < 2 or self._chunks(batch[0]):
+            return batch, []
+        page = self.page_size
+        now, later, coming, same = [], [], set(), set()  # coming: (weights, digest) of pages `now` will prefill
+        for req in batch:
+            P, w = len(req.spec.prompt), self._weights_of(req.snapshot)
+            keys = self._page_keys(req)
+            if not req.spec.scores_prompt and (req.spec.prompt, req.table_slot) not in same:
+                usable = keys[: (P - 2) // page]  # at least one position left to prefill
+                n = next((j for j, d in enumerate(usable) if (w, d) not in coming), len(usable))
+                cached = len(self._walk(req, len(usable))[1]) if self._prefix else 0
+                if n > cached and self._bucket(P - 1 - n * page) < self._bucket(P - 1 - cached * page):
+                    later.append(req)
+                    continue
+            now.append(req)
+            same.add((req.spec.prompt, req.table_slot))
+            coming.update((w, d) for d in keys)
+        self.stats["prefill_waits_for_batch_mate"] += len(later)
+        return now, later
 
     def _lora_args(self, rows: Sequence[_Request | None], n: int, compact: bool = False) -> tuple[tuple, tuple]:
         """Per rank used by `rows` (row i uses rows[i]'s adapter): the tables and [n] per-row slots.
