@@ -496,6 +496,30 @@ def test_unrolled_decode_and_longer_calls_sample_the_same(sampler, snap):
             np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
 
 
+def test_the_paged_kernel_samples_like_the_gathering_paths(sampler, snap):
+    """decode_attention "paged" (the Pallas kernel that reads each row's pages in place; on this CPU in Pallas'
+    interpreter) samples what the default path samples: mixed-length rows, past the first view, samples sharing
+    their prompt's pages, a finished row's pages reused. One device only: a mesh is refused, naming the field."""
+    with Sampler(snap.cfg, [EOS], max_batch=ROWS, max_seq_len=MAX_SEQ, prefill_lengths=(16,), prefill_batches=(4,),
+                 decode_steps=8, decode_lengths=(32,), max_num_samples=8, decode_attention="paged",
+                 tokenizer=CharTokenizer()) as other:
+        assert other.decode_attention == "paged-interpret"
+        jobs = [(prompt_of(70, 5), P(max_tokens=30, temperature=0.0), 1),
+                (prompt_of(71, 14), P(max_tokens=12, seed=7, stop=[]), 3),
+                (prompt_of(72, 3), P(max_tokens=20, temperature=0.8, seed=2, stop=[]), 1)]
+        futs = [(sampler.submit(snap, x, p, num_samples=n), other.submit(snap, x, p, num_samples=n))
+                for x, p, n in jobs]
+        for a, b in futs:
+            for x, y in zip(a.result(timeout=300).sequences, b.result(timeout=300).sequences):
+                assert x.tokens == y.tokens
+                np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
+    from tinker_jax.models.sharding import MeshConfig, make_mesh
+
+    with pytest.raises(ValueError, match="decode_attention: paged runs on one device"):
+        Sampler(snap.cfg, [EOS], max_batch=ROWS, max_seq_len=MAX_SEQ, decode_attention="paged",
+                mesh=make_mesh(MeshConfig(data=2)))
+
+
 def test_decode_loop_ends_when_its_rows_finish_or_a_row_frees(sampler, snap):
     """decode_steps bounds a device loop that ends early: when every row in it has finished, or, while a request
     waits for a row, right after the step that freed one. Rows of 10 tokens and of a stop token sampled second, with

@@ -38,8 +38,9 @@ class SamplerConfig:
     #                        checked between calls)
     decode_unroll: bool = False  # jax: unroll the layer loop of a decode step (more code, fewer loop iterations;
     #                              with the paged cache its program copies the KV pool per step: measure first)
-    decode_attention: str = "auto"  # jax: a decode step's attention: einsum | reduce | auto (reduce on CPUs, where
-    #                                 it was faster; einsum elsewhere)
+    decode_attention: str = "auto"  # jax: a decode step's attention: einsum | reduce | paged | auto (reduce on
+    #                                 CPUs, where it was faster; einsum elsewhere). paged: a Pallas kernel reading
+    #                                 each row's pages in place (one GPU; interpreted elsewhere; not yet measured)
     prefill_chunk: int = 512  # jax: a longer prompt is prefilled this many tokens per sampler step (running
     #                           decodes keep their pace; its attention memory grows linearly with its length); 0: off
     max_adapters: int = 16  # jax: LoRA adapters resident per rank at once (rows of different adapters decode

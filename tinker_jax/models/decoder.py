@@ -25,12 +25,15 @@ from tinker_jax.models import lora as lora_math
 from tinker_jax.models.config import STACKS, ModelConfig
 from tinker_jax.models.lora import LoraRows
 from tinker_jax.models.moe import MoeMLP, row_router_stats
+from tinker_jax.models.paged_attention import paged_decode_attention
 
 ATTENTION_IMPLS = ("einsum", "cudnn", "xla")
 # With a cache: how a one-token step (decode) attends. "einsum" gathers each row's context and runs two batched
 # dots; "reduce" computes the same sums as elementwise products reduced over head_dim and over the context (fp32),
 # which needs no transposed copy of the context for the dots (XLA:CPU still gathers the pages; see Attention).
-DECODE_ATTENTION = ("einsum", "reduce")
+DECODE_ATTENTION = ("einsum", "reduce", "paged")
+# "paged" run by Pallas' interpreter (plain XLA): where Pallas does not lower the kernel (CPU tests).
+PAGED_INTERPRET = "paged-interpret"
 NEG_INF = -1e30  # finite, so fully masked rows (padding) give a uniform softmax instead of NaN
 
 
@@ -96,6 +99,10 @@ class PagedKV(NamedTuple):
         gather = lambda pool: pool[layer, self._shard(), table].reshape(B, -1, *pool.shape[-2:])  # noqa: E731
         return gather(self.k), gather(self.v)
 
+    def layer_view(self, layer: jax.Array, interpret: bool) -> "PagedLayer":
+        """Layer `layer` as the paged kernel reads it: the pools whole, nothing gathered."""
+        return PagedLayer(self.k, self.v, layer, self.table, interpret)
+
     def write(self, k_new: jax.Array, v_new: jax.Array, positions: jax.Array) -> "PagedKV":
         """k_new, v_new [L,B,T,K,H] of every layer: step t of row b goes to its page for positions[b, t]."""
         page = self.k.shape[3]
@@ -107,6 +114,18 @@ class PagedKV(NamedTuple):
             return pool.at[:, self._shard(), pages, offsets].set(new)
 
         return PagedKV(put(self.k, k_new), put(self.v, v_new), self.table)
+
+
+class PagedLayer(NamedTuple):
+    """One layer of a PagedKV for a decode step's paged kernel (models.paged_attention): the pools k, v
+    [L,n,Pn,page,K,H] whole, the layer's index, the rows' page tables [B,W]; `interpret` (static): run the kernel
+    in Pallas' interpreter (where it does not lower)."""
+
+    k: jax.Array
+    v: jax.Array
+    layer: jax.Array
+    table: jax.Array
+    interpret: bool
 
 
 def probe_attention(impl: str, n_heads: int, n_kv_heads: int, head_dim: int) -> str | None:
@@ -239,6 +258,7 @@ class Attention(nnx.Module):
         keys. The caller writes the returned k/v into the cache once for all layers: writing inside the layer
         loop made XLA copy the whole cache per layer, which dominated decode time. `attention` "reduce" with a
         cache and T == 1 (a decode step) computes the same attention without dots (`_decode_attention_reduce`).
+        With cache = a PagedLayer (a decode step, T == 1), the paged kernel reads the rows' pages in place.
         """
         N, K, H = self.shape
         B, T, _ = x.shape
@@ -253,6 +273,10 @@ class Attention(nnx.Module):
                                                implementation=attention)  # [B,T,N,H]; GQA handled inside
             return self.o(out.reshape(B, T, N * H), lora), (k, v)
         qg = q.reshape(B, T, K, N // K, H) * (1.0 / math.sqrt(H))  # GQA: G query heads share one kv head
+        if isinstance(cache, PagedLayer):  # a decode step (T == 1) reading the rows' pages in place
+            out = paged_decode_attention(qg[:, 0], k[:, 0], v[:, 0], cache.k, cache.v, cache.layer, cache.table,
+                                         positions[:, 0], interpret=cache.interpret)
+            return self.o(out.astype(x.dtype).reshape(B, T, N * H), lora), (k, v)
         if cache is not None and attention == "reduce" and T == 1:
             return self.o(_decode_attention_reduce(qg[:, 0], k[:, 0], v[:, 0], *cache, mask[:, 0]).astype(x.dtype)
                           .reshape(B, T, N * H), lora), (k, v)
@@ -451,7 +475,9 @@ class Decoder(nnx.Module):
         attention, no cache: "einsum" (masks from segment_ids; exact reference, packing-capable), or
         "cudnn" / "xla" (jax.nn.dot_product_attention, causal only: each row must hold one right-padded
         sequence, as batching builds them). See Attention.__call__. With a cache (DECODE_ATTENTION): "einsum", or
-        "reduce" for one-token steps (`_decode_attention_reduce`; longer chunks always take the einsum path).
+        for one-token steps "reduce" (`_decode_attention_reduce`) or, with a PagedKV, "paged" (the rows' pages read
+        in place by a Pallas kernel, models.paged_attention; PAGED_INTERPRET: the same in Pallas' interpreter);
+        longer chunks always take the einsum path.
         unroll (cache only): unroll the layer loop (a decode step is small; a loop costs per-iteration overhead).
 
         remat: recompute each layer's activations in the backward pass, keeping only its matmul outputs
@@ -473,7 +499,7 @@ class Decoder(nnx.Module):
         stacks = {name: nnx.split(getattr(self, name)) for name in STACKS if getattr(self, name) is not None}
         inv_freq = rope_inv_freq(self.cfg)  # numpy at trace time: a compile-time constant
 
-        allowed = ATTENTION_IMPLS if cache is None else DECODE_ATTENTION
+        allowed = ATTENTION_IMPLS if cache is None else (*DECODE_ATTENTION, PAGED_INTERPRET)
         if attention not in allowed:
             raise ValueError(f"attention: expected one of {allowed}, got {attention!r}")
         lora = tuple(lora)
@@ -500,9 +526,12 @@ class Decoder(nnx.Module):
             (x, acc), _ = scan_layers(self.cfg, layer, (x, acc), per_stack, (), remat=remat)
             return self.final_norm(x), acc if stats else None
 
+        paged = attention in ("paged", PAGED_INTERPRET) and T == 1 and isinstance(cache, PagedKV)
+
         def cached_layer(h, name, xs, layer):
             block, lw = block_of(name, *xs)
-            return block(h, positions, mask, inv_freq, cache.context(layer), attention, lora=lw)
+            ctx = cache.layer_view(layer, attention == PAGED_INTERPRET) if paged else cache.context(layer)
+            return block(h, positions, mask, inv_freq, ctx, attention, lora=lw)
 
         # The cache is read whole by each layer's context (a layer index, not a slice: see PagedKV.context).
         x, (k_new, v_new) = scan_layers(self.cfg, cached_layer, x, per_stack, jnp.arange(self.cfg.n_layers),

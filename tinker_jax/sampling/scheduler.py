@@ -78,7 +78,7 @@ from tinker_jax.errors import UserError
 from tinker_jax.futures import begin
 from tinker_jax.models import lora as lora_math
 from tinker_jax.models.config import ModelConfig
-from tinker_jax.models.decoder import DECODE_ATTENTION, KVCache
+from tinker_jax.models.decoder import DECODE_ATTENTION, PAGED_INTERPRET, KVCache
 from tinker_jax.models.sharding import DEFAULT_RULES, MeshConfig, batch_shards, from_host, make_mesh, zeros
 from tinker_jax.sampling import kernels, response
 from tinker_jax.sampling.base import SamplerBase
@@ -265,8 +265,10 @@ class Sampler(SamplerBase):
         when its rows have all finished, or right after a row finished while requests wait for one.
       decode_unroll: unroll the decoder's layer loop inside a decode step.
       decode_attention: how a decode step attends (models.decoder.DECODE_ATTENTION): "einsum" (batched dots over
-        each row's gathered context), "reduce" (fused products and sums), or "auto": "reduce" where the mesh's
-        devices are CPUs (measured faster there, benchmarks/RESULTS.md), "einsum" elsewhere.
+        each row's gathered context), "reduce" (fused products and sums), "paged" (a Pallas kernel that reads each
+        row's pages in place, models.paged_attention: one GPU; not measured yet; elsewhere interpreted, for
+        tests), or "auto": "reduce" where the mesh's devices are CPUs (measured faster there,
+        benchmarks/RESULTS.md), "einsum" elsewhere.
       decode_lengths: cache-length buckets a decode call attends over (the smallest one that holds every
         running row's positions for the call; one compiled decode program each). Default: powers of two from
         64, then max_seq_len.
@@ -369,6 +371,14 @@ class Sampler(SamplerBase):
                              f"got {decode_attention!r}")
         cpu = self.mesh.devices.flat[0].platform == "cpu"
         self.decode_attention = ("reduce" if cpu else "einsum") if decode_attention == "auto" else decode_attention
+        if self.decode_attention == "paged":
+            if self.mesh.devices.size > 1:  # the kernel is not wrapped in a shard_map yet
+                raise ValueError(f"sampler.decode_attention: paged runs on one device for now; this sampler's mesh "
+                                 f"has {self.mesh.devices.size} (use einsum or reduce)")
+            if self.mesh.devices.flat[0].platform != "gpu":  # Pallas lowers it for GPUs; elsewhere, interpreted
+                log.warning("sampler: decode_attention paged on %s runs in Pallas' interpreter (slow; for tests)",
+                            self.mesh.devices.flat[0].platform)
+                self.decode_attention = PAGED_INTERPRET
         # From 64: a short sample attends over little more than its own positions (a 32 +32 batch-1 decode went
         # from x1.13 to x2.23 of transformers' generate on the CPU suite against a 256-slot first view). A view is
         # compiled only when a call first needs it, so long-prompt workloads never build the short ones.

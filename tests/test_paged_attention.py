@@ -1,0 +1,40 @@
+"""The paged decode-attention kernel (models.paged_attention) against attention over gathered pages, in Pallas'
+interpreter (this CPU): pages on two batch shards, every layer of the pool, a query-head count and a page list
+that are not powers of two (padded inside), rows with no context, part of a page and several pages."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tinker_jax.models.decoder import PagedKV, _decode_attention_reduce
+from tinker_jax.models.paged_attention import paged_decode_attention
+
+
+def reference(qg, k, v, pool_k, pool_v, layer, table, lengths) -> jax.Array:
+    """The same attention over each row's gathered pages [B, W*page, K, H] (PagedKV.context), masked by lengths."""
+    ck, cv = PagedKV(pool_k, pool_v, table).context(layer)
+    mask = jnp.arange(ck.shape[1])[None, :] < lengths[:, None]
+    return _decode_attention_reduce(qg, k, v, ck, cv, mask)
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_the_kernel_equals_attention_over_gathered_pages(dtype):
+    L, n, Pn, page, K, H, G, B, W = 3, 2, 9, 16, 2, 64, 3, 4, 3
+    rng = np.random.default_rng(0)
+    pool = lambda: jnp.asarray(rng.standard_normal((L, n, Pn, page, K, H)), dtype)  # noqa: E731
+    pk, pv = pool(), pool()
+    table = jnp.asarray(rng.integers(1, Pn, (B, W)), jnp.int32)
+    q = jnp.asarray(rng.standard_normal((B, K, G, H)) * 0.125, dtype)
+    k, v = (jnp.asarray(rng.standard_normal((B, K, H)), dtype) for _ in range(2))
+    lengths = jnp.asarray([0, 17, 48, 5], jnp.int32)
+    run = jax.jit(lambda *a: paged_decode_attention(*a, interpret=True))
+    for layer in range(L):
+        got = run(q, k, v, pk, pv, jnp.int32(layer), table, lengths)
+        want = reference(q, k, v, pk, pv, jnp.int32(layer), table, lengths)
+        assert got.shape == (B, K, G, H) and got.dtype == jnp.float32
+        np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+    # a row's pages past its length are never read: garbage there changes nothing
+    junk = pk.at[:, :, table[0, 0]].set(jnp.asarray(1e4, dtype))  # row 0 has no context
+    np.testing.assert_array_equal(np.asarray(run(q, k, v, junk, pv, jnp.int32(1), table, lengths))[0],
+                                  np.asarray(run(q, k, v, pk, pv, jnp.int32(1), table, lengths))[0])
