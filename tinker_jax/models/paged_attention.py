@@ -12,8 +12,11 @@ The layer index comes in as an array (the decode step's layer loop is a scan), s
 
 Where it runs: one device only (no shard_map over a mesh yet), and only where Pallas lowers it (GPU, via Triton).
 On other platforms `interpret=True` runs the same kernel in plain XLA, slowly: that is how the CPU tests check it
-against `_decode_attention_reduce`. Whether it beats the einsum path on a GPU has not been measured (no GPU was
-lent since it was written): `bash benchmarks/gpu.sh --decode --set decode_attention=paged` is the A/B.
+against `_decode_attention_reduce`. It has never run on a GPU. What was checked without one (2026-12-07): jax
+0.10.2 lowers it for CUDA to a Triton module that verifies, and a separately installed Triton 3.9 (not the one
+XLA bundles) compiles that for sm_90 and sm_80, at Qwen3-0.6B's shape (28 layers, 8 kv heads of 128, G 2, bf16)
+and at G 1, 4 and 8, without register spills at the default pages_per_step. Whether it beats the einsum path is
+`bash benchmarks/gpu.sh --decode --set decode_attention=paged`, not measured yet.
 """
 
 from __future__ import annotations
@@ -31,49 +34,59 @@ def _pow2(n: int) -> int:
 
 
 def _kernel(layer_ref, table_ref, length_ref, q_ref, kn_ref, vn_ref, pk_ref, pv_ref, o_ref, *, page: int,
-            rows_per_shard: int):
+            per_step: int, rows_per_shard: int):
     """One (row b, kv head h): q [G,H] (scaled), the row's page ids [W], its context length [1], its new key and
-    value [H]; the pools whole. -> o [G,H] fp32."""
+    value [H]; the pools whole. -> o [G,H] fp32. Reads `per_step` pages per loop step (more loads in flight).
+
+    The G query heads are a static loop over [C,H] tiles (C = per_step * page), not one [G,C,H] broadcast:
+    compiled for sm_90, the broadcast spilled registers from G * C = 128 on (Triton 3.9's ptxas: 656 bytes at
+    G 2, C 64; 46 KB at G 8); per head the largest live tile is the [C,H] page block."""
     from jax.experimental import pallas as pl
 
     b, h = pl.program_id(0), pl.program_id(1)
     layer, length = layer_ref[0], length_ref[0]
     shard = b // rows_per_shard
-    q = q_ref[...].astype(jnp.float32)  # [G,H]
-    G, H = q.shape
-    offsets = jnp.arange(page)
+    G, H = q_ref.shape
+    C = per_step * page  # positions per step
+    offsets = jnp.arange(C)
+    qs = [q_ref[g, :].astype(jnp.float32) for g in range(G)]  # [H] each
 
     def body(j, carry):
-        m, l, acc = carry  # [G], [G], [G,H]
-        p = table_ref[j]
-        k = pk_ref[layer, shard, p, :, h, :].astype(jnp.float32)  # [page,H]
-        v = pv_ref[layer, shard, p, :, h, :].astype(jnp.float32)
-        s = jnp.sum(q[:, None, :] * k[None, :, :], axis=-1)  # [G,page]
-        s = jnp.where((j * page + offsets < length)[None, :], s, NEG_INF)
-        m_new = jnp.maximum(m, jnp.max(s, axis=-1))
-        scale = jnp.exp(m - m_new)
-        e = jnp.exp(s - m_new[:, None])  # [G,page]
-        l_new = l * scale + jnp.sum(e, axis=-1)
-        acc = acc * scale[:, None] + jnp.sum(e[:, :, None] * v[None, :, :], axis=1)
-        return m_new, l_new, acc
+        pages = table_ref[pl.ds(j * per_step, per_step)]  # [per_step]
+        k = pk_ref[layer, shard, pages, :, h, :].reshape(C, H).astype(jnp.float32)
+        v = pv_ref[layer, shard, pages, :, h, :].reshape(C, H).astype(jnp.float32)
+        valid = j * C + offsets < length
+        out = []
+        for q, (m, l, acc) in zip(qs, carry):  # m, l scalars, acc [H]: this query head's running softmax
+            s = jnp.where(valid, jnp.sum(k * q[None, :], axis=-1), NEG_INF)  # [C]
+            m_new = jnp.maximum(m, jnp.max(s))
+            scale = jnp.exp(m - m_new)
+            e = jnp.exp(s - m_new)  # [C]
+            out.append((m_new, l * scale + jnp.sum(e), acc * scale + jnp.sum(e[:, None] * v, axis=0)))
+        return tuple(out)
 
-    init = (jnp.full((G,), NEG_INF, jnp.float32), jnp.zeros((G,), jnp.float32), jnp.zeros((G, H), jnp.float32))
-    m, l, acc = jax.lax.fori_loop(0, (length + page - 1) // page, body, init)
+    init = tuple((jnp.float32(NEG_INF), jnp.float32(0), jnp.zeros((H,), jnp.float32)) for _ in range(G))
+    carry = jax.lax.fori_loop(0, (length + C - 1) // C, body, init)
     kn, vn = kn_ref[...].astype(jnp.float32), vn_ref[...].astype(jnp.float32)  # [H]
-    own = jnp.sum(q * kn[None, :], axis=-1)  # [G]: the row's own key, always attended
-    top = jnp.maximum(m, own)
-    scale, e_own = jnp.exp(m - top), jnp.exp(own - top)
-    o_ref[...] = (acc * scale[:, None] + e_own[:, None] * vn[None, :]) / (l * scale + e_own)[:, None]
+    for g, (q, (m, l, acc)) in enumerate(zip(qs, carry)):
+        own = jnp.sum(q * kn)  # the row's own key, always attended
+        top = jnp.maximum(m, own)
+        scale, e_own = jnp.exp(m - top), jnp.exp(own - top)
+        o_ref[g, :] = (acc * scale + e_own * vn) / (l * scale + e_own)
 
 
 def paged_decode_attention(qg: jax.Array, k: jax.Array, v: jax.Array, pool_k: jax.Array, pool_v: jax.Array,
                            layer: jax.Array, table: jax.Array, lengths: jax.Array, *, interpret: bool = False,
-                           num_warps: int = 4) -> jax.Array:
+                           pages_per_step: int | None = None, num_warps: int = 4) -> jax.Array:
     """qg [B,K,G,H] (scaled queries, G query heads per kv head), k, v [B,K,H] this step's own keys and values,
     pool_k, pool_v [L,n,Pn,page,K,H] (models.decoder.PagedKV), layer: int32 scalar, table [B,W] (row b's pages on
     its batch shard b // (B/n)), lengths [B]: context slots before this step (row b attends to positions
     0 .. lengths[b] - 1 of its pages, then its own key). -> [B,K,G,H] fp32: the same attention as
-    models.decoder._decode_attention_reduce over the row's gathered pages, up to summation order."""
+    models.decoder._decode_attention_reduce over the row's gathered pages, up to summation order. Pages past a
+    row's length are not read, except within the kernel's last step (`pages_per_step` pages a step), where
+    they are read and masked; lengths must not exceed W * page. pages_per_step None: 8 // G (powers of two, at
+    most 4), the most that compiled for sm_90 without spilling registers at H 128 (G 2: 4 pages, 168 registers;
+    G 4: 2; G 8: 1, 255 registers)."""
     from jax.experimental import pallas as pl
     from jax.experimental.pallas import triton as plgpu
 
@@ -81,12 +94,18 @@ def paged_decode_attention(qg: jax.Array, k: jax.Array, v: jax.Array, pool_k: ja
     L, n, Pn, page, Kp, Hp = pool_k.shape
     if (Kp, Hp) != (K, H) or B % n:
         raise ValueError(f"paged_decode_attention: pool {pool_k.shape} does not fit queries {qg.shape}")
-    # Triton blocks are powers of two: pad the query heads and the page list (pages past a row's length are
-    # never read, so the padding pages are not either).
-    Gp, W = _pow2(G), _pow2(table.shape[1])
+    if page & (page - 1) or H & (H - 1):  # Triton loads [pages, page, H] tiles: powers of two only
+        raise ValueError(f"paged_decode_attention: page size {page} and head_dim {H} must be powers of two")
+    # Triton blocks are powers of two: pad the query heads and the page list (to whole steps; the padding pages,
+    # page 0, lie past every row's length).
+    Gp = _pow2(G)
+    if pages_per_step is None:
+        pages_per_step = max(1, min(4, 8 // Gp))
+    per_step = min(_pow2(pages_per_step), _pow2(table.shape[1]))
+    W = -(-_pow2(table.shape[1]) // per_step) * per_step
     q = jnp.pad(qg, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
     table = jnp.pad(table.astype(jnp.int32), ((0, 0), (0, W - table.shape[1])))
-    kernel = functools.partial(_kernel, page=page, rows_per_shard=B // n)
+    kernel = functools.partial(_kernel, page=page, per_step=per_step, rows_per_shard=B // n)
     whole = lambda shape: pl.BlockSpec(shape, lambda b, h: (0,) * len(shape))  # noqa: E731
     out = pl.pallas_call(
         kernel,

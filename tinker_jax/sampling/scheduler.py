@@ -375,6 +375,9 @@ class Sampler(SamplerBase):
             if self.mesh.devices.size > 1:  # the kernel is not wrapped in a shard_map yet
                 raise ValueError(f"sampler.decode_attention: paged runs on one device for now; this sampler's mesh "
                                  f"has {self.mesh.devices.size} (use einsum or reduce)")
+            if self.page_size & (self.page_size - 1) or cfg.head_dim & (cfg.head_dim - 1):
+                raise ValueError(f"sampler.decode_attention: paged needs a power-of-two page_size and head_dim; "
+                                 f"got page_size {self.page_size}, head_dim {cfg.head_dim} (use einsum or reduce)")
             if self.mesh.devices.flat[0].platform != "gpu":  # Pallas lowers it for GPUs; elsewhere, interpreted
                 log.warning("sampler: decode_attention paged on %s runs in Pallas' interpreter (slow; for tests)",
                             self.mesh.devices.flat[0].platform)
