@@ -2,6 +2,7 @@
 
     python -m benchmarks.decode_bench [--suite gpu|gpu-dryrun|cpu] [--work-dir DIR] [--out FILE]
                                       [--set decode_steps=32 --set decode_unroll=true ...] [--no-rl]
+                                      [--variant decode_attention=paged --variant quantize=int8 ...]
 
 One engine (the suite's model and dtype; sampler max_batch = the largest batch, `--set` overrides other sampler
 settings). For each batch B: B distinct prompts of `prompt` tokens, greedy, no stop token:
@@ -18,6 +19,9 @@ settings). For each batch B: B distinct prompts of `prompt` tokens, greedy, no s
 RL-shaped row (unless --no-rl): P prompts x S samples each (num_samples), `rl_prompt` tokens, up to `rl_new` tokens
 stopping on the model's EOS, at temperature 1, all submitted at once; tokens/s of the tokens returned (after an
 untimed run of an eighth of the prompts).
+Variants (`--variant KEY=VALUE[,...]`, repeatable): after the rest, the batch the issue's goal is set at (the
+largest up to 64) again, in a fresh engine per variant with its settings on top of `--set`'s: an A/B in one
+invocation (`variants` in the JSON; a variant that fails records its error).
 
 Prints a table and one JSON object (written to --out). Not a test: no figure is asserted anywhere.
 """
@@ -111,6 +115,15 @@ def top_ops(trace_dir: Path, window: str = "_decode_round", n: int = 40) -> list
     return [{"where": w, "op": o, "ms": t / 1e3, "count": count[(w, o)]} for (w, o), t in total.most_common(n)]
 
 
+def settings_of(pairs: list[str]) -> dict:
+    """KEY=VALUE sampler settings -> a dict (true / false and integers converted)."""
+    out = {}
+    for kv in pairs:
+        k, _, v = kv.partition("=")
+        out[k] = {"true": True, "false": False}.get(v.lower(), int(v) if v.lstrip("-").isdigit() else v)
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(prog="python -m benchmarks.decode_bench", description=__doc__.splitlines()[0])
     p.add_argument("--suite", default="gpu", choices=sorted(SHAPES))
@@ -119,6 +132,10 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="a sampler setting (tinker_jax.config.SamplerConfig), e.g. decode_steps=32")
     p.add_argument("--no-rl", action="store_true", help="skip the RL-shaped row")
+    p.add_argument("--variant", action="append", default=[], metavar="KEY=VALUE[,KEY=VALUE]",
+                   help="after the rows, time the batch of the goal (the largest up to 64) again in a fresh engine "
+                        "with these sampler settings too (A/B in one invocation; repeatable), e.g. "
+                        "decode_attention=paged")
     p.add_argument("--profile", type=Path, metavar="DIR",
                    help="also trace one +new run of the largest batch with jax.profiler into DIR, and put its top "
                         "ops by total time during decode calls into the JSON (`profile`)")
@@ -134,10 +151,7 @@ def main(argv: list[str] | None = None) -> dict:
     from tinker_jax.models.config import load_config
 
     suite, shape = get_suite(args.suite), SHAPES[args.suite]
-    overrides = {}
-    for kv in args.set:
-        k, _, v = kv.partition("=")
-        overrides[k] = {"true": True, "false": False}.get(v.lower(), int(v) if v.lstrip("-").isdigit() else v)
+    overrides = settings_of(args.set)
     work = Path(args.work_dir)
     model_dir = models.ensure_model(work / "models", suite.model)
     cfg = load_config(model_dir)
@@ -156,61 +170,73 @@ def main(argv: list[str] | None = None) -> dict:
     P, new = shape["prompt"], shape["new"]
     rl_prompts, rl_samples, rl_prompt, rl_new = shape["rl"]
     seq = max(P + new, rl_prompt + rl_new) + 16
-    sc = service_client(suite.model, model_dir, Path(tempfile.mkdtemp(prefix="decode-", dir=work)),
-                        dtype=suite.dtype, max_tokens_per_batch=8192, sampler_batch=max(shape["batches"]),
-                        sampler_seq_len=seq, compile_cache_dir=work / "jax_cache", **overrides)
-    try:
-        sampler = sc.create_sampling_client(base_model=suite.model)
-        sampler_cfg = sc.engine.config.sampler
-        sampler.sample(data.model_input([1, 2, 3]), 1, tt.SamplingParams(max_tokens=1)).result()  # loads the model
-        worker = sc.engine._worker(suite.model)
-        cache_bytes = np.dtype(worker.sampler.cache_dtype).itemsize
-        out["weight_bytes_per_step"] = weight_bytes = weights_read(cfg, worker.sample_base)
+    def open_engine(settings: dict):
+        """A fresh engine with these sampler settings, its model loaded: (client, sampler, KV bytes per value,
+        weight bytes a step reads)."""
+        sc = service_client(suite.model, model_dir, Path(tempfile.mkdtemp(prefix="decode-", dir=work)),
+                            dtype=suite.dtype, max_tokens_per_batch=8192, sampler_batch=max(shape["batches"]),
+                            sampler_seq_len=seq, compile_cache_dir=work / "jax_cache", **settings)
+        try:
+            sampler = sc.create_sampling_client(base_model=suite.model)
+            sampler.sample(data.model_input([1, 2, 3]), 1, tt.SamplingParams(max_tokens=1)).result()  # loads it
+            worker = sc.engine._worker(suite.model)
+            return (sc, sampler, np.dtype(worker.sampler.cache_dtype).itemsize,
+                    weights_read(cfg, worker.sample_base))
+        except BaseException:
+            sc.close()
+            raise
 
+    def batch_run(sc, sampler, prompts: np.ndarray, max_tokens: int) -> tuple[float, int, dict]:
         def stats() -> dict:
             return dict(sc.engine.stats()["models"][suite.model].get("sampler", {}))
 
-        def batch_run(prompts: np.ndarray, max_tokens: int) -> tuple[float, int, dict]:
-            params = tt.SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=0, stop=[])
-            before = stats()
-            t0 = time.perf_counter()
-            futs = [sampler.sample(data.model_input(x), 1, params) for x in prompts]
-            n = sum(len(s.tokens) for f in futs for s in f.result().sequences)
-            took = time.perf_counter() - t0
-            after = stats()
-            return took, n, {k: after.get(k, 0) - before.get(k, 0) for k in ("decode_steps_run", "decode_seconds",
-                                                                              "decode_calls", "prefill_calls")}
+        params = tt.SamplingParams(max_tokens=max_tokens, temperature=0.0, seed=0, stop=[])
+        before = stats()
+        t0 = time.perf_counter()
+        futs = [sampler.sample(data.model_input(x), 1, params) for x in prompts]
+        n = sum(len(s.tokens) for f in futs for s in f.result().sequences)
+        took = time.perf_counter() - t0
+        after = stats()
+        return took, n, {k: after.get(k, 0) - before.get(k, 0) for k in ("decode_steps_run", "decode_seconds",
+                                                                          "decode_calls", "prefill_calls")}
 
+    def measure(sc, sampler, b: int, cache_bytes: int, weight_bytes: int) -> dict:
+        """One batch row: B distinct prompts, +1 and +new, timed after two untimed runs of each."""
+        prompts = data.prompts(21, b, P, cfg.vocab_size)
+        firsts, fulls = [], []
+        for i in range(2 + shape["repeats"]):  # runs 0, 1: compiles (prefill batches vary with arrival), untimed
+            f, g = batch_run(sc, sampler, prompts, 1), batch_run(sc, sampler, prompts, new)
+            if i > 1:
+                firsts.append(f)
+                fulls.append(g)
+        first_s = statistics.median(x[0] for x in firsts)
+        full_s = statistics.median(x[0] for x in fulls)
+        steps = statistics.median(g[2]["decode_steps_run"] - f[2]["decode_steps_run"] for f, g in zip(firsts, fulls))
+        dev = statistics.median((g[2]["decode_seconds"] - f[2]["decode_seconds"]) for f, g in zip(firsts, fulls))
+        tokens = fulls[0][1]
+        step_ms = (full_s - first_s) / max(steps, 1) * 1e3
+        floor = step_floor(cfg, weight_bytes, n_params, cache_bytes, b, P + new / 2, out["bandwidth_gbs"],
+                           out["matmul_peak_flops"])
+        row = {"batch": b, "prompt": P, "new": new, "tokens_per_s": tokens / full_s, "tokens": tokens,
+               "first_s": first_s, "full_s": full_s, "full_s_runs": [x[0] for x in fulls],
+               "decode_steps": steps, "decode_calls": fulls[0][2]["decode_calls"], "step_ms": step_ms,
+               "device_ms": dev / max(steps, 1) * 1e3, "host_ms": step_ms - dev / max(steps, 1) * 1e3,
+               "floor": floor, "x_floor": step_ms / floor["ms"]}
+        log(json.dumps({k: row[k] for k in ("batch", "tokens_per_s", "step_ms", "device_ms", "x_floor")}))
+        return row
+
+    sc, sampler, cache_bytes, weight_bytes = open_engine(overrides)
+    out["weight_bytes_per_step"] = weight_bytes
+    try:
+        sampler_cfg = sc.engine.config.sampler
         for b in shape["batches"]:
-            prompts = data.prompts(21, b, P, cfg.vocab_size)
-            firsts, fulls = [], []
-            for i in range(2 + shape["repeats"]):  # runs 0, 1: compiles (prefill batches vary with arrival), untimed
-                f, g = batch_run(prompts, 1), batch_run(prompts, new)
-                if i > 1:
-                    firsts.append(f)
-                    fulls.append(g)
-            first_s = statistics.median(x[0] for x in firsts)
-            full_s = statistics.median(x[0] for x in fulls)
-            steps = statistics.median(g[2]["decode_steps_run"] - f[2]["decode_steps_run"] for f, g in
-                                      zip(firsts, fulls))
-            dev = statistics.median((g[2]["decode_seconds"] - f[2]["decode_seconds"]) for f, g in zip(firsts, fulls))
-            tokens = fulls[0][1]
-            step_ms = (full_s - first_s) / max(steps, 1) * 1e3
-            floor = step_floor(cfg, weight_bytes, n_params, cache_bytes, b, P + new / 2, out["bandwidth_gbs"],
-                               out["matmul_peak_flops"])
-            row = {"batch": b, "prompt": P, "new": new, "tokens_per_s": tokens / full_s, "tokens": tokens,
-                   "first_s": first_s, "full_s": full_s, "full_s_runs": [x[0] for x in fulls],
-                   "decode_steps": steps, "decode_calls": fulls[0][2]["decode_calls"], "step_ms": step_ms,
-                   "device_ms": dev / max(steps, 1) * 1e3, "host_ms": step_ms - dev / max(steps, 1) * 1e3,
-                   "floor": floor, "x_floor": step_ms / floor["ms"]}
-            out["rows"].append(row)
-            log(json.dumps({k: row[k] for k in ("batch", "tokens_per_s", "step_ms", "device_ms", "x_floor")}))
+            out["rows"].append(measure(sc, sampler, b, cache_bytes, weight_bytes))
 
         if args.profile:
             b = max(shape["batches"])
             prompts = data.prompts(21, b, P, cfg.vocab_size)
             with jax.profiler.trace(str(args.profile)):
-                batch_run(prompts, new)
+                batch_run(sc, sampler, prompts, new)
             out["profile"] = {"batch": b, "dir": str(args.profile), "top_ops": top_ops(args.profile)}
             for r in out["profile"]["top_ops"][:15]:
                 log(f"{r['ms']:9.1f} ms {r['count']:6d}  {r['where'][:30]:30s} {r['op']}")
@@ -237,6 +263,24 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         sc.close()
 
+    # A/B rows: the batch the issue's goal is set at (the largest up to 64), each variant in a fresh engine with
+    # the --set settings and its own (a failing variant records its error; the others still run).
+    out["variants"] = []
+    vb = max([b for b in shape["batches"] if b <= 64] or [min(shape["batches"])])
+    for spec in args.variant:
+        extra = settings_of(spec.split(","))
+        row: dict = {"settings": extra}
+        try:
+            vsc, vsampler, vcache, vweights = open_engine({**overrides, **extra})
+            try:
+                row.update(measure(vsc, vsampler, vb, vcache, vweights))
+            finally:
+                vsc.close()
+        except Exception as e:  # noqa: BLE001 - recorded; the other variants still run
+            row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
+            log(f"variant {extra}: {row['error']}")
+        out["variants"].append(row)
+
     print(f"{'batch':>6} {'tokens/s':>10} {'step ms':>8} {'device':>7} {'host':>6} {'floor ms':>9} "
           f"{'(mem/compute)':>14} {'x floor':>8}")
     for r in out["rows"]:
@@ -244,6 +288,11 @@ def main(argv: list[str] | None = None) -> dict:
         print(f"{r['batch']:>6} {r['tokens_per_s']:>10,.0f} {r['step_ms']:>8.2f} {r['device_ms']:>7.2f} "
               f"{r['host_ms']:>6.2f} {f['ms']:>9.3f} {f['memory_ms']:>6.3f}/{f['compute_ms']:<7.3f} "
               f"{r['x_floor']:>8.1f}")
+    for r in out["variants"]:
+        what = ",".join(f"{k}={v}" for k, v in r["settings"].items())
+        print(f"variant {what}: " + (r["error"] if "error" in r else
+                                     f"batch {r['batch']}: {r['tokens_per_s']:,.0f} tokens/s, step {r['step_ms']:.2f} "
+                                     f"ms (x{r['x_floor']:.1f} floor)"))
     if "rl" in out:
         r = out["rl"]
         print(f"RL: {r['prompts']} prompts x {r['samples']} samples, {r['prompt']} +<= {r['max_new']}: "

@@ -73,12 +73,13 @@ def test_gpu_diagnosis_scripts_run_at_toy_size(tmp_path):
 @pytest.mark.gpu_prep
 def test_gpu_decode_bench_dry_run(tmp_path):
     """`gpu.sh --decode --dry-run` (benchmarks/decode_bench.py at toy size): every batch row has its breakdown and
-    floor, the RL row ran with num_samples, a sampler setting passed through --set reached the engine, and
-    --profile summarised the traced decode calls' ops."""
+    floor, the RL row ran with num_samples, a sampler setting passed through --set reached the engine,
+    --profile summarised the traced decode calls' ops, and a --variant row ran in its own engine."""
     out = tmp_path / "decode.json"
     env = {**os.environ, "PYTHON": sys.executable, "JAX_PLATFORMS": "cpu", "TINKER_JAX_BENCH_DIR": str(tmp_path)}
     proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--decode", "--dry-run", "--out", str(out),
-                           "--set", "decode_steps=4", "--profile", str(tmp_path / "trace")], env=env, cwd=ROOT,
+                           "--set", "decode_steps=4", "--profile", str(tmp_path / "trace"),
+                           "--variant", "decode_attention=paged"], env=env, cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     got = json.loads(out.read_text())
@@ -91,3 +92,6 @@ def test_gpu_decode_bench_dry_run(tmp_path):
     assert got["rl"]["tokens"] > 0 and got["rl"]["samples"] == 4
     ops = got["profile"]["top_ops"]  # the traced decode calls' ops, most total time first
     assert ops and all(o["count"] > 0 for o in ops) and ops[0]["ms"] >= ops[-1]["ms"]
+    (v,) = got["variants"]  # the A/B row: the goal's batch again with the paged kernel (interpreted on a CPU)
+    assert "error" not in v, v
+    assert v["settings"] == {"decode_attention": "paged"} and v["batch"] == 4 and v["tokens"] == 4 * v["new"]
