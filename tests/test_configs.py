@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from tinker_jax.config import EngineConfig
+from tinker_jax.config import EngineConfig, SamplerConfig
 from tinker_jax.models.sharding import MeshConfig
 
 CONFIGS = sorted((Path(__file__).parent.parent / "configs").glob("*.yaml"))
@@ -38,3 +38,9 @@ def test_bad_configs_name_the_key(tmp_path):
         f.write_text(text)
         with pytest.raises(ValueError, match=key):
             EngineConfig.load(f)
+    # built in process, the sampler's settings are checked as they are given, with the same names
+    for kw, key in ((dict(decode_attention="flash"), "sampler.decode_attention"), (dict(dtype="fp16"), "sampler.dtype"),
+                    (dict(quantize="int4"), "sampler.quantize"), (dict(backend="vllm", quantize="int8"),
+                                                                  "sampler.quantize")):
+        with pytest.raises(ValueError, match=key):
+            SamplerConfig(**kw)

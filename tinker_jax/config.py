@@ -61,6 +61,21 @@ class SamplerConfig:
     # Logprobs then differ from the trainer's by docs/numerics.md's measured int8 deviation. null: off.
     quantize: str | None = None
 
+    def __post_init__(self):
+        # Here, not only in EngineConfig.from_dict: an in-process EngineConfig(sampler=SamplerConfig(...)) gets the
+        # same error naming the field when it is built, not a failed model load later.
+        if self.dtype not in (None, "float32", "bfloat16"):
+            raise ValueError(f"config.sampler.dtype: expected float32, bfloat16 or null, got {self.dtype!r}")
+        if self.decode_attention not in ("auto", *DECODE_ATTENTION):
+            raise ValueError(f"config.sampler.decode_attention: expected auto or one of {DECODE_ATTENTION}, got "
+                             f"{self.decode_attention!r}")
+        if self.quantize not in (None, *QUANTIZE_MODES):
+            raise ValueError(f"config.sampler.quantize: expected one of {QUANTIZE_MODES} or null, got "
+                             f"{self.quantize!r}")
+        if self.quantize and self.backend != "jax":
+            raise ValueError("config.sampler.quantize: only the jax sampler backend quantizes weights "
+                             f"(backend is {self.backend!r})")
+
 
 @dataclass(frozen=True)
 class LoraConfig:
@@ -145,18 +160,7 @@ class EngineConfig:
             bad = sorted(set(s) - {f.name for f in fields(SamplerConfig)})
             if bad:
                 raise ValueError(f"config.sampler: unknown keys {bad}")
-            if s.get("dtype") not in (None, "float32", "bfloat16"):
-                raise ValueError(f"config.sampler.dtype: expected float32, bfloat16 or null, got {s['dtype']!r}")
-            if s.get("decode_attention", "auto") not in ("auto", *DECODE_ATTENTION):
-                raise ValueError(f"config.sampler.decode_attention: expected auto or one of {DECODE_ATTENTION}, got "
-                                 f"{s['decode_attention']!r}")
-            if s.get("quantize") not in (None, *QUANTIZE_MODES):
-                raise ValueError(f"config.sampler.quantize: expected one of {QUANTIZE_MODES} or null, got "
-                                 f"{s['quantize']!r}")
-            if s.get("quantize") and s.get("backend", "jax") != "jax":
-                raise ValueError("config.sampler.quantize: only the jax sampler backend quantizes weights "
-                                 f"(backend is {s['backend']!r})")
-            d["sampler"] = SamplerConfig(**s)
+            d["sampler"] = SamplerConfig(**s)  # which checks its values
         if "lora" in d:
             s = dict(d["lora"] or {})
             bad = sorted(set(s) - {f.name for f in fields(LoraConfig)})
