@@ -23,7 +23,8 @@ Variants (`--variant KEY=VALUE[,...]`, repeatable): after the rest, the batch th
 largest up to 64) again, in a fresh engine per variant with its settings on top of `--set`'s: an A/B in one
 invocation (`variants` in the JSON; a variant that fails records its error).
 
-Prints a table and one JSON object (written to --out). Not a test: no figure is asserted anywhere.
+Prints a table and one JSON object (written to --out, and rewritten after every measurement, so a run stopped by
+gpu.sh's time limit keeps what it measured). Not a test: no figure is asserted anywhere.
 """
 
 from __future__ import annotations
@@ -170,11 +171,15 @@ def main(argv: list[str] | None = None) -> dict:
     P, new = shape["prompt"], shape["new"]
     rl_prompts, rl_samples, rl_prompt, rl_new = shape["rl"]
     seq = max(P + new, rl_prompt + rl_new) + 16
-    def open_engine(settings: dict):
-        """A fresh engine with these sampler settings, its model loaded: (client, sampler, KV bytes per value,
-        weight bytes a step reads)."""
+    def save() -> None:  # after every measurement: a run stopped by gpu.sh's time limit keeps what it measured
+        if args.out:
+            args.out.write_text(json.dumps(out, indent=1))
+
+    def open_engine(settings: dict, rows: int):
+        """A fresh engine with these sampler settings and `rows` decode rows, its model loaded: (client, sampler,
+        KV bytes per value, weight bytes a step reads)."""
         sc = service_client(suite.model, model_dir, Path(tempfile.mkdtemp(prefix="decode-", dir=work)),
-                            dtype=suite.dtype, max_tokens_per_batch=8192, sampler_batch=max(shape["batches"]),
+                            dtype=suite.dtype, max_tokens_per_batch=8192, sampler_batch=rows,
                             sampler_seq_len=seq, compile_cache_dir=work / "jax_cache", **settings)
         try:
             sampler = sc.create_sampling_client(base_model=suite.model)
@@ -225,12 +230,13 @@ def main(argv: list[str] | None = None) -> dict:
         log(json.dumps({k: row[k] for k in ("batch", "tokens_per_s", "step_ms", "device_ms", "x_floor")}))
         return row
 
-    sc, sampler, cache_bytes, weight_bytes = open_engine(overrides)
+    sc, sampler, cache_bytes, weight_bytes = open_engine(overrides, max(shape["batches"]))
     out["weight_bytes_per_step"] = weight_bytes
     try:
         sampler_cfg = sc.engine.config.sampler
         for b in shape["batches"]:
             out["rows"].append(measure(sc, sampler, b, cache_bytes, weight_bytes))
+            save()
 
         if args.profile:
             b = max(shape["batches"])
@@ -238,6 +244,7 @@ def main(argv: list[str] | None = None) -> dict:
             with jax.profiler.trace(str(args.profile)):
                 batch_run(sc, sampler, prompts, new)
             out["profile"] = {"batch": b, "dir": str(args.profile), "top_ops": top_ops(args.profile)}
+            save()
             for r in out["profile"]["top_ops"][:15]:
                 log(f"{r['ms']:9.1f} ms {r['count']:6d}  {r['where'][:30]:30s} {r['op']}")
 
@@ -260,6 +267,7 @@ def main(argv: list[str] | None = None) -> dict:
                          "eos": eos, "seconds": took, "tokens": n, "tokens_per_s": n / took,
                          "sequences_stopped_on_eos": stopped, "max_batch": sampler_cfg.max_batch}
             log(json.dumps({k: out["rl"][k] for k in ("seconds", "tokens", "tokens_per_s")}))
+            save()
     finally:
         sc.close()
 
@@ -271,7 +279,7 @@ def main(argv: list[str] | None = None) -> dict:
         extra = settings_of(spec.split(","))
         row: dict = {"settings": extra}
         try:
-            vsc, vsampler, vcache, vweights = open_engine({**overrides, **extra})
+            vsc, vsampler, vcache, vweights = open_engine({**overrides, **extra}, vb)  # only the rows it needs
             try:
                 row.update(measure(vsc, vsampler, vb, vcache, vweights))
             finally:
@@ -280,6 +288,7 @@ def main(argv: list[str] | None = None) -> dict:
             row["error"] = f"{type(e).__name__}: {str(e)[:300]}"
             log(f"variant {extra}: {row['error']}")
         out["variants"].append(row)
+        save()
 
     print(f"{'batch':>6} {'tokens/s':>10} {'step ms':>8} {'device':>7} {'host':>6} {'floor ms':>9} "
           f"{'(mem/compute)':>14} {'x floor':>8}")
@@ -297,8 +306,7 @@ def main(argv: list[str] | None = None) -> dict:
         r = out["rl"]
         print(f"RL: {r['prompts']} prompts x {r['samples']} samples, {r['prompt']} +<= {r['max_new']}: "
               f"{r['tokens_per_s']:,.0f} tokens/s ({r['tokens']} tokens in {r['seconds']:.1f} s)")
-    if args.out:
-        args.out.write_text(json.dumps(out, indent=1))
+    save()
     return out
 
 

@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from tinker_jax.models.decoder import PagedKV, _decode_attention_reduce
-from tinker_jax.models.paged_attention import paged_decode_attention
+from tinker_jax.models.paged_attention import paged_decode_attention, sharded_paged_decode_attention
+from tinker_jax.models.sharding import MeshConfig, kv_pool_sharding, make_mesh
 
 
 def reference(qg, k, v, pool_k, pool_v, layer, table, lengths) -> jax.Array:
@@ -57,3 +58,28 @@ def test_the_kernel_lowers_for_a_gpu_through_triton():
             pytest.skip(f"this jax lowers Triton kernels only with a GPU present: {e}")
         raise
     assert "triton" in text
+
+
+@pytest.mark.parametrize("mc", [MeshConfig(data=2, tensor=2), MeshConfig(data=2, fsdp=2, tensor=2)],
+                         ids=["dp2xtp2", "dp2xfsdp2xtp2"])
+def test_over_a_mesh_each_device_reads_its_own_rows_pages(mc):
+    """The shard_map form: rows and their pages over the batch axes, kv heads over tensor; every row's pages at
+    different places on each shard (so a row paired with another shard's table or pool would read other keys).
+    Equal to the kernel run whole on one device."""
+    if len(jax.devices()) < mc.size:
+        pytest.skip(f"needs {mc.size} devices (conftest.py's XLA_FLAGS)")
+    mesh = make_mesh(mc)
+    n = mc.data * mc.fsdp
+    L, Pn, page, K, H, G, B, W = 2, 12, 16, 2, 64, 2, 4 * n, 3
+    rng = np.random.default_rng(1)
+    pk, pv = (jnp.asarray(rng.standard_normal((L, n, Pn, page, K, H)), jnp.float32) for _ in range(2))
+    table = jnp.asarray(np.stack([rng.permutation(np.arange(1, Pn))[:W] for _ in range(B)]), jnp.int32)
+    q = jnp.asarray(rng.standard_normal((B, K, G, H)) * 0.125, jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((B, K, H)), jnp.float32) for _ in range(2))
+    lengths = jnp.asarray(rng.integers(0, W * page, B), jnp.int32)
+    want = paged_decode_attention(q, k, v, pk, pv, jnp.int32(1), table, lengths, interpret=True)
+    pool_sh = kv_pool_sharding(pk.shape, mesh)
+    assert pool_sh.spec[1] is not None and pool_sh.spec[4] == "tensor"  # really split: rows and kv heads
+    got = jax.jit(lambda *a: sharded_paged_decode_attention(*a, interpret=True, pool_sharding=pool_sh))(
+        q, k, v, jax.device_put(pk, pool_sh), jax.device_put(pv, pool_sh), jnp.int32(1), table, lengths)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)

@@ -499,8 +499,8 @@ def test_unrolled_decode_and_longer_calls_sample_the_same(sampler, snap):
 def test_the_paged_kernel_samples_like_the_gathering_paths(sampler, snap):
     """decode_attention "paged" (the Pallas kernel that reads each row's pages in place; on this CPU in Pallas'
     interpreter) samples what the default path samples: mixed-length rows, past the first view, samples sharing
-    their prompt's pages, a finished row's pages reused. One device only, pages and heads of powers of two: others
-    are refused, naming the field."""
+    their prompt's pages, a finished row's pages reused. Pages and heads must be powers of two: others are refused,
+    naming the field. (Over a mesh: test_sampler_mesh.)"""
     with Sampler(snap.cfg, [EOS], max_batch=ROWS, max_seq_len=MAX_SEQ, prefill_lengths=(16,), prefill_batches=(4,),
                  decode_steps=8, decode_lengths=(32,), max_num_samples=8, decode_attention="paged",
                  tokenizer=CharTokenizer()) as other:
@@ -514,11 +514,6 @@ def test_the_paged_kernel_samples_like_the_gathering_paths(sampler, snap):
             for x, y in zip(a.result(timeout=300).sequences, b.result(timeout=300).sequences):
                 assert x.tokens == y.tokens
                 np.testing.assert_allclose(x.logprobs, y.logprobs, atol=1e-5)
-    from tinker_jax.models.sharding import MeshConfig, make_mesh
-
-    with pytest.raises(ValueError, match="decode_attention: paged runs on one device"):
-        Sampler(snap.cfg, [EOS], max_batch=ROWS, max_seq_len=MAX_SEQ, decode_attention="paged",
-                mesh=make_mesh(MeshConfig(data=2)))
     with pytest.raises(ValueError, match="decode_attention: paged needs a power-of-two page_size"):
         Sampler(snap.cfg, [EOS], max_batch=ROWS, max_seq_len=MAX_SEQ, decode_attention="paged", page_size=12)
 

@@ -40,7 +40,7 @@ class SamplerConfig:
     #                              with the paged cache its program copies the KV pool per step: measure first)
     decode_attention: str = "auto"  # jax: a decode step's attention: einsum | reduce | paged | auto (reduce on
     #                                 CPUs, where it was faster; einsum elsewhere). paged: a Pallas kernel reading
-    #                                 each row's pages in place (one GPU; interpreted elsewhere; not yet measured)
+    #                                 each row's pages in place (GPUs; interpreted elsewhere; not yet measured)
     prefill_chunk: int = 512  # jax: a longer prompt is prefilled this many tokens per sampler step (running
     #                           decodes keep their pace; its attention memory grows linearly with its length); 0: off
     max_adapters: int = 16  # jax: LoRA adapters resident per rank at once (rows of different adapters decode

@@ -14,7 +14,7 @@ RoPE tables in fp32 then cast, logits returned in fp32.
 from __future__ import annotations
 
 import math
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -25,7 +25,7 @@ from tinker_jax.models import lora as lora_math
 from tinker_jax.models.config import STACKS, ModelConfig
 from tinker_jax.models.lora import LoraRows
 from tinker_jax.models.moe import MoeMLP, row_router_stats
-from tinker_jax.models.paged_attention import paged_decode_attention
+from tinker_jax.models.paged_attention import paged_decode_attention, sharded_paged_decode_attention
 
 ATTENTION_IMPLS = ("einsum", "cudnn", "xla")
 # With a cache: how a one-token step (decode) attends. "einsum" gathers each row's context and runs two batched
@@ -79,6 +79,7 @@ class PagedKV(NamedTuple):
     k: jax.Array
     v: jax.Array
     table: jax.Array
+    sharding: Any = None  # the pool's NamedSharding where it spans a mesh (the paged kernel runs per shard); static
 
     @property
     def slots(self) -> int:
@@ -101,7 +102,7 @@ class PagedKV(NamedTuple):
 
     def layer_view(self, layer: jax.Array, interpret: bool) -> "PagedLayer":
         """Layer `layer` as the paged kernel reads it: the pools whole, nothing gathered."""
-        return PagedLayer(self.k, self.v, layer, self.table, interpret)
+        return PagedLayer(self.k, self.v, layer, self.table, interpret, self.sharding)
 
     def write(self, k_new: jax.Array, v_new: jax.Array, positions: jax.Array) -> "PagedKV":
         """k_new, v_new [L,B,T,K,H] of every layer: step t of row b goes to its page for positions[b, t]."""
@@ -113,19 +114,20 @@ class PagedKV(NamedTuple):
             new = new.reshape(new.shape[0], pool.shape[1], -1, *new.shape[2:]).astype(pool.dtype)
             return pool.at[:, self._shard(), pages, offsets].set(new)
 
-        return PagedKV(put(self.k, k_new), put(self.v, v_new), self.table)
+        return PagedKV(put(self.k, k_new), put(self.v, v_new), self.table, self.sharding)
 
 
 class PagedLayer(NamedTuple):
     """One layer of a PagedKV for a decode step's paged kernel (models.paged_attention): the pools k, v
     [L,n,Pn,page,K,H] whole, the layer's index, the rows' page tables [B,W]; `interpret` (static): run the kernel
-    in Pallas' interpreter (where it does not lower)."""
+    in Pallas' interpreter (where it does not lower); `sharding` (static): the pool's, where it spans a mesh."""
 
     k: jax.Array
     v: jax.Array
     layer: jax.Array
     table: jax.Array
     interpret: bool
+    sharding: Any = None
 
 
 def probe_attention(impl: str, n_heads: int, n_kv_heads: int, head_dim: int) -> str | None:
@@ -274,8 +276,9 @@ class Attention(nnx.Module):
             return self.o(out.reshape(B, T, N * H), lora), (k, v)
         qg = q.reshape(B, T, K, N // K, H) * (1.0 / math.sqrt(H))  # GQA: G query heads share one kv head
         if isinstance(cache, PagedLayer):  # a decode step (T == 1) reading the rows' pages in place
-            out = paged_decode_attention(qg[:, 0], k[:, 0], v[:, 0], cache.k, cache.v, cache.layer, cache.table,
-                                         positions[:, 0], interpret=cache.interpret)
+            args = (qg[:, 0], k[:, 0], v[:, 0], cache.k, cache.v, cache.layer, cache.table, positions[:, 0])
+            out = paged_decode_attention(*args, interpret=cache.interpret) if cache.sharding is None else \
+                sharded_paged_decode_attention(*args, interpret=cache.interpret, pool_sharding=cache.sharding)
             return self.o(out.astype(x.dtype).reshape(B, T, N * H), lora), (k, v)
         if cache is not None and attention == "reduce" and T == 1:
             return self.o(_decode_attention_reduce(qg[:, 0], k[:, 0], v[:, 0], *cache, mask[:, 0]).astype(x.dtype)

@@ -10,7 +10,8 @@ One program per (row, kv head): its G query heads against the row's pages (pages
 then its own new key and value (this step's, not in the pool yet: the caller writes them after the layer loop).
 The layer index comes in as an array (the decode step's layer loop is a scan), so the pool is never sliced.
 
-Where it runs: one device only (no shard_map over a mesh yet), and only where Pallas lowers it (GPU, via Triton).
+Where it runs: one device, or a mesh through `sharded_paged_decode_attention` (a shard_map: each device its rows
+and kv heads against its own pages), and only where Pallas lowers it (GPU, via Triton).
 On other platforms `interpret=True` runs the same kernel in plain XLA, slowly: that is how the CPU tests check it
 against `_decode_attention_reduce`. It has never run on a GPU. What was checked without one (2026-12-07): jax
 0.10.2 lowers it for CUDA to a Triton module that verifies, and a separately installed Triton 3.9 (not the one
@@ -73,6 +74,24 @@ def _kernel(layer_ref, table_ref, length_ref, q_ref, kn_ref, vn_ref, pk_ref, pv_
         top = jnp.maximum(m, own)
         scale, e_own = jnp.exp(m - top), jnp.exp(own - top)
         o_ref[g, :] = (acc * scale + e_own * vn) / (l * scale + e_own)
+
+
+def sharded_paged_decode_attention(qg, k, v, pool_k, pool_v, layer, table, lengths, *, pool_sharding, **kw):
+    """`paged_decode_attention` over a mesh: the pool placed by `pool_sharding` (models.sharding.kv_pool_sharding:
+    its batch-shards axis n over the batch mesh axes, kv heads over tensor where they divide), each device runs the
+    kernel on its own rows and kv heads against its own pages (a row's pages are on its shard: nothing of the pool
+    moves). Rows (B of qg, k, v, table, lengths) go over the same axes as the pool's n, kv heads as the pool's K."""
+    from jax.sharding import PartitionSpec as P
+
+    spec = tuple(pool_sharding.spec) + (None,) * (6 - len(tuple(pool_sharding.spec)))
+    if spec[0] is not None or spec[2] is not None or spec[3] is not None or spec[5] is not None:
+        raise ValueError(f"paged_decode_attention: a pool sharded as {pool_sharding.spec} (only its shards and kv "
+                         "heads may be split)")
+    rows, heads = spec[1], spec[4]
+    q_spec, kv_spec = P(rows, heads), P(rows, heads)
+    return jax.shard_map(functools.partial(paged_decode_attention, **kw), mesh=pool_sharding.mesh,
+                         in_specs=(q_spec, kv_spec, kv_spec, P(*spec), P(*spec), P(), P(rows), P(rows)),
+                         out_specs=q_spec, check_vma=False)(qg, k, v, pool_k, pool_v, layer, table, lengths)
 
 
 def paged_decode_attention(qg: jax.Array, k: jax.Array, v: jax.Array, pool_k: jax.Array, pool_v: jax.Array,

@@ -545,7 +545,8 @@ def _decode(graphdef, params, lora, slots, pool: tuple, table, dyn: dict, par: d
     def step(kv, d):
         kv = pin(kv)
         live = d["live"] & m
-        cache = PagedKV(*kv, jnp.where(live[:, None], tab, 0))  # not live: page 0, read by no row
+        # not live: page 0, read by no row; the pool's sharding for the paged kernel's shard_map (where it has one)
+        cache = PagedKV(*kv, jnp.where(live[:, None], tab, 0), pool_sh if pool_sh.mesh.size > 1 else None)
         hidden, cache = model(d["tok"][:, None], jnp.where(live, d["pos"], 0)[:, None], cache=cache, unroll=unroll,
                               lora=adapters, attention=attention)
         kv = pin((cache.k, cache.v))

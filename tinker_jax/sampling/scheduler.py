@@ -266,7 +266,7 @@ class Sampler(SamplerBase):
       decode_unroll: unroll the decoder's layer loop inside a decode step.
       decode_attention: how a decode step attends (models.decoder.DECODE_ATTENTION): "einsum" (batched dots over
         each row's gathered context), "reduce" (fused products and sums), "paged" (a Pallas kernel that reads each
-        row's pages in place, models.paged_attention: one GPU; not measured yet; elsewhere interpreted, for
+        row's pages in place, models.paged_attention: GPUs, not measured yet; elsewhere interpreted, for
         tests), or "auto": "reduce" where the mesh's devices are CPUs (measured faster there,
         benchmarks/RESULTS.md), "einsum" elsewhere.
       decode_lengths: cache-length buckets a decode call attends over (the smallest one that holds every
@@ -372,9 +372,9 @@ class Sampler(SamplerBase):
         cpu = self.mesh.devices.flat[0].platform == "cpu"
         self.decode_attention = ("reduce" if cpu else "einsum") if decode_attention == "auto" else decode_attention
         if self.decode_attention == "paged":
-            if self.mesh.devices.size > 1:  # the kernel is not wrapped in a shard_map yet
-                raise ValueError(f"sampler.decode_attention: paged runs on one device for now; this sampler's mesh "
-                                 f"has {self.mesh.devices.size} (use einsum or reduce)")
+            if any(x is not None for i, x in enumerate(tuple(self.placement.pool.spec)) if i not in (1, 4)):
+                raise ValueError(f"sampler.decode_attention: paged splits a pool only by its shards and kv heads; "
+                                 f"these rules place it as {self.placement.pool.spec} (use einsum or reduce)")
             if self.page_size & (self.page_size - 1) or cfg.head_dim & (cfg.head_dim - 1):
                 raise ValueError(f"sampler.decode_attention: paged needs a power-of-two page_size and head_dim; "
                                  f"got page_size {self.page_size}, head_dim {cfg.head_dim} (use einsum or reduce)")
