@@ -13,6 +13,7 @@ RoPE tables in fp32 then cast, logits returned in fp32.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any, NamedTuple
 
@@ -61,6 +62,15 @@ class KVCache(NamedTuple):
                        self.v.at[:, rows, positions].set(v_new.astype(self.v.dtype)))
 
 
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class PoolSharding:
+    """The pool's NamedSharding where it spans a mesh, as static data (no pytree leaves: a PagedKV carrying it can
+    go through jax.tree functions, a checkpoint or a scan as arrays only)."""
+
+    sharding: Any
+
+
 class PagedKV(NamedTuple):
     """A KV cache in pages that rows share (the sampler's): a row's context is the pages its table lists, so rows
     of very different lengths share one pool sized by a budget, not rows x longest row, and the samples of one
@@ -79,7 +89,7 @@ class PagedKV(NamedTuple):
     k: jax.Array
     v: jax.Array
     table: jax.Array
-    sharding: Any = None  # the pool's NamedSharding where it spans a mesh (the paged kernel runs per shard); static
+    sharding: PoolSharding | None = None  # where the pool spans a mesh (the paged kernel then runs per shard)
 
     @property
     def slots(self) -> int:
@@ -127,7 +137,7 @@ class PagedLayer(NamedTuple):
     layer: jax.Array
     table: jax.Array
     interpret: bool
-    sharding: Any = None
+    sharding: PoolSharding | None = None
 
 
 def probe_attention(impl: str, n_heads: int, n_kv_heads: int, head_dim: int) -> str | None:
@@ -278,7 +288,8 @@ class Attention(nnx.Module):
         if isinstance(cache, PagedLayer):  # a decode step (T == 1) reading the rows' pages in place
             args = (qg[:, 0], k[:, 0], v[:, 0], cache.k, cache.v, cache.layer, cache.table, positions[:, 0])
             out = paged_decode_attention(*args, interpret=cache.interpret) if cache.sharding is None else \
-                sharded_paged_decode_attention(*args, interpret=cache.interpret, pool_sharding=cache.sharding)
+                sharded_paged_decode_attention(*args, interpret=cache.interpret,
+                                               pool_sharding=cache.sharding.sharding)
             return self.o(out.astype(x.dtype).reshape(B, T, N * H), lora), (k, v)
         if cache is not None and attention == "reduce" and T == 1:
             return self.o(_decode_attention_reduce(qg[:, 0], k[:, 0], v[:, 0], *cache, mask[:, 0]).astype(x.dtype)

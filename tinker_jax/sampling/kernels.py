@@ -50,7 +50,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from tinker_jax.models import lora as lora_math
 from tinker_jax.models.config import ModelConfig
-from tinker_jax.models.decoder import KVCache, PagedKV, merge
+from tinker_jax.models.decoder import KVCache, PagedKV, PoolSharding, merge
 from tinker_jax.models.lora import LoraRows, take_slots
 from tinker_jax.models.sharding import (DEFAULT_RULES, batch_shards, cache_sharding, from_host, kv_pool_sharding,
                                         pool_shardings, replicated, rules_key, spec_for, state_shardings)
@@ -546,7 +546,7 @@ def _decode(graphdef, params, lora, slots, pool: tuple, table, dyn: dict, par: d
         kv = pin(kv)
         live = d["live"] & m
         # not live: page 0, read by no row; the pool's sharding for the paged kernel's shard_map (where it has one)
-        cache = PagedKV(*kv, jnp.where(live[:, None], tab, 0), pool_sh if pool_sh.mesh.size > 1 else None)
+        cache = PagedKV(*kv, jnp.where(live[:, None], tab, 0), PoolSharding(pool_sh) if pool_sh.mesh.size > 1 else None)
         hidden, cache = model(d["tok"][:, None], jnp.where(live, d["pos"], 0)[:, None], cache=cache, unroll=unroll,
                               lora=adapters, attention=attention)
         kv = pin((cache.k, cache.v))

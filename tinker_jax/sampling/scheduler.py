@@ -119,6 +119,7 @@ class _Request:
     cache_hit: int = 0  # prompt tokens whose KV came from the prefix cache (SampleResponse.prompt_cache_hit_tokens)
     page_keys: list | None = None  # digests of its prompt's full pages, each of every token before it (`_page_keys`)
     seq: int = 0  # its place in its engine worker's request log (several processes: how followers match it)
+    waited: bool = False  # it waited once for a batch mate's prefix (`_after_batch_mates`): it does not again
 
 
 @dataclass(eq=False)
@@ -775,7 +776,9 @@ class Sampler(SamplerBase):
         smaller length bucket; those go back to the front of the queue. Requests sharing a system prompt or
         few-shot prefix that arrive together then cost one whole prefill and then, in the next batch, each the
         rest after the pages the first one left cached (`_prefill_tails`), not each a whole prefill. Identical
-        prompts stay (they share one prefill row, `_prefill`); requests that score their prompt never wait."""
+        prompts stay (they share one prefill row, `_prefill`); requests that score their prompt never wait, and a
+        request waits once at most (if rows short of pages evicted those pages meanwhile, the mates would
+        otherwise be prefilled one batch each)."""
         if not self.prefix_cache or len(batch) < 2 or self._chunks(batch[0]):
             return batch, []
         page = self.page_size
@@ -783,11 +786,12 @@ class Sampler(SamplerBase):
         for req in batch:
             P, w = len(req.spec.prompt), self._weights_of(req.snapshot)
             keys = self._page_keys(req)
-            if not req.spec.scores_prompt and (req.spec.prompt, req.table_slot) not in same:
+            if not (req.spec.scores_prompt or req.waited) and (req.spec.prompt, req.table_slot) not in same:
                 usable = keys[: (P - 2) // page]  # at least one position left to prefill
                 n = next((j for j, d in enumerate(usable) if (w, d) not in coming), len(usable))
                 cached = len(self._walk(req, len(usable))[1]) if self._prefix else 0
                 if n > cached and self._bucket(P - 1 - n * page) < self._bucket(P - 1 - cached * page):
+                    req.waited = True
                     later.append(req)
                     continue
             now.append(req)
