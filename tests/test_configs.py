@@ -44,3 +44,6 @@ def test_bad_configs_name_the_key(tmp_path):
                                                                   "sampler.quantize")):
         with pytest.raises(ValueError, match=key):
             SamplerConfig(**kw)
+    for kw, key in ((dict(dtype="float16"), "config.dtype"), (dict(attention="flash"), "config.attention")):
+        with pytest.raises(ValueError, match=key):
+            EngineConfig(**kw)

@@ -140,6 +140,12 @@ class EngineConfig:
     # num_processes, process_id, or from_env. Unset: this process alone.
     distributed: DistributedConfig = DistributedConfig()
 
+    def __post_init__(self):  # as SamplerConfig's: built in process or from a file, the same error names the field
+        if self.dtype not in ("float32", "bfloat16"):
+            raise ValueError(f"config.dtype: expected float32 or bfloat16, got {self.dtype!r}")
+        if self.attention not in ATTENTION_CHOICES:
+            raise ValueError(f"config.attention: expected one of {ATTENTION_CHOICES}, got {self.attention!r}")
+
     @staticmethod
     def from_dict(d: Mapping[str, Any], base_dir: Path | None = None) -> "EngineConfig":
         d = dict(d or {})
@@ -147,10 +153,6 @@ class EngineConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ValueError(f"config: unknown keys {unknown}; known: {sorted(known)}")
-        if d.get("dtype", "float32") not in ("float32", "bfloat16"):
-            raise ValueError(f"config.dtype: expected float32 or bfloat16, got {d['dtype']!r}")
-        if d.get("attention", "auto") not in ATTENTION_CHOICES:
-            raise ValueError(f"config.attention: expected one of {ATTENTION_CHOICES}, got {d['attention']!r}")
         if "mesh" in d:
             d["mesh"] = MeshConfig.from_dict(d["mesh"])
         if "distributed" in d and not isinstance(d["distributed"], DistributedConfig):
