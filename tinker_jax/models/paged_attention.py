@@ -1,12 +1,13 @@
 """Decode attention that reads a row's KV pages where they lie in the pool: a Pallas kernel (GPU).
 
 The einsum and reduce paths (models.decoder.Attention) first gather each row's pages into a [B, W*page, K, H]
-context per layer, which the step then reads again: on a GPU that copy is most of a decode step's memory traffic
-(for a Qwen3-0.6B shape at batch 64 with 384 positions, about 3x the bytes of the weights). This kernel reads
+context per layer, which the step then reads again: three passes over the context where one would do (for a
+Qwen3-0.6B shape at batch 64 with 384 positions a row, bf16, the context alone is about 2.3x the weights' bytes,
+so on a GPU that copy dominates a decode step's memory traffic). This kernel reads
 each row's own pages, only those that hold its positions, once, straight from the pool [L,n,Pn,page,K,H], and keeps
 the softmax online (flash-decoding style, in fp32), so nothing of the context is written back to memory.
 
-One program per (row, kv head): its G query heads against the row's pages (pages past its length are not read),
+One program per (row, kv head): its G query heads against the row's pages (none past its last step's),
 then its own new key and value (this step's, not in the pool yet: the caller writes them after the layer loop).
 The layer index comes in as an array (the decode step's layer loop is a scan), so the pool is never sliced.
 
@@ -17,7 +18,7 @@ against `_decode_attention_reduce`. It has never run on a GPU. What was checked 
 0.10.2 lowers it for CUDA to a Triton module that verifies, and a separately installed Triton 3.9 (not the one
 XLA bundles) compiles that for sm_90 and sm_80, at Qwen3-0.6B's shape (28 layers, 8 kv heads of 128, G 2, bf16)
 and at G 1, 4 and 8, without register spills at the default pages_per_step. Whether it beats the einsum path is
-`bash benchmarks/gpu.sh --decode --set decode_attention=paged`, not measured yet.
+`bash benchmarks/gpu.sh --decode --variant decode_attention=paged`, not measured yet.
 """
 
 from __future__ import annotations
