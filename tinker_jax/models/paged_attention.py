@@ -35,6 +35,22 @@ def _pow2(n: int) -> int:
     return 1 << max(0, int(n) - 1).bit_length()
 
 
+def _full_spec(pool_spec) -> tuple:
+    return tuple(pool_spec) + (None,) * (6 - len(tuple(pool_spec)))
+
+
+def unsupported(pool_spec, page: int, head_dim: int) -> str | None:
+    """Why the kernel cannot serve a pool [L,n,Pn,page,K,H] placed by `pool_spec` (a PartitionSpec; P() on one
+    device), or None: it splits a pool only by its shards n and kv heads K, and Triton loads [pages, page, H]
+    tiles, powers of two only. The sampler asks at start; the kernel asks again before tracing."""
+    spec = _full_spec(pool_spec)
+    if any(spec[i] is not None for i in (0, 2, 3, 5)):
+        return f"it splits a pool only by its shards and kv heads, not as {pool_spec}"
+    if page & (page - 1) or head_dim & (head_dim - 1):
+        return f"it needs a power-of-two page size and head_dim, not {page} and {head_dim}"
+    return None
+
+
 def _kernel(layer_ref, table_ref, length_ref, q_ref, kn_ref, vn_ref, pk_ref, pv_ref, o_ref, *, page: int,
             per_step: int, rows_per_shard: int):
     """One (row b, kv head h): q [G,H] (scaled), the row's page ids [W], its context length [1], its new key and
@@ -84,15 +100,15 @@ def sharded_paged_decode_attention(qg, k, v, pool_k, pool_v, layer, table, lengt
     moves). Rows (B of qg, k, v, table, lengths) go over the same axes as the pool's n, kv heads as the pool's K."""
     from jax.sharding import PartitionSpec as P
 
-    spec = tuple(pool_sharding.spec) + (None,) * (6 - len(tuple(pool_sharding.spec)))
-    if spec[0] is not None or spec[2] is not None or spec[3] is not None or spec[5] is not None:
-        raise ValueError(f"paged_decode_attention: a pool sharded as {pool_sharding.spec} (only its shards and kv "
-                         "heads may be split)")
+    why = unsupported(pool_sharding.spec, pool_k.shape[3], pool_k.shape[5])
+    if why:
+        raise ValueError(f"paged_decode_attention: {why}")
+    spec = _full_spec(pool_sharding.spec)
     rows, heads = spec[1], spec[4]
-    q_spec, kv_spec = P(rows, heads), P(rows, heads)
+    per_head = P(rows, heads)  # qg [B,K,G,H], k, v [B,K,H] and the output: rows and kv heads as the pool's
     return jax.shard_map(functools.partial(paged_decode_attention, **kw), mesh=pool_sharding.mesh,
-                         in_specs=(q_spec, kv_spec, kv_spec, P(*spec), P(*spec), P(), P(rows), P(rows)),
-                         out_specs=q_spec, check_vma=False)(qg, k, v, pool_k, pool_v, layer, table, lengths)
+                         in_specs=(per_head, per_head, per_head, P(*spec), P(*spec), P(), P(rows), P(rows)),
+                         out_specs=per_head, check_vma=False)(qg, k, v, pool_k, pool_v, layer, table, lengths)
 
 
 def paged_decode_attention(qg: jax.Array, k: jax.Array, v: jax.Array, pool_k: jax.Array, pool_v: jax.Array,
@@ -114,15 +130,15 @@ def paged_decode_attention(qg: jax.Array, k: jax.Array, v: jax.Array, pool_k: ja
     L, n, Pn, page, Kp, Hp = pool_k.shape
     if (Kp, Hp) != (K, H) or B % n:
         raise ValueError(f"paged_decode_attention: pool {pool_k.shape} does not fit queries {qg.shape}")
-    if page & (page - 1) or H & (H - 1):  # Triton loads [pages, page, H] tiles: powers of two only
-        raise ValueError(f"paged_decode_attention: page size {page} and head_dim {H} must be powers of two")
-    # Triton blocks are powers of two: pad the query heads and the page list (to whole steps; the padding pages,
-    # page 0, lie past every row's length).
-    Gp = _pow2(G)
+    why = unsupported((), page, H)
+    if why:
+        raise ValueError(f"paged_decode_attention: {why}")
+    # Triton blocks are powers of two: pad the query heads and the page list (a power of two, so whole steps of
+    # per_step pages, itself a power of two no larger; the padding pages, page 0, lie past every row's length).
+    Gp, W = _pow2(G), _pow2(table.shape[1])
     if pages_per_step is None:
         pages_per_step = max(1, min(4, 8 // Gp))
-    per_step = min(_pow2(pages_per_step), _pow2(table.shape[1]))
-    W = -(-_pow2(table.shape[1]) // per_step) * per_step
+    per_step = min(_pow2(pages_per_step), W)
     q = jnp.pad(qg, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
     table = jnp.pad(table.astype(jnp.int32), ((0, 0), (0, W - table.shape[1])))
     kernel = functools.partial(_kernel, page=page, per_step=per_step, rows_per_shard=B // n)

@@ -78,6 +78,7 @@ from tinker_jax.errors import UserError
 from tinker_jax.futures import begin
 from tinker_jax.models import lora as lora_math
 from tinker_jax.models.config import ModelConfig
+from tinker_jax.models import paged_attention
 from tinker_jax.models.decoder import DECODE_ATTENTION, PAGED_INTERPRET, KVCache
 from tinker_jax.models.sharding import DEFAULT_RULES, MeshConfig, batch_shards, from_host, make_mesh, zeros
 from tinker_jax.sampling import kernels, response
@@ -373,12 +374,10 @@ class Sampler(SamplerBase):
         cpu = self.mesh.devices.flat[0].platform == "cpu"
         self.decode_attention = ("reduce" if cpu else "einsum") if decode_attention == "auto" else decode_attention
         if self.decode_attention == "paged":
-            if any(x is not None for i, x in enumerate(tuple(self.placement.pool.spec)) if i not in (1, 4)):
-                raise ValueError(f"sampler.decode_attention: paged splits a pool only by its shards and kv heads; "
-                                 f"these rules place it as {self.placement.pool.spec} (use einsum or reduce)")
-            if self.page_size & (self.page_size - 1) or cfg.head_dim & (cfg.head_dim - 1):
-                raise ValueError(f"sampler.decode_attention: paged needs a power-of-two page_size and head_dim; "
-                                 f"got page_size {self.page_size}, head_dim {cfg.head_dim} (use einsum or reduce)")
+            why = paged_attention.unsupported(self.placement.pool.spec, self.page_size, cfg.head_dim)
+            if why:
+                raise ValueError(f"sampler.decode_attention: paged cannot serve this sampler: {why} (page_size, "
+                                 "the model's head_dim, the mesh rules; or use einsum or reduce)")
             if self.mesh.devices.flat[0].platform != "gpu":  # Pallas lowers it for GPUs; elsewhere, interpreted
                 log.warning("sampler: decode_attention paged on %s runs in Pallas' interpreter (slow; for tests)",
                             self.mesh.devices.flat[0].platform)
