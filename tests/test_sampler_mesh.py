@@ -43,11 +43,11 @@ MESHES = {
 }
 
 
-def _sampler(mesh, max_batch=ROWS, prefill_chunk=None, decode_attention="auto") -> Sampler:
+def _sampler(mesh, max_batch=ROWS, prefill_chunk=None, decode_attention="auto", decode_unroll=False) -> Sampler:
     s = Sampler(mu.jax_model(PRESET).cfg, max_batch=max_batch, max_seq_len=32, prefill_lengths=(8,),
                 prefill_batches=(1, 2, 4), prefill_chunk=prefill_chunk, decode_steps=4, decode_lengths=(16,),
                 max_topk_prompt_logprobs=3, mesh=mesh, compiler_options=mu._compiler_options(),
-                decode_attention=decode_attention,
+                decode_attention=decode_attention, decode_unroll=decode_unroll,
                 page_size=4)  # small pages, so that prompts of 6 and 7 tokens fill some (shared, cached)
     return s.drive(lambda: None)  # this thread steps it: rows submitted together start in the same step
 
@@ -216,14 +216,16 @@ def test_chunked_prefill_over_a_mesh_equals_a_whole_prefill_on_one_device():
     np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("name", ["dp2xtp2", "tp4"])
-def test_the_paged_kernel_over_a_mesh_samples_like_one_device(name, reference):
+@pytest.mark.parametrize("name,unroll", [("dp2xtp2", True), ("tp4", False)])
+def test_the_paged_kernel_over_a_mesh_samples_like_one_device(name, unroll, reference):
     """decode_attention "paged" (Pallas' interpreter on this CPU) over a mesh: each device runs the kernel on its
     rows and kv heads against its own pages (a shard_map): rows over data with their pages, kv heads over tensor
-    (dp2xtp2), or kept whole where tensor=4 does not divide the 2 kv heads (tp4). Still the single-device answer."""
+    (dp2xtp2), or kept whole where tensor=4 does not divide the 2 kv heads (tp4). Still the single-device answer.
+    dp2xtp2 also unrolls the layer loop (decode_unroll), where each layer writes its keys and values into the
+    sharded pool before its kernel reads it (decoder.LayerCache)."""
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8, see conftest.py)")
     mesh = make_mesh(MESHES[name][0])
-    s = _sampler(mesh, decode_attention="paged")
+    s = _sampler(mesh, decode_attention="paged", decode_unroll=unroll)
     assert s.decode_attention == "paged-interpret"
     _assert_same(_workload(s, *_snapshots(mesh)), reference)

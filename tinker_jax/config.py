@@ -37,7 +37,7 @@ class SamplerConfig:
     #                        sooner when its rows finish or a row frees for a waiting request; stop strings are
     #                        checked between calls)
     decode_unroll: bool = False  # jax: unroll the layer loop of a decode step (more code, fewer loop iterations;
-    #                              with the paged cache its program copies the KV pool per step: measure first)
+    #                              slower on CPUs; with the paged cache not measured on a GPU: measure first)
     decode_attention: str = "auto"  # jax: a decode step's attention: einsum | reduce | paged | auto (reduce on
     #                                 CPUs, where it was faster; einsum elsewhere). paged: a Pallas kernel reading
     #                                 each row's pages in place (GPUs; interpreted elsewhere; not yet measured)

@@ -55,11 +55,12 @@ class KVCache(NamedTuple):
         """Layer `layer`'s cache [B,S,K,H] as attention reads it."""
         return self.k[layer], self.v[layer]
 
-    def write(self, k_new: jax.Array, v_new: jax.Array, positions: jax.Array) -> "KVCache":
-        """k_new, v_new [L,B,T,K,H] of every layer: step t of row b goes to slot positions[b, t]."""
-        rows = jnp.arange(k_new.shape[1])[:, None]
-        return KVCache(self.k.at[:, rows, positions].set(k_new.astype(self.k.dtype)),
-                       self.v.at[:, rows, positions].set(v_new.astype(self.v.dtype)))
+    def write(self, k_new: jax.Array, v_new: jax.Array, positions: jax.Array, layer=slice(None)) -> "KVCache":
+        """k_new, v_new [L,B,T,K,H] of every layer (or [B,T,K,H] of layer `layer`, an index): step t of row b
+        goes to slot positions[b, t]."""
+        rows = jnp.arange(positions.shape[0])[:, None]
+        return KVCache(self.k.at[layer, rows, positions].set(k_new.astype(self.k.dtype)),
+                       self.v.at[layer, rows, positions].set(v_new.astype(self.v.dtype)))
 
 
 @jax.tree_util.register_static
@@ -114,15 +115,16 @@ class PagedKV(NamedTuple):
         """Layer `layer` as the paged kernel reads it: the pools whole, nothing gathered."""
         return PagedLayer(self.k, self.v, layer, self.table, interpret, self.sharding)
 
-    def write(self, k_new: jax.Array, v_new: jax.Array, positions: jax.Array) -> "PagedKV":
-        """k_new, v_new [L,B,T,K,H] of every layer: step t of row b goes to its page for positions[b, t]."""
+    def write(self, k_new: jax.Array, v_new: jax.Array, positions: jax.Array, layer=slice(None)) -> "PagedKV":
+        """k_new, v_new [L,B,T,K,H] of every layer (or [B,T,K,H] of layer `layer`, an index): step t of row b
+        goes to its page for positions[b, t]."""
         page = self.k.shape[3]
         pages = self._by_shard(jnp.take_along_axis(self.table, positions // page, axis=1))  # [n, B/n, T]
         offsets = self._by_shard(positions % page)
 
-        def put(pool, new):  # pool [L,n,Pn,page,K,H], new [L,B,T,K,H] -> [L,n,B/n,T,K,H] into place
-            new = new.reshape(new.shape[0], pool.shape[1], -1, *new.shape[2:]).astype(pool.dtype)
-            return pool.at[:, self._shard(), pages, offsets].set(new)
+        def put(pool, new):  # pool [L,n,Pn,page,K,H], new [(L,)B,T,K,H] -> [(L,)n,B/n,T,K,H] into place
+            new = new.reshape(*new.shape[:-4], pool.shape[1], -1, *new.shape[-3:]).astype(pool.dtype)
+            return pool.at[layer, self._shard(), pages, offsets].set(new)
 
         return PagedKV(put(self.k, k_new), put(self.v, v_new), self.table, self.sharding)
 
@@ -138,6 +140,21 @@ class PagedLayer(NamedTuple):
     table: jax.Array
     interpret: bool
     sharding: PoolSharding | None = None
+
+
+class LayerCache(NamedTuple):
+    """A layer's turn at the whole decode cache in an unrolled layer loop (`Decoder(unroll=True)`): its attention
+    writes this step's keys and values into `cache` first, then reads its context from the cache it wrote, and
+    returns that cache for the next layer. Why write first: unrolled, the layers' reads of the cache and a write
+    after them are not ordered by any data dependence (the new keys do not depend on the last layer's attention),
+    so XLA copied the whole cache, twice per step, to keep the readers safe; written first, each layer's read
+    depends on its write and the next layer's write on that read, a chain XLA updates in place. The context mask
+    still excludes the step's own slot, so the arithmetic is the same as reading before the write."""
+
+    cache: "KVCache | PagedKV"
+    layer: jax.Array
+    kernel: bool  # read through the paged kernel (PagedKV.layer_view) instead of gathering (context)
+    interpret: bool  # the kernel in Pallas' interpreter
 
 
 def probe_attention(impl: str, n_heads: int, n_kv_heads: int, head_dim: int) -> str | None:
@@ -271,6 +288,8 @@ class Attention(nnx.Module):
         loop made XLA copy the whole cache per layer, which dominated decode time. `attention` "reduce" with a
         cache and T == 1 (a decode step) computes the same attention without dots (`_decode_attention_reduce`).
         With cache = a PagedLayer (a decode step, T == 1), the paged kernel reads the rows' pages in place.
+        With cache = a LayerCache (an unrolled decode step), this layer writes its k/v into the whole cache first,
+        reads its context from that, and returns the written cache in place of (k, v).
         """
         N, K, H = self.shape
         B, T, _ = x.shape
@@ -285,15 +304,19 @@ class Attention(nnx.Module):
                                                implementation=attention)  # [B,T,N,H]; GQA handled inside
             return self.o(out.reshape(B, T, N * H), lora), (k, v)
         qg = q.reshape(B, T, K, N // K, H) * (1.0 / math.sqrt(H))  # GQA: G query heads share one kv head
+        kv = (k, v)
+        if isinstance(cache, LayerCache):  # write first, then read what was written (see LayerCache)
+            kv = cache.cache.write(k, v, positions, layer=cache.layer)
+            cache = kv.layer_view(cache.layer, cache.interpret) if cache.kernel else kv.context(cache.layer)
         if isinstance(cache, PagedLayer):  # a decode step (T == 1) reading the rows' pages in place
             args = (qg[:, 0], k[:, 0], v[:, 0], cache.k, cache.v, cache.layer, cache.table, positions[:, 0])
             out = paged_decode_attention(*args, interpret=cache.interpret) if cache.sharding is None else \
                 sharded_paged_decode_attention(*args, interpret=cache.interpret,
                                                pool_sharding=cache.sharding.sharding)
-            return self.o(out.astype(x.dtype).reshape(B, T, N * H), lora), (k, v)
+            return self.o(out.astype(x.dtype).reshape(B, T, N * H), lora), kv
         if cache is not None and attention == "reduce" and T == 1:
             return self.o(_decode_attention_reduce(qg[:, 0], k[:, 0], v[:, 0], *cache, mask[:, 0]).astype(x.dtype)
-                          .reshape(B, T, N * H), lora), (k, v)
+                          .reshape(B, T, N * H), lora), kv
         scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k)  # this chunk's own keys
         if cache is not None:  # prepend the cached context's scores; the cache itself is never copied
             ck, cv = cache
@@ -309,7 +332,7 @@ class Attention(nnx.Module):
             out = (jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., :S], cv.astype(x.dtype))
                    + jnp.einsum("BKGTS,BSKH->BTKGH", probs[..., S:], v))
         out = out.reshape(B, T, N * H)
-        return self.o(out, lora), (k, v)
+        return self.o(out, lora), kv
 
 
 def _decode_attention_reduce(qg, k, v, ck, cv, mask):
@@ -492,7 +515,8 @@ class Decoder(nnx.Module):
         for one-token steps "reduce" (`_decode_attention_reduce`) or, with a PagedKV, "paged" (the rows' pages read
         in place by a Pallas kernel, models.paged_attention; PAGED_INTERPRET: the same in Pallas' interpreter);
         longer chunks always take the einsum path.
-        unroll (cache only): unroll the layer loop (a decode step is small; a loop costs per-iteration overhead).
+        unroll (cache only): unroll the layer loop (a decode step is small; a loop costs per-iteration overhead);
+            each layer then writes the cache before reading it (LayerCache), where the loop writes once after.
 
         remat: recompute each layer's activations in the backward pass, keeping only its matmul outputs
         (attention scores, [B,N,T,T] per layer, are the first thing that runs a long-sequence GPU step out
@@ -542,15 +566,26 @@ class Decoder(nnx.Module):
 
         paged = attention in ("paged", PAGED_INTERPRET) and T == 1 and isinstance(cache, PagedKV)
 
+        if unroll:  # each layer writes the cache, then reads it (see LayerCache); the cache is the loop's carry
+            def unrolled_layer(carry, name, xs, layer):
+                h, c = carry
+                block, lw = block_of(name, *xs)
+                turn = LayerCache(c, layer, paged, attention == PAGED_INTERPRET)
+                return block(h, positions, mask, inv_freq, turn, attention, lora=lw), None
+
+            (x, cache), _ = scan_layers(self.cfg, unrolled_layer, (x, cache), per_stack,
+                                        jnp.arange(self.cfg.n_layers), unroll=True)
+            return self.final_norm(x), cache
+
         def cached_layer(h, name, xs, layer):
             block, lw = block_of(name, *xs)
             ctx = cache.layer_view(layer, attention == PAGED_INTERPRET) if paged else cache.context(layer)
             return block(h, positions, mask, inv_freq, ctx, attention, lora=lw)
 
-        # The cache is read whole by each layer's context (a layer index, not a slice: see PagedKV.context).
-        x, (k_new, v_new) = scan_layers(self.cfg, cached_layer, x, per_stack, jnp.arange(self.cfg.n_layers),
-                                        unroll=bool(unroll))  # new: [L,B,T,K,H]
-        return self.final_norm(x), cache.write(k_new, v_new, positions)
+        # The cache is read whole by each layer's context (a layer index, not a slice: see PagedKV.context), and
+        # written once after the loop: the loop's reads then all come before the write, and XLA writes in place.
+        x, (k_new, v_new) = scan_layers(self.cfg, cached_layer, x, per_stack, jnp.arange(self.cfg.n_layers))
+        return self.final_norm(x), cache.write(k_new, v_new, positions)  # new: [L,B,T,K,H]
 
     def logits(self, hidden: jax.Array, lora: tuple[LoraRows, ...] = ()) -> jax.Array:
         """hidden [B,T,D] -> logits [B,T,V] float32. A tied model's unembedding is the embedding matrix; an
