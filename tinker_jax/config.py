@@ -41,6 +41,9 @@ class SamplerConfig:
     decode_attention: str = "auto"  # jax: a decode step's attention: einsum | reduce | paged | auto (reduce on
     #                                 CPUs, where it was faster; einsum elsewhere). paged: a Pallas kernel reading
     #                                 each row's pages in place (GPUs; interpreted elsewhere; not yet measured)
+    burst_gap_ms: float = 2.0  # jax: an idle sampler waits while requests keep arriving this close together
+    #                            (up to 10 gaps) and prefills and decodes them together; a lone request waits one
+    #                            gap; 0: off
     prefill_chunk: int = 512  # jax: a longer prompt is prefilled this many tokens per sampler step (running
     #                           decodes keep their pace; its attention memory grows linearly with its length); 0: off
     max_adapters: int = 16  # jax: LoRA adapters resident per rank at once (rows of different adapters decode
@@ -72,6 +75,10 @@ class SamplerConfig:
         if self.quantize not in (None, *QUANTIZE_MODES):
             raise ValueError(f"config.sampler.quantize: expected one of {QUANTIZE_MODES} or null, got "
                              f"{self.quantize!r}")
+        if not (isinstance(self.burst_gap_ms, (int, float)) and not isinstance(self.burst_gap_ms, bool)
+                and 0 <= self.burst_gap_ms <= 1000):
+            raise ValueError(f"config.sampler.burst_gap_ms: expected a number of milliseconds in [0, 1000], got "
+                             f"{self.burst_gap_ms!r}")
         if self.quantize and self.backend != "jax":
             raise ValueError("config.sampler.quantize: only the jax sampler backend quantizes weights "
                              f"(backend is {self.backend!r})")

@@ -151,6 +151,11 @@ class _Row:
     topk: list[tuple] = field(default_factory=list)  # per token, (ids [k], logprobs [k]) when the request asked
 
 
+# How long an idle sampler waits for a burst of requests at most, in gaps of `burst_gap_ms` (take_incoming): 10
+# gaps of the default 2 ms cap what a request sent right after another can add to its latency at 20 ms.
+BURST_GAPS = 10
+
+
 def _pow2(n: int) -> int:
     """0 for 0, else the smallest power of two >= n."""
     return 0 if n <= 0 else 1 << (n - 1).bit_length()
@@ -261,6 +266,11 @@ class Sampler(SamplerBase):
       prefill_lengths: length buckets for prefill (prompt length - 1 is padded up to one of them).
       prefill_batches: row buckets for one prefill call.
       prefill_token_budget: at most this many (rows x bucket length) tokens per prefill call.
+      burst_gap_ms: when the sampler is idle, the step that a new request wakes first waits while more keep
+        arriving, each within this many milliseconds of the last (for at most BURST_GAPS gaps), and takes them
+        all: a batch of requests sent one after another (a client's loop; tinker-cookbook sends a group's
+        rollouts as separate requests) is then prefilled and decoded together, instead of its first few alone
+        for a whole decode call while the rest wait. A lone request waits one gap. 0: off.
       prefill_chunk: prompts longer than this are prefilled alone, this many tokens per step (kernels.prefill_part),
         so running decodes keep their pace and attention memory is linear in the prompt's length; 0 or None: whole.
       decode_steps: most decode steps per device call (one host round trip): the call's device loop ends sooner
@@ -310,6 +320,7 @@ class Sampler(SamplerBase):
     def __init__(self, cfg: ModelConfig, eos_token_ids: Sequence[int] | int | None = None, *, max_batch: int = 8,
                  max_seq_len: int = 4096, prefill_lengths: Sequence[int] | None = None,
                  prefill_batches: Sequence[int] = (1, 2, 4, 8), prefill_token_budget: int = 16384,
+                 burst_gap_ms: float = 2.0,
                  prefill_chunk: int | None = 512, decode_steps: int = 8, decode_unroll: bool = False,
                  decode_attention: str = "auto", decode_lengths: Sequence[int] | None = None,
                  max_num_samples: int = 128, max_topk_prompt_logprobs: int = 20, max_stop_tokens: int = 16,
@@ -359,6 +370,10 @@ class Sampler(SamplerBase):
         self.prefill_batches = tuple(sorted(set(min(-(-int(b) // shards) * shards, self.max_batch)
                                                 for b in prefill_batches)))
         self.prefill_token_budget = int(prefill_token_budget)
+        if not (isinstance(burst_gap_ms, (int, float)) and not isinstance(burst_gap_ms, bool)
+                and 0 <= burst_gap_ms <= 1000):
+            raise ValueError(f"burst_gap_ms: expected a number of milliseconds in [0, 1000], got {burst_gap_ms!r}")
+        self.burst_gap_s = float(burst_gap_ms) / 1e3
         if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or int(prefill_chunk) < 0):
             raise ValueError(f"prefill_chunk: must be a number of tokens (0 or None: whole prompts), got "
                              f"{prefill_chunk!r}")
@@ -544,10 +559,32 @@ class Sampler(SamplerBase):
     def take_incoming(self, start: bool = False) -> list[_Request]:
         """The requests queued since the last step, to hand to `step`. start: start them now (cancelled ones are
         dropped): a step's requests are then fixed, which lets a leader publish them for other processes to run
-        alike; otherwise a request stays cancellable until its prefill."""
+        alike; otherwise a request stays cancellable until its prefill. On an idle sampler, waits for the rest of
+        a burst first (`burst_gap_ms`; only here, before the step's requests are fixed, so a leader publishes the
+        whole burst and other processes replay it without waiting)."""
         with self._cv:
+            if self.burst_gap_s > 0 and self._incoming and self._idle():
+                self._await_burst()
             new, self._incoming = self._incoming, []
         return [r for r in new if begin(r.future)] if start else new
+
+    def _idle(self) -> bool:
+        """Nothing queued, prefilling or decoding (read on the stepping thread, which alone changes these)."""
+        return not (self._pending or self._deferred or self._prefilling or any(r is not None for r in self._rows))
+
+    def _await_burst(self) -> None:
+        """With self._cv held: wait (releasing it) until no request has arrived for one gap, or BURST_GAPS gaps
+        have passed, or the sampler stops. `enqueue` notifies on every arrival."""
+        deadline = time.monotonic() + BURST_GAPS * self.burst_gap_s
+        n = len(self._incoming)
+        while not self._stopping:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return
+            self._cv.wait(min(self.burst_gap_s, left))
+            if len(self._incoming) == n:
+                return
+            n = len(self._incoming)
 
     def step(self, incoming: list[_Request] | None = None) -> None:
         """One admission round and one decode call (on the thread that owns the loop), after queueing `incoming`
