@@ -216,12 +216,12 @@ def test_chunked_prefill_over_a_mesh_equals_a_whole_prefill_on_one_device():
     np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
 
 
-@pytest.mark.parametrize("name,unroll", [("dp2xtp2", True), ("tp4", False)])
+@pytest.mark.parametrize("name,unroll", [("dp2xtp2", False), ("tp4", False), ("dp2xtp2", True)])
 def test_the_paged_kernel_over_a_mesh_samples_like_one_device(name, unroll, reference):
     """decode_attention "paged" (Pallas' interpreter on this CPU) over a mesh: each device runs the kernel on its
     rows and kv heads against its own pages (a shard_map): rows over data with their pages, kv heads over tensor
     (dp2xtp2), or kept whole where tensor=4 does not divide the 2 kv heads (tp4). Still the single-device answer.
-    dp2xtp2 also unrolls the layer loop (decode_unroll), where each layer writes its keys and values into the
+    Also with the layer loop unrolled (decode_unroll), where each layer writes its keys and values into the
     sharded pool before its kernel reads it (decoder.LayerCache)."""
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8, see conftest.py)")

@@ -231,9 +231,9 @@ def test_requests_sent_one_after_another_to_an_idle_sampler_start_together(sampl
         return out, s.stats["prefill_calls"] - before
 
     with Sampler(snap.cfg, [EOS], max_batch=ROWS, max_seq_len=MAX_SEQ, prefill_lengths=(16,), prefill_batches=(4,),
-                 decode_steps=4, decode_lengths=(32,), tokenizer=CharTokenizer(), burst_gap_ms=300) as patient:
+                 decode_steps=4, decode_lengths=(32,), tokenizer=CharTokenizer(), burst_gap_ms=50) as patient:
         patient.sample(snap, prompt_of(99, 6), params)  # compiles
-        together, calls = send(patient, 0.02, prompts)
+        together, calls = send(patient, 0.01, prompts)
         assert calls == 1
         for a, b in zip(together, alone):
             assert a.tokens == b.tokens
@@ -241,7 +241,7 @@ def test_requests_sent_one_after_another_to_an_idle_sampler_start_together(sampl
     _, calls = send(sampler, 0.3, [prompt_of(100 + i, 6) for i in range(ROWS)])  # new prompts: none cached
     assert calls == ROWS
     with pytest.raises(ValueError, match="burst_gap_ms: expected a number of milliseconds"):
-        Sampler(snap.cfg, [EOS], max_batch=ROWS, max_seq_len=MAX_SEQ, burst_gap_ms=-1)
+        Sampler(snap.cfg, [EOS], max_batch=ROWS, max_seq_len=MAX_SEQ, burst_gap_ms=51)
 
 
 def test_num_samples_share_prefill(sampler, snap, hf):

@@ -76,8 +76,8 @@ class SamplerConfig:
             raise ValueError(f"config.sampler.quantize: expected one of {QUANTIZE_MODES} or null, got "
                              f"{self.quantize!r}")
         if not (isinstance(self.burst_gap_ms, (int, float)) and not isinstance(self.burst_gap_ms, bool)
-                and 0 <= self.burst_gap_ms <= 1000):
-            raise ValueError(f"config.sampler.burst_gap_ms: expected a number of milliseconds in [0, 1000], got "
+                and 0 <= self.burst_gap_ms <= 50):
+            raise ValueError(f"config.sampler.burst_gap_ms: expected a number of milliseconds in [0, 50], got "
                              f"{self.burst_gap_ms!r}")
         if self.quantize and self.backend != "jax":
             raise ValueError("config.sampler.quantize: only the jax sampler backend quantizes weights "

@@ -210,9 +210,10 @@ class BaseWorker:
                     self._busy["train"] += dt
                     self.stats["train_seconds"] += dt
                 elif sample:
-                    t0 = time.perf_counter()
-                    # Several processes: the step's new requests are fixed (started) and published with it.
+                    # Several processes: the step's new requests are fixed (started) and published with it. (Not
+                    # timed: waiting there for the rest of a burst, sampler.burst_gap_ms, is not sampling work.)
                     new = self.sampler.take_incoming(start=self._leader_procs is not None)
+                    t0 = time.perf_counter()
                     with self._turn(("sample", self.name, [_wire(r) for r in new])):
                         self.sampler.step(new)
                     dt = time.perf_counter() - t0

@@ -124,7 +124,10 @@ class PagedKV(NamedTuple):
 
         def put(pool, new):  # pool [L,n,Pn,page,K,H], new [(L,)B,T,K,H] -> [(L,)n,B/n,T,K,H] into place
             new = new.reshape(*new.shape[:-4], pool.shape[1], -1, *new.shape[-3:]).astype(pool.dtype)
-            return pool.at[layer, self._shard(), pages, offsets].set(new)
+            pool = pool.at[layer, self._shard(), pages, offsets].set(new)
+            # Pinned where the pool spans a mesh: a written pool left free took the new keys' sharding (split over
+            # tensor mid-head where the pool keeps its kv heads whole) and was gathered back, whole, per layer.
+            return pool if self.sharding is None else jax.lax.with_sharding_constraint(pool, self.sharding.sharding)
 
         return PagedKV(put(self.k, k_new), put(self.v, v_new), self.table, self.sharding)
 
@@ -515,8 +518,9 @@ class Decoder(nnx.Module):
         for one-token steps "reduce" (`_decode_attention_reduce`) or, with a PagedKV, "paged" (the rows' pages read
         in place by a Pallas kernel, models.paged_attention; PAGED_INTERPRET: the same in Pallas' interpreter);
         longer chunks always take the einsum path.
-        unroll (cache only): unroll the layer loop (a decode step is small; a loop costs per-iteration overhead);
-            each layer then writes the cache before reading it (LayerCache), where the loop writes once after.
+        unroll (cache, T == 1 only: a decode step): unroll the layer loop (a decode step is small; a loop costs
+            per-iteration overhead); each layer then writes the cache before reading it (LayerCache), where the
+            loop writes once after. (A longer chunk would see its own padding's writes; it takes the loop.)
 
         remat: recompute each layer's activations in the backward pass, keeping only its matmul outputs
         (attention scores, [B,N,T,T] per layer, are the first thing that runs a long-sequence GPU step out
@@ -566,7 +570,7 @@ class Decoder(nnx.Module):
 
         paged = attention in ("paged", PAGED_INTERPRET) and T == 1 and isinstance(cache, PagedKV)
 
-        if unroll:  # each layer writes the cache, then reads it (see LayerCache); the cache is the loop's carry
+        if unroll and T == 1:  # each layer writes the cache, then reads it (see LayerCache); the cache is the carry
             def unrolled_layer(carry, name, xs, layer):
                 h, c = carry
                 block, lw = block_of(name, *xs)

@@ -371,8 +371,8 @@ class Sampler(SamplerBase):
                                                 for b in prefill_batches)))
         self.prefill_token_budget = int(prefill_token_budget)
         if not (isinstance(burst_gap_ms, (int, float)) and not isinstance(burst_gap_ms, bool)
-                and 0 <= burst_gap_ms <= 1000):
-            raise ValueError(f"burst_gap_ms: expected a number of milliseconds in [0, 1000], got {burst_gap_ms!r}")
+                and 0 <= burst_gap_ms <= 50):
+            raise ValueError(f"burst_gap_ms: expected a number of milliseconds in [0, 50], got {burst_gap_ms!r}")
         self.burst_gap_s = float(burst_gap_ms) / 1e3
         if prefill_chunk is not None and (isinstance(prefill_chunk, bool) or int(prefill_chunk) < 0):
             raise ValueError(f"prefill_chunk: must be a number of tokens (0 or None: whole prompts), got "
