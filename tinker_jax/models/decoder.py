@@ -145,6 +145,12 @@ class PagedLayer(NamedTuple):
     sharding: PoolSharding | None = None
 
 
+def layer_context(cache: "KVCache | PagedKV", layer: jax.Array, kernel: bool, interpret: bool):
+    """What layer `layer`'s attention reads of a decode cache: the pools whole for the paged kernel (`kernel`:
+    PagedKV.layer_view), else its context gathered [B,S,K,H] (`context`)."""
+    return cache.layer_view(layer, interpret) if kernel else cache.context(layer)
+
+
 class LayerCache(NamedTuple):
     """A layer's turn at the whole decode cache in an unrolled layer loop (`Decoder(unroll=True)`): its attention
     writes this step's keys and values into `cache` first, then reads its context from the cache it wrote, and
@@ -310,7 +316,7 @@ class Attention(nnx.Module):
         kv = (k, v)
         if isinstance(cache, LayerCache):  # write first, then read what was written (see LayerCache)
             kv = cache.cache.write(k, v, positions, layer=cache.layer)
-            cache = kv.layer_view(cache.layer, cache.interpret) if cache.kernel else kv.context(cache.layer)
+            cache = layer_context(kv, cache.layer, cache.kernel, cache.interpret)
         if isinstance(cache, PagedLayer):  # a decode step (T == 1) reading the rows' pages in place
             args = (qg[:, 0], k[:, 0], v[:, 0], cache.k, cache.v, cache.layer, cache.table, positions[:, 0])
             out = paged_decode_attention(*args, interpret=cache.interpret) if cache.sharding is None else \
@@ -583,7 +589,7 @@ class Decoder(nnx.Module):
 
         def cached_layer(h, name, xs, layer):
             block, lw = block_of(name, *xs)
-            ctx = cache.layer_view(layer, attention == PAGED_INTERPRET) if paged else cache.context(layer)
+            ctx = layer_context(cache, layer, paged, attention == PAGED_INTERPRET)
             return block(h, positions, mask, inv_freq, ctx, attention, lora=lw)
 
         # The cache is read whole by each layer's context (a layer index, not a slice: see PagedKV.context), and

@@ -8,7 +8,8 @@ each row's own pages, only those that hold its positions, once, straight from th
 the softmax online (flash-decoding style, in fp32), so nothing of the context is written back to memory.
 
 One program per (row, kv head): its G query heads against the row's pages (none past its last step's),
-then its own new key and value (this step's, not in the pool yet: the caller writes them after the layer loop).
+then its own new key and value, given as arguments (the lengths exclude this step's slot, so it is the same
+whether the caller writes them into the pool after the layer loop or, unrolled, before the layer reads it).
 The layer index comes in as an array (the decode step's layer loop is a scan), so the pool is never sliced.
 
 Where it runs: one device, or a mesh through `sharded_paged_decode_attention` (a shard_map: each device its rows

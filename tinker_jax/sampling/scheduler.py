@@ -386,16 +386,17 @@ class Sampler(SamplerBase):
         if decode_attention not in ("auto", *DECODE_ATTENTION):
             raise ValueError(f"sampler.decode_attention: expected auto or one of {DECODE_ATTENTION}, "
                              f"got {decode_attention!r}")
-        cpu = self.mesh.devices.flat[0].platform == "cpu"
-        self.decode_attention = ("reduce" if cpu else "einsum") if decode_attention == "auto" else decode_attention
+        platform = self.mesh.devices.flat[0].platform
+        auto = "reduce" if platform == "cpu" else "einsum"
+        self.decode_attention = auto if decode_attention == "auto" else decode_attention
         if self.decode_attention == "paged":
             why = paged_attention.unsupported(self.placement.pool.spec, self.page_size, cfg.head_dim)
             if why:
                 raise ValueError(f"sampler.decode_attention: paged cannot serve this sampler: {why} (page_size, "
                                  "the model's head_dim, the mesh rules; or use einsum or reduce)")
-            if self.mesh.devices.flat[0].platform != "gpu":  # Pallas lowers it for GPUs; elsewhere, interpreted
+            if platform != "gpu":  # Pallas lowers it for GPUs; elsewhere, interpreted
                 log.warning("sampler: decode_attention paged on %s runs in Pallas' interpreter (slow; for tests)",
-                            self.mesh.devices.flat[0].platform)
+                            platform)
                 self.decode_attention = PAGED_INTERPRET
         # From 64: a short sample attends over little more than its own positions (a 32 +32 batch-1 decode went
         # from x1.13 to x2.23 of transformers' generate on the CPU suite against a 256-slot first view). A view is
@@ -554,7 +555,7 @@ class Sampler(SamplerBase):
         with self._cv:
             if self._incoming:
                 return True
-        return bool(self._pending or self._deferred or self._prefilling or any(r is not None for r in self._rows))
+        return not self._idle()
 
     def take_incoming(self, start: bool = False) -> list[_Request]:
         """The requests queued since the last step, to hand to `step`. start: start them now (cancelled ones are
@@ -634,8 +635,7 @@ class Sampler(SamplerBase):
     def _run(self) -> None:
         while True:
             with self._cv:
-                while not (self._stopping or self._incoming or self._pending or self._deferred or self._prefilling
-                           or any(r is not None for r in self._rows)):
+                while not (self._stopping or self._incoming or not self._idle()):
                     self._cv.wait()
                 if self._stopping:
                     break
