@@ -190,9 +190,9 @@ def test_weights_off_the_mesh_are_refused():
 
 
 def test_chunked_prefill_over_a_mesh_equals_a_whole_prefill_on_one_device():
-    """A prompt prefilled 4 tokens per step (kernels.prefill_part) on dp2 x fsdp2 x tp2, rows over two mesh axes,
+    """A prompt prefilled 4 tokens per step (kernels.prefill_pages) on dp2 x fsdp2 x tp2, rows over two mesh axes,
     samples what one device samples after prefilling the prompt whole: tokens, sampled and prompt logprobs, and
-    target_prompt_logprobs."""
+    target_prompt_logprobs; also when its chunks write the pages of the second batch shard."""
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8, see conftest.py)")
     prompt = np.random.default_rng(7).integers(3, 500, 13).tolist()
@@ -210,7 +210,16 @@ def test_chunked_prefill_over_a_mesh_equals_a_whole_prefill_on_one_device():
         out.append(fut.result(timeout=0))
         # 12 prompt positions in chunks of 4: 3 chunks (not the 32-token bucket's 8)
         assert s.stats["prefill_chunks"] == (0 if chunk is None else 3)
-    _assert_same(out[1:], out[:1])
+    # Again with batch shard 0 short of free pages: the chunks write the pages of shard 1, from its prefill row.
+    pg = s._pages
+    held = pg.take(0, pg.free(0) - pg.free(1) + 1)
+    fut = s.submit(base, prompt, params, include_prompt_logprobs=True, target_prompt_logprobs=targets)
+    s.step()
+    assert (s._prefilling[0].shard, s._prefilling[0].row) == (1, s._prefilling[0].tokens.shape[0] // pg.shards)
+    while s.has_work():
+        s.step()
+    pg.drop(0, held)
+    _assert_same([out[1], fut.result(timeout=0)], out[:1] * 2)
     got, want = (np.asarray(o.target_prompt_logprobs.data) for o in out[::-1])
     assert np.count_nonzero(want) == 12 * 2 - 1  # every asked cell has a (negative) logprob, the -1 cell 0.0
     np.testing.assert_allclose(got, want, rtol=0, atol=TOL)

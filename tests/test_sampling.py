@@ -767,7 +767,7 @@ def test_a_failing_prefill_chunk_fails_only_its_request(snap, monkeypatch):
     beside it finishes with the tokens it has alone."""
     s = Sampler(snap.cfg, [EOS], max_batch=2, max_seq_len=MAX_SEQ, prefill_lengths=(16, 48), prefill_batches=(1,),
                 decode_steps=4, decode_lengths=(32,), prefill_chunk=8).drive(lambda: None)
-    real, calls = kernels.prefill_part, []
+    real, calls = kernels.prefill_pages, []
 
     def flaky(*a, **kw):
         calls.append(1)
@@ -775,7 +775,7 @@ def test_a_failing_prefill_chunk_fails_only_its_request(snap, monkeypatch):
             raise RuntimeError("injected device failure")
         return real(*a, **kw)
 
-    monkeypatch.setattr(kernels, "prefill_part", flaky)
+    monkeypatch.setattr(kernels, "prefill_pages", flaky)
     short = (snap, prompt_of(150, 5), P(max_tokens=8, seed=3, stop=[]))
     try:
         futs = [s.submit(snap, prompt_of(151, 40), P(max_tokens=4)), s.submit(*short)]
@@ -793,6 +793,34 @@ def test_a_failing_prefill_chunk_fails_only_its_request(snap, monkeypatch):
     finally:
         s.stop()
     assert got.tokens == alone.result().sequences[0].tokens
+
+
+def test_a_long_prompt_is_prefilled_into_pool_pages_and_waits_for_them(snap):
+    """A long prompt's chunks write its KV into pages of the pool (kv_cache_tokens bounds it; no cache of its own
+    beside the pool): with a 6-page pool of which a running row holds 4, its 3 prompt pages do not fit, so its
+    prefill waits for that row to finish instead of starting; then it takes exactly its 3 pages while it is
+    prefilled, and its tokens and logprobs equal the same request's on an idle sampler."""
+    s = Sampler(snap.cfg, [EOS], max_batch=2, max_seq_len=MAX_SEQ, prefill_lengths=(16, 48), prefill_batches=(1,),
+                decode_steps=4, decode_lengths=(32,), prefill_chunk=8, page_size=16, kv_cache_tokens=6 * 16,
+                prefix_cache=False).drive(lambda: None)
+    long_job = (snap, prompt_of(160, 40), P(max_tokens=3, seed=4, stop=[]))  # 39 positions: 3 pages, 5 chunks
+    try:
+        short = s.submit(snap, prompt_of(161, 5), P(max_tokens=48, seed=5, stop=[]))  # ceil((4 + 48) / 16) = 4
+        s.step()
+        chunks = s.stats["prefill_chunks"]  # (the short prompt's one chunk: its bucket, 16, is over 8)
+        long_fut = s.submit(*long_job)
+        while not short.done():
+            s.step()
+            assert s.stats["prefill_chunks"] == chunks or short.done()  # no room for its pages while the row runs
+        s.step()  # its first chunk
+        assert s.stats["prefill_chunks"] == chunks + 1 and s._pages.used() == 3
+        (together,) = _run_steps(s, [long_fut])
+        assert s._pages.used() == 0
+        (alone,) = _run_steps(s, [s.submit(*long_job)])
+    finally:
+        s.stop()
+    assert together.sequences[0].tokens == alone.sequences[0].tokens
+    np.testing.assert_allclose(together.sequences[0].logprobs, alone.sequences[0].logprobs, atol=1e-5)
 
 
 def test_target_prompt_logprobs_match_forward(sampler, snap, hf):
@@ -1060,7 +1088,7 @@ def test_a_random_workload_with_the_prefix_cache_equals_one_without_and_keeps_it
     def make(cache):
         return Sampler(snap.cfg, [EOS], max_batch=4, max_seq_len=200, prefill_lengths=(16, 32, 64, 128, 200),
                        prefill_batches=(1, 2, 4), prefill_chunk=64, decode_steps=4, max_num_samples=3,
-                       kv_cache_tokens=16 * 16, prefix_cache=cache).drive(lambda: None)
+                       kv_cache_tokens=16 * 18, prefix_cache=cache).drive(lambda: None)
 
     s, ref = make(True), make(False)
     try:

@@ -10,9 +10,10 @@ row, its table slot per rank (`slots`: a tuple of [B] int32; 0 is the null adapt
 Cache layout: the decode rows' cache is paged (models.decoder.PagedKV): a pool k/v [L,n,Pn,page,K,H] of pages
 and, per row, a table [W] of its pages in position order (the Sampler hands pages out and shares a prompt's full
 pages between its samples). A prefill computes a dense cache of its own rows (KVCache [L,Bp,T,K,H]) and
-`insert_pages` copies its pages into the pool. Page 0 of each shard is a scratch page: rows that are idle,
-finished or in another snapshot's group write there, and no table of a running row lists it. A decode call may
-attend over only the first pages of every table (`pages`), see `decode`.
+`insert_pages` copies its pages into the pool; a long prompt's chunks (`prefill_pages`) write into pool pages.
+Page 0 of each shard is a scratch page: rows that are idle, finished or in another snapshot's group write there,
+and no table of a running row lists it. A decode call may attend over only the first pages of every table
+(`pages`), see `decode`.
 
 Placement (`Placement`): every kernel runs over the sampler's mesh with explicit in_shardings / out_shardings, by the
 training rule table (models.sharding): the cache rows B over the batch mesh axes (data, expert, fsdp) and kv heads K
@@ -249,7 +250,7 @@ def _prefill(graphdef, params, lora, slots, tokens, targets, score: dict, want_l
     want_logprobs: bool scalar (a runtime switch, not a recompile). Returns (k, v [L,Bp,T,K,H], then
     `_prompt_scores`' outputs). Padding writes garbage into slots >= its row's length; the decode step that later
     feeds the last prompt token overwrites each such slot before any query can attend to it. (Prompts longer than
-    the sampler's prefill_chunk go through `_prefill_part` instead, a chunk per call.)
+    the sampler's prefill_chunk go through `_prefill_pages` instead, a chunk per call.)
     """
     model = merge(graphdef, params)
     Bp, T = tokens.shape
@@ -328,9 +329,10 @@ def _prefill_part(graphdef, params, lora, slots, tokens, targets, score: dict, c
     (k, v with the part written, then `_prompt_scores`' outputs for the part's positions). Writes at slots >= S are
     dropped (a padded part past the end of a shorter row).
 
-    Two uses: a long prompt's chunk `index` (start = its cached positions + index * chunk; a chunk per sampler step, so
-    running decodes keep their pace, and attention scores [chunk, S] per head: memory linear in its length), and
-    the tails of prompts whose first pages came from the prefix cache (each row its own start)."""
+    Two uses: the tails of prompts whose first pages came from the prefix cache (each row its own start), and,
+    with `cache` a PagedKV over the pool (`_prefill_pages`), a long prompt's chunk `index` (start = its cached
+    positions + index * chunk; a chunk per sampler step, so running decodes keep their pace, and attention scores
+    [chunk, S] per head: memory linear in its length)."""
     model = merge(graphdef, params)
     Bp = tokens.shape[0]
     rows = lora_rows(lora, slots, Bp, mode)
@@ -364,6 +366,42 @@ def prefill_part(pl: Placement, graphdef, params, lora, slots, tokens, targets, 
     f = _prefill_part_kernel.on(pl, (graphdef, _lora_key(lora), tuple(score)), shardings)
     return f(graphdef, params, lora, slots, tokens, targets, score, cache,
              from_host(np.asarray(start, np.int32), pl.rows_sh), want_logprobs, topk, draws, mode, chunk)
+
+
+def _prefill_pages(graphdef, params, lora, slots, tokens, targets, score: dict, pool: tuple, table, start,
+                   want_logprobs, topk: int, draws: int, mode: str, chunk: int, *, pool_sh: NamedSharding):
+    """`_prefill_part` over the paged pool instead of a cache of its own: row b's positions [start[b], start[b] +
+    chunk) are written into the pages its table [Bp, W] lists (row b on batch shard b // (Bp / n), as decode rows;
+    table entries 0, the scratch page, take what no page is listed for), and its context is its listed pages before
+    start[b]. -> (pool k, v with the part written, then `_prompt_scores`' outputs for the part's positions).
+
+    What a long prompt's chunks use: its KV lives in pool pages (inside `kv_cache_tokens`) while it is prefilled,
+    not in a prompt-sized cache beside the pool, and pages it found in the prefix cache are read where they are."""
+    cache = PagedKV(*pool, table, PoolSharding(pool_sh) if pool_sh.mesh.size > 1 else None)
+    k, v, *scores = _prefill_part(graphdef, params, lora, slots, tokens, targets, score, cache, start, want_logprobs,
+                                  topk, draws, mode, chunk)
+    return (k, v), *scores
+
+
+_prefill_pages_kernel = Kernel(_prefill_pages, static_argnums=(0, 11, 12, 13, 14), donate_argnums=(7,))
+
+
+def prefill_pages(pl: Placement, graphdef, params, lora, slots, tokens, targets, score: dict, pool: tuple, table,
+                  start, want_logprobs, *, topk: int, draws: int, mode: str, chunk: int):
+    """`_prefill_pages` on placement `pl`, placed as `prefill_part` places its arguments; the pool (k, v; donated)
+    like pl.pool, and back the same; table [Bp, W] and start [Bp] (host ints) over rows."""
+
+    def shardings():
+        lora_sh = tuple((pl.table(r, _capacity(w)), pl.rep) for r, (w, _) in zip(_ranks(lora), lora))
+        c = pl.pool
+        ins = (pl.params(graphdef, params), lora_sh, tuple(pl.rows_sh for _ in slots), pl.rows_sh, pl.rows_sh,
+               _score_sh(pl, score), (c, c), pl.rows_sh, pl.rows_sh, pl.rep)
+        return ins, ((c, c),) + (pl.rep,) * 6
+
+    f = _prefill_pages_kernel.on(pl, (graphdef, _lora_key(lora), tuple(score)), shardings, pool_sh=pl.pool)
+    return f(graphdef, params, lora, slots, tokens, targets, score, tuple(pool),
+             from_host(np.asarray(table, np.int32), pl.rows_sh), from_host(np.asarray(start, np.int32), pl.rows_sh),
+             want_logprobs, topk, draws, mode, chunk)
 
 
 def prefill(pl: Placement, graphdef, params, lora, slots, tokens, targets, score: dict, want_logprobs, *, topk: int,
@@ -628,6 +666,7 @@ def decode(pl: Placement, graphdef, params, lora, slots, pool: tuple, table, dyn
 # Compiled-program counts under the public names (tests: new values, weights or adapters never recompile).
 prefill._cache_size = _prefill_kernel._cache_size
 prefill_part._cache_size = _prefill_part_kernel._cache_size
+prefill_pages._cache_size = _prefill_pages_kernel._cache_size
 insert_pages._cache_size = _insert_kernel._cache_size
 decode._cache_size = _decode_kernel._cache_size
 put_adapter._cache_size = _put_kernel._cache_size

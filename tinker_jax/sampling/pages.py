@@ -40,6 +40,11 @@ class PagePool:
     def used(self) -> int:
         return self.shards * self.capacity - sum(len(f) for f in self._free)
 
+    def freed_without(self, holders: np.ndarray) -> list[int]:
+        """Per shard, how many held pages would be free if the holders counted in `holders` [shards, per_shard]
+        let go of them."""
+        return [int(n) for n in ((self._refs > 0) & (self._refs <= holders)).sum(axis=1)]
+
     def take(self, shard: int, n: int) -> list[int]:
         """n fresh pages of `shard`, each with one holder (the caller checked `free`)."""
         if n > len(self._free[shard]):

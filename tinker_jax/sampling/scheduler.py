@@ -6,14 +6,16 @@ same snapshot and bucket) and its samples take free rows (`num_samples` shares o
 free row wait, holding the prefill result, and take rows as they free up); the rows join the running decode loop
 at once. A row's first decode step feeds the last prompt token, so the prefill never needs logits unless prompt
 logprobs were asked for. Finished rows leave at the end of the decode call that finished them. A prompt longer
-than `prefill_chunk` is prefilled alone, one chunk per step between decode calls (`_Prefilling`), then placed like
-any other.
+than `prefill_chunk` is prefilled alone, one chunk per step between decode calls (`_Prefilling`), its KV written
+into pool pages taken for its prompt (so a long prompt's prefill stays inside `kv_cache_tokens`), then placed like
+any other (its prefill result gathered from those pages, which it then lets go).
 
 Prefix cache. A prompt leaves its KV pages to later requests of the same weights, keyed by the whole prompt and,
 when longer than `prefill_chunk`, by each of its prefixes of whole chunks. A request whose whole prompt is cached is
 not prefilled at all: its samples list the cached full pages and copy the partly filled last one (a GRPO group sent
-as separate requests costs one prefill however its requests arrive); one that finds a prefix of whole chunks gathers
-those pages into its chunked prefill's cache and starts at the next chunk (`prompt_cache_hit_tokens`). Cached pages
+as separate requests costs one prefill however its requests arrive); one that finds a prefix of whole chunks lists
+those pages in its chunked prefill's page table, reads them in place and starts at the next chunk
+(`prompt_cache_hit_tokens`). Cached pages
 count as used until a row needs them: `_place` evicts the least recently used before it makes a sample wait.
 
 KV pages. The rows' KV cache is a pool of pages (models.decoder.PagedKV) sized by `kv_cache_tokens`, not by
@@ -125,18 +127,23 @@ class _Request:
 
 @dataclass(eq=False)
 class _Prefilling:
-    """A long prompt's prefill in progress, a chunk per step (kernels.prefill_part): its padded tokens and targets
-    [Bp, S] and the cache [L,Bp,S,K,H] its chunks have written so far, placed; per-chunk prompt logprobs on the
-    host."""
+    """A long prompt's prefill in progress, a chunk per step (kernels.prefill_pages): its padded tokens and targets
+    [Bp, S], placed, with the request in prefill row `row` (on batch shard `shard`); the pool pages its chunks write
+    (`pages`, its own, after the pages found in the prefix cache, which the request holds in `req.shared`) and the
+    row's page table [Bp, W] listing both (W * page >= S slots; 0, the scratch page, past its prompt's pages);
+    per-chunk prompt logprobs on the host."""
 
     req: _Request
-    T: int  # its length bucket (the cache it hands on has T slots)
+    T: int  # its length bucket (the prefill result it hands on has T slots)
     tokens: Any
     targets: Any
     score: dict  # kernels._prompt_scores' per-row inputs
     draws: int
-    cache: KVCache
     n: int  # chunks to run (after `base`)
+    shard: int
+    row: int
+    pages: list[int]  # its own pages on `shard`, held until the prefill is done (then gathered, and let go)
+    table: np.ndarray
     done: int = 0
     base: int = 0  # positions found in the prefix cache (a multiple of the page size): the chunks start there
     parts: list = field(default_factory=list)  # per chunk: kernels._prompt_scores' outputs when the prompt is scored
@@ -271,8 +278,9 @@ class Sampler(SamplerBase):
         all: a batch of requests sent one after another (a client's loop; tinker-cookbook sends a group's
         rollouts as separate requests) is then prefilled and decoded together, instead of its first few alone
         for a whole decode call while the rest wait. A lone request waits one gap. 0: off.
-      prefill_chunk: prompts longer than this are prefilled alone, this many tokens per step (kernels.prefill_part),
-        so running decodes keep their pace and attention memory is linear in the prompt's length; 0 or None: whole.
+      prefill_chunk: prompts longer than this are prefilled alone, this many tokens per step (kernels.prefill_pages),
+        so running decodes keep their pace and attention memory is linear in the prompt's length; their KV goes into
+        pool pages (one shard with free pages for the whole prompt is needed to start); 0 or None: whole.
       decode_steps: most decode steps per device call (one host round trip): the call's device loop ends sooner
         when its rows have all finished, or right after a row finished while requests wait for one.
       decode_unroll: unroll the decoder's layer loop inside a decode step.
@@ -697,6 +705,8 @@ class Sampler(SamplerBase):
             try:
                 budget -= self._prefill(batch)
             except Exception as e:  # fails only this batch; the cache was not touched
+                if self._pool[0].is_deleted():  # unless a long prompt's chunk took the pool down with it
+                    raise
                 log.exception("sampler: prefill failed")
                 e = self.explain(e)
                 for req in batch:
@@ -773,11 +783,13 @@ class Sampler(SamplerBase):
             if tenant not in tenants:
                 continue
             for req in live:
-                # A long prompt starts only while its chunked prefill would not outnumber the free rows (each holds
-                # a prompt-sized cache of its own until it gets a row).
-                if self._chunks(req) and len(self._prefilling) >= n_free:
+                if req.tenant != tenant:
                     continue
-                if req.tenant == tenant and self._acquire(req):
+                # A long prompt starts only while its chunked prefill would not outnumber the free rows, and when
+                # one shard has free pages for its whole prompt (its chunks write there).
+                if self._chunks(req) and (len(self._prefilling) >= n_free or self._chunk_shard(req) is None):
+                    continue
+                if self._acquire(req):
                     first = req
                     break
             if first is not None:
@@ -976,11 +988,11 @@ class Sampler(SamplerBase):
             shard[i, : len(s)], pages[i, : len(p)], lengths[i] = s, p, n
         return kernels.cached_rows(self.placement, self._pool, shard, pages, lengths, slots=slots)
 
-    def _prompt_arrays(self, reqs: list[_Request], Bp: int, T: int) -> tuple:
-        """Prefill inputs of `reqs` (row i: reqs[i]) placed over rows: tokens (prompt[:-1]) and targets (prompt[1:])
-        [Bp,T]; `score` (kernels._prompt_scores): the target_prompt_logprobs ids [Bp,T,A] (-1: none; A = 0 when no
-        request asks), each row's temperature and seed words for prompt_alt_tokens_k's draws; and the draws' static
-        width (0 when no request asks). -> (tokens, targets, score, draws)."""
+    def _prompt_arrays(self, reqs: list[_Request], Bp: int, T: int, at: int = 0) -> tuple:
+        """Prefill inputs of `reqs` (row at + i: reqs[i]) placed over rows: tokens (prompt[:-1]) and targets
+        (prompt[1:]) [Bp,T]; `score` (kernels._prompt_scores): the target_prompt_logprobs ids [Bp,T,A] (-1: none;
+        A = 0 when no request asks), each row's temperature and seed words for prompt_alt_tokens_k's draws; and the
+        draws' static width (0 when no request asks). -> (tokens, targets, score, draws)."""
         # Static widths: the widest request's, in powers of two (a few compiled variants, no [V]-wide work per
         # position for widths nobody asked for).
         A = _pow2(max((r.spec.target_ids.shape[1] for r in reqs if r.spec.target_ids is not None), default=0))
@@ -990,7 +1002,7 @@ class Sampler(SamplerBase):
         ids = np.full((Bp, T, A), -1, np.int32)
         temperature = np.zeros(Bp, np.float32)
         seed = np.zeros((Bp, 2), np.uint32)
-        for i, req in enumerate(reqs):
+        for i, req in enumerate(reqs, at):
             s = req.spec
             tokens[i, : len(s.prompt) - 1] = s.prompt[:-1]
             targets[i, : len(s.prompt) - 1] = s.prompt[1:]
@@ -1011,33 +1023,63 @@ class Sampler(SamplerBase):
             return 0
         return -(-(len(req.spec.prompt) - 1) // self.prefill_chunk)
 
+    def _chunk_shard(self, req: _Request) -> int | None:
+        """A batch shard with free pages for the whole prompt of a long request (its chunks write its KV there),
+        cached prefixes giving way while none has (least recently used first); None when none has, or could have
+        with the whole cache gone (then nothing is evicted: the prompt waits for rows to finish)."""
+        need = -(-(len(req.spec.prompt) - 1) // self.page_size)
+        pg = self._pages
+        if max(pg.free(s) for s in range(pg.shards)) < need:
+            cached = np.zeros((pg.shards, pg.per_shard), np.int32)  # holders of each page that are cache entries
+            for shard, pages in self._prefix.values():
+                np.add.at(cached[shard], pages, 1)
+            if max(pg.free(s) + n for s, n in enumerate(pg.freed_without(cached))) < need:
+                return None
+        while True:
+            s = max(range(pg.shards), key=pg.free)
+            if pg.free(s) >= need:
+                return s
+            if not self._prefix:
+                return None
+            self._forget_oldest()
+
     def _start_chunked(self, req: _Request, T: int, Bp: int) -> int:
-        """Begin a long prompt's prefill: its padded inputs and an empty cache placed, or one holding its first pages
-        found in the prefix cache (which the request then lists, as `_prefill_tails` rows do, and whose positions
-        its chunks skip), then its next chunk."""
-        n, C, page = self._chunks(req), self.prefill_chunk, self.page_size
-        pl = self.placement
+        """Begin a long prompt's prefill on the shard `_chunk_shard` found: pool pages for its prompt's positions
+        there, after its first pages found in the prefix cache on that shard (the request holds those, as
+        `_prefill_tails` rows do, and its chunks read them in place and skip their positions), and its padded
+        inputs in the prefill row of that shard; then its first chunk."""
+        n, C, page, pg = self._chunks(req), self.prefill_chunk, self.page_size, self._pages
         hit = self._lookup(req)
-        base = 0 if hit is None else len(hit[1]) * page  # positions cached: chunks start there
-        S = n * C if base % C == 0 else (n + 1) * C  # the cache's slots: room for its chunks from `base` on
-        if hit is None:
-            shape = (self.cfg.n_layers, Bp, S, self.cfg.n_kv_heads, self.cfg.head_dim)
-            cache = KVCache(zeros(shape, self.cache_dtype, pl.cache), zeros(shape, self.cache_dtype, pl.cache))
-        else:
+        if hit is not None:  # only the run of cached pages on one shard: a row's table lists one shard's pages
             shards, pages = hit
-            cache = self._cached_cache(Bp, S, [(shards, pages, base)])
-            self._hold(req, shards, pages)
+            run = next((j for j, s in enumerate(shards) if s != shards[0]), len(shards))
+            hit = (shards[:run], pages[:run]) if pg.free(shards[0]) >= -(-(len(req.spec.prompt) - 1) // page) - run \
+                else None
+        shard = hit[0][0] if hit is not None else self._chunk_shard(req)
+        assert shard is not None, "a long prompt started without pages (_pick_batch checks _chunk_shard)"
+        base = 0 if hit is None else len(hit[1]) * page  # positions cached: chunks start there
+        S = n * C if base % C == 0 else (n + 1) * C  # the row's slots: room for its chunks from `base` on
+        if hit is not None:
+            self._hold(req, *hit)
             req.cache_hit = base
             self.stats["prefix_cache_hit_tokens"] += base
             self.stats["prefix_cache_prefills"] += 1
+        own = pg.take(shard, -(-(len(req.spec.prompt) - 1) // page) - len(req.shared.get(shard, [])))
+        listed = req.shared.get(shard, []) + own
+        table = np.zeros((Bp, -(-S // page)), np.int32)
+        row = shard * (Bp // pg.shards)  # the first prefill row of that shard (rows over shards, as decode's)
+        table[row, : len(listed)] = listed
+        self.stats["kv_pages_peak"] = max(self.stats["kv_pages_peak"], pg.used())
         left = -(-(len(req.spec.prompt) - 1 - base) // C)
-        job = _Prefilling(req, T, *self._prompt_arrays([req], Bp, S), cache, left, base=base)
+        job = _Prefilling(req, T, *self._prompt_arrays([req], Bp, S, at=row), left, shard, row, own, table,
+                          base=base)
         self._prefilling.append(job)  # its first chunk may be its last (one chunk, or one after a cached prefix)
         try:
             return self._prefill_chunk(job)
         except Exception:  # only this request fails (`_admit`): it must not wait for rows either
             if job in self._prefilling:
                 self._prefilling.remove(job)
+                pg.drop(shard, own)
             if req in self._deferred:
                 self._deferred.remove(req)
             req.kv = None
@@ -1053,9 +1095,12 @@ class Sampler(SamplerBase):
                 break
             try:
                 used += self._prefill_chunk(job)
-            except Exception as e:  # only this request fails: its chunks write a cache of their own, not the rows'
+            except Exception as e:  # only this request fails: its chunks write only its own pages (and scratch)
+                if self._pool[0].is_deleted():  # the pool went into the failed call: every row's cache is gone
+                    raise
                 log.exception("sampler: prefill failed")
                 self._prefilling.remove(job)
+                self._pages.drop(job.shard, job.pages)
                 self._release(job.req)
                 self._drop_shared(job.req)
                 if not job.req.future.done():
@@ -1068,23 +1113,28 @@ class Sampler(SamplerBase):
         Bp = job.tokens.shape[0]
         # The adapter tables as they are now (loading another adapter replaces a table's arrays); the request keeps
         # its slot in them until it finishes.
-        lora, slots = self._lora_args([req] + [None] * (Bp - 1), Bp)
-        k, v, *scored = kernels.prefill_part(
-            pl, req.snapshot.graphdef, req.snapshot.params, lora, slots, job.tokens, job.targets, job.score, job.cache,
-            np.full(Bp, job.base + job.done * self.prefill_chunk, np.int32), from_host(np.bool_(want), pl.rep),
-            topk=self.max_topk, draws=job.draws,
+        rows = [None] * Bp
+        rows[job.row] = req
+        lora, slots = self._lora_args(rows, Bp)
+        self._pool, *scored = kernels.prefill_pages(
+            pl, req.snapshot.graphdef, req.snapshot.params, lora, slots, job.tokens, job.targets, job.score,
+            self._pool, job.table, np.full(Bp, job.base + job.done * self.prefill_chunk, np.int32),
+            from_host(np.bool_(want), pl.rep), topk=self.max_topk, draws=job.draws,
             mode="uniform" if Bp == 1 else "gather", chunk=self.prefill_chunk)
-        job.cache = KVCache(k, v)
         if want:
             job.parts.append(distributed.fetch(tuple(scored)))
         job.done += 1
         self.stats["prefill_chunks"] += 1
-        if job.done == job.n:  # its cache (n chunks' slots) handed on as a whole-prompt prefill's is
+        if job.done == job.n:  # handed on as a whole-prompt prefill's result: its pages gathered, then let go
+            listed = [int(p) for p in job.table[job.row] if p]
+            k, v = self._cached_cache(self.prefill_batches[0], job.T,
+                                      [([job.shard] * len(listed), listed, len(req.spec.prompt) - 1)])
             self._prefilling.remove(job)
-            req.kv = (k[:, :, :job.T], v[:, :, :job.T], 0)
+            self._pages.drop(job.shard, job.pages)
+            req.kv = (k, v, 0)
             scored = ([np.concatenate([p[i] for p in job.parts], axis=1)[:, :job.T] for i in range(len(job.parts[0]))]
                       if want else None)
-            self._prompt_outputs([req], scored)
+            self._prompt_outputs([req], scored, [job.row])
             self.stats["prefill_calls"] += 1
             self._deferred.append(req)
         return job.tokens.shape[0] * self.prefill_chunk
