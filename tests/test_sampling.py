@@ -1088,7 +1088,7 @@ def test_a_random_workload_with_the_prefix_cache_equals_one_without_and_keeps_it
     def make(cache):
         return Sampler(snap.cfg, [EOS], max_batch=4, max_seq_len=200, prefill_lengths=(16, 32, 64, 128, 200),
                        prefill_batches=(1, 2, 4), prefill_chunk=64, decode_steps=4, max_num_samples=3,
-                       kv_cache_tokens=16 * 18, prefix_cache=cache).drive(lambda: None)
+                       kv_cache_tokens=16 * 22, prefix_cache=cache).drive(lambda: None)
 
     s, ref = make(True), make(False)
     try:
@@ -1113,7 +1113,9 @@ def test_a_random_workload_with_the_prefix_cache_equals_one_without_and_keeps_it
                     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
                 done.append((x, p, got))
         st = s.stats
-        assert st["kv_page_waits"] > 0 and st["prompt_cache_hits"] > 0  # (this seed's workload does both)
+        # (this seed's workload does both, in a pool of 22 pages; long prompts' chunks take pool pages too, so a
+        # smaller pool left no prompt cached whole until it came again)
+        assert st["kv_page_waits"] > 0 and st["prompt_cache_hits"] > 0
         assert st["prefix_cache_prefills"] > 0 and st["prefix_cache_evictions"] > 0
         assert st["prefix_cache_hit_tokens"] > 0 and ref.stats["prefix_cache_hit_tokens"] == 0
         holders = np.zeros_like(s._pages._refs)
