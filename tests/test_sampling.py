@@ -823,6 +823,28 @@ def test_a_long_prompt_is_prefilled_into_pool_pages_and_waits_for_them(snap):
     np.testing.assert_allclose(together.sequences[0].logprobs, alone.sequences[0].logprobs, atol=1e-5)
 
 
+def test_a_long_prompt_cached_whole_is_served_from_the_cache_when_the_pool_is_full(snap):
+    """A long prompt sampled again while a running row leaves no free page is served from the prefix cache (not
+    prefilled in chunks after its cached pages were evicted to make room for them), and equals its first answer."""
+    s = Sampler(snap.cfg, [EOS], max_batch=2, max_seq_len=MAX_SEQ, prefill_lengths=(16, 48), prefill_batches=(1,),
+                decode_steps=4, decode_lengths=(32,), prefill_chunk=8, page_size=16,
+                kv_cache_tokens=6 * 16).drive(lambda: None)
+    long_job = (snap, prompt_of(170, 40), P(max_tokens=3, seed=4, stop=[]))  # 2 full prompt pages + 1 partial
+    try:
+        (first,) = _run_steps(s, [s.submit(*long_job)])
+        short = s.submit(snap, prompt_of(171, 5), P(max_tokens=40, seed=5, stop=[]))  # takes the 3 free pages
+        s.step()
+        assert s._pages.free(0) == 0 and not short.done()
+        chunks, hits = s.stats["prefill_chunks"], s.stats["prompt_cache_hits"]
+        (again,) = _run_steps(s, [s.submit(*long_job)])
+        assert s.stats["prefill_chunks"] == chunks and s.stats["prompt_cache_hits"] == hits + 1
+        _run_steps(s, [short])
+    finally:
+        s.stop()
+    assert again.sequences[0].tokens == first.sequences[0].tokens
+    np.testing.assert_allclose(again.sequences[0].logprobs, first.sequences[0].logprobs, atol=1e-5)
+
+
 def test_target_prompt_logprobs_match_forward(sampler, snap, hf):
     """target_prompt_logprobs: the logprobs of chosen ids at each prompt position (row i: position i + 1) equal
     transformers' forward pass; -1 cells get 0.0; a CSR request gets a CSR answer with its own indices; prompt

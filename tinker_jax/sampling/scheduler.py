@@ -786,8 +786,9 @@ class Sampler(SamplerBase):
                 if req.tenant != tenant:
                     continue
                 # A long prompt starts only while its chunked prefill would not outnumber the free rows, and when
-                # one shard has free pages for its whole prompt (its chunks write there).
-                if self._chunks(req) and (len(self._prefilling) >= n_free or self._chunk_shard(req) is None):
+                # one shard has free pages for its whole prompt (its chunks write there), unless it is cached whole.
+                if self._chunks(req) and (len(self._prefilling) >= n_free or (
+                        self._whole_hit(req) is None and self._chunk_shard(req) is None)):
                     continue
                 if self._acquire(req):
                     first = req
@@ -1255,14 +1256,11 @@ class Sampler(SamplerBase):
         does a prompt sampled again. False when not cached (or it scores its prompt: cached positions have no
         scores); a failure fails only this request (True: nothing more to do with it)."""
         P = len(req.spec.prompt)
-        if not self.prefix_cache or req.spec.scores_prompt or P < 2 or not self._prefix:
-            return False
-        key = self._whole_key(req)
-        hit = self._prefix.get(key)
-        if hit is None:
+        key = self._whole_hit(req)
+        if key is None:
             return False
         self._prefix.move_to_end(key)
-        shard, pages = hit
+        shard, pages = self._prefix[key]
         T, page = self._bucket(P - 1), self.page_size
         try:  # the prefill's shape: its bucket's slots, the smallest prefill batch's rows
             k, v = self._cached_cache(self.prefill_batches[0], T, [([shard] * len(pages), pages, P - 1)])
@@ -1280,6 +1278,14 @@ class Sampler(SamplerBase):
         self.stats["prefix_cache_hit_tokens"] += P - 1
         self._deferred.append(req)
         return True
+
+    def _whole_hit(self, req: _Request) -> tuple | None:
+        """The prefix cache's key of the request's whole prompt when it holds it and may serve it (`_from_cache`:
+        not for a request that scores its prompt); None otherwise. Not touched."""
+        if not self.prefix_cache or req.spec.scores_prompt or len(req.spec.prompt) < 2 or not self._prefix:
+            return None
+        key = self._whole_key(req)
+        return key if key in self._prefix else None
 
     def _lookup(self, req: _Request) -> tuple[list[int], list[int]] | None:
         """(shards, pages) of a long prompt's first full pages that the prefix cache holds with its weights (`_walk`,
