@@ -3,11 +3,12 @@
     python -m benchmarks.chunk_memory_bench [--model small-qwen3] [--prompt 4000] [--longs 1,3] [--json FILE]
 
 One Sampler (fp32, 4 rows of up to 4,200 tokens, a pool of 4 x 4,200 tokens, prefill_chunk 512, no prefix cache),
-driven from this thread; per run, N random prompts of --prompt tokens (+4 tokens) submitted at once and stepped until
-done. Reported: the most device bytes alive after any step beyond those alive before the run (jax.live_arrays: what
-a prefill holds from one step to the next; transients inside a step are not seen), the steps and seconds it took,
-and the pool's own size. Where a long prompt's chunks write pool pages (kernels.prefill_pages) the first is ~0;
-where they wrote a prompt-sized cache of their own, it is that cache per prompt prefilling.
+driven from this thread; after an untimed round of 2 (it compiles), per run, N random prompts of --prompt tokens (+4
+tokens) submitted at once and stepped until done. Reported: the most device bytes alive after any step beyond those
+alive before the run (jax.live_arrays: what a prefill holds from one step to the next; transients inside a step are
+not seen), the steps and seconds it took, and the pool's own size. Where a long prompt's chunks write pool pages
+(kernels.prefill_pages) the first is ~0; where they wrote a prompt-sized cache of their own, it is that cache per
+prompt prefilling.
 """
 
 from __future__ import annotations
@@ -45,6 +46,10 @@ def main(argv: list[str] | None = None) -> dict:
     out = {"model": args.model, "prompt": args.prompt, "pool_mib": round(sum(x.nbytes for x in s._pool) / 2**20, 1),
            "runs": []}
     try:
+        warm = [s.submit(snap, rng.integers(3, snap.cfg.vocab_size, args.prompt).tolist(),
+                         types.SamplingParams(max_tokens=4, seed=1, stop=[])) for _ in range(2)]
+        while not all(f.done() for f in warm):  # untimed: compiles the chunk programs (and a second one's)
+            s.step()
         for n in (int(x) for x in args.longs.split(",")):
             base, peak, steps, chunks = live(), 0, 0, s.stats["prefill_chunks"]
             t0 = time.perf_counter()

@@ -1117,9 +1117,13 @@ class Sampler(SamplerBase):
         rows = [None] * Bp
         rows[job.row] = req
         lora, slots = self._lora_args(rows, Bp)
+        start, W = job.base + job.done * self.prefill_chunk, job.table.shape[1]
+        # The chunk attends over the pages up to its end only, in powers of two of pages (a few compiled widths):
+        # a long prompt's early chunks do not read, nor score against, the slots of chunks not written yet.
+        view = min(W, _pow2(-(-(start + self.prefill_chunk) // self.page_size)))
         self._pool, *scored = kernels.prefill_pages(
             pl, req.snapshot.graphdef, req.snapshot.params, lora, slots, job.tokens, job.targets, job.score,
-            self._pool, job.table, np.full(Bp, job.base + job.done * self.prefill_chunk, np.int32),
+            self._pool, job.table[:, :view], np.full(Bp, start, np.int32),
             from_host(np.bool_(want), pl.rep), topk=self.max_topk, draws=job.draws,
             mode="uniform" if Bp == 1 else "gather", chunk=self.prefill_chunk)
         if want:
