@@ -626,6 +626,17 @@ def test_long_prompt_beside_short_ones(snap, hf):
                                atol=1e-4)
 
 
+def _assert_pages_held_only_by_the_cache(s):
+    """Once nothing runs, each page's holders are exactly the prefix-cache entries that list it (no page lost or
+    freed twice)."""
+    holders = np.zeros_like(s._pages._refs)
+    for shard, pages in s._prefix.values():
+        for p in pages:
+            holders[shard, p] += 1
+    np.testing.assert_array_equal(s._pages._refs, holders)
+    assert s._pages.used() == int((holders > 0).sum())
+
+
 def _run_steps(s, futs, limit=60):
     for _ in range(limit):
         if all(f.done() for f in futs):
@@ -787,6 +798,7 @@ def test_a_failing_prefill_chunk_fails_only_its_request(snap, monkeypatch):
             futs[0].result(timeout=0)
         got = futs[1].result(timeout=0).sequences[0]
         assert not s._prefilling and not s.has_work()
+        _assert_pages_held_only_by_the_cache(s)  # the failed prompt's pages came back
         alone = s.submit(*short)
         while not alone.done():
             s.step()
@@ -843,6 +855,66 @@ def test_a_long_prompt_cached_whole_is_served_from_the_cache_when_the_pool_is_fu
         s.stop()
     assert again.sequences[0].tokens == first.sequences[0].tokens
     np.testing.assert_allclose(again.sequences[0].logprobs, first.sequences[0].logprobs, atol=1e-5)
+
+
+def test_a_chunk_that_takes_the_pool_down_fails_what_was_in_flight_and_the_sampler_goes_on(snap, monkeypatch):
+    """A long prompt's chunk writes into the pool, which its call consumes: when that call fails after the pool is
+    gone, the prompt's request fails (it is not left waiting for ever), and so does the row decoding beside it
+    (its cache went with the pool); the sampler then serves a new request as before."""
+    s = Sampler(snap.cfg, [EOS], max_batch=2, max_seq_len=MAX_SEQ, prefill_lengths=(16, 48), prefill_batches=(1,),
+                decode_steps=4, decode_lengths=(32,), prefill_chunk=32).drive(lambda: None)
+    real = kernels.prefill_pages
+
+    def broken(pl, *a, **kw):
+        for x in a[7]:  # the pool (k, v)
+            x.delete()
+        raise RuntimeError("injected device failure")
+
+    short = (snap, prompt_of(152, 5), P(max_tokens=8, seed=3, stop=[]))
+    try:
+        (want,) = _run_steps(s, [s.submit(*short)])
+        running = s.submit(*short)
+        s.step()
+        monkeypatch.setattr(kernels, "prefill_pages", broken)
+        failed = s.submit(snap, prompt_of(153, 40), P(max_tokens=4))
+        s.step()
+        for f in (failed, running):
+            with pytest.raises(RuntimeError, match="injected"):
+                f.result(timeout=0)
+        assert not s.has_work() and s._pages.used() == 0
+        monkeypatch.setattr(kernels, "prefill_pages", real)
+        (got,) = _run_steps(s, [s.submit(*short)])
+    finally:
+        s.stop()
+    assert got.sequences[0].tokens == want.sequences[0].tokens
+
+
+def test_a_long_prompt_short_of_pages_is_not_starved_by_short_requests(snap):
+    """4 rows and 8 pages of 8 tokens; short requests (2 pages each) keep arriving, one for each that finishes, so
+    pages never pile up on their own; a 40-token prompt needs 5 pages for its chunks: once it waits for pages,
+    requests after it do not start (prefill_waits_for_pages), so it starts, and finishes, in bounded time."""
+    s = Sampler(snap.cfg, [EOS], max_batch=4, max_seq_len=MAX_SEQ, prefill_lengths=(8, 48), prefill_batches=(1, 4),
+                decode_steps=2, decode_lengths=(32,), prefill_chunk=8, page_size=8, kv_cache_tokens=8 * 8,
+                prefix_cache=False).drive(lambda: None)
+    shorts = iter(range(1000))
+
+    def short(n):  # ceil((4 + n) / 8) = 2 pages for n <= 12
+        return s.submit(snap, prompt_of(200 + next(shorts), 5), P(max_tokens=n, seed=1, stop=[]))
+
+    try:
+        running = [short(n) for n in (4, 6, 8, 10)]
+        s.step()
+        long_fut = s.submit(snap, prompt_of(199, 40), P(max_tokens=2, seed=2, stop=[]))
+        for _ in range(60):
+            if long_fut.done():
+                break
+            s.step()
+            running = [f for f in running if not f.done()] + [short(12) for f in running if f.done()]
+        assert long_fut.done() and long_fut.result(timeout=0).sequences[0].tokens
+        assert s.stats["prefill_waits_for_pages"] > 0
+        _run_steps(s, running, limit=200)
+    finally:
+        s.stop()
 
 
 def test_target_prompt_logprobs_match_forward(sampler, snap, hf):
@@ -1140,12 +1212,7 @@ def test_a_random_workload_with_the_prefix_cache_equals_one_without_and_keeps_it
         assert st["kv_page_waits"] > 0 and st["prompt_cache_hits"] > 0
         assert st["prefix_cache_prefills"] > 0 and st["prefix_cache_evictions"] > 0
         assert st["prefix_cache_hit_tokens"] > 0 and ref.stats["prefix_cache_hit_tokens"] == 0
-        holders = np.zeros_like(s._pages._refs)
-        for shard, pages in s._prefix.values():
-            for p in pages:
-                holders[shard, p] += 1
-        np.testing.assert_array_equal(s._pages._refs, holders)
-        assert s._pages.used() == int((holders > 0).sum())
+        _assert_pages_held_only_by_the_cache(s)
     finally:
         s.stop()
         ref.stop()

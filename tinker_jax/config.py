@@ -45,7 +45,8 @@ class SamplerConfig:
     #                            (up to 10 gaps) and prefills and decodes them together; a lone request waits one
     #                            gap; 0: off
     prefill_chunk: int = 512  # jax: a longer prompt is prefilled this many tokens per sampler step (running
-    #                           decodes keep their pace; its attention memory grows linearly with its length); 0: off
+    #                           decodes keep their pace; its attention memory grows linearly with its length; its
+    #                           keys and values go into KV-pool pages, so it waits for free pages); 0: off
     max_adapters: int = 16  # jax: LoRA adapters resident per rank at once (rows of different adapters decode
     #                         together; a request whose adapter finds no free place waits for one)
     kv_cache_tokens: int | None = None  # jax: KV cache size in tokens, all rows together (default max_batch *

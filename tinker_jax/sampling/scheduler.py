@@ -280,7 +280,8 @@ class Sampler(SamplerBase):
         for a whole decode call while the rest wait. A lone request waits one gap. 0: off.
       prefill_chunk: prompts longer than this are prefilled alone, this many tokens per step (kernels.prefill_pages),
         so running decodes keep their pace and attention memory is linear in the prompt's length; their KV goes into
-        pool pages (one shard with free pages for the whole prompt is needed to start); 0 or None: whole.
+        pool pages (one shard with free pages for the whole prompt is needed to start; requests after it wait
+        meanwhile, `prefill_waits_for_pages` counts those steps); 0 or None: whole.
       decode_steps: most decode steps per device call (one host round trip): the call's device loop ends sooner
         when its rows have all finished, or right after a row finished while requests wait for one.
       decode_unroll: unroll the decoder's layer loop inside a decode step.
@@ -704,15 +705,17 @@ class Sampler(SamplerBase):
                 continue  # every one found its prompt cached: placed from _deferred
             try:
                 budget -= self._prefill(batch)
-            except Exception as e:  # fails only this batch; the cache was not touched
-                if self._pool[0].is_deleted():  # unless a long prompt's chunk took the pool down with it
-                    raise
-                log.exception("sampler: prefill failed")
-                e = self.explain(e)
+            except Exception as e:  # fails only this batch: it wrote no page any other request reads
+                gone = self._pool[0].is_deleted()  # a long prompt's chunk took the pool down with it
+                if not gone:
+                    log.exception("sampler: prefill failed")
                 for req in batch:
                     self._release(req)
                     self._drop_shared(req)
-                    req.future.set_exception(e)
+                    if not req.future.done():
+                        req.future.set_exception(self.explain(e))
+                if gone:
+                    raise  # the step fails what is in flight and makes a new pool
                 continue
             if self._chunks(batch[0]):
                 continue  # a long prompt: prefilled a chunk per step (_advance_prefills), placed from _deferred
@@ -787,9 +790,14 @@ class Sampler(SamplerBase):
                     continue
                 # A long prompt starts only while its chunked prefill would not outnumber the free rows, and when
                 # one shard has free pages for its whole prompt (its chunks write there), unless it is cached whole.
-                if self._chunks(req) and (len(self._prefilling) >= n_free or (
-                        self._whole_hit(req) is None and self._chunk_shard(req) is None)):
-                    continue
+                # Short of pages, nothing after it starts either: they would take the pages that rows free, and a
+                # steady flow of short requests would keep it waiting for ever.
+                if self._chunks(req):
+                    if len(self._prefilling) >= n_free:
+                        continue
+                    if self._whole_hit(req) is None and self._chunk_shard(req) is None:
+                        self.stats["prefill_waits_for_pages"] += 1
+                        return []
                 if self._acquire(req):
                     first = req
                     break
@@ -1025,24 +1033,36 @@ class Sampler(SamplerBase):
         return -(-(len(req.spec.prompt) - 1) // self.prefill_chunk)
 
     def _chunk_shard(self, req: _Request) -> int | None:
-        """A batch shard with free pages for the whole prompt of a long request (its chunks write its KV there),
-        cached prefixes giving way while none has (least recently used first); None when none has, or could have
-        with the whole cache gone (then nothing is evicted: the prompt waits for rows to finish)."""
+        """A batch shard with free pages for a long request's prompt (its chunks write its KV there): the shard of
+        its first pages found in the prefix cache when the rest fits there (`_start_chunked` lists those), else one
+        with free pages for the whole prompt, cached prefixes on it giving way (least recently used first, the
+        request's own cached pages last). None when no shard has room, even with every cache entry on it gone
+        (then nothing is evicted: the prompt waits for rows to finish)."""
         need = -(-(len(req.spec.prompt) - 1) // self.page_size)
         pg = self._pages
-        if max(pg.free(s) for s in range(pg.shards)) < need:
-            cached = np.zeros((pg.shards, pg.per_shard), np.int32)  # holders of each page that are cache entries
-            for shard, pages in self._prefix.values():
-                np.add.at(cached[shard], pages, 1)
-            if max(pg.free(s) + n for s, n in enumerate(pg.freed_without(cached))) < need:
-                return None
-        while True:
-            s = max(range(pg.shards), key=pg.free)
+        if self.prefix_cache and not req.spec.scores_prompt and self._prefix:
+            shards, _, keys = self._walk(req, (len(req.spec.prompt) - 2) // self.page_size)
+            run = next((j for j, s in enumerate(shards) if s != shards[0]), len(shards))
+            if run and pg.free(shards[0]) >= need - run:
+                return shards[0]
+            self._touch(keys)  # evicted last
+        free = [pg.free(s) for s in range(pg.shards)]
+        s = max(range(pg.shards), key=free.__getitem__)
+        if free[s] >= need:
+            return s
+        cached = np.zeros((pg.shards, pg.per_shard), np.int32)  # holders of each page that are cache entries
+        for shard, pages in self._prefix.values():
+            np.add.at(cached[shard], pages, 1)
+        room = [f + n for f, n in zip(free, pg.freed_without(cached))]
+        s = max(range(pg.shards), key=room.__getitem__)
+        if room[s] < need:
+            return None
+        for key in [k for k, (shard, _) in self._prefix.items() if shard == s]:  # oldest first, on shard s only
             if pg.free(s) >= need:
-                return s
-            if not self._prefix:
-                return None
-            self._forget_oldest()
+                break
+            self._forget(key)
+            self.stats["prefix_cache_evictions"] += 1
+        return s
 
     def _start_chunked(self, req: _Request, T: int, Bp: int) -> int:
         """Begin a long prompt's prefill on the shard `_chunk_shard` found: pool pages for its prompt's positions
@@ -1100,8 +1120,10 @@ class Sampler(SamplerBase):
                 if self._pool[0].is_deleted():  # the pool went into the failed call: every row's cache is gone
                     raise
                 log.exception("sampler: prefill failed")
-                self._prefilling.remove(job)
-                self._pages.drop(job.shard, job.pages)
+                if job in self._prefilling:  # (not when its last chunk's hand-on failed: it let go already)
+                    self._prefilling.remove(job)
+                    self._pages.drop(job.shard, job.pages)
+                job.req.kv = None
                 self._release(job.req)
                 self._drop_shared(job.req)
                 if not job.req.future.done():
