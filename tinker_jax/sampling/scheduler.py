@@ -158,6 +158,9 @@ class _Row:
     topk: list[tuple] = field(default_factory=list)  # per token, (ids [k], logprobs [k]) when the request asked
 
 
+# A long prompt's chunks attend over views of its page table (`_prefill_chunk`) when it has more chunks than this.
+VIEW_MIN_CHUNKS = 4
+
 # How long an idle sampler waits for a burst of requests at most, in gaps of `burst_gap_ms` (take_incoming): 10
 # gaps of the default 2 ms cap what a request sent right after another can add to its latency at 20 ms.
 BURST_GAPS = 10
@@ -1141,8 +1144,10 @@ class Sampler(SamplerBase):
         lora, slots = self._lora_args(rows, Bp)
         start, W = job.base + job.done * self.prefill_chunk, job.table.shape[1]
         # The chunk attends over the pages up to its end only, in powers of two of pages (a few compiled widths):
-        # a long prompt's early chunks do not read, nor score against, the slots of chunks not written yet.
-        view = min(W, _pow2(-(-(start + self.prefill_chunk) // self.page_size)))
+        # a long prompt's early chunks do not read, nor score against, the slots of chunks not written yet. A
+        # prompt of a few chunks attends over its whole table: narrower views would save little and cost a
+        # compiled program each.
+        view = W if job.n <= VIEW_MIN_CHUNKS else min(W, _pow2(-(-(start + self.prefill_chunk) // self.page_size)))
         self._pool, *scored = kernels.prefill_pages(
             pl, req.snapshot.graphdef, req.snapshot.params, lora, slots, job.tokens, job.targets, job.score,
             self._pool, job.table[:, :view], np.full(Bp, start, np.int32),
