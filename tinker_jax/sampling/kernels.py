@@ -347,6 +347,11 @@ def _prefill_part(graphdef, params, lora, slots, tokens, targets, score: dict, c
 _prefill_part_kernel = Kernel(_prefill_part, static_argnums=(0, 10, 11, 12, 13), donate_argnums=(7,))
 
 
+def _prefill_lora_sh(pl: Placement, lora: tuple) -> tuple:
+    """The shardings of a prefill kernel's `lora` (per rank: the table's weights, its scales replicated)."""
+    return tuple((pl.table(r, _capacity(w)), pl.rep) for r, (w, _) in zip(_ranks(lora), lora))
+
+
 def _score_sh(pl: Placement, score: dict) -> dict:
     return {k: pl.rows_sh for k in score}
 
@@ -357,7 +362,7 @@ def prefill_part(pl: Placement, graphdef, params, lora, slots, tokens, targets, 
     that come back like pl.cache, `start` [Bp] (host ints) over rows."""
 
     def shardings():
-        lora_sh = tuple((pl.table(r, _capacity(w)), pl.rep) for r, (w, _) in zip(_ranks(lora), lora))
+        lora_sh = _prefill_lora_sh(pl, lora)
         c = pl.cache
         ins = (pl.params(graphdef, params), lora_sh, tuple(pl.rows_sh for _ in slots), pl.rows_sh, pl.rows_sh,
                _score_sh(pl, score), KVCache(c, c), pl.rows_sh, pl.rep)
@@ -392,7 +397,7 @@ def prefill_pages(pl: Placement, graphdef, params, lora, slots, tokens, targets,
     like pl.pool, and back the same; table [Bp, W] and start [Bp] (host ints) over rows."""
 
     def shardings():
-        lora_sh = tuple((pl.table(r, _capacity(w)), pl.rep) for r, (w, _) in zip(_ranks(lora), lora))
+        lora_sh = _prefill_lora_sh(pl, lora)
         c = pl.pool
         ins = (pl.params(graphdef, params), lora_sh, tuple(pl.rows_sh for _ in slots), pl.rows_sh, pl.rows_sh,
                _score_sh(pl, score), (c, c), pl.rows_sh, pl.rows_sh, pl.rep)
@@ -411,7 +416,7 @@ def prefill(pl: Placement, graphdef, params, lora, slots, tokens, targets, score
     cache comes out placed like the sampler's cache (rows over the batch axes); the rest replicated."""
 
     def shardings():
-        lora_sh = tuple((pl.table(r, _capacity(w)), pl.rep) for r, (w, _) in zip(_ranks(lora), lora))
+        lora_sh = _prefill_lora_sh(pl, lora)
         ins = (pl.params(graphdef, params), lora_sh, tuple(pl.rows_sh for _ in slots), pl.rows_sh, pl.rows_sh,
                _score_sh(pl, score), pl.rep)
         return ins, (pl.cache, pl.cache) + (pl.rep,) * 6

@@ -166,6 +166,12 @@ VIEW_MIN_CHUNKS = 4
 BURST_GAPS = 10
 
 
+def _leading(shards: list[int], shard: int) -> int:
+    """How many of `shards` (cached pages' shards, in position order) come first on `shard`: the cached prefix a
+    row of that shard can list (a row's table lists one shard's pages)."""
+    return next((j for j, s in enumerate(shards) if s != shard), len(shards))
+
+
 def _pow2(n: int) -> int:
     """0 for 0, else the smallest power of two >= n."""
     return 0 if n <= 0 else 1 << (n - 1).bit_length()
@@ -712,11 +718,12 @@ class Sampler(SamplerBase):
                 gone = self._pool[0].is_deleted()  # a long prompt's chunk took the pool down with it
                 if not gone:
                     log.exception("sampler: prefill failed")
+                err = self.explain(e)
                 for req in batch:
                     self._release(req)
                     self._drop_shared(req)
                     if not req.future.done():
-                        req.future.set_exception(self.explain(e))
+                        req.future.set_exception(err)
                 if gone:
                     raise  # the step fails what is in flight and makes a new pool
                 continue
@@ -1041,12 +1048,11 @@ class Sampler(SamplerBase):
         with free pages for the whole prompt, cached prefixes on it giving way (least recently used first, the
         request's own cached pages last). None when no shard has room, even with every cache entry on it gone
         (then nothing is evicted: the prompt waits for rows to finish)."""
-        need = -(-(len(req.spec.prompt) - 1) // self.page_size)
+        need = self._prompt_pages(req)
         pg = self._pages
         if self.prefix_cache and not req.spec.scores_prompt and self._prefix:
             shards, _, keys = self._walk(req, (len(req.spec.prompt) - 2) // self.page_size)
-            run = next((j for j, s in enumerate(shards) if s != shards[0]), len(shards))
-            if run and pg.free(shards[0]) >= need - run:
+            if shards and pg.free(shards[0]) >= need - _leading(shards, shards[0]):
                 return shards[0]
             self._touch(keys)  # evicted last
         free = [pg.free(s) for s in range(pg.shards)]
@@ -1067,20 +1073,22 @@ class Sampler(SamplerBase):
             self.stats["prefix_cache_evictions"] += 1
         return s
 
+    def _prompt_pages(self, req: _Request) -> int:
+        """Pages that hold a request's prompt positions 0 .. len - 2 (what its prefill writes), the last partly."""
+        return -(-(len(req.spec.prompt) - 1) // self.page_size)
+
     def _start_chunked(self, req: _Request, T: int, Bp: int) -> int:
         """Begin a long prompt's prefill on the shard `_chunk_shard` found: pool pages for its prompt's positions
         there, after its first pages found in the prefix cache on that shard (the request holds those, as
         `_prefill_tails` rows do, and its chunks read them in place and skip their positions), and its padded
         inputs in the prefill row of that shard; then its first chunk."""
         n, C, page, pg = self._chunks(req), self.prefill_chunk, self.page_size, self._pages
-        hit = self._lookup(req)
-        if hit is not None:  # only the run of cached pages on one shard: a row's table lists one shard's pages
-            shards, pages = hit
-            run = next((j for j, s in enumerate(shards) if s != shards[0]), len(shards))
-            hit = (shards[:run], pages[:run]) if pg.free(shards[0]) >= -(-(len(req.spec.prompt) - 1) // page) - run \
-                else None
-        shard = hit[0][0] if hit is not None else self._chunk_shard(req)
+        shard = self._chunk_shard(req)  # (found by _pick_batch already: room is there, nothing more is evicted)
         assert shard is not None, "a long prompt started without pages (_pick_batch checks _chunk_shard)"
+        hit = self._lookup(req)
+        if hit is not None:  # only its cached pages that come first on that shard
+            run = _leading(hit[0], shard)
+            hit = (hit[0][:run], hit[1][:run]) if run else None
         base = 0 if hit is None else len(hit[1]) * page  # positions cached: chunks start there
         S = n * C if base % C == 0 else (n + 1) * C  # the row's slots: room for its chunks from `base` on
         if hit is not None:
@@ -1088,7 +1096,7 @@ class Sampler(SamplerBase):
             req.cache_hit = base
             self.stats["prefix_cache_hit_tokens"] += base
             self.stats["prefix_cache_prefills"] += 1
-        own = pg.take(shard, -(-(len(req.spec.prompt) - 1) // page) - len(req.shared.get(shard, [])))
+        own = pg.take(shard, self._prompt_pages(req) - len(req.shared.get(shard, [])))
         listed = req.shared.get(shard, []) + own
         table = np.zeros((Bp, -(-S // page)), np.int32)
         row = shard * (Bp // pg.shards)  # the first prefill row of that shard (rows over shards, as decode's)
