@@ -857,6 +857,32 @@ def test_a_long_prompt_cached_whole_is_served_from_the_cache_when_the_pool_is_fu
     np.testing.assert_allclose(again.sequences[0].logprobs, first.sequences[0].logprobs, atol=1e-5)
 
 
+def test_a_long_prompt_waiting_for_its_adapter_evicts_nothing(snap):
+    """One adapter slot, held by a running row of adapter A; a long prompt of adapter B could start only by evicting
+    a cached prompt's pages (the pool is full): it waits for the slot without evicting them (before, its first
+    step waiting evicted what it would need, for nothing), then runs."""
+    lora_a, _ = _lora_snapshot(snap, 7)
+    lora_b, _ = _lora_snapshot(snap, 8)
+    s = Sampler(snap.cfg, [EOS], max_batch=2, max_seq_len=MAX_SEQ, prefill_lengths=(16, 48), prefill_batches=(1,),
+                decode_steps=4, decode_lengths=(32,), prefill_chunk=8, page_size=16, kv_cache_tokens=6 * 16,
+                max_adapters=1).drive(lambda: None)
+    try:
+        _run_steps(s, [s.submit(snap, prompt_of(180, 40), P(max_tokens=2, seed=1, stop=[]))])  # 3 pages cached
+        running = s.submit(lora_a, prompt_of(181, 5), P(max_tokens=40, seed=2, stop=[]))  # the 3 free pages
+        s.step()
+        assert s._pages.free(0) == 0 and not running.done()
+        waiting = s.submit(lora_b, prompt_of(182, 40), P(max_tokens=3, seed=3, stop=[]))
+        chunks = s.stats["prefill_chunks"]
+        while not running.done():
+            s.step()
+            assert s.stats["prefix_cache_evictions"] == 0
+            assert s.stats["prefill_chunks"] == chunks or running.done()
+        (got,) = _run_steps(s, [waiting])
+    finally:
+        s.stop()
+    assert len(got.sequences[0].tokens) == 3 and s.stats["prefill_chunks"] > chunks
+
+
 def test_a_chunk_that_takes_the_pool_down_fails_what_was_in_flight_and_the_sampler_goes_on(snap, monkeypatch):
     """A long prompt's chunk writes into the pool, which its call consumes: when that call fails after the pool is
     gone, the prompt's request fails (it is not left waiting for ever), and so does the row decoding beside it

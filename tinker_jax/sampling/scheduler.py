@@ -802,13 +802,19 @@ class Sampler(SamplerBase):
                 # one shard has free pages for its whole prompt (its chunks write there), unless it is cached whole.
                 # Short of pages, nothing after it starts either: they would take the pages that rows free, and a
                 # steady flow of short requests would keep it waiting for ever.
+                # Cache entries on that shard give way to it (`_chunk_shard` evicts) only once its adapter has a
+                # table slot: a request that waits for one would otherwise evict them for nothing, step after step.
+                paged = False  # its chunks write pool pages
                 if self._chunks(req):
                     if len(self._prefilling) >= n_free:
                         continue
-                    if self._whole_hit(req) is None and self._chunk_shard(req) is None:
+                    paged = self._whole_hit(req) is None
+                    if paged and self._chunk_shard(req, evict=False) is None:
                         self.stats["prefill_waits_for_pages"] += 1
                         return []
                 if self._acquire(req):
+                    if paged:
+                        self._chunk_shard(req)
                     first = req
                     break
             if first is not None:
@@ -1042,12 +1048,13 @@ class Sampler(SamplerBase):
             return 0
         return -(-(len(req.spec.prompt) - 1) // self.prefill_chunk)
 
-    def _chunk_shard(self, req: _Request) -> int | None:
+    def _chunk_shard(self, req: _Request, evict: bool = True) -> int | None:
         """A batch shard with free pages for a long request's prompt (its chunks write its KV there): the shard of
         its first pages found in the prefix cache when the rest fits there (`_start_chunked` lists those), else one
         with free pages for the whole prompt, cached prefixes on it giving way (least recently used first, the
-        request's own cached pages last). None when no shard has room, even with every cache entry on it gone
-        (then nothing is evicted: the prompt waits for rows to finish)."""
+        request's own cached pages last; not `evict`: the shard they would free, nothing evicted yet). None when no
+        shard has room, even with every cache entry on it gone (then nothing is evicted: the prompt waits for rows
+        to finish)."""
         need = self._prompt_pages(req)
         pg = self._pages
         if self.prefix_cache and not req.spec.scores_prompt and self._prefix:
@@ -1066,6 +1073,8 @@ class Sampler(SamplerBase):
         s = max(range(pg.shards), key=room.__getitem__)
         if room[s] < need:
             return None
+        if not evict:
+            return s
         for key in [k for k, (shard, _) in self._prefix.items() if shard == s]:  # oldest first, on shard s only
             if pg.free(s) >= need:
                 break
