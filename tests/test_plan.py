@@ -206,6 +206,32 @@ def test_llama3_8b_kv_cache_and_fit(tmp_path):
     assert tiny_device.verdict == "does not fit" and tiny_device.fits is False
 
 
+def test_sampler_workspace_takes_the_samplers_largest_call(tmp_path):
+    """The line is the largest of the calls the sampler's settings make possible: prompts up to prefill_chunk
+    prefilled whole in 8 rows (the largest row bucket), longer ones in chunks; without chunks, the longest bucket
+    in the rows the token budget allows (16,384 / 4,096 = 4); the paged kernel gathers no context."""
+    cfg = P.read_config(_write(tmp_path, "llama8b", LLAMA8B))
+    d = P.dims(cfg, P.PlanMesh().abstract(), 32, 0)
+    kw = dict(dtype="bfloat16", sampler_batch=64, sampler_seq_len=4096)
+    p = P.plan(cfg, **kw)
+    line = p.line("sampler_workspace")
+    assert not line.exact and "a prefill of 8 rows x 512 tokens" in line.note and "512-token chunk" in line.note
+    layer = P._largest_layer(P._param_table(P._abstract_params(cfg, "bfloat16"), P.PlanMesh().abstract()),
+                             lambda name, local: P._nbytes(local[1:], 2))
+    est = P.sampler_transients(d, 32, 2, layer, rows=64, prefill_rows=8, prefill_len=512, chunk=512, seq_len=4096,
+                               paged_decode=False)
+    assert line.bytes == max(est.values())
+    whole = P.plan(cfg, **kw, sampler_prefill_chunk=0).line("sampler_workspace")
+    assert "a prefill of 4 rows x 4096 tokens" in whole.note and "-token chunk" not in whole.note
+    assert whole.bytes > line.bytes  # [4, 32, 4096, 4096] attention scores
+    paged = P.plan(cfg, **kw, sampler_decode_attention="paged").line("sampler_workspace")
+    gathered = 2 * 64 * 4096 * 8 * 128 * 2  # k and v of one layer's context, 64 rows x 4096 slots, bf16
+    assert est["decode"] - P.sampler_transients(d, 32, 2, layer, rows=64, prefill_rows=8, prefill_len=512, chunk=512,
+                                                seq_len=4096, paged_decode=True)["decode"] == gathered
+    assert paged.bytes <= line.bytes
+    assert P.plan(cfg, **{**kw, "sampler_batch": 0}).line("sampler_workspace").bytes == 0
+
+
 def test_expert_axis_splits_experts_and_rows(tmp_path):
     cfg = P.read_config(_write(tmp_path, "tiny", TINY))
     a = P.plan(cfg, P.parse_mesh("fsdp=2"))
@@ -332,6 +358,56 @@ def test_activation_formula_matches_saved_residuals(arch, dtype, param_dtype, mo
                                           cast_weights=mode == "full" and dtype != param_dtype)
         assert layer == two - one, (remat, layer, two - one)
         assert outside == pytest.approx(2 * one - two, rel=0.01), remat
+
+
+def test_sampler_transients_cover_the_real_kernels(monkeypatch):
+    """plan.sampler_transients against XLA's memory analysis (temporaries + outputs not aliased to inputs) of the
+    sampler's real prefill, chunk and decode programs, compiled while a Sampler serves requests of those shapes: the
+    estimate is never under what XLA:CPU assigns, and within 3x of it."""
+    from tinker import types
+
+    from tinker_jax.models.decoder import Decoder
+    from tinker_jax.sampling import Sampler, WeightSnapshot, kernels
+
+    hf = {"architectures": ["Qwen3ForCausalLM"], "hidden_size": 128, "num_attention_heads": 4,
+          "num_key_value_heads": 2, "head_dim": 32, "intermediate_size": 256, "vocab_size": 2048,
+          "num_hidden_layers": 2, "tie_word_embeddings": True, "max_position_embeddings": 1024}
+    cfg = config_from_hf(hf)
+    graphdef, params = nnx.split(Decoder(cfg, rngs=nnx.Rngs(0)))
+    snap = WeightSnapshot(cfg, graphdef, params, name="x")
+    got: dict[str, int] = {}
+    for kern, name in ((kernels._prefill_kernel, "prefill"), (kernels._prefill_pages_kernel, "chunk"),
+                       (kernels._decode_kernel, "decode")):
+        def on(pl, key, shardings, _on=kern.on, _name=name, **bind):
+            f = _on(pl, key, shardings, **bind)
+
+            def measured(*args):
+                m = f.lower(*args).compile().memory_analysis()
+                got[_name] = max(got.get(_name, 0),
+                                 m.temp_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes)
+                return f(*args)
+            return measured
+        monkeypatch.setattr(kern, "on", on)
+
+    amesh = P.PlanMesh().abstract()
+    table = P._param_table(P._abstract_params(cfg, "float32"), amesh)
+    layer = P._largest_layer(table, lambda name, local: P._nbytes(local[1:], 4))
+    d = P.dims(cfg, amesh, None, 0)
+    S, B = 1024, 4
+    for prompt, n, chunk in ((500, 2, None), (900, 1, 256)):  # a 512 bucket of 2 rows; a 900-token prompt in chunks
+        got.clear()
+        T = 1 << (prompt - 2).bit_length()
+        with Sampler(cfg, [0], max_batch=B, max_seq_len=S, prefill_lengths=(T,), prefill_batches=(n,),
+                     decode_steps=2, decode_lengths=(S,), prefix_cache=False, prefill_chunk=chunk) as s:
+            for f in [s.submit(snap, list(range(3, 3 + prompt)), types.SamplingParams(max_tokens=2, seed=i),
+                               include_prompt_logprobs=True) for i in range(n)]:
+                f.result(timeout=300)
+        est = P.sampler_transients(d, cfg.n_layers, 4, layer, rows=B, prefill_rows=n, prefill_len=T, chunk=chunk,
+                                   seq_len=S, paged_decode=False)
+        calls = ("chunk",) if chunk else ("prefill", "decode")  # (a lone row decodes in a smaller row bucket)
+        assert set(calls) <= set(got), got
+        for call in calls:
+            assert got[call] <= est[call] <= 3 * got[call], (call, got[call], est[call])
 
 
 def _decoder(cfg, param_dtype: str, dtype: str):

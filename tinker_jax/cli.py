@@ -92,6 +92,11 @@ def _add_plan_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sampler-quantize", default=None, choices=["int8"],
                    help="sampler.quantize: the sampler's copy of the base weights with int8 block projections "
                         "and MoE experts")
+    p.add_argument("--sampler-prefill-chunk", type=int, default=512, metavar="N",
+                   help="sampler.prefill_chunk: longer prompts are prefilled N tokens a step (default 512; 0: whole)")
+    p.add_argument("--sampler-decode-attention", default="auto", choices=["auto", "einsum", "reduce", "paged"],
+                   help="sampler.decode_attention (default auto; paged reads the KV pages in place, the others "
+                        "gather each layer's context)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON (bytes as integers)")
 
 
@@ -107,7 +112,8 @@ def _run_plan(args: argparse.Namespace) -> int:
         attention=args.attention, device_memory=args.device_memory, sampler_batch=args.sampler_batch,
         sampler_seq_len=args.sampler_seq_len, sampler_adapters=args.sampler_adapters,
         sampler_kv_tokens=args.sampler_kv_tokens, sampler_page_size=args.sampler_page_size,
-        sampler_dtype=args.sampler_dtype, sampler_quantize=args.sampler_quantize)
+        sampler_dtype=args.sampler_dtype, sampler_quantize=args.sampler_quantize,
+        sampler_prefill_chunk=args.sampler_prefill_chunk, sampler_decode_attention=args.sampler_decode_attention)
     if args.json:
         print(json.dumps({"config": str(args.model), **result.to_dict()}, indent=2))
     else:
@@ -135,14 +141,14 @@ def _format_plan(p, source: str, width: int = 118) -> str:
     out += [f"micro-batch {p.rows} rows x {p.seq_len} tokens, {p.tokens_per_device} tokens per device; "
             f"{'remat' if p.remat else 'no remat'}; {p.attention} attention",
             "",
-            f"{'per device':<16} {'bytes':>11}  {'':9}what"]
+            f"{'per device':<17} {'bytes':>11}  {'':9}what"]
     for x in p.lines:
-        out += wrapped(x.note, f"{x.name:<16} {fmt_bytes(x.bytes):>11}  {'exact' if x.exact else 'estimate':9}", 39)
-    out.append(f"{'total':<16} {fmt_bytes(p.total):>11}")
+        out += wrapped(x.note, f"{x.name:<17} {fmt_bytes(x.bytes):>11}  {'exact' if x.exact else 'estimate':9}", 40)
+    out.append(f"{'total':<17} {fmt_bytes(p.total):>11}")
     if p.device_memory is not None:
         share = 100 * p.free / p.device_memory
         left = f"{fmt_bytes(p.free)} free ({share:.0f}%)" if p.free >= 0 else f"{fmt_bytes(-p.free)} over"
-        out.append(f"{'device memory':<16} {fmt_bytes(p.device_memory):>11}  {p.verdict}: {left}")
+        out.append(f"{'device memory':<17} {fmt_bytes(p.device_memory):>11}  {p.verdict}: {left}")
     else:
         out.append("device memory: not given (--device-memory 80GiB to check the fit)")
     if p.replicated:

@@ -11,7 +11,8 @@
   gradient accumulators, Adam's two fp32 moments, the sampler's KV cache and its adapter table / snapshot.
 - estimates, with the formula written in `_activations` / `_workspace`: activations kept for the backward pass
   (with and without remat) and the transient buffers of one step (a layer's weights gathered over fsdp, the
-  logits chunk). XLA's own scheduling can move these either way; the plan says which lines are estimates.
+  logits chunk), and the sampler's largest call (`sampler_transients`: a prefill, a long prompt's chunk or a
+  decode step). XLA's own scheduling can move these either way; the plan says which lines are estimates.
 
 The CLI (`tinker-jax plan`) only formats a `Plan`; `Plan.to_dict()` is its `--json`.
 """
@@ -438,6 +439,42 @@ def _activations(d: Dims, L: int, t: int, rows: int, T: int, b: int, attention: 
                                        "per_layer_remat": int(layer_re), "logits": int(logits)}
 
 
+def sampler_transients(d: Dims, L: int, sb: int, layer_bytes: int, *, rows: int, prefill_rows: int,
+                       prefill_len: int, chunk: int | None, seq_len: int, paged_decode: bool) -> dict[str, int]:
+    """Estimated bytes per device of the sampler's largest transients, by call: what the call's temporaries and
+    the outputs it hands back take beyond its inputs (XLA:CPU's memory analysis of the real kernels stays under
+    these, tests/test_plan.py). Elements in the sampler's dtype (sb bytes) unless fp32; n = nh / H; one layer's
+    weights (`layer_bytes`, the layer loop's slice of the stacked weights) in every call.
+
+      prefill  whole prompts, r = prefill_rows rows (this device's share) of T = prefill_len positions, t = rT:
+               their dense cache k, v [L, t, kh] (copied into pool pages after); a layer's values, t (4D + 2nh +
+               2kh + 3f); its attention scores [r, n, T, T] fp32 x5 (scores, mask fill, exponentials,
+               probabilities, as XLA:CPU keeps them at T = 1,024: the einsum path a prefill takes); the
+               prompt-logprob logits of one chunk
+               [r, C, v] fp32 x2 (C = kernels._chunk(T), 256 at most)
+      chunk    a long prompt's chunk (`chunk` positions, one row on this device) over its pages, S = seq_len: a
+               layer's context gathered from them, k and v [S, kh]; its values; scores [n, chunk, S] fp32 x4;
+               logits [C, v] fp32 x2
+      decode   r = rows on this device, each attending over S = seq_len slots: a layer's context gathered from
+               the pages, k and v [r, S, kh] (none with the paged kernel, which reads them in place); the logits
+               [r, v] fp32 x2
+    """
+    from tinker_jax.sampling.kernels import _chunk
+
+    D, nh, kh, f, v, n = d.D, d.nh, d.kh, d.f, d.v, d.n
+    values = lambda t: t * sb * (4 * D + 2 * nh + 2 * kh + 3 * f)  # noqa: E731 - one layer's [t, ...] values
+    r, T = prefill_rows, prefill_len
+    prefill = (2 * L * r * T * kh * sb + values(r * T) + 5 * r * n * T * T * FP32
+               + 2 * r * _chunk(T) * v * FP32 + layer_bytes)
+    out = {"prefill": int(prefill) if r else 0}
+    if chunk:
+        out["chunk"] = int(2 * seq_len * kh * sb + values(chunk) + 4 * n * chunk * seq_len * FP32
+                           + 2 * _chunk(chunk) * v * FP32 + layer_bytes)
+    out["decode"] = int((0 if paged_decode else 2 * rows * seq_len * kh * sb) + 2 * rows * v * FP32
+                        + values(rows) + layer_bytes) if rows else 0
+    return out
+
+
 def _largest_layer(table: list, size) -> int:
     """The largest of one layer's summed size(name, local shape) over its parameters, across the decoder's layer
     stacks (models.config.STACKS: a MoE model's dense layers are a second stack)."""
@@ -467,21 +504,25 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
          dtype: str = "float32", attention: str = "einsum", device_memory: int | str | None = None,
          sampler_batch: int = 16, sampler_seq_len: int = 1024, sampler_adapters: int = 16,
          sampler_kv_tokens: int | None = None, sampler_page_size: int = 16, sampler_dtype: str | None = None,
-         sampler_quantize: str | None = None) -> Plan:
+         sampler_quantize: str | None = None, sampler_prefill_chunk: int | None = 512,
+         sampler_decode_attention: str = "auto") -> Plan:
     """Per-device memory of training (LoRA rank `lora_rank`, or `full`) and sampling one base model on `mesh`.
 
     Defaults are the engine's (config.EngineConfig / SamplerConfig / LoraConfig): dtype float32, one micro-batch of
     `batch_tokens` (max_tokens_per_batch) in rows of `seq_len` tokens (default: one row per batch shard), a
     sampler of 16 rows x 1024 tokens with 16 resident adapters and a KV cache of rows x tokens (`sampler_kv_tokens`
     in pages of `sampler_page_size`), all in `sampler_dtype` (default `dtype`; another keeps a copy of the base
-    weights in it; `sampler_quantize` "int8" keeps a copy with int8 block projections, models.quant). Errors name
-    the CLI flag of the bad argument.
+    weights in it; `sampler_quantize` "int8" keeps a copy with int8 block projections, models.quant), prompts
+    longer than `sampler_prefill_chunk` prefilled in chunks (0 or None: whole), decode attention
+    `sampler_decode_attention` (paged: the Pallas kernel, no gathered context). Errors name the CLI flag of the bad
+    argument.
     """
     from jax.sharding import NamedSharding
 
     from tinker_jax.config import EngineConfig, LoraConfig
     from tinker_jax.sampling.pages import pages_per_shard
     from tinker_jax.models import lora as lora_math
+    from tinker_jax.models.decoder import DECODE_ATTENTION
     from tinker_jax.models.quant import MODES as QUANTIZE_MODES
     from tinker_jax.models.sharding import spec_for
 
@@ -491,6 +532,9 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
         raise PlanError(f"--sampler-dtype: expected one of {', '.join(DTYPES)}, got {sampler_dtype!r}")
     if sampler_quantize not in (None, *QUANTIZE_MODES):
         raise PlanError(f"--sampler-quantize: expected one of {', '.join(QUANTIZE_MODES)}, got {sampler_quantize!r}")
+    if sampler_decode_attention not in ("auto", *DECODE_ATTENTION):
+        raise PlanError(f"--sampler-decode-attention: expected auto or one of {', '.join(DECODE_ATTENTION)}, got "
+                        f"{sampler_decode_attention!r}")
     if attention not in ATTENTIONS:
         raise PlanError(f"--attention: expected one of {', '.join(ATTENTIONS)}, got {attention!r}")
     if not full and (lora_rank is None or isinstance(lora_rank, bool) or int(lora_rank) < 1):
@@ -499,7 +543,8 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
                             ("--sampler-batch", sampler_batch, 0), ("--sampler-seq-len", sampler_seq_len, 1),
                             ("--sampler-adapters", sampler_adapters, 1), ("--seq-len", seq_len, 1),
                             ("--sampler-kv-tokens", sampler_kv_tokens, 1),
-                            ("--sampler-page-size", sampler_page_size, 1)):
+                            ("--sampler-page-size", sampler_page_size, 1),
+                            ("--sampler-prefill-chunk", sampler_prefill_chunk, 0)):
         if value is not None and int(value) < lo:
             raise PlanError(f"{flag}: must be >= {lo}, got {value}")
     device_memory = parse_bytes(device_memory)
@@ -576,8 +621,8 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
     layer_w = _largest_layer(table, lambda name, local: math.prod(local[1:]) if name.endswith(".kernel") else 0)
     act_no, act_re, parts = _activations(dims(cfg, amesh, rank, layer_w), cfg.n_layers, t, rows_dev, T, b,
                                          attention, mode, rank, cast_weights=full and dtype != "float32")
-    workspace = _workspace(cfg, mesh, _param_table(state, mesh.abstract(data=1, fsdp=1, expert=1)),
-                           FP32 if full else b, full)
+    tensor_only = _param_table(state, mesh.abstract(data=1, fsdp=1, expert=1))  # what one fsdp gather yields
+    workspace = _workspace(cfg, mesh, tensor_only, FP32 if full else b, full)
 
     # ---- sampler, placed as sampling.kernels.Placement places it over the engine's mesh: the KV pool's pages over
     # the batch shards (max_batch rounded up to a multiple of them), kv heads over tensor where K divides, the
@@ -600,6 +645,29 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
                      f"would hold its whole cache ({fmt_bytes(2 * _nbytes(kv_shape, sb))}) and "
                      f"{'snapshot' if full else 'adapter table'} ({fmt_bytes(sampler_w_whole)}) there")
 
+    # ---- the sampler's largest call: a prefill of whole prompts (the longest length bucket prefilled whole, in
+    # the most rows the prefill row buckets and token budget allow), a long prompt's chunk, or a decode step
+    from tinker_jax.sampling.scheduler import PREFILL_BATCHES, PREFILL_TOKEN_BUDGET, default_lengths
+
+    S, chunk = sampler_seq_len, sampler_prefill_chunk or None
+    whole = max([x for x in default_lengths(S) if chunk is None or x <= chunk] or [min(default_lengths(S))])
+    fit = [x for x in sorted({min(-(-p // n) * n, B) for p in PREFILL_BATCHES}) if x * whole <= PREFILL_TOKEN_BUDGET]
+    prefill_rows = max(fit) if fit else n
+    trans = sampler_transients(
+        dims(cfg, amesh, rank, layer_w), cfg.n_layers, sb,
+        _largest_layer(tensor_only, lambda name, local: _nbytes(local[1:], sb)), rows=B // n,
+        prefill_rows=prefill_rows // n, prefill_len=whole, chunk=chunk if chunk and S - 1 > chunk else None,
+        seq_len=S, paged_decode=sampler_decode_attention == "paged") if B else {}
+    calls = {"prefill": f"a prefill of {prefill_rows} rows x {whole} tokens", "chunk": f"a {chunk}-token chunk of a "
+             f"{S}-token prompt", "decode": f"a decode step of {B} rows over {S} slots"}
+    sampler_tmp = max(trans.values(), default=0)
+    sampler_tmp_note = (
+        "the largest of the sampler's calls: " + ", ".join(f"{calls[k]} {fmt_bytes(v)}"
+                                                                     for k, v in trans.items())
+        + " (a prefill's dense cache, one layer's values, attention scores and weights, the logits of a chunk of "
+        "prompt logprobs; a decode step's gathered context and logits; formulas in plan.sampler_transients)"
+        if trans else "no sampler (--sampler-batch 0)")
+
     scores = f", attention probabilities {fmt_bytes(parts['scores_per_layer'])}" if parts["scores_per_layer"] else ""
     lines = (
         Line("parameters", params_local * b,
@@ -619,6 +687,7 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
              f"pages (1 scratch) of {sampler_page_size} tokens, {cfg.n_kv_heads} kv heads, {cfg.head_dim}] for "
              f"{kv_tokens:,} tokens in {sdt}, placed {_spec_text(kv_spec)}", True),
         Line("sampler_weights", sampler_w, sampler_note, True),
+        Line("sampler_workspace", sampler_tmp, sampler_tmp_note, False),
     )
     total = sum(x.bytes for x in lines)
 
@@ -640,7 +709,8 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
     if not remat and device_memory and total - act_no + act_re <= device_memory < total:
         notes.append(f"with --remat it would fit: activations {fmt_bytes(act_re)} instead of {fmt_bytes(act_no)}, "
                      f"total {fmt_bytes(total - act_no + act_re)}")
-    notes.append("activations and workspace are estimates (formulas in tinker_jax/plan.py); XLA's own temporaries "
+    notes.append("activations, workspace and sampler_workspace are estimates (formulas in tinker_jax/plan.py), "
+                 "counted as if the sampler's largest call ran during a training step; XLA's other temporaries "
                  "and fragmentation are not counted; on a GPU, JAX takes 75% of its memory unless "
                  "XLA_PYTHON_CLIENT_MEM_FRACTION says otherwise")
     return Plan(model=f"{cfg.architecture} ({cfg.family})", n_params=n_params, trainable_params=trainable_params,

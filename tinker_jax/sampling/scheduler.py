@@ -94,6 +94,8 @@ log = logging.getLogger(__name__)
 
 _MAX_IDLE_TABLES = 4  # adapter tables (one per rank) kept when nothing holds them
 _MAX_PREFIXES = 16384  # prefix cache entries (each a 16-byte digest and its pages: a whole prompt's, or one page)
+PREFILL_BATCHES = (1, 2, 4, 8)  # row buckets of a prefill call (Sampler's default prefill_batches)
+PREFILL_TOKEN_BUDGET = 16384  # rows x length bucket of one prefill call at most (default prefill_token_budget)
 
 
 @dataclass(eq=False)
@@ -263,7 +265,9 @@ class _Table:
         return sum(h is not None for h in self.holder)
 
 
-def _default_lengths(max_seq_len: int, start: int = 16) -> tuple[int, ...]:
+def default_lengths(max_seq_len: int, start: int = 16) -> tuple[int, ...]:
+    """Length buckets: powers of two from `start` below max_seq_len, then max_seq_len (the default prefill lengths;
+    from 64, the decode views)."""
     out, n = [], start
     while n < max_seq_len:
         out.append(n)
@@ -337,7 +341,7 @@ class Sampler(SamplerBase):
 
     def __init__(self, cfg: ModelConfig, eos_token_ids: Sequence[int] | int | None = None, *, max_batch: int = 8,
                  max_seq_len: int = 4096, prefill_lengths: Sequence[int] | None = None,
-                 prefill_batches: Sequence[int] = (1, 2, 4, 8), prefill_token_budget: int = 16384,
+                 prefill_batches: Sequence[int] = PREFILL_BATCHES, prefill_token_budget: int = PREFILL_TOKEN_BUDGET,
                  burst_gap_ms: float = 2.0,
                  prefill_chunk: int | None = 512, decode_steps: int = 8, decode_unroll: bool = False,
                  decode_attention: str = "auto", decode_lengths: Sequence[int] | None = None,
@@ -377,7 +381,7 @@ class Sampler(SamplerBase):
             raise ValueError(f"kv_cache_tokens: must be a positive number of tokens, got {kv_cache_tokens!r}")
         self._table_width = -(-self.max_seq_len // self.page_size)  # W: pages a row can list
         self._pages = PagePool(shards, pages_per_shard(self.kv_cache_tokens, self.page_size, shards))
-        lengths = sorted(set(int(n) for n in (prefill_lengths or _default_lengths(self.max_seq_len))))
+        lengths = sorted(set(int(n) for n in (prefill_lengths or default_lengths(self.max_seq_len))))
         if lengths[-1] < self.max_seq_len - 1:  # prefill covers prompt[:-1], at most max_seq_len - 2 tokens
             lengths.append(self.max_seq_len)
         if lengths[-1] > self.max_seq_len + 1 or lengths[0] <= 0:
@@ -419,7 +423,7 @@ class Sampler(SamplerBase):
         # From 64: a short sample attends over little more than its own positions (a 32 +32 batch-1 decode went
         # from x1.13 to x2.23 of transformers' generate on the CPU suite against a 256-slot first view). A view is
         # compiled only when a call first needs it, so long-prompt workloads never build the short ones.
-        views = decode_lengths or _default_lengths(self.max_seq_len, start=64)
+        views = decode_lengths or default_lengths(self.max_seq_len, start=64)
         self.decode_lengths = tuple(sorted(set(min(int(n), self.max_seq_len) for n in views) | {self.max_seq_len}))
         self.max_topk = int(max_topk_prompt_logprobs)
         self.max_stop_tokens = int(max_stop_tokens)
