@@ -7,8 +7,8 @@ per process forming one fsdp=2 x tensor=4 mesh, started by scripts/local_cluster
   one process with the same weights; its samples over the two processes' mesh are those of one process, and so
   is an RL (importance sampling) step on them.
 - The REST server: `tinker-jax serve` on both processes (process 0 serves HTTP); the official SDK trains, saves,
-  loads and samples through it with the losses, tokens and logprobs of a one-process engine, and SIGTERM to the job
-  stops both processes cleanly.
+  loads, samples and exports (save_weights_external) through it with the losses, tokens, logprobs and PEFT files
+  of a one-process engine, and SIGTERM to the job stops both processes cleanly.
 """
 
 from __future__ import annotations
@@ -188,7 +188,17 @@ def _train(tc) -> list[float]:
     sampler = tc.save_weights_and_get_sampling_client("s")
     out = sampler.sample(tt.ModelInput.from_ints([3, 1, 4, 1, 5]), 2,
                          tt.SamplingParams(max_tokens=5, temperature=0.0)).result()
+    exported = tc.save_weights_external("hf").result().path  # the PEFT files of the checkpoint's weights
+    assert exported.endswith("/external_weights/hf"), exported
     return losses, [q.tokens for q in out.sequences], [q.logprobs for q in out.sequences], saved
+
+
+def _exported(data_dir: Path, model_id: str) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    out = data_dir / "checkpoints" / model_id / "external_weights" / "hf"
+    assert json.loads((out / "adapter_config.json").read_text())["r"] == 4
+    return load_file(out / "adapter_model.safetensors")
 
 
 class _Job:
@@ -294,10 +304,17 @@ def test_two_processes_serve_the_sdk(tmp_path):
     one = EngineConfig(data_dir=tmp_path / "one", models={"tiny": str(model)}, mesh=MeshConfig(**mesh),
                        max_seq_len=64, compile_cache=False)
     with tinker_jax.ServiceClient(config=one) as svc:
-        want, want_tokens, want_lps, _ = _train(svc.create_lora_training_client(base_model="tiny", rank=4, seed=7))
+        one_tc = svc.create_lora_training_client(base_model="tiny", rank=4, seed=7)
+        want, want_tokens, want_lps, _ = _train(one_tc)
     np.testing.assert_allclose(got, want, rtol=1e-5)
     assert got_tokens == want_tokens
     np.testing.assert_allclose(got_lps, want_lps, rtol=1e-5, atol=1e-5)
+    # save_weights_external on two processes (each gathers the adapter, process 0 writes it): the PEFT files of one
+    # process's export of the same training
+    two_files, one_files = _exported(tmp_path / "data", tc.model_id), _exported(tmp_path / "one", one_tc.model_id)
+    assert sorted(two_files) == sorted(one_files) and two_files
+    for name, x in one_files.items():
+        np.testing.assert_allclose(two_files[name], x, rtol=1e-4, atol=1e-6)
 
 
 def test_round_log_keeps_order_and_prunes_what_everyone_read(tmp_path):

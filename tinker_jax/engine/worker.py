@@ -812,22 +812,15 @@ class BaseWorker:
         """save_weights_external: the run's weights as Hugging Face files, a checkpoint of kind external_weights: a
         LoRA run's PEFT adapter (adapter_config.json, adapter_model.safetensors: peft loads it onto the base model),
         a full run's merged model (config, safetensors, the base model's tokenizer files). Captured here in the
-        run's order (host copies), written off the loop like any save. -> (path, size in bytes)."""
-        if self.engine.procs is not None:
-            raise UserError("save_weights_external: not available yet when the engine spans several processes "
-                            "(save_state and save_weights_for_sampler are)")
+        run's order (host copies), written off the loop like any save; on several processes, see
+        `_export_everywhere`. -> (path, size in bytes)."""
         path, registry, d = body.path, self.engine.registry, self.engine.checkpoint_dir(body.path)
         record = self._new_record(run, body)
+        if self.engine.procs is not None:
+            return self._export_everywhere(run, body, record)
         self._writes.acquire()
         try:
-            if run.is_lora:
-                live = self.pools[run.spec.rank].read(run.slot, run.spec)
-                adapter = Adapter(live.spec, jax.device_get(live.weights))
-                state = adapter.weights
-                files = lambda tmp: export_peft_adapter(adapter, self.cfg, tmp, self.name)  # noqa: E731
-            else:
-                state = jax.device_get(run.full.params)
-                files = lambda tmp: export_merged_hf(merge(self.graphdef, state), tmp, self.path)  # noqa: E731
+            state, files = self._export_files(run)
             need = self._reserve_quota(run, body, state)
         except BaseException:
             self._writes.release()
@@ -845,6 +838,37 @@ class BaseWorker:
             return str(path), rec.get("size_bytes")
 
         return _OffLoop(write)
+
+    def _export_files(self, run: Run) -> tuple[Any, Any]:
+        """(host copy of the run's weights, a function writing their Hugging Face files into a directory). Arrays
+        that other processes hold parts of are gathered (`distributed.fetch`: a collective, which every process
+        reaches at the same point of the log)."""
+        if run.is_lora:
+            live = self.pools[run.spec.rank].read(run.slot, run.spec)
+            adapter = Adapter(live.spec, distributed.fetch(live.weights))
+            return adapter.weights, lambda tmp: export_peft_adapter(adapter, self.cfg, tmp, self.name)
+        state = distributed.fetch(run.full.params)
+        return state, lambda tmp: export_merged_hf(merge(self.graphdef, state), tmp, self.path)
+
+    def _export_everywhere(self, run: Run, body: rq.Save, record: dict):
+        """save_weights_external on several processes: every process gathers the weights (the same collective at
+        the same point), then the leader alone checks the quota and writes and commits the files, on the loop, and
+        every process learns each outcome (`Processes.settle`), as `_save_everywhere` does. The files are the
+        gathered global weights: the same as one process's export of the same weights. -> (path, size in bytes)."""
+        procs, path, d = self.engine.procs, body.path, self.engine.checkpoint_dir(body.path)
+        state, files = self._export_files(run)
+        need = procs.settle(lambda: self._reserve_quota(run, body, state)) or 0
+        try:
+            def commit():
+                rec = checkpoints.save_files(d, files, record)
+                self.engine.registry.add_checkpoint_record(path, rec)
+                return rec.get("size_bytes")
+
+            return str(path), procs.settle(commit, share=True)
+        finally:
+            if need:
+                with self._quota_lock:
+                    self._writing[run.owner] -= need
 
     def _save_everywhere(self, req: Request, run: Run, meta: dict, record: dict) -> None:
         """A save on several processes: every process writes its own shards of the run's state (global arrays, no
