@@ -83,3 +83,24 @@ def test_over_a_mesh_each_device_reads_its_own_rows_pages(mc):
     got = jax.jit(lambda *a: sharded_paged_decode_attention(*a, interpret=True, pool_sharding=pool_sh))(
         q, k, v, jax.device_put(pk, pool_sh), jax.device_put(pv, pool_sh), jnp.int32(1), table, lengths)
     np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5)
+
+
+def test_a_write_leaves_positions_before_write_from_unwritten():
+    """PagedKV.write with write_from (a chunk that recomputes a position of a shared page to score the token after
+    it): that position goes to the scratch page 0, the rest of the chunk to the row's pages; rows on two shards."""
+    L, n, Pn, page, K, H = 2, 2, 4, 2, 1, 1
+    zeros = jnp.zeros((L, n, Pn, page, K, H), jnp.float32)
+    table = jnp.asarray([[1, 2, 3], [3, 1, 2]], jnp.int32)  # row 0 on shard 0, row 1 on shard 1
+    positions = jnp.asarray([[1, 2, 3], [2, 3, 4]], jnp.int32)
+    new = jnp.broadcast_to(jnp.arange(1.0, 7.0).reshape(1, 2, 3, 1, 1), (L, 2, 3, K, H))
+    out = PagedKV(zeros, zeros, table, write_from=jnp.asarray([2, 2], jnp.int32)).write(new, new, positions)
+    got = np.asarray(out.k[0, ..., 0, 0])  # [n, Pn, page]
+    want = np.zeros((n, Pn, page))
+    want[0, 0, 1] = 1.0  # row 0's position 1 (in its shared page 1): into scratch
+    want[0, 2] = [2.0, 3.0]  # positions 2, 3: its page 2
+    want[1, 1] = [4.0, 5.0]  # row 1's positions 2, 3: its page 1 (table[1, 1])
+    want[1, 2, 0] = 6.0  # position 4: page 2, slot 0
+    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(np.asarray(out.v), np.asarray(out.k))
+    plain = PagedKV(zeros, zeros, table).write(new, new, positions)  # without: position 1 lands in page 1
+    assert float(plain.k[0, 0, 1, 1, 0, 0]) == 1.0 and float(plain.k[0, 0, 0, 1, 0, 0]) == 0.0

@@ -1136,6 +1136,41 @@ def test_prompts_that_share_cached_pages_prefill_only_the_rest(snap):
         ref.stop()
 
 
+def test_prompt_logprobs_of_a_shared_prefix_come_from_cached_pages(snap, hf):
+    """compute_logprobs of a GRPO group's sequences (a shared 48-token prompt, 3 pages, then each its own 14-token
+    answer): submitted together, the first is prefilled whole and scores its prompt; the other 3 wait for its pages,
+    then prefill in one call only from their last cached position (whose query scores their first own token), and
+    take the shared tokens' logprobs from the cache. A long sequence after the same prompt (chunked, 64 tokens a
+    step) does too, its first chunk starting at that position without writing into the shared page. A request that
+    also asks for top-k prompt logprobs is prefilled whole. Every prompt logprob equals transformers' forward."""
+    prefix = prompt_of(230, 48)
+    seqs = [prefix + prompt_of(231 + i, 14) for i in range(4)] + [prefix + prompt_of(240, 110)]
+    s = Sampler(snap.cfg, [EOS], max_batch=4, max_seq_len=256, prefill_lengths=(16, 32, 64, 128, 256),
+                prefill_batches=(1, 4), decode_steps=4, prefill_chunk=64).drive(lambda: None)
+    one = P(max_tokens=1, seed=1)
+
+    def check(resp, seq):
+        lp = hf_logprobs(hf, seq)
+        assert resp.prompt_logprobs[0] is None and len(resp.prompt_logprobs) == len(seq)
+        np.testing.assert_allclose(resp.prompt_logprobs[1:], [lp[i - 1, seq[i]] for i in range(1, len(seq))],
+                                   atol=1e-4)
+
+    try:
+        group = _run_steps(s, [s.submit(snap, x, one, include_prompt_logprobs=True) for x in seqs[:4]])
+        assert s.stats["prefill_waits_for_batch_mate"] == 3 and s.stats["prefix_cache_prefills"] == 1
+        assert [r.prompt_cache_hit_tokens for r in group] == [0, 48, 48, 48]
+        (long,) = _run_steps(s, [s.submit(snap, seqs[4], one, include_prompt_logprobs=True)])
+        assert long.prompt_cache_hit_tokens == 48 and s.stats["prefill_chunks"] == 2  # positions 47.. in 2 of 64
+        hits = s.stats["prefix_cache_hit_tokens"]
+        (topk,) = _run_steps(s, [s.submit(snap, seqs[1], one, include_prompt_logprobs=True,
+                                          topk_prompt_logprobs=2)])
+        assert topk.prompt_cache_hit_tokens == 0 and s.stats["prefix_cache_hit_tokens"] == hits
+    finally:
+        s.stop()
+    for resp, seq in zip(group + [long, topk], seqs + seqs[1:2]):
+        check(resp, seq)
+
+
 def test_requests_that_share_a_new_system_prompt_and_arrive_together_prefill_it_once(snap):
     """4 questions after one 96-token system prompt (6 whole pages) that the cache does not hold, and a copy of the
     first question, submitted together: the first question (and its copy, which shares its prefill row) is prefilled

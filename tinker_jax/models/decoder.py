@@ -91,6 +91,9 @@ class PagedKV(NamedTuple):
     v: jax.Array
     table: jax.Array
     sharding: PoolSharding | None = None  # where the pool spans a mesh (the paged kernel then runs per shard)
+    # [B]: a row's positions before this one are read, never written (their writes go to the scratch page): a
+    # chunk that recomputes a position of a page it shares with others (to score the token after it)
+    write_from: jax.Array | None = None
 
     @property
     def slots(self) -> int:
@@ -119,7 +122,10 @@ class PagedKV(NamedTuple):
         """k_new, v_new [L,B,T,K,H] of every layer (or [B,T,K,H] of layer `layer`, an index): step t of row b
         goes to its page for positions[b, t]."""
         page = self.k.shape[3]
-        pages = self._by_shard(jnp.take_along_axis(self.table, positions // page, axis=1))  # [n, B/n, T]
+        pages = jnp.take_along_axis(self.table, positions // page, axis=1)  # [B, T]
+        if self.write_from is not None:
+            pages = jnp.where(positions < self.write_from[:, None], 0, pages)
+        pages = self._by_shard(pages)  # [n, B/n, T]
         offsets = self._by_shard(positions % page)
 
         def put(pool, new):  # pool [L,n,Pn,page,K,H], new [(L,)B,T,K,H] -> [(L,)n,B/n,T,K,H] into place
@@ -129,7 +135,7 @@ class PagedKV(NamedTuple):
             # tensor mid-head where the pool keeps its kv heads whole) and was gathered back, whole, per layer.
             return pool if self.sharding is None else jax.lax.with_sharding_constraint(pool, self.sharding.sharding)
 
-        return PagedKV(put(self.k, k_new), put(self.v, v_new), self.table, self.sharding)
+        return PagedKV(put(self.k, k_new), put(self.v, v_new), self.table, self.sharding, self.write_from)
 
 
 class PagedLayer(NamedTuple):

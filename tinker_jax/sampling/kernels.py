@@ -374,39 +374,43 @@ def prefill_part(pl: Placement, graphdef, params, lora, slots, tokens, targets, 
 
 
 def _prefill_pages(graphdef, params, lora, slots, tokens, targets, score: dict, pool: tuple, table, start,
-                   want_logprobs, topk: int, draws: int, mode: str, chunk: int, *, pool_sh: NamedSharding):
+                   write_from, want_logprobs, topk: int, draws: int, mode: str, chunk: int, *,
+                   pool_sh: NamedSharding):
     """`_prefill_part` over the paged pool instead of a cache of its own: row b's positions [start[b], start[b] +
     chunk) are written into the pages its table [Bp, W] lists (row b on batch shard b // (Bp / n), as decode rows;
-    table entries 0, the scratch page, take what no page is listed for), and its context is its listed pages before
-    start[b]. -> (pool k, v with the part written, then `_prompt_scores`' outputs for the part's positions).
+    table entries 0, the scratch page, take what no page is listed for), but those before write_from[b] (a cached
+    position recomputed only to score the token after it: its page is shared) are not, and its context is its
+    listed pages before start[b]. -> (pool k, v with the part written, then `_prompt_scores`' outputs for the
+    part's positions).
 
     What a long prompt's chunks use: its KV lives in pool pages (inside `kv_cache_tokens`) while it is prefilled,
     not in a prompt-sized cache beside the pool, and pages it found in the prefix cache are read where they are."""
-    cache = PagedKV(*pool, table, PoolSharding(pool_sh) if pool_sh.mesh.size > 1 else None)
+    cache = PagedKV(*pool, table, PoolSharding(pool_sh) if pool_sh.mesh.size > 1 else None, write_from)
     k, v, *scores = _prefill_part(graphdef, params, lora, slots, tokens, targets, score, cache, start, want_logprobs,
                                   topk, draws, mode, chunk)
     return (k, v), *scores
 
 
-_prefill_pages_kernel = Kernel(_prefill_pages, static_argnums=(0, 11, 12, 13, 14), donate_argnums=(7,))
+_prefill_pages_kernel = Kernel(_prefill_pages, static_argnums=(0, 12, 13, 14, 15), donate_argnums=(7,))
 
 
 def prefill_pages(pl: Placement, graphdef, params, lora, slots, tokens, targets, score: dict, pool: tuple, table,
-                  start, want_logprobs, *, topk: int, draws: int, mode: str, chunk: int):
+                  start, want_logprobs, *, topk: int, draws: int, mode: str, chunk: int, write_from=None):
     """`_prefill_pages` on placement `pl`, placed as `prefill_part` places its arguments; the pool (k, v; donated)
-    like pl.pool, and back the same; table [Bp, W] and start [Bp] (host ints) over rows."""
+    like pl.pool, and back the same; table [Bp, W], start and write_from [Bp] (host ints; write_from default
+    start: every position of the chunk written) over rows."""
 
     def shardings():
         lora_sh = _prefill_lora_sh(pl, lora)
         c = pl.pool
         ins = (pl.params(graphdef, params), lora_sh, tuple(pl.rows_sh for _ in slots), pl.rows_sh, pl.rows_sh,
-               _score_sh(pl, score), (c, c), pl.rows_sh, pl.rows_sh, pl.rep)
+               _score_sh(pl, score), (c, c), pl.rows_sh, pl.rows_sh, pl.rows_sh, pl.rep)
         return ins, ((c, c),) + (pl.rep,) * 6
 
     f = _prefill_pages_kernel.on(pl, (graphdef, _lora_key(lora), tuple(score)), shardings, pool_sh=pl.pool)
-    return f(graphdef, params, lora, slots, tokens, targets, score, tuple(pool),
-             from_host(np.asarray(table, np.int32), pl.rows_sh), from_host(np.asarray(start, np.int32), pl.rows_sh),
-             want_logprobs, topk, draws, mode, chunk)
+    rows = lambda x: from_host(np.asarray(x, np.int32), pl.rows_sh)  # noqa: E731
+    return f(graphdef, params, lora, slots, tokens, targets, score, tuple(pool), rows(table), rows(start),
+             rows(start if write_from is None else write_from), want_logprobs, topk, draws, mode, chunk)
 
 
 def prefill(pl: Placement, graphdef, params, lora, slots, tokens, targets, score: dict, want_logprobs, *, topk: int,

@@ -77,6 +77,13 @@ class RequestSpec:
         """Whether its prefill computes logits over the prompt (prompt logprobs, their top-k, or target ids)."""
         return self.wants_prompt_logprobs or self.target_ids is not None or self.prompt_alt_k > 0
 
+    @property
+    def scores_prompt_logprobs_only(self) -> bool:
+        """It scores its prompt for the prompt's logprobs alone (compute_logprobs): those of tokens that cached
+        pages hold can come from the prefix cache, which keeps them per page (not top-k, targets or draws)."""
+        return (self.include_prompt_logprobs and not self.topk_prompt_logprobs and self.target_ids is None
+                and not self.prompt_alt_k)
+
 
 def _is_int(x: Any) -> bool:
     """Python or numpy integer, not bool."""

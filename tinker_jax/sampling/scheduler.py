@@ -15,7 +15,9 @@ when longer than `prefill_chunk`, by each of its prefixes of whole chunks. A req
 not prefilled at all: its samples list the cached full pages and copy the partly filled last one (a GRPO group sent
 as separate requests costs one prefill however its requests arrive); one that finds a prefix of whole chunks lists
 those pages in its chunked prefill's page table, reads them in place and starts at the next chunk
-(`prompt_cache_hit_tokens`). Cached pages
+(`prompt_cache_hit_tokens`). A page cached by a request that scored its prompt keeps its tokens' logprobs, so a
+later request asking for its prompt's logprobs (compute_logprobs of a GRPO group's sequences) takes them from there
+and computes only the rest. Cached pages
 count as used until a row needs them: `_place` evicts the least recently used before it makes a sample wait.
 
 KV pages. The rows' KV cache is a pool of pages (models.decoder.PagedKV) sized by `kv_cache_tokens`, not by
@@ -125,6 +127,7 @@ class _Request:
     page_keys: list | None = None  # digests of its prompt's full pages, each of every token before it (`_page_keys`)
     seq: int = 0  # its place in its engine worker's request log (several processes: how followers match it)
     waited: bool = False  # it waited once for a batch mate's prefix (`_after_batch_mates`): it does not again
+    cached_lp: np.ndarray | None = None  # scoring from cached pages: their tokens' logprobs, taken with the pages
 
 
 @dataclass(eq=False)
@@ -147,7 +150,9 @@ class _Prefilling:
     pages: list[int]  # its own pages on `shard`, held until the prefill is done (then gathered, and let go)
     table: np.ndarray
     done: int = 0
-    base: int = 0  # positions found in the prefix cache (a multiple of the page size): the chunks start there
+    base: int = 0  # where its chunks start: after the positions found in the prefix cache (a multiple of the
+    #                page size), or at the last of them when it scores its prompt (`_rest`)
+    cached: int = 0  # positions found in the prefix cache: its chunks write none of them (their pages are shared)
     parts: list = field(default_factory=list)  # per chunk: kernels._prompt_scores' outputs when the prompt is scored
 
 
@@ -323,8 +328,10 @@ class Sampler(SamplerBase):
         of the same whole pages (a multi-turn conversation's next turn, a shared system prompt or few-shot
         prefix) prefills only the rest; the pages give way to rows that need them (least recently used first).
         Requests of one prefill batch that begin with the same whole pages, not cached yet, wait for the first
-        one's (one whole prefill, then one of the rests). Requests that score their prompt (prompt logprobs and
-        the like) do not use it.
+        one's (one whole prefill, then one of the rests). A request that asks for its prompt's logprobs alone
+        (compute_logprobs) uses pages cached with their tokens' logprobs (by a request that scored them) and
+        prefills from the last cached position, whose query scores the first token after them; one that asks for
+        top-k prompt logprobs, target ids or draws does not use it.
       on_submit: called (any thread) after a request is queued, e.g. to wake the thread that calls `step`.
       mesh: the jax.sharding.Mesh to run on (axes data, fsdp, tensor; models.sharding.make_mesh); None: one device.
         Snapshots' weights must be placed on it by `rules` (models.sharding.state_shardings), as the engine loads
@@ -686,6 +693,9 @@ class Sampler(SamplerBase):
         self._pages.reset()
         # (weights key, "whole" or "page", digest) -> (shard, its pages), oldest use first (`_remember`)
         self._prefix: collections.OrderedDict[tuple, tuple] = collections.OrderedDict()
+        # a "page" entry's key -> the logprobs of its tokens [page] (token 0's NaN), kept while the entry is, when a
+        # request that scored them cached the page: what later requests scoring the same prefix read (`_walk`)
+        self._page_lp: dict[tuple, np.ndarray] = {}
         self._page_table = np.zeros((self.max_batch, self._table_width), np.int32)  # row -> its pages, in order
         self._row_pages: list[list[int] | None] = [None] * self.max_batch
 
@@ -853,27 +863,32 @@ class Sampler(SamplerBase):
         smaller length bucket; those go back to the front of the queue. Requests sharing a system prompt or
         few-shot prefix that arrive together then cost one whole prefill and then, in the next batch, each the
         rest after the pages the first one left cached (`_prefill_tails`), not each a whole prefill. Identical
-        prompts stay (they share one prefill row, `_prefill`); requests that score their prompt never wait, and a
-        request waits once at most (if rows short of pages evicted those pages meanwhile, the mates would
-        otherwise be prefilled one batch each)."""
+        prompts stay (they share one prefill row, `_prefill`); a request that scores its prompt waits only for
+        pages whose logprobs an earlier one computes (and only when it asks for prompt logprobs alone:
+        compute_logprobs of a GRPO group's sequences), and a request waits once at most (if rows short of pages
+        evicted those pages meanwhile, the mates would otherwise be prefilled one batch each)."""
         if not self.prefix_cache or len(batch) < 2 or self._chunks(batch[0]):
             return batch, []
         page = self.page_size
-        now, later, coming, same = [], [], set(), set()  # coming: (weights, digest) of pages `now` will prefill
+        now, later, same = [], [], set()
+        coming, scored = set(), set()  # (weights, digest) of pages `now` will prefill; of those with logprobs
         for req in batch:
-            P, w = len(req.spec.prompt), self._weights_of(req.snapshot)
+            P, w, scores = len(req.spec.prompt), self._weights_of(req.snapshot), req.spec.scores_prompt
             keys = self._page_keys(req)
-            if not (req.spec.scores_prompt or req.waited) and (req.spec.prompt, req.table_slot) not in same:
+            if self._uses_cache(req) and not req.waited and (scores or (req.spec.prompt, req.table_slot) not in same):
                 usable = keys[: (P - 2) // page]  # at least one position left to prefill
-                n = next((j for j, d in enumerate(usable) if (w, d) not in coming), len(usable))
+                n = next((j for j, d in enumerate(usable) if (w, d) not in (scored if scores else coming)),
+                         len(usable))
                 cached = len(self._walk(req, len(usable))[1]) if self._prefix else 0
-                if n > cached and self._bucket(P - 1 - n * page) < self._bucket(P - 1 - cached * page):
+                if n > cached and self._bucket(self._rest(req, n)) < self._bucket(self._rest(req, cached)):
                     req.waited = True
                     later.append(req)
                     continue
             now.append(req)
             same.add((req.spec.prompt, req.table_slot))
             coming.update((w, d) for d in keys)
+            if req.spec.wants_prompt_logprobs:
+                scored.update((w, d) for d in keys)
         self.stats["prefill_waits_for_batch_mate"] += len(later)
         return now, later
 
@@ -919,7 +934,7 @@ class Sampler(SamplerBase):
                 first[key] = len(rows)
                 rows.append(req)
             row_of.append(first[key])
-        hits = [None] * len(rows) if want or T == 0 else self._page_hits(rows, T)
+        hits = [None] * len(rows) if T == 0 else self._page_hits(rows, T)
         if all(h is None for h in hits):
             return self._prefill_rows(batch, rows, row_of, T, want)
 
@@ -932,7 +947,11 @@ class Sampler(SamplerBase):
         cached = [i for i, h in enumerate(hits) if h is not None]
         used = self._prefill_tails(*part(cached), T, [hits[i] for i in cached])
         rest = [i for i, h in enumerate(hits) if h is None]
-        return used + (self._prefill_rows(*part(rest), T, want) if rest else 0)
+        if not rest:
+            return used
+        rest_batch, rest_rows, rest_row_of = part(rest)
+        return used + self._prefill_rows(rest_batch, rest_rows, rest_row_of, T,
+                                         any(r.spec.scores_prompt for r in rest_rows))
 
     def _rows_bucket(self, n: int) -> int:
         """Rows of a prefill call for n prompts: the smallest prefill_batches bucket that holds them."""
@@ -973,8 +992,8 @@ class Sampler(SamplerBase):
             return [None] * len(rows)
         page, hits = self.page_size, []
         for r in rows:  # at least one position left to prefill (a prompt found whole is served by `_from_cache`)
-            h = self._walk(r, (len(r.spec.prompt) - 2) // page)
-            hits.append(h if self._bucket(len(r.spec.prompt) - 1 - len(h[1]) * page) < T else None)
+            h = self._walk(r, (len(r.spec.prompt) - 2) // page) if self._uses_cache(r) else None
+            hits.append(h if h is not None and self._bucket(self._rest(r, len(h[1]))) < T else None)
         return hits
 
     def _prefill_tails(self, batch: list[_Request], rows: list[_Request], row_of: list[int], T: int,
@@ -986,25 +1005,29 @@ class Sampler(SamplerBase):
         `req.shared`, as if it had taken them) and copies only the rest (`_place`). -> the padded token count."""
         page, pl, snap = self.page_size, self.placement, batch[0].snapshot
         Bp = self._rows_bucket(len(rows))
-        starts = [len(p) * page for _, p, _ in hits]
+        cached = [len(p) * page for _, p, _ in hits]
+        starts = [len(r.spec.prompt) - 1 - self._rest(r, len(p)) for r, (_, p, _) in zip(rows, hits)]
+        want = any(r.spec.scores_prompt for r in rows)
         Tt = self._bucket(max(len(r.spec.prompt) - 1 - st for r, st in zip(rows, starts)))
-        cache = self._cached_cache(Bp, T, [(s, p, st) for (s, p, _), st in zip(hits, starts)])
+        cache = self._cached_cache(Bp, T, [(s, p, n) for (s, p, _), n in zip(hits, cached)])
         tokens, targets, score, draws = self._prompt_arrays(rows, Bp, T + Tt)  # room for every row's start + Tt
         lora, slots = self._lora_args(rows + [None] * (Bp - len(rows)), Bp)
-        k, v, *_ = kernels.prefill_part(pl, snap.graphdef, snap.params, lora, slots, tokens, targets, score, cache,
-                                        starts + [0] * (Bp - len(rows)), from_host(np.bool_(False), pl.rep),
-                                        topk=self.max_topk, draws=draws, mode=self._lora_mode(rows, Bp), chunk=Tt)
-        for req, (s, p, keys) in zip(rows, hits):
+        k, v, *scored = kernels.prefill_part(pl, snap.graphdef, snap.params, lora, slots, tokens, targets, score,
+                                             cache, starts + [0] * (Bp - len(rows)), from_host(np.bool_(want), pl.rep),
+                                             topk=self.max_topk, draws=draws, mode=self._lora_mode(rows, Bp), chunk=Tt)
+        lp = distributed.fetch(scored[0]) if want else None
+        for i, (req, (s, p, keys)) in enumerate(zip(rows, hits)):
+            if req.spec.scores_prompt:
+                req.prompt_lp = self._joined_lp(self._lps(keys), lp[i], starts[i], len(req.spec.prompt))
             self._touch(keys)
             self._hold(req, s, p)
         for req, i in zip(batch, row_of):
             req.kv = (k, v, i)
-            req.cache_hit = starts[i]
-            self.stats["prefix_cache_hit_tokens"] += starts[i]
+            req.cache_hit = cached[i]
+            self.stats["prefix_cache_hit_tokens"] += cached[i]
         self.stats["prefill_calls"] += 1
         self.stats["prefix_cache_prefills"] += 1
-        self.stats["prefill_rows_shared"] += len(batch) - len(rows)
-        self._prompt_outputs(batch, None, row_of)
+        self.stats["prefill_rows_shared"] += len(batch) - len(rows)  # (requests that score their prompt: one row each)
         return Bp * Tt
 
     def _cached_cache(self, Bp: int, slots: int, rows: list[tuple[list[int], list[int], int]]) -> KVCache:
@@ -1061,7 +1084,7 @@ class Sampler(SamplerBase):
         to finish)."""
         need = self._prompt_pages(req)
         pg = self._pages
-        if self.prefix_cache and not req.spec.scores_prompt and self._prefix:
+        if self._uses_cache(req) and self._prefix:
             shards, _, keys = self._walk(req, (len(req.spec.prompt) - 2) // self.page_size)
             if shards and pg.free(shards[0]) >= need - _leading(shards, shards[0]):
                 return shards[0]
@@ -1101,13 +1124,16 @@ class Sampler(SamplerBase):
         hit = self._lookup(req)
         if hit is not None:  # only its cached pages that come first on that shard
             run = _leading(hit[0], shard)
-            hit = (hit[0][:run], hit[1][:run]) if run else None
-        base = 0 if hit is None else len(hit[1]) * page  # positions cached: chunks start there
+            hit = (hit[0][:run], hit[1][:run], hit[2][:run]) if run else None
+        cached = 0 if hit is None else len(hit[1]) * page  # positions cached
+        base = len(req.spec.prompt) - 1 - self._rest(req, len(hit[1])) if hit else 0  # chunks start there
         S = n * C if base % C == 0 else (n + 1) * C  # the row's slots: room for its chunks from `base` on
         if hit is not None:
-            self._hold(req, *hit)
-            req.cache_hit = base
-            self.stats["prefix_cache_hit_tokens"] += base
+            self._hold(req, hit[0], hit[1])
+            if req.spec.scores_prompt:
+                req.cached_lp = self._lps(hit[2])  # (the entries may be gone by its last chunk)
+            req.cache_hit = cached
+            self.stats["prefix_cache_hit_tokens"] += cached
             self.stats["prefix_cache_prefills"] += 1
         own = pg.take(shard, self._prompt_pages(req) - len(req.shared.get(shard, [])))
         listed = req.shared.get(shard, []) + own
@@ -1117,7 +1143,7 @@ class Sampler(SamplerBase):
         self.stats["kv_pages_peak"] = max(self.stats["kv_pages_peak"], pg.used())
         left = -(-(len(req.spec.prompt) - 1 - base) // C)
         job = _Prefilling(req, T, *self._prompt_arrays([req], Bp, S, at=row), left, shard, row, own, table,
-                          base=base)
+                          base=base, cached=cached)
         self._prefilling.append(job)  # its first chunk may be its last (one chunk, or one after a cached prefix)
         try:
             return self._prefill_chunk(job)
@@ -1173,7 +1199,8 @@ class Sampler(SamplerBase):
             pl, req.snapshot.graphdef, req.snapshot.params, lora, slots, job.tokens, job.targets, job.score,
             self._pool, job.table[:, :view], np.full(Bp, start, np.int32),
             from_host(np.bool_(want), pl.rep), topk=self.max_topk, draws=job.draws,
-            mode="uniform" if Bp == 1 else "gather", chunk=self.prefill_chunk)
+            mode="uniform" if Bp == 1 else "gather", chunk=self.prefill_chunk,
+            write_from=np.full(Bp, max(start, job.cached), np.int32))  # never into cached (shared) pages
         if want:
             job.parts.append(distributed.fetch(tuple(scored)))
         job.done += 1
@@ -1187,7 +1214,11 @@ class Sampler(SamplerBase):
             req.kv = (k, v, 0)
             scored = ([np.concatenate([p[i] for p in job.parts], axis=1)[:, :job.T] for i in range(len(job.parts[0]))]
                       if want else None)
-            self._prompt_outputs([req], scored, [job.row])
+            if req.cached_lp is not None:  # its first positions' logprobs came with their cached pages
+                req.prompt_lp = self._joined_lp(req.cached_lp, scored[0][job.row], job.base, len(req.spec.prompt))
+                req.cached_lp = None
+            else:
+                self._prompt_outputs([req], scored, [job.row])
             self.stats["prefill_calls"] += 1
             self._deferred.append(req)
         return job.tokens.shape[0] * self.prefill_chunk
@@ -1237,6 +1268,11 @@ class Sampler(SamplerBase):
         offers = [(self._whole_key(req), pages + ([] if last is None else [last]))]
         offers += [((wkey, "page", d), [p]) for d, p in reversed(list(zip(self._page_keys(req), pages)))]
         self._offer(shard, offers)
+        if req.prompt_lp is not None:  # its prompt was scored: its pages' tokens' logprobs, for later scoring
+            page = self.page_size
+            for j, d in enumerate(self._page_keys(req)[: len(pages)]):
+                if (wkey, "page", d) in self._prefix:
+                    self._page_lp.setdefault((wkey, "page", d), req.prompt_lp[j * page:(j + 1) * page].copy())
 
     def _offer(self, shard: int, offers: list[tuple[tuple, list[int]]]) -> None:
         """New cache entries (key, its pages on `shard`), in that order of use; a key cached already is only
@@ -1275,12 +1311,12 @@ class Sampler(SamplerBase):
         that the prefix cache holds with its weights (page j on batch shard shards[j]: a prompt's pages are cached
         where its first sample ran, a finished row's where it ran); ([], [], []) if none. Entries are not touched
         (`_touch` the ones used)."""
-        wkey = self._weights_of(req.snapshot)
+        wkey, scores = self._weights_of(req.snapshot), req.spec.scores_prompt
         shards, pages, keys = [], [], []
         for d in self._page_keys(req)[: max(limit, 0)]:
             key = (wkey, "page", d)
             hit = self._prefix.get(key)
-            if hit is None:
+            if hit is None or (scores and key not in self._page_lp):  # scoring: only pages with their logprobs
                 break
             shards.append(hit[0])
             pages.append(hit[1][0])
@@ -1339,20 +1375,46 @@ class Sampler(SamplerBase):
         key = self._whole_key(req)
         return key if key in self._prefix else None
 
-    def _lookup(self, req: _Request) -> tuple[list[int], list[int]] | None:
-        """(shards, pages) of a long prompt's first full pages that the prefix cache holds with its weights (`_walk`,
-        leaving at least one prompt position to prefill), used; None if none (or it scores its prompt: the cached
-        positions have no scores)."""
-        if not self.prefix_cache or req.spec.scores_prompt or not self._prefix:
+    def _lookup(self, req: _Request) -> tuple[list[int], list[int], list] | None:
+        """(shards, pages, keys) of a long prompt's first full pages that the prefix cache holds with its weights
+        (`_walk`, leaving at least one prompt position to prefill), used; None if none (or it scores its prompt
+        for more than its logprobs, `_uses_cache`)."""
+        if not self._uses_cache(req) or not self._prefix:
             return None
         shards, pages, keys = self._walk(req, (len(req.spec.prompt) - 2) // self.page_size)
         if not pages:
             return None
         self._touch(keys)
-        return shards, pages
+        return shards, pages, keys
+
+    def _uses_cache(self, req: _Request) -> bool:
+        """Whether the request may start from cached prompt pages: any that does not score its prompt, and one that
+        asks for its prompt's logprobs alone, from pages cached with theirs (`_page_lp`); not one asking for top-k,
+        target ids or draws at each position, which cached pages do not keep."""
+        return self.prefix_cache and (not req.spec.scores_prompt or req.spec.scores_prompt_logprobs_only)
+
+    def _rest(self, req: _Request, n: int) -> int:
+        """Prompt positions a request prefills after its first n pages came from the cache: from the first position
+        after them; from the last cached one when it scores its prompt (its query gives the first uncached token's
+        logprob; its key and value are not written back, `kernels._prefill_pages`' write_from)."""
+        return len(req.spec.prompt) - 1 - n * self.page_size + (1 if n and req.spec.scores_prompt else 0)
+
+    def _lps(self, keys: list) -> np.ndarray:
+        """The logprobs of the tokens of cached pages `keys` (the first of the prompt on), [len(keys) * page]."""
+        return np.concatenate([self._page_lp[k] for k in keys])
+
+    @staticmethod
+    def _joined_lp(cached: np.ndarray, part: np.ndarray, start: int, P: int) -> np.ndarray:
+        """A prompt's logprobs [P] (NaN at 0) from its cached pages' (`cached`, tokens 0 .. start) and those its
+        prefill computed from position `start` on (`part`: position start + i scores token start + i + 1)."""
+        out = np.full((P,), np.nan, np.float32)
+        out[1: start + 1] = cached[1: start + 1]
+        out[start + 1:] = part[: P - 1 - start]
+        return out
 
     def _forget(self, key: tuple) -> None:
         shard, pages = self._prefix.pop(key)
+        self._page_lp.pop(key, None)
         self._pages.drop(shard, pages)
 
     def _forget_oldest(self) -> None:
