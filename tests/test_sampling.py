@@ -1142,7 +1142,9 @@ def test_prompt_logprobs_of_a_shared_prefix_come_from_cached_pages(snap, hf):
     then prefill in one call only from their last cached position (whose query scores their first own token), and
     take the shared tokens' logprobs from the cache. A long sequence after the same prompt (chunked, 64 tokens a
     step) does too, its first chunk starting at that position without writing into the shared page. A request that
-    also asks for top-k prompt logprobs is prefilled whole. Every prompt logprob equals transformers' forward."""
+    also asks for top-k prompt logprobs is prefilled whole. Long sequences of a new prompt sent together wait for
+    the first one's chunks instead of each prefilling the prompt, and so do the requests of a GRPO group of one long
+    prompt. Every prompt logprob equals transformers' forward."""
     prefix = prompt_of(230, 48)
     seqs = [prefix + prompt_of(231 + i, 14) for i in range(4)] + [prefix + prompt_of(240, 110)]
     s = Sampler(snap.cfg, [EOS], max_batch=4, max_seq_len=256, prefill_lengths=(16, 32, 64, 128, 256),
@@ -1165,9 +1167,22 @@ def test_prompt_logprobs_of_a_shared_prefix_come_from_cached_pages(snap, hf):
         (topk,) = _run_steps(s, [s.submit(snap, seqs[1], one, include_prompt_logprobs=True,
                                           topk_prompt_logprobs=2)])
         assert topk.prompt_cache_hit_tokens == 0 and s.stats["prefix_cache_hit_tokens"] == hits
+        # Long sequences after a new 96-token prompt, together: the first is prefilled in chunks, the others wait
+        # for it (not each prefilling the prompt at once) and start after its 6 pages.
+        longs = [prompt_of(250, 96) + prompt_of(251 + i, 60) for i in range(3)]
+        chunks = s.stats["prefill_chunks"]
+        together = _run_steps(s, [s.submit(snap, x, one, include_prompt_logprobs=True) for x in longs])
+        assert [r.prompt_cache_hit_tokens for r in together] == [0, 96, 96]
+        assert s.stats["prefill_waits_for_long_mate"] > 0 and s.stats["prefill_chunks"] - chunks == 3 + 2 * 1
+        # A GRPO group of one long prompt sent as separate requests: one chunked prefill, the rest from the cache.
+        chunks, whole = s.stats["prefill_chunks"], s.stats["prompt_cache_hits"]
+        group_of_one = _run_steps(s, [s.submit(snap, prompt_of(260, 150), P(max_tokens=3, seed=i, stop=[]))
+                                      for i in range(3)])
+        assert s.stats["prefill_chunks"] - chunks == 3 and s.stats["prompt_cache_hits"] - whole == 2
+        assert all(len(r.sequences[0].tokens) == 3 for r in group_of_one)
     finally:
         s.stop()
-    for resp, seq in zip(group + [long, topk], seqs + seqs[1:2]):
+    for resp, seq in zip(group + [long, topk] + together, seqs + seqs[1:2] + longs):
         check(resp, seq)
 
 

@@ -299,7 +299,9 @@ class Sampler(SamplerBase):
       prefill_chunk: prompts longer than this are prefilled alone, this many tokens per step (kernels.prefill_pages),
         so running decodes keep their pace and attention memory is linear in the prompt's length; their KV goes into
         pool pages (one shard with free pages for the whole prompt is needed to start; requests after it wait
-        meanwhile, `prefill_waits_for_pages` counts those steps); 0 or None: whole.
+        meanwhile, `prefill_waits_for_pages` counts those steps); a long prompt that begins with at least a chunk
+        of the pages another long prompt in progress is writing waits for them (`prefill_waits_for_long_mate`), so
+        a GRPO group of a long prompt sent as separate requests is prefilled once; 0 or None: whole.
       decode_steps: most decode steps per device call (one host round trip): the call's device loop ends sooner
         when its rows have all finished, or right after a row finished while requests wait for one.
       decode_unroll: unroll the decoder's layer loop inside a decode step.
@@ -822,6 +824,9 @@ class Sampler(SamplerBase):
                 if self._chunks(req):
                     if len(self._prefilling) >= n_free:
                         continue
+                    if self._waits_for_a_prefill(req):
+                        self.stats["prefill_waits_for_long_mate"] += 1
+                        continue
                     paged = self._whole_hit(req) is None
                     if paged and self._chunk_shard(req, evict=False) is None:
                         self.stats["prefill_waits_for_pages"] += 1
@@ -1108,6 +1113,27 @@ class Sampler(SamplerBase):
             self._forget(key)
             self.stats["prefix_cache_evictions"] += 1
         return s
+
+    def _waits_for_a_prefill(self, req: _Request) -> bool:
+        """Whether a long request waits for a long prompt in progress (`_prefilling`, same weights) that is writing
+        at least a chunk of its first pages (for a request that scores its prompt: one that scores its own, so the
+        pages keep their logprobs): it starts once those pages are cached and prefills only the rest (or nothing:
+        the same prompt). A GRPO group's requests of a long prompt, or compute_logprobs of its long sequences,
+        would otherwise each prefill the shared prompt, every one of them starting before the first is done."""
+        if not self._prefilling or not self._uses_cache(req):
+            return False
+        keys, w, page = self._page_keys(req), self._weights_of(req.snapshot), self.page_size
+        usable = (len(req.spec.prompt) - 2) // page
+        for job in self._prefilling:
+            other = job.req
+            if self._weights_of(other.snapshot) != w or (req.spec.scores_prompt
+                                                         and not other.spec.wants_prompt_logprobs):
+                continue
+            theirs = self._page_keys(other)
+            n = next((j for j in range(min(usable, len(theirs))) if keys[j] != theirs[j]), min(usable, len(theirs)))
+            if n * page >= self.prefill_chunk:
+                return True
+        return False
 
     def _prompt_pages(self, req: _Request) -> int:
         """Pages that hold a request's prompt positions 0 .. len - 2 (what its prefill writes), the last partly."""
