@@ -192,7 +192,8 @@ def test_weights_off_the_mesh_are_refused():
 def test_chunked_prefill_over_a_mesh_equals_a_whole_prefill_on_one_device():
     """A prompt prefilled 4 tokens per step (kernels.prefill_pages) on dp2 x fsdp2 x tp2, rows over two mesh axes,
     samples what one device samples after prefilling the prompt whole: tokens, sampled and prompt logprobs, and
-    target_prompt_logprobs; also when its chunks write the pages of the second batch shard."""
+    target_prompt_logprobs; also when its chunks write the pages of the second batch shard, and when a longer
+    prompt's logprobs start from its cached pages."""
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8, see conftest.py)")
     prompt = np.random.default_rng(7).integers(3, 500, 13).tolist()
@@ -223,6 +224,18 @@ def test_chunked_prefill_over_a_mesh_equals_a_whole_prefill_on_one_device():
     got, want = (np.asarray(o.target_prompt_logprobs.data) for o in out[::-1])
     assert np.count_nonzero(want) == 12 * 2 - 1  # every asked cell has a (negative) logprob, the -1 cell 0.0
     np.testing.assert_allclose(got, want, rtol=0, atol=TOL)
+    # compute_logprobs of the prompt continued: its 3 full pages come from the cache with their tokens' logprobs
+    # (the scored prompt left them), its chunks start at the last cached position without writing it; its prompt
+    # logprobs are those of one device's whole prefill.
+    longer = prompt + np.random.default_rng(9).integers(3, 500, 6).tolist()
+    scored = []
+    for sampler, snap in ((s, base), (_sampler(None), _snapshots(None)[0])):
+        fut = sampler.submit(snap, longer, types.SamplingParams(max_tokens=1), include_prompt_logprobs=True)
+        while sampler.has_work():
+            sampler.step()
+        scored.append(fut.result(timeout=0))
+    assert [r.prompt_cache_hit_tokens for r in scored] == [12, 0]
+    np.testing.assert_allclose(scored[0].prompt_logprobs[1:], scored[1].prompt_logprobs[1:], rtol=0, atol=TOL)
 
 
 @pytest.mark.parametrize("name,unroll", [("dp2xtp2", False), ("tp4", False), ("dp2xtp2", True)])
