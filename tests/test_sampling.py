@@ -1174,6 +1174,13 @@ def test_prompt_logprobs_of_a_shared_prefix_come_from_cached_pages(snap, hf):
         together = _run_steps(s, [s.submit(snap, x, one, include_prompt_logprobs=True) for x in longs])
         assert [r.prompt_cache_hit_tokens for r in together] == [0, 96, 96]
         assert s.stats["prefill_waits_for_long_mate"] > 0 and s.stats["prefill_chunks"] - chunks == 3 + 2 * 1
+        # Two more after that prompt, now cached: neither waits for the other (what the first writes, the second
+        # cannot use), both start after the 6 cached pages.
+        waits = s.stats["prefill_waits_for_long_mate"]
+        more = [prompt_of(250, 96) + prompt_of(255 + i, 150) for i in range(2)]  # 3 chunks each
+        after = _run_steps(s, [s.submit(snap, x, one, include_prompt_logprobs=True) for x in more])
+        assert [r.prompt_cache_hit_tokens for r in after] == [96, 96]
+        assert s.stats["prefill_waits_for_long_mate"] == waits
         # A GRPO group of one long prompt sent as separate requests: one chunked prefill, the rest from the cache.
         chunks, whole = s.stats["prefill_chunks"], s.stats["prompt_cache_hits"]
         group_of_one = _run_steps(s, [s.submit(snap, prompt_of(260, 150), P(max_tokens=3, seed=i, stop=[]))
@@ -1182,7 +1189,7 @@ def test_prompt_logprobs_of_a_shared_prefix_come_from_cached_pages(snap, hf):
         assert all(len(r.sequences[0].tokens) == 3 for r in group_of_one)
     finally:
         s.stop()
-    for resp, seq in zip(group + [long, topk] + together, seqs + seqs[1:2] + longs):
+    for resp, seq in zip(group + [long, topk] + together + after, seqs + seqs[1:2] + longs + more):
         check(resp, seq)
 
 

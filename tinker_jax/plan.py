@@ -452,9 +452,10 @@ def sampler_transients(d: Dims, L: int, sb: int, layer_bytes: int, *, rows: int,
                probabilities, as XLA:CPU keeps them at T = 1,024: the einsum path a prefill takes); the
                prompt-logprob logits of one chunk
                [r, C, v] fp32 x2 (C = kernels._chunk(T), 256 at most)
-      chunk    a long prompt's chunk (`chunk` positions, one row on this device) over its pages, S = seq_len: a
-               layer's context gathered from them, k and v [S, kh]; its values; scores [n, chunk, S] fp32 x4;
-               logits [C, v] fp32 x2
+      chunk    a long prompt's chunk (`chunk` positions, one row on this device) over its pages, S = the most
+               slots its page table spans ((ceil((seq_len - 2) / chunk) + 1) x chunk: a prompt that starts after
+               cached pages not on a chunk boundary takes one chunk more of slots): a layer's context gathered
+               from them, k and v [S, kh]; its values; scores [n, chunk, S] fp32 x4; logits [C, v] fp32 x2
       decode   r = rows on this device, each attending over S = seq_len slots: a layer's context gathered from
                the pages, k and v [r, S, kh] (none with the paged kernel, which reads them in place); the logits
                [r, v] fp32 x2
@@ -468,7 +469,8 @@ def sampler_transients(d: Dims, L: int, sb: int, layer_bytes: int, *, rows: int,
                + 2 * r * _chunk(T) * v * FP32 + layer_bytes)
     out = {"prefill": int(prefill) if r else 0}
     if chunk:
-        out["chunk"] = int(2 * seq_len * kh * sb + values(chunk) + 4 * n * chunk * seq_len * FP32
+        S = (-(-max(seq_len - 2, 1) // chunk) + 1) * chunk
+        out["chunk"] = int(2 * S * kh * sb + values(chunk) + 4 * n * chunk * S * FP32
                            + 2 * _chunk(chunk) * v * FP32 + layer_bytes)
     out["decode"] = int((0 if paged_decode else 2 * rows * seq_len * kh * sb) + 2 * rows * v * FP32
                         + values(rows) + layer_bytes) if rows else 0
@@ -656,7 +658,7 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
     trans = sampler_transients(
         dims(cfg, amesh, rank, layer_w), cfg.n_layers, sb,
         _largest_layer(tensor_only, lambda name, local: _nbytes(local[1:], sb)), rows=B // n,
-        prefill_rows=prefill_rows // n, prefill_len=whole, chunk=chunk if chunk and S - 1 > chunk else None,
+        prefill_rows=prefill_rows // n, prefill_len=whole, chunk=chunk if chunk and S > chunk else None,
         seq_len=S, paged_decode=sampler_decode_attention == "paged") if B else {}
     calls = {"prefill": f"a prefill of {prefill_rows} rows x {whole} tokens", "chunk": f"a {chunk}-token chunk of a "
              f"{S}-token prompt", "decode": f"a decode step of {B} rows over {S} slots"}

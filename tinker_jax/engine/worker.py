@@ -820,7 +820,9 @@ class BaseWorker:
             return self._export_everywhere(run, body, record)
         self._writes.acquire()
         try:
-            state, files = self._export_files(run)
+            weights, files = self._export_files(run)
+            state = distributed.fetch(weights)  # host copies
+            files = files(state)
             need = self._reserve_quota(run, body, state)
         except BaseException:
             self._writes.release()
@@ -840,25 +842,35 @@ class BaseWorker:
         return _OffLoop(write)
 
     def _export_files(self, run: Run) -> tuple[Any, Any]:
-        """(host copy of the run's weights, a function writing their Hugging Face files into a directory). Arrays
-        that other processes hold parts of are gathered (`distributed.fetch`: a collective, which every process
-        reaches at the same point of the log)."""
+        """(the run's weights as they are on the device: global arrays, a function of their host copy -> a function
+        writing their Hugging Face files into a directory)."""
         if run.is_lora:
             live = self.pools[run.spec.rank].read(run.slot, run.spec)
-            adapter = Adapter(live.spec, distributed.fetch(live.weights))
-            return adapter.weights, lambda tmp: export_peft_adapter(adapter, self.cfg, tmp, self.name)
-        state = distributed.fetch(run.full.params)
-        return state, lambda tmp: export_merged_hf(merge(self.graphdef, state), tmp, self.path)
+
+            def peft(host):
+                adapter = Adapter(live.spec, host)
+                return lambda tmp: export_peft_adapter(adapter, self.cfg, tmp, self.name)
+            return live.weights, peft
+        return run.full.params, lambda host: lambda tmp: export_merged_hf(merge(self.graphdef, host), tmp, self.path)
 
     def _export_everywhere(self, run: Run, body: rq.Save, record: dict):
-        """save_weights_external on several processes: every process gathers the weights (the same collective at
-        the same point), then the leader alone checks the quota and writes and commits the files, on the loop, and
-        every process learns each outcome (`Processes.settle`), as `_save_everywhere` does. The files are the
-        gathered global weights: the same as one process's export of the same weights. -> (path, size in bytes)."""
+        """save_weights_external on several processes: the leader checks the quota (the global arrays' sizes) and
+        every process learns the outcome (`Processes.settle`); then every process takes part in gathering the
+        weights, leaf by leaf (`distributed.fetch`: collectives reached at the same point of the log), the leader
+        keeping the host copy and the others dropping each leaf once gathered (a full run's model is whole on the
+        leader's host only); the leader writes and commits the files, on the loop, and every process learns the
+        outcome, as `_save_everywhere` does. The files are the gathered global weights: the same as one process's
+        export of the same weights. -> (path, size in bytes)."""
         procs, path, d = self.engine.procs, body.path, self.engine.checkpoint_dir(body.path)
-        state, files = self._export_files(run)
-        need = procs.settle(lambda: self._reserve_quota(run, body, state)) or 0
+        weights, files = self._export_files(run)
+        need = procs.settle(lambda: self._reserve_quota(run, body, weights)) or 0
         try:
+            if procs.leader:
+                files = files(distributed.fetch(weights))
+            else:
+                for leaf in jax.tree.leaves(weights):  # the same leaves, in the same order, as the leader's fetch
+                    distributed.fetch(leaf)
+
             def commit():
                 rec = checkpoints.save_files(d, files, record)
                 self.engine.registry.add_checkpoint_record(path, rec)

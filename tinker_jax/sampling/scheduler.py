@@ -1120,7 +1120,7 @@ class Sampler(SamplerBase):
         pages keep their logprobs): it starts once those pages are cached and prefills only the rest (or nothing:
         the same prompt). A GRPO group's requests of a long prompt, or compute_logprobs of its long sequences,
         would otherwise each prefill the shared prompt, every one of them starting before the first is done."""
-        if not self._prefilling or not self._uses_cache(req):
+        if not self._prefilling or not self._uses_cache(req) or self._whole_hit(req) is not None:
             return False
         keys, w, page = self._page_keys(req), self._weights_of(req.snapshot), self.page_size
         usable = (len(req.spec.prompt) - 2) // page
@@ -1131,7 +1131,7 @@ class Sampler(SamplerBase):
                 continue
             theirs = self._page_keys(other)
             n = next((j for j in range(min(usable, len(theirs))) if keys[j] != theirs[j]), min(usable, len(theirs)))
-            if n * page >= self.prefill_chunk:
+            if n * page - job.cached >= self.prefill_chunk:  # what it writes (not pages it found cached itself)
                 return True
         return False
 
