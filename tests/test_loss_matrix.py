@@ -270,6 +270,11 @@ def test_quota_rank_and_token_limits(model_dir, tmp_path):
         assert eng.get_checkpoint(f"tinker://{mid}/weights/too-big") is None
         local = eng.create_model(BASE, rank=4).result()  # in-process runs (no owner) are not limited
         eng.save_state(local, "fine").result()
+        fine = f"tinker://{local}/weights/fine"
+        with pytest.raises(UserError, match="copying .* checkpoint_quota_bytes"):  # a copy counts toward the owner
+            eng.copy_checkpoint(fine, "copied-a", owner=A)
+        assert eng.registry.get_run("copied-a") is None and eng.registry.usage(A) == (0, 0)
+        assert eng.copy_checkpoint(fine, "copied-local", owner=None).endswith("/weights/fine")
         with pytest.raises(UserError, match=r"lora_config\.rank: 10000 exceeds .* limit of 16"):
             eng.create_model(BASE, rank=10000, owner=A).result()
         with pytest.raises(UserError, match=r"lora_config\.seed: must be a 64-bit integer"):  # stored as INTEGER

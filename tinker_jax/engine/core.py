@@ -509,7 +509,8 @@ class Engine(EngineAPI):
         return self._submit(h.worker, "save", body, run=model_id, tenant=tenant, paths=[p])
 
     def copy_checkpoint(self, source: str, run_id: str, *, owner: str | None, ttl_seconds: int | None = None) -> str:
-        return files.copy_checkpoint(self.registry, source, run_id, owner=owner, ttl_seconds=ttl_seconds)
+        return files.copy_checkpoint(self.registry, source, run_id, owner=owner, ttl_seconds=ttl_seconds,
+                                     quota=self.config.checkpoint_quota_bytes)
 
     def checkpoint_files(self, path: str) -> dict[str, int]:
         return files.checkpoint_files(self.registry, path)

@@ -64,10 +64,12 @@ def link_tree(src: Path, dst: Path) -> None:
 
 
 def copy_checkpoint(registry: Registry, source: str, run_id: str, *, owner: str | None,
-                    ttl_seconds: int | None = None) -> str:
+                    ttl_seconds: int | None = None, quota: int | None = None) -> str:
     """SDK copy_weights: the checkpoint `source` under a new run `run_id` (of `owner`; it holds the copy and
     cannot be trained, since no worker knows it), same kind and name, sharing the source's files (hard links:
-    deleting either keeps the other loadable). -> the copy's tinker path."""
+    deleting either keeps the other loadable). The copy counts toward the owner's checkpoint bytes (as the source
+    does toward its owner's), so it is refused when it would take them past `quota` (config
+    checkpoint_quota_bytes; an in-process copy, without owner, is never limited). -> the copy's tinker path."""
     src = TinkerPath.parse(source, "source_path")
     check_name(run_id, "run id")
     info = registry.get_checkpoint(src)
@@ -76,6 +78,12 @@ def copy_checkpoint(registry: Registry, source: str, run_id: str, *, owner: str 
         raise NotFound(f"source_path: checkpoint {source} not found")
     if registry.get_run(run_id) is not None:
         raise UserError(f"run id: {run_id!r} already exists")
+    if quota is not None and owner is not None:
+        need, used = info.size_bytes or 0, registry.usage(owner)[1]
+        if used + need > quota:
+            raise UserError(f"source_path: copying {source} needs {need} bytes and this key's checkpoints use {used} "
+                            f"of its quota of {quota} bytes (config checkpoint_quota_bytes); delete checkpoints (or "
+                            "give them a TTL) and copy again")
     run = registry.get_run(src.run_id)
     old = checkpoints.read_record(src_dir) or {}
     run_conf = dict(old.get("run") or {})
