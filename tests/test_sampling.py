@@ -1255,12 +1255,14 @@ def test_a_next_turn_finds_the_answer_pages_cached(snap):
 
 def test_a_random_workload_with_the_prefix_cache_equals_one_without_and_keeps_its_pages_straight(snap):
     """Requests built from 3 shared prefixes (whole pages and not), with random question lengths, num_samples, and
-    next turns that send answers back, submitted a few at a time to a pool so small that cached pages are evicted
-    and samples wait: every result equals a sampler's without the cache (tokens; logprobs within 1e-5), the cache
+    next turns that send answers back, some asking for their prompt's logprobs too, submitted a few at a time to a
+    pool so small that cached pages are evicted and samples wait: every result equals a sampler's without the cache
+    (tokens; logprobs and prompt logprobs within 1e-5), the cache
     was used (prompts found whole, prefills that started after cached pages, evictions), and once nothing runs,
     each page's holders are exactly the cache entries that list it (no page lost or freed twice)."""
-    rng = np.random.default_rng(7)
+    rng, scoring = np.random.default_rng(7), np.random.default_rng(8)
     prefixes = [prompt_of(180, 48), prompt_of(181, 37), prompt_of(182, 70)]
+    scored_hits = []  # prompt_cache_hit_tokens of the requests that also asked for their prompt's logprobs
 
     def make(cache):
         return Sampler(snap.cfg, [EOS], max_batch=4, max_seq_len=200, prefill_lengths=(16, 32, 64, 128, 200),
@@ -1282,12 +1284,18 @@ def test_a_random_workload_with_the_prefix_cache_equals_one_without_and_keeps_it
                         x = done[-1][0]  # a prompt sampled again
                 jobs.append((x, P(max_tokens=int(rng.integers(4, 20)), seed=int(rng.integers(100)), temperature=1.0,
                                   stop=[]), int(rng.integers(1, 4))))
-            futs = [s.submit(snap, x, p, num_samples=n) for x, p, n in jobs]
-            for (x, p, n), got in zip(jobs, _run_steps(s, futs, limit=200)):
-                (want,) = _run_steps(ref, [ref.submit(snap, x, p, num_samples=n)], limit=200)
+            scores = [bool(scoring.random() < 0.5) for _ in jobs]  # (its own stream: the workload's draws stay)
+            futs = [s.submit(snap, x, p, num_samples=n, include_prompt_logprobs=sc)
+                    for (x, p, n), sc in zip(jobs, scores)]
+            for (x, p, n), sc, got in zip(jobs, scores, _run_steps(s, futs, limit=200)):
+                (want,) = _run_steps(ref, [ref.submit(snap, x, p, num_samples=n, include_prompt_logprobs=sc)],
+                                     limit=200)
                 for a, b in zip(got.sequences, want.sequences):
                     assert a.tokens == b.tokens
                     np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
+                if sc:
+                    np.testing.assert_allclose(got.prompt_logprobs[1:], want.prompt_logprobs[1:], atol=1e-5)
+                    scored_hits.append(got.prompt_cache_hit_tokens)
                 done.append((x, p, got))
         st = s.stats
         # (this seed's workload does both, in a pool of 22 pages; long prompts' chunks take pool pages too, so a
@@ -1295,6 +1303,7 @@ def test_a_random_workload_with_the_prefix_cache_equals_one_without_and_keeps_it
         assert st["kv_page_waits"] > 0 and st["prompt_cache_hits"] > 0
         assert st["prefix_cache_prefills"] > 0 and st["prefix_cache_evictions"] > 0
         assert st["prefix_cache_hit_tokens"] > 0 and ref.stats["prefix_cache_hit_tokens"] == 0
+        assert max(scored_hits) > 0  # some scored prompts took their first tokens' logprobs from cached pages
         _assert_pages_held_only_by_the_cache(s)
     finally:
         s.stop()
