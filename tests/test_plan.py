@@ -393,8 +393,8 @@ def test_sampler_transients_cover_the_real_kernels(monkeypatch):
     table = P._param_table(P._abstract_params(cfg, "float32"), amesh)
     layer = P._largest_layer(table, lambda name, local: P._nbytes(local[1:], 4))
     d = P.dims(cfg, amesh, None, 0)
-    S, B = 1024, 4
-    for prompt, n, chunk in ((500, 2, None), (900, 1, 256)):  # a 512 bucket of 2 rows; a 900-token prompt in chunks
+    S, B = 512, 4
+    for prompt, n, chunk in ((250, 2, None), (450, 1, 128)):  # a 256 bucket of 2 rows; a 450-token prompt in chunks
         got.clear()
         T = 1 << (prompt - 2).bit_length()
         with Sampler(cfg, [0], max_batch=B, max_seq_len=S, prefill_lengths=(T,), prefill_batches=(n,),
