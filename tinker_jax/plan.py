@@ -649,11 +649,11 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
 
     # ---- the sampler's largest call: a prefill of whole prompts (the longest length bucket prefilled whole, in
     # the most rows the prefill row buckets and token budget allow), a long prompt's chunk, or a decode step
-    from tinker_jax.sampling.scheduler import PREFILL_BATCHES, PREFILL_TOKEN_BUDGET, default_lengths
+    from tinker_jax.sampling.scheduler import PREFILL_BATCHES, PREFILL_TOKEN_BUDGET, default_lengths, row_buckets
 
     S, chunk = sampler_seq_len, sampler_prefill_chunk or None
     whole = max([x for x in default_lengths(S) if chunk is None or x <= chunk] or [min(default_lengths(S))])
-    fit = [x for x in sorted({min(-(-p // n) * n, B) for p in PREFILL_BATCHES}) if x * whole <= PREFILL_TOKEN_BUDGET]
+    fit = [x for x in row_buckets(PREFILL_BATCHES, n, B) if x * whole <= PREFILL_TOKEN_BUDGET]
     prefill_rows = max(fit) if fit else n
     trans = sampler_transients(
         dims(cfg, amesh, rank, layer_w), cfg.n_layers, sb,

@@ -792,9 +792,7 @@ class BaseWorker:
                                                                       record=record))
             finally:
                 self._writes.release()
-                if need:
-                    with self._quota_lock:
-                        self._writing[run.owner] -= need
+                self._release_quota(run, need)
             return str(path), snapshot
 
         return _OffLoop(write)
@@ -834,9 +832,7 @@ class BaseWorker:
                 registry.add_checkpoint_record(path, rec)
             finally:
                 self._writes.release()
-                if need:
-                    with self._quota_lock:
-                        self._writing[run.owner] -= need
+                self._release_quota(run, need)
             return str(path), rec.get("size_bytes")
 
         return _OffLoop(write)
@@ -878,9 +874,7 @@ class BaseWorker:
 
             return str(path), procs.settle(commit, share=True)
         finally:
-            if need:
-                with self._quota_lock:
-                    self._writing[run.owner] -= need
+            self._release_quota(run, need)
 
     def _save_everywhere(self, req: Request, run: Run, meta: dict, record: dict) -> None:
         """A save on several processes: every process writes its own shards of the run's state (global arrays, no
@@ -900,9 +894,13 @@ class BaseWorker:
             procs.settle(lambda: self.engine.registry.add_checkpoint_record(
                 body.path, checkpoints.commit_staged(tmp, d, record)))
         finally:
-            if need:
-                with self._quota_lock:
-                    self._writing[run.owner] -= need
+            self._release_quota(run, need)
+
+    def _release_quota(self, run: Run, need: int) -> None:
+        """A write that `_reserve_quota` counted `need` bytes for is done (committed or failed)."""
+        if need:
+            with self._quota_lock:
+                self._writing[run.owner] -= need
 
     def _reserve_quota(self, run: Run, body: rq.Save, state) -> int:
         """Refuse a save of `state` (host copies, or global arrays) that would take the run's owner past config

@@ -270,6 +270,13 @@ class _Table:
         return sum(h is not None for h in self.holder)
 
 
+def row_buckets(batches: Sequence[int], shards: int, max_batch: int) -> tuple[int, ...]:
+    """A sampler's prefill row buckets: prefill rows split over the batch shards too, so each bucket is rounded up
+    to a multiple of them (a shard's share costs the same time whether its other rows are padding or not), at
+    most max_batch (itself a multiple of them)."""
+    return tuple(sorted(set(min(-(-int(b) // shards) * shards, max_batch) for b in batches)))
+
+
 def default_lengths(max_seq_len: int, start: int = 16) -> tuple[int, ...]:
     """Length buckets: powers of two from `start` below max_seq_len, then max_seq_len (the default prefill lengths;
     from 64, the decode views)."""
@@ -396,10 +403,7 @@ class Sampler(SamplerBase):
         if lengths[-1] > self.max_seq_len + 1 or lengths[0] <= 0:
             raise ValueError(f"prefill_lengths: buckets must lie in [1, max_seq_len + 1], got {lengths}")
         self.prefill_lengths = tuple(lengths)
-        # Prefill rows split over the batch shards too: each bucket a multiple of them (a shard's share costs the
-        # same time whether its other rows are padding or not).
-        self.prefill_batches = tuple(sorted(set(min(-(-int(b) // shards) * shards, self.max_batch)
-                                                for b in prefill_batches)))
+        self.prefill_batches = row_buckets(prefill_batches, shards, self.max_batch)
         self.prefill_token_budget = int(prefill_token_budget)
         if not (isinstance(burst_gap_ms, (int, float)) and not isinstance(burst_gap_ms, bool)
                 and 0 <= burst_gap_ms <= 50):
@@ -818,22 +822,23 @@ class Sampler(SamplerBase):
                 # one shard has free pages for its whole prompt (its chunks write there), unless it is cached whole.
                 # Short of pages, nothing after it starts either: they would take the pages that rows free, and a
                 # steady flow of short requests would keep it waiting for ever.
-                # Cache entries on that shard give way to it (`_chunk_shard` evicts) only once its adapter has a
-                # table slot: a request that waits for one would otherwise evict them for nothing, step after step.
-                paged = False  # its chunks write pool pages
+                # Cache entries on that shard give way to it (`_make_room`) only once its adapter has a table slot:
+                # a request that waits for one would otherwise evict them for nothing, step after step.
+                shard = None  # where its chunks write pool pages (a prompt cached whole writes none)
                 if self._chunks(req):
                     if len(self._prefilling) >= n_free:
                         continue
-                    if self._waits_for_a_prefill(req):
+                    whole = self._whole_hit(req) is not None
+                    if not whole and self._waits_for_a_prefill(req):
                         self.stats["prefill_waits_for_long_mate"] += 1
                         continue
-                    paged = self._whole_hit(req) is None
-                    if paged and self._chunk_shard(req, evict=False) is None:
+                    shard = None if whole else self._chunk_shard(req)
+                    if not whole and shard is None:
                         self.stats["prefill_waits_for_pages"] += 1
                         return []
                 if self._acquire(req):
-                    if paged:
-                        self._chunk_shard(req)
+                    if shard is not None:
+                        self._make_room(shard, self._prompt_pages(req))
                     first = req
                     break
             if first is not None:
@@ -1080,13 +1085,13 @@ class Sampler(SamplerBase):
             return 0
         return -(-(len(req.spec.prompt) - 1) // self.prefill_chunk)
 
-    def _chunk_shard(self, req: _Request, evict: bool = True) -> int | None:
-        """A batch shard with free pages for a long request's prompt (its chunks write its KV there): the shard of
-        its first pages found in the prefix cache when the rest fits there (`_start_chunked` lists those), else one
-        with free pages for the whole prompt, cached prefixes on it giving way (least recently used first, the
-        request's own cached pages last; not `evict`: the shard they would free, nothing evicted yet). None when no
-        shard has room, even with every cache entry on it gone (then nothing is evicted: the prompt waits for rows
-        to finish)."""
+    def _chunk_shard(self, req: _Request) -> int | None:
+        """A batch shard with room for a long request's prompt (its chunks write its KV there): the shard of its
+        first pages found in the prefix cache when the rest fits there (`_start_chunked` lists those), else one
+        with free pages for the whole prompt, else the one where evicting cached prefixes would free enough
+        (`_make_room` does that; the request's own cached pages are marked used, so they go last). None when no
+        shard has room even with every cache entry on it gone (the prompt waits for rows to finish). Evicts
+        nothing."""
         need = self._prompt_pages(req)
         pg = self._pages
         if self._uses_cache(req) and self._prefix:
@@ -1103,24 +1108,25 @@ class Sampler(SamplerBase):
             np.add.at(cached[shard], pages, 1)
         room = [f + n for f, n in zip(free, pg.freed_without(cached))]
         s = max(range(pg.shards), key=room.__getitem__)
-        if room[s] < need:
-            return None
-        if not evict:
-            return s
-        for key in [k for k, (shard, _) in self._prefix.items() if shard == s]:  # oldest first, on shard s only
-            if pg.free(s) >= need:
+        return s if room[s] >= need else None
+
+    def _make_room(self, shard: int, need: int) -> None:
+        """Evict cache entries on `shard`, least recently used first, until it has `need` free pages (which
+        `_chunk_shard` found they free)."""
+        for key in [k for k, (s, _) in self._prefix.items() if s == shard]:
+            if self._pages.free(shard) >= need:
                 break
             self._forget(key)
             self.stats["prefix_cache_evictions"] += 1
-        return s
 
     def _waits_for_a_prefill(self, req: _Request) -> bool:
-        """Whether a long request waits for a long prompt in progress (`_prefilling`, same weights) that is writing
-        at least a chunk of its first pages (for a request that scores its prompt: one that scores its own, so the
-        pages keep their logprobs): it starts once those pages are cached and prefills only the rest (or nothing:
-        the same prompt). A GRPO group's requests of a long prompt, or compute_logprobs of its long sequences,
-        would otherwise each prefill the shared prompt, every one of them starting before the first is done."""
-        if not self._prefilling or not self._uses_cache(req) or self._whole_hit(req) is not None:
+        """Whether a long request (not cached whole: `_pick_batch` asks only then) waits for a long prompt in
+        progress (`_prefilling`, same weights) that is writing at least a chunk of its first pages (for a request
+        that scores its prompt: one that scores its own, so the pages keep their logprobs): it starts once those
+        pages are cached and prefills only the rest (or nothing: the same prompt). A GRPO group's requests of a
+        long prompt, or compute_logprobs of its long sequences, would otherwise each prefill the shared prompt,
+        every one of them starting before the first is done."""
+        if not self._prefilling or not self._uses_cache(req):
             return False
         keys, w, page = self._page_keys(req), self._weights_of(req.snapshot), self.page_size
         usable = (len(req.spec.prompt) - 2) // page
@@ -1145,7 +1151,7 @@ class Sampler(SamplerBase):
         `_prefill_tails` rows do, and its chunks read them in place and skip their positions), and its padded
         inputs in the prefill row of that shard; then its first chunk."""
         n, C, page, pg = self._chunks(req), self.prefill_chunk, self.page_size, self._pages
-        shard = self._chunk_shard(req)  # (found by _pick_batch already: room is there, nothing more is evicted)
+        shard = self._chunk_shard(req)  # (found by _pick_batch, which made room there)
         assert shard is not None, "a long prompt started without pages (_pick_batch checks _chunk_shard)"
         hit = self._lookup(req)
         if hit is not None:  # only its cached pages that come first on that shard
