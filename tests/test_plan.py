@@ -208,26 +208,33 @@ def test_llama3_8b_kv_cache_and_fit(tmp_path):
 
 def test_sampler_workspace_takes_the_samplers_largest_call(tmp_path):
     """The line is the largest of the calls the sampler's settings make possible: prompts up to prefill_chunk
-    prefilled whole in 8 rows (the largest row bucket), longer ones in chunks; without chunks, the longest bucket
-    in the rows the token budget allows (16,384 / 4,096 = 4); the paged kernel gathers no context."""
+    prefilled whole in 8 rows (the largest row bucket), longer ones in chunks, up to 8 prompts' chunks in a call
+    while rows x attended slots stay within the token budget; without chunks, the longest bucket in the rows the
+    token budget allows (16,384 / 4,096 = 4); the paged kernel gathers no context."""
     cfg = P.read_config(_write(tmp_path, "llama8b", LLAMA8B))
     d = P.dims(cfg, P.PlanMesh().abstract(), 32, 0)
     kw = dict(dtype="bfloat16", sampler_batch=64, sampler_seq_len=4096)
     p = P.plan(cfg, **kw)
     line = p.line("sampler_workspace")
-    assert not line.exact and "a prefill of 8 rows x 512 tokens" in line.note and "512-token chunk" in line.note
+    assert not line.exact and "a prefill of 8 rows x 512 tokens" in line.note
+    assert "512-token chunks of up to 8 prompts of up to 4096 tokens" in line.note
     layer = P._largest_layer(P._param_table(P._abstract_params(cfg, "bfloat16"), P.PlanMesh().abstract()),
                              lambda name, local: P._nbytes(local[1:], 2))
+    rows = dict(chunk_rows=(1, 2, 4, 8), chunk_budget=16384)
     est = P.sampler_transients(d, 32, 2, layer, rows=64, prefill_rows=8, prefill_len=512, chunk=512, seq_len=4096,
-                               paged_decode=False)
+                               paged_decode=False, **rows)
     assert line.bytes == max(est.values())
+    # 16,384 attended slots (4 rows of 4,096, or 8 of 2,048) against one row of 4,608: their scores, k and v
+    one = P.sampler_transients(d, 32, 2, layer, rows=64, prefill_rows=8, prefill_len=512, chunk=512, seq_len=4096,
+                               paged_decode=False)["chunk"]
+    assert est["chunk"] - one > (16384 - 4608) * (2 * 8 * 128 * 2 + 4 * 32 * 512 * 4)
     whole = P.plan(cfg, **kw, sampler_prefill_chunk=0).line("sampler_workspace")
     assert "a prefill of 4 rows x 4096 tokens" in whole.note and "-token chunk" not in whole.note
     assert whole.bytes > line.bytes  # [4, 32, 4096, 4096] attention scores
     paged = P.plan(cfg, **kw, sampler_decode_attention="paged").line("sampler_workspace")
     gathered = 2 * 64 * 4096 * 8 * 128 * 2  # k and v of one layer's context, 64 rows x 4096 slots, bf16
     assert est["decode"] - P.sampler_transients(d, 32, 2, layer, rows=64, prefill_rows=8, prefill_len=512, chunk=512,
-                                                seq_len=4096, paged_decode=True)["decode"] == gathered
+                                                seq_len=4096, paged_decode=True, **rows)["decode"] == gathered
     assert paged.bytes <= line.bytes
     assert P.plan(cfg, **{**kw, "sampler_batch": 0}).line("sampler_workspace").bytes == 0
 
@@ -394,7 +401,8 @@ def test_sampler_transients_cover_the_real_kernels(monkeypatch):
     layer = P._largest_layer(table, lambda name, local: P._nbytes(local[1:], 4))
     d = P.dims(cfg, amesh, None, 0)
     S, B = 512, 4
-    for prompt, n, chunk in ((250, 2, None), (450, 1, 128)):  # a 256 bucket of 2 rows; a 450-token prompt in chunks
+    # A 256 bucket of 2 rows; two 450-token prompts in chunks, a call of 2 rows each step.
+    for prompt, n, chunk in ((250, 2, None), (450, 2, 128)):
         got.clear()
         T = 1 << (prompt - 2).bit_length()
         with Sampler(cfg, [0], max_batch=B, max_seq_len=S, prefill_lengths=(T,), prefill_batches=(n,),
@@ -403,7 +411,9 @@ def test_sampler_transients_cover_the_real_kernels(monkeypatch):
                                include_prompt_logprobs=True) for i in range(n)]:
                 f.result(timeout=300)
         est = P.sampler_transients(d, cfg.n_layers, 4, layer, rows=B, prefill_rows=n, prefill_len=T, chunk=chunk,
-                                   seq_len=S, paged_decode=False)
+                                   seq_len=S, paged_decode=False, chunk_rows=(n,), chunk_budget=16384)
+        if chunk:  # the two prompts' chunks in one call each step
+            assert s.stats["prefill_chunks"] == 2 * s.stats["prefill_chunk_calls"] == 2 * 4
         calls = ("chunk",) if chunk else ("prefill", "decode")  # (a lone row decodes in a smaller row bucket)
         assert set(calls) <= set(got), got
         for call in calls:

@@ -773,6 +773,32 @@ def test_chunked_prefill_of_an_adapter_while_another_adapter_loads(snap):
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
 
 
+def test_long_prompts_prefill_their_chunks_in_shared_calls(snap):
+    """Three long prompts of two adapters (one rank) that arrive together are prefilled a chunk each per call, in
+    one call per step (5 calls for 5 + 4 + 3 chunks, not 12), each chunk at its own start over its own pages; each
+    request, prompt logprobs included, equals the same request alone."""
+    lora_a, _ = _lora_snapshot(snap, 5)
+    lora_b, _ = _lora_snapshot(snap, 6)
+    jobs = [(lora_a, prompt_of(190, 40), P(max_tokens=4, seed=1, stop=[])),  # 39 positions: 5 chunks of 8
+            (lora_b, prompt_of(191, 33), P(max_tokens=5, seed=2, stop=[])),  # 4 chunks
+            (lora_a, prompt_of(192, 25), P(max_tokens=3, seed=3, stop=[]))]  # 3 chunks
+    s = Sampler(snap.cfg, [EOS], max_batch=4, max_seq_len=MAX_SEQ, prefill_lengths=(16, 48), prefill_batches=(1, 4),
+                decode_steps=4, decode_lengths=(32,), prefill_chunk=8, prefix_cache=False).drive(lambda: None)
+    try:  # (no prefix cache: alone, each prompt is prefilled again)
+        futs = [s.submit(*j, include_prompt_logprobs=i == 1) for i, j in enumerate(jobs)]
+        together = _run_steps(s, futs)
+        assert (s.stats["prefill_chunks"], s.stats["prefill_chunk_calls"]) == (12, 5)
+        alone = [_run_steps(s, [s.submit(*j, include_prompt_logprobs=i == 1)])[0] for i, j in enumerate(jobs)]
+        assert s.stats["prefill_chunk_calls"] == 5 + 12  # alone: a call per chunk
+    finally:
+        s.stop()
+    for a, b in zip(together, alone):
+        assert a.sequences[0].tokens == b.sequences[0].tokens
+        np.testing.assert_allclose(a.sequences[0].logprobs, b.sequences[0].logprobs, atol=1e-5)
+    np.testing.assert_allclose(together[1].prompt_logprobs[1:], alone[1].prompt_logprobs[1:], atol=1e-5)
+    assert together[0].sequences[0].tokens != together[2].sequences[0].tokens
+
+
 def test_a_failing_prefill_chunk_fails_only_its_request(snap, monkeypatch):
     """A device error in a later chunk of a long prompt's prefill fails that request alone: a request decoding
     beside it finishes with the tokens it has alone."""

@@ -440,7 +440,8 @@ def _activations(d: Dims, L: int, t: int, rows: int, T: int, b: int, attention: 
 
 
 def sampler_transients(d: Dims, L: int, sb: int, layer_bytes: int, *, rows: int, prefill_rows: int,
-                       prefill_len: int, chunk: int | None, seq_len: int, paged_decode: bool) -> dict[str, int]:
+                       prefill_len: int, chunk: int | None, seq_len: int, paged_decode: bool,
+                       chunk_rows: tuple[int, ...] = (1,), chunk_budget: int | None = None) -> dict[str, int]:
     """Estimated bytes per device of the sampler's largest transients, by call: what the call's temporaries and
     the outputs it hands back take beyond its inputs (XLA:CPU's memory analysis of the real kernels stays under
     these, tests/test_plan.py). Elements in the sampler's dtype (sb bytes) unless fp32; n = nh / H; one layer's
@@ -452,10 +453,13 @@ def sampler_transients(d: Dims, L: int, sb: int, layer_bytes: int, *, rows: int,
                probabilities, as XLA:CPU keeps them at T = 1,024: the einsum path a prefill takes); the
                prompt-logprob logits of one chunk
                [r, C, v] fp32 x2 (C = kernels._chunk(T), 256 at most)
-      chunk    a long prompt's chunk (`chunk` positions, one row on this device) over its pages, S = the most
-               slots its page table spans ((ceil((seq_len - 2) / chunk) + 1) x chunk: a prompt that starts after
-               cached pages not on a chunk boundary takes one chunk more of slots): a layer's context gathered
-               from them, k and v [S, kh]; its values; scores [n, chunk, S] fp32 x4; logits [C, v] fp32 x2
+      chunk    long prompts' chunks (`chunk` positions each) over their pages, a row each, in a call of up to
+               the largest of `chunk_rows` (the prefill row buckets' share of this device) rows, S = the most slots
+               a page table spans ((ceil((seq_len - 2) / chunk) + 1) x chunk: a prompt that starts after cached
+               pages not on a chunk boundary takes one chunk more of slots): per row its values and logits [C, v]
+               fp32 x2; per slot attended (rows x slots: at most chunk_budget, the prefill token budget's share
+               of this device, past the smallest bucket; Sampler._chunk_calls) a layer's context gathered from
+               the pages, k and v [kh], and scores [n, chunk] fp32 x4
       decode   r = rows on this device, each attending over S = seq_len slots: a layer's context gathered from
                the pages, k and v [r, S, kh] (none with the paged kernel, which reads them in place); the logits
                [r, v] fp32 x2
@@ -470,8 +474,11 @@ def sampler_transients(d: Dims, L: int, sb: int, layer_bytes: int, *, rows: int,
     out = {"prefill": int(prefill) if r else 0}
     if chunk:
         S = (-(-max(seq_len - 2, 1) // chunk) + 1) * chunk
-        out["chunk"] = int(2 * S * kh * sb + values(chunk) + 4 * n * chunk * S * FP32
-                           + 2 * _chunk(chunk) * v * FP32 + layer_bytes)
+        budget = chunk_budget if chunk_budget is not None else min(chunk_rows) * S
+        fit = [b for b in chunk_rows if b == min(chunk_rows) or b * chunk <= budget]  # rows a call can have
+        slots = max(b * (S if b == min(chunk_rows) else min(S, budget // b)) for b in fit)
+        out["chunk"] = int(max(fit) * (values(chunk) + 2 * _chunk(chunk) * v * FP32)
+                           + slots * (2 * kh * sb + 4 * n * chunk * FP32) + layer_bytes)
     out["decode"] = int((0 if paged_decode else 2 * rows * seq_len * kh * sb) + 2 * rows * v * FP32
                         + values(rows) + layer_bytes) if rows else 0
     return out
@@ -655,13 +662,16 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
     whole = max([x for x in default_lengths(S) if chunk is None or x <= chunk] or [min(default_lengths(S))])
     fit = [x for x in row_buckets(PREFILL_BATCHES, n, B) if x * whole <= PREFILL_TOKEN_BUDGET]
     prefill_rows = max(fit) if fit else n
+    buckets = row_buckets(PREFILL_BATCHES, n, B)
+    chunk_rows = max([x for x in buckets if chunk and x * chunk <= PREFILL_TOKEN_BUDGET] or buckets[:1])
     trans = sampler_transients(
         dims(cfg, amesh, rank, layer_w), cfg.n_layers, sb,
         _largest_layer(tensor_only, lambda name, local: _nbytes(local[1:], sb)), rows=B // n,
         prefill_rows=prefill_rows // n, prefill_len=whole, chunk=chunk if chunk and S > chunk else None,
-        seq_len=S, paged_decode=sampler_decode_attention == "paged") if B else {}
-    calls = {"prefill": f"a prefill of {prefill_rows} rows x {whole} tokens", "chunk": f"a {chunk}-token chunk of a "
-             f"{S}-token prompt", "decode": f"a decode step of {B} rows over {S} slots"}
+        seq_len=S, paged_decode=sampler_decode_attention == "paged", chunk_rows=tuple(x // n for x in buckets),
+        chunk_budget=PREFILL_TOKEN_BUDGET // n) if B else {}
+    calls = {"prefill": f"a prefill of {prefill_rows} rows x {whole} tokens", "chunk": f"{chunk}-token chunks of up "
+             f"to {chunk_rows} prompts of up to {S} tokens", "decode": f"a decode step of {B} rows over {S} slots"}
     sampler_tmp = max(trans.values(), default=0)
     sampler_tmp_note = (
         "the largest of the sampler's calls: " + ", ".join(f"{calls[k]} {fmt_bytes(v)}"

@@ -323,11 +323,11 @@ _prefill_kernel = Kernel(_prefill, static_argnums=(0, 8, 9, 10, 11))
 
 
 def _prefill_part(graphdef, params, lora, slots, tokens, targets, score: dict, cache: KVCache, start,
-                  want_logprobs, topk: int, draws: int, mode: str, chunk: int):
+                  want_logprobs, topk: int, draws: int, mode: str, chunk: int, cut: bool = True):
     """Positions [start[b], start[b] + chunk) of each row b: tokens / targets [Bp, W] and score["ids"] [Bp, W, A]
-    (padded; W >= start + chunk), `cache` [L,Bp,S,K,H] holding each row's positions before its start (donated) ->
-    (k, v with the part written, then `_prompt_scores`' outputs for the part's positions). Writes at slots >= S are
-    dropped (a padded part past the end of a shorter row).
+    (padded; W >= start + chunk; cut=False: [Bp, chunk], each row's part already), `cache` [L,Bp,S,K,H] holding
+    each row's positions before its start (donated) -> (k, v with the part written, then `_prompt_scores`' outputs
+    for the part's positions). Writes at slots >= S are dropped (a padded part past the end of a shorter row).
 
     Two uses: the tails of prompts whose first pages came from the prefix cache (each row its own start), and,
     with `cache` a PagedKV over the pool (`_prefill_pages`), a long prompt's chunk `index` (start = its cached
@@ -336,7 +336,8 @@ def _prefill_part(graphdef, params, lora, slots, tokens, targets, score: dict, c
     model = merge(graphdef, params)
     Bp = tokens.shape[0]
     rows = lora_rows(lora, slots, Bp, mode)
-    part = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, chunk, axis=0))  # noqa: E731 - per row
+    per_row = jax.vmap(lambda x, s: jax.lax.dynamic_slice_in_dim(x, s, chunk, axis=0))
+    part = per_row if cut else (lambda x, s: x)  # noqa: E731
     pos = start[:, None] + jnp.arange(chunk, dtype=jnp.int32)  # [Bp, chunk]
     hidden, cache = model(part(tokens, start), pos, cache=cache, lora=rows)  # context: each row's slots < start
     score = {**score, "ids": part(score["ids"], start)}
@@ -377,17 +378,18 @@ def _prefill_pages(graphdef, params, lora, slots, tokens, targets, score: dict, 
                    write_from, want_logprobs, topk: int, draws: int, mode: str, chunk: int, *,
                    pool_sh: NamedSharding):
     """`_prefill_part` over the paged pool instead of a cache of its own: row b's positions [start[b], start[b] +
-    chunk) are written into the pages its table [Bp, W] lists (row b on batch shard b // (Bp / n), as decode rows;
-    table entries 0, the scratch page, take what no page is listed for), but those before write_from[b] (a cached
-    position recomputed only to score the token after it: its page is shared) are not, and its context is its
-    listed pages before start[b]. -> (pool k, v with the part written, then `_prompt_scores`' outputs for the
-    part's positions).
+    chunk) (tokens / targets [Bp, chunk] and score["ids"] [Bp, chunk, A]: those positions' only) are written into
+    the pages its table [Bp, W] lists (row b on batch shard b // (Bp / n), as decode rows; table entries 0, the
+    scratch page, take what no page is listed for), but those before write_from[b] (a cached position recomputed
+    only to score the token after it: its page is shared) are not, and its context is its listed pages before
+    start[b]. -> (pool k, v with the part written, then `_prompt_scores`' outputs for the part's positions).
 
-    What a long prompt's chunks use: its KV lives in pool pages (inside `kv_cache_tokens`) while it is prefilled,
-    not in a prompt-sized cache beside the pool, and pages it found in the prefix cache are read where they are."""
+    What long prompts' chunks use: their KV lives in pool pages (inside `kv_cache_tokens`) while they are
+    prefilled, not in a prompt-sized cache beside the pool, and pages found in the prefix cache are read where they
+    are. The rows are chunks of different prompts, each at its own start (the scheduler batches them)."""
     cache = PagedKV(*pool, table, PoolSharding(pool_sh) if pool_sh.mesh.size > 1 else None, write_from)
     k, v, *scores = _prefill_part(graphdef, params, lora, slots, tokens, targets, score, cache, start, want_logprobs,
-                                  topk, draws, mode, chunk)
+                                  topk, draws, mode, chunk, cut=False)
     return (k, v), *scores
 
 
@@ -396,9 +398,9 @@ _prefill_pages_kernel = Kernel(_prefill_pages, static_argnums=(0, 12, 13, 14, 15
 
 def prefill_pages(pl: Placement, graphdef, params, lora, slots, tokens, targets, score: dict, pool: tuple, table,
                   start, want_logprobs, *, topk: int, draws: int, mode: str, chunk: int, write_from=None):
-    """`_prefill_pages` on placement `pl`, placed as `prefill_part` places its arguments; the pool (k, v; donated)
-    like pl.pool, and back the same; table [Bp, W], start and write_from [Bp] (host ints; write_from default
-    start: every position of the chunk written) over rows."""
+    """`_prefill_pages` on placement `pl`, placed as `prefill_part` places its arguments (tokens, targets [Bp,
+    chunk]); the pool (k, v; donated) like pl.pool, and back the same; table [Bp, W], start and write_from [Bp] (host
+    ints; write_from default start: every position of the chunk written) over rows."""
 
     def shardings():
         lora_sh = _prefill_lora_sh(pl, lora)

@@ -6,9 +6,10 @@ same snapshot and bucket) and its samples take free rows (`num_samples` shares o
 free row wait, holding the prefill result, and take rows as they free up); the rows join the running decode loop
 at once. A row's first decode step feeds the last prompt token, so the prefill never needs logits unless prompt
 logprobs were asked for. Finished rows leave at the end of the decode call that finished them. A prompt longer
-than `prefill_chunk` is prefilled alone, one chunk per step between decode calls (`_Prefilling`), its KV written
-into pool pages taken for its prompt (so a long prompt's prefill stays inside `kv_cache_tokens`), then placed like
-any other (its prefill result gathered from those pages, which it then lets go).
+than `prefill_chunk` is prefilled a chunk per step between decode calls (`_Prefilling`; the chunks of the long
+prompts in progress in shared calls, a prefill row each), its KV written into pool pages taken for its prompt (so
+a long prompt's prefill stays inside `kv_cache_tokens`), then placed like any other (its prefill result gathered
+from those pages, which it then lets go).
 
 Prefix cache. A prompt leaves its KV pages to later requests of the same weights, keyed by the whole prompt and,
 when longer than `prefill_chunk`, by each of its prefixes of whole chunks. A request whose whole prompt is cached is
@@ -132,28 +133,29 @@ class _Request:
 
 @dataclass(eq=False)
 class _Prefilling:
-    """A long prompt's prefill in progress, a chunk per step (kernels.prefill_pages): its padded tokens and targets
-    [Bp, S], placed, with the request in prefill row `row` (on batch shard `shard`); the pool pages its chunks write
-    (`pages`, its own, after the pages found in the prefix cache, which the request holds in `req.shared`) and the
-    row's page table [Bp, W] listing both (W * page >= S slots; 0, the scratch page, past its prompt's pages);
-    per-chunk prompt logprobs on the host."""
+    """A long prompt's prefill in progress, a chunk per step (kernels.prefill_pages, in one call with other long
+    prompts' chunks: `_run_chunks`): its inputs on the host, padded to S slots (tokens and targets [S]; `score`:
+    target ids [S, A], its temperature and seed words); the pool pages its chunks write on batch shard `shard`
+    (`pages`, its own, after the pages found in the prefix cache, which the request holds in `req.shared`) and its
+    page table [W] listing both (W * page >= S slots; 0, the scratch page, past its prompt's pages); per-chunk
+    prompt scores on the host."""
 
     req: _Request
     T: int  # its length bucket (the prefill result it hands on has T slots)
-    tokens: Any
-    targets: Any
-    score: dict  # kernels._prompt_scores' per-row inputs
+    tokens: np.ndarray
+    targets: np.ndarray
+    score: dict  # kernels._prompt_scores' per-row inputs, this row's
     draws: int
     n: int  # chunks to run (after `base`)
     shard: int
-    row: int
     pages: list[int]  # its own pages on `shard`, held until the prefill is done (then gathered, and let go)
     table: np.ndarray
-    done: int = 0
+    done: int = 0  # chunks run (0: started this step, its first chunk not run yet)
     base: int = 0  # where its chunks start: after the positions found in the prefix cache (a multiple of the
     #                page size), or at the last of them when it scores its prompt (`_rest`)
     cached: int = 0  # positions found in the prefix cache: its chunks write none of them (their pages are shared)
-    parts: list = field(default_factory=list)  # per chunk: kernels._prompt_scores' outputs when the prompt is scored
+    parts: list = field(default_factory=list)  # per chunk: kernels._prompt_scores' outputs [1, chunk, ...] when the
+    #                                            prompt is scored
 
 
 @dataclass(eq=False)
@@ -303,8 +305,9 @@ class Sampler(SamplerBase):
         all: a batch of requests sent one after another (a client's loop; tinker-cookbook sends a group's
         rollouts as separate requests) is then prefilled and decoded together, instead of its first few alone
         for a whole decode call while the rest wait. A lone request waits one gap. 0: off.
-      prefill_chunk: prompts longer than this are prefilled alone, this many tokens per step (kernels.prefill_pages),
-        so running decodes keep their pace and attention memory is linear in the prompt's length; their KV goes into
+      prefill_chunk: prompts longer than this are prefilled this many tokens per step (kernels.prefill_pages; the
+        chunks of the long prompts in progress in shared calls of up to the largest prefill row bucket), so running
+        decodes keep their pace and attention memory is linear in the prompt's length; their KV goes into
         pool pages (one shard with free pages for the whole prompt is needed to start; requests after it wait
         meanwhile, `prefill_waits_for_pages` counts those steps); a long prompt that begins with at least a chunk
         of the pages another long prompt in progress is writing waits for them (`prefill_waits_for_long_mate`), so
@@ -713,6 +716,15 @@ class Sampler(SamplerBase):
     def _admit(self) -> None:
         budget = self.prefill_token_budget  # prefill tokens per loop iteration, so decode keeps its pace
         budget -= self._advance_prefills(budget)
+        self._admit_requests(budget)
+        if any(job.done == 0 for job in self._prefilling):  # long prompts started this step: their first chunks
+            self._advance_prefills(None)
+            if self._deferred:  # those prefilled in one chunk take rows now
+                self._admit_requests(0)
+
+    def _admit_requests(self, budget: int) -> None:
+        """Place prefilled requests waiting for rows, then prefill (or start the chunked prefill of) new ones while
+        `budget` tokens and free rows last."""
         free = [r for r in self._row_order if self._rows[r] is None]
         while free:
             if self._deferred:  # already prefilled samples (or prompts found whole in the prefix cache) go first
@@ -852,7 +864,8 @@ class Sampler(SamplerBase):
         key = self._prefill_key(first)
         T = key[1]
         fit = [b for b in self.prefill_batches if b * max(T, 1) <= self.prefill_token_budget]
-        limit = 1 if self._chunks(first) else min(max(fit) if fit else 1, n_free)  # a long prompt goes alone
+        # A long prompt starts alone (its chunks then share calls with other long prompts', `_chunk_calls`).
+        limit = 1 if self._chunks(first) else min(max(fit) if fit else 1, n_free)
         batch, keep = [first], collections.deque()
         for req in self._pending:
             if req is first:
@@ -933,7 +946,7 @@ class Sampler(SamplerBase):
         T = self._bucket(len(batch[0].spec.prompt) - 1)
         want = any(r.spec.scores_prompt for r in batch)
         if self._chunks(batch[0]):
-            return self._start_chunked(batch[0], T, self._rows_bucket(len(batch)))
+            return self._start_chunked(batch[0], T)
         rows: list[_Request] = []  # one per prefill row: the first request of each prompt and adapter
         row_of, first = [], {}
         for req in batch:
@@ -1050,11 +1063,19 @@ class Sampler(SamplerBase):
             shard[i, : len(s)], pages[i, : len(p)], lengths[i] = s, p, n
         return kernels.cached_rows(self.placement, self._pool, shard, pages, lengths, slots=slots)
 
-    def _prompt_arrays(self, reqs: list[_Request], Bp: int, T: int, at: int = 0) -> tuple:
-        """Prefill inputs of `reqs` (row at + i: reqs[i]) placed over rows: tokens (prompt[:-1]) and targets
-        (prompt[1:]) [Bp,T]; `score` (kernels._prompt_scores): the target_prompt_logprobs ids [Bp,T,A] (-1: none;
-        A = 0 when no request asks), each row's temperature and seed words for prompt_alt_tokens_k's draws; and the
-        draws' static width (0 when no request asks). -> (tokens, targets, score, draws)."""
+    def _prompt_arrays(self, reqs: list[_Request], Bp: int, T: int) -> tuple:
+        """`_host_prompt_arrays` placed over rows."""
+        tokens, targets, score, draws = self._host_prompt_arrays(reqs, Bp, T)
+        pl = self.placement
+        return (from_host(tokens, pl.rows_sh), from_host(targets, pl.rows_sh),
+                {k: from_host(v, pl.rows_sh) for k, v in score.items()}, draws)
+
+    @staticmethod
+    def _host_prompt_arrays(reqs: list[_Request], Bp: int, T: int) -> tuple:
+        """Prefill inputs of `reqs` (row i: reqs[i]): tokens (prompt[:-1]) and targets (prompt[1:]) [Bp,T]; `score`
+        (kernels._prompt_scores): the target_prompt_logprobs ids [Bp,T,A] (-1: none; A = 0 when no request asks),
+        each row's temperature and seed words for prompt_alt_tokens_k's draws; and the draws' static width (0 when
+        no request asks). -> (tokens, targets, score, draws), on the host."""
         # Static widths: the widest request's, in powers of two (a few compiled variants, no [V]-wide work per
         # position for widths nobody asked for).
         A = _pow2(max((r.spec.target_ids.shape[1] for r in reqs if r.spec.target_ids is not None), default=0))
@@ -1064,22 +1085,19 @@ class Sampler(SamplerBase):
         ids = np.full((Bp, T, A), -1, np.int32)
         temperature = np.zeros(Bp, np.float32)
         seed = np.zeros((Bp, 2), np.uint32)
-        for i, req in enumerate(reqs, at):
+        for i, req in enumerate(reqs):
             s = req.spec
             tokens[i, : len(s.prompt) - 1] = s.prompt[:-1]
             targets[i, : len(s.prompt) - 1] = s.prompt[1:]
             if s.target_ids is not None:
                 ids[i, : s.target_ids.shape[0], : s.target_ids.shape[1]] = s.target_ids
             temperature[i], seed[i] = s.temperature, (s.seed >> 32, s.seed & 0xFFFFFFFF)
-        pl = self.placement
-        score = {"ids": ids, "temperature": temperature, "seed": seed}
-        return (from_host(tokens, pl.rows_sh), from_host(targets, pl.rows_sh),
-                {k: from_host(v, pl.rows_sh) for k, v in score.items()}, draws)
+        return tokens, targets, {"ids": ids, "temperature": temperature, "seed": seed}, draws
 
     def _chunks(self, req: _Request) -> int:
         """How many chunks the request's prompt is prefilled in (0: whole, in one call with others): those that hold
         some of its positions, not its length bucket's (a 2,100-token prompt in a 4,096 bucket runs 5 chunks of
-        512, not 8; the chunk programs are one per chunk count, at most max_seq_len / prefill_chunk)."""
+        512, not 8)."""
         T = self._bucket(len(req.spec.prompt) - 1)
         if self.prefill_chunk is None or T <= self.prefill_chunk:
             return 0
@@ -1145,11 +1163,12 @@ class Sampler(SamplerBase):
         """Pages that hold a request's prompt positions 0 .. len - 2 (what its prefill writes), the last partly."""
         return -(-(len(req.spec.prompt) - 1) // self.page_size)
 
-    def _start_chunked(self, req: _Request, T: int, Bp: int) -> int:
+    def _start_chunked(self, req: _Request, T: int) -> int:
         """Begin a long prompt's prefill on the shard `_chunk_shard` found: pool pages for its prompt's positions
         there, after its first pages found in the prefix cache on that shard (the request holds those, as
         `_prefill_tails` rows do, and its chunks read them in place and skip their positions), and its padded
-        inputs in the prefill row of that shard; then its first chunk."""
+        inputs. Its first chunk runs at the end of this step's admission, with the other long prompts started in
+        it (`_admit`). -> the tokens of that chunk."""
         n, C, page, pg = self._chunks(req), self.prefill_chunk, self.page_size, self._pages
         shard = self._chunk_shard(req)  # (found by _pick_batch, which made room there)
         assert shard is not None, "a long prompt started without pages (_pick_batch checks _chunk_shard)"
@@ -1169,91 +1188,165 @@ class Sampler(SamplerBase):
             self.stats["prefix_cache_prefills"] += 1
         own = pg.take(shard, self._prompt_pages(req) - len(req.shared.get(shard, [])))
         listed = req.shared.get(shard, []) + own
-        table = np.zeros((Bp, -(-S // page)), np.int32)
-        row = shard * (Bp // pg.shards)  # the first prefill row of that shard (rows over shards, as decode's)
-        table[row, : len(listed)] = listed
+        table = np.zeros(-(-S // page), np.int32)
+        table[: len(listed)] = listed
         self.stats["kv_pages_peak"] = max(self.stats["kv_pages_peak"], pg.used())
         left = -(-(len(req.spec.prompt) - 1 - base) // C)
-        job = _Prefilling(req, T, *self._prompt_arrays([req], Bp, S, at=row), left, shard, row, own, table,
-                          base=base, cached=cached)
-        self._prefilling.append(job)  # its first chunk may be its last (one chunk, or one after a cached prefix)
-        try:
-            return self._prefill_chunk(job)
-        except Exception:  # only this request fails (`_admit`): it must not wait for rows either
-            if job in self._prefilling:
-                self._prefilling.remove(job)
-                pg.drop(shard, own)
-            if req in self._deferred:
-                self._deferred.remove(req)
-            req.kv = None
-            self._drop_shared(req)
-            raise
+        tokens, targets, score, draws = self._host_prompt_arrays([req], 1, S)
+        self._prefilling.append(_Prefilling(req, T, tokens[0], targets[0], {k: v[0] for k, v in score.items()}, draws,
+                                            left, shard, own, table, base=base, cached=cached))
+        return C
 
-    def _advance_prefills(self, budget: int) -> int:
-        """One chunk of each long prompt in progress, oldest first, while `budget` tokens last (the oldest always
-        advances); a finished one waits in `_deferred` for rows. -> tokens used."""
+    def _advance_prefills(self, budget: int | None) -> int:
+        """A chunk of each long prompt in progress, oldest first, while `budget` tokens last (the oldest always
+        advances; None: those started this step, whose first chunks `_start_chunked` counted), in calls of several
+        prompts' chunks (`_chunk_calls`); a finished one waits in `_deferred` for rows. -> tokens used."""
+        C = self.prefill_chunk
+        if budget is None:
+            jobs = [job for job in self._prefilling if job.done == 0]
+        else:
+            jobs = []
+            for job in self._prefilling:
+                if jobs and len(jobs) * C >= budget:
+                    break
+                jobs.append(job)
         used = 0
-        for job in list(self._prefilling):
-            if used and used >= budget:
-                break
+        for call in self._chunk_calls(jobs):
             try:
-                used += self._prefill_chunk(job)
-            except Exception as e:  # only this request fails: its chunks write only its own pages (and scratch)
+                used += self._run_chunks(call)
+            except Exception as e:  # only these requests fail: their chunks write only their own pages (and scratch)
                 if self._pool[0].is_deleted():  # the pool went into the failed call: every row's cache is gone
                     raise
                 log.exception("sampler: prefill failed")
-                if job in self._prefilling:  # (not when its last chunk's hand-on failed: it let go already)
-                    self._prefilling.remove(job)
-                    self._pages.drop(job.shard, job.pages)
-                job.req.kv = None
-                self._release(job.req)
-                self._drop_shared(job.req)
-                if not job.req.future.done():
-                    job.req.future.set_exception(self.explain(e))
+                for job in call:
+                    if job in self._prefilling:  # (not one whose hand-on went through: it is placed as any other)
+                        self._fail_chunked(job, e)
         return used
 
-    def _prefill_chunk(self, job: _Prefilling) -> int:
-        req, pl = job.req, self.placement
-        want = req.spec.scores_prompt
-        Bp = job.tokens.shape[0]
-        # The adapter tables as they are now (loading another adapter replaces a table's arrays); the request keeps
-        # its slot in them until it finishes.
-        rows = [None] * Bp
-        rows[job.row] = req
-        lora, slots = self._lora_args(rows, Bp)
-        start, W = job.base + job.done * self.prefill_chunk, job.table.shape[1]
-        # The chunk attends over the pages up to its end only, in powers of two of pages (a few compiled widths):
-        # a long prompt's early chunks do not read, nor score against, the slots of chunks not written yet. A
-        # prompt of a few chunks attends over its whole table: narrower views would save little and cost a
-        # compiled program each.
-        view = W if job.n <= VIEW_MIN_CHUNKS else min(W, _pow2(-(-(start + self.prefill_chunk) // self.page_size)))
-        self._pool, *scored = kernels.prefill_pages(
-            pl, req.snapshot.graphdef, req.snapshot.params, lora, slots, job.tokens, job.targets, job.score,
-            self._pool, job.table[:, :view], np.full(Bp, start, np.int32),
-            from_host(np.bool_(want), pl.rep), topk=self.max_topk, draws=job.draws,
-            mode="uniform" if Bp == 1 else "gather", chunk=self.prefill_chunk,
-            write_from=np.full(Bp, max(start, job.cached), np.int32))  # never into cached (shared) pages
-        if want:
-            job.parts.append(distributed.fetch(tuple(scored)))
-        job.done += 1
-        self.stats["prefill_chunks"] += 1
-        if job.done == job.n:  # handed on as a whole-prompt prefill's result: its pages gathered, then let go
-            listed = [int(p) for p in job.table[job.row] if p]
-            k, v = self._cached_cache(self.prefill_batches[0], job.T,
-                                      [([job.shard] * len(listed), listed, len(req.spec.prompt) - 1)])
+    def _fail_chunked(self, job: _Prefilling, e: Exception) -> None:
+        if job in self._prefilling:  # (not when its last chunk's hand-on failed: it let go already)
             self._prefilling.remove(job)
             self._pages.drop(job.shard, job.pages)
-            req.kv = (k, v, 0)
-            scored = ([np.concatenate([p[i] for p in job.parts], axis=1)[:, :job.T] for i in range(len(job.parts[0]))]
-                      if want else None)
-            if req.cached_lp is not None:  # its first positions' logprobs came with their cached pages
-                req.prompt_lp = self._joined_lp(req.cached_lp, scored[0][job.row], job.base, len(req.spec.prompt))
-                req.cached_lp = None
-            else:
-                self._prompt_outputs([req], scored, [job.row])
-            self.stats["prefill_calls"] += 1
-            self._deferred.append(req)
-        return job.tokens.shape[0] * self.prefill_chunk
+        if job.req in self._deferred:
+            self._deferred.remove(job.req)
+        job.req.kv = None
+        self._release(job.req)
+        self._drop_shared(job.req)
+        if not job.req.future.done():
+            job.req.future.set_exception(self.explain(e))
+
+    def _chunk_calls(self, jobs: list[_Prefilling]) -> list[list[_Prefilling]]:
+        """`jobs` (in order) in calls of one weights group, adapter rank and score widths (the kernel's static
+        shapes), each of at most the largest prefill row bucket's share of rows on every batch shard (a long prompt's
+        chunk takes a prefill row of the shard its pages are on) and, past its first chunk, of rows x attended slots
+        within prefill_token_budget: a call's attention scores [rows, heads, chunk, slots] then stay within those of
+        a whole prefill of chunk-long prompts in budget / chunk rows."""
+        calls, open_calls = [], {}
+        for job in jobs:
+            key = (job.req.group, job.req.rank, job.draws, job.score["ids"].shape[-1])
+            call = open_calls.get(key)
+            if call is not None:
+                rows = self._chunk_rows(call + [job])
+                if rows is None or rows * max(map(self._chunk_view, call + [job])) * self.page_size > \
+                        self.prefill_token_budget:
+                    call = None
+            if call is None:
+                call = open_calls[key] = []
+                calls.append(call)
+            call.append(job)
+        return calls
+
+    def _chunk_rows(self, jobs: list[_Prefilling]) -> int | None:
+        """Rows of a chunk call of `jobs`: the smallest prefill row bucket whose share of each batch shard holds the
+        jobs on it (None: none does)."""
+        shards = self._pages.shards
+        most = max(collections.Counter(job.shard for job in jobs).values())
+        return next((b for b in self.prefill_batches if b // shards >= most), None)
+
+    def _chunk_view(self, job: _Prefilling) -> int:
+        """Pages of its table a long prompt's next chunk attends over: those up to the chunk's end only, in powers of
+        two (a few compiled widths), so early chunks do not read, nor score against, slots of chunks not written
+        yet; a prompt of a few chunks, its whole table (narrower views would save little and cost a compiled
+        program each)."""
+        if job.n <= VIEW_MIN_CHUNKS:
+            return len(job.table)
+        end = job.base + (job.done + 1) * self.prefill_chunk
+        return min(len(job.table), _pow2(-(-end // self.page_size)))
+
+    def _run_chunks(self, jobs: list[_Prefilling]) -> int:
+        """The next chunk of each of `jobs` (`_chunk_calls`' one call) in one kernels.prefill_pages call: each a
+        prefill row of its shard, its chunk's inputs cut on the host, its page table and start; the call attends
+        over its rows' widest view (past a row's own table: the scratch page, at slots its mask leaves out).
+        -> tokens (rows x chunk)."""
+        pl, C, shards = self.placement, self.prefill_chunk, self._pages.shards
+        Bp = self._chunk_rows(jobs)
+        per = Bp // shards
+        rows: list[_Request | None] = [None] * Bp
+        at, taken = [], [0] * shards
+        for job in jobs:  # rows over shards, as decode's
+            at.append(job.shard * per + taken[job.shard])
+            taken[job.shard] += 1
+            rows[at[-1]] = job.req
+        starts = [job.base + job.done * C for job in jobs]
+        W = max(map(self._chunk_view, jobs))
+        A = jobs[0].score["ids"].shape[-1]
+        tokens, targets = np.zeros((Bp, C), np.int32), np.zeros((Bp, C), np.int32)
+        score = {"ids": np.full((Bp, C, A), -1, np.int32), "temperature": np.zeros(Bp, np.float32),
+                 "seed": np.zeros((Bp, 2), np.uint32)}
+        table, start, write_from = np.zeros((Bp, W), np.int32), np.zeros(Bp, np.int32), np.zeros(Bp, np.int32)
+        for job, r, st in zip(jobs, at, starts):
+            tokens[r], targets[r] = job.tokens[st: st + C], job.targets[st: st + C]
+            score["ids"][r] = job.score["ids"][st: st + C]
+            score["temperature"][r], score["seed"][r] = job.score["temperature"], job.score["seed"]
+            w = min(W, len(job.table))
+            table[r, :w] = job.table[:w]
+            start[r], write_from[r] = st, max(st, job.cached)  # never into cached (shared) pages
+        want = any(job.req.spec.scores_prompt for job in jobs)
+        # The adapter tables as they are now (loading another adapter replaces a table's arrays); each request keeps
+        # its slot in them until it finishes.
+        lora, slots = self._lora_args(rows, Bp)
+        snap = jobs[0].req.snapshot
+        self._pool, *scored = kernels.prefill_pages(
+            pl, snap.graphdef, snap.params, lora, slots, from_host(tokens, pl.rows_sh), from_host(targets, pl.rows_sh),
+            {k: from_host(v, pl.rows_sh) for k, v in score.items()}, self._pool, table, start,
+            from_host(np.bool_(want), pl.rep), topk=self.max_topk, draws=jobs[0].draws,
+            mode=self._lora_mode([job.req for job in jobs], Bp), chunk=C, write_from=write_from)
+        scored = distributed.fetch(tuple(scored)) if want else None
+        self.stats["prefill_chunk_calls"] += 1
+        for job, r in zip(jobs, at):
+            if job.req.spec.scores_prompt:
+                job.parts.append(tuple(x[r: r + 1] for x in scored))
+            job.done += 1
+            self.stats["prefill_chunks"] += 1
+            if job.done == job.n:
+                try:
+                    self._hand_on(job)
+                except Exception as e:  # this request only (its chunks are done; the others' are not touched)
+                    if self._pool[0].is_deleted():
+                        raise
+                    log.exception("sampler: prefill failed")
+                    self._fail_chunked(job, e)
+        return Bp * C
+
+    def _hand_on(self, job: _Prefilling) -> None:
+        """A long prompt's last chunk is done: its prefill is handed on as a whole-prompt prefill's result (its
+        pages gathered into a prefill cache, then let go), and it waits in `_deferred` for rows."""
+        req = job.req
+        listed = [int(p) for p in job.table if p]
+        k, v = self._cached_cache(self.prefill_batches[0], job.T,
+                                  [([job.shard] * len(listed), listed, len(req.spec.prompt) - 1)])
+        self._prefilling.remove(job)
+        self._pages.drop(job.shard, job.pages)
+        req.kv = (k, v, 0)
+        scored = ([np.concatenate([p[i] for p in job.parts], axis=1)[:, :job.T] for i in range(len(job.parts[0]))]
+                  if req.spec.scores_prompt else None)
+        if req.cached_lp is not None:  # its first positions' logprobs came with their cached pages
+            req.prompt_lp = self._joined_lp(req.cached_lp, scored[0][0], job.base, len(req.spec.prompt))
+            req.cached_lp = None
+        else:
+            self._prompt_outputs([req], scored, [0])
+        self.stats["prefill_calls"] += 1
+        self._deferred.append(req)
 
     # prefix cache -------------------------------------------------------------------------------------
 
