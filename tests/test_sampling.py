@@ -773,10 +773,19 @@ def test_chunked_prefill_of_an_adapter_while_another_adapter_loads(snap):
         np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
 
 
-def test_long_prompts_prefill_their_chunks_in_shared_calls(snap):
+def test_long_prompts_prefill_their_chunks_in_shared_calls(snap, monkeypatch):
     """Three long prompts of two adapters (one rank) that arrive together are prefilled a chunk each per call, in
-    one call per step (5 calls for 5 + 4 + 3 chunks, not 12), each chunk at its own start over its own pages; each
-    request, prompt logprobs included, equals the same request alone."""
+    one call per step (5 calls for 5 + 4 + 3 chunks, not 12), each chunk at its own start over its own pages,
+    attending over the pages before it only (a first chunk: one page, its slots masked); each request, prompt
+    logprobs included, equals the same request alone."""
+    real, reads = kernels.prefill_pages, []
+
+    def recording(*a, **kw):
+        start, read = a[10], kw["read_table"]
+        reads.append((int(np.max(start)), read.shape[1]))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(kernels, "prefill_pages", recording)
     lora_a, _ = _lora_snapshot(snap, 5)
     lora_b, _ = _lora_snapshot(snap, 6)
     jobs = [(lora_a, prompt_of(190, 40), P(max_tokens=4, seed=1, stop=[])),  # 39 positions: 5 chunks of 8
@@ -792,6 +801,9 @@ def test_long_prompts_prefill_their_chunks_in_shared_calls(snap):
         assert s.stats["prefill_chunk_calls"] == 5 + 12  # alone: a call per chunk
     finally:
         s.stop()
+    # (the calls' start, pages read): 16-token pages, chunks of 8: the pages before the chunk's start (24: 2, its
+    # second partly written), in powers of two, at least 1 (the 40-token prompt's table has 3)
+    assert reads[:5] == [(0, 1), (8, 1), (16, 1), (24, 2), (32, 2)]
     for a, b in zip(together, alone):
         assert a.sequences[0].tokens == b.sequences[0].tokens
         np.testing.assert_allclose(a.sequences[0].logprobs, b.sequences[0].logprobs, atol=1e-5)

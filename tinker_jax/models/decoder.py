@@ -94,10 +94,17 @@ class PagedKV(NamedTuple):
     # [B]: a row's positions before this one are read, never written (their writes go to the scratch page): a
     # chunk that recomputes a position of a page it shares with others (to score the token after it)
     write_from: jax.Array | None = None
+    # [B,Wr]: the pages attention reads (default: table), where they are fewer than those written: a prompt's
+    # chunk attends over the pages before it only (its own keys come separately), not over the slots it writes
+    read_table: jax.Array | None = None
 
     @property
     def slots(self) -> int:
-        return self.table.shape[1] * self.k.shape[3]
+        """Context slots attention reads per row."""
+        return self._read().shape[1] * self.k.shape[3]
+
+    def _read(self) -> jax.Array:
+        return self.table if self.read_table is None else self.read_table
 
     def _by_shard(self, x: jax.Array) -> jax.Array:  # [B, ...] -> [n, B/n, ...]
         n = self.k.shape[1]
@@ -109,7 +116,7 @@ class PagedKV(NamedTuple):
     def context(self, layer: jax.Array) -> tuple[jax.Array, jax.Array]:
         """Layer `layer`'s pages of each row in order, [B, W*page, K, H]: a gather from the whole pool (slicing
         the layer out first would copy the layer's whole pool per step)."""
-        table = self._by_shard(self.table)  # [n, B/n, W]
+        table = self._by_shard(self._read())  # [n, B/n, W]
         B = self.table.shape[0]
         gather = lambda pool: pool[layer, self._shard(), table].reshape(B, -1, *pool.shape[-2:])  # noqa: E731
         return gather(self.k), gather(self.v)
@@ -135,7 +142,8 @@ class PagedKV(NamedTuple):
             # tensor mid-head where the pool keeps its kv heads whole) and was gathered back, whole, per layer.
             return pool if self.sharding is None else jax.lax.with_sharding_constraint(pool, self.sharding.sharding)
 
-        return PagedKV(put(self.k, k_new), put(self.v, v_new), self.table, self.sharding, self.write_from)
+        return PagedKV(put(self.k, k_new), put(self.v, v_new), self.table, self.sharding, self.write_from,
+                       self.read_table)
 
 
 class PagedLayer(NamedTuple):
@@ -515,8 +523,11 @@ class Decoder(nnx.Module):
 
     def __call__(self, tokens, positions, segment_ids=None, cache: KVCache | PagedKV | None = None, remat: bool = False,
                  attention: str = "einsum", unroll: bool = False, lora: tuple[LoraRows, ...] = (),
-                 router_stats: bool = False):
+                 router_stats: bool = False, kv_out: bool = False):
         """tokens, positions [B,T] int32 -> hidden [B,T,D] (final-normed), cache.
+
+        kv_out (no cache): instead of the cache, every layer's keys and values (k, v) [L,B,T,K,H] (a prefill's
+        cache, computed without attending over an empty one).
 
         router_stats (no cache, MoE models): instead of the cache, each row's router statistics summed over its real
         tokens and every layer, [B,2,E] fp32: top-k assignments per expert, then routing probability mass per
@@ -571,14 +582,17 @@ class Decoder(nnx.Module):
                 h, acc = carry  # acc: the router statistics so far ([B,2,E]; a placeholder without `stats`)
                 block, lw = block_of(name, *xs)
                 if not (stats and name == "blocks"):
-                    return (block(h, positions, mask, inv_freq, None, attention, lw)[0], acc), None
+                    h, kv = block(h, positions, mask, inv_freq, None, attention, lw)
+                    return (h, acc), kv if kv_out else None
                 h, _, logits = block(h, positions, mask, inv_freq, None, attention, lw, router=True)
                 logits = jax.lax.stop_gradient(logits.reshape(B, T, -1))  # a metric: nothing to differentiate
                 return (h, acc + row_router_stats(logits, real, self.cfg.n_experts_per_tok)), None
 
+            if kv_out and stats:
+                raise ValueError("kv_out and router_stats: one or the other")
             acc = jnp.zeros((B, 2, self.cfg.n_experts) if stats else (), jnp.float32)
-            (x, acc), _ = scan_layers(self.cfg, layer, (x, acc), per_stack, (), remat=remat)
-            return self.final_norm(x), acc if stats else None
+            (x, acc), kv = scan_layers(self.cfg, layer, (x, acc), per_stack, (), remat=remat)
+            return self.final_norm(x), kv if kv_out else acc if stats else None
 
         paged = attention in ("paged", PAGED_INTERPRET) and T == 1 and isinstance(cache, PagedKV)
 

@@ -244,21 +244,22 @@ def lora_rows(lora: tuple, slots: tuple, rows: int, mode: str) -> tuple[LoraRows
 
 def _prefill(graphdef, params, lora, slots, tokens, targets, score: dict, want_logprobs, topk: int, draws: int,
              cache_dtype, mode: str):
-    """Run prompt tokens [Bp,T] (prompt[:-1], right-padded) at positions 0..T-1 into a fresh [Bp,T] cache.
+    """Run prompt tokens [Bp,T] (prompt[:-1], right-padded) at positions 0..T-1; their keys and values are the
+    prompt's cache [Bp,T] (each row attends causally over its own keys, nothing else).
 
     targets [Bp,T] = prompt[1:] padded; `score`: what else each row asks of the prompt (`_prompt_scores`);
     want_logprobs: bool scalar (a runtime switch, not a recompile). Returns (k, v [L,Bp,T,K,H], then
     `_prompt_scores`' outputs). Padding writes garbage into slots >= its row's length; the decode step that later
     feeds the last prompt token overwrites each such slot before any query can attend to it. (Prompts longer than
-    the sampler's prefill_chunk go through `_prefill_pages` instead, a chunk per call.)
+    the sampler's prefill_chunk go through `_prefill_pages` instead, a chunk per step.)
     """
     model = merge(graphdef, params)
     Bp, T = tokens.shape
     rows = lora_rows(lora, slots, Bp, mode)
-    cache = KVCache.init(model.cfg, Bp, T, cache_dtype)
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (Bp, T))
-    hidden, cache = model(tokens, positions, cache=cache, lora=rows)  # [Bp,T,D]
-    return (cache.k, cache.v,
+    # Each row one right-padded prompt: causal attention over its own keys (no context), as training attends.
+    hidden, (k, v) = model(tokens, positions, lora=rows, kv_out=True)  # [Bp,T,D]; [L,Bp,T,K,H]
+    return (k.astype(cache_dtype), v.astype(cache_dtype),
             *_prompt_scores(model, rows, hidden, targets, positions, score, want_logprobs, topk, draws))
 
 
@@ -374,44 +375,48 @@ def prefill_part(pl: Placement, graphdef, params, lora, slots, tokens, targets, 
              from_host(np.asarray(start, np.int32), pl.rows_sh), want_logprobs, topk, draws, mode, chunk)
 
 
-def _prefill_pages(graphdef, params, lora, slots, tokens, targets, score: dict, pool: tuple, table, start,
-                   write_from, want_logprobs, topk: int, draws: int, mode: str, chunk: int, *,
+def _prefill_pages(graphdef, params, lora, slots, tokens, targets, score: dict, pool: tuple, table, read_table,
+                   start, write_from, want_logprobs, topk: int, draws: int, mode: str, chunk: int, *,
                    pool_sh: NamedSharding):
     """`_prefill_part` over the paged pool instead of a cache of its own: row b's positions [start[b], start[b] +
     chunk) (tokens / targets [Bp, chunk] and score["ids"] [Bp, chunk, A]: those positions' only) are written into
     the pages its table [Bp, W] lists (row b on batch shard b // (Bp / n), as decode rows; table entries 0, the
     scratch page, take what no page is listed for), but those before write_from[b] (a cached position recomputed
-    only to score the token after it: its page is shared) are not, and its context is its listed pages before
-    start[b]. -> (pool k, v with the part written, then `_prompt_scores`' outputs for the part's positions).
+    only to score the token after it: its page is shared) are not, and its context is the pages read_table [Bp, Wr]
+    lists (those of table before start[b], then any: slots from start[b] on are masked), its own keys apart.
+    -> (pool k, v with the part written, then `_prompt_scores`' outputs for the part's positions).
 
     What long prompts' chunks use: their KV lives in pool pages (inside `kv_cache_tokens`) while they are
     prefilled, not in a prompt-sized cache beside the pool, and pages found in the prefix cache are read where they
     are. The rows are chunks of different prompts, each at its own start (the scheduler batches them)."""
-    cache = PagedKV(*pool, table, PoolSharding(pool_sh) if pool_sh.mesh.size > 1 else None, write_from)
+    cache = PagedKV(*pool, table, PoolSharding(pool_sh) if pool_sh.mesh.size > 1 else None, write_from, read_table)
     k, v, *scores = _prefill_part(graphdef, params, lora, slots, tokens, targets, score, cache, start, want_logprobs,
                                   topk, draws, mode, chunk, cut=False)
     return (k, v), *scores
 
 
-_prefill_pages_kernel = Kernel(_prefill_pages, static_argnums=(0, 12, 13, 14, 15), donate_argnums=(7,))
+_prefill_pages_kernel = Kernel(_prefill_pages, static_argnums=(0, 13, 14, 15, 16), donate_argnums=(7,))
 
 
 def prefill_pages(pl: Placement, graphdef, params, lora, slots, tokens, targets, score: dict, pool: tuple, table,
-                  start, want_logprobs, *, topk: int, draws: int, mode: str, chunk: int, write_from=None):
+                  start, want_logprobs, *, topk: int, draws: int, mode: str, chunk: int, write_from=None,
+                  read_table=None):
     """`_prefill_pages` on placement `pl`, placed as `prefill_part` places its arguments (tokens, targets [Bp,
-    chunk]); the pool (k, v; donated) like pl.pool, and back the same; table [Bp, W], start and write_from [Bp] (host
-    ints; write_from default start: every position of the chunk written) over rows."""
+    chunk]); the pool (k, v; donated) like pl.pool, and back the same; table [Bp, W], read_table [Bp, Wr] (default
+    table), start and write_from [Bp] (host ints; write_from default start: every position of the chunk written)
+    over rows."""
 
     def shardings():
         lora_sh = _prefill_lora_sh(pl, lora)
         c = pl.pool
         ins = (pl.params(graphdef, params), lora_sh, tuple(pl.rows_sh for _ in slots), pl.rows_sh, pl.rows_sh,
-               _score_sh(pl, score), (c, c), pl.rows_sh, pl.rows_sh, pl.rows_sh, pl.rep)
+               _score_sh(pl, score), (c, c), pl.rows_sh, pl.rows_sh, pl.rows_sh, pl.rows_sh, pl.rep)
         return ins, ((c, c),) + (pl.rep,) * 6
 
     f = _prefill_pages_kernel.on(pl, (graphdef, _lora_key(lora), tuple(score)), shardings, pool_sh=pl.pool)
     rows = lambda x: from_host(np.asarray(x, np.int32), pl.rows_sh)  # noqa: E731
-    return f(graphdef, params, lora, slots, tokens, targets, score, tuple(pool), rows(table), rows(start),
+    return f(graphdef, params, lora, slots, tokens, targets, score, tuple(pool), rows(table),
+             rows(table if read_table is None else read_table), rows(start),
              rows(start if write_from is None else write_from), want_logprobs, topk, draws, mode, chunk)
 
 

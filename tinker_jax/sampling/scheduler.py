@@ -167,9 +167,6 @@ class _Row:
     topk: list[tuple] = field(default_factory=list)  # per token, (ids [k], logprobs [k]) when the request asked
 
 
-# A long prompt's chunks attend over views of its page table (`_prefill_chunk`) when it has more chunks than this.
-VIEW_MIN_CHUNKS = 4
-
 # How long an idle sampler waits for a burst of requests at most, in gaps of `burst_gap_ms` (take_incoming): 10
 # gaps of the default 2 ms cap what a request sent right after another can add to its latency at 20 ms.
 BURST_GAPS = 10
@@ -1247,8 +1244,8 @@ class Sampler(SamplerBase):
             call = open_calls.get(key)
             if call is not None:
                 rows = self._chunk_rows(call + [job])
-                if rows is None or rows * max(map(self._chunk_view, call + [job])) * self.page_size > \
-                        self.prefill_token_budget:
+                read = max(self._chunk_view(j)[0] for j in call + [job])
+                if rows is None or rows * (read * self.page_size + self.prefill_chunk) > self.prefill_token_budget:
                     call = None
             if call is None:
                 call = open_calls[key] = []
@@ -1263,21 +1260,17 @@ class Sampler(SamplerBase):
         most = max(collections.Counter(job.shard for job in jobs).values())
         return next((b for b in self.prefill_batches if b // shards >= most), None)
 
-    def _chunk_view(self, job: _Prefilling) -> int:
-        """Pages of its table a long prompt's next chunk attends over: those up to the chunk's end only, in powers of
-        two (a few compiled widths), so early chunks do not read, nor score against, slots of chunks not written
-        yet; a prompt of a few chunks, its whole table (narrower views would save little and cost a compiled
-        program each)."""
-        if job.n <= VIEW_MIN_CHUNKS:
-            return len(job.table)
-        end = job.base + (job.done + 1) * self.prefill_chunk
-        return min(len(job.table), _pow2(-(-end // self.page_size)))
+    def _chunk_view(self, job: _Prefilling) -> tuple[int, int]:
+        """(read, write): pages of its table a long prompt's next chunk attends over (those before the chunk, its
+        own keys coming apart: none for a first chunk) and pages its writes may go to (up to the chunk's end), each
+        in powers of two (a few compiled widths) but at most its table's."""
+        start, page = job.base + job.done * self.prefill_chunk, self.page_size
+        return tuple(min(len(job.table), max(1, _pow2(-(-end // page)))) for end in (start, start + self.prefill_chunk))
 
     def _run_chunks(self, jobs: list[_Prefilling]) -> int:
         """The next chunk of each of `jobs` (`_chunk_calls`' one call) in one kernels.prefill_pages call: each a
-        prefill row of its shard, its chunk's inputs cut on the host, its page table and start; the call attends
-        over its rows' widest view (past a row's own table: the scratch page, at slots its mask leaves out).
-        -> tokens (rows x chunk)."""
+        prefill row of its shard, its chunk's inputs cut on the host, its page tables (`_chunk_view`; the call's
+        are its rows' widest) and start. -> tokens (rows x chunk)."""
         pl, C, shards = self.placement, self.prefill_chunk, self._pages.shards
         Bp = self._chunk_rows(jobs)
         per = Bp // shards
@@ -1288,18 +1281,19 @@ class Sampler(SamplerBase):
             taken[job.shard] += 1
             rows[at[-1]] = job.req
         starts = [job.base + job.done * C for job in jobs]
-        W = max(map(self._chunk_view, jobs))
+        views = [self._chunk_view(job) for job in jobs]
+        Wr, W = (max(v[i] for v in views) for i in (0, 1))
         A = jobs[0].score["ids"].shape[-1]
         tokens, targets = np.zeros((Bp, C), np.int32), np.zeros((Bp, C), np.int32)
         score = {"ids": np.full((Bp, C, A), -1, np.int32), "temperature": np.zeros(Bp, np.float32),
                  "seed": np.zeros((Bp, 2), np.uint32)}
-        table, start, write_from = np.zeros((Bp, W), np.int32), np.zeros(Bp, np.int32), np.zeros(Bp, np.int32)
-        for job, r, st in zip(jobs, at, starts):
+        table, read = np.zeros((Bp, W), np.int32), np.zeros((Bp, Wr), np.int32)
+        start, write_from = np.zeros(Bp, np.int32), np.zeros(Bp, np.int32)
+        for job, r, st, (wr, w) in zip(jobs, at, starts, views):
             tokens[r], targets[r] = job.tokens[st: st + C], job.targets[st: st + C]
             score["ids"][r] = job.score["ids"][st: st + C]
             score["temperature"][r], score["seed"][r] = job.score["temperature"], job.score["seed"]
-            w = min(W, len(job.table))
-            table[r, :w] = job.table[:w]
+            table[r, :w], read[r, :wr] = job.table[:w], job.table[:wr]  # (past them: the scratch page)
             start[r], write_from[r] = st, max(st, job.cached)  # never into cached (shared) pages
         want = any(job.req.spec.scores_prompt for job in jobs)
         # The adapter tables as they are now (loading another adapter replaces a table's arrays); each request keeps
@@ -1310,7 +1304,7 @@ class Sampler(SamplerBase):
             pl, snap.graphdef, snap.params, lora, slots, from_host(tokens, pl.rows_sh), from_host(targets, pl.rows_sh),
             {k: from_host(v, pl.rows_sh) for k, v in score.items()}, self._pool, table, start,
             from_host(np.bool_(want), pl.rep), topk=self.max_topk, draws=jobs[0].draws,
-            mode=self._lora_mode([job.req for job in jobs], Bp), chunk=C, write_from=write_from)
+            mode=self._lora_mode([job.req for job in jobs], Bp), chunk=C, write_from=write_from, read_table=read)
         scored = distributed.fetch(tuple(scored)) if want else None
         self.stats["prefill_chunk_calls"] += 1
         for job, r in zip(jobs, at):
