@@ -42,9 +42,10 @@
 # row (64 prompts x 16 samples, 512-token prompts, up to 1,024 tokens, stopping on EOS). Sampler settings to try:
 #     bash benchmarks/gpu.sh --decode --set decode_steps=32 [--set quantize=int8]
 #     bash benchmarks/gpu.sh --decode --variant decode_attention=paged --variant quantize=int8 \
-#       --variant decode_unroll=true
+#       --variant decode_unroll=true --variant prefill_attention=cudnn
 # (--variant: the batch-64 row again in a fresh engine with those settings, an A/B in the same invocation;
-# decode_attention=paged is the Pallas kernel, never run on a GPU yet; decode_unroll with the paged pool neither).
+# decode_attention=paged is the Pallas kernel, never run on a GPU yet; decode_unroll with the paged pool neither;
+# prefill_attention=cudnn: whole-prompt prefills with cuDNN flash attention, neither).
 # --profile "$OUT/trace" also traces one batch-256 run and puts its top ops (GPU kernels) into the JSON.
 #
 # Usage: bash benchmarks/gpu.sh [--dry-run] [--decode] [--out FILE] [extra arguments of benchmarks.run, or of

@@ -33,6 +33,7 @@ def test_bad_configs_name_the_key(tmp_path):
                       ("sampler: {max_rows: 2}\n", "max_rows"),
                       ("sampler: {quantize: int4}\n", "sampler.quantize"),
                       ("sampler: {decode_attention: flash}\n", "sampler.decode_attention"),
+                      ("sampler: {prefill_attention: flash}\n", "sampler.prefill_attention"),
                       ("sampler: {backend: vllm, quantize: int8}\n", "sampler.quantize"),
                       ("sampler: {burst_gap_ms: -1}\n", "sampler.burst_gap_ms")):
         f = tmp_path / "bad.yaml"
@@ -43,7 +44,8 @@ def test_bad_configs_name_the_key(tmp_path):
     for kw, key in ((dict(decode_attention="flash"), "sampler.decode_attention"), (dict(dtype="fp16"), "sampler.dtype"),
                     (dict(quantize="int4"), "sampler.quantize"), (dict(backend="vllm", quantize="int8"),
                                                                   "sampler.quantize"),
-                    (dict(burst_gap_ms="2"), "sampler.burst_gap_ms")):
+                    (dict(burst_gap_ms="2"), "sampler.burst_gap_ms"), (dict(prefill_attention="paged"),
+                                                                       "sampler.prefill_attention")):
         with pytest.raises(ValueError, match=key):
             SamplerConfig(**kw)
     for kw, key in ((dict(dtype="float16"), "config.dtype"), (dict(attention="flash"), "config.attention")):

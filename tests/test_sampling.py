@@ -513,18 +513,25 @@ def test_stop_fails_outstanding_and_refuses_new(snap):
 
 def test_unrolled_decode_and_longer_calls_sample_the_same(sampler, snap):
     """decode_unroll, decode_steps and decode_attention change how decode runs (configs/gpu-bf16.yaml sets
-    decode_steps; on a CPU the default attention is "reduce", elsewhere "einsum"), not what it samples: the same greedy
-    and seeded sequences and logprobs as the default sampler, in the short view and past it."""
+    decode_steps; on a CPU the default attention is "reduce", elsewhere "einsum"), and prefill_attention how a prompt
+    is prefilled ("xla": jax.nn.dot_product_attention), not what it samples: the same greedy and seeded sequences,
+    logprobs and prompt logprobs as the default sampler, in the short view and past it."""
     assert sampler.decode_attention == "reduce"  # auto on this CPU: the other path is compared against it
+    with pytest.raises(ValueError, match="sampler.prefill_attention: cudnn needs bfloat16 compute"):
+        Sampler(snap.cfg, [EOS], max_batch=ROWS, max_seq_len=MAX_SEQ, prefill_attention="cudnn")
+    with pytest.raises(ValueError, match="sampler.prefill_attention: cudnn does not run here"):  # no cuDNN on a CPU
+        Sampler(snap.cfg, [EOS], max_batch=ROWS, max_seq_len=MAX_SEQ, prefill_attention="cudnn",
+                cache_dtype=jnp.bfloat16)
     with Sampler(snap.cfg, [EOS], max_batch=ROWS, max_seq_len=MAX_SEQ, prefill_lengths=(16,), prefill_batches=(4,),
                  decode_steps=16, decode_unroll=True, decode_lengths=(32,), max_num_samples=8,
-                 decode_attention="einsum", tokenizer=CharTokenizer()) as other:
+                 decode_attention="einsum", prefill_attention="xla", tokenizer=CharTokenizer()) as other:
         for seed, n, params in [(60, 6, P(max_tokens=12, temperature=0.0)), (61, 6, P(max_tokens=12, seed=7, stop=[])),
                                 (62, 6, P(max_tokens=9, temperature=0.7, top_p=0.9, seed=3, stop=[])),
                                 (63, 16, P(max_tokens=24, temperature=0.0, stop=[]))]:
             prompt = prompt_of(seed, n)
-            a = sampler.sample(snap, prompt, params).sequences[0]
-            b = other.sample(snap, prompt, params).sequences[0]
+            a, b = (s.sample(snap, prompt, params, include_prompt_logprobs=True) for s in (sampler, other))
+            np.testing.assert_allclose(a.prompt_logprobs[1:], b.prompt_logprobs[1:], atol=1e-5)
+            a, b = a.sequences[0], b.sequences[0]
             assert a.tokens == b.tokens
             np.testing.assert_allclose(a.logprobs, b.logprobs, atol=1e-5)
 

@@ -41,6 +41,8 @@ class SamplerConfig:
     decode_attention: str = "auto"  # jax: a decode step's attention: einsum | reduce | paged | auto (reduce on
     #                                 CPUs, where it was faster; einsum elsewhere). paged: a Pallas kernel reading
     #                                 each row's pages in place (GPUs; interpreted elsewhere; not yet measured)
+    prefill_attention: str = "einsum"  # jax: a whole-prompt prefill's attention: einsum (the exact reference) |
+    #                                    cudnn (GPU flash attention, bf16) | xla; long prompts' chunks: einsum
     burst_gap_ms: float = 2.0  # jax: an idle sampler waits while requests keep arriving this close together
     #                            (up to 10 gaps) and prefills and decodes them together; a lone request waits one
     #                            gap; 0: off
@@ -73,6 +75,9 @@ class SamplerConfig:
         if self.decode_attention not in ("auto", *DECODE_ATTENTION):
             raise ValueError(f"config.sampler.decode_attention: expected auto or one of {DECODE_ATTENTION}, got "
                              f"{self.decode_attention!r}")
+        if self.prefill_attention not in ATTENTION_IMPLS:
+            raise ValueError(f"config.sampler.prefill_attention: expected one of {ATTENTION_IMPLS}, got "
+                             f"{self.prefill_attention!r}")
         if self.quantize not in (None, *QUANTIZE_MODES):
             raise ValueError(f"config.sampler.quantize: expected one of {QUANTIZE_MODES} or null, got "
                              f"{self.quantize!r}")

@@ -27,6 +27,7 @@ def make_sampler(base: Any, config: Any = None, on_submit=None, **overrides) -> 
     kw: dict[str, Any] = {}
     for name in ("max_batch", "max_seq_len", "max_num_samples", "prefill_lengths", "prefill_batches",
                  "prefill_token_budget", "prefill_chunk", "decode_steps", "decode_unroll", "decode_attention",
+                 "prefill_attention",
                  "max_topk_prompt_logprobs", "max_stop_tokens", "max_adapters", "kv_cache_tokens", "page_size",
                  "prefix_cache", "burst_gap_ms"):
         if config is not None and getattr(config, name, None) is not None:

@@ -243,7 +243,7 @@ def lora_rows(lora: tuple, slots: tuple, rows: int, mode: str) -> tuple[LoraRows
 
 
 def _prefill(graphdef, params, lora, slots, tokens, targets, score: dict, want_logprobs, topk: int, draws: int,
-             cache_dtype, mode: str):
+             cache_dtype, mode: str, attention: str = "einsum"):
     """Run prompt tokens [Bp,T] (prompt[:-1], right-padded) at positions 0..T-1; their keys and values are the
     prompt's cache [Bp,T] (each row attends causally over its own keys, nothing else).
 
@@ -251,14 +251,15 @@ def _prefill(graphdef, params, lora, slots, tokens, targets, score: dict, want_l
     want_logprobs: bool scalar (a runtime switch, not a recompile). Returns (k, v [L,Bp,T,K,H], then
     `_prompt_scores`' outputs). Padding writes garbage into slots >= its row's length; the decode step that later
     feeds the last prompt token overwrites each such slot before any query can attend to it. (Prompts longer than
-    the sampler's prefill_chunk go through `_prefill_pages` instead, a chunk per step.)
+    the sampler's prefill_chunk go through `_prefill_pages` instead, a chunk per step.) `attention`: the decoder's
+    no-cache implementation (models.decoder.ATTENTION_IMPLS; "cudnn": flash attention on a GPU).
     """
     model = merge(graphdef, params)
     Bp, T = tokens.shape
     rows = lora_rows(lora, slots, Bp, mode)
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (Bp, T))
     # Each row one right-padded prompt: causal attention over its own keys (no context), as training attends.
-    hidden, (k, v) = model(tokens, positions, lora=rows, kv_out=True)  # [Bp,T,D]; [L,Bp,T,K,H]
+    hidden, (k, v) = model(tokens, positions, lora=rows, attention=attention, kv_out=True)  # [Bp,T,D]; [L,Bp,T,K,H]
     return (k.astype(cache_dtype), v.astype(cache_dtype),
             *_prompt_scores(model, rows, hidden, targets, positions, score, want_logprobs, topk, draws))
 
@@ -320,7 +321,7 @@ def _draw_key(seed_words: jax.Array) -> jax.Array:
     return jax.random.fold_in(jax.random.wrap_key_data(seed_words, impl=PRNG_IMPL), 2**31 - 1)
 
 
-_prefill_kernel = Kernel(_prefill, static_argnums=(0, 8, 9, 10, 11))
+_prefill_kernel = Kernel(_prefill, static_argnums=(0, 8, 9, 10, 11, 12))
 
 
 def _prefill_part(graphdef, params, lora, slots, tokens, targets, score: dict, cache: KVCache, start,
@@ -421,7 +422,7 @@ def prefill_pages(pl: Placement, graphdef, params, lora, slots, tokens, targets,
 
 
 def prefill(pl: Placement, graphdef, params, lora, slots, tokens, targets, score: dict, want_logprobs, *, topk: int,
-            draws: int, cache_dtype, mode: str = "gather"):
+            draws: int, cache_dtype, mode: str = "gather", attention: str = "einsum"):
     """`_prefill` on placement `pl`: lora per rank (table weights, scale [S,P]); slots per rank [Bp]; tokens, targets
     [Bp,T] and score's per-row arrays (Bp a multiple of pl.shards) over rows, want_logprobs replicated. The fresh
     cache comes out placed like the sampler's cache (rows over the batch axes); the rest replicated."""
@@ -433,7 +434,8 @@ def prefill(pl: Placement, graphdef, params, lora, slots, tokens, targets, score
         return ins, (pl.cache, pl.cache) + (pl.rep,) * 6
 
     f = _prefill_kernel.on(pl, (graphdef, _lora_key(lora), tuple(score)), shardings)
-    return f(graphdef, params, lora, slots, tokens, targets, score, want_logprobs, topk, draws, cache_dtype, mode)
+    return f(graphdef, params, lora, slots, tokens, targets, score, want_logprobs, topk, draws, cache_dtype, mode,
+             attention)
 
 
 def _insert_pages(pool: tuple, k_new, v_new, src, page_of, dest, *, mesh: Mesh, spec: P, new_spec: P) -> tuple:

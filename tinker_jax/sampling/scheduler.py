@@ -84,7 +84,7 @@ from tinker_jax.futures import begin
 from tinker_jax.models import lora as lora_math
 from tinker_jax.models.config import ModelConfig
 from tinker_jax.models import paged_attention
-from tinker_jax.models.decoder import DECODE_ATTENTION, PAGED_INTERPRET, KVCache
+from tinker_jax.models.decoder import ATTENTION_IMPLS, DECODE_ATTENTION, PAGED_INTERPRET, KVCache, probe_attention
 from tinker_jax.models.sharding import DEFAULT_RULES, MeshConfig, batch_shards, from_host, make_mesh, zeros
 from tinker_jax.sampling import kernels, response
 from tinker_jax.sampling.base import SamplerBase
@@ -320,6 +320,10 @@ class Sampler(SamplerBase):
       decode_lengths: cache-length buckets a decode call attends over (the smallest one that holds every
         running row's positions for the call; one compiled decode program each). Default: powers of two from
         64, then max_seq_len.
+      prefill_attention: how a whole-prompt prefill attends over its own keys (models.decoder.ATTENTION_IMPLS):
+        "einsum" (the exact reference), "cudnn" (flash attention on a GPU, bf16: the [rows, heads, T, T] scores
+        never reach memory) or "xla" (jax.nn.dot_product_attention); checked at start. Long prompts' chunks, which
+        also attend over pages, take the einsum path.
       max_num_samples: cap on num_samples per request.
       max_topk_prompt_logprobs: cap on topk_prompt_logprobs (a static width of the prefill kernel).
       max_stop_tokens: cap on stop token ids per request (a static width of the decode kernel).
@@ -361,7 +365,8 @@ class Sampler(SamplerBase):
                  burst_gap_ms: float = 2.0,
                  prefill_chunk: int | None = 512, decode_steps: int = 8, decode_unroll: bool = False,
                  decode_attention: str = "auto", decode_lengths: Sequence[int] | None = None,
-                 max_num_samples: int = 128, max_topk_prompt_logprobs: int = 20, max_stop_tokens: int = 16,
+                 prefill_attention: str = "einsum", max_num_samples: int = 128, max_topk_prompt_logprobs: int = 20,
+                 max_stop_tokens: int = 16,
                  tokenizer: Tokenizer | None = None, cache_dtype=jnp.float32, max_adapters: int = 16,
                  kv_cache_tokens: int | None = None, page_size: int = 16, prefix_cache: bool = True,
                  on_submit=None, mesh=None, rules=DEFAULT_RULES, compiler_options: dict | None = None):
@@ -436,6 +441,16 @@ class Sampler(SamplerBase):
         # From 64: a short sample attends over little more than its own positions (a 32 +32 batch-1 decode went
         # from x1.13 to x2.23 of transformers' generate on the CPU suite against a 256-slot first view). A view is
         # compiled only when a call first needs it, so long-prompt workloads never build the short ones.
+        if prefill_attention not in ATTENTION_IMPLS:
+            raise ValueError(f"sampler.prefill_attention: expected one of {ATTENTION_IMPLS}, got {prefill_attention!r}")
+        if prefill_attention == "cudnn" and jnp.dtype(cache_dtype) != jnp.bfloat16:
+            raise ValueError(f"sampler.prefill_attention: cudnn needs bfloat16 compute (sampler.dtype), not "
+                             f"{jnp.dtype(cache_dtype).name}")
+        if prefill_attention != "einsum":  # a kernel this platform lacks fails here, naming the field, not mid-request
+            why = probe_attention(prefill_attention, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
+            if why:
+                raise ValueError(f"sampler.prefill_attention: {prefill_attention} does not run here: {why}")
+        self.prefill_attention = prefill_attention
         views = decode_lengths or default_lengths(self.max_seq_len, start=64)
         self.decode_lengths = tuple(sorted(set(min(int(n), self.max_seq_len) for n in views) | {self.max_seq_len}))
         self.max_topk = int(max_topk_prompt_logprobs)
@@ -994,7 +1009,8 @@ class Sampler(SamplerBase):
             pl = self.placement
             k, v, *scored = kernels.prefill(pl, snap.graphdef, snap.params, lora, slots, tokens, targets, score,
                                             from_host(np.bool_(want), pl.rep), topk=self.max_topk, draws=draws,
-                                            cache_dtype=self.cache_dtype, mode=self._lora_mode(rows, Bp))
+                                            cache_dtype=self.cache_dtype, mode=self._lora_mode(rows, Bp),
+                                            attention=self.prefill_attention)
             # Rows may be split over processes: gathered (every process runs this step alike).
             scored = distributed.fetch(tuple(scored)) if want else None
             for req, i in zip(batch, row_of):
