@@ -192,7 +192,8 @@ def test_weights_off_the_mesh_are_refused():
 def test_chunked_prefill_over_a_mesh_equals_a_whole_prefill_on_one_device():
     """A prompt prefilled 4 tokens per step (kernels.prefill_pages) on dp2 x fsdp2 x tp2, rows over two mesh axes,
     samples what one device samples after prefilling the prompt whole: tokens, sampled and prompt logprobs, and
-    target_prompt_logprobs; also when its chunks write the pages of the second batch shard, and when a longer
+    target_prompt_logprobs; so does a second prompt prefilled with it, its chunks in the same calls from its pages
+    on another batch shard; also when its chunks write the pages of another batch shard, and when a longer
     prompt's logprobs start from its cached pages."""
     if len(jax.devices()) < 8:
         pytest.skip("needs 8 devices (XLA_FLAGS=--xla_force_host_platform_device_count=8, see conftest.py)")
@@ -201,22 +202,32 @@ def test_chunked_prefill_over_a_mesh_equals_a_whole_prefill_on_one_device():
     ids = np.random.default_rng(8).integers(0, 500, (12, 2))
     ids[4, 1] = -1
     targets = types.TensorData(data=ids.reshape(-1).tolist(), dtype="int64", shape=[12, 2])  # target_prompt_logprobs
-    out = []
+    second = np.random.default_rng(10).integers(3, 500, 11).tolist()
+    ids2 = np.random.default_rng(11).integers(0, 500, (10, 2))
+    targets2 = types.TensorData(data=ids2.reshape(-1).tolist(), dtype="int64", shape=[10, 2])
+    out, out2 = [], []
     for mesh, chunk in ((None, None), (make_mesh(MeshConfig(data=2, fsdp=2, tensor=2)), 4)):
         s = _sampler(mesh, prefill_chunk=chunk)
         base, _ = _snapshots(mesh)
         fut = s.submit(base, prompt, params, include_prompt_logprobs=True, target_prompt_logprobs=targets)
+        fut2 = s.submit(base, second, params, include_prompt_logprobs=True, target_prompt_logprobs=targets2)
+        s.step()
+        if chunk:  # the first on batch shard 0 (the most free pages), the second then on shard 1
+            assert sorted(job.shard for job in s._prefilling) == [0, 1]
         while s.has_work():
             s.step()
         out.append(fut.result(timeout=0))
-        # 12 prompt positions in chunks of 4: 3 chunks (not the 32-token bucket's 8)
-        assert s.stats["prefill_chunks"] == (0 if chunk is None else 3)
-    # Again with batch shard 0 short of free pages: the chunks write the pages of shard 1, from its prefill row.
+        out2.append(fut2.result(timeout=0))
+        # 12 prompt positions in chunks of 4: 3 chunks (not the 32-token bucket's 8); the second's 10: 3 more, each
+        # beside one of the first's in a call
+        assert (s.stats["prefill_chunks"], s.stats["prefill_chunk_calls"]) == ((0, 0) if chunk is None else (6, 3))
+    _assert_same(out2[1:], out2[:1])
+    # Again with batch shard 0 short of free pages: the chunks write the pages of another shard, from its prefill row.
     pg = s._pages
     held = pg.take(0, pg.free(0) - pg.free(1) + 1)
     fut = s.submit(base, prompt, params, include_prompt_logprobs=True, target_prompt_logprobs=targets)
     s.step()
-    assert s._prefilling[0].shard == 1
+    assert s._prefilling[0].shard != 0
     while s.has_work():
         s.step()
     pg.drop(0, held)

@@ -85,7 +85,8 @@ class PagedKV(NamedTuple):
     their tables at it.
 
     Attention reads a row's pages gathered into [B, W*page, K, H] per layer (the einsum reference: it reads
-    every listed page, W of them for every row; a paged-attention kernel would read only each row's own)."""
+    every page its table lists, or `read_table` where given, W of them for every row; the paged kernel reads only
+    each row's own)."""
 
     k: jax.Array
     v: jax.Array
@@ -180,17 +181,17 @@ class LayerCache(NamedTuple):
     interpret: bool  # the kernel in Pallas' interpreter
 
 
-def probe_attention(impl: str, n_heads: int, n_kv_heads: int, head_dim: int) -> str | None:
-    """Compile and run `impl` forward and backward on a small bf16 input with this head layout.
+def probe_attention(impl: str, n_heads: int, n_kv_heads: int, head_dim: int, backward: bool = True) -> str | None:
+    """Compile and run `impl` forward and (training's case) backward on a small bf16 input with this head layout.
     -> None if it works, else why not (e.g. no cuDNN, or a cuDNN without this head configuration)."""
     try:
         q = jax.random.normal(jax.random.key(0), (1, 128, n_heads, head_dim), jnp.bfloat16)
         kv = jax.random.normal(jax.random.key(1), (1, 128, n_kv_heads, head_dim), jnp.bfloat16)
         f = lambda q, k, v: jax.nn.dot_product_attention(  # noqa: E731
             q, k, v, is_causal=True, implementation=impl).astype(jnp.float32).sum()
-        grads = jax.jit(jax.grad(f, argnums=(0, 1, 2)))(q, kv, kv)
+        grads = jax.jit(jax.grad(f, argnums=(0, 1, 2)) if backward else lambda *a: (f(*a),))(q, kv, kv)
         if not all(bool(jnp.isfinite(g.astype(jnp.float32)).all()) for g in grads):
-            return "non-finite gradients"
+            return "non-finite outputs"
         return None
     except Exception as e:  # noqa: BLE001 - any failure means: do not use this kernel
         return f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"

@@ -443,11 +443,11 @@ class Sampler(SamplerBase):
         # compiled only when a call first needs it, so long-prompt workloads never build the short ones.
         if prefill_attention not in ATTENTION_IMPLS:
             raise ValueError(f"sampler.prefill_attention: expected one of {ATTENTION_IMPLS}, got {prefill_attention!r}")
-        if prefill_attention == "cudnn" and jnp.dtype(cache_dtype) != jnp.bfloat16:
+        if prefill_attention == "cudnn" and jnp.dtype(cache_dtype) != jnp.bfloat16:  # (the snapshots' compute dtype)
             raise ValueError(f"sampler.prefill_attention: cudnn needs bfloat16 compute (sampler.dtype), not "
                              f"{jnp.dtype(cache_dtype).name}")
         if prefill_attention != "einsum":  # a kernel this platform lacks fails here, naming the field, not mid-request
-            why = probe_attention(prefill_attention, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim)
+            why = probe_attention(prefill_attention, cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, backward=False)
             if why:
                 raise ValueError(f"sampler.prefill_attention: {prefill_attention} does not run here: {why}")
         self.prefill_attention = prefill_attention
@@ -758,18 +758,14 @@ class Sampler(SamplerBase):
                 continue  # every one found its prompt cached: placed from _deferred
             try:
                 budget -= self._prefill(batch)
-            except Exception as e:  # fails only this batch: it wrote no page any other request reads
-                gone = self._pool[0].is_deleted()  # a long prompt's chunk took the pool down with it
-                if not gone:
-                    log.exception("sampler: prefill failed")
+            except Exception as e:  # fails only this batch: it wrote no page any other request reads (no prefill
+                log.exception("sampler: prefill failed")  # here takes the pool: long prompts' chunks run later)
                 err = self.explain(e)
                 for req in batch:
                     self._release(req)
                     self._drop_shared(req)
                     if not req.future.done():
                         req.future.set_exception(err)
-                if gone:
-                    raise  # the step fails what is in flight and makes a new pool
                 continue
             if self._chunks(batch[0]):
                 continue  # a long prompt: prefilled a chunk per step (_advance_prefills), placed from _deferred
@@ -994,8 +990,10 @@ class Sampler(SamplerBase):
 
     @staticmethod
     def _lora_mode(rows: list[_Request], Bp: int) -> str:
-        """How a prefill call applies adapters: "uniform" when every one of its Bp rows has the same one."""
-        return "uniform" if len({r.table_slot for r in rows}) == 1 and len(rows) == Bp else "gather"
+        """How a prefill call applies adapters: "uniform" when every one of its Bp rows has the same one (not when
+        none has: the mode is a static argument, and a call without adapters needs one compiled program only)."""
+        uniform = len({r.table_slot for r in rows}) == 1 and len(rows) == Bp and rows[0].rank
+        return "uniform" if uniform else "gather"
 
     def _prefill_rows(self, batch: list[_Request], rows: list[_Request], row_of: list[int], T: int, want: bool) -> int:
         """`_prefill`'s whole-prompt prefill of `rows` (batch[j]'s row: rows[row_of[j]]) in one call."""
@@ -1181,7 +1179,7 @@ class Sampler(SamplerBase):
         there, after its first pages found in the prefix cache on that shard (the request holds those, as
         `_prefill_tails` rows do, and its chunks read them in place and skip their positions), and its padded
         inputs. Its first chunk runs at the end of this step's admission, with the other long prompts started in
-        it (`_admit`). -> the tokens of that chunk."""
+        it (`_admit`). -> its share of that call's tokens (a chunk)."""
         n, C, page, pg = self._chunks(req), self.prefill_chunk, self.page_size, self._pages
         shard = self._chunk_shard(req)  # (found by _pick_batch, which made room there)
         assert shard is not None, "a long prompt started without pages (_pick_batch checks _chunk_shard)"
@@ -1199,32 +1197,27 @@ class Sampler(SamplerBase):
             req.cache_hit = cached
             self.stats["prefix_cache_hit_tokens"] += cached
             self.stats["prefix_cache_prefills"] += 1
-        own = pg.take(shard, self._prompt_pages(req) - len(req.shared.get(shard, [])))
+        left = -(-(len(req.spec.prompt) - 1 - base) // C)
+        tokens, targets, score, draws = self._host_prompt_arrays([req], 1, S)
+        own = pg.take(shard, self._prompt_pages(req) - len(req.shared.get(shard, [])))  # (nothing fails after it)
         listed = req.shared.get(shard, []) + own
         table = np.zeros(-(-S // page), np.int32)
         table[: len(listed)] = listed
         self.stats["kv_pages_peak"] = max(self.stats["kv_pages_peak"], pg.used())
-        left = -(-(len(req.spec.prompt) - 1 - base) // C)
-        tokens, targets, score, draws = self._host_prompt_arrays([req], 1, S)
         self._prefilling.append(_Prefilling(req, T, tokens[0], targets[0], {k: v[0] for k, v in score.items()}, draws,
                                             left, shard, own, table, base=base, cached=cached))
         return C
 
     def _advance_prefills(self, budget: int | None) -> int:
-        """A chunk of each long prompt in progress, oldest first, while `budget` tokens last (the oldest always
-        advances; None: those started this step, whose first chunks `_start_chunked` counted), in calls of several
-        prompts' chunks (`_chunk_calls`); a finished one waits in `_deferred` for rows. -> tokens used."""
-        C = self.prefill_chunk
-        if budget is None:
-            jobs = [job for job in self._prefilling if job.done == 0]
-        else:
-            jobs = []
-            for job in self._prefilling:
-                if jobs and len(jobs) * C >= budget:
-                    break
-                jobs.append(job)
+        """A chunk of each long prompt in progress, in calls of several prompts' chunks (`_chunk_calls`, oldest
+        first) while their rows x chunk fit `budget` tokens (the first call always runs; None: the prompts started
+        this step, whose first chunks `_start_chunked` counted); a finished one waits in `_deferred` for rows.
+        -> tokens used."""
+        jobs = [job for job in self._prefilling if budget is not None or job.done == 0]
         used = 0
         for call in self._chunk_calls(jobs):
+            if budget is not None and used and used + self._chunk_rows(call) * self.prefill_chunk > budget:
+                break  # (calls hold the oldest prompts first)
             try:
                 used += self._run_chunks(call)
             except Exception as e:  # only these requests fail: their chunks write only their own pages (and scratch)
@@ -1251,9 +1244,9 @@ class Sampler(SamplerBase):
     def _chunk_calls(self, jobs: list[_Prefilling]) -> list[list[_Prefilling]]:
         """`jobs` (in order) in calls of one weights group, adapter rank and score widths (the kernel's static
         shapes), each of at most the largest prefill row bucket's share of rows on every batch shard (a long prompt's
-        chunk takes a prefill row of the shard its pages are on) and, past its first chunk, of rows x attended slots
-        within prefill_token_budget: a call's attention scores [rows, heads, chunk, slots] then stay within those of
-        a whole prefill of chunk-long prompts in budget / chunk rows."""
+        chunk takes a prefill row of the shard its pages are on) and of rows x attended slots within
+        prefill_token_budget (a call's first job always goes in): a call's attention scores [rows, heads, chunk,
+        slots] then stay within those of a whole prefill of chunk-long prompts in budget / chunk rows."""
         calls, open_calls = [], {}
         for job in jobs:
             key = (job.req.group, job.req.rank, job.draws, job.score["ids"].shape[-1])
@@ -1278,10 +1271,12 @@ class Sampler(SamplerBase):
 
     def _chunk_view(self, job: _Prefilling) -> tuple[int, int]:
         """(read, write): pages of its table a long prompt's next chunk attends over (those before the chunk, its
-        own keys coming apart: none for a first chunk) and pages its writes may go to (up to the chunk's end), each
-        in powers of two (a few compiled widths) but at most its table's."""
+        own keys coming apart: none for a first chunk; in powers of two, a few compiled widths, but at most its
+        table's: past it they would only add masked slots to the attention) and the width of the table its writes
+        index (up to the chunk's end, in powers of two; past its table, the scratch page, which nothing writes)."""
         start, page = job.base + job.done * self.prefill_chunk, self.page_size
-        return tuple(min(len(job.table), max(1, _pow2(-(-end // page)))) for end in (start, start + self.prefill_chunk))
+        return (min(len(job.table), max(1, _pow2(-(-start // page)))),
+                _pow2(-(-(start + self.prefill_chunk) // page)))
 
     def _run_chunks(self, jobs: list[_Prefilling]) -> int:
         """The next chunk of each of `jobs` (`_chunk_calls`' one call) in one kernels.prefill_pages call: each a
@@ -1309,7 +1304,7 @@ class Sampler(SamplerBase):
             tokens[r], targets[r] = job.tokens[st: st + C], job.targets[st: st + C]
             score["ids"][r] = job.score["ids"][st: st + C]
             score["temperature"][r], score["seed"][r] = job.score["temperature"], job.score["seed"]
-            table[r, :w], read[r, :wr] = job.table[:w], job.table[:wr]  # (past them: the scratch page)
+            table[r, : min(w, len(job.table))], read[r, :wr] = job.table[:w], job.table[:wr]  # (past: scratch)
             start[r], write_from[r] = st, max(st, job.cached)  # never into cached (shared) pages
         want = any(job.req.spec.scores_prompt for job in jobs)
         # The adapter tables as they are now (loading another adapter replaces a table's arrays); each request keeps
