@@ -660,9 +660,9 @@ def plan(cfg: ModelConfig, mesh: PlanMesh = PlanMesh(), *, lora_rank: int | None
 
     S, chunk = sampler_seq_len, sampler_prefill_chunk or None
     whole = max([x for x in default_lengths(S) if chunk is None or x <= chunk] or [min(default_lengths(S))])
-    fit = [x for x in row_buckets(PREFILL_BATCHES, n, B) if x * whole <= PREFILL_TOKEN_BUDGET]
-    prefill_rows = max(fit) if fit else n
     buckets = row_buckets(PREFILL_BATCHES, n, B)
+    fit = [x for x in buckets if x * whole <= PREFILL_TOKEN_BUDGET]
+    prefill_rows = max(fit) if fit else n
     chunk_rows = max([x for x in buckets if chunk and x * chunk <= PREFILL_TOKEN_BUDGET] or buckets[:1])
     trans = sampler_transients(
         dims(cfg, amesh, rank, layer_w), cfg.n_layers, sb,

@@ -1230,6 +1230,7 @@ class Sampler(SamplerBase):
         return used
 
     def _fail_chunked(self, job: _Prefilling, e: Exception) -> None:
+        """Fail a long prompt's request with `e`: its own pages, adapter slot and held prefix pages let go."""
         if job in self._prefilling:  # (not when its last chunk's hand-on failed: it let go already)
             self._prefilling.remove(job)
             self._pages.drop(job.shard, job.pages)
@@ -1274,9 +1275,13 @@ class Sampler(SamplerBase):
         own keys coming apart: none for a first chunk; in powers of two, a few compiled widths, but at most its
         table's: past it they would only add masked slots to the attention) and the width of the table its writes
         index (up to the chunk's end, in powers of two; past its table, the scratch page, which nothing writes)."""
-        start, page = job.base + job.done * self.prefill_chunk, self.page_size
+        start, page = self._chunk_start(job), self.page_size
         return (min(len(job.table), max(1, _pow2(-(-start // page)))),
                 _pow2(-(-(start + self.prefill_chunk) // page)))
+
+    def _chunk_start(self, job: _Prefilling) -> int:
+        """The first prompt position of a long prompt's next chunk."""
+        return job.base + job.done * self.prefill_chunk
 
     def _run_chunks(self, jobs: list[_Prefilling]) -> int:
         """The next chunk of each of `jobs` (`_chunk_calls`' one call) in one kernels.prefill_pages call: each a
@@ -1291,7 +1296,7 @@ class Sampler(SamplerBase):
             at.append(job.shard * per + taken[job.shard])
             taken[job.shard] += 1
             rows[at[-1]] = job.req
-        starts = [job.base + job.done * C for job in jobs]
+        starts = [self._chunk_start(job) for job in jobs]
         views = [self._chunk_view(job) for job in jobs]
         Wr, W = (max(v[i] for v in views) for i in (0, 1))
         A = jobs[0].score["ids"].shape[-1]
