@@ -20,6 +20,14 @@ the same ones (a warm cache ran group 4 in 57 s instead of 168 s). Groups runnin
 while another process writes it fails its check and is compiled again (JAX warns; nothing else). Tests that start
 processes of their own with jax.distributed leave it out of those processes' environment.
 
+XLA's CPU backend optimisation off in every group (models_util.FAST_XLA, as XLA_FLAGS, unless the caller sets
+XLA_FLAGS or TINKER_JAX_TEST_XLA=default): the tests compile far more than they run, and these flags cut a tiny
+model's compile several-fold (tests/test_multitenant.py: 140 s -> 61 s); the programs are the same, fp32 results
+agree with default compilation to ~1e-6. Parity tests already compiled this way (models_util.fast_jit). The flags
+are debug options that a jaxlib may rename, so one short process tries them first; if it fails, the groups compile
+with XLA's defaults and the log says so. What still compiles with the defaults: processes that tests start with an
+environment of their own (tests/test_sampling.py's script that ends mid-decode), benchmarks and `make test-gpu-prep`.
+
 Usage: python scripts/run_tests.py [pytest args...]   (e.g. -m "not gpu_prep", -k moe)
 """
 
@@ -35,6 +43,8 @@ import time
 from pathlib import Path
 
 GROUPS = 8
+FAST_XLA_FLAGS = "--xla_backend_optimization_level=0 --xla_cpu_use_fusion_emitters=false"
+DEVICES_FLAG = "--xla_force_host_platform_device_count=8"  # as tests/conftest.py: the mesh tests need 8 devices
 NO_TESTS = 5  # pytest: nothing collected
 
 
@@ -51,6 +61,7 @@ def main(argv: list[str]) -> int:
     if "JAX_COMPILATION_CACHE_DIR" not in env:  # a cache the caller chose is kept as it is
         cache = tempfile.mkdtemp(prefix="tinker-jax-tests-xla-")
         env.update(JAX_COMPILATION_CACHE_DIR=cache, JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0")
+    _fast_xla(env)
     try:
         status, collected = _run(root, groups, argv, env)
     finally:
@@ -59,6 +70,22 @@ def main(argv: list[str]) -> int:
     print(f"== {len(groups)} groups in {time.monotonic() - t0:.0f} s: "
           f"{'passed' if status == 0 and collected else 'FAILED' if status else 'no tests collected'}", flush=True)
     return status if collected else 1
+
+
+def _fast_xla(env: dict) -> None:
+    """XLA_FLAGS for the groups: 8 devices and FAST_XLA_FLAGS, if this jaxlib accepts them (it aborts on a flag it
+    does not know)."""
+    if "XLA_FLAGS" in env or env.get("TINKER_JAX_TEST_XLA") == "default":
+        return
+    flags = f"{DEVICES_FLAG} {FAST_XLA_FLAGS}"
+    probe = subprocess.run([sys.executable, "-c", "import jax; jax.jit(lambda x: x + 1)(1.0).block_until_ready()"],
+                           env={**env, "XLA_FLAGS": flags, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True,
+                           timeout=300)
+    if probe.returncode == 0:
+        env["XLA_FLAGS"] = flags
+        print(f"== XLA_FLAGS={flags}", flush=True)
+    else:
+        print(f"== XLA's default compilation: this jaxlib refused {FAST_XLA_FLAGS}: {probe.stderr[-500:]}", flush=True)
 
 
 def _jobs() -> int:
