@@ -15,6 +15,7 @@ the LoRA rank, seed and tokens-per-request limits, and the start-up sweep puttin
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import sqlite3
@@ -284,6 +285,47 @@ def test_quota_rank_and_token_limits(model_dir, tmp_path):
         with pytest.raises(UserError, match="max_tokens_per_request"):
             svc.engine.forward_backward(mid, _data(0) * 2, "cross_entropy").result()
         svc.engine.forward_backward(mid, _data(0), "cross_entropy").result()  # 8 tokens: within
+
+
+@contextlib.contextmanager
+def _save_waiting_for_the_disk(eng, owner: str, name: str):
+    """A save of a new run of `owner` that its worker has reserved quota for (on its loop) but not yet written (its
+    I/O thread is busy until the block ends). -> (the save's future, the bytes reserved)."""
+    mid = eng.create_model(BASE, rank=4, seed=3, owner=owner).result()
+    disk_busy = threading.Event()
+    eng._workers[BASE]._io.submit(disk_busy.wait)  # the worker's writes wait behind this
+    try:
+        queued = eng.save_state(mid, name)
+        deadline = time.monotonic() + 60
+        while not eng.quota.reserved(owner):
+            assert time.monotonic() < deadline and not queued.done(), "the save was never reserved"
+            time.sleep(0.05)
+        yield queued, eng.quota.reserved(owner)
+    finally:
+        disk_busy.set()
+
+
+def test_quota_counts_a_save_still_queued_for_the_disk(model_dir, tmp_path):
+    """One ledger per engine (engine.quota): a save that its worker has reserved but not yet written counts against
+    a copy_weights of the same owner (each worker used to count its own queued saves only, and a copy none); once
+    written, it counts from the registry and the ledger holds nothing."""
+    with _service(model_dir, tmp_path / "size", checkpoint_quota_bytes=10**12) as svc:  # what such a save takes
+        with _save_waiting_for_the_disk(svc.engine, A, "one") as (queued, need):
+            pass
+        size = svc.engine.get_checkpoint(queued.result().path).size_bytes
+    # Room for the save, not for the save and the copy of a checkpoint of the same size
+    quota = need + size // 2
+    with _service(model_dir, tmp_path / "data", checkpoint_quota_bytes=quota) as svc:
+        eng = svc.engine
+        fine = eng.save_state(eng.create_model(BASE, rank=4, seed=3).result(), "fine").result().path  # no owner
+        assert quota - need < eng.get_checkpoint(fine).size_bytes <= quota  # a copy fits, but not beside the save
+        with _save_waiting_for_the_disk(eng, A, "queued") as (queued, _):
+            assert eng.registry.usage(A) == (0, 0)
+            with pytest.raises(UserError, match="copying .* checkpoint_quota_bytes"):
+                eng.copy_checkpoint(fine, "copied", owner=A)
+        assert queued.result().path.endswith("/weights/queued")
+        assert eng.quota.reserved(A) == 0 and eng.registry.usage(A)[0] == 1
+        assert eng.registry.get_run("copied") is None
 
 
 def test_sweep_puts_back_an_interrupted_replacement(tmp_path):

@@ -125,8 +125,9 @@ class EngineConfig:
     max_tokens_per_batch: int = 8192  # padded tokens per training micro-batch
     max_seq_len: int = 4096  # longest training sequence accepted (also capped by the model's own limit)
     max_tokens_per_request: int = 1 << 20  # tokens in one forward / forward_backward request (its host memory)
-    # Disk for the checkpoints of one owner (API key), in bytes; a save past it fails naming the limit. None:
-    # unlimited. In-process runs (no owner) are never limited.
+    # Disk for the checkpoints of one owner (API key), in bytes: what is on disk plus the owner's saves still
+    # queued for it (engine.quota); a save, export or copy past it fails naming the limit. None: unlimited.
+    # In-process runs (no owner) are never limited.
     checkpoint_quota_bytes: int | None = None
     full_finetune: bool = False  # train every weight instead of LoRA adapters
     remat: bool = False  # recompute layer activations in backward (long sequences on GPU/TPU); slower on CPU

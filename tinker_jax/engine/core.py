@@ -32,6 +32,7 @@ from tinker_jax import atomic, datadir, distributed
 from tinker_jax.config import EngineConfig
 from tinker_jax.engine import checkpoints, files, index, replicas, requests as rq, stability
 from tinker_jax.engine.api import CheckpointInfo, EngineAPI, RunInfo
+from tinker_jax.engine.quota import CheckpointQuota
 from tinker_jax.engine.registry import FILE as REGISTRY_FILE, Registry, TinkerPath, check_name
 from tinker_jax.engine.scheduler import Request
 from tinker_jax.engine.worker import BaseWorker
@@ -80,6 +81,8 @@ class Engine(EngineAPI):
             self.registry = Registry.open(self.data_dir / REGISTRY_FILE, self.data_dir)
         else:  # the leader owns the data dir; a follower's index of what it replayed lives in memory
             self.registry = Registry(":memory:", self.data_dir)
+        # Every writer of an owner's checkpoints (each base model's worker, copy_weights) counts against one ledger.
+        self.quota = CheckpointQuota(config.checkpoint_quota_bytes, lambda owner: self.registry.usage(owner)[1])
         if config.sampler.backend != "jax" and self.procs is not None:
             raise ValueError(f"sampler.backend: {config.sampler.backend} does not run on several processes; use jax")
         if config.sampler.backend == "vllm":  # fail at start, not on the first sample request
@@ -510,7 +513,7 @@ class Engine(EngineAPI):
 
     def copy_checkpoint(self, source: str, run_id: str, *, owner: str | None, ttl_seconds: int | None = None) -> str:
         return files.copy_checkpoint(self.registry, source, run_id, owner=owner, ttl_seconds=ttl_seconds,
-                                     quota=self.config.checkpoint_quota_bytes)
+                                     quota=self.quota)
 
     def checkpoint_files(self, path: str) -> dict[str, int]:
         return files.checkpoint_files(self.registry, path)

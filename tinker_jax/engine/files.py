@@ -19,6 +19,7 @@ from pathlib import Path
 from tinker_jax import atomic
 from tinker_jax.engine import checkpoints
 from tinker_jax.engine.checkpoints import RECORD
+from tinker_jax.engine.quota import CheckpointQuota, OverQuota
 from tinker_jax.engine.registry import Registry, TinkerPath, check_name
 from tinker_jax.errors import NotFound, UserError
 
@@ -64,12 +65,13 @@ def link_tree(src: Path, dst: Path) -> None:
 
 
 def copy_checkpoint(registry: Registry, source: str, run_id: str, *, owner: str | None,
-                    ttl_seconds: int | None = None, quota: int | None = None) -> str:
+                    ttl_seconds: int | None = None, quota: CheckpointQuota | None = None) -> str:
     """SDK copy_weights: the checkpoint `source` under a new run `run_id` (of `owner`; it holds the copy and
     cannot be trained, since no worker knows it), same kind and name, sharing the source's files (hard links:
     deleting either keeps the other loadable). The copy counts toward the owner's checkpoint bytes (as the source
-    does toward its owner's), so it is refused when it would take them past `quota` (config
-    checkpoint_quota_bytes; an in-process copy, without owner, is never limited). -> the copy's tinker path."""
+    does toward its owner's), so it is refused when it would take them past `quota` (the engine's ledger of config
+    checkpoint_quota_bytes, which counts the owner's saves still queued too; an in-process copy, without owner, is
+    never limited). -> the copy's tinker path."""
     src = TinkerPath.parse(source, "source_path")
     check_name(run_id, "run id")
     info = registry.get_checkpoint(src)
@@ -78,12 +80,22 @@ def copy_checkpoint(registry: Registry, source: str, run_id: str, *, owner: str 
         raise NotFound(f"source_path: checkpoint {source} not found")
     if registry.get_run(run_id) is not None:
         raise UserError(f"run id: {run_id!r} already exists")
-    if quota is not None and owner is not None:
-        need, used = info.size_bytes or 0, registry.usage(owner)[1]
-        if used + need > quota:
-            raise UserError(f"source_path: copying {source} needs {need} bytes and this key's checkpoints use {used} "
-                            f"of its quota of {quota} bytes (config checkpoint_quota_bytes); delete checkpoints (or "
-                            "give them a TTL) and copy again")
+    need = info.size_bytes or 0
+    try:
+        held = quota.reserve(owner, need) if quota is not None else 0
+    except OverQuota as e:
+        raise UserError(f"source_path: copying {source} needs {need} bytes and this key's checkpoints use {e.used} "
+                        f"of its quota of {e.quota} bytes (config checkpoint_quota_bytes); delete checkpoints (or "
+                        "give them a TTL) and copy again") from None
+    try:
+        return _copy(registry, src, src_dir, source, info, run_id, owner, ttl_seconds)
+    finally:  # recorded in the registry (it counts there now), or failed
+        if quota is not None:
+            quota.release(owner, held)
+
+
+def _copy(registry: Registry, src: TinkerPath, src_dir: Path, source: str, info, run_id: str, owner: str | None,
+          ttl_seconds: int | None) -> str:
     run = registry.get_run(src.run_id)
     old = checkpoints.read_record(src_dir) or {}
     run_conf = dict(old.get("run") or {})

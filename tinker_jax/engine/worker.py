@@ -33,6 +33,7 @@ from flax import nnx
 from tinker_jax import atomic, distributed
 from tinker_jax.engine import checkpoints, replicas, requests as rq
 from tinker_jax.engine.pools import NULL_SLOT, AdapterPool, FullState, Run
+from tinker_jax.engine.quota import OverQuota
 from tinker_jax.engine.registry import KINDS, RESTORABLE, TinkerPath
 from tinker_jax.engine.scheduler import Request, Round, Scheduler
 from tinker_jax.errors import NotFound, Unavailable, UserError
@@ -100,8 +101,6 @@ class BaseWorker:
         self.stats = collections.Counter()
         self._io = ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"tinker-jax-io-{name}")  # writes, in order
         self._writes = threading.BoundedSemaphore(_MAX_WRITES)
-        self._writing: collections.Counter = collections.Counter()  # owner -> bytes of saves not yet on disk
-        self._quota_lock = threading.Lock()
         self._sampler_lock = threading.Lock()  # a lazily built (vLLM) sampler is built once
         self._busy = {"train": 0.0, "sample": 0.0}  # seconds used since both last had work (fair split)
         self._window_score, self._since_probe = 1.0, 0  # batching window: has waiting been paying off
@@ -897,29 +896,24 @@ class BaseWorker:
             self._release_quota(run, need)
 
     def _release_quota(self, run: Run, need: int) -> None:
-        """A write that `_reserve_quota` counted `need` bytes for is done (committed or failed)."""
-        if need:
-            with self._quota_lock:
-                self._writing[run.owner] -= need
+        """A write that `_reserve_quota` counted `need` bytes for is recorded in the registry, or failed (on several
+        processes, a follower's `need` is 0: the leader alone reserved)."""
+        self.engine.quota.release(run.owner, need)
 
     def _reserve_quota(self, run: Run, body: rq.Save, state) -> int:
         """Refuse a save of `state` (host copies, or global arrays) that would take the run's owner past config
-        checkpoint_quota_bytes (on disk, plus writes still queued, less the checkpoint it replaces). Returns the
-        bytes it is counted for until written."""
-        quota = self.config.checkpoint_quota_bytes
-        if quota is None or run.owner is None:
+        checkpoint_quota_bytes (the engine's one ledger: on disk, plus every writer's writes not yet recorded, less
+        the checkpoint it replaces). Returns the bytes it is counted for until recorded."""
+        if self.engine.quota.quota is None or run.owner is None:
             return 0
         need = sum(int(x.nbytes if hasattr(x, "nbytes") else np.asarray(x).nbytes) for x in jax.tree.leaves(state))
         replaced = self.engine.registry.get_checkpoint(body.path)
-        on_disk = self.engine.registry.usage(run.owner)[1] - ((replaced.size_bytes or 0) if replaced else 0)
-        with self._quota_lock:  # the I/O thread subtracts finished writes
-            used = on_disk + self._writing[run.owner]
-            if used + need > quota:
-                raise UserError(f"path: saving {body.path} needs about {need} bytes and this key's checkpoints use "
-                                f"{used} of its quota of {quota} bytes (config checkpoint_quota_bytes); delete "
-                                "checkpoints (or give them a TTL) and save again")
-            self._writing[run.owner] += need
-        return need
+        try:
+            return self.engine.quota.reserve(run.owner, need, (replaced.size_bytes or 0) if replaced else 0)
+        except OverQuota as e:
+            raise UserError(f"path: saving {body.path} needs about {need} bytes and this key's checkpoints use "
+                            f"{e.used} of its quota of {e.quota} bytes (config checkpoint_quota_bytes); delete "
+                            "checkpoints (or give them a TTL) and save again") from None
 
     def _cast(self, params, graph: bool = False):
         """Weights in the sampler's dtype, their projections int8 where sampler.quantize asks (a copy, even when
