@@ -22,8 +22,8 @@ processes of their own with jax.distributed leave it out of those processes' env
 
 XLA's CPU backend optimisation off in every group (models_util.FAST_XLA, as XLA_FLAGS, unless the caller sets
 XLA_FLAGS or TINKER_JAX_TEST_XLA=default): the tests compile far more than they run, and these flags cut a tiny
-model's compile several-fold (tests/test_multitenant.py: 140 s -> 61 s); the programs are the same, fp32 results
-agree with default compilation to ~1e-6. Parity tests already compiled this way (models_util.fast_jit). The flags
+model's compile several-fold (tests/test_multitenant.py: 140 s -> 61 s); the optimised HLO is the same (only the
+machine code is less optimised), fp32 results agree with default compilation to ~1e-6. Parity tests already compiled this way (models_util.fast_jit). The flags
 are debug options that a jaxlib may rename, so one short process tries them first; if it fails, the groups compile
 with XLA's defaults and the log says so. What still compiles with the defaults: processes that tests start with an
 environment of their own (tests/test_sampling.py's script that ends mid-decode), benchmarks and `make test-gpu-prep`.
