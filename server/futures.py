@@ -235,10 +235,12 @@ class FutureRegistry:
         deadline = loop.time() + (self.long_poll_s if timeout is None else timeout)
         while True:
             # Take the event before reading the row: a completion landing in between still sets this event.
+            mine = request_id not in self._waiters
             event = self._waiters.setdefault(request_id, asyncio.Event())
             row = self._store.get_future(request_id)
             if row is None or row.owner != owner:
-                self._waiters.pop(request_id, None)
+                if mine:  # nobody else waits on it (no await since it was made); the owner's waiters keep theirs
+                    self._waiters.pop(request_id, None)
                 raise ApiError(404, f"unknown request_id {request_id!r} (never submitted, or expired)")
             if row.status != "pending":
                 return self._final_reply(row, accept_proto)

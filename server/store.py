@@ -103,6 +103,10 @@ CREATE TABLE IF NOT EXISTS run_metrics (    -- what forward_backward and optim_s
 );
 CREATE INDEX IF NOT EXISTS run_metrics_by_model ON run_metrics (model_id, time);
 CREATE INDEX IF NOT EXISTS sampling_sessions_by_session ON sampling_sessions (session_id);
+CREATE TABLE IF NOT EXISTS counters (       -- values that must only grow across restarts
+    name            TEXT PRIMARY KEY,       -- cursor: the highest completion cursor given, kept when prune deletes it
+    value           INTEGER NOT NULL
+);
 """
 
 
@@ -190,8 +194,12 @@ class Store:
         self._db.executescript(SCHEMA)
         if "owner" not in {r[1] for r in self._db.execute("PRAGMA table_info(futures)")}:
             self._db.execute("ALTER TABLE futures ADD COLUMN owner TEXT")  # a database of an older server
-        row = self._db.execute("SELECT COALESCE(MAX(cursor), 0) FROM futures").fetchone()
-        self._cursor = int(row[0])  # only this process writes, so an in-memory counter stays monotonic
+        # Only this process writes, so an in-memory counter stays monotonic; across restarts it goes on from the
+        # highest cursor ever given (prune keeps it in `counters`), since an SDK poller that outlived the restart
+        # holds it and asks only for completions after it.
+        row = self._db.execute("SELECT MAX(COALESCE((SELECT MAX(cursor) FROM futures), 0), COALESCE("
+                               "(SELECT value FROM counters WHERE name = 'cursor'), 0))").fetchone()
+        self._cursor = int(row[0])
 
     def close(self) -> None:
         """Fold the WAL into the main file and close: a stopped server leaves one self-contained file."""
@@ -542,6 +550,8 @@ class Store:
             args = (now - future_ttl_s, now - retrieved_ttl_s)
             db.execute(f"DELETE FROM idempotency WHERE request_id IN (SELECT request_id FROM futures WHERE {cond})",
                        args)
+            db.execute("INSERT INTO counters (name, value) VALUES ('cursor', ?) ON CONFLICT (name) DO UPDATE SET "
+                       "value = MAX(value, excluded.value)", (self._cursor,))  # what the deleted rows may have held
             return db.execute(f"DELETE FROM futures WHERE {cond}", args).rowcount
 
 
@@ -624,7 +634,11 @@ class _Transaction:
 
     def __enter__(self) -> sqlite3.Connection:
         self._lock.acquire()
-        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            self._db.execute("BEGIN IMMEDIATE")  # "database is locked" past busy_timeout, a disk error, ...
+        except BaseException:
+            self._lock.release()  # __exit__ does not run when __enter__ raises: without this, every store call hangs
+            raise
         return self._db
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -124,6 +124,63 @@ def test_restart_marks_pending_lost_and_prune(tmp_path) -> None:
     s.close()
 
 
+def test_completion_cursor_only_grows_across_prune_and_restart(tmp_path) -> None:
+    """An SDK poller that outlives a restart holds the last cursor it was given and asks for completions after it:
+    a restart after every completed future was pruned must not give cursors from 0 again."""
+    path = tmp_path / "db.sqlite3"
+    s = Store(path)
+    for i in range(5):
+        s.insert_future(f"r{i}", "sample", owner="o", sampling_session_id="S", clone_id=0)
+        held = s.finish_future(f"r{i}", "application/json", b"{}")
+    s.mark_retrieved([f"r{i}" for i in range(5)], "o")
+    assert s.prune(future_ttl_s=3600, retrieved_ttl_s=-1) == 5  # no future left to say how far the cursor went
+    s.close()
+    s = Store(path)
+    s.insert_future("after", "sample", owner="o", sampling_session_id="S", clone_id=0)
+    assert s.finish_future("after", "application/json", b"{}") > held
+    assert [r.request_id for r in s.completions("S", 0, after_cursor=held)] == ["after"]
+    s.close()
+
+
+def test_a_transaction_that_cannot_begin_lets_go_of_the_store(tmp_path) -> None:
+    """BEGIN IMMEDIATE failing (another process holds the file's write lock past busy_timeout) raises to its caller
+    and leaves the store usable from every thread once the other process lets go (it used to keep the store's lock:
+    every later call, from any other thread, hung)."""
+    import sqlite3
+
+    path = tmp_path / "db.sqlite3"
+    s = Store(path)
+    sid = s.create_session(owner="o")
+    s._db.execute("PRAGMA busy_timeout=100")  # not 30 s: the test waits for it
+    other = sqlite3.connect(path, isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # e.g. a sqlite3 shell writing to the file
+    errors, failed, stay = [], threading.Event(), threading.Event()
+
+    def first():  # stays alive afterwards, as a server's threads do (a dead owner's id could be reused by the next)
+        try:
+            s.heartbeat(sid)
+        except sqlite3.OperationalError as e:
+            errors.append(e)
+        failed.set()
+        stay.wait()
+
+    threading.Thread(target=first, daemon=True).start()
+    try:
+        assert failed.wait(30) and "locked" in str(errors[0]), errors
+        other.execute("ROLLBACK")
+        other.close()
+        got = []
+        other_thread = threading.Thread(target=lambda: got.extend([s.get_session(sid), s.heartbeat(sid)]),
+                                        daemon=True)
+        other_thread.start()  # daemon: a hang fails the test instead of blocking it
+        other_thread.join(10)
+        assert not other_thread.is_alive(), "the store's lock was never released"
+    finally:
+        stay.set()
+    assert got[0].session_id == sid
+    s.close()
+
+
 def test_registry_long_poll_wakes_on_completion(store: Store) -> None:
     """retrieve() sleeps on an event (no polling) and wakes as soon as the engine thread finishes the future."""
 
@@ -153,6 +210,19 @@ def test_registry_long_poll_wakes_on_completion(store: Store) -> None:
         with pytest.raises(ApiError) as err:  # another key's request: exactly like an unknown one
             await reg.retrieve(rid, accept_proto=True, owner="someone else")
         assert err.value.status == 404 and "unknown request_id" in err.value.message
+
+        # Another key asking for a request id while its owner waits on it leaves the owner's wake-up in place (it
+        # used to remove the shared event: the owner heard of its result only when its long poll ran out).
+        pending: concurrent.futures.Future = concurrent.futures.Future()
+        rid3 = reg.register(pending, "optim_step", owner="o")
+        waiting = asyncio.ensure_future(reg.retrieve(rid3, accept_proto=False, owner="o"))
+        await asyncio.sleep(0.1)
+        with pytest.raises(ApiError):
+            await reg.retrieve(rid3, accept_proto=False, owner="someone else")
+        t0 = time.monotonic()
+        pending.set_result(types.OptimStepResponse(metrics={}))
+        reply = await asyncio.wait_for(waiting, 10)
+        assert time.monotonic() - t0 < 2.0 and json.loads(reply.body) == {"metrics": {}}
 
     asyncio.run(scenario())
 

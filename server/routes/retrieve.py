@@ -3,6 +3,7 @@
 Both are scoped to the caller's key: another key's request id is an unknown one (404), another key's sampling
 session too, and acknowledgements (`retrieved_request_ids`) touch only the caller's own futures."""
 
+import math
 from typing import Any
 
 from fastapi import APIRouter, Request, Response
@@ -34,5 +35,7 @@ async def retrieve_futures(body: JsonBody, futures: FuturesDep, store: StoreDep,
     owned_sampler(store, req.target.sampling_session_id, owner)  # 404 for another key's: its completions are theirs
     check_seq_id(req.prev_cursor, "prev_cursor")  # compared in SQL: 64-bit
     check_seq_id(req.target.cloned_sampler_id, "target.cloned_sampler_id")
+    if req.timeout is not None and not math.isfinite(req.timeout):  # JSON parsers take NaN and Infinity
+        raise UserError(f"timeout: must be a finite number of seconds, got {req.timeout}")
     return await futures.completions(req.target.sampling_session_id, req.target.cloned_sampler_id, req.prev_cursor,
                                      req.timeout, req.retrieved_request_ids, owner=owner)
