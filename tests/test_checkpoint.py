@@ -181,7 +181,7 @@ def test_crash_during_save_keeps_previous_checkpoint(svc, monkeypatch):
 
     monkeypatch.setattr(checkpoint, "_checkpointer", Crashing)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        tc.save_state("ck").result()  # overwrite of an existing name
+        tc.save_state("ck", overwrite=True).result()  # overwrite of an existing name
     with pytest.raises(RuntimeError, match="simulated crash"):
         tc.save_state("ck-new").result()  # a new name
     monkeypatch.setattr(checkpoint, "_checkpointer", real)
@@ -196,7 +196,7 @@ def test_crash_during_save_keeps_previous_checkpoint(svc, monkeypatch):
 
     monkeypatch.setattr(os, "rename", rename)
     with pytest.raises(OSError, match="simulated crash"):
-        tc.save_state("ck").result()
+        tc.save_state("ck", overwrite=True).result()
     with pytest.raises(OSError, match="simulated crash"):
         tc.save_state("ck-new").result()
     monkeypatch.setattr(os, "rename", real_rename)
@@ -213,7 +213,7 @@ def test_crash_during_save_keeps_previous_checkpoint(svc, monkeypatch):
     # And saving works again afterwards (overwriting the name with the current weights).
     train_step(tc, 3)
     newer = params(tc)
-    assert tc.save_state("ck").result().path == good
+    assert tc.save_state("ck", overwrite=True).result().path == good
     tc2 = svc.create_training_client_from_state(good)
     assert_same(params(tc2), newer)
     assert sorted(p.name for p in kind_dir.iterdir()) == ["ck"]
@@ -305,7 +305,7 @@ for i in range(10_000):
     h = hashlib.sha256(b"".join(np.asarray(x).tobytes() for x in jax.tree.leaves(w))).hexdigest()
     name = f"ck{i % 2}"  # overwrites: a kill can land in the middle of replacing a reported checkpoint
     print("begin", name, h, flush=True)
-    tc.save_state(name).result()
+    tc.save_state(name, overwrite=True).result()
     print("saved", name, h, flush=True)
 """
 

@@ -24,6 +24,7 @@ import sys
 import threading
 import time
 import types
+from concurrent.futures import Future
 from pathlib import Path
 
 import httpx
@@ -43,7 +44,9 @@ from test_conformance import LiveServer
 from tinker_jax import atomic, dbfile
 from tinker_jax.config import EngineConfig, LoraConfig
 from tinker_jax.engine import checkpoints, index
+from tinker_jax.engine import requests as rq
 from tinker_jax.engine.registry import FILE as REGISTRY_FILE, Registry, TinkerPath
+from tinker_jax.engine.scheduler import Request
 from tinker_jax.errors import UserError
 
 BASE = "tiny"
@@ -285,6 +288,60 @@ def test_quota_rank_and_token_limits(model_dir, tmp_path):
         with pytest.raises(UserError, match="max_tokens_per_request"):
             svc.engine.forward_backward(mid, _data(0) * 2, "cross_entropy").result()
         svc.engine.forward_backward(mid, _data(0), "cross_entropy").result()  # 8 tokens: within
+
+
+def test_queued_requests_are_checked_on_their_turn(model_dir, tmp_path):
+    """Requests queued behind others act on what their turn finds, not on what was there when they were sent:
+    - two save_state(overwrite=False) of one name queued together: the first saves, the second is refused (it
+      replaced the first; only the name's record, listed once the first is written, was checked);
+    - an unload sent twice (a retry), then the same model_id created again: the second unload leaves the new run
+      alone (it removed the new run's entry: NotFound for every request, its LoRA slot never freed);
+    - a delete cancelled while it waits for its path's turn never runs (it ran all the same);
+    - a sample the sampler refuses with an error of another kind leaves the key's count in flight as it was (one
+      more each time, until every request of the key was refused as Overloaded).
+    The in-process TrainingClient.save_state honours `overwrite` (False by default, as the SDK's)."""
+    with _service(model_dir, tmp_path / "data", max_queued_per_tenant=3) as svc:
+        eng = svc.engine
+        mid = eng.create_model(BASE, rank=4, seed=3, model_id="again").result()
+        w = eng._workers[BASE]
+        with w.hold():
+            first, second = (eng.save_state(mid, "once", overwrite=False) for _ in range(2))
+        assert first.result().path.endswith("/weights/once")
+        with pytest.raises(UserError, match=r"path: checkpoint .*/weights/once already exists"):
+            second.result()
+
+        eng.unload_model(mid).result()
+        with w.hold():
+            recreated = eng.create_model(BASE, rank=4, seed=4, model_id="again")  # queued, its entry made
+            # A retried unload of the first "again", queued before this create, reaches the worker now (run here
+            # directly: the worker is held, and a queued retry's turn comes at a moment no test can pick).
+            w._op_unload(Request("unload", rq.Unload(), Future(), run="again"))
+        assert recreated.result() == "again"
+        assert eng.get_info("again").model_id == "again" and "again" in w.runs
+        eng.unload_model("again").result()
+        assert "again" not in w.runs and not w.pools  # its LoRA slot, the pool's last, is free again
+
+        path = svc.create_lora_training_client(BASE, rank=4, seed=1).save_state("kept").result().path
+        with w.hold():
+            blocker = eng.save_state(TinkerPath.parse(path).run_id, "kept")  # the delete waits for it
+            delete = eng.delete_checkpoint(path)
+            assert delete.cancel()
+        blocker.result()
+        time.sleep(0.5)  # the path work thread would have run it by now
+        assert eng.get_checkpoint(path) is not None
+
+        sampler = eng.create_sampler(base_model=BASE)
+        for _ in range(4):  # beyond max_queued_per_tenant=3 if each left its count behind
+            with pytest.raises(TypeError):
+                eng.sample(sampler, tt.ModelInput.from_ints([1, 2, 3]), 1, tt.SamplingParams(max_tokens=2),
+                           tenant="t", sequence_ids=7)
+        assert eng.stats()["inflight"].get("t", 0) == 0
+
+        tc = svc.create_lora_training_client(BASE, rank=4, seed=2)
+        tc.save_state("named").result()
+        with pytest.raises(UserError, match="already exists"):
+            tc.save_state("named").result()
+        assert tc.save_state("named", overwrite=True).result().path.endswith("/weights/named")
 
 
 @contextlib.contextmanager

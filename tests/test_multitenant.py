@@ -515,7 +515,7 @@ def test_path_order_survives_cancellation_and_ttl_spares_a_resave(model_dir, tmp
         ttl_path = a.save_state("t", ttl_seconds=1).result().path
         time.sleep(1.2)
         with worker(svc).hold():
-            again = a.save_state("t")  # saved again, no TTL, before the expiry pass runs
+            again = a.save_state("t", overwrite=True)  # saved again, no TTL, before the expiry pass runs
             assert eng.expire_checkpoints() == [ttl_path]
         again.result()
         for _ in range(100):  # the TTL delete runs after the save and finds the record no longer expired

@@ -198,7 +198,8 @@ class TrainingClient:
 
     def save_state(self, name: str, ttl_seconds: int | None = None, overwrite: bool = False,
                    user_metadata=None) -> APIFuture[tt.SaveWeightsResponse]:
-        return APIFuture(_retrying(lambda: self.engine.save_state(self.model_id, name, ttl_seconds, user_metadata)))
+        return APIFuture(_retrying(lambda: self.engine.save_state(self.model_id, name, ttl_seconds, user_metadata,
+                                                                  overwrite=overwrite)))
 
     def load_state(self, path: str, weights_access_token=None) -> APIFuture[tt.LoadWeightsResponse]:
         return APIFuture(_retrying(lambda: self.engine.load_state(self.model_id, path, False)))

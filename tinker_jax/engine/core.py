@@ -272,7 +272,10 @@ class Engine(EngineAPI):
                 after = tuple(f for k in keys for f in self._path_pending.get(k, ()) if not f.done())
                 for k in keys:
                     self._path_pending.setdefault(k, []).append(fut)
-            worker.submit(Request(kind, body, fut, run=run, tenant=tenant, tokens=tokens, after=after))
+            try:
+                worker.submit(Request(kind, body, fut, run=run, tenant=tenant, tokens=tokens, after=after))
+            except BaseException as e:  # noqa: BLE001 - not queued: done now (released; off its paths below)
+                fut.set_exception(e)
         if keys:
             fut.add_done_callback(lambda f: self._path_done(keys, f))
         return fut
@@ -473,7 +476,9 @@ class Engine(EngineAPI):
                 raise UserError(f"path: checkpoint {p} already exists (save under another name, or overwrite)")
         except UserError as e:
             return failed(e)
-        body = rq.Save(p, True, ttl_seconds, user_metadata)
+        # Checked above for a quick answer, and again on the path's turn (an earlier save queued on the same path is
+        # not listed until it is written).
+        body = rq.Save(p, True, ttl_seconds, user_metadata, overwrite=overwrite)
         return then(self._submit(h.worker, "save", body, run=model_id, tenant=tenant, paths=[p]),
                     lambda r: tt.SaveWeightsResponse(path=r[0]))
 
@@ -585,6 +590,8 @@ class Engine(EngineAPI):
         turn.add_done_callback(lambda f: self._path_done([key], f))
 
         def run() -> None:
+            if not turn.set_running_or_notify_cancel():  # cancelled while waiting: it never runs
+                return
             try:
                 result = fn()
             except BaseException as e:  # noqa: BLE001 - delivered through the future
@@ -718,10 +725,14 @@ class Engine(EngineAPI):
             n = next(self._ids)
             sequence_ids = [f"{sampler_id}:{n}:{i}" for i in range(num_samples)]
         self._admit(tenant)
-        fut = self._bounded(tenant, worker.submit_sample(snap, tokens, sampling_params, num_samples,
-                                                         include_prompt_logprobs, topk_prompt_logprobs, tenant,
-                                                         topk_sample_logprobs, target_prompt_logprobs,
-                                                         prompt_alt_tokens_k, sequence_ids))
+        try:
+            submitted = worker.submit_sample(snap, tokens, sampling_params, num_samples, include_prompt_logprobs,
+                                             topk_prompt_logprobs, tenant, topk_sample_logprobs,
+                                             target_prompt_logprobs, prompt_alt_tokens_k, sequence_ids)
+        except BaseException:
+            self._release(tenant)  # counted by _admit, never queued
+            raise
+        fut = self._bounded(tenant, submitted)
         if not record_stability_info:
             return fut
 

@@ -50,6 +50,7 @@ class Save:
     user_metadata: dict | None = None
     snapshot: bool = False
     export: bool = False  # an external_weights checkpoint: the run's weights as Hugging Face files (PEFT or merged)
+    overwrite: bool = True  # False: refused if the checkpoint exists when the save's turn on its path comes
 
 
 @dataclass(frozen=True)

@@ -541,6 +541,10 @@ class BaseWorker:
         run = self.runs.get(req.run)
         if run is not None:
             self._drop_run(run)
+        elif self.lost.pop(req.run, None) is None:
+            # Not here (unloaded by an earlier request, or its creation failed): the id may already name a run
+            # created again since, whose entry in the engine must stay.
+            return None
         self.engine.run_unloaded(req.run)
         return None
 
@@ -762,6 +766,8 @@ class BaseWorker:
         later requests on the same path wait for it (engine path order)."""
         body: rq.Save = req.body
         run = self._run(req)
+        if body.path is not None and not body.overwrite:  # on the path's turn: earlier saves on it are listed now
+            self._settled(lambda: self._refuse_existing(body.path))
         if body.export:
             return self._export(run, body)
         snapshot = (self._shared(req, self._snapshot(run, None if body.path is None else str(body.path)))
@@ -795,6 +801,16 @@ class BaseWorker:
             return str(path), snapshot
 
         return _OffLoop(write)
+
+    def _refuse_existing(self, path: TinkerPath) -> None:
+        if self.engine.registry.get_checkpoint(path) is not None:
+            raise UserError(f"path: checkpoint {path} already exists (save under another name, or overwrite)")
+
+    def _settled(self, check):
+        """A decision of the registry's: on several processes the leader's, learnt by every process
+        (`Processes.settle`); else `check()` here."""
+        procs = self.engine.procs
+        return check() if procs is None else procs.settle(check)
 
     @staticmethod
     def _new_record(run: Run, body: rq.Save) -> dict:
