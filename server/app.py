@@ -43,15 +43,17 @@ DATA_PATHS = (f"{API_PREFIX}/forward_backward", f"{API_PREFIX}/forward", f"{API_
 PROTO_PATHS = (f"{API_PREFIX}/forward_backward", f"{API_PREFIX}/forward")
 
 
-def build_app(engine: EngineAPI, settings: ServerSettings) -> FastAPI:
+def build_app(engine: EngineAPI, settings: ServerSettings, *, stop_engine: bool = False) -> FastAPI:
     """`engine` implements `tinker_jax.engine.api.EngineAPI`, the only engine surface the routes use (the bootstrap
-    routes only need `capabilities()`)."""
+    routes only need `capabilities()`). `stop_engine` (`tinker-jax serve`): when the app stops, it shuts the engine
+    down before it stops recording results, so requests that finish during the engine's shutdown (a checkpoint write
+    in flight) are recorded, not reported lost at the next start; the engine must then not be used again."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         store = Store(settings.db_path)  # CorruptDatabase: the startup fails with the file and the repair command
         try:
-            async with _serving(app, engine, store, settings):
+            async with _serving(app, engine, store, settings, stop_engine):
                 yield
         finally:
             store.close()  # folds the WAL into the main file, even when the startup failed half-way
@@ -76,7 +78,8 @@ def build_app(engine: EngineAPI, settings: ServerSettings) -> FastAPI:
 
 
 @contextlib.asynccontextmanager
-async def _serving(app: FastAPI, engine: EngineAPI, store: Store, settings: ServerSettings) -> AsyncIterator[None]:
+async def _serving(app: FastAPI, engine: EngineAPI, store: Store, settings: ServerSettings,
+                   stop_engine: bool) -> AsyncIterator[None]:
     """Everything the lifespan runs on top of the open store: the future registry, the samplers, the tasks."""
     lost = store.mark_lost()
     if lost:
@@ -99,6 +102,8 @@ async def _serving(app: FastAPI, engine: EngineAPI, store: Store, settings: Serv
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
+        if stop_engine:  # its last requests finish (or fail) now, while their results can still be recorded
+            await asyncio.to_thread(engine.shutdown)
         futures.close()  # no completion is written after this: the store closes next
 
 

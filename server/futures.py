@@ -71,9 +71,10 @@ class FutureRegistry:
         self._loop = loop
 
     def close(self) -> None:
-        """Stop recording completions (the store is about to close; late engine callbacks are dropped)."""
+        """Stop recording completions (the store is about to close): those already handed over are recorded first;
+        later engine callbacks are dropped (their requests read as lost at the next start)."""
+        self._completions.shutdown(wait=True)  # a hand-off after this point is refused (_hand_off)
         self._closed = True
-        self._completions.shutdown(wait=True)
 
     # --- submit side ---------------------------------------------------------------------------------------------
 

@@ -156,11 +156,11 @@ def serve(models: Sequence[str] = (), config: str | None = None, host: str = "12
     engine = engine or Engine(cfg)
     _stop_cleanly_on_sigterm()
     try:
-        uvicorn.run(build_app(engine, settings), host=host, port=port, log_level="info")
+        uvicorn.run(build_app(engine, settings, stop_engine=True), host=host, port=port, log_level="info")
     except KeyboardInterrupt:  # Ctrl-C or a supervisor's SIGTERM: a normal stop
         pass
     finally:
-        engine.shutdown()  # checkpoint writes in flight finish; the registry merges its WAL
+        engine.shutdown()  # (done already by the app's stop, unless it never started) writes in flight finish
     if engine.procs is not None and engine.procs.gone is not None:
         # A device thread may still be blocked in a collective with the lost process: leave without waiting for it
         # (and with a failure status, for the supervisor).

@@ -47,7 +47,7 @@ from tinker_jax.engine import checkpoints, index
 from tinker_jax.engine import requests as rq
 from tinker_jax.engine.registry import FILE as REGISTRY_FILE, Registry, TinkerPath
 from tinker_jax.engine.scheduler import Request
-from tinker_jax.errors import UserError
+from tinker_jax.errors import Overloaded, UserError
 
 BASE = "tiny"
 KEY_A, KEY_B = "tml-owner-a", "tml-owner-b"
@@ -296,7 +296,8 @@ def test_queued_requests_are_checked_on_their_turn(model_dir, tmp_path):
       replaced the first; only the name's record, listed once the first is written, was checked);
     - an unload sent twice (a retry), then the same model_id created again: the second unload leaves the new run
       alone (it removed the new run's entry: NotFound for every request, its LoRA slot never freed);
-    - a delete cancelled while it waits for its path's turn never runs (it ran all the same);
+    - a delete cancelled while it waits for its path's turn never runs (it ran all the same), and deletes count
+      against their key's bound of requests in flight;
     - a sample the sampler refuses with an error of another kind leaves the key's count in flight as it was (one
       more each time, until every request of the key was refused as Overloaded).
     The in-process TrainingClient.save_state honours `overwrite` (False by default, as the SDK's)."""
@@ -329,6 +330,13 @@ def test_queued_requests_are_checked_on_their_turn(model_dir, tmp_path):
         blocker.result()
         time.sleep(0.5)  # the path work thread would have run it by now
         assert eng.get_checkpoint(path) is not None
+        with w.hold():  # deletes count against their key's bound as other requests do (they were not counted)
+            blocker = eng.save_state(TinkerPath.parse(path).run_id, "kept")
+            deletes = [eng.delete_checkpoint(path, tenant="d") for _ in range(3)]
+            with pytest.raises(Overloaded):
+                eng.delete_checkpoint(path, tenant="d")
+        blocker.result()
+        assert [d.result() for d in deletes] == [True, False, False]
 
         sampler = eng.create_sampler(base_model=BASE)
         for _ in range(4):  # beyond max_queued_per_tenant=3 if each left its count behind
@@ -342,6 +350,36 @@ def test_queued_requests_are_checked_on_their_turn(model_dir, tmp_path):
         with pytest.raises(UserError, match="already exists"):
             tc.save_state("named").result()
         assert tc.save_state("named", overwrite=True).result().path.endswith("/weights/named")
+
+
+def test_a_round_outliving_shutdown_still_indexes_its_checkpoint(model_dir, tmp_path, monkeypatch):
+    """shutdown() waits STOP_WAIT_S for each worker's round in progress; one that runs longer (a slow capture, a
+    stuck device call) keeps the registry and the data dir's lock: its save is written, indexed and reported saved
+    (the registry used to be closed under it: files on disk, the client told the save failed), and no second
+    engine takes the data dir while it may still write."""
+    from tinker_jax.datadir import DataDirInUse
+    from tinker_jax.engine import core, worker
+
+    monkeypatch.setattr(core, "STOP_WAIT_S", 0.3)
+    slow_capture = worker.BaseWorker._state_of
+
+    def slow(self, run, opt):
+        time.sleep(2.0)
+        return slow_capture(self, run, opt)
+
+    svc = _service(model_dir, tmp_path / "data")
+    eng = svc.engine
+    mid = eng.create_model(BASE, rank=4, seed=3).result()
+    monkeypatch.setattr(worker.BaseWorker, "_state_of", slow)
+    save = eng.save_state(mid, "late")
+    time.sleep(0.5)  # the save's round has started
+    t0 = time.monotonic()
+    eng.shutdown()
+    assert time.monotonic() - t0 < 1.8  # it did not wait for the round
+    assert save.result(timeout=60).path.endswith("/weights/late")
+    assert eng.registry.get_checkpoint(TinkerPath.parse(save.result().path)) is not None
+    with pytest.raises(DataDirInUse):
+        _service(model_dir, tmp_path / "data")
 
 
 @contextlib.contextmanager

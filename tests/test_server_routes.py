@@ -796,6 +796,30 @@ def test_cancel_future_drops_queued_work(api: Api) -> None:
 # --- sessions ------------------------------------------------------------------------------------------------------
 
 
+def test_a_request_finishing_while_the_server_stops_is_recorded(tmp_path) -> None:
+    """An app that stops its engine (build_app(stop_engine=True), as `tinker-jax serve`) records the result of a
+    request that finishes during the engine's shutdown (a checkpoint write in flight): after a restart the client
+    retrieves the saved path. (The results were dropped: it read "the server restarted before this request
+    finished", and so did the SDK's retry, for a checkpoint that was saved.)"""
+
+    class Finishing(FakeEngine):
+        def shutdown(self):  # as Engine.shutdown: what is in flight finishes
+            self.hold.set()
+            self._pool.shutdown(wait=True)
+
+    engine = Finishing(tmp_path)
+    settings = ServerSettings(data_dir=tmp_path, api_keys=(KEY, OTHER_KEY), long_poll_s=0.2)
+    with TestClient(build_app(engine, settings, stop_engine=True)) as http:
+        api = Api(http, engine, None)
+        mid = api.model(api.session())
+        engine.hold.clear()  # the engine is busy with the save when the server is told to stop
+        rid = api.post("save_weights", {"model_id": mid, "path": "ck", "seq_id": 1}).json()["request_id"]
+    with serving(tmp_path) as again:  # a restart on the same data dir
+        assert again.result(rid)["path"] == f"tinker://{mid}/weights/ck"
+        retry = again.post("save_weights", {"model_id": mid, "path": "ck", "seq_id": 1}).json()["request_id"]
+        assert retry == rid  # the SDK's retry of that seq_id: the same recorded answer
+
+
 def test_silent_client_session_expires_and_releases_models(tmp_path) -> None:
     with serving(tmp_path, session_timeout_s=2.0, session_check_interval_s=0.1) as api:
         _expire_silent_session(api)

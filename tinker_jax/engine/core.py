@@ -97,6 +97,7 @@ class Engine(EngineAPI):
             raise ValueError(f"config.attention: cudnn needs a GPU and dtype bfloat16 (backend "
                              f"{jax.default_backend()!r}, dtype {config.dtype!r}); use auto or einsum")
         self._lock = threading.Lock()  # guards the dicts below; never held across I/O or device work
+        self._shut_down = False
         self._workers: dict[str, BaseWorker] = {}
         self._handles: dict[str, _Handle] = {}
         self._snapshots: dict[str, WeightSnapshot] = {}
@@ -316,7 +317,12 @@ class Engine(EngineAPI):
             self._handles.pop(run_id, None)
 
     def shutdown(self) -> None:
+        """Stop every worker (checkpoint writes in flight finish), close the registry, release the data dir. Once:
+        a second call (the server's app stops it, then its process) does nothing."""
         with self._lock:
+            if self._shut_down:
+                return
+            self._shut_down = True
             workers = dict(self._workers)
         log.info("engine: stopping")
         _stop_workers(workers, self.registry, self.procs, self._following, self._dir_lock, self._path_work)
@@ -563,8 +569,10 @@ class Engine(EngineAPI):
         its base model need not be loaded). Several: through its base model's log, so that every process has
         finished what came before on the path (a load still reading the files) before process 0 changes them;
         every process gets process 0's outcome."""
-        if self.procs is None:
-            return self._path_turn_async(body.path, lambda: self.change_checkpoint(body))
+        if self.procs is None:  # counted against its key's bound like any request (Overloaded past it)
+            tenant = tenant or LOCAL
+            self._admit(tenant)
+            return self._bounded(tenant, self._path_turn_async(body.path, lambda: self.change_checkpoint(body)))
         try:
             worker = self._worker(self._base_of_checkpoint(body.path))
         except UserError as e:
@@ -802,13 +810,15 @@ def _device_row(d) -> dict:
             "bytes_in_use": mem.get("bytes_in_use"), "bytes_limit": mem.get("bytes_limit")}
 
 
+STOP_WAIT_S = 10.0  # shutdown: how long each worker's round in progress may take to end
+
+
 def _stop_workers(workers: dict, registry: Registry, procs: replicas.Processes | None = None,
                   following: threading.Event | None = None, dir_lock: datadir.DataDirLock | None = None,
                   path_work: ThreadPoolExecutor | None = None) -> None:
     if following is not None:
         following.set()  # a follower stops reading the leader's log
-    for w in list(workers.values()):
-        w.stop(timeout=10.0)
+    running = [w.name for w in list(workers.values()) if not w.stop(timeout=STOP_WAIT_S)]
     if path_work is not None:  # deletes and annotations waiting on the workers' requests end with them
         path_work.shutdown(wait=True)
     if procs is not None and procs.leader:
@@ -816,9 +826,15 @@ def _stop_workers(workers: dict, registry: Registry, procs: replicas.Processes |
             procs.log.publish(("stop",))  # the followers' loops end with the leader's
         except Exception:  # noqa: BLE001 - the coordination service is already gone
             pass
-    registry.close()  # after the workers: their last checkpoint writes are indexed first
-    if dir_lock is not None:
-        dir_lock.release()
+    if running:
+        # A round still runs (a stuck device call): it may yet write a checkpoint, which must be indexed, and no
+        # other engine may take the data dir meanwhile. The registry and the lock go with the process.
+        log.error("engine: the loop of %s did not end within %.0f s; the registry and the data dir stay held until "
+                  "this process exits", ", ".join(running), STOP_WAIT_S)
+    else:
+        registry.close()  # after the workers: their last checkpoint writes are indexed first
+        if dir_lock is not None:
+            dir_lock.release()
     if procs is not None:
         procs.stop()
         # Every process leaves together (a barrier in the coordination service, which lives in process 0): a leader

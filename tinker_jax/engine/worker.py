@@ -159,7 +159,9 @@ class BaseWorker:
             return f"load failed ({type(self.load_error).__name__})"
         return None
 
-    def stop(self, timeout: float = 30.0) -> None:
+    def stop(self, timeout: float = 30.0) -> bool:
+        """Stop the loop (waiting up to `timeout` for the round in progress) and finish the checkpoint writes in
+        flight. -> whether the loop has ended (False: a round still runs, e.g. a stuck device call)."""
         with self._cv:
             self._stopping = True
             self._cv.notify_all()
@@ -169,6 +171,7 @@ class BaseWorker:
         self._io.shutdown(wait=True)  # checkpoint writes in flight finish: nothing reported saved is lost
         if self.sampler is not None:
             self.sampler.stop()
+        return thread is None or thread is threading.current_thread() or not thread.is_alive()
 
     # --- the loop ----------------------------------------------------------------------------------------------
 
