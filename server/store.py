@@ -543,13 +543,16 @@ class Store:
         return len(ids)
 
     def prune(self, future_ttl_s: float, retrieved_ttl_s: float) -> int:
-        """Delete finished futures (and their idempotency keys) past their time to live. Returns how many."""
+        """Delete finished futures (and their idempotency keys) past their time to live, and create_session's
+        idempotency keys as old. Returns how many futures."""
         now = time.time()
         with self._tx() as db:
             cond = "(finished < ? OR retrieved < ?)"
             args = (now - future_ttl_s, now - retrieved_ttl_s)
             db.execute(f"DELETE FROM idempotency WHERE request_id IN (SELECT request_id FROM futures WHERE {cond})",
                        args)
+            # create_session's X-Idempotency-Key rows (no future of their own): kept as long as a finished future
+            db.execute("DELETE FROM idempotency WHERE kind = 'http' AND created < ?", (now - future_ttl_s,))
             db.execute("INSERT INTO counters (name, value) VALUES ('cursor', ?) ON CONFLICT (name) DO UPDATE SET "
                        "value = MAX(value, excluded.value)", (self._cursor,))  # what the deleted rows may have held
             return db.execute(f"DELETE FROM futures WHERE {cond}", args).rowcount

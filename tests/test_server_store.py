@@ -121,6 +121,12 @@ def test_restart_marks_pending_lost_and_prune(tmp_path) -> None:
     assert s.get_future("q") is None and s.get_future("p") is not None
     assert s.prune(future_ttl_s=-1, retrieved_ttl_s=3600) == 1  # p finished (lost) long enough ago
     assert s.insert_future("p2", "forward_backward", owner="o", idempotency=("train", "M", 1)) == ("p2", True)
+    first = s.create_session(owner="o", idempotency_key="k1")
+    assert s.create_session(owner="o", idempotency_key="k1") == first  # the SDK's retry
+    s.prune(future_ttl_s=3600, retrieved_ttl_s=3600)
+    assert s.create_session(owner="o", idempotency_key="k1") == first  # young: kept
+    s.prune(future_ttl_s=-1, retrieved_ttl_s=3600)  # as old as a finished future's time to live: gone
+    assert s.create_session(owner="o", idempotency_key="k1") != first
     s.close()
 
 
