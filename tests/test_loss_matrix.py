@@ -382,6 +382,27 @@ def test_a_round_outliving_shutdown_still_indexes_its_checkpoint(model_dir, tmp_
         _service(model_dir, tmp_path / "data")
 
 
+def test_a_copy_and_an_archive_wait_for_a_save_replacing_their_source(model_dir, tmp_path):
+    """copy_weights and the archive download take their turn on the checkpoint's path: a copy sent while a save
+    replaces its source copies the new version (it copied the old record beside whatever files were there)."""
+    import concurrent.futures
+
+    with _service(model_dir, tmp_path / "data") as svc:
+        eng = svc.engine
+        mid = eng.create_model(BASE, rank=4, seed=3).result()
+        path = eng.save_state(mid, "x", user_metadata={"v": "1"}).result().path
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            with eng._workers[BASE].hold():
+                again = eng.save_state(mid, "x", user_metadata={"v": "2"})
+                copy = pool.submit(eng.copy_checkpoint, path, "copied", owner=None)
+                archive = pool.submit(eng.checkpoint_archive, path)
+                time.sleep(0.3)
+                assert not copy.done() and not archive.done()  # waiting for the save
+            copied = copy.result(timeout=60)
+            assert archive.result(timeout=60).is_file()
+        assert again.done() and eng.get_checkpoint(copied).user_metadata == {"v": "2"}
+
+
 @contextlib.contextmanager
 def _save_waiting_for_the_disk(eng, owner: str, name: str):
     """A save of a new run of `owner` that its worker has reserved quota for (on its loop) but not yet written (its

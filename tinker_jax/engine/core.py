@@ -523,8 +523,9 @@ class Engine(EngineAPI):
         return self._submit(h.worker, "save", body, run=model_id, tenant=tenant, paths=[p])
 
     def copy_checkpoint(self, source: str, run_id: str, *, owner: str | None, ttl_seconds: int | None = None) -> str:
-        return files.copy_checkpoint(self.registry, source, run_id, owner=owner, ttl_seconds=ttl_seconds,
-                                     quota=self.quota)
+        """On the source's turn on its path (after a save replacing it, before a delete sent later), blocking."""
+        return self._path_turn_async(TinkerPath.parse(source, "source_path"), lambda: files.copy_checkpoint(
+            self.registry, source, run_id, owner=owner, ttl_seconds=ttl_seconds, quota=self.quota)).result()
 
     def checkpoint_files(self, path: str) -> dict[str, int]:
         return files.checkpoint_files(self.registry, path)
@@ -533,7 +534,9 @@ class Engine(EngineAPI):
         return files.checkpoint_file(self.registry, path, name)
 
     def checkpoint_archive(self, path: str) -> Path:
-        return files.checkpoint_archive(self.registry, path)
+        """Built on the checkpoint's turn on its path (not from files a save or delete is replacing), blocking."""
+        return self._path_turn_async(TinkerPath.parse(path),
+                                     lambda: files.checkpoint_archive(self.registry, path)).result()
 
     def weights_info(self, path: str) -> dict:
         p = TinkerPath.parse(path)
