@@ -102,9 +102,11 @@ async def _serving(app: FastAPI, engine: EngineAPI, store: Store, settings: Serv
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        if stop_engine:  # its last requests finish (or fail) now, while their results can still be recorded
-            await asyncio.to_thread(engine.shutdown)
-        futures.close()  # no completion is written after this: the store closes next
+        try:
+            if stop_engine:  # its last requests finish (or fail) now, while their results can still be recorded
+                await asyncio.to_thread(engine.shutdown)
+        finally:
+            futures.close()  # no completion is written after this: the store closes next
 
 
 async def _run_reported(task: str, health: HealthState, fn, *args):
