@@ -87,13 +87,18 @@ SDK_METHODS = {
         "create_lora_training_client", "create_lora_training_client_async",
         "create_training_client_from_state", "create_training_client_from_state_async",
         "create_training_client_from_state_with_optimizer", "create_training_client_from_state_with_optimizer_async",
-        "get_server_capabilities"]),
+        "get_server_capabilities", "get_server_capabilities_async", "create_sampling_client",
+        "create_sampling_client_async", "close"]),
     tinker.TrainingClient: (tinker_jax.TrainingClient, [
         "forward", "forward_backward", "forward_backward_custom", "optim_step", "save_state", "load_state",
         "load_state_with_optimizer", "save_weights_for_sampler", "get_info", "get_tokenizer",
         "forward_async", "forward_backward_async", "forward_backward_custom_async", "optim_step_async",
         "save_state_async", "load_state_async", "load_state_with_optimizer_async",
-        "save_weights_for_sampler_async", "get_info_async"]),
+        "save_weights_for_sampler_async", "get_info_async", "save_weights_external", "save_weights_external_async",
+        "save_weights_and_get_sampling_client", "save_weights_and_get_sampling_client_async",
+        "create_sampling_client", "create_sampling_client_async"]),
+    tinker.SamplingClient: (tinker_jax.SamplingClient, [
+        "sample", "sample_async", "compute_logprobs", "compute_logprobs_async", "get_base_model", "get_tokenizer"]),
 }
 
 
@@ -243,6 +248,39 @@ def test_async_twins(svc):
         -sum(lp.sum() for lp in logprobs(r["forward"])), rel=1e-5)
     assert_params_equal(params(tc2), params(tc))
     assert_params_equal(params(tc3), params(tc))
+
+
+def test_sdk_async_idioms(svc, model_dir, tmp_path):
+    """What the SDK's scripts (and tinker-cookbook) write in async code works in process: `await` on the create_*
+    calls; sample_async and compute_logprobs_async return the result itself; every future is a tinker.APIFuture
+    with result_async, future() and coroutine(); prompt_logprobs_last_n leaves only the last N prompt logprobs;
+    save_weights_external refuses encryption instead of writing in the clear; close takes the SDK's status."""
+    from tinker_jax.errors import UserError
+
+    prompt = tt.ModelInput.from_ints([5, 6, 7, 8, 9])
+    params = tt.SamplingParams(max_tokens=3, seed=1, temperature=1.0)
+
+    async def main():
+        tc = await svc.create_lora_training_client("tiny", rank=RANK, seed=6)
+        sc = await tc.save_weights_and_get_sampling_client()
+        fut = sc.sample(prompt, 2, params)
+        assert isinstance(fut, tinker.APIFuture)
+        task = asyncio.create_task(fut.coroutine())
+        first = await fut.result_async(timeout=120)
+        assert fut.future().result() is first and (await task) is first
+        again = await sc.sample_async(prompt, 2, params)
+        assert [s.tokens for s in again.sequences] == [s.tokens for s in first.sequences]
+        return tc, sc, await sc.compute_logprobs_async(prompt), await sc.compute_logprobs(prompt, 2)
+
+    tc, sc, full, last = asyncio.run(main())
+    assert len(full) == len(last) == 5 and full[0] is None and None not in full[1:]
+    assert last[:3] == [None] * 3 and last[3:] == pytest.approx(full[3:])
+    with pytest.raises(UserError, match="prompt_logprobs_last_n"):
+        sc.compute_logprobs(prompt, prompt_logprobs_last_n=5)
+    with pytest.raises(UserError, match="age_encryption_recipients"):
+        tc.save_weights_external("sealed", None, ["age1recipient"])
+    other = tinker_jax.ServiceClient(data_dir=tmp_path, config=EngineConfig(models={"tiny": str(model_dir)}))
+    assert other.close("success").result() is None
 
 
 def test_base_model_named_by_local_path(svc, model_dir):

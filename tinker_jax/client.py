@@ -3,7 +3,8 @@
 A Tinker script runs here by changing only the line that builds the ServiceClient:
     service_client = tinker_jax.ServiceClient()          # instead of tinker.ServiceClient()
 Every call returns a future with `.result()` (and that can be awaited); every `*_async` twin is a
-coroutine returning the same future, as in the SDK.
+coroutine returning the same future, as in the SDK (SamplingClient's `sample_async` and `compute_logprobs_async`
+return the result itself, as there; the `create_*` calls return the client, which is also its own finished future).
 """
 
 from __future__ import annotations
@@ -13,44 +14,61 @@ import concurrent.futures as cf
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Generic, Sequence, TypeVar
+from typing import Any, Callable, Sequence, TypeVar
 
 import numpy as np
+import tinker
 import tinker.types as tt
 
 from tinker_jax.config import EngineConfig
 from tinker_jax.engine.api import EngineAPI
 from tinker_jax.errors import Overloaded, UserError
+from tinker_jax.futures import then
+from tinker_jax.sampling.response import last_n_mask
 
 T = TypeVar("T")
 
 
-class APIFuture(Generic[T]):
-    """A result that is computed in the background: `.result(timeout)`, `await fut`, `.done()`."""
+class APIFuture(tinker.APIFuture[T]):
+    """A result computed in the background, as the SDK's `tinker.APIFuture` (an instance of it): `.result(timeout)`,
+    `await fut`, `await fut.result_async(timeout)`, `.future()` (a concurrent.futures.Future), `.coroutine()`,
+    `.done()`."""
 
     def __init__(self, fut: cf.Future, post: Callable[[Any], T] | None = None):
-        self._fut, self._post = fut, post
+        self._fut = fut if post is None else then(fut, post)
 
     def result(self, timeout: float | None = None) -> T:
-        value = self._fut.result(timeout)
-        return self._post(value) if self._post else value
+        return self._fut.result(timeout)
+
+    async def result_async(self, timeout: float | None = None) -> T:
+        # shield: a timeout ends this wait, not the operation (wrap_future would cancel it)
+        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._fut)), timeout)
+
+    def future(self) -> cf.Future:
+        return self._fut
 
     def done(self) -> bool:
         return self._fut.done()
 
+
+class _ClientFuture:
+    """A client is also the (already finished) future of its creation, as the SDK's `create_*` calls return one:
+    `.result()`, `await`, `result_async()`."""
+
+    def result(self, timeout: float | None = None):
+        return self
+
+    async def result_async(self, timeout: float | None = None):
+        return self
+
     def __await__(self):
-        value = yield from asyncio.wrap_future(self._fut).__await__()
-        return self._post(value) if self._post else value
+        return self.result_async().__await__()
 
 
 def _done(value) -> APIFuture:
     f: cf.Future = cf.Future()
     f.set_result(value)
     return APIFuture(f)
-
-
-async def _aio(fut: APIFuture) -> APIFuture:
-    return fut
 
 
 def _retrying(call: Callable[[], T]) -> T:
@@ -118,7 +136,8 @@ class ServiceClient:
 
     async def create_training_client_from_state_async(self, path: str, base_model: str | None = None,
                                                       user_metadata=None, weights_access_token=None, optimizer=None):
-        return self.create_training_client_from_state(path, base_model)
+        return self.create_training_client_from_state(path, base_model, user_metadata, weights_access_token,
+                                                      optimizer)
 
     def create_training_client_from_state_with_optimizer(self, path: str, base_model: str | None = None,
                                                          user_metadata=None, weights_access_token=None
@@ -129,7 +148,8 @@ class ServiceClient:
 
     async def create_training_client_from_state_with_optimizer_async(self, path: str, base_model: str | None = None,
                                                                      user_metadata=None, weights_access_token=None):
-        return self.create_training_client_from_state_with_optimizer(path, base_model)
+        return self.create_training_client_from_state_with_optimizer(path, base_model, user_metadata,
+                                                                     weights_access_token)
 
     def create_sampling_client(self, model_path: str | None = None, base_model: str | None = None,
                                retry_config=None, record_stability_info: bool = False) -> "SamplingClient":
@@ -139,8 +159,11 @@ class ServiceClient:
     async def create_sampling_client_async(self, *args, **kwargs) -> "SamplingClient":
         return self.create_sampling_client(*args, **kwargs)
 
-    def close(self):
+    def close(self, status: str | None = None, detail: str | None = None) -> APIFuture[None]:
+        """End the session: the engine stops (checkpoint writes in flight finish). `status` ("success", "errored",
+        "interrupted") and `detail` are the SDK's, accepted for its scripts (nothing records them in process)."""
         self.engine.shutdown()
+        return _done(None)
 
     def __enter__(self):
         return self
@@ -149,13 +172,10 @@ class ServiceClient:
         self.close()
 
 
-class TrainingClient:
+class TrainingClient(_ClientFuture):
     def __init__(self, service: ServiceClient, model_id: str):
         self.service, self.model_id = service, model_id
         self.engine = service.engine
-
-    def result(self, timeout=None) -> "TrainingClient":  # the SDK's creation call returns a future-like
-        return self
 
     def forward(self, data: list[tt.Datum], loss_fn: str, loss_fn_config=None) -> APIFuture[tt.ForwardBackwardOutput]:
         return APIFuture(_retrying(lambda: self.engine.forward_backward(self.model_id, data, loss_fn,
@@ -213,10 +233,14 @@ class TrainingClient:
                                                                                  user_metadata, sampler=False)),
                          lambda r: tt.SaveWeightsForSamplerResponse(path=r[0]))
 
-    def save_weights_external(self, name: str, ttl_seconds: int | None = None, user_metadata=None
+    def save_weights_external(self, name: str, ttl_seconds: int | None = None,
+                              age_encryption_recipients: list[str] | None = None, *, user_metadata=None
                               ) -> APIFuture[tt.SaveWeightsExternalResponse]:
         """Hugging Face files of the weights (a PEFT adapter for LoRA, a merged model for full fine-tuning) as
-        tinker://<run>/external_weights/<name>; `engine.checkpoint_files` / `checkpoint_file` find them on disk."""
+        tinker://<run>/external_weights/<name>; `engine.checkpoint_files` / `checkpoint_file` find them on disk.
+        Encrypted exports (`age_encryption_recipients`) are refused, never written in the clear."""
+        if age_encryption_recipients:
+            raise UserError("age_encryption_recipients: encrypted exports are not supported by tinker_jax")
         return APIFuture(_retrying(lambda: self.engine.save_weights_external(self.model_id, name, ttl_seconds,
                                                                               user_metadata)),
                          lambda r: tt.SaveWeightsExternalResponse(path=r[0]))
@@ -254,7 +278,7 @@ class TrainingClient:
     async def get_info_async(self): return self.get_info()
 
 
-class SamplingClient:
+class SamplingClient(_ClientFuture):
     def __init__(self, service: ServiceClient, sampler_id: str, record_stability_info: bool = False):
         self.service, self.sampler_id = service, sampler_id
         self.engine = service.engine
@@ -263,33 +287,40 @@ class SamplingClient:
         # released: an RL loop makes a sampler per step and simply drops the old one.
         weakref.finalize(self, service.engine.release_sampler, sampler_id)
 
-    def result(self, timeout=None) -> "SamplingClient":
-        return self
-
     def sample(self, prompt: tt.ModelInput, num_samples: int, sampling_params: tt.SamplingParams,
                include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, topk_sample_logprobs: int = 0,
                target_prompt_logprobs: tt.TensorData | None = None, prompt_alt_tokens_k: int = 0,
-               **unsupported) -> APIFuture[tt.SampleResponse]:
-        used = {k: v for k, v in unsupported.items() if v not in (None, 0, False)}
-        if used:
-            raise UserError(f"sample: options not supported by tinker_jax yet: {sorted(used)}")
+               prompt_logprobs_last_n: int | None = None) -> APIFuture[tt.SampleResponse]:
+        post = last_n_mask(prompt_logprobs_last_n, prompt.length, bool(include_prompt_logprobs or topk_prompt_logprobs))
         return APIFuture(_retrying(lambda: self.engine.sample(self.sampler_id, prompt, num_samples, sampling_params,
                                                                include_prompt_logprobs, topk_prompt_logprobs,
                                                                topk_sample_logprobs=topk_sample_logprobs,
                                                                target_prompt_logprobs=target_prompt_logprobs,
                                                                prompt_alt_tokens_k=prompt_alt_tokens_k,
-                                                               record_stability_info=self.record_stability_info)))
+                                                               record_stability_info=self.record_stability_info)),
+                         post)
 
-    async def sample_async(self, *a, **k):
-        return self.sample(*a, **k)
+    async def sample_async(self, prompt: tt.ModelInput, num_samples: int, sampling_params: tt.SamplingParams,
+                           include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0,
+                           topk_sample_logprobs: int = 0, target_prompt_logprobs: tt.TensorData | None = None,
+                           prompt_alt_tokens_k: int = 0, prompt_logprobs_last_n: int | None = None
+                           ) -> tt.SampleResponse:
+        """The response itself (the SDK's sample_async awaits for you)."""
+        return await self.sample(prompt, num_samples, sampling_params, include_prompt_logprobs, topk_prompt_logprobs,
+                                 topk_sample_logprobs, target_prompt_logprobs, prompt_alt_tokens_k,
+                                 prompt_logprobs_last_n)
 
-    def compute_logprobs(self, prompt: tt.ModelInput) -> APIFuture[Sequence[float | None]]:
+    def compute_logprobs(self, prompt: tt.ModelInput, prompt_logprobs_last_n: int | None = None
+                         ) -> APIFuture[Sequence[float | None]]:
+        post = last_n_mask(prompt_logprobs_last_n, prompt.length, True)
         fut = _retrying(lambda: self.engine.sample(self.sampler_id, prompt, 1, tt.SamplingParams(max_tokens=1),
                                                    True, 0))
-        return APIFuture(fut, lambda r: r.prompt_logprobs)
+        return APIFuture(fut if post is None else then(fut, post), lambda r: r.prompt_logprobs)
 
-    async def compute_logprobs_async(self, prompt):
-        return self.compute_logprobs(prompt)
+    async def compute_logprobs_async(self, prompt: tt.ModelInput, prompt_logprobs_last_n: int | None = None
+                                     ) -> Sequence[float | None]:
+        """The logprobs themselves (as the SDK's)."""
+        return await self.compute_logprobs(prompt, prompt_logprobs_last_n)
 
     def get_base_model(self) -> str:
         return self.engine.sampler_base_model(self.sampler_id)

@@ -13,10 +13,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
-import numpy as np
 from fastapi import APIRouter
 from tinker import types
-from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
 
 from server import wire
 from server.access import owned_sampler, owned_session, readable_checkpoint
@@ -24,6 +22,7 @@ from server.deps import CallerDep, EngineDep, FuturesDep, JsonBody, OwnerDep, Sa
 from server.routes._submit import check_base_model, check_seq_id, untyped_future
 from tinker_jax.errors import UserError
 from tinker_jax.futures import then
+from tinker_jax.sampling.response import last_n_mask
 
 router = APIRouter()
 
@@ -69,41 +68,6 @@ async def join_sampling_session(body: JsonBody, store: StoreDep, owner: OwnerDep
     return {"client_counter": store.join_sampling_session(req.sampling_session_id), "type": "join_sampling_session"}
 
 
-def _last_n_checker(req: types.SampleRequest, prompt_len: int):
-    """prompt_logprobs_last_n (SDK 0.34+): score only the last N prompt tokens; earlier entries are None (NaN on
-    the wire). Computed in full and masked here, which is exactly what the client checks for."""
-    n = req.prompt_logprobs_last_n
-    if n is None:
-        return None
-    if not (req.prompt_logprobs or req.topk_prompt_logprobs):
-        raise UserError("prompt_logprobs_last_n: applies to prompt logprobs; set prompt_logprobs")
-    if isinstance(n, bool) or not 1 <= n <= prompt_len - 1:
-        raise UserError(f"prompt_logprobs_last_n: must be between 1 and len(prompt) - 1 = {prompt_len - 1}, "
-                        f"got {n}")
-
-    def mask(resp: types.SampleResponse) -> types.SampleResponse:
-        cut = prompt_len - n
-        lp = None
-        if resp.prompt_logprobs is not None:
-            lp = np.array([np.nan if x is None else x for x in resp.prompt_logprobs], np.float32)
-            lp[:cut] = np.nan
-        topk = resp.topk_prompt_logprobs_np
-        if topk is not None:
-            ids, lps = np.array(topk.token_ids), np.array(topk.logprobs, np.float32)
-            ids[:cut], lps[:cut] = 0, MASK_LOGPROB
-            topk = TopkLogprobs(token_ids=ids, logprobs=lps)
-        elif resp.topk_prompt_logprobs is not None:  # the list form: rows before the suffix become None
-            topk = None
-            rows = [None if i < cut else row for i, row in enumerate(resp.topk_prompt_logprobs)]
-            return types.SampleResponse(sequences=resp.sequences, prompt_logprobs_np=lp,
-                                        prompt_cache_hit_tokens=resp.prompt_cache_hit_tokens,
-                                        _topk_prompt_logprobs_list=rows)
-        return types.SampleResponse(sequences=resp.sequences, prompt_logprobs_np=lp, topk_prompt_logprobs_np=topk,
-                                    prompt_cache_hit_tokens=resp.prompt_cache_hit_tokens)
-
-    return mask
-
-
 @router.post("/asample")
 async def asample(body: JsonBody, engine: EngineDep, store: StoreDep, futures: FuturesDep, samplers: SamplersDep,
                   caller: CallerDep) -> dict[str, Any]:
@@ -126,7 +90,8 @@ async def asample(body: JsonBody, engine: EngineDep, store: StoreDep, futures: F
         if lost is not None:
             raise lost
         prompt_len = req.prompt.length
-        post = _last_n_checker(req, prompt_len)
+        post = last_n_mask(req.prompt_logprobs_last_n, prompt_len,
+                           bool(req.prompt_logprobs or req.topk_prompt_logprobs))
         future = engine.sample(engine_id, req.prompt, req.num_samples, req.sampling_params,
                                include_prompt_logprobs=bool(req.prompt_logprobs),
                                topk_prompt_logprobs=int(req.topk_prompt_logprobs or 0), tenant=row.session_id,

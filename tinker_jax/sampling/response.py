@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 from tinker import types
 from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
+
+from tinker_jax.errors import UserError
 
 
 def sequence(tokens: Sequence[int], logprobs: Sequence[float], stop_reason: str, sequence_id: str,
@@ -69,3 +71,39 @@ def target_logprobs(lp: np.ndarray, ids: np.ndarray, layout: tuple | None) -> ty
     rows = np.repeat(np.arange(len(crow) - 1), np.diff(crow))
     return types.TensorData(data=lp[rows, np.asarray(col, np.int64)].tolist(), dtype="float32", shape=list(lp.shape),
                             sparse_crow_indices=list(crow), sparse_col_indices=list(col))
+
+
+def last_n_mask(n: int | None, prompt_len: int, scores_prompt: bool
+                ) -> Callable[[types.SampleResponse], types.SampleResponse] | None:
+    """prompt_logprobs_last_n (SDK 0.34+): score only the last `n` prompt tokens; earlier entries are None (NaN on
+    the wire), top-k rows masked. Computed in full and masked after, which is exactly what the client checks for.
+    -> the response's transform (None: no `n`); UserError naming the field for a bad one. `scores_prompt`: the
+    request asks for prompt logprobs or their top-k."""
+    if n is None:
+        return None
+    if not scores_prompt:
+        raise UserError("prompt_logprobs_last_n: applies to prompt logprobs; set prompt_logprobs")
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= prompt_len - 1:
+        raise UserError(f"prompt_logprobs_last_n: must be between 1 and len(prompt) - 1 = {prompt_len - 1}, "
+                        f"got {n}")
+
+    def mask(resp: types.SampleResponse) -> types.SampleResponse:
+        cut = prompt_len - n
+        lp = None
+        if resp.prompt_logprobs is not None:
+            lp = np.array([np.nan if x is None else x for x in resp.prompt_logprobs], np.float32)
+            lp[:cut] = np.nan
+        topk = resp.topk_prompt_logprobs_np
+        if topk is not None:
+            ids, lps = np.array(topk.token_ids), np.array(topk.logprobs, np.float32)
+            ids[:cut], lps[:cut] = 0, MASK_LOGPROB
+            topk = TopkLogprobs(token_ids=ids, logprobs=lps)
+        elif resp.topk_prompt_logprobs is not None:  # the list form: rows before the suffix become None
+            rows = [None if i < cut else row for i, row in enumerate(resp.topk_prompt_logprobs)]
+            return types.SampleResponse(sequences=resp.sequences, prompt_logprobs_np=lp,
+                                        prompt_cache_hit_tokens=resp.prompt_cache_hit_tokens,
+                                        _topk_prompt_logprobs_list=rows)
+        return types.SampleResponse(sequences=resp.sequences, prompt_logprobs_np=lp, topk_prompt_logprobs_np=topk,
+                                    prompt_cache_hit_tokens=resp.prompt_cache_hit_tokens)
+
+    return mask
