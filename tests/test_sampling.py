@@ -960,6 +960,54 @@ def test_a_chunk_that_takes_the_pool_down_fails_what_was_in_flight_and_the_sampl
     assert got.sequences[0].tokens == want.sequences[0].tokens
 
 
+def test_pages_held_from_the_prefix_cache_never_block_the_request_ahead(snap):
+    """A request (A) that needs the whole pool, prefilled beside one (B) that starts with pages found in the prefix
+    cache: B holds those pages from its prefill on, and used to wait behind A for a row while A waited for B's pages,
+    nothing running to free any (for ever). With nothing else to wait for, B takes a row first; both sample what
+    each samples alone."""
+    def sampler():
+        return Sampler(snap.cfg, max_batch=4, max_seq_len=32, page_size=4, kv_cache_tokens=16,
+                       prefill_lengths=(8, 16, 32), prefill_batches=(4,), prefill_chunk=None, decode_steps=4,
+                       burst_gap_ms=0).drive(lambda: None)
+
+    P = lambda n: types.SamplingParams(max_tokens=n, seed=1, stop=[])  # noqa: E731
+    base, a = prompt_of(150, 9), prompt_of(151, 13)  # a: 4 pages with its tokens, the whole pool
+    b = base[:8] + prompt_of(152, 6)  # starts with base's 2 full pages, cached once base has run
+    s = sampler()
+    _run_steps(s, [s.submit(snap, base, P(1))])
+    got = _run_steps(s, [s.submit(snap, a, P(4)), s.submit(snap, b, P(1))], limit=30)
+    assert s.stats["prefix_cache_hit_tokens"] == 8  # b's first pages came from the cache
+    for prompt, n, out in ((a, 4, got[0]), (b, 1, got[1])):
+        alone = sampler()
+        want = _run_steps(alone, [alone.submit(snap, prompt, P(n))])[0]
+        assert out.sequences[0].tokens == want.sequences[0].tokens
+        np.testing.assert_allclose(out.sequences[0].logprobs, want.sequences[0].logprobs, atol=1e-5)
+    assert s.stats_now()["kv_pages_used"] <= 4 and not s._deferred
+
+
+def test_a_long_prompt_on_cached_pages_a_running_row_holds(snap):
+    """A long (chunked) prompt whose first pages are cached and still held by a running row: it needs free pages
+    for the rest of its prompt only. It used to ask for its whole prompt, evict every cache entry on the shard
+    (its own prefix too, which frees nothing a row holds), and fail with an internal AssertionError."""
+    def sampler():
+        return Sampler(snap.cfg, max_batch=4, max_seq_len=64, page_size=4, kv_cache_tokens=60,
+                       prefill_lengths=(8, 16, 32, 64), prefill_batches=(1, 4), prefill_chunk=8, decode_steps=4,
+                       burst_gap_ms=0).drive(lambda: None)
+
+    P = lambda n: types.SamplingParams(max_tokens=n, seed=1, stop=[])  # noqa: E731
+    e = prompt_of(153, 9)
+    long = e[:8] + prompt_of(154, 12)  # 5 prompt pages, the first 2 e's
+    s = sampler()
+    running = s.submit(snap, e, P(40))
+    s.step()  # e decodes, holding its 2 prompt pages (cached), and 12 of the 15 pages; 3 are free
+    got = _run_steps(s, [s.submit(snap, long, P(4)), running], limit=80)
+    assert s.stats["prefix_cache_hit_tokens"] >= 8  # it started from e's cached pages
+    alone = sampler()
+    want = _run_steps(alone, [alone.submit(snap, long, P(4))])[0]
+    assert got[0].sequences[0].tokens == want.sequences[0].tokens
+    np.testing.assert_allclose(got[0].sequences[0].logprobs, want.sequences[0].logprobs, atol=1e-5)
+
+
 def test_a_long_prompt_short_of_pages_is_not_starved_by_short_requests(snap):
     """4 rows and 8 pages of 8 tokens; short requests (2 pages each) keep arriving, one for each that finishes, so
     pages never pile up on their own; a 40-token prompt needs 5 pages for its chunks: once it waits for pages,

@@ -743,6 +743,8 @@ class Sampler(SamplerBase):
                 req = self._deferred[0]
                 self._place([req], free)
                 if req.placed < req.spec.num_samples:
+                    if not self._prefilling and all(r is None for r in self._rows):
+                        self._place_holders_behind(free)
                     return
                 self._deferred.popleft()
                 continue
@@ -779,6 +781,19 @@ class Sampler(SamplerBase):
                         req.future.set_exception(e)
                 raise
             self._deferred.extend(req for req in batch if req.placed < req.spec.num_samples)
+
+    def _place_holders_behind(self, free: list[int]) -> None:
+        """The first prefilled request waiting for pages cannot be placed, and no row runs nor prompt prefills that
+        would free any: requests behind it that already hold pages (cached prefix pages, taken when they were
+        prefilled) keep them until they are placed, so it would wait for ever. Those that fit take rows now; they
+        finish, and let go of their pages."""
+        for req in list(self._deferred)[1:]:
+            if not free:
+                return
+            if req.shared:
+                self._place([req], free)
+                if req.placed == req.spec.num_samples:
+                    self._deferred.remove(req)
 
     def _table(self, rank: int) -> _Table:
         if rank not in self._tables:
@@ -844,7 +859,7 @@ class Sampler(SamplerBase):
                 # steady flow of short requests would keep it waiting for ever.
                 # Cache entries on that shard give way to it (`_make_room`) only once its adapter has a table slot:
                 # a request that waits for one would otherwise evict them for nothing, step after step.
-                shard = None  # where its chunks write pool pages (a prompt cached whole writes none)
+                room = None  # (shard, pages): where its chunks write pool pages (a prompt cached whole writes none)
                 if self._chunks(req):
                     if len(self._prefilling) >= n_free:
                         continue
@@ -852,13 +867,13 @@ class Sampler(SamplerBase):
                     if not whole and self._waits_for_a_prefill(req):
                         self.stats["prefill_waits_for_long_mate"] += 1
                         continue
-                    shard = None if whole else self._chunk_shard(req)
-                    if not whole and shard is None:
+                    room = None if whole else self._chunk_room(req)
+                    if not whole and room is None:
                         self.stats["prefill_waits_for_pages"] += 1
                         return []
                 if self._acquire(req):
-                    if shard is not None:
-                        self._make_room(shard, self._prompt_pages(req))
+                    if room is not None:  # what it needs beyond its cached first pages (evicting those would
+                        self._make_room(*room)  # free nothing a running row still holds, and lose the hit)
                     first = req
                     break
             if first is not None:
@@ -1115,29 +1130,34 @@ class Sampler(SamplerBase):
         return -(-(len(req.spec.prompt) - 1) // self.prefill_chunk)
 
     def _chunk_shard(self, req: _Request) -> int | None:
-        """A batch shard with room for a long request's prompt (its chunks write its KV there): the shard of its
-        first pages found in the prefix cache when the rest fits there (`_start_chunked` lists those), else one
-        with free pages for the whole prompt, else the one where evicting cached prefixes would free enough
-        (`_make_room` does that; the request's own cached pages are marked used, so they go last). None when no
-        shard has room even with every cache entry on it gone (the prompt waits for rows to finish). Evicts
-        nothing."""
+        room = self._chunk_room(req)
+        return None if room is None else room[0]
+
+    def _chunk_room(self, req: _Request) -> tuple[int, int] | None:
+        """(a batch shard with room for a long request's prompt (its chunks write its KV there), the free pages it
+        needs there): the shard of its first pages found in the prefix cache when the rest fits there
+        (`_start_chunked` lists those; only the rest is needed), else one with free pages for the whole prompt,
+        else the one where evicting cached prefixes would free enough (`_make_room` does that; the request's own
+        cached pages are marked used, so they go last). None when no shard has room even with every cache entry on
+        it gone (the prompt waits for rows to finish). Evicts nothing."""
         need = self._prompt_pages(req)
         pg = self._pages
         if self._uses_cache(req) and self._prefix:
             shards, _, keys = self._walk(req, (len(req.spec.prompt) - 2) // self.page_size)
-            if shards and pg.free(shards[0]) >= need - _leading(shards, shards[0]):
-                return shards[0]
+            rest = need - _leading(shards, shards[0]) if shards else need
+            if shards and pg.free(shards[0]) >= rest:
+                return shards[0], rest
             self._touch(keys)  # evicted last
         free = [pg.free(s) for s in range(pg.shards)]
         s = max(range(pg.shards), key=free.__getitem__)
         if free[s] >= need:
-            return s
+            return s, need
         cached = np.zeros((pg.shards, pg.per_shard), np.int32)  # holders of each page that are cache entries
         for shard, pages in self._prefix.values():
             np.add.at(cached[shard], pages, 1)
         room = [f + n for f, n in zip(free, pg.freed_without(cached))]
         s = max(range(pg.shards), key=room.__getitem__)
-        return s if room[s] >= need else None
+        return (s, need) if room[s] >= need else None
 
     def _make_room(self, shard: int, need: int) -> None:
         """Evict cache entries on `shard`, least recently used first, until it has `need` free pages (which
