@@ -1605,7 +1605,8 @@ class Sampler(SamplerBase):
         request's first sample on that shard, shared by the rest, and by its prefill twins' samples while it holds
         them) and pages of its own, the first of which gets a
         copy of the prompt's partly filled last page. A sample that finds no row with enough free pages on its
-        shard waits, and so does everything after it (so at most one request holds shared pages without rows)."""
+        shard waits, and so does everything after it (so at most one request takes shared pages here without rows;
+        requests prefilled from cached pages hold those from their prefill on: `_place_holders_behind`)."""
         pg, page, per = self._pages, self.page_size, self.max_batch // self._pages.shards
         # Pages to copy from each prefill result (a batch's, or the two of a batch split by `_prefill`): id of its k
         # -> ((k, v), per shard [(prefill row, its page, dest)])
