@@ -27,7 +27,7 @@ from server import wire
 from server.errors import ApiError, error_body, redact
 from server.limits import LimitReached
 from server.store import FutureRow, Store
-from tinker_jax.errors import Overloaded, Unavailable, UserError
+from tinker_jax.errors import Overloaded, Stopped, Unavailable, UserError
 
 log = logging.getLogger(__name__)
 
@@ -186,6 +186,10 @@ class FutureRegistry:
             self._fail(request_id, "the request was cancelled", "server", sampler)
             return
         exc = future.exception()
+        if isinstance(exc, Stopped):  # the engine's shutdown: as if the server had restarted under it
+            self._store.lose_future(request_id)
+            self._notify(request_id, sampler)
+            return
         if isinstance(exc, UserError):
             self._fail(request_id, str(exc), "user", sampler)
             return

@@ -537,10 +537,15 @@ class Store:
         with self._tx() as db:
             ids = [r[0] for r in db.execute("SELECT request_id FROM futures WHERE status='pending'").fetchall()]
         for rid in ids:
-            self._complete(rid, "status='lost', error=?",
-                           (json.dumps({"error": "the server restarted before this request finished",
-                                        "category": "server"}),))
+            self.lose_future(rid)
         return len(ids)
+
+    def lose_future(self, request_id: str) -> int:
+        """A pending future whose engine stopped before it finished (a restart, or the engine's shutdown failing
+        it): lost, which a sample's poll answers with 410 (the SDK resubmits). Returns its completion cursor."""
+        return self._complete(request_id, "status='lost', error=?",
+                              (json.dumps({"error": "the server restarted before this request finished",
+                                           "category": "server"}),))
 
     def prune(self, future_ttl_s: float, retrieved_ttl_s: float) -> int:
         """Delete finished futures (and their idempotency keys) past their time to live, and create_session's

@@ -233,6 +233,30 @@ def test_registry_long_poll_wakes_on_completion(store: Store) -> None:
     asyncio.run(scenario())
 
 
+def test_requests_the_engine_stops_under_read_as_lost(store: Store) -> None:
+    """A request failed by the engine's shutdown (Stopped) is recorded as lost, as after a restart: a sample's poll
+    answers 410, which the SDK resubmits (recorded as a server error it answered 200 with an error, and the SDK
+    gave up), and a training request says the server restarted before it finished."""
+    from tinker_jax.errors import Stopped
+
+    async def scenario() -> None:
+        reg = FutureRegistry(store, long_poll_s=5.0)
+        reg.bind_loop(asyncio.get_running_loop())
+        sample: concurrent.futures.Future = concurrent.futures.Future()
+        train: concurrent.futures.Future = concurrent.futures.Future()
+        rs = reg.register(sample, "sample", owner="o", sampling_session_id="S")
+        rt = reg.register(train, "forward_backward", owner="o", model_id="M")
+        sample.set_exception(Stopped("sampler: stopped"))
+        train.set_exception(Stopped("engine: shut down"))
+        reply = await reg.retrieve(rs, accept_proto=False, owner="o")
+        assert reply.status == 410
+        reply = await reg.retrieve(rt, accept_proto=False, owner="o")
+        assert "restarted before this request finished" in json.loads(reply.body)["error"]
+        assert store.get_future(rs).status == store.get_future(rt).status == "lost"
+
+    asyncio.run(scenario())
+
+
 def test_registry_submit_dedupes_and_classifies_errors(store: Store) -> None:
     async def scenario() -> None:
         reg = FutureRegistry(store)

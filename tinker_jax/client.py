@@ -41,8 +41,9 @@ class APIFuture(tinker.APIFuture[T]):
         return self._fut.result(timeout)
 
     async def result_async(self, timeout: float | None = None) -> T:
-        # shield: a timeout ends this wait, not the operation (wrap_future would cancel it)
-        return await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._fut)), timeout)
+        # As the SDK's: a timeout, or the awaiting task's cancellation, cancels the operation if it has not started
+        async with asyncio.timeout(timeout):
+            return await asyncio.wrap_future(self._fut)
 
     def future(self) -> cf.Future:
         return self._fut

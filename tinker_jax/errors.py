@@ -6,6 +6,8 @@
   SDK retries with backoff (the in-process client retries the same way).
 - `Unavailable`: the server cannot work now (a process of a multi-host engine is gone) and its message is meant
   for the client: HTTP 503, category "server", the message kept.
+- `Stopped`: the engine stopped before the request finished (a shutdown): the server records it as lost, as if
+  it had restarted under it (a sample's poll then answers 410, which the SDK resubmits).
 - anything else: the server's fault. Logged with its traceback, HTTP 500, category "server".
 A plain ValueError is *not* a user error: code below the engine (JAX among it) raises ValueError for its own bugs.
 """
@@ -23,6 +25,10 @@ class NotFound(UserError):
 
 class Unavailable(RuntimeError):
     """The server cannot serve (not the client's mistake); the message says why and is shown to clients."""
+
+
+class Stopped(RuntimeError):
+    """The engine (or its sampler) stopped before this request finished."""
 
 
 class Overloaded(Exception):

@@ -325,7 +325,12 @@ class Engine(EngineAPI):
             self._shut_down = True
             workers = dict(self._workers)
         log.info("engine: stopping")
-        _stop_workers(workers, self.registry, self.procs, self._following, self._dir_lock, self._path_work)
+        try:
+            _stop_workers(workers, self.registry, self.procs, self._following, self._dir_lock, self._path_work)
+        except BaseException:
+            with self._lock:
+                self._shut_down = False  # a later call tries again
+            raise
         log.info("engine: stopped")
 
     # ------------------------------------------------------------------------------------------ discovery
@@ -478,12 +483,13 @@ class Engine(EngineAPI):
         try:
             h = self._handle(model_id)
             p = TinkerPath(model_id, "weights", check_name(name, "name"))
-            if not overwrite and self.registry.get_checkpoint(p) is not None:
+            # A quick answer from this process's registry; on several processes only the leader's knows, and every
+            # process must queue the request alike: the check on the path's turn (the leader's, settled) decides.
+            if not overwrite and self.procs is None and self.registry.get_checkpoint(p) is not None:
                 raise UserError(f"path: checkpoint {p} already exists (save under another name, or overwrite)")
         except UserError as e:
             return failed(e)
-        # Checked above for a quick answer, and again on the path's turn (an earlier save queued on the same path is
-        # not listed until it is written).
+        # Checked again on the path's turn (an earlier save queued on the same path is not listed until written).
         body = rq.Save(p, True, ttl_seconds, user_metadata, overwrite=overwrite)
         return then(self._submit(h.worker, "save", body, run=model_id, tenant=tenant, paths=[p]),
                     lambda r: tt.SaveWeightsResponse(path=r[0]))
@@ -572,10 +578,12 @@ class Engine(EngineAPI):
         its base model need not be loaded). Several: through its base model's log, so that every process has
         finished what came before on the path (a load still reading the files) before process 0 changes them;
         every process gets process 0's outcome."""
-        if self.procs is None:  # counted against its key's bound like any request (Overloaded past it)
-            tenant = tenant or LOCAL
-            self._admit(tenant)
-            return self._bounded(tenant, self._path_turn_async(body.path, lambda: self.change_checkpoint(body)))
+        if self.procs is None:
+            turn = self._path_turn_async(body.path, lambda: self.change_checkpoint(body))
+            if tenant is None:  # publish and TTL changes (synchronous, for a request being answered)
+                return turn
+            self._admit(tenant)  # a key's deletes count against its bound like its other requests
+            return self._bounded(tenant, turn)
         try:
             worker = self._worker(self._base_of_checkpoint(body.path))
         except UserError as e:

@@ -36,7 +36,7 @@ from tinker_jax.engine.pools import NULL_SLOT, AdapterPool, FullState, Run
 from tinker_jax.engine.quota import OverQuota
 from tinker_jax.engine.registry import KINDS, RESTORABLE, TinkerPath
 from tinker_jax.engine.scheduler import Request, Round, Scheduler
-from tinker_jax.errors import NotFound, Unavailable, UserError
+from tinker_jax.errors import NotFound, Stopped, Unavailable, UserError
 from tinker_jax.futures import begin, failed
 from tinker_jax.hf.convert import export_merged_hf, export_peft_adapter
 from tinker_jax.hf.weights import load_decoder
@@ -127,7 +127,7 @@ class BaseWorker:
                     self._thread = threading.Thread(target=self._loop, name=f"tinker-jax-{self.name}", daemon=True)
                     self._thread.start()
         if stopped:  # outside _cv: the future's callbacks take other locks
-            req.future.set_exception(RuntimeError("engine: shut down"))
+            req.future.set_exception(Stopped("engine: shut down"))
             return
         for f in req.after:
             f.add_done_callback(lambda _: self.wake())
@@ -231,7 +231,7 @@ class BaseWorker:
             left = list(self.scheduler.all_requests())
         for req in left:
             if not req.future.done():
-                req.future.set_exception(RuntimeError("engine: shut down"))
+                req.future.set_exception(Stopped("engine: shut down"))
 
     def load_here(self) -> None:
         """Load the base model on this thread (the worker's own, or a follower's device loop)."""

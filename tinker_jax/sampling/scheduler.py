@@ -79,7 +79,7 @@ import numpy as np
 from tinker import types
 
 from tinker_jax import distributed
-from tinker_jax.errors import UserError
+from tinker_jax.errors import Stopped, UserError
 from tinker_jax.futures import begin
 from tinker_jax.models import lora as lora_math
 from tinker_jax.models.config import ModelConfig
@@ -496,7 +496,7 @@ class Sampler(SamplerBase):
         with self._cv:
             leftover, self._incoming = self._incoming, []
         if thread is None or not thread.is_alive():
-            self._fail_in_flight(RuntimeError("sampler: stopped"), extra=leftover, pending=True)
+            self._fail_in_flight(Stopped("sampler: stopped"), extra=leftover, pending=True)
 
     def submit(self, snapshot: WeightSnapshot, prompt_tokens: Sequence[int], params: types.SamplingParams,
                num_samples: int = 1, include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, *,
@@ -571,7 +571,7 @@ class Sampler(SamplerBase):
         """Queue a prepared request for the next `step`."""
         with self._cv:
             if self._stopping:
-                req.future.set_exception(RuntimeError("sampler: stopped"))
+                req.future.set_exception(Stopped("sampler: stopped"))
                 return
             self._incoming.append(req)
             self._cv.notify_all()
@@ -690,7 +690,7 @@ class Sampler(SamplerBase):
                 if self._stopping:
                     break
             self.step()
-        self._fail_in_flight(RuntimeError("sampler: stopped"), pending=True)
+        self._fail_in_flight(Stopped("sampler: stopped"), pending=True)
 
     def _fail_in_flight(self, exc: BaseException, extra: Sequence[_Request] = (), pending: bool = False) -> None:
         """Fail every request holding rows or a prefill (plus `extra`, plus the queue when `pending`)."""

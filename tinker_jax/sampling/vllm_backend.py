@@ -48,7 +48,7 @@ from flax import nnx
 from tinker import types
 from tinker.types.topk_logprobs import MASK_LOGPROB
 
-from tinker_jax.errors import UserError
+from tinker_jax.errors import Stopped, UserError
 from tinker_jax.hf.convert import export_merged_hf, export_peft_adapter
 from tinker_jax.hf.model_files import eos_ids_of
 from tinker_jax.sampling import response
@@ -273,7 +273,7 @@ class VLLMSampler(SamplerBase):
             thread.join(timeout)
         for req in leftover:
             if not req.future.done():
-                req.future.set_exception(RuntimeError("sampler: stopped"))
+                req.future.set_exception(Stopped("sampler: stopped"))
         if thread is None or not thread.is_alive():
             self._close_llm()
             if self._own_dir:
@@ -307,7 +307,7 @@ class VLLMSampler(SamplerBase):
             return fut
         with self._cv:
             if self._stopping:
-                fut.set_exception(RuntimeError("sampler: stopped"))
+                fut.set_exception(Stopped("sampler: stopped"))
                 return fut
             self._incoming.append(_Request(snapshot, spec, params.seed is not None, fut, ids))
             self._cv.notify_all()
