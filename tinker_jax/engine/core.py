@@ -579,11 +579,12 @@ class Engine(EngineAPI):
         finished what came before on the path (a load still reading the files) before process 0 changes them;
         every process gets process 0's outcome."""
         if self.procs is None:
+            # A key's deletes count against its bound like its other requests (refused before anything is queued);
+            # publish and TTL changes (synchronous, for a request being answered) do not.
+            if tenant is not None:
+                self._admit(tenant)
             turn = self._path_turn_async(body.path, lambda: self.change_checkpoint(body))
-            if tenant is None:  # publish and TTL changes (synchronous, for a request being answered)
-                return turn
-            self._admit(tenant)  # a key's deletes count against its bound like its other requests
-            return self._bounded(tenant, turn)
+            return turn if tenant is None else self._bounded(tenant, turn)
         try:
             worker = self._worker(self._base_of_checkpoint(body.path))
         except UserError as e:
