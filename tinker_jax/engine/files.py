@@ -19,7 +19,7 @@ from pathlib import Path
 from tinker_jax import atomic
 from tinker_jax.engine import checkpoints
 from tinker_jax.engine.checkpoints import RECORD
-from tinker_jax.engine.quota import CheckpointQuota, OverQuota
+from tinker_jax.engine.quota import CheckpointQuota
 from tinker_jax.engine.registry import Registry, TinkerPath, check_name
 from tinker_jax.errors import NotFound, UserError
 
@@ -80,22 +80,6 @@ def copy_checkpoint(registry: Registry, source: str, run_id: str, *, owner: str 
         raise NotFound(f"source_path: checkpoint {source} not found")
     if registry.get_run(run_id) is not None:
         raise UserError(f"run id: {run_id!r} already exists")
-    need = info.size_bytes or 0
-    try:
-        held = quota.reserve(owner, need) if quota is not None else 0
-    except OverQuota as e:
-        raise UserError(f"source_path: copying {source} needs {need} bytes and this key's checkpoints use {e.used} "
-                        f"of its quota of {e.quota} bytes (config checkpoint_quota_bytes); delete checkpoints (or "
-                        "give them a TTL) and copy again") from None
-    try:
-        return _copy(registry, src, src_dir, source, info, run_id, owner, ttl_seconds)
-    finally:  # recorded in the registry (it counts there now), or failed
-        if quota is not None:
-            quota.release(owner, held)
-
-
-def _copy(registry: Registry, src: TinkerPath, src_dir: Path, source: str, info, run_id: str, owner: str | None,
-          ttl_seconds: int | None) -> str:
     run = registry.get_run(src.run_id)
     old = checkpoints.read_record(src_dir) or {}
     run_conf = dict(old.get("run") or {})
@@ -111,14 +95,19 @@ def _copy(registry: Registry, src: TinkerPath, src_dir: Path, source: str, info,
         if not any(p.is_file() for p in tmp.rglob("*")):  # the source went away under us: copy nothing
             raise NotFound(f"source_path: checkpoint {source} not found")
 
-    # Files first (atomic, with their record), then the run and the checkpoint's row: a failure leaves no run that
-    # lists nothing (and a crash between, a record the next start's re-index lists).
-    record = checkpoints.save_files(registry.checkpoint_dir(dst), fill, record)
-    registry.add_run(run_id, run.base_model if run else meta.get("base_model", ""),
-                     lora_rank=run.lora_rank if run else meta.get("lora_rank"),
-                     full_finetune=bool(meta.get("full_finetune", False)), meta=meta, owner=owner,
-                     user_metadata={"copied_from": source}, created=now)
-    registry.add_checkpoint_record(dst, record)
+    held = 0 if quota is None else quota.reserve(owner, info.size_bytes or 0, what=f"source_path: copying {source}")
+    try:
+        # Files first (atomic, with their record), then the run and the checkpoint's row: a failure leaves no run
+        # that lists nothing (and a crash between, a record the next start's re-index lists).
+        record = checkpoints.save_files(registry.checkpoint_dir(dst), fill, record)
+        registry.add_run(run_id, run.base_model if run else meta.get("base_model", ""),
+                         lora_rank=run.lora_rank if run else meta.get("lora_rank"),
+                         full_finetune=bool(meta.get("full_finetune", False)), meta=meta, owner=owner,
+                         user_metadata={"copied_from": source}, created=now)
+        registry.add_checkpoint_record(dst, record)
+    finally:  # recorded in the registry (it counts there now), or failed
+        if quota is not None:
+            quota.release(owner, held)
     return str(dst)
 
 

@@ -14,13 +14,7 @@ from __future__ import annotations
 import collections
 import threading
 
-
-class OverQuota(Exception):
-    """A write that would take its owner past the quota; `used`: the owner's bytes besides it."""
-
-    def __init__(self, used: int, quota: int):
-        super().__init__(f"{used} bytes used of a quota of {quota}")
-        self.used, self.quota = used, quota
+from tinker_jax.errors import UserError
 
 
 class CheckpointQuota:
@@ -32,11 +26,11 @@ class CheckpointQuota:
         self._lock = threading.Lock()  # guards _writing only; the registry is read outside it
         self._writing: collections.Counter = collections.Counter()  # owner -> bytes reserved, not yet recorded
 
-    def reserve(self, owner: str | None, need: int, replaced: int = 0) -> int:
+    def reserve(self, owner: str | None, need: int, replaced: int = 0, *, what: str) -> int:
         """Count `need` bytes for `owner` until `release(owner, <the returned bytes>)`; `replaced`: the bytes of the
-        checkpoint the write replaces (freed when it commits). Raises OverQuota when the owner's checkpoints on disk,
-        less `replaced`, plus every reservation, this one included, would pass the quota. -> the bytes reserved (0
-        when nothing is limited)."""
+        checkpoint the write replaces (freed when it commits). Refused (UserError, led by `what`: the field and the
+        write, e.g. "path: saving tinker://...") when the owner's checkpoints on disk, less `replaced`, plus every
+        reservation, this one included, would pass the quota. -> the bytes reserved (0 when nothing is limited)."""
         if self.quota is None or owner is None:
             return 0
         with self._lock:
@@ -45,7 +39,9 @@ class CheckpointQuota:
         used = self._usage(owner) - replaced + others  # after reserving: a write recorded meanwhile counts twice
         if used + need > self.quota:
             self.release(owner, need)
-            raise OverQuota(used, self.quota)
+            raise UserError(f"{what} needs {need} bytes and this key's checkpoints use {used} of its quota of "
+                            f"{self.quota} bytes (config checkpoint_quota_bytes); delete checkpoints (or give them a "
+                            "TTL) and try again")
         return need
 
     def release(self, owner: str | None, need: int) -> None:

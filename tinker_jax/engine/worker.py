@@ -33,7 +33,6 @@ from flax import nnx
 from tinker_jax import atomic, distributed
 from tinker_jax.engine import checkpoints, replicas, requests as rq
 from tinker_jax.engine.pools import NULL_SLOT, AdapterPool, FullState, Run
-from tinker_jax.engine.quota import OverQuota
 from tinker_jax.engine.registry import KINDS, RESTORABLE, TinkerPath
 from tinker_jax.engine.scheduler import Request, Round, Scheduler
 from tinker_jax.errors import NotFound, Stopped, Unavailable, UserError
@@ -927,12 +926,8 @@ class BaseWorker:
             return 0
         need = sum(int(x.nbytes if hasattr(x, "nbytes") else np.asarray(x).nbytes) for x in jax.tree.leaves(state))
         replaced = self.engine.registry.get_checkpoint(body.path)
-        try:
-            return self.engine.quota.reserve(run.owner, need, (replaced.size_bytes or 0) if replaced else 0)
-        except OverQuota as e:
-            raise UserError(f"path: saving {body.path} needs about {need} bytes and this key's checkpoints use "
-                            f"{e.used} of its quota of {e.quota} bytes (config checkpoint_quota_bytes); delete "
-                            "checkpoints (or give them a TTL) and save again") from None
+        return self.engine.quota.reserve(run.owner, need, (replaced.size_bytes or 0) if replaced else 0,
+                                         what=f"path: saving {body.path}")
 
     def _cast(self, params, graph: bool = False):
         """Weights in the sampler's dtype, their projections int8 where sampler.quantize asks (a copy, even when
