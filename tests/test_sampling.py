@@ -311,8 +311,28 @@ def test_stop_tokens_strings_and_eos(sampler, snap):
         assert seq.tokens == base[: base.index(eos) + 1] and seq.stop_reason == "stop"
         assert s2.sample(snap, prompt, P(max_tokens=20, seed=5, stop=[])).sequences[0].tokens == base
         assert s2.sample(snap, prompt, P(max_tokens=20, seed=5, stop=[7])).sequences[0].tokens[:4] == base[:4]
-        with pytest.raises(ValueError, match="^stop: stop strings need a tokenizer"):
-            s2.sample(snap, prompt, P(stop=["ab"]))
+
+def test_stop_strings_see_the_raw_text():
+    """A tokenizer that cleans up spaces before punctuation by default (transformers 4.x with Llama 3's config)
+    must not hide a stop string " ." from the check; a decode without that keyword still works."""
+    from tinker_jax.sampling.stops import StopStrings
+
+    chars = "ab ."
+
+    class Plain:  # decode(ids) only
+        def decode(self, ids):
+            return "".join(chars[i] for i in ids)
+
+    class Cleaning(Plain):
+        def decode(self, ids, clean_up_tokenization_spaces=True):
+            text = super().decode(ids)
+            return text.replace(" .", ".") if clean_up_tokenization_spaces else text
+
+    ids = [0, 1, 2, 3]  # "ab ."
+    assert Cleaning().decode(ids) == "ab."  # what the check saw before
+    assert StopStrings(Cleaning(), [" ."]).hit(ids)
+    assert not StopStrings(Cleaning(), [" ."]).hit(ids[:3])
+    assert StopStrings(Plain(), [" ."]).hit(ids) and not StopStrings(Plain(), ["b."]).hit(ids)
 
 
 # ------------------------------------------------------------------------------- snapshots and compiles
