@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import asdict, dataclass, is_dataclass
-from datetime import datetime, timezone
 from typing import Any
 
 import numpy as np
@@ -20,6 +19,7 @@ from tinker.proto import tinker_public_pb2 as pb
 from tinker.types.topk_logprobs import MASK_LOGPROB, TopkLogprobs
 
 from server.wire_tensors import as_array, dense_array, int32_bytes, proto_tensor
+from tinker_jax.engine.records import iso_time  # noqa: F401  (re-exported by server.wire)
 
 PROTO_CONTENT_TYPE = "application/x-protobuf"
 JSON_CONTENT_TYPE = "application/json"
@@ -28,11 +28,6 @@ JSON_CONTENT_TYPE = "application/json"
 PROTO_RESULT_KINDS = frozenset({"forward_backward", "forward", "sample"})
 
 # --- ForwardBackwardOutput ---------------------------------------------------------------------------------------
-
-
-def iso_time(ts: float | None) -> str | None:
-    """A unix time as the SDK's datetime fields take it: ISO 8601 in UTC, to the microsecond (None stays None)."""
-    return None if ts is None else datetime.fromtimestamp(ts, tz=timezone.utc).isoformat()
 
 
 def _check_metrics(metrics: dict[str, float]) -> dict[str, float]:

@@ -99,6 +99,16 @@ SDK_METHODS = {
         "create_sampling_client", "create_sampling_client_async"]),
     tinker.SamplingClient: (tinker_jax.SamplingClient, [
         "sample", "sample_async", "compute_logprobs", "compute_logprobs_async", "get_base_model", "get_tokenizer"]),
+    tinker.RestClient: (tinker_jax.RestClient, [
+        "get_training_run", "get_training_run_by_tinker_path", "get_weights_info_by_tinker_path",
+        "list_training_runs", "list_checkpoints", "list_user_checkpoints", "get_external_weights_urls",
+        "delete_checkpoint", "delete_checkpoint_from_tinker_path", "publish_checkpoint_from_tinker_path",
+        "unpublish_checkpoint_from_tinker_path", "set_checkpoint_ttl_from_tinker_path", "copy_weights",
+        "get_training_run_async", "get_training_run_by_tinker_path_async", "list_training_runs_async",
+        "list_checkpoints_async", "list_user_checkpoints_async", "get_external_weights_urls_async",
+        "delete_checkpoint_async", "delete_checkpoint_from_tinker_path_async",
+        "publish_checkpoint_from_tinker_path_async", "unpublish_checkpoint_from_tinker_path_async",
+        "set_checkpoint_ttl_from_tinker_path_async", "copy_weights_async"]),
 }
 
 
@@ -535,3 +545,104 @@ def test_quantize_int8_rounds_each_column_to_its_own_scale():
     assert np.abs(want - x @ dense).max() > 1e-6  # rounding really happened
     with pytest.raises(ValueError, match="sampler.quantize"):
         quant.quantize_blocks(lin, "int4")
+
+
+# ------------------------------------------------------------------------------------------------ RestClient
+
+
+def test_rest_client_runs_and_checkpoints(svc):
+    """create_rest_client(): the runs and checkpoints of the engine as the SDK's types, changed through it."""
+    from pathlib import Path
+    from urllib.parse import urlparse
+
+    tc = svc.create_lora_training_client("tiny", rank=RANK, seed=0, user_metadata={"who": "rest"})
+    state = tc.save_state("r1", overwrite=True).result().path
+    sampler = tc.save_weights_for_sampler("r1s").result().path
+    external = tc.save_weights_external("r1e").result().path
+    rc = svc.create_rest_client()
+    assert isinstance(rc, tinker_jax.RestClient)
+
+    run = rc.get_training_run(tc.model_id).result()
+    assert isinstance(run, tt.TrainingRun)
+    assert (run.training_run_id, run.base_model, run.is_lora, run.lora_rank) == (tc.model_id, "tiny", True, RANK)
+    assert run.last_checkpoint.tinker_path == state and run.last_sampler_checkpoint.tinker_path == sampler
+    assert run.user_metadata == {"who": "rest"}
+    assert rc.get_training_run_by_tinker_path(sampler).result() == run
+
+    listed = rc.list_checkpoints(tc.model_id).result()
+    assert {c.tinker_path: c.checkpoint_type for c in listed.checkpoints} == {
+        state: "training", sampler: "sampler", external: "external"}
+    assert listed.cursor.total_count == 3
+    mine = {c.tinker_path for c in rc.list_user_checkpoints(limit=1000).result().checkpoints}
+    assert {state, sampler, external} <= mine
+    first = rc.list_training_runs(limit=1).result()
+    assert len(first.training_runs) == 1 and first.cursor.total_count >= 1
+    assert tc.model_id in {r.training_run_id for r in rc.list_training_runs(limit=1000).result().training_runs}
+    assert rc.list_training_runs(project_id="p").result().training_runs == []  # no projects in process
+
+    info = rc.get_weights_info_by_tinker_path(state).result()
+    assert (info.base_model, info.is_lora, info.lora_rank) == ("tiny", True, RANK)
+
+    rc.publish_checkpoint_from_tinker_path(state).result()
+    assert next(c for c in rc.list_checkpoints(tc.model_id).result().checkpoints if c.tinker_path == state).public
+    rc.unpublish_checkpoint_from_tinker_path(state).result()
+    assert not next(c for c in rc.list_checkpoints(tc.model_id).result().checkpoints
+                    if c.tinker_path == state).public
+    rc.set_checkpoint_ttl_from_tinker_path(state, 3600).result()
+    assert rc.get_training_run(tc.model_id).result().last_checkpoint.expires_at is not None
+    rc.set_checkpoint_ttl_from_tinker_path(state, None).result()
+    assert rc.get_training_run(tc.model_id).result().last_checkpoint.expires_at is None
+
+    urls = rc.get_external_weights_urls(external).result().urls
+    assert "adapter_config.json" in urls and all(Path(urlparse(u).path).is_file() for u in urls.values())
+
+    copy = rc.copy_weights(state, "proj").result()
+    assert copy != state and copy.endswith("/weights/r1")
+    assert rc.get_weights_info_by_tinker_path(copy).result().lora_rank == RANK
+
+    rc.delete_checkpoint_from_tinker_path(state).result()
+    rc.delete_checkpoint(tc.model_id, "sampler_weights/r1s").result()
+    left = {c.tinker_path for c in rc.list_checkpoints(tc.model_id).result().checkpoints}
+    assert left == {external}
+    assert svc.create_training_client_from_state(copy).get_info().lora_rank == RANK  # the copy's files remain
+    assert asyncio.run(rc.get_training_run_async(tc.model_id)).last_checkpoint is None
+
+
+def test_rest_client_refusals_name_the_field(svc):
+    tc = svc.create_lora_training_client("tiny", rank=RANK, seed=0)
+    path = tc.save_state("r2", overwrite=True).result().path
+    rc = svc.create_rest_client()
+    cases = [
+        (lambda: rc.get_training_run("run-nope"), "^training_run_id: unknown training run"),
+        (lambda: rc.list_checkpoints("run-nope"), "^training_run_id: unknown training run"),
+        (lambda: rc.get_training_run_by_tinker_path("nope"), "^tinker_path: "),
+        (lambda: rc.get_weights_info_by_tinker_path(path.replace("r2", "r3")), "^tinker_path: checkpoint .* not found"),
+        (lambda: rc.delete_checkpoint(tc.model_id, "r2"), "^checkpoint_id: expected 'weights/<name>'"),
+        (lambda: rc.set_checkpoint_ttl_from_tinker_path(path, -1), "^ttl_seconds: must be a whole number"),
+        (lambda: rc.set_checkpoint_ttl_from_tinker_path(path, "1h"), "^ttl_seconds: must be a whole number"),
+        (lambda: rc.list_user_checkpoints(limit=-1), "^limit: "),
+        (lambda: rc.get_external_weights_urls(path), "^tinker_path: .* is not an external_weights checkpoint"),
+        (lambda: rc.copy_weights(path, "proj", ttl_seconds=0), "^ttl_seconds: must be a whole number"),
+    ]
+    for call, match in cases:
+        fut = call()
+        with pytest.raises(ValueError, match=match):
+            fut.result()
+    with pytest.raises(ValueError, match="destination_project_id"):
+        rc.copy_weights(path)
+    rc.delete_checkpoint_from_tinker_path(path).result()
+    with pytest.raises(ValueError, match="^tinker_path: checkpoint .* not found"):
+        rc.delete_checkpoint_from_tinker_path(path).result()
+
+
+def test_in_process_ttl_is_checked_before_the_save(svc):
+    """ttl_seconds is the server's (0, 10 years] in process too: refused with the field named, nothing written
+    (a negative one saved an already-expired checkpoint; a string failed inside the worker)."""
+    tc = svc.create_lora_training_client("tiny", rank=RANK, seed=0)
+    for ttl in (-5, 0, "abc", 1.5, True):
+        for save in (lambda: tc.save_state("t", ttl_seconds=ttl), lambda: tc.save_weights_for_sampler("t", ttl),
+                     lambda: tc.save_weights_external("t", ttl)):
+            with pytest.raises(ValueError, match="^ttl_seconds: must be a whole number"):
+                save().result()
+    assert svc.engine.list_checkpoints(tc.model_id) == []
+    assert tc.save_state("t", ttl_seconds=60).result().path.endswith("/weights/t")

@@ -14,7 +14,7 @@ import concurrent.futures as cf
 import time
 import weakref
 from pathlib import Path
-from typing import Any, Callable, Sequence, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
 
 import numpy as np
 import tinker
@@ -25,6 +25,9 @@ from tinker_jax.engine.api import EngineAPI
 from tinker_jax.errors import Overloaded, UserError
 from tinker_jax.futures import then
 from tinker_jax.sampling.response import last_n_mask
+
+if TYPE_CHECKING:
+    from tinker_jax.rest_client import RestClient
 
 T = TypeVar("T")
 
@@ -159,6 +162,13 @@ class ServiceClient:
 
     async def create_sampling_client_async(self, *args, **kwargs) -> "SamplingClient":
         return self.create_sampling_client(*args, **kwargs)
+
+    def create_rest_client(self) -> "RestClient":
+        """The training runs and checkpoints of this engine, as the SDK's RestClient reads them
+        (`tinker_jax.RestClient`)."""
+        from tinker_jax.rest_client import RestClient
+
+        return RestClient(self)
 
     def close(self, status: str | None = None, detail: str | None = None) -> APIFuture[None]:
         """End the session: the engine stops (checkpoint writes in flight finish). `status` ("success", "errored",

@@ -11,7 +11,6 @@ registry (one path segment: no '/', no '..', no absolute paths). REST checkpoint
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 import uuid
@@ -33,25 +32,15 @@ from server.routes._submit import (check_base_model, check_optimizer_config, che
                                    record_new_model, train_key, untyped_future)
 from server.routes.models import model_limit
 from server.store import Store
+from tinker_jax.engine import records
 from tinker_jax.engine.api import CheckpointInfo, EngineAPI, RunInfo
-from tinker_jax.engine.registry import KINDS, check_name
+from tinker_jax.engine.registry import check_name, check_ttl
 from tinker_jax.errors import NotFound, UserError
 from tinker_jax.futures import then
 
 log = logging.getLogger(__name__)
 
 router = APIRouter()
-
-MAX_TTL_S = 10 * 365 * 24 * 3600  # the SDK documents "1 hour to 10 years"; shorter TTLs are allowed here
-
-
-def _check_ttl(ttl: Any, field: str = "ttl_seconds") -> int | None:
-    if ttl is None:
-        return None
-    if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 < ttl <= MAX_TTL_S:
-        raise UserError(f"{field}: must be a whole number of seconds in (0, {MAX_TTL_S}], got {ttl!r}")
-    return ttl
-
 
 # --- saves and loads ---------------------------------------------------------------------------------------------
 
@@ -66,7 +55,7 @@ async def save_weights(body: JsonBody, engine: EngineDep, store: StoreDep, futur
 
     def start():
         check_name(name, "path")  # the engine checks it too, naming its own argument; the client sent "path"
-        ttl = _check_ttl(req.ttl_seconds)
+        ttl = check_ttl(req.ttl_seconds)
         # overwrite=False and the name taken: a failed future, not a 409, which the SDK would retry for 5 minutes.
         return then(engine.save_state(req.model_id, name, ttl, req.user_metadata, overwrite=req.overwrite,
                                       tenant=model.session_id),
@@ -104,7 +93,7 @@ async def save_weights_for_sampler(body: JsonBody, engine: EngineDep, store: Sto
         return out
 
     def start():
-        ttl = _check_ttl(req.ttl_seconds)
+        ttl = check_ttl(req.ttl_seconds)
         if not ephemeral:
             check_name(req.path, "path")
         return then(engine.save_weights_for_sampler(req.model_id, req.path, ttl, user_metadata=req.user_metadata,
@@ -129,7 +118,7 @@ async def save_weights_external(body: JsonBody, engine: EngineDep, store: StoreD
         if req.age_encryption_recipients:
             raise UserError("age_encryption_recipients: encrypted exports are not supported by this server")
         name = check_name(req.path, "path")
-        ttl = _check_ttl(req.ttl_seconds)
+        ttl = check_ttl(req.ttl_seconds)
         return then(engine.save_weights_external(req.model_id, name, ttl, tenant=model.session_id),
                     lambda r: {"path": r[0], "size_bytes": r[1], "type": "save_weights_external"})
 
@@ -218,7 +207,7 @@ def copy_weights(body: JsonBody, engine: EngineDep, store: StoreDep, caller: Cal
     if not project:
         raise UserError("destination_project_id: required (the project that will own the copy)")
     check_metadata(settings.max_metadata_bytes, destination_project_id=project)
-    ttl = _check_ttl(req.ttl_seconds)
+    ttl = check_ttl(req.ttl_seconds)
     sid = store.create_session(owner=caller.owner, tags=["copy_weights"], project_id=project,
                                display_name=f"copy of {source}")
     store.finish_session(sid, "success", "holds a copy of weights")  # nothing runs in it
@@ -244,31 +233,6 @@ async def weights_info(body: JsonBody, engine: EngineDep, caller: CallerDep) -> 
 # Plain `def` routes: FastAPI runs them in its thread pool, so the engine's registry reads never stall the event loop.
 
 
-def _str_dict(raw: Any) -> dict[str, str] | None:
-    """user_metadata is dict[str, str] on the wire (TrainingRun/Checkpoint); stored JSON may hold anything."""
-    if not isinstance(raw, dict) or not raw:
-        return None
-    return {str(k): v if isinstance(v, str) else json.dumps(v) for k, v in raw.items()}
-
-
-def checkpoint_json(c: CheckpointInfo) -> dict[str, Any]:
-    return {
-        "checkpoint_id": f"{c.kind}/{c.name}",
-        "checkpoint_type": KINDS[c.kind],
-        "time": wire.iso_time(c.created),
-        "tinker_path": c.path,
-        "size_bytes": c.size_bytes,
-        "public": c.public,
-        "user_metadata": _str_dict(c.user_metadata),
-        "expires_at": wire.iso_time(c.expires),
-    }
-
-
-def _live(ckpts: list[CheckpointInfo]) -> list[CheckpointInfo]:
-    now = time.time()
-    return [c for c in ckpts if c.expires is None or c.expires > now]
-
-
 def _listable(request: Request, ckpts: list[CheckpointInfo]) -> list[CheckpointInfo]:
     """SDKs before 0.28 know only the checkpoint types training and sampler, and fail to parse a listing with an
     external one: theirs leave external_weights checkpoints out (the SDK names its version in a header)."""
@@ -280,30 +244,9 @@ def _listable(request: Request, ckpts: list[CheckpointInfo]) -> list[CheckpointI
 
 
 def training_run_json(engine: EngineAPI, run: RunInfo, caller: Caller) -> dict[str, Any]:
-    """A run as the caller may see it. Their own (`access.sees`) in full. Another key's (or, with API keys, an
-    ownerless one), listed because it published a checkpoint (access_scope=accessible): only what its published
-    checkpoints reveal. The latest checkpoints are chosen among the published ones, the run's user_metadata is
-    left out (optional on the wire) and the owner tag, a required string, is blank; the last request time is that of
-    its newest published checkpoint."""
-    ckpts = _live(engine.list_checkpoints(run.run_id))  # newest first
-    own = sees(run, caller)
-    if not own:
-        ckpts = [c for c in ckpts if c.public]
-    latest = {kind: next((c for c in ckpts if c.kind == kind), None) for kind in KINDS}
-    last_request = (run.last_request or run.created) if own else (ckpts[0].created if ckpts else run.created)
-    return {
-        "training_run_id": run.run_id,
-        "base_model": run.base_model,
-        "model_owner": (run.owner or "local") if own else "",
-        "is_lora": run.is_lora,
-        "corrupted": False,
-        "lora_rank": run.lora_rank,
-        "last_request_time": wire.iso_time(last_request),
-        "last_checkpoint": None if latest["weights"] is None else checkpoint_json(latest["weights"]),
-        "last_sampler_checkpoint": None if latest["sampler_weights"] is None else
-        checkpoint_json(latest["sampler_weights"]),
-        "user_metadata": _str_dict(run.user_metadata) if own else None,
-    }
+    """A run as the caller may see it: their own (`access.sees`) in full, another key's (or, with API keys, an
+    ownerless one) listed because it published a checkpoint, through those only (`records.training_run_record`)."""
+    return records.training_run_record(run, records.live(engine.list_checkpoints(run.run_id)), sees(run, caller))
 
 
 Scope = Literal["owned", "accessible"]
@@ -331,9 +274,8 @@ def list_training_runs(engine: EngineDep, store: StoreDep, caller: CallerDep,
     `assign_session_project`)."""
     visible = [r for r in engine.list_runs() if _visible(engine, r, caller, access_scope)
                and (project_id is None or store.project_of_model(r.run_id) == project_id)]  # newest first
-    page = visible[offset:offset + limit]
-    return {"training_runs": [training_run_json(engine, r, caller) for r in page],
-            "cursor": {"offset": offset, "limit": limit, "total_count": len(visible)}}
+    page, cursor = records.page(visible, offset, limit)
+    return {"training_runs": [training_run_json(engine, r, caller) for r in page], "cursor": cursor}
 
 
 @router.get("/training_runs/{run_id}")
@@ -345,10 +287,10 @@ def get_training_run(run_id: str, engine: EngineDep, caller: CallerDep,
 @router.get("/training_runs/{run_id}/checkpoints")
 def list_run_checkpoints(run_id: str, request: Request, engine: EngineDep, caller: CallerDep) -> dict[str, Any]:
     run = _visible_run(engine, run_id, caller, "accessible")
-    ckpts = _listable(request, _live(engine.list_checkpoints(run_id)))
+    ckpts = _listable(request, records.live(engine.list_checkpoints(run_id)))
     if not sees(run, caller):  # someone else's run: only what they published
         ckpts = [c for c in ckpts if c.public]
-    return {"checkpoints": [checkpoint_json(c) for c in ckpts],
+    return {"checkpoints": [records.checkpoint_record(c) for c in ckpts],
             "cursor": {"offset": 0, "limit": len(ckpts), "total_count": len(ckpts)}}
 
 
@@ -357,10 +299,10 @@ def list_user_checkpoints(request: Request, engine: EngineDep, caller: CallerDep
                           limit: Annotated[int, Query(ge=0, le=10_000)] = 100,
                           offset: Annotated[int, Query(ge=0)] = 0) -> dict[str, Any]:
     runs = {r.run_id: r for r in engine.list_runs()}
-    ckpts = [c for c in _listable(request, _live(engine.list_checkpoints()))
+    ckpts = [c for c in _listable(request, records.live(engine.list_checkpoints()))
              if sees(runs.get(c.run_id), caller)]  # newest first
-    return {"checkpoints": [checkpoint_json(c) for c in ckpts[offset:offset + limit]],
-            "cursor": {"offset": offset, "limit": limit, "total_count": len(ckpts)}}
+    page, cursor = records.page(ckpts, offset, limit)
+    return {"checkpoints": [records.checkpoint_record(c) for c in page], "cursor": cursor}
 
 
 CheckpointType = Annotated[str | None, Query(pattern="^(training|sampler|external)$")]
@@ -384,7 +326,7 @@ def unpublish_checkpoint(run_id: str, checkpoint_id: str, engine: EngineDep, cal
 def set_checkpoint_ttl(run_id: str, checkpoint_id: str, body: JsonBody, engine: EngineDep, caller: CallerDep,
                        checkpoint_type: CheckpointType = None) -> Response:
     path = writable_checkpoint(engine, run_id, checkpoint_id, caller, checkpoint_type)
-    engine.set_checkpoint_ttl(path, _check_ttl(body.get("ttl_seconds")))
+    engine.set_checkpoint_ttl(path, check_ttl(body.get("ttl_seconds")))
     return Response(status_code=204)
 
 

@@ -33,7 +33,7 @@ from tinker_jax.config import EngineConfig
 from tinker_jax.engine import checkpoints, files, index, replicas, requests as rq, stability
 from tinker_jax.engine.api import CheckpointInfo, EngineAPI, RunInfo
 from tinker_jax.engine.quota import CheckpointQuota
-from tinker_jax.engine.registry import FILE as REGISTRY_FILE, Registry, TinkerPath, check_name
+from tinker_jax.engine.registry import FILE as REGISTRY_FILE, Registry, TinkerPath, check_name, check_ttl, new_run_id
 from tinker_jax.engine.scheduler import Request
 from tinker_jax.engine.worker import BaseWorker
 from tinker_jax.errors import NotFound, Overloaded, Unavailable, UserError
@@ -342,7 +342,7 @@ class Engine(EngineAPI):
 
     # ------------------------------------------------------------------------------------------ runs
     def _reserve(self, model_id: str | None, worker: BaseWorker, spec: LoraSpec | None, full: bool) -> str:
-        model_id = check_name(model_id or f"run-{uuid.uuid4().hex[:12]}", "model_id")
+        model_id = check_name(model_id or new_run_id(), "model_id")
         with self._lock:
             if model_id in self._handles:
                 raise UserError(f"model_id: {model_id!r} already exists")
@@ -483,6 +483,7 @@ class Engine(EngineAPI):
         try:
             h = self._handle(model_id)
             p = TinkerPath(model_id, "weights", check_name(name, "name"))
+            check_ttl(ttl_seconds)
             # A quick answer from this process's registry; on several processes only the leader's knows, and every
             # process must queue the request alike: the check on the path's turn (the leader's, settled) decides.
             if not overwrite and self.procs is None and self.registry.get_checkpoint(p) is not None:
@@ -509,6 +510,7 @@ class Engine(EngineAPI):
         try:
             h = self._handle(model_id)
             p = TinkerPath(model_id, "sampler_weights", check_name(name, "name")) if name else None
+            check_ttl(ttl_seconds)
         except UserError as e:
             return failed(e)
         body = rq.Save(p, False, ttl_seconds, user_metadata, snapshot=sampler or p is None)
@@ -523,6 +525,7 @@ class Engine(EngineAPI):
         try:
             h = self._handle(model_id)
             p = TinkerPath(model_id, "external_weights", check_name(name, "path"))
+            check_ttl(ttl_seconds)
         except UserError as e:
             return failed(e)
         body = rq.Save(p, False, ttl_seconds, user_metadata, export=True)
@@ -530,6 +533,7 @@ class Engine(EngineAPI):
 
     def copy_checkpoint(self, source: str, run_id: str, *, owner: str | None, ttl_seconds: int | None = None) -> str:
         """On the source's turn on its path (after a save replacing it, before a delete sent later), blocking."""
+        check_ttl(ttl_seconds)
         return self._path_turn_async(TinkerPath.parse(source, "source_path"), lambda: files.copy_checkpoint(
             self.registry, source, run_id, owner=owner, ttl_seconds=ttl_seconds, quota=self.quota)).result()
 
@@ -570,6 +574,7 @@ class Engine(EngineAPI):
         self._change(rq.ChangeCheckpoint(TinkerPath.parse(path), fields={"public": bool(public)})).result()
 
     def set_checkpoint_ttl(self, path: str, ttl_seconds: int | None) -> None:
+        check_ttl(ttl_seconds)
         expires = None if ttl_seconds is None else time.time() + ttl_seconds
         self._change(rq.ChangeCheckpoint(TinkerPath.parse(path), fields={"expires": expires})).result()
 

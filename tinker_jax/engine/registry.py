@@ -16,6 +16,7 @@ import re
 import sqlite3
 import threading
 import time
+import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -40,6 +41,23 @@ def check_name(value: str, field: str) -> str:
         raise UserError(f"{field}: invalid name {value!r} (use letters, digits, '.', '_', ':', '-'; "
                          "at most 128 characters, no '/' or '..')")
     return value
+
+
+def new_run_id() -> str:
+    """A fresh training run id (a model id): unique without asking anyone, one path component."""
+    return f"run-{uuid.uuid4().hex[:12]}"
+
+
+MAX_TTL_S = 10 * 365 * 24 * 3600  # the SDK documents "1 hour to 10 years"; shorter TTLs are allowed here
+
+
+def check_ttl(ttl, field: str = "ttl_seconds") -> int | None:
+    """A checkpoint's time to live: None (kept until deleted) or whole seconds in (0, MAX_TTL_S]."""
+    if ttl is None:
+        return None
+    if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 < ttl <= MAX_TTL_S:
+        raise UserError(f"{field}: must be a whole number of seconds in (0, {MAX_TTL_S}], got {ttl!r}")
+    return ttl
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,230 @@
+"""In-process counterpart of the SDK's `RestClient` (`ServiceClient.create_rest_client()`): the training runs and
+checkpoints of the local engine, read and managed as the SDK's types, so scripts and tinker-cookbook helpers
+(`checkpoint_utils`: `get_training_run_by_tinker_path`, `delete_checkpoint_from_tinker_path`) run in process too.
+
+The in-process caller is the machine's user: every run in the data directory is its own (API keys and their
+scoping are the REST server's). There are no sessions or projects in process: `list_training_runs(project_id=...)`
+lists none, and the session, billing and audit calls are left to the REST server. Runs and checkpoints read as the
+server's JSON does (`engine.records`); refused calls raise ValueError (`tinker_jax.errors.UserError`, `NotFound`),
+through the returned future where the SDK's would.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import TYPE_CHECKING, Literal
+
+import tinker.types as tt
+
+from tinker_jax.client import APIFuture, _done, _retrying
+from tinker_jax.engine import records
+from tinker_jax.engine.api import EngineAPI
+from tinker_jax.engine.registry import KIND_OF_TYPE, MAX_TTL_S, TinkerPath, new_run_id
+from tinker_jax.errors import NotFound, UserError
+from tinker_jax.futures import failed
+
+if TYPE_CHECKING:
+    from tinker_jax.client import ServiceClient
+
+Scope = Literal["owned", "accessible"]
+
+
+def _run_not_found(run_id: str) -> NotFound:
+    return NotFound(f"training_run_id: unknown training run {run_id!r}")
+
+
+def _checkpoint_id_path(training_run_id: str, checkpoint_id: str) -> str:
+    """The tinker path of a REST checkpoint address: `weights/<name>`, `sampler_weights/<name>` or
+    `external_weights/<name>` under the run."""
+    if not isinstance(checkpoint_id, str) or checkpoint_id.split("/", 1)[0] not in KIND_OF_TYPE.values():
+        raise UserError(f"checkpoint_id: expected 'weights/<name>', 'sampler_weights/<name>' or "
+                        f"'external_weights/<name>', got {checkpoint_id!r}")
+    return str(TinkerPath.parse(f"tinker://{training_run_id}/{checkpoint_id}", "checkpoint_id"))
+
+
+class RestClient:
+    """Runs and checkpoints of the local engine, as `tinker.RestClient` has them. Every call returns an APIFuture
+    (`.result()`, `await`); the deprecated `*_async` twins return the result."""
+
+    def __init__(self, service: "ServiceClient"):
+        self.service = service
+
+    @property
+    def engine(self) -> EngineAPI:
+        return self.service.engine
+
+    # --------------------------------------------------------------------------------------------- reading
+    def _run(self, run_id: str) -> dict:
+        run = self.engine.get_run(run_id) if isinstance(run_id, str) else None
+        if run is None:
+            raise _run_not_found(run_id)
+        return records.training_run_record(run, records.live(self.engine.list_checkpoints(run.run_id)), own=True)
+
+    def _checkpoint(self, tinker_path: str, field: str = "tinker_path") -> str:
+        """The path of a live checkpoint, else NotFound naming `field`."""
+        path = str(TinkerPath.parse(tinker_path, field))
+        info = self.engine.get_checkpoint(path)
+        if info is None or not records.live([info]):
+            raise NotFound(f"{field}: checkpoint {path} not found")
+        return path
+
+    def get_training_run(self, training_run_id: str, access_scope: Scope = "owned") -> APIFuture[tt.TrainingRun]:
+        return _now(lambda: tt.TrainingRun.model_validate(self._run(training_run_id)))
+
+    def get_training_run_by_tinker_path(self, tinker_path: str, access_scope: Scope = "owned"
+                                        ) -> APIFuture[tt.TrainingRun]:
+        return _now(lambda: tt.TrainingRun.model_validate(
+            self._run(TinkerPath.parse(tinker_path, "tinker_path").run_id)))
+
+    def get_weights_info_by_tinker_path(self, tinker_path: str) -> APIFuture[tt.WeightsInfoResponse]:
+        def info():
+            got = self.engine.weights_info(self._checkpoint(tinker_path))
+            return tt.WeightsInfoResponse.model_validate({k: v for k, v in got.items() if v is not None})
+        return _now(info)
+
+    def list_training_runs(self, limit: int = 20, offset: int = 0, access_scope: Scope = "owned",
+                           project_id: str | None = None) -> APIFuture[tt.TrainingRunsResponse]:
+        def listing():
+            _check_page(limit, offset)
+            runs = [] if project_id is not None else self.engine.list_runs()  # no run is in a project here
+            page, cursor = records.page(runs, offset, limit)
+            return tt.TrainingRunsResponse.model_validate({
+                "training_runs": [records.training_run_record(r, records.live(self.engine.list_checkpoints(r.run_id)),
+                                                              own=True) for r in page],
+                "cursor": cursor})
+        return _now(listing)
+
+    def list_checkpoints(self, training_run_id: str) -> APIFuture[tt.CheckpointsListResponse]:
+        def listing():
+            if not isinstance(training_run_id, str) or self.engine.get_run(training_run_id) is None:
+                raise _run_not_found(training_run_id)
+            ckpts = records.live(self.engine.list_checkpoints(training_run_id))
+            return tt.CheckpointsListResponse.model_validate({
+                "checkpoints": [records.checkpoint_record(c) for c in ckpts],
+                "cursor": {"offset": 0, "limit": len(ckpts), "total_count": len(ckpts)}})
+        return _now(listing)
+
+    def list_user_checkpoints(self, limit: int = 100, offset: int = 0) -> APIFuture[tt.CheckpointsListResponse]:
+        def listing():
+            _check_page(limit, offset)
+            page, cursor = records.page(records.live(self.engine.list_checkpoints()), offset, limit)
+            return tt.CheckpointsListResponse.model_validate({
+                "checkpoints": [records.checkpoint_record(c) for c in page], "cursor": cursor})
+        return _now(listing)
+
+    def get_external_weights_urls(self, tinker_path: str) -> APIFuture[tt.ExternalWeightsUrlsResponse]:
+        """file:// URLs of an external_weights checkpoint's files (the Hugging Face files that
+        `save_weights_external` wrote). They stay valid while the checkpoint exists: `expires` is the end of its TTL,
+        or MAX_TTL_S from now when it has none."""
+        def urls():
+            path = self._checkpoint(tinker_path)
+            if TinkerPath.parse(path).kind != "external_weights":
+                raise UserError(f"tinker_path: {path} is not an external_weights checkpoint (save one with "
+                                "save_weights_external)")
+            names = self.engine.checkpoint_files(path)
+            info = self.engine.get_checkpoint(path)
+            expires = info.expires if info is not None and info.expires is not None else time.time() + MAX_TTL_S
+            return tt.ExternalWeightsUrlsResponse.model_validate({
+                "urls": {n: self.engine.checkpoint_file(path, n).resolve().as_uri() for n in names},
+                "expires": records.iso_time(expires)})
+        return _now(urls)
+
+    # --------------------------------------------------------------------------------------------- changing
+    def _delete(self, path_of) -> APIFuture[None]:
+        """On the checkpoint's turn on its path (after the saves and loads submitted before it)."""
+        try:
+            path = self._checkpoint(path_of())
+        except ValueError as e:
+            return APIFuture(failed(e))
+
+        def gone(existed: bool) -> None:
+            if not existed:  # a delete submitted before this one got there first
+                raise NotFound(f"tinker_path: checkpoint {path} not found")
+
+        return APIFuture(_retrying(lambda: self.engine.delete_checkpoint(path)), gone)
+
+    def delete_checkpoint(self, training_run_id: str, checkpoint_id: str) -> APIFuture[None]:
+        return self._delete(lambda: _checkpoint_id_path(training_run_id, checkpoint_id))
+
+    def delete_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[None]:
+        return self._delete(lambda: tinker_path)
+
+    def publish_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[None]:
+        return _now(lambda: self.engine.set_checkpoint_public(self._checkpoint(tinker_path), True))
+
+    def unpublish_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[None]:
+        return _now(lambda: self.engine.set_checkpoint_public(self._checkpoint(tinker_path), False))
+
+    def set_checkpoint_ttl_from_tinker_path(self, tinker_path: str, ttl_seconds: int | None) -> APIFuture[None]:
+        return _now(lambda: self.engine.set_checkpoint_ttl(self._checkpoint(tinker_path), ttl_seconds))
+
+    def copy_weights(self, path: str, destination_project_id: str | None = None, *, ttl_seconds: int | None = None,
+                     weights_access_token: str | None = None) -> APIFuture[str]:
+        """The checkpoint `path` under a new training run (same kind and name, the files shared: deleting either
+        keeps the other loadable; the copy's run cannot be trained). As in the SDK a destination project is required
+        (or TINKER_PROJECT_ID); in process there are no projects, so it is checked and not recorded."""
+        if destination_project_id is None:
+            destination_project_id = os.environ.get("TINKER_PROJECT_ID") or None
+        if destination_project_id is None:
+            raise ValueError("Provide destination_project_id or set TINKER_PROJECT_ID")  # the SDK's, raised now
+
+        def copy():
+            source = self._checkpoint(path, "source_path")
+            return self.engine.copy_checkpoint(source, new_run_id(), owner=None, ttl_seconds=ttl_seconds)
+        return _now(copy)
+
+    # ------------------------------------------------------------------------------ deprecated async twins
+    async def get_training_run_async(self, training_run_id: str, access_scope: Scope = "owned") -> tt.TrainingRun:
+        return await self.get_training_run(training_run_id, access_scope)
+
+    async def get_training_run_by_tinker_path_async(self, tinker_path: str, access_scope: Scope = "owned"
+                                                    ) -> tt.TrainingRun:
+        return await self.get_training_run_by_tinker_path(tinker_path, access_scope)
+
+    async def list_training_runs_async(self, limit: int = 20, offset: int = 0, access_scope: Scope = "owned",
+                                       project_id: str | None = None) -> tt.TrainingRunsResponse:
+        return await self.list_training_runs(limit, offset, access_scope, project_id)
+
+    async def list_checkpoints_async(self, training_run_id: str) -> tt.CheckpointsListResponse:
+        return await self.list_checkpoints(training_run_id)
+
+    async def list_user_checkpoints_async(self, limit: int = 100, offset: int = 0) -> tt.CheckpointsListResponse:
+        return await self.list_user_checkpoints(limit, offset)
+
+    async def get_external_weights_urls_async(self, tinker_path: str) -> tt.ExternalWeightsUrlsResponse:
+        return await self.get_external_weights_urls(tinker_path)
+
+    async def delete_checkpoint_async(self, training_run_id: str, checkpoint_id: str) -> None:
+        return await self.delete_checkpoint(training_run_id, checkpoint_id)
+
+    async def delete_checkpoint_from_tinker_path_async(self, tinker_path: str) -> None:
+        return await self.delete_checkpoint_from_tinker_path(tinker_path)
+
+    async def publish_checkpoint_from_tinker_path_async(self, tinker_path: str) -> None:
+        return await self.publish_checkpoint_from_tinker_path(tinker_path)
+
+    async def unpublish_checkpoint_from_tinker_path_async(self, tinker_path: str) -> None:
+        return await self.unpublish_checkpoint_from_tinker_path(tinker_path)
+
+    async def set_checkpoint_ttl_from_tinker_path_async(self, tinker_path: str, ttl_seconds: int | None) -> None:
+        return await self.set_checkpoint_ttl_from_tinker_path(tinker_path, ttl_seconds)
+
+    async def copy_weights_async(self, path: str, destination_project_id: str | None = None, *,
+                                 ttl_seconds: int | None = None, weights_access_token: str | None = None) -> str:
+        return await self.copy_weights(path, destination_project_id, ttl_seconds=ttl_seconds,
+                                       weights_access_token=weights_access_token)
+
+
+def _now(call):
+    """An APIFuture of `call()` run here (registry reads and annotations are quick); a refusal goes through it."""
+    try:
+        return _done(call())
+    except ValueError as e:
+        return APIFuture(failed(e))
+
+
+def _check_page(limit, offset) -> None:
+    for field, v in (("limit", limit), ("offset", offset)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise UserError(f"{field}: expected a whole number >= 0, got {v!r}")
