@@ -360,3 +360,149 @@ def test_kill_9_during_saves_loses_nothing_reported_saved(model_dir, tmp_path):
         # No half-written leftovers are visible after the restart's sweep.
         kind_dir = tmp_path / "checkpoints" / model_id / "weights"
         assert sorted(p.name for p in kind_dir.iterdir()) == sorted(saved)
+
+
+# ------------------------------------------------------------------------- the registry against the disk (no model)
+
+
+def _registry(tmp_path):
+    from tinker_jax.engine.registry import Registry
+
+    return Registry(tmp_path / "engine.db", tmp_path)
+
+
+def _save_files(reg, p, files_: dict, *, owner="alice", step=0, meta=None, run=None):
+    rec = checkpoint.new_record(p, owner=owner, created=time.time(), public=False, expires=None, step=step,
+                                user_metadata=meta or {}, run=run or {"base_model": "base"})
+
+    def fill(t):
+        for name, data in files_.items():
+            (t / name).write_bytes(data)
+    return checkpoint.save_files(reg.checkpoint_dir(p), fill, rec)
+
+
+def test_reindex_takes_every_field_from_the_record(tmp_path):
+    """An overwrite that committed its files (and record) but died before its row: the next start's re-index takes
+    the new size, time, step and metadata from the record (it compared only public and expires, so the archive
+    cache, keyed on time and size, kept serving the old version's tar and the quota counted the old size)."""
+    import tarfile
+
+    from tinker_jax.engine import files, index
+    from tinker_jax.engine.registry import TinkerPath
+
+    reg = _registry(tmp_path)
+    reg.add_run("run1", "base", lora_rank=4, full_finetune=False, meta={}, owner="alice")
+    p = TinkerPath("run1", "external_weights", "ck")
+    reg.add_checkpoint_record(p, _save_files(reg, p, {"w.bin": b"OLD" * 10}, step=1, meta={"v": 1}))
+    files.checkpoint_archive(reg, str(p))
+    time.sleep(0.01)
+    _save_files(reg, p, {"w.bin": b"NEW!" * 100}, step=2, meta={"v": 2})  # no row written: the process died
+    report = index.reindex(reg, tmp_path / "checkpoints")
+    assert report.updated == 1
+    info = reg.get_checkpoint(p)
+    assert (info.size_bytes, info.step, info.user_metadata) == (400, 2, {"v": 2}) and reg.usage("alice") == (1, 400)
+    with tarfile.open(files.checkpoint_archive(reg, str(p))) as t:
+        assert t.extractfile("w.bin").read() == b"NEW!" * 100
+    assert index.reindex(reg, tmp_path / "checkpoints").updated == 0  # agreeing rows are left alone
+
+
+def test_offline_commands_see_an_interrupted_overwrite(tmp_path):
+    """`tinker-jax admin reindex` and `chown` do not sweep: a checkpoint that exists only as the moved-aside copy of
+    an overwrite killed between its renames was dropped from the index, and chown skipped its record, so the next
+    start recovered it with the old owner (and, being the run's newest, gave the run back to the old owner)."""
+    import io
+
+    from server import admin
+    from tinker_jax.engine import index
+    from tinker_jax.engine.registry import Registry, TinkerPath
+
+    reg = _registry(tmp_path)
+    reg.add_run("r", "base", lora_rank=4, full_finetune=False, meta={}, owner="old")
+    for name in ("a", "b"):
+        p = TinkerPath("r", "external_weights", name)
+        reg.add_checkpoint_record(p, _save_files(reg, p, {"w": b"x"}, owner="old"))
+        time.sleep(0.01)
+    reg.close()
+    ck = tmp_path / "checkpoints/r/external_weights/b"
+    ck.rename(ck.with_name(".b.deadbeef.old"))
+    out = io.StringIO()
+    assert admin.reindex(tmp_path, out=out) == 0 and "0 index rows without files dropped" in out.getvalue()
+    assert admin.chown(tmp_path, "r", "new", out=io.StringIO()) == 0
+    for kind_dir in (tmp_path / "checkpoints").glob("*/*"):  # the engine's start
+        atomic.sweep(kind_dir)
+    reg = Registry(tmp_path / "engine.db", tmp_path)
+    index.reindex(reg, tmp_path / "checkpoints")
+    assert reg.get_run("r").owner == "new"
+    assert {n: checkpoint.read_record(tmp_path / f"checkpoints/r/external_weights/{n}")["owner"]
+            for n in "ab"} == {"a": "new", "b": "new"}
+
+
+def test_record_temporaries_are_not_checkpoint_content(tmp_path):
+    """A process killed inside a record rewrite (publish, TTL) leaves its temporary in the checkpoint: it is not
+    listed, archived, copied or counted (it names the owner)."""
+    import tarfile
+
+    from tinker_jax.engine import files
+    from tinker_jax.engine.registry import TinkerPath
+
+    reg = _registry(tmp_path)
+    reg.add_run("r", "base", lora_rank=4, full_finetune=False, meta={}, owner=None)
+    p = TinkerPath("r", "external_weights", "c")
+    reg.add_checkpoint_record(p, _save_files(reg, p, {"w": b"x"}))
+    (reg.checkpoint_dir(p) / ".tinker.json.1234.5678.tmp").write_text('{"owner": "alice"}')
+    assert files.checkpoint_files(reg, str(p)) == {"w": 1}
+    with tarfile.open(files.checkpoint_archive(reg, str(p))) as t:
+        assert t.getnames() == ["w"]
+    copy = files.copy_checkpoint(reg, str(p), "r2", owner=None)
+    assert files.checkpoint_files(reg, copy) == {"w": 1}
+    assert reg.get_checkpoint(TinkerPath.parse(copy)).size_bytes == 1
+
+
+def test_a_copy_carries_the_copiers_run_metadata(tmp_path):
+    """The copy's record holds its own run's metadata ({"copied_from": ...}), not the source run's: a registry
+    rebuilt from the records showed the source owner's run metadata on the copier's run."""
+    from tinker_jax.engine import files, index
+    from tinker_jax.engine.registry import Registry, TinkerPath
+
+    reg = _registry(tmp_path)
+    reg.add_run("alice-run", "base", lora_rank=4, full_finetune=False, meta={"base_model": "base"}, owner="alice",
+                user_metadata={"secret": "alice-private"})
+    src = TinkerPath("alice-run", "weights", "ck")
+    reg.add_checkpoint_record(src, _save_files(reg, src, {"w": b"x"}, run={
+        "base_model": "base", "lora_rank": 4, "created": 1.0, "user_metadata": {"secret": "alice-private"}}))
+    files.copy_checkpoint(reg, str(src), "bob-copy", owner="bob")
+    reg.close()
+    for f in tmp_path.glob("engine.db*"):
+        f.unlink()
+    reg = Registry(tmp_path / "engine.db", tmp_path)
+    index.reindex(reg, tmp_path / "checkpoints")
+    run = reg.get_run("bob-copy")
+    assert (run.owner, run.user_metadata) == ("bob", {"copied_from": str(src)})
+
+
+def test_idle_archive_sweep_tolerates_archives_gone_meanwhile(tmp_path):
+    """Other paths' turns run beside an archive build (a delete drops its archives): a tar the sweep lists and then
+    cannot stat is skipped (it raised FileNotFoundError into the download)."""
+    from tinker_jax.engine import files
+    from tinker_jax.engine.registry import TinkerPath
+
+    reg = _registry(tmp_path)
+    reg.add_run("r", "base", lora_rank=4, full_finetune=False, meta={}, owner=None)
+    p = TinkerPath("r", "weights", "c")
+    reg.add_checkpoint_record(p, _save_files(reg, p, {"w": b"x"}))
+    gone = tmp_path / "archives" / ("0" * 32)
+    gone.mkdir(parents=True)
+    (gone / "x.tar").symlink_to(gone / "missing")  # listed by the glob, gone by the stat
+    assert files.checkpoint_archive(reg, str(p)).is_file()
+
+
+def test_names_with_a_trailing_newline_are_refused():
+    from tinker_jax.engine.registry import TinkerPath, check_name
+    from tinker_jax.errors import UserError
+
+    for bad in ("ckpt\n", "a\nb", "\nckpt"):
+        with pytest.raises(UserError, match="^name: invalid name"):
+            check_name(bad, "name")
+    with pytest.raises(UserError):
+        TinkerPath.parse("tinker://run1/weights/ckpt\n")
+    assert check_name("ckpt.v2:1-a_b", "name") == "ckpt.v2:1-a_b"

@@ -54,6 +54,22 @@ def resolve(out: str | Path) -> Path:
     return olds[-1] if olds else out
 
 
+def entries(parent: str | Path) -> list[str]:
+    """The names in `parent` a reader should see, sorted: committed entries, and those whose replacement was
+    interrupted between its two renames (present only as a moved-aside old copy, which `resolve` finds and
+    `recover` puts back). Temporaries and unfinished deletes are not entries."""
+    parent = Path(parent)
+    names = set()
+    for p in parent.iterdir():
+        if not p.name.startswith("."):
+            names.add(p.name)
+            continue
+        t = _target(p)
+        if t is not None and t[1] == "old" and not t[0].exists():
+            names.add(t[0].name)
+    return sorted(names)
+
+
 def recover(out: str | Path) -> Path:
     """Undo a replacement interrupted between its two renames (old moved aside, new not yet in place)."""
     out = Path(out)

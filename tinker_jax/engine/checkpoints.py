@@ -114,8 +114,14 @@ def _finish(tmp: Path, record: dict | None) -> dict | None:
     return record
 
 
+def is_record_file(name: str) -> bool:
+    """The record, or a temporary of it that a process killed inside `write_record` left behind: never a
+    checkpoint's content (not listed, downloaded, copied or counted; it may name the owner)."""
+    return name == RECORD or (name.startswith(f".{RECORD}.") and name.endswith(".tmp"))
+
+
 def size_bytes(path: str | Path) -> int:
-    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and f.name != RECORD)
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file() and not is_record_file(f.name))
 
 
 def new_record(path, *, owner: str | None, created: float, public: bool, expires: float | None, step: Any,
@@ -131,11 +137,14 @@ def write_record(path: str | Path, record: dict) -> None:
     """Replace a checkpoint's record atomically (a temporary file, flushed, then renamed over it)."""
     path = Path(path)
     tmp = path / f".{RECORD}.{os.getpid()}.{threading.get_ident()}.tmp"
-    with open(tmp, "w") as f:
-        json.dump(record, f, sort_keys=True)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path / RECORD)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(record, f, sort_keys=True)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path / RECORD)
+    finally:
+        tmp.unlink(missing_ok=True)  # after a failed write (a full disk); gone already after the rename
 
 
 class RecordError(RuntimeError):

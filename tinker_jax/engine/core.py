@@ -538,10 +538,15 @@ class Engine(EngineAPI):
             self.registry, source, run_id, owner=owner, ttl_seconds=ttl_seconds, quota=self.quota)).result()
 
     def checkpoint_files(self, path: str) -> dict[str, int]:
-        return files.checkpoint_files(self.registry, path)
+        """Listed on the checkpoint's turn on its path: an overwrite or delete renames the directory aside and
+        removes it, and a listing beside one saw part of the files, or failed (blocking)."""
+        return self._path_turn_async(TinkerPath.parse(path),
+                                     lambda: files.checkpoint_files(self.registry, path)).result()
 
     def checkpoint_file(self, path: str, name: str) -> Path:
-        return files.checkpoint_file(self.registry, path, name)
+        """Looked up on the path's turn, as checkpoint_files (blocking)."""
+        return self._path_turn_async(TinkerPath.parse(path),
+                                     lambda: files.checkpoint_file(self.registry, path, name)).result()
 
     def checkpoint_archive(self, path: str) -> Path:
         """Built on the checkpoint's turn on its path (not from files a save or delete is replacing), blocking."""

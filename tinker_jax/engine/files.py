@@ -18,7 +18,7 @@ from pathlib import Path
 
 from tinker_jax import atomic
 from tinker_jax.engine import checkpoints
-from tinker_jax.engine.checkpoints import RECORD
+from tinker_jax.engine.checkpoints import is_record_file
 from tinker_jax.engine.quota import CheckpointQuota
 from tinker_jax.engine.registry import Registry, TinkerPath, check_name
 from tinker_jax.errors import NotFound, UserError
@@ -39,7 +39,7 @@ def checkpoint_files(registry: Registry, path: str) -> dict[str, int]:
     record or its directory is gone."""
     d = _dir(registry, path)
     return {f.relative_to(d).as_posix(): f.stat().st_size for f in sorted(d.rglob("*"))
-            if f.is_file() and not f.is_symlink() and f.name != RECORD}
+            if f.is_file() and not f.is_symlink() and not is_record_file(f.name)}
 
 
 def checkpoint_file(registry: Registry, path: str, name: str) -> Path:
@@ -54,7 +54,7 @@ def link_tree(src: Path, dst: Path) -> None:
     bytes, and the filesystem counts the links, so deleting either keeps the other whole. Copies where a link is
     impossible (another filesystem)."""
     for f in sorted(src.rglob("*")):
-        if f.name == RECORD or not f.is_file() or f.is_symlink():
+        if is_record_file(f.name) or not f.is_file() or f.is_symlink():
             continue
         target = dst / f.relative_to(src)
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -83,12 +83,18 @@ def copy_checkpoint(registry: Registry, source: str, run_id: str, *, owner: str 
     run = registry.get_run(src.run_id)
     old = checkpoints.read_record(src_dir) or {}
     run_conf = dict(old.get("run") or {})
+    if run is not None and "base_model" not in run_conf:  # a source without its record: the copy's must rebuild a run
+        run_conf.update(base_model=run.base_model, lora_rank=run.lora_rank, full_finetune=not run.is_lora)
     meta = {k: v for k, v in run_conf.items() if k not in ("created", "user_metadata")}
     now = time.time()
     dst = TinkerPath(run_id, src.kind, src.name)
+    # The copy's run is the copier's: the source run's user_metadata stays with it (a registry rebuilt from the
+    # records would otherwise show the source owner's metadata on the copier's run).
+    run_meta = {"copied_from": source}
     record = checkpoints.new_record(dst, owner=owner, created=now, public=False, step=info.step,
                                     expires=now + ttl_seconds if ttl_seconds else None,
-                                    user_metadata=info.user_metadata, run={**run_conf, "created": now})
+                                    user_metadata=info.user_metadata,
+                                    run={**run_conf, "created": now, "user_metadata": run_meta})
 
     def fill(tmp: Path) -> None:
         link_tree(src_dir, tmp)
@@ -103,7 +109,7 @@ def copy_checkpoint(registry: Registry, source: str, run_id: str, *, owner: str 
         registry.add_run(run_id, run.base_model if run else meta.get("base_model", ""),
                          lora_rank=run.lora_rank if run else meta.get("lora_rank"),
                          full_finetune=bool(meta.get("full_finetune", False)), meta=meta, owner=owner,
-                         user_metadata={"copied_from": source}, created=now)
+                         user_metadata=run_meta, created=now)
         registry.add_checkpoint_record(dst, record)
     finally:  # recorded in the registry (it counts there now), or failed
         if quota is not None:
@@ -118,6 +124,22 @@ def _archive_dir(registry: Registry, path: str) -> Path:
 def drop_archives(registry: Registry, path: str) -> None:
     """Remove every tar built of checkpoint `path` (it is being deleted or rewritten)."""
     shutil.rmtree(_archive_dir(registry, path), ignore_errors=True)
+
+
+def _drop_idle_archives(registry: Registry) -> None:
+    """Remove every archive not downloaded for ARCHIVE_MAX_IDLE_S. Other paths' turns run beside this one (another
+    path's delete drops its archives, its build replaces its tar), so what the listing names may be gone already."""
+    now = time.time()
+    try:
+        tars = list((registry.data_dir / "archives").glob("*/*.tar"))
+    except OSError:  # a directory removed while listed: the next build sweeps again
+        return
+    for old in tars:
+        try:
+            if now - old.stat().st_mtime > ARCHIVE_MAX_IDLE_S:
+                old.unlink()
+        except FileNotFoundError:
+            pass
 
 
 def checkpoint_archive(registry: Registry, path: str) -> Path:
@@ -137,9 +159,7 @@ def checkpoint_archive(registry: Registry, path: str) -> Path:
     root.mkdir(parents=True, exist_ok=True)
     for old in root.glob("*.tar"):  # an older version of this checkpoint
         old.unlink(missing_ok=True)
-    for old in (registry.data_dir / "archives").glob("*/*.tar"):
-        if time.time() - old.stat().st_mtime > ARCHIVE_MAX_IDLE_S:
-            old.unlink(missing_ok=True)
+    _drop_idle_archives(registry)
     d = _dir(registry, path)
     tmp = root / f".{out.stem}.{uuid.uuid4().hex}.tmp"
     try:

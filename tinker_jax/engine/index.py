@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from tinker_jax import atomic
 from tinker_jax.engine import checkpoints
 from tinker_jax.engine.registry import KINDS, Registry, TinkerPath, check_name
 from tinker_jax.errors import UserError
@@ -46,8 +47,10 @@ class IndexReport:
 
 
 def scan(root: Path) -> Iterator[tuple[TinkerPath, Path]]:
-    """Every committed checkpoint directory under `root` ({run_id}/{kind}/{name}; temporaries and moved-aside
-    copies, whose names start with '.', are skipped)."""
+    """Every committed checkpoint directory under `root` ({run_id}/{kind}/{name}; temporaries and unfinished deletes,
+    whose names start with '.', are skipped; a checkpoint whose overwrite was killed between its two renames is
+    read from its moved-aside old copy, as `atomic.resolve` finds it: offline commands that do not sweep first
+    (`tinker-jax admin reindex`, `chown`, `check`) would otherwise drop its row)."""
     if not root.is_dir():
         return
     for run_dir in sorted(root.iterdir()):
@@ -57,13 +60,14 @@ def scan(root: Path) -> Iterator[tuple[TinkerPath, Path]]:
             kind_dir = run_dir / kind
             if not kind_dir.is_dir():
                 continue
-            for d in sorted(kind_dir.iterdir()):
-                if d.name.startswith(".") or not d.is_dir():
+            for name in atomic.entries(kind_dir):
+                d = atomic.resolve(kind_dir / name)  # an overwrite killed between its renames: the old copy
+                if not d.is_dir():
                     continue
                 try:
-                    yield TinkerPath(check_name(run_dir.name, "run id"), kind, check_name(d.name, "name")), d
+                    yield TinkerPath(check_name(run_dir.name, "run id"), kind, check_name(name, "name")), d
                 except UserError:
-                    log.warning("skipping %s/%s/%s: not a checkpoint name", run_dir.name, kind, d.name)
+                    log.warning("skipping %s/%s/%s: not a checkpoint name", run_dir.name, kind, name)
 
 
 def record_from_registry(registry: Registry, p: TinkerPath, d: Path) -> dict:
@@ -100,6 +104,16 @@ def _record(registry: Registry, p: TinkerPath, d: Path, report: IndexReport, wri
     return record
 
 
+def _row_of(info) -> tuple:
+    return (info.created, info.size_bytes, info.public, info.expires, info.step, info.user_metadata or {})
+
+
+def _row_of_record(record: dict, info) -> tuple:
+    """What the registry's row would hold, indexed from `record` (a record without a creation time keeps the row's)."""
+    return (record.get("created") or info.created, record.get("size_bytes"), bool(record.get("public")),
+            record.get("expires"), record.get("step"), record.get("user_metadata") or {})
+
+
 def reindex(registry: Registry, root: Path, *, write_records: bool = True) -> IndexReport:
     """Make the registry agree with the checkpoint directories under `root`. Only while nothing writes them (at
     start, or offline). `write_records=False` leaves the checkpoint directories untouched (a dry run on a copy of
@@ -125,8 +139,11 @@ def reindex(registry: Registry, root: Path, *, write_records: bool = True) -> In
             if info is None:
                 registry.add_checkpoint_record(p, record)
                 report.added += 1
-            elif (info.public, info.expires) != (bool(record.get("public")), record.get("expires")):
-                registry.set_checkpoint(p, public=int(bool(record.get("public"))), expires=record.get("expires"))
+            elif _row_of(info) != _row_of_record(record, info):
+                # The record is the truth: an overwrite committed its files (and record) but died before its row,
+                # or a publish / TTL change before its UPDATE. A stale size and time would keep serving the old
+                # version's cached archive and count the old size against the owner's quota.
+                registry.add_checkpoint_record(p, {**record, "created": record.get("created") or info.created})
                 report.updated += 1
             report.checkpoints += 1
         except Exception as e:  # noqa: BLE001 - one bad checkpoint must not stop the start: reported, left alone

@@ -37,7 +37,8 @@ FILE = "engine.db"  # the registry's file in a data directory
 
 def check_name(value: str, field: str) -> str:
     """Names become path components: letters, digits, . _ : - only; no traversal, no absolute paths."""
-    if not isinstance(value, str) or not NAME_RE.match(value) or ".." in value:
+    # fullmatch: with match, "$" also matches before a final "\n" ("ckpt\n" would name another directory)
+    if not isinstance(value, str) or not NAME_RE.fullmatch(value) or ".." in value:
         raise UserError(f"{field}: invalid name {value!r} (use letters, digits, '.', '_', ':', '-'; "
                          "at most 128 characters, no '/' or '..')")
     return value
@@ -97,7 +98,7 @@ class Registry:
     def __init__(self, db_path: str | Path, data_dir: str | Path):
         self.data_dir = Path(data_dir)
         self.path = Path(db_path)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # _q holds it around _exec
         self._db = sqlite3.connect(str(db_path), check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._db.execute("PRAGMA journal_mode=WAL")
@@ -124,11 +125,16 @@ class Registry:
                 dbfile.close(self._db, self.path.name)
                 self._db = None
 
-    def _q(self, sql: str, args=()):
+    def _q(self, sql: str, args=()) -> list:
+        """Rows of a query (fetched under the lock: the connection is shared by threads)."""
+        with self._lock:
+            return self._exec(sql, args).fetchall()
+
+    def _exec(self, sql: str, args=()) -> sqlite3.Cursor:
         with self._lock:
             if self._db is None:
                 raise RuntimeError("the checkpoint registry is closed (engine shut down)")
-            return self._db.execute(sql, args).fetchall()
+            return self._db.execute(sql, args)
 
     def checkpoint_dir(self, p: TinkerPath) -> Path:
         return self.data_dir / "checkpoints" / p.run_id / p.kind / p.name
@@ -147,19 +153,17 @@ class Registry:
         """Insert a run from a checkpoint's record (re-indexing) unless it is known. Returns whether it was added."""
         if self.get_run(run_id) is not None:
             return False
-        with self._lock:
-            cur = self._db.execute(
-                "INSERT OR IGNORE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
-                (run_id, run["base_model"], run.get("lora_rank"), int(bool(run.get("train_attn", True))),
-                 int(bool(run.get("train_mlp", True))), int(bool(run.get("train_unembed", True))),
-                 int(bool(run.get("full_finetune", False))), run.get("seed"), run.get("created") or time.time(),
-                 None, json.dumps(run.get("user_metadata") or {}), owner))
+        cur = self._exec(
+            "INSERT OR IGNORE INTO runs VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (run_id, run["base_model"], run.get("lora_rank"), int(bool(run.get("train_attn", True))),
+             int(bool(run.get("train_mlp", True))), int(bool(run.get("train_unembed", True))),
+             int(bool(run.get("full_finetune", False))), run.get("seed"), run.get("created") or time.time(),
+             None, json.dumps(run.get("user_metadata") or {}), owner))
         return cur.rowcount > 0
 
     def set_run_owner(self, run_id: str, owner: str | None) -> bool:
         """Give a run an owner (`tinker-jax admin chown`); the caller rewrites its checkpoints' records first."""
-        with self._lock:
-            return self._db.execute("UPDATE runs SET owner=? WHERE run_id=?", (owner, run_id)).rowcount > 0
+        return self._exec("UPDATE runs SET owner=? WHERE run_id=?", (owner, run_id)).rowcount > 0
 
     def touch_runs(self, run_ids) -> None:
         """Record a request for each run (one statement for a whole batch)."""
@@ -209,10 +213,8 @@ class Registry:
         return [_checkpoint(r) for r in rows]
 
     def delete_checkpoint(self, p: TinkerPath) -> bool:
-        with self._lock:
-            cur = self._db.execute("DELETE FROM checkpoints WHERE run_id=? AND kind=? AND name=?",
-                                   (p.run_id, p.kind, p.name))
-        return cur.rowcount > 0
+        return self._exec("DELETE FROM checkpoints WHERE run_id=? AND kind=? AND name=?",
+                          (p.run_id, p.kind, p.name)).rowcount > 0
 
     def set_checkpoint(self, p: TinkerPath, **fields):
         for k, v in fields.items():
