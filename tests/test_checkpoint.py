@@ -506,3 +506,26 @@ def test_names_with_a_trailing_newline_are_refused():
     with pytest.raises(UserError):
         TinkerPath.parse("tinker://run1/weights/ckpt\n")
     assert check_name("ckpt.v2:1-a_b", "name") == "ckpt.v2:1-a_b"
+
+
+def test_a_delete_cut_short_never_brings_back_an_old_copy(tmp_path, monkeypatch):
+    """A checkpoint with a stale moved-aside copy (an overwrite whose cleanup failed) deleted by a process that dies
+    before the files are removed: the copy went aside after the checkpoint, so the next start's `recover` put it
+    back as the checkpoint. Now both are out of reach before anything is removed."""
+    out = tmp_path / "kind" / "ck"
+    out.mkdir(parents=True)
+    (out / "new.txt").write_text("new")
+    stale = out.with_name(".ck.0a1b2c3d.old")
+    stale.mkdir()
+    (stale / "old.txt").write_text("old")
+
+    def killed(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(atomic.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        atomic.remove(out)
+    monkeypatch.undo()
+    assert atomic.entries(out.parent) == [] and not atomic.recover(out).exists()
+    atomic.sweep(out.parent)
+    assert list(out.parent.iterdir()) == []

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import inspect
 import re
+import time
 
 import jax
 import models_util
@@ -580,8 +581,9 @@ def test_rest_client_runs_and_checkpoints(svc):
     assert tc.model_id in {r.training_run_id for r in rc.list_training_runs(limit=1000).result().training_runs}
     assert rc.list_training_runs(project_id="p").result().training_runs == []  # no projects in process
 
-    info = rc.get_weights_info_by_tinker_path(state).result()
-    assert (info.base_model, info.is_lora, info.lora_rank) == ("tiny", True, RANK)
+    for path in (state, sampler, external):  # an external one answers from its record (it has no Orbax metadata)
+        info = rc.get_weights_info_by_tinker_path(path).result()
+        assert (info.base_model, info.is_lora, info.lora_rank) == ("tiny", True, RANK), path
 
     rc.publish_checkpoint_from_tinker_path(state).result()
     assert next(c for c in rc.list_checkpoints(tc.model_id).result().checkpoints if c.tinker_path == state).public
@@ -612,24 +614,32 @@ def test_rest_client_refusals_name_the_field(svc):
     tc = svc.create_lora_training_client("tiny", rank=RANK, seed=0)
     path = tc.save_state("r2", overwrite=True).result().path
     rc = svc.create_rest_client()
-    cases = [
+    cases = [  # refused through the future
         (lambda: rc.get_training_run("run-nope"), "^training_run_id: unknown training run"),
         (lambda: rc.list_checkpoints("run-nope"), "^training_run_id: unknown training run"),
-        (lambda: rc.get_training_run_by_tinker_path("nope"), "^tinker_path: "),
         (lambda: rc.get_weights_info_by_tinker_path(path.replace("r2", "r3")), "^tinker_path: checkpoint .* not found"),
         (lambda: rc.delete_checkpoint(tc.model_id, "r2"), "^checkpoint_id: expected 'weights/<name>'"),
+        (lambda: rc.delete_checkpoint("../x", "weights/r2"), "^training_run_id: invalid name"),
+        (lambda: rc.delete_checkpoint(tc.model_id, "weights/r3"), "^checkpoint_id: checkpoint .* not found"),
+        (lambda: rc.copy_weights(path, ""), "^destination_project_id: required"),
         (lambda: rc.set_checkpoint_ttl_from_tinker_path(path, -1), "^ttl_seconds: must be a whole number"),
         (lambda: rc.set_checkpoint_ttl_from_tinker_path(path, "1h"), "^ttl_seconds: must be a whole number"),
         (lambda: rc.list_user_checkpoints(limit=-1), "^limit: "),
-        (lambda: rc.get_external_weights_urls(path), "^tinker_path: .* is not an external_weights checkpoint"),
         (lambda: rc.copy_weights(path, "proj", ttl_seconds=0), "^ttl_seconds: must be a whole number"),
     ]
     for call, match in cases:
         fut = call()
         with pytest.raises(ValueError, match=match):
             fut.result()
+    # Raised at the call, where the SDK's checks run in the client.
     with pytest.raises(ValueError, match="destination_project_id"):
         rc.copy_weights(path)
+    with pytest.raises(ValueError, match="^tinker_path: "):
+        rc.get_training_run_by_tinker_path("nope")
+    with pytest.raises(ValueError, match="^tinker_path: .* is not an external_weights checkpoint"):
+        rc.get_external_weights_urls(path)
+    with pytest.raises(ValueError, match="^service: "):
+        tinker_jax.RestClient()
     rc.delete_checkpoint_from_tinker_path(path).result()
     with pytest.raises(ValueError, match="^tinker_path: checkpoint .* not found"):
         rc.delete_checkpoint_from_tinker_path(path).result()
@@ -646,3 +656,29 @@ def test_in_process_ttl_is_checked_before_the_save(svc):
                 save().result()
     assert svc.engine.list_checkpoints(tc.model_id) == []
     assert tc.save_state("t", ttl_seconds=60).result().path.endswith("/weights/t")
+
+
+def test_in_process_checkpoints_past_their_ttl_are_deleted(model_dir, tmp_path, monkeypatch):
+    """The REST server deletes checkpoints past their TTL on a timer; an in-process client does the same (before
+    this, nothing did, and the RestClient refused to delete one as not found). Until its delete runs, one past
+    its TTL is left out of listings and can still be deleted or given a new TTL."""
+    import tinker_jax.client as client_mod
+
+    monkeypatch.setattr(client_mod, "EXPIRE_EVERY_S", 3600.0)
+    with tinker_jax.ServiceClient(data_dir=tmp_path, config=EngineConfig(models={"tiny": str(model_dir)})) as s:
+        tc = s.create_lora_training_client("tiny", rank=RANK, seed=0)
+        rc = s.create_rest_client()
+        a, b = (tc.save_state(n, ttl_seconds=1).result().path for n in ("a", "b"))
+        time.sleep(1.2)
+        assert rc.list_checkpoints(tc.model_id).result().checkpoints == []  # hidden at once
+        rc.set_checkpoint_ttl_from_tinker_path(b, None).result()  # still on record: kept after all
+        rc.delete_checkpoint_from_tinker_path(a).result()
+        assert [c.tinker_path for c in rc.list_checkpoints(tc.model_id).result().checkpoints] == [b]
+        c = tc.save_state("c", ttl_seconds=1).result().path
+    time.sleep(1.2)
+    monkeypatch.setattr(client_mod, "EXPIRE_EVERY_S", 0.1)
+    with tinker_jax.ServiceClient(data_dir=tmp_path, config=EngineConfig(models={"tiny": str(model_dir)})) as s:
+        deadline = time.monotonic() + 30
+        while s.engine.get_checkpoint(c) is not None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert s.engine.get_checkpoint(c) is None and s.engine.get_checkpoint(b) is not None

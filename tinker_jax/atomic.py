@@ -85,11 +85,13 @@ def remove(out: str | Path) -> None:
     brings back and `sweep` finishes) before the files are removed, so a crash or a partial removal never leaves a
     half-deleted `out` that a re-index would list again. Its own leftover temporaries go too."""
     out = Path(out)
+    # Moved-aside old copies first (a replacement interrupted between its renames, or one whose removal failed):
+    # were `out` renamed first, a crash before they went would let `recover` bring one back as the checkpoint.
+    for p in _asides(out, "old"):
+        os.rename(p, _aside(out, "deleted"))
     if out.exists():
-        gone = _aside(out, "deleted")
-        os.rename(out, gone)
-        shutil.rmtree(gone, ignore_errors=True)
-    for p in _asides(out, "new", "old", "deleted"):
+        os.rename(out, _aside(out, "deleted"))
+    for p in _asides(out, "new", "deleted"):
         shutil.rmtree(p, ignore_errors=True)
 
 

@@ -9,81 +9,43 @@ return the result itself, as there; the `create_*` calls return the client, whic
 
 from __future__ import annotations
 
-import asyncio
-import concurrent.futures as cf
-import time
+import logging
+import threading
 import weakref
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Sequence, TypeVar
+from typing import Sequence, TypeVar
 
 import numpy as np
-import tinker
 import tinker.types as tt
 
+from tinker_jax.api_future import APIFuture, ClientFuture, done_future, retrying
 from tinker_jax.config import EngineConfig
 from tinker_jax.engine.api import EngineAPI
-from tinker_jax.errors import Overloaded, UserError
+from tinker_jax.errors import Stopped, UserError
 from tinker_jax.futures import then
+from tinker_jax.rest_client import RestClient
 from tinker_jax.sampling.response import last_n_mask
 
-if TYPE_CHECKING:
-    from tinker_jax.rest_client import RestClient
-
 T = TypeVar("T")
+log = logging.getLogger(__name__)
+EXPIRE_EVERY_S = 60.0  # how often an in-process engine deletes the checkpoints past their TTL (the server's prune)
 
 
-class APIFuture(tinker.APIFuture[T]):
-    """A result computed in the background, as the SDK's `tinker.APIFuture` (an instance of it): `.result(timeout)`,
-    `await fut`, `await fut.result_async(timeout)`, `.future()` (a concurrent.futures.Future), `.coroutine()`,
-    `.done()`."""
-
-    def __init__(self, fut: cf.Future, post: Callable[[Any], T] | None = None):
-        self._fut = fut if post is None else then(fut, post)
-
-    def result(self, timeout: float | None = None) -> T:
-        return self._fut.result(timeout)
-
-    async def result_async(self, timeout: float | None = None) -> T:
-        # As the SDK's: a timeout, or the awaiting task's cancellation, cancels the operation if it has not started
-        async with asyncio.timeout(timeout):
-            return await asyncio.wrap_future(self._fut)
-
-    def future(self) -> cf.Future:
-        return self._fut
-
-    def done(self) -> bool:
-        return self._fut.done()
-
-
-class _ClientFuture:
-    """A client is also the (already finished) future of its creation, as the SDK's `create_*` calls return one:
-    `.result()`, `await`, `result_async()`."""
-
-    def result(self, timeout: float | None = None):
-        return self
-
-    async def result_async(self, timeout: float | None = None):
-        return self
-
-    def __await__(self):
-        return self.result_async().__await__()
-
-
-def _done(value) -> APIFuture:
-    f: cf.Future = cf.Future()
-    f.set_result(value)
-    return APIFuture(f)
-
-
-def _retrying(call: Callable[[], T]) -> T:
-    """Submit, backing off while the engine's queues are full (what the SDK does on HTTP 429)."""
-    delay = 0.01
-    while True:
+def _expire_forever(engine_ref, stop: threading.Event) -> None:
+    """Submit deletes for the checkpoints past their TTL now, then every EXPIRE_EVERY_S, until `stop` (or the engine
+    is gone)."""
+    while not stop.is_set():
+        engine = engine_ref()
+        if engine is None:
+            return
         try:
-            return call()
-        except Overloaded as e:
-            time.sleep(min(delay, e.retry_after_s))
-            delay = min(2 * delay, 1.0)
+            engine.expire_checkpoints()
+        except Stopped:  # shut down by someone else than close()
+            return
+        except Exception:  # noqa: BLE001 - the next pass tries again
+            log.exception("deleting the checkpoints past their TTL failed")
+        del engine
+        stop.wait(EXPIRE_EVERY_S)
 
 
 class ServiceClient:
@@ -105,6 +67,13 @@ class ServiceClient:
                 cfg = replace(cfg, data_dir=Path(data_dir))
             engine = Engine(cfg)
         self.engine = engine
+        # Checkpoints past their TTL: the REST server deletes them on a timer; in process this client does. Not on
+        # several processes, where every process must submit the same requests in the same order (a timer would
+        # not): there the job's REST server, or a later one-process run, deletes them (listings hide them at once).
+        self._stop_expiry = threading.Event()
+        if getattr(engine, "procs", None) is None:
+            threading.Thread(target=_expire_forever, args=(weakref.ref(engine), self._stop_expiry), daemon=True,
+                             name="tinker-jax-ttl").start()
 
     def get_server_capabilities(self) -> tt.GetServerCapabilitiesResponse:
         return tt.GetServerCapabilitiesResponse(
@@ -116,7 +85,7 @@ class ServiceClient:
     def create_lora_training_client(self, base_model: str, rank: int = 32, seed: int | None = None,
                                     train_mlp: bool = True, train_attn: bool = True, train_unembed: bool = True,
                                     user_metadata: dict[str, str] | None = None, optimizer=None) -> "TrainingClient":
-        mid = _retrying(lambda: self.engine.create_model(
+        mid = retrying(lambda: self.engine.create_model(
             base_model, rank=rank, seed=seed, train_mlp=train_mlp, train_attn=train_attn,
             train_unembed=train_unembed, full_finetune=False, user_metadata=user_metadata,
             optimizer=optimizer)).result()
@@ -127,14 +96,14 @@ class ServiceClient:
 
     def create_full_training_client(self, base_model: str, seed: int | None = None) -> "TrainingClient":
         """Full-parameter fine-tuning (not in the hosted SDK; also reachable via config `full_finetune: true`)."""
-        return TrainingClient(self, _retrying(lambda: self.engine.create_model(
+        return TrainingClient(self, retrying(lambda: self.engine.create_model(
             base_model, seed=seed, full_finetune=True)).result())
 
     # weights_access_token: the SDK's parameter, accepted and unused (local checkpoints). optimizer: the new run's
     # (default: the one its checkpoint records).
     def create_training_client_from_state(self, path: str, base_model: str | None = None, user_metadata=None,
                                           weights_access_token=None, optimizer=None) -> "TrainingClient":
-        resp = _retrying(lambda: self.engine.create_model_from_state(
+        resp = retrying(lambda: self.engine.create_model_from_state(
             path, False, base_model=base_model, user_metadata=user_metadata, optimizer_config=optimizer)).result()
         return TrainingClient(self, resp.model_id)
 
@@ -146,7 +115,7 @@ class ServiceClient:
     def create_training_client_from_state_with_optimizer(self, path: str, base_model: str | None = None,
                                                          user_metadata=None, weights_access_token=None
                                                          ) -> "TrainingClient":
-        resp = _retrying(lambda: self.engine.create_model_from_state(
+        resp = retrying(lambda: self.engine.create_model_from_state(
             path, True, base_model=base_model, user_metadata=user_metadata)).result()
         return TrainingClient(self, resp.model_id)
 
@@ -163,18 +132,17 @@ class ServiceClient:
     async def create_sampling_client_async(self, *args, **kwargs) -> "SamplingClient":
         return self.create_sampling_client(*args, **kwargs)
 
-    def create_rest_client(self) -> "RestClient":
+    def create_rest_client(self) -> RestClient:
         """The training runs and checkpoints of this engine, as the SDK's RestClient reads them
         (`tinker_jax.RestClient`)."""
-        from tinker_jax.rest_client import RestClient
-
         return RestClient(self)
 
     def close(self, status: str | None = None, detail: str | None = None) -> APIFuture[None]:
         """End the session: the engine stops (checkpoint writes in flight finish). `status` ("success", "errored",
         "interrupted") and `detail` are the SDK's, accepted for its scripts (nothing records them in process)."""
+        self._stop_expiry.set()
         self.engine.shutdown()
-        return _done(None)
+        return done_future(None)
 
     def __enter__(self):
         return self
@@ -183,18 +151,18 @@ class ServiceClient:
         self.close()
 
 
-class TrainingClient(_ClientFuture):
+class TrainingClient(ClientFuture):
     def __init__(self, service: ServiceClient, model_id: str):
         self.service, self.model_id = service, model_id
         self.engine = service.engine
 
     def forward(self, data: list[tt.Datum], loss_fn: str, loss_fn_config=None) -> APIFuture[tt.ForwardBackwardOutput]:
-        return APIFuture(_retrying(lambda: self.engine.forward_backward(self.model_id, data, loss_fn,
+        return APIFuture(retrying(lambda: self.engine.forward_backward(self.model_id, data, loss_fn,
                                                                          loss_fn_config, True)))
 
     def forward_backward(self, data: list[tt.Datum], loss_fn: str,
                          loss_fn_config=None) -> APIFuture[tt.ForwardBackwardOutput]:
-        return APIFuture(_retrying(lambda: self.engine.forward_backward(self.model_id, data, loss_fn,
+        return APIFuture(retrying(lambda: self.engine.forward_backward(self.model_id, data, loss_fn,
                                                                          loss_fn_config, False)))
 
     def forward_backward_custom(self, data: list[tt.Datum], loss_fn, *, loss_type_input=None
@@ -220,27 +188,27 @@ class TrainingClient(_ClientFuture):
         surrogate = out.metrics.pop("loss:sum")
         out.metrics.update({**{k: float(v) for k, v in (metrics or {}).items()}, "loss:sum": float(loss.detach()),
                             "surrogate_loss:sum": surrogate})
-        return _done(out)
+        return done_future(out)
 
     def optim_step(self, optim_params: tt.AdamParams | tt.DimuonParams | None = None, *,
                    adam_params: tt.AdamParams | None = None) -> APIFuture[tt.OptimStepResponse]:
         params = optim_params or adam_params or tt.AdamParams()
-        return APIFuture(_retrying(lambda: self.engine.optim_step(self.model_id, params)))
+        return APIFuture(retrying(lambda: self.engine.optim_step(self.model_id, params)))
 
     def save_state(self, name: str, ttl_seconds: int | None = None, overwrite: bool = False,
                    user_metadata=None) -> APIFuture[tt.SaveWeightsResponse]:
-        return APIFuture(_retrying(lambda: self.engine.save_state(self.model_id, name, ttl_seconds, user_metadata,
+        return APIFuture(retrying(lambda: self.engine.save_state(self.model_id, name, ttl_seconds, user_metadata,
                                                                   overwrite=overwrite)))
 
     def load_state(self, path: str, weights_access_token=None) -> APIFuture[tt.LoadWeightsResponse]:
-        return APIFuture(_retrying(lambda: self.engine.load_state(self.model_id, path, False)))
+        return APIFuture(retrying(lambda: self.engine.load_state(self.model_id, path, False)))
 
     def load_state_with_optimizer(self, path: str, weights_access_token=None) -> APIFuture[tt.LoadWeightsResponse]:
-        return APIFuture(_retrying(lambda: self.engine.load_state(self.model_id, path, True)))
+        return APIFuture(retrying(lambda: self.engine.load_state(self.model_id, path, True)))
 
     def save_weights_for_sampler(self, name: str, ttl_seconds: int | None = None,
                                  user_metadata=None) -> APIFuture[tt.SaveWeightsForSamplerResponse]:
-        return APIFuture(_retrying(lambda: self.engine.save_weights_for_sampler(self.model_id, name, ttl_seconds,
+        return APIFuture(retrying(lambda: self.engine.save_weights_for_sampler(self.model_id, name, ttl_seconds,
                                                                                  user_metadata, sampler=False)),
                          lambda r: tt.SaveWeightsForSamplerResponse(path=r[0]))
 
@@ -252,13 +220,13 @@ class TrainingClient(_ClientFuture):
         Encrypted exports (`age_encryption_recipients`) are refused, never written in the clear."""
         if age_encryption_recipients:
             raise UserError("age_encryption_recipients: encrypted exports are not supported by tinker_jax")
-        return APIFuture(_retrying(lambda: self.engine.save_weights_external(self.model_id, name, ttl_seconds,
+        return APIFuture(retrying(lambda: self.engine.save_weights_external(self.model_id, name, ttl_seconds,
                                                                               user_metadata)),
                          lambda r: tt.SaveWeightsExternalResponse(path=r[0]))
 
     def save_weights_and_get_sampling_client(self, name: str | None = None, retry_config=None,
                                              record_stability_info: bool = False, kind="snapshot") -> "SamplingClient":
-        _, sampler_id = _retrying(lambda: self.engine.save_weights_for_sampler(self.model_id, None)).result()
+        _, sampler_id = retrying(lambda: self.engine.save_weights_for_sampler(self.model_id, None)).result()
         return SamplingClient(self.service, sampler_id, record_stability_info)
 
     def create_sampling_client(self, model_path: str, retry_config=None,
@@ -289,7 +257,7 @@ class TrainingClient(_ClientFuture):
     async def get_info_async(self): return self.get_info()
 
 
-class SamplingClient(_ClientFuture):
+class SamplingClient(ClientFuture):
     def __init__(self, service: ServiceClient, sampler_id: str, record_stability_info: bool = False):
         self.service, self.sampler_id = service, sampler_id
         self.engine = service.engine
@@ -303,7 +271,7 @@ class SamplingClient(_ClientFuture):
                target_prompt_logprobs: tt.TensorData | None = None, prompt_alt_tokens_k: int = 0,
                prompt_logprobs_last_n: int | None = None) -> APIFuture[tt.SampleResponse]:
         post = last_n_mask(prompt_logprobs_last_n, prompt.length, bool(include_prompt_logprobs or topk_prompt_logprobs))
-        return APIFuture(_retrying(lambda: self.engine.sample(self.sampler_id, prompt, num_samples, sampling_params,
+        return APIFuture(retrying(lambda: self.engine.sample(self.sampler_id, prompt, num_samples, sampling_params,
                                                                include_prompt_logprobs, topk_prompt_logprobs,
                                                                topk_sample_logprobs=topk_sample_logprobs,
                                                                target_prompt_logprobs=target_prompt_logprobs,
@@ -324,7 +292,7 @@ class SamplingClient(_ClientFuture):
     def compute_logprobs(self, prompt: tt.ModelInput, prompt_logprobs_last_n: int | None = None
                          ) -> APIFuture[Sequence[float | None]]:
         post = last_n_mask(prompt_logprobs_last_n, prompt.length, True)
-        fut = _retrying(lambda: self.engine.sample(self.sampler_id, prompt, 1, tt.SamplingParams(max_tokens=1),
+        fut = retrying(lambda: self.engine.sample(self.sampler_id, prompt, 1, tt.SamplingParams(max_tokens=1),
                                                    True, 0))
         return APIFuture(fut if post is None else then(fut, post), lambda r: r.prompt_logprobs)
 

@@ -5,27 +5,28 @@ checkpoints of the local engine, read and managed as the SDK's types, so scripts
 The in-process caller is the machine's user: every run in the data directory is its own (API keys and their
 scoping are the REST server's). There are no sessions or projects in process: `list_training_runs(project_id=...)`
 lists none, and the session, billing and audit calls are left to the REST server. Runs and checkpoints read as the
-server's JSON does (`engine.records`); refused calls raise ValueError (`tinker_jax.errors.UserError`, `NotFound`),
-through the returned future where the SDK's would.
+server's JSON does (`engine.records`). Every call returns its future at once (calls that wait for a checkpoint's
+turn run on a thread); a refusal is a ValueError (`tinker_jax.errors.UserError`, `NotFound`) raised by the future,
+except where the SDK checks in the client and raises at the call (a malformed tinker path in the `*_by_tinker_path`,
+`delete_checkpoint_from_tinker_path` and `get_external_weights_urls` calls; copy_weights without a project). The
+engine's own TTL expiry runs in the in-process ServiceClient (`client.EXPIRE_EVERY_S`).
 """
 
 from __future__ import annotations
 
 import os
 import time
-from typing import TYPE_CHECKING, Literal
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
 
 import tinker.types as tt
 
-from tinker_jax.client import APIFuture, _done, _retrying
+from tinker_jax.api_future import APIFuture, retrying
 from tinker_jax.engine import records
 from tinker_jax.engine.api import EngineAPI
-from tinker_jax.engine.registry import KIND_OF_TYPE, MAX_TTL_S, TinkerPath, new_run_id
+from tinker_jax.engine.registry import KIND_OF_TYPE, MAX_TTL_S, TinkerPath, check_name, new_run_id
 from tinker_jax.errors import NotFound, UserError
 from tinker_jax.futures import failed
-
-if TYPE_CHECKING:
-    from tinker_jax.client import ServiceClient
 
 Scope = Literal["owned", "accessible"]
 
@@ -37,6 +38,7 @@ def _run_not_found(run_id: str) -> NotFound:
 def _checkpoint_id_path(training_run_id: str, checkpoint_id: str) -> str:
     """The tinker path of a REST checkpoint address: `weights/<name>`, `sampler_weights/<name>` or
     `external_weights/<name>` under the run."""
+    check_name(training_run_id, "training_run_id")
     if not isinstance(checkpoint_id, str) or checkpoint_id.split("/", 1)[0] not in KIND_OF_TYPE.values():
         raise UserError(f"checkpoint_id: expected 'weights/<name>', 'sampler_weights/<name>' or "
                         f"'external_weights/<name>', got {checkpoint_id!r}")
@@ -47,7 +49,10 @@ class RestClient:
     """Runs and checkpoints of the local engine, as `tinker.RestClient` has them. Every call returns an APIFuture
     (`.result()`, `await`); the deprecated `*_async` twins return the result."""
 
-    def __init__(self, service: "ServiceClient"):
+    def __init__(self, service: Any = None):  # a tinker_jax.ServiceClient
+        if service is None:
+            raise ValueError("service: in process a RestClient reads an engine: tinker_jax.RestClient(service_client), "
+                             "or service_client.create_rest_client()")
         self.service = service
 
     @property
@@ -62,10 +67,10 @@ class RestClient:
         return records.training_run_record(run, records.live(self.engine.list_checkpoints(run.run_id)), own=True)
 
     def _checkpoint(self, tinker_path: str, field: str = "tinker_path") -> str:
-        """The path of a live checkpoint, else NotFound naming `field`."""
+        """The path of a checkpoint on record, else NotFound naming `field`. One past its TTL whose delete has not
+        run yet still counts, as on the server: it can be deleted, or its TTL changed."""
         path = str(TinkerPath.parse(tinker_path, field))
-        info = self.engine.get_checkpoint(path)
-        if info is None or not records.live([info]):
+        if self.engine.get_checkpoint(path) is None:
             raise NotFound(f"{field}: checkpoint {path} not found")
         return path
 
@@ -74,8 +79,8 @@ class RestClient:
 
     def get_training_run_by_tinker_path(self, tinker_path: str, access_scope: Scope = "owned"
                                         ) -> APIFuture[tt.TrainingRun]:
-        return _now(lambda: tt.TrainingRun.model_validate(
-            self._run(TinkerPath.parse(tinker_path, "tinker_path").run_id)))
+        run_id = TinkerPath.parse(tinker_path, "tinker_path").run_id  # raised at the call, as the SDK's parse
+        return _now(lambda: tt.TrainingRun.model_validate(self._run(run_id)))
 
     def get_weights_info_by_tinker_path(self, tinker_path: str) -> APIFuture[tt.WeightsInfoResponse]:
         def info():
@@ -117,11 +122,12 @@ class RestClient:
         """file:// URLs of an external_weights checkpoint's files (the Hugging Face files that
         `save_weights_external` wrote). They stay valid while the checkpoint exists: `expires` is the end of its TTL,
         or MAX_TTL_S from now when it has none."""
+        if TinkerPath.parse(tinker_path, "tinker_path").kind != "external_weights":  # the SDK checks this at the call
+            raise UserError(f"tinker_path: {tinker_path} is not an external_weights checkpoint (save one with "
+                            "save_weights_external)")
+
         def urls():
             path = self._checkpoint(tinker_path)
-            if TinkerPath.parse(path).kind != "external_weights":
-                raise UserError(f"tinker_path: {path} is not an external_weights checkpoint (save one with "
-                                "save_weights_external)")
             names = self.engine.checkpoint_files(path)
             info = self.engine.get_checkpoint(path)
             expires = info.expires if info is not None and info.expires is not None else time.time() + MAX_TTL_S
@@ -131,24 +137,30 @@ class RestClient:
         return _now(urls)
 
     # --------------------------------------------------------------------------------------------- changing
-    def _delete(self, path_of) -> APIFuture[None]:
+    def _delete(self, path: str, field: str) -> APIFuture[None]:
         """On the checkpoint's turn on its path (after the saves and loads submitted before it)."""
         try:
-            path = self._checkpoint(path_of())
-        except ValueError as e:
+            path = self._checkpoint(path, field)
+            fut = retrying(lambda: self.engine.delete_checkpoint(path))
+        except Exception as e:  # noqa: BLE001 - through the future, as the SDK's request would fail
             return APIFuture(failed(e))
 
         def gone(existed: bool) -> None:
             if not existed:  # a delete submitted before this one got there first
-                raise NotFound(f"tinker_path: checkpoint {path} not found")
+                raise NotFound(f"{field}: checkpoint {path} not found")
 
-        return APIFuture(_retrying(lambda: self.engine.delete_checkpoint(path)), gone)
+        return APIFuture(fut, gone)
 
     def delete_checkpoint(self, training_run_id: str, checkpoint_id: str) -> APIFuture[None]:
-        return self._delete(lambda: _checkpoint_id_path(training_run_id, checkpoint_id))
+        try:
+            path = _checkpoint_id_path(training_run_id, checkpoint_id)
+        except ValueError as e:
+            return APIFuture(failed(e))
+        return self._delete(path, "checkpoint_id")
 
     def delete_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[None]:
-        return self._delete(lambda: tinker_path)
+        TinkerPath.parse(tinker_path, "tinker_path")  # raised at the call, as the SDK's parse
+        return self._delete(tinker_path, "tinker_path")
 
     def publish_checkpoint_from_tinker_path(self, tinker_path: str) -> APIFuture[None]:
         return _now(lambda: self.engine.set_checkpoint_public(self._checkpoint(tinker_path), True))
@@ -168,6 +180,9 @@ class RestClient:
             destination_project_id = os.environ.get("TINKER_PROJECT_ID") or None
         if destination_project_id is None:
             raise ValueError("Provide destination_project_id or set TINKER_PROJECT_ID")  # the SDK's, raised now
+        if not isinstance(destination_project_id, str) or not destination_project_id:
+            return APIFuture(failed(UserError("destination_project_id: required (the project that will own the "
+                                              f"copy), got {destination_project_id!r}")))
 
         def copy():
             source = self._checkpoint(path, "source_path")
@@ -216,12 +231,14 @@ class RestClient:
                                        weights_access_token=weights_access_token)
 
 
+_CALLS = ThreadPoolExecutor(max_workers=4, thread_name_prefix="tinker-jax-rest")
+
+
 def _now(call):
-    """An APIFuture of `call()` run here (registry reads and annotations are quick); a refusal goes through it."""
-    try:
-        return _done(call())
-    except ValueError as e:
-        return APIFuture(failed(e))
+    """An APIFuture of `call()`, returned at once as the SDK's: publish, TTL, copies and file listings wait for the
+    checkpoint's turn on its path (behind a save still writing it), so they run on a thread; any failure, a refusal
+    or the server's fault, goes through the future."""
+    return APIFuture(_CALLS.submit(call))
 
 
 def _check_page(limit, offset) -> None:

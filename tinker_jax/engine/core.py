@@ -33,7 +33,8 @@ from tinker_jax.config import EngineConfig
 from tinker_jax.engine import checkpoints, files, index, replicas, requests as rq, stability
 from tinker_jax.engine.api import CheckpointInfo, EngineAPI, RunInfo
 from tinker_jax.engine.quota import CheckpointQuota
-from tinker_jax.engine.registry import FILE as REGISTRY_FILE, Registry, TinkerPath, check_name, check_ttl, new_run_id
+from tinker_jax.engine.registry import (FILE as REGISTRY_FILE, RESTORABLE, Registry, TinkerPath, check_name, check_ttl,
+                                       new_run_id)
 from tinker_jax.engine.scheduler import Request
 from tinker_jax.engine.worker import BaseWorker
 from tinker_jax.errors import NotFound, Overloaded, Unavailable, UserError
@@ -554,11 +555,19 @@ class Engine(EngineAPI):
                                      lambda: files.checkpoint_archive(self.registry, path)).result()
 
     def weights_info(self, path: str) -> dict:
-        p = TinkerPath.parse(path)
+        """From the checkpoint's metadata; an external_weights one (Hugging Face files, no Orbax metadata) answers
+        from its record's run configuration, which holds the same fields."""
+        p = TinkerPath.parse(path, "tinker_path")
+        d = self.checkpoint_dir(p)
         try:
-            meta = checkpoints.read_meta(self.checkpoint_dir(p))
-        except checkpoints.CheckpointError:
-            raise NotFound(f"path: checkpoint {path} not found") from None
+            if p.kind in RESTORABLE:
+                meta = checkpoints.read_meta(d)
+            else:
+                meta = (checkpoints.read_record(atomic.resolve(d)) or {}).get("run") or {}
+        except checkpoints.CheckpointError:  # a RecordError (a record that cannot be read) is the server's fault
+            meta = {}
+        if "base_model" not in meta:
+            raise NotFound(f"tinker_path: checkpoint {path} not found")
         return {"base_model": meta["base_model"], "is_lora": not meta.get("full_finetune", False),
                 "lora_rank": meta.get("lora_rank"), "train_attn": meta.get("train_attn"),
                 "train_mlp": meta.get("train_mlp"), "train_unembed": meta.get("train_unembed")}

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from tinker_jax import dbfile
 from tinker_jax.engine.api import CheckpointInfo, RunInfo
-from tinker_jax.errors import UserError
+from tinker_jax.errors import Stopped, UserError
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
 # The one checkpoint-kind table: the kind in a tinker path -> the SDK's checkpoint_type (and back).
@@ -133,7 +133,7 @@ class Registry:
     def _exec(self, sql: str, args=()) -> sqlite3.Cursor:
         with self._lock:
             if self._db is None:
-                raise RuntimeError("the checkpoint registry is closed (engine shut down)")
+                raise Stopped("the checkpoint registry is closed (engine shut down)")
             return self._db.execute(sql, args)
 
     def checkpoint_dir(self, p: TinkerPath) -> Path:
