@@ -630,3 +630,36 @@ def test_a_failed_model_load_is_reported_without_paths_and_retried(model_dir, tm
             shutil.copy(f, broken / f.name)
         tc = svc.create_lora_training_client("m", rank=4)  # the next request loads it again
         assert np.isfinite(tc.forward(run_data(0, 0, "cross_entropy"), "cross_entropy").result().metrics["loss:sum"])
+
+
+def test_a_request_without_an_optional_input_keeps_its_default_in_a_shared_batch(model_dir, tmp_path):
+    """A request that leaves out an optional input (cross_entropy's weights, ppo's per-token clip thresholds) reads
+    its loss's default for it even in a micro-batch with a request that gives it: it read the batch's zeros (a
+    cross_entropy loss of 0 and no gradient; ppo clipped at 0)."""
+    def bare(data, keep=()):
+        return [tt.Datum(model_input=d.model_input, loss_fn_inputs={k: v for k, v in d.loss_fn_inputs.items()
+                                                                     if k == "target_tokens" or k in keep})
+                for d in data]
+
+    ce = run_data(0, 0, "cross_entropy")
+    rl = run_data(1, 0, "ppo")
+    clipped = [tt.Datum(model_input=d.model_input, loss_fn_inputs={
+        **d.loss_fn_inputs, "clip_low_threshold": tt.TensorData.from_numpy(np.full(len(d.model_input.to_ints()),
+                                                                                   0.5, np.float32))}) for d in rl]
+    config = {"clip_low_threshold": 0.9, "clip_high_threshold": 1.1}
+    with service(model_dir, tmp_path) as svc:
+        a = svc.create_lora_training_client("tiny", rank=4, seed=1)
+        b = svc.create_lora_training_client("tiny", rank=4, seed=2)
+        alone = [b.forward(bare(ce), "cross_entropy").result().metrics,
+                 b.forward(rl, "ppo", config).result().metrics]
+        w = worker(svc)
+        with w.hold():
+            futs = [a.forward(ce, "cross_entropy"), b.forward(bare(ce), "cross_entropy"),
+                    a.forward(clipped, "ppo", config), b.forward(rl, "ppo", config)]
+        shared = [futs[1].result().metrics, futs[3].result().metrics]
+        assert svc.engine.stats()["models"]["tiny"]["max_requests_per_batch"] == 4
+    assert alone[0]["loss:sum"] != 0
+    for x, y in zip(shared, alone):
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-5), k

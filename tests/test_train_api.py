@@ -349,6 +349,12 @@ def _bad_cases(seed: int = 9):
         ("empty_datum", [good(), datum([], [])], "cross_entropy", None, r"datum\[1\]\.model_input: empty"),
         ("too_long", [good(), good(n=513)], "cross_entropy", None,
          r"datum\[1\]\.model_input: length 513 exceeds the model's limit of 512"),
+        # Shapes the step could not take: they passed and failed inside the worker (with the round's other requests)
+        ("advantages_2d", [good(**rl), good(logprobs=np.zeros(8), advantages=np.ones((8, 2)))], "importance_sampling",
+         None, r"datum\[1\]\.loss_fn_inputs\['advantages'\]: shape \(8, 2\), expected \(8,\)"),
+        ("targets_k0", [good(), datum(toks[:8], np.zeros((8, 0), np.int64))], "cross_entropy", None,
+         r"datum\[1\]\.loss_fn_inputs\['target_tokens'\]: shape \(8, 0\) not supported"),
+        ("config_not_a_dict", [good(), good()], "ppo", "abc", r"^loss_fn_config: expected a dict"),
     ]
 
 
@@ -682,3 +688,55 @@ def test_in_process_checkpoints_past_their_ttl_are_deleted(model_dir, tmp_path, 
         while s.engine.get_checkpoint(c) is not None and time.monotonic() < deadline:
             time.sleep(0.1)
         assert s.engine.get_checkpoint(c) is None and s.engine.get_checkpoint(b) is not None
+
+
+def test_optimizer_and_custom_loss_refusals(svc):
+    """Adam hyperparameters that would make the weights NaN (eps 0: 0 / 0 where there is no gradient; values past
+    fp32's range), and forward_backward_custom's checks (the SDK's): refused through the future, nothing changed."""
+    tc = svc.create_lora_training_client("tiny", rank=RANK, seed=5)
+    tc.forward_backward(random_data(3), "cross_entropy").result()
+    before = params(tc)
+    for bad, match in ((dict(eps=0.0), r"^adam_params\.eps: must be > 0"),
+                       (dict(learning_rate=1e39), r"^adam_params\.learning_rate: must be at most"),
+                       (dict(weight_decay=1e39), r"^adam_params\.weight_decay: must be at most")):
+        with pytest.raises(ValueError, match=match):
+            tc.optim_step(tt.AdamParams(**{"learning_rate": 1e-3, **bad})).result()
+    assert_params_equal(params(tc), before)
+    data = random_data(4)
+    with pytest.raises(ValueError, match=r"^loss_fn: no gradient reached the logprobs of datum\[1\]"):
+        tc.forward_backward_custom(data, lambda ds, lps: (lps[0].sum(), {})).result()
+    no_targets = [tt.Datum(model_input=d.model_input, loss_fn_inputs={}) for d in data]
+    with pytest.raises(ValueError, match=r"^datum\[0\]\.loss_fn_inputs: missing \['target_tokens'\]"):
+        tc.forward_backward_custom(no_targets, lambda ds, lps: (sum(x.sum() for x in lps), {})).result()
+    with pytest.raises(ValueError, match=r"^user_metadata: expected a dict"):
+        tc.save_state("meta", user_metadata="abc").result()
+    tc.optim_step(tt.AdamParams(learning_rate=1e-3)).result()
+    assert all(np.all(np.isfinite(v)) for v in params(tc).values())
+
+
+def test_sampling_edge_requests(svc):
+    """A tiny temperature keeps finite logprobs (logits / T overflowed to inf); prompt_logprobs_last_n leaves the
+    target and alt-token scores alone (SDK: it "does not affect" them; they were dropped) and takes a numpy int;
+    num_samples is checked before anything is made of it; a prompt that is not a ModelInput is named."""
+    sc = svc.create_sampling_client(base_model="tiny")
+    prompt = tt.ModelInput.from_ints([5, 17, 99, 3, 250, 41, 7])
+    greedy = sc.sample(prompt, 1, tt.SamplingParams(max_tokens=4, temperature=0.0)).result().sequences[0]
+    for t in (1e-30, 1e-12, 1e-8):
+        seq = sc.sample(prompt, 1, tt.SamplingParams(max_tokens=4, temperature=t, seed=1),
+                        topk_sample_logprobs=2).result().sequences[0]
+        assert seq.tokens == greedy.tokens, t
+        assert all(np.isfinite(x) and x <= 0 for x in seq.logprobs), (t, seq.logprobs)
+    targets = tt.TensorData.from_numpy(np.array([[1], [2], [3], [4], [5], [6]], np.int64))
+    full = sc.sample(prompt, 1, tt.SamplingParams(max_tokens=1), include_prompt_logprobs=True,
+                     target_prompt_logprobs=targets, prompt_alt_tokens_k=2).result()
+    last = sc.sample(prompt, 1, tt.SamplingParams(max_tokens=1), include_prompt_logprobs=True,
+                     target_prompt_logprobs=targets, prompt_alt_tokens_k=2,
+                     prompt_logprobs_last_n=np.int64(3)).result()
+    assert last.target_prompt_logprobs is not None and last.prompt_alt_tokens is not None
+    np.testing.assert_array_equal(last.target_prompt_logprobs.to_numpy(), full.target_prompt_logprobs.to_numpy())
+    assert [x is None for x in last.prompt_logprobs] == [True] * 4 + [False] * 3  # [first] + 3 masked, 3 kept
+    for n in (2.0, None, 10**7):
+        with pytest.raises(ValueError, match=r"^num_samples: must be an integer"):
+            sc.sample(prompt, n, tt.SamplingParams(max_tokens=1)).result()
+    with pytest.raises(ValueError, match=r"^prompt: expected a tinker.types.ModelInput"):
+        sc.sample([5, 17, 99], 1, tt.SamplingParams(max_tokens=1)).result()

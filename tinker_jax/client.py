@@ -22,7 +22,7 @@ from tinker_jax.api_future import APIFuture, ClientFuture, done_future, retrying
 from tinker_jax.config import EngineConfig
 from tinker_jax.engine.api import EngineAPI
 from tinker_jax.errors import Stopped, UserError
-from tinker_jax.futures import then
+from tinker_jax.futures import failed, then
 from tinker_jax.rest_client import RestClient
 from tinker_jax.sampling.response import last_n_mask
 
@@ -169,8 +169,18 @@ class TrainingClient(ClientFuture):
                                 ) -> APIFuture[tt.ForwardBackwardOutput]:
         """A client-side loss over logprobs, as the SDK does it: a forward pass for logprobs, the user's loss
         in torch, then cross_entropy with weights = -dLoss/dlogprob (float, possibly negative)."""
+        try:
+            return done_future(self._forward_backward_custom(data, loss_fn))
+        except ValueError as e:  # through the future, as the SDK's
+            return APIFuture(failed(e))
+
+    def _forward_backward_custom(self, data: list[tt.Datum], loss_fn) -> tt.ForwardBackwardOutput:
         import torch
 
+        for i, d in enumerate(data):
+            if "target_tokens" not in d.loss_fn_inputs:
+                raise UserError(f"datum[{i}].loss_fn_inputs: missing ['target_tokens'] (forward_backward_custom "
+                                "computes the logprobs of the targets)")
         ce_data = [tt.Datum(model_input=d.model_input, loss_fn_inputs={
             "target_tokens": d.loss_fn_inputs["target_tokens"],
             "weights": d.loss_fn_inputs.get("weights") or tt.TensorData.from_numpy(
@@ -180,6 +190,10 @@ class TrainingClient(ClientFuture):
                                  requires_grad=True) for o in fwd.loss_fn_outputs]
         loss, metrics = loss_fn(data, logprobs)
         loss.backward()
+        for i, lp in enumerate(logprobs):
+            if lp.grad is None:  # the SDK's check: the loss did not use this datum's logprobs
+                raise UserError(f"loss_fn: no gradient reached the logprobs of datum[{i}] (the loss must use every "
+                                "datum's logprobs; multiply by 0 to leave one out)")
         weighted = [tt.Datum(model_input=d.model_input, loss_fn_inputs={
             "target_tokens": d.loss_fn_inputs["target_tokens"],
             "weights": tt.TensorData.from_numpy(-lp.grad.numpy().astype(np.float32))})
@@ -188,7 +202,7 @@ class TrainingClient(ClientFuture):
         surrogate = out.metrics.pop("loss:sum")
         out.metrics.update({**{k: float(v) for k, v in (metrics or {}).items()}, "loss:sum": float(loss.detach()),
                             "surrogate_loss:sum": surrogate})
-        return done_future(out)
+        return out
 
     def optim_step(self, optim_params: tt.AdamParams | tt.DimuonParams | None = None, *,
                    adam_params: tt.AdamParams | None = None) -> APIFuture[tt.OptimStepResponse]:
@@ -270,7 +284,9 @@ class SamplingClient(ClientFuture):
                include_prompt_logprobs: bool = False, topk_prompt_logprobs: int = 0, topk_sample_logprobs: int = 0,
                target_prompt_logprobs: tt.TensorData | None = None, prompt_alt_tokens_k: int = 0,
                prompt_logprobs_last_n: int | None = None) -> APIFuture[tt.SampleResponse]:
-        post = last_n_mask(prompt_logprobs_last_n, prompt.length, bool(include_prompt_logprobs or topk_prompt_logprobs))
+        # prompt.length only with last_n: on a prompt the engine refuses (an image chunk) it raises the SDK's error
+        post = None if prompt_logprobs_last_n is None else last_n_mask(
+            prompt_logprobs_last_n, prompt.length, bool(include_prompt_logprobs or topk_prompt_logprobs))
         return APIFuture(retrying(lambda: self.engine.sample(self.sampler_id, prompt, num_samples, sampling_params,
                                                                include_prompt_logprobs, topk_prompt_logprobs,
                                                                topk_sample_logprobs=topk_sample_logprobs,

@@ -33,8 +33,8 @@ from tinker_jax.config import EngineConfig
 from tinker_jax.engine import checkpoints, files, index, replicas, requests as rq, stability
 from tinker_jax.engine.api import CheckpointInfo, EngineAPI, RunInfo
 from tinker_jax.engine.quota import CheckpointQuota
-from tinker_jax.engine.registry import (FILE as REGISTRY_FILE, RESTORABLE, Registry, TinkerPath, check_name, check_ttl,
-                                       new_run_id)
+from tinker_jax.engine.registry import (FILE as REGISTRY_FILE, RESTORABLE, Registry, TinkerPath, check_metadata,
+                                       check_name, check_ttl, new_run_id)
 from tinker_jax.engine.scheduler import Request
 from tinker_jax.engine.worker import BaseWorker
 from tinker_jax.errors import NotFound, Overloaded, Unavailable, UserError
@@ -44,6 +44,7 @@ from tinker_jax.models.decoder import probe_attention
 from tinker_jax.models.lora import LoraSpec
 from tinker_jax.models.sharding import make_mesh
 from tinker_jax.sampling import kernels
+from tinker_jax.sampling.params import check_num_samples
 from tinker_jax.sampling.snapshot import WeightSnapshot
 from tinker_jax.training import batching, step
 from tinker_jax.training.optim import AdamHP, DimuonHP, check_optim_params, optimizer_kind
@@ -371,6 +372,7 @@ class Engine(EngineAPI):
                      tenant: str | None = None, optimizer: Any = None) -> Future:
         try:
             full = self.config.full_finetune if full_finetune is None else full_finetune
+            user_metadata = check_metadata(user_metadata)
             kind = optimizer_kind(optimizer)
             if full and kind != "adamw":
                 raise UserError(f"optimizer_config.type: {kind!r} is offered for LoRA runs only; full fine-tuning "
@@ -404,6 +406,7 @@ class Engine(EngineAPI):
         fresh state of it); with the saved state it must be the checkpoint's."""
         try:
             kind = None if optimizer_config is None else optimizer_kind(optimizer_config)
+            user_metadata = check_metadata(user_metadata)
             p = TinkerPath.parse(path)
             if self.procs is not None:  # every process names the run alike
                 model_id = model_id or self.procs.draw()[0]
@@ -485,6 +488,7 @@ class Engine(EngineAPI):
             h = self._handle(model_id)
             p = TinkerPath(model_id, "weights", check_name(name, "name"))
             check_ttl(ttl_seconds)
+            user_metadata = check_metadata(user_metadata)
             # A quick answer from this process's registry; on several processes only the leader's knows, and every
             # process must queue the request alike: the check on the path's turn (the leader's, settled) decides.
             if not overwrite and self.procs is None and self.registry.get_checkpoint(p) is not None:
@@ -512,6 +516,7 @@ class Engine(EngineAPI):
             h = self._handle(model_id)
             p = TinkerPath(model_id, "sampler_weights", check_name(name, "name")) if name else None
             check_ttl(ttl_seconds)
+            user_metadata = check_metadata(user_metadata)
         except UserError as e:
             return failed(e)
         body = rq.Save(p, False, ttl_seconds, user_metadata, snapshot=sampler or p is None)
@@ -527,6 +532,7 @@ class Engine(EngineAPI):
             h = self._handle(model_id)
             p = TinkerPath(model_id, "external_weights", check_name(name, "path"))
             check_ttl(ttl_seconds)
+            user_metadata = check_metadata(user_metadata)
         except UserError as e:
             return failed(e)
         body = rq.Save(p, False, ttl_seconds, user_metadata, export=True)
@@ -752,9 +758,13 @@ class Engine(EngineAPI):
         training request sent on seeing the result finds it."""
         try:
             snap = self._snapshot(sampler_id)
+            if not isinstance(prompt, tt.ModelInput):
+                raise UserError(f"prompt: expected a tinker.types.ModelInput (ModelInput.from_ints(tokens)), got "
+                                f"{type(prompt).__name__}")
             tokens = batching.datum_tokens(tt.Datum(model_input=prompt, loss_fn_inputs={}), 0)
             worker = self._worker(snap.base_model)
-            worker.get_sampler()  # a model that is not loaded fails here
+            # A model that is not loaded fails here. num_samples before the sequence ids below are made of it.
+            num_samples = check_num_samples(num_samples, worker.get_sampler().limits)
             if (down := self._unavailable()) is not None:
                 raise down
         except (UserError, RuntimeError) as e:

@@ -17,6 +17,7 @@ import sqlite3
 import threading
 import time
 import uuid
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,6 +60,15 @@ def check_ttl(ttl, field: str = "ttl_seconds") -> int | None:
     if isinstance(ttl, bool) or not isinstance(ttl, int) or not 0 < ttl <= MAX_TTL_S:
         raise UserError(f"{field}: must be a whole number of seconds in (0, {MAX_TTL_S}], got {ttl!r}")
     return ttl
+
+
+def check_metadata(value, field: str = "user_metadata") -> dict | None:
+    """user_metadata: None or a mapping with string keys (the SDK's dict[str, str]; other JSON values are kept)."""
+    if value is None:
+        return None
+    if not isinstance(value, Mapping) or not all(isinstance(k, str) for k in value):
+        raise UserError(f"{field}: expected a dict of strings, got {type(value).__name__} {str(value)[:80]!r}")
+    return dict(value)
 
 
 @dataclass(frozen=True)

@@ -91,7 +91,10 @@ def tempered(logits: jax.Array, temperature: jax.Array) -> jax.Array:
     """logits [R,...,V] / each row's temperature [R], untempered for greedy rows (T <= 0): the distribution whose
     log_softmax a sampled token's logprob is reported from (the module docstring's relation)."""
     t = jnp.where(temperature <= 0, 1.0, temperature)
-    return logits / t.reshape(t.shape + (1,) * (logits.ndim - 1))
+    # Shifted by the row's max first (log_softmax does the same, so at T = 1 nothing changes, bit for bit): a tiny T
+    # would otherwise turn logits / T into +-inf and every logprob into inf or NaN.
+    shifted = logits - jax.lax.stop_gradient(jnp.max(logits, axis=-1, keepdims=True))
+    return shifted / t.reshape(t.shape + (1,) * (logits.ndim - 1))
 
 
 def select_tokens(logits: jax.Array, temperature: jax.Array, top_k: jax.Array, top_p: jax.Array,

@@ -113,6 +113,12 @@ def parse_stop(stop: Any, eos_token_ids: Sequence[int], vocab_size: int) -> tupl
     raise UserError(f"stop: expected a string, a list of strings or a list of token ids (not a mix), got {stop!r}")
 
 
+def check_num_samples(num_samples: Any, limits: Limits) -> int:
+    if not _is_int(num_samples) or not 1 <= num_samples <= limits.max_num_samples:
+        raise UserError(f"num_samples: must be an integer in [1, {limits.max_num_samples}], got {num_samples!r}")
+    return int(num_samples)
+
+
 def validate_request(
     prompt_tokens: Sequence[int],
     params: types.SamplingParams,
@@ -176,8 +182,7 @@ def validate_request(
     if stop_strs and not limits.has_tokenizer:
         raise UserError("stop: stop strings need a tokenizer, and this sampler was built without one")
 
-    if not _is_int(num_samples) or not 1 <= num_samples <= limits.max_num_samples:
-        raise UserError(f"num_samples: must be an integer in [1, {limits.max_num_samples}], got {num_samples!r}")
+    check_num_samples(num_samples, limits)
     if not _is_int(topk_prompt_logprobs) or not 0 <= topk_prompt_logprobs <= limits.max_topk_prompt_logprobs:
         raise UserError(f"topk_prompt_logprobs: must be an integer in [0, {limits.max_topk_prompt_logprobs}], "
                          f"got {topk_prompt_logprobs!r}")

@@ -73,6 +73,13 @@ def target_logprobs(lp: np.ndarray, ids: np.ndarray, layout: tuple | None) -> ty
                             sparse_crow_indices=list(crow), sparse_col_indices=list(col))
 
 
+def _unmasked(resp: types.SampleResponse) -> dict:
+    """What prompt_logprobs_last_n leaves as it is (SDK: it "does not affect target_prompt_logprobs or
+    prompt_alt_tokens_k")."""
+    return {"target_prompt_logprobs": resp.target_prompt_logprobs, "prompt_alt_tokens": resp.prompt_alt_tokens,
+            "prompt_cache_hit_tokens": resp.prompt_cache_hit_tokens}
+
+
 def last_n_mask(n: int | None, prompt_len: int, scores_prompt: bool
                 ) -> Callable[[types.SampleResponse], types.SampleResponse] | None:
     """prompt_logprobs_last_n (SDK 0.34+): score only the last `n` prompt tokens; earlier entries are None (NaN on
@@ -83,9 +90,10 @@ def last_n_mask(n: int | None, prompt_len: int, scores_prompt: bool
         return None
     if not scores_prompt:
         raise UserError("prompt_logprobs_last_n: applies to prompt logprobs; set prompt_logprobs")
-    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= prompt_len - 1:
-        raise UserError(f"prompt_logprobs_last_n: must be between 1 and len(prompt) - 1 = {prompt_len - 1}, "
-                        f"got {n}")
+    if isinstance(n, (bool, np.bool_)) or not isinstance(n, (int, np.integer)) or not 1 <= n <= prompt_len - 1:
+        raise UserError(f"prompt_logprobs_last_n: must be an integer between 1 and len(prompt) - 1 = "
+                        f"{prompt_len - 1}, got {n!r}")
+    n = int(n)
 
     def mask(resp: types.SampleResponse) -> types.SampleResponse:
         cut = prompt_len - n
@@ -101,9 +109,8 @@ def last_n_mask(n: int | None, prompt_len: int, scores_prompt: bool
         elif resp.topk_prompt_logprobs is not None:  # the list form: rows before the suffix become None
             rows = [None if i < cut else row for i, row in enumerate(resp.topk_prompt_logprobs)]
             return types.SampleResponse(sequences=resp.sequences, prompt_logprobs_np=lp,
-                                        prompt_cache_hit_tokens=resp.prompt_cache_hit_tokens,
-                                        _topk_prompt_logprobs_list=rows)
+                                        _topk_prompt_logprobs_list=rows, **_unmasked(resp))
         return types.SampleResponse(sequences=resp.sequences, prompt_logprobs_np=lp, topk_prompt_logprobs_np=topk,
-                                    prompt_cache_hit_tokens=resp.prompt_cache_hit_tokens)
+                                    **_unmasked(resp))
 
     return mask

@@ -114,7 +114,7 @@ def validate(datums: Sequence[tt.Datum], loss_fn: str, loss_fn_config=None, *, v
                 raise UserError(f"datum[{i}].loss_fn_inputs[{k!r}]: first dimension {a.shape[:1] or '()'} "
                                  f"does not match model_input length {n}")
             if k == "target_tokens":
-                if a.ndim not in (1, 2) or (a.ndim == 2 and loss_fn != "cross_entropy"):
+                if a.ndim not in (1, 2) or (a.ndim == 2 and (loss_fn != "cross_entropy" or a.shape[1] == 0)):
                     raise UserError(f"datum[{i}].loss_fn_inputs['target_tokens']: shape {a.shape} not supported")
                 if a.dtype.kind == "f" and not np.all(np.isfinite(a) & (a == np.floor(a))):
                     raise UserError(f"datum[{i}].loss_fn_inputs['target_tokens']: must be whole token ids (got "
@@ -126,6 +126,9 @@ def validate(datums: Sequence[tt.Datum], loss_fn: str, loss_fn_config=None, *, v
                     raise UserError(f"datum[{i}].loss_fn_inputs['target_tokens']: ids outside [0, {vocab_size})")
                 a = a.astype(np.int32)
             else:
+                if k != "weights" and a.shape != (n,):  # weights: the targets' shape, checked below
+                    raise UserError(f"datum[{i}].loss_fn_inputs[{k!r}]: shape {a.shape}, expected ({n},): one value "
+                                    "per model_input token")
                 a = a.astype(np.float32)
                 if not np.all(np.isfinite(a)):
                     raise UserError(f"datum[{i}].loss_fn_inputs[{k!r}]: contains NaN or inf")
@@ -305,8 +308,11 @@ def _assemble(parts: Sequence[Part], rows: list[tuple[int, int]], T: int, K: int
         mb.tokens[r, :n] = req.tokens[d]
         mb.mask[r, :n] = 1.0
         mb.targets[r, :n] = req.targets[d]
-        for k, a in req.inputs[d].items():
-            mb.inputs[k][r, :n] = a
+        for k in input_keys:
+            # An input this request did not give stands for its loss's default (input_fill: weights 1, the
+            # config's clip thresholds), never the micro-batch's zeros: a request without weights batched with
+            # one that has them would otherwise train on weight 0.
+            mb.inputs[k][r, :n] = req.inputs[d][k] if k in req.inputs[d] else input_fill(k, req.config)
         mb.loss_id[r] = losses.index(req.loss_fn)
         for k, v in req.config.items():
             mb.loss_config[k][r] = v

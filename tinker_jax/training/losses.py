@@ -194,6 +194,9 @@ def get_loss(name: str) -> LossSpec:
 def resolve_config(name: str, config: Mapping[str, Any] | None) -> dict[str, float]:
     """The loss's defaults overlaid with `config`; ValueError naming any unknown key or non-numeric value."""
     spec = get_loss(name)
+    if config is not None and not isinstance(config, Mapping):
+        raise UserError(f"loss_fn_config: expected a dict of numbers, got {type(config).__name__} "
+                        f"{str(config)[:80]!r}")
     config = dict(config or {})
     unknown = sorted(set(config) - set(spec.config_defaults))
     if unknown:

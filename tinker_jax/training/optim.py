@@ -37,6 +37,9 @@ class AdamHP:
         return np.asarray([getattr(self, k) for k in DEFAULTS], np.float32)
 
 
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
 def check_adam(values: Mapping[str, Any] | Any, field: str = "adam_params") -> AdamHP:
     """Validate Adam hyperparameters (a mapping, or an object with the AdamParams attributes; None/missing fields
     take the SDK's defaults). ValueError naming `field.key` for anything non-finite, negative or beta >= 1."""
@@ -52,10 +55,14 @@ def check_adam(values: Mapping[str, Any] | Any, field: str = "adam_params") -> A
             raise UserError(f"{field}.{key}: must be a finite number, got {v!r}")
         if v < 0:
             raise UserError(f"{field}.{key}: must be >= 0, got {v!r}")
+        if v > _F32_MAX:  # the step computes in fp32: inf there turns every weight into NaN
+            raise UserError(f"{field}.{key}: must be at most {_F32_MAX:.4g} (fp32), got {v!r}")
         out[key] = float(v)
     for key in ("beta1", "beta2"):
         if out[key] >= 1:
             raise UserError(f"{field}.{key}: must be < 1, got {out[key]!r}")
+    if not np.float32(out["eps"]) > 0:  # an element with no gradient (LoRA A at the first step) would be 0 / 0
+        raise UserError(f"{field}.eps: must be > 0 (in fp32), got {out['eps']!r}")
     return AdamHP(**out)
 
 
