@@ -15,6 +15,7 @@ import time
 
 import jax
 import models_util
+from models_util import flat
 import numpy as np
 import pytest
 import tinker
@@ -740,3 +741,33 @@ def test_sampling_edge_requests(svc):
             sc.sample(prompt, n, tt.SamplingParams(max_tokens=1)).result()
     with pytest.raises(ValueError, match=r"^prompt: expected a tinker.types.ModelInput"):
         sc.sample([5, 17, 99], 1, tt.SamplingParams(max_tokens=1)).result()
+
+
+@pytest.mark.parametrize("full", [False, True], ids=["lora", "full"])
+def test_a_gradient_that_is_not_finite_is_not_applied(svc, full):
+    """Importance ratios that overflow (sampling logprobs far below the model's) give an infinite loss and a
+    gradient that is not finite: optim_step refuses to apply it (the weights and Adam's moments stay as they were,
+    the gradient is dropped) instead of turning every weight of the run into NaN for good."""
+    tc = (svc.create_full_training_client("tiny", seed=6) if full
+          else svc.create_lora_training_client("tiny", rank=RANK, seed=6))
+    tc.forward_backward(random_data(5), "cross_entropy").result()
+    tc.optim_step(tt.AdamParams(learning_rate=1e-2)).result()  # moments to keep
+    before = params(tc)
+    st = tc.engine.run_state(tc.model_id)
+    moments = {k: flat(st[k]) for k in ("mu", "nu")}
+    bad = random_data(6, logprobs=-200.0, advantages=1.0)
+    bad = [tt.Datum(model_input=d.model_input, loss_fn_inputs={k: v for k, v in d.loss_fn_inputs.items()
+                                                               if k != "weights"}) for d in bad]
+    loss = tc.forward_backward(bad, "importance_sampling").result().metrics["loss:sum"]
+    assert not np.isfinite(loss)
+    with pytest.raises(ValueError, match=r"^optim_step: the gradient accumulated since the last optim_step is not "
+                                         r"finite"):
+        tc.optim_step(tt.AdamParams(learning_rate=1e-2)).result()
+    assert_params_equal(params(tc), before)
+    st = tc.engine.run_state(tc.model_id)
+    for k in ("mu", "nu"):
+        got = flat(st[k])
+        assert got.keys() == moments[k].keys() and all(np.array_equal(got[n], moments[k][n]) for n in got), k
+    tc.forward_backward(random_data(7), "cross_entropy").result()  # the bad gradient is gone: this one alone
+    assert np.isfinite(tc.optim_step(tt.AdamParams(learning_rate=1e-2)).result().metrics["grad_norm:mean"])
+    assert all(np.all(np.isfinite(v)) for v in params(tc).values())

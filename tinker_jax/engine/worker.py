@@ -16,6 +16,7 @@ import collections
 import contextlib
 import dataclasses
 import logging
+import math
 import threading
 import time
 import weakref
@@ -745,8 +746,15 @@ class BaseWorker:
                 self._optim_done(req, run, float(gnorm[i]))
 
     def _optim_done(self, req: Request, run: Run, gnorm: float) -> None:
-        run.step += 1
         run.pending = 0
+        if not math.isfinite(gnorm):  # the step left the weights and moments as they were (step._slots_step)
+            self._fail(req, UserError(
+                f"optim_step: the gradient accumulated since the last optim_step is not finite (norm {gnorm}); the "
+                "step was not applied and that gradient was dropped. Look for loss inputs that overflow, e.g. "
+                "importance ratios exp(target logprobs - sampling logprobs) with sampling logprobs far below the "
+                "model's"))
+            return
+        run.step += 1
         self.stats["optim_steps"] += 1
         req.future.set_result(tt.OptimStepResponse(metrics={"grad_norm:mean": gnorm,
                                                             "learning_rate:mean": req.body.hp.learning_rate}))

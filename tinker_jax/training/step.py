@@ -164,10 +164,13 @@ def _slots_step(update, pool: dict, grads: dict, mu: dict, nu: dict, count: jax.
     p, g, m, v = sel(pool), sel(grads), sel(mu), sel(nu)
     c = count[slots]
     p2, m2, v2, c2, gnorm = jax.vmap(update)(p, g, m, v, c, hps)
+    # A slot whose gradient is not finite keeps its weights and moments (its gradient is dropped below): one NaN
+    # would otherwise spread to every weight of the run for good. The worker reports it (finite_step).
+    ok = valid & jnp.isfinite(gnorm)
     keep = lambda new, old: jax.tree.map(  # noqa: E731
-        lambda a, b: jnp.where(valid.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
+        lambda a, b: jnp.where(ok.reshape((-1,) + (1,) * (a.ndim - 1)), a, b), new, old)
     p2, m2, v2 = keep(p2, p), keep(m2, m), keep(v2, v)
-    c2 = jnp.where(valid, c2, c)
+    c2 = jnp.where(ok, c2, c)
     put = lambda t, new: set_slots(t, slots, slots_back(new))  # noqa: E731
     zeros = jax.tree.map(jnp.zeros_like, g)
     return put(pool, p2), put(grads, zeros), put(mu, m2), put(nu, v2), count.at[slots].set(c2), gnorm
@@ -218,8 +221,10 @@ def full_forward(params, batch: dict, *, graphdef, layout: Layout, attention: st
 
 @partial(jax.jit, donate_argnames=("params", "grads", "mu", "nu"))
 def full_optim_step(params, grads, mu, nu, count, hp):
-    params, mu, nu, count, gnorm = optim.adamw(params, grads, mu, nu, count, hp)
-    return params, jax.tree.map(jnp.zeros_like, grads), mu, nu, count, gnorm
+    new = optim.adamw(params, grads, mu, nu, count, hp)
+    ok = jnp.isfinite(new[4])  # as _slots_step: a gradient that is not finite changes nothing, and is dropped
+    params, mu, nu, count = jax.tree.map(lambda a, b: jnp.where(ok, a, b), new[:4], (params, mu, nu, count))
+    return params, jax.tree.map(jnp.zeros_like, grads), mu, nu, count, new[4]
 
 
 def compile_count() -> int:
