@@ -43,7 +43,8 @@ def _expire_forever(engine_ref, stop: threading.Event) -> None:
         except Stopped:  # shut down by someone else than close()
             return
         except Exception:  # noqa: BLE001 - the next pass tries again
-            log.exception("deleting the checkpoints past their TTL failed")
+            if not stop.is_set():  # not a pass that close() interrupted
+                log.exception("deleting the checkpoints past their TTL failed")
         del engine
         stop.wait(EXPIRE_EVERY_S)
 
