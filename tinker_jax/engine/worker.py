@@ -749,10 +749,10 @@ class BaseWorker:
         run.pending = 0
         if not math.isfinite(gnorm):  # the step left the weights and moments as they were (step._slots_step)
             self._fail(req, UserError(
-                f"optim_step: the gradient accumulated since the last optim_step is not finite (norm {gnorm}); the "
-                "step was not applied and that gradient was dropped. Look for loss inputs that overflow, e.g. "
-                "importance ratios exp(target logprobs - sampling logprobs) with sampling logprobs far below the "
-                "model's"))
+                f"optim_step: the norm of the gradient accumulated since the last optim_step is not finite "
+                f"({gnorm}); the step was not applied and that gradient was dropped. Look for loss inputs that "
+                "overflow, e.g. importance ratios exp(target logprobs - sampling logprobs) with sampling logprobs "
+                "far below the model's"))
             return
         run.step += 1
         self.stats["optim_steps"] += 1
