@@ -13,7 +13,7 @@ import logging
 import threading
 import weakref
 from pathlib import Path
-from typing import Sequence, TypeVar
+from typing import Sequence
 
 import numpy as np
 import tinker.types as tt
@@ -26,7 +26,6 @@ from tinker_jax.futures import failed, then
 from tinker_jax.rest_client import RestClient
 from tinker_jax.sampling.response import last_n_mask
 
-T = TypeVar("T")
 log = logging.getLogger(__name__)
 EXPIRE_EVERY_S = 60.0  # how often an in-process engine deletes the checkpoints past their TTL (the server's prune)
 

@@ -24,7 +24,7 @@ import tinker.types as tt
 from tinker_jax.api_future import APIFuture, retrying
 from tinker_jax.engine import records
 from tinker_jax.engine.api import EngineAPI
-from tinker_jax.engine.registry import KIND_OF_TYPE, MAX_TTL_S, TinkerPath, check_name, new_run_id
+from tinker_jax.engine.registry import KINDS, MAX_TTL_S, TinkerPath, check_name, new_run_id
 from tinker_jax.errors import NotFound, UserError
 from tinker_jax.futures import failed
 
@@ -39,7 +39,7 @@ def _checkpoint_id_path(training_run_id: str, checkpoint_id: str) -> str:
     """The tinker path of a REST checkpoint address: `weights/<name>`, `sampler_weights/<name>` or
     `external_weights/<name>` under the run."""
     check_name(training_run_id, "training_run_id")
-    if not isinstance(checkpoint_id, str) or checkpoint_id.split("/", 1)[0] not in KIND_OF_TYPE.values():
+    if not isinstance(checkpoint_id, str) or checkpoint_id.split("/", 1)[0] not in KINDS:
         raise UserError(f"checkpoint_id: expected 'weights/<name>', 'sampler_weights/<name>' or "
                         f"'external_weights/<name>', got {checkpoint_id!r}")
     return str(TinkerPath.parse(f"tinker://{training_run_id}/{checkpoint_id}", "checkpoint_id"))
@@ -64,7 +64,7 @@ class RestClient:
         run = self.engine.get_run(run_id) if isinstance(run_id, str) else None
         if run is None:
             raise _run_not_found(run_id)
-        return records.training_run_record(run, records.live(self.engine.list_checkpoints(run.run_id)), own=True)
+        return records.run_record(self.engine, run, own=True)
 
     def _checkpoint(self, tinker_path: str, field: str = "tinker_path") -> str:
         """The path of a checkpoint on record, else NotFound naming `field`. One past its TTL whose delete has not
@@ -95,8 +95,7 @@ class RestClient:
             runs = [] if project_id is not None else self.engine.list_runs()  # no run is in a project here
             page, cursor = records.page(runs, offset, limit)
             return tt.TrainingRunsResponse.model_validate({
-                "training_runs": [records.training_run_record(r, records.live(self.engine.list_checkpoints(r.run_id)),
-                                                              own=True) for r in page],
+                "training_runs": [records.run_record(self.engine, r, own=True) for r in page],
                 "cursor": cursor})
         return _now(listing)
 
@@ -104,18 +103,15 @@ class RestClient:
         def listing():
             if not isinstance(training_run_id, str) or self.engine.get_run(training_run_id) is None:
                 raise _run_not_found(training_run_id)
-            ckpts = records.live(self.engine.list_checkpoints(training_run_id))
-            return tt.CheckpointsListResponse.model_validate({
-                "checkpoints": [records.checkpoint_record(c) for c in ckpts],
-                "cursor": {"offset": 0, "limit": len(ckpts), "total_count": len(ckpts)}})
+            return tt.CheckpointsListResponse.model_validate(
+                records.checkpoint_listing(records.live(self.engine.list_checkpoints(training_run_id))))
         return _now(listing)
 
     def list_user_checkpoints(self, limit: int = 100, offset: int = 0) -> APIFuture[tt.CheckpointsListResponse]:
         def listing():
             _check_page(limit, offset)
-            page, cursor = records.page(records.live(self.engine.list_checkpoints()), offset, limit)
-            return tt.CheckpointsListResponse.model_validate({
-                "checkpoints": [records.checkpoint_record(c) for c in page], "cursor": cursor})
+            return tt.CheckpointsListResponse.model_validate(
+                records.checkpoint_listing(records.live(self.engine.list_checkpoints()), offset, limit))
         return _now(listing)
 
     def get_external_weights_urls(self, tinker_path: str) -> APIFuture[tt.ExternalWeightsUrlsResponse]:

@@ -246,7 +246,7 @@ def _listable(request: Request, ckpts: list[CheckpointInfo]) -> list[CheckpointI
 def training_run_json(engine: EngineAPI, run: RunInfo, caller: Caller) -> dict[str, Any]:
     """A run as the caller may see it: their own (`access.sees`) in full, another key's (or, with API keys, an
     ownerless one) listed because it published a checkpoint, through those only (`records.training_run_record`)."""
-    return records.training_run_record(run, records.live(engine.list_checkpoints(run.run_id)), sees(run, caller))
+    return records.run_record(engine, run, sees(run, caller))
 
 
 Scope = Literal["owned", "accessible"]
@@ -290,8 +290,7 @@ def list_run_checkpoints(run_id: str, request: Request, engine: EngineDep, calle
     ckpts = _listable(request, records.live(engine.list_checkpoints(run_id)))
     if not sees(run, caller):  # someone else's run: only what they published
         ckpts = [c for c in ckpts if c.public]
-    return {"checkpoints": [records.checkpoint_record(c) for c in ckpts],
-            "cursor": {"offset": 0, "limit": len(ckpts), "total_count": len(ckpts)}}
+    return records.checkpoint_listing(ckpts)
 
 
 @router.get("/checkpoints")
@@ -301,8 +300,7 @@ def list_user_checkpoints(request: Request, engine: EngineDep, caller: CallerDep
     runs = {r.run_id: r for r in engine.list_runs()}
     ckpts = [c for c in _listable(request, records.live(engine.list_checkpoints()))
              if sees(runs.get(c.run_id), caller)]  # newest first
-    page, cursor = records.page(ckpts, offset, limit)
-    return {"checkpoints": [records.checkpoint_record(c) for c in page], "cursor": cursor}
+    return records.checkpoint_listing(ckpts, offset, limit)
 
 
 CheckpointType = Annotated[str | None, Query(pattern="^(training|sampler|external)$")]

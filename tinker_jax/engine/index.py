@@ -108,10 +108,10 @@ def _row_of(info) -> tuple:
     return (info.created, info.size_bytes, info.public, info.expires, info.step, info.user_metadata or {})
 
 
-def _row_of_record(record: dict, info) -> tuple:
-    """What the registry's row would hold, indexed from `record` (a record without a creation time keeps the row's)."""
-    return (record.get("created") or info.created, record.get("size_bytes"), bool(record.get("public")),
-            record.get("expires"), record.get("step"), record.get("user_metadata") or {})
+def _row_of_record(record: dict) -> tuple:
+    """What the registry's row holds once indexed from `record` (Registry.add_checkpoint_record)."""
+    return (record.get("created"), record.get("size_bytes"), bool(record.get("public")), record.get("expires"),
+            record.get("step"), record.get("user_metadata") or {})
 
 
 def reindex(registry: Registry, root: Path, *, write_records: bool = True) -> IndexReport:
@@ -139,12 +139,14 @@ def reindex(registry: Registry, root: Path, *, write_records: bool = True) -> In
             if info is None:
                 registry.add_checkpoint_record(p, record)
                 report.added += 1
-            elif _row_of(info) != _row_of_record(record, info):
+            else:
                 # The record is the truth: an overwrite committed its files (and record) but died before its row,
                 # or a publish / TTL change before its UPDATE. A stale size and time would keep serving the old
                 # version's cached archive and count the old size against the owner's quota.
-                registry.add_checkpoint_record(p, {**record, "created": record.get("created") or info.created})
-                report.updated += 1
+                record = {**record, "created": record.get("created") or info.created}  # none recorded: the row's
+                if _row_of(info) != _row_of_record(record):
+                    registry.add_checkpoint_record(p, record)
+                    report.updated += 1
             report.checkpoints += 1
         except Exception as e:  # noqa: BLE001 - one bad checkpoint must not stop the start: reported, left alone
             report.unreadable.append(str(p))

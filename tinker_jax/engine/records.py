@@ -11,7 +11,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any, Iterable
 
-from tinker_jax.engine.api import CheckpointInfo, RunInfo
+from tinker_jax.engine.api import CheckpointInfo, EngineAPI, RunInfo
 from tinker_jax.engine.registry import KINDS
 
 
@@ -70,6 +70,17 @@ def training_run_record(run: RunInfo, ckpts: list[CheckpointInfo], own: bool) ->
     }
 
 
+def run_record(engine: EngineAPI, run: RunInfo, own: bool) -> dict[str, Any]:
+    """`training_run_record` of `run` with its live checkpoints, read from `engine`."""
+    return training_run_record(run, live(engine.list_checkpoints(run.run_id)), own)
+
+
 def page(items: list, offset: int, limit: int) -> tuple[list, dict[str, int]]:
     """items[offset:offset + limit] and the SDK's Cursor of it."""
     return items[offset:offset + limit], {"offset": offset, "limit": limit, "total_count": len(items)}
+
+
+def checkpoint_listing(ckpts: list[CheckpointInfo], offset: int = 0, limit: int | None = None) -> dict[str, Any]:
+    """The SDK's CheckpointsListResponse of ckpts[offset:offset + limit] (limit None: all of them)."""
+    shown, cursor = page(ckpts, offset, len(ckpts) if limit is None else limit)
+    return {"checkpoints": [checkpoint_record(c) for c in shown], "cursor": cursor}
